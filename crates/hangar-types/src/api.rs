@@ -1,0 +1,237 @@
+//! Bodies of the controller's HTTP API, shaped exactly as Plane's (see `plane-api.md` §2), with a few
+//! Hangar extensions that Plane clients ignore.
+
+use crate::executable::{Executable, ExecutorKind};
+use crate::names::{BackendId, ClusterName, ControllerName, DroneName, KeyName, NodeName};
+use crate::state::BackendStatus;
+use crate::token::{ConnectionToken, SecretToken};
+use serde::{Deserialize, Serialize};
+
+/// The identity of a key: `(namespace, name)`; `tag` must match to reuse a running backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub name: KeyName,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub tag: String,
+}
+
+/// How to create a backend when the key is not held.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnConfig {
+    /// Explicit backend id (discouraged); random when absent.
+    #[serde(default)]
+    pub id: Option<BackendId>,
+    /// Falls back to the controller's default cluster.
+    #[serde(default)]
+    pub cluster: Option<ClusterName>,
+    /// Drone pool; `""` is the default pool.
+    #[serde(default)]
+    pub pool: String,
+    pub executable: Executable,
+    /// Hard lifetime in seconds from scheduling.
+    #[serde(default)]
+    pub lifetime_limit_seconds: Option<i32>,
+    /// Seconds without any proxied connection before the backend is terminated.
+    #[serde(default)]
+    pub max_idle_seconds: Option<i32>,
+    #[serde(default)]
+    pub use_static_token: bool,
+    /// Backend reachable only through `<subdomain>.<cluster>`.
+    #[serde(default)]
+    pub subdomain: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    #[serde(default)]
+    pub key: Option<KeyConfig>,
+    #[serde(default)]
+    pub spawn_config: Option<SpawnConfig>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub auth: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectResponse {
+    pub backend_id: BackendId,
+    pub spawned: bool,
+    pub status: BackendStatus,
+    pub token: ConnectionToken,
+    pub url: String,
+    pub subdomain: Option<String>,
+    pub secret_token: Option<SecretToken>,
+    pub status_url: String,
+    /// Only when `spawned`.
+    pub drone: Option<DroneName>,
+}
+
+/// Error kinds of Plane's `ApiError`, plus Hangar's `InvalidRequest` and `Unauthorized`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiErrorKind {
+    FailedToAcquireKey,
+    KeyUnheldNoSpawnConfig,
+    KeyHeldUnhealthy,
+    KeyHeld,
+    NoDroneAvailable,
+    FailedToRemoveKey,
+    DatabaseError,
+    NoClusterProvided,
+    NotFound,
+    InvalidClusterName,
+    /// Malformed or invalid request body, path or query (Hangar).
+    InvalidRequest,
+    /// Missing or wrong bearer token (Hangar).
+    Unauthorized,
+    Other,
+}
+
+/// Plane's error body `{id, kind, message}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub id: String,
+    pub kind: ApiErrorKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {} (error id {})", self.kind, self.message, self.id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub backend_id: BackendId,
+    pub user: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainResult {
+    pub updated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub status: String,
+    pub version: String,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthResponse {
+    pub status: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: NodeName,
+    pub plane_version: String,
+    pub plane_hash: String,
+    pub controller: Option<ControllerName>,
+    pub controller_heartbeat_age: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterDroneState {
+    pub ready: bool,
+    pub draining: bool,
+    pub last_heartbeat_age: Option<i64>,
+    pub backend_count: i64,
+    pub node: NodeState,
+    /// Hangar extension.
+    #[serde(default)]
+    pub pool: String,
+    /// Hangar extension: executors this drone offers.
+    #[serde(default)]
+    pub executors: Vec<ExecutorKind>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClusterState {
+    pub drones: Vec<ClusterDroneState>,
+    pub proxies: Vec<NodeState>,
+}
+
+/// Builds the connection URL `<scheme>://[<sub>.]<cluster>/<token>/`.
+pub fn connection_url(
+    cluster: &ClusterName,
+    subdomain: Option<&str>,
+    token: &ConnectionToken,
+) -> String {
+    match subdomain {
+        Some(sub) => format!("{}://{sub}.{cluster}/{token}/", cluster.scheme()),
+        None => format!("{}://{cluster}/{token}/", cluster.scheme()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn connect_request_parses_plane_body() {
+        let r: ConnectRequest = serde_json::from_value(json!({
+            "key": {"name": "room-abc", "namespace": "games", "tag": "v2"},
+            "spawn_config": {"id": null, "cluster": "c1.example.com", "pool": "",
+                "executable": {"image": "ghcr.io/org/app:latest"},
+                "lifetime_limit_seconds": 3600, "max_idle_seconds": 60,
+                "use_static_token": false, "subdomain": null},
+            "user": "user-123", "auth": {"any": "json object"}
+        }))
+        .unwrap();
+        assert_eq!(r.key.unwrap().namespace, "games");
+        let sc = r.spawn_config.unwrap();
+        assert_eq!(sc.max_idle_seconds, Some(60));
+        let r: ConnectRequest = serde_json::from_value(json!({})).unwrap();
+        assert!(r.key.is_none() && r.spawn_config.is_none());
+    }
+
+    #[test]
+    fn connect_request_refuses_bad_input() {
+        assert!(serde_json::from_value::<ConnectRequest>(json!({"key": {"name": ""}})).is_err());
+        assert!(serde_json::from_value::<ConnectRequest>(json!({"spawn_config": {}})).is_err());
+        assert!(serde_json::from_value::<ConnectRequest>(
+            json!({"spawn_config": {"executable": {"command": ["x"]}, "cluster": "bad host"}})
+        )
+        .is_err());
+        assert!(serde_json::from_value::<ConnectRequest>(
+            json!({"spawn_config": {"executable": {"command": ["x"]}, "max_idle_second": 3}})
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn urls() {
+        let c: ClusterName = "plane.test".parse().unwrap();
+        let t = ConnectionToken::from_path_segment("abc");
+        assert_eq!(connection_url(&c, None, &t), "https://plane.test/abc/");
+        assert_eq!(
+            connection_url(&c, Some("sub"), &t),
+            "https://sub.plane.test/abc/"
+        );
+        let c: ClusterName = "localhost:9090".parse().unwrap();
+        assert_eq!(connection_url(&c, None, &t), "http://localhost:9090/abc/");
+    }
+
+    #[test]
+    fn error_shape() {
+        let e = ApiError {
+            id: "x".into(),
+            kind: ApiErrorKind::NoDroneAvailable,
+            message: "No active drone available.".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            json!({"id": "x", "kind": "NoDroneAvailable", "message": "No active drone available."})
+        );
+    }
+}

@@ -1,0 +1,210 @@
+//! Messages on the WebSocket sessions between nodes (drones, proxies) and the controller. Every frame is
+//! one JSON text message. A session starts with the node's [`Hello`] and the controller's
+//! [`HelloResponse`]; afterwards each side sends its direction's enum. Delivery guarantees are built on
+//! top with explicit acks: actions are resent until the drone sends `AckAction`, drone events are kept
+//! in the drone's outbox until the controller sends `AckEvent`.
+
+use crate::api::KeyConfig;
+use crate::executable::{Executable, ExecutorKind};
+use crate::names::{ActionId, BackendId, ClusterName, ControllerName, DroneName, ProxyName};
+use crate::state::{BackendState, TerminationKind, TerminationReason};
+use crate::time::Millis;
+use crate::token::{ConnectionToken, SecretToken};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// First frame a node sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`crate::PROTOCOL_VERSION`] of the node.
+    pub protocol: u32,
+    /// Hangar version of the node (informational).
+    pub version: String,
+    pub node: NodeHello,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeHello {
+    Drone {
+        name: DroneName,
+        pool: String,
+        executors: Vec<ExecutorKind>,
+    },
+    Proxy {
+        name: ProxyName,
+    },
+}
+
+/// The controller's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloResponse {
+    Welcome {
+        protocol: u32,
+        version: String,
+        controller: ControllerName,
+    },
+    /// The session is refused (protocol mismatch, bad name, duplicate live drone…); the controller closes
+    /// the socket after sending this.
+    Refused { reason: String },
+}
+
+/// Deadlines on the **drone's** clock for one key lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyDeadlines {
+    pub renew_at: Millis,
+    pub soft_terminate_at: Millis,
+    pub hard_terminate_at: Millis,
+}
+
+impl KeyDeadlines {
+    /// Deadlines counted from a drone-local time `base`.
+    pub fn from_base(base: Millis) -> Self {
+        use crate::timing::*;
+        KeyDeadlines {
+            renew_at: base.plus(KEY_RENEW_AFTER),
+            soft_terminate_at: base.plus(KEY_SOFT_TERMINATE_AFTER),
+            hard_terminate_at: base.plus(KEY_HARD_TERMINATE_AFTER),
+        }
+    }
+}
+
+/// A key lease as handed to the drone with a spawn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquiredKey {
+    pub key: KeyConfig,
+    pub deadlines: KeyDeadlines,
+    /// Fencing token: strictly increases across acquisitions of the same key.
+    pub token: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BackendAction {
+    Spawn {
+        executable: Executable,
+        key: AcquiredKey,
+        static_token: Option<ConnectionToken>,
+    },
+    Terminate {
+        kind: TerminationKind,
+        reason: TerminationReason,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionMessage {
+    pub action_id: ActionId,
+    pub backend_id: BackendId,
+    pub action: BackendAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DroneToController {
+    /// Sent on connect and every [`crate::timing::HEARTBEAT_INTERVAL`].
+    Heartbeat { local_time: Millis },
+    /// A state change from the drone's outbox; resent until acked.
+    BackendEvent {
+        event_id: i64,
+        backend_id: BackendId,
+        state: BackendState,
+        timestamp: Millis,
+    },
+    AckAction { action_id: ActionId },
+    RenewKey { backend: BackendId, local_time: Millis },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControllerToDrone {
+    Action(ActionMessage),
+    AckEvent { event_id: i64 },
+    /// `deadlines: None` means the renewal was refused: the drone must let the backend run into its
+    /// current deadlines.
+    RenewKeyResponse {
+        backend: BackendId,
+        deadlines: Option<KeyDeadlines>,
+    },
+}
+
+/// Everything the proxy needs to forward a request for one token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    pub backend_id: BackendId,
+    pub address: SocketAddr,
+    /// Empty for static tokens.
+    pub secret_token: SecretToken,
+    pub cluster: ClusterName,
+    pub user: Option<String>,
+    /// The token's `auth` object; `None` for static tokens.
+    pub user_data: Option<serde_json::Map<String, serde_json::Value>>,
+    pub subdomain: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProxyToController {
+    /// Resolve a token. The controller answers once the backend is ready, or at once with `None` when
+    /// the token is unknown or its backend is terminating/terminated.
+    RouteRequest { token: ConnectionToken },
+    /// The backend had traffic or has open connections (sent at most every heartbeat interval).
+    KeepAlive { backend: BackendId },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerToProxy {
+    RouteResponse {
+        token: ConnectionToken,
+        route: Option<RouteInfo>,
+    },
+    /// The backend is terminating or gone: forget every route to it.
+    BackendRemoved { backend: BackendId },
+    /// These tokens were revoked: forget them.
+    TokensRevoked { tokens: Vec<ConnectionToken> },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn messages_roundtrip() {
+        let m = DroneToController::Heartbeat {
+            local_time: Millis(5),
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(s, r#"{"Heartbeat":{"local_time":5}}"#);
+        assert_eq!(serde_json::from_str::<DroneToController>(&s).unwrap(), m);
+
+        let a = ControllerToDrone::Action(ActionMessage {
+            action_id: ActionId::random(),
+            backend_id: BackendId::random(),
+            action: BackendAction::Spawn {
+                executable: serde_json::from_value(json!({"command": ["x"]})).unwrap(),
+                key: AcquiredKey {
+                    key: KeyConfig {
+                        name: "k".parse().unwrap(),
+                        namespace: String::new(),
+                        tag: String::new(),
+                    },
+                    deadlines: KeyDeadlines::from_base(Millis(0)),
+                    token: 7,
+                },
+                static_token: None,
+            },
+        });
+        let s = serde_json::to_string(&a).unwrap();
+        assert_eq!(serde_json::from_str::<ControllerToDrone>(&s).unwrap(), a);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(serde_json::from_str::<DroneToController>("{\"Nope\":1}").is_err());
+        assert!(serde_json::from_str::<Hello>("[]").is_err());
+    }
+
+    #[test]
+    fn deadlines_from_base() {
+        let d = KeyDeadlines::from_base(Millis(1000));
+        assert_eq!(d.renew_at, Millis(31_000));
+        assert_eq!(d.soft_terminate_at, Millis(41_000));
+        assert_eq!(d.hard_terminate_at, Millis(51_000));
+    }
+}

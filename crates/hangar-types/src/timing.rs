@@ -1,0 +1,54 @@
+//! Timing constants shared by several components. Their ordering is an invariant (tested below):
+//! a drone renews its key well before it would soft-terminate, hard-terminates before the lease can
+//! expire on the database clock, and heartbeats are much more frequent than the unhealthy threshold.
+
+use std::time::Duration;
+
+/// How long a key lease lasts on the database clock after acquisition or renewal.
+pub const KEY_LEASE: Duration = Duration::from_secs(60);
+/// Drone asks to renew this long after its last deadline base (its own clock).
+pub const KEY_RENEW_AFTER: Duration = Duration::from_secs(30);
+/// Drone soft-terminates the backend when it has not renewed within this time (its own clock).
+pub const KEY_SOFT_TERMINATE_AFTER: Duration = Duration::from_secs(40);
+/// Drone hard-terminates the backend when it has not renewed within this time (its own clock).
+pub const KEY_HARD_TERMINATE_AFTER: Duration = Duration::from_secs(50);
+
+/// Drone heartbeat and proxy keepalive cadence.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(7);
+/// A drone whose last heartbeat is older than this is not given new backends.
+pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(45);
+
+/// Interval of the controller's idle/lifetime sweeper.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// Unacked actions are resent this often.
+pub const ACTION_RESEND_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Grace period between SIGTERM and SIGKILL for a soft termination.
+pub const SOFT_TERMINATE_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a backend may take from start to answering on its port.
+pub const READINESS_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Lifetime of a connection token.
+pub const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Status stream keep-alive comment interval.
+pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Reconnect backoff for node → controller sessions.
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_deadlines_are_ordered() {
+        assert!(KEY_RENEW_AFTER < KEY_SOFT_TERMINATE_AFTER);
+        assert!(KEY_SOFT_TERMINATE_AFTER < KEY_HARD_TERMINATE_AFTER);
+        assert!(KEY_HARD_TERMINATE_AFTER < KEY_LEASE);
+        assert!(HEARTBEAT_INTERVAL < UNHEALTHY_AFTER);
+        assert!(BACKOFF_INITIAL < BACKOFF_MAX);
+    }
+}
