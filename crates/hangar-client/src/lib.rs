@@ -1,14 +1,10 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Typed client of the Hangar controller: the HTTP API ([`ControllerClient`]), the status stream
+//! ([`status_stream`]) and node sessions over WebSocket ([`node::NodeSocket`]) used by drones and
+//! proxies. Used by the CLI, the drone, the proxy and the tests; it never touches the store.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod backoff;
+mod http;
+pub mod node;
+pub mod status_stream;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use http::{ClientError, ControllerClient};

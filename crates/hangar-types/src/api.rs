@@ -102,7 +102,11 @@ pub struct ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}: {} (error id {})", self.kind, self.message, self.id)
+        write!(
+            f,
+            "{:?}: {} (error id {})",
+            self.kind, self.message, self.id
+        )
     }
 }
 

@@ -171,10 +171,12 @@ mod tests {
 
     #[test]
     fn process_and_docker_are_told_apart() {
-        let p = Executable::from_json(&json!({"command": ["sleep", "1"], "env": {"A": "b"}})).unwrap();
+        let p =
+            Executable::from_json(&json!({"command": ["sleep", "1"], "env": {"A": "b"}})).unwrap();
         assert_eq!(p.kind(), ExecutorKind::Process);
         let d = Executable::from_json(&json!({"image": "app:1", "pull_policy": "Never",
-            "resource_limits": {"memory_limit_bytes": 1000}, "mount": true})).unwrap();
+            "resource_limits": {"memory_limit_bytes": 1000}, "mount": true}))
+        .unwrap();
         assert_eq!(d.kind(), ExecutorKind::Docker);
         let d = Executable::from_json(&json!({"image": "app:1", "command": ["x"]})).unwrap();
         assert_eq!(d.kind(), ExecutorKind::Docker);
@@ -182,8 +184,14 @@ mod tests {
 
     #[test]
     fn bad_executables_are_refused() {
-        assert_eq!(Executable::from_json(&json!("x")), Err(ExecutableError::NotAnObject));
-        assert_eq!(Executable::from_json(&json!({})), Err(ExecutableError::NoImageOrCommand));
+        assert_eq!(
+            Executable::from_json(&json!("x")),
+            Err(ExecutableError::NotAnObject)
+        );
+        assert_eq!(
+            Executable::from_json(&json!({})),
+            Err(ExecutableError::NoImageOrCommand)
+        );
         assert!(Executable::from_json(&json!({"command": []})).is_err());
         assert!(Executable::from_json(&json!({"command": ["a"], "bogus": 1})).is_err());
         assert!(Executable::from_json(&json!({"image": "a", "bogus": 1})).is_err());

@@ -100,7 +100,9 @@ pub struct ActionMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DroneToController {
     /// Sent on connect and every [`crate::timing::HEARTBEAT_INTERVAL`].
-    Heartbeat { local_time: Millis },
+    Heartbeat {
+        local_time: Millis,
+    },
     /// A state change from the drone's outbox; resent until acked.
     BackendEvent {
         event_id: i64,
@@ -108,14 +110,21 @@ pub enum DroneToController {
         state: BackendState,
         timestamp: Millis,
     },
-    AckAction { action_id: ActionId },
-    RenewKey { backend: BackendId, local_time: Millis },
+    AckAction {
+        action_id: ActionId,
+    },
+    RenewKey {
+        backend: BackendId,
+        local_time: Millis,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControllerToDrone {
     Action(ActionMessage),
-    AckEvent { event_id: i64 },
+    AckEvent {
+        event_id: i64,
+    },
     /// `deadlines: None` means the renewal was refused: the drone must let the backend run into its
     /// current deadlines.
     RenewKeyResponse {

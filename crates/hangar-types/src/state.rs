@@ -267,22 +267,34 @@ impl BackendState {
                 message: None,
             }),
             (S::HardTerminating { .. }, Transition::Terminate { .. }) => Ok(self.clone()),
-            (S::Terminating { .. }, Transition::Terminate { kind: TerminationKind::Soft, .. }) => {
-                Ok(self.clone())
-            }
-            (_, Transition::Terminate { kind: TerminationKind::Soft, reason }) => {
-                Ok(S::Terminating {
-                    last_status: self.last_status(),
-                    termination: TerminationKind::Soft,
+            (
+                S::Terminating { .. },
+                Transition::Terminate {
+                    kind: TerminationKind::Soft,
+                    ..
+                },
+            ) => Ok(self.clone()),
+            (
+                _,
+                Transition::Terminate {
+                    kind: TerminationKind::Soft,
                     reason,
-                })
-            }
-            (_, Transition::Terminate { kind: TerminationKind::Hard, reason }) => {
-                Ok(S::HardTerminating {
-                    last_status: self.last_status(),
+                },
+            ) => Ok(S::Terminating {
+                last_status: self.last_status(),
+                termination: TerminationKind::Soft,
+                reason,
+            }),
+            (
+                _,
+                Transition::Terminate {
+                    kind: TerminationKind::Hard,
                     reason,
-                })
-            }
+                },
+            ) => Ok(S::HardTerminating {
+                last_status: self.last_status(),
+                reason,
+            }),
             (_, t) => Err(refuse(&t)),
         }
     }

@@ -1,0 +1,209 @@
+//! HTTP client of the controller API. The base URL may carry a bearer token as its username
+//! (`http://TOKEN@host:8080/`), as Plane's client accepts.
+
+use hangar_types::api::{
+    ApiError, ClusterState, ConnectRequest, ConnectResponse, DrainResult, HealthResponse,
+    RevokeRequest, StatusResponse,
+};
+use hangar_types::state::BackendStatusEntry;
+use hangar_types::{BackendId, ClusterName, DroneName};
+use serde::de::DeserializeOwned;
+use url::Url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("controller answered {status}: {error}")]
+    Api {
+        status: reqwest::StatusCode,
+        error: ApiError,
+    },
+    #[error("controller answered {status}: {body}")]
+    UnexpectedResponse {
+        status: reqwest::StatusCode,
+        body: String,
+    },
+    #[error("could not reach the controller: {0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("invalid controller URL: {0}")]
+    InvalidUrl(String),
+    #[error("WebSocket error: {0}")]
+    WebSocket(#[from] Box<tokio_tungstenite::tungstenite::Error>),
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+}
+
+impl ClientError {
+    /// Whether retrying later may succeed (transport failures and 5xx).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Api { status, .. } | ClientError::UnexpectedResponse { status, .. } => {
+                status.is_server_error()
+            }
+            ClientError::Transport(_) | ClientError::WebSocket(_) => true,
+            ClientError::InvalidUrl(_) | ClientError::Handshake(_) => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ControllerClient {
+    base: Url,
+    bearer: Option<String>,
+    http: reqwest::Client,
+}
+
+impl ControllerClient {
+    /// `base` is the controller's URL (`http(s)://[token@]host:port/`).
+    pub fn new(mut base: Url) -> Result<Self, ClientError> {
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(ClientError::InvalidUrl(format!(
+                "{base}: scheme must be http or https"
+            )));
+        }
+        let bearer = (!base.username().is_empty()).then(|| base.username().to_string());
+        base.set_username("")
+            .map_err(|_| ClientError::InvalidUrl(base.to_string()))?;
+        base.set_password(None)
+            .map_err(|_| ClientError::InvalidUrl(base.to_string()))?;
+        Ok(ControllerClient {
+            base,
+            bearer,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// Uses `token` as the bearer token (overrides one in the URL).
+    pub fn with_bearer(mut self, token: Option<String>) -> Self {
+        if token.is_some() {
+            self.bearer = token;
+        }
+        self
+    }
+
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    pub fn bearer(&self) -> Option<&str> {
+        self.bearer.as_deref()
+    }
+
+    pub(crate) fn url(&self, path: &str) -> Result<Url, ClientError> {
+        self.base
+            .join(path)
+            .map_err(|e| ClientError::InvalidUrl(e.to_string()))
+    }
+
+    pub(crate) fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder, ClientError> {
+        let mut req = self.http.request(method, self.url(path)?);
+        if let Some(b) = &self.bearer {
+            req = req.bearer_auth(b);
+        }
+        Ok(req)
+    }
+
+    async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
+        let status = resp.status();
+        let body = resp.text().await?;
+        if status.is_success() {
+            return serde_json::from_str(&body).map_err(|e| ClientError::UnexpectedResponse {
+                status,
+                body: format!("{e}: {body}"),
+            });
+        }
+        match serde_json::from_str::<ApiError>(&body) {
+            Ok(error) => Err(ClientError::Api { status, error }),
+            Err(_) => Err(ClientError::UnexpectedResponse { status, body }),
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let resp = self.request(reqwest::Method::GET, path)?.send().await?;
+        Self::decode(resp).await
+    }
+
+    async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let resp = self
+            .request(reqwest::Method::POST, path)?
+            .json(body)
+            .send()
+            .await?;
+        Self::decode(resp).await
+    }
+
+    pub async fn connect(&self, req: &ConnectRequest) -> Result<ConnectResponse, ClientError> {
+        self.post("/ctrl/connect", req).await
+    }
+
+    pub async fn soft_terminate(&self, backend: &BackendId) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .post(&format!("/ctrl/b/{backend}/soft-terminate"), &())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn hard_terminate(&self, backend: &BackendId) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .post(&format!("/ctrl/b/{backend}/hard-terminate"), &())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn revoke(&self, req: &RevokeRequest) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.post("/ctrl/b/revoke", req).await?;
+        Ok(())
+    }
+
+    pub async fn drain(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> Result<DrainResult, ClientError> {
+        self.post(&format!("/ctrl/c/{cluster}/d/{drone}/drain"), &())
+            .await
+    }
+
+    pub async fn backend_status(
+        &self,
+        backend: &BackendId,
+    ) -> Result<BackendStatusEntry, ClientError> {
+        self.get(&format!("/pub/b/{backend}/status")).await
+    }
+
+    pub async fn cluster_state(&self, cluster: &ClusterName) -> Result<ClusterState, ClientError> {
+        self.get(&format!("/ctrl/c/{cluster}/state")).await
+    }
+
+    pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        self.get("/ctrl/status").await
+    }
+
+    pub async fn health(&self) -> Result<HealthResponse, ClientError> {
+        self.get("/pub/health").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_from_url_username() {
+        let c = ControllerClient::new("http://sekrit@localhost:8080/".parse().unwrap()).unwrap();
+        assert_eq!(c.bearer(), Some("sekrit"));
+        assert_eq!(c.base().as_str(), "http://localhost:8080/");
+        assert_eq!(
+            c.url("/ctrl/status").unwrap().as_str(),
+            "http://localhost:8080/ctrl/status"
+        );
+        assert!(ControllerClient::new("ftp://x/".parse().unwrap()).is_err());
+    }
+}

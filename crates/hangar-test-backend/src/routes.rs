@@ -1,0 +1,132 @@
+//! The backend's HTTP and WebSocket routes.
+//!
+//! Paths are matched exactly as received: the backend strips no prefix, so tests can check what
+//! the proxy forwarded. Every path without a route of its own (including `/headers`) answers
+//! with [`request_show`], a JSON description of the request.
+
+use axum::body::Bytes;
+use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+/// Builds the router; `exit_requests` receives the code of each `POST /exit/<code>`.
+pub fn router(exit_requests: mpsc::Sender<i32>) -> Router {
+    Router::new()
+        .route("/", get(hello_show))
+        .route("/env", get(env_show))
+        // A test backend may be sent large bodies on purpose; no limit to trip over.
+        .route(
+            "/echo",
+            post(echo_create).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/exit/{code}", post(exit_create))
+        .route("/sleep/{ms}", get(sleep_show))
+        .route("/ws", get(ws_upgrade))
+        .fallback(request_show)
+        .with_state(exit_requests)
+}
+
+async fn hello_show() -> &'static str {
+    "hello from hangar-test-backend"
+}
+
+/// All environment variables, non-UTF-8 bytes replaced.
+async fn env_show() -> Json<Map<String, Value>> {
+    let vars = std::env::vars_os()
+        .map(|(name, value)| {
+            let value = Value::String(value.to_string_lossy().into_owned());
+            (name.to_string_lossy().into_owned(), value)
+        })
+        .collect();
+    Json(vars)
+}
+
+/// The request as received: header names (lowercase) to values, repeated headers joined with
+/// `", "`, plus `__method`, `__path` and `__query` (the raw query string, or null).
+async fn request_show(method: Method, uri: Uri, headers: HeaderMap) -> Json<Map<String, Value>> {
+    let mut fields = Map::new();
+    for name in headers.keys() {
+        let values: Vec<_> = headers
+            .get_all(name)
+            .iter()
+            .map(|value| String::from_utf8_lossy(value.as_bytes()))
+            .collect();
+        fields.insert(name.as_str().to_owned(), Value::String(values.join(", ")));
+    }
+    // Inserted last, so a client header spelled `__path` cannot hide the real path.
+    fields.insert("__method".to_owned(), Value::String(method.to_string()));
+    fields.insert("__path".to_owned(), Value::String(uri.path().to_owned()));
+    fields.insert(
+        "__query".to_owned(),
+        uri.query()
+            .map_or(Value::Null, |query| Value::String(query.to_owned())),
+    );
+    Json(fields)
+}
+
+/// Sends the body back with the request's content type.
+async fn echo_create(headers: HeaderMap, body: Bytes) -> Response {
+    match headers.get(header::CONTENT_TYPE) {
+        Some(content_type) => {
+            ([(header::CONTENT_TYPE, content_type.clone())], body).into_response()
+        }
+        None => body.into_response(),
+    }
+}
+
+/// Answers 200, then the process exits with `code` (see `run_exit_requests` in `main.rs`).
+async fn exit_create(
+    State(exit_requests): State<mpsc::Sender<i32>>,
+    Path(code): Path<i32>,
+) -> &'static str {
+    // Full means an earlier request already decided the exit code.
+    let _ = exit_requests.try_send(code);
+    "exiting"
+}
+
+async fn sleep_show(Path(ms): Path<u64>) -> &'static str {
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    "slept"
+}
+
+/// Upgrades to a WebSocket echo, selecting the first subprotocol the client offers.
+async fn ws_upgrade(headers: HeaderMap, mut ws: WebSocketUpgrade) -> Response {
+    // Read from the header rather than `requested_protocols()`, which is sorted, not in offer order.
+    let first_offered = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|protocol| !protocol.is_empty())
+        .and_then(|protocol| HeaderValue::from_bytes(protocol).ok());
+    if let Some(protocol) = first_offered {
+        ws.set_selected_protocol(protocol);
+    }
+    ws.on_upgrade(ws_echo)
+}
+
+/// Echoes text as text and binary as binary; the text `close` makes the server close normally.
+async fn ws_echo(mut socket: WebSocket) {
+    while let Some(Ok(message)) = socket.recv().await {
+        let reply = match message {
+            Message::Text(text) if text.as_str() == "close" => Message::Close(Some(CloseFrame {
+                code: close_code::NORMAL,
+                reason: Utf8Bytes::from_static(""),
+            })),
+            Message::Text(_) | Message::Binary(_) => message,
+            // Pings are answered by the WebSocket library itself.
+            Message::Ping(_) | Message::Pong(_) => continue,
+            // The library answers the client's close frame; nothing is left to do.
+            Message::Close(_) => return,
+        };
+        // After our close frame the loop goes on to read the client's reply, then ends.
+        if socket.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
