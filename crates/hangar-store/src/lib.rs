@@ -1,14 +1,193 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! Hangar's persistent state. [`Store`] is the only way the controller reads or writes it; each method is
+//! one transaction named for the fact it establishes. Implementations: [`sqlite::SqliteStore`]
+//! (embedded default, one controller) and, later, PostgreSQL (several controllers).
+//!
+//! Invariants every implementation keeps:
+//! - at most one key row per `(namespace, name)`; the fencing token of a key strictly increases across
+//!   acquisitions;
+//! - a backend's stored status only moves forward; recording `terminated` releases its key;
+//! - all times are integer milliseconds of the store's own clock ([`Store::now`]); the controller never
+//!   uses its local clock for shared decisions.
+//!
+//! Boundary: only the controller depends on this crate.
+
+mod events;
+pub mod model;
+pub mod sqlite;
+
+pub use events::{EventBus, StoreEvent};
+pub use model::*;
+
+use async_trait::async_trait;
+use hangar_types::api::ClusterState;
+use hangar_types::protocol::ActionMessage;
+use hangar_types::token::ConnectionToken;
+use hangar_types::{
+    BackendId, BackendState, ClusterName, ControllerName, DroneName, Millis, ProxyName,
+    TerminationKind, TerminationReason,
+};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+impl StoreError {
+    /// Worth retrying the whole operation (lock contention, serialization failure, lost connection).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c == "40001" || c == "5" || c == "6")
+            }
+            StoreError::Migration(_) | StoreError::Corrupt(_) => false,
+        }
     }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The store's clock: the only clock the controller trusts for shared decisions.
+    async fn now(&self) -> StoreResult<Millis>;
+
+    /// A cheap round trip (`select 1`).
+    async fn health(&self) -> StoreResult<()>;
+
+    /// Live events (backend states, queued actions, revoked tokens) from every controller sharing this
+    /// store. Subscribe *before* reading history to avoid gaps.
+    fn events(&self) -> &EventBus;
+
+    // ---- connect -------------------------------------------------------------------------------
+
+    /// Looks up a key. A key whose lease has expired on the store clock is reported as `Expired`.
+    async fn key_lookup(&self, key: &KeyRef) -> StoreResult<KeyLookup>;
+
+    /// Deletes a key row only if it is still expired. `false` when it was renewed or re-acquired
+    /// meanwhile (the caller retries its connect).
+    async fn remove_expired_key(&self, key: &KeyRef) -> StoreResult<bool>;
+
+    /// In one transaction: inserts the backend, its key lease (expires at now + lease), its initial
+    /// `scheduled` state (history + event), and the `Spawn` action for the chosen drone (with the fencing
+    /// token assigned here). `KeyHeld` if the key was taken concurrently.
+    async fn insert_backend_with_key(&self, new: NewBackend) -> StoreResult<Acquire>;
+
+    /// Inserts a dynamic connection token for a backend.
+    async fn insert_token(&self, token: NewToken) -> StoreResult<()>;
+
+    /// Deletes a user's dynamic tokens for a backend; returns the deleted tokens (for proxies).
+    async fn revoke_tokens(
+        &self,
+        backend: &BackendId,
+        user: &str,
+    ) -> StoreResult<Vec<ConnectionToken>>;
+
+    // ---- scheduling ----------------------------------------------------------------------------
+
+    /// Drones of `cluster`/`pool` that offer `executor`, are attached to a controller, not draining,
+    /// and whose last heartbeat is younger than `max_heartbeat_age` — with their live backend counts.
+    async fn schedulable_drones(&self, query: &DroneQuery) -> StoreResult<Vec<DroneCandidate>>;
+
+    // ---- backends ------------------------------------------------------------------------------
+
+    async fn backend(&self, id: &BackendId) -> StoreResult<Option<BackendRow>>;
+
+    /// Records a state reported by `drone` (or by the controller). Stored only when its status is after
+    /// the stored one; `terminated` releases the key; a `ready` state resets the idle clock.
+    async fn record_backend_state(
+        &self,
+        id: &BackendId,
+        state: &BackendState,
+    ) -> StoreResult<StateUpdate>;
+
+    /// Every recorded state of a backend, oldest first, with the time it was recorded.
+    async fn backend_history(&self, id: &BackendId) -> StoreResult<Vec<(BackendState, Millis)>>;
+
+    /// Queues a `Terminate` action for the backend's drone and publishes it. `None` if the backend does
+    /// not exist. Also marks the backend as having a termination requested, so the sweeper does not queue
+    /// another one every pass.
+    async fn queue_terminate(
+        &self,
+        id: &BackendId,
+        kind: TerminationKind,
+        reason: TerminationReason,
+    ) -> StoreResult<Option<ActionMessage>>;
+
+    /// Backends of `drone` due for termination at the store clock: `ready` with no keepalive for
+    /// `max_idle_seconds` (the idle clock starts when the backend becomes ready), or any status before
+    /// `terminating` past `created + lifetime_limit_seconds`; excluding those with a termination
+    /// already requested.
+    async fn sweep_candidates(&self, drone: NodeId) -> StoreResult<Vec<BackendId>>;
+
+    /// A proxy saw traffic for the backend. `false` if the backend is unknown or terminated.
+    async fn keepalive(&self, id: &BackendId) -> StoreResult<bool>;
+
+    /// Resolves a connection token to a route (see [`TokenLookup`]).
+    async fn resolve_token(&self, token: &ConnectionToken) -> StoreResult<TokenLookup>;
+
+    // ---- actions -------------------------------------------------------------------------------
+
+    /// Unacked actions for a drone, oldest first, at most `limit`.
+    async fn pending_actions(&self, drone: NodeId, limit: u32) -> StoreResult<Vec<ActionMessage>>;
+
+    /// Marks an action acked (only if it belongs to `drone`).
+    async fn ack_action(&self, drone: NodeId, action: &hangar_types::ActionId) -> StoreResult<()>;
+
+    // ---- nodes ---------------------------------------------------------------------------------
+
+    /// Registers (or re-registers) a drone session attached to `controller`. A reconnecting drone takes
+    /// its node over: the old session is replaced and a fresh `SessionId` returned (the SQLite store never
+    /// returns `Registration::Refused`). `draining` is kept; pool and executors come from `reg`; the
+    /// heartbeat is cleared until the new session sends one.
+    async fn register_drone(&self, reg: &DroneRegistration) -> StoreResult<Registration>;
+
+    async fn register_proxy(
+        &self,
+        cluster: &ClusterName,
+        name: &ProxyName,
+        controller: &ControllerName,
+        version: &str,
+    ) -> StoreResult<Registration>;
+
+    /// Detaches a node, only if `session` is still its current session.
+    async fn node_disconnected(&self, node: NodeId, session: SessionId) -> StoreResult<()>;
+
+    /// Records a drone heartbeat: last heartbeat = store now, last local time = `local_time`.
+    async fn drone_heartbeat(&self, drone: NodeId, local_time: Millis) -> StoreResult<()>;
+
+    /// Extends a key lease by the lease duration from store now, if renewals are allowed.
+    async fn renew_key(&self, backend: &BackendId) -> StoreResult<bool>;
+
+    /// Drones and proxies of a cluster attached to some controller.
+    async fn cluster_state(&self, cluster: &ClusterName) -> StoreResult<ClusterState>;
+
+    /// Marks a drone draining. `None` if no such drone; `Some(true)` if it was not draining before.
+    async fn drain_drone(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> StoreResult<Option<bool>>;
+
+    /// Records that a controller is alive (store clock).
+    async fn controller_heartbeat(
+        &self,
+        controller: &ControllerName,
+        online: bool,
+    ) -> StoreResult<()>;
+
+    /// Deletes expired tokens (and, with `min_age`, terminated backends older than it), at most
+    /// `batch` rows of each kind. Returns the number of rows deleted.
+    async fn cleanup(&self, min_age: Option<Duration>, batch: u32) -> StoreResult<u64>;
 }

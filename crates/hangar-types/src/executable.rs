@@ -26,7 +26,7 @@ impl std::fmt::Display for ExecutorKind {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Executable {
-    Docker(DockerExecutable),
+    Docker(Box<DockerExecutable>),
     Process(ProcessExecutable),
 }
 
@@ -47,7 +47,7 @@ impl Executable {
             if d.image.trim().is_empty() {
                 return Err(ExecutableError::Invalid("`image` must not be empty".into()));
             }
-            Ok(Executable::Docker(d))
+            Ok(Executable::Docker(Box::new(d)))
         } else if obj.contains_key("command") {
             let p: ProcessExecutable = serde_json::from_value(v.clone())
                 .map_err(|e| ExecutableError::Invalid(e.to_string()))?;

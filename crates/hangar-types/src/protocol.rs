@@ -77,6 +77,8 @@ pub struct AcquiredKey {
     pub token: i64,
 }
 
+// Wire messages are short-lived and moved once; boxing would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BackendAction {
     Spawn {
@@ -119,6 +121,7 @@ pub enum DroneToController {
     },
 }
 
+#[allow(clippy::large_enum_variant)] // see BackendAction
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ControllerToDrone {
     Action(ActionMessage),

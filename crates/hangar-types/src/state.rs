@@ -340,7 +340,7 @@ impl BackendState {
             status: self.status(),
             termination_reason: self.termination_reason(),
             termination_kind: self.termination_kind(),
-            exit_error: terminated.then(|| matches!(exit_code, Some(c) if c != 0)),
+            exit_error: terminated.then_some(matches!(exit_code, Some(c) if c != 0)),
             exit_code,
             message,
             time,

@@ -1,0 +1,60 @@
+//! In-process fan-out of store events. Every store publishes here after a successful commit; the
+//! PostgreSQL store will also feed it from LISTEN/NOTIFY so events from other controllers arrive too.
+
+use hangar_types::protocol::ActionMessage;
+use hangar_types::token::ConnectionToken;
+use hangar_types::{BackendId, BackendState, Millis};
+use tokio::sync::broadcast;
+
+use crate::model::NodeId;
+
+// Events carry actions by value: the bus is bounded (`EVENT_BUFFER`), so the larger slots cost at most a
+// few MiB, and subscribers can match on them without unboxing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreEvent {
+    /// A backend's stored state advanced.
+    BackendState {
+        backend: BackendId,
+        state: BackendState,
+        time: Millis,
+    },
+    /// An action was queued for a drone.
+    Action {
+        drone: NodeId,
+        action: ActionMessage,
+    },
+    /// Tokens were revoked.
+    TokensRevoked { tokens: Vec<ConnectionToken> },
+}
+
+/// Capacity per subscriber. A subscriber that falls this far behind gets `Lagged` and must resync from
+/// the store (status streams re-read history; node sessions re-read pending actions).
+pub const EVENT_BUFFER: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct EventBus {
+    tx: broadcast::Sender<StoreEvent>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventBus {
+    pub fn new() -> Self {
+        let (tx, _) = broadcast::channel(EVENT_BUFFER);
+        EventBus { tx }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.tx.subscribe()
+    }
+
+    /// Publishes to current subscribers (none is fine).
+    pub fn publish(&self, event: StoreEvent) {
+        let _ = self.tx.send(event);
+    }
+}

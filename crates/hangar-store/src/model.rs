@@ -1,0 +1,162 @@
+//! Typed inputs and outcomes of [`crate::Store`] operations.
+
+use hangar_types::api::KeyConfig;
+use hangar_types::executable::{Executable, ExecutorKind};
+use hangar_types::protocol::{ActionMessage, KeyDeadlines, RouteInfo};
+use hangar_types::token::{ConnectionToken, SecretToken};
+use hangar_types::{BackendId, BackendState, ClusterName, ControllerName, DroneName, Millis};
+use std::time::Duration;
+
+/// Row id of a node (drone or proxy).
+pub type NodeId = i64;
+
+/// Identifies one attachment of a node to a controller, so that a stale session's disconnect does not
+/// detach a newer session of the same node.
+pub type SessionId = i64;
+
+/// A key's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl From<&KeyConfig> for KeyRef {
+    fn from(k: &KeyConfig) -> Self {
+        KeyRef {
+            namespace: k.namespace.clone(),
+            name: k.name.to_string(),
+        }
+    }
+}
+
+// Values of this enum are short-lived (one per call), so the size of the spawn action is not worth a
+// `Box` in every caller's pattern.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyLookup {
+    /// No key row.
+    Missing,
+    /// A key row whose lease has expired on the store clock.
+    Expired,
+    /// The key is held by a backend.
+    Live { tag: String, backend: BackendRow },
+}
+
+/// Everything needed to create a backend in [`crate::Store::insert_backend_with_key`].
+#[derive(Debug, Clone)]
+pub struct NewBackend {
+    pub id: BackendId,
+    pub key: KeyConfig,
+    pub cluster: ClusterName,
+    pub pool: String,
+    pub drone: NodeId,
+    pub executable: Executable,
+    /// Deadlines on the drone's clock, computed by the controller from the drone's last heartbeat.
+    pub deadlines: KeyDeadlines,
+    pub static_token: Option<ConnectionToken>,
+    pub subdomain: Option<String>,
+    pub max_idle_seconds: Option<i32>,
+    pub lifetime_limit_seconds: Option<i32>,
+}
+
+// Values of this enum are short-lived (one per call), so the size of the spawn action is not worth a
+// `Box` in every caller's pattern.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Acquire {
+    /// Backend and key inserted; the spawn action was queued and published.
+    Acquired {
+        fencing_token: i64,
+        action: ActionMessage,
+    },
+    /// The key was taken concurrently (retry the connect: it will find the holder).
+    KeyHeld,
+    /// A backend with this id already exists.
+    BackendIdTaken,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub token: ConnectionToken,
+    pub backend: BackendId,
+    pub secret: SecretToken,
+    pub user: Option<String>,
+    pub auth: serde_json::Map<String, serde_json::Value>,
+    /// Token lifetime from store now.
+    pub lifetime: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DroneQuery {
+    pub cluster: ClusterName,
+    pub pool: String,
+    pub executor: ExecutorKind,
+    /// Drones whose last heartbeat is older than this are skipped.
+    pub max_heartbeat_age: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroneCandidate {
+    pub id: NodeId,
+    pub name: DroneName,
+    /// The drone's clock at its last heartbeat (base for key deadlines).
+    pub last_local_time: Millis,
+    /// Backends on the drone that are not terminated.
+    pub backend_count: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendRow {
+    pub id: BackendId,
+    pub cluster: ClusterName,
+    pub drone_id: NodeId,
+    pub drone: DroneName,
+    pub state: BackendState,
+    /// Store time the current state was recorded.
+    pub state_time: Millis,
+    pub key: KeyConfig,
+    pub fencing_token: i64,
+    pub static_token: Option<ConnectionToken>,
+    pub subdomain: Option<String>,
+    pub created_at: Millis,
+    pub max_idle_seconds: Option<i32>,
+    pub lifetime_limit_seconds: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateUpdate {
+    /// Stored and published, at this store time.
+    Applied { time: Millis },
+    /// Not after the stored status: ignored (still acked to the drone).
+    Stale,
+    /// No such backend.
+    UnknownBackend,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenLookup {
+    /// Unknown or expired token, or a backend that is terminating/terminated.
+    NotFound,
+    /// The backend exists but is not ready yet.
+    Pending {
+        backend: BackendId,
+    },
+    Ready(RouteInfo),
+}
+
+#[derive(Debug, Clone)]
+pub struct DroneRegistration {
+    pub cluster: ClusterName,
+    pub name: DroneName,
+    pub pool: String,
+    pub executors: Vec<ExecutorKind>,
+    pub controller: ControllerName,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    Registered { node: NodeId, session: SessionId },
+    Refused { reason: String },
+}

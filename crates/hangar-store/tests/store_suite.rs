@@ -1,0 +1,1378 @@
+//! The store test suite. Every case in [`suite`] is an async fn over a [`Harness`] (a `dyn Store` plus a
+//! way to move the store clock), so the same cases run against every implementation: the
+//! `store_tests!` macro instantiates one `#[tokio::test]` per case for a store factory. Today it runs
+//! against SQLite in memory and SQLite in a file; a PostgreSQL factory only needs to add one more
+//! `store_tests!` invocation.
+
+// Test code: a failed unwrap is a failed test (clippy's in-test allowance does not cover helpers).
+#![allow(clippy::unwrap_used)]
+
+use hangar_store::sqlite::SqliteStore;
+use hangar_store::Store;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Upper bound for one test case; nothing in the suite waits on a timer, so this is generous.
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A store under test and its clock controls.
+pub struct Harness {
+    pub store: Arc<dyn Store>,
+    advance: Box<dyn Fn(Duration) + Send + Sync>,
+    rewind: Box<dyn Fn(Duration) + Send + Sync>,
+    /// Keeps whatever backs the store (a temp dir) alive for the test.
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl Harness {
+    /// Moves the store clock forward.
+    pub fn advance(&self, d: Duration) {
+        (self.advance)(d)
+    }
+    /// Moves the store clock backwards (a wall clock stepped back).
+    pub fn rewind(&self, d: Duration) {
+        (self.rewind)(d)
+    }
+}
+
+fn sqlite_harness(store: SqliteStore, guard: Option<Box<dyn Send + Sync>>) -> Harness {
+    let store = Arc::new(store);
+    let (a, r) = (store.clone(), store.clone());
+    Harness {
+        store,
+        advance: Box::new(move |d| a.advance_clock(d)),
+        rewind: Box::new(move |d| r.rewind_clock(d)),
+        _guard: guard,
+    }
+}
+
+async fn sqlite_memory() -> Harness {
+    sqlite_harness(SqliteStore::in_memory().await.unwrap(), None)
+}
+
+async fn sqlite_file() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("hangar.db"))
+        .await
+        .unwrap();
+    sqlite_harness(store, Some(Box::new(dir)))
+}
+
+macro_rules! store_tests {
+    ($factory:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                tokio::time::timeout(crate::TEST_TIMEOUT, async {
+                    let harness = $factory().await;
+                    crate::suite::$case(harness).await;
+                })
+                .await
+                .expect("test timed out");
+            }
+        )*
+    };
+}
+
+macro_rules! all_store_tests {
+    ($factory:path) => {
+        store_tests!($factory;
+            key_lookup_missing_live_expired,
+            renew_key_extends_lease,
+            insert_backend_writes_everything,
+            concurrent_acquire_has_one_winner,
+            backend_id_taken_writes_nothing,
+            fencing_token_increases_across_acquisitions,
+            fencing_token_increases_when_clock_goes_back,
+            state_recording_is_monotonic,
+            terminated_releases_only_its_own_key,
+            dynamic_token_resolution_follows_status,
+            token_expiry_and_revocation,
+            static_token_resolution,
+            pending_actions_and_ack,
+            sweep_idle_backends,
+            sweep_lifetime_limit,
+            keepalive_reports_known_live_backends,
+            register_and_disconnect_with_takeover,
+            drain_is_kept_across_reconnects,
+            cluster_state_shape,
+            schedulable_drones_filters,
+            cleanup_deletes_old_rows,
+            events_are_published_after_commit,
+        );
+    };
+}
+
+mod sqlite_memory {
+    use super::sqlite_memory;
+    all_store_tests!(sqlite_memory);
+}
+
+mod sqlite_file {
+    use super::sqlite_file;
+    all_store_tests!(sqlite_file);
+}
+
+/// A file-backed store keeps its data across close and reopen.
+#[tokio::test]
+async fn sqlite_file_survives_reopen() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hangar.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let drone = suite::ready_drone(&store, "dr-one", "").await;
+        let nb = suite::new_backend(drone, "reopen");
+        let id = nb.id.clone();
+        let first = suite::acquire(&store, nb.clone()).await.0;
+        store.close().await;
+        drop(store);
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        let row = store
+            .backend(&id)
+            .await
+            .unwrap()
+            .expect("backend survives reopen");
+        assert_eq!(row.fencing_token, first);
+        let key = hangar_store::KeyRef::from(&nb.key);
+        assert!(matches!(
+            store.key_lookup(&key).await.unwrap(),
+            hangar_store::KeyLookup::Live { .. }
+        ));
+        assert_eq!(store.pending_actions(drone, 10).await.unwrap().len(), 1);
+        assert_eq!(store.backend_history(&id).await.unwrap().len(), 1);
+        // Migrations are not re-applied destructively and fencing continues from the stored value.
+        suite::terminate(&store, &id).await;
+        let mut again = suite::new_backend(drone, "reopen");
+        again.key = nb.key.clone();
+        let second = suite::acquire(&store, again).await.0;
+        assert!(second > first);
+    })
+    .await
+    .expect("test timed out");
+}
+
+mod suite {
+    use super::Harness;
+    use hangar_store::*;
+    use hangar_types::api::KeyConfig;
+    use hangar_types::executable::{Executable, ExecutorKind};
+    use hangar_types::protocol::{BackendAction, KeyDeadlines};
+    use hangar_types::timing::{KEY_LEASE, UNHEALTHY_AFTER};
+    use hangar_types::token::{ConnectionToken, SecretToken};
+    use hangar_types::{
+        BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName, Millis,
+        NodeName, ProxyName, TerminationKind, TerminationReason,
+    };
+    use serde_json::json;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+    use tokio::sync::broadcast::error::TryRecvError;
+
+    // ---- fixtures ------------------------------------------------------------------------------
+
+    pub fn cluster() -> ClusterName {
+        "c1.test:9090".parse().unwrap()
+    }
+
+    fn controller() -> ControllerName {
+        "co-test".parse().unwrap()
+    }
+
+    fn addr() -> SocketAddr {
+        "10.0.0.7:31000".parse().unwrap()
+    }
+
+    fn registration(name: &str, pool: &str, executors: &[ExecutorKind]) -> DroneRegistration {
+        DroneRegistration {
+            cluster: cluster(),
+            name: name.parse().unwrap(),
+            pool: pool.to_string(),
+            executors: executors.to_vec(),
+            controller: controller(),
+            version: "0.1.0".into(),
+        }
+    }
+
+    async fn register(store: &dyn Store, reg: &DroneRegistration) -> (NodeId, SessionId) {
+        match store.register_drone(reg).await.unwrap() {
+            Registration::Registered { node, session } => (node, session),
+            other => panic!("registration refused: {other:?}"),
+        }
+    }
+
+    /// A registered drone offering process and docker, with a heartbeat.
+    pub async fn ready_drone(store: &dyn Store, name: &str, pool: &str) -> NodeId {
+        let reg = registration(name, pool, &[ExecutorKind::Process, ExecutorKind::Docker]);
+        let (node, _) = register(store, &reg).await;
+        store.drone_heartbeat(node, Millis(1_000)).await.unwrap();
+        node
+    }
+
+    fn key(name: &str) -> KeyConfig {
+        KeyConfig {
+            name: name.parse().unwrap(),
+            namespace: "ns".into(),
+            tag: "t1".into(),
+        }
+    }
+
+    pub fn new_backend(drone: NodeId, key_name: &str) -> NewBackend {
+        NewBackend {
+            id: BackendId::random(),
+            key: key(key_name),
+            cluster: cluster(),
+            pool: String::new(),
+            drone,
+            executable: Executable::from_json(&json!({"command": ["sleep", "100"]})).unwrap(),
+            deadlines: KeyDeadlines::from_base(Millis(1_000)),
+            static_token: None,
+            subdomain: None,
+            max_idle_seconds: None,
+            lifetime_limit_seconds: None,
+        }
+    }
+
+    /// Acquires or panics; returns the fencing token and the spawn action.
+    pub async fn acquire(
+        store: &dyn Store,
+        nb: NewBackend,
+    ) -> (i64, hangar_types::protocol::ActionMessage) {
+        match store.insert_backend_with_key(nb).await.unwrap() {
+            Acquire::Acquired {
+                fencing_token,
+                action,
+            } => (fencing_token, action),
+            other => panic!("expected Acquired, got {other:?}"),
+        }
+    }
+
+    async fn record(store: &dyn Store, id: &BackendId, state: BackendState) -> StateUpdate {
+        store.record_backend_state(id, &state).await.unwrap()
+    }
+
+    async fn make_ready(store: &dyn Store, id: &BackendId) {
+        for state in [
+            BackendState::Loading,
+            BackendState::Starting,
+            BackendState::Waiting { address: addr() },
+            BackendState::Ready { address: addr() },
+        ] {
+            assert!(matches!(
+                record(store, id, state).await,
+                StateUpdate::Applied { .. }
+            ));
+        }
+    }
+
+    fn terminating() -> BackendState {
+        BackendState::Terminating {
+            last_status: BackendStatus::Ready,
+            termination: TerminationKind::Soft,
+            reason: TerminationReason::External,
+        }
+    }
+
+    fn terminated() -> BackendState {
+        BackendState::Terminated {
+            last_status: BackendStatus::Ready,
+            termination: Some(TerminationKind::Soft),
+            reason: Some(TerminationReason::External),
+            exit_code: Some(0),
+            message: None,
+        }
+    }
+
+    pub async fn terminate(store: &dyn Store, id: &BackendId) {
+        assert!(matches!(
+            record(store, id, terminated()).await,
+            StateUpdate::Applied { .. }
+        ));
+    }
+
+    fn new_token(backend: &BackendId, user: Option<&str>, auth: serde_json::Value) -> NewToken {
+        NewToken {
+            token: ConnectionToken::random(),
+            backend: backend.clone(),
+            secret: SecretToken::random(),
+            user: user.map(str::to_string),
+            auth: auth.as_object().cloned().unwrap_or_default(),
+            lifetime: Duration::from_secs(3600),
+        }
+    }
+
+    fn status(lookup: &TokenLookup) -> &'static str {
+        match lookup {
+            TokenLookup::NotFound => "not-found",
+            TokenLookup::Pending { .. } => "pending",
+            TokenLookup::Ready(_) => "ready",
+        }
+    }
+
+    // ---- connect building blocks ---------------------------------------------------------------
+
+    pub async fn key_lookup_missing_live_expired(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let nb = new_backend(drone, "room");
+        let kref = KeyRef::from(&nb.key);
+        assert_eq!(store.key_lookup(&kref).await.unwrap(), KeyLookup::Missing);
+
+        let (token, _) = acquire(store, nb.clone()).await;
+        match store.key_lookup(&kref).await.unwrap() {
+            KeyLookup::Live { tag, backend } => {
+                assert_eq!(tag, "t1");
+                assert_eq!(backend.id, nb.id);
+                assert_eq!(backend.key, nb.key);
+                assert_eq!(backend.fencing_token, token);
+                assert_eq!(backend.drone_id, drone);
+                assert_eq!(backend.drone.as_str(), "dr-one");
+                assert_eq!(backend.state, BackendState::Scheduled);
+            }
+            other => panic!("expected Live, got {other:?}"),
+        }
+        // A live key is not removed.
+        assert!(!store.remove_expired_key(&kref).await.unwrap());
+
+        h.advance(KEY_LEASE + Duration::from_secs(1));
+        assert_eq!(store.key_lookup(&kref).await.unwrap(), KeyLookup::Expired);
+        assert!(store.remove_expired_key(&kref).await.unwrap());
+        assert_eq!(store.key_lookup(&kref).await.unwrap(), KeyLookup::Missing);
+        assert!(!store.remove_expired_key(&kref).await.unwrap());
+
+        // The key can be taken again by a new backend; the old backend row is kept.
+        let mut next = new_backend(drone, "room");
+        next.key = nb.key.clone();
+        let (token2, _) = acquire(store, next.clone()).await;
+        assert!(token2 > token);
+        assert!(store.backend(&nb.id).await.unwrap().is_some());
+        match store.key_lookup(&kref).await.unwrap() {
+            KeyLookup::Live { backend, .. } => assert_eq!(backend.id, next.id),
+            other => panic!("expected Live, got {other:?}"),
+        }
+    }
+
+    pub async fn renew_key_extends_lease(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let nb = new_backend(drone, "renewed");
+        let kref = KeyRef::from(&nb.key);
+        acquire(store, nb.clone()).await;
+        h.advance(KEY_LEASE - Duration::from_secs(10));
+        assert!(store.renew_key(&nb.id).await.unwrap());
+        h.advance(Duration::from_secs(20));
+        // Past the original lease, inside the renewed one.
+        assert!(matches!(
+            store.key_lookup(&kref).await.unwrap(),
+            KeyLookup::Live { .. }
+        ));
+        terminate(store, &nb.id).await;
+        assert!(!store.renew_key(&nb.id).await.unwrap());
+        assert!(!store.renew_key(&BackendId::random()).await.unwrap());
+    }
+
+    pub async fn insert_backend_writes_everything(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let mut nb = new_backend(drone, "full");
+        nb.static_token = Some(ConnectionToken::random_static());
+        nb.subdomain = Some("sub".into());
+        nb.max_idle_seconds = Some(30);
+        nb.lifetime_limit_seconds = Some(600);
+        let before = store.now().await.unwrap();
+        let (token, action) = acquire(store, nb.clone()).await;
+        assert!(token >= before.0, "fencing token is a store time or later");
+        assert_eq!(action.backend_id, nb.id);
+        match &action.action {
+            BackendAction::Spawn {
+                executable,
+                key,
+                static_token,
+            } => {
+                assert_eq!(executable, &nb.executable);
+                assert_eq!(key.key, nb.key);
+                assert_eq!(key.deadlines, nb.deadlines);
+                assert_eq!(key.token, token);
+                assert_eq!(static_token, &nb.static_token);
+            }
+            other => panic!("expected Spawn, got {other:?}"),
+        }
+        assert_eq!(
+            store.pending_actions(drone, 10).await.unwrap(),
+            vec![action.clone()]
+        );
+
+        let row = store.backend(&nb.id).await.unwrap().unwrap();
+        assert_eq!(row.cluster, cluster());
+        assert_eq!(row.state, BackendState::Scheduled);
+        assert_eq!(row.static_token, nb.static_token);
+        assert_eq!(row.subdomain.as_deref(), Some("sub"));
+        assert_eq!(row.max_idle_seconds, Some(30));
+        assert_eq!(row.lifetime_limit_seconds, Some(600));
+        assert!(row.created_at >= before);
+        assert_eq!(row.state_time, row.created_at);
+
+        let history = store.backend_history(&nb.id).await.unwrap();
+        assert_eq!(history, vec![(BackendState::Scheduled, row.created_at)]);
+        assert!(store.backend(&BackendId::random()).await.unwrap().is_none());
+        assert!(store
+            .backend_history(&BackendId::random())
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    pub async fn concurrent_acquire_has_one_winner(h: Harness) {
+        let drone = ready_drone(&*h.store, "dr-one", "").await;
+        let attempts: Vec<NewBackend> = (0..16).map(|_| new_backend(drone, "hot")).collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for nb in attempts.clone() {
+            let store = h.store.clone();
+            tasks.spawn(async move {
+                let id = nb.id.clone();
+                (id, store.insert_backend_with_key(nb).await.unwrap())
+            });
+        }
+        let mut winners = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            let (id, outcome) = joined.unwrap();
+            match outcome {
+                Acquire::Acquired { .. } => winners.push(id),
+                Acquire::KeyHeld => {}
+                Acquire::BackendIdTaken => panic!("ids are distinct"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "exactly one acquisition wins");
+        let store = &*h.store;
+        match store
+            .key_lookup(&KeyRef::from(&attempts[0].key))
+            .await
+            .unwrap()
+        {
+            KeyLookup::Live { backend, .. } => assert_eq!(backend.id, winners[0]),
+            other => panic!("expected Live, got {other:?}"),
+        }
+        for nb in &attempts {
+            let exists = store.backend(&nb.id).await.unwrap().is_some();
+            assert_eq!(exists, nb.id == winners[0], "losers leave no backend row");
+        }
+        assert_eq!(store.pending_actions(drone, 100).await.unwrap().len(), 1);
+    }
+
+    pub async fn backend_id_taken_writes_nothing(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let first = new_backend(drone, "first");
+        acquire(store, first.clone()).await;
+        let mut dup = new_backend(drone, "second");
+        dup.id = first.id.clone();
+        assert_eq!(
+            store.insert_backend_with_key(dup.clone()).await.unwrap(),
+            Acquire::BackendIdTaken
+        );
+        assert_eq!(
+            store.key_lookup(&KeyRef::from(&dup.key)).await.unwrap(),
+            KeyLookup::Missing
+        );
+        assert_eq!(store.pending_actions(drone, 10).await.unwrap().len(), 1);
+        assert_eq!(store.backend_history(&first.id).await.unwrap().len(), 1);
+
+        // KeyHeld leaves nothing behind either.
+        let mut held = new_backend(drone, "first");
+        held.key = first.key.clone();
+        assert_eq!(
+            store.insert_backend_with_key(held.clone()).await.unwrap(),
+            Acquire::KeyHeld
+        );
+        assert!(store.backend(&held.id).await.unwrap().is_none());
+        assert!(store.backend_history(&held.id).await.unwrap().is_empty());
+        assert_eq!(store.pending_actions(drone, 10).await.unwrap().len(), 1);
+    }
+
+    pub async fn fencing_token_increases_across_acquisitions(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let mut last = i64::MIN;
+        // Several acquisitions within (probably) the same millisecond still get increasing tokens.
+        for _ in 0..5 {
+            let nb = new_backend(drone, "fenced");
+            let (token, _) = acquire(store, nb.clone()).await;
+            assert!(token > last, "{token} must exceed {last}");
+            last = token;
+            terminate(store, &nb.id).await;
+            assert_eq!(
+                store.key_lookup(&KeyRef::from(&nb.key)).await.unwrap(),
+                KeyLookup::Missing,
+                "terminated releases the key"
+            );
+        }
+    }
+
+    pub async fn fencing_token_increases_when_clock_goes_back(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        h.advance(Duration::from_secs(3600));
+        let nb = new_backend(drone, "skewed");
+        let (first, _) = acquire(store, nb.clone()).await;
+        terminate(store, &nb.id).await;
+        h.rewind(Duration::from_secs(7200));
+        let (second, _) = acquire(store, new_backend(drone, "skewed")).await;
+        assert!(second > first, "{second} must exceed {first}");
+    }
+
+    // ---- states --------------------------------------------------------------------------------
+
+    pub async fn state_recording_is_monotonic(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let nb = new_backend(drone, "mono");
+        let id = nb.id.clone();
+        acquire(store, nb.clone()).await;
+
+        let mut expected = vec![BackendState::Scheduled];
+        for state in [BackendState::Loading, BackendState::Starting] {
+            assert!(matches!(
+                record(store, &id, state.clone()).await,
+                StateUpdate::Applied { .. }
+            ));
+            expected.push(state);
+        }
+        // Duplicates and backwards moves are refused.
+        assert_eq!(
+            record(store, &id, BackendState::Starting).await,
+            StateUpdate::Stale
+        );
+        assert_eq!(
+            record(store, &id, BackendState::Loading).await,
+            StateUpdate::Stale
+        );
+        assert_eq!(
+            record(store, &id, BackendState::Scheduled).await,
+            StateUpdate::Stale
+        );
+        // Skipping forward is fine for the store (the drone's state machine decides order).
+        let ready = BackendState::Ready { address: addr() };
+        let time = match record(store, &id, ready.clone()).await {
+            StateUpdate::Applied { time } => time,
+            other => panic!("expected Applied, got {other:?}"),
+        };
+        expected.push(ready.clone());
+        assert_eq!(
+            record(store, &id, BackendState::Waiting { address: addr() }).await,
+            StateUpdate::Stale
+        );
+        let row = store.backend(&id).await.unwrap().unwrap();
+        assert_eq!(row.state, ready);
+        assert_eq!(row.state_time, time);
+
+        assert!(matches!(
+            record(store, &id, terminating()).await,
+            StateUpdate::Applied { .. }
+        ));
+        expected.push(terminating());
+        assert!(matches!(
+            store.key_lookup(&KeyRef::from(&nb.key)).await.unwrap(),
+            KeyLookup::Live { .. }
+        ));
+        terminate(store, &id).await;
+        expected.push(terminated());
+        assert_eq!(
+            store.key_lookup(&KeyRef::from(&nb.key)).await.unwrap(),
+            KeyLookup::Missing
+        );
+        assert_eq!(record(store, &id, terminated()).await, StateUpdate::Stale);
+        assert_eq!(
+            record(store, &BackendId::random(), BackendState::Loading).await,
+            StateUpdate::UnknownBackend
+        );
+
+        let history = store.backend_history(&id).await.unwrap();
+        let states: Vec<BackendState> = history.iter().map(|(s, _)| s.clone()).collect();
+        assert_eq!(
+            states, expected,
+            "history holds exactly the applied states, in order"
+        );
+        assert!(history.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert_eq!(
+            store.backend(&id).await.unwrap().unwrap().state,
+            terminated()
+        );
+    }
+
+    pub async fn terminated_releases_only_its_own_key(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let old = new_backend(drone, "shared");
+        let kref = KeyRef::from(&old.key);
+        acquire(store, old.clone()).await;
+        h.advance(KEY_LEASE + Duration::from_secs(1));
+        assert!(store.remove_expired_key(&kref).await.unwrap());
+        let new = new_backend(drone, "shared");
+        acquire(store, new.clone()).await;
+        // The old backend finally reports terminated: the new holder keeps the key.
+        terminate(store, &old.id).await;
+        match store.key_lookup(&kref).await.unwrap() {
+            KeyLookup::Live { backend, .. } => assert_eq!(backend.id, new.id),
+            other => panic!("expected Live, got {other:?}"),
+        }
+    }
+
+    // ---- tokens --------------------------------------------------------------------------------
+
+    pub async fn dynamic_token_resolution_follows_status(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let mut nb = new_backend(drone, "routed");
+        nb.subdomain = Some("sub".into());
+        let id = nb.id.clone();
+        acquire(store, nb).await;
+        let with_user = new_token(&id, Some("alice"), json!({"role": "admin"}));
+        let anonymous = new_token(&id, None, json!({}));
+        store.insert_token(with_user.clone()).await.unwrap();
+        store.insert_token(anonymous.clone()).await.unwrap();
+
+        let lookup = store.resolve_token(&with_user.token).await.unwrap();
+        assert_eq!(
+            lookup,
+            TokenLookup::Pending {
+                backend: id.clone()
+            }
+        );
+        for state in [
+            BackendState::Loading,
+            BackendState::Starting,
+            BackendState::Waiting { address: addr() },
+        ] {
+            record(store, &id, state).await;
+            let lookup = store.resolve_token(&with_user.token).await.unwrap();
+            assert_eq!(status(&lookup), "pending");
+        }
+        record(store, &id, BackendState::Ready { address: addr() }).await;
+        match store.resolve_token(&with_user.token).await.unwrap() {
+            TokenLookup::Ready(route) => {
+                assert_eq!(route.backend_id, id);
+                assert_eq!(route.address, addr());
+                assert_eq!(route.secret_token, with_user.secret);
+                assert_eq!(route.cluster, cluster());
+                assert_eq!(route.user.as_deref(), Some("alice"));
+                assert_eq!(route.user_data, Some(with_user.auth.clone()));
+                assert_eq!(route.subdomain.as_deref(), Some("sub"));
+            }
+            other => panic!("expected Ready, got {other:?}"),
+        }
+        match store.resolve_token(&anonymous.token).await.unwrap() {
+            TokenLookup::Ready(route) => {
+                assert_eq!(route.user, None);
+                assert_eq!(route.user_data, Some(serde_json::Map::new()));
+                assert_eq!(route.secret_token, anonymous.secret);
+            }
+            other => panic!("expected Ready, got {other:?}"),
+        }
+        record(store, &id, terminating()).await;
+        assert_eq!(
+            store.resolve_token(&with_user.token).await.unwrap(),
+            TokenLookup::NotFound
+        );
+        terminate(store, &id).await;
+        assert_eq!(
+            store.resolve_token(&with_user.token).await.unwrap(),
+            TokenLookup::NotFound
+        );
+        assert_eq!(
+            store
+                .resolve_token(&ConnectionToken::from_path_segment("nope"))
+                .await
+                .unwrap(),
+            TokenLookup::NotFound
+        );
+    }
+
+    pub async fn token_expiry_and_revocation(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let nb = new_backend(drone, "tokens");
+        let id = nb.id.clone();
+        acquire(store, nb).await;
+        make_ready(store, &id).await;
+
+        let mut short = new_token(&id, Some("bob"), json!({}));
+        short.lifetime = Duration::from_secs(10);
+        let alice1 = new_token(&id, Some("alice"), json!({}));
+        let alice2 = new_token(&id, Some("alice"), json!({}));
+        for t in [&short, &alice1, &alice2] {
+            store.insert_token(t.clone()).await.unwrap();
+        }
+        assert_eq!(
+            status(&store.resolve_token(&short.token).await.unwrap()),
+            "ready"
+        );
+        h.advance(Duration::from_secs(11));
+        assert_eq!(
+            store.resolve_token(&short.token).await.unwrap(),
+            TokenLookup::NotFound,
+            "expired tokens do not resolve"
+        );
+        assert_eq!(
+            status(&store.resolve_token(&alice1.token).await.unwrap()),
+            "ready"
+        );
+
+        let mut events = store.events().subscribe();
+        let mut revoked = store.revoke_tokens(&id, "alice").await.unwrap();
+        revoked.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        let mut expected = vec![alice1.token.clone(), alice2.token.clone()];
+        expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        assert_eq!(revoked, expected);
+        match events.try_recv() {
+            Ok(StoreEvent::TokensRevoked { tokens }) => assert_eq!(tokens.len(), 2),
+            other => panic!("expected TokensRevoked, got {other:?}"),
+        }
+        assert_eq!(
+            store.resolve_token(&alice1.token).await.unwrap(),
+            TokenLookup::NotFound
+        );
+        assert!(store.revoke_tokens(&id, "alice").await.unwrap().is_empty());
+        assert!(matches!(events.try_recv(), Err(TryRecvError::Empty)));
+        // Bob's (expired) token is his own; revoking Alice's did not touch it.
+        assert_eq!(
+            store.revoke_tokens(&id, "bob").await.unwrap(),
+            vec![short.token]
+        );
+    }
+
+    pub async fn static_token_resolution(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let mut nb = new_backend(drone, "static");
+        let token = ConnectionToken::random_static();
+        nb.static_token = Some(token.clone());
+        let id = nb.id.clone();
+        acquire(store, nb).await;
+        assert_eq!(
+            store.resolve_token(&token).await.unwrap(),
+            TokenLookup::Pending {
+                backend: id.clone()
+            }
+        );
+        make_ready(store, &id).await;
+        match store.resolve_token(&token).await.unwrap() {
+            TokenLookup::Ready(route) => {
+                assert_eq!(route.backend_id, id);
+                assert_eq!(route.address, addr());
+                assert_eq!(route.secret_token, SecretToken::empty());
+                assert_eq!(route.user, None);
+                assert_eq!(route.user_data, None);
+            }
+            other => panic!("expected Ready, got {other:?}"),
+        }
+        // Static tokens do not expire.
+        h.advance(Duration::from_secs(10 * 3600));
+        assert_eq!(status(&store.resolve_token(&token).await.unwrap()), "ready");
+        assert_eq!(
+            store
+                .resolve_token(&ConnectionToken::random_static())
+                .await
+                .unwrap(),
+            TokenLookup::NotFound
+        );
+        terminate(store, &id).await;
+        assert_eq!(
+            store.resolve_token(&token).await.unwrap(),
+            TokenLookup::NotFound
+        );
+    }
+
+    // ---- actions and sweeps --------------------------------------------------------------------
+
+    pub async fn pending_actions_and_ack(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let other = ready_drone(store, "dr-two", "").await;
+        let a = new_backend(drone, "a");
+        let b = new_backend(drone, "b");
+        let (_, spawn_a) = acquire(store, a.clone()).await;
+        let (_, spawn_b) = acquire(store, b.clone()).await;
+        let terminate_a = store
+            .queue_terminate(&a.id, TerminationKind::Hard, TerminationReason::External)
+            .await
+            .unwrap()
+            .expect("backend exists");
+        assert_eq!(terminate_a.backend_id, a.id);
+        assert_eq!(
+            terminate_a.action,
+            BackendAction::Terminate {
+                kind: TerminationKind::Hard,
+                reason: TerminationReason::External
+            }
+        );
+        assert_eq!(
+            store.pending_actions(drone, 10).await.unwrap(),
+            vec![spawn_a.clone(), spawn_b.clone(), terminate_a.clone()],
+            "oldest first"
+        );
+        assert_eq!(
+            store.pending_actions(drone, 2).await.unwrap(),
+            vec![spawn_a.clone(), spawn_b.clone()]
+        );
+        assert!(store.pending_actions(other, 10).await.unwrap().is_empty());
+
+        // An ack from another drone is ignored.
+        store.ack_action(other, &spawn_a.action_id).await.unwrap();
+        assert_eq!(store.pending_actions(drone, 10).await.unwrap().len(), 3);
+        store.ack_action(drone, &spawn_a.action_id).await.unwrap();
+        store.ack_action(drone, &spawn_a.action_id).await.unwrap();
+        assert_eq!(
+            store.pending_actions(drone, 10).await.unwrap(),
+            vec![spawn_b, terminate_a]
+        );
+        assert!(store
+            .queue_terminate(
+                &BackendId::random(),
+                TerminationKind::Soft,
+                TerminationReason::External
+            )
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    pub async fn sweep_idle_backends(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let mut nb = new_backend(drone, "idle");
+        nb.max_idle_seconds = Some(60);
+        let id = nb.id.clone();
+        acquire(store, nb).await;
+        let mut no_limit = new_backend(drone, "forever");
+        no_limit.max_idle_seconds = None;
+        acquire(store, no_limit.clone()).await;
+
+        // Not ready yet: idle time does not count, however long it takes.
+        h.advance(Duration::from_secs(120));
+        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
+        // The idle clock starts at ready.
+        make_ready(store, &id).await;
+        make_ready(store, &no_limit.id).await;
+        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
+        h.advance(Duration::from_secs(50));
+        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
+        assert!(store.keepalive(&id).await.unwrap());
+        h.advance(Duration::from_secs(50));
+        assert!(
+            store.sweep_candidates(drone).await.unwrap().is_empty(),
+            "keepalive reset the idle clock"
+        );
+        h.advance(Duration::from_secs(11));
+        assert_eq!(
+            store.sweep_candidates(drone).await.unwrap(),
+            vec![id.clone()]
+        );
+        let other = ready_drone(store, "dr-two", "").await;
+        assert!(store.sweep_candidates(other).await.unwrap().is_empty());
+
+        // Once a terminate is queued the backend is not swept again.
+        store
+            .queue_terminate(&id, TerminationKind::Soft, TerminationReason::Swept)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
+        // An explicit terminate still queues another action.
+        store
+            .queue_terminate(&id, TerminationKind::Hard, TerminationReason::External)
+            .await
+            .unwrap()
+            .unwrap();
+        let pending = store.pending_actions(drone, 10).await.unwrap();
+        let terminates = pending
+            .iter()
+            .filter(|a| matches!(a.action, BackendAction::Terminate { .. }))
+            .count();
+        assert_eq!(terminates, 2);
+    }
+
+    pub async fn sweep_lifetime_limit(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let mut loading = new_backend(drone, "lifetime-a");
+        loading.lifetime_limit_seconds = Some(30);
+        let mut ready = new_backend(drone, "lifetime-b");
+        ready.lifetime_limit_seconds = Some(30);
+        let mut stopping = new_backend(drone, "lifetime-c");
+        stopping.lifetime_limit_seconds = Some(30);
+        let mut longer = new_backend(drone, "lifetime-d");
+        longer.lifetime_limit_seconds = Some(300);
+        for nb in [&loading, &ready, &stopping, &longer] {
+            acquire(store, nb.clone()).await;
+        }
+        record(store, &loading.id, BackendState::Loading).await;
+        make_ready(store, &ready.id).await;
+        record(store, &stopping.id, terminating()).await;
+        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
+
+        h.advance(Duration::from_secs(31));
+        let mut due = store.sweep_candidates(drone).await.unwrap();
+        due.sort();
+        let mut expected = vec![loading.id.clone(), ready.id.clone()];
+        expected.sort();
+        assert_eq!(
+            due, expected,
+            "terminating backends and later limits are not due"
+        );
+
+        store
+            .queue_terminate(&ready.id, TerminationKind::Soft, TerminationReason::Swept)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.sweep_candidates(drone).await.unwrap(),
+            vec![loading.id]
+        );
+    }
+
+    pub async fn keepalive_reports_known_live_backends(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let nb = new_backend(drone, "alive");
+        acquire(store, nb.clone()).await;
+        assert!(store.keepalive(&nb.id).await.unwrap());
+        assert!(!store.keepalive(&BackendId::random()).await.unwrap());
+        terminate(store, &nb.id).await;
+        assert!(!store.keepalive(&nb.id).await.unwrap());
+    }
+
+    // ---- nodes ---------------------------------------------------------------------------------
+
+    pub async fn register_and_disconnect_with_takeover(h: Harness) {
+        let store = &*h.store;
+        let reg = registration("dr-one", "", &[ExecutorKind::Docker]);
+        let (node, first) = register(store, &reg).await;
+        let (again, second) = register(store, &reg).await;
+        assert_eq!(again, node, "same node row");
+        assert_ne!(second, first, "fresh session");
+        // The stale session's disconnect does not detach the new session.
+        store.node_disconnected(node, first).await.unwrap();
+        assert_eq!(
+            store.cluster_state(&cluster()).await.unwrap().drones.len(),
+            1
+        );
+        store.node_disconnected(node, second).await.unwrap();
+        assert!(store
+            .cluster_state(&cluster())
+            .await
+            .unwrap()
+            .drones
+            .is_empty());
+        let (_, third) = register(store, &reg).await;
+        assert!(third != first && third != second);
+
+        let proxy: ProxyName = "px-one".parse().unwrap();
+        let (c, ctl) = (cluster(), controller());
+        let register_proxy = || store.register_proxy(&c, &proxy, &ctl, "0.1.0");
+        let Registration::Registered {
+            node: p,
+            session: s1,
+        } = register_proxy().await.unwrap()
+        else {
+            panic!("proxy refused")
+        };
+        let Registration::Registered {
+            node: p2,
+            session: s2,
+        } = register_proxy().await.unwrap()
+        else {
+            panic!("proxy refused")
+        };
+        assert_eq!(p, p2);
+        assert_ne!(p, node, "a proxy is its own node");
+        assert_ne!(s1, s2);
+        store.node_disconnected(p, s1).await.unwrap();
+        assert_eq!(
+            store.cluster_state(&cluster()).await.unwrap().proxies.len(),
+            1
+        );
+        store.node_disconnected(p, s2).await.unwrap();
+        assert!(store
+            .cluster_state(&cluster())
+            .await
+            .unwrap()
+            .proxies
+            .is_empty());
+    }
+
+    pub async fn drain_is_kept_across_reconnects(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let name: DroneName = "dr-one".parse().unwrap();
+        let query = DroneQuery {
+            cluster: cluster(),
+            pool: String::new(),
+            executor: ExecutorKind::Process,
+            max_heartbeat_age: UNHEALTHY_AFTER,
+        };
+        assert_eq!(store.schedulable_drones(&query).await.unwrap().len(), 1);
+        assert_eq!(
+            store.drain_drone(&cluster(), &name).await.unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            store.drain_drone(&cluster(), &name).await.unwrap(),
+            Some(false)
+        );
+        assert!(store.schedulable_drones(&query).await.unwrap().is_empty());
+        let unknown: DroneName = "dr-nope".parse().unwrap();
+        assert_eq!(store.drain_drone(&cluster(), &unknown).await.unwrap(), None);
+        let elsewhere: ClusterName = "other.test".parse().unwrap();
+        assert_eq!(store.drain_drone(&elsewhere, &name).await.unwrap(), None);
+
+        // Reconnecting keeps the drone draining.
+        assert_eq!(ready_drone(store, "dr-one", "").await, drone);
+        assert!(store.schedulable_drones(&query).await.unwrap().is_empty());
+        let state = store.cluster_state(&cluster()).await.unwrap();
+        assert!(state.drones[0].draining);
+    }
+
+    pub async fn cluster_state_shape(h: Harness) {
+        let store = &*h.store;
+        let empty = store.cluster_state(&cluster()).await.unwrap();
+        assert!(empty.drones.is_empty() && empty.proxies.is_empty());
+
+        store
+            .controller_heartbeat(&controller(), true)
+            .await
+            .unwrap();
+        let drone = ready_drone(store, "dr-one", "gpu").await;
+        // Registered but no heartbeat yet: listed with no age, no error.
+        let fresh = registration("dr-two", "", &[ExecutorKind::Docker]);
+        register(store, &fresh).await;
+        // Detached and other-cluster drones are not listed.
+        let (gone, gone_session) =
+            register(store, &registration("dr-gone", "", &[ExecutorKind::Docker])).await;
+        store.node_disconnected(gone, gone_session).await.unwrap();
+        let mut elsewhere = registration("dr-far", "", &[ExecutorKind::Docker]);
+        elsewhere.cluster = "other.test".parse().unwrap();
+        register(store, &elsewhere).await;
+        let proxy: ProxyName = "px-one".parse().unwrap();
+        store
+            .register_proxy(&cluster(), &proxy, &controller(), "0.2.0")
+            .await
+            .unwrap();
+
+        let live = new_backend(drone, "counted");
+        let done = new_backend(drone, "finished");
+        acquire(store, live).await;
+        acquire(store, done.clone()).await;
+        terminate(store, &done.id).await;
+
+        h.advance(Duration::from_millis(3_500));
+        let state = store.cluster_state(&cluster()).await.unwrap();
+        let value = serde_json::to_value(&state).unwrap();
+        assert_eq!(state.drones.len(), 2, "{value}");
+        let one = &state.drones[0];
+        assert_eq!(one.node.name, NodeName::Drone("dr-one".parse().unwrap()));
+        assert!(one.ready);
+        assert!(!one.draining);
+        assert_eq!(one.last_heartbeat_age, Some(3));
+        assert_eq!(one.backend_count, 1, "terminated backends are not counted");
+        assert_eq!(one.pool, "gpu");
+        assert_eq!(
+            one.executors,
+            vec![ExecutorKind::Docker, ExecutorKind::Process]
+        );
+        assert_eq!(one.node.plane_version, "0.1.0");
+        assert_eq!(one.node.controller, Some(controller()));
+        assert_eq!(one.node.controller_heartbeat_age, Some(3));
+        let two = &state.drones[1];
+        assert_eq!(two.node.name, NodeName::Drone("dr-two".parse().unwrap()));
+        assert_eq!(two.last_heartbeat_age, None);
+        assert_eq!(two.backend_count, 0);
+
+        assert_eq!(state.proxies.len(), 1);
+        assert_eq!(state.proxies[0].name, NodeName::Proxy(proxy));
+        assert_eq!(state.proxies[0].plane_version, "0.2.0");
+        assert_eq!(state.proxies[0].controller_heartbeat_age, Some(3));
+        // Plane's JSON shape.
+        assert_eq!(
+            value["drones"][0]["node"]["name"],
+            json!({"Drone": "dr-one"})
+        );
+        assert_eq!(value["proxies"][0]["name"], json!({"Proxy": "px-one"}));
+    }
+
+    pub async fn schedulable_drones_filters(h: Harness) {
+        let store = &*h.store;
+        let both = [ExecutorKind::Process, ExecutorKind::Docker];
+        // Stale: its last heartbeat is older than the allowed age.
+        ready_drone(store, "dr-stale", "").await;
+        h.advance(UNHEALTHY_AFTER + Duration::from_secs(1));
+
+        let good = ready_drone(store, "dr-good", "").await;
+        ready_drone(store, "dr-pool", "gpu").await;
+        let (docker_only, _) = register(
+            store,
+            &registration("dr-docker", "", &[ExecutorKind::Docker]),
+        )
+        .await;
+        store.drone_heartbeat(docker_only, Millis(5)).await.unwrap();
+        ready_drone(store, "dr-drain", "").await;
+        store
+            .drain_drone(&cluster(), &"dr-drain".parse().unwrap())
+            .await
+            .unwrap();
+        let (gone, gone_session) = register(store, &registration("dr-gone", "", &both)).await;
+        store.drone_heartbeat(gone, Millis(5)).await.unwrap();
+        store.node_disconnected(gone, gone_session).await.unwrap();
+        // Silent: registered, never sent a heartbeat.
+        register(store, &registration("dr-silent", "", &both)).await;
+        let mut far = registration("dr-far", "", &both);
+        far.cluster = "other.test".parse().unwrap();
+        let (f, _) = register(store, &far).await;
+        store.drone_heartbeat(f, Millis(5)).await.unwrap();
+
+        let mut query = DroneQuery {
+            cluster: cluster(),
+            pool: String::new(),
+            executor: ExecutorKind::Process,
+            max_heartbeat_age: UNHEALTHY_AFTER,
+        };
+        let found = store.schedulable_drones(&query).await.unwrap();
+        assert_eq!(
+            found,
+            vec![DroneCandidate {
+                id: good,
+                name: "dr-good".parse().unwrap(),
+                last_local_time: Millis(1_000),
+                backend_count: 0,
+            }]
+        );
+
+        query.executor = ExecutorKind::Docker;
+        let mut names: Vec<String> = store
+            .schedulable_drones(&query)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name.to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["dr-docker", "dr-good"]);
+
+        // Backend counts exclude terminated backends.
+        acquire(store, new_backend(good, "x")).await;
+        let done = new_backend(good, "y");
+        acquire(store, done.clone()).await;
+        terminate(store, &done.id).await;
+        query.executor = ExecutorKind::Process;
+        assert_eq!(
+            store.schedulable_drones(&query).await.unwrap()[0].backend_count,
+            1
+        );
+
+        // The gpu pool has its own drone, once it heartbeats again; re-registration updates the pool.
+        query.pool = "gpu".into();
+        let pool_drone = ready_drone(store, "dr-pool", "gpu").await;
+        let found = store.schedulable_drones(&query).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].id, pool_drone);
+        ready_drone(store, "dr-pool", "cpu").await;
+        assert!(store.schedulable_drones(&query).await.unwrap().is_empty());
+    }
+
+    // ---- cleanup -------------------------------------------------------------------------------
+
+    pub async fn cleanup_deletes_old_rows(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let old: Vec<NewBackend> = (0..3)
+            .map(|i| new_backend(drone, &format!("old-{i}")))
+            .collect();
+        let mut old_tokens = Vec::new();
+        for nb in &old {
+            old_tokens.push(acquire(store, nb.clone()).await.0);
+            store
+                .insert_token(new_token(&nb.id, Some("u"), json!({})))
+                .await
+                .unwrap();
+            terminate(store, &nb.id).await;
+        }
+        let live = new_backend(drone, "live");
+        acquire(store, live.clone()).await;
+        let mut expiring = new_token(&live.id, None, json!({}));
+        expiring.lifetime = Duration::from_secs(60);
+        let lasting = new_token(&live.id, None, json!({}));
+        store.insert_token(expiring.clone()).await.unwrap();
+        store.insert_token(lasting.clone()).await.unwrap();
+
+        // Nothing is old enough yet.
+        assert_eq!(
+            store
+                .cleanup(Some(Duration::from_secs(600)), 100)
+                .await
+                .unwrap(),
+            0
+        );
+
+        h.advance(Duration::from_secs(700));
+        let recent = new_backend(drone, "recent");
+        acquire(store, recent.clone()).await;
+        terminate(store, &recent.id).await;
+
+        // Without an age only expired tokens go: `expiring` (60 s); the others last an hour.
+        assert_eq!(store.cleanup(None, 100).await.unwrap(), 1);
+        assert!(store.backend(&old[0].id).await.unwrap().is_some());
+        assert_eq!(
+            store.resolve_token(&lasting.token).await.unwrap(),
+            TokenLookup::Pending {
+                backend: live.id.clone()
+            }
+        );
+
+        // With an age and a batch of 2: two old backends go, with their children.
+        let deleted = store
+            .cleanup(Some(Duration::from_secs(600)), 2)
+            .await
+            .unwrap();
+        assert!(
+            deleted >= 2 + 2 * 3,
+            "backends, tokens, actions and history rows: {deleted}"
+        );
+        let remaining: Vec<bool> = {
+            let mut v = Vec::new();
+            for nb in &old {
+                v.push(store.backend(&nb.id).await.unwrap().is_some());
+            }
+            v
+        };
+        assert_eq!(
+            remaining.iter().filter(|r| **r).count(),
+            1,
+            "bounded by batch"
+        );
+        for nb in &old {
+            if store.backend(&nb.id).await.unwrap().is_none() {
+                assert!(store.backend_history(&nb.id).await.unwrap().is_empty());
+            }
+        }
+        store
+            .cleanup(Some(Duration::from_secs(600)), 100)
+            .await
+            .unwrap();
+        for nb in &old {
+            assert!(store.backend(&nb.id).await.unwrap().is_none());
+        }
+        // Recently terminated and live backends are kept, and so are their valid tokens.
+        assert!(store.backend(&recent.id).await.unwrap().is_some());
+        assert!(store.backend(&live.id).await.unwrap().is_some());
+        assert_eq!(store.pending_actions(drone, 100).await.unwrap().len(), 2);
+        assert_eq!(
+            store.resolve_token(&lasting.token).await.unwrap(),
+            TokenLookup::Pending {
+                backend: live.id.clone()
+            }
+        );
+
+        // Fencing still increases for keys whose rows were cleaned up.
+        let (again, _) = acquire(store, new_backend(drone, "old-0")).await;
+        assert!(again > old_tokens[0]);
+    }
+
+    // ---- events --------------------------------------------------------------------------------
+
+    pub async fn events_are_published_after_commit(h: Harness) {
+        let drone = ready_drone(&*h.store, "dr-one", "").await;
+        let nb = new_backend(drone, "evented");
+        let id = nb.id.clone();
+
+        // A subscriber that reads the store as soon as it hears of the backend must find it.
+        let mut rx = h.store.events().subscribe();
+        let reader = {
+            let store = h.store.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                loop {
+                    let event = rx.recv().await.unwrap();
+                    match &event {
+                        StoreEvent::BackendState { backend, .. } => {
+                            let row = store.backend(backend).await.unwrap();
+                            seen.push((event.clone(), row.is_some()));
+                        }
+                        StoreEvent::Action { action, .. } => {
+                            let pending = store.pending_actions(drone, 10).await.unwrap();
+                            seen.push((event.clone(), pending.contains(action)));
+                            return seen;
+                        }
+                        StoreEvent::TokensRevoked { .. } => {}
+                    }
+                }
+            })
+        };
+        let mut events = h.store.events().subscribe();
+        let (_, action) = acquire(&*h.store, nb.clone()).await;
+        let seen = reader.await.unwrap();
+        assert_eq!(seen.len(), 2);
+        assert!(seen.iter().all(|(_, visible)| *visible), "{seen:?}");
+        match events.try_recv().unwrap() {
+            StoreEvent::BackendState {
+                backend,
+                state,
+                time,
+            } => {
+                assert_eq!(backend, id);
+                assert_eq!(state, BackendState::Scheduled);
+                assert_eq!(time, store_time_of(&*h.store, &id).await);
+            }
+            other => panic!("expected BackendState, got {other:?}"),
+        }
+        assert_eq!(
+            events.try_recv().unwrap(),
+            StoreEvent::Action {
+                drone,
+                action: action.clone()
+            }
+        );
+
+        // Refused writes publish nothing.
+        let mut held = new_backend(drone, "evented");
+        held.key = nb.key.clone();
+        assert_eq!(
+            h.store.insert_backend_with_key(held).await.unwrap(),
+            Acquire::KeyHeld
+        );
+        assert_eq!(
+            record(&*h.store, &id, BackendState::Scheduled).await,
+            StateUpdate::Stale
+        );
+        assert!(matches!(events.try_recv(), Err(TryRecvError::Empty)));
+
+        // Applied states and queued terminates are published.
+        let applied = record(&*h.store, &id, BackendState::Loading).await;
+        let StateUpdate::Applied { time } = applied else {
+            panic!("expected Applied, got {applied:?}")
+        };
+        assert_eq!(
+            events.try_recv().unwrap(),
+            StoreEvent::BackendState {
+                backend: id.clone(),
+                state: BackendState::Loading,
+                time
+            }
+        );
+        let terminate = h
+            .store
+            .queue_terminate(&id, TerminationKind::Soft, TerminationReason::External)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            events.try_recv().unwrap(),
+            StoreEvent::Action {
+                drone,
+                action: terminate
+            }
+        );
+    }
+
+    async fn store_time_of(store: &dyn Store, id: &BackendId) -> Millis {
+        store.backend(id).await.unwrap().unwrap().created_at
+    }
+}
