@@ -1,14 +1,112 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The Hangar controller: the only component with a store. It serves the HTTP API (Plane's routes and
+//! JSON shapes), decides get-or-create and placement, holds the WebSocket sessions of drones and
+//! proxies, enforces idle and lifetime limits, and streams backend status.
+//!
+//! Boundary: depends on `hangar-store` and `hangar-types` only; it never depends on the drone or the
+//! proxy crates. All shared time decisions use the store clock.
+//!
+//! Entry point: [`start`] returns a [`ControllerHandle`]; [`router`] gives the bare HTTP surface for
+//! handler tests.
+
+pub mod api;
+pub mod config;
+pub mod connect;
+pub mod drone_session;
+pub mod error;
+mod maintenance;
+mod node_socket;
+pub mod proxy_session;
+pub mod scheduler;
+mod status_stream;
+pub mod sweeper;
+
+pub use api::{router, AppState};
+pub use config::{ConfigError, ControllerConfig};
+pub use error::ApiError;
+
+use anyhow::Context;
+use hangar_store::Store;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use url::Url;
+
+/// A running controller.
+pub struct ControllerHandle {
+    local_addr: SocketAddr,
+    url: Url,
+    state: AppState,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+impl ControllerHandle {
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
     }
+
+    /// `http://<local addr>/` — where nodes and clients on this machine reach the API.
+    pub fn url(&self) -> Url {
+        self.url.clone()
+    }
+
+    /// Stops accepting, ends node sessions and status streams, marks the controller offline and waits
+    /// for every task.
+    pub async fn shutdown(self) {
+        self.state.cancel.cancel();
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "Controller server failed"),
+            Err(e) => tracing::error!(error = %e, "Controller server task panicked"),
+        }
+        self.state.tracker.close();
+        self.state.tracker.wait().await;
+        tracing::info!(controller = %self.state.config.name, "Controller stopped");
+    }
+}
+
+/// Starts the controller on an already-bound `listener`: records its heartbeat, then serves the API
+/// and runs its background loops until [`ControllerHandle::shutdown`].
+pub async fn start(
+    config: ControllerConfig,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+) -> anyhow::Result<ControllerHandle> {
+    let local_addr = listener
+        .local_addr()
+        .context("reading the listener's address")?;
+    let state = AppState::new(config, store, local_addr).context("invalid controller config")?;
+    let name = state.config.name.clone();
+    // Be schedulable from the first request on: drones attached to us need a live controller heartbeat.
+    state
+        .store
+        .controller_heartbeat(&name, true)
+        .await
+        .context("recording the controller's first heartbeat")?;
+
+    state.tracker.spawn(maintenance::run_controller_heartbeat(
+        state.store.clone(),
+        name.clone(),
+        state.cancel.child_token(),
+    ));
+    state.tracker.spawn(maintenance::run_cleanup(
+        state.store.clone(),
+        state.cancel.child_token(),
+    ));
+
+    let app = router(state.clone());
+    let cancel = state.cancel.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await
+    });
+    let url = Url::parse(&format!("http://{local_addr}/")).context("building the local URL")?;
+    tracing::info!(controller = %name, %local_addr, "Controller listening");
+    Ok(ControllerHandle {
+        local_addr,
+        url,
+        state,
+        server,
+    })
 }

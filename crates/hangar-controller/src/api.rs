@@ -1,0 +1,127 @@
+//! The controller's HTTP API: Plane's route table (plane-api.md §2.2) plus `/ctrl/revoke`. `/ctrl/*` is
+//! the trusted group (optionally behind a bearer token, node sockets included); `/pub/*` is public and
+//! carries a CORS layer. Handlers live in `api/`, named `<resource>_<verb>`.
+
+mod auth;
+mod backends;
+mod extract;
+mod nodes;
+mod system;
+
+use crate::config::{ConfigError, ControllerConfig};
+use crate::error::ApiError;
+use axum::http::{header, Method};
+use axum::routing::{get, post};
+use axum::Router;
+use hangar_store::Store;
+use hangar_types::BackendId;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::cors::{Any, CorsLayer};
+use url::Url;
+
+pub use extract::{ApiJson, ApiPath};
+
+/// Everything handlers and node sessions share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: Arc<ControllerConfig>,
+    /// Base of `status_url`: the configured `controller_url` or `http://<local addr>`.
+    pub(crate) controller_url: Arc<Url>,
+    /// Cancelled on shutdown; node sessions and status streams end when it fires.
+    pub(crate) cancel: CancellationToken,
+    /// Tracks node sessions, status streams and route waits so shutdown can wait for them.
+    pub(crate) tracker: TaskTracker,
+}
+
+impl AppState {
+    /// Validates `config`; `local_addr` is the listener's address (default base of `status_url`).
+    pub fn new(
+        config: ControllerConfig,
+        store: Arc<dyn Store>,
+        local_addr: SocketAddr,
+    ) -> Result<AppState, ConfigError> {
+        config.validate()?;
+        let controller_url = match &config.controller_url {
+            Some(url) => url.clone(),
+            None => Url::parse(&format!("http://{local_addr}"))
+                .map_err(|e| ConfigError::InvalidControllerUrl(e.to_string()))?,
+        };
+        Ok(AppState {
+            store,
+            config: Arc::new(config),
+            controller_url: Arc::new(controller_url),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// `<controller_url>/pub/b/<id>/status`, with any path, query and user info of the base replaced.
+    pub fn status_url(&self, backend: &BackendId) -> String {
+        let mut url = (*self.controller_url).clone();
+        url.set_path(&format!("/pub/b/{backend}/status"));
+        url.set_query(None);
+        url.set_fragment(None);
+        // Only fails for URLs that cannot have credentials, which then have none to remove.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        url.to_string()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ControllerConfig {
+        &self.config
+    }
+}
+
+/// The whole HTTP surface of the controller.
+pub fn router(state: AppState) -> Router {
+    let ctrl = Router::new()
+        .route("/ctrl/status", get(system::status_get))
+        .route("/ctrl/connect", post(backends::connect_post))
+        .route(
+            "/ctrl/b/{backend}/soft-terminate",
+            post(backends::backends_soft_terminate),
+        )
+        .route(
+            "/ctrl/b/{backend}/hard-terminate",
+            post(backends::backends_hard_terminate),
+        )
+        // Plane's server serves `/ctrl/b/revoke`, its client calls `/ctrl/revoke` (quirk 1): serve both.
+        .route("/ctrl/b/revoke", post(backends::tokens_revoke))
+        .route("/ctrl/revoke", post(backends::tokens_revoke))
+        .route("/ctrl/c/{cluster}/state", get(nodes::cluster_state_get))
+        .route(
+            "/ctrl/c/{cluster}/d/{drone}/drain",
+            post(nodes::drones_drain),
+        )
+        .route("/ctrl/c/{cluster}/drone-socket", get(nodes::drone_socket))
+        .route("/ctrl/c/{cluster}/proxy-socket", get(nodes::proxy_socket))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_bearer,
+        ));
+
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE]);
+    let public = Router::new()
+        .route("/pub/health", get(system::health_get))
+        .route("/pub/b/{backend}/status", get(backends::backends_status))
+        .route(
+            "/pub/b/{backend}/status-stream",
+            get(backends::backends_status_stream),
+        )
+        .layer(cors);
+
+    ctrl.merge(public)
+        .fallback(|| async { ApiError::NotFound("No such route.") })
+        .with_state(state)
+}

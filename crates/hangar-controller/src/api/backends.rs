@@ -1,0 +1,100 @@
+//! Backend routes: connect, terminate, token revocation, public status and status stream.
+
+use crate::api::{ApiJson, ApiPath, AppState};
+use crate::connect;
+use crate::error::ApiError;
+use crate::status_stream;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::Json;
+use hangar_types::api::{ConnectRequest, ConnectResponse, RevokeRequest};
+use hangar_types::state::BackendStatusEntry;
+use hangar_types::{BackendId, BackendStatus, TerminationKind, TerminationReason};
+
+/// `POST /ctrl/connect`.
+pub async fn connect_post(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<ConnectRequest>,
+) -> Result<Json<ConnectResponse>, ApiError> {
+    Ok(Json(connect::connect(&state, &request).await?))
+}
+
+/// `POST /ctrl/b/{backend}/soft-terminate`. The body is ignored (Plane's client sends `null`).
+pub async fn backends_soft_terminate(
+    State(state): State<AppState>,
+    ApiPath(backend): ApiPath<BackendId>,
+) -> Result<Json<()>, ApiError> {
+    terminate(&state, &backend, TerminationKind::Soft).await
+}
+
+/// `POST /ctrl/b/{backend}/hard-terminate`. The body is ignored.
+pub async fn backends_hard_terminate(
+    State(state): State<AppState>,
+    ApiPath(backend): ApiPath<BackendId>,
+) -> Result<Json<()>, ApiError> {
+    terminate(&state, &backend, TerminationKind::Hard).await
+}
+
+async fn terminate(
+    state: &AppState,
+    backend: &BackendId,
+    kind: TerminationKind,
+) -> Result<Json<()>, ApiError> {
+    let queued = state
+        .store
+        .queue_terminate(backend, kind, TerminationReason::External)
+        .await
+        .map_err(ApiError::store("Database error"))?;
+    match queued {
+        Some(action) => {
+            tracing::info!(%backend, ?kind, action = %action.action_id, "Termination requested");
+            Ok(Json(()))
+        }
+        None => Err(ApiError::NotFound("Backend does not exist")),
+    }
+}
+
+/// `POST /ctrl/b/revoke` and `/ctrl/revoke`: deletes a user's tokens for a backend. The store publishes
+/// `StoreEvent::TokensRevoked`, which proxy sessions forward, so proxies forget them (Plane does not,
+/// quirk 2).
+pub async fn tokens_revoke(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<RevokeRequest>,
+) -> Result<Json<&'static str>, ApiError> {
+    let tokens = state
+        .store
+        .revoke_tokens(&request.backend_id, &request.user)
+        .await
+        .map_err(ApiError::store("Failed to revoke token"))?;
+    tracing::info!(backend = %request.backend_id, count = tokens.len(), "Tokens revoked");
+    Ok(Json("Token revoked successfully"))
+}
+
+/// `GET /pub/b/{backend}/status`.
+pub async fn backends_status(
+    State(state): State<AppState>,
+    ApiPath(backend): ApiPath<BackendId>,
+) -> Result<Json<BackendStatusEntry>, ApiError> {
+    let row = state
+        .store
+        .backend(&backend)
+        .await
+        .map_err(ApiError::store("Database error"))?
+        .ok_or(ApiError::NotFound("Backend does not exist"))?;
+    Ok(Json(row.state.to_status_entry(row.state_time)))
+}
+
+/// `GET /pub/b/{backend}/status-stream` (Server-Sent Events). `Last-Event-ID` resumes after a status;
+/// an unparseable value is ignored, as in Plane.
+pub async fn backends_status_stream(
+    State(state): State<AppState>,
+    ApiPath(backend): ApiPath<BackendId>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
+    let resume_after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<BackendStatus>().ok());
+    status_stream::open(&state, backend, resume_after)
+}

@@ -1,0 +1,130 @@
+//! The controller's configuration (`ControllerConfig`), filled by the binary from file, env and flags.
+
+use hangar_types::{ClusterName, ControllerName};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// Default for [`ControllerConfig::best_of`].
+pub const DEFAULT_BEST_OF: usize = 2;
+/// Default for [`ControllerConfig::max_body_bytes`]: 1 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// This controller instance's name (`co-…`). Default: a fresh random name on every start.
+    pub name: ControllerName,
+    /// Public base URL of this controller, used to build `status_url` in connect responses (any path,
+    /// query or user info in it is replaced). Default: `http://<listener local address>`.
+    pub controller_url: Option<Url>,
+    /// Cluster used by connect requests whose `spawn_config.cluster` is absent. Default: none (such
+    /// requests get 400 `NoClusterProvided`).
+    pub default_cluster: Option<ClusterName>,
+    /// The scheduler samples this many random candidate drones and picks the least loaded. Must be at
+    /// least 1. Default: 2.
+    pub best_of: usize,
+    /// Largest accepted JSON request body, in bytes; larger bodies get 413. Also the largest accepted
+    /// WebSocket message from a node. Default: 1 MiB (1048576).
+    pub max_body_bytes: usize,
+    /// When set, every `/ctrl/*` route, including the drone and proxy sockets, requires
+    /// `Authorization: Bearer <token>` (401 otherwise). `/pub/*` never requires it. Default: none.
+    pub bearer_token: Option<String>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            name: ControllerName::random(),
+            controller_url: None,
+            default_cluster: None,
+            best_of: DEFAULT_BEST_OF,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            bearer_token: None,
+        }
+    }
+}
+
+/// The bearer token is a credential: never print it.
+impl std::fmt::Debug for ControllerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerConfig")
+            .field("name", &self.name)
+            .field(
+                "controller_url",
+                &self.controller_url.as_ref().map(Url::as_str),
+            )
+            .field("default_cluster", &self.default_cluster)
+            .field("best_of", &self.best_of)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("`best_of` must be at least 1")]
+    BestOfZero,
+    #[error("`max_body_bytes` must be at least 1024")]
+    BodyLimitTooSmall,
+    #[error("`bearer_token` must not be empty")]
+    EmptyBearerToken,
+    #[error("`controller_url` must be an http or https URL with a host, got {0}")]
+    InvalidControllerUrl(String),
+}
+
+impl ControllerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.best_of == 0 {
+            return Err(ConfigError::BestOfZero);
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError::BodyLimitTooSmall);
+        }
+        if self.bearer_token.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::EmptyBearerToken);
+        }
+        if let Some(url) = &self.controller_url {
+            if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
+                return Err(ConfigError::InvalidControllerUrl(url.to_string()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_unknown_fields_are_refused() {
+        let c: ControllerConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c.best_of, 2);
+        assert_eq!(c.max_body_bytes, 1024 * 1024);
+        assert!(c.validate().is_ok());
+        assert!(serde_json::from_str::<ControllerConfig>(r#"{"bestof": 3}"#).is_err());
+        let c: ControllerConfig = serde_json::from_str(
+            r#"{"best_of": 0, "default_cluster": "localhost:9090", "controller_url": "http://x:1/"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.validate(), Err(ConfigError::BestOfZero));
+    }
+
+    #[test]
+    fn debug_hides_the_bearer_token() {
+        let c = ControllerConfig {
+            bearer_token: Some("very-secret".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{c:?}").contains("very-secret"));
+        let c = ControllerConfig {
+            bearer_token: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::EmptyBearerToken));
+    }
+}

@@ -1,0 +1,313 @@
+//! Get-or-create (`POST /ctrl/connect`, plane-api.md §2.4.1): reuse the live backend holding the key, or
+//! schedule a new one with a fresh key lease, then issue a connection token for it.
+//!
+//! Races between concurrent connects are settled by the store (one transaction per step); a lost race
+//! (`FailedToRemoveKey`, `FailedToAcquireKey`) retries the whole attempt, at most [`MAX_ATTEMPTS`] in
+//! total, as Plane does.
+
+use crate::api::AppState;
+use crate::scheduler;
+use hangar_store::{Acquire, BackendRow, KeyLookup, KeyRef, NewBackend, NewToken, StoreError};
+use hangar_types::api::{connection_url, ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig};
+use hangar_types::names::{validate_key_text, validate_subdomain};
+use hangar_types::protocol::KeyDeadlines;
+use hangar_types::timing::TOKEN_LIFETIME;
+use hangar_types::token::{ConnectionToken, SecretToken};
+use hangar_types::{BackendId, BackendStatus, KeyName};
+
+/// Attempts of the whole get-or-create before a race is reported to the client.
+pub const MAX_ATTEMPTS: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("Lock is held but tag does not match.")]
+    TagMismatch,
+    /// Deviation from Plane (quirk 26), see [`reuse_backend`].
+    #[error(
+        "Lock is held by backend {backend}, which is shutting down ({status}); retry shortly to get a new backend."
+    )]
+    BackendShuttingDown {
+        backend: BackendId,
+        status: BackendStatus,
+    },
+    #[error("Failed to remove lock.")]
+    FailedToRemoveKey,
+    #[error("Failed to acquire lock.")]
+    FailedToAcquireKey,
+    #[error("A backend with id {0} already exists.")]
+    BackendIdTaken(BackendId),
+    #[error("Lock is unheld but no spawn config was provided.")]
+    NoSpawnConfig,
+    #[error("No cluster provided, and no default cluster for this controller.")]
+    NoClusterProvided,
+    #[error("No active drone available.")]
+    NoDroneAvailable,
+    #[error("Internal error.")]
+    Store(#[from] StoreError),
+}
+
+impl ConnectError {
+    /// A lost race or a transient store failure: the whole attempt may succeed when repeated.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ConnectError::FailedToRemoveKey | ConnectError::FailedToAcquireKey => true,
+            ConnectError::Store(e) => e.is_retryable(),
+            ConnectError::InvalidRequest(_)
+            | ConnectError::TagMismatch
+            | ConnectError::BackendShuttingDown { .. }
+            | ConnectError::BackendIdTaken(_)
+            | ConnectError::NoSpawnConfig
+            | ConnectError::NoClusterProvided
+            | ConnectError::NoDroneAvailable => false,
+        }
+    }
+}
+
+/// Runs get-or-create for one request.
+pub async fn connect(
+    state: &AppState,
+    request: &ConnectRequest,
+) -> Result<ConnectResponse, ConnectError> {
+    validate(request)?;
+    let mut attempt = 1;
+    loop {
+        match connect_once(state, request).await {
+            Err(e) if e.is_retryable() && attempt < MAX_ATTEMPTS => {
+                tracing::debug!(attempt, error = %e, "Connect lost a race, retrying");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Checks what serde cannot: free-text key fields, subdomain syntax, positive limits.
+fn validate(request: &ConnectRequest) -> Result<(), ConnectError> {
+    let invalid = |what: &str, e: &dyn std::fmt::Display| {
+        ConnectError::InvalidRequest(format!("invalid {what}: {e}"))
+    };
+    if let Some(key) = &request.key {
+        validate_key_text(&key.namespace).map_err(|e| invalid("key.namespace", &e))?;
+        validate_key_text(&key.tag).map_err(|e| invalid("key.tag", &e))?;
+    }
+    if let Some(spawn) = &request.spawn_config {
+        if let Some(sub) = &spawn.subdomain {
+            validate_subdomain(sub).map_err(|e| invalid("spawn_config.subdomain", &e))?;
+        }
+        for (field, value) in [
+            ("max_idle_seconds", spawn.max_idle_seconds),
+            ("lifetime_limit_seconds", spawn.lifetime_limit_seconds),
+        ] {
+            if value.is_some_and(|v| v <= 0) {
+                return Err(ConnectError::InvalidRequest(format!(
+                    "invalid spawn_config.{field}: must be greater than 0"
+                )));
+            }
+        }
+        validate_key_text(&spawn.pool).map_err(|e| invalid("spawn_config.pool", &e))?;
+    }
+    Ok(())
+}
+
+async fn connect_once(
+    state: &AppState,
+    request: &ConnectRequest,
+) -> Result<ConnectResponse, ConnectError> {
+    let key = match &request.key {
+        Some(key) => {
+            let key_ref = KeyRef::from(key);
+            match state.store.key_lookup(&key_ref).await? {
+                KeyLookup::Live { tag, backend } => {
+                    return reuse_backend(state, request, key, &tag, backend).await;
+                }
+                KeyLookup::Expired => {
+                    if !state.store.remove_expired_key(&key_ref).await? {
+                        return Err(ConnectError::FailedToRemoveKey);
+                    }
+                    tracing::info!(key = %key.name, namespace = %key.namespace, "Took over an expired key");
+                }
+                KeyLookup::Missing => {}
+            }
+            key.clone()
+        }
+        None => KeyConfig {
+            name: KeyName::random(),
+            namespace: String::new(),
+            tag: String::new(),
+        },
+    };
+    let spawn = request
+        .spawn_config
+        .as_ref()
+        .ok_or(ConnectError::NoSpawnConfig)?;
+    spawn_backend(state, request, key, spawn).await
+}
+
+/// Returns the backend that holds the key.
+///
+/// Deviation from Plane (quirk 26): Plane returns the holder even when it is already terminating, so
+/// the client gets a URL to a backend that is about to disappear. We refuse with 409 `KeyHeld` instead:
+/// the key is released as soon as the backend reports `terminated` (seconds later), so a retry then
+/// gets a fresh backend for the same key, and a client is never handed a dying backend.
+async fn reuse_backend(
+    state: &AppState,
+    request: &ConnectRequest,
+    key: &KeyConfig,
+    held_tag: &str,
+    backend: BackendRow,
+) -> Result<ConnectResponse, ConnectError> {
+    if held_tag != key.tag {
+        return Err(ConnectError::TagMismatch);
+    }
+    let status = backend.state.status();
+    if status.is_terminating_or_terminated() {
+        return Err(ConnectError::BackendShuttingDown {
+            backend: backend.id,
+            status,
+        });
+    }
+    let (token, secret_token) =
+        issue_token(state, request, &backend.id, backend.static_token).await?;
+    Ok(ConnectResponse {
+        url: connection_url(&backend.cluster, backend.subdomain.as_deref(), &token),
+        status_url: state.status_url(&backend.id),
+        backend_id: backend.id,
+        spawned: false,
+        status,
+        token,
+        subdomain: backend.subdomain,
+        secret_token,
+        drone: None,
+    })
+}
+
+async fn spawn_backend(
+    state: &AppState,
+    request: &ConnectRequest,
+    key: KeyConfig,
+    spawn: &SpawnConfig,
+) -> Result<ConnectResponse, ConnectError> {
+    let cluster = spawn
+        .cluster
+        .clone()
+        .or_else(|| state.config.default_cluster.clone())
+        .ok_or(ConnectError::NoClusterProvided)?;
+    let drone = scheduler::pick_drone(
+        state.store.as_ref(),
+        &cluster,
+        &spawn.pool,
+        spawn.executable.kind(),
+        state.config.best_of,
+    )
+    .await?
+    .ok_or(ConnectError::NoDroneAvailable)?;
+
+    let id = spawn.id.clone().unwrap_or_else(BackendId::random);
+    let static_token = spawn.use_static_token.then(ConnectionToken::random_static);
+    let new = NewBackend {
+        id: id.clone(),
+        key,
+        cluster: cluster.clone(),
+        pool: spawn.pool.clone(),
+        drone: drone.id,
+        executable: spawn.executable.clone(),
+        // Deadlines on the drone's own clock, from its last heartbeat (plane-api.md §5.2, with the
+        // intended +50 s hard deadline rather than Plane's +40 s, quirk 3).
+        deadlines: KeyDeadlines::from_base(drone.last_local_time),
+        static_token: static_token.clone(),
+        subdomain: spawn.subdomain.clone(),
+        max_idle_seconds: spawn.max_idle_seconds,
+        lifetime_limit_seconds: spawn.lifetime_limit_seconds,
+    };
+    match state.store.insert_backend_with_key(new).await? {
+        Acquire::Acquired { fencing_token, .. } => {
+            tracing::info!(backend = %id, drone = %drone.name, %cluster, fencing_token, "Backend scheduled");
+        }
+        Acquire::KeyHeld => return Err(ConnectError::FailedToAcquireKey),
+        Acquire::BackendIdTaken if spawn.id.is_some() => {
+            return Err(ConnectError::BackendIdTaken(id));
+        }
+        // A collision of two random ids: astronomically unlikely, but a retry fixes it.
+        Acquire::BackendIdTaken => return Err(ConnectError::FailedToAcquireKey),
+    }
+    let (token, secret_token) = issue_token(state, request, &id, static_token).await?;
+    Ok(ConnectResponse {
+        url: connection_url(&cluster, spawn.subdomain.as_deref(), &token),
+        status_url: state.status_url(&id),
+        backend_id: id,
+        spawned: true,
+        status: BackendStatus::Scheduled,
+        token,
+        subdomain: spawn.subdomain.clone(),
+        secret_token,
+        drone: Some(drone.name),
+    })
+}
+
+/// The backend's static token (no secret), or a new dynamic token for this request's user.
+async fn issue_token(
+    state: &AppState,
+    request: &ConnectRequest,
+    backend: &BackendId,
+    static_token: Option<ConnectionToken>,
+) -> Result<(ConnectionToken, Option<SecretToken>), ConnectError> {
+    if let Some(token) = static_token {
+        return Ok((token, None));
+    }
+    let token = ConnectionToken::random();
+    let secret = SecretToken::random();
+    state
+        .store
+        .insert_token(NewToken {
+            token: token.clone(),
+            backend: backend.clone(),
+            secret: secret.clone(),
+            user: request.user.clone(),
+            auth: request.auth.clone(),
+            lifetime: TOKEN_LIFETIME,
+        })
+        .await?;
+    Ok((token, Some(secret)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn request(v: serde_json::Value) -> ConnectRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn validation() {
+        let ok = request(json!({"spawn_config": {"executable": {"command": ["x"]},
+            "subdomain": "abc", "max_idle_seconds": 1, "lifetime_limit_seconds": 5}}));
+        assert!(validate(&ok).is_ok());
+        for bad in [
+            json!({"spawn_config": {"executable": {"command": ["x"]}, "subdomain": "-a"}}),
+            json!({"spawn_config": {"executable": {"command": ["x"]}, "max_idle_seconds": 0}}),
+            json!({"spawn_config": {"executable": {"command": ["x"]}, "lifetime_limit_seconds": -4}}),
+            json!({"key": {"name": "k", "namespace": "a\u{0}b"}}),
+            json!({"key": {"name": "k", "tag": "x\n"}}),
+        ] {
+            assert!(
+                matches!(
+                    validate(&request(bad.clone())),
+                    Err(ConnectError::InvalidRequest(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn retryable_errors() {
+        assert!(ConnectError::FailedToRemoveKey.is_retryable());
+        assert!(ConnectError::FailedToAcquireKey.is_retryable());
+        assert!(!ConnectError::TagMismatch.is_retryable());
+        assert!(!ConnectError::NoDroneAvailable.is_retryable());
+    }
+}

@@ -1,0 +1,251 @@
+//! One drone's WebSocket session (`/ctrl/c/{cluster}/drone-socket`, plane-api.md §3.4.3).
+//!
+//! After the handshake and registration, four loops run until one of them ends the session: the socket
+//! writer, the reader (heartbeats, backend events, action acks, key renewals), action delivery (live
+//! actions for this drone, plus a resend of every unacked action each `ACTION_RESEND_INTERVAL`) and the
+//! sweeper. On the way out the node is detached, only if this session is still its current one.
+//!
+//! Invariants: an action is delivered until the drone acks it (resends survive reconnects because
+//! pending actions live in the store); a backend event is acked only once the store has it (stale and
+//! unknown ones included, so the drone's outbox drains); a bad frame is logged and skipped, never ends
+//! the session.
+
+use crate::api::AppState;
+use crate::node_socket::{self, NodeSender, SessionClosed};
+use crate::sweeper;
+use axum::extract::ws::WebSocket;
+use futures_util::stream::SplitStream;
+use futures_util::StreamExt;
+use hangar_store::{DroneRegistration, NodeId, Registration, Store, StoreEvent};
+use hangar_types::protocol::{
+    ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines, NodeHello,
+};
+use hangar_types::timing::ACTION_RESEND_INTERVAL;
+use hangar_types::{ActionId, ClusterName, DroneName};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Most unacked actions read (and resent) per pass. More wait for the next pass once earlier ones are
+/// acked; a drone acks actions as soon as it has persisted them, so this bounds bursts, not throughput.
+const RESEND_PAGE: u32 = 500;
+
+/// An action sent less than this long ago is not sent again by a resend pass (dedupes the overlap
+/// between the live event and the pending list, without delaying a resend by a whole extra interval).
+const RESEND_MIN_AGE: std::time::Duration =
+    ACTION_RESEND_INTERVAL.saturating_sub(std::time::Duration::from_secs(1));
+
+/// Runs a drone session on an upgraded socket until the drone leaves or the controller shuts down.
+pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket: WebSocket) {
+    let hello = match node_socket::read_hello(&mut socket).await {
+        Ok(hello) => hello,
+        Err(reason) => return node_socket::refuse(socket, reason).await,
+    };
+    let NodeHello::Drone {
+        name,
+        pool,
+        executors,
+    } = hello.node
+    else {
+        let reason = "a proxy must connect to the proxy socket, not the drone socket".to_string();
+        return node_socket::refuse(socket, reason).await;
+    };
+    let registration = DroneRegistration {
+        cluster: cluster.clone(),
+        name: name.clone(),
+        pool,
+        executors,
+        controller: state.config.name.clone(),
+        version: hello.version,
+    };
+    let (node, session) = match state.store.register_drone(&registration).await {
+        Ok(Registration::Registered { node, session }) => (node, session),
+        Ok(Registration::Refused { reason }) => return node_socket::refuse(socket, reason).await,
+        Err(e) => {
+            tracing::error!(drone = %name, error = %e, "Failed to register drone");
+            let reason = "the controller could not register the drone; retry later".to_string();
+            return node_socket::refuse(socket, reason).await;
+        }
+    };
+    tracing::info!(drone = %name, %cluster, node, session, "Drone connected");
+
+    // Subscribe before the first pending-actions read, so no action queued in between is missed.
+    let events = state.store.events().subscribe();
+    if node_socket::welcome(&mut socket, &state.config.name)
+        .await
+        .is_ok()
+    {
+        let cancel = state.cancel.child_token();
+        let (sink, stream) = socket.split();
+        let (sender, rx) = node_socket::outbound();
+        let drone = DroneSession {
+            store: state.store.clone(),
+            node,
+            name: name.clone(),
+            sender,
+            cancel: cancel.clone(),
+        };
+        tokio::join!(
+            node_socket::run_socket_writer(sink, rx, cancel.clone()),
+            drone.run_reader(stream),
+            drone.run_action_delivery(events),
+            sweeper::run_sweeper(state.store.clone(), node, name.clone(), cancel.clone()),
+        );
+    }
+    if let Err(e) = state.store.node_disconnected(node, session).await {
+        tracing::warn!(drone = %name, error = %e, "Failed to mark drone disconnected");
+    }
+    tracing::info!(drone = %name, "Drone disconnected");
+}
+
+struct DroneSession {
+    store: Arc<dyn Store>,
+    node: NodeId,
+    name: DroneName,
+    sender: NodeSender<ControllerToDrone>,
+    /// The session's token: every loop stops when it fires, and any loop that ends fires it.
+    cancel: CancellationToken,
+}
+
+impl DroneSession {
+    async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
+        loop {
+            let text = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                text = node_socket::next_text(&mut stream) => match text {
+                    Some(text) => text,
+                    None => break,
+                },
+            };
+            let message = match serde_json::from_str::<DroneToController>(text.as_str()) {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(drone = %self.name, error = %e, "Skipping unparseable frame from drone");
+                    continue;
+                }
+            };
+            if self.handle(message).await.is_err() {
+                break;
+            }
+        }
+        self.cancel.cancel();
+    }
+
+    async fn handle(&self, message: DroneToController) -> Result<(), SessionClosed> {
+        match message {
+            DroneToController::Heartbeat { local_time } => {
+                if let Err(e) = self.store.drone_heartbeat(self.node, local_time).await {
+                    tracing::warn!(drone = %self.name, error = %e, "Failed to record heartbeat");
+                }
+            }
+            DroneToController::BackendEvent {
+                event_id,
+                backend_id,
+                state,
+                ..
+            } => match self.store.record_backend_state(&backend_id, &state).await {
+                Ok(update) => {
+                    tracing::debug!(drone = %self.name, backend = %backend_id, status = %state.status(), ?update, "Backend event");
+                    self.sender
+                        .send(&ControllerToDrone::AckEvent { event_id })
+                        .await?;
+                }
+                // Not acked: the drone keeps the event in its outbox and replays it later.
+                Err(e) => {
+                    tracing::error!(drone = %self.name, backend = %backend_id, error = %e, "Failed to record backend state");
+                }
+            },
+            DroneToController::AckAction { action_id } => {
+                if let Err(e) = self.store.ack_action(self.node, &action_id).await {
+                    tracing::warn!(drone = %self.name, action = %action_id, error = %e, "Failed to ack action");
+                }
+            }
+            DroneToController::RenewKey {
+                backend,
+                local_time,
+            } => match self.store.renew_key(&backend).await {
+                Ok(renewed) => {
+                    if !renewed {
+                        tracing::info!(drone = %self.name, %backend, "Key renewal refused");
+                    }
+                    let deadlines = renewed.then(|| KeyDeadlines::from_base(local_time));
+                    self.sender
+                        .send(&ControllerToDrone::RenewKeyResponse { backend, deadlines })
+                        .await?;
+                }
+                // No answer: "refused" would make the drone kill a healthy backend over a transient
+                // store error; the drone asks again.
+                Err(e) => {
+                    tracing::error!(drone = %self.name, %backend, error = %e, "Failed to renew key");
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// Forwards live actions for this drone and periodically resends every unacked one.
+    async fn run_action_delivery(&self, mut events: broadcast::Receiver<StoreEvent>) {
+        let mut last_sent: HashMap<ActionId, Instant> = HashMap::new();
+        // The first tick is immediate: that pass sends everything left unacked by earlier sessions.
+        let mut resend = tokio::time::interval(ACTION_RESEND_INTERVAL);
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let sent = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = resend.tick() => self.send_pending(&mut last_sent).await,
+                event = events.recv() => match event {
+                    Ok(StoreEvent::Action { drone, action }) if drone == self.node => {
+                        last_sent.insert(action.action_id.clone(), Instant::now());
+                        self.send_action(action).await
+                    }
+                    Ok(_) => Ok(()),
+                    // Missed events may include actions for us: resync from the store.
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(drone = %self.name, missed, "Action subscription lagged, resyncing");
+                        self.send_pending(&mut last_sent).await
+                    }
+                    Err(broadcast::error::RecvError::Closed) => Err(SessionClosed),
+                },
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+        self.cancel.cancel();
+    }
+
+    /// Sends the unacked actions not sent within [`RESEND_MIN_AGE`]. A store error is logged and the
+    /// next pass tries again.
+    async fn send_pending(
+        &self,
+        last_sent: &mut HashMap<ActionId, Instant>,
+    ) -> Result<(), SessionClosed> {
+        let pending = match self.store.pending_actions(self.node, RESEND_PAGE).await {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::warn!(drone = %self.name, error = %e, "Failed to read pending actions");
+                return Ok(());
+            }
+        };
+        // Forget acked actions.
+        last_sent.retain(|id, _| pending.iter().any(|a| &a.action_id == id));
+        let now = Instant::now();
+        for action in pending {
+            let recent = last_sent
+                .get(&action.action_id)
+                .is_some_and(|at| now.duration_since(*at) < RESEND_MIN_AGE);
+            if !recent {
+                last_sent.insert(action.action_id.clone(), now);
+                self.send_action(action).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_action(&self, action: ActionMessage) -> Result<(), SessionClosed> {
+        tracing::debug!(drone = %self.name, action = %action.action_id, backend = %action.backend_id, "Sending action");
+        self.sender.send(&ControllerToDrone::Action(action)).await
+    }
+}

@@ -1,0 +1,201 @@
+//! The transport shared by drone and proxy sessions: the `Hello`/`HelloResponse` handshake, a writer loop
+//! fed by a bounded queue of JSON text frames, and a reader that yields text frames.
+//!
+//! Dead peers are detected on both paths: the writer pings every [`PING_INTERVAL`], and the reader gives
+//! up after [`IDLE_TIMEOUT`] without any frame (pongs included). A Close frame ends the session at once
+//! (Plane noticed it only on its next send, quirk 10).
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hangar_types::protocol::{Hello, HelloResponse};
+use hangar_types::{ControllerName, PROTOCOL_VERSION, VERSION};
+use serde::Serialize;
+use std::marker::PhantomData;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Frames queued for one node. When full, producers wait: a slow node slows down only its own session
+/// (its reader stops reading, so TCP pushes back on the node; the event subscription may lag and then
+/// resyncs from the store).
+pub const OUTBOUND_CAPACITY: usize = 1024;
+/// How long a node may take to send its `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The writer pings the node this often.
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// A session with no frame at all from the node for this long is considered dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads the node's `Hello`. `Err` carries the reason to send in `Refused`.
+pub async fn read_hello(socket: &mut WebSocket) -> Result<Hello, String> {
+    let first_text = async {
+        loop {
+            match socket.recv().await {
+                Some(Ok(Message::Text(text))) => return Ok(text),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Binary(_))) => {
+                    return Err("the first frame must be a JSON text `Hello`".to_string())
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    return Err("connection closed before `Hello`".to_string())
+                }
+            }
+        }
+    };
+    let text = tokio::time::timeout(HELLO_TIMEOUT, first_text)
+        .await
+        .map_err(|_| format!("no `Hello` within {} s", HELLO_TIMEOUT.as_secs()))??;
+    let hello: Hello = serde_json::from_str(&text).map_err(|e| format!("invalid `Hello`: {e}"))?;
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version mismatch: node speaks {}, controller speaks {PROTOCOL_VERSION}",
+            hello.protocol
+        ));
+    }
+    Ok(hello)
+}
+
+/// Sends `Refused { reason }` and closes the socket.
+pub async fn refuse(mut socket: WebSocket, reason: String) {
+    tracing::warn!(%reason, "Refusing node session");
+    if let Some(text) = encode(&HelloResponse::Refused { reason }) {
+        let _ = socket.send(Message::Text(text.into())).await;
+    }
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: axum::extract::ws::close_code::POLICY,
+            reason: Utf8Bytes::from_static("refused"),
+        })))
+        .await;
+}
+
+/// Sends `Welcome`.
+pub async fn welcome(
+    socket: &mut WebSocket,
+    controller: &ControllerName,
+) -> Result<(), axum::Error> {
+    let welcome = HelloResponse::Welcome {
+        protocol: PROTOCOL_VERSION,
+        version: VERSION.to_string(),
+        controller: controller.clone(),
+    };
+    match encode(&welcome) {
+        Some(text) => socket.send(Message::Text(text.into())).await,
+        None => Ok(()),
+    }
+}
+
+fn encode<T: Serialize>(msg: &T) -> Option<String> {
+    match serde_json::to_string(msg) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            tracing::error!(error = %e, "Failed to encode a message for a node");
+            None
+        }
+    }
+}
+
+/// The node went away or the session is ending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("node session closed")]
+pub struct SessionClosed;
+
+/// Typed handle to a session's outbound queue.
+pub struct NodeSender<T> {
+    tx: mpsc::Sender<String>,
+    _messages: PhantomData<fn(T)>,
+}
+
+impl<T> Clone for NodeSender<T> {
+    fn clone(&self) -> Self {
+        NodeSender {
+            tx: self.tx.clone(),
+            _messages: PhantomData,
+        }
+    }
+}
+
+impl<T: Serialize> NodeSender<T> {
+    /// Queues one message (waits while the queue is full).
+    pub async fn send(&self, msg: &T) -> Result<(), SessionClosed> {
+        match encode(msg) {
+            Some(text) => self.tx.send(text).await.map_err(|_| SessionClosed),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A node session's outbound queue and the receiving end for [`run_socket_writer`].
+pub fn outbound<T>() -> (NodeSender<T>, mpsc::Receiver<String>) {
+    let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+    (
+        NodeSender {
+            tx,
+            _messages: PhantomData,
+        },
+        rx,
+    )
+}
+
+/// Writes queued frames and periodic pings until the session is cancelled or a write fails; then
+/// closes the socket and cancels the session.
+pub async fn run_socket_writer(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<String>,
+    cancel: CancellationToken,
+) {
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    loop {
+        let message = tokio::select! {
+            _ = cancel.cancelled() => break,
+            text = rx.recv() => match text {
+                Some(text) => Message::Text(text.into()),
+                None => break,
+            },
+            _ = ping.tick() => Message::Ping(Default::default()),
+        };
+        if let Err(e) = sink.send(message).await {
+            tracing::debug!(error = %e, "Write to node failed");
+            break;
+        }
+    }
+    cancel.cancel();
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: axum::extract::ws::close_code::AWAY,
+            reason: Utf8Bytes::from_static("controller closing session"),
+        })))
+        .await;
+}
+
+/// The next text frame from the node; `None` when the node closed the connection, a read failed, or
+/// nothing arrived for [`IDLE_TIMEOUT`]. Binary frames are skipped.
+pub async fn next_text(stream: &mut SplitStream<WebSocket>) -> Option<Utf8Bytes> {
+    loop {
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+            Ok(frame) => frame,
+            Err(_) => {
+                tracing::warn!(
+                    "Node silent for {} s, ending session",
+                    IDLE_TIMEOUT.as_secs()
+                );
+                return None;
+            }
+        };
+        match frame {
+            Some(Ok(Message::Text(text))) => return Some(text),
+            Some(Ok(Message::Binary(_))) => {
+                tracing::warn!("Ignoring a binary frame from a node");
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(Message::Close(_))) | None => return None,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "Read from node failed");
+                return None;
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! One proxy's WebSocket session (`/ctrl/c/{cluster}/proxy-socket`, plane-api.md §3.5.3).
+//!
+//! Three loops: the socket writer, the reader (route requests, keepalives) and the event forwarder
+//! (`BackendRemoved` for every backend that starts terminating, `TokensRevoked` for revocations).
+//! A route request for a backend that is not ready yet is answered later by a waiter task.
+//!
+//! Unlike Plane (quirks 5, 6, 32): every route request gets an answer — `None` on a store error or after
+//! [`ROUTE_WAIT_TIMEOUT`] — so a proxy never hangs; removal is announced as soon as a backend starts
+//! terminating; and a store error never ends the session.
+
+use crate::api::AppState;
+use crate::node_socket::{self, NodeSender, SessionClosed};
+use axum::extract::ws::WebSocket;
+use futures_util::stream::SplitStream;
+use futures_util::StreamExt;
+use hangar_store::{NodeId, Registration, Store, StoreEvent, TokenLookup};
+use hangar_types::protocol::{ControllerToProxy, NodeHello, ProxyToController, RouteInfo};
+use hangar_types::token::ConnectionToken;
+use hangar_types::{BackendId, ClusterName, ProxyName};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Longest wait for a pending backend to become ready before answering `None` (Plane: 30 min, then
+/// silence). Longer than the drone's readiness timeout, so a backend that starts at all is reported.
+pub const ROUTE_WAIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Runs a proxy session on an upgraded socket until the proxy leaves or the controller shuts down.
+pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket: WebSocket) {
+    let hello = match node_socket::read_hello(&mut socket).await {
+        Ok(hello) => hello,
+        Err(reason) => return node_socket::refuse(socket, reason).await,
+    };
+    let NodeHello::Proxy { name } = hello.node else {
+        let reason = "a drone must connect to the drone socket, not the proxy socket".to_string();
+        return node_socket::refuse(socket, reason).await;
+    };
+    let registered = state
+        .store
+        .register_proxy(&cluster, &name, &state.config.name, &hello.version)
+        .await;
+    let (node, session) = match registered {
+        Ok(Registration::Registered { node, session }) => (node, session),
+        Ok(Registration::Refused { reason }) => return node_socket::refuse(socket, reason).await,
+        Err(e) => {
+            tracing::error!(proxy = %name, error = %e, "Failed to register proxy");
+            let reason = "the controller could not register the proxy; retry later".to_string();
+            return node_socket::refuse(socket, reason).await;
+        }
+    };
+    tracing::info!(proxy = %name, %cluster, node, session, "Proxy connected");
+
+    let events = state.store.events().subscribe();
+    if node_socket::welcome(&mut socket, &state.config.name)
+        .await
+        .is_ok()
+    {
+        let cancel = state.cancel.child_token();
+        let (sink, stream) = socket.split();
+        let (sender, rx) = node_socket::outbound();
+        let proxy = ProxySession {
+            store: state.store.clone(),
+            name: name.clone(),
+            sender,
+            cancel: cancel.clone(),
+            waiters: state.tracker.clone(),
+        };
+        tokio::join!(
+            node_socket::run_socket_writer(sink, rx, cancel.clone()),
+            proxy.run_reader(stream),
+            proxy.run_event_forwarder(events),
+        );
+    }
+    disconnect(state.store.as_ref(), node, session, &name).await;
+}
+
+async fn disconnect(store: &dyn Store, node: NodeId, session: i64, name: &ProxyName) {
+    if let Err(e) = store.node_disconnected(node, session).await {
+        tracing::warn!(proxy = %name, error = %e, "Failed to mark proxy disconnected");
+    }
+    tracing::info!(proxy = %name, "Proxy disconnected");
+}
+
+struct ProxySession {
+    store: Arc<dyn Store>,
+    name: ProxyName,
+    sender: NodeSender<ControllerToProxy>,
+    /// The session's token: every loop and waiter stops when it fires, and any loop that ends fires it.
+    cancel: CancellationToken,
+    /// Where route waiters run (the controller's tracker, so shutdown waits for them).
+    waiters: TaskTracker,
+}
+
+impl ProxySession {
+    async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
+        loop {
+            let text = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                text = node_socket::next_text(&mut stream) => match text {
+                    Some(text) => text,
+                    None => break,
+                },
+            };
+            let message = match serde_json::from_str::<ProxyToController>(text.as_str()) {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(proxy = %self.name, error = %e, "Skipping unparseable frame from proxy");
+                    continue;
+                }
+            };
+            let handled = match message {
+                ProxyToController::RouteRequest { token } => self.route_request(token).await,
+                ProxyToController::KeepAlive { backend } => self.keepalive(backend).await,
+            };
+            if handled.is_err() {
+                break;
+            }
+        }
+        self.cancel.cancel();
+    }
+
+    async fn route_request(&self, token: ConnectionToken) -> Result<(), SessionClosed> {
+        // Subscribe before the lookup: a state change right after it is then not missed by a waiter.
+        let events = self.store.events().subscribe();
+        let route = match self.store.resolve_token(&token).await {
+            Ok(TokenLookup::Ready(route)) => Some(route),
+            Ok(TokenLookup::NotFound) => None,
+            Ok(TokenLookup::Pending { backend }) => {
+                let waiter = RouteWaiter {
+                    store: self.store.clone(),
+                    token,
+                    backend,
+                    events,
+                };
+                let sender = self.sender.clone();
+                let cancel = self.cancel.clone();
+                self.waiters.spawn(waiter.run_route_waiter(sender, cancel));
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::error!(proxy = %self.name, error = %e, "Failed to resolve token");
+                None
+            }
+        };
+        self.sender
+            .send(&ControllerToProxy::RouteResponse { token, route })
+            .await
+    }
+
+    async fn keepalive(&self, backend: BackendId) -> Result<(), SessionClosed> {
+        match self.store.keepalive(&backend).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.sender
+                    .send(&ControllerToProxy::BackendRemoved { backend })
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(proxy = %self.name, %backend, error = %e, "Failed to record keepalive");
+                Ok(())
+            }
+        }
+    }
+
+    /// Tells the proxy to forget backends that start terminating and tokens that are revoked.
+    async fn run_event_forwarder(&self, mut events: broadcast::Receiver<StoreEvent>) {
+        loop {
+            let event = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                event = events.recv() => event,
+            };
+            let message = match event {
+                Ok(StoreEvent::BackendState { backend, state, .. })
+                    if state.status().is_terminating_or_terminated() =>
+                {
+                    ControllerToProxy::BackendRemoved { backend }
+                }
+                Ok(StoreEvent::TokensRevoked { tokens }) => {
+                    ControllerToProxy::TokensRevoked { tokens }
+                }
+                Ok(_) => continue,
+                // Lost notifications cannot be replayed; a proxy whose cached route is stale gets
+                // `BackendRemoved` on its next keepalive for that backend.
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(proxy = %self.name, missed, "Proxy event subscription lagged");
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            };
+            if self.sender.send(&message).await.is_err() {
+                break;
+            }
+        }
+        self.cancel.cancel();
+    }
+}
+
+/// Answers one route request for a backend that was not ready when asked.
+struct RouteWaiter {
+    store: Arc<dyn Store>,
+    token: ConnectionToken,
+    backend: BackendId,
+    /// Subscribed before the first lookup.
+    events: broadcast::Receiver<StoreEvent>,
+}
+
+impl RouteWaiter {
+    async fn run_route_waiter(
+        mut self,
+        sender: NodeSender<ControllerToProxy>,
+        cancel: CancellationToken,
+    ) {
+        let route = tokio::select! {
+            _ = cancel.cancelled() => return,
+            route = tokio::time::timeout(ROUTE_WAIT_TIMEOUT, self.wait_for_route()) => {
+                route.unwrap_or_else(|_| {
+                    tracing::warn!(backend = %self.backend, "Backend not ready in time for a route request");
+                    None
+                })
+            }
+        };
+        let token = self.token;
+        // A failed send means the session is over; nothing to do.
+        let _ = sender
+            .send(&ControllerToProxy::RouteResponse { token, route })
+            .await;
+    }
+
+    /// Re-resolves the token after each state change of the backend until it is ready or gone.
+    async fn wait_for_route(&mut self) -> Option<RouteInfo> {
+        loop {
+            match self.store.resolve_token(&self.token).await {
+                Ok(TokenLookup::Ready(route)) => return Some(route),
+                Ok(TokenLookup::NotFound) => return None,
+                Ok(TokenLookup::Pending { .. }) => {}
+                Err(e) => {
+                    tracing::error!(backend = %self.backend, error = %e, "Failed to resolve token");
+                    return None;
+                }
+            }
+            loop {
+                match self.events.recv().await {
+                    Ok(StoreEvent::BackendState { backend, .. }) if backend == self.backend => {
+                        break
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    }
+}

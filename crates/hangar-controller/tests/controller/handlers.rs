@@ -1,0 +1,649 @@
+//! Handler tests: the router driven with `tower::ServiceExt::oneshot` over an in-memory store.
+
+use crate::support::{timed, CLUSTER};
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use hangar_controller::{router, AppState, ControllerConfig};
+use hangar_store::sqlite::SqliteStore;
+use hangar_store::{DroneRegistration, NodeId, Registration, Store};
+use hangar_types::executable::ExecutorKind;
+use hangar_types::{
+    BackendId, BackendState, BackendStatus, DroneName, Millis, TerminationKind, TerminationReason,
+};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceExt;
+
+struct Api {
+    app: Router,
+    store: Arc<SqliteStore>,
+    config: ControllerConfig,
+}
+
+impl Api {
+    async fn new() -> Api {
+        Self::with_config(ControllerConfig {
+            default_cluster: Some(CLUSTER.parse().unwrap()),
+            controller_url: Some(
+                "https://user:pw@ctl.example.com/some/path?q=1"
+                    .parse()
+                    .unwrap(),
+            ),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn with_config(config: ControllerConfig) -> Api {
+        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let state = AppState::new(
+            config.clone(),
+            store.clone(),
+            "127.0.0.1:8080".parse().unwrap(),
+        )
+        .unwrap();
+        Api {
+            app: router(state),
+            store,
+            config,
+        }
+    }
+
+    /// Registers a drone attached to this controller, with a heartbeat.
+    async fn add_drone(&self) -> (NodeId, DroneName) {
+        let name = DroneName::random();
+        let registration = self
+            .store
+            .register_drone(&DroneRegistration {
+                cluster: CLUSTER.parse().unwrap(),
+                name: name.clone(),
+                pool: String::new(),
+                executors: vec![ExecutorKind::Process],
+                controller: self.config.name.clone(),
+                version: "test".into(),
+            })
+            .await
+            .unwrap();
+        let Registration::Registered { node, .. } = registration else {
+            panic!("drone refused: {registration:?}");
+        };
+        self.store
+            .drone_heartbeat(node, Millis::now())
+            .await
+            .unwrap();
+        (node, name)
+    }
+
+    async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
+        };
+        (status, body)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(Request::get(path).body(Body::empty()).unwrap())
+            .await
+    }
+
+    async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<Body>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::post(path);
+        if let Some(ct) = content_type {
+            request = request.header(header::CONTENT_TYPE, ct);
+        }
+        self.send(request.body(body.into()).unwrap()).await
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.post_raw(path, Some("application/json"), body.to_string())
+            .await
+    }
+
+    async fn connect(&self, body: &Value) -> (StatusCode, Value) {
+        self.post("/ctrl/connect", body).await
+    }
+}
+
+fn spawn_body(key: &str) -> Value {
+    json!({
+        "key": {"name": key},
+        "spawn_config": {"executable": {"command": ["sleep", "100"]}},
+        "user": "alice"
+    })
+}
+
+/// Plane's error shape with the expected kind; returns the message.
+fn assert_error(body: &Value, kind: &str) -> String {
+    assert_eq!(body["kind"], kind, "{body}");
+    assert_eq!(body["id"].as_str().unwrap().len(), 14, "{body}");
+    body["message"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn status_and_health_are_ok() {
+    timed(async {
+        let api = Api::new().await;
+        let (status, body) = api.get("/ctrl/status").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "ok");
+        assert_eq!(body["version"], hangar_types::VERSION);
+        let (status, body) = api.get("/pub/health").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, json!({"status": "ok"}));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connect_spawns_a_backend() {
+    timed(async {
+        let api = Api::new().await;
+        let (_, drone) = api.add_drone().await;
+        let (status, body) = api.connect(&spawn_body("room-1")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["spawned"], true);
+        assert_eq!(body["status"], "scheduled");
+        assert_eq!(body["drone"], drone.as_str());
+        let id = body["backend_id"].as_str().unwrap();
+        let token = body["token"].as_str().unwrap();
+        assert_eq!(body["url"], format!("http://{CLUSTER}/{token}/"));
+        assert_eq!(
+            body["status_url"],
+            format!("https://ctl.example.com/pub/b/{id}/status")
+        );
+        assert_eq!(body["secret_token"].as_str().unwrap().len(), 43);
+        assert!(body["subdomain"].is_null());
+
+        // Same key: the same backend, not spawned, with a fresh token and no drone.
+        let (status, again) = api.connect(&spawn_body("room-1")).await;
+        assert_eq!(status, StatusCode::OK, "{again}");
+        assert_eq!(again["backend_id"], id);
+        assert_eq!(again["spawned"], false);
+        assert!(again["drone"].is_null());
+        assert_ne!(again["token"], body["token"]);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connect_with_static_token_and_subdomain() {
+    timed(async {
+        let api = Api::new().await;
+        api.add_drone().await;
+        let mut request = spawn_body("static");
+        request["spawn_config"]["use_static_token"] = json!(true);
+        request["spawn_config"]["subdomain"] = json!("abc");
+        let (status, body) = api.connect(&request).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let token = body["token"].as_str().unwrap();
+        assert!(token.starts_with("s."));
+        assert!(body["secret_token"].is_null());
+        assert_eq!(body["url"], format!("http://abc.{CLUSTER}/{token}/"));
+        let (_, again) = api.connect(&request).await;
+        assert_eq!(again["token"], token);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connect_tag_mismatch_is_409_key_held() {
+    timed(async {
+        let api = Api::new().await;
+        api.add_drone().await;
+        let (status, _) = api.connect(&spawn_body("tagged")).await;
+        assert_eq!(status, StatusCode::OK);
+        let mut other = spawn_body("tagged");
+        other["key"]["tag"] = json!("v2");
+        let (status, body) = api.connect(&other).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(
+            assert_error(&body, "KeyHeld"),
+            "Lock is held but tag does not match."
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connect_to_a_terminating_backend_is_refused() {
+    timed(async {
+        let api = Api::new().await;
+        api.add_drone().await;
+        let (_, body) = api.connect(&spawn_body("dying")).await;
+        let id: BackendId = body["backend_id"].as_str().unwrap().parse().unwrap();
+        api.store
+            .record_backend_state(
+                &id,
+                &BackendState::Terminating {
+                    last_status: BackendStatus::Scheduled,
+                    termination: TerminationKind::Soft,
+                    reason: TerminationReason::External,
+                },
+            )
+            .await
+            .unwrap();
+        let (status, body) = api.connect(&spawn_body("dying")).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert!(assert_error(&body, "KeyHeld").contains("shutting down"));
+
+        // Once terminated, the key is free again.
+        api.store
+            .record_backend_state(
+                &id,
+                &BackendState::Terminated {
+                    last_status: BackendStatus::Scheduled,
+                    termination: Some(TerminationKind::Soft),
+                    reason: Some(TerminationReason::External),
+                    exit_code: Some(0),
+                    message: None,
+                },
+            )
+            .await
+            .unwrap();
+        let (status, body) = api.connect(&spawn_body("dying")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["spawned"], true);
+        assert_ne!(body["backend_id"], id.as_str());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connect_takes_over_an_expired_key() {
+    timed(async {
+        let api = Api::new().await;
+        let (node, _) = api.add_drone().await;
+        let (_, first) = api.connect(&spawn_body("expiring")).await;
+        api.store.advance_clock(Duration::from_secs(120));
+        api.store
+            .drone_heartbeat(node, Millis::now())
+            .await
+            .unwrap();
+        let (status, second) = api.connect(&spawn_body("expiring")).await;
+        assert_eq!(status, StatusCode::OK, "{second}");
+        assert_eq!(second["spawned"], true);
+        assert_ne!(second["backend_id"], first["backend_id"]);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connect_without_spawn_config_is_409() {
+    timed(async {
+        let api = Api::new().await;
+        let (status, body) = api.connect(&json!({"key": {"name": "nobody"}})).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(
+            assert_error(&body, "KeyUnheldNoSpawnConfig"),
+            "Lock is unheld but no spawn config was provided."
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connect_without_drone_is_503() {
+    timed(async {
+        let api = Api::new().await;
+        let (status, body) = api.connect(&spawn_body("k")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            assert_error(&body, "NoDroneAvailable"),
+            "No active drone available."
+        );
+        // A drone that offers only another executor does not count.
+        api.add_drone().await;
+        let mut docker = spawn_body("k");
+        docker["spawn_config"]["executable"] = json!({"image": "app:1"});
+        let (status, _) = api.connect(&docker).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connect_without_cluster_is_400() {
+    timed(async {
+        let api = Api::with_config(ControllerConfig::default()).await;
+        let (status, body) = api.connect(&spawn_body("k")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_error(&body, "NoClusterProvided");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connect_bad_input_is_a_clear_4xx() {
+    timed(async {
+        let api = Api::new().await;
+        let (status, body) = api
+            .post_raw("/ctrl/connect", Some("application/json"), "{not json")
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(assert_error(&body, "InvalidRequest").contains("Malformed JSON"));
+
+        let (status, body) = api
+            .post_raw("/ctrl/connect", Some("text/plain"), "{}")
+            .await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_error(&body, "InvalidRequest");
+        let (status, _) = api.post_raw("/ctrl/connect", None, "{}").await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+        let (status, body) = api
+            .connect(&json!({"key": {"name": "k"}, "bogus": 1}))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(assert_error(&body, "InvalidRequest").contains("bogus"));
+
+        let (status, body) = api.connect(&json!({"key": {"name": ""}})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_error(&body, "InvalidRequest");
+
+        let (status, body) = api
+            .connect(&json!({"spawn_config": {"executable": {"nothing": true}}}))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(assert_error(&body, "InvalidRequest").contains("image"));
+
+        let mut bad_id = spawn_body("k");
+        bad_id["spawn_config"]["id"] = json!("../etc");
+        let (status, _) = api.connect(&bad_id).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+
+        for (field, value) in [
+            ("subdomain", json!("-bad-")),
+            ("max_idle_seconds", json!(0)),
+            ("lifetime_limit_seconds", json!(-1)),
+            ("cluster", json!("bad host")),
+        ] {
+            let mut body = spawn_body("k");
+            body["spawn_config"][field] = value;
+            let (status, response) = api.connect(&body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{field}: {response}");
+            assert_error(&response, "InvalidRequest");
+        }
+
+        let huge = format!(r#"{{"user": "{}"}}"#, "x".repeat(2 * 1024 * 1024));
+        let (status, body) = api
+            .post_raw("/ctrl/connect", Some("application/json"), huge)
+            .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_error(&body, "InvalidRequest");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn terminate_routes() {
+    timed(async {
+        let api = Api::new().await;
+        for kind in ["soft", "hard"] {
+            let (status, body) = api
+                .post(
+                    &format!("/ctrl/b/nosuchbackend/{kind}-terminate"),
+                    &Value::Null,
+                )
+                .await;
+            assert_eq!(status, StatusCode::NOT_FOUND);
+            assert_eq!(assert_error(&body, "NotFound"), "Backend does not exist");
+        }
+        let (status, body) = api
+            .post("/ctrl/b/Bad%20Id/soft-terminate", &Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_error(&body, "InvalidRequest");
+
+        api.add_drone().await;
+        let (_, connected) = api.connect(&spawn_body("t")).await;
+        let id = connected["backend_id"].as_str().unwrap();
+        // Plane's client posts JSON `null`; no body at all is fine too.
+        let (status, body) = api
+            .post(&format!("/ctrl/b/{id}/hard-terminate"), &Value::Null)
+            .await;
+        assert_eq!((status, body), (StatusCode::OK, Value::Null));
+        let (status, _) = api
+            .send(
+                Request::post(format!("/ctrl/b/{id}/soft-terminate"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn revoke_on_both_paths() {
+    timed(async {
+        let api = Api::new().await;
+        for path in ["/ctrl/b/revoke", "/ctrl/revoke"] {
+            let (status, body) = api
+                .post(path, &json!({"backend_id": "abc", "user": "alice"}))
+                .await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body, json!("Token revoked successfully"));
+        }
+        let (status, _) = api
+            .post("/ctrl/b/revoke", &json!({"backend_id": "abc"}))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn drain_and_cluster_state() {
+    timed(async {
+        let api = Api::new().await;
+        let (_, drone) = api.add_drone().await;
+        let (status, state) = api.get(&format!("/ctrl/c/{CLUSTER}/state")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(state["drones"][0]["node"]["name"]["Drone"], drone.as_str());
+        assert_eq!(state["drones"][0]["draining"], false);
+
+        let path = format!("/ctrl/c/{CLUSTER}/d/{drone}/drain");
+        assert_eq!(
+            api.post(&path, &Value::Null).await.1,
+            json!({"updated": true})
+        );
+        assert_eq!(
+            api.post(&path, &Value::Null).await.1,
+            json!({"updated": false})
+        );
+        // A draining drone takes no new backends.
+        assert_eq!(
+            api.connect(&spawn_body("d")).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+
+        let (status, body) = api
+            .post(
+                &format!("/ctrl/c/{CLUSTER}/d/dr-unknown/drain"),
+                &Value::Null,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(assert_error(&body, "NotFound"), "Drone does not exist");
+        let (status, body) = api
+            .post(
+                &format!("/ctrl/c/{CLUSTER}/d/px-notadrone/drain"),
+                &Value::Null,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_error(&body, "InvalidRequest");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn invalid_cluster_paths_are_400() {
+    timed(async {
+        let api = Api::new().await;
+        for path in [
+            "/ctrl/c/bad%20host/state",
+            "/ctrl/c/host:notaport/d/dr-abc/drain",
+            "/ctrl/c/bad%20host/drone-socket",
+            "/ctrl/c/bad%20host/proxy-socket",
+        ] {
+            let method = if path.ends_with("drain") {
+                Method::POST
+            } else {
+                Method::GET
+            };
+            let (status, body) = api
+                .send(
+                    Request::builder()
+                        .method(method)
+                        .uri(path)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+            assert_eq!(
+                assert_error(&body, "InvalidClusterName"),
+                "Invalid cluster name"
+            );
+        }
+        // A valid cluster but no WebSocket upgrade: still a Plane-shaped 4xx.
+        let (status, body) = api.get(&format!("/ctrl/c/{CLUSTER}/drone-socket")).await;
+        assert!(status.is_client_error());
+        assert_error(&body, "InvalidRequest");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn public_status() {
+    timed(async {
+        let api = Api::new().await;
+        let (status, body) = api.get("/pub/b/nosuchbackend/status").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(assert_error(&body, "NotFound"), "Backend does not exist");
+
+        api.add_drone().await;
+        let (_, connected) = api.connect(&spawn_body("s")).await;
+        let id = connected["backend_id"].as_str().unwrap();
+        let (status, body) = api.get(&format!("/pub/b/{id}/status")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "scheduled");
+        assert!(body["time"].as_i64().unwrap() > 0);
+        assert!(body.get("termination_reason").is_none());
+        assert!(body.get("exit_error").is_none());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn status_stream_of_unknown_backend_is_an_open_event_stream() {
+    timed(async {
+        let api = Api::new().await;
+        let response = api
+            .app
+            .clone()
+            .oneshot(
+                Request::get("/pub/b/nosuchbackend/status-stream")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-cache");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn pub_has_cors_and_ctrl_does_not() {
+    timed(async {
+        let api = Api::new().await;
+        let preflight = |path: &str| {
+            Request::builder()
+                .method(Method::OPTIONS)
+                .uri(path)
+                .header(header::ORIGIN, "https://app.example.com")
+                .header(header::ACCESS_CONTROL_REQUEST_METHOD, "GET")
+                .body(Body::empty())
+                .unwrap()
+        };
+        let response = api
+            .app
+            .clone()
+            .oneshot(preflight("/pub/health"))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        let response = api
+            .app
+            .clone()
+            .oneshot(preflight("/ctrl/status"))
+            .await
+            .unwrap();
+        assert!(response
+            .headers()
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .is_none());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bearer_token_guards_ctrl_only() {
+    timed(async {
+        let api = Api::with_config(ControllerConfig {
+            bearer_token: Some("s3cret".into()),
+            ..Default::default()
+        })
+        .await;
+        let (status, body) = api.get("/ctrl/status").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_error(&body, "Unauthorized");
+        let wrong = Request::get("/ctrl/status")
+            .header(header::AUTHORIZATION, "Bearer nope")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(api.send(wrong).await.0, StatusCode::UNAUTHORIZED);
+        let right = Request::get("/ctrl/status")
+            .header(header::AUTHORIZATION, "Bearer s3cret")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(api.send(right).await.0, StatusCode::OK);
+        let (status, _) = api.get(&format!("/ctrl/c/{CLUSTER}/drone-socket")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(api.get("/pub/health").await.0, StatusCode::OK);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn unknown_route_is_a_plane_shaped_404() {
+    timed(async {
+        let api = Api::new().await;
+        let (status, body) = api.get("/ctrl/nope").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_error(&body, "NotFound");
+    })
+    .await
+}

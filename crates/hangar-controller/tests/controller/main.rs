@@ -1,0 +1,11 @@
+//! Controller tests: handler tests on the router (`handlers`), and integration tests against a running
+//! controller with fake drones and proxies over real WebSockets.
+
+// Tests may unwrap (the workspace lint only exempts `#[test]` functions, not test helpers).
+#![allow(clippy::unwrap_used)]
+
+mod drone_sessions;
+mod handlers;
+mod proxy_sessions;
+mod status_stream;
+mod support;

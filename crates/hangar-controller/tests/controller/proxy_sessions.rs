@@ -1,0 +1,207 @@
+//! Proxy sessions over real WebSockets: route requests (ready, pending, unknown), removal notices,
+//! keepalives and revocations.
+
+use crate::support::*;
+use hangar_types::protocol::{ControllerToProxy, ProxyToController, RouteInfo};
+use hangar_types::token::ConnectionToken;
+use hangar_types::{BackendId, BackendState, BackendStatus, TerminationKind, TerminationReason};
+use serde_json::json;
+
+/// Asks for a route and returns the answer.
+async fn route(proxy: &mut FakeProxy, token: &ConnectionToken) -> Option<RouteInfo> {
+    proxy
+        .send(&ProxyToController::RouteRequest {
+            token: token.clone(),
+        })
+        .await;
+    wait_route(proxy, token).await
+}
+
+async fn wait_route(proxy: &mut FakeProxy, token: &ConnectionToken) -> Option<RouteInfo> {
+    proxy
+        .expect(|m| match m {
+            ControllerToProxy::RouteResponse { token: t, route } if t == token => {
+                Some(route.clone())
+            }
+            _ => None,
+        })
+        .await
+}
+
+async fn expect_removed(proxy: &mut FakeProxy, backend: &BackendId) {
+    proxy
+        .expect(|m| {
+            matches!(m, ControllerToProxy::BackendRemoved { backend: b } if b == backend)
+                .then_some(())
+        })
+        .await
+}
+
+#[tokio::test]
+async fn unknown_token_gets_no_route() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let mut proxy = FakeProxy::connect(&ctl).await;
+        let token = ConnectionToken::from_path_segment("nope");
+        assert_eq!(route(&mut proxy, &token).await, None);
+        // Garbage does not end the session.
+        proxy.ws.send_raw("{]").await;
+        assert_eq!(route(&mut proxy, &token).await, None);
+        ctl.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn pending_route_is_answered_when_the_backend_is_ready() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let mut drone = FakeDrone::connect(&ctl).await;
+        let mut proxy = FakeProxy::connect(&ctl).await;
+        let connected = ctl.connect(&connect_body(Some("p"))).await;
+        proxy
+            .send(&ProxyToController::RouteRequest {
+                token: connected.token.clone(),
+            })
+            .await;
+        // Requests are handled in order: once this answer arrives, the first request is waiting.
+        assert_eq!(
+            route(&mut proxy, &ConnectionToken::from_path_segment("other")).await,
+            None
+        );
+        assert!(
+            proxy.seen.is_empty(),
+            "answered too early: {:?}",
+            proxy.seen
+        );
+
+        drone.make_ready(&connected.backend_id).await;
+        let info = wait_route(&mut proxy, &connected.token)
+            .await
+            .expect("a route once ready");
+        assert_eq!(info.backend_id, connected.backend_id);
+        assert_eq!(info.address, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(info.user.as_deref(), Some("alice"));
+        assert_eq!(info.secret_token, connected.secret_token.clone().unwrap());
+        assert_eq!(info.user_data.unwrap()["role"], "tester");
+
+        // Ready now: answered at once.
+        assert!(route(&mut proxy, &connected.token).await.is_some());
+        ctl.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn pending_route_gets_none_when_the_backend_terminates() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let mut drone = FakeDrone::connect(&ctl).await;
+        let mut proxy = FakeProxy::connect(&ctl).await;
+        let connected = ctl.connect(&connect_body(Some("dies"))).await;
+        proxy
+            .send(&ProxyToController::RouteRequest {
+                token: connected.token.clone(),
+            })
+            .await;
+        assert_eq!(
+            route(&mut proxy, &ConnectionToken::from_path_segment("other")).await,
+            None
+        );
+        drone
+            .report(
+                1,
+                &connected.backend_id,
+                BackendState::Terminated {
+                    last_status: BackendStatus::Scheduled,
+                    termination: None,
+                    reason: Some(TerminationReason::InternalError),
+                    exit_code: None,
+                    message: Some("could not start".into()),
+                },
+            )
+            .await;
+        assert_eq!(wait_route(&mut proxy, &connected.token).await, None);
+        ctl.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn terminating_backend_is_removed_from_proxies() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let mut drone = FakeDrone::connect(&ctl).await;
+        let mut proxy = FakeProxy::connect(&ctl).await;
+        let connected = ctl.connect(&connect_body(Some("rm"))).await;
+        drone.make_ready(&connected.backend_id).await;
+        assert!(route(&mut proxy, &connected.token).await.is_some());
+
+        drone
+            .report(
+                2,
+                &connected.backend_id,
+                BackendState::Terminating {
+                    last_status: BackendStatus::Ready,
+                    termination: TerminationKind::Soft,
+                    reason: TerminationReason::External,
+                },
+            )
+            .await;
+        expect_removed(&mut proxy, &connected.backend_id).await;
+        assert_eq!(route(&mut proxy, &connected.token).await, None);
+
+        drone
+            .report(
+                3,
+                &connected.backend_id,
+                BackendState::Terminated {
+                    last_status: BackendStatus::Ready,
+                    termination: Some(TerminationKind::Soft),
+                    reason: Some(TerminationReason::External),
+                    exit_code: Some(0),
+                    message: None,
+                },
+            )
+            .await;
+        expect_removed(&mut proxy, &connected.backend_id).await;
+
+        // A keepalive for a gone backend is answered with a removal too.
+        proxy.seen.clear();
+        proxy
+            .send(&ProxyToController::KeepAlive {
+                backend: connected.backend_id.clone(),
+            })
+            .await;
+        expect_removed(&mut proxy, &connected.backend_id).await;
+        ctl.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn revoke_pushes_tokens_revoked_to_proxies() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let _drone = FakeDrone::connect(&ctl).await;
+        let mut proxy = FakeProxy::connect(&ctl).await;
+        let connected = ctl.connect(&connect_body(Some("rev"))).await;
+        let response = ctl
+            .post(
+                "/ctrl/revoke",
+                &json!({"backend_id": connected.backend_id, "user": "alice"}),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        let tokens = proxy
+            .expect(|m| match m {
+                ControllerToProxy::TokensRevoked { tokens } => Some(tokens.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(tokens, vec![connected.token.clone()]);
+        assert_eq!(route(&mut proxy, &connected.token).await, None);
+        ctl.shutdown().await;
+    })
+    .await
+}

@@ -1,0 +1,377 @@
+//! Test harness: a controller on 127.0.0.1:0 over an in-memory SQLite store, fake drones and proxies
+//! speaking the real protocol over real WebSockets, and polling helpers (no sleeps).
+
+use futures_util::{SinkExt, StreamExt};
+use hangar_controller::{ControllerConfig, ControllerHandle};
+use hangar_store::sqlite::SqliteStore;
+use hangar_types::api::ConnectResponse;
+use hangar_types::executable::ExecutorKind;
+use hangar_types::protocol::{
+    ActionMessage, BackendAction, ControllerToDrone, ControllerToProxy, DroneToController, Hello,
+    HelloResponse, NodeHello, ProxyToController,
+};
+use hangar_types::{BackendId, BackendState, DroneName, Millis, ProxyName, PROTOCOL_VERSION};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const CLUSTER: &str = "localhost:9090";
+/// Every test body runs under this timeout.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(40);
+/// Longest wait for one expected message or condition.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Runs a test body with [`TEST_TIMEOUT`].
+pub async fn timed<F: Future<Output = ()>>(body: F) {
+    tokio::time::timeout(TEST_TIMEOUT, body)
+        .await
+        .expect("test timed out");
+}
+
+/// Polls `check` until it returns `Some`, failing after [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct TestController {
+    pub handle: Option<ControllerHandle>,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub ws_base: String,
+    pub bearer: Option<String>,
+}
+
+impl TestController {
+    pub async fn start() -> TestController {
+        Self::start_with(ControllerConfig {
+            default_cluster: Some(CLUSTER.parse().unwrap()),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(config: ControllerConfig) -> TestController {
+        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bearer = config.bearer_token.clone();
+        let handle = hangar_controller::start(config, store.clone(), listener)
+            .await
+            .unwrap();
+        let addr = handle.local_addr();
+        TestController {
+            handle: Some(handle),
+            http: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+            ws_base: format!("ws://{addr}"),
+            bearer,
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.shutdown().await;
+        }
+    }
+
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.bearer {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.authorized(self.http.post(format!("{}{path}", self.base)))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.authorized(self.http.get(format!("{}{path}", self.base)))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /ctrl/connect`, expecting 200.
+    pub async fn connect(&self, body: &Value) -> ConnectResponse {
+        let response = self.post("/ctrl/connect", body).await;
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 200, "connect failed: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub async fn status(&self, backend: &BackendId) -> Value {
+        let response = self.get(&format!("/pub/b/{backend}/status")).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    pub async fn ws_connect(&self, path: &str) -> Ws {
+        let mut request = format!("{}{path}", self.ws_base)
+            .into_client_request()
+            .unwrap();
+        if let Some(token) = &self.bearer {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        Ws(ws)
+    }
+}
+
+/// A connect body for a process backend with `key` (no key when `None`).
+pub fn connect_body(key: Option<&str>) -> Value {
+    let mut body = json!({
+        "spawn_config": {"executable": {"command": ["sleep", "100"]}},
+        "user": "alice",
+        "auth": {"role": "tester"}
+    });
+    if let Some(key) = key {
+        body["key"] = json!({"name": key});
+    }
+    body
+}
+
+pub struct Ws(pub WebSocketStream<MaybeTlsStream<TcpStream>>);
+
+impl Ws {
+    pub async fn send<T: Serialize>(&mut self, msg: &T) {
+        let text = serde_json::to_string(msg).unwrap();
+        self.0.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.0.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    /// The next JSON text frame, or `None` when the socket closed. Fails after [`WAIT`].
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Option<T> {
+        let next = async {
+            loop {
+                match self.0.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        return Some(serde_json::from_str(text.as_str()).unwrap())
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                    Some(Ok(_)) => continue,
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, next)
+            .await
+            .expect("timed out waiting for a frame")
+    }
+
+    /// Reads frames until one maps to `Some` through `pick`; other frames go to `skipped`.
+    pub async fn recv_until<T: DeserializeOwned, R>(
+        &mut self,
+        skipped: &mut Vec<T>,
+        mut pick: impl FnMut(&T) -> Option<R>,
+    ) -> R {
+        loop {
+            let msg: T = self.recv().await.expect("socket closed while waiting");
+            if let Some(r) = pick(&msg) {
+                return r;
+            }
+            skipped.push(msg);
+        }
+    }
+
+    pub async fn hello(&mut self, node: NodeHello) -> HelloResponse {
+        self.send(&Hello {
+            protocol: PROTOCOL_VERSION,
+            version: "test".into(),
+            node,
+        })
+        .await;
+        self.recv().await.expect("no hello response")
+    }
+}
+
+pub struct FakeDrone {
+    pub name: DroneName,
+    pub ws: Ws,
+    /// Frames received while waiting for something else.
+    pub seen: Vec<ControllerToDrone>,
+}
+
+impl FakeDrone {
+    /// Connects, completes the handshake, sends a heartbeat and waits until the drone is schedulable.
+    pub async fn connect(ctl: &TestController) -> FakeDrone {
+        Self::connect_as(ctl, DroneName::random()).await
+    }
+
+    pub async fn connect_as(ctl: &TestController, name: DroneName) -> FakeDrone {
+        let mut ws = ctl
+            .ws_connect(&format!("/ctrl/c/{CLUSTER}/drone-socket"))
+            .await;
+        let answer = ws
+            .hello(NodeHello::Drone {
+                name: name.clone(),
+                pool: String::new(),
+                executors: vec![ExecutorKind::Process],
+            })
+            .await;
+        assert!(
+            matches!(answer, HelloResponse::Welcome { .. }),
+            "{answer:?}"
+        );
+        let mut drone = FakeDrone {
+            name,
+            ws,
+            seen: Vec::new(),
+        };
+        drone
+            .send(&DroneToController::Heartbeat {
+                local_time: Millis::now(),
+            })
+            .await;
+        let name = drone.name.clone();
+        eventually("drone heartbeat recorded", || async {
+            let state: Value = ctl
+                .get(&format!("/ctrl/c/{CLUSTER}/state"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            state["drones"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| {
+                    d["node"]["name"]["Drone"] == name.as_str()
+                        && !d["last_heartbeat_age"].is_null()
+                })
+                .then_some(())
+        })
+        .await;
+        drone
+    }
+
+    pub async fn send(&mut self, msg: &DroneToController) {
+        self.ws.send(msg).await;
+    }
+
+    /// Waits for an action for `backend` matching `pick`.
+    pub async fn expect_action(
+        &mut self,
+        backend: &BackendId,
+        pick: impl Fn(&BackendAction) -> bool,
+    ) -> ActionMessage {
+        let mut seen = std::mem::take(&mut self.seen);
+        let action = self
+            .ws
+            .recv_until(&mut seen, |m: &ControllerToDrone| match m {
+                ControllerToDrone::Action(a) if &a.backend_id == backend && pick(&a.action) => {
+                    Some(a.clone())
+                }
+                _ => None,
+            })
+            .await;
+        self.seen = seen;
+        action
+    }
+
+    pub async fn expect_spawn(&mut self, backend: &BackendId) -> ActionMessage {
+        self.expect_action(backend, |a| matches!(a, BackendAction::Spawn { .. }))
+            .await
+    }
+
+    /// Reports `state` and waits for the controller's ack.
+    pub async fn report(&mut self, event_id: i64, backend: &BackendId, state: BackendState) {
+        self.send(&DroneToController::BackendEvent {
+            event_id,
+            backend_id: backend.clone(),
+            state,
+            timestamp: Millis::now(),
+        })
+        .await;
+        let mut seen = std::mem::take(&mut self.seen);
+        self.ws
+            .recv_until(&mut seen, |m: &ControllerToDrone| {
+                matches!(m, ControllerToDrone::AckEvent { event_id: id } if *id == event_id)
+                    .then_some(())
+            })
+            .await;
+        self.seen = seen;
+    }
+
+    /// Drives a backend from `scheduled` to `ready` (acking its spawn).
+    pub async fn make_ready(&mut self, backend: &BackendId) {
+        let spawn = self.expect_spawn(backend).await;
+        self.send(&DroneToController::AckAction {
+            action_id: spawn.action_id,
+        })
+        .await;
+        let address = "127.0.0.1:4000".parse().unwrap();
+        self.report(1001, backend, BackendState::Loading).await;
+        self.report(1002, backend, BackendState::Starting).await;
+        self.report(1003, backend, BackendState::Waiting { address })
+            .await;
+        self.report(1004, backend, BackendState::Ready { address })
+            .await;
+    }
+}
+
+pub struct FakeProxy {
+    pub ws: Ws,
+    pub seen: Vec<ControllerToProxy>,
+}
+
+impl FakeProxy {
+    pub async fn connect(ctl: &TestController) -> FakeProxy {
+        let mut ws = ctl
+            .ws_connect(&format!("/ctrl/c/{CLUSTER}/proxy-socket"))
+            .await;
+        let answer = ws
+            .hello(NodeHello::Proxy {
+                name: ProxyName::random(),
+            })
+            .await;
+        assert!(
+            matches!(answer, HelloResponse::Welcome { .. }),
+            "{answer:?}"
+        );
+        FakeProxy {
+            ws,
+            seen: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, msg: &ProxyToController) {
+        self.ws.send(msg).await;
+    }
+
+    pub async fn expect<R>(&mut self, pick: impl FnMut(&ControllerToProxy) -> Option<R>) -> R {
+        let mut seen = std::mem::take(&mut self.seen);
+        let r = self.ws.recv_until(&mut seen, pick).await;
+        self.seen = seen;
+        r
+    }
+}
