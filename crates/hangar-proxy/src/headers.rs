@@ -1,0 +1,318 @@
+//! Header rules of the proxy: host/subdomain matching against a route's cluster, the `x-verified-*`
+//! and `x-forwarded-*` headers sent to backends, and the general headers (server, CORS, backend id)
+//! put on every response. Pure functions over `HeaderMap`s; no IO.
+
+use hangar_types::protocol::RouteInfo;
+use hangar_types::BackendId;
+use http::header::{
+    ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
+    CONNECTION, SERVER,
+};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
+
+pub(crate) const VERIFIED_PREFIX: &str = "x-verified-";
+pub(crate) const X_VERIFIED_USERNAME: HeaderName = HeaderName::from_static("x-verified-username");
+pub(crate) const X_VERIFIED_USER_DATA: HeaderName = HeaderName::from_static("x-verified-user-data");
+pub(crate) const X_VERIFIED_PATH: HeaderName = HeaderName::from_static("x-verified-path");
+pub(crate) const X_VERIFIED_BACKEND: HeaderName = HeaderName::from_static("x-verified-backend");
+pub(crate) const X_VERIFIED_SECRET: HeaderName = HeaderName::from_static("x-verified-secret");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// Plane's name, kept so Plane's client code keeps working.
+pub const X_PLANE_BACKEND_ID: HeaderName = HeaderName::from_static("x-plane-backend-id");
+pub const X_HANGAR_BACKEND_ID: HeaderName = HeaderName::from_static("x-hangar-backend-id");
+
+/// Value of the `server` header on every response: `Hangar/<version>`.
+pub fn server_header_value() -> HeaderValue {
+    // The version comes from Cargo.toml and is plain ASCII; fall back rather than panic.
+    HeaderValue::from_str(&format!("Hangar/{}", hangar_types::VERSION))
+        .unwrap_or(HeaderValue::from_static("Hangar"))
+}
+
+/// Whether the request asks for a protocol upgrade: its `Connection` header (possibly repeated)
+/// contains the token `upgrade`, compared case-insensitively (Firefox sends `keep-alive, Upgrade`).
+pub(crate) fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Why a request's host does not fit its route.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HostMismatch {
+    #[error("the host does not belong to the backend's cluster")]
+    NotInCluster,
+    #[error("the host's subdomain does not match the backend's subdomain")]
+    WrongSubdomain,
+}
+
+/// The subdomain of `host` below `cluster` (`None` when the host is the cluster itself). A trailing
+/// `:443` is ignored on both sides, since clients sometimes send it for HTTPS. Comparison is
+/// case-insensitive; the returned subdomain is lowercase.
+pub(crate) fn subdomain_of(host: &str, cluster: &str) -> Result<Option<String>, HostMismatch> {
+    let host = host.to_ascii_lowercase();
+    let cluster = cluster.to_ascii_lowercase();
+    let host = host.strip_suffix(":443").unwrap_or(&host);
+    let cluster = cluster.strip_suffix(":443").unwrap_or(&cluster);
+    let prefix = host
+        .strip_suffix(cluster)
+        .ok_or(HostMismatch::NotInCluster)?;
+    if prefix.is_empty() {
+        return Ok(None);
+    }
+    match prefix.strip_suffix('.') {
+        Some(sub) if !sub.is_empty() => Ok(Some(sub.to_string())),
+        _ => Err(HostMismatch::NotInCluster),
+    }
+}
+
+/// Checks `host` against the route (§7.5): the host must be the route's cluster or a subdomain of it;
+/// a route with a subdomain accepts only exactly that subdomain.
+pub(crate) fn check_host(host: &str, route: &RouteInfo) -> Result<(), HostMismatch> {
+    let sub = subdomain_of(host, route.cluster.as_str())?;
+    match (&route.subdomain, sub) {
+        (None, _) => Ok(()),
+        (Some(want), Some(got)) if want.eq_ignore_ascii_case(&got) => Ok(()),
+        (Some(_), _) => Err(HostMismatch::WrongSubdomain),
+    }
+}
+
+/// The route holds a user name that cannot be sent as a header value (control characters).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the token's user name cannot be sent as a header value")]
+pub(crate) struct InvalidUserHeader;
+
+/// Rewrites request headers for the backend: removes every incoming `x-verified-*` header, then sets
+/// the verified headers from the route and the `x-forwarded-*` headers (overwriting incoming values).
+/// Every other header passes through unchanged.
+pub(crate) fn set_backend_request_headers(
+    headers: &mut HeaderMap,
+    route: &RouteInfo,
+    original_path: &str,
+    peer: IpAddr,
+) -> Result<(), InvalidUserHeader> {
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with(VERIFIED_PREFIX))
+        .cloned()
+        .collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
+    if let Some(user) = &route.user {
+        let value = HeaderValue::from_bytes(user.as_bytes()).map_err(|_| InvalidUserHeader)?;
+        headers.insert(X_VERIFIED_USERNAME, value);
+    }
+    if let Some(data) = &route.user_data {
+        // Compact JSON escapes control characters, so this is always a valid header value.
+        let json = serde_json::Value::Object(data.clone()).to_string();
+        let value = HeaderValue::from_bytes(json.as_bytes()).map_err(|_| InvalidUserHeader)?;
+        headers.insert(X_VERIFIED_USER_DATA, value);
+    }
+    // The path comes from a parsed URI, so it only holds valid header characters; be safe anyway.
+    if let Ok(value) = HeaderValue::from_str(original_path) {
+        headers.insert(X_VERIFIED_PATH, value);
+    }
+    headers.insert(X_VERIFIED_BACKEND, backend_id_value(&route.backend_id));
+    let secret =
+        HeaderValue::from_str(route.secret_token.as_str()).unwrap_or(HeaderValue::from_static(""));
+    headers.insert(X_VERIFIED_SECRET, secret);
+    headers.insert(X_FORWARDED_FOR, ip_value(peer));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    Ok(())
+}
+
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+fn backend_id_value(backend: &BackendId) -> HeaderValue {
+    // Backend ids are validated to `[a-z0-9-]`.
+    HeaderValue::from_str(backend.as_str()).unwrap_or(HeaderValue::from_static("invalid"))
+}
+
+/// Marks a response as coming from (or on behalf of) `backend`.
+pub(crate) fn set_backend_id(headers: &mut HeaderMap, backend: &BackendId) {
+    let value = backend_id_value(backend);
+    headers.insert(X_PLANE_BACKEND_ID, value.clone());
+    headers.insert(X_HANGAR_BACKEND_ID, value);
+}
+
+/// Headers on every response the proxy returns: `server` (overwriting the backend's) and permissive
+/// CORS defaults unless the backend set any of the three CORS headers itself.
+pub(crate) fn apply_general_headers(headers: &mut HeaderMap, server: &HeaderValue) {
+    headers.insert(SERVER, server.clone());
+    let backend_set_cors = [
+        ACCESS_CONTROL_ALLOW_ORIGIN,
+        ACCESS_CONTROL_ALLOW_METHODS,
+        ACCESS_CONTROL_ALLOW_HEADERS,
+    ]
+    .iter()
+    .any(|name| headers.contains_key(name));
+    if !backend_set_cors {
+        headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+        headers.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("*"));
+        headers.insert(
+            ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("*, Authorization"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hangar_types::token::SecretToken;
+
+    fn route(subdomain: Option<&str>) -> RouteInfo {
+        RouteInfo {
+            backend_id: "b1".parse().unwrap(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            secret_token: SecretToken::new("sek".into()),
+            cluster: "myhost:8080".parse().unwrap(),
+            user: Some("alice".into()),
+            user_data: Some(serde_json::from_str(r#"{"access":"readonly"}"#).unwrap()),
+            subdomain: subdomain.map(String::from),
+        }
+    }
+
+    #[test]
+    fn subdomain_examples_from_plane() {
+        assert_eq!(
+            subdomain_of("foobar.myhost:8080", "myhost:8080"),
+            Ok(Some("foobar".into()))
+        );
+        assert_eq!(
+            subdomain_of("foobar.myhost", "myhost:8080"),
+            Err(HostMismatch::NotInCluster)
+        );
+        assert_eq!(
+            subdomain_of("foobar.myhost:8080", "myhost"),
+            Err(HostMismatch::NotInCluster)
+        );
+        assert_eq!(
+            subdomain_of("foobar.myhost:443", "myhost"),
+            Ok(Some("foobar".into()))
+        );
+    }
+
+    #[test]
+    fn subdomain_edge_cases() {
+        assert_eq!(subdomain_of("myhost:8080", "myhost:8080"), Ok(None));
+        assert_eq!(subdomain_of("MyHost:8080", "myhost:8080"), Ok(None));
+        assert_eq!(subdomain_of("myhost:443", "myhost"), Ok(None));
+        assert_eq!(subdomain_of("myhost", "myhost:443"), Ok(None));
+        assert_eq!(
+            subdomain_of("a.b.example.com", "example.com"),
+            Ok(Some("a.b".into()))
+        );
+        assert_eq!(
+            subdomain_of("foobarexample.com", "example.com"),
+            Err(HostMismatch::NotInCluster)
+        );
+        assert_eq!(
+            subdomain_of(".example.com", "example.com"),
+            Err(HostMismatch::NotInCluster)
+        );
+        assert_eq!(
+            subdomain_of("example.org", "example.com"),
+            Err(HostMismatch::NotInCluster)
+        );
+    }
+
+    #[test]
+    fn host_checks_against_route() {
+        assert_eq!(check_host("myhost:8080", &route(None)), Ok(()));
+        assert_eq!(check_host("any.myhost:8080", &route(None)), Ok(()));
+        assert_eq!(check_host("sub.myhost:8080", &route(Some("sub"))), Ok(()));
+        assert_eq!(
+            check_host("other.myhost:8080", &route(Some("sub"))),
+            Err(HostMismatch::WrongSubdomain)
+        );
+        assert_eq!(
+            check_host("myhost:8080", &route(Some("sub"))),
+            Err(HostMismatch::WrongSubdomain)
+        );
+        assert_eq!(
+            check_host("elsewhere:8080", &route(None)),
+            Err(HostMismatch::NotInCluster)
+        );
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        let mut h = HeaderMap::new();
+        assert!(!is_upgrade_request(&h));
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert!(!is_upgrade_request(&h));
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(is_upgrade_request(&h));
+        h.insert(CONNECTION, HeaderValue::from_static("UPGRADE"));
+        assert!(is_upgrade_request(&h));
+        h.insert(CONNECTION, HeaderValue::from_static("upgrade-insecure"));
+        assert!(!is_upgrade_request(&h));
+        h.append(CONNECTION, HeaderValue::from_static("upgrade"));
+        assert!(is_upgrade_request(&h));
+    }
+
+    #[test]
+    fn backend_request_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-verified-blah", HeaderValue::from_static("spoofed"));
+        h.insert("x-verified-username", HeaderValue::from_static("mallory"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("cookie", HeaderValue::from_static("a=b"));
+        set_backend_request_headers(&mut h, &route(None), "/tok/x", "10.1.2.3".parse().unwrap())
+            .unwrap();
+        assert!(h.get("x-verified-blah").is_none());
+        assert_eq!(h["x-verified-username"], "alice");
+        assert_eq!(h["x-verified-user-data"], r#"{"access":"readonly"}"#);
+        assert_eq!(h["x-verified-path"], "/tok/x");
+        assert_eq!(h["x-verified-backend"], "b1");
+        assert_eq!(h["x-verified-secret"], "sek");
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["cookie"], "a=b");
+        assert_eq!(h.get_all("x-verified-username").iter().count(), 1);
+
+        let mut r = route(None);
+        r.user = Some("bad\nname".into());
+        assert_eq!(
+            set_backend_request_headers(&mut h, &r, "/", "::1".parse().unwrap()),
+            Err(InvalidUserHeader)
+        );
+        let mut r = route(None);
+        r.user = None;
+        r.user_data = None;
+        let mut h = HeaderMap::new();
+        set_backend_request_headers(&mut h, &r, "/", "::1".parse().unwrap()).unwrap();
+        assert!(h.get("x-verified-username").is_none());
+        assert!(h.get("x-verified-user-data").is_none());
+    }
+
+    #[test]
+    fn general_headers() {
+        let server = server_header_value();
+        let mut h = HeaderMap::new();
+        h.insert(SERVER, HeaderValue::from_static("nginx"));
+        apply_general_headers(&mut h, &server);
+        assert!(h[SERVER].to_str().unwrap().starts_with("Hangar/"));
+        assert_eq!(h[ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        assert_eq!(h[ACCESS_CONTROL_ALLOW_METHODS], "*");
+        assert_eq!(h[ACCESS_CONTROL_ALLOW_HEADERS], "*, Authorization");
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET"),
+        );
+        apply_general_headers(&mut h, &server);
+        assert_eq!(h[ACCESS_CONTROL_ALLOW_METHODS], "GET");
+        assert!(h.get(ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+        assert!(h.get(ACCESS_CONTROL_ALLOW_HEADERS).is_none());
+    }
+}

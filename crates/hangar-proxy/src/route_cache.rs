@@ -1,0 +1,485 @@
+//! Token → route cache with coalesced lookups.
+//!
+//! Owns: the cached routes (bounded, least-recently-used entries evicted first), short-lived negative
+//! entries, and the set of *pending* lookups — tokens some request is waiting for. Concurrent misses
+//! for one token share one pending entry and therefore one `RouteRequest`. The session's writer asks
+//! [`RouteCache::take_unsent`] for the tokens it has not yet requested on the current controller
+//! connection, so after a reconnect every outstanding lookup is requested again.
+//!
+//! Invariant: a pending entry exists only while someone waits for it (the last waiter to leave removes
+//! it), so abandoned lookups are not re-sent forever. Must not: do IO or block; the lock is never held
+//! across an await.
+
+use hangar_types::protocol::RouteInfo;
+use hangar_types::token::ConnectionToken;
+use hangar_types::BackendId;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+/// Most cached tokens (routes and negative entries together); beyond it the least recently used
+/// tenth is evicted.
+pub(crate) const ROUTE_CACHE_CAPACITY: usize = 10_000;
+/// How long a negative answer ("no route") is remembered. Short, because it only shields the
+/// controller from floods of requests for a dead token.
+pub(crate) const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
+/// The outcome of a lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    Found(Arc<RouteInfo>),
+    Gone(GoneReason),
+}
+
+/// Why a token has no route (shown to the client in the 410 body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GoneReason {
+    /// The controller does not know the token or its backend is terminating/terminated.
+    Unknown,
+    /// The controller told us the token's backend is gone.
+    BackendRemoved,
+    /// The controller told us the token was revoked.
+    Revoked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum LookupError {
+    #[error("no route arrived within the wait timeout")]
+    TimedOut,
+    #[error("the route cache is shutting down")]
+    Abandoned,
+}
+
+enum Entry {
+    Found {
+        route: Arc<RouteInfo>,
+        last_used: u64,
+    },
+    Gone {
+        reason: GoneReason,
+        until: Instant,
+    },
+}
+
+struct Pending {
+    tx: watch::Sender<Option<Route>>,
+    /// The controller connection (generation) on which the request was last sent.
+    sent_on: Option<u64>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    entries: HashMap<ConnectionToken, Entry>,
+    pending: HashMap<ConnectionToken, Pending>,
+    /// Logical clock for least-recently-used ordering.
+    clock: u64,
+}
+
+pub(crate) struct RouteCache {
+    state: Mutex<CacheState>,
+    /// Wakes the session writer when there is a new token to request.
+    outbound: Arc<Notify>,
+    capacity: usize,
+}
+
+impl RouteCache {
+    pub(crate) fn new(outbound: Arc<Notify>) -> Self {
+        Self::with_capacity(outbound, ROUTE_CACHE_CAPACITY)
+    }
+
+    fn with_capacity(outbound: Arc<Notify>, capacity: usize) -> Self {
+        RouteCache {
+            state: Mutex::new(CacheState::default()),
+            outbound,
+            capacity: capacity.max(10),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CacheState> {
+        // A poisoned lock only means another thread panicked mid-update; the maps stay usable.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The route for `token`: from the cache, or from the controller (waiting at most `wait`).
+    pub(crate) async fn lookup(
+        &self,
+        token: &ConnectionToken,
+        wait: Duration,
+    ) -> Result<Route, LookupError> {
+        let rx = {
+            let mut st = self.lock();
+            if let Some(route) = st.cached(token) {
+                return Ok(route);
+            }
+            match st.pending.get(token) {
+                Some(p) => p.tx.subscribe(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    st.pending
+                        .insert(token.clone(), Pending { tx, sent_on: None });
+                    self.outbound.notify_one();
+                    rx
+                }
+            }
+        };
+        let mut waiter = Waiter {
+            cache: self,
+            token,
+            rx: Some(rx),
+        };
+        let Some(rx) = waiter.rx.as_mut() else {
+            return Err(LookupError::Abandoned);
+        };
+        let outcome = match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(route)) => route.clone().ok_or(LookupError::Abandoned),
+            Ok(Err(_)) => Err(LookupError::Abandoned),
+            Err(_) => Err(LookupError::TimedOut),
+        };
+        drop(waiter);
+        outcome
+    }
+
+    /// Pending tokens not yet requested on connection `generation`; marks them as requested.
+    pub(crate) fn take_unsent(&self, generation: u64) -> Vec<ConnectionToken> {
+        let mut st = self.lock();
+        st.pending
+            .iter_mut()
+            .filter(|(_, p)| p.sent_on != Some(generation))
+            .map(|(token, p)| {
+                p.sent_on = Some(generation);
+                token.clone()
+            })
+            .collect()
+    }
+
+    /// A new controller connection is up. Routes cached so far are dropped: removal and revocation
+    /// notices sent while we were disconnected are lost, so every token is checked again.
+    pub(crate) fn start_session(&self) {
+        let mut st = self.lock();
+        st.entries
+            .retain(|_, entry| matches!(entry, Entry::Gone { .. }));
+    }
+
+    /// A `RouteResponse` arrived. Only answers someone is waiting for are cached; late duplicates
+    /// (e.g. after a revocation) are ignored.
+    pub(crate) fn resolve(&self, token: ConnectionToken, route: Option<RouteInfo>) {
+        let mut st = self.lock();
+        let Some(pending) = st.pending.remove(&token) else {
+            return;
+        };
+        let route = match route {
+            Some(r) => Route::Found(Arc::new(r)),
+            None => Route::Gone(GoneReason::Unknown),
+        };
+        st.insert(token, &route, self.capacity);
+        pending.tx.send_replace(Some(route));
+    }
+
+    /// Every cached route to `backend` becomes "backend removed".
+    pub(crate) fn remove_backend(&self, backend: &BackendId) {
+        let mut st = self.lock();
+        let until = Instant::now() + NEGATIVE_TTL;
+        for entry in st.entries.values_mut() {
+            if matches!(entry, Entry::Found { route, .. } if &route.backend_id == backend) {
+                *entry = Entry::Gone {
+                    reason: GoneReason::BackendRemoved,
+                    until,
+                };
+            }
+        }
+    }
+
+    /// The tokens were revoked: forget their routes and answer their waiters with "revoked".
+    pub(crate) fn revoke(&self, tokens: &[ConnectionToken]) {
+        let mut st = self.lock();
+        let gone = Route::Gone(GoneReason::Revoked);
+        for token in tokens {
+            st.insert(token.clone(), &gone, self.capacity);
+            if let Some(pending) = st.pending.remove(token) {
+                pending.tx.send_replace(Some(gone.clone()));
+            }
+        }
+    }
+
+    /// Number of tokens waiting for the controller's answer.
+    #[cfg(test)]
+    fn pending_count(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Number of requests waiting for a route (possibly several per token).
+    pub(crate) fn waiting_requests(&self) -> usize {
+        self.lock()
+            .pending
+            .values()
+            .map(|p| p.tx.receiver_count())
+            .sum()
+    }
+
+    /// Called when a waiter leaves: drop the pending entry if nobody waits any more.
+    fn leave(&self, token: &ConnectionToken) {
+        let mut st = self.lock();
+        if st
+            .pending
+            .get(token)
+            .is_some_and(|p| p.tx.receiver_count() == 0)
+        {
+            st.pending.remove(token);
+        }
+    }
+}
+
+/// One request's interest in a pending lookup; leaving (answered, timed out or cancelled because
+/// the client went away) cleans up the pending entry when it was the last one.
+struct Waiter<'a> {
+    cache: &'a RouteCache,
+    token: &'a ConnectionToken,
+    rx: Option<watch::Receiver<Option<Route>>>,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        // The receiver must be gone before counting the remaining ones.
+        drop(self.rx.take());
+        self.cache.leave(self.token);
+    }
+}
+
+impl CacheState {
+    fn cached(&mut self, token: &ConnectionToken) -> Option<Route> {
+        self.clock += 1;
+        let now = Instant::now();
+        match self.entries.get_mut(token)? {
+            Entry::Found { route, last_used } => {
+                *last_used = self.clock;
+                Some(Route::Found(route.clone()))
+            }
+            Entry::Gone { reason, until } if *until > now => Some(Route::Gone(*reason)),
+            Entry::Gone { .. } => {
+                self.entries.remove(token);
+                None
+            }
+        }
+    }
+
+    fn insert(&mut self, token: ConnectionToken, route: &Route, capacity: usize) {
+        self.clock += 1;
+        let entry = match route {
+            Route::Found(route) => Entry::Found {
+                route: route.clone(),
+                last_used: self.clock,
+            },
+            Route::Gone(reason) => Entry::Gone {
+                reason: *reason,
+                until: Instant::now() + NEGATIVE_TTL,
+            },
+        };
+        self.entries.insert(token, entry);
+        if self.entries.len() > capacity {
+            self.evict(capacity);
+        }
+    }
+
+    /// Evicts down to 90 % of `capacity`: negative entries first, then the least recently used.
+    fn evict(&mut self, capacity: usize) {
+        let keep = capacity - capacity / 10;
+        let mut ranked: Vec<(u64, ConnectionToken)> = self
+            .entries
+            .iter()
+            .map(|(token, entry)| match entry {
+                Entry::Found { last_used, .. } => (*last_used, token.clone()),
+                Entry::Gone { .. } => (0, token.clone()),
+            })
+            .collect();
+        ranked.sort_unstable_by_key(|(rank, _)| *rank);
+        let excess = ranked.len().saturating_sub(keep);
+        for (_, token) in ranked.into_iter().take(excess) {
+            self.entries.remove(&token);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hangar_types::token::SecretToken;
+
+    const WAIT: Duration = Duration::from_secs(60);
+
+    fn route(backend: &str) -> RouteInfo {
+        RouteInfo {
+            backend_id: backend.parse().unwrap(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            secret_token: SecretToken::empty(),
+            cluster: "localhost:1".parse().unwrap(),
+            user: None,
+            user_data: None,
+            subdomain: None,
+        }
+    }
+
+    fn tok(s: &str) -> ConnectionToken {
+        ConnectionToken::from_path_segment(s)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_misses_share_one_request_and_one_answer() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let cache = Arc::new(RouteCache::new(Arc::new(Notify::new())));
+            let t = tok("t1");
+            let lookups: Vec<_> = (0..10)
+                .map(|_| {
+                    let cache = cache.clone();
+                    let t = t.clone();
+                    tokio::spawn(async move { cache.lookup(&t, WAIT).await })
+                })
+                .collect();
+            // Let every lookup register.
+            while cache.lock().pending.get(&t).map(|p| p.tx.receiver_count()) != Some(10) {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(cache.take_unsent(1), vec![t.clone()]);
+            assert!(cache.take_unsent(1).is_empty());
+            // A new connection re-sends what is still outstanding.
+            assert_eq!(cache.take_unsent(2), vec![t.clone()]);
+            cache.resolve(t.clone(), Some(route("b1")));
+            for l in lookups {
+                let r = l.await.unwrap().unwrap();
+                assert!(matches!(r, Route::Found(ref r) if r.backend_id.as_str() == "b1"));
+            }
+            assert_eq!(cache.pending_count(), 0);
+            // Now cached: no new request.
+            assert!(matches!(cache.lookup(&t, WAIT).await, Ok(Route::Found(_))));
+            assert!(cache.take_unsent(2).is_empty());
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_and_cancellation_clean_up_pending() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let cache = RouteCache::new(Arc::new(Notify::new()));
+            let t = tok("t1");
+            assert_eq!(
+                cache.lookup(&t, Duration::from_secs(1)).await,
+                Err(LookupError::TimedOut)
+            );
+            assert_eq!(cache.pending_count(), 0);
+            // A late answer for an abandoned lookup is not cached.
+            cache.resolve(t.clone(), Some(route("b1")));
+            assert!(cache.lock().entries.is_empty());
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn negative_answers_expire() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let cache = Arc::new(RouteCache::new(Arc::new(Notify::new())));
+            let t = tok("t1");
+            let c2 = cache.clone();
+            let t2 = t.clone();
+            let l = tokio::spawn(async move { c2.lookup(&t2, WAIT).await });
+            while cache.pending_count() == 0 {
+                tokio::task::yield_now().await;
+            }
+            cache.resolve(t.clone(), None);
+            assert_eq!(l.await.unwrap(), Ok(Route::Gone(GoneReason::Unknown)));
+            assert_eq!(
+                cache.lookup(&t, WAIT).await,
+                Ok(Route::Gone(GoneReason::Unknown))
+            );
+            tokio::time::advance(NEGATIVE_TTL + Duration::from_millis(1)).await;
+            assert!(cache.lock().cached(&t).is_none());
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn removal_revocation_and_new_session_invalidate() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let cache = RouteCache::new(Arc::new(Notify::new()));
+            {
+                let mut st = cache.lock();
+                st.insert(tok("a"), &Route::Found(Arc::new(route("b1"))), 100);
+                st.insert(tok("b"), &Route::Found(Arc::new(route("b1"))), 100);
+                st.insert(tok("c"), &Route::Found(Arc::new(route("b2"))), 100);
+                st.insert(tok("d"), &Route::Found(Arc::new(route("b3"))), 100);
+            }
+            cache.remove_backend(&"b1".parse().unwrap());
+            assert_eq!(
+                cache.lookup(&tok("a"), WAIT).await,
+                Ok(Route::Gone(GoneReason::BackendRemoved))
+            );
+            assert_eq!(
+                cache.lookup(&tok("b"), WAIT).await,
+                Ok(Route::Gone(GoneReason::BackendRemoved))
+            );
+            assert!(matches!(
+                cache.lookup(&tok("c"), WAIT).await,
+                Ok(Route::Found(_))
+            ));
+            cache.revoke(&[tok("c")]);
+            assert_eq!(
+                cache.lookup(&tok("c"), WAIT).await,
+                Ok(Route::Gone(GoneReason::Revoked))
+            );
+            cache.start_session();
+            let st = cache.lock();
+            assert!(!st.entries.contains_key(&tok("d")));
+            assert!(st.entries.contains_key(&tok("c")));
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revocation_answers_waiters() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let cache = Arc::new(RouteCache::new(Arc::new(Notify::new())));
+            let c2 = cache.clone();
+            let l = tokio::spawn(async move { c2.lookup(&tok("x"), WAIT).await });
+            while cache.pending_count() == 0 {
+                tokio::task::yield_now().await;
+            }
+            cache.revoke(&[tok("x")]);
+            assert_eq!(l.await.unwrap(), Ok(Route::Gone(GoneReason::Revoked)));
+            // The controller's late answer does not bring the route back.
+            cache.resolve(tok("x"), Some(route("b1")));
+            assert_eq!(
+                cache.lookup(&tok("x"), WAIT).await,
+                Ok(Route::Gone(GoneReason::Revoked))
+            );
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[test]
+    fn eviction_drops_least_recently_used() {
+        let cache = RouteCache::with_capacity(Arc::new(Notify::new()), 10);
+        let mut st = cache.lock();
+        for i in 0..10 {
+            st.insert(
+                tok(&i.to_string()),
+                &Route::Found(Arc::new(route("b1"))),
+                10,
+            );
+        }
+        // Touch "0" so it is the most recently used.
+        assert!(st.cached(&tok("0")).is_some());
+        st.insert(tok("new"), &Route::Found(Arc::new(route("b1"))), 10);
+        assert_eq!(st.entries.len(), 9);
+        assert!(st.entries.contains_key(&tok("0")));
+        assert!(st.entries.contains_key(&tok("new")));
+        assert!(!st.entries.contains_key(&tok("1")));
+        assert!(!st.entries.contains_key(&tok("2")));
+    }
+}

@@ -1,0 +1,154 @@
+//! The proxy's session with the controller (Plane §3.5): connect with `Hello`, request routes and
+//! send keepalives, apply route responses, backend removals and token revocations; reconnect with
+//! backoff forever, and also now and then on purpose to rebalance across controllers.
+//!
+//! Each connection is a *generation*: the route cache re-sends every outstanding route request on a
+//! new generation, and queued keepalives wait across a disconnect and go out on the next connection.
+
+use crate::ProxyState;
+use hangar_client::backoff::Backoff;
+use hangar_client::node::{NodeReceiver, NodeSender, NodeSocket};
+use hangar_client::{ClientError, ControllerClient};
+use hangar_types::protocol::{ControllerToProxy, Hello, NodeHello, ProxyToController};
+use hangar_types::{PROTOCOL_VERSION, VERSION};
+use rand::Rng;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// A connection is deliberately re-established after this long (± [`RECONNECT_JITTER`]), so proxies
+/// spread over the controllers again after a controller restart.
+const PERIODIC_RECONNECT: Duration = Duration::from_secs(3600);
+const RECONNECT_JITTER: Duration = Duration::from_secs(600);
+
+type Sender = NodeSender<ProxyToController>;
+type Receiver = NodeReceiver<ControllerToProxy>;
+
+/// Runs the controller session until `cancel` fires.
+pub(crate) async fn run_session(
+    state: std::sync::Arc<ProxyState>,
+    client: ControllerClient,
+    cancel: CancellationToken,
+) {
+    let path = format!("/ctrl/c/{}/proxy-socket", state.config.cluster);
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        version: VERSION.to_string(),
+        node: NodeHello::Proxy {
+            name: state.config.name.clone(),
+        },
+    };
+    let mut backoff = Backoff::default();
+    let mut generation = 0u64;
+    loop {
+        let connected = tokio::select! {
+            _ = cancel.cancelled() => return,
+            c = NodeSocket::<ProxyToController, ControllerToProxy>::connect(&client, &path, &hello) => c,
+        };
+        match connected {
+            Ok(socket) => {
+                backoff.connected();
+                generation += 1;
+                tracing::info!(controller = %socket.controller(), "Connected to the controller");
+                state.route_cache.start_session();
+                state.set_connected(true);
+                let (tx, rx) = socket.split();
+                let end = run_connection(&state, tx, rx, generation, &cancel).await;
+                state.set_connected(false);
+                match end {
+                    ConnectionEnd::Cancelled => return,
+                    ConnectionEnd::Periodic => {
+                        tracing::info!("Reconnecting to the controller (periodic rebalance)");
+                        continue;
+                    }
+                    ConnectionEnd::Closed => {
+                        tracing::warn!("Lost the controller connection; reconnecting")
+                    }
+                    ConnectionEnd::SendFailed(error) => {
+                        tracing::warn!(%error, "Lost the controller connection; reconnecting")
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "Could not connect to the controller"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = backoff.wait() => {}
+        }
+    }
+}
+
+enum ConnectionEnd {
+    Cancelled,
+    Periodic,
+    Closed,
+    SendFailed(ClientError),
+}
+
+async fn run_connection(
+    state: &ProxyState,
+    mut tx: Sender,
+    mut rx: Receiver,
+    generation: u64,
+    cancel: &CancellationToken,
+) -> ConnectionEnd {
+    let reconnect_after = {
+        let jitter = rand::rng().random_range(0.0..=2.0) * RECONNECT_JITTER.as_secs_f64();
+        PERIODIC_RECONNECT - RECONNECT_JITTER + Duration::from_secs_f64(jitter)
+    };
+    let end = tokio::select! {
+        _ = cancel.cancelled() => ConnectionEnd::Cancelled,
+        _ = tokio::time::sleep(reconnect_after) => ConnectionEnd::Periodic,
+        () = run_receiver(state, &mut rx) => ConnectionEnd::Closed,
+        error = run_sender(state, &mut tx, generation) => ConnectionEnd::SendFailed(error),
+    };
+    if !matches!(end, ConnectionEnd::SendFailed(_)) {
+        tx.close().await;
+    }
+    end
+}
+
+/// Applies messages from the controller until the connection closes.
+async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
+    while let Some(message) = rx.recv().await {
+        match message {
+            ControllerToProxy::RouteResponse { token, route } => {
+                state.route_cache.resolve(token, route);
+            }
+            ControllerToProxy::BackendRemoved { backend } => {
+                tracing::debug!(%backend, "Backend removed");
+                state.route_cache.remove_backend(&backend);
+                state.tracker.forget(&backend);
+            }
+            ControllerToProxy::TokensRevoked { tokens } => {
+                tracing::debug!(count = tokens.len(), "Tokens revoked");
+                state.route_cache.revoke(&tokens);
+            }
+        }
+    }
+}
+
+/// Sends route requests and keepalives as they are queued; returns the error that ended sending.
+async fn run_sender(state: &ProxyState, tx: &mut Sender, generation: u64) -> ClientError {
+    loop {
+        let routes = state.route_cache.take_unsent(generation);
+        let keepalives = state.tracker.take_keepalives();
+        if routes.is_empty() && keepalives.is_empty() {
+            // `notify_one` stores a permit, so work queued since the takes above is not missed.
+            state.outbound.notified().await;
+            continue;
+        }
+        let messages = routes
+            .into_iter()
+            .map(|token| ProxyToController::RouteRequest { token })
+            .chain(
+                keepalives
+                    .into_iter()
+                    .map(|backend| ProxyToController::KeepAlive { backend }),
+            );
+        for message in messages {
+            if let Err(error) = tx.send(&message).await {
+                return error;
+            }
+        }
+    }
+}
