@@ -1,5 +1,5 @@
 //! In-process fan-out of store events. Every store publishes here after a successful commit; the
-//! PostgreSQL store will also feed it from LISTEN/NOTIFY so events from other controllers arrive too.
+//! PostgreSQL store also feeds it from LISTEN/NOTIFY so events from other controllers arrive too.
 
 use hangar_types::protocol::ActionMessage;
 use hangar_types::token::ConnectionToken;

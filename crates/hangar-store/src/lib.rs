@@ -1,6 +1,7 @@
 //! Hangar's persistent state. [`Store`] is the only way the controller reads or writes it; each method is
 //! one transaction named for the fact it establishes. Implementations: [`sqlite::SqliteStore`]
-//! (embedded default, one controller) and, later, PostgreSQL (several controllers).
+//! (embedded default, one controller) and [`postgres::PostgresStore`] (several controllers sharing one
+//! database).
 //!
 //! Invariants every implementation keeps:
 //! - at most one key row per `(namespace, name)`; the fencing token of a key strictly increases across
@@ -13,6 +14,7 @@
 
 mod events;
 pub mod model;
+pub mod postgres;
 pub mod sqlite;
 
 pub use events::{EventBus, StoreEvent};
@@ -49,7 +51,8 @@ impl StoreError {
                 ) || e
                     .as_database_error()
                     .and_then(|d| d.code())
-                    .is_some_and(|c| c == "40001" || c == "5" || c == "6")
+                    // PostgreSQL: serialization failure, deadlock; SQLite: busy, locked.
+                    .is_some_and(|c| matches!(c.as_ref(), "40001" | "40P01" | "5" | "6"))
             }
             StoreError::Migration(_) | StoreError::Corrupt(_) => false,
         }

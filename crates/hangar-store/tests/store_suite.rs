@@ -1,19 +1,27 @@
 //! The store test suite. Every case in [`suite`] is an async fn over a [`Harness`] (a `dyn Store` plus a
 //! way to move the store clock), so the same cases run against every implementation: the
-//! `store_tests!` macro instantiates one `#[tokio::test]` per case for a store factory. Today it runs
-//! against SQLite in memory and SQLite in a file; a PostgreSQL factory only needs to add one more
-//! `store_tests!` invocation.
+//! `store_tests!` macro instantiates one `#[tokio::test]` per case for a store factory. It runs against
+//! SQLite in memory, SQLite in a file, and PostgreSQL (a fresh database per test, on the server named by
+//! `HANGAR_TEST_POSTGRES_URL`; see [`postgres`]).
 
 // Test code: a failed unwrap is a failed test (clippy's in-test allowance does not cover helpers).
 #![allow(clippy::unwrap_used)]
 
+#[path = "store_suite/postgres.rs"]
+mod postgres;
+
 use hangar_store::sqlite::SqliteStore;
 use hangar_store::Store;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Upper bound for one test case; nothing in the suite waits on a timer, so this is generous.
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Work to do after a case, whether it passed or failed (dropping a test database).
+pub type Teardown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A store under test and its clock controls.
 pub struct Harness {
@@ -22,6 +30,8 @@ pub struct Harness {
     rewind: Box<dyn Fn(Duration) + Send + Sync>,
     /// Keeps whatever backs the store (a temp dir) alive for the test.
     _guard: Option<Box<dyn Send + Sync>>,
+    /// Taken by [`run_case`] before the case runs.
+    teardown: Option<Teardown>,
 }
 
 impl Harness {
@@ -35,6 +45,46 @@ impl Harness {
     }
 }
 
+/// Sets up a harness (`None`: this store is not available here, the test is skipped), runs the case,
+/// then the harness's teardown.
+pub async fn run_case<S, C>(setup: impl FnOnce() -> S, case: impl FnOnce(Harness) -> C)
+where
+    S: Future<Output = Option<Harness>>,
+    C: Future<Output = ()> + Send + 'static,
+{
+    let harness = tokio::time::timeout(TEST_TIMEOUT, setup())
+        .await
+        .expect("test setup timed out");
+    let Some(mut harness) = harness else {
+        return;
+    };
+    let teardown = harness.teardown.take();
+    run_then_teardown(case(harness), teardown).await;
+}
+
+/// Runs `case` with a timeout, then `teardown` even if the case failed, then reports the case's
+/// outcome (re-raising its panic).
+pub async fn run_then_teardown(
+    case: impl Future<Output = ()> + Send + 'static,
+    teardown: Option<Teardown>,
+) {
+    // A task, so that a panicking case still lets the teardown run.
+    let outcome = tokio::time::timeout(TEST_TIMEOUT, tokio::spawn(case)).await;
+    if let Some(teardown) = teardown {
+        if tokio::time::timeout(TEST_TIMEOUT, teardown).await.is_err() {
+            eprintln!("test teardown timed out");
+        }
+    }
+    match outcome {
+        Err(_) => panic!("test timed out"),
+        Ok(Err(e)) => match e.try_into_panic() {
+            Ok(payload) => std::panic::resume_unwind(payload),
+            Err(e) => panic!("test task failed: {e}"),
+        },
+        Ok(Ok(())) => {}
+    }
+}
+
 fn sqlite_harness(store: SqliteStore, guard: Option<Box<dyn Send + Sync>>) -> Harness {
     let store = Arc::new(store);
     let (a, r) = (store.clone(), store.clone());
@@ -43,19 +93,23 @@ fn sqlite_harness(store: SqliteStore, guard: Option<Box<dyn Send + Sync>>) -> Ha
         advance: Box::new(move |d| a.advance_clock(d)),
         rewind: Box::new(move |d| r.rewind_clock(d)),
         _guard: guard,
+        teardown: None,
     }
 }
 
-async fn sqlite_memory() -> Harness {
-    sqlite_harness(SqliteStore::in_memory().await.unwrap(), None)
+async fn sqlite_memory() -> Option<Harness> {
+    Some(sqlite_harness(
+        SqliteStore::in_memory().await.unwrap(),
+        None,
+    ))
 }
 
-async fn sqlite_file() -> Harness {
+async fn sqlite_file() -> Option<Harness> {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("hangar.db"))
         .await
         .unwrap();
-    sqlite_harness(store, Some(Box::new(dir)))
+    Some(sqlite_harness(store, Some(Box::new(dir))))
 }
 
 macro_rules! store_tests {
@@ -63,12 +117,7 @@ macro_rules! store_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                tokio::time::timeout(crate::TEST_TIMEOUT, async {
-                    let harness = $factory().await;
-                    crate::suite::$case(harness).await;
-                })
-                .await
-                .expect("test timed out");
+                crate::run_case($factory, crate::suite::$case).await;
             }
         )*
     };
@@ -111,6 +160,11 @@ mod sqlite_memory {
 mod sqlite_file {
     use super::sqlite_file;
     all_store_tests!(sqlite_file);
+}
+
+mod postgres_suite {
+    use super::postgres::harness as postgres;
+    all_store_tests!(postgres);
 }
 
 /// A file-backed store keeps its data across close and reopen.

@@ -1,0 +1,85 @@
+//! Periodic deletion of data nobody needs any more: expired tokens, and (when an age is configured)
+//! long-terminated backends with everything that refers to them.
+//!
+//! Several controllers may clean up at once: the old backends of a pass are locked with
+//! `FOR UPDATE SKIP LOCKED`, so concurrent passes split the work instead of waiting for each other, and
+//! the children deleted are exactly those of the locked rows.
+
+use super::{millis_of, PostgresStore};
+use crate::StoreResult;
+use std::time::Duration;
+
+pub(super) async fn cleanup(
+    s: &PostgresStore,
+    min_age: Option<Duration>,
+    batch: u32,
+) -> StoreResult<u64> {
+    let limit = i64::from(batch);
+    let mut tx = s.pool.begin().await?;
+    let now: i64 = sqlx::query_scalar("SELECT hangar_now_ms($1)")
+        .bind(s.offset())
+        .fetch_one(&mut *tx)
+        .await?;
+
+    let mut deleted = sqlx::query(
+        "DELETE FROM token WHERE token IN \
+         (SELECT token FROM token WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2 \
+          FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(now)
+    .bind(limit)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+
+    if let Some(min_age) = min_age {
+        let cutoff = now.saturating_sub(millis_of(min_age));
+        // 70 = terminated.
+        let old: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM backend WHERE last_status_number = 70 AND last_status_time <= $1 \
+             ORDER BY last_status_time, id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !old.is_empty() {
+            // Children first: foreign keys are enforced.
+            for statement in [
+                "DELETE FROM token WHERE backend_id = ANY($1)",
+                "DELETE FROM backend_action WHERE backend_id = ANY($1)",
+                "DELETE FROM backend_state WHERE backend_id = ANY($1)",
+                "DELETE FROM backend_key WHERE backend_id = ANY($1)",
+                "DELETE FROM backend WHERE id = ANY($1)",
+            ] {
+                deleted += sqlx::query(statement)
+                    .bind(&old)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+        }
+        // A key's fencing token only has to exceed its previous one; once that one is older than
+        // `min_age` and the key is free, the clock alone (max(now, last + 1)) keeps tokens increasing
+        // unless the clock goes back by more than `min_age`. The age is tested on the target row itself
+        // so that a row updated by a concurrent acquisition (which holds its lock) is re-checked and kept.
+        deleted += sqlx::query(
+            "DELETE FROM key_fencing WHERE last_token <= $1 AND (namespace, name) IN \
+             (SELECT f.namespace, f.name FROM key_fencing f WHERE f.last_token <= $1 \
+              AND NOT EXISTS (SELECT 1 FROM backend_key k \
+                              WHERE k.namespace = f.namespace AND k.name = f.name) \
+              LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    }
+
+    tx.commit().await?;
+    if deleted > 0 {
+        tracing::debug!(deleted, "Store cleanup deleted rows");
+    }
+    Ok(deleted)
+}

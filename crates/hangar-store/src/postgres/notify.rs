@@ -1,0 +1,252 @@
+//! What a store tells the other stores sharing its database: `NOTIFY` payloads on [`CHANNEL`].
+//!
+//! A payload is JSON `{"origin": "<store>", "events": [<notice>, …]}`. PostgreSQL refuses payloads of
+//! 8000 bytes or more, so notices stay small: an action is sent as a pointer (`drone`, `action_id`) that
+//! the listener reads back from `backend_action`; a state is sent inline unless it is large (a long
+//! termination message), then as a pointer to its `backend_state` row; revoked tokens are split over
+//! several notices. Notices of one transaction are packed into as few payloads as fit.
+//!
+//! Notifications are sent inside the transaction that made the change, so PostgreSQL delivers them only
+//! if it commits, in commit order.
+
+use crate::model::NodeId;
+use crate::{StoreError, StoreResult};
+use hangar_types::token::ConnectionToken;
+use hangar_types::{ActionId, BackendId, BackendState, Millis};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+
+/// The `LISTEN`/`NOTIFY` channel of store events.
+pub(super) const CHANNEL: &str = "hangar_events";
+
+/// Upper bound of one payload in bytes, below PostgreSQL's 8000-byte limit.
+const PAYLOAD_LIMIT: usize = 7_500;
+/// Upper bound of one notice in bytes; larger states go by pointer, tokens are split. Several notices of
+/// one transaction (a state and an action) then fit one payload.
+const NOTICE_LIMIT: usize = 2_000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(super) struct Payload {
+    pub origin: String,
+    pub events: Vec<Notice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(super) enum Notice {
+    /// A backend state, inline.
+    State {
+        backend: BackendId,
+        state: BackendState,
+        time: Millis,
+    },
+    /// A backend state too large to send inline: row `history_id` of `backend_state`.
+    StateRow {
+        history_id: i64,
+    },
+    /// An action was queued: row `action_id` of `backend_action`.
+    Action {
+        drone: NodeId,
+        action_id: ActionId,
+    },
+    TokensRevoked {
+        tokens: Vec<ConnectionToken>,
+    },
+}
+
+impl Notice {
+    /// A state notice: inline when small, else a pointer to its history row.
+    pub(super) fn state(
+        history_id: i64,
+        backend: &BackendId,
+        state: &BackendState,
+        time: Millis,
+    ) -> Notice {
+        let inline = Notice::State {
+            backend: backend.clone(),
+            state: state.clone(),
+            time,
+        };
+        if encoded_len(&inline) <= NOTICE_LIMIT {
+            inline
+        } else {
+            Notice::StateRow { history_id }
+        }
+    }
+
+    /// Revoked tokens, split into notices of at most [`NOTICE_LIMIT`] bytes. A token too large for a
+    /// notice on its own (never one Hangar generated) is left out, with a warning: other controllers'
+    /// proxies then learn of its revocation only when their cached route expires.
+    pub(super) fn tokens_revoked(tokens: &[ConnectionToken]) -> Vec<Notice> {
+        // JSON overhead of an empty notice and of one more token (quotes and comma), generously.
+        const BASE: usize = 64;
+        const PER_TOKEN: usize = 4;
+        let mut notices = Vec::new();
+        let mut chunk: Vec<ConnectionToken> = Vec::new();
+        let mut size = BASE;
+        for token in tokens {
+            let len = token.as_str().len() + PER_TOKEN;
+            if BASE + len > NOTICE_LIMIT {
+                tracing::warn!(
+                    length = token.as_str().len(),
+                    "Revoked token too long to notify other controllers"
+                );
+                continue;
+            }
+            if size + len > NOTICE_LIMIT {
+                notices.push(Notice::TokensRevoked {
+                    tokens: std::mem::take(&mut chunk),
+                });
+                size = BASE;
+            }
+            size += len;
+            chunk.push(token.clone());
+        }
+        if !chunk.is_empty() {
+            notices.push(Notice::TokensRevoked { tokens: chunk });
+        }
+        notices
+    }
+}
+
+fn encoded_len<T: Serialize>(v: &T) -> usize {
+    // Serializing these types cannot fail (no maps with non-string keys); a failure counts as too big.
+    serde_json::to_string(v).map_or(usize::MAX, |s| s.len())
+}
+
+/// Packs notices, in order, into as few payloads as fit [`PAYLOAD_LIMIT`].
+pub(super) fn payloads(origin: &str, notices: Vec<Notice>) -> StoreResult<Vec<String>> {
+    let encode = |events: Vec<Notice>| {
+        let payload = Payload {
+            origin: origin.to_string(),
+            events,
+        };
+        serde_json::to_string(&payload)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode notification: {e}")))
+    };
+    let empty = encode(Vec::new())?.len();
+    let mut out = Vec::new();
+    let mut batch: Vec<Notice> = Vec::new();
+    // Encoded size of the notices in `batch`, each with its separating comma.
+    let mut size = 0;
+    for notice in notices {
+        let len = encoded_len(&notice).saturating_add(1);
+        if !batch.is_empty() && empty + size + len > PAYLOAD_LIMIT {
+            out.push(encode(std::mem::take(&mut batch))?);
+            size = 0;
+        }
+        size += len;
+        batch.push(notice);
+    }
+    if !batch.is_empty() {
+        out.push(encode(batch)?);
+    }
+    Ok(out)
+}
+
+/// Sends the notices on [`CHANNEL`] as part of the transaction on `conn`.
+pub(super) async fn send(
+    conn: &mut PgConnection,
+    origin: &str,
+    notices: Vec<Notice>,
+) -> StoreResult<()> {
+    for payload in payloads(origin, notices)? {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hangar_types::{BackendStatus, TerminationKind, TerminationReason};
+
+    fn terminated(message: String) -> BackendState {
+        BackendState::Terminated {
+            last_status: BackendStatus::Ready,
+            termination: Some(TerminationKind::Hard),
+            reason: Some(TerminationReason::External),
+            exit_code: Some(1),
+            message: Some(message),
+        }
+    }
+
+    #[test]
+    fn small_states_go_inline_large_ones_by_row() {
+        let id = BackendId::random();
+        let small = terminated("bye".into());
+        assert_eq!(
+            Notice::state(7, &id, &small, Millis(5)),
+            Notice::State {
+                backend: id.clone(),
+                state: small,
+                time: Millis(5)
+            }
+        );
+        let large = terminated("x".repeat(10_000));
+        assert_eq!(
+            Notice::state(7, &id, &large, Millis(5)),
+            Notice::StateRow { history_id: 7 }
+        );
+    }
+
+    #[test]
+    fn many_tokens_are_split_and_every_payload_fits() {
+        let tokens: Vec<ConnectionToken> = (0..500).map(|_| ConnectionToken::random()).collect();
+        let notices = Notice::tokens_revoked(&tokens);
+        assert!(notices.len() > 1);
+        let mut seen = Vec::new();
+        for n in &notices {
+            assert!(encoded_len(n) <= NOTICE_LIMIT, "{}", encoded_len(n));
+            let Notice::TokensRevoked { tokens } = n else {
+                panic!("unexpected {n:?}")
+            };
+            seen.extend(tokens.iter().cloned());
+        }
+        assert_eq!(seen, tokens, "all tokens, in order");
+
+        let payloads = payloads("origin-x", notices.clone()).unwrap();
+        assert!(payloads.len() > 1 && payloads.len() < notices.len());
+        let mut decoded = Vec::new();
+        for p in &payloads {
+            assert!(p.len() <= PAYLOAD_LIMIT, "{}", p.len());
+            let payload: Payload = serde_json::from_str(p).unwrap();
+            assert_eq!(payload.origin, "origin-x");
+            decoded.extend(payload.events);
+        }
+        assert_eq!(decoded, notices, "packing keeps every notice, in order");
+    }
+
+    #[test]
+    fn oversized_tokens_are_left_out() {
+        let huge = ConnectionToken::from_path_segment(&"t".repeat(NOTICE_LIMIT));
+        let normal = ConnectionToken::random();
+        assert_eq!(
+            Notice::tokens_revoked(&[huge, normal.clone()]),
+            vec![Notice::TokensRevoked {
+                tokens: vec![normal]
+            }]
+        );
+        assert!(Notice::tokens_revoked(&[]).is_empty());
+    }
+
+    #[test]
+    fn one_transaction_usually_fits_one_payload() {
+        let id = BackendId::random();
+        let notices = vec![
+            Notice::state(1, &id, &BackendState::Scheduled, Millis(1)),
+            Notice::Action {
+                drone: 3,
+                action_id: ActionId::random(),
+            },
+        ];
+        let payloads = payloads("o", notices.clone()).unwrap();
+        assert_eq!(payloads.len(), 1);
+        let payload: Payload = serde_json::from_str(&payloads[0]).unwrap();
+        assert_eq!(payload.events, notices);
+    }
+}

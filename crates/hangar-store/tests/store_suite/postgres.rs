@@ -1,0 +1,416 @@
+//! PostgreSQL harness of the store suite, and the cases only PostgreSQL has: several stores (several
+//! controllers) sharing one database.
+//!
+//! `HANGAR_TEST_POSTGRES_URL` names a server and a user allowed to create databases, e.g.
+//! `postgres://postgres:postgres@127.0.0.1:5432/postgres` (`scripts/start-postgres.sh` starts a local
+//! server and prints it). Each test creates its own database `hangar_test_<random>` and drops it
+//! afterwards (best effort). Without the variable these tests are skipped with a message, except under
+//! `CI`, where they fail.
+
+use super::{run_then_teardown, suite, Harness, TEST_TIMEOUT};
+use hangar_store::postgres::PostgresStore;
+use hangar_store::{Acquire, KeyLookup, KeyRef, NewToken, StateUpdate, Store, StoreEvent};
+use hangar_types::token::{ConnectionToken, SecretToken};
+use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
+use sqlx::{Connection, Executor, PgConnection};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+const URL_VAR: &str = "HANGAR_TEST_POSTGRES_URL";
+
+/// How long to wait for an event relayed through the database; relaying takes milliseconds.
+const RELAY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server to test against; `None` (skip) when not configured outside CI.
+fn server_url() -> Option<String> {
+    match std::env::var(URL_VAR) {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ if in_ci() => panic!(
+            "{URL_VAR} is not set, but CI is: the PostgreSQL store tests must run in CI. Start a server \
+             with scripts/start-postgres.sh and export the URL it prints as {URL_VAR}."
+        ),
+        _ => {
+            eprintln!(
+                "skipping a PostgreSQL store test: {URL_VAR} is not set (start a server with \
+                 scripts/start-postgres.sh and export the URL it prints)"
+            );
+            None
+        }
+    }
+}
+
+/// `CI` is set to something other than empty, `0` or `false`.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// A database created for one test.
+pub struct TestDatabase {
+    server: String,
+    name: String,
+    /// URL of the test database.
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// Creates a fresh database; `None` when PostgreSQL tests are skipped.
+    pub async fn create() -> Option<TestDatabase> {
+        let server = server_url()?;
+        let name = format!("hangar_test_{}", hangar_types::names::random_string());
+        let mut admin = PgConnection::connect(&server)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {URL_VAR}: {e}"));
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
+        let _ = admin.close().await;
+        let mut url = url::Url::parse(&server).expect("HANGAR_TEST_POSTGRES_URL is a URL");
+        url.set_path(&name);
+        Some(TestDatabase {
+            server,
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    /// Drops the database, disconnecting whoever still uses it. Failures are only reported.
+    pub async fn drop_database(self) {
+        let result = async {
+            let mut admin = PgConnection::connect(&self.server).await?;
+            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+            admin.execute(sql.as_str()).await?;
+            admin.close().await
+        }
+        .await;
+        if let Err(e) = result {
+            eprintln!("cannot drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// The suite's factory: a store on a fresh database.
+pub async fn harness() -> Option<Harness> {
+    let db = TestDatabase::create().await?;
+    let store = Arc::new(PostgresStore::connect(&db.url).await.unwrap());
+    let (a, r) = (store.clone(), store.clone());
+    Some(Harness {
+        store,
+        advance: Box::new(move |d| a.advance_clock(d)),
+        rewind: Box::new(move |d| r.rewind_clock(d)),
+        _guard: None,
+        teardown: Some(Box::pin(db.drop_database())),
+    })
+}
+
+/// Runs `case` on the URL of a fresh database, then drops the database.
+async fn with_database<F>(case: impl FnOnce(String) -> F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let db = tokio::time::timeout(TEST_TIMEOUT, TestDatabase::create())
+        .await
+        .expect("test setup timed out");
+    let Some(db) = db else {
+        return;
+    };
+    let case = case(db.url.clone());
+    run_then_teardown(case, Some(Box::pin(db.drop_database()))).await;
+}
+
+/// The next event on `rx`, waiting at most `within`.
+async fn next_event(rx: &mut broadcast::Receiver<StoreEvent>, within: Duration) -> StoreEvent {
+    tokio::time::timeout(within, rx.recv())
+        .await
+        .expect("no relayed event in time")
+        .expect("event bus closed or lagged")
+}
+
+async fn relayed(rx: &mut broadcast::Receiver<StoreEvent>) -> StoreEvent {
+    next_event(rx, RELAY_TIMEOUT).await
+}
+
+async fn applied(
+    store: &dyn Store,
+    id: &hangar_types::BackendId,
+    state: &BackendState,
+) -> StoreEvent {
+    match store.record_backend_state(id, state).await.unwrap() {
+        StateUpdate::Applied { time } => StoreEvent::BackendState {
+            backend: id.clone(),
+            state: state.clone(),
+            time,
+        },
+        other => panic!("expected Applied, got {other:?}"),
+    }
+}
+
+/// What one controller commits reaches the other controllers' buses once, and its own bus once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_other_stores() {
+    with_database(|url| async move {
+        let a = PostgresStore::connect(&url).await.unwrap();
+        let b = PostgresStore::connect(&url).await.unwrap();
+        let mut on_a = a.events().subscribe();
+        let mut on_b = b.events().subscribe();
+
+        // A spawn through `a`: the state goes inline, the action by reference.
+        let drone = suite::ready_drone(&a, "dr-one", "").await;
+        let nb = suite::new_backend(drone, "shared");
+        let id = nb.id.clone();
+        let (_, spawn) = suite::acquire(&a, nb).await;
+        let scheduled = StoreEvent::BackendState {
+            backend: id.clone(),
+            state: BackendState::Scheduled,
+            time: a.backend(&id).await.unwrap().unwrap().created_at,
+        };
+        let spawned = StoreEvent::Action {
+            drone,
+            action: spawn,
+        };
+        assert_eq!(relayed(&mut on_b).await, scheduled);
+        assert_eq!(relayed(&mut on_b).await, spawned);
+        assert_eq!(on_a.try_recv().unwrap(), scheduled);
+        assert_eq!(on_a.try_recv().unwrap(), spawned);
+
+        // A state recorded and a terminate queued through `b` reach `a`.
+        let loading = applied(&b, &id, &BackendState::Loading).await;
+        assert_eq!(relayed(&mut on_a).await, loading);
+        assert_eq!(on_b.try_recv().unwrap(), loading);
+        let terminate = b
+            .queue_terminate(&id, TerminationKind::Soft, TerminationReason::External)
+            .await
+            .unwrap()
+            .unwrap();
+        let terminate = StoreEvent::Action {
+            drone,
+            action: terminate,
+        };
+        assert_eq!(relayed(&mut on_a).await, terminate);
+        assert_eq!(on_b.try_recv().unwrap(), terminate);
+
+        // Revoked tokens.
+        let token = NewToken {
+            token: ConnectionToken::random(),
+            backend: id.clone(),
+            secret: SecretToken::random(),
+            user: Some("alice".into()),
+            auth: serde_json::Map::new(),
+            lifetime: Duration::from_secs(60),
+        };
+        a.insert_token(token.clone()).await.unwrap();
+        assert_eq!(a.revoke_tokens(&id, "alice").await.unwrap().len(), 1);
+        let revoked = StoreEvent::TokensRevoked {
+            tokens: vec![token.token],
+        };
+        assert_eq!(relayed(&mut on_b).await, revoked);
+        assert_eq!(on_a.try_recv().unwrap(), revoked);
+
+        // A state too large for a notification travels by reference and arrives whole.
+        let large = BackendState::Terminated {
+            last_status: BackendStatus::Loading,
+            termination: Some(TerminationKind::Hard),
+            reason: Some(TerminationReason::External),
+            exit_code: Some(1),
+            message: Some("x".repeat(20_000)),
+        };
+        let terminated = applied(&a, &id, &large).await;
+        assert_eq!(relayed(&mut on_b).await, terminated);
+        assert_eq!(on_a.try_recv().unwrap(), terminated);
+
+        // No store hears its own events back. Notifications arrive in commit order, so an echo of an
+        // earlier event would come before the other store's next one.
+        let marker = suite::new_backend(drone, "marker");
+        suite::acquire(&b, marker.clone()).await;
+        assert!(matches!(
+            on_b.try_recv(),
+            Ok(StoreEvent::BackendState { .. })
+        ));
+        assert!(matches!(on_b.try_recv(), Ok(StoreEvent::Action { .. })));
+        match relayed(&mut on_a).await {
+            StoreEvent::BackendState { backend, .. } => assert_eq!(backend, marker.id),
+            other => panic!("expected the marker's state, got {other:?}"),
+        }
+        assert!(matches!(
+            relayed(&mut on_a).await,
+            StoreEvent::Action { .. }
+        ));
+        let last = applied(&a, &marker.id, &BackendState::Loading).await;
+        assert_eq!(relayed(&mut on_b).await, last);
+        assert_eq!(on_a.try_recv().unwrap(), last);
+        assert!(on_a.try_recv().is_err(), "nothing else on a");
+        assert!(on_b.try_recv().is_err(), "nothing else on b");
+    })
+    .await;
+}
+
+/// 50 concurrent acquisitions of one key through two controllers: one winner, the others see the key
+/// held, nobody gets an error; fencing tokens increase from round to round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acquire_across_stores_has_one_winner() {
+    with_database(|url| async move {
+        let stores = [
+            Arc::new(PostgresStore::connect(&url).await.unwrap()),
+            Arc::new(PostgresStore::connect(&url).await.unwrap()),
+        ];
+        let drone = suite::ready_drone(&*stores[0], "dr-one", "").await;
+        let mut last_token = i64::MIN;
+        for round in 0..3 {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..50 {
+                let store = stores[i % 2].clone();
+                let nb = suite::new_backend(drone, "contended");
+                tasks.spawn(async move {
+                    let id = nb.id.clone();
+                    (id, store.insert_backend_with_key(nb).await)
+                });
+            }
+            let mut winners = Vec::new();
+            let mut held = 0;
+            while let Some(joined) = tasks.join_next().await {
+                match joined.unwrap() {
+                    (id, Ok(Acquire::Acquired { fencing_token, .. })) => {
+                        winners.push((id, fencing_token))
+                    }
+                    (_, Ok(Acquire::KeyHeld)) => held += 1,
+                    (_, Ok(Acquire::BackendIdTaken)) => panic!("ids are distinct"),
+                    (_, Err(e)) => panic!("an acquisition failed instead of losing: {e}"),
+                }
+            }
+            assert_eq!(winners.len(), 1, "round {round}: exactly one winner");
+            assert_eq!(held, 49);
+            let (winner, token) = winners.pop().unwrap();
+            assert!(
+                token > last_token,
+                "round {round}: {token} after {last_token}"
+            );
+            last_token = token;
+            for store in &stores {
+                let key = KeyRef {
+                    namespace: "ns".into(),
+                    name: "contended".into(),
+                };
+                match store.key_lookup(&key).await.unwrap() {
+                    KeyLookup::Live { backend, .. } => {
+                        assert_eq!(backend.id, winner);
+                        assert_eq!(backend.fencing_token, token);
+                    }
+                    other => panic!("expected Live, got {other:?}"),
+                }
+            }
+            suite::terminate(&*stores[round % 2], &winner).await;
+        }
+        assert_eq!(
+            stores[1].pending_actions(drone, 100).await.unwrap().len(),
+            3,
+            "one spawn per round, none from the losers"
+        );
+    })
+    .await;
+}
+
+/// Kills the listening connections; the stores listen again and relay events again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_reconnects_after_losing_its_connection() {
+    with_database(|url| async move {
+        let a = PostgresStore::connect(&url).await.unwrap();
+        let b = PostgresStore::connect(&url).await.unwrap();
+        let drone = suite::ready_drone(&a, "dr-one", "").await;
+        let mut on_b = b.events().subscribe();
+
+        let mut admin = PgConnection::connect(&url).await.unwrap();
+        // Waits (up to 5 s each) until the connections are gone.
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND query LIKE 'LISTEN %') AS t",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(killed, 2, "one listening connection per store");
+
+        // Events sent while a listener is away are lost; keep sending until one gets through.
+        let deadline = tokio::time::Instant::now() + RELAY_TIMEOUT * 3;
+        for attempt in 0.. {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no event relayed after the listener lost its connection"
+            );
+            let nb = suite::new_backend(drone, &format!("probe-{attempt}"));
+            let id = nb.id.clone();
+            suite::acquire(&a, nb).await;
+            let probe = async {
+                loop {
+                    match on_b.recv().await.unwrap() {
+                        StoreEvent::BackendState { backend, .. } if backend == id => return,
+                        _ => {}
+                    }
+                }
+            };
+            if tokio::time::timeout(Duration::from_millis(250), probe)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        let _ = admin.close().await;
+    })
+    .await;
+}
+
+/// Notifications on the channel that do not decode, or point at nothing, are skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_notifications_are_ignored() {
+    with_database(|url| async move {
+        let a = PostgresStore::connect(&url).await.unwrap();
+        let b = PostgresStore::connect(&url).await.unwrap();
+        let mut on_b = b.events().subscribe();
+        let mut admin = PgConnection::connect(&url).await.unwrap();
+        for payload in [
+            "garbage",
+            r#"{"origin":"elsewhere","events":[{"kind":"action","drone":1,"action_id":"ak-nothing"}]}"#,
+            r#"{"origin":"elsewhere","events":[{"kind":"state_row","history_id":12345}]}"#,
+            r#"{"origin":"elsewhere","events":[{"kind":"unknown"}]}"#,
+        ] {
+            sqlx::query("SELECT pg_notify('hangar_events', $1)")
+                .bind(payload)
+                .execute(&mut admin)
+                .await
+                .unwrap();
+        }
+        let _ = admin.close().await;
+
+        let drone = suite::ready_drone(&a, "dr-one", "").await;
+        let nb = suite::new_backend(drone, "after-strays");
+        suite::acquire(&a, nb.clone()).await;
+        match relayed(&mut on_b).await {
+            StoreEvent::BackendState { backend, .. } => assert_eq!(backend, nb.id),
+            other => panic!("expected the real event first, got {other:?}"),
+        }
+        b.health().await.unwrap();
+    })
+    .await;
+}
+
+/// `hangar migrate` can run any number of times, before or after stores connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_is_repeatable() {
+    with_database(|url| async move {
+        hangar_store::postgres::migrate(&url).await.unwrap();
+        hangar_store::postgres::migrate(&url).await.unwrap();
+        let store = PostgresStore::connect(&url).await.unwrap();
+        store.health().await.unwrap();
+        hangar_store::postgres::migrate(&url).await.unwrap();
+        let before = store.now().await.unwrap();
+        store.advance_clock(Duration::from_secs(3600));
+        assert!(store.now().await.unwrap().0 >= before.0 + 3_600_000);
+        store.close().await;
+        assert!(store.health().await.is_err(), "closed");
+        assert!(hangar_store::postgres::migrate("not a url").await.is_err());
+    })
+    .await;
+}
