@@ -63,6 +63,7 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
         let proxy = ProxySession {
             store: state.store.clone(),
             name: name.clone(),
+            node,
             sender,
             cancel: cancel.clone(),
             waiters: state.tracker.clone(),
@@ -86,6 +87,8 @@ async fn disconnect(store: &dyn Store, node: NodeId, session: i64, name: &ProxyN
 struct ProxySession {
     store: Arc<dyn Store>,
     name: ProxyName,
+    /// The proxy's node id: connection reports are kept per proxy.
+    node: NodeId,
     sender: NodeSender<ControllerToProxy>,
     /// The session's token: every loop and waiter stops when it fires, and any loop that ends fires it.
     cancel: CancellationToken,
@@ -112,7 +115,9 @@ impl ProxySession {
             };
             let handled = match message {
                 ProxyToController::RouteRequest { token } => self.route_request(token).await,
-                ProxyToController::KeepAlive { backend } => self.keepalive(backend).await,
+                ProxyToController::KeepAlive { backend, connected } => {
+                    self.keepalive(backend, connected).await
+                }
             };
             if handled.is_err() {
                 break;
@@ -149,8 +154,8 @@ impl ProxySession {
             .await
     }
 
-    async fn keepalive(&self, backend: BackendId) -> Result<(), SessionClosed> {
-        match self.store.keepalive(&backend).await {
+    async fn keepalive(&self, backend: BackendId, connected: bool) -> Result<(), SessionClosed> {
+        match self.store.keepalive(&backend, self.node, connected).await {
             Ok(true) => Ok(()),
             Ok(false) => {
                 self.sender

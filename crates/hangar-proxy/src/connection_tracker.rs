@@ -7,8 +7,10 @@
 //!
 //! Rules: a backend's first activity queues a `KeepAlive` at once and schedules a visit one interval
 //! later. A visit queues another keepalive if the backend has open connections or had activity since
-//! the previous visit, else forgets the backend. Counts are exact because every open connection is a
-//! [`ConnectionGuard`] that decrements on drop, whatever ends the connection.
+//! the previous visit, else forgets the backend. When the last open connection closes, a keepalive is
+//! queued at once so the controller's idle clock starts exactly then. Each keepalive says whether the
+//! backend has open connections at the moment it is sent. Counts are exact because every open
+//! connection is a [`ConnectionGuard`] that decrements on drop, whatever ends the connection.
 //!
 //! Must not: do IO (the session sends the keepalives) or hold the lock across an await.
 
@@ -132,11 +134,17 @@ impl ConnectionTracker {
 
     fn close(&self, backend: &BackendId, epoch: u64) {
         let mut st = self.lock();
+        let mut last_closed = false;
         if let Some(a) = st.backends.get_mut(backend) {
             if a.epoch == epoch {
                 a.open = a.open.saturating_sub(1);
                 a.recent = true;
+                last_closed = a.open == 0 && !a.removed;
             }
+        }
+        if last_closed {
+            st.keepalives.insert(backend.clone());
+            self.outbound.notify_one();
         }
     }
 
@@ -164,9 +172,17 @@ impl ConnectionTracker {
         })
     }
 
-    /// Keepalives to send now (each backend at most once).
-    pub(crate) fn take_keepalives(&self) -> Vec<BackendId> {
-        self.lock().keepalives.drain().collect()
+    /// Keepalives to send now (each backend at most once), each with whether the backend has open
+    /// connections right now.
+    pub(crate) fn take_keepalives(&self) -> Vec<(BackendId, bool)> {
+        let mut st = self.lock();
+        let due: Vec<BackendId> = st.keepalives.drain().collect();
+        due.into_iter()
+            .map(|b| {
+                let connected = st.backends.get(&b).is_some_and(|a| a.open > 0);
+                (b, connected)
+            })
+            .collect()
     }
 
     /// Visits every backend whose visit is due; see the module docs.
@@ -262,7 +278,7 @@ mod tests {
         tokio::time::timeout(crate::TEST_TIMEOUT, async {
             let t = tracker();
             let guard = t.open(&b("b1"));
-            assert_eq!(t.take_keepalives(), vec![b("b1")]);
+            assert_eq!(t.take_keepalives(), vec![(b("b1"), true)]);
             assert_eq!(t.counts(&b("b1")), counts(1, true));
             // Further activity before the visit does not send another keepalive.
             drop(t.open(&b("b1")));
@@ -272,22 +288,24 @@ mod tests {
             t.visit_due(start + Duration::from_secs(6));
             assert!(t.take_keepalives().is_empty());
             t.visit_due(start + Duration::from_secs(7));
-            assert_eq!(t.take_keepalives(), vec![b("b1")]);
+            assert_eq!(t.take_keepalives(), vec![(b("b1"), true)]);
             assert_eq!(t.counts(&b("b1")), counts(1, false));
             // Still open: keepalive again, though no new request.
             t.visit_due(start + Duration::from_secs(14));
-            assert_eq!(t.take_keepalives(), vec![b("b1")]);
+            assert_eq!(t.take_keepalives(), vec![(b("b1"), true)]);
+            // The last connection closing is reported at once, as not connected.
             drop(guard);
+            assert_eq!(t.take_keepalives(), vec![(b("b1"), false)]);
             assert_eq!(t.counts(&b("b1")), counts(0, true));
             t.visit_due(start + Duration::from_secs(21));
-            assert_eq!(t.take_keepalives(), vec![b("b1")]);
+            assert_eq!(t.take_keepalives(), vec![(b("b1"), false)]);
             // Idle for a whole interval: forgotten, no keepalive.
             t.visit_due(start + Duration::from_secs(28));
             assert!(t.take_keepalives().is_empty());
             assert_eq!(t.counts(&b("b1")), None);
             // Comes back with an immediate keepalive.
             drop(t.open(&b("b1")));
-            assert_eq!(t.take_keepalives(), vec![b("b1")]);
+            assert_eq!(t.take_keepalives(), vec![(b("b1"), false)]);
         })
         .await
         .expect("test timed out");
@@ -317,13 +335,13 @@ mod tests {
             assert_eq!(t.counts(&b("b2")), None);
             tokio::time::advance(Duration::from_secs(3)).await;
             drop(t.open(&b("b2")));
-            assert_eq!(t.take_keepalives(), vec![b("b2")]);
+            assert_eq!(t.take_keepalives(), vec![(b("b2"), false)]);
             t.visit_due(start + Duration::from_secs(7));
             assert_eq!(t.counts(&b("b2")), counts(0, true));
             assert!(t.take_keepalives().is_empty());
             t.visit_due(start + Duration::from_secs(10));
             assert_eq!(t.counts(&b("b2")), counts(0, false));
-            assert_eq!(t.take_keepalives(), vec![b("b2")]);
+            assert_eq!(t.take_keepalives(), vec![(b("b2"), false)]);
         })
         .await
         .expect("test timed out");
@@ -340,7 +358,7 @@ mod tests {
             let cancel = CancellationToken::new();
             let task = tokio::spawn(t.clone().run_keepalive_visits(cancel.clone()));
             let guard = t.open(&b("b1"));
-            assert_eq!(t.take_keepalives(), vec![b("b1")]);
+            assert_eq!(t.take_keepalives(), vec![(b("b1"), true)]);
             // With paused time, the runtime advances the clock to the next timer when idle.
             tokio::time::timeout(Duration::from_secs(8), async {
                 while t.take_keepalives().is_empty() {

@@ -137,14 +137,13 @@ async fn run_sender(state: &ProxyState, tx: &mut Sender, generation: u64) -> Cli
             state.outbound.notified().await;
             continue;
         }
-        let messages = routes
-            .into_iter()
-            .map(|token| ProxyToController::RouteRequest { token })
-            .chain(
-                keepalives
-                    .into_iter()
-                    .map(|backend| ProxyToController::KeepAlive { backend }),
-            );
+        let messages =
+            routes
+                .into_iter()
+                .map(|token| ProxyToController::RouteRequest { token })
+                .chain(keepalives.into_iter().map(|(backend, connected)| {
+                    ProxyToController::KeepAlive { backend, connected }
+                }));
         for message in messages {
             if let Err(error) = tx.send(&message).await {
                 return error;

@@ -219,8 +219,8 @@ impl Store for SqliteStore {
         backends::sweep_candidates(self, drone).await
     }
 
-    async fn keepalive(&self, id: &BackendId) -> StoreResult<bool> {
-        backends::keepalive(self, id).await
+    async fn keepalive(&self, id: &BackendId, proxy: NodeId, connected: bool) -> StoreResult<bool> {
+        backends::keepalive(self, id, proxy, connected).await
     }
 
     async fn resolve_token(&self, token: &ConnectionToken) -> StoreResult<TokenLookup> {

@@ -142,6 +142,7 @@ macro_rules! all_store_tests {
             sweep_idle_backends,
             sweep_lifetime_limit,
             keepalive_reports_known_live_backends,
+            connected_backends_are_not_idle,
             register_and_disconnect_with_takeover,
             drain_is_kept_across_reconnects,
             cluster_state_shape,
@@ -256,6 +257,18 @@ mod suite {
     }
 
     /// A registered drone offering process and docker, with a heartbeat.
+    pub async fn proxy_node(store: &dyn Store, name: &str) -> NodeId {
+        let name: ProxyName = name.parse().unwrap();
+        match store
+            .register_proxy(&cluster(), &name, &controller(), "0.1.0")
+            .await
+            .unwrap()
+        {
+            Registration::Registered { node, .. } => node,
+            other => panic!("proxy not registered: {other:?}"),
+        }
+    }
+
     pub async fn ready_drone(store: &dyn Store, name: &str, pool: &str) -> NodeId {
         let reg = registration(name, pool, &[ExecutorKind::Process, ExecutorKind::Docker]);
         let (node, _) = register(store, &reg).await;
@@ -910,7 +923,8 @@ mod suite {
         assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
         h.advance(Duration::from_secs(50));
         assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
-        assert!(store.keepalive(&id).await.unwrap());
+        let px = proxy_node(store, "px-one").await;
+        assert!(store.keepalive(&id, px, false).await.unwrap());
         h.advance(Duration::from_secs(50));
         assert!(
             store.sweep_candidates(drone).await.unwrap().is_empty(),
@@ -989,10 +1003,57 @@ mod suite {
         let drone = ready_drone(store, "dr-one", "").await;
         let nb = new_backend(drone, "alive");
         acquire(store, nb.clone()).await;
-        assert!(store.keepalive(&nb.id).await.unwrap());
-        assert!(!store.keepalive(&BackendId::random()).await.unwrap());
+        let px = proxy_node(store, "px-one").await;
+        assert!(store.keepalive(&nb.id, px, true).await.unwrap());
+        assert!(!store
+            .keepalive(&BackendId::random(), px, false)
+            .await
+            .unwrap());
         terminate(store, &nb.id).await;
-        assert!(!store.keepalive(&nb.id).await.unwrap());
+        assert!(!store.keepalive(&nb.id, px, false).await.unwrap());
+    }
+
+    /// Open connections reported by proxies keep a backend from being idle, per proxy, for as long as
+    /// the reports are fresh; withdrawing the last one starts the idle clock.
+    pub async fn connected_backends_are_not_idle(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let mut nb = new_backend(drone, "busy");
+        nb.max_idle_seconds = Some(10);
+        let id = nb.id.clone();
+        acquire(store, nb).await;
+        make_ready(store, &id).await;
+        let (p1, p2) = (
+            proxy_node(store, "px-one").await,
+            proxy_node(store, "px-two").await,
+        );
+
+        assert!(store.keepalive(&id, p1, true).await.unwrap());
+        h.advance(Duration::from_secs(15));
+        assert!(
+            store.sweep_candidates(drone).await.unwrap().is_empty(),
+            "an open connection is not idle"
+        );
+        // The report was not refreshed (proxy gone): idle again once it expires.
+        h.advance(Duration::from_secs(10));
+        assert_eq!(
+            store.sweep_candidates(drone).await.unwrap(),
+            vec![id.clone()]
+        );
+
+        assert!(store.keepalive(&id, p1, true).await.unwrap());
+        assert!(store.keepalive(&id, p2, true).await.unwrap());
+        assert!(store.keepalive(&id, p1, false).await.unwrap());
+        h.advance(Duration::from_secs(15));
+        assert!(
+            store.sweep_candidates(drone).await.unwrap().is_empty(),
+            "the other proxy still has a connection"
+        );
+        assert!(store.keepalive(&id, p2, false).await.unwrap());
+        h.advance(Duration::from_secs(9));
+        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
+        h.advance(Duration::from_secs(2));
+        assert_eq!(store.sweep_candidates(drone).await.unwrap(), vec![id]);
     }
 
     // ---- nodes ---------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ pub mod timing;
 pub mod token;
 
 pub use names::{
-    ActionId, BackendId, ClusterName, ControllerName, DroneName, KeyName, NameError, NodeName,
-    ProxyName,
+    ActionId, BackendId, ClusterName, ControllerName, DnsName, DroneName, KeyName, NameError,
+    NodeName, ProxyName,
 };
 pub use state::{BackendState, BackendStatus, TerminationKind, TerminationReason};
 pub use time::Millis;

@@ -141,6 +141,11 @@ simple_name!(
     ActionId,
     Some("ak")
 );
+simple_name!(
+    /// An ACME DNS-01 responder (`hangar dns`), `ns-…`.
+    DnsName,
+    Some("ns")
+);
 
 /// A node that holds a session with the controller, parsed by its name prefix.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -6,7 +6,9 @@
 
 use crate::api::KeyConfig;
 use crate::executable::{Executable, ExecutorKind};
-use crate::names::{ActionId, BackendId, ClusterName, ControllerName, DroneName, ProxyName};
+use crate::names::{
+    ActionId, BackendId, ClusterName, ControllerName, DnsName, DroneName, ProxyName,
+};
 use crate::state::{BackendState, TerminationKind, TerminationReason};
 use crate::time::Millis;
 use crate::token::{ConnectionToken, SecretToken};
@@ -155,8 +157,16 @@ pub enum ProxyToController {
     /// Resolve a token. The controller answers once the backend is ready, or at once with `None` when
     /// the token is unknown or its backend is terminating/terminated.
     RouteRequest { token: ConnectionToken },
-    /// The backend had traffic or has open connections (sent at most every heartbeat interval).
-    KeepAlive { backend: BackendId },
+    /// The backend had traffic (sent on first activity, then every heartbeat interval while active).
+    /// `connected`: this proxy has open connections to the backend right now; the controller does not
+    /// count a backend as idle while a proxy's connected report is younger than
+    /// [`crate::timing::CONNECTED_REPORT_TTL`]. The proxy sends `connected: false` as soon as its last
+    /// connection to the backend closes, so the idle clock starts exactly then.
+    KeepAlive {
+        backend: BackendId,
+        #[serde(default)]
+        connected: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +179,34 @@ pub enum ControllerToProxy {
     BackendRemoved { backend: BackendId },
     /// These tokens were revoked: forget them.
     TokensRevoked { tokens: Vec<ConnectionToken> },
+}
+
+/// First frame an ACME DNS responder sends on `/ctrl/dns-socket`; the controller answers with
+/// [`HelloResponse`]. Separate from [`Hello`] because a DNS responder belongs to no cluster and is not a
+/// drone or proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsHello {
+    /// [`crate::PROTOCOL_VERSION`] of the responder.
+    pub protocol: u32,
+    /// Hangar version of the responder (informational).
+    pub version: String,
+    pub name: DnsName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DnsToController {
+    /// Asks for the ACME DNS-01 TXT value the cluster's proxy stored. The controller answers every
+    /// request with a [`ControllerToDns::TxtRecordResponse`] for the same cluster.
+    TxtRecordRequest { cluster: ClusterName },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerToDns {
+    /// `txt_value: None` when the cluster has no certificate lease or no value set yet.
+    TxtRecordResponse {
+        cluster: ClusterName,
+        txt_value: Option<String>,
+    },
 }
 
 #[cfg(test)]
@@ -204,6 +242,31 @@ mod tests {
         });
         let s = serde_json::to_string(&a).unwrap();
         assert_eq!(serde_json::from_str::<ControllerToDrone>(&s).unwrap(), a);
+    }
+
+    #[test]
+    fn dns_messages_roundtrip() {
+        let m = DnsToController::TxtRecordRequest {
+            cluster: "c1.example.com".parse().unwrap(),
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(s, r#"{"TxtRecordRequest":{"cluster":"c1.example.com"}}"#);
+        assert_eq!(serde_json::from_str::<DnsToController>(&s).unwrap(), m);
+        let r: ControllerToDns = serde_json::from_str(
+            r#"{"TxtRecordResponse":{"cluster":"c1.example.com","txt_value":null}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            ControllerToDns::TxtRecordResponse {
+                cluster: "c1.example.com".parse().unwrap(),
+                txt_value: None
+            }
+        );
+        assert!(serde_json::from_str::<DnsHello>(
+            r#"{"protocol":1,"version":"x","name":"px-abc"}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub const KEY_HARD_TERMINATE_AFTER: Duration = Duration::from_secs(50);
 
 /// Drone heartbeat and proxy keepalive cadence.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(7);
+/// How long a proxy's "has open connections" report keeps a backend from being idle unless the
+/// proxy repeats it (it does every heartbeat interval while connections stay open).
+pub const CONNECTED_REPORT_TTL: Duration = Duration::from_secs(21);
 /// A drone whose last heartbeat is older than this is not given new backends.
 pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(45);
 
@@ -49,6 +52,7 @@ mod tests {
         assert!(KEY_SOFT_TERMINATE_AFTER < KEY_HARD_TERMINATE_AFTER);
         assert!(KEY_HARD_TERMINATE_AFTER < KEY_LEASE);
         assert!(HEARTBEAT_INTERVAL < UNHEALTHY_AFTER);
+        assert!(HEARTBEAT_INTERVAL * 2 < CONNECTED_REPORT_TTL);
         assert!(BACKOFF_INITIAL < BACKOFF_MAX);
     }
 }

@@ -321,6 +321,7 @@ async fn idle_backend_is_swept_unless_kept_alive() {
                 proxy
                     .send(&ProxyToController::KeepAlive {
                         backend: busy.backend_id.clone(),
+                        connected: false,
                     })
                     .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -171,6 +171,7 @@ async fn terminating_backend_is_removed_from_proxies() {
         proxy
             .send(&ProxyToController::KeepAlive {
                 backend: connected.backend_id.clone(),
+                connected: false,
             })
             .await;
         expect_removed(&mut proxy, &connected.backend_id).await;

@@ -256,7 +256,7 @@ fn handle_proxy_message(
             };
             let _ = tx.send(ControllerToProxy::RouteResponse { token, route });
         }
-        ProxyToController::KeepAlive { backend } => {
+        ProxyToController::KeepAlive { backend, .. } => {
             inner.keepalives.lock().unwrap().push(backend);
         }
     }

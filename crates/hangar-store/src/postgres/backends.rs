@@ -15,7 +15,7 @@ use crate::events::StoreEvent;
 use crate::model::*;
 use crate::StoreResult;
 use hangar_types::protocol::{AcquiredKey, ActionMessage, BackendAction};
-use hangar_types::timing::KEY_LEASE;
+use hangar_types::timing::{CONNECTED_REPORT_TTL, KEY_LEASE};
 use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis};
 use serde_json::Value;
 use sqlx::{PgConnection, Row};
@@ -311,7 +311,10 @@ pub(super) async fn sweep_candidates(
         "SELECT id FROM backend \
          WHERE drone_id = $1 AND terminate_requested_at IS NULL AND last_status_number < 60 \
          AND ((last_status_number = 50 AND max_idle_seconds IS NOT NULL \
-               AND hangar_now_ms($2) - last_keepalive > max_idle_seconds::BIGINT * 1000) \
+               AND hangar_now_ms($2) - last_keepalive > max_idle_seconds::BIGINT * 1000 \
+               AND NOT EXISTS (SELECT 1 FROM backend_connection c \
+                               WHERE c.backend_id = backend.id \
+                               AND c.connected_until > hangar_now_ms($2))) \
               OR (expiration_time IS NOT NULL AND hangar_now_ms($2) > expiration_time)) \
          ORDER BY created_at, id",
     )
@@ -322,7 +325,13 @@ pub(super) async fn sweep_candidates(
     ids.iter().map(|id| parse("backend id", id)).collect()
 }
 
-pub(super) async fn keepalive(s: &PostgresStore, id: &BackendId) -> StoreResult<bool> {
+pub(super) async fn keepalive(
+    s: &PostgresStore,
+    id: &BackendId,
+    proxy: NodeId,
+    connected: bool,
+) -> StoreResult<bool> {
+    let mut tx = s.pool.begin().await?;
     // 70 = terminated.
     let updated = sqlx::query(
         "UPDATE backend SET last_keepalive = GREATEST(last_keepalive, hangar_now_ms($1)) \
@@ -330,10 +339,33 @@ pub(super) async fn keepalive(s: &PostgresStore, id: &BackendId) -> StoreResult<
     )
     .bind(s.offset())
     .bind(id.as_str())
-    .execute(&s.pool)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
-    Ok(updated > 0)
+    if updated == 0 {
+        return Ok(false);
+    }
+    if connected {
+        sqlx::query(
+            "INSERT INTO backend_connection (backend_id, proxy_id, connected_until) \
+             VALUES ($1, $2, hangar_now_ms($3) + $4) ON CONFLICT (backend_id, proxy_id) \
+             DO UPDATE SET connected_until = excluded.connected_until",
+        )
+        .bind(id.as_str())
+        .bind(proxy)
+        .bind(s.offset())
+        .bind(millis_of(CONNECTED_REPORT_TTL))
+        .execute(&mut *tx)
+        .await?;
+    } else {
+        sqlx::query("DELETE FROM backend_connection WHERE backend_id = $1 AND proxy_id = $2")
+            .bind(id.as_str())
+            .bind(proxy)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 pub(super) async fn renew_key(s: &PostgresStore, backend: &BackendId) -> StoreResult<bool> {

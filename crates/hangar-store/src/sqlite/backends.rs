@@ -11,7 +11,7 @@ use crate::events::StoreEvent;
 use crate::model::*;
 use crate::StoreResult;
 use hangar_types::protocol::{AcquiredKey, ActionMessage, BackendAction};
-use hangar_types::timing::KEY_LEASE;
+use hangar_types::timing::{CONNECTED_REPORT_TTL, KEY_LEASE};
 use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis};
 use sqlx::{Row, SqliteConnection};
 
@@ -285,11 +285,14 @@ pub(super) async fn sweep_candidates(
         "SELECT id FROM backend \
          WHERE drone_id = ? AND terminate_requested_at IS NULL AND last_status_number < 60 \
          AND ((last_status_number = 50 AND max_idle_seconds IS NOT NULL \
-               AND ? - last_keepalive > max_idle_seconds * 1000) \
+               AND ? - last_keepalive > max_idle_seconds * 1000 \
+               AND NOT EXISTS (SELECT 1 FROM backend_connection c \
+                               WHERE c.backend_id = backend.id AND c.connected_until > ?)) \
               OR (expiration_time IS NOT NULL AND ? > expiration_time)) \
          ORDER BY created_at, id",
     )
     .bind(drone)
+    .bind(now.0)
     .bind(now.0)
     .bind(now.0)
     .fetch_all(&s.reader)
@@ -299,8 +302,14 @@ pub(super) async fn sweep_candidates(
         .collect()
 }
 
-pub(super) async fn keepalive(s: &SqliteStore, id: &BackendId) -> StoreResult<bool> {
+pub(super) async fn keepalive(
+    s: &SqliteStore,
+    id: &BackendId,
+    proxy: NodeId,
+    connected: bool,
+) -> StoreResult<bool> {
     let now = s.clock();
+    let mut tx = s.writer.begin().await?;
     // 70 = terminated.
     let updated = sqlx::query(
         "UPDATE backend SET last_keepalive = MAX(last_keepalive, ?) \
@@ -308,10 +317,32 @@ pub(super) async fn keepalive(s: &SqliteStore, id: &BackendId) -> StoreResult<bo
     )
     .bind(now.0)
     .bind(id.as_str())
-    .execute(&s.writer)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
-    Ok(updated > 0)
+    if updated == 0 {
+        return Ok(false);
+    }
+    if connected {
+        sqlx::query(
+            "INSERT INTO backend_connection (backend_id, proxy_id, connected_until) \
+             VALUES (?, ?, ?) ON CONFLICT (backend_id, proxy_id) \
+             DO UPDATE SET connected_until = excluded.connected_until",
+        )
+        .bind(id.as_str())
+        .bind(proxy)
+        .bind(now.plus(CONNECTED_REPORT_TTL).0)
+        .execute(&mut *tx)
+        .await?;
+    } else {
+        sqlx::query("DELETE FROM backend_connection WHERE backend_id = ? AND proxy_id = ?")
+            .bind(id.as_str())
+            .bind(proxy)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 pub(super) async fn renew_key(s: &SqliteStore, backend: &BackendId) -> StoreResult<bool> {
