@@ -5,7 +5,7 @@
 use crate::http::{ClientError, ControllerClient};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use hangar_types::protocol::{Hello, HelloResponse};
+use hangar_types::protocol::HelloResponse;
 use hangar_types::ControllerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -32,11 +32,13 @@ pub struct NodeSocket<S, R> {
 }
 
 impl<S: Serialize, R: DeserializeOwned> NodeSocket<S, R> {
-    /// Connects to `path` (e.g. `/ctrl/c/<cluster>/drone-socket`) and performs the handshake.
-    pub async fn connect(
+    /// Connects to `path` (e.g. `/ctrl/c/<cluster>/drone-socket`) and performs the handshake: sends
+    /// `hello` ([`hangar_types::protocol::Hello`] for drones and proxies,
+    /// [`hangar_types::protocol::DnsHello`] for DNS responders) and expects a [`HelloResponse`].
+    pub async fn connect<H: Serialize>(
         client: &ControllerClient,
         path: &str,
-        hello: &Hello,
+        hello: &H,
     ) -> Result<Self, ClientError> {
         let mut url = client.url(path)?;
         let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
