@@ -1,4 +1,5 @@
-//! The controller's HTTP API: Plane's route table (plane-api.md §2.2) plus `/ctrl/revoke`. `/ctrl/*` is
+//! The controller's HTTP API: Plane's route table (plane-api.md §2.2) plus `/ctrl/revoke` and the
+//! operator routes Plane has only in `db-cli` (`mark-lost`, `prevent-renew`). `/ctrl/*` is
 //! the trusted group (optionally behind a bearer token, node sockets included); `/pub/*` is public and
 //! carries a CORS layer. Handlers live in `api/`, named `<resource>_<verb>`.
 
@@ -98,9 +99,18 @@ pub fn router(state: AppState) -> Router {
         .route("/ctrl/revoke", post(backends::tokens_revoke))
         .route("/ctrl/c/{cluster}/state", get(nodes::cluster_state_get))
         .route(
+            "/ctrl/b/{backend}/prevent-renew",
+            post(backends::backends_prevent_renew),
+        )
+        .route(
             "/ctrl/c/{cluster}/d/{drone}/drain",
             post(nodes::drones_drain),
         )
+        .route(
+            "/ctrl/c/{cluster}/d/{drone}/mark-lost",
+            post(nodes::drones_mark_lost),
+        )
+        .route("/ctrl/dns-socket", get(nodes::dns_socket))
         .route("/ctrl/c/{cluster}/drone-socket", get(nodes::drone_socket))
         .route("/ctrl/c/{cluster}/proxy-socket", get(nodes::proxy_socket))
         .route_layer(axum::middleware::from_fn_with_state(

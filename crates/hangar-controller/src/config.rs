@@ -2,12 +2,15 @@
 
 use hangar_types::{ClusterName, ControllerName};
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 use url::Url;
 
 /// Default for [`ControllerConfig::best_of`].
 pub const DEFAULT_BEST_OF: usize = 2;
 /// Default for [`ControllerConfig::max_body_bytes`]: 1 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Default for [`ControllerConfig::cleanup_interval`]: 180 s (Plane's cadence).
+pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(180);
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,6 +32,27 @@ pub struct ControllerConfig {
     /// When set, every `/ctrl/*` route, including the drone and proxy sockets, requires
     /// `Authorization: Bearer <token>` (401 otherwise). `/pub/*` never requires it. Default: none.
     pub bearer_token: Option<String>,
+    /// Terminated backends (with their history, actions and tokens) are deleted this many days after
+    /// they terminated. At least 1. Default: none (they are kept; only expired tokens are deleted).
+    pub cleanup_min_age_days: Option<u32>,
+    /// Time between cleanup passes, in milliseconds; the first pass runs after a random part of it so
+    /// that controllers sharing a database spread out. At least 1000. Default: 180000 (180 s).
+    #[serde(with = "millis")]
+    pub cleanup_interval: Duration,
+}
+
+/// Durations as integer milliseconds in config files.
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
 }
 
 impl Default for ControllerConfig {
@@ -40,6 +64,8 @@ impl Default for ControllerConfig {
             best_of: DEFAULT_BEST_OF,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             bearer_token: None,
+            cleanup_min_age_days: None,
+            cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
         }
     }
 }
@@ -60,6 +86,8 @@ impl std::fmt::Debug for ControllerConfig {
                 "bearer_token",
                 &self.bearer_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("cleanup_min_age_days", &self.cleanup_min_age_days)
+            .field("cleanup_interval", &self.cleanup_interval)
             .finish()
     }
 }
@@ -74,7 +102,14 @@ pub enum ConfigError {
     EmptyBearerToken,
     #[error("`controller_url` must be an http or https URL with a host, got {0}")]
     InvalidControllerUrl(String),
+    #[error("`cleanup_min_age_days` must be at least 1")]
+    CleanupMinAgeZero,
+    #[error("`cleanup_interval` must be at least 1000 ms")]
+    CleanupIntervalTooShort,
 }
+
+/// Shortest accepted [`ControllerConfig::cleanup_interval`].
+pub const MIN_CLEANUP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl ControllerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -86,6 +121,12 @@ impl ControllerConfig {
         }
         if self.bearer_token.as_deref().is_some_and(str::is_empty) {
             return Err(ConfigError::EmptyBearerToken);
+        }
+        if self.cleanup_min_age_days == Some(0) {
+            return Err(ConfigError::CleanupMinAgeZero);
+        }
+        if self.cleanup_interval < MIN_CLEANUP_INTERVAL {
+            return Err(ConfigError::CleanupIntervalTooShort);
         }
         if let Some(url) = &self.controller_url {
             if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
@@ -112,6 +153,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.validate(), Err(ConfigError::BestOfZero));
+    }
+
+    #[test]
+    fn cleanup_settings() {
+        let c: ControllerConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c.cleanup_interval, Duration::from_secs(180));
+        assert_eq!(c.cleanup_min_age_days, None);
+        let c: ControllerConfig =
+            serde_json::from_str(r#"{"cleanup_interval": 60000, "cleanup_min_age_days": 7}"#)
+                .unwrap();
+        assert_eq!(c.cleanup_interval, Duration::from_secs(60));
+        assert_eq!(c.cleanup_min_age_days, Some(7));
+        assert!(c.validate().is_ok());
+        let c: ControllerConfig = serde_json::from_str(r#"{"cleanup_interval": 0}"#).unwrap();
+        assert_eq!(c.validate(), Err(ConfigError::CleanupIntervalTooShort));
+        let c: ControllerConfig = serde_json::from_str(r#"{"cleanup_min_age_days": 0}"#).unwrap();
+        assert_eq!(c.validate(), Err(ConfigError::CleanupMinAgeZero));
+        assert!(serde_json::from_str::<ControllerConfig>(r#"{"cleanup_interval": -1}"#).is_err());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use hangar_store::{DroneRegistration, NodeId, Registration, Store, StoreEvent};
 use hangar_types::protocol::{
     ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines, NodeHello,
 };
-use hangar_types::timing::ACTION_RESEND_INTERVAL;
+use hangar_types::timing::{ACTION_RESEND_INTERVAL, UNHEALTHY_AFTER};
 use hangar_types::{ActionId, ClusterName, DroneName};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,6 +52,15 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
         let reason = "a proxy must connect to the proxy socket, not the drone socket".to_string();
         return node_socket::refuse(socket, reason).await;
     };
+    // Read before registering, only to report a takeover of a live session (reconnects must work, so a
+    // takeover is allowed; a second drone process using the same name is an operator's mistake).
+    let previous = match state.store.drone_attachment(&cluster, &name).await {
+        Ok(previous) => previous,
+        Err(e) => {
+            tracing::debug!(drone = %name, error = %e, "Could not read the drone's previous session");
+            None
+        }
+    };
     let registration = DroneRegistration {
         cluster: cluster.clone(),
         name: name.clone(),
@@ -70,6 +79,22 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
         }
     };
     tracing::info!(drone = %name, %cluster, node, session, "Drone connected");
+    if let Some(previous) = previous.filter(|p| {
+        p.controller.is_some() && p.heartbeat_age.is_some_and(|age| age < UNHEALTHY_AFTER)
+    }) {
+        let age = previous.heartbeat_age.map(|a| a.as_millis());
+        tracing::warn!(
+            drone = %name,
+            %cluster,
+            node,
+            new_session = session,
+            previous_session = previous.session,
+            previous_controller = ?previous.controller.as_ref().map(|c| c.as_str()),
+            previous_heartbeat_age_ms = ?age,
+            "Drone connected while another session of it was live and heartbeating; the new session \
+             takes over (a reconnect, or two drones sharing a name)"
+        );
+    }
 
     // Subscribe before the first pending-actions read, so no action queued in between is missed.
     let events = state.store.events().subscribe();

@@ -1,6 +1,7 @@
 //! The Hangar controller: the only component with a store. It serves the HTTP API (Plane's routes and
-//! JSON shapes), decides get-or-create and placement, holds the WebSocket sessions of drones and
-//! proxies, enforces idle and lifetime limits, and streams backend status.
+//! JSON shapes), decides get-or-create and placement, holds the WebSocket sessions of drones, proxies
+//! and ACME DNS responders, enforces idle and lifetime limits, records backends of vanished drones as
+//! lost, coordinates the proxies' certificates, cleans up old rows, and streams backend status.
 //!
 //! Boundary: depends on `hangar-store` and `hangar-types` only; it never depends on the drone or the
 //! proxy crates. All shared time decisions use the store clock.
@@ -9,10 +10,14 @@
 //! handler tests.
 
 pub mod api;
+pub mod cert;
+pub mod cleanup;
 pub mod config;
 pub mod connect;
+mod dns_session;
 pub mod drone_session;
 pub mod error;
+pub mod lost;
 mod maintenance;
 mod node_socket;
 pub mod proxy_session;
@@ -89,7 +94,16 @@ pub async fn start(
         name.clone(),
         state.cancel.child_token(),
     ));
-    state.tracker.spawn(maintenance::run_cleanup(
+    let cleanup_policy = cleanup::CleanupPolicy::new(
+        state.config.cleanup_min_age_days,
+        state.config.cleanup_interval,
+    );
+    state.tracker.spawn(cleanup::run_cleanup(
+        state.store.clone(),
+        cleanup_policy,
+        state.cancel.child_token(),
+    ));
+    state.tracker.spawn(lost::run_lost_backend_sweep(
         state.store.clone(),
         state.cancel.child_token(),
     ));

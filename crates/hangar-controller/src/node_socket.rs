@@ -1,4 +1,4 @@
-//! The transport shared by drone and proxy sessions: the `Hello`/`HelloResponse` handshake, a writer loop
+//! The transport shared by drone, proxy and DNS sessions: the `Hello`/`HelloResponse` handshake, a writer loop
 //! fed by a bounded queue of JSON text frames, and a reader that yields text frames.
 //!
 //! Dead peers are detected on both paths: the writer pings every [`PING_INTERVAL`], and the reader gives
@@ -10,6 +10,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hangar_types::protocol::{Hello, HelloResponse};
 use hangar_types::{ControllerName, PROTOCOL_VERSION, VERSION};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -29,31 +30,45 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Reads the node's `Hello`. `Err` carries the reason to send in `Refused`.
 pub async fn read_hello(socket: &mut WebSocket) -> Result<Hello, String> {
+    let hello: Hello = read_first_frame(socket, "Hello").await?;
+    check_protocol(hello.protocol)?;
+    Ok(hello)
+}
+
+/// Reads the first JSON text frame of a session as a `what` (e.g. `Hello`, `DnsHello`) within
+/// [`HELLO_TIMEOUT`]. `Err` carries the reason to send in `Refused`.
+pub async fn read_first_frame<H: DeserializeOwned>(
+    socket: &mut WebSocket,
+    what: &str,
+) -> Result<H, String> {
     let first_text = async {
         loop {
             match socket.recv().await {
                 Some(Ok(Message::Text(text))) => return Ok(text),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(Message::Binary(_))) => {
-                    return Err("the first frame must be a JSON text `Hello`".to_string())
+                    return Err(format!("the first frame must be a JSON text `{what}`"))
                 }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                    return Err("connection closed before `Hello`".to_string())
+                    return Err(format!("connection closed before `{what}`"))
                 }
             }
         }
     };
     let text = tokio::time::timeout(HELLO_TIMEOUT, first_text)
         .await
-        .map_err(|_| format!("no `Hello` within {} s", HELLO_TIMEOUT.as_secs()))??;
-    let hello: Hello = serde_json::from_str(&text).map_err(|e| format!("invalid `Hello`: {e}"))?;
-    if hello.protocol != PROTOCOL_VERSION {
+        .map_err(|_| format!("no `{what}` within {} s", HELLO_TIMEOUT.as_secs()))??;
+    serde_json::from_str(&text).map_err(|e| format!("invalid `{what}`: {e}"))
+}
+
+/// Refuses peers that speak another protocol version.
+pub fn check_protocol(protocol: u32) -> Result<(), String> {
+    if protocol != PROTOCOL_VERSION {
         return Err(format!(
-            "protocol version mismatch: node speaks {}, controller speaks {PROTOCOL_VERSION}",
-            hello.protocol
+            "protocol version mismatch: node speaks {protocol}, controller speaks {PROTOCOL_VERSION}"
         ));
     }
-    Ok(hello)
+    Ok(())
 }
 
 /// Sends `Refused { reason }` and closes the socket.

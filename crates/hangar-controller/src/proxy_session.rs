@@ -1,14 +1,17 @@
 //! One proxy's WebSocket session (`/ctrl/c/{cluster}/proxy-socket`, plane-api.md §3.5.3).
 //!
-//! Three loops: the socket writer, the reader (route requests, keepalives) and the event forwarder
-//! (`BackendRemoved` for every backend that starts terminating, `TokensRevoked` for revocations).
-//! A route request for a backend that is not ready yet is answered later by a waiter task.
+//! Three loops: the socket writer, the reader (route requests, keepalives, certificate requests — see
+//! [`crate::cert`]) and the event forwarder (`BackendRemoved` for every backend that starts terminating,
+//! `TokensRevoked` for revocations, the cluster's ACME HTTP challenges and certificates; on connect it
+//! first sends the cluster's current certificate and challenges). A route request for a backend that is
+//! not ready yet is answered later by a waiter task.
 //!
 //! Unlike Plane (quirks 5, 6, 32): every route request gets an answer — `None` on a store error or after
 //! [`ROUTE_WAIT_TIMEOUT`] — so a proxy never hangs; removal is announced as soon as a backend starts
 //! terminating; and a store error never ends the session.
 
 use crate::api::AppState;
+use crate::cert::{tls_event, tls_snapshot, ProxyTls};
 use crate::node_socket::{self, NodeSender, SessionClosed};
 use axum::extract::ws::WebSocket;
 use futures_util::stream::SplitStream;
@@ -62,6 +65,7 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
         let (sender, rx) = node_socket::outbound();
         let proxy = ProxySession {
             store: state.store.clone(),
+            cluster: cluster.clone(),
             name: name.clone(),
             node,
             sender,
@@ -86,6 +90,7 @@ async fn disconnect(store: &dyn Store, node: NodeId, session: i64, name: &ProxyN
 
 struct ProxySession {
     store: Arc<dyn Store>,
+    cluster: ClusterName,
     name: ProxyName,
     /// The proxy's node id: connection reports are kept per proxy.
     node: NodeId,
@@ -118,12 +123,54 @@ impl ProxySession {
                 ProxyToController::KeepAlive { backend, connected } => {
                     self.keepalive(backend, connected).await
                 }
+                ProxyToController::CertLeaseRequest => {
+                    let answer = self.tls().lease_request().await;
+                    self.sender.send(&answer).await
+                }
+                ProxyToController::ReleaseCertLease => {
+                    self.tls().release_lease().await;
+                    Ok(())
+                }
+                ProxyToController::SetTxtRecord { txt_value } => {
+                    let answer = self.tls().set_txt_record(txt_value).await;
+                    self.sender.send(&answer).await
+                }
+                ProxyToController::SetHttpChallenge {
+                    token,
+                    key_authorization,
+                } => {
+                    self.tls()
+                        .set_http_challenge(token, key_authorization)
+                        .await;
+                    Ok(())
+                }
+                ProxyToController::StoreCertificate { cert_pem, key_pem } => {
+                    self.tls().store_certificate(cert_pem, key_pem).await;
+                    Ok(())
+                }
             };
             if handled.is_err() {
                 break;
             }
         }
         self.cancel.cancel();
+    }
+
+    fn tls(&self) -> ProxyTls<'_> {
+        ProxyTls {
+            store: self.store.as_ref(),
+            cluster: &self.cluster,
+            proxy: self.node,
+            name: &self.name,
+        }
+    }
+
+    /// Sends the cluster's current certificate and HTTP challenges.
+    async fn send_tls_snapshot(&self) -> Result<(), SessionClosed> {
+        for message in tls_snapshot(self.store.as_ref(), &self.cluster).await {
+            self.sender.send(&message).await?;
+        }
+        Ok(())
     }
 
     async fn route_request(&self, token: ConnectionToken) -> Result<(), SessionClosed> {
@@ -169,8 +216,14 @@ impl ProxySession {
         }
     }
 
-    /// Tells the proxy to forget backends that start terminating and tokens that are revoked.
+    /// Tells the proxy to forget backends that start terminating and tokens that are revoked, and keeps
+    /// it up to date with its cluster's certificate and ACME HTTP challenges.
     async fn run_event_forwarder(&self, mut events: broadcast::Receiver<StoreEvent>) {
+        // Subscribed before this read: a certificate stored meanwhile is sent (again) below.
+        if self.send_tls_snapshot().await.is_err() {
+            self.cancel.cancel();
+            return;
+        }
         loop {
             let event = tokio::select! {
                 _ = self.cancel.cancelled() => break,
@@ -185,11 +238,17 @@ impl ProxySession {
                 Ok(StoreEvent::TokensRevoked { tokens }) => {
                     ControllerToProxy::TokensRevoked { tokens }
                 }
-                Ok(_) => continue,
+                Ok(event) => match tls_event(&event, &self.cluster) {
+                    Some(message) => message,
+                    None => continue,
+                },
                 // Lost notifications cannot be replayed; a proxy whose cached route is stale gets
-                // `BackendRemoved` on its next keepalive for that backend.
+                // `BackendRemoved` on its next keepalive for that backend. TLS state is re-sent whole.
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(proxy = %self.name, missed, "Proxy event subscription lagged");
+                    if self.send_tls_snapshot().await.is_err() {
+                        break;
+                    }
                     continue;
                 }
                 Err(broadcast::error::RecvError::Closed) => break,

@@ -1,14 +1,219 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The Hangar drone: the agent on every machine that runs backends. It holds a WebSocket session with
+//! the controller (`session`), applies its spawn/terminate actions by driving an [`executor`] through
+//! one supervisor task per backend (`supervisor`), keeps every state change in a durable local
+//! outbox until the controller acknowledges it (`outbox`), and renews key leases, terminating its
+//! backends by its own clock when it cannot (`key_manager`).
+//!
+//! Entry point: [`start`] with a [`DroneConfig`]; stop with [`DroneHandle::shutdown`].
+//!
+//! Boundary: the drone never touches the controller's store; all it knows arrives as actions. It owns
+//! no business decisions (placement, idle sweeping): it runs, reports and obeys deadlines.
+
+pub mod config;
+pub mod executor;
+mod key_manager;
+mod outbox;
+mod readiness;
+mod session;
+mod supervisor;
+
+pub use config::{DroneConfig, DroneConfigError};
+
+use anyhow::Context;
+use executor::{Executor, ProcessExecutor};
+use hangar_client::ControllerClient;
+use hangar_types::executable::ExecutorKind;
+use hangar_types::protocol::{Hello, NodeHello};
+use hangar_types::{DroneName, PROTOCOL_VERSION, VERSION};
+use outbox::Outbox;
+use session::Session;
+use std::sync::Arc;
+use std::time::Duration;
+use supervisor::{SupervisorSettings, Supervisors};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Acks and key renewals waiting for a connection. When full (a long disconnection) new ones are
+/// dropped: the controller resends unacked actions and the key manager asks again.
+const OUTBOUND_CAPACITY: usize = 1024;
+/// Actions received but not yet applied. When full an action is dropped; the controller resends it.
+const ACTION_CAPACITY: usize = 1024;
+/// At shutdown, how long the drone waits for the controller to ack the final events.
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
+/// At shutdown, how long backends may take to stop beyond the soft-terminate grace period.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+
+/// A running drone.
+pub struct DroneHandle {
+    name: DroneName,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    actions_cancel: CancellationToken,
+    actions_task: JoinHandle<()>,
+    supervisors: Supervisors,
+    executors: Vec<Arc<dyn Executor>>,
+    outbox: Outbox,
+    connected: watch::Receiver<bool>,
+    reconnect: watch::Sender<u64>,
+    soft_terminate_grace: Duration,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Starts a drone: opens its state, reports backends left over from a previous run (the process
+/// executor cannot re-adopt them: they are killed and reported terminated), then connects to the
+/// controller and keeps reconnecting until [`DroneHandle::shutdown`].
+pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
+    config.validate().context("invalid drone configuration")?;
+    let client =
+        ControllerClient::new(config.controller_url.clone()).context("invalid controller URL")?;
+    let outbox = Outbox::open(config.state_file.as_deref())
+        .await
+        .context("cannot open the drone state")?;
+    let mut kinds = config.executors.clone();
+    kinds.sort();
+    kinds.dedup();
+    let mut executors: Vec<Arc<dyn Executor>> = Vec::new();
+    for kind in &kinds {
+        match kind {
+            ExecutorKind::Process => executors.push(Arc::new(ProcessExecutor::new(config.ip))),
+            ExecutorKind::Docker => {
+                anyhow::bail!(DroneConfigError::ExecutorUnavailable(ExecutorKind::Docker))
+            }
+        }
+    }
+    let settings = SupervisorSettings {
+        soft_terminate_grace: config.soft_terminate_grace,
+        readiness_timeout: config.readiness_timeout,
+    };
+    let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+    let supervisors = Supervisors::new(
+        outbox.clone(),
+        executors.clone(),
+        settings,
+        outbound.clone(),
+    );
+    supervisors
+        .recover()
+        .await
+        .context("cannot recover the backends of the previous run")?;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let actions_cancel = CancellationToken::new();
+    let (actions, actions_rx) = mpsc::channel(ACTION_CAPACITY);
+    let actions_task = tokio::spawn(session::run_actions(
+        supervisors.clone(),
+        actions_rx,
+        outbound,
+        actions_cancel.clone(),
+    ));
+    let (connected, connected_rx) = watch::channel(false);
+    let (reconnect, reconnect_rx) = watch::channel(0);
+    let session = Session {
+        client,
+        path: format!("/ctrl/c/{}/drone-socket", config.cluster),
+        hello: Hello {
+            protocol: PROTOCOL_VERSION,
+            version: VERSION.to_string(),
+            node: NodeHello::Drone {
+                name: config.name.clone(),
+                pool: config.pool.clone(),
+                executors: kinds,
+            },
+        },
+        outbox: outbox.clone(),
+        supervisors: supervisors.clone(),
+        actions,
+        outbound: outbound_rx,
+        connected,
+        reconnect: reconnect_rx,
+    };
+    tracker.spawn(session.run_session(cancel.child_token()));
+    tracker.close();
+    tracing::info!(drone = %config.name, cluster = %config.cluster, "Drone started");
+    Ok(DroneHandle {
+        name: config.name,
+        cancel,
+        tracker,
+        actions_cancel,
+        actions_task,
+        supervisors,
+        executors,
+        outbox,
+        connected: connected_rx,
+        reconnect,
+        soft_terminate_grace: config.soft_terminate_grace,
+    })
+}
+
+impl DroneHandle {
+    pub fn name(&self) -> &DroneName {
+        &self.name
+    }
+
+    /// Whether a controller session is up right now.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Drops the current controller connection without a close handshake; the drone reconnects with
+    /// backoff and replays its unacked events. For tests of the reconnect path.
+    pub fn reconnect(&self) {
+        self.reconnect.send_modify(|n| *n += 1);
+    }
+
+    /// Stops taking actions, terminates backends that cannot outlive the drone (SIGTERM, grace period,
+    /// SIGKILL), waits briefly for the controller to ack their final events, then closes the session.
+    pub async fn shutdown(self) {
+        tracing::info!(drone = %self.name, "Drone shutting down");
+        self.actions_cancel.cancel();
+        if let Err(e) = self.actions_task.await {
+            tracing::warn!(error = %e, "Action loop ended abnormally");
+        }
+        self.supervisors
+            .shutdown(self.soft_terminate_grace + SHUTDOWN_MARGIN)
+            .await;
+        wait_for_acks(&self.outbox, self.connected.clone()).await;
+        self.cancel.cancel();
+        self.tracker.wait().await;
+        for executor in &self.executors {
+            executor.shutdown().await;
+        }
+        self.outbox.close().await;
+        tracing::info!(drone = %self.name, "Drone stopped");
+    }
+}
+
+/// Waits until the outbox is empty, the connection is down, or [`SHUTDOWN_ACK_WAIT`] passed.
+async fn wait_for_acks(outbox: &Outbox, mut connected: watch::Receiver<bool>) {
+    let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
+    let mut acks = outbox.subscribe_acks();
+    loop {
+        acks.borrow_and_update();
+        match outbox.pending_events().await {
+            Ok(0) => return,
+            Ok(pending) if !*connected.borrow_and_update() => {
+                tracing::info!(
+                    pending,
+                    "Not connected; unacked events stay in the drone state"
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "Failed to count unacked events");
+                return;
+            }
+        }
+        tokio::select! {
+            _ = acks.changed() => {}
+            _ = connected.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("Controller did not ack the final events in time");
+                return;
+            }
+        }
     }
 }

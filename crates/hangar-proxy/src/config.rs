@@ -11,6 +11,22 @@ pub const DEFAULT_ROUTE_WAIT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for [`ProxyConfig::shutdown_grace`]: 10 seconds.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default for [`ProxyConfig::max_connections`]: 10 000.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default for [`ProxyConfig::max_header_bytes`]: 64 KiB.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default for [`ProxyConfig::max_headers`]: 100 (hyper's own default).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default for [`ProxyConfig::max_request_body_bytes`]: 100 MiB.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 100 * 1024 * 1024;
+/// Default for [`ProxyConfig::header_read_timeout`]: 30 seconds.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for [`ProxyConfig::idle_timeout`]: 20 seconds.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest allowed duration in the configuration: 365 days.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The smallest allowed [`ProxyConfig::max_header_bytes`] (hyper's minimum read buffer).
+pub const MIN_MAX_HEADER_BYTES: usize = 8192;
 
 /// Durations are written as a number of seconds (fractions allowed, e.g. `0.5`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +55,34 @@ pub struct ProxyConfig {
     /// connections (and all WebSocket tunnels) are dropped, in seconds. Default: 10.
     #[serde(default = "default_shutdown_grace", with = "seconds")]
     pub shutdown_grace: Duration,
+    /// Most client connections open at once (HTTP connections and WebSocket tunnels). Beyond it a
+    /// new connection gets `503` with `Connection: close` and is closed. Default: 10 000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Largest request head in bytes (request line plus headers for HTTP/1.1, the header list for
+    /// HTTP/2); larger requests get `431`. At least 8192. Default: 65536 (64 KiB).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most headers in an HTTP/1.1 request; more get `431`. Default: 100.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Largest request body in bytes that is forwarded (upgrade requests carry none); a larger
+    /// declared `Content-Length` gets `413` at once, a streamed body that grows past it gets `413`
+    /// unless the backend already answered. Default: 104857600 (100 MiB).
+    #[serde(default = "default_max_request_body_bytes")]
+    pub max_request_body_bytes: u64,
+    /// How long an HTTP/1.1 connection may take to deliver a complete request head, in seconds,
+    /// counted from when the proxy starts waiting for it (the connection opened or the previous
+    /// response ended); slower clients (slowloris) are disconnected. Any new connection (HTTP/1.1
+    /// or HTTP/2) that has not started a request within this long is dropped too. Default: 30.
+    #[serde(default = "default_header_read_timeout", with = "seconds")]
+    pub header_read_timeout: Duration,
+    /// A client connection (HTTP/1.1 keep-alive or HTTP/2) with no request in progress and no
+    /// bytes sent or received for this long is closed, in seconds (HTTP/2 gets a GOAWAY first).
+    /// HTTP/1.1 connections are also bounded by `header_read_timeout` while they wait for their
+    /// next request, so the shorter of the two applies to them. Default: 20.
+    #[serde(default = "default_idle_timeout", with = "seconds")]
+    pub idle_timeout: Duration,
 }
 
 fn default_route_wait() -> Duration {
@@ -49,6 +93,24 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_shutdown_grace() -> Duration {
     DEFAULT_SHUTDOWN_GRACE
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_max_header_bytes() -> usize {
+    DEFAULT_MAX_HEADER_BYTES
+}
+fn default_max_headers() -> usize {
+    DEFAULT_MAX_HEADERS
+}
+fn default_max_request_body_bytes() -> u64 {
+    DEFAULT_MAX_REQUEST_BODY_BYTES
+}
+fn default_header_read_timeout() -> Duration {
+    DEFAULT_HEADER_READ_TIMEOUT
+}
+fn default_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
 }
 
 impl ProxyConfig {
@@ -62,6 +124,12 @@ impl ProxyConfig {
             route_wait_timeout: DEFAULT_ROUTE_WAIT_TIMEOUT,
             upstream_connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 
@@ -81,10 +149,41 @@ impl ProxyConfig {
         for (field, value) in [
             ("route_wait_timeout", self.route_wait_timeout),
             ("upstream_connect_timeout", self.upstream_connect_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(field));
             }
+        }
+        for (field, value) in [
+            ("route_wait_timeout", self.route_wait_timeout),
+            ("upstream_connect_timeout", self.upstream_connect_timeout),
+            ("shutdown_grace", self.shutdown_grace),
+            ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            // Deadlines are computed as `now + value`, which must not overflow.
+            if value > MAX_DURATION {
+                return Err(ConfigError::DurationTooLong(field));
+            }
+        }
+        for (field, value) in [
+            ("max_connections", self.max_connections),
+            ("max_headers", self.max_headers),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::ZeroLimit(field));
+            }
+        }
+        // The semaphore that enforces the limit cannot hold more permits than this.
+        if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ConfigError::TooManyConnections(self.max_connections));
+        }
+        if self.max_header_bytes < MIN_MAX_HEADER_BYTES
+            || u32::try_from(self.max_header_bytes).is_err()
+        {
+            return Err(ConfigError::InvalidMaxHeaderBytes(self.max_header_bytes));
         }
         Ok(())
     }
@@ -98,6 +197,14 @@ pub enum ConfigError {
     InvalidRootRedirect,
     #[error("`{0}` must be greater than zero")]
     ZeroDuration(&'static str),
+    #[error("`{0}` must be at most 365 days")]
+    DurationTooLong(&'static str),
+    #[error("`{0}` must be at least 1")]
+    ZeroLimit(&'static str),
+    #[error("`max_connections` is too large: {0}")]
+    TooManyConnections(usize),
+    #[error("`max_header_bytes` must be between 8192 and 4294967295, got {0}")]
+    InvalidMaxHeaderBytes(usize),
 }
 
 /// Serde adapter: a [`Duration`] as a (fractional) number of seconds.
@@ -133,6 +240,12 @@ mod tests {
         assert_eq!(c.upstream_connect_timeout, Duration::from_secs(10));
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
         assert!(c.name.as_str().starts_with("px-"));
+        assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.max_header_bytes, 64 * 1024);
+        assert_eq!(c.max_headers, 100);
+        assert_eq!(c.max_request_body_bytes, 100 * 1024 * 1024);
+        assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.idle_timeout, Duration::from_secs(20));
         assert!(c.validate().is_ok());
 
         assert!(serde_json::from_str::<ProxyConfig>(
@@ -168,6 +281,24 @@ mod tests {
             c.validate(),
             Err(ConfigError::ZeroDuration("route_wait_timeout"))
         );
+        let fresh = || ProxyConfig::new("http://x/".parse().unwrap(), "x".parse().unwrap());
+        let mut c = fresh();
+        c.idle_timeout = Duration::ZERO;
+        assert_eq!(c.validate(), Err(ConfigError::ZeroDuration("idle_timeout")));
+        let mut c = fresh();
+        c.shutdown_grace = Duration::from_secs(u64::MAX);
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::DurationTooLong("shutdown_grace"))
+        );
+        let mut c = fresh();
+        c.max_connections = 0;
+        assert_eq!(c.validate(), Err(ConfigError::ZeroLimit("max_connections")));
+        let mut c = fresh();
+        c.max_header_bytes = 8191;
+        assert_eq!(c.validate(), Err(ConfigError::InvalidMaxHeaderBytes(8191)));
+        c.max_header_bytes = 8192;
+        assert!(c.validate().is_ok());
         let c = ProxyConfig::new("ftp://x/".parse().unwrap(), "x".parse().unwrap());
         assert!(matches!(
             c.validate(),

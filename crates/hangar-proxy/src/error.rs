@@ -51,6 +51,12 @@ pub(crate) enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge {
+        limit: u64,
+        /// Set when the body was being forwarded to this backend.
+        backend: Option<BackendId>,
+    },
     #[error("the route for this token is invalid")]
     InvalidRoute {
         backend: BackendId,
@@ -78,6 +84,7 @@ impl ProxyError {
                 StatusCode::GONE
             }
             ProxyError::Host(_) => StatusCode::FORBIDDEN,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RouteWaitTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ControllerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -94,7 +101,8 @@ impl ProxyError {
             | ProxyError::UnknownToken
             | ProxyError::BackendTerminated
             | ProxyError::TokenRevoked
-            | ProxyError::Host(_) => Fault::Client,
+            | ProxyError::Host(_)
+            | ProxyError::BodyTooLarge { .. } => Fault::Client,
             ProxyError::RouteWaitTimeout | ProxyError::Upstream { .. } => Fault::Backend,
             ProxyError::ControllerUnavailable | ProxyError::InvalidRoute { .. } => Fault::Proxy,
         }
@@ -106,6 +114,7 @@ impl ProxyError {
             ProxyError::Upstream { backend, .. } | ProxyError::InvalidRoute { backend, .. } => {
                 Some(backend)
             }
+            ProxyError::BodyTooLarge { backend, .. } => backend.as_ref(),
             ProxyError::MissingToken
             | ProxyError::InvalidPath
             | ProxyError::NoRootRedirect

@@ -6,7 +6,7 @@ use hangar_types::protocol::RouteInfo;
 use hangar_types::BackendId;
 use http::header::{
     ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
-    CONNECTION, SERVER,
+    CONNECTION, SERVER, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
@@ -39,6 +39,17 @@ pub(crate) fn is_upgrade_request(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Whether a `101` response switched to WebSocket: its `Upgrade` header (possibly a list) names
+/// `websocket`, compared case-insensitively.
+pub(crate) fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("websocket"))
 }
 
 /// Why a request's host does not fit its route.
@@ -257,6 +268,18 @@ mod tests {
         assert!(!is_upgrade_request(&h));
         h.append(CONNECTION, HeaderValue::from_static("upgrade"));
         assert!(is_upgrade_request(&h));
+    }
+
+    #[test]
+    fn websocket_upgrade_detection() {
+        let mut h = HeaderMap::new();
+        assert!(!is_websocket_upgrade(&h));
+        h.insert(UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(is_websocket_upgrade(&h));
+        h.insert(UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!is_websocket_upgrade(&h));
+        h.insert(UPGRADE, HeaderValue::from_static("foo, websocket"));
+        assert!(is_websocket_upgrade(&h));
     }
 
     #[test]

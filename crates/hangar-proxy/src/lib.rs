@@ -4,11 +4,18 @@
 //! subdomain, forwards HTTP and WebSocket traffic with `x-verified-*` headers, and reports activity as
 //! keepalives so the controller can stop idle backends.
 //!
+//! It defends itself against its clients: limits on connections, request heads and bodies,
+//! timeouts for slow and idle clients, and no panic on any input (see `server.rs`, `service.rs`).
+//! On shutdown it stops accepting, lets in-flight requests finish, then closes WebSocket tunnels
+//! with a close frame (1001) on a frame boundary (see `upgrade.rs`).
+//!
 //! Boundary: the proxy talks to the controller only through `hangar-client`'s node session, never to
 //! the store; it makes no decisions about backends beyond forwarding.
 //!
 //! Not here yet: TLS and ACME (Plane §7.9–7.10).
 
+mod activity;
+mod body_limit;
 mod config;
 mod connection_tracker;
 mod error;
@@ -18,10 +25,13 @@ mod server;
 mod service;
 mod session;
 mod upgrade;
+mod ws_frames;
 
 pub use config::{
-    ConfigError, ProxyConfig, DEFAULT_ROUTE_WAIT_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+    ConfigError, ProxyConfig, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_ROUTE_WAIT_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_UPSTREAM_CONNECT_TIMEOUT, MAX_DURATION, MIN_MAX_HEADER_BYTES,
 };
 pub use connection_tracker::ConnectionCounts;
 pub use headers::{server_header_value, X_HANGAR_BACKEND_ID, X_PLANE_BACKEND_ID};
@@ -39,7 +49,7 @@ use route_cache::RouteCache;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,9 +69,16 @@ pub(crate) struct ProxyState {
     connected: watch::Sender<bool>,
     upstream: Client<HttpConnector, ProxyBody>,
     server_header: HeaderValue,
+    /// One permit per open client connection (tunnels keep theirs); `max_connections` in all.
+    connection_slots: Arc<Semaphore>,
+    /// Shutdown, after the grace period: WebSocket tunnels send close frames and end.
+    going_away: CancellationToken,
     /// Hard stop: ends the session, the keepalive visits, connections and tunnels.
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// The tunnels among `tasks`, so shutdown can wait for them to close before ending the
+    /// session (their last keepalives still go out).
+    tunnels: TaskTracker,
 }
 
 impl ProxyState {
@@ -91,8 +108,10 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         .pool_timer(TokioTimer::new())
         .build(connector);
 
+    let config_max_connections = config.max_connections;
     let cancel = CancellationToken::new();
     let drain = cancel.child_token();
+    let going_away = cancel.child_token();
     let tasks = TaskTracker::new();
     let outbound = Arc::new(Notify::new());
     let tracker = Arc::new(ConnectionTracker::new(outbound.clone()));
@@ -104,8 +123,11 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         connected: watch::Sender::new(false),
         upstream,
         server_header: server_header_value(),
+        connection_slots: Arc::new(Semaphore::new(config_max_connections)),
+        going_away: going_away.clone(),
         cancel: cancel.clone(),
         tasks: tasks.clone(),
+        tunnels: TaskTracker::new(),
     });
 
     tasks.spawn(session::run_session(state.clone(), client, cancel.clone()));
@@ -118,21 +140,52 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
     tracing::info!(%local_addr, name = %state.config.name, cluster = %state.config.cluster, "Proxy started");
     Ok(ProxyHandle {
         local_addr,
-        state,
+        monitor: ProxyMonitor { state },
         cancel,
         drain,
+        going_away,
         tasks,
         accept: Some(accept),
     })
 }
 
+/// A read-only view of a proxy's connections that stays usable while (and after) the proxy shuts
+/// down. Cheap to clone.
+#[derive(Clone)]
+pub struct ProxyMonitor {
+    state: Arc<ProxyState>,
+}
+
+impl ProxyMonitor {
+    /// Open connections and recent activity of `backend` as the keepalive logic sees them; `None`
+    /// when the proxy does not track the backend (no traffic for a keepalive interval, or removed).
+    pub fn connection_counts(&self, backend: &BackendId) -> Option<ConnectionCounts> {
+        self.state.tracker.counts(backend)
+    }
+
+    /// Open client connections, including upgraded (WebSocket) ones; at most `max_connections`.
+    pub fn open_client_connections(&self) -> usize {
+        self.state
+            .config
+            .max_connections
+            .saturating_sub(self.state.connection_slots.available_permits())
+    }
+
+    /// Running WebSocket (upgraded) tunnels.
+    pub fn open_tunnels(&self) -> usize {
+        self.state.tunnels.len()
+    }
+}
+
 /// A running proxy. Dropping it without [`ProxyHandle::shutdown`] stops everything at once.
 pub struct ProxyHandle {
     local_addr: SocketAddr,
-    state: Arc<ProxyState>,
+    monitor: ProxyMonitor,
     cancel: CancellationToken,
     /// Graceful stop: stop accepting and let in-flight exchanges finish.
     drain: CancellationToken,
+    /// After the drain: close WebSocket tunnels with a close frame.
+    going_away: CancellationToken,
     tasks: TaskTracker,
     accept: Option<JoinHandle<()>>,
 }
@@ -145,33 +198,59 @@ impl ProxyHandle {
 
     /// This proxy's node name.
     pub fn name(&self) -> &ProxyName {
-        &self.state.config.name
+        &self.monitor.state.config.name
     }
 
     /// Whether the proxy currently holds a controller connection (what `/ready` reports).
     pub fn is_ready(&self) -> bool {
-        self.state.is_connected()
+        self.monitor.state.is_connected()
     }
 
-    /// Open connections and recent activity of `backend` as the keepalive logic sees them; `None`
-    /// when the proxy does not track the backend (no traffic for a keepalive interval, or removed).
+    /// See [`ProxyMonitor::connection_counts`].
     pub fn connection_counts(&self, backend: &BackendId) -> Option<ConnectionCounts> {
-        self.state.tracker.counts(backend)
+        self.monitor.connection_counts(backend)
+    }
+
+    /// See [`ProxyMonitor::open_client_connections`].
+    pub fn open_client_connections(&self) -> usize {
+        self.monitor.open_client_connections()
+    }
+
+    /// See [`ProxyMonitor::open_tunnels`].
+    pub fn open_tunnels(&self) -> usize {
+        self.monitor.open_tunnels()
+    }
+
+    /// A view of the connections that outlives this handle (e.g. to watch a shutdown).
+    pub fn monitor(&self) -> ProxyMonitor {
+        self.monitor.clone()
     }
 
     /// Number of requests currently waiting for their route (e.g. for a starting backend).
     pub fn waiting_requests(&self) -> usize {
-        self.state.route_cache.waiting_requests()
+        self.monitor.state.route_cache.waiting_requests()
     }
 
-    /// Stops accepting connections, lets in-flight HTTP exchanges finish for up to
-    /// `shutdown_grace`, then closes everything that is left (including WebSocket tunnels) and ends
-    /// the controller session.
+    /// Stops accepting connections and lets in-flight HTTP exchanges finish for up to
+    /// `shutdown_grace`; then sends each WebSocket client (and backend) a close frame with status
+    /// 1001 (going away) at a frame boundary and closes the tunnels; then drops whatever is left and
+    /// ends the controller session.
     pub async fn shutdown(mut self) {
         tracing::info!("Proxy shutting down");
         self.drain.cancel();
         if let Some(accept) = self.accept.take() {
             let _ = accept.await;
+        }
+        self.going_away.cancel();
+        let tunnels = &self.monitor.state.tunnels;
+        tunnels.close();
+        // Each tunnel bounds its own goodbye; this bound only guards against a bug there.
+        let bound = upgrade::GOING_AWAY_WAIT * 2;
+        if tokio::time::timeout(bound, tunnels.wait()).await.is_err() {
+            tracing::warn!(
+                open = tunnels.len(),
+                "Tunnels still open after closing them; dropping them"
+            );
         }
         self.cancel.cancel();
         self.tasks.close();

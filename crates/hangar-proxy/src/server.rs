@@ -1,20 +1,53 @@
 //! The accept loop: serves every client connection with HTTP/1.1 and HTTP/2 (prior knowledge)
-//! auto-detection and upgrade support, and drains gracefully when asked to stop.
+//! auto-detection and upgrade support, within the configured limits, and drains gracefully when
+//! asked to stop.
+//!
+//! Limits enforced here: `max_connections` (a semaphore permit per connection, held by upgraded
+//! tunnels too; over the limit a connection gets a minimal `503` and is closed), request head size
+//! and count (hyper answers `431`), `header_read_timeout` (hyper for each HTTP/1.1 request head, and
+//! here for the first request of any connection, which also covers the protocol detection hyper
+//! does before HTTP/1.1 starts), and `idle_timeout`.
 
+use crate::activity::{ActivityIo, ConnectionActivity};
+use crate::config::{ProxyConfig, DEFAULT_MAX_HEADERS};
+use crate::headers::apply_general_headers;
 use crate::service::handle_request;
 use crate::ProxyState;
+use http::{header, HeaderMap, HeaderValue};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use std::convert::Infallible;
+use std::fmt::Display;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// At most this many over-limit connections are being answered at once; beyond that they are
+/// closed without an answer, so a flood cannot make the rejections themselves a resource problem.
+const MAX_REJECTING: usize = 64;
+/// How long answering an over-limit connection may take (write the `503`, then wait for the
+/// client to close so that closing does not reset the connection before the client read it).
+const REJECT_LINGER: Duration = Duration::from_secs(1);
+/// Body of the over-limit response.
+const OVER_LIMIT_BODY: &str = "the proxy is at its connection limit; try again later\n";
+
+/// A client connection, as the request pipeline sees it.
+pub(crate) struct ClientConnection {
+    pub(crate) peer: SocketAddr,
+    pub(crate) activity: Arc<ConnectionActivity>,
+    /// One of the `max_connections` permits; released when the connection and every tunnel
+    /// upgraded from it have ended.
+    _slot: OwnedSemaphorePermit,
+}
 
 /// Accepts connections until `drain` fires; then stops accepting (the listener is closed, so new
 /// connections are refused), tells open connections to close after their current exchange and waits
@@ -24,8 +57,10 @@ pub(crate) async fn run_accept_loop(
     state: Arc<ProxyState>,
     drain: CancellationToken,
 ) {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let builder = connection_builder(&state.config);
+    let connections = TaskTracker::new();
+    let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
+    let mut at_limit = false;
     loop {
         let accepted = tokio::select! {
             _ = drain.cancelled() => break,
@@ -42,30 +77,58 @@ pub(crate) async fn run_accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let slot = match state.connection_slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if !at_limit {
+                    at_limit = true;
+                    tracing::warn!(
+                        limit = state.config.max_connections,
+                        "Connection limit reached; rejecting new connections"
+                    );
+                }
+                if let Ok(permit) = rejecting.clone().try_acquire_owned() {
+                    let cancel = state.cancel.clone();
+                    let response = over_limit_response(&state.server_header);
+                    state.tasks.spawn(async move {
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            _ = reject(stream, &response) => {}
+                        }
+                        drop(permit);
+                    });
+                }
+                continue;
+            }
+        };
+        if at_limit {
+            at_limit = false;
+            tracing::info!("Accepting connections again");
+        }
+
+        let activity = ConnectionActivity::new();
+        let client = Arc::new(ClientConnection {
+            peer,
+            activity: activity.clone(),
+            _slot: slot,
+        });
         let service_state = state.clone();
         let service = service_fn(move |req| {
             let state = service_state.clone();
-            async move { Ok::<_, Infallible>(handle_request(state, peer, req).await) }
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(handle_request(state, client, req).await) }
         });
+        let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(io, service)
             .into_owned();
-        let connection = graceful.watch(connection);
-        let cancel = state.cancel.clone();
-        state.tasks.spawn(async move {
-            tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, %peer, "Client connection ended with an error");
-                    }
-                }
-                _ = cancel.cancelled() => {}
-            }
-        });
+        let task = run_connection(state.clone(), connection, activity, drain.clone(), peer);
+        state.tasks.spawn(connections.track_future(task));
     }
     drop(listener);
+    connections.close();
     let grace = state.config.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {
@@ -74,4 +137,111 @@ pub(crate) async fn run_accept_loop(
             "Connections still open after the shutdown grace period; dropping them"
         );
     }
+}
+
+/// The hyper connection builder with the configured limits.
+fn connection_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut http1 = builder.http1();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        // hyper answers 431 when an incomplete request head fills the read buffer, so the buffer
+        // limit is the head size limit (its public builder has no separate option). It also bounds
+        // the write buffer, which only adds back-pressure.
+        .max_buf_size(config.max_header_bytes);
+    // A non-default count makes hyper allocate the header array on the heap for every request.
+    if config.max_headers != DEFAULT_MAX_HEADERS {
+        http1.max_headers(config.max_headers);
+    }
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Drives one client connection until it ends: closes it gracefully (after the exchange in
+/// progress) on `drain` or once idle, and drops it when no request head arrived within
+/// `header_read_timeout` of accepting it, or on the hard stop.
+async fn run_connection<C>(
+    state: Arc<ProxyState>,
+    connection: C,
+    activity: Arc<ConnectionActivity>,
+    drain: CancellationToken,
+    peer: SocketAddr,
+) where
+    C: GracefulConnection,
+    C::Error: Display,
+{
+    tokio::pin!(connection);
+    let first_request = tokio::time::sleep(state.config.header_read_timeout);
+    tokio::pin!(first_request);
+    let mut first_checked = false;
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            _ = state.cancel.cancelled() => return,
+            _ = &mut first_request, if !first_checked => {
+                first_checked = true;
+                if !activity.had_exchange() {
+                    tracing::debug!(%peer, "No request head in time; dropping the connection");
+                    return;
+                }
+            }
+            _ = drain.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = activity.idle(state.config.idle_timeout), if !closing => {
+                tracing::debug!(%peer, "Closing an idle client connection");
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, %peer, "Client connection ended with an error");
+    }
+}
+
+/// The complete HTTP/1.1 response for a connection over the limit.
+fn over_limit_response(server: &HeaderValue) -> Vec<u8> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(OVER_LIMIT_BODY.len()),
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    apply_general_headers(&mut headers, server);
+    let mut response = b"HTTP/1.1 503 Service Unavailable\r\n".to_vec();
+    for (name, value) in &headers {
+        response.extend_from_slice(name.as_str().as_bytes());
+        response.extend_from_slice(b": ");
+        response.extend_from_slice(value.as_bytes());
+        response.extend_from_slice(b"\r\n");
+    }
+    response.extend_from_slice(b"\r\n");
+    response.extend_from_slice(OVER_LIMIT_BODY.as_bytes());
+    response
+}
+
+/// Answers an over-limit connection with `response` and closes it (bounded by [`REJECT_LINGER`]).
+async fn reject(mut stream: TcpStream, response: &[u8]) {
+    let answer = async {
+        stream.write_all(response).await?;
+        stream.shutdown().await?;
+        // Discard what the client sends until it closes; closing with unread data would reset the
+        // connection, and the client could lose the response.
+        let mut buf = [0u8; 4096];
+        while stream.read(&mut buf).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REJECT_LINGER, answer).await;
 }

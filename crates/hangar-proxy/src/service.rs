@@ -2,16 +2,19 @@
 //! backend starts), host and subdomain checks, header rewriting, forwarding (HTTP or upgrade), and the
 //! general headers on every response.
 //!
-//! Must not: buffer bodies (they stream both ways) or wait without a bound (route lookups end after
-//! `route_wait_timeout`, upstream connects after `upstream_connect_timeout`).
+//! Must not: buffer bodies (they stream both ways), wait without a bound (route lookups end after
+//! `route_wait_timeout`, upstream connects after `upstream_connect_timeout`), or panic on anything
+//! a client sends (every malformed input is an error response).
 
-use crate::connection_tracker::ConnectionGuard;
+use crate::body_limit::{LimitedBody, Tripped};
 use crate::error::{empty_response, full_body, BoxError, ProxyBody, ProxyError};
 use crate::headers::{
-    apply_general_headers, check_host, is_upgrade_request, set_backend_id,
+    apply_general_headers, check_host, is_upgrade_request, is_websocket_upgrade, set_backend_id,
     set_backend_request_headers,
 };
 use crate::route_cache::{LookupError, Route};
+use crate::server::ClientConnection;
+use crate::upgrade::Tunnel;
 use crate::ProxyState;
 use bytes::Bytes;
 use hangar_types::protocol::RouteInfo;
@@ -20,7 +23,6 @@ use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -32,23 +34,34 @@ use tokio::sync::watch;
 /// cannot come.
 const CONTROLLER_WAIT: Duration = Duration::from_secs(30);
 
-/// Handles one request from a client connected from `peer`. Never fails: errors become responses.
+/// Longest token looked up; real tokens are 43 characters (45 for static ones).
+const MAX_TOKEN_LEN: usize = 256;
+
+/// Handles one request from `client`. Never fails: errors become responses. The exchange counts
+/// as in progress on the client connection until the response body is finished or dropped.
 pub(crate) async fn handle_request(
     state: Arc<ProxyState>,
-    peer: SocketAddr,
+    client: Arc<ClientConnection>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let mut response = match route_request(&state, peer, req).await {
+    let exchange = client.activity.begin_exchange();
+    let mut response = match route_request(&state, &client, req).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
     apply_general_headers(response.headers_mut(), &state.server_header);
-    response
+    response.map(|body| {
+        GuardedBody {
+            inner: body,
+            _guard: exchange,
+        }
+        .boxed()
+    })
 }
 
 async fn route_request(
     state: &ProxyState,
-    peer: SocketAddr,
+    client: &Arc<ClientConnection>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     match req.uri().path() {
@@ -63,14 +76,35 @@ async fn route_request(
         "/" => return root_redirect(state),
         _ => {}
     }
+    let limit = state.config.max_request_body_bytes;
+    if !is_upgrade_request(req.headers()) && req.body().size_hint().lower() > limit {
+        return Err(ProxyError::BodyTooLarge {
+            limit,
+            backend: None,
+        });
+    }
     let target = TokenPath::parse(req.uri())?;
+    if !is_plausible_token(target.token.as_str()) {
+        // Cannot have been issued: answer like an unknown token without asking the controller.
+        return Err(ProxyError::UnknownToken);
+    }
     let route = match lookup_route(state, &target.token).await? {
         Route::Found(route) => route,
         Route::Gone(reason) => return Err(ProxyError::gone(reason)),
     };
     let host = request_host(&req).ok_or(ProxyError::MissingHost)?;
     check_host(&host, &route)?;
-    forward(state, peer, req, &route, target).await
+    forward(state, client, req, &route, target).await
+}
+
+/// Whether `token` could be a token the controller issued: base64url characters and the `.` of
+/// static tokens, of a sane length. Anything else (percent-escapes, huge segments) is not looked up.
+fn is_plausible_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= MAX_TOKEN_LEN
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Looks the token up, waiting at most `route_wait_timeout`, and giving up earlier when the proxy
@@ -177,7 +211,7 @@ impl TokenPath {
 
 async fn forward(
     state: &ProxyState,
-    peer: SocketAddr,
+    client: &Arc<ClientConnection>,
     mut req: Request<Incoming>,
     route: &RouteInfo,
     target: TokenPath,
@@ -187,7 +221,7 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
-    let client_ip = peer.ip().to_canonical();
+    let client_ip = client.peer.ip().to_canonical();
     set_backend_request_headers(&mut parts.headers, route, &target.original_path, client_ip)
         .map_err(|source| ProxyError::InvalidRoute {
             backend: backend.clone(),
@@ -208,10 +242,12 @@ async fn forward(
         .build()
         .map_err(|_| ProxyError::InvalidPath)?;
     parts.version = Version::HTTP_11;
-    let body = if upgrade {
-        full_body(Bytes::new())
+    let limit = state.config.max_request_body_bytes;
+    let (body, tripped) = if upgrade {
+        (full_body(Bytes::new()), Tripped::default())
     } else {
-        body.map_err(BoxError::from).boxed()
+        let (body, tripped) = LimitedBody::new(body, limit);
+        (body.boxed(), tripped)
     };
 
     let guard = state.tracker.open(backend);
@@ -219,20 +255,32 @@ async fn forward(
         .upstream
         .request(Request::from_parts(parts, body))
         .await
-        .map_err(|source| ProxyError::Upstream {
-            backend: backend.clone(),
-            source,
+        .map_err(|source| {
+            if tripped.is_tripped() {
+                ProxyError::BodyTooLarge {
+                    limit,
+                    backend: Some(backend.clone()),
+                }
+            } else {
+                ProxyError::Upstream {
+                    backend: backend.clone(),
+                    source,
+                }
+            }
         })?;
 
     let mut response = match client_upgrade {
-        Some(client) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            let backend_upgrade = hyper::upgrade::on(&mut response);
-            state.tasks.spawn(crate::upgrade::run_tunnel(
-                client,
-                backend_upgrade,
+        Some(client_upgrade) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let tunnel = Tunnel {
+                client: client_upgrade,
+                backend: hyper::upgrade::on(&mut response),
+                websocket: is_websocket_upgrade(response.headers()),
                 guard,
-                state.cancel.clone(),
-            ));
+                connection: client.clone(),
+            };
+            let run =
+                crate::upgrade::run_tunnel(tunnel, state.going_away.clone(), state.cancel.clone());
+            state.tasks.spawn(state.tunnels.track_future(run));
             response.map(|_| full_body(Bytes::new()))
         }
         _ => response.map(|body| {
@@ -248,21 +296,25 @@ async fn forward(
     Ok(response)
 }
 
-/// A backend response body that keeps its connection counted as open until it is finished or
-/// dropped (the client went away).
-struct GuardedBody {
-    inner: Incoming,
-    _guard: ConnectionGuard,
+/// A response body that holds `G` (a backend connection or a client exchange counted as open)
+/// until it is finished or dropped (the client went away).
+struct GuardedBody<B, G> {
+    inner: B,
+    _guard: G,
 }
 
-impl Body for GuardedBody {
+impl<B, G> Body for GuardedBody<B, G>
+where
+    B: Body<Data = Bytes> + Unpin,
+    G: Unpin,
+{
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -330,6 +382,18 @@ mod tests {
         })
         .await
         .expect("test timed out");
+    }
+
+    #[test]
+    fn implausible_tokens_are_not_looked_up() {
+        assert!(is_plausible_token(&ConnectionToken::random().to_string()));
+        assert!(is_plausible_token(
+            &ConnectionToken::random_static().to_string()
+        ));
+        assert!(is_plausible_token("not-a-token"));
+        for bad in ["", "%41bc", "a b", "tok\u{e9}n", "a/b", &"x".repeat(257)] {
+            assert!(!is_plausible_token(bad), "{bad:?}");
+        }
     }
 
     #[test]

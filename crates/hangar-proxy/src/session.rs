@@ -123,6 +123,13 @@ async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
                 tracing::debug!(count = tokens.len(), "Tokens revoked");
                 state.route_cache.revoke(&tokens);
             }
+            // Certificate lease, ACME challenges and certificates: handled by the TLS work.
+            ControllerToProxy::CertLeaseResponse { .. }
+            | ControllerToProxy::SetTxtRecordResponse { .. }
+            | ControllerToProxy::HttpChallenge { .. }
+            | ControllerToProxy::Certificate { .. } => {
+                tracing::debug!("Ignoring a TLS message from the controller (not implemented yet)");
+            }
         }
     }
 }

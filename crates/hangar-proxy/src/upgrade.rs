@@ -1,25 +1,60 @@
 //! Upgraded connections (WebSockets): once both the client's and the backend's connections have
 //! switched protocols, bytes are copied both ways until one side closes. The tunnel holds a
-//! [`ConnectionGuard`], so the backend counts one open connection for exactly the tunnel's life.
+//! [`ConnectionGuard`], so the backend counts one open connection for exactly the tunnel's life, and
+//! its client connection, so it keeps counting against `max_connections`.
+//!
+//! Going away (proxy shutdown): a WebSocket tunnel finishes forwarding the frame in progress in
+//! each direction (boundaries are followed by [`FrameTracker`] as bytes are copied), then sends a
+//! close frame with status 1001 to the client (unmasked, as a server) and to the backend (masked,
+//! as a client), waits briefly for the client to close, and ends. Other upgraded protocols just end.
+//!
+//! Must not: interpret or change what passes through, except for that final close frame.
 
 use crate::connection_tracker::ConnectionGuard;
+use crate::server::ClientConnection;
+use crate::ws_frames::{masked_close_going_away, FrameTracker, CLOSE_GOING_AWAY};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use std::io;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// After one direction ends, how long the other may still drain before the tunnel is dropped. Bounds
 /// the life of half-closed tunnels whose peer never closes its side.
 const HALF_CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// When going away: how long a tunnel may take to reach frame boundaries, send its close frames and
+/// see the client close.
+pub(crate) const GOING_AWAY_WAIT: Duration = Duration::from_secs(2);
+/// Copy buffer per direction (what `tokio::io::copy` uses), which bounds memory per idle tunnel.
+const BUFFER_SIZE: usize = 8 * 1024;
+/// When going away, at most this much is read (and discarded) while waiting for the client to close.
+const MAX_DISCARD: usize = 1024 * 1024;
 
-/// Runs one tunnel between the client and the backend until either side closes or `cancel` fires.
+/// An accepted upgrade whose tunnel is not running yet.
+pub(crate) struct Tunnel {
+    pub(crate) client: OnUpgrade,
+    pub(crate) backend: OnUpgrade,
+    /// Whether the protocol is WebSocket (frame boundaries can be followed).
+    pub(crate) websocket: bool,
+    pub(crate) guard: ConnectionGuard,
+    pub(crate) connection: Arc<ClientConnection>,
+}
+
+/// Runs one tunnel until either side closes, `going_away` has been handled, or `cancel` fires.
 pub(crate) async fn run_tunnel(
-    client: OnUpgrade,
-    backend: OnUpgrade,
-    guard: ConnectionGuard,
+    tunnel: Tunnel,
+    going_away: CancellationToken,
     cancel: CancellationToken,
 ) {
+    let Tunnel {
+        client,
+        backend,
+        websocket,
+        guard,
+        connection,
+    } = tunnel;
     let upgraded = tokio::select! {
         _ = cancel.cancelled() => return,
         both = async { tokio::try_join!(client, backend) } => both,
@@ -31,59 +66,222 @@ pub(crate) async fn run_tunnel(
             return;
         }
     };
+    let client = TokioIo::new(client);
+    let backend = TokioIo::new(backend);
     tokio::select! {
         _ = cancel.cancelled() => {}
-        _ = splice(TokioIo::new(client), TokioIo::new(backend)) => {}
+        _ = splice(client, backend, websocket, &going_away) => {}
     }
     drop(guard);
+    drop(connection);
 }
 
-/// Copies `a` → `b` and `b` → `a`. When one direction reaches end of stream (or fails), the write
-/// side it fed is shut down and the other direction gets [`HALF_CLOSE_LINGER`] to finish. Copy errors
-/// only end the tunnel.
-async fn splice<A, B>(a: A, b: B)
+/// Copies client → backend and backend → client. When one direction reaches end of stream (or
+/// fails), the write side it fed is shut down and the other direction gets [`HALF_CLOSE_LINGER`]
+/// to finish. Copy errors only end the tunnel. See the module docs for `going_away`.
+async fn splice<A, B>(client: A, backend: B, websocket: bool, going_away: &CancellationToken)
 where
     A: AsyncRead + AsyncWrite,
     B: AsyncRead + AsyncWrite,
 {
-    let (mut a_read, mut a_write) = tokio::io::split(a);
-    let (mut b_read, mut b_write) = tokio::io::split(b);
-    let a_to_b = async {
-        let _ = tokio::io::copy(&mut a_read, &mut b_write).await;
-        let _ = b_write.shutdown().await;
+    let (client_read, client_write) = tokio::io::split(client);
+    let (backend_read, backend_write) = tokio::io::split(backend);
+    let mut up = Pump::new(client_read, backend_write, websocket);
+    let mut down = Pump::new(backend_read, client_write, websocket);
+    enum Ended {
+        Client,
+        Backend,
+        GoingAway,
+    }
+    // Both copies are cancel-safe: their state lives in the pumps, so they can be resumed below.
+    let ended = tokio::select! {
+        _ = up.copy() => Ended::Client,
+        _ = down.copy() => Ended::Backend,
+        _ = going_away.cancelled() => Ended::GoingAway,
     };
-    let b_to_a = async {
-        let _ = tokio::io::copy(&mut b_read, &mut a_write).await;
-        let _ = a_write.shutdown().await;
-    };
-    tokio::pin!(a_to_b, b_to_a);
+    match ended {
+        Ended::Client => {
+            let _ = up.writer.shutdown().await;
+            linger(&mut down, going_away).await;
+        }
+        Ended::Backend => {
+            let _ = down.writer.shutdown().await;
+            linger(&mut up, going_away).await;
+        }
+        Ended::GoingAway if websocket => {
+            let _ = tokio::time::timeout(GOING_AWAY_WAIT, say_going_away(&mut up, &mut down)).await;
+        }
+        Ended::GoingAway => {}
+    }
+}
+
+/// Lets the remaining direction finish for a while, then shuts down the side it writes to.
+async fn linger<R, W>(pump: &mut Pump<R, W>, going_away: &CancellationToken)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     tokio::select! {
-        _ = &mut a_to_b => { let _ = tokio::time::timeout(HALF_CLOSE_LINGER, b_to_a).await; }
-        _ = &mut b_to_a => { let _ = tokio::time::timeout(HALF_CLOSE_LINGER, a_to_b).await; }
+        _ = tokio::time::timeout(HALF_CLOSE_LINGER, pump.copy()) => {}
+        _ = going_away.cancelled() => {}
+    }
+    let _ = pump.writer.shutdown().await;
+}
+
+/// Sends close frames (1001) both ways at frame boundaries, then reads from the client until it
+/// closes, so closing the socket does not reset the connection before the client read the frame.
+async fn say_going_away<CR, BW, BR, CW>(up: &mut Pump<CR, BW>, down: &mut Pump<BR, CW>)
+where
+    CR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let to_client = async {
+        if down.copy_to_boundary().await.unwrap_or(false) {
+            let _ = down.writer.write_all(&CLOSE_GOING_AWAY).await;
+        }
+        let _ = down.writer.shutdown().await;
+    };
+    let to_backend = async {
+        if up.copy_to_boundary().await.unwrap_or(false) {
+            let close = masked_close_going_away(rand::random());
+            let _ = up.writer.write_all(&close).await;
+        }
+        let _ = up.writer.shutdown().await;
+    };
+    tokio::join!(to_client, to_backend);
+    let mut discarded = 0;
+    while discarded < MAX_DISCARD {
+        match up.reader.read(&mut up.buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => discarded += n,
+        }
+    }
+}
+
+/// One direction of a tunnel: bytes read but not yet written wait in `buf[start..end]`, and the
+/// frame tracker (WebSocket only) accounts for written bytes only. Every await is a single read or
+/// write that either happened completely or not at all, so the copy methods are cancel-safe.
+struct Pump<R, W> {
+    reader: R,
+    writer: W,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    frames: Option<FrameTracker>,
+}
+
+impl<R, W> Pump<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    fn new(reader: R, writer: W, websocket: bool) -> Self {
+        Pump {
+            reader,
+            writer,
+            buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            frames: websocket.then(FrameTracker::new),
+        }
+    }
+
+    /// Reads more; `false` at end of stream.
+    async fn fill(&mut self) -> io::Result<bool> {
+        let n = self.reader.read(&mut self.buf).await?;
+        self.start = 0;
+        self.end = n;
+        Ok(n > 0)
+    }
+
+    /// Writes up to `limit` of the waiting bytes (once), flushing when none are left.
+    async fn write_some(&mut self, limit: usize) -> io::Result<()> {
+        let end = self.end.min(self.start.saturating_add(limit));
+        let chunk = self.buf.get(self.start..end).unwrap_or_default();
+        let n = self.writer.write(chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if let Some(frames) = &mut self.frames {
+            frames.advance(chunk.get(..n).unwrap_or_default());
+        }
+        self.start += n;
+        if self.start == self.end {
+            self.writer.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Copies until the reader's end of stream.
+    async fn copy(&mut self) -> io::Result<()> {
+        loop {
+            if self.start < self.end {
+                self.write_some(usize::MAX).await?;
+            } else if !self.fill().await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Copies up to the next frame boundary and no further (bytes read beyond it are dropped).
+    /// `false` when no boundary can be reached: not WebSocket, framing lost, or end of stream.
+    async fn copy_to_boundary(&mut self) -> io::Result<bool> {
+        loop {
+            let Some(distance) = self.frames.as_ref().and_then(FrameTracker::until_boundary) else {
+                return Ok(false);
+            };
+            if distance == 0 {
+                return Ok(true);
+            }
+            if self.start < self.end {
+                self.write_some(usize::try_from(distance).unwrap_or(usize::MAX))
+                    .await?;
+            } else if !self.fill().await? {
+                return Ok(false);
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+
+    async fn read_n<R: AsyncRead + Unpin>(r: &mut R, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        r.read_exact(&mut buf).await.unwrap();
+        buf
+    }
+
+    async fn assert_eof<R: AsyncRead + Unpin>(r: &mut R) {
+        let mut rest = vec![];
+        r.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "unexpected bytes {rest:?}");
+    }
 
     #[tokio::test]
     async fn splice_copies_both_ways_and_ends_when_one_side_closes() {
-        tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
             let (mut client, proxy_a) = tokio::io::duplex(64);
             let (proxy_b, mut backend) = tokio::io::duplex(64);
-            let tunnel = tokio::spawn(splice(proxy_a, proxy_b));
+            let never = CancellationToken::new();
+            let tunnel = tokio::spawn(async move { splice(proxy_a, proxy_b, false, &never).await });
             client.write_all(b"ping").await.unwrap();
-            let mut buf = [0u8; 4];
-            backend.read_exact(&mut buf).await.unwrap();
-            assert_eq!(&buf, b"ping");
-            backend.write_all(b"pong").await.unwrap();
-            client.read_exact(&mut buf).await.unwrap();
-            assert_eq!(&buf, b"pong");
+            assert_eq!(read_n(&mut backend, 4).await, b"ping");
+            // More than one buffer and more than the duplex capacity.
+            let big: Vec<u8> = (0..100_000).map(|i| (i % 253) as u8).collect();
+            let writer = tokio::spawn(async move {
+                backend.write_all(&big).await.unwrap();
+                backend
+            });
+            let got = read_n(&mut client, 100_000).await;
+            assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 253) as u8));
+            let backend = writer.await.unwrap();
             // The backend goes away; the client sees end of stream and the tunnel ends.
             drop(backend);
-            assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+            assert_eof(&mut client).await;
             drop(client);
             tunnel.await.unwrap();
         })
@@ -96,7 +294,8 @@ mod tests {
         tokio::time::timeout(crate::TEST_TIMEOUT, async {
             let (client, proxy_a) = tokio::io::duplex(64);
             let (proxy_b, backend) = tokio::io::duplex(64);
-            let tunnel = tokio::spawn(splice(proxy_a, proxy_b));
+            let never = CancellationToken::new();
+            let tunnel = tokio::spawn(async move { splice(proxy_a, proxy_b, true, &never).await });
             // The client closes but the backend keeps its side open and silent.
             drop(client);
             tokio::time::timeout(HALF_CLOSE_LINGER * 2, tunnel)
@@ -107,5 +306,70 @@ mod tests {
         })
         .await
         .expect("test timed out");
+    }
+
+    #[tokio::test]
+    async fn going_away_waits_for_the_frame_in_progress_then_sends_close_frames() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let (mut client, proxy_a) = tokio::io::duplex(1 << 16);
+            let (proxy_b, mut backend) = tokio::io::duplex(1 << 16);
+            let going_away = CancellationToken::new();
+            let signal = going_away.clone();
+            let tunnel = tokio::spawn(async move { splice(proxy_a, proxy_b, true, &signal).await });
+
+            // A complete masked text frame from the client reaches the backend unchanged.
+            let hello = [0x81, 0x82, 0, 0, 0, 0, b'h', b'i'];
+            client.write_all(&hello).await.unwrap();
+            assert_eq!(read_n(&mut backend, hello.len()).await, hello);
+
+            // The backend starts a 300-byte binary frame (16-bit length) and sends half of it.
+            let mut frame = vec![0x82, 126, 0x01, 0x2C];
+            frame.extend((0..300).map(|i| i as u8));
+            backend.write_all(&frame[..150]).await.unwrap();
+            assert_eq!(read_n(&mut client, 150).await, &frame[..150]);
+
+            going_away.cancel();
+            // The client side is at a boundary: the backend gets a masked close 1001 at once.
+            let close = read_n(&mut backend, 8).await;
+            assert_eq!(close[..2], [0x88, 0x82]);
+            assert_eq!([close[6] ^ close[2], close[7] ^ close[3]], [0x03, 0xE9]);
+            assert_eof(&mut backend).await;
+
+            // The rest of the frame still reaches the client, then the close frame; a frame the
+            // backend sends after the boundary does not.
+            let mut rest = frame[150..].to_vec();
+            rest.extend_from_slice(&[0x81, 0x01, b'x']);
+            backend.write_all(&rest).await.unwrap();
+            assert_eq!(read_n(&mut client, frame.len() - 150).await, &frame[150..]);
+            assert_eq!(read_n(&mut client, 4).await, CLOSE_GOING_AWAY);
+            assert_eof(&mut client).await;
+
+            // The client answers with its close frame and closes; the tunnel ends.
+            client.write_all(&[0x88, 0x80, 1, 2, 3, 4]).await.unwrap();
+            drop(client);
+            tunnel.await.unwrap();
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn going_away_ends_other_protocols_without_a_close_frame() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let (mut client, proxy_a) = tokio::io::duplex(64);
+            let (proxy_b, mut backend) = tokio::io::duplex(64);
+            let going_away = CancellationToken::new();
+            let signal = going_away.clone();
+            let tunnel =
+                tokio::spawn(async move { splice(proxy_a, proxy_b, false, &signal).await });
+            client.write_all(b"raw").await.unwrap();
+            assert_eq!(read_n(&mut backend, 3).await, b"raw");
+            going_away.cancel();
+            tunnel.await.unwrap();
+            assert_eof(&mut client).await;
+            assert_eof(&mut backend).await;
+        })
+        .await
+        .unwrap();
     }
 }

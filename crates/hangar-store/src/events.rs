@@ -3,10 +3,10 @@
 
 use hangar_types::protocol::ActionMessage;
 use hangar_types::token::ConnectionToken;
-use hangar_types::{BackendId, BackendState, Millis};
+use hangar_types::{BackendId, BackendState, ClusterName, Millis};
 use tokio::sync::broadcast;
 
-use crate::model::NodeId;
+use crate::model::{NodeId, StoredCertificate};
 
 // Events carry actions by value: the bus is bounded (`EVENT_BUFFER`), so the larger slots cost at most a
 // few MiB, and subscribers can match on them without unboxing.
@@ -26,6 +26,14 @@ pub enum StoreEvent {
     },
     /// Tokens were revoked.
     TokensRevoked { tokens: Vec<ConnectionToken> },
+    /// A cluster's ACME HTTP-01 challenge answer was set (`Some`) or withdrawn (`None`).
+    HttpChallenge {
+        cluster: ClusterName,
+        token: String,
+        key_authorization: Option<String>,
+    },
+    /// A proxy stored a new certificate for its cluster.
+    Certificate(StoredCertificate),
 }
 
 /// Capacity per subscriber. A subscriber that falls this far behind gets `Lagged` and must resync from

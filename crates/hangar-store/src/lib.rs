@@ -99,8 +99,10 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- scheduling ----------------------------------------------------------------------------
 
-    /// Drones of `cluster`/`pool` that offer `executor`, are attached to a controller, not draining,
-    /// and whose last heartbeat is younger than `max_heartbeat_age` — with their live backend counts.
+    /// Drones of `cluster`/`pool` that offer `executor`, are attached to a controller that is online
+    /// and whose own heartbeat is younger than `max_heartbeat_age` (a controller that died without
+    /// detaching its drones leaves them attached), are not draining, and whose last heartbeat is younger
+    /// than `max_heartbeat_age` — with their live backend counts.
     async fn schedulable_drones(&self, query: &DroneQuery) -> StoreResult<Vec<DroneCandidate>>;
 
     // ---- backends ------------------------------------------------------------------------------
@@ -195,7 +197,93 @@ pub trait Store: Send + Sync + 'static {
         online: bool,
     ) -> StoreResult<()>;
 
-    /// Deletes expired tokens (and, with `min_age`, terminated backends older than it), at most
-    /// `batch` rows of each kind. Returns the number of rows deleted.
+    /// Deletes expired tokens and ACME HTTP challenges older than [`HTTP_CHALLENGE_RETENTION`] (and,
+    /// with `min_age`, terminated backends older than it), at most `batch` rows of each kind. Returns
+    /// the number of rows deleted.
     async fn cleanup(&self, min_age: Option<Duration>, batch: u32) -> StoreResult<u64>;
+
+    // ---- lost drones ---------------------------------------------------------------------------
+
+    /// Backends that are certainly gone although nobody reported `terminated`, oldest first, at most
+    /// `limit`: not terminated, on a drone that is detached or whose last heartbeat is missing or older
+    /// than `max_heartbeat_age`, and whose key lease has expired on the store clock (or whose key row is
+    /// gone, which only happens once it expired). The drone hard-terminates a backend by its own
+    /// deadlines before the lease can expire, so such a backend no longer runs anywhere.
+    async fn lost_backends(
+        &self,
+        max_heartbeat_age: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<LiveBackend>>;
+
+    /// Every backend of the drone that is not terminated, oldest first. `None` if no such drone.
+    async fn drone_live_backends(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> StoreResult<Option<Vec<LiveBackend>>>;
+
+    /// Forbids further renewals of the backend's key lease (`allow_renew = false`), so the backend dies
+    /// by its drone's deadlines and the key expires (Plane's `db-cli prevent-renew`). `false` when the
+    /// backend holds no key (unknown or terminated).
+    async fn prevent_renew(&self, backend: &BackendId) -> StoreResult<bool>;
+
+    /// The stored session of a drone. `None` if no such drone.
+    async fn drone_attachment(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> StoreResult<Option<DroneAttachment>>;
+
+    // ---- TLS: certificate lease, ACME challenges, certificates (plane-api.md §7.9.3) -------------
+
+    /// Takes or renews the cluster's certificate lease for `proxy` until store now +
+    /// [`hangar_types::timing::CERT_LEASE`]. Granted when nobody holds it, when the lease has expired,
+    /// or when `proxy` already holds it (a renewal, which keeps the TXT value; a takeover clears it).
+    async fn acquire_cert_lease(&self, cluster: &ClusterName, proxy: NodeId) -> StoreResult<bool>;
+
+    /// Deletes the cluster's lease (and its TXT value) if `proxy` holds it. `true` if it did.
+    async fn release_cert_lease(&self, cluster: &ClusterName, proxy: NodeId) -> StoreResult<bool>;
+
+    /// Sets or clears the cluster's ACME DNS-01 TXT value, only if `proxy` is the lease holder (even
+    /// if the lease ran out meanwhile, as long as nobody took it over). `true` if stored.
+    async fn set_txt_record(
+        &self,
+        cluster: &ClusterName,
+        proxy: NodeId,
+        txt_value: Option<&str>,
+    ) -> StoreResult<bool>;
+
+    /// The cluster's current TXT value (`None` without a lease or a value).
+    async fn txt_record(&self, cluster: &ClusterName) -> StoreResult<Option<String>>;
+
+    /// Sets (`Some`) or removes (`None`) an ACME HTTP-01 challenge answer of the cluster, only if
+    /// `proxy` is the lease holder, and publishes [`StoreEvent::HttpChallenge`]. `true` if applied.
+    /// The caller bounds the sizes (they travel inline in PostgreSQL notifications).
+    async fn set_http_challenge(
+        &self,
+        cluster: &ClusterName,
+        proxy: NodeId,
+        token: &str,
+        key_authorization: Option<&str>,
+    ) -> StoreResult<bool>;
+
+    /// The cluster's current HTTP-01 challenge answers, oldest first.
+    async fn http_challenges(&self, cluster: &ClusterName) -> StoreResult<Vec<HttpChallenge>>;
+
+    /// Stores `proxy`'s new certificate as the cluster's certificate (replacing any older one) and
+    /// publishes [`StoreEvent::Certificate`]. Returns what was stored.
+    async fn store_certificate(
+        &self,
+        cluster: &ClusterName,
+        proxy: NodeId,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> StoreResult<StoredCertificate>;
+
+    /// The cluster's current certificate, if any.
+    async fn certificate(&self, cluster: &ClusterName) -> StoreResult<Option<StoredCertificate>>;
 }
+
+/// ACME HTTP-01 challenge answers older than this are deleted by [`Store::cleanup`]: an ACME order
+/// validates its challenges within minutes, so an older answer was only left behind.
+pub const HTTP_CHALLENGE_RETENTION: Duration = Duration::from_secs(3600);

@@ -160,3 +160,54 @@ pub enum Registration {
     Registered { node: NodeId, session: SessionId },
     Refused { reason: String },
 }
+
+/// A backend that is not terminated yet, with its drone and its current state: what the lost-backend
+/// sweep and the operator's mark-lost act on (the caller records `terminated` from `state`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveBackend {
+    pub id: BackendId,
+    pub drone: DroneName,
+    pub state: BackendState,
+}
+
+/// The current session of a drone node, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroneAttachment {
+    pub node: NodeId,
+    /// The controller holding the drone's session; `None` when detached.
+    pub controller: Option<ControllerName>,
+    pub session: SessionId,
+    /// Store time since the drone's last heartbeat; `None` before the session's first heartbeat.
+    pub heartbeat_age: Option<Duration>,
+}
+
+/// A cluster's TLS certificate as stored by a proxy. `Debug` leaves the private key out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredCertificate {
+    pub cluster: ClusterName,
+    /// PEM certificate chain.
+    pub cert_pem: String,
+    /// PEM private key.
+    pub key_pem: String,
+    /// Store time it was stored.
+    pub stored_at: Millis,
+}
+
+impl std::fmt::Debug for StoredCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredCertificate")
+            .field("cluster", &self.cluster)
+            .field("cert_pem_len", &self.cert_pem.len())
+            .field("key_pem", &"<redacted>")
+            .field("stored_at", &self.stored_at)
+            .finish()
+    }
+}
+
+/// An ACME HTTP-01 challenge answer of a cluster: `/.well-known/acme-challenge/<token>` →
+/// `key_authorization`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpChallenge {
+    pub token: String,
+    pub key_authorization: String,
+}

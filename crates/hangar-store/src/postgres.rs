@@ -27,9 +27,11 @@ mod actions;
 mod backends;
 mod cleanup;
 mod listener;
+mod lost;
 mod nodes;
 mod notify;
 mod rows;
+mod tls;
 mod tokens;
 
 use crate::events::EventBus;
@@ -300,5 +302,82 @@ impl Store for PostgresStore {
 
     async fn cleanup(&self, min_age: Option<Duration>, batch: u32) -> StoreResult<u64> {
         cleanup::cleanup(self, min_age, batch).await
+    }
+
+    async fn lost_backends(
+        &self,
+        max_heartbeat_age: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<LiveBackend>> {
+        lost::lost_backends(self, max_heartbeat_age, limit).await
+    }
+
+    async fn drone_live_backends(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> StoreResult<Option<Vec<LiveBackend>>> {
+        lost::drone_live_backends(self, cluster, drone).await
+    }
+
+    async fn prevent_renew(&self, backend: &BackendId) -> StoreResult<bool> {
+        lost::prevent_renew(self, backend).await
+    }
+
+    async fn drone_attachment(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> StoreResult<Option<DroneAttachment>> {
+        nodes::drone_attachment(self, cluster, drone).await
+    }
+
+    async fn acquire_cert_lease(&self, cluster: &ClusterName, proxy: NodeId) -> StoreResult<bool> {
+        tls::acquire_cert_lease(self, cluster, proxy).await
+    }
+
+    async fn release_cert_lease(&self, cluster: &ClusterName, proxy: NodeId) -> StoreResult<bool> {
+        tls::release_cert_lease(self, cluster, proxy).await
+    }
+
+    async fn set_txt_record(
+        &self,
+        cluster: &ClusterName,
+        proxy: NodeId,
+        txt_value: Option<&str>,
+    ) -> StoreResult<bool> {
+        tls::set_txt_record(self, cluster, proxy, txt_value).await
+    }
+
+    async fn txt_record(&self, cluster: &ClusterName) -> StoreResult<Option<String>> {
+        tls::txt_record(self, cluster).await
+    }
+
+    async fn set_http_challenge(
+        &self,
+        cluster: &ClusterName,
+        proxy: NodeId,
+        token: &str,
+        key_authorization: Option<&str>,
+    ) -> StoreResult<bool> {
+        tls::set_http_challenge(self, cluster, proxy, token, key_authorization).await
+    }
+
+    async fn http_challenges(&self, cluster: &ClusterName) -> StoreResult<Vec<HttpChallenge>> {
+        tls::http_challenges(self, cluster).await
+    }
+
+    async fn store_certificate(
+        &self,
+        cluster: &ClusterName,
+        proxy: NodeId,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> StoreResult<StoredCertificate> {
+        tls::store_certificate(self, cluster, proxy, cert_pem, key_pem).await
+    }
+
+    async fn certificate(&self, cluster: &ClusterName) -> StoreResult<Option<StoredCertificate>> {
+        tls::certificate(self, cluster).await
     }
 }

@@ -19,8 +19,10 @@
 mod actions;
 mod backends;
 mod cleanup;
+mod lost;
 mod nodes;
 mod rows;
+mod tls;
 mod tokens;
 
 use crate::events::EventBus;
@@ -57,6 +59,8 @@ pub struct SqliteStore {
     events: EventBus,
     /// Added to the wall clock; only ever changed by the test hook [`SqliteStore::advance_clock`].
     clock_offset_ms: AtomicI64,
+    /// Owns the directory of a throwaway store (see [`SqliteStore::in_memory`]); deleted on drop.
+    temp_dir: Option<tempfile::TempDir>,
 }
 
 impl SqliteStore {
@@ -85,23 +89,18 @@ impl SqliteStore {
         Ok(Self::from_pools(writer, reader))
     }
 
-    /// A fresh private database in memory (tests, `hangar dev --in-memory`). Its data lives as long as
-    /// the store.
+    /// A fresh throwaway database (tests, `hangar dev --in-memory`): a file in a private temporary
+    /// directory that is deleted when the store is dropped. A real `:memory:` database lives only as
+    /// long as its one connection, and sqlx may close a connection whose query was cancelled, which
+    /// would silently replace the database with an empty one.
     pub async fn in_memory() -> StoreResult<SqliteStore> {
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            // Closing the only connection would drop the database.
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(
-                SqliteConnectOptions::new()
-                    .in_memory(true)
-                    .foreign_keys(true),
-            )
-            .await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Self::from_pools(pool.clone(), pool))
+        let dir = tempfile::Builder::new()
+            .prefix("hangar-store-")
+            .tempdir()
+            .map_err(|e| crate::StoreError::Database(sqlx::Error::Io(e)))?;
+        let mut store = Self::open(&dir.path().join("hangar.db")).await?;
+        store.temp_dir = Some(dir);
+        Ok(store)
     }
 
     fn from_pools(writer: SqlitePool, reader: SqlitePool) -> SqliteStore {
@@ -110,6 +109,7 @@ impl SqliteStore {
             reader,
             events: EventBus::new(),
             clock_offset_ms: AtomicI64::new(0),
+            temp_dir: None,
         }
     }
 
@@ -283,5 +283,82 @@ impl Store for SqliteStore {
 
     async fn cleanup(&self, min_age: Option<Duration>, batch: u32) -> StoreResult<u64> {
         cleanup::cleanup(self, min_age, batch).await
+    }
+
+    async fn lost_backends(
+        &self,
+        max_heartbeat_age: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<LiveBackend>> {
+        lost::lost_backends(self, max_heartbeat_age, limit).await
+    }
+
+    async fn drone_live_backends(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> StoreResult<Option<Vec<LiveBackend>>> {
+        lost::drone_live_backends(self, cluster, drone).await
+    }
+
+    async fn prevent_renew(&self, backend: &BackendId) -> StoreResult<bool> {
+        lost::prevent_renew(self, backend).await
+    }
+
+    async fn drone_attachment(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> StoreResult<Option<DroneAttachment>> {
+        nodes::drone_attachment(self, cluster, drone).await
+    }
+
+    async fn acquire_cert_lease(&self, cluster: &ClusterName, proxy: NodeId) -> StoreResult<bool> {
+        tls::acquire_cert_lease(self, cluster, proxy).await
+    }
+
+    async fn release_cert_lease(&self, cluster: &ClusterName, proxy: NodeId) -> StoreResult<bool> {
+        tls::release_cert_lease(self, cluster, proxy).await
+    }
+
+    async fn set_txt_record(
+        &self,
+        cluster: &ClusterName,
+        proxy: NodeId,
+        txt_value: Option<&str>,
+    ) -> StoreResult<bool> {
+        tls::set_txt_record(self, cluster, proxy, txt_value).await
+    }
+
+    async fn txt_record(&self, cluster: &ClusterName) -> StoreResult<Option<String>> {
+        tls::txt_record(self, cluster).await
+    }
+
+    async fn set_http_challenge(
+        &self,
+        cluster: &ClusterName,
+        proxy: NodeId,
+        token: &str,
+        key_authorization: Option<&str>,
+    ) -> StoreResult<bool> {
+        tls::set_http_challenge(self, cluster, proxy, token, key_authorization).await
+    }
+
+    async fn http_challenges(&self, cluster: &ClusterName) -> StoreResult<Vec<HttpChallenge>> {
+        tls::http_challenges(self, cluster).await
+    }
+
+    async fn store_certificate(
+        &self,
+        cluster: &ClusterName,
+        proxy: NodeId,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> StoreResult<StoredCertificate> {
+        tls::store_certificate(self, cluster, proxy, cert_pem, key_pem).await
+    }
+
+    async fn certificate(&self, cluster: &ClusterName) -> StoreResult<Option<StoredCertificate>> {
+        tls::certificate(self, cluster).await
     }
 }

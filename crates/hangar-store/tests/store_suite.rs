@@ -149,6 +149,15 @@ macro_rules! all_store_tests {
             schedulable_drones_filters,
             cleanup_deletes_old_rows,
             events_are_published_after_commit,
+            schedulable_drones_require_a_live_controller,
+            lost_backends_need_a_gone_drone_and_an_expired_lease,
+            drone_live_backends_for_mark_lost,
+            prevent_renew_refuses_later_renewals,
+            drone_attachment_reports_the_session,
+            cert_lease_is_exclusive_renewable_and_expires,
+            txt_record_belongs_to_the_lease_holder,
+            http_challenges_belong_to_the_lease_holder,
+            certificates_are_stored_and_published,
         );
     };
 }
@@ -249,7 +258,13 @@ mod suite {
         }
     }
 
+    /// Registers a drone; its controller is recorded alive first (drones are only schedulable under a
+    /// live controller).
     async fn register(store: &dyn Store, reg: &DroneRegistration) -> (NodeId, SessionId) {
+        store
+            .controller_heartbeat(&reg.controller, true)
+            .await
+            .unwrap();
         match store.register_drone(reg).await.unwrap() {
             Registration::Registered { node, session } => (node, session),
             other => panic!("registration refused: {other:?}"),
@@ -1416,7 +1431,9 @@ mod suite {
                             seen.push((event.clone(), pending.contains(action)));
                             return seen;
                         }
-                        StoreEvent::TokensRevoked { .. } => {}
+                        StoreEvent::TokensRevoked { .. }
+                        | StoreEvent::HttpChallenge { .. }
+                        | StoreEvent::Certificate(_) => {}
                     }
                 }
             })
@@ -1489,5 +1506,467 @@ mod suite {
 
     async fn store_time_of(store: &dyn Store, id: &BackendId) -> Millis {
         store.backend(id).await.unwrap().unwrap().created_at
+    }
+
+    // ---- controller liveness -------------------------------------------------------------------
+
+    pub async fn schedulable_drones_require_a_live_controller(h: Harness) {
+        let store = &*h.store;
+        let query = DroneQuery {
+            cluster: cluster(),
+            pool: String::new(),
+            executor: ExecutorKind::Process,
+            max_heartbeat_age: UNHEALTHY_AFTER,
+        };
+        let drone = ready_drone(store, "dr-one", "").await;
+        assert_eq!(store.schedulable_drones(&query).await.unwrap().len(), 1);
+
+        // The controller stops heartbeating (it died without detaching its drones); the drone's own
+        // heartbeat is fresh, but nobody would deliver its actions.
+        h.advance(UNHEALTHY_AFTER + Duration::from_secs(1));
+        store.drone_heartbeat(drone, Millis(2_000)).await.unwrap();
+        assert!(store.schedulable_drones(&query).await.unwrap().is_empty());
+
+        // It heartbeats again: schedulable again.
+        store
+            .controller_heartbeat(&controller(), true)
+            .await
+            .unwrap();
+        assert_eq!(store.schedulable_drones(&query).await.unwrap().len(), 1);
+
+        // Marked offline (stopped): not schedulable, however fresh its last heartbeat.
+        store
+            .controller_heartbeat(&controller(), false)
+            .await
+            .unwrap();
+        assert!(store.schedulable_drones(&query).await.unwrap().is_empty());
+
+        // A drone attached to a controller that never recorded a heartbeat is not schedulable either.
+        store
+            .controller_heartbeat(&controller(), true)
+            .await
+            .unwrap();
+        let mut ghost = registration("dr-ghost", "", &[ExecutorKind::Process]);
+        ghost.controller = "co-ghost".parse().unwrap();
+        let Registration::Registered { node, .. } = store.register_drone(&ghost).await.unwrap()
+        else {
+            panic!("registration refused")
+        };
+        store.drone_heartbeat(node, Millis(3_000)).await.unwrap();
+        let found = store.schedulable_drones(&query).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].id, drone);
+    }
+
+    // ---- lost drones ---------------------------------------------------------------------------
+
+    fn lost_state(message: &str) -> BackendState {
+        BackendState::Terminated {
+            last_status: BackendStatus::Scheduled,
+            termination: None,
+            reason: Some(TerminationReason::Lost),
+            exit_code: None,
+            message: Some(message.to_string()),
+        }
+    }
+
+    fn ids(backends: &[LiveBackend]) -> Vec<BackendId> {
+        backends.iter().map(|b| b.id.clone()).collect()
+    }
+
+    pub async fn lost_backends_need_a_gone_drone_and_an_expired_lease(h: Harness) {
+        let store = &*h.store;
+        let both = [ExecutorKind::Process, ExecutorKind::Docker];
+        let (gone, gone_session) = register(store, &registration("dr-gone", "", &both)).await;
+        store.drone_heartbeat(gone, Millis(1_000)).await.unwrap();
+        let healthy = ready_drone(store, "dr-healthy", "").await;
+        let on_gone = new_backend(gone, "a");
+        acquire(store, on_gone.clone()).await;
+        // Distinct creation times make "oldest first" observable.
+        h.advance(Duration::from_millis(5));
+        let finished = new_backend(gone, "b");
+        acquire(store, finished.clone()).await;
+        terminate(store, &finished.id).await;
+        let on_healthy = new_backend(healthy, "c");
+        acquire(store, on_healthy.clone()).await;
+        let lost = |limit| store.lost_backends(UNHEALTHY_AFTER, limit);
+
+        assert!(lost(100).await.unwrap().is_empty(), "all drones fresh");
+        // The drone leaves, but its key is still leased: it may still be running the backend.
+        store.node_disconnected(gone, gone_session).await.unwrap();
+        assert!(lost(100).await.unwrap().is_empty(), "lease not expired");
+
+        // The lease expires. The backend on the healthy drone is not lost (expired lease, but its drone
+        // reports for itself); the terminated one never is.
+        h.advance(KEY_LEASE + Duration::from_secs(1));
+        store.drone_heartbeat(healthy, Millis(5_000)).await.unwrap();
+        assert_eq!(
+            lost(100).await.unwrap(),
+            vec![LiveBackend {
+                id: on_gone.id.clone(),
+                drone: "dr-gone".parse().unwrap(),
+                state: BackendState::Scheduled,
+            }]
+        );
+
+        // An attached drone silent for longer than the heartbeat age counts as gone too; oldest first.
+        h.advance(UNHEALTHY_AFTER + Duration::from_secs(1));
+        assert_eq!(
+            ids(&lost(100).await.unwrap()),
+            vec![on_gone.id.clone(), on_healthy.id.clone()]
+        );
+        assert_eq!(ids(&lost(1).await.unwrap()), vec![on_gone.id.clone()]);
+
+        // A renewed lease is live again; a backend recorded terminated is not listed any more.
+        assert!(store.renew_key(&on_healthy.id).await.unwrap());
+        assert!(matches!(
+            record(
+                store,
+                &on_gone.id,
+                lost_state("drone dr-gone stopped reporting")
+            )
+            .await,
+            StateUpdate::Applied { .. }
+        ));
+        assert!(lost(100).await.unwrap().is_empty());
+        assert_eq!(
+            record(store, &on_gone.id, lost_state("again")).await,
+            StateUpdate::Stale,
+            "a second sweep's recording is harmless"
+        );
+
+        // A key row removed because it expired (a connect took the key over) counts as expired.
+        h.advance(KEY_LEASE + Duration::from_secs(1));
+        assert!(store
+            .remove_expired_key(&KeyRef::from(&on_healthy.key))
+            .await
+            .unwrap());
+        assert_eq!(ids(&lost(100).await.unwrap()), vec![on_healthy.id.clone()]);
+    }
+
+    pub async fn drone_live_backends_for_mark_lost(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let other = ready_drone(store, "dr-two", "").await;
+        let a = new_backend(drone, "a");
+        acquire(store, a.clone()).await;
+        h.advance(Duration::from_millis(5));
+        let b = new_backend(drone, "b");
+        acquire(store, b.clone()).await;
+        make_ready(store, &b.id).await;
+        let c = new_backend(drone, "c");
+        acquire(store, c.clone()).await;
+        terminate(store, &c.id).await;
+        acquire(store, new_backend(other, "d")).await;
+
+        let name: DroneName = "dr-one".parse().unwrap();
+        let live = store
+            .drone_live_backends(&cluster(), &name)
+            .await
+            .unwrap()
+            .expect("known drone");
+        assert_eq!(ids(&live), vec![a.id.clone(), b.id.clone()]);
+        assert!(live.iter().all(|l| l.drone == name));
+        assert_eq!(live[0].state, BackendState::Scheduled);
+        assert_eq!(live[1].state, BackendState::Ready { address: addr() });
+
+        let unknown: DroneName = "dr-nope".parse().unwrap();
+        assert_eq!(
+            store
+                .drone_live_backends(&cluster(), &unknown)
+                .await
+                .unwrap(),
+            None
+        );
+        let elsewhere: ClusterName = "other.test".parse().unwrap();
+        assert_eq!(
+            store.drone_live_backends(&elsewhere, &name).await.unwrap(),
+            None
+        );
+
+        // Recording them terminated (what mark-lost does) releases their keys at once.
+        for backend in &live {
+            assert!(matches!(
+                record(store, &backend.id, lost_state("marked lost")).await,
+                StateUpdate::Applied { .. }
+            ));
+        }
+        for nb in [&a, &b] {
+            assert_eq!(
+                store.key_lookup(&KeyRef::from(&nb.key)).await.unwrap(),
+                KeyLookup::Missing
+            );
+        }
+        assert_eq!(
+            store.drone_live_backends(&cluster(), &name).await.unwrap(),
+            Some(Vec::new())
+        );
+    }
+
+    pub async fn prevent_renew_refuses_later_renewals(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let nb = new_backend(drone, "blocked");
+        let kref = KeyRef::from(&nb.key);
+        acquire(store, nb.clone()).await;
+        assert!(store.renew_key(&nb.id).await.unwrap());
+        assert!(store.prevent_renew(&nb.id).await.unwrap());
+        assert!(store.prevent_renew(&nb.id).await.unwrap(), "idempotent");
+        assert!(!store.renew_key(&nb.id).await.unwrap());
+        // The lease itself runs on until it expires.
+        assert!(matches!(
+            store.key_lookup(&kref).await.unwrap(),
+            KeyLookup::Live { .. }
+        ));
+        h.advance(KEY_LEASE + Duration::from_secs(1));
+        assert_eq!(store.key_lookup(&kref).await.unwrap(), KeyLookup::Expired);
+
+        assert!(!store.prevent_renew(&BackendId::random()).await.unwrap());
+        terminate(store, &nb.id).await;
+        assert!(
+            !store.prevent_renew(&nb.id).await.unwrap(),
+            "no key any more"
+        );
+    }
+
+    pub async fn drone_attachment_reports_the_session(h: Harness) {
+        let store = &*h.store;
+        let name: DroneName = "dr-one".parse().unwrap();
+        assert_eq!(
+            store.drone_attachment(&cluster(), &name).await.unwrap(),
+            None
+        );
+        let reg = registration("dr-one", "", &[ExecutorKind::Process]);
+        let (node, first) = register(store, &reg).await;
+        let attachment = store
+            .drone_attachment(&cluster(), &name)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            attachment,
+            DroneAttachment {
+                node,
+                controller: Some(controller()),
+                session: first,
+                heartbeat_age: None,
+            }
+        );
+        store.drone_heartbeat(node, Millis(1)).await.unwrap();
+        h.advance(Duration::from_secs(2));
+        let age = store
+            .drone_attachment(&cluster(), &name)
+            .await
+            .unwrap()
+            .unwrap()
+            .heartbeat_age
+            .unwrap();
+        assert!(
+            age >= Duration::from_secs(2) && age < Duration::from_secs(30),
+            "{age:?}"
+        );
+        let (_, second) = register(store, &reg).await;
+        store.node_disconnected(node, second).await.unwrap();
+        let attachment = store
+            .drone_attachment(&cluster(), &name)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(attachment.session, second);
+        assert_eq!(attachment.controller, None);
+        assert_eq!(attachment.heartbeat_age, None, "cleared by the new session");
+        let elsewhere: ClusterName = "other.test".parse().unwrap();
+        assert_eq!(
+            store.drone_attachment(&elsewhere, &name).await.unwrap(),
+            None
+        );
+    }
+
+    // ---- TLS -----------------------------------------------------------------------------------
+
+    pub async fn cert_lease_is_exclusive_renewable_and_expires(h: Harness) {
+        let store = &*h.store;
+        let lease = hangar_types::timing::CERT_LEASE;
+        let c = cluster();
+        let other: ClusterName = "other.test".parse().unwrap();
+        let p1 = proxy_node(store, "px-one").await;
+        let p2 = proxy_node(store, "px-two").await;
+
+        assert!(store.acquire_cert_lease(&c, p1).await.unwrap());
+        assert!(!store.acquire_cert_lease(&c, p2).await.unwrap());
+        // The holder renews within the lease (Plane quirk 22: it could not).
+        h.advance(lease / 2);
+        assert!(store.acquire_cert_lease(&c, p1).await.unwrap());
+        // Past the first lease, inside the renewed one.
+        h.advance(lease / 2 + Duration::from_secs(1));
+        assert!(!store.acquire_cert_lease(&c, p2).await.unwrap());
+        // Leases are per cluster.
+        assert!(store.acquire_cert_lease(&other, p2).await.unwrap());
+
+        // Expired: another proxy takes it over, and then the first cannot.
+        h.advance(lease);
+        assert!(store.acquire_cert_lease(&c, p2).await.unwrap());
+        assert!(!store.acquire_cert_lease(&c, p1).await.unwrap());
+
+        // Only the holder releases it; then anyone may take it at once.
+        assert!(!store.release_cert_lease(&c, p1).await.unwrap());
+        assert!(store.release_cert_lease(&c, p2).await.unwrap());
+        assert!(!store.release_cert_lease(&c, p2).await.unwrap());
+        assert!(store.acquire_cert_lease(&c, p1).await.unwrap());
+        assert!(!store.acquire_cert_lease(&c, p2).await.unwrap());
+    }
+
+    pub async fn txt_record_belongs_to_the_lease_holder(h: Harness) {
+        let store = &*h.store;
+        let c = cluster();
+        let other: ClusterName = "other.test".parse().unwrap();
+        let p1 = proxy_node(store, "px-one").await;
+        let p2 = proxy_node(store, "px-two").await;
+
+        assert_eq!(store.txt_record(&c).await.unwrap(), None);
+        assert!(
+            !store.set_txt_record(&c, p1, Some("v0")).await.unwrap(),
+            "no lease"
+        );
+        assert!(store.acquire_cert_lease(&c, p1).await.unwrap());
+        assert_eq!(store.txt_record(&c).await.unwrap(), None, "no value yet");
+        assert!(!store.set_txt_record(&c, p2, Some("x")).await.unwrap());
+        assert!(store.set_txt_record(&c, p1, Some("v1")).await.unwrap());
+        assert_eq!(store.txt_record(&c).await.unwrap().as_deref(), Some("v1"));
+        assert_eq!(store.txt_record(&other).await.unwrap(), None);
+
+        // A renewal keeps the value; clearing works.
+        assert!(store.acquire_cert_lease(&c, p1).await.unwrap());
+        assert_eq!(store.txt_record(&c).await.unwrap().as_deref(), Some("v1"));
+        assert!(store.set_txt_record(&c, p1, None).await.unwrap());
+        assert_eq!(store.txt_record(&c).await.unwrap(), None);
+        assert!(store.set_txt_record(&c, p1, Some("v2")).await.unwrap());
+
+        // A takeover after expiry clears the old holder's value, and the old holder cannot set one.
+        h.advance(hangar_types::timing::CERT_LEASE + Duration::from_secs(1));
+        assert!(store.acquire_cert_lease(&c, p2).await.unwrap());
+        assert_eq!(store.txt_record(&c).await.unwrap(), None);
+        assert!(!store.set_txt_record(&c, p1, Some("late")).await.unwrap());
+        assert!(store.set_txt_record(&c, p2, Some("v3")).await.unwrap());
+        assert_eq!(store.txt_record(&c).await.unwrap().as_deref(), Some("v3"));
+
+        // Releasing the lease drops the value.
+        assert!(store.release_cert_lease(&c, p2).await.unwrap());
+        assert_eq!(store.txt_record(&c).await.unwrap(), None);
+    }
+
+    pub async fn http_challenges_belong_to_the_lease_holder(h: Harness) {
+        let store = &*h.store;
+        let c = cluster();
+        let other: ClusterName = "other.test".parse().unwrap();
+        let p1 = proxy_node(store, "px-one").await;
+        let p2 = proxy_node(store, "px-two").await;
+        let mut events = h.store.events().subscribe();
+
+        assert!(!store
+            .set_http_challenge(&c, p1, "tok1", Some("tok1.a"))
+            .await
+            .unwrap());
+        assert!(store.acquire_cert_lease(&c, p1).await.unwrap());
+        assert!(!store
+            .set_http_challenge(&c, p2, "tok1", Some("tok1.a"))
+            .await
+            .unwrap());
+        assert!(
+            matches!(events.try_recv(), Err(TryRecvError::Empty)),
+            "refused: nothing published"
+        );
+
+        assert!(store
+            .set_http_challenge(&c, p1, "tok1", Some("tok1.a"))
+            .await
+            .unwrap());
+        assert_eq!(
+            events.try_recv().unwrap(),
+            StoreEvent::HttpChallenge {
+                cluster: c.clone(),
+                token: "tok1".into(),
+                key_authorization: Some("tok1.a".into()),
+            }
+        );
+        assert!(store
+            .set_http_challenge(&c, p1, "tok2", Some("tok2.b"))
+            .await
+            .unwrap());
+        let challenge = |token: &str, key: &str| HttpChallenge {
+            token: token.into(),
+            key_authorization: key.into(),
+        };
+        assert_eq!(
+            store.http_challenges(&c).await.unwrap(),
+            vec![challenge("tok1", "tok1.a"), challenge("tok2", "tok2.b")]
+        );
+        assert!(store.http_challenges(&other).await.unwrap().is_empty());
+
+        // Withdrawn.
+        assert!(store
+            .set_http_challenge(&c, p1, "tok1", None)
+            .await
+            .unwrap());
+        events.try_recv().unwrap();
+        assert_eq!(
+            events.try_recv().unwrap(),
+            StoreEvent::HttpChallenge {
+                cluster: c.clone(),
+                token: "tok1".into(),
+                key_authorization: None,
+            }
+        );
+        assert_eq!(
+            store.http_challenges(&c).await.unwrap(),
+            vec![challenge("tok2", "tok2.b")]
+        );
+
+        // Answers left behind are deleted by cleanup after the retention.
+        assert_eq!(store.cleanup(None, 100).await.unwrap(), 0);
+        h.advance(HTTP_CHALLENGE_RETENTION + Duration::from_secs(1));
+        assert_eq!(store.cleanup(None, 100).await.unwrap(), 1);
+        assert!(store.http_challenges(&c).await.unwrap().is_empty());
+    }
+
+    pub async fn certificates_are_stored_and_published(h: Harness) {
+        let store = &*h.store;
+        let c = cluster();
+        let other: ClusterName = "other.test".parse().unwrap();
+        let p1 = proxy_node(store, "px-one").await;
+        let p2 = proxy_node(store, "px-two").await;
+        assert_eq!(store.certificate(&c).await.unwrap(), None);
+        let mut events = h.store.events().subscribe();
+
+        // Large enough that it could never travel in a PostgreSQL notification.
+        let cert = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            "A".repeat(20_000)
+        );
+        let key = "-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n";
+        let stored = store.store_certificate(&c, p1, &cert, key).await.unwrap();
+        assert_eq!(stored.cluster, c);
+        assert_eq!(stored.cert_pem, cert);
+        assert_eq!(stored.key_pem, key);
+        assert_eq!(
+            events.try_recv().unwrap(),
+            StoreEvent::Certificate(stored.clone())
+        );
+        assert_eq!(store.certificate(&c).await.unwrap(), Some(stored.clone()));
+        assert_eq!(store.certificate(&other).await.unwrap(), None);
+        assert!(
+            !format!("{stored:?}").contains("secret"),
+            "Debug hides the key"
+        );
+
+        // Any proxy of the cluster may store a newer one; it replaces the old one.
+        h.advance(Duration::from_secs(1));
+        let newer = store
+            .store_certificate(&c, p2, "-----BEGIN CERTIFICATE-----\nB\n", key)
+            .await
+            .unwrap();
+        assert!(newer.stored_at > stored.stored_at);
+        assert_eq!(store.certificate(&c).await.unwrap(), Some(newer.clone()));
+        assert_eq!(events.try_recv().unwrap(), StoreEvent::Certificate(newer));
     }
 }

@@ -122,6 +122,13 @@ pub struct DrainResult {
     pub updated: bool,
 }
 
+/// Answer of `POST /ctrl/c/{cluster}/d/{drone}/mark-lost` (Hangar): the backends this call recorded
+/// as terminated with reason `lost`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkLostResult {
+    pub backends: Vec<BackendId>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusResponse {
     pub status: String,

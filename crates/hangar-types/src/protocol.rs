@@ -167,6 +167,37 @@ pub enum ProxyToController {
         #[serde(default)]
         connected: bool,
     },
+
+    // ---- TLS: cluster certificate via ACME (plane-api.md §7.9.3). Only one proxy of a cluster runs an
+    // ACME order at a time: the holder of the cluster's certificate lease. ----
+    /// Asks for the cluster's certificate lease, or renews it when this proxy already holds it. The
+    /// lease lasts [`crate::timing::CERT_LEASE`] on the store clock; the holder renews by asking again
+    /// before it runs out (a long ACME order should renew every ~30 s). Answered with
+    /// [`ControllerToProxy::CertLeaseResponse`] (`accepted: false` when another proxy holds an unexpired
+    /// lease, or on a store error).
+    CertLeaseRequest,
+    /// Gives the lease up (only if this proxy holds it), e.g. once the certificate is stored; its TXT
+    /// value goes with it. No answer.
+    ReleaseCertLease,
+    /// Sets (`Some`) or clears (`None`) the cluster's ACME DNS-01 TXT value, which the DNS responders
+    /// serve for `_acme-challenge.<cluster>`. Only the lease holder may set it. Answered with
+    /// [`ControllerToProxy::SetTxtRecordResponse`].
+    SetTxtRecord { txt_value: Option<String> },
+    /// Publishes (`Some`) or withdraws (`None`) an ACME HTTP-01 challenge answer
+    /// (`/.well-known/acme-challenge/<token>` → `key_authorization`). Only the lease holder may set
+    /// one; the controller pushes it to every proxy of the cluster as
+    /// [`ControllerToProxy::HttpChallenge`], so whichever proxy the ACME server reaches can answer.
+    /// `token` is at most 256 characters of base64url, `key_authorization` at most 512 of base64url and
+    /// `.`; anything else is refused (logged, not forwarded). No answer.
+    SetHttpChallenge {
+        token: String,
+        key_authorization: Option<String>,
+    },
+    /// Stores a freshly issued certificate for the cluster (PEM chain and PEM private key, each at most
+    /// 64 KiB); the controller pushes it to every proxy of the cluster as
+    /// [`ControllerToProxy::Certificate`] and sends it to proxies that connect later. Any proxy of the
+    /// cluster may store one (the newest wins). Holds a private key: never log this message. No answer.
+    StoreCertificate { cert_pem: String, key_pem: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +210,25 @@ pub enum ControllerToProxy {
     BackendRemoved { backend: BackendId },
     /// These tokens were revoked: forget them.
     TokensRevoked { tokens: Vec<ConnectionToken> },
+
+    // ---- TLS: cluster certificate via ACME (plane-api.md §7.9.3) ----
+    /// Answer to [`ProxyToController::CertLeaseRequest`]: `accepted` means this proxy holds the
+    /// cluster's certificate lease for the next [`crate::timing::CERT_LEASE`].
+    CertLeaseResponse { accepted: bool },
+    /// Answer to [`ProxyToController::SetTxtRecord`]: `accepted` means the value is stored (this proxy
+    /// holds the lease).
+    SetTxtRecordResponse { accepted: bool },
+    /// An ACME HTTP-01 challenge answer set (`Some`) or withdrawn (`None`) by the cluster's lease holder;
+    /// pushed to every proxy of the cluster. Serve `key_authorization` at
+    /// `/.well-known/acme-challenge/<token>` while it is set.
+    HttpChallenge {
+        token: String,
+        key_authorization: Option<String>,
+    },
+    /// The cluster's current certificate (PEM chain, PEM private key): pushed to every proxy of the
+    /// cluster when a proxy stores a new one, and sent right after the handshake when the cluster has
+    /// one. Install it for new TLS handshakes. Holds a private key: never log this message.
+    Certificate { cert_pem: String, key_pem: String },
 }
 
 /// First frame an ACME DNS responder sends on `/ctrl/dns-socket`; the controller answers with
@@ -267,6 +317,52 @@ mod tests {
             r#"{"protocol":1,"version":"x","name":"px-abc"}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn tls_messages_roundtrip() {
+        for m in [
+            ProxyToController::CertLeaseRequest,
+            ProxyToController::ReleaseCertLease,
+            ProxyToController::SetTxtRecord {
+                txt_value: Some("abc".into()),
+            },
+            ProxyToController::SetTxtRecord { txt_value: None },
+            ProxyToController::SetHttpChallenge {
+                token: "tok".into(),
+                key_authorization: Some("tok.thumb".into()),
+            },
+            ProxyToController::StoreCertificate {
+                cert_pem: "-----BEGIN CERTIFICATE-----".into(),
+                key_pem: "-----BEGIN PRIVATE KEY-----".into(),
+            },
+        ] {
+            let s = serde_json::to_string(&m).unwrap();
+            assert_eq!(serde_json::from_str::<ProxyToController>(&s).unwrap(), m);
+        }
+        assert_eq!(
+            serde_json::to_string(&ProxyToController::CertLeaseRequest).unwrap(),
+            r#""CertLeaseRequest""#
+        );
+        for m in [
+            ControllerToProxy::CertLeaseResponse { accepted: true },
+            ControllerToProxy::SetTxtRecordResponse { accepted: false },
+            ControllerToProxy::HttpChallenge {
+                token: "tok".into(),
+                key_authorization: None,
+            },
+            ControllerToProxy::Certificate {
+                cert_pem: "c".into(),
+                key_pem: "k".into(),
+            },
+        ] {
+            let s = serde_json::to_string(&m).unwrap();
+            assert_eq!(serde_json::from_str::<ControllerToProxy>(&s).unwrap(), m);
+        }
+        assert_eq!(
+            serde_json::to_value(ControllerToProxy::CertLeaseResponse { accepted: true }).unwrap(),
+            json!({"CertLeaseResponse": {"accepted": true}})
+        );
     }
 
     #[test]

@@ -35,6 +35,11 @@ pub const READINESS_TIMEOUT: Duration = Duration::from_secs(300);
 /// Lifetime of a connection token.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
+/// How long a proxy holds its cluster's certificate lease (ACME order coordination, plane-api.md
+/// §7.9.3) after acquiring or renewing it, on the store clock. Only the holder may set the cluster's
+/// ACME challenge values; the holder renews by asking again.
+pub const CERT_LEASE: Duration = Duration::from_secs(60);
+
 /// Status stream keep-alive comment interval.
 pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 

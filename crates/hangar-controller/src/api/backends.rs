@@ -55,6 +55,25 @@ async fn terminate(
     }
 }
 
+/// `POST /ctrl/b/{backend}/prevent-renew` (Plane's `db-cli prevent-renew`): the backend's key lease is
+/// not renewed any more, so its drone terminates it by its key deadlines and the key expires. 404 when
+/// the backend does not exist or holds no key (terminated). The body is ignored.
+pub async fn backends_prevent_renew(
+    State(state): State<AppState>,
+    ApiPath(backend): ApiPath<BackendId>,
+) -> Result<Json<()>, ApiError> {
+    let blocked = state
+        .store
+        .prevent_renew(&backend)
+        .await
+        .map_err(ApiError::store("Database error"))?;
+    if !blocked {
+        return Err(ApiError::NotFound("Backend does not exist or holds no key"));
+    }
+    tracing::warn!(%backend, "Key renewals blocked by an operator");
+    Ok(Json(()))
+}
+
 /// `POST /ctrl/b/revoke` and `/ctrl/revoke`: deletes a user's tokens for a backend. The store publishes
 /// `StoreEvent::TokensRevoked`, which proxy sessions forward, so proxies forget them (Plane does not,
 /// quirk 2).

@@ -1,14 +1,16 @@
-//! Cluster and node routes: cluster state, drain, and the drone/proxy WebSocket upgrades.
+//! Cluster and node routes: cluster state, drain, mark-lost, and the drone/proxy/DNS WebSocket upgrades.
 
 use crate::api::{ApiPath, AppState};
+use crate::dns_session::run_dns_session;
 use crate::drone_session::run_drone_session;
 use crate::error::ApiError;
+use crate::lost;
 use crate::proxy_session::run_proxy_session;
 use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
-use hangar_types::api::{ClusterState, DrainResult};
+use hangar_types::api::{ClusterState, DrainResult, MarkLostResult};
 use hangar_types::{ClusterName, DroneName};
 
 fn parse_cluster(raw: &str) -> Result<ClusterName, ApiError> {
@@ -29,15 +31,18 @@ pub async fn cluster_state_get(
     Ok(Json(cluster_state))
 }
 
+fn parse_drone(raw: &str) -> Result<DroneName, ApiError> {
+    raw.parse()
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid drone name: {e}")))
+}
+
 /// `POST /ctrl/c/{cluster}/d/{drone}/drain`.
 pub async fn drones_drain(
     State(state): State<AppState>,
     ApiPath((cluster, drone)): ApiPath<(String, String)>,
 ) -> Result<Json<DrainResult>, ApiError> {
     let cluster = parse_cluster(&cluster)?;
-    let drone: DroneName = drone
-        .parse()
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid drone name: {e}")))?;
+    let drone = parse_drone(&drone)?;
     let updated = state
         .store
         .drain_drone(&cluster, &drone)
@@ -48,6 +53,22 @@ pub async fn drones_drain(
         tracing::info!(%cluster, %drone, "Drone draining");
     }
     Ok(Json(DrainResult { updated }))
+}
+
+/// `POST /ctrl/c/{cluster}/d/{drone}/mark-lost` (Plane's `db-cli mark-backend-lost --drone`): records
+/// every backend of the drone that is not terminated as terminated with reason `lost`, releasing their
+/// keys at once (see [`lost::mark_drone_lost`]). The body is ignored.
+pub async fn drones_mark_lost(
+    State(state): State<AppState>,
+    ApiPath((cluster, drone)): ApiPath<(String, String)>,
+) -> Result<Json<MarkLostResult>, ApiError> {
+    let cluster = parse_cluster(&cluster)?;
+    let drone = parse_drone(&drone)?;
+    let backends = lost::mark_drone_lost(state.store.as_ref(), &cluster, &drone)
+        .await
+        .map_err(ApiError::store("Database error"))?
+        .ok_or(ApiError::NotFound("Drone does not exist"))?;
+    Ok(Json(MarkLostResult { backends }))
 }
 
 /// `GET /ctrl/c/{cluster}/drone-socket`: the cluster is validated before the upgrade.
@@ -76,4 +97,16 @@ pub async fn proxy_socket(
     Ok(ws
         .max_message_size(state.config.max_body_bytes)
         .on_upgrade(move |socket| tracker.track_future(run_proxy_session(state, cluster, socket))))
+}
+
+/// `GET /ctrl/dns-socket`: an ACME DNS responder's session (no cluster: it serves every cluster).
+pub async fn dns_socket(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let ws = ws.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let tracker = state.tracker.clone();
+    Ok(ws
+        .max_message_size(state.config.max_body_bytes)
+        .on_upgrade(move |socket| tracker.track_future(run_dns_session(state, socket))))
 }

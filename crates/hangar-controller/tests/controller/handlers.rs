@@ -52,8 +52,13 @@ impl Api {
         }
     }
 
-    /// Registers a drone attached to this controller, with a heartbeat.
+    /// Registers a drone attached to this controller, with a heartbeat (and one of the controller, which
+    /// the router alone does not record).
     async fn add_drone(&self) -> (NodeId, DroneName) {
+        self.store
+            .controller_heartbeat(&self.config.name, true)
+            .await
+            .unwrap();
         let name = DroneName::random();
         let registration = self
             .store
@@ -269,6 +274,11 @@ async fn connect_takes_over_an_expired_key() {
         let (node, _) = api.add_drone().await;
         let (_, first) = api.connect(&spawn_body("expiring")).await;
         api.store.advance_clock(Duration::from_secs(120));
+        // What a running controller and drone do every few seconds.
+        api.store
+            .controller_heartbeat(&api.config.name, true)
+            .await
+            .unwrap();
         api.store
             .drone_heartbeat(node, Millis::now())
             .await
@@ -499,10 +509,11 @@ async fn invalid_cluster_paths_are_400() {
         for path in [
             "/ctrl/c/bad%20host/state",
             "/ctrl/c/host:notaport/d/dr-abc/drain",
+            "/ctrl/c/host:notaport/d/dr-abc/mark-lost",
             "/ctrl/c/bad%20host/drone-socket",
             "/ctrl/c/bad%20host/proxy-socket",
         ] {
-            let method = if path.ends_with("drain") {
+            let method = if path.ends_with("drain") || path.ends_with("mark-lost") {
                 Method::POST
             } else {
                 Method::GET
@@ -644,6 +655,188 @@ async fn unknown_route_is_a_plane_shaped_404() {
         let (status, body) = api.get("/ctrl/nope").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_error(&body, "NotFound");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn mark_lost_records_terminated_lost_and_frees_keys() {
+    timed(async {
+        let api = Api::new().await;
+        let (node, drone) = api.add_drone().await;
+        let (status, first) = api.connect(&spawn_body("lost-a")).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, second) = api.connect(&spawn_body("lost-b")).await;
+        let first = first["backend_id"].as_str().unwrap().to_string();
+        let second = second["backend_id"].as_str().unwrap().to_string();
+        let mut events = api.store.events().subscribe();
+
+        let path = format!("/ctrl/c/{CLUSTER}/d/{drone}/mark-lost");
+        let (status, body) = api.post(&path, &Value::Null).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let mut marked: Vec<String> = serde_json::from_value(body["backends"].clone()).unwrap();
+        marked.sort();
+        let mut expected = vec![first.clone(), second.clone()];
+        expected.sort();
+        assert_eq!(marked, expected);
+
+        let (_, status_body) = api.get(&format!("/pub/b/{first}/status")).await;
+        assert_eq!(status_body["status"], "terminated");
+        assert_eq!(status_body["termination_reason"], "lost");
+        assert!(status_body["message"]
+            .as_str()
+            .unwrap()
+            .contains(drone.as_str()));
+        // The terminated state went out on the bus (so proxies drop the routes).
+        let mut terminated = 0;
+        while let Ok(event) = events.try_recv() {
+            if let hangar_store::StoreEvent::BackendState { state, .. } = event {
+                terminated += usize::from(state.status() == BackendStatus::Terminated);
+            }
+        }
+        assert_eq!(terminated, 2);
+        // A hard terminate is queued for a drone that comes back still running them.
+        let pending = api.store.pending_actions(node, 10).await.unwrap();
+        assert_eq!(
+            pending
+                .iter()
+                .filter(|a| matches!(
+                    a.action,
+                    hangar_types::protocol::BackendAction::Terminate {
+                        kind: TerminationKind::Hard,
+                        reason: TerminationReason::Lost
+                    }
+                ))
+                .count(),
+            2
+        );
+        // The keys are free: a new connect spawns a new backend.
+        let (status, again) = api.connect(&spawn_body("lost-a")).await;
+        assert_eq!(status, StatusCode::OK, "{again}");
+        assert_eq!(again["spawned"], true);
+        assert_ne!(again["backend_id"], first.as_str());
+
+        // Again: only the new backend is marked.
+        let (_, body) = api.post(&path, &Value::Null).await;
+        assert_eq!(body, json!({"backends": [again["backend_id"]]}));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn mark_lost_bad_input() {
+    timed(async {
+        let api = Api::new().await;
+        let (status, body) = api
+            .post(
+                &format!("/ctrl/c/{CLUSTER}/d/dr-unknown/mark-lost"),
+                &Value::Null,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(assert_error(&body, "NotFound"), "Drone does not exist");
+        for bad in ["px-notadrone", "dr-UPPER", "dr-a%20b"] {
+            let (status, body) = api
+                .post(
+                    &format!("/ctrl/c/{CLUSTER}/d/{bad}/mark-lost"),
+                    &Value::Null,
+                )
+                .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(assert_error(&body, "InvalidRequest").contains("invalid drone name"));
+        }
+        let (status, _) = api
+            .get(&format!("/ctrl/c/{CLUSTER}/d/dr-abc/mark-lost"))
+            .await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn prevent_renew_route() {
+    timed(async {
+        let api = Api::new().await;
+        let (status, body) = api
+            .post("/ctrl/b/nosuchbackend/prevent-renew", &Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_error(&body, "NotFound");
+        let (status, body) = api
+            .post("/ctrl/b/Bad%20Id/prevent-renew", &Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_error(&body, "InvalidRequest");
+
+        api.add_drone().await;
+        let (_, connected) = api.connect(&spawn_body("blocked")).await;
+        let id: BackendId = connected["backend_id"].as_str().unwrap().parse().unwrap();
+        assert!(api.store.renew_key(&id).await.unwrap());
+        let (status, body) = api
+            .post(&format!("/ctrl/b/{id}/prevent-renew"), &Value::Null)
+            .await;
+        assert_eq!((status, body), (StatusCode::OK, Value::Null));
+        assert!(!api.store.renew_key(&id).await.unwrap());
+
+        // A terminated backend holds no key.
+        let terminated = BackendState::Terminated {
+            last_status: BackendStatus::Scheduled,
+            termination: None,
+            reason: None,
+            exit_code: Some(0),
+            message: None,
+        };
+        api.store
+            .record_backend_state(&id, &terminated)
+            .await
+            .unwrap();
+        let (status, _) = api
+            .post(&format!("/ctrl/b/{id}/prevent-renew"), &Value::Null)
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn new_routes_require_the_bearer_token() {
+    timed(async {
+        let api = Api::with_config(ControllerConfig {
+            bearer_token: Some("s3cret".into()),
+            ..Default::default()
+        })
+        .await;
+        for (method, path) in [
+            (
+                Method::POST,
+                format!("/ctrl/c/{CLUSTER}/d/dr-abc/mark-lost"),
+            ),
+            (Method::POST, "/ctrl/b/abc/prevent-renew".to_string()),
+            (Method::GET, "/ctrl/dns-socket".to_string()),
+        ] {
+            let (status, body) = api
+                .send(
+                    Request::builder()
+                        .method(method)
+                        .uri(&path)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+            assert_error(&body, "Unauthorized");
+        }
+        // With the token, a plain GET of the DNS socket is a clear 4xx (no upgrade), not a 500.
+        let (status, body) = api
+            .send(
+                Request::get("/ctrl/dns-socket")
+                    .header(header::AUTHORIZATION, "Bearer s3cret")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert!(status.is_client_error());
+        assert_error(&body, "InvalidRequest");
     })
     .await
 }

@@ -4,8 +4,12 @@
 // Tests may unwrap (the workspace lint only exempts `#[test]` functions, not test helpers).
 #![allow(clippy::unwrap_used)]
 
+mod cleanup;
 mod drone_sessions;
 mod handlers;
+mod lost_drones;
+mod multi_controller;
 mod proxy_sessions;
 mod status_stream;
 mod support;
+mod tls;

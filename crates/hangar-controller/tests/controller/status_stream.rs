@@ -6,15 +6,15 @@ use hangar_types::{BackendId, BackendState, BackendStatus, TerminationKind, Term
 use serde_json::Value;
 
 /// One parsed SSE event: `(id, data)`.
-type SseEvent = (String, Value);
+pub type SseEvent = (String, Value);
 
-struct SseReader {
+pub struct SseReader {
     body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buffer: String,
 }
 
 impl SseReader {
-    async fn open(
+    pub async fn open(
         ctl: &TestController,
         backend: &BackendId,
         last_event_id: Option<&str>,
@@ -35,7 +35,7 @@ impl SseReader {
     }
 
     /// The next event (keep-alive comments skipped).
-    async fn next(&mut self) -> SseEvent {
+    pub async fn next(&mut self) -> SseEvent {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();

@@ -4,13 +4,16 @@
 use futures_util::{SinkExt, StreamExt};
 use hangar_controller::{ControllerConfig, ControllerHandle};
 use hangar_store::sqlite::SqliteStore;
+use hangar_store::Store;
 use hangar_types::api::ConnectResponse;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{
     ActionMessage, BackendAction, ControllerToDrone, ControllerToProxy, DroneToController, Hello,
     HelloResponse, NodeHello, ProxyToController,
 };
-use hangar_types::{BackendId, BackendState, DroneName, Millis, ProxyName, PROTOCOL_VERSION};
+use hangar_types::{
+    BackendId, BackendState, ControllerName, DroneName, Millis, ProxyName, PROTOCOL_VERSION,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -60,6 +63,10 @@ pub struct TestController {
     pub base: String,
     pub ws_base: String,
     pub bearer: Option<String>,
+    pub name: ControllerName,
+    pub store: Arc<dyn Store>,
+    /// The SQLite store behind `store`, for its clock hooks (`None` on PostgreSQL).
+    pub sqlite: Option<Arc<SqliteStore>>,
 }
 
 impl TestController {
@@ -72,9 +79,17 @@ impl TestController {
     }
 
     pub async fn start_with(config: ControllerConfig) -> TestController {
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let sqlite = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let mut ctl = Self::start_on(config, sqlite.clone()).await;
+        ctl.sqlite = Some(sqlite);
+        ctl
+    }
+
+    /// A controller on `store` (e.g. one of several sharing a PostgreSQL database).
+    pub async fn start_on(config: ControllerConfig, store: Arc<dyn Store>) -> TestController {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let bearer = config.bearer_token.clone();
+        let name = config.name.clone();
         let handle = hangar_controller::start(config, store.clone(), listener)
             .await
             .unwrap();
@@ -85,7 +100,23 @@ impl TestController {
             base: format!("http://{addr}"),
             ws_base: format!("ws://{addr}"),
             bearer,
+            name,
+            store,
+            sqlite: None,
         }
+    }
+
+    /// Moves the SQLite store clock forward, then records the controller's heartbeat as its heartbeat
+    /// loop would within seconds (so its drones stay schedulable).
+    pub async fn advance_clock(&self, d: Duration) {
+        self.sqlite
+            .as_ref()
+            .expect("clock hooks need the SQLite store")
+            .advance_clock(d);
+        self.store
+            .controller_heartbeat(&self.name, true)
+            .await
+            .unwrap();
     }
 
     pub async fn shutdown(mut self) {
@@ -346,8 +377,13 @@ pub struct FakeProxy {
 
 impl FakeProxy {
     pub async fn connect(ctl: &TestController) -> FakeProxy {
+        Self::connect_in(ctl, CLUSTER).await
+    }
+
+    /// A proxy of `cluster`.
+    pub async fn connect_in(ctl: &TestController, cluster: &str) -> FakeProxy {
         let mut ws = ctl
-            .ws_connect(&format!("/ctrl/c/{CLUSTER}/proxy-socket"))
+            .ws_connect(&format!("/ctrl/c/{cluster}/proxy-socket"))
             .await;
         let answer = ws
             .hello(NodeHello::Proxy {
@@ -373,5 +409,60 @@ impl FakeProxy {
         let r = self.ws.recv_until(&mut seen, pick).await;
         self.seen = seen;
         r
+    }
+}
+
+/// A database of its own on the PostgreSQL server named by `HANGAR_TEST_POSTGRES_URL`, dropped by
+/// [`TestDatabase::drop_database`]. `None` (the test is skipped, with a message) when the variable is
+/// not set, except under `CI`, where that is a failure.
+pub struct TestDatabase {
+    server: String,
+    name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Option<TestDatabase> {
+        use sqlx::{Connection, Executor};
+        const URL_VAR: &str = "HANGAR_TEST_POSTGRES_URL";
+        let server = match std::env::var(URL_VAR) {
+            Ok(url) if !url.trim().is_empty() => url,
+            _ if std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false")) => {
+                panic!("{URL_VAR} is not set, but CI is")
+            }
+            _ => {
+                eprintln!("skipping a PostgreSQL controller test: {URL_VAR} is not set");
+                return None;
+            }
+        };
+        let name = format!("hangar_ctl_test_{}", hangar_types::names::random_string());
+        let mut admin = sqlx::PgConnection::connect(&server).await.unwrap();
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+        let _ = admin.close().await;
+        let mut url = url::Url::parse(&server).unwrap();
+        url.set_path(&name);
+        Some(TestDatabase {
+            server,
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    /// Best effort; failures are only reported.
+    pub async fn drop_database(self) {
+        use sqlx::{Connection, Executor};
+        let result = async {
+            let mut admin = sqlx::PgConnection::connect(&self.server).await?;
+            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+            admin.execute(sql.as_str()).await?;
+            admin.close().await
+        }
+        .await;
+        if let Err(e) = result {
+            eprintln!("cannot drop test database {}: {e}", self.name);
+        }
     }
 }

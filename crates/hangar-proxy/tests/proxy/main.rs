@@ -4,7 +4,11 @@
 // Test fixtures outside `#[test]` functions may unwrap too.
 #![allow(clippy::unwrap_used)]
 
+mod limits;
+mod load;
+mod malformed;
 mod pipeline;
+mod raw;
 mod routing;
 mod support;
 mod websocket;

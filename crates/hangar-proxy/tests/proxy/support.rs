@@ -259,6 +259,8 @@ fn handle_proxy_message(
         ProxyToController::KeepAlive { backend, .. } => {
             inner.keepalives.lock().unwrap().push(backend);
         }
+        // Certificate lease and ACME messages: handled by the TLS work.
+        _ => {}
     }
 }
 
@@ -295,6 +297,7 @@ impl Upstream {
             .route("/ws", any(ws_echo))
             .route("/slow", get(slow))
             .route("/duplex", post(duplex))
+            .route("/consume", post(consume))
             .route("/own-headers", get(own_headers))
             .fallback(echo)
             .with_state(state);
@@ -352,6 +355,11 @@ async fn duplex(req: Request) -> Response {
     axum::body::Body::from_stream(stream).into_response()
 }
 
+/// Reads the whole request body before answering with its length.
+async fn consume(body: axum::body::Bytes) -> String {
+    body.len().to_string()
+}
+
 async fn own_headers() -> Response {
     (
         [
@@ -373,13 +381,30 @@ async fn ws_echo(upgrade: WebSocketUpgrade) -> Response {
                         let _ = socket.send(Message::Close(None)).await;
                         return;
                     }
+                    Message::Text(text) if text.as_str() == "ping-me" => {
+                        let ping = Message::Ping(axum::body::Bytes::from_static(b"from-backend"));
+                        if socket.send(ping).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Report the client's answer to our ping as a text message.
+                    Message::Pong(payload) => {
+                        let text = format!("pong:{}", String::from_utf8_lossy(&payload));
+                        if socket.send(Message::text(text)).await.is_err() {
+                            return;
+                        }
+                    }
                     Message::Text(_) | Message::Binary(_) => {
                         if socket.send(message).await.is_err() {
                             return;
                         }
                     }
-                    Message::Close(_) => return,
-                    Message::Ping(_) | Message::Pong(_) => {}
+                    // The library queued its close reply; send it before dropping the socket.
+                    Message::Close(_) => {
+                        let _ = futures_util::SinkExt::flush(&mut socket).await;
+                        return;
+                    }
+                    Message::Ping(_) => {}
                 }
             }
         })

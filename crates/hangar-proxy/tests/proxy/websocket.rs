@@ -1,11 +1,19 @@
-//! WebSocket forwarding and the connection counts it produces.
+//! WebSocket forwarding and the connection counts it produces: negotiation, large, fragmented and
+//! compressed messages, control frames, every way a tunnel can end, and shutdown.
 
+use crate::raw::{
+    read_frame, read_response, wait_closed, ws_frame, ws_request, RawResponse, RawWsBackend, WS_KEY,
+};
 use crate::support::{eventually, with_timeout, Env};
 use futures_util::{SinkExt, StreamExt};
 use hangar_types::BackendId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::Response;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -129,6 +137,9 @@ async fn client_vanishing_without_close_frame_closes_the_tunnel() {
         wait_open_connections(&env, &route.backend_id, 1).await;
         other.send(Message::text("still here")).await.unwrap();
         assert_eq!(next_data(&mut other).await, Message::text("still here"));
+        drop(other);
+        wait_open_connections(&env, &route.backend_id, 0).await;
+        eventually("no tunnels", || async { env.proxy.open_tunnels() == 0 }).await;
     })
     .await
 }
@@ -147,6 +158,330 @@ async fn upstream_closing_first_closes_the_tunnel() {
         // half-close linger).
         wait_open_connections(&env, &route.backend_id, 0).await;
         drop(ws);
+    })
+    .await
+}
+
+/// Connects a raw client through the proxy to a [`RawWsBackend`] for `backend`; returns the client
+/// socket, its `101` response, the backend's socket and the handshake request it received.
+async fn raw_tunnel(
+    env: &Env,
+    backend: &RawWsBackend,
+    backend_id: &str,
+    client_headers: &[&str],
+    backend_headers: &[&str],
+) -> (TcpStream, RawResponse, TcpStream, String) {
+    let mut route = env.route(backend_id);
+    route.address = backend.addr();
+    let token = env.token_for(&route);
+    let mut client = TcpStream::connect(env.proxy.local_addr()).await.unwrap();
+    let request = ws_request(
+        &format!("/{token}/raw"),
+        env.cluster.as_str(),
+        client_headers,
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let (upstream, head) = backend.accept(backend_headers).await;
+    let response = read_response(&mut client)
+        .await
+        .expect("a handshake response");
+    assert_eq!(response.status, 101, "{}", response.head);
+    (client, response, upstream, head)
+}
+
+fn has_header_line(head: &str, name: &str, value: &str) -> bool {
+    head.lines().any(|line| {
+        line.split_once(':')
+            .is_some_and(|(n, v)| n.trim().eq_ignore_ascii_case(name) && v.trim() == value)
+    })
+}
+
+#[tokio::test]
+async fn subprotocol_and_permessage_deflate_are_negotiated_end_to_end() {
+    with_timeout(async {
+        let env = Env::start().await;
+        let backend = RawWsBackend::start().await;
+        let (mut client, response, mut upstream, request) = raw_tunnel(
+            &env,
+            &backend,
+            "b-deflate",
+            &[
+                "sec-websocket-protocol: chat, superchat",
+                "sec-websocket-extensions: permessage-deflate; client_max_window_bits",
+            ],
+            &[
+                "sec-websocket-protocol: superchat",
+                "sec-websocket-extensions: permessage-deflate; server_no_context_takeover",
+            ],
+        )
+        .await;
+        // The backend sees the client's offer; the client sees the backend's choice.
+        assert!(has_header_line(
+            &request,
+            "sec-websocket-protocol",
+            "chat, superchat"
+        ));
+        assert!(has_header_line(
+            &request,
+            "sec-websocket-extensions",
+            "permessage-deflate; client_max_window_bits"
+        ));
+        assert!(has_header_line(&request, "sec-websocket-key", WS_KEY));
+        assert_eq!(response.header("sec-websocket-protocol"), Some("superchat"));
+        assert_eq!(
+            response.header("sec-websocket-extensions"),
+            Some("permessage-deflate; server_no_context_takeover")
+        );
+        let accept = derive_accept_key(WS_KEY.as_bytes());
+        assert_eq!(
+            response.header("sec-websocket-accept"),
+            Some(accept.as_str())
+        );
+        assert_eq!(response.header("x-plane-backend-id"), Some("b-deflate"));
+
+        // "Hello" compressed (RFC 7692 §7.2.3.1), in frames with RSV1 set: passed unchanged.
+        let hello = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+        let mask = Some([0x37, 0xfa, 0x21, 0x3d]);
+        client
+            .write_all(&ws_frame(0xC1, &hello, mask))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_frame(&mut upstream).await,
+            Some((0xC1, hello.to_vec()))
+        );
+        upstream
+            .write_all(&ws_frame(0xC1, &hello, None))
+            .await
+            .unwrap();
+        assert_eq!(read_frame(&mut client).await, Some((0xC1, hello.to_vec())));
+        // A fragmented compressed message: RSV1 on the first fragment only.
+        let mut fragments = ws_frame(0x41, &hello[..3], mask);
+        fragments.extend(ws_frame(0x80, &hello[3..], mask));
+        client.write_all(&fragments).await.unwrap();
+        assert_eq!(
+            read_frame(&mut upstream).await,
+            Some((0x41, hello[..3].to_vec()))
+        );
+        assert_eq!(
+            read_frame(&mut upstream).await,
+            Some((0x80, hello[3..].to_vec()))
+        );
+
+        // Closing handshake, client first.
+        let close = 1000u16.to_be_bytes();
+        client
+            .write_all(&ws_frame(0x88, &close, mask))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_frame(&mut upstream).await,
+            Some((0x88, close.to_vec()))
+        );
+        upstream
+            .write_all(&ws_frame(0x88, &close, None))
+            .await
+            .unwrap();
+        drop(upstream);
+        assert_eq!(read_frame(&mut client).await, Some((0x88, close.to_vec())));
+        wait_closed(&mut client).await;
+        drop(client);
+        wait_open_connections(&env, &"b-deflate".parse().unwrap(), 0).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn large_and_fragmented_messages_pass_through() {
+    with_timeout(async {
+        let env = Env::start().await;
+        let route = env.route("b-large");
+        let token = env.token_for(&route);
+        let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
+
+        let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        ws.send(Message::binary(big.clone())).await.unwrap();
+        assert!(next_data(&mut ws).await == Message::binary(big));
+
+        // A text message in three fragments with a ping between them.
+        let text =
+            |s: &str, opcode, fin| Message::Frame(Frame::message(s.to_string(), opcode, fin));
+        ws.send(text("Hello, ", OpCode::Data(Data::Text), false))
+            .await
+            .unwrap();
+        ws.send(Message::Ping("between".into())).await.unwrap();
+        ws.send(text("fragmented ", OpCode::Data(Data::Continue), false))
+            .await
+            .unwrap();
+        ws.send(text("world", OpCode::Data(Data::Continue), true))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_data(&mut ws).await,
+            Message::text("Hello, fragmented world")
+        );
+
+        // A 9 MiB binary message in three 3 MiB fragments.
+        let part: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
+        for (opcode, fin) in [
+            (OpCode::Data(Data::Binary), false),
+            (OpCode::Data(Data::Continue), false),
+            (OpCode::Data(Data::Continue), true),
+        ] {
+            ws.send(Message::Frame(Frame::message(part.clone(), opcode, fin)))
+                .await
+                .unwrap();
+        }
+        let Message::Binary(echoed) = next_data(&mut ws).await else {
+            panic!("expected a binary message");
+        };
+        assert_eq!(echoed.len(), 3 * part.len());
+        assert!(echoed
+            .chunks(part.len())
+            .all(|chunk| chunk == part.as_slice()));
+
+        ws.close(None).await.unwrap();
+        while ws.next().await.is_some() {}
+        drop(ws);
+        wait_open_connections(&env, &route.backend_id, 0).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn pings_and_pongs_pass_both_ways() {
+    with_timeout(async {
+        let env = Env::start().await;
+        let route = env.route("b-ping");
+        let token = env.token_for(&route);
+        let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
+        // The client pings; the backend's pong comes back with the same payload.
+        ws.send(Message::Ping("from-client".into())).await.unwrap();
+        let pong = ws.next().await.unwrap().unwrap();
+        assert_eq!(pong, Message::Pong("from-client".into()));
+        // The backend pings; the client answers (tungstenite does it while reading) and the
+        // backend reports the pong it got.
+        ws.send(Message::text("ping-me")).await.unwrap();
+        let ping = ws.next().await.unwrap().unwrap();
+        assert_eq!(ping, Message::Ping("from-backend".into()));
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::text("pong:from-backend")
+        );
+        drop(ws);
+        wait_open_connections(&env, &route.backend_id, 0).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn upstream_severed_mid_frame_closes_the_client() {
+    with_timeout(async {
+        let env = Env::start().await;
+        let backend = RawWsBackend::start().await;
+        let (mut client, _, mut upstream, _) =
+            raw_tunnel(&env, &backend, "b-severed", &[], &[]).await;
+        let backend_id: BackendId = "b-severed".parse().unwrap();
+        wait_open_connections(&env, &backend_id, 1).await;
+
+        // Half of a frame reaches the client, then the backend's socket is reset.
+        let frame = ws_frame(0x82, &[7u8; 1000], None);
+        upstream.write_all(&frame[..500]).await.unwrap();
+        let mut half = vec![0u8; 500];
+        client.read_exact(&mut half).await.unwrap();
+        assert_eq!(half, &frame[..500]);
+        upstream.set_zero_linger().unwrap();
+        drop(upstream);
+
+        // The proxy closes the client's connection and forgets the tunnel.
+        wait_closed(&mut client).await;
+        drop(client);
+        wait_open_connections(&env, &backend_id, 0).await;
+        eventually("no tunnels", || async { env.proxy.open_tunnels() == 0 }).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
+    with_timeout(async {
+        let env = Env::start().await;
+        // Tunnel A: raw both ends, so the test sees every byte.
+        let backend = RawWsBackend::start().await;
+        let (mut client_a, _, mut upstream_a, _) =
+            raw_tunnel(&env, &backend, "b-away-raw", &[], &[]).await;
+        // Tunnel B: a WebSocket library client and backend.
+        let route_b = env.route("b-away-lib");
+        let token_b = env.token_for(&route_b);
+        let (mut ws_b, _) = connect(&env, &format!("/{token_b}/ws"), None).await;
+        ws_b.send(Message::text("before")).await.unwrap();
+        assert_eq!(next_data(&mut ws_b).await, Message::text("before"));
+        assert_eq!(env.proxy.open_tunnels(), 2);
+
+        // The backend of A is in the middle of a 100 KiB frame when the shutdown starts.
+        let payload: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+        let frame = ws_frame(0x82, &payload, None);
+        let half = frame.len() / 2;
+        upstream_a.write_all(&frame[..half]).await.unwrap();
+        let mut received = vec![0u8; half];
+        client_a.read_exact(&mut received).await.unwrap();
+
+        let Env {
+            proxy,
+            controller,
+            upstream,
+            ..
+        } = env;
+        let monitor = proxy.monitor();
+        let shutdown = tokio::spawn(proxy.shutdown());
+
+        // A's backend gets a (masked) close 1001 from the proxy, then sends the rest of its frame
+        // and one more frame.
+        assert_eq!(
+            read_frame(&mut upstream_a).await,
+            Some((0x88, vec![0x03, 0xE9]))
+        );
+        let mut rest = frame[half..].to_vec();
+        rest.extend(ws_frame(0x81, b"too late", None));
+        upstream_a.write_all(&rest).await.unwrap();
+        wait_closed(&mut upstream_a).await;
+
+        // A's client gets the whole frame, then an unmasked close 1001, then end of stream.
+        let mut received = vec![0u8; frame.len() - half];
+        client_a.read_exact(&mut received).await.unwrap();
+        assert_eq!(received, &frame[half..]);
+        assert_eq!(
+            read_frame(&mut client_a).await,
+            Some((0x88, vec![0x03, 0xE9]))
+        );
+        client_a
+            .write_all(&ws_frame(0x88, &[0x03, 0xE9], Some([9, 9, 9, 9])))
+            .await
+            .unwrap();
+        wait_closed(&mut client_a).await;
+
+        // B's client library sees a proper close with code 1001.
+        let close = loop {
+            match ws_b.next().await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
+        while let Some(Ok(_)) = ws_b.next().await {}
+        drop(ws_b);
+
+        shutdown.await.unwrap();
+        assert_eq!(monitor.open_tunnels(), 0);
+        assert_eq!(monitor.open_client_connections(), 0);
+        for backend in ["b-away-raw", "b-away-lib"] {
+            let open = monitor
+                .connection_counts(&backend.parse().unwrap())
+                .map_or(0, |c| c.open_connections);
+            assert_eq!(open, 0, "{backend}");
+        }
+        drop((controller, upstream));
     })
     .await
 }

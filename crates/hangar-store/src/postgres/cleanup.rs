@@ -1,4 +1,4 @@
-//! Periodic deletion of data nobody needs any more: expired tokens, and (when an age is configured)
+//! Periodic deletion of data nobody needs any more: expired tokens, left-behind ACME HTTP challenges, and (when an age is configured)
 //! long-terminated backends with everything that refers to them.
 //!
 //! Several controllers may clean up at once: the old backends of a pass are locked with
@@ -6,7 +6,7 @@
 //! the children deleted are exactly those of the locked rows.
 
 use super::{millis_of, PostgresStore};
-use crate::StoreResult;
+use crate::{StoreResult, HTTP_CHALLENGE_RETENTION};
 use std::time::Duration;
 
 pub(super) async fn cleanup(
@@ -27,6 +27,17 @@ pub(super) async fn cleanup(
           FOR UPDATE SKIP LOCKED)",
     )
     .bind(now)
+    .bind(limit)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+
+    deleted += sqlx::query(
+        "DELETE FROM acme_http_challenge WHERE (cluster, token) IN \
+         (SELECT cluster, token FROM acme_http_challenge WHERE created_at <= $1 \
+          ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(now.saturating_sub(millis_of(HTTP_CHALLENGE_RETENTION)))
     .bind(limit)
     .execute(&mut *tx)
     .await?

@@ -1,6 +1,6 @@
 //! Relays events committed by other stores sharing the database (other controllers) onto this store's
 //! [`EventBus`]: `LISTEN` on [`super::notify::CHANNEL`], skip this store's own notifications, resolve pointers
-//! (actions, large states) by reading their rows, publish.
+//! (actions, large states, certificates) by reading their rows, publish.
 //!
 //! A payload that does not decode (another Hangar version, a stray `NOTIFY`) is logged and skipped. A
 //! lost listening connection is re-established by [`PgListener`]; notifications sent meanwhile are lost
@@ -8,6 +8,7 @@
 
 use super::notify::{Notice, Payload};
 use super::rows::{json_column, parse};
+use super::tls::{certificate_row, CERTIFICATE_COLUMNS};
 use crate::events::{EventBus, StoreEvent};
 use crate::StoreResult;
 use hangar_types::protocol::ActionMessage;
@@ -126,6 +127,30 @@ impl Relay {
                 }
             }
             Notice::TokensRevoked { tokens } => Some(StoreEvent::TokensRevoked { tokens }),
+            Notice::HttpChallenge {
+                cluster,
+                token,
+                key_authorization,
+            } => Some(StoreEvent::HttpChallenge {
+                cluster,
+                token,
+                key_authorization,
+            }),
+            // The row holds the newest certificate, which may be newer than the notified one: relaying
+            // the newest is what subscribers want.
+            Notice::Certificate { cluster } => {
+                let sql = format!(
+                    "SELECT {CERTIFICATE_COLUMNS} FROM cluster_certificate WHERE cluster = $1"
+                );
+                let row = sqlx::query(&sql)
+                    .bind(cluster.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref()
+                    .map(certificate_row)
+                    .transpose()?
+                    .map(StoreEvent::Certificate)
+            }
         })
     }
 }

@@ -13,6 +13,7 @@ use hangar_types::executable::ExecutorKind;
 use hangar_types::{ClusterName, ControllerName, DroneName, Millis, NodeName, ProxyName};
 use sqlx::{PgConnection, Row};
 use std::collections::HashMap;
+use std::time::Duration;
 
 const DRONE: &str = "drone";
 const PROXY: &str = "proxy";
@@ -152,8 +153,9 @@ pub(super) async fn schedulable_drones(
         "SELECT n.id, n.name, d.last_local_time, \
          (SELECT COUNT(*) FROM backend b WHERE b.drone_id = n.id AND b.last_status_number < 70) \
            AS backend_count \
-         FROM node n JOIN drone d ON d.id = n.id \
-         WHERE n.kind = 'drone' AND n.cluster = $1 AND n.controller IS NOT NULL \
+         FROM node n JOIN drone d ON d.id = n.id JOIN controller c ON c.name = n.controller \
+         WHERE n.kind = 'drone' AND n.cluster = $1 \
+         AND c.is_online AND c.last_heartbeat > hangar_now_ms($3) - $4 \
          AND NOT d.draining AND d.pool = $2 \
          AND d.last_heartbeat IS NOT NULL AND d.last_heartbeat > hangar_now_ms($3) - $4 \
          AND d.last_local_time IS NOT NULL \
@@ -293,6 +295,39 @@ pub(super) async fn drain_drone(
     }
     tx.commit().await?;
     Ok(Some(!was_draining))
+}
+
+pub(super) async fn drone_attachment(
+    s: &PostgresStore,
+    cluster: &ClusterName,
+    drone: &DroneName,
+) -> StoreResult<Option<DroneAttachment>> {
+    // The age is never negative (GREATEST) and NULL without a heartbeat.
+    let row = sqlx::query(
+        "SELECT n.id, n.controller, n.session, \
+         GREATEST(hangar_now_ms($3), d.last_heartbeat) - d.last_heartbeat AS heartbeat_age \
+         FROM node n JOIN drone d ON d.id = n.id \
+         WHERE n.kind = 'drone' AND n.cluster = $1 AND n.name = $2",
+    )
+    .bind(cluster.as_str())
+    .bind(drone.as_str())
+    .bind(s.offset())
+    .fetch_optional(&s.pool)
+    .await?;
+    row.map(|row| {
+        let controller: Option<String> = row.try_get("controller")?;
+        let age: Option<i64> = row.try_get("heartbeat_age")?;
+        Ok(DroneAttachment {
+            node: row.try_get("id")?,
+            controller: controller
+                .as_deref()
+                .map(|c| parse("controller name", c))
+                .transpose()?,
+            session: row.try_get("session")?,
+            heartbeat_age: age.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+        })
+    })
+    .transpose()
 }
 
 pub(super) async fn controller_heartbeat(

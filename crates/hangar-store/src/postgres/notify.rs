@@ -4,7 +4,9 @@
 //! 8000 bytes or more, so notices stay small: an action is sent as a pointer (`drone`, `action_id`) that
 //! the listener reads back from `backend_action`; a state is sent inline unless it is large (a long
 //! termination message), then as a pointer to its `backend_state` row; revoked tokens are split over
-//! several notices. Notices of one transaction are packed into as few payloads as fit.
+//! several notices; an ACME HTTP challenge is sent inline (bounded by the controller); a certificate as a
+//! pointer (`cluster`) to its `cluster_certificate` row, so no PEM travels in a notification. Notices of
+//! one transaction are packed into as few payloads as fit.
 //!
 //! Notifications are sent inside the transaction that made the change, so PostgreSQL delivers them only
 //! if it commits, in commit order.
@@ -12,7 +14,7 @@
 use crate::model::NodeId;
 use crate::{StoreError, StoreResult};
 use hangar_types::token::ConnectionToken;
-use hangar_types::{ActionId, BackendId, BackendState, Millis};
+use hangar_types::{ActionId, BackendId, BackendState, ClusterName, Millis};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 
@@ -51,6 +53,17 @@ pub(super) enum Notice {
     },
     TokensRevoked {
         tokens: Vec<ConnectionToken>,
+    },
+    /// An ACME HTTP-01 challenge answer, inline: the controller bounds token and key authorization to a
+    /// few hundred bytes.
+    HttpChallenge {
+        cluster: ClusterName,
+        token: String,
+        key_authorization: Option<String>,
+    },
+    /// A certificate was stored: row `cluster` of `cluster_certificate` (PEMs never go inline).
+    Certificate {
+        cluster: ClusterName,
     },
 }
 

@@ -1,8 +1,8 @@
-//! Periodic deletion of data nobody needs any more: expired tokens, and (when an age is configured)
+//! Periodic deletion of data nobody needs any more: expired tokens, left-behind ACME HTTP challenges, and (when an age is configured)
 //! long-terminated backends with everything that refers to them.
 
 use super::{millis_of, SqliteStore};
-use crate::StoreResult;
+use crate::{StoreResult, HTTP_CHALLENGE_RETENTION};
 use std::time::Duration;
 
 /// The old terminated backends of one pass: the same rows every time it is evaluated inside the pass's
@@ -26,6 +26,17 @@ pub(super) async fn cleanup(
          (SELECT token FROM token WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)",
     )
     .bind(now.0)
+    .bind(limit)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+
+    deleted += sqlx::query(
+        "DELETE FROM acme_http_challenge WHERE (cluster, token) IN \
+         (SELECT cluster, token FROM acme_http_challenge WHERE created_at <= ? \
+          ORDER BY created_at LIMIT ?)",
+    )
+    .bind(now.0.saturating_sub(millis_of(HTTP_CHALLENGE_RETENTION)))
     .bind(limit)
     .execute(&mut *tx)
     .await?

@@ -12,6 +12,7 @@ use hangar_types::executable::ExecutorKind;
 use hangar_types::{ClusterName, ControllerName, DroneName, Millis, NodeName, ProxyName};
 use sqlx::{Row, SqliteConnection};
 use std::collections::HashMap;
+use std::time::Duration;
 
 const DRONE: &str = "drone";
 const PROXY: &str = "proxy";
@@ -155,8 +156,9 @@ pub(super) async fn schedulable_drones(
         "SELECT n.id, n.name, d.last_local_time, \
          (SELECT COUNT(*) FROM backend b WHERE b.drone_id = n.id AND b.last_status_number < 70) \
            AS backend_count \
-         FROM node n JOIN drone d ON d.id = n.id \
-         WHERE n.kind = 'drone' AND n.cluster = ? AND n.controller IS NOT NULL \
+         FROM node n JOIN drone d ON d.id = n.id JOIN controller c ON c.name = n.controller \
+         WHERE n.kind = 'drone' AND n.cluster = ? \
+         AND c.is_online = TRUE AND c.last_heartbeat > ? \
          AND d.draining = FALSE AND d.pool = ? \
          AND d.last_heartbeat IS NOT NULL AND d.last_heartbeat > ? \
          AND d.last_local_time IS NOT NULL \
@@ -164,6 +166,7 @@ pub(super) async fn schedulable_drones(
          ORDER BY n.id",
     )
     .bind(q.cluster.as_str())
+    .bind(oldest_heartbeat)
     .bind(&q.pool)
     .bind(oldest_heartbeat)
     .bind(q.executor.to_string())
@@ -295,6 +298,39 @@ pub(super) async fn drain_drone(
     }
     tx.commit().await?;
     Ok(Some(!was_draining))
+}
+
+pub(super) async fn drone_attachment(
+    s: &SqliteStore,
+    cluster: &ClusterName,
+    drone: &DroneName,
+) -> StoreResult<Option<DroneAttachment>> {
+    let now = s.clock();
+    let row = sqlx::query(
+        "SELECT n.id, n.controller, n.session, d.last_heartbeat \
+         FROM node n JOIN drone d ON d.id = n.id \
+         WHERE n.kind = 'drone' AND n.cluster = ? AND n.name = ?",
+    )
+    .bind(cluster.as_str())
+    .bind(drone.as_str())
+    .fetch_optional(&s.reader)
+    .await?;
+    row.map(|row| {
+        let controller: Option<String> = row.try_get("controller")?;
+        let last_heartbeat: Option<i64> = row.try_get("last_heartbeat")?;
+        Ok(DroneAttachment {
+            node: row.try_get("id")?,
+            controller: controller
+                .as_deref()
+                .map(|c| parse("controller name", c))
+                .transpose()?,
+            session: row.try_get("session")?,
+            heartbeat_age: last_heartbeat.map(|t| {
+                Duration::from_millis(u64::try_from(now.0.saturating_sub(t)).unwrap_or(0))
+            }),
+        })
+    })
+    .transpose()
 }
 
 pub(super) async fn controller_heartbeat(

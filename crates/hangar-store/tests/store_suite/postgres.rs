@@ -414,3 +414,82 @@ async fn migrate_is_repeatable() {
     })
     .await;
 }
+
+/// ACME challenges (inline) and certificates (by pointer, however large) reach the other controllers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_events_reach_other_stores() {
+    with_database(|url| async move {
+        let a = PostgresStore::connect(&url).await.unwrap();
+        let b = PostgresStore::connect(&url).await.unwrap();
+        let mut on_b = b.events().subscribe();
+        let cluster = suite::cluster();
+        let proxy = suite::proxy_node(&a, "px-one").await;
+        assert!(a.acquire_cert_lease(&cluster, proxy).await.unwrap());
+
+        assert!(a
+            .set_http_challenge(&cluster, proxy, "tok", Some("tok.thumb"))
+            .await
+            .unwrap());
+        assert_eq!(
+            relayed(&mut on_b).await,
+            StoreEvent::HttpChallenge {
+                cluster: cluster.clone(),
+                token: "tok".into(),
+                key_authorization: Some("tok.thumb".into()),
+            }
+        );
+        // The lease and its TXT value are shared through the database.
+        assert!(a
+            .set_txt_record(&cluster, proxy, Some("txt"))
+            .await
+            .unwrap());
+        assert_eq!(
+            b.txt_record(&cluster).await.unwrap().as_deref(),
+            Some("txt")
+        );
+
+        let cert = format!("-----BEGIN CERTIFICATE-----\n{}\n", "A".repeat(50_000));
+        let stored = a
+            .store_certificate(&cluster, proxy, &cert, "-----BEGIN PRIVATE KEY-----\n")
+            .await
+            .unwrap();
+        assert_eq!(relayed(&mut on_b).await, StoreEvent::Certificate(stored));
+    })
+    .await;
+}
+
+/// Concurrent lease requests of two proxies through two controllers: only one proxy ever wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_lease_has_one_holder_across_stores() {
+    with_database(|url| async move {
+        let stores = [
+            Arc::new(PostgresStore::connect(&url).await.unwrap()),
+            Arc::new(PostgresStore::connect(&url).await.unwrap()),
+        ];
+        let proxies = [
+            suite::proxy_node(&*stores[0], "px-one").await,
+            suite::proxy_node(&*stores[1], "px-two").await,
+        ];
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let store = stores[i % 2].clone();
+            let proxy = proxies[(i / 2) % 2];
+            tasks.spawn(async move {
+                let accepted = store
+                    .acquire_cert_lease(&suite::cluster(), proxy)
+                    .await
+                    .unwrap();
+                (proxy, accepted)
+            });
+        }
+        let mut winners = std::collections::HashSet::new();
+        while let Some(joined) = tasks.join_next().await {
+            let (proxy, accepted) = joined.unwrap();
+            if accepted {
+                winners.insert(proxy);
+            }
+        }
+        assert_eq!(winners.len(), 1, "one holder: {winners:?}");
+    })
+    .await;
+}

@@ -1,0 +1,99 @@
+//! One ACME DNS responder's WebSocket session (`/ctrl/dns-socket`, plane-api.md §3.6): the responder
+//! asks for a cluster's DNS-01 TXT value, the controller answers from the store.
+//!
+//! Unlike Plane: every request gets an answer (`null` on a store error, logged), so a responder never
+//! waits out its own timeout; a responder is not registered as a node (Plane added a node row per
+//! connection, quirk 15); a bad frame is logged and skipped.
+
+use crate::api::AppState;
+use crate::node_socket::{self, NodeSender, SessionClosed};
+use axum::extract::ws::WebSocket;
+use futures_util::stream::SplitStream;
+use futures_util::StreamExt;
+use hangar_store::Store;
+use hangar_types::protocol::{ControllerToDns, DnsHello, DnsToController};
+use hangar_types::{ClusterName, DnsName};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Runs a DNS responder session on an upgraded socket until the responder leaves or the controller
+/// shuts down.
+pub async fn run_dns_session(state: AppState, mut socket: WebSocket) {
+    let hello = match node_socket::read_first_frame::<DnsHello>(&mut socket, "DnsHello").await {
+        Ok(hello) => hello,
+        Err(reason) => return node_socket::refuse(socket, reason).await,
+    };
+    if let Err(reason) = node_socket::check_protocol(hello.protocol) {
+        return node_socket::refuse(socket, reason).await;
+    }
+    if node_socket::welcome(&mut socket, &state.config.name)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::info!(dns = %hello.name, version = %hello.version, "DNS responder connected");
+    let cancel = state.cancel.child_token();
+    let (sink, stream) = socket.split();
+    let (sender, rx) = node_socket::outbound();
+    let session = DnsSession {
+        store: state.store.clone(),
+        name: hello.name.clone(),
+        sender,
+        cancel: cancel.clone(),
+    };
+    tokio::join!(
+        node_socket::run_socket_writer(sink, rx, cancel.clone()),
+        session.run_reader(stream),
+    );
+    tracing::info!(dns = %hello.name, "DNS responder disconnected");
+}
+
+struct DnsSession {
+    store: Arc<dyn Store>,
+    name: DnsName,
+    sender: NodeSender<ControllerToDns>,
+    cancel: CancellationToken,
+}
+
+impl DnsSession {
+    async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
+        loop {
+            let text = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                text = node_socket::next_text(&mut stream) => match text {
+                    Some(text) => text,
+                    None => break,
+                },
+            };
+            let message = match serde_json::from_str::<DnsToController>(text.as_str()) {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(dns = %self.name, error = %e, "Skipping unparseable frame from DNS responder");
+                    continue;
+                }
+            };
+            let answered = match message {
+                DnsToController::TxtRecordRequest { cluster } => self.txt_record(cluster).await,
+            };
+            if answered.is_err() {
+                break;
+            }
+        }
+        self.cancel.cancel();
+    }
+
+    async fn txt_record(&self, cluster: ClusterName) -> Result<(), SessionClosed> {
+        let txt_value = match self.store.txt_record(&cluster).await {
+            Ok(value) => value,
+            Err(e) => {
+                tracing::error!(dns = %self.name, %cluster, error = %e, "Failed to read TXT record");
+                None
+            }
+        };
+        tracing::debug!(dns = %self.name, %cluster, found = txt_value.is_some(), "TXT record request");
+        self.sender
+            .send(&ControllerToDns::TxtRecordResponse { cluster, txt_value })
+            .await
+    }
+}

@@ -1,0 +1,242 @@
+//! Lost drones and the operator routes: a silent drone's backends become terminated/lost once their
+//! lease expired, mark-lost, prevent-renew, and a drone session taken over by a reconnect.
+
+use crate::support::*;
+use hangar_types::protocol::{
+    BackendAction, ControllerToDrone, ControllerToProxy, DroneToController, KeyDeadlines,
+    ProxyToController,
+};
+use hangar_types::timing::{KEY_LEASE, UNHEALTHY_AFTER};
+use hangar_types::token::ConnectionToken;
+use hangar_types::{BackendId, DroneName, Millis, TerminationKind, TerminationReason};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+async fn expect_removed(proxy: &mut FakeProxy, backend: &BackendId) {
+    proxy
+        .expect(|m| {
+            matches!(m, ControllerToProxy::BackendRemoved { backend: b } if b == backend)
+                .then_some(())
+        })
+        .await
+}
+
+async fn expect_route(proxy: &mut FakeProxy, token: &ConnectionToken) -> bool {
+    proxy
+        .send(&ProxyToController::RouteRequest {
+            token: token.clone(),
+        })
+        .await;
+    proxy
+        .expect(|m| match m {
+            ControllerToProxy::RouteResponse { token: t, route } if t == token => {
+                Some(route.is_some())
+            }
+            _ => None,
+        })
+        .await
+}
+
+async fn wait_for_status(ctl: &TestController, backend: &BackendId, status: &str) -> Value {
+    eventually(&format!("backend {backend} {status}"), || async {
+        let body = ctl.status(backend).await;
+        (body["status"] == status).then_some(body)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn silent_drone_backends_become_lost_and_the_key_spawns_elsewhere() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let mut old = FakeDrone::connect(&ctl).await;
+        let mut proxy = FakeProxy::connect(&ctl).await;
+        let connected = ctl.connect(&connect_body(Some("room"))).await;
+        let backend = connected.backend_id.clone();
+        assert_eq!(connected.drone.as_ref(), Some(&old.name));
+        old.make_ready(&backend).await;
+        assert!(expect_route(&mut proxy, &connected.token).await);
+
+        // Before its lease expires, a silent drone's backend is not touched.
+        ctl.advance_clock(UNHEALTHY_AFTER + Duration::from_secs(1))
+            .await;
+        let swept = hangar_controller::lost::sweep_lost_backends(ctl.store.as_ref())
+            .await
+            .unwrap();
+        assert!(swept.is_empty(), "{swept:?}");
+        assert_eq!(ctl.status(&backend).await["status"], "ready");
+
+        // The drone stays silent and the lease runs out on the store clock.
+        ctl.advance_clock(KEY_LEASE).await;
+        // One sweep records it (the background loop may have been first).
+        hangar_controller::lost::sweep_lost_backends(ctl.store.as_ref())
+            .await
+            .unwrap();
+        let status = ctl.status(&backend).await;
+        assert_eq!(status["status"], "terminated", "{status}");
+        assert_eq!(status["termination_reason"], "lost");
+        assert_eq!(
+            status["message"],
+            format!("drone {} stopped reporting", old.name)
+        );
+        expect_removed(&mut proxy, &backend).await;
+        assert!(!expect_route(&mut proxy, &connected.token).await);
+        assert!(
+            hangar_controller::lost::sweep_lost_backends(ctl.store.as_ref())
+                .await
+                .unwrap()
+                .is_empty(),
+            "a second sweep changes nothing"
+        );
+
+        // The key is free: a connect spawns a new backend on the healthy drone.
+        let mut fresh = FakeDrone::connect(&ctl).await;
+        let again = ctl.connect(&connect_body(Some("room"))).await;
+        assert!(again.spawned);
+        assert_ne!(again.backend_id, backend);
+        assert_eq!(again.drone.as_ref(), Some(&fresh.name));
+        fresh.expect_spawn(&again.backend_id).await;
+        ctl.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn lost_backend_sweep_runs_in_the_background() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let mut drone = FakeDrone::connect(&ctl).await;
+        let backend = ctl.connect(&connect_body(Some("bg"))).await.backend_id;
+        drone.expect_spawn(&backend).await;
+        // The drone goes away for good.
+        drop(drone);
+        ctl.advance_clock(KEY_LEASE + Duration::from_secs(1)).await;
+        let status = wait_for_status(&ctl, &backend, "terminated").await;
+        assert_eq!(status["termination_reason"], "lost");
+        ctl.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn mark_lost_tells_proxies_and_the_drone() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let mut drone = FakeDrone::connect(&ctl).await;
+        let mut proxy = FakeProxy::connect(&ctl).await;
+        let connected = ctl.connect(&connect_body(Some("marked"))).await;
+        let backend = connected.backend_id.clone();
+        drone.make_ready(&backend).await;
+        assert!(expect_route(&mut proxy, &connected.token).await);
+
+        let response = ctl
+            .post(
+                &format!("/ctrl/c/{CLUSTER}/d/{}/mark-lost", drone.name),
+                &json!(null),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body, json!({"backends": [backend.as_str()]}));
+        expect_removed(&mut proxy, &backend).await;
+        // If the drone is in fact alive, it is told to kill the backend.
+        drone
+            .expect_action(&backend, |a| {
+                matches!(
+                    a,
+                    BackendAction::Terminate {
+                        kind: TerminationKind::Hard,
+                        reason: TerminationReason::Lost
+                    }
+                )
+            })
+            .await;
+        let status = ctl.status(&backend).await;
+        assert_eq!(status["status"], "terminated");
+        assert_eq!(status["termination_reason"], "lost");
+
+        let response = ctl
+            .post(
+                &format!("/ctrl/c/{CLUSTER}/d/dr-nobody/mark-lost"),
+                &json!(null),
+            )
+            .await;
+        assert_eq!(response.status(), 404);
+        let response = ctl
+            .post(
+                &format!("/ctrl/c/{CLUSTER}/d/not-a-drone/mark-lost"),
+                &json!(null),
+            )
+            .await;
+        assert_eq!(response.status(), 400);
+        ctl.shutdown().await;
+    })
+    .await
+}
+
+/// Sends `RenewKey` and returns the answer's deadlines.
+async fn renew(drone: &mut FakeDrone, backend: &BackendId) -> Option<KeyDeadlines> {
+    drone
+        .send(&DroneToController::RenewKey {
+            backend: backend.clone(),
+            local_time: Millis(7_000),
+        })
+        .await;
+    let mut seen = Vec::new();
+    drone
+        .ws
+        .recv_until(&mut seen, |m: &ControllerToDrone| match m {
+            ControllerToDrone::RenewKeyResponse {
+                backend: b,
+                deadlines,
+            } if b == backend => Some(*deadlines),
+            _ => None,
+        })
+        .await
+}
+
+#[tokio::test]
+async fn prevent_renew_makes_the_next_renewal_fail() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let mut drone = FakeDrone::connect(&ctl).await;
+        let backend = ctl.connect(&connect_body(Some("blocked"))).await.backend_id;
+        drone.expect_spawn(&backend).await;
+        assert!(renew(&mut drone, &backend).await.is_some());
+        let response = ctl
+            .post(&format!("/ctrl/b/{backend}/prevent-renew"), &json!(null))
+            .await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(renew(&mut drone, &backend).await, None);
+        let response = ctl
+            .post("/ctrl/b/nosuchbackend/prevent-renew", &json!(null))
+            .await;
+        assert_eq!(response.status(), 404);
+        ctl.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_live_drone_session_is_taken_over_by_a_reconnect() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let name = DroneName::random();
+        let _first = FakeDrone::connect_as(&ctl, name.clone()).await;
+        // Same name while the first session is live and heartbeating: welcomed (a reconnect).
+        let mut second = FakeDrone::connect_as(&ctl, name.clone()).await;
+        let backend = ctl.connect(&connect_body(Some("taken"))).await.backend_id;
+        second.expect_spawn(&backend).await;
+        let state: Value = ctl
+            .get(&format!("/ctrl/c/{CLUSTER}/state"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let drones = state["drones"].as_array().unwrap();
+        assert_eq!(drones.len(), 1, "one node per name: {state}");
+        assert_eq!(drones[0]["node"]["name"]["Drone"], name.as_str());
+        ctl.shutdown().await;
+    })
+    .await
+}

@@ -1,0 +1,205 @@
+//! The drone's configuration (`DroneConfig`), filled by the binary from file, env and flags.
+
+use hangar_types::executable::ExecutorKind;
+use hangar_types::timing::{READINESS_TIMEOUT, SOFT_TERMINATE_GRACE};
+use hangar_types::{ClusterName, DroneName};
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+use url::Url;
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DroneConfig {
+    /// This drone's name (`dr-…`). It identifies the drone to the controller across reconnects, so a
+    /// drone with a `state_file` should keep its name. Default: a fresh random name on every start.
+    #[serde(default = "DroneName::random")]
+    pub name: DroneName,
+    /// Base URL of the controller (`http(s)://[bearer-token@]host:port/`). Required.
+    pub controller_url: Url,
+    /// Cluster this drone runs backends for. Required.
+    pub cluster: ClusterName,
+    /// Pool this drone belongs to; backends are only placed on drones of their pool. Default: `""`.
+    #[serde(default)]
+    pub pool: String,
+    /// Address through which proxies reach this drone's backends (each backend is `ip:port`).
+    /// Default: `127.0.0.1`.
+    #[serde(default = "default_ip")]
+    pub ip: IpAddr,
+    /// SQLite file holding the backends this drone runs and its unacknowledged events, so they survive
+    /// a drone restart. Default: none (an in-memory database; nothing survives a restart).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// Executors this drone offers. The process executor runs any command a `/ctrl` caller sends, so
+    /// offer it only on trusted networks. Default: `["docker"]`.
+    #[serde(default = "default_executors")]
+    pub executors: Vec<ExecutorKind>,
+    /// Time between SIGTERM and SIGKILL for a soft termination, in milliseconds. Default: 10000.
+    #[serde(default = "default_grace", with = "duration_ms")]
+    pub soft_terminate_grace: Duration,
+    /// How long a started backend may take to answer HTTP on its port before it is hard-terminated
+    /// with reason `startuptimeout`, in milliseconds. Default: 300000.
+    #[serde(default = "default_readiness_timeout", with = "duration_ms")]
+    pub readiness_timeout: Duration,
+}
+
+fn default_ip() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+
+fn default_executors() -> Vec<ExecutorKind> {
+    vec![ExecutorKind::Docker]
+}
+
+fn default_grace() -> Duration {
+    SOFT_TERMINATE_GRACE
+}
+
+fn default_readiness_timeout() -> Duration {
+    READINESS_TIMEOUT
+}
+
+/// Durations as integer milliseconds in config files.
+mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+impl DroneConfig {
+    /// A configuration with every default, for `controller_url` and `cluster`.
+    pub fn new(controller_url: Url, cluster: ClusterName) -> Self {
+        DroneConfig {
+            name: DroneName::random(),
+            controller_url,
+            cluster,
+            pool: String::new(),
+            ip: default_ip(),
+            state_file: None,
+            executors: default_executors(),
+            soft_terminate_grace: default_grace(),
+            readiness_timeout: default_readiness_timeout(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), DroneConfigError> {
+        if !matches!(self.controller_url.scheme(), "http" | "https")
+            || self.controller_url.cannot_be_a_base()
+        {
+            return Err(DroneConfigError::InvalidControllerUrl(redacted(
+                &self.controller_url,
+            )));
+        }
+        if self.executors.is_empty() {
+            return Err(DroneConfigError::NoExecutors);
+        }
+        if self.executors.contains(&ExecutorKind::Docker) {
+            return Err(DroneConfigError::ExecutorUnavailable(ExecutorKind::Docker));
+        }
+        if self.readiness_timeout.is_zero() {
+            return Err(DroneConfigError::ZeroReadinessTimeout);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DroneConfigError {
+    #[error("`controller_url` must be an http or https URL with a host, got {0}")]
+    InvalidControllerUrl(String),
+    #[error("`executors` must name at least one executor")]
+    NoExecutors,
+    #[error("the {0} executor is not available in this build of the drone")]
+    ExecutorUnavailable(ExecutorKind),
+    #[error("`readiness_timeout` must be more than zero")]
+    ZeroReadinessTimeout,
+}
+
+/// The URL with its user info (a bearer token) hidden.
+fn redacted(url: &Url) -> String {
+    let mut url = url.clone();
+    if !url.username().is_empty() || url.password().is_some() {
+        let _ = url.set_username("redacted");
+        let _ = url.set_password(None);
+    }
+    url.to_string()
+}
+
+/// The controller URL may carry a bearer token: never print it.
+impl std::fmt::Debug for DroneConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DroneConfig")
+            .field("name", &self.name)
+            .field("controller_url", &redacted(&self.controller_url))
+            .field("cluster", &self.cluster)
+            .field("pool", &self.pool)
+            .field("ip", &self.ip)
+            .field("state_file", &self.state_file)
+            .field("executors", &self.executors)
+            .field("soft_terminate_grace", &self.soft_terminate_grace)
+            .field("readiness_timeout", &self.readiness_timeout)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_unknown_fields() {
+        let c: DroneConfig = serde_json::from_str(
+            r#"{"controller_url": "http://localhost:8080/", "cluster": "localhost:9090"}"#,
+        )
+        .unwrap();
+        assert!(c.name.as_str().starts_with("dr-"));
+        assert_eq!(c.ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(c.executors, vec![ExecutorKind::Docker]);
+        assert_eq!(c.soft_terminate_grace, SOFT_TERMINATE_GRACE);
+        assert_eq!(c.readiness_timeout, READINESS_TIMEOUT);
+        assert_eq!(
+            c.validate(),
+            Err(DroneConfigError::ExecutorUnavailable(ExecutorKind::Docker))
+        );
+        assert!(serde_json::from_str::<DroneConfig>(
+            r#"{"controller_url": "http://x/", "cluster": "c", "bogus": 1}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<DroneConfig>(r#"{"cluster": "c"}"#).is_err());
+    }
+
+    #[test]
+    fn durations_are_milliseconds_and_validated() {
+        let c: DroneConfig = serde_json::from_str(
+            r#"{"controller_url": "http://x/", "cluster": "c", "executors": ["process"],
+                "soft_terminate_grace": 1500, "readiness_timeout": 0}"#,
+        )
+        .unwrap();
+        assert_eq!(c.soft_terminate_grace, Duration::from_millis(1500));
+        assert_eq!(c.validate(), Err(DroneConfigError::ZeroReadinessTimeout));
+        let back = serde_json::to_value(&c).unwrap();
+        assert_eq!(back["soft_terminate_grace"], 1500);
+    }
+
+    #[test]
+    fn debug_hides_the_bearer_token() {
+        let mut c = DroneConfig::new(
+            "http://very-secret@localhost:8080/".parse().unwrap(),
+            "c".parse().unwrap(),
+        );
+        c.executors = vec![ExecutorKind::Process];
+        assert!(c.validate().is_ok());
+        assert!(!format!("{c:?}").contains("very-secret"));
+        c.controller_url = "ftp://very-secret@x/".parse().unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(!err.contains("very-secret"), "{err}");
+    }
+}

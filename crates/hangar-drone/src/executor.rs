@@ -1,0 +1,130 @@
+//! The executor contract: how the drone runs one backend on some runtime (local processes, Docker).
+//!
+//! The supervisor drives a backend through an executor in this order: [`Executor::prepare`]
+//! (`loading`: pull the image / find the program) → [`Executor::start`] (`starting`: start it and
+//! learn its address) → the supervisor probes the address (`waiting` → `ready`) →
+//! [`RunningBackend::terminate`] (soft, then hard after the grace period) → [`RunningBackend::exited`]
+//! (`terminated`). After a drone restart, [`Executor::reattach`] re-adopts a backend from what
+//! [`RunningBackend::record`] stored, or cleans it up. An executor never touches the outbox or the
+//! state machine: it reports facts, the supervisor decides.
+
+pub mod process;
+
+use async_trait::async_trait;
+use hangar_types::executable::{Executable, ExecutorKind};
+use hangar_types::token::ConnectionToken;
+use hangar_types::{BackendId, KeyName, TerminationKind};
+use std::net::SocketAddr;
+
+pub use process::ProcessExecutor;
+
+/// Everything an executor needs to start one backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSpec {
+    pub id: BackendId,
+    pub executable: Executable,
+    pub key: KeyName,
+    pub fencing_token: i64,
+    pub static_token: Option<ConnectionToken>,
+}
+
+impl BackendSpec {
+    /// The environment every backend gets besides the user's own (design.md §5, backend contract).
+    pub fn contract_env(&self, port: u16) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("PORT", port.to_string()),
+            ("SESSION_BACKEND_ID", self.id.to_string()),
+            ("SESSION_BACKEND_KEY", self.key.to_string()),
+            (
+                "SESSION_BACKEND_FENCING_TOKEN",
+                self.fencing_token.to_string(),
+            ),
+        ];
+        if let Some(token) = &self.static_token {
+            env.push(("SESSION_BACKEND_STATIC_TOKEN", token.as_str().to_string()));
+        }
+        env
+    }
+}
+
+/// A backend that was started (or re-adopted).
+pub struct Started {
+    /// Where proxies reach it (`drone ip:port`); also what the readiness probe connects to.
+    pub address: SocketAddr,
+    pub backend: Box<dyn RunningBackend>,
+}
+
+/// Control over one running backend. All methods take `&self` so the supervisor can wait for the exit
+/// while it sends signals.
+#[async_trait]
+pub trait RunningBackend: Send + Sync {
+    /// What the executor needs to find this backend again after a drone restart (a pid, a container
+    /// id); stored in the outbox.
+    fn record(&self) -> serde_json::Value;
+
+    /// Soft: ask the backend to stop (SIGTERM). Hard: kill it (SIGKILL). Succeeds when the backend is
+    /// already gone. The grace period between the two is the supervisor's business.
+    async fn terminate(&self, kind: TerminationKind) -> Result<(), ExecutorError>;
+
+    /// Resolves once the backend has exited, with its exit code (128 + signal for a signal exit;
+    /// `None` when unknown). Cancel-safe, and may be awaited again after it resolved.
+    async fn exited(&self) -> Option<i32>;
+
+    /// The last lines the backend wrote to stdout/stderr, oldest first.
+    fn recent_logs(&self) -> Vec<String>;
+}
+
+#[async_trait]
+pub trait Executor: Send + Sync {
+    fn kind(&self) -> ExecutorKind;
+
+    /// Whether backends keep running when the drone process exits (Docker containers do, child
+    /// processes do not). Decides whether a drone shutdown terminates its backends or leaves them to
+    /// be re-adopted.
+    fn backends_outlive_drone(&self) -> bool;
+
+    /// `loading`: makes the executable ready to start (pull the image, find the program).
+    async fn prepare(&self, spec: &BackendSpec) -> Result<(), ExecutorError>;
+
+    /// `starting`: starts the backend and returns once it runs.
+    async fn start(&self, spec: &BackendSpec) -> Result<Started, ExecutorError>;
+
+    /// After a drone restart: re-adopts the backend that [`RunningBackend::record`] described, or,
+    /// when that is impossible, stops whatever is left of it and returns `None`.
+    async fn reattach(
+        &self,
+        backend: &BackendId,
+        record: Option<&serde_json::Value>,
+    ) -> Result<Option<Started>, ExecutorError>;
+
+    /// Force-removes anything left of a backend the drone does not supervise (a terminate for an
+    /// unknown backend, a start that was aborted). Succeeds when nothing is left.
+    async fn remove(
+        &self,
+        backend: &BackendId,
+        record: Option<&serde_json::Value>,
+    ) -> Result<(), ExecutorError>;
+
+    /// Waits for the executor's own tasks once every backend has ended.
+    async fn shutdown(&self);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("this executor cannot run {0} executables")]
+    WrongKind(ExecutorKind),
+    #[error("cannot start `{program}`: No such file or directory")]
+    ProgramNotFound { program: String },
+    #[error("cannot start `{program}`: Permission denied (not an executable file)")]
+    ProgramNotExecutable { program: String },
+    #[error("cannot start `{program}`: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot find a free port for the backend: {0}")]
+    NoFreePort(#[source] std::io::Error),
+    #[error("cannot signal the backend: {0}")]
+    Signal(#[source] nix::Error),
+}

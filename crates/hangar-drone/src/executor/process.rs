@@ -1,0 +1,448 @@
+//! The process executor: runs `executable.command` as a local child process (for `hangar dev` and
+//! trusted workloads).
+//!
+//! Each backend gets a free port in `PORT` and the backend-contract variables, runs in its own process
+//! group (signals go to the whole group, and the group is killed once the main process exits, so no
+//! grandchild outlives its backend), and has its stdout/stderr logged at debug level and kept (last
+//! [`LOG_LINES`] lines). Child processes cannot be re-adopted by a restarted drone: `reattach` kills
+//! what is left (when the recorded pid still names the same process) and reports the backend gone.
+//! Variables starting with `HANGAR_` (which may carry drone credentials) are not passed on.
+
+use super::{BackendSpec, Executor, ExecutorError, RunningBackend, Started};
+use async_trait::async_trait;
+use hangar_types::executable::{Executable, ExecutorKind, ProcessExecutable};
+use hangar_types::{BackendId, TerminationKind};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How many output lines are kept per backend.
+pub const LOG_LINES: usize = 200;
+/// Longer output lines are cut to this many bytes.
+const MAX_LINE_BYTES: usize = 4096;
+
+pub struct ProcessExecutor {
+    ip: IpAddr,
+    tracker: TaskTracker,
+    /// Fired at shutdown: every still-running child is killed and log readers stop.
+    cancel: CancellationToken,
+}
+
+impl ProcessExecutor {
+    /// Backends are reported at `ip:<port>`.
+    pub fn new(ip: IpAddr) -> Self {
+        ProcessExecutor {
+            ip,
+            tracker: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+}
+
+/// What is stored to recognise a leftover process after a drone restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct ProcessRecord {
+    pid: u32,
+    /// Start time of the process in clock ticks since boot (`/proc/<pid>/stat`), so a recycled pid is
+    /// never mistaken for the backend.
+    start_time: Option<u64>,
+}
+
+fn process_executable(spec: &BackendSpec) -> Result<&ProcessExecutable, ExecutorError> {
+    match &spec.executable {
+        Executable::Process(p) => Ok(p),
+        other => Err(ExecutorError::WrongKind(other.kind())),
+    }
+}
+
+#[async_trait]
+impl Executor for ProcessExecutor {
+    fn kind(&self) -> ExecutorKind {
+        ExecutorKind::Process
+    }
+
+    fn backends_outlive_drone(&self) -> bool {
+        false
+    }
+
+    async fn prepare(&self, spec: &BackendSpec) -> Result<(), ExecutorError> {
+        resolve_program(process_executable(spec)?).map(drop)
+    }
+
+    async fn start(&self, spec: &BackendSpec) -> Result<Started, ExecutorError> {
+        let exe = process_executable(spec)?;
+        let program = resolve_program(exe)?;
+        let port = free_port()?;
+        let mut command = Command::new(&program);
+        if let Some(name) = exe.command.first() {
+            command.arg0(name);
+        }
+        command.args(exe.command.iter().skip(1));
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("HANGAR_") {
+                command.env_remove(name);
+            }
+        }
+        command.envs(&exe.env).envs(spec.contract_env(port));
+        if let Some(cwd) = &exe.cwd {
+            command.current_dir(cwd);
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|source| ExecutorError::Spawn {
+            program: exe.command.first().cloned().unwrap_or_default(),
+            source,
+        })?;
+        let Some(pid) = child.id() else {
+            // Only possible when the child was already reaped, which `spawn` never does.
+            return Err(ExecutorError::Spawn {
+                program: exe.command.first().cloned().unwrap_or_default(),
+                source: std::io::Error::other("the process has no pid"),
+            });
+        };
+        let record = ProcessRecord {
+            pid,
+            start_time: process_start_time(pid),
+        };
+        let logs = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_LINES)));
+        if let Some(out) = child.stdout.take() {
+            let reader = LogReader::new(spec.id.clone(), "stdout", logs.clone());
+            self.tracker
+                .spawn(reader.run(out, self.cancel.child_token()));
+        }
+        if let Some(err) = child.stderr.take() {
+            let reader = LogReader::new(spec.id.clone(), "stderr", logs.clone());
+            self.tracker
+                .spawn(reader.run(err, self.cancel.child_token()));
+        }
+        let (signals, signals_rx) = mpsc::channel(4);
+        let (exit_tx, exit) = watch::channel(None);
+        self.tracker.spawn(run_process(
+            child,
+            spec.id.clone(),
+            signals_rx,
+            exit_tx,
+            self.cancel.child_token(),
+        ));
+        tracing::debug!(backend = %spec.id, pid, port, program = %program.display(), "Started backend process");
+        Ok(Started {
+            address: SocketAddr::new(self.ip, port),
+            backend: Box::new(RunningProcess {
+                record,
+                signals,
+                exit,
+                logs,
+            }),
+        })
+    }
+
+    async fn reattach(
+        &self,
+        backend: &BackendId,
+        record: Option<&serde_json::Value>,
+    ) -> Result<Option<Started>, ExecutorError> {
+        self.remove(backend, record).await?;
+        Ok(None)
+    }
+
+    async fn remove(
+        &self,
+        backend: &BackendId,
+        record: Option<&serde_json::Value>,
+    ) -> Result<(), ExecutorError> {
+        let Some(record) =
+            record.and_then(|r| serde_json::from_value::<ProcessRecord>(r.clone()).ok())
+        else {
+            return Ok(());
+        };
+        let same_process =
+            record.start_time.is_some() && process_start_time(record.pid) == record.start_time;
+        if !same_process {
+            tracing::debug!(%backend, pid = record.pid, "Leftover backend process is already gone");
+            return Ok(());
+        }
+        tracing::info!(%backend, pid = record.pid, "Killing leftover backend process group");
+        match killpg(pid_of(record.pid), Signal::SIGKILL) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(ExecutorError::Signal(e)),
+        }
+    }
+
+    async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+struct RunningProcess {
+    record: ProcessRecord,
+    signals: mpsc::Sender<Signal>,
+    /// `None` while running; `Some(exit code)` once exited.
+    exit: watch::Receiver<Option<Option<i32>>>,
+    logs: Arc<Mutex<VecDeque<String>>>,
+}
+
+#[async_trait]
+impl RunningBackend for RunningProcess {
+    fn record(&self) -> serde_json::Value {
+        serde_json::to_value(self.record).unwrap_or(serde_json::Value::Null)
+    }
+
+    async fn terminate(&self, kind: TerminationKind) -> Result<(), ExecutorError> {
+        let signal = match kind {
+            TerminationKind::Soft => Signal::SIGTERM,
+            TerminationKind::Hard => Signal::SIGKILL,
+        };
+        // A closed channel means the process has exited: nothing left to signal.
+        let _ = self.signals.send(signal).await;
+        Ok(())
+    }
+
+    async fn exited(&self) -> Option<i32> {
+        let mut exit = self.exit.clone();
+        // An error means the watcher is gone without a result (only at executor shutdown).
+        let code = exit
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|code| *code);
+        code.flatten()
+    }
+
+    fn recent_logs(&self) -> Vec<String> {
+        match self.logs.lock() {
+            Ok(logs) => logs.iter().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().iter().cloned().collect(),
+        }
+    }
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+/// How often the exit watcher double-checks whether the child exited.
+const EXIT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Owns the child: signals it on request and reaps it. Signalling and reaping in one task means a
+/// signal is never sent to a reaped (possibly recycled) pid.
+async fn run_process(
+    mut child: Child,
+    backend: BackendId,
+    mut signals: mpsc::Receiver<Signal>,
+    exit: watch::Sender<Option<Option<i32>>>,
+    cancel: CancellationToken,
+) {
+    let group = child.id().map(pid_of);
+    let signal_group = |signal: Signal| {
+        if let Some(group) = group {
+            match killpg(group, signal) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => tracing::warn!(%backend, %signal, error = %e, "Failed to signal backend"),
+            }
+        }
+    };
+    // `wait` is woken by SIGCHLD; the periodic `try_wait` is a backstop for a missed wakeup (seen
+    // when many runtimes in one process reap children concurrently, as in the test suite).
+    let mut backstop = tokio::time::interval(EXIT_POLL_INTERVAL);
+    backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            _ = backstop.tick() => match child.try_wait() {
+                Ok(Some(status)) => break Ok(status),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            },
+            Some(signal) = signals.recv() => signal_group(signal),
+            _ = cancel.cancelled() => {
+                signal_group(Signal::SIGKILL);
+                break child.wait().await;
+            }
+        }
+    };
+    // Whatever the main process left behind in its group goes with it.
+    signal_group(Signal::SIGKILL);
+    let code = match status {
+        Ok(status) => status.code().or_else(|| status.signal().map(|s| 128 + s)),
+        Err(e) => {
+            tracing::warn!(%backend, error = %e, "Failed to wait for backend process");
+            None
+        }
+    };
+    tracing::debug!(%backend, ?code, "Backend process exited");
+    exit.send_replace(Some(code));
+}
+
+/// Copies one output stream of a backend into the log and the recent-lines buffer.
+struct LogReader {
+    backend: BackendId,
+    stream: &'static str,
+    lines: Arc<Mutex<VecDeque<String>>>,
+    current: Vec<u8>,
+}
+
+impl LogReader {
+    fn new(backend: BackendId, stream: &'static str, lines: Arc<Mutex<VecDeque<String>>>) -> Self {
+        LogReader {
+            backend,
+            stream,
+            lines,
+            current: Vec::new(),
+        }
+    }
+
+    async fn run(mut self, mut pipe: impl AsyncRead + Unpin, cancel: CancellationToken) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tokio::select! {
+                _ = cancel.cancelled() => break,
+                n = pipe.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+            };
+            for &byte in &buf[..n] {
+                if byte == b'\n' {
+                    self.finish_line();
+                } else if self.current.len() < MAX_LINE_BYTES {
+                    self.current.push(byte);
+                }
+            }
+        }
+        if !self.current.is_empty() {
+            self.finish_line();
+        }
+    }
+
+    fn finish_line(&mut self) {
+        let line = String::from_utf8_lossy(&self.current).into_owned();
+        self.current.clear();
+        tracing::debug!(backend = %self.backend, stream = self.stream, "{line}");
+        let mut lines = match self.lines.lock() {
+            Ok(lines) => lines,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if lines.len() == LOG_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+    }
+}
+
+/// Finds the program as the child would: a path with a `/` (relative to `cwd`), else a search of the
+/// `PATH` the child gets.
+fn resolve_program(exe: &ProcessExecutable) -> Result<PathBuf, ExecutorError> {
+    let program = exe.command.first().map(String::as_str).unwrap_or_default();
+    let not_found = || ExecutorError::ProgramNotFound {
+        program: program.to_string(),
+    };
+    if program.is_empty() {
+        return Err(not_found());
+    }
+    if program.contains('/') {
+        let path = match &exe.cwd {
+            Some(cwd) if !Path::new(program).is_absolute() => Path::new(cwd).join(program),
+            _ => PathBuf::from(program),
+        };
+        return match std::fs::metadata(&path) {
+            Err(_) => Err(not_found()),
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => Ok(path),
+            Ok(_) => Err(ExecutorError::ProgramNotExecutable {
+                program: program.to_string(),
+            }),
+        };
+    }
+    let search = match exe.env.get("PATH") {
+        Some(path) => Some(std::ffi::OsString::from(path)),
+        None => std::env::var_os("PATH"),
+    };
+    let search = search.unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .ok_or_else(not_found)
+}
+
+/// A port that is free right now (bound on all interfaces, then released for the backend).
+fn free_port() -> Result<u16, ExecutorError> {
+    let listener = TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+        .map_err(ExecutorError::NoFreePort)?;
+    Ok(listener
+        .local_addr()
+        .map_err(ExecutorError::NoFreePort)?
+        .port())
+}
+
+/// Start time (clock ticks after boot) of a live process, from `/proc/<pid>/stat` (Linux only).
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: fields after the last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // `rest` starts at field 3 (state); start time is field 22.
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn exe(command: &[&str], cwd: Option<&str>) -> ProcessExecutable {
+        ProcessExecutable {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+            cwd: cwd.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn programs_are_resolved_like_the_child_would() {
+        assert!(resolve_program(&exe(&["sh"], None)).is_ok());
+        assert!(resolve_program(&exe(&["/bin/sh"], None)).is_ok());
+        assert!(resolve_program(&exe(&["./sh"], Some("/bin"))).is_ok());
+        let err = resolve_program(&exe(&["no-such-program-xyz"], None)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot start `no-such-program-xyz`: No such file or directory"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "x").unwrap();
+        let err = resolve_program(&exe(&[file.to_str().unwrap()], None)).unwrap_err();
+        assert!(matches!(err, ExecutorError::ProgramNotExecutable { .. }));
+        let err = resolve_program(&exe(&[dir.path().to_str().unwrap()], None)).unwrap_err();
+        assert!(matches!(err, ExecutorError::ProgramNotExecutable { .. }));
+        let mut with_path = exe(&["sh"], None);
+        with_path.env.insert("PATH".into(), "/nonexistent".into());
+        assert!(resolve_program(&with_path).is_err());
+    }
+
+    #[test]
+    fn own_start_time_is_readable() {
+        if Path::new("/proc/self/stat").exists() {
+            assert!(process_start_time(std::process::id()).is_some());
+        }
+        assert_eq!(process_start_time(u32::MAX), None);
+    }
+}

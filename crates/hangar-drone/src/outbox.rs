@@ -1,0 +1,656 @@
+//! The drone's durable local state (SQLite): the backends it runs and the state changes it has not yet
+//! had acknowledged by the controller.
+//!
+//! Invariants: every state change is written here (one transaction: the backend's latest state plus an
+//! `event` row) *before* it is sent; an event row is deleted only on `AckEvent`, so every connection
+//! replays all unacked events in id order; an action id or backend id that was applied once is never
+//! applied again (resent spawns are deduplicated here). This module knows nothing about sessions or
+//! executors.
+
+use hangar_types::executable::Executable;
+use hangar_types::protocol::{AcquiredKey, DroneToController, KeyDeadlines};
+use hangar_types::token::ConnectionToken;
+use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis};
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS backend (
+    id TEXT PRIMARY KEY NOT NULL,
+    status TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spawn TEXT,
+    deadlines TEXT,
+    runtime TEXT,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    backend_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    timestamp INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS applied_action (
+    action_id TEXT PRIMARY KEY NOT NULL,
+    backend_id TEXT NOT NULL,
+    applied_at INTEGER NOT NULL
+);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("cannot open the drone state file {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot create the drone state file {path}: {source}")]
+    Create {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("drone state database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("corrupt drone state ({what}): {source}")]
+    Corrupt {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("corrupt drone state ({what}): invalid backend id: {source}")]
+    InvalidId {
+        what: String,
+        #[source]
+        source: hangar_types::NameError,
+    },
+}
+
+/// What a drone keeps of a spawn action, to start (or re-adopt) the backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpawnRecord {
+    pub action_id: ActionId,
+    pub executable: Executable,
+    pub key: AcquiredKey,
+    pub static_token: Option<ConnectionToken>,
+}
+
+/// A backend row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredBackend {
+    pub id: BackendId,
+    pub state: BackendState,
+    /// `None` for a backend the drone only learnt of through a terminate.
+    pub spawn: Option<SpawnRecord>,
+    /// The latest key deadlines (drone clock).
+    pub deadlines: Option<KeyDeadlines>,
+    /// What the executor recorded to find the backend again (pid, container id).
+    pub runtime: Option<serde_json::Value>,
+}
+
+/// An unacknowledged state change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub event_id: i64,
+    pub backend_id: BackendId,
+    pub state: BackendState,
+    pub timestamp: Millis,
+}
+
+impl StoredEvent {
+    pub fn to_message(&self) -> DroneToController {
+        DroneToController::BackendEvent {
+            event_id: self.event_id,
+            backend_id: self.backend_id.clone(),
+            state: self.state.clone(),
+            timestamp: self.timestamp,
+        }
+    }
+}
+
+/// Result of [`Outbox::insert_spawn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpawnInsert {
+    /// New backend, recorded in state `scheduled`.
+    Inserted,
+    /// The action id or the backend id was seen before: nothing to start.
+    Duplicate,
+}
+
+#[derive(Clone)]
+pub struct Outbox {
+    pool: SqlitePool,
+    /// Holds the directory of a state without a file (deleted when the last clone is dropped).
+    _temp_dir: Option<Arc<tempfile::TempDir>>,
+    /// Id of the newest event written; sessions wait on it to send new events.
+    latest: watch::Sender<i64>,
+    /// Bumped on every acknowledgement; shutdown waits on it for the outbox to drain.
+    acks: watch::Sender<u64>,
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String, OutboxError> {
+    serde_json::to_string(v).map_err(|source| OutboxError::Corrupt {
+        what: "cannot encode".into(),
+        source,
+    })
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, OutboxError> {
+    serde_json::from_str(s).map_err(|source| OutboxError::Corrupt {
+        what: what.to_string(),
+        source,
+    })
+}
+
+impl Outbox {
+    /// Opens (creating if needed) the state file, or an in-memory database when `path` is `None`.
+    pub async fn open(path: Option<&Path>) -> Result<Outbox, OutboxError> {
+        // Without a state file the state still lives in a file, in a private temporary directory
+        // deleted with the outbox: a real `:memory:` database lives only as long as its connection,
+        // and sqlx may close a connection whose query was cancelled (as a reconnect does), which would
+        // silently replace the state with an empty database.
+        let (path, temp_dir) = match path {
+            Some(path) => (path.to_path_buf(), None),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("hangar-drone-")
+                    .tempdir()
+                    .map_err(|source| OutboxError::Open {
+                        path: "temporary directory".into(),
+                        source: sqlx::Error::Io(source),
+                    })?;
+                (dir.path().join("drone.db"), Some(dir))
+            }
+        };
+        create_private_file(&path)?;
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| OutboxError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        let latest: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM event")
+            .fetch_one(&pool)
+            .await?;
+        Ok(Outbox {
+            pool,
+            _temp_dir: temp_dir.map(Arc::new),
+            latest: watch::Sender::new(latest.unwrap_or(0)),
+            acks: watch::Sender::new(0),
+        })
+    }
+
+    /// Records a new backend from a spawn action (state `scheduled`, with its event), unless the action
+    /// or the backend is already known.
+    pub async fn insert_spawn(
+        &self,
+        backend: &BackendId,
+        spawn: &SpawnRecord,
+        now: Millis,
+    ) -> Result<SpawnInsert, OutboxError> {
+        let mut tx = self.pool.begin().await?;
+        let seen: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM applied_action WHERE action_id = ?
+             UNION ALL SELECT 1 FROM backend WHERE id = ? LIMIT 1",
+        )
+        .bind(spawn.action_id.as_str())
+        .bind(backend.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if seen.is_some() {
+            sqlx::query(
+                "INSERT OR IGNORE INTO applied_action (action_id, backend_id, applied_at)
+                 VALUES (?, ?, ?)",
+            )
+            .bind(spawn.action_id.as_str())
+            .bind(backend.as_str())
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(SpawnInsert::Duplicate);
+        }
+        let state = BackendState::Scheduled;
+        sqlx::query(
+            "INSERT INTO backend (id, status, state, spawn, deadlines, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(backend.as_str())
+        .bind(state.status().as_str())
+        .bind(to_json(&state)?)
+        .bind(to_json(spawn)?)
+        .bind(to_json(&spawn.key.deadlines)?)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO applied_action (action_id, backend_id, applied_at) VALUES (?, ?, ?)",
+        )
+        .bind(spawn.action_id.as_str())
+        .bind(backend.as_str())
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        let event_id = insert_event(&mut tx, backend, &state, now).await?;
+        tx.commit().await?;
+        self.latest.send_replace(event_id);
+        Ok(SpawnInsert::Inserted)
+    }
+
+    /// Stores a backend's new state and queues it as an event; returns the event id.
+    pub async fn record_state(
+        &self,
+        backend: &BackendId,
+        state: &BackendState,
+        now: Millis,
+    ) -> Result<i64, OutboxError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO backend (id, status, state, updated_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, state = excluded.state,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(backend.as_str())
+        .bind(state.status().as_str())
+        .bind(to_json(state)?)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        let event_id = insert_event(&mut tx, backend, state, now).await?;
+        tx.commit().await?;
+        self.latest.send_replace(event_id);
+        Ok(event_id)
+    }
+
+    pub async fn set_deadlines(
+        &self,
+        backend: &BackendId,
+        deadlines: &KeyDeadlines,
+    ) -> Result<(), OutboxError> {
+        sqlx::query("UPDATE backend SET deadlines = ? WHERE id = ?")
+            .bind(to_json(deadlines)?)
+            .bind(backend.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_runtime(
+        &self,
+        backend: &BackendId,
+        runtime: Option<&serde_json::Value>,
+    ) -> Result<(), OutboxError> {
+        let runtime = runtime.map(to_json).transpose()?;
+        sqlx::query("UPDATE backend SET runtime = ? WHERE id = ?")
+            .bind(runtime)
+            .bind(backend.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn backend(&self, id: &BackendId) -> Result<Option<StoredBackend>, OutboxError> {
+        let row =
+            sqlx::query("SELECT id, state, spawn, deadlines, runtime FROM backend WHERE id = ?")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| decode_backend(&r)).transpose()
+    }
+
+    /// Backends whose latest state is not `terminated`.
+    pub async fn unfinished_backends(&self) -> Result<Vec<StoredBackend>, OutboxError> {
+        let rows = sqlx::query(
+            "SELECT id, state, spawn, deadlines, runtime FROM backend WHERE status != ? ORDER BY id",
+        )
+        .bind(BackendStatus::Terminated.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_backend).collect()
+    }
+
+    /// Unacked events with an id above `after`, oldest first, at most `limit`.
+    pub async fn events_after(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, OutboxError> {
+        let rows = sqlx::query(
+            "SELECT id, backend_id, state, timestamp FROM event WHERE id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let event_id: i64 = r.try_get("id")?;
+                let what = format!("event {event_id}");
+                let backend_id: String = r.try_get("backend_id")?;
+                let state: String = r.try_get("state")?;
+                Ok(StoredEvent {
+                    event_id,
+                    backend_id: parse_id(&backend_id, &what)?,
+                    state: from_json(&state, &what)?,
+                    timestamp: Millis(r.try_get("timestamp")?),
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes an acknowledged event. Returns whether it existed.
+    pub async fn ack(&self, event_id: i64) -> Result<bool, OutboxError> {
+        let done = sqlx::query("DELETE FROM event WHERE id = ?")
+            .bind(event_id)
+            .execute(&self.pool)
+            .await?;
+        self.acks.send_modify(|n| *n += 1);
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn pending_events(&self) -> Result<i64, OutboxError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM event")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Forgets terminated backends last changed before `before` whose events are all acked, with their
+    /// applied actions. The controller stops resending an action once acked, so after a while nothing
+    /// can refer to them any more.
+    pub async fn prune(&self, before: Millis) -> Result<u64, OutboxError> {
+        let mut tx = self.pool.begin().await?;
+        let gone = "SELECT id FROM backend WHERE status = ? AND updated_at < ?
+                    AND NOT EXISTS (SELECT 1 FROM event WHERE event.backend_id = backend.id)";
+        sqlx::query(&format!(
+            "DELETE FROM applied_action WHERE backend_id IN ({gone})"
+        ))
+        .bind(BackendStatus::Terminated.as_str())
+        .bind(before.0)
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query(&format!("DELETE FROM backend WHERE id IN ({gone})"))
+            .bind(BackendStatus::Terminated.as_str())
+            .bind(before.0)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Changes whenever an event is written; the value is the newest event id.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.latest.subscribe()
+    }
+
+    /// Changes whenever an event is acknowledged.
+    pub fn subscribe_acks(&self) -> watch::Receiver<u64> {
+        self.acks.subscribe()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    backend: &BackendId,
+    state: &BackendState,
+    now: Millis,
+) -> Result<i64, OutboxError> {
+    let done = sqlx::query("INSERT INTO event (backend_id, state, timestamp) VALUES (?, ?, ?)")
+        .bind(backend.as_str())
+        .bind(to_json(state)?)
+        .bind(now.0)
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.last_insert_rowid())
+}
+
+fn parse_id(id: &str, what: &str) -> Result<BackendId, OutboxError> {
+    id.parse().map_err(|source| OutboxError::InvalidId {
+        what: what.to_string(),
+        source,
+    })
+}
+
+fn decode_backend(r: &sqlx::sqlite::SqliteRow) -> Result<StoredBackend, OutboxError> {
+    let id: String = r.try_get("id")?;
+    let what = format!("backend {id}");
+    let id = parse_id(&id, &what)?;
+    let state: String = r.try_get("state")?;
+    let spawn: Option<String> = r.try_get("spawn")?;
+    let deadlines: Option<String> = r.try_get("deadlines")?;
+    let runtime: Option<String> = r.try_get("runtime")?;
+    Ok(StoredBackend {
+        id,
+        state: from_json(&state, &what)?,
+        spawn: spawn.map(|s| from_json(&s, &what)).transpose()?,
+        deadlines: deadlines.map(|s| from_json(&s, &what)).transpose()?,
+        runtime: runtime.map(|s| from_json(&s, &what)).transpose()?,
+    })
+}
+
+/// Creates the state file readable by its owner only (it holds tokens and commands).
+fn create_private_file(path: &Path) -> Result<(), OutboxError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|source| OutboxError::Create {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hangar_types::api::KeyConfig;
+    use serde_json::json;
+
+    const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn spawn_record() -> SpawnRecord {
+        SpawnRecord {
+            action_id: ActionId::random(),
+            executable: Executable::from_json(&json!({"command": ["true"]})).unwrap(),
+            key: AcquiredKey {
+                key: KeyConfig {
+                    name: "k".parse().unwrap(),
+                    namespace: String::new(),
+                    tag: String::new(),
+                },
+                deadlines: KeyDeadlines::from_base(Millis(0)),
+                token: 1,
+            },
+            static_token: None,
+        }
+    }
+
+    fn ready() -> BackendState {
+        BackendState::Ready {
+            address: "127.0.0.1:4000".parse().unwrap(),
+        }
+    }
+
+    async fn statuses(outbox: &Outbox) -> Vec<(i64, BackendStatus)> {
+        outbox
+            .events_after(0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.event_id, e.state.status()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn spawn_is_recorded_once_and_events_replay_in_order() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let outbox = Outbox::open(None).await.unwrap();
+            let id = BackendId::random();
+            let spawn = spawn_record();
+            let mut latest = outbox.subscribe();
+            assert_eq!(
+                outbox.insert_spawn(&id, &spawn, Millis(1)).await.unwrap(),
+                SpawnInsert::Inserted
+            );
+            assert!(latest.has_changed().unwrap());
+            // Same action again, and a new action for the same backend: both duplicates.
+            assert_eq!(
+                outbox.insert_spawn(&id, &spawn, Millis(2)).await.unwrap(),
+                SpawnInsert::Duplicate
+            );
+            let other_action = SpawnRecord {
+                action_id: ActionId::random(),
+                ..spawn.clone()
+            };
+            assert_eq!(
+                outbox
+                    .insert_spawn(&id, &other_action, Millis(2))
+                    .await
+                    .unwrap(),
+                SpawnInsert::Duplicate
+            );
+            outbox
+                .record_state(&id, &BackendState::Loading, Millis(3))
+                .await
+                .unwrap();
+            let last = outbox.record_state(&id, &ready(), Millis(4)).await.unwrap();
+            assert_eq!(*latest.borrow_and_update(), last);
+            let events = statuses(&outbox).await;
+            let got: Vec<_> = events.iter().map(|(_, s)| *s).collect();
+            assert_eq!(
+                got,
+                [
+                    BackendStatus::Scheduled,
+                    BackendStatus::Loading,
+                    BackendStatus::Ready
+                ]
+            );
+            assert!(events.windows(2).all(|w| w[0].0 < w[1].0));
+            let after_first = outbox.events_after(events[0].0, 100).await.unwrap();
+            assert_eq!(after_first.len(), 2);
+            assert_eq!(
+                after_first[0].to_message(),
+                DroneToController::BackendEvent {
+                    event_id: events[1].0,
+                    backend_id: id.clone(),
+                    state: BackendState::Loading,
+                    timestamp: Millis(3),
+                }
+            );
+
+            let stored = outbox.backend(&id).await.unwrap().unwrap();
+            assert_eq!(stored.state, ready());
+            assert_eq!(stored.spawn, Some(spawn));
+            assert_eq!(outbox.unfinished_backends().await.unwrap().len(), 1);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn acks_delete_and_prune_forgets_finished_backends() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let outbox = Outbox::open(None).await.unwrap();
+            let id = BackendId::random();
+            let spawn = spawn_record();
+            outbox.insert_spawn(&id, &spawn, Millis(1)).await.unwrap();
+            let done = ready()
+                .apply(hangar_types::state::Transition::Exited { exit_code: Some(0) })
+                .unwrap();
+            outbox.record_state(&id, &done, Millis(2)).await.unwrap();
+            assert!(outbox.unfinished_backends().await.unwrap().is_empty());
+            let acks = outbox.subscribe_acks();
+            let events = statuses(&outbox).await;
+            assert!(outbox.ack(events[0].0).await.unwrap());
+            assert!(acks.has_changed().unwrap());
+            assert!(!outbox.ack(events[0].0).await.unwrap());
+            assert_eq!(outbox.pending_events().await.unwrap(), 1);
+            // An unacked event keeps the backend.
+            assert_eq!(outbox.prune(Millis(100)).await.unwrap(), 0);
+            outbox.ack(events[1].0).await.unwrap();
+            assert_eq!(outbox.prune(Millis(2)).await.unwrap(), 0, "too recent");
+            assert_eq!(outbox.prune(Millis(100)).await.unwrap(), 1);
+            assert_eq!(outbox.backend(&id).await.unwrap(), None);
+            // Forgotten entirely: the same action would now start a backend again.
+            assert_eq!(
+                outbox.insert_spawn(&id, &spawn, Millis(200)).await.unwrap(),
+                SpawnInsert::Inserted
+            );
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopening_the_file() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("drone.sqlite");
+            let id = BackendId::random();
+            let first_ids = {
+                let outbox = Outbox::open(Some(&path)).await.unwrap();
+                outbox
+                    .insert_spawn(&id, &spawn_record(), Millis(1))
+                    .await
+                    .unwrap();
+                outbox.record_state(&id, &ready(), Millis(2)).await.unwrap();
+                outbox
+                    .set_runtime(&id, Some(&json!({"pid": 42})))
+                    .await
+                    .unwrap();
+                let d = KeyDeadlines::from_base(Millis(10));
+                outbox.set_deadlines(&id, &d).await.unwrap();
+                let ids = statuses(&outbox).await;
+                outbox.ack(ids[0].0).await.unwrap();
+                outbox.close().await;
+                ids
+            };
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+
+            let outbox = Outbox::open(Some(&path)).await.unwrap();
+            assert_eq!(statuses(&outbox).await, first_ids[1..].to_vec());
+            let stored = outbox.unfinished_backends().await.unwrap();
+            assert_eq!(stored.len(), 1);
+            assert_eq!(stored[0].runtime, Some(json!({"pid": 42})));
+            assert_eq!(
+                stored[0].deadlines,
+                Some(KeyDeadlines::from_base(Millis(10)))
+            );
+            // New events continue after the old ids.
+            let next = outbox
+                .record_state(&id, &BackendState::Loading, Millis(3))
+                .await
+                .unwrap();
+            assert!(next > first_ids[1].0);
+            assert_eq!(*outbox.subscribe().borrow(), next);
+        })
+        .await
+        .unwrap();
+    }
+}

@@ -1,0 +1,286 @@
+//! The drone's session with the controller (plane-api.md §3.3–3.4, in Hangar's protocol): connect
+//! with `Hello`, then on every connection send a heartbeat at once and every `HEARTBEAT_INTERVAL`,
+//! replay every unacked outbox event in id order before new ones, forward key renewals and action
+//! acks, and hand actions to [`run_actions`] without blocking the reader. Reconnects forever with
+//! capped exponential backoff.
+//!
+//! Invariant: events are only ever read from the outbox (never sent from memory), so a connection
+//! that drops loses nothing: the next one starts its replay from the first unacked event.
+
+use crate::outbox::{Outbox, SpawnRecord};
+use crate::supervisor::Supervisors;
+use hangar_client::backoff::Backoff;
+use hangar_client::node::{NodeReceiver, NodeSender, NodeSocket};
+use hangar_client::ControllerClient;
+use hangar_types::protocol::{
+    ActionMessage, BackendAction, ControllerToDrone, DroneToController, Hello,
+};
+use hangar_types::timing::HEARTBEAT_INTERVAL;
+use hangar_types::Millis;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Events read from the outbox per query while replaying.
+const EVENT_PAGE: i64 = 256;
+/// Terminated backends are forgotten this long after their last event was acked.
+const PRUNE_AFTER: Duration = Duration::from_secs(3600);
+
+/// What one controller session needs.
+pub struct Session {
+    pub client: ControllerClient,
+    /// `/ctrl/c/<cluster>/drone-socket`.
+    pub path: String,
+    pub hello: Hello,
+    pub outbox: Outbox,
+    pub supervisors: Supervisors,
+    /// Actions for [`run_actions`]. Bounded; when full an action is dropped and the controller resends
+    /// it (unacked actions are resent every `ACTION_RESEND_INTERVAL`).
+    pub actions: mpsc::Sender<ActionMessage>,
+    /// Acks and renewals to send (shared by every connection).
+    pub outbound: mpsc::Receiver<DroneToController>,
+    /// Whether a connection is up.
+    pub connected: watch::Sender<bool>,
+    /// Bumped to drop the current connection (tests simulate a cut connection with it).
+    pub reconnect: watch::Receiver<u64>,
+}
+
+/// Why a connection ended.
+enum Ended {
+    Cancelled,
+    Closed,
+}
+
+impl Session {
+    pub async fn run_session(mut self, cancel: CancellationToken) {
+        let mut backoff = Backoff::default();
+        loop {
+            let connected = tokio::select! {
+                _ = cancel.cancelled() => return,
+                socket = NodeSocket::<DroneToController, ControllerToDrone>::connect(
+                    &self.client, &self.path, &self.hello) => socket,
+            };
+            match connected {
+                Ok(socket) => {
+                    backoff.connected();
+                    tracing::info!(controller = %socket.controller(), "Connected to controller");
+                    self.connected.send_replace(true);
+                    let ended = self.run_connection(socket, &cancel).await;
+                    self.connected.send_replace(false);
+                    if let Ended::Cancelled = ended {
+                        return;
+                    }
+                    tracing::info!("Disconnected from controller");
+                }
+                Err(e) => tracing::warn!(error = %e, "Failed to connect to controller"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = backoff.wait() => {}
+            }
+        }
+    }
+
+    async fn run_connection(
+        &mut self,
+        socket: NodeSocket<DroneToController, ControllerToDrone>,
+        cancel: &CancellationToken,
+    ) -> Ended {
+        let before = Millis(
+            Millis::now()
+                .0
+                .saturating_sub(PRUNE_AFTER.as_millis() as i64),
+        );
+        if let Err(e) = self.outbox.prune(before).await {
+            tracing::warn!(error = %e, "Failed to prune the drone state");
+        }
+        let (sender, receiver) = socket.split();
+        self.reconnect.borrow_and_update();
+        let Session {
+            outbox,
+            supervisors,
+            actions,
+            outbound,
+            reconnect,
+            ..
+        } = self;
+        let mut writer = Writer {
+            sender,
+            outbox,
+            sent_up_to: 0,
+        };
+        let reader = run_reader(receiver, outbox, supervisors, actions);
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                writer.sender.close().await;
+                Ended::Cancelled
+            }
+            () = reconnect_requested(reconnect) => Ended::Closed,
+            () = reader => Ended::Closed,
+            () = writer.run(outbound) => Ended::Closed,
+        }
+    }
+}
+
+/// Resolves when a reconnect is requested; never when nobody can request one any more.
+async fn reconnect_requested(reconnect: &mut watch::Receiver<u64>) {
+    if reconnect.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+struct Writer<'a> {
+    sender: NodeSender<DroneToController>,
+    outbox: &'a Outbox,
+    /// Highest event id sent on this connection.
+    sent_up_to: i64,
+}
+
+impl Writer<'_> {
+    /// Sends heartbeats, outbox events and queued messages until sending fails.
+    async fn run(&mut self, outbound: &mut mpsc::Receiver<DroneToController>) {
+        // The first heartbeat goes out before anything else on the connection.
+        let beat = DroneToController::Heartbeat {
+            local_time: Millis::now(),
+        };
+        if self.sender.send(&beat).await.is_err() {
+            return;
+        }
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + HEARTBEAT_INTERVAL,
+            HEARTBEAT_INTERVAL,
+        );
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut latest = self.outbox.subscribe();
+        // Marked changed so the first pass replays everything unacked.
+        latest.mark_changed();
+        loop {
+            let sent = tokio::select! {
+                biased;
+                _ = heartbeat.tick() => {
+                    let beat = DroneToController::Heartbeat { local_time: Millis::now() };
+                    self.sender.send(&beat).await.is_ok()
+                }
+                changed = latest.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    latest.borrow_and_update();
+                    self.send_events().await
+                }
+                message = outbound.recv() => match message {
+                    Some(message) => self.sender.send(&message).await.is_ok(),
+                    None => return,
+                },
+            };
+            if !sent {
+                return;
+            }
+        }
+    }
+
+    /// Sends every outbox event not yet sent on this connection. `false` when the connection broke.
+    async fn send_events(&mut self) -> bool {
+        loop {
+            let events = match self.outbox.events_after(self.sent_up_to, EVENT_PAGE).await {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!(error = %e, "Failed to read the outbox");
+                    return false;
+                }
+            };
+            if events.is_empty() {
+                return true;
+            }
+            for event in events {
+                if self.sender.send(&event.to_message()).await.is_err() {
+                    return false;
+                }
+                self.sent_up_to = event.event_id;
+            }
+        }
+    }
+}
+
+async fn run_reader(
+    mut receiver: NodeReceiver<ControllerToDrone>,
+    outbox: &Outbox,
+    supervisors: &Supervisors,
+    actions: &mpsc::Sender<ActionMessage>,
+) {
+    while let Some(message) = receiver.recv().await {
+        match message {
+            ControllerToDrone::Action(action) => {
+                if actions.try_send(action).is_err() {
+                    tracing::warn!("Too many actions queued; the controller will resend this one");
+                }
+            }
+            ControllerToDrone::AckEvent { event_id } => {
+                if let Err(e) = outbox.ack(event_id).await {
+                    tracing::warn!(event_id, error = %e, "Failed to delete acked event");
+                }
+            }
+            ControllerToDrone::RenewKeyResponse { backend, deadlines } => {
+                supervisors.key_renewed(&backend, deadlines);
+            }
+        }
+    }
+}
+
+/// Applies actions one at a time, in arrival order (so a terminate never overtakes its spawn), and
+/// queues `AckAction` once an action is applied. An action that fails to apply is not acked; the
+/// controller resends it.
+pub async fn run_actions(
+    supervisors: Supervisors,
+    mut actions: mpsc::Receiver<ActionMessage>,
+    outbound: mpsc::Sender<DroneToController>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let action = tokio::select! {
+            _ = cancel.cancelled() => return,
+            action = actions.recv() => match action {
+                Some(action) => action,
+                None => return,
+            },
+        };
+        let ActionMessage {
+            action_id,
+            backend_id,
+            action,
+        } = action;
+        let applied = match action {
+            BackendAction::Spawn {
+                executable,
+                key,
+                static_token,
+            } => {
+                let spawn = SpawnRecord {
+                    action_id: action_id.clone(),
+                    executable,
+                    key,
+                    static_token,
+                };
+                supervisors.spawn(&backend_id, spawn).await
+            }
+            BackendAction::Terminate { kind, reason } => {
+                supervisors
+                    .terminate(&action_id, &backend_id, kind, reason)
+                    .await
+            }
+        };
+        match applied {
+            Ok(()) => {
+                if outbound
+                    .try_send(DroneToController::AckAction { action_id })
+                    .is_err()
+                {
+                    tracing::debug!(backend = %backend_id, "Action ack not queued; the controller will resend");
+                }
+            }
+            Err(e) => {
+                tracing::error!(backend = %backend_id, action = %action_id, error = %e, "Failed to apply action")
+            }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The process executor on its own: environment, signals, exit codes, leftovers.
+
+use crate::test_backend;
+use hangar_drone::executor::{BackendSpec, Executor, ExecutorError, ProcessExecutor, Started};
+use hangar_types::executable::{Executable, ProcessExecutable};
+use hangar_types::token::ConnectionToken;
+use hangar_types::{BackendId, TerminationKind};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+use tokio::time::{timeout, Instant};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn spec(command: Vec<String>, env: &[(&str, &str)]) -> BackendSpec {
+    BackendSpec {
+        id: BackendId::random(),
+        executable: Executable::Process(ProcessExecutable {
+            command,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            cwd: None,
+        }),
+        key: "room-1".parse().unwrap(),
+        fencing_token: 1234,
+        static_token: Some(ConnectionToken::random_static()),
+    }
+}
+
+fn backend_spec(env: &[(&str, &str)]) -> BackendSpec {
+    spec(
+        vec![test_backend::path().to_string_lossy().into_owned()],
+        env,
+    )
+}
+
+fn process_executor() -> ProcessExecutor {
+    ProcessExecutor::new(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// Polls `GET <path>` on the backend until it answers or the deadline passes.
+async fn get_json(started: &Started, path: &str) -> serde_json::Value {
+    let url = format!("http://{}{path}", started.address);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(resp) = reqwest::get(&url).await {
+            return resp.json().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "backend never answered {url}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls until the backend's kept output contains `needle`.
+async fn wait_for_log(started: &Started, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started
+        .backend
+        .recent_logs()
+        .iter()
+        .any(|l| l.contains(needle))
+    {
+        assert!(Instant::now() < deadline, "no log line with {needle:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn backend_gets_its_environment_and_stops_on_sigterm() {
+    timeout(TEST_TIMEOUT, async {
+        let executor = process_executor();
+        let spec = backend_spec(&[("GREETING", "hello"), ("PORT", "1")]);
+        executor.prepare(&spec).await.unwrap();
+        let started = executor.start(&spec).await.unwrap();
+        assert_eq!(started.address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let env = get_json(&started, "/env").await;
+        assert_eq!(env["GREETING"], "hello");
+        // The contract's PORT wins over the user's.
+        assert_eq!(env["PORT"], started.address.port().to_string());
+        assert_eq!(env["SESSION_BACKEND_ID"], spec.id.as_str());
+        assert_eq!(env["SESSION_BACKEND_KEY"], "room-1");
+        assert_eq!(env["SESSION_BACKEND_FENCING_TOKEN"], "1234");
+        let token = spec.static_token.as_ref().unwrap().as_str();
+        assert_eq!(env["SESSION_BACKEND_STATIC_TOKEN"], token);
+        assert!(started.backend.record()["pid"].as_u64().is_some());
+        wait_for_log(&started, "listening on").await;
+
+        started
+            .backend
+            .terminate(TerminationKind::Soft)
+            .await
+            .unwrap();
+        assert_eq!(started.backend.exited().await, Some(0));
+        // Awaiting again gives the same answer, and signalling an exited backend is fine.
+        assert_eq!(started.backend.exited().await, Some(0));
+        started
+            .backend
+            .terminate(TerminationKind::Hard)
+            .await
+            .unwrap();
+        wait_for_log(&started, "got SIGTERM").await;
+        executor.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn ignored_sigterm_needs_sigkill() {
+    timeout(TEST_TIMEOUT, async {
+        let executor = process_executor();
+        let spec = backend_spec(&[("TEST_BACKEND_SIGTERM", "ignore")]);
+        let started = executor.start(&spec).await.unwrap();
+        get_json(&started, "/env").await;
+        started
+            .backend
+            .terminate(TerminationKind::Soft)
+            .await
+            .unwrap();
+        wait_for_log(&started, "got SIGTERM").await;
+        // Still serving after SIGTERM.
+        get_json(&started, "/env").await;
+        started
+            .backend
+            .terminate(TerminationKind::Hard)
+            .await
+            .unwrap();
+        assert_eq!(started.backend.exited().await, Some(128 + 9));
+        executor.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn exit_code_of_a_backend_that_exits_by_itself() {
+    timeout(TEST_TIMEOUT, async {
+        let executor = process_executor();
+        let spec = backend_spec(&[
+            ("TEST_BACKEND_EXIT_CODE", "3"),
+            ("TEST_BACKEND_EXIT_AFTER_MS", "100"),
+        ]);
+        let started = executor.start(&spec).await.unwrap();
+        assert_eq!(started.backend.exited().await, Some(3));
+        wait_for_log(&started, "exiting with code 3").await;
+        executor.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn signal_exit_of_a_shell_and_its_children() {
+    timeout(TEST_TIMEOUT, async {
+        let executor = process_executor();
+        // The shell's child `sleep` is in the backend's process group and dies with it.
+        let script = "sleep 1000 & echo child $!; wait";
+        let spec = spec(vec!["sh".into(), "-c".into(), script.into()], &[]);
+        let started = executor.start(&spec).await.unwrap();
+        wait_for_log(&started, "child ").await;
+        let child: i32 = started
+            .backend
+            .recent_logs()
+            .iter()
+            .find_map(|l| l.strip_prefix("child ").and_then(|p| p.trim().parse().ok()))
+            .unwrap();
+        started
+            .backend
+            .terminate(TerminationKind::Hard)
+            .await
+            .unwrap();
+        assert_eq!(started.backend.exited().await, Some(137));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), None).is_ok()
+            && !is_zombie(child)
+        {
+            assert!(Instant::now() < deadline, "the backend's child survived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        executor.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
+
+#[tokio::test]
+async fn missing_program_is_a_clear_error() {
+    timeout(TEST_TIMEOUT, async {
+        let executor = process_executor();
+        let spec = spec(vec!["/nonexistent/prog".into()], &[]);
+        let err = executor.prepare(&spec).await.unwrap_err();
+        assert!(matches!(err, ExecutorError::ProgramNotFound { .. }));
+        assert_eq!(
+            err.to_string(),
+            "cannot start `/nonexistent/prog`: No such file or directory"
+        );
+        assert!(executor.start(&spec).await.is_err());
+        let docker = BackendSpec {
+            executable: Executable::from_json(&serde_json::json!({"image": "x"})).unwrap(),
+            ..spec
+        };
+        assert!(matches!(
+            executor.prepare(&docker).await,
+            Err(ExecutorError::WrongKind(_))
+        ));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn leftover_process_is_killed_by_its_record() {
+    timeout(TEST_TIMEOUT, async {
+        let executor = process_executor();
+        let spec = backend_spec(&[("TEST_BACKEND_SIGTERM", "ignore")]);
+        let started = executor.start(&spec).await.unwrap();
+        let record = started.backend.record();
+        // A record whose pid names another process (a recycled pid) is left alone.
+        let stranger = serde_json::json!({"pid": std::process::id(), "start_time": 1});
+        executor.remove(&spec.id, Some(&stranger)).await.unwrap();
+        executor.remove(&spec.id, None).await.unwrap();
+        get_json(&started, "/env").await;
+        // A restarted drone cannot re-adopt it: the process is killed and nothing is returned.
+        let other = process_executor();
+        let adopted = other.reattach(&spec.id, Some(&record)).await.unwrap();
+        assert!(adopted.is_none());
+        assert_eq!(started.backend.exited().await, Some(137));
+        executor.shutdown().await;
+        other.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_kills_running_backends() {
+    timeout(TEST_TIMEOUT, async {
+        let executor = process_executor();
+        let spec = backend_spec(&[("TEST_BACKEND_SIGTERM", "ignore")]);
+        let started = executor.start(&spec).await.unwrap();
+        get_json(&started, "/env").await;
+        executor.shutdown().await;
+        assert_eq!(started.backend.exited().await, Some(137));
+    })
+    .await
+    .unwrap();
+}

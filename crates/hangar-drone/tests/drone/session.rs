@@ -1,0 +1,657 @@
+//! Whole drones (`hangar_drone::start`) against a fake controller, running real test backends.
+
+use crate::fake_controller::{Event, FakeConnection, FakeController};
+use crate::test_backend;
+use hangar_drone::DroneConfig;
+use hangar_types::api::KeyConfig;
+use hangar_types::executable::{Executable, ExecutorKind, ProcessExecutable};
+use hangar_types::protocol::{
+    AcquiredKey, ActionMessage, BackendAction, ControllerToDrone, DroneToController, KeyDeadlines,
+    NodeHello,
+};
+use hangar_types::{
+    BackendId, BackendState, BackendStatus, Millis, TerminationKind, TerminationReason,
+};
+use std::future::Future;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn with_timeout(test: impl Future<Output = ()>) {
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .expect("test timed out");
+}
+
+fn config(fake: &FakeController) -> DroneConfig {
+    let mut config = DroneConfig::new(fake.url(), "localhost:9090".parse().unwrap());
+    config.executors = vec![ExecutorKind::Process];
+    config.soft_terminate_grace = Duration::from_secs(10);
+    config.readiness_timeout = Duration::from_secs(60);
+    config
+}
+
+fn executable(env: &[(&str, &str)]) -> Executable {
+    Executable::Process(ProcessExecutable {
+        command: vec![test_backend::path().to_string_lossy().into_owned()],
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        cwd: None,
+    })
+}
+
+fn spawn_with(executable: Executable, deadlines: KeyDeadlines) -> BackendAction {
+    BackendAction::Spawn {
+        executable,
+        key: AcquiredKey {
+            key: KeyConfig {
+                name: "room-1".parse().unwrap(),
+                namespace: String::new(),
+                tag: String::new(),
+            },
+            deadlines,
+            token: 7,
+        },
+        static_token: None,
+    }
+}
+
+fn spawn(env: &[(&str, &str)]) -> BackendAction {
+    spawn_with(executable(env), KeyDeadlines::from_base(Millis::now()))
+}
+
+fn terminate(kind: TerminationKind) -> BackendAction {
+    BackendAction::Terminate {
+        kind,
+        reason: TerminationReason::External,
+    }
+}
+
+fn statuses(events: &[Event]) -> Vec<BackendStatus> {
+    events.iter().map(|e| e.state.status()).collect()
+}
+
+/// Starts a drone and returns its first connection, checking the handshake and first heartbeat.
+async fn start_drone(
+    fake: &mut FakeController,
+    config: DroneConfig,
+) -> (hangar_drone::DroneHandle, FakeConnection) {
+    crate::init_tracing();
+    let drone = hangar_drone::start(config).await.unwrap();
+    let mut conn = fake.next_connection().await;
+    assert_eq!(conn.path, "/ctrl/c/localhost:9090/drone-socket");
+    assert_eq!(conn.hello.protocol, hangar_types::PROTOCOL_VERSION);
+    match &conn.hello.node {
+        NodeHello::Drone {
+            name,
+            pool,
+            executors,
+        } => {
+            assert_eq!(name, drone.name());
+            assert_eq!(pool, "");
+            assert_eq!(executors, &vec![ExecutorKind::Process]);
+        }
+        other => panic!("unexpected hello {other:?}"),
+    }
+    let first = conn.recv().await;
+    assert!(
+        matches!(first, Some(DroneToController::Heartbeat { .. })),
+        "{first:?}"
+    );
+    (drone, conn)
+}
+
+/// Reads backend events until one with `status`.
+async fn events_until(conn: &mut FakeConnection, status: BackendStatus) -> Vec<Event> {
+    let mut events = Vec::new();
+    loop {
+        let event = conn.next_event().await;
+        let done = event.state.status() == status;
+        events.push(event);
+        if done {
+            return events;
+        }
+    }
+}
+
+async fn expect_ack(conn: &mut FakeConnection, action: &hangar_types::ActionId) {
+    conn.wait_ack(action).await;
+}
+
+async fn answers_http(address: std::net::SocketAddr) -> bool {
+    reqwest::get(format!("http://{address}/")).await.is_ok()
+}
+
+#[tokio::test]
+async fn spawn_reports_states_replays_until_acked_and_terminates() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let (drone, mut conn) = {
+            let config = config(&fake);
+            start_drone(&mut fake, config).await
+        };
+        let backend = BackendId::random();
+        let action = conn.send_action(&backend, spawn(&[]));
+        expect_ack(&mut conn, &action).await;
+        let events = events_until(&mut conn, BackendStatus::Ready).await;
+        assert_eq!(
+            statuses(&events),
+            [
+                BackendStatus::Scheduled,
+                BackendStatus::Loading,
+                BackendStatus::Starting,
+                BackendStatus::Waiting,
+                BackendStatus::Ready
+            ]
+        );
+        assert!(events.iter().all(|e| e.backend_id == backend));
+        assert!(events.windows(2).all(|w| w[0].event_id < w[1].event_id));
+        let address = events[4].state.address().unwrap();
+        assert_eq!(events[3].state.address(), Some(address));
+        assert!(answers_http(address).await);
+
+        // The drone drops the connection: everything unacked is replayed, in order.
+        drone.reconnect();
+        conn.closed().await;
+        let mut conn = fake.next_connection().await;
+        let replayed = events_until(&mut conn, BackendStatus::Ready).await;
+        let ids = |events: &[Event]| events.iter().map(|e| e.event_id).collect::<Vec<_>>();
+        assert_eq!(ids(&replayed), ids(&events));
+        assert_eq!(statuses(&replayed), statuses(&events));
+
+        // The controller drops it without acking: replayed again. Then acked.
+        drop(conn);
+        let mut conn = fake.next_connection().await;
+        let replayed = events_until(&mut conn, BackendStatus::Ready).await;
+        assert_eq!(ids(&replayed), ids(&events));
+        for event in &replayed {
+            conn.ack(event.event_id);
+        }
+        // A duplicate spawn is acked without events, and only after the acks before it were
+        // handled: once it is acked, cutting the connection cannot lose them.
+        let barrier = conn.send_action(&backend, spawn(&[]));
+        conn.wait_ack(&barrier).await;
+        drop(conn);
+
+        // Acked events are not sent again: the first event now is the termination.
+        let mut conn = fake.next_connection().await;
+        let action = conn.send_action(&backend, terminate(TerminationKind::Soft));
+        let events = conn.events_until_terminated().await;
+        assert_eq!(
+            statuses(&events),
+            [BackendStatus::Terminating, BackendStatus::Terminated]
+        );
+        assert_eq!(
+            events[1].state,
+            BackendState::Terminated {
+                last_status: BackendStatus::Ready,
+                termination: Some(TerminationKind::Soft),
+                reason: Some(TerminationReason::External),
+                exit_code: Some(0),
+                message: None,
+            }
+        );
+        expect_ack(&mut conn, &action).await;
+        assert!(!answers_http(address).await);
+        for event in &events {
+            conn.ack(event.event_id);
+        }
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn executable_of_another_kind_fails_at_once() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let (drone, mut conn) = {
+            let config = config(&fake);
+            start_drone(&mut fake, config).await
+        };
+        let backend = BackendId::random();
+        let image = Executable::from_json(&serde_json::json!({"image": "app:1"})).unwrap();
+        let action = conn.send_action(
+            &backend,
+            spawn_with(image, KeyDeadlines::from_base(Millis::now())),
+        );
+        expect_ack(&mut conn, &action).await;
+        let events = conn.events_until_terminated().await;
+        assert_eq!(
+            statuses(&events),
+            [BackendStatus::Scheduled, BackendStatus::Terminated]
+        );
+        assert_eq!(
+            events[1].state,
+            BackendState::Terminated {
+                last_status: BackendStatus::Scheduled,
+                termination: None,
+                reason: Some(TerminationReason::InternalError),
+                exit_code: None,
+                message: Some(
+                    "this drone cannot run Docker images (executors offered: process)".into()
+                ),
+            }
+        );
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn missing_program_is_reported_with_its_message() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let (drone, mut conn) = {
+            let config = config(&fake);
+            start_drone(&mut fake, config).await
+        };
+        let backend = BackendId::random();
+        let exe =
+            Executable::from_json(&serde_json::json!({"command": ["/nonexistent/prog"]})).unwrap();
+        conn.send_action(
+            &backend,
+            spawn_with(exe, KeyDeadlines::from_base(Millis::now())),
+        );
+        let events = conn.events_until_terminated().await;
+        assert_eq!(
+            statuses(&events),
+            [
+                BackendStatus::Scheduled,
+                BackendStatus::Loading,
+                BackendStatus::Terminated
+            ]
+        );
+        let BackendState::Terminated {
+            last_status,
+            reason,
+            message,
+            ..
+        } = &events[2].state
+        else {
+            unreachable!()
+        };
+        assert_eq!(*last_status, BackendStatus::Loading);
+        assert_eq!(*reason, Some(TerminationReason::InternalError));
+        assert_eq!(
+            message.as_deref(),
+            Some("cannot start `/nonexistent/prog`: No such file or directory")
+        );
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn backend_exiting_by_itself_reports_its_exit_code() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let (drone, mut conn) = {
+            let config = config(&fake);
+            start_drone(&mut fake, config).await
+        };
+        let backend = BackendId::random();
+        conn.send_action(
+            &backend,
+            spawn(&[
+                ("TEST_BACKEND_EXIT_CODE", "3"),
+                ("TEST_BACKEND_EXIT_AFTER_MS", "500"),
+            ]),
+        );
+        let events = conn.events_until_terminated().await;
+        let BackendState::Terminated {
+            termination,
+            reason,
+            exit_code,
+            ..
+        } = &events.last().unwrap().state
+        else {
+            unreachable!()
+        };
+        assert_eq!((*termination, *reason, *exit_code), (None, None, Some(3)));
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn backend_that_never_listens_times_out() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let mut config = config(&fake);
+        config.readiness_timeout = Duration::from_millis(500);
+        let (drone, mut conn) = start_drone(&mut fake, config).await;
+        let backend = BackendId::random();
+        conn.send_action(&backend, spawn(&[("TEST_BACKEND_NEVER_LISTEN", "1")]));
+        let events = conn.events_until_terminated().await;
+        assert_eq!(
+            statuses(&events),
+            [
+                BackendStatus::Scheduled,
+                BackendStatus::Loading,
+                BackendStatus::Starting,
+                BackendStatus::Waiting,
+                BackendStatus::HardTerminating,
+                BackendStatus::Terminated
+            ]
+        );
+        assert_eq!(
+            events[5].state,
+            BackendState::Terminated {
+                last_status: BackendStatus::Waiting,
+                termination: Some(TerminationKind::Hard),
+                reason: Some(TerminationReason::StartupTimeout),
+                exit_code: Some(137),
+                message: None,
+            }
+        );
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ignored_sigterm_is_followed_by_sigkill_after_the_grace_period() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let mut config = config(&fake);
+        config.soft_terminate_grace = Duration::from_millis(300);
+        let (drone, mut conn) = start_drone(&mut fake, config).await;
+        let backend = BackendId::random();
+        conn.send_action(&backend, spawn(&[("TEST_BACKEND_SIGTERM", "ignore")]));
+        events_until(&mut conn, BackendStatus::Ready).await;
+        let started = Instant::now();
+        conn.send_action(&backend, terminate(TerminationKind::Soft));
+        let events = conn.events_until_terminated().await;
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(
+            events.last().unwrap().state,
+            BackendState::Terminated {
+                last_status: BackendStatus::Ready,
+                termination: Some(TerminationKind::Soft),
+                reason: Some(TerminationReason::External),
+                exit_code: Some(137),
+                message: None,
+            }
+        );
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn resent_spawns_are_acked_but_not_started_twice() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let (drone, mut conn) = {
+            let config = config(&fake);
+            start_drone(&mut fake, config).await
+        };
+        let backend = BackendId::random();
+        let action = ActionMessage {
+            action_id: hangar_types::ActionId::random(),
+            backend_id: backend.clone(),
+            action: spawn(&[]),
+        };
+        conn.send(ControllerToDrone::Action(action.clone()));
+        expect_ack(&mut conn, &action.action_id).await;
+        events_until(&mut conn, BackendStatus::Ready).await;
+        // The same action again, then a new action for the same backend.
+        conn.send(ControllerToDrone::Action(action.clone()));
+        conn.wait_acks(&action.action_id, 2).await;
+        let again = conn.send_action(&backend, spawn(&[]));
+        expect_ack(&mut conn, &again).await;
+        let stop = conn.send_action(&backend, terminate(TerminationKind::Hard));
+        expect_ack(&mut conn, &stop).await;
+        let events = conn.events_until_terminated().await;
+        assert_eq!(
+            statuses(&events),
+            [BackendStatus::HardTerminating, BackendStatus::Terminated]
+        );
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn terminate_for_an_unknown_backend_reports_it_lost() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let (drone, mut conn) = {
+            let config = config(&fake);
+            start_drone(&mut fake, config).await
+        };
+        let backend = BackendId::random();
+        let action = conn.send_action(&backend, terminate(TerminationKind::Soft));
+        expect_ack(&mut conn, &action).await;
+        let event = conn.next_event().await;
+        assert_eq!(event.backend_id, backend);
+        let BackendState::Terminated {
+            last_status,
+            reason,
+            termination,
+            exit_code,
+            ..
+        } = event.state
+        else {
+            panic!("expected terminated, got {:?}", event.state)
+        };
+        assert_eq!(last_status, BackendStatus::Ready);
+        assert_eq!(reason, Some(TerminationReason::Lost));
+        assert_eq!((termination, exit_code), (None, None));
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unrenewed_key_terminates_the_backend() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let (drone, mut conn) = {
+            let config = config(&fake);
+            start_drone(&mut fake, config).await
+        };
+        let backend = BackendId::random();
+        let now = Millis::now();
+        let deadlines = KeyDeadlines {
+            renew_at: now,
+            soft_terminate_at: now.plus(Duration::from_secs(2)),
+            hard_terminate_at: now.plus(Duration::from_secs(60)),
+        };
+        conn.send_action(&backend, spawn_with(executable(&[]), deadlines));
+        let mut events = Vec::new();
+        loop {
+            match conn.next().await {
+                DroneToController::RenewKey { backend: b, .. } => {
+                    assert_eq!(b, backend);
+                    // Refused: the drone lets the backend run into its deadlines.
+                    conn.send(ControllerToDrone::RenewKeyResponse {
+                        backend: backend.clone(),
+                        deadlines: None,
+                    });
+                }
+                DroneToController::BackendEvent { state, .. } => {
+                    let done = state.status() == BackendStatus::Terminated;
+                    events.push(state);
+                    if done {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let terminating = events
+            .iter()
+            .find(|s| s.status() == BackendStatus::Terminating)
+            .expect("no terminating state");
+        assert!(matches!(
+            terminating,
+            BackendState::Terminating {
+                reason: TerminationReason::KeyExpired,
+                ..
+            }
+        ));
+        assert!(matches!(
+            events.last().unwrap(),
+            BackendState::Terminated {
+                reason: Some(TerminationReason::KeyExpired),
+                exit_code: Some(0),
+                ..
+            }
+        ));
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn renewed_key_replaces_the_deadlines() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let (drone, mut conn) = {
+            let config = config(&fake);
+            start_drone(&mut fake, config).await
+        };
+        let backend = BackendId::random();
+        let now = Millis::now();
+        let deadlines = KeyDeadlines {
+            renew_at: now,
+            soft_terminate_at: now.plus(Duration::from_secs(3)),
+            hard_terminate_at: now.plus(Duration::from_secs(60)),
+        };
+        conn.send_action(&backend, spawn_with(executable(&[]), deadlines));
+        let mut renewals = 0;
+        while renewals < 2 {
+            match conn.next().await {
+                DroneToController::RenewKey { local_time, .. } => {
+                    renewals += 1;
+                    // The next renewal is due after the old soft deadline: only the new deadlines
+                    // can bring it before any termination.
+                    conn.send(ControllerToDrone::RenewKeyResponse {
+                        backend: backend.clone(),
+                        deadlines: Some(KeyDeadlines {
+                            renew_at: local_time.plus(Duration::from_secs(4)),
+                            soft_terminate_at: local_time.plus(Duration::from_secs(60)),
+                            hard_terminate_at: local_time.plus(Duration::from_secs(70)),
+                        }),
+                    });
+                }
+                DroneToController::BackendEvent { state, .. } => {
+                    assert!(state.status() <= BackendStatus::Ready, "{state:?}");
+                }
+                _ => {}
+            }
+        }
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_terminates_backends_and_waits_for_acks() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let (drone, mut conn) = {
+            let config = config(&fake);
+            start_drone(&mut fake, config).await
+        };
+        let backend = BackendId::random();
+        conn.send_action(&backend, spawn(&[]));
+        let events = events_until(&mut conn, BackendStatus::Ready).await;
+        let address = events.last().unwrap().state.address().unwrap();
+        for event in &events {
+            conn.ack(event.event_id);
+        }
+        let shutdown = tokio::spawn(drone.shutdown());
+        let events = conn.events_until_terminated().await;
+        assert_eq!(
+            statuses(&events),
+            [BackendStatus::Terminating, BackendStatus::Terminated]
+        );
+        assert!(matches!(
+            events[1].state,
+            BackendState::Terminated {
+                termination: Some(TerminationKind::Soft),
+                reason: Some(TerminationReason::Lost),
+                exit_code: Some(0),
+                ..
+            }
+        ));
+        assert!(!shutdown.is_finished());
+        for event in &events {
+            conn.ack(event.event_id);
+        }
+        shutdown.await.unwrap();
+        conn.closed().await;
+        assert!(!answers_http(address).await);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn restarted_drone_reports_backends_of_the_crashed_one_lost() {
+    with_timeout(async {
+        let mut fake = FakeController::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(&fake);
+        config.state_file = Some(dir.path().join("drone.sqlite"));
+
+        // The first drone runs on its own runtime, which is dropped mid-flight: a crash.
+        let (crash, crashed) = std::sync::mpsc::channel::<()>();
+        let first_config = config.clone();
+        let first = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let drone = runtime.block_on(hangar_drone::start(first_config)).unwrap();
+            crashed.recv().unwrap();
+            drop(drone);
+            drop(runtime);
+        });
+        let mut conn = fake.next_connection().await;
+        let backend = BackendId::random();
+        conn.send_action(&backend, spawn(&[]));
+        let events = events_until(&mut conn, BackendStatus::Ready).await;
+        crash.send(()).unwrap();
+        tokio::task::spawn_blocking(move || first.join().unwrap())
+            .await
+            .unwrap();
+        conn.closed().await;
+
+        // The second drone replays what was not acked, then reports the backend lost.
+        let (drone, mut conn) = start_drone(&mut fake, config).await;
+        let replayed = conn.events_until_terminated().await;
+        let ids = |events: &[Event]| events.iter().map(|e| e.event_id).collect::<Vec<_>>();
+        assert_eq!(ids(&replayed)[..5], ids(&events)[..]);
+        assert_eq!(
+            statuses(&replayed),
+            [
+                BackendStatus::Scheduled,
+                BackendStatus::Loading,
+                BackendStatus::Starting,
+                BackendStatus::Waiting,
+                BackendStatus::Ready,
+                BackendStatus::Terminated
+            ]
+        );
+        let BackendState::Terminated {
+            last_status,
+            reason,
+            message,
+            ..
+        } = &replayed[5].state
+        else {
+            unreachable!()
+        };
+        assert_eq!(*last_status, BackendStatus::Ready);
+        assert_eq!(*reason, Some(TerminationReason::Lost));
+        assert!(message.as_deref().unwrap_or("").contains("re-adopt"));
+        // A resent spawn for it is acked without starting anything.
+        let again = conn.send_action(&backend, spawn(&[]));
+        expect_ack(&mut conn, &again).await;
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
