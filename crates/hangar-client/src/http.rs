@@ -3,7 +3,7 @@
 
 use hangar_types::api::{
     ApiError, ClusterState, ConnectRequest, ConnectResponse, DrainResult, HealthResponse,
-    RevokeRequest, StatusResponse,
+    MarkLostResult, RevokeRequest, StatusResponse,
 };
 use hangar_types::state::BackendStatusEntry;
 use hangar_types::{BackendId, ClusterName, DroneName};
@@ -169,6 +169,26 @@ impl ControllerClient {
     ) -> Result<DrainResult, ClientError> {
         self.post(&format!("/ctrl/c/{cluster}/d/{drone}/drain"), &())
             .await
+    }
+
+    /// Records every backend of the drone that is not terminated as terminated with reason `lost`,
+    /// releasing their keys at once (an operator's decision that the drone is gone).
+    pub async fn mark_lost(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> Result<MarkLostResult, ClientError> {
+        self.post(&format!("/ctrl/c/{cluster}/d/{drone}/mark-lost"), &())
+            .await
+    }
+
+    /// Forbids further renewals of the backend's key lease, so its drone terminates it by its key
+    /// deadlines and the key expires.
+    pub async fn prevent_renew(&self, backend: &BackendId) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .post(&format!("/ctrl/b/{backend}/prevent-renew"), &())
+            .await?;
+        Ok(())
     }
 
     pub async fn backend_status(

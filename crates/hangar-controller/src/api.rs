@@ -11,6 +11,7 @@ mod system;
 
 use crate::config::{ConfigError, ControllerConfig};
 use crate::error::ApiError;
+use crate::metrics::LatestMetrics;
 use axum::http::{header, Method};
 use axum::routing::{get, post};
 use axum::Router;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub(crate) cancel: CancellationToken,
     /// Tracks node sessions, status streams and route waits so shutdown can wait for them.
     pub(crate) tracker: TaskTracker,
+    /// Latest CPU/memory sample of each backend whose drone is connected here (memory only).
+    pub(crate) metrics: LatestMetrics,
 }
 
 impl AppState {
@@ -57,6 +60,7 @@ impl AppState {
             controller_url: Arc::new(controller_url),
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            metrics: LatestMetrics::default(),
         })
     }
 

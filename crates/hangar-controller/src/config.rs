@@ -1,5 +1,6 @@
 //! The controller's configuration (`ControllerConfig`), filled by the binary from file, env and flags.
 
+use hangar_types::timing::KeyTiming;
 use hangar_types::{ClusterName, ControllerName};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -39,6 +40,13 @@ pub struct ControllerConfig {
     /// that controllers sharing a database spread out. At least 1000. Default: 180000 (180 s).
     #[serde(with = "millis")]
     pub cleanup_interval: Duration,
+    /// Test-only: the key deadlines this controller hands to drones. Not read from configuration
+    /// files; always [`KeyTiming::DEFAULT`] in production. A test that shortens it must shorten the
+    /// store's lease to match (`PostgresStore::set_key_lease`). Must be ordered
+    /// ([`KeyTiming::is_ordered`]).
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub key_timing: KeyTiming,
 }
 
 /// Durations as integer milliseconds in config files.
@@ -66,6 +74,7 @@ impl Default for ControllerConfig {
             bearer_token: None,
             cleanup_min_age_days: None,
             cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
+            key_timing: KeyTiming::DEFAULT,
         }
     }
 }
@@ -88,6 +97,7 @@ impl std::fmt::Debug for ControllerConfig {
             )
             .field("cleanup_min_age_days", &self.cleanup_min_age_days)
             .field("cleanup_interval", &self.cleanup_interval)
+            .field("key_timing", &self.key_timing)
             .finish()
     }
 }
@@ -106,6 +116,8 @@ pub enum ConfigError {
     CleanupMinAgeZero,
     #[error("`cleanup_interval` must be at least 1000 ms")]
     CleanupIntervalTooShort,
+    #[error("`key_timing` must order renew < soft-terminate < hard-terminate < lease")]
+    KeyTimingUnordered,
 }
 
 /// Shortest accepted [`ControllerConfig::cleanup_interval`].
@@ -127,6 +139,9 @@ impl ControllerConfig {
         }
         if self.cleanup_interval < MIN_CLEANUP_INTERVAL {
             return Err(ConfigError::CleanupIntervalTooShort);
+        }
+        if !self.key_timing.is_ordered() {
+            return Err(ConfigError::KeyTimingUnordered);
         }
         if let Some(url) = &self.controller_url {
             if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
@@ -171,6 +186,21 @@ mod tests {
         let c: ControllerConfig = serde_json::from_str(r#"{"cleanup_min_age_days": 0}"#).unwrap();
         assert_eq!(c.validate(), Err(ConfigError::CleanupMinAgeZero));
         assert!(serde_json::from_str::<ControllerConfig>(r#"{"cleanup_interval": -1}"#).is_err());
+    }
+
+    #[test]
+    fn key_timing_is_not_configurable_and_must_be_ordered() {
+        let c: ControllerConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c.key_timing, KeyTiming::DEFAULT);
+        assert!(serde_json::from_str::<ControllerConfig>(r#"{"key_timing": {}}"#).is_err());
+        let c = ControllerConfig {
+            key_timing: KeyTiming {
+                lease: Duration::from_secs(1),
+                ..KeyTiming::DEFAULT
+            },
+            ..Default::default()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::KeyTimingUnordered));
     }
 
     #[test]

@@ -122,9 +122,19 @@ async fn connect_once(
                 KeyLookup::Live { tag, backend } => {
                     return reuse_backend(state, request, key, &tag, backend).await;
                 }
-                KeyLookup::Expired => {
+                KeyLookup::Expired { backend: old } => {
                     if !state.store.remove_expired_key(&key_ref).await? {
                         return Err(ConnectError::FailedToRemoveKey);
+                    }
+                    // The lease expired on the store clock, so the old holder's drone has already
+                    // hard-terminated it by its own deadlines (hard < lease). Record that now, before
+                    // the new backend exists, so the history never shows two live holders of a key.
+                    if old.state.status() < BackendStatus::Terminated {
+                        let lost = crate::lost::lost_state(
+                            &old.state,
+                            "key lease expired and the key was taken over".into(),
+                        );
+                        state.store.record_backend_state(&old.id, &lost).await?;
                     }
                     tracing::info!(key = %key.name, namespace = %key.namespace, "Took over an expired key");
                 }
@@ -215,7 +225,7 @@ async fn spawn_backend(
         executable: spawn.executable.clone(),
         // Deadlines on the drone's own clock, from its last heartbeat (plane-api.md §5.2, with the
         // intended +50 s hard deadline rather than Plane's +40 s, quirk 3).
-        deadlines: KeyDeadlines::from_base(drone.last_local_time),
+        deadlines: KeyDeadlines::from_base_with(drone.last_local_time, &state.config.key_timing),
         static_token: static_token.clone(),
         subdomain: spawn.subdomain.clone(),
         max_idle_seconds: spawn.max_idle_seconds,

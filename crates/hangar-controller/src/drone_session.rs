@@ -11,6 +11,7 @@
 //! the session.
 
 use crate::api::AppState;
+use crate::metrics::{BackendSample, LatestMetrics};
 use crate::node_socket::{self, NodeSender, SessionClosed};
 use crate::sweeper;
 use axum::extract::ws::WebSocket;
@@ -20,8 +21,8 @@ use hangar_store::{DroneRegistration, NodeId, Registration, Store, StoreEvent};
 use hangar_types::protocol::{
     ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines, NodeHello,
 };
-use hangar_types::timing::{ACTION_RESEND_INTERVAL, UNHEALTHY_AFTER};
-use hangar_types::{ActionId, ClusterName, DroneName};
+use hangar_types::timing::{KeyTiming, ACTION_RESEND_INTERVAL, UNHEALTHY_AFTER};
+use hangar_types::{ActionId, BackendStatus, ClusterName, DroneName};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::broadcast;
@@ -107,6 +108,8 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
         let (sender, rx) = node_socket::outbound();
         let drone = DroneSession {
             store: state.store.clone(),
+            key_timing: state.config.key_timing,
+            metrics: state.metrics.clone(),
             node,
             name: name.clone(),
             sender,
@@ -127,6 +130,9 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
 
 struct DroneSession {
     store: Arc<dyn Store>,
+    /// Durations of the key deadlines sent with renewals.
+    key_timing: KeyTiming,
+    metrics: LatestMetrics,
     node: NodeId,
     name: DroneName,
     sender: NodeSender<ControllerToDrone>,
@@ -172,6 +178,9 @@ impl DroneSession {
                 ..
             } => match self.store.record_backend_state(&backend_id, &state).await {
                 Ok(update) => {
+                    if state.status() == BackendStatus::Terminated {
+                        self.metrics.remove(&backend_id);
+                    }
                     tracing::debug!(drone = %self.name, backend = %backend_id, status = %state.status(), ?update, "Backend event");
                     self.sender
                         .send(&ControllerToDrone::AckEvent { event_id })
@@ -182,6 +191,23 @@ impl DroneSession {
                     tracing::error!(drone = %self.name, backend = %backend_id, error = %e, "Failed to record backend state");
                 }
             },
+            DroneToController::BackendMetrics {
+                backend_id,
+                mem_used,
+                mem_limit,
+                cpu_used_ns,
+                sys_cpu_ns,
+            } => {
+                tracing::debug!(drone = %self.name, backend = %backend_id, mem_used, mem_limit, cpu_used_ns, sys_cpu_ns, "Backend metrics");
+                let sample = BackendSample {
+                    mem_used,
+                    mem_limit,
+                    cpu_used_ns,
+                    sys_cpu_ns,
+                    received: Instant::now(),
+                };
+                self.metrics.record(backend_id, sample);
+            }
             DroneToController::AckAction { action_id } => {
                 if let Err(e) = self.store.ack_action(self.node, &action_id).await {
                     tracing::warn!(drone = %self.name, action = %action_id, error = %e, "Failed to ack action");
@@ -195,7 +221,8 @@ impl DroneSession {
                     if !renewed {
                         tracing::info!(drone = %self.name, %backend, "Key renewal refused");
                     }
-                    let deadlines = renewed.then(|| KeyDeadlines::from_base(local_time));
+                    let deadlines =
+                        renewed.then(|| KeyDeadlines::from_base_with(local_time, &self.key_timing));
                     self.sender
                         .send(&ControllerToDrone::RenewKeyResponse { backend, deadlines })
                         .await?;

@@ -19,6 +19,7 @@ pub mod drone_session;
 pub mod error;
 pub mod lost;
 mod maintenance;
+pub mod metrics;
 mod node_socket;
 pub mod proxy_session;
 pub mod scheduler;

@@ -111,6 +111,7 @@ pub fn lost_state(current: &BackendState, message: String) -> BackendState {
         reason: Some(TerminationReason::Lost),
         exit_code: None,
         message: Some(message),
+        oom_killed: false,
     })
 }
 
@@ -130,6 +131,7 @@ mod tests {
                 reason: Some(TerminationReason::Lost),
                 exit_code: None,
                 message: Some("gone".into()),
+                oom_killed: false,
             }
         );
         let terminating = BackendState::Terminating {

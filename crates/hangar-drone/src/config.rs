@@ -1,9 +1,11 @@
 //! The drone's configuration (`DroneConfig`), filled by the binary from file, env and flags.
 
+use crate::executor::DockerSettings;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::timing::{READINESS_TIMEOUT, SOFT_TERMINATE_GRACE};
 use hangar_types::{ClusterName, DroneName};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,6 +44,34 @@ pub struct DroneConfig {
     /// with reason `startuptimeout`, in milliseconds. Default: 300000.
     #[serde(default = "default_readiness_timeout", with = "duration_ms")]
     pub readiness_timeout: Duration,
+    /// Docker: absolute host directory under which `executable.mount` directories are created
+    /// (`mount: true` → `<mount_base>/<key>`, `mount: "a/b"` → `<mount_base>/a/b`, bound at
+    /// `/plane-data`). A backend asking for a mount fails when this is absent. Default: none.
+    #[serde(default)]
+    pub mount_base: Option<PathBuf>,
+    /// Docker: runtime for every container (e.g. `runsc` for gVisor). Default: Docker's.
+    #[serde(default)]
+    pub docker_runtime: Option<String>,
+    /// Docker: log driver for every container, as Docker's `LogConfig`:
+    /// `{"Type": "json-file", "Config": {"max-size": "10m"}}`. Default: Docker's.
+    #[serde(default)]
+    pub docker_log_config: Option<serde_json::Value>,
+    /// Docker: stopped Hangar containers created longer ago than this are removed by the periodic
+    /// cleanup (every minute), in milliseconds. Default: 600000 (10 minutes).
+    #[serde(default = "default_cleanup_min_age", with = "duration_ms")]
+    pub docker_cleanup_min_age: Duration,
+}
+
+/// Docker's log configuration of a container (`HostConfig.LogConfig`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerLogConfig {
+    /// The log driver (`json-file`, `local`, `journald`, `none`, …).
+    #[serde(rename = "Type")]
+    pub kind: String,
+    /// Driver options.
+    #[serde(rename = "Config", default)]
+    pub config: BTreeMap<String, String>,
 }
 
 fn default_ip() -> IpAddr {
@@ -58,6 +88,10 @@ fn default_grace() -> Duration {
 
 fn default_readiness_timeout() -> Duration {
     READINESS_TIMEOUT
+}
+
+fn default_cleanup_min_age() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// Durations as integer milliseconds in config files.
@@ -87,6 +121,10 @@ impl DroneConfig {
             executors: default_executors(),
             soft_terminate_grace: default_grace(),
             readiness_timeout: default_readiness_timeout(),
+            mount_base: None,
+            docker_runtime: None,
+            docker_log_config: None,
+            docker_cleanup_min_age: default_cleanup_min_age(),
         }
     }
 
@@ -101,13 +139,46 @@ impl DroneConfig {
         if self.executors.is_empty() {
             return Err(DroneConfigError::NoExecutors);
         }
-        if self.executors.contains(&ExecutorKind::Docker) {
-            return Err(DroneConfigError::ExecutorUnavailable(ExecutorKind::Docker));
-        }
         if self.readiness_timeout.is_zero() {
             return Err(DroneConfigError::ZeroReadinessTimeout);
         }
+        if let Some(base) = &self.mount_base {
+            if !base.is_absolute() {
+                return Err(DroneConfigError::RelativeMountBase(base.clone()));
+            }
+        }
+        if self
+            .docker_runtime
+            .as_deref()
+            .is_some_and(|r| r.trim().is_empty())
+        {
+            return Err(DroneConfigError::EmptyDockerRuntime);
+        }
+        self.log_config()?;
         Ok(())
+    }
+
+    /// The parsed `docker_log_config`.
+    pub fn log_config(&self) -> Result<Option<DockerLogConfig>, DroneConfigError> {
+        self.docker_log_config
+            .as_ref()
+            .map(|v| {
+                serde_json::from_value(v.clone())
+                    .map_err(|e| DroneConfigError::InvalidLogConfig(e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// The settings of the Docker executor.
+    pub fn docker_settings(&self) -> Result<DockerSettings, DroneConfigError> {
+        Ok(DockerSettings {
+            drone: self.name.clone(),
+            ip: self.ip,
+            mount_base: self.mount_base.clone(),
+            runtime: self.docker_runtime.clone(),
+            log_config: self.log_config()?,
+            cleanup_min_age: self.docker_cleanup_min_age,
+        })
     }
 }
 
@@ -117,10 +188,20 @@ pub enum DroneConfigError {
     InvalidControllerUrl(String),
     #[error("`executors` must name at least one executor")]
     NoExecutors,
+    /// The executor is not compiled into this drone. (Every executor is, today; kept so callers
+    /// that handle it keep working.)
     #[error("the {0} executor is not available in this build of the drone")]
     ExecutorUnavailable(ExecutorKind),
     #[error("`readiness_timeout` must be more than zero")]
     ZeroReadinessTimeout,
+    #[error("`mount_base` must be an absolute path, got {}", .0.display())]
+    RelativeMountBase(PathBuf),
+    #[error("`docker_runtime` must not be empty")]
+    EmptyDockerRuntime,
+    #[error(
+        "invalid `docker_log_config` (expected {{\"Type\": \"<driver>\", \"Config\": {{…}}}}): {0}"
+    )]
+    InvalidLogConfig(String),
 }
 
 /// The URL with its user info (a bearer token) hidden.
@@ -146,6 +227,10 @@ impl std::fmt::Debug for DroneConfig {
             .field("executors", &self.executors)
             .field("soft_terminate_grace", &self.soft_terminate_grace)
             .field("readiness_timeout", &self.readiness_timeout)
+            .field("mount_base", &self.mount_base)
+            .field("docker_runtime", &self.docker_runtime)
+            .field("docker_log_config", &self.docker_log_config)
+            .field("docker_cleanup_min_age", &self.docker_cleanup_min_age)
             .finish()
     }
 }
@@ -165,10 +250,9 @@ mod tests {
         assert_eq!(c.executors, vec![ExecutorKind::Docker]);
         assert_eq!(c.soft_terminate_grace, SOFT_TERMINATE_GRACE);
         assert_eq!(c.readiness_timeout, READINESS_TIMEOUT);
-        assert_eq!(
-            c.validate(),
-            Err(DroneConfigError::ExecutorUnavailable(ExecutorKind::Docker))
-        );
+        assert_eq!(c.mount_base, None);
+        assert_eq!(c.docker_cleanup_min_age, Duration::from_secs(600));
+        assert_eq!(c.validate(), Ok(()));
         assert!(serde_json::from_str::<DroneConfig>(
             r#"{"controller_url": "http://x/", "cluster": "c", "bogus": 1}"#
         )
@@ -187,6 +271,41 @@ mod tests {
         assert_eq!(c.validate(), Err(DroneConfigError::ZeroReadinessTimeout));
         let back = serde_json::to_value(&c).unwrap();
         assert_eq!(back["soft_terminate_grace"], 1500);
+    }
+
+    #[test]
+    fn docker_settings_are_validated() {
+        let c: DroneConfig = serde_json::from_str(
+            r#"{"controller_url": "http://x/", "cluster": "c", "mount_base": "/srv/hangar",
+                "docker_runtime": "runsc", "docker_cleanup_min_age": 5000,
+                "docker_log_config": {"Type": "json-file", "Config": {"max-size": "10m"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        let settings = c.docker_settings().unwrap();
+        assert_eq!(settings.runtime.as_deref(), Some("runsc"));
+        assert_eq!(settings.cleanup_min_age, Duration::from_secs(5));
+        let log = settings.log_config.unwrap();
+        assert_eq!(log.kind, "json-file");
+        assert_eq!(log.config["max-size"], "10m");
+
+        let mut bad = c.clone();
+        bad.mount_base = Some("relative/dir".into());
+        assert!(matches!(
+            bad.validate(),
+            Err(DroneConfigError::RelativeMountBase(_))
+        ));
+        let mut bad = c.clone();
+        bad.docker_runtime = Some(" ".into());
+        assert_eq!(bad.validate(), Err(DroneConfigError::EmptyDockerRuntime));
+        let mut bad = c;
+        bad.docker_log_config = Some(serde_json::json!({"Driver": "x"}));
+        let err = bad.validate().unwrap_err();
+        assert!(
+            matches!(err, DroneConfigError::InvalidLogConfig(_)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("Type"), "{err}");
     }
 
     #[test]

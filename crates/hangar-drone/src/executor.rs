@@ -5,9 +5,12 @@
 //! learn its address) → the supervisor probes the address (`waiting` → `ready`) →
 //! [`RunningBackend::terminate`] (soft, then hard after the grace period) → [`RunningBackend::exited`]
 //! (`terminated`). After a drone restart, [`Executor::reattach`] re-adopts a backend from what
-//! [`RunningBackend::record`] stored, or cleans it up. An executor never touches the outbox or the
-//! state machine: it reports facts, the supervisor decides.
+//! [`RunningBackend::record`] stored, or cleans it up, and [`Executor::remove_orphans`] removes what
+//! belongs to no supervised backend. An executor never touches the outbox or the state machine: it
+//! reports facts, the supervisor decides.
 
+pub mod docker;
+mod log_lines;
 pub mod process;
 
 use async_trait::async_trait;
@@ -16,6 +19,7 @@ use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendId, KeyName, TerminationKind};
 use std::net::SocketAddr;
 
+pub use docker::{DockerExecutor, DockerSettings};
 pub use process::ProcessExecutor;
 
 /// Everything an executor needs to start one backend.
@@ -47,6 +51,19 @@ impl BackendSpec {
     }
 }
 
+/// What [`Executor::reattach`] found of a backend of a previous drone run.
+pub enum Reattached {
+    /// It still runs: supervise it again.
+    Running(Started),
+    /// It exited while nobody supervised it (what was left of it is removed).
+    Exited {
+        exit_code: Option<i32>,
+        oom_killed: bool,
+    },
+    /// Nothing is left of it (or it could not be re-adopted and was stopped).
+    Gone,
+}
+
 /// A backend that was started (or re-adopted).
 pub struct Started {
     /// Where proxies reach it (`drone ip:port`); also what the readiness probe connects to.
@@ -72,6 +89,12 @@ pub trait RunningBackend: Send + Sync {
 
     /// The last lines the backend wrote to stdout/stderr, oldest first.
     fn recent_logs(&self) -> Vec<String>;
+
+    /// Whether the kernel killed the backend for exceeding its memory limit. Meaningful once
+    /// [`RunningBackend::exited`] resolved.
+    fn oom_killed(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]
@@ -89,13 +112,14 @@ pub trait Executor: Send + Sync {
     /// `starting`: starts the backend and returns once it runs.
     async fn start(&self, spec: &BackendSpec) -> Result<Started, ExecutorError>;
 
-    /// After a drone restart: re-adopts the backend that [`RunningBackend::record`] described, or,
-    /// when that is impossible, stops whatever is left of it and returns `None`.
+    /// After a drone restart: re-adopts the backend that [`RunningBackend::record`] described, or
+    /// reports how it ended, or, when re-adopting is impossible, stops whatever is left of it and
+    /// returns [`Reattached::Gone`].
     async fn reattach(
         &self,
         backend: &BackendId,
         record: Option<&serde_json::Value>,
-    ) -> Result<Option<Started>, ExecutorError>;
+    ) -> Result<Reattached, ExecutorError>;
 
     /// Force-removes anything left of a backend the drone does not supervise (a terminate for an
     /// unknown backend, a start that was aborted). Succeeds when nothing is left.
@@ -105,7 +129,16 @@ pub trait Executor: Send + Sync {
         record: Option<&serde_json::Value>,
     ) -> Result<(), ExecutorError>;
 
-    /// Waits for the executor's own tasks once every backend has ended.
+    /// At startup, after every backend of the previous run was re-adopted or reported: removes
+    /// whatever this drone left on the runtime for backends not in `supervised` (the controller
+    /// believes them terminated or never heard of them). Returns how many were removed.
+    async fn remove_orphans(&self, supervised: &[BackendId]) -> Result<usize, ExecutorError> {
+        let _ = supervised;
+        Ok(0)
+    }
+
+    /// Stops the executor's own tasks (log readers, watchers, cleanup) once every backend task has
+    /// ended. Backends that outlive the drone keep running.
     async fn shutdown(&self);
 }
 
@@ -127,4 +160,21 @@ pub enum ExecutorError {
     NoFreePort(#[source] std::io::Error),
     #[error("cannot signal the backend: {0}")]
     Signal(#[source] nix::Error),
+    #[error("cannot reach the Docker engine: {0}")]
+    DockerUnavailable(#[source] bollard::errors::Error),
+    #[error("image {image} is not present and pull_policy is Never")]
+    ImageNotPresent { image: String },
+    #[error("cannot pull image {image}: {message}")]
+    Pull { image: String, message: String },
+    /// A Docker API call failed; `action` says which, in words (`create the container`).
+    #[error("cannot {action}: {}", docker::error_message(.source))]
+    Docker {
+        action: &'static str,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("cannot find where container {container} listens: {reason}")]
+    NoAddress { container: String, reason: String },
+    #[error(transparent)]
+    Mount(#[from] docker::MountError),
 }

@@ -17,14 +17,14 @@ mod readiness;
 mod session;
 mod supervisor;
 
-pub use config::{DroneConfig, DroneConfigError};
+pub use config::{DockerLogConfig, DroneConfig, DroneConfigError};
 
 use anyhow::Context;
-use executor::{Executor, ProcessExecutor};
+use executor::{DockerExecutor, Executor, ProcessExecutor};
 use hangar_client::ControllerClient;
 use hangar_types::executable::ExecutorKind;
-use hangar_types::protocol::{Hello, NodeHello};
-use hangar_types::{DroneName, PROTOCOL_VERSION, VERSION};
+use hangar_types::protocol::{DroneToController, Hello, NodeHello};
+use hangar_types::{BackendId, DroneName, PROTOCOL_VERSION, VERSION};
 use outbox::Outbox;
 use session::Session;
 use std::sync::Arc;
@@ -41,6 +41,9 @@ use tokio_util::task::TaskTracker;
 const OUTBOUND_CAPACITY: usize = 1024;
 /// Actions received but not yet applied. When full an action is dropped; the controller resends it.
 const ACTION_CAPACITY: usize = 1024;
+/// Metrics samples waiting for a connection. When full new samples are dropped (they are best
+/// effort); a new connection discards the stale ones.
+const METRICS_CAPACITY: usize = 256;
 /// At shutdown, how long the drone waits for the controller to ack the final events.
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 /// At shutdown, how long backends may take to stop beyond the soft-terminate grace period.
@@ -61,9 +64,10 @@ pub struct DroneHandle {
     soft_terminate_grace: Duration,
 }
 
-/// Starts a drone: opens its state, reports backends left over from a previous run (the process
-/// executor cannot re-adopt them: they are killed and reported terminated), then connects to the
-/// controller and keeps reconnecting until [`DroneHandle::shutdown`].
+/// Starts a drone: opens its state, re-adopts the backends left running by a previous run (Docker
+/// containers) or reports them terminated (processes, which die with the drone, and containers that
+/// stopped or vanished meanwhile), removes this drone's containers that no backend claims, then
+/// connects to the controller and keeps reconnecting until [`DroneHandle::shutdown`].
 pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
     config.validate().context("invalid drone configuration")?;
     let client =
@@ -74,18 +78,12 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
     let mut kinds = config.executors.clone();
     kinds.sort();
     kinds.dedup();
-    let mut executors: Vec<Arc<dyn Executor>> = Vec::new();
-    for kind in &kinds {
-        match kind {
-            ExecutorKind::Process => executors.push(Arc::new(ProcessExecutor::new(config.ip))),
-            ExecutorKind::Docker => {
-                anyhow::bail!(DroneConfigError::ExecutorUnavailable(ExecutorKind::Docker))
-            }
-        }
-    }
+    let (metrics, metrics_rx) = mpsc::channel(METRICS_CAPACITY);
+    let executors = start_executors(&config, &kinds, metrics).await?;
     let settings = SupervisorSettings {
         soft_terminate_grace: config.soft_terminate_grace,
         readiness_timeout: config.readiness_timeout,
+        durable_state: config.state_file.is_some(),
     };
     let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let supervisors = Supervisors::new(
@@ -98,6 +96,7 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         .recover()
         .await
         .context("cannot recover the backends of the previous run")?;
+    remove_orphans(&executors, &supervisors.live_ids()).await;
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -127,6 +126,7 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         supervisors: supervisors.clone(),
         actions,
         outbound: outbound_rx,
+        metrics: metrics_rx,
         connected,
         reconnect: reconnect_rx,
     };
@@ -146,6 +146,45 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         reconnect,
         soft_terminate_grace: config.soft_terminate_grace,
     })
+}
+
+/// The executors of `kinds`; metrics samples go to `metrics`.
+async fn start_executors(
+    config: &DroneConfig,
+    kinds: &[ExecutorKind],
+    metrics: mpsc::Sender<DroneToController>,
+) -> anyhow::Result<Vec<Arc<dyn Executor>>> {
+    let mut executors: Vec<Arc<dyn Executor>> = Vec::new();
+    for kind in kinds {
+        match kind {
+            ExecutorKind::Process => executors.push(Arc::new(ProcessExecutor::new(config.ip))),
+            ExecutorKind::Docker => {
+                if config.state_file.is_none() {
+                    tracing::info!(
+                        "No state file: a restarted drone could not re-adopt containers, so they are \
+                         terminated at shutdown"
+                    );
+                }
+                let settings = config.docker_settings()?;
+                let docker = DockerExecutor::connect(settings, metrics.clone())
+                    .await
+                    .context("cannot use the Docker executor (is the Docker engine running?)")?;
+                executors.push(Arc::new(docker));
+            }
+        }
+    }
+    Ok(executors)
+}
+
+/// Removes what the executors left for backends nobody supervises (after the recovery).
+async fn remove_orphans(executors: &[Arc<dyn Executor>], supervised: &[BackendId]) {
+    for executor in executors {
+        match executor.remove_orphans(supervised).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, executor = %executor.kind(), "Removed orphans"),
+            Err(e) => tracing::warn!(error = %e, "Failed to remove orphaned backends"),
+        }
+    }
 }
 
 impl DroneHandle {

@@ -579,7 +579,10 @@ mod tests {
             let spawn = spawn_record();
             outbox.insert_spawn(&id, &spawn, Millis(1)).await.unwrap();
             let done = ready()
-                .apply(hangar_types::state::Transition::Exited { exit_code: Some(0) })
+                .apply(hangar_types::state::Transition::Exited {
+                    exit_code: Some(0),
+                    oom_killed: false,
+                })
                 .unwrap();
             outbox.record_state(&id, &done, Millis(2)).await.unwrap();
             assert!(outbox.unfinished_backends().await.unwrap().is_empty());

@@ -39,6 +39,8 @@ pub struct Session {
     pub actions: mpsc::Sender<ActionMessage>,
     /// Acks and renewals to send (shared by every connection).
     pub outbound: mpsc::Receiver<DroneToController>,
+    /// Metrics samples to send, after everything else. Bounded; see `METRICS_CAPACITY`.
+    pub metrics: mpsc::Receiver<DroneToController>,
     /// Whether a connection is up.
     pub connected: watch::Sender<bool>,
     /// Bumped to drop the current connection (tests simulate a cut connection with it).
@@ -101,9 +103,12 @@ impl Session {
             supervisors,
             actions,
             outbound,
+            metrics,
             reconnect,
             ..
         } = self;
+        // Samples queued while disconnected are stale.
+        while metrics.try_recv().is_ok() {}
         let mut writer = Writer {
             sender,
             outbox,
@@ -117,7 +122,7 @@ impl Session {
             }
             () = reconnect_requested(reconnect) => Ended::Closed,
             () = reader => Ended::Closed,
-            () = writer.run(outbound) => Ended::Closed,
+            () = writer.run(outbound, metrics) => Ended::Closed,
         }
     }
 }
@@ -137,8 +142,13 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    /// Sends heartbeats, outbox events and queued messages until sending fails.
-    async fn run(&mut self, outbound: &mut mpsc::Receiver<DroneToController>) {
+    /// Sends heartbeats, outbox events, queued messages and metrics (in that priority) until sending
+    /// fails.
+    async fn run(
+        &mut self,
+        outbound: &mut mpsc::Receiver<DroneToController>,
+        metrics: &mut mpsc::Receiver<DroneToController>,
+    ) {
         // The first heartbeat goes out before anything else on the connection.
         let beat = DroneToController::Heartbeat {
             local_time: Millis::now(),
@@ -172,6 +182,7 @@ impl Writer<'_> {
                     Some(message) => self.sender.send(&message).await.is_ok(),
                     None => return,
                 },
+                Some(sample) = metrics.recv() => self.sender.send(&sample).await.is_ok(),
             };
             if !sent {
                 return;

@@ -7,7 +7,7 @@
 
 mod backend_task;
 
-use crate::executor::{BackendSpec, Executor, Started};
+use crate::executor::{BackendSpec, Executor, Reattached, Started};
 use crate::key_manager::KeyManager;
 use crate::outbox::{Outbox, OutboxError, SpawnInsert, SpawnRecord, StoredBackend};
 use backend_task::{BackendTask, Command};
@@ -35,6 +35,9 @@ const COMMAND_CAPACITY: usize = 16;
 pub struct SupervisorSettings {
     pub soft_terminate_grace: Duration,
     pub readiness_timeout: Duration,
+    /// The drone's state survives a restart, so backends that outlive the drone are left running at
+    /// shutdown for the next run to re-adopt. Without it they are terminated like any other.
+    pub durable_state: bool,
 }
 
 /// A backend of a previous drone run that its executor re-adopted.
@@ -95,6 +98,14 @@ impl Supervisors {
         match self.inner.live.lock() {
             Ok(live) => live.get(backend).cloned(),
             Err(poisoned) => poisoned.into_inner().get(backend).cloned(),
+        }
+    }
+
+    /// Ids of the backends currently supervised.
+    pub fn live_ids(&self) -> Vec<BackendId> {
+        match self.inner.live.lock() {
+            Ok(live) => live.keys().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().keys().cloned().collect(),
         }
     }
 
@@ -180,9 +191,9 @@ impl Supervisors {
         }
     }
 
-    /// At startup: re-adopts the unfinished backends of a previous run, or reports them terminated
-    /// (reason `lost`) after their executor removed what was left. The events stay in the outbox until
-    /// the controller acks them.
+    /// At startup: re-adopts the unfinished backends of a previous run, reports the ones that exited
+    /// meanwhile with their exit code, and reports the rest terminated (reason `lost`) after their
+    /// executor removed what was left. The events stay in the outbox until the controller acks them.
     pub async fn recover(&self) -> Result<(), OutboxError> {
         for stored in self.inner.outbox.unfinished_backends().await? {
             self.recover_one(stored).await?;
@@ -202,12 +213,15 @@ impl Supervisors {
         };
         let runtime = stored.runtime.as_ref();
         let adopted = if stored.state.status() < BackendStatus::Starting {
-            executor.remove(&id, runtime).await.map(|()| None)
+            executor
+                .remove(&id, runtime)
+                .await
+                .map(|()| Reattached::Gone)
         } else {
             executor.reattach(&id, runtime).await
         };
         match adopted {
-            Ok(Some(started)) => {
+            Ok(Reattached::Running(started)) => {
                 tracing::info!(backend = %id, status = %stored.state.status(), "Re-adopted backend");
                 let resumed = Resumed {
                     state: stored.state,
@@ -217,7 +231,28 @@ impl Supervisors {
                 self.launch(id, spawn, Some(resumed));
                 Ok(())
             }
-            Ok(None) => {
+            Ok(Reattached::Exited {
+                exit_code,
+                oom_killed,
+            }) => {
+                tracing::info!(backend = %id, ?exit_code, "Backend of a previous run exited meanwhile");
+                let exited = Transition::Exited {
+                    exit_code,
+                    oom_killed,
+                };
+                match stored.state.apply(exited) {
+                    Ok(state) => {
+                        let outbox = &self.inner.outbox;
+                        outbox.record_state(&id, &state, Millis::now()).await?;
+                        outbox.set_runtime(&id, None).await
+                    }
+                    Err(e) => {
+                        tracing::debug!(backend = %id, error = %e, "Not reporting backend exited");
+                        Ok(())
+                    }
+                }
+            }
+            Ok(Reattached::Gone) => {
                 tracing::info!(backend = %id, "Backend of a previous run is gone");
                 let message = "the drone restarted and could not re-adopt the backend".to_string();
                 self.record_lost(&id, &stored.state, message).await

@@ -1,7 +1,9 @@
 //! The proxy's configuration (`ProxyConfig`), filled by the binary from file, env and flags.
 
+use crate::acme::{AcmeConfig, AcmeConfigError};
 use hangar_types::{ClusterName, ProxyName};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::time::Duration;
 use url::Url;
 
@@ -27,6 +29,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The smallest allowed [`ProxyConfig::max_header_bytes`] (hyper's minimum read buffer).
 pub const MIN_MAX_HEADER_BYTES: usize = 8192;
+/// Default for [`ProxyConfig::renew_before`]: 30 days (Plane's renewal margin).
+pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default for [`ProxyConfig::cert_reload_interval`]: 5 seconds.
+pub const DEFAULT_CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Durations are written as a number of seconds (fractions allowed, e.g. `0.5`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +89,27 @@ pub struct ProxyConfig {
     /// next request, so the shorter of the two applies to them. Default: 20.
     #[serde(default = "default_idle_timeout", with = "seconds")]
     pub idle_timeout: Duration,
+    /// The certificate file (TLS, Plane §7.9.2): Plane's JSON `{"cert": "<PEM chain>", "key":
+    /// "<PEM key>"}`, or PEM with the chain and the key (the key may instead be in `key_path`). Loaded
+    /// at startup, reloaded when it changes on disk (a file that fails to load keeps the current
+    /// certificate, with an error log), and written after every ACME issuance. Without `acme` it must
+    /// exist at startup. Default: none.
+    #[serde(default)]
+    pub cert_path: Option<PathBuf>,
+    /// The private key in its own PEM file, for a PEM `cert_path` without the key. Default: none.
+    #[serde(default)]
+    pub key_path: Option<PathBuf>,
+    /// How often the certificate file is checked for changes, in seconds. Default: 5.
+    #[serde(default = "default_cert_reload_interval", with = "seconds")]
+    pub cert_reload_interval: Duration,
+    /// Obtain and renew the cluster's certificate from an ACME CA (Let's Encrypt, ZeroSSL…). The
+    /// cluster name must then be a DNS name without port. Default: none.
+    #[serde(default)]
+    pub acme: Option<AcmeConfig>,
+    /// With `acme`: renew once the served certificate has less than this left, in seconds.
+    /// Default: 2592000 (30 days).
+    #[serde(default = "default_renew_before", with = "seconds")]
+    pub renew_before: Duration,
 }
 
 fn default_route_wait() -> Duration {
@@ -112,6 +139,12 @@ fn default_header_read_timeout() -> Duration {
 fn default_idle_timeout() -> Duration {
     DEFAULT_IDLE_TIMEOUT
 }
+fn default_cert_reload_interval() -> Duration {
+    DEFAULT_CERT_RELOAD_INTERVAL
+}
+fn default_renew_before() -> Duration {
+    DEFAULT_RENEW_BEFORE
+}
 
 impl ProxyConfig {
     /// A configuration with every optional field at its default.
@@ -130,6 +163,11 @@ impl ProxyConfig {
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            cert_path: None,
+            key_path: None,
+            cert_reload_interval: DEFAULT_CERT_RELOAD_INTERVAL,
+            acme: None,
+            renew_before: DEFAULT_RENEW_BEFORE,
         }
     }
 
@@ -185,6 +223,29 @@ impl ProxyConfig {
         {
             return Err(ConfigError::InvalidMaxHeaderBytes(self.max_header_bytes));
         }
+        self.validate_tls()
+    }
+
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        if self.key_path.is_some() && self.cert_path.is_none() {
+            return Err(ConfigError::KeyPathWithoutCertPath);
+        }
+        for (field, value) in [
+            ("cert_reload_interval", self.cert_reload_interval),
+            ("renew_before", self.renew_before),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(field));
+            }
+            if value > MAX_DURATION {
+                return Err(ConfigError::DurationTooLong(field));
+            }
+        }
+        if let Some(acme) = &self.acme {
+            acme.validate()?;
+            crate::acme::certificate_names(&self.cluster, acme)
+                .map_err(|_| ConfigError::AcmeCluster(self.cluster.to_string()))?;
+        }
         Ok(())
     }
 }
@@ -205,10 +266,16 @@ pub enum ConfigError {
     TooManyConnections(usize),
     #[error("`max_header_bytes` must be between 8192 and 4294967295, got {0}")]
     InvalidMaxHeaderBytes(usize),
+    #[error("`key_path` needs `cert_path`")]
+    KeyPathWithoutCertPath,
+    #[error("ACME needs a cluster name that is a DNS name without port, got `{0}`")]
+    AcmeCluster(String),
+    #[error("invalid ACME configuration: {0}")]
+    Acme(#[from] AcmeConfigError),
 }
 
 /// Serde adapter: a [`Duration`] as a (fractional) number of seconds.
-mod seconds {
+pub(crate) mod seconds {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
@@ -246,6 +313,9 @@ mod tests {
         assert_eq!(c.max_request_body_bytes, 100 * 1024 * 1024);
         assert_eq!(c.header_read_timeout, Duration::from_secs(30));
         assert_eq!(c.idle_timeout, Duration::from_secs(20));
+        assert_eq!(c.renew_before, DEFAULT_RENEW_BEFORE);
+        assert_eq!(c.cert_reload_interval, Duration::from_secs(5));
+        assert!(c.cert_path.is_none() && c.acme.is_none());
         assert!(c.validate().is_ok());
 
         assert!(serde_json::from_str::<ProxyConfig>(
@@ -304,5 +374,45 @@ mod tests {
             c.validate(),
             Err(ConfigError::InvalidControllerUrl(_))
         ));
+    }
+
+    #[test]
+    fn tls_validation() {
+        let fresh =
+            || ProxyConfig::new("http://x/".parse().unwrap(), "plane.test".parse().unwrap());
+        let mut c = fresh();
+        c.key_path = Some("key.pem".into());
+        assert_eq!(c.validate(), Err(ConfigError::KeyPathWithoutCertPath));
+        let mut c = fresh();
+        c.renew_before = Duration::ZERO;
+        assert_eq!(c.validate(), Err(ConfigError::ZeroDuration("renew_before")));
+        let mut c = fresh();
+        c.acme = Some(AcmeConfig::new(
+            "https://acme.test/dir".parse().unwrap(),
+            "ops@plane.test".into(),
+        ));
+        assert!(c.validate().is_ok());
+        c.cluster = "localhost:9090".parse().unwrap();
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::AcmeCluster("localhost:9090".into()))
+        );
+        let mut c = fresh();
+        c.acme = Some(AcmeConfig::new(
+            "https://acme.test/dir".parse().unwrap(),
+            "not an email".into(),
+        ));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Acme(AcmeConfigError::InvalidEmail))
+        );
+        let c: ProxyConfig = serde_json::from_str(
+            r#"{"controller_url": "http://x/", "cluster": "plane.test", "cert_path": "/tmp/c.json",
+                "renew_before": 86400,
+                "acme": {"directory_url": "https://acme.test/dir", "email": "a@b.c"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.renew_before, Duration::from_secs(86400));
+        assert!(c.validate().is_ok());
     }
 }

@@ -33,6 +33,8 @@ pub(crate) enum ProxyError {
     NoRootRedirect,
     #[error("missing or invalid Host header")]
     MissingHost,
+    #[error("no ACME challenge answer for this token")]
+    UnknownChallenge,
     #[error("unknown or expired token")]
     UnknownToken,
     #[error("backend has terminated")]
@@ -84,6 +86,7 @@ impl ProxyError {
                 StatusCode::GONE
             }
             ProxyError::Host(_) => StatusCode::FORBIDDEN,
+            ProxyError::UnknownChallenge => StatusCode::NOT_FOUND,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RouteWaitTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ControllerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -98,6 +101,7 @@ impl ProxyError {
             | ProxyError::InvalidPath
             | ProxyError::NoRootRedirect
             | ProxyError::MissingHost
+            | ProxyError::UnknownChallenge
             | ProxyError::UnknownToken
             | ProxyError::BackendTerminated
             | ProxyError::TokenRevoked
@@ -119,6 +123,7 @@ impl ProxyError {
             | ProxyError::InvalidPath
             | ProxyError::NoRootRedirect
             | ProxyError::MissingHost
+            | ProxyError::UnknownChallenge
             | ProxyError::UnknownToken
             | ProxyError::BackendTerminated
             | ProxyError::TokenRevoked

@@ -105,6 +105,7 @@ pub(crate) fn set_backend_request_headers(
     route: &RouteInfo,
     original_path: &str,
     peer: IpAddr,
+    https: bool,
 ) -> Result<(), InvalidUserHeader> {
     let spoofed: Vec<HeaderName> = headers
         .keys()
@@ -133,7 +134,8 @@ pub(crate) fn set_backend_request_headers(
         HeaderValue::from_str(route.secret_token.as_str()).unwrap_or(HeaderValue::from_static(""));
     headers.insert(X_VERIFIED_SECRET, secret);
     headers.insert(X_FORWARDED_FOR, ip_value(peer));
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     Ok(())
 }
 
@@ -289,8 +291,14 @@ mod tests {
         h.insert("x-verified-username", HeaderValue::from_static("mallory"));
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("cookie", HeaderValue::from_static("a=b"));
-        set_backend_request_headers(&mut h, &route(None), "/tok/x", "10.1.2.3".parse().unwrap())
-            .unwrap();
+        set_backend_request_headers(
+            &mut h,
+            &route(None),
+            "/tok/x",
+            "10.1.2.3".parse().unwrap(),
+            false,
+        )
+        .unwrap();
         assert!(h.get("x-verified-blah").is_none());
         assert_eq!(h["x-verified-username"], "alice");
         assert_eq!(h["x-verified-user-data"], r#"{"access":"readonly"}"#);
@@ -305,14 +313,15 @@ mod tests {
         let mut r = route(None);
         r.user = Some("bad\nname".into());
         assert_eq!(
-            set_backend_request_headers(&mut h, &r, "/", "::1".parse().unwrap()),
+            set_backend_request_headers(&mut h, &r, "/", "::1".parse().unwrap(), true),
             Err(InvalidUserHeader)
         );
         let mut r = route(None);
         r.user = None;
         r.user_data = None;
         let mut h = HeaderMap::new();
-        set_backend_request_headers(&mut h, &r, "/", "::1".parse().unwrap()).unwrap();
+        set_backend_request_headers(&mut h, &r, "/", "::1".parse().unwrap(), true).unwrap();
+        assert_eq!(h["x-forwarded-proto"], "https");
         assert!(h.get("x-verified-username").is_none());
         assert!(h.get("x-verified-user-data").is_none());
     }

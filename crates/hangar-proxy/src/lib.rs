@@ -9,34 +9,56 @@
 //! On shutdown it stops accepting, lets in-flight requests finish, then closes WebSocket tunnels
 //! with a close frame (1001) on a frame boundary (see `upgrade.rs`).
 //!
+//! TLS (Plane §7.9–7.11): given an HTTPS listener ([`start_with_listeners`]) it serves the same
+//! pipeline over TLS (ALPN `h2` and `http/1.1`) with one certificate for `<cluster>` and
+//! `*.<cluster>` (`tls.rs`), taken from a certificate file that is reloaded when it changes
+//! (`cert_file.rs`), from its own ACME orders (`acme.rs`, coordinated across the cluster's proxies by
+//! the controller's certificate lease) or from the controller (another proxy's order). The HTTP port
+//! then redirects to HTTPS and answers ACME HTTP-01 challenges and `/ready` (`redirect.rs`). Unlike
+//! Plane, both listeners serve from the start: until there is a certificate TLS handshakes fail, and the
+//! HTTP port can already answer the HTTP-01 challenges that get the first one.
+//!
 //! Boundary: the proxy talks to the controller only through `hangar-client`'s node session, never to
 //! the store; it makes no decisions about backends beyond forwarding.
-//!
-//! Not here yet: TLS and ACME (Plane §7.9–7.10).
 
+mod acme;
 mod activity;
 mod body_limit;
+mod cert_file;
+mod cert_link;
 mod config;
 mod connection_tracker;
 mod error;
 mod headers;
+mod redirect;
 mod route_cache;
 mod server;
 mod service;
 mod session;
+mod tls;
 mod upgrade;
 mod ws_frames;
 
+pub use acme::{
+    AcmeChallenge, AcmeConfig, AcmeConfigError, EabConfig, DEFAULT_CHALLENGE_WAIT,
+    DEFAULT_CHECK_INTERVAL, DEFAULT_LEASE_RETRY, DEFAULT_ORDER_TIMEOUT, DEFAULT_RETRY_INITIAL,
+    DEFAULT_RETRY_MAX,
+};
+pub use cert_file::CertFileError;
+pub use tls::{CertError, CertPem, CertSource, CertificateInfo};
+
 pub use config::{
-    ConfigError, ProxyConfig, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
-    DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_ROUTE_WAIT_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_UPSTREAM_CONNECT_TIMEOUT, MAX_DURATION, MIN_MAX_HEADER_BYTES,
+    ConfigError, ProxyConfig, DEFAULT_CERT_RELOAD_INTERVAL, DEFAULT_HEADER_READ_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_RENEW_BEFORE, DEFAULT_ROUTE_WAIT_TIMEOUT,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPSTREAM_CONNECT_TIMEOUT, MAX_DURATION, MIN_MAX_HEADER_BYTES,
 };
 pub use connection_tracker::ConnectionCounts;
 pub use headers::{server_header_value, X_HANGAR_BACKEND_ID, X_PLANE_BACKEND_ID};
 
 use anyhow::Context;
+use cert_file::CertFiles;
+use cert_link::CertLink;
 use connection_tracker::ConnectionTracker;
 use error::ProxyBody;
 use hangar_client::ControllerClient;
@@ -46,8 +68,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use route_cache::RouteCache;
+use server::ListenerKind;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tls::TlsState;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -79,6 +104,16 @@ pub(crate) struct ProxyState {
     /// The tunnels among `tasks`, so shutdown can wait for them to close before ending the
     /// session (their last keepalives still go out).
     tunnels: TaskTracker,
+    /// The served certificate and the ACME HTTP-01 answers.
+    tls: TlsState,
+    /// Certificate messages to and answers from the controller.
+    cert_link: CertLink,
+    /// ACME orders this proxy created (each one after winning the cluster's certificate lease).
+    acme_orders: AtomicU64,
+    /// ACME attempts that failed (each followed by a backoff wait).
+    acme_failures: AtomicU64,
+    /// Changes of the certificate file that could not be loaded.
+    cert_file_errors: AtomicU64,
 }
 
 impl ProxyState {
@@ -91,14 +126,50 @@ impl ProxyState {
     }
 }
 
-/// Starts the proxy on `listener` (bind it first; tests use port 0) and its controller session.
+/// The listeners of a proxy, bound by the caller (tests use port 0).
+pub struct ProxyListeners {
+    /// The HTTP port. Without `https` it serves the proxy; with it, redirects to HTTPS (and ACME
+    /// HTTP-01 answers and `/ready`).
+    pub http: TcpListener,
+    /// The HTTPS port: the proxy over TLS.
+    pub https: Option<TcpListener>,
+}
+
+/// Starts the proxy on `listener` (bind it first; tests use port 0) and its controller session,
+/// HTTP only.
 pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result<ProxyHandle> {
+    start_with_listeners(
+        config,
+        ProxyListeners {
+            http: listener,
+            https: None,
+        },
+    )
+    .await
+}
+
+/// Starts the proxy on `listeners` and its controller session; with an HTTPS listener also the
+/// certificate sources: the certificate file (loaded now; without ACME a missing or bad file is an
+/// error) and its watch, and the ACME loop.
+pub async fn start_with_listeners(
+    config: ProxyConfig,
+    listeners: ProxyListeners,
+) -> anyhow::Result<ProxyHandle> {
     config.validate().context("invalid proxy configuration")?;
     let client =
         ControllerClient::new(config.controller_url.clone()).context("invalid controller URL")?;
-    let local_addr = listener
+    let local_addr = listeners
+        .http
         .local_addr()
         .context("proxy listener has no local address")?;
+    let https_addr = match &listeners.https {
+        Some(https) => Some(
+            https
+                .local_addr()
+                .context("HTTPS listener has no local address")?,
+        ),
+        None => None,
+    };
 
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.upstream_connect_timeout));
@@ -119,7 +190,7 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         config,
         route_cache: RouteCache::new(outbound.clone()),
         tracker: tracker.clone(),
-        outbound,
+        outbound: outbound.clone(),
         connected: watch::Sender::new(false),
         upstream,
         server_header: server_header_value(),
@@ -128,25 +199,110 @@ pub async fn start(config: ProxyConfig, listener: TcpListener) -> anyhow::Result
         cancel: cancel.clone(),
         tasks: tasks.clone(),
         tunnels: TaskTracker::new(),
+        tls: TlsState::new(),
+        cert_link: CertLink::new(outbound),
+        acme_orders: AtomicU64::new(0),
+        acme_failures: AtomicU64::new(0),
+        cert_file_errors: AtomicU64::new(0),
     });
+    let https_kind = match &listeners.https {
+        Some(_) => Some(start_tls(&state, &cancel).await?),
+        None => {
+            if state.config.cert_path.is_some() || state.config.acme.is_some() {
+                tracing::warn!("A certificate source is configured but there is no HTTPS listener; it is not used");
+            }
+            None
+        }
+    };
 
     tasks.spawn(session::run_session(state.clone(), client, cancel.clone()));
     tasks.spawn(tracker.run_keepalive_visits(cancel.clone()));
-    let accept = tasks.spawn(server::run_accept_loop(
-        listener,
+    let http_kind = match https_kind {
+        Some(_) => ListenerKind::Redirect,
+        None => ListenerKind::Http,
+    };
+    let mut accept = vec![tasks.spawn(server::run_accept_loop(
+        listeners.http,
+        http_kind,
         state.clone(),
         drain.clone(),
-    ));
-    tracing::info!(%local_addr, name = %state.config.name, cluster = %state.config.cluster, "Proxy started");
+    ))];
+    if let (Some(https), Some(kind)) = (listeners.https, https_kind) {
+        accept.push(tasks.spawn(server::run_accept_loop(
+            https,
+            kind,
+            state.clone(),
+            drain.clone(),
+        )));
+    }
+    tracing::info!(%local_addr, ?https_addr, name = %state.config.name, cluster = %state.config.cluster, "Proxy started");
     Ok(ProxyHandle {
         local_addr,
+        https_addr,
         monitor: ProxyMonitor { state },
         cancel,
         drain,
         going_away,
         tasks,
-        accept: Some(accept),
+        accept,
     })
+}
+
+/// Loads the certificate file and starts its watch and the ACME loop; returns the HTTPS listener
+/// kind.
+async fn start_tls(
+    state: &Arc<ProxyState>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<ListenerKind> {
+    let config = &state.config;
+    let files = config.cert_path.as_ref().map(|cert_path| CertFiles {
+        cert_path: cert_path.clone(),
+        key_path: config.key_path.clone(),
+    });
+    if let Some(files) = &files {
+        let path = files.cert_path.display();
+        let loaded = if files.exists().await || config.acme.is_none() {
+            Some(cert_file::load_and_install(state, files).await)
+        } else {
+            None
+        };
+        match loaded {
+            Some(Ok(_)) => {}
+            Some(Err(error)) if config.acme.is_some() => tracing::error!(
+                %path,
+                error = format!("{error:#}"),
+                "Cannot load the certificate file; ACME will obtain a certificate"
+            ),
+            Some(Err(error)) => {
+                return Err(error.context(format!("cannot load the certificate file {path}")))
+            }
+            None => {
+                tracing::info!(%path, "No certificate file yet; ACME will obtain a certificate")
+            }
+        }
+        state.tasks.spawn(cert_file::run_cert_file_watch(
+            state.clone(),
+            files.clone(),
+            config.cert_reload_interval,
+            cancel.clone(),
+        ));
+    } else if config.acme.is_none() {
+        tracing::warn!(
+            "HTTPS without a certificate file or ACME: serving the cluster certificate another proxy stores at the controller, once there is one"
+        );
+    }
+    if let Some(acme) = &config.acme {
+        state.tasks.spawn(acme::run_acme(
+            state.clone(),
+            acme.clone(),
+            files,
+            cancel.clone(),
+        ));
+    }
+    let tls_config = tls::server_config(state.tls.resolver()).context("cannot configure TLS")?;
+    Ok(ListenerKind::Https(tokio_rustls::TlsAcceptor::from(
+        tls_config,
+    )))
 }
 
 /// A read-only view of a proxy's connections that stays usable while (and after) the proxy shuts
@@ -175,11 +331,35 @@ impl ProxyMonitor {
     pub fn open_tunnels(&self) -> usize {
         self.state.tunnels.len()
     }
+
+    /// The certificate served on the HTTPS port, if there is one.
+    pub fn certificate(&self) -> Option<CertificateInfo> {
+        self.state.tls.current().map(|c| c.info().clone())
+    }
+
+    /// ACME orders this proxy has created (it creates one only while holding the cluster's
+    /// certificate lease).
+    pub fn acme_orders(&self) -> u64 {
+        self.state.acme_orders.load(Ordering::Relaxed)
+    }
+
+    /// ACME attempts that failed: the reason is logged, the served certificate stays, and the next
+    /// attempt waits longer (`retry_initial` doubling up to `retry_max`).
+    pub fn acme_failures(&self) -> u64 {
+        self.state.acme_failures.load(Ordering::Relaxed)
+    }
+
+    /// How many times the certificate file changed on disk but could not be loaded (the served
+    /// certificate stayed the same each time).
+    pub fn certificate_file_errors(&self) -> u64 {
+        self.state.cert_file_errors.load(Ordering::Relaxed)
+    }
 }
 
 /// A running proxy. Dropping it without [`ProxyHandle::shutdown`] stops everything at once.
 pub struct ProxyHandle {
     local_addr: SocketAddr,
+    https_addr: Option<SocketAddr>,
     monitor: ProxyMonitor,
     cancel: CancellationToken,
     /// Graceful stop: stop accepting and let in-flight exchanges finish.
@@ -187,13 +367,28 @@ pub struct ProxyHandle {
     /// After the drain: close WebSocket tunnels with a close frame.
     going_away: CancellationToken,
     tasks: TaskTracker,
-    accept: Option<JoinHandle<()>>,
+    accept: Vec<JoinHandle<()>>,
 }
 
 impl ProxyHandle {
-    /// The address the proxy listens on.
+    /// The address of the HTTP listener.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the HTTPS listener, if the proxy has one.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
+    }
+
+    /// See [`ProxyMonitor::certificate`].
+    pub fn certificate(&self) -> Option<CertificateInfo> {
+        self.monitor.certificate()
+    }
+
+    /// See [`ProxyMonitor::acme_orders`].
+    pub fn acme_orders(&self) -> u64 {
+        self.monitor.acme_orders()
     }
 
     /// This proxy's node name.
@@ -238,7 +433,7 @@ impl ProxyHandle {
     pub async fn shutdown(mut self) {
         tracing::info!("Proxy shutting down");
         self.drain.cancel();
-        if let Some(accept) = self.accept.take() {
+        for accept in self.accept.drain(..) {
             let _ = accept.await;
         }
         self.going_away.cancel();

@@ -1,6 +1,7 @@
-//! The accept loop: serves every client connection with HTTP/1.1 and HTTP/2 (prior knowledge)
-//! auto-detection and upgrade support, within the configured limits, and drains gracefully when
-//! asked to stop.
+//! The accept loops: serve every client connection with HTTP/1.1 and HTTP/2 (prior knowledge, or
+//! ALPN `h2` over TLS) auto-detection and upgrade support, within the configured limits, and drain
+//! gracefully when asked to stop. One loop per listener: the plain HTTP port, the HTTPS port (TLS
+//! handshake first, bounded by `header_read_timeout`), or HTTPS mode's redirecting HTTP port.
 //!
 //! Limits enforced here: `max_connections` (a semaphore permit per connection, held by upgraded
 //! tunnels too; over the limit a connection gets a minimal `503` and is closed), request head size
@@ -20,12 +21,15 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use std::convert::Infallible;
 use std::fmt::Display;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,10 +44,30 @@ const REJECT_LINGER: Duration = Duration::from_secs(1);
 /// Body of the over-limit response.
 const OVER_LIMIT_BODY: &str = "the proxy is at its connection limit; try again later\n";
 
+/// What a listener serves.
+#[derive(Clone)]
+pub(crate) enum ListenerKind {
+    /// The proxy service over plain HTTP (HTTP-only mode).
+    Http,
+    /// The proxy service over TLS (HTTPS mode's HTTPS port).
+    Https(TlsAcceptor),
+    /// HTTPS mode's HTTP port: redirects to HTTPS, ACME HTTP-01 answers and `/ready`.
+    Redirect,
+}
+
+/// How a client connection reached the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListenerRole {
+    Http,
+    Https,
+    Redirect,
+}
+
 /// A client connection, as the request pipeline sees it.
 pub(crate) struct ClientConnection {
     pub(crate) peer: SocketAddr,
     pub(crate) activity: Arc<ConnectionActivity>,
+    pub(crate) role: ListenerRole,
     /// One of the `max_connections` permits; released when the connection and every tunnel
     /// upgraded from it have ended.
     _slot: OwnedSemaphorePermit,
@@ -54,10 +78,11 @@ pub(crate) struct ClientConnection {
 /// up to `shutdown_grace` for them. Upgraded tunnels are not waited for here.
 pub(crate) async fn run_accept_loop(
     listener: TcpListener,
+    kind: ListenerKind,
     state: Arc<ProxyState>,
     drain: CancellationToken,
 ) {
-    let builder = connection_builder(&state.config);
+    let builder = Arc::new(connection_builder(&state.config));
     let connections = TaskTracker::new();
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     let mut at_limit = false;
@@ -87,6 +112,10 @@ pub(crate) async fn run_accept_loop(
                         "Connection limit reached; rejecting new connections"
                     );
                 }
+                // Over TLS a plain-text answer would be garbage to the client: just close.
+                if matches!(kind, ListenerKind::Https(_)) {
+                    continue;
+                }
                 if let Ok(permit) = rejecting.clone().try_acquire_owned() {
                     let cancel = state.cancel.clone();
                     let response = over_limit_response(&state.server_header);
@@ -105,24 +134,14 @@ pub(crate) async fn run_accept_loop(
             at_limit = false;
             tracing::info!("Accepting connections again");
         }
-
-        let activity = ConnectionActivity::new();
-        let client = Arc::new(ClientConnection {
-            peer,
-            activity: activity.clone(),
-            _slot: slot,
-        });
-        let service_state = state.clone();
-        let service = service_fn(move |req| {
-            let state = service_state.clone();
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(handle_request(state, client, req).await) }
-        });
-        let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
-        let connection = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
-        let task = run_connection(state.clone(), connection, activity, drain.clone(), peer);
+        let client = Accepted { stream, peer, slot };
+        let task = serve_client(
+            state.clone(),
+            builder.clone(),
+            client,
+            kind.clone(),
+            drain.clone(),
+        );
         state.tasks.spawn(connections.track_future(task));
     }
     drop(listener);
@@ -137,6 +156,82 @@ pub(crate) async fn run_accept_loop(
             "Connections still open after the shutdown grace period; dropping them"
         );
     }
+}
+
+/// A connection just accepted, with its permit.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+}
+
+/// Serves one accepted connection: the TLS handshake first on the HTTPS listener (bounded by
+/// `header_read_timeout`, like a request head), then HTTP.
+async fn serve_client(
+    state: Arc<ProxyState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    accepted: Accepted,
+    kind: ListenerKind,
+    drain: CancellationToken,
+) {
+    let Accepted { stream, peer, slot } = accepted;
+    let activity = ConnectionActivity::new();
+    let io = ActivityIo::new(stream, activity.clone());
+    let (role, acceptor) = match kind {
+        ListenerKind::Http => (ListenerRole::Http, None),
+        ListenerKind::Redirect => (ListenerRole::Redirect, None),
+        ListenerKind::Https(acceptor) => (ListenerRole::Https, Some(acceptor)),
+    };
+    let client = Arc::new(ClientConnection {
+        peer,
+        activity: activity.clone(),
+        role,
+        _slot: slot,
+    });
+    let Some(acceptor) = acceptor else {
+        return serve_http(state, &builder, io, client, drain).await;
+    };
+    let handshake = tokio::time::timeout(state.config.header_read_timeout, acceptor.accept(io));
+    let tls = tokio::select! {
+        _ = state.cancel.cancelled() => return,
+        _ = drain.cancelled() => return,
+        tls = handshake => tls,
+    };
+    match tls {
+        Ok(Ok(tls)) => serve_http(state, &builder, tls, client, drain).await,
+        Ok(Err(error)) => tracing::debug!(%error, %peer, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "No TLS handshake in time; dropping the connection"),
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (detected from the first bytes; ALPN only tells the client which to
+/// send) on `io` until the connection ends.
+///
+/// Not an `async fn`: the future is built and boxed here, where its types are concrete, because the
+/// compiler cannot prove an `async fn` over hyper's generic connection `Send` (its error bounds are
+/// checked with erased lifetimes).
+fn serve_http<I>(
+    state: Arc<ProxyState>,
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    client: Arc<ClientConnection>,
+    drain: CancellationToken,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = client.activity.clone();
+    let peer = client.peer;
+    let service_state = state.clone();
+    let service = service_fn(move |req| {
+        let state = service_state.clone();
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(handle_request(state, client, req).await) }
+    });
+    let connection = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    Box::pin(run_connection(state, connection, activity, drain, peer))
 }
 
 /// The hyper connection builder with the configured limits.

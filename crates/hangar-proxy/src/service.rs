@@ -13,7 +13,7 @@ use crate::headers::{
     set_backend_request_headers,
 };
 use crate::route_cache::{LookupError, Route};
-use crate::server::ClientConnection;
+use crate::server::{ClientConnection, ListenerRole};
 use crate::upgrade::Tunnel;
 use crate::ProxyState;
 use bytes::Bytes;
@@ -64,15 +64,11 @@ async fn route_request(
     client: &Arc<ClientConnection>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    if client.role == ListenerRole::Redirect {
+        return crate::redirect::handle_http_request(state, &req);
+    }
     match req.uri().path() {
-        "/ready" => {
-            let status = if state.is_connected() {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            return Ok(empty_response(status));
-        }
+        "/ready" => return Ok(crate::redirect::ready_response(state)),
         "/" => return root_redirect(state),
         _ => {}
     }
@@ -222,11 +218,18 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
 
     let client_ip = client.peer.ip().to_canonical();
-    set_backend_request_headers(&mut parts.headers, route, &target.original_path, client_ip)
-        .map_err(|source| ProxyError::InvalidRoute {
-            backend: backend.clone(),
-            source,
-        })?;
+    let https = client.role == ListenerRole::Https;
+    set_backend_request_headers(
+        &mut parts.headers,
+        route,
+        &target.original_path,
+        client_ip,
+        https,
+    )
+    .map_err(|source| ProxyError::InvalidRoute {
+        backend: backend.clone(),
+        source,
+    })?;
     if !parts.headers.contains_key(HOST) {
         // HTTP/2 clients send `:authority` instead; HTTP/1.1 backends need a Host header.
         if let Some(authority) = parts.uri.authority() {

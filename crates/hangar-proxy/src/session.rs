@@ -1,10 +1,14 @@
 //! The proxy's session with the controller (Plane §3.5): connect with `Hello`, request routes and
-//! send keepalives, apply route responses, backend removals and token revocations; reconnect with
-//! backoff forever, and also now and then on purpose to rebalance across controllers.
+//! send keepalives, apply route responses, backend removals and token revocations; carry the
+//! certificate messages (lease, TXT value, HTTP-01 answers, the cluster certificate; see
+//! `cert_link.rs` and `tls.rs`); reconnect with backoff forever, and also now and then on purpose to
+//! rebalance across controllers.
 //!
 //! Each connection is a *generation*: the route cache re-sends every outstanding route request on a
 //! new generation, and queued keepalives wait across a disconnect and go out on the next connection.
 
+use crate::cert_link::CertAnswer;
+use crate::tls::{CertPem, CertSource, ClusterCert};
 use crate::ProxyState;
 use hangar_client::backoff::Backoff;
 use hangar_client::node::{NodeReceiver, NodeSender, NodeSocket};
@@ -123,12 +127,30 @@ async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
                 tracing::debug!(count = tokens.len(), "Tokens revoked");
                 state.route_cache.revoke(&tokens);
             }
-            // Certificate lease, ACME challenges and certificates: handled by the TLS work.
-            ControllerToProxy::CertLeaseResponse { .. }
-            | ControllerToProxy::SetTxtRecordResponse { .. }
-            | ControllerToProxy::HttpChallenge { .. }
-            | ControllerToProxy::Certificate { .. } => {
-                tracing::debug!("Ignoring a TLS message from the controller (not implemented yet)");
+            ControllerToProxy::CertLeaseResponse { accepted } => {
+                state.cert_link.answer(CertAnswer::Lease { accepted });
+            }
+            ControllerToProxy::SetTxtRecordResponse { accepted } => {
+                state.cert_link.answer(CertAnswer::TxtRecord { accepted });
+            }
+            ControllerToProxy::HttpChallenge {
+                token,
+                key_authorization,
+            } => {
+                tracing::debug!(set = key_authorization.is_some(), "ACME HTTP-01 challenge");
+                state.tls.set_challenge(token, key_authorization);
+            }
+            ControllerToProxy::Certificate { cert_pem, key_pem } => {
+                let pem = CertPem { cert_pem, key_pem };
+                match ClusterCert::from_pem(pem, CertSource::Controller) {
+                    Ok(cert) => {
+                        state.tls.offer_shared(cert);
+                    }
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "Ignoring the cluster certificate from the controller: it cannot be served"
+                    ),
+                }
             }
         }
     }
@@ -139,7 +161,7 @@ async fn run_sender(state: &ProxyState, tx: &mut Sender, generation: u64) -> Cli
     loop {
         let routes = state.route_cache.take_unsent(generation);
         let keepalives = state.tracker.take_keepalives();
-        if routes.is_empty() && keepalives.is_empty() {
+        if routes.is_empty() && keepalives.is_empty() && !state.cert_link.has_unsent() {
             // `notify_one` stores a permit, so work queued since the takes above is not missed.
             state.outbound.notified().await;
             continue;
@@ -155,6 +177,15 @@ async fn run_sender(state: &ProxyState, tx: &mut Sender, generation: u64) -> Cli
             if let Err(error) = tx.send(&message).await {
                 return error;
             }
+        }
+        // A certificate message leaves its queue only once sent, so one caught by a connection that
+        // ends (or by this future being dropped) goes out on the next connection: a lost
+        // `StoreCertificate` would leave the other proxies without the new certificate.
+        while let Some(message) = state.cert_link.next_unsent() {
+            if let Err(error) = tx.send(&message).await {
+                return error;
+            }
+            state.cert_link.mark_sent(&message);
         }
     }
 }

@@ -37,8 +37,8 @@ impl From<&KeyConfig> for KeyRef {
 pub enum KeyLookup {
     /// No key row.
     Missing,
-    /// A key row whose lease has expired on the store clock.
-    Expired,
+    /// A key row whose lease has expired on the store clock; `backend` is its last holder.
+    Expired { backend: BackendRow },
     /// The key is held by a backend.
     Live { tag: String, backend: BackendRow },
 }

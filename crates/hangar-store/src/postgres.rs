@@ -40,6 +40,7 @@ use crate::{Store, StoreResult};
 use async_trait::async_trait;
 use hangar_types::api::ClusterState;
 use hangar_types::protocol::ActionMessage;
+use hangar_types::timing::KEY_LEASE;
 use hangar_types::token::{random_token, ConnectionToken};
 use hangar_types::{
     ActionId, BackendId, BackendState, ClusterName, ControllerName, DroneName, Millis, ProxyName,
@@ -75,6 +76,9 @@ pub struct PostgresStore {
     origin: String,
     /// Added to the database clock; only ever changed by the test hooks.
     clock_offset_ms: AtomicI64,
+    /// Key lease length in milliseconds: [`KEY_LEASE`] unless a test shortened it
+    /// ([`PostgresStore::set_key_lease`]).
+    key_lease_ms: AtomicI64,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -102,6 +106,7 @@ impl PostgresStore {
             events: EventBus::new(),
             origin: random_token(),
             clock_offset_ms: AtomicI64::new(0),
+            key_lease_ms: AtomicI64::new(millis_of(KEY_LEASE)),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
@@ -141,6 +146,20 @@ impl PostgresStore {
     pub fn rewind_clock(&self, d: Duration) {
         self.clock_offset_ms
             .fetch_sub(millis_of(d), Ordering::SeqCst);
+    }
+
+    /// Test hook: key leases acquired or renewed from now on last `lease` instead of [`KEY_LEASE`], so
+    /// partition tests need not wait a minute. The controller's drone deadlines must be shortened to
+    /// match (`ControllerConfig::key_timing`), keeping hard-terminate < lease. Affects only this store
+    /// instance.
+    #[doc(hidden)]
+    pub fn set_key_lease(&self, lease: Duration) {
+        self.key_lease_ms.store(millis_of(lease), Ordering::SeqCst);
+    }
+
+    /// The key lease length in milliseconds.
+    fn key_lease_ms(&self) -> i64 {
+        self.key_lease_ms.load(Ordering::SeqCst)
     }
 
     /// The bind parameter of `hangar_now_ms(…)`.

@@ -362,6 +362,7 @@ mod suite {
             reason: Some(TerminationReason::External),
             exit_code: Some(0),
             message: None,
+            oom_killed: false,
         }
     }
 
@@ -417,7 +418,10 @@ mod suite {
         assert!(!store.remove_expired_key(&kref).await.unwrap());
 
         h.advance(KEY_LEASE + Duration::from_secs(1));
-        assert_eq!(store.key_lookup(&kref).await.unwrap(), KeyLookup::Expired);
+        assert!(matches!(
+            store.key_lookup(&kref).await.unwrap(),
+            KeyLookup::Expired { .. }
+        ));
         assert!(store.remove_expired_key(&kref).await.unwrap());
         assert_eq!(store.key_lookup(&kref).await.unwrap(), KeyLookup::Missing);
         assert!(!store.remove_expired_key(&kref).await.unwrap());
@@ -1567,6 +1571,7 @@ mod suite {
             reason: Some(TerminationReason::Lost),
             exit_code: None,
             message: Some(message.to_string()),
+            oom_killed: false,
         }
     }
 
@@ -1719,7 +1724,10 @@ mod suite {
             KeyLookup::Live { .. }
         ));
         h.advance(KEY_LEASE + Duration::from_secs(1));
-        assert_eq!(store.key_lookup(&kref).await.unwrap(), KeyLookup::Expired);
+        assert!(matches!(
+            store.key_lookup(&kref).await.unwrap(),
+            KeyLookup::Expired { .. }
+        ));
 
         assert!(!store.prevent_renew(&BackendId::random()).await.unwrap());
         terminate(store, &nb.id).await;

@@ -7,12 +7,19 @@
 use axum::body::Bytes;
 use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value};
+use std::sync::Mutex;
 use tokio::sync::mpsc;
+
+/// Largest `/alloc/<mb>` request, so a typo cannot overflow the size computation.
+const MAX_ALLOC_MB: usize = 64 * 1024;
+
+/// Memory handed out by `/alloc/<mb>`, kept until the process exits.
+static ALLOCATED: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// Builds the router; `exit_requests` receives the code of each `POST /exit/<code>`.
 pub fn router(exit_requests: mpsc::Sender<i32>) -> Router {
@@ -27,6 +34,11 @@ pub fn router(exit_requests: mpsc::Sender<i32>) -> Router {
         .route("/exit/{code}", post(exit_create))
         .route("/sleep/{ms}", get(sleep_show))
         .route("/ws", get(ws_upgrade))
+        .route("/alloc/{mb}", post(alloc_create))
+        .route(
+            "/write/{name}",
+            post(write_create).layer(DefaultBodyLimit::disable()),
+        )
         .fallback(request_show)
         .with_state(exit_requests)
 }
@@ -87,6 +99,45 @@ async fn exit_create(
     // Full means an earlier request already decided the exit code.
     let _ = exit_requests.try_send(code);
     "exiting"
+}
+
+/// Allocates `mb` MiB and writes to every byte, so the memory is really resident (an OOM test
+/// needs the kernel to see it); the memory is kept until the process exits.
+async fn alloc_create(Path(mb): Path<usize>) -> Response {
+    if mb > MAX_ALLOC_MB {
+        let message = format!("at most {MAX_ALLOC_MB} MiB per request");
+        return (StatusCode::BAD_REQUEST, message).into_response();
+    }
+    // One MiB at a time: a cgroup memory limit then kills the process part way, as a real leak does.
+    let mut chunks = Vec::with_capacity(mb);
+    for _ in 0..mb {
+        chunks.push(vec![0x5a_u8; 1 << 20]);
+    }
+    let mut allocated = match ALLOCATED.lock() {
+        Ok(allocated) => allocated,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    allocated.extend(chunks);
+    format!("allocated {mb} MiB").into_response()
+}
+
+/// Writes the body to `$HANGAR_DATA_DIR/<name>` (the backend's mounted data directory). `name` must
+/// be a plain file name.
+async fn write_create(Path(name): Path<String>, body: Bytes) -> Response {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return (StatusCode::BAD_REQUEST, "expected a plain file name").into_response();
+    }
+    let Some(dir) = std::env::var_os("HANGAR_DATA_DIR") else {
+        return (StatusCode::CONFLICT, "HANGAR_DATA_DIR is not set").into_response();
+    };
+    let path = std::path::Path::new(&dir).join(&name);
+    match tokio::fs::write(&path, &body).await {
+        Ok(()) => format!("wrote {}", path.display()).into_response(),
+        Err(error) => {
+            let message = format!("cannot write {}: {error}", path.display());
+            (StatusCode::INTERNAL_SERVER_ERROR, message).into_response()
+        }
+    }
 }
 
 async fn sleep_show(Path(ms): Path<u64>) -> &'static str {

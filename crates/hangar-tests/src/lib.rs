@@ -1,8 +1,16 @@
-//! Test harness for tests that span Hangar's components: [`TestEnv`] starts a controller (SQLite store),
-//! drones (process executor) and a proxy in this process on port 0, and offers helpers that wait for
-//! conditions with a deadline instead of sleeping.
+//! Test harness for tests that span Hangar's components: [`TestEnv`] starts controllers, drones (process
+//! executor) and a proxy in this process on port 0, and offers helpers that wait for conditions with a
+//! deadline instead of sleeping.
+//!
+//! Two backings: one controller on SQLite ([`TestEnv::start`], [`TestEnv::controller_only`]), or any
+//! number of controllers sharing a fresh PostgreSQL database ([`TestEnv::postgres`], see [`postgres`]),
+//! each with its own store connection, as separate controller processes would have. Drones and the
+//! proxy choose the controller they attach to ([`TestEnv::add_drone_on`], [`TestEnv::start_proxy_on`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod postgres;
+pub mod witness;
 
 use anyhow::Context;
 use hangar_client::status_stream::StatusStream;
@@ -10,11 +18,13 @@ use hangar_client::ControllerClient;
 use hangar_controller::{ControllerConfig, ControllerHandle};
 use hangar_drone::{DroneConfig, DroneHandle};
 use hangar_proxy::{ProxyConfig, ProxyHandle};
+use hangar_store::postgres::PostgresStore;
 use hangar_store::sqlite::SqliteStore;
 use hangar_store::Store;
 use hangar_types::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig};
 use hangar_types::executable::{Executable, ExecutorKind};
 use hangar_types::state::BackendStatusEntry;
+use hangar_types::timing::KeyTiming;
 use hangar_types::{BackendId, BackendStatus, ClusterName};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -93,13 +103,33 @@ pub fn backend_executable(env: &[(&str, &str)]) -> Executable {
     .unwrap()
 }
 
+/// Where the controllers keep their state.
+enum Backing {
+    SqliteMemory,
+    SqliteFile(PathBuf),
+    Postgres {
+        db: postgres::TestDatabase,
+        key_timing: KeyTiming,
+    },
+}
+
+/// One controller of the environment: its address survives restarts.
+struct ControllerSlot {
+    addr: SocketAddr,
+    handle: Option<ControllerHandle>,
+    store: Arc<dyn Store>,
+    /// The same store as `store` when on PostgreSQL (for its test hooks and `close`).
+    postgres: Option<Arc<PostgresStore>>,
+}
+
 pub struct TestEnv {
     pub cluster: ClusterName,
+    /// The store of controller 0.
     pub store: Arc<dyn Store>,
+    /// A client of controller 0.
     pub client: ControllerClient,
-    controller: Option<ControllerHandle>,
-    controller_addr: SocketAddr,
-    db_path: Option<PathBuf>,
+    controllers: Vec<ControllerSlot>,
+    backing: Backing,
     pub drones: Vec<DroneHandle>,
     pub proxy: Option<ProxyHandle>,
     pub http: reqwest::Client,
@@ -119,24 +149,48 @@ impl TestEnv {
     pub async fn controller_only(file_store: bool) -> TestEnv {
         init_logging();
         let dir = tempfile::tempdir().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backing = match file_store {
+            true => Backing::SqliteFile(dir.path().join("hangar.db")),
+            false => Backing::SqliteMemory,
+        };
+        TestEnv::with_controllers(backing, 1, dir).await
+    }
+
+    /// `controllers` controllers sharing a fresh PostgreSQL database (each with its own store
+    /// connection), no drones or proxy yet. `None` when PostgreSQL tests are skipped (see
+    /// [`postgres::server_url`]).
+    pub async fn postgres(controllers: usize) -> Option<TestEnv> {
+        TestEnv::postgres_with(controllers, KeyTiming::DEFAULT).await
+    }
+
+    /// As [`TestEnv::postgres`], with shortened key deadlines and lease (`key_timing` must be ordered),
+    /// for tests of partitioned drones.
+    pub async fn postgres_with(controllers: usize, key_timing: KeyTiming) -> Option<TestEnv> {
+        assert!(controllers >= 1, "at least one controller");
+        assert!(key_timing.is_ordered(), "unordered {key_timing:?}");
+        init_logging();
+        let db = postgres::TestDatabase::create().await?;
+        let dir = tempfile::tempdir().unwrap();
+        let backing = Backing::Postgres { db, key_timing };
+        Some(TestEnv::with_controllers(backing, controllers, dir).await)
+    }
+
+    async fn with_controllers(backing: Backing, count: usize, dir: tempfile::TempDir) -> TestEnv {
         let proxy_port = free_port().await;
         let cluster: ClusterName = format!("localhost:{proxy_port}").parse().unwrap();
-        let db_path = file_store.then(|| dir.path().join("hangar.db"));
-        let store: Arc<dyn Store> = match &db_path {
-            Some(p) => Arc::new(SqliteStore::open(p).await.unwrap()),
-            None => Arc::new(SqliteStore::in_memory().await.unwrap()),
-        };
-        let controller_addr = listener.local_addr().unwrap();
-        let controller = start_controller(store.clone(), listener, &cluster).await;
-        let client = ControllerClient::new(controller.url()).unwrap();
+        let mut controllers = Vec::new();
+        for _ in 0..count {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            controllers.push(ControllerSlot::start(&backing, listener, &cluster).await);
+        }
+        let store = controllers[0].store.clone();
+        let client = ControllerClient::new(controller_url_of(controllers[0].addr)).unwrap();
         TestEnv {
             cluster,
             store,
             client,
-            controller: Some(controller),
-            controller_addr,
-            db_path,
+            controllers,
+            backing,
             drones: Vec::new(),
             proxy: None,
             http: reqwest::Client::new(),
@@ -145,19 +199,66 @@ impl TestEnv {
     }
 
     pub fn controller_url(&self) -> url::Url {
-        format!("http://{}/", self.controller_addr).parse().unwrap()
+        self.controller_url_at(0)
     }
 
-    /// Starts a process drone; `tweak` adjusts its config. Waits until it can take backends.
+    /// URL of controller `i` (stable across its restarts).
+    pub fn controller_url_at(&self, i: usize) -> url::Url {
+        controller_url_of(self.controllers[i].addr)
+    }
+
+    /// Address of controller `i` (stable across its restarts).
+    pub fn controller_addr_at(&self, i: usize) -> SocketAddr {
+        self.controllers[i].addr
+    }
+
+    /// A client of controller `i`.
+    pub fn client_at(&self, i: usize) -> ControllerClient {
+        ControllerClient::new(self.controller_url_at(i)).unwrap()
+    }
+
+    /// The store of controller `i`.
+    pub fn store_at(&self, i: usize) -> Arc<dyn Store> {
+        self.controllers[i].store.clone()
+    }
+
+    /// How many controllers the environment has (running or stopped).
+    pub fn controller_count(&self) -> usize {
+        self.controllers.len()
+    }
+
+    /// Moves the store clock of every controller forward by `d` (PostgreSQL only), so heartbeats and
+    /// leases age without waiting. Nodes' next heartbeats are recorded at the advanced time.
+    pub fn advance_clock(&self, d: Duration) {
+        for slot in &self.controllers {
+            slot.postgres
+                .as_ref()
+                .expect("advance_clock needs the PostgreSQL backing")
+                .advance_clock(d);
+        }
+    }
+
+    /// Starts a process drone attached to controller 0; `tweak` adjusts its config. Waits until it can
+    /// take backends.
     pub async fn add_drone(&mut self, tweak: impl FnOnce(&mut DroneConfig)) -> usize {
-        let mut config = DroneConfig::new(self.controller_url(), self.cluster.clone());
+        self.add_drone_on(0, tweak).await
+    }
+
+    /// Starts a process drone attached to controller `controller`; `tweak` adjusts its config. Waits
+    /// until it can take backends (its heartbeat is visible through that controller).
+    pub async fn add_drone_on(
+        &mut self,
+        controller: usize,
+        tweak: impl FnOnce(&mut DroneConfig),
+    ) -> usize {
+        let mut config = DroneConfig::new(self.controller_url_at(controller), self.cluster.clone());
         config.executors = vec![ExecutorKind::Process];
         config.soft_terminate_grace = Duration::from_secs(2);
         tweak(&mut config);
         let name = config.name.clone();
         let drone = hangar_drone::start(config).await.unwrap();
         self.drones.push(drone);
-        let client = self.client.clone();
+        let client = self.client_at(controller);
         let cluster = self.cluster.clone();
         eventually("drone to register and heartbeat", || {
             let client = client.clone();
@@ -180,9 +281,15 @@ impl TestEnv {
 
     /// Starts the proxy on the cluster's port and waits until it is connected.
     pub async fn start_proxy(&mut self) {
+        self.start_proxy_on(0).await;
+    }
+
+    /// Starts the proxy on the cluster's port, attached to controller `controller`, and waits until it
+    /// is connected.
+    pub async fn start_proxy_on(&mut self, controller: usize) {
         let port = self.cluster.port().unwrap();
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-        let config = ProxyConfig::new(self.controller_url(), self.cluster.clone());
+        let config = ProxyConfig::new(self.controller_url_at(controller), self.cluster.clone());
         let proxy = hangar_proxy::start(config, listener).await.unwrap();
         eventually("proxy to connect", || async {
             proxy.is_ready().then_some(())
@@ -195,21 +302,40 @@ impl TestEnv {
         self.proxy.as_ref().expect("proxy not started")
     }
 
-    /// Stops the controller (drones and proxy keep running and start reconnecting).
+    /// Stops controller 0 (drones and proxy keep running and start reconnecting).
     pub async fn stop_controller(&mut self) {
-        if let Some(c) = self.controller.take() {
+        self.stop_controller_at(0).await;
+    }
+
+    /// Stops controller `i` and closes its store connection; nodes attached to it start reconnecting.
+    pub async fn stop_controller_at(&mut self, i: usize) {
+        let slot = &mut self.controllers[i];
+        if let Some(c) = slot.handle.take() {
             c.shutdown().await;
+            if let Some(pg) = &slot.postgres {
+                pg.close().await;
+            }
         }
     }
 
     /// Starts a new controller on the same address and store file.
     pub async fn restart_controller(&mut self) {
-        self.stop_controller().await;
-        let path = self.db_path.clone().expect("restart needs a file store");
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
-        let listener = TcpListener::bind(self.controller_addr).await.unwrap();
-        self.store = store.clone();
-        self.controller = Some(start_controller(store, listener, &self.cluster).await);
+        self.restart_controller_at(0).await;
+    }
+
+    /// Stops controller `i` (if running) and starts a new one on the same address with a new store
+    /// connection (same file or database).
+    pub async fn restart_controller_at(&mut self, i: usize) {
+        assert!(
+            !matches!(self.backing, Backing::SqliteMemory),
+            "restart needs a file store or PostgreSQL"
+        );
+        self.stop_controller_at(i).await;
+        let listener = TcpListener::bind(self.controllers[i].addr).await.unwrap();
+        self.controllers[i] = ControllerSlot::start(&self.backing, listener, &self.cluster).await;
+        if i == 0 {
+            self.store = self.controllers[0].store.clone();
+        }
     }
 
     /// A connect request for `key` running the test backend with `env`.
@@ -256,7 +382,17 @@ impl TestEnv {
         backend: &BackendId,
         status: BackendStatus,
     ) -> BackendStatusEntry {
-        let mut stream = StatusStream::new(self.client.clone(), backend.clone());
+        self.wait_for_status_at(0, backend, status).await
+    }
+
+    /// As [`TestEnv::wait_for_status`], following the status stream of controller `controller`.
+    pub async fn wait_for_status_at(
+        &self,
+        controller: usize,
+        backend: &BackendId,
+        status: BackendStatus,
+    ) -> BackendStatusEntry {
+        let mut stream = StatusStream::new(self.client_at(controller), backend.clone());
         tokio::time::timeout(WAIT, async {
             loop {
                 let entry = stream.next().await.unwrap();
@@ -277,22 +413,47 @@ impl TestEnv {
         for d in self.drones.drain(..) {
             d.shutdown().await;
         }
-        self.stop_controller().await;
+        for i in 0..self.controllers.len() {
+            self.stop_controller_at(i).await;
+        }
+        if let Backing::Postgres { db, .. } = self.backing {
+            db.drop_database().await;
+        }
     }
 }
 
-async fn start_controller(
-    store: Arc<dyn Store>,
-    listener: TcpListener,
-    cluster: &ClusterName,
-) -> ControllerHandle {
-    let config = ControllerConfig {
-        default_cluster: Some(cluster.clone()),
-        ..ControllerConfig::default()
-    };
-    hangar_controller::start(config, store, listener)
-        .await
-        .unwrap()
+impl ControllerSlot {
+    /// Opens a store on `backing` (a new connection for PostgreSQL) and starts a controller on it.
+    async fn start(backing: &Backing, listener: TcpListener, cluster: &ClusterName) -> Self {
+        let mut config = ControllerConfig {
+            default_cluster: Some(cluster.clone()),
+            ..ControllerConfig::default()
+        };
+        let (store, postgres): (Arc<dyn Store>, _) = match backing {
+            Backing::SqliteMemory => (Arc::new(SqliteStore::in_memory().await.unwrap()), None),
+            Backing::SqliteFile(path) => (Arc::new(SqliteStore::open(path).await.unwrap()), None),
+            Backing::Postgres { db, key_timing } => {
+                let pg = Arc::new(PostgresStore::connect(db.url()).await.unwrap());
+                pg.set_key_lease(key_timing.lease);
+                config.key_timing = *key_timing;
+                (pg.clone(), Some(pg))
+            }
+        };
+        let addr = listener.local_addr().unwrap();
+        let handle = hangar_controller::start(config, store.clone(), listener)
+            .await
+            .unwrap();
+        ControllerSlot {
+            addr,
+            handle: Some(handle),
+            store,
+            postgres,
+        }
+    }
+}
+
+fn controller_url_of(addr: SocketAddr) -> url::Url {
+    format!("http://{addr}/").parse().unwrap()
 }
 
 /// A port that was free a moment ago.

@@ -61,11 +61,15 @@ pub struct KeyDeadlines {
 impl KeyDeadlines {
     /// Deadlines counted from a drone-local time `base`.
     pub fn from_base(base: Millis) -> Self {
-        use crate::timing::*;
+        KeyDeadlines::from_base_with(base, &crate::timing::KeyTiming::DEFAULT)
+    }
+
+    /// Deadlines counted from a drone-local time `base` with the given durations.
+    pub fn from_base_with(base: Millis, timing: &crate::timing::KeyTiming) -> Self {
         KeyDeadlines {
-            renew_at: base.plus(KEY_RENEW_AFTER),
-            soft_terminate_at: base.plus(KEY_SOFT_TERMINATE_AFTER),
-            hard_terminate_at: base.plus(KEY_HARD_TERMINATE_AFTER),
+            renew_at: base.plus(timing.renew_after),
+            soft_terminate_at: base.plus(timing.soft_terminate_after),
+            hard_terminate_at: base.plus(timing.hard_terminate_after),
         }
     }
 }
@@ -120,6 +124,21 @@ pub enum DroneToController {
     RenewKey {
         backend: BackendId,
         local_time: Millis,
+    },
+    /// One resource sample of a running backend (Docker stats), at most one per backend every
+    /// `BACKEND_METRICS_INTERVAL`. Best effort: never stored in the outbox, dropped while disconnected.
+    /// CPU figures cover the time since the backend's previous sample (both 0 in its first sample):
+    /// `cpu_used_ns / sys_cpu_ns × online CPUs` is its CPU share.
+    BackendMetrics {
+        backend_id: BackendId,
+        /// Memory in use, bytes, page cache that can be dropped (`inactive_file`) excluded.
+        mem_used: u64,
+        /// Memory limit, bytes (the host's memory when the backend has no limit).
+        mem_limit: u64,
+        /// CPU time the backend used, nanoseconds.
+        cpu_used_ns: u64,
+        /// CPU time the whole host used, nanoseconds.
+        sys_cpu_ns: u64,
     },
 }
 
@@ -363,6 +382,23 @@ mod tests {
             serde_json::to_value(ControllerToProxy::CertLeaseResponse { accepted: true }).unwrap(),
             json!({"CertLeaseResponse": {"accepted": true}})
         );
+    }
+
+    #[test]
+    fn backend_metrics_roundtrip() {
+        let m = DroneToController::BackendMetrics {
+            backend_id: "ba-abc".parse().unwrap(),
+            mem_used: 1,
+            mem_limit: 2,
+            cpu_used_ns: 3,
+            sys_cpu_ns: 4,
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            s,
+            r#"{"BackendMetrics":{"backend_id":"ba-abc","mem_used":1,"mem_limit":2,"cpu_used_ns":3,"sys_cpu_ns":4}}"#
+        );
+        assert_eq!(serde_json::from_str::<DroneToController>(&s).unwrap(), m);
     }
 
     #[test]

@@ -166,8 +166,18 @@ pub enum BackendState {
         /// Hangar extension: a human-readable explanation (e.g. why the backend could not start).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
+        /// Hangar extension: the kernel killed the backend for exceeding its memory limit.
+        #[serde(default, skip_serializing_if = "is_false")]
+        oom_killed: bool,
     },
 }
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The `message` of a backend killed for exceeding its memory limit.
+pub const OUT_OF_MEMORY_MESSAGE: &str = "the backend ran out of memory and was killed";
 
 /// An input to the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,8 +195,12 @@ pub enum Transition {
         kind: TerminationKind,
         reason: TerminationReason,
     },
-    /// The process is gone (by itself or after a terminate).
-    Exited { exit_code: Option<i32> },
+    /// The process is gone (by itself or after a terminate). `oom_killed`: the kernel killed it for
+    /// exceeding its memory limit.
+    Exited {
+        exit_code: Option<i32>,
+        oom_killed: bool,
+    },
     /// The backend could not be started or failed before it ran; nothing is left running.
     Failed {
         reason: TerminationReason,
@@ -258,13 +272,21 @@ impl BackendState {
                 reason: Some(reason),
                 exit_code: None,
                 message: Some(message),
+                oom_killed: false,
             }),
-            (_, Transition::Exited { exit_code }) => Ok(S::Terminated {
+            (
+                _,
+                Transition::Exited {
+                    exit_code,
+                    oom_killed,
+                },
+            ) => Ok(S::Terminated {
                 last_status: self.last_status(),
                 termination: self.termination_kind(),
                 reason: self.termination_reason(),
                 exit_code,
-                message: None,
+                message: oom_killed.then(|| OUT_OF_MEMORY_MESSAGE.to_string()),
+                oom_killed,
             }),
             (S::HardTerminating { .. }, Transition::Terminate { .. }) => Ok(self.clone()),
             (
@@ -330,11 +352,14 @@ impl BackendState {
     /// The public view of this state at `time` (no address is exposed).
     pub fn to_status_entry(&self, time: Millis) -> BackendStatusEntry {
         let terminated = matches!(self, BackendState::Terminated { .. });
-        let (exit_code, message) = match self {
+        let (exit_code, message, oom_killed) = match self {
             BackendState::Terminated {
-                exit_code, message, ..
-            } => (*exit_code, message.clone()),
-            _ => (None, None),
+                exit_code,
+                message,
+                oom_killed,
+                ..
+            } => (*exit_code, message.clone(), *oom_killed),
+            _ => (None, None, false),
         };
         BackendStatusEntry {
             status: self.status(),
@@ -343,6 +368,7 @@ impl BackendState {
             exit_error: terminated.then_some(matches!(exit_code, Some(c) if c != 0)),
             exit_code,
             message,
+            oom_killed: oom_killed.then_some(true),
             time,
         }
     }
@@ -365,6 +391,10 @@ pub struct BackendStatusEntry {
     /// Hangar extension: why the backend was terminated, in words, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Hangar extension: `true` when the kernel killed the backend for exceeding its memory limit
+    /// (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_killed: Option<bool>,
     pub time: Millis,
 }
 
@@ -399,6 +429,7 @@ mod tests {
                 reason: None,
                 exit_code: Some(0),
                 message: None,
+                oom_killed: false,
             },
         ]
     }
@@ -417,7 +448,10 @@ mod tests {
                 kind: TerminationKind::Hard,
                 reason: TerminationReason::KeyExpired,
             },
-            Transition::Exited { exit_code: Some(3) },
+            Transition::Exited {
+                exit_code: Some(3),
+                oom_killed: false,
+            },
             Transition::Failed {
                 reason: TerminationReason::InternalError,
                 message: "boom".into(),
@@ -501,6 +535,7 @@ mod tests {
         let done = hard
             .apply(Transition::Exited {
                 exit_code: Some(137),
+                oom_killed: false,
             })
             .unwrap();
         assert_eq!(
@@ -511,21 +546,57 @@ mod tests {
                 reason: Some(TerminationReason::KeyExpired),
                 exit_code: Some(137),
                 message: None,
+                oom_killed: false,
             }
         );
-        assert!(done.apply(Transition::Exited { exit_code: None }).is_err());
+        assert!(done
+            .apply(Transition::Exited {
+                exit_code: None,
+                oom_killed: false
+            })
+            .is_err());
     }
 
     #[test]
     fn self_exit_has_no_reason() {
         let done = BackendState::Ready { address: addr() }
-            .apply(Transition::Exited { exit_code: Some(2) })
+            .apply(Transition::Exited {
+                exit_code: Some(2),
+                oom_killed: false,
+            })
             .unwrap();
         let entry = done.to_status_entry(Millis(5));
         assert_eq!(
             serde_json::to_value(&entry).unwrap(),
             json!({"status": "terminated", "exit_error": true, "exit_code": 2, "time": 5})
         );
+    }
+
+    #[test]
+    fn out_of_memory_is_flagged_and_explained() {
+        let done = BackendState::Ready { address: addr() }
+            .apply(Transition::Exited {
+                exit_code: Some(137),
+                oom_killed: true,
+            })
+            .unwrap();
+        let json = serde_json::to_value(&done).unwrap();
+        assert_eq!(json["oom_killed"], true);
+        assert_eq!(json["message"], OUT_OF_MEMORY_MESSAGE);
+        assert_eq!(serde_json::from_value::<BackendState>(json).unwrap(), done);
+        let entry = serde_json::to_value(done.to_status_entry(Millis(5))).unwrap();
+        assert_eq!(entry["oom_killed"], true);
+        assert!(entry["message"].as_str().unwrap().contains("out of memory"));
+        // Absent when false, and older states without the field still parse.
+        let plain: BackendState = serde_json::from_value(json!({"status": "terminated",
+            "last_status": "ready", "termination": null, "reason": null, "exit_code": 0}))
+        .unwrap();
+        let back = serde_json::to_value(&plain).unwrap();
+        assert!(back.get("oom_killed").is_none());
+        assert!(serde_json::to_value(plain.to_status_entry(Millis(1)))
+            .unwrap()
+            .get("oom_killed")
+            .is_none());
     }
 
     #[test]

@@ -13,8 +13,47 @@ pub const KEY_SOFT_TERMINATE_AFTER: Duration = Duration::from_secs(40);
 /// Drone hard-terminates the backend when it has not renewed within this time (its own clock).
 pub const KEY_HARD_TERMINATE_AFTER: Duration = Duration::from_secs(50);
 
+/// The four key-lease durations as one value. Production always uses [`KeyTiming::DEFAULT`] (the
+/// constants above); tests that exercise partitions shorten them together, keeping their order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyTiming {
+    /// [`KEY_LEASE`]: lease length on the store clock after acquisition or renewal.
+    pub lease: Duration,
+    /// [`KEY_RENEW_AFTER`]: drone asks to renew this long after its deadline base.
+    pub renew_after: Duration,
+    /// [`KEY_SOFT_TERMINATE_AFTER`]: drone soft-terminates this long after its deadline base.
+    pub soft_terminate_after: Duration,
+    /// [`KEY_HARD_TERMINATE_AFTER`]: drone hard-terminates this long after its deadline base.
+    pub hard_terminate_after: Duration,
+}
+
+impl KeyTiming {
+    pub const DEFAULT: KeyTiming = KeyTiming {
+        lease: KEY_LEASE,
+        renew_after: KEY_RENEW_AFTER,
+        soft_terminate_after: KEY_SOFT_TERMINATE_AFTER,
+        hard_terminate_after: KEY_HARD_TERMINATE_AFTER,
+    };
+
+    /// renew < soft-terminate < hard-terminate < lease: a partitioned drone stops its backend before
+    /// the lease can expire on the store clock.
+    pub fn is_ordered(&self) -> bool {
+        self.renew_after < self.soft_terminate_after
+            && self.soft_terminate_after < self.hard_terminate_after
+            && self.hard_terminate_after < self.lease
+    }
+}
+
+impl Default for KeyTiming {
+    fn default() -> Self {
+        KeyTiming::DEFAULT
+    }
+}
+
 /// Drone heartbeat and proxy keepalive cadence.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(7);
+/// A drone samples each running backend's CPU and memory at most this often (`BackendMetrics`).
+pub const BACKEND_METRICS_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a proxy's "has open connections" report keeps a backend from being idle unless the
 /// proxy repeats it (it does every heartbeat interval while connections stay open).
 pub const CONNECTED_REPORT_TTL: Duration = Duration::from_secs(21);
@@ -56,6 +95,12 @@ mod tests {
         assert!(KEY_RENEW_AFTER < KEY_SOFT_TERMINATE_AFTER);
         assert!(KEY_SOFT_TERMINATE_AFTER < KEY_HARD_TERMINATE_AFTER);
         assert!(KEY_HARD_TERMINATE_AFTER < KEY_LEASE);
+        assert!(KeyTiming::DEFAULT.is_ordered());
+        let swapped = KeyTiming {
+            hard_terminate_after: KEY_LEASE,
+            ..KeyTiming::DEFAULT
+        };
+        assert!(!swapped.is_ordered());
         assert!(HEARTBEAT_INTERVAL < UNHEALTHY_AFTER);
         assert!(HEARTBEAT_INTERVAL * 2 < CONNECTED_REPORT_TTL);
         assert!(BACKOFF_INITIAL < BACKOFF_MAX);

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod cluster;
 pub mod connect;
+pub mod operator;
 
 use anyhow::Context;
 use hangar_client::status_stream::StatusStream;
@@ -182,6 +183,7 @@ mod tests {
             exit_error: None,
             exit_code: None,
             message: None,
+            oom_killed: None,
             time: Millis(0),
         };
         assert_eq!(describe_status(&e), "ready");

@@ -1,5 +1,6 @@
-//! `hangar dev`: controller + one drone (process executor) + proxy in one process, on an embedded
-//! SQLite store. The quickstart and the single-machine deployment.
+//! `hangar dev`: controller + one drone + proxy in one process, on an embedded SQLite store. The
+//! quickstart and the single-machine deployment. The drone runs local processes, and Docker
+//! containers too when a Docker engine answers (the banner says which).
 //!
 //! Order matters: both listeners are bound before anything starts (a busy port fails fast and
 //! leaves nothing behind); on SIGINT/SIGTERM the proxy stops first (no new traffic), then the drone
@@ -155,8 +156,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let mut drone_config = DroneConfig::new(controller_url.clone(), cluster.clone());
     drone_config.name = drone_name.clone();
     drone_config.ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    drone_config.executors = vec![ExecutorKind::Process];
+    drone_config.executors = dev_executors().await;
     drone_config.state_file = data_dir.as_ref().map(|d| d.join("drone.db"));
+    let executors = drone_config.executors.clone();
     let drone = match hangar_drone::start(drone_config).await {
         Ok(d) => d,
         Err(e) => {
@@ -199,6 +201,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
                 cluster: &cluster,
                 data_dir: data_dir.as_deref(),
                 drone: &drone_name,
+                executors: &executors,
             });
             signals.recv().await
         }
@@ -250,6 +253,27 @@ struct Banner<'a> {
     cluster: &'a ClusterName,
     data_dir: Option<&'a Path>,
     drone: &'a DroneName,
+    executors: &'a [ExecutorKind],
+}
+
+/// Local processes always; Docker containers too when a Docker engine answers.
+async fn dev_executors() -> Vec<ExecutorKind> {
+    if hangar_drone::executor::DockerExecutor::engine_reachable().await {
+        vec![ExecutorKind::Docker, ExecutorKind::Process]
+    } else {
+        tracing::info!("No Docker engine answers; the drone runs local processes only");
+        vec![ExecutorKind::Process]
+    }
+}
+
+/// The executors line of the banner.
+fn executors_text(executors: &[ExecutorKind]) -> String {
+    let names: Vec<String> = executors.iter().map(ToString::to_string).collect();
+    let mut text = names.join(", ");
+    if !executors.contains(&ExecutorKind::Docker) {
+        text.push_str(" (no Docker engine found, so no containers)");
+    }
+    text
 }
 
 fn banner_text(b: &Banner<'_>) -> String {
@@ -268,15 +292,22 @@ fn banner_text(b: &Banner<'_>) -> String {
          \x20 Controller API:  {controller}\n\
          \x20 Proxy:           {proxy} (cluster {cluster}; backend URLs look like http://{cluster}/<token>/)\n\
          \x20 Data:            {data}\n\
-         \x20 Drone:           {drone}, executors: process\n\
+         \x20 Drone:           {drone}, executors: {executors}\n\
          \n\
          Start a backend (any program that listens on $PORT):\n\
          \x20 hangar connect{controller_flag} --key demo --command \"sh -c 'exec python3 -m http.server \\$PORT'\"\n\
          \n\
-         Press Ctrl-C to stop (running backends are terminated).\n",
+         Press Ctrl-C to stop ({stopping}).\n",
         proxy = b.proxy_url.as_str().trim_end_matches('/'),
         cluster = b.cluster,
         drone = b.drone,
+        executors = executors_text(b.executors),
+        stopping = if b.executors.contains(&ExecutorKind::Docker) && b.data_dir.is_some() {
+            "process backends are terminated; containers keep running and the next `hangar dev` \
+             takes them back"
+        } else {
+            "running backends are terminated"
+        },
     )
 }
 
@@ -341,6 +372,7 @@ mod tests {
             cluster: &cluster,
             data_dir: None,
             drone: &drone,
+            executors: &[ExecutorKind::Process],
         });
         assert!(
             text.contains("Controller API:  http://127.0.0.1:18080\n"),
@@ -348,7 +380,22 @@ mod tests {
         );
         assert!(text.contains("cluster localhost:19090"), "{text}");
         assert!(text.contains("in memory"), "{text}");
-        assert!(text.contains("executors: process"), "{text}");
+        assert!(
+            text.contains("executors: process (no Docker engine found"),
+            "{text}"
+        );
+        assert!(text.contains("running backends are terminated"), "{text}");
+        let dir = Path::new("/tmp/hangar-dev");
+        let text = banner_text(&Banner {
+            controller_url: &controller,
+            proxy_url: &proxy,
+            cluster: &cluster,
+            data_dir: Some(dir),
+            drone: &drone,
+            executors: &[ExecutorKind::Docker, ExecutorKind::Process],
+        });
+        assert!(text.contains("executors: docker, process\n"), "{text}");
+        assert!(text.contains("containers keep running"), "{text}");
         assert!(
             text.contains("hangar connect --controller http://127.0.0.1:18080 --key demo"),
             "{text}"

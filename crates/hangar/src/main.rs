@@ -8,8 +8,12 @@
 //! backends lives in the component crates.
 
 mod cli;
+mod config_file;
+mod database;
 mod dev;
+mod dns;
 mod logging;
+mod proxy_tls;
 mod serve;
 mod shutdown;
 
@@ -48,6 +52,10 @@ enum Command {
     Drone(serve::DroneArgs),
     /// Run a standalone proxy.
     Proxy(serve::ProxyArgs),
+    /// Run an ACME DNS-01 responder (answers `_acme-challenge` TXT queries for the proxies' ACME orders).
+    Dns(dns::DnsArgs),
+    /// Apply the database schema migrations (PostgreSQL URL or SQLite file) and exit.
+    Migrate(database::MigrateArgs),
     /// Get or create the backend of a key and print its URL.
     Connect(cli::connect::ConnectArgs),
     /// Print the status of a backend (or follow it with --follow).
@@ -60,6 +68,10 @@ enum Command {
     ClusterState(cli::cluster::ClusterStateArgs),
     /// Stop scheduling new backends on a drone (its running backends keep running).
     Drain(cli::cluster::DrainArgs),
+    /// Record every live backend of a drone that is gone for good as lost, freeing their keys.
+    MarkLost(cli::operator::MarkLostArgs),
+    /// Stop renewing a backend's key lease, so its drone terminates it and the key expires.
+    PreventRenew(cli::operator::PreventRenewArgs),
     /// Print the version of this binary.
     Version,
 }
@@ -69,15 +81,20 @@ impl Command {
     /// (which logs only warnings so its output stays clean).
     fn runs_components(&self) -> bool {
         match self {
-            Command::Dev(_) | Command::Controller(_) | Command::Drone(_) | Command::Proxy(_) => {
-                true
-            }
+            Command::Dev(_)
+            | Command::Controller(_)
+            | Command::Drone(_)
+            | Command::Proxy(_)
+            | Command::Dns(_) => true,
             Command::Connect(_)
             | Command::Status(_)
             | Command::Terminate(_)
             | Command::Revoke(_)
             | Command::ClusterState(_)
             | Command::Drain(_)
+            | Command::MarkLost(_)
+            | Command::PreventRenew(_)
+            | Command::Migrate(_)
             | Command::Version => false,
         }
     }
@@ -120,6 +137,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Controller(args) => serve::run_controller(args).await,
         Command::Drone(args) => serve::run_drone(args).await,
         Command::Proxy(args) => serve::run_proxy(args).await,
+        Command::Dns(args) => dns::run_dns(args).await,
+        Command::Migrate(args) => database::run_migrate(args).await,
         Command::Connect(args) => {
             cli::connect::run(&cli::client(&cli.controller)?, args, out).await
         }
@@ -137,6 +156,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Drain(args) => {
             cli::cluster::drain(&cli::client(&cli.controller)?, args, out).await
+        }
+        Command::MarkLost(args) => {
+            cli::operator::mark_lost(&cli::client(&cli.controller)?, args, out).await
+        }
+        Command::PreventRenew(args) => {
+            cli::operator::prevent_renew(&cli::client(&cli.controller)?, args, out).await
         }
         Command::Version => Ok(cli::version(out)),
     }
@@ -183,5 +208,10 @@ mod tests {
         assert!(Cli::try_parse_from(["hangar", "terminate"]).is_err());
         assert!(Cli::try_parse_from(["hangar", "drain", "localhost:9090", "not-a-drone"]).is_err());
         assert!(Cli::try_parse_from(["hangar", "drain", "localhost:9090", "dr-abc"]).is_ok());
+        assert!(Cli::try_parse_from(["hangar", "mark-lost", "localhost:9090", "dr-abc"]).is_ok());
+        assert!(Cli::try_parse_from(["hangar", "mark-lost", "localhost:9090", "bk-abc"]).is_err());
+        assert!(Cli::try_parse_from(["hangar", "prevent-renew", "ba-abc"]).is_ok());
+        assert!(Cli::try_parse_from(["hangar", "prevent-renew", "Bad_Id"]).is_err());
+        assert!(Cli::try_parse_from(["hangar", "migrate"]).is_err());
     }
 }

@@ -1,34 +1,48 @@
-//! `hangar controller`, `hangar drone` and `hangar proxy`: one component per process, configured by
-//! flags or `HANGAR_*` environment variables, stopped cleanly by SIGINT/SIGTERM.
+//! `hangar controller`, `hangar drone` and `hangar proxy`: one component per process, configured by a
+//! TOML file (`--config`), `HANGAR_*` environment variables and flags (see [`crate::config_file`] for
+//! the precedence), stopped cleanly by SIGINT/SIGTERM.
 
+use crate::config_file::{required, ConfigLayers};
+use crate::database::{Database, OpenStore};
 use crate::shutdown::StopSignals;
 use anyhow::Context;
 use clap::Args;
 use hangar_controller::ControllerConfig;
 use hangar_drone::DroneConfig;
 use hangar_proxy::ProxyConfig;
-use hangar_store::sqlite::SqliteStore;
-use hangar_store::Store;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::ClusterName;
-use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use tokio::net::TcpListener;
 use url::Url;
 
+/// Default listen address of `hangar controller`.
+const CONTROLLER_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Default port of `hangar controller`.
+const CONTROLLER_PORT: u16 = 8080;
+/// Default listen address of `hangar proxy`.
+const PROXY_HOST: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+/// Default HTTP port of `hangar proxy`.
+const PROXY_HTTP_PORT: u16 = 9090;
+
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
-    /// Database: a SQLite file path (created if missing). PostgreSQL URLs are not supported yet.
+    /// TOML file with `ControllerConfig` fields, plus `db`, `host` and `port`. Flags and `HANGAR_*`
+    /// variables override its values.
+    #[arg(long, env = "HANGAR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Database: a `postgres://user:password@host:port/database` URL (several controllers may share
+    /// it) or a SQLite file path (created if missing; one controller only). Required.
     #[arg(long, env = "HANGAR_DB")]
-    pub db: String,
-    /// Address to listen on.
-    #[arg(long, env = "HANGAR_HOST", default_value = "127.0.0.1")]
-    pub host: IpAddr,
-    /// Port to listen on.
-    #[arg(long, env = "HANGAR_PORT", default_value_t = 8080)]
-    pub port: u16,
+    pub db: Option<String>,
+    /// Address to listen on. Default: 127.0.0.1.
+    #[arg(long, env = "HANGAR_HOST")]
+    pub host: Option<IpAddr>,
+    /// Port to listen on. Default: 8080.
+    #[arg(long, env = "HANGAR_PORT")]
+    pub port: Option<u16>,
     /// Cluster for connect requests that name none.
     #[arg(long, env = "HANGAR_DEFAULT_CLUSTER")]
     pub default_cluster: Option<ClusterName>,
@@ -57,23 +71,6 @@ pub async fn bind_listener(
     }
 }
 
-/// Opens the controller's store from `--db`.
-pub async fn open_store(db: &str) -> anyhow::Result<Arc<SqliteStore>> {
-    if db.starts_with("postgres://") || db.starts_with("postgresql://") {
-        anyhow::bail!(
-            "PostgreSQL is not supported yet; give --db a SQLite file path (e.g. --db ./hangar.db)"
-        );
-    }
-    let path = db.strip_prefix("sqlite://").unwrap_or(db);
-    if path.is_empty() {
-        anyhow::bail!("--db must not be empty");
-    }
-    let store = SqliteStore::open(Path::new(path))
-        .await
-        .with_context(|| format!("opening the SQLite database {path}"))?;
-    Ok(Arc::new(store))
-}
-
 /// The URL other processes on this machine use to reach a server listening on `addr` (an unspecified
 /// address such as 0.0.0.0 is reached through loopback).
 pub fn local_url(addr: SocketAddr) -> anyhow::Result<Url> {
@@ -86,26 +83,42 @@ pub fn local_url(addr: SocketAddr) -> anyhow::Result<Url> {
     Url::parse(&url).with_context(|| format!("building a URL from {addr}"))
 }
 
+/// Everything `hangar controller` needs, resolved from file, environment and flags.
+#[derive(Debug)]
+pub struct ControllerSetup {
+    pub config: ControllerConfig,
+    pub db: Database,
+    pub listen: SocketAddr,
+}
+
+impl ControllerArgs {
+    pub fn resolve(&self) -> anyhow::Result<ControllerSetup> {
+        let mut layers = ConfigLayers::load(self.config.as_deref())?;
+        let db = layers.take("db", self.db.clone())?;
+        let host = layers.take("host", self.host)?.unwrap_or(CONTROLLER_HOST);
+        let port = layers.take("port", self.port)?.unwrap_or(CONTROLLER_PORT);
+        layers.set("default_cluster", self.default_cluster.as_ref())?;
+        layers.set("controller_url", self.controller_url.as_ref())?;
+        layers.set("bearer_token", self.bearer_token.as_ref())?;
+        let config: ControllerConfig = layers.build("controller")?;
+        config
+            .validate()
+            .context("invalid controller configuration")?;
+        let db = Database::parse(&required(db, "db", "--db", "HANGAR_DB")?)?;
+        Ok(ControllerSetup {
+            config,
+            db,
+            listen: SocketAddr::new(host, port),
+        })
+    }
+}
+
 pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
-    let store = open_store(&args.db).await?;
-    let listener = bind_listener(
-        SocketAddr::new(args.host, args.port),
-        "controller",
-        "--port",
-    )
-    .await?;
-    let config = ControllerConfig {
-        controller_url: args.controller_url,
-        default_cluster: args.default_cluster,
-        bearer_token: args.bearer_token,
-        ..ControllerConfig::default()
-    };
-    config
-        .validate()
-        .context("invalid controller configuration")?;
+    let setup = args.resolve()?;
+    let store = OpenStore::open(&setup.db).await?;
+    let listener = bind_listener(setup.listen, "controller", "--port").await?;
     let mut signals = StopSignals::install()?;
-    let dyn_store: Arc<dyn Store> = store.clone();
-    let controller = hangar_controller::start(config, dyn_store, listener)
+    let controller = hangar_controller::start(setup.config, store.store(), listener)
         .await
         .context("starting the controller")?;
     tracing::info!(url = %local_url(controller.local_addr())?, "Controller ready");
@@ -118,34 +131,48 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Debug, Args)]
 pub struct DroneArgs {
-    /// Controller URL (`http(s)://[TOKEN@]host:port`).
+    /// TOML file with `DroneConfig` fields. Flags and `HANGAR_*` variables override its values.
+    #[arg(long, env = "HANGAR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Controller URL (`http(s)://[TOKEN@]host:port`). Required.
     #[arg(long, env = "HANGAR_CONTROLLER_URL")]
-    pub controller_url: Url,
-    /// Cluster to join.
+    pub controller_url: Option<Url>,
+    /// Cluster to join. Required.
     #[arg(long, env = "HANGAR_CLUSTER")]
-    pub cluster: ClusterName,
+    pub cluster: Option<ClusterName>,
     /// Drone name (`dr-…`); random when absent.
     #[arg(long, env = "HANGAR_DRONE_NAME")]
     pub name: Option<hangar_types::DroneName>,
-    /// Drone pool ("" is the default pool).
-    #[arg(long, env = "HANGAR_POOL", default_value = "")]
-    pub pool: String,
-    /// Address proxies use to reach this drone's backends.
-    #[arg(long, env = "HANGAR_IP", default_value = "127.0.0.1")]
-    pub ip: IpAddr,
+    /// Drone pool. Default: "" (the default pool).
+    #[arg(long, env = "HANGAR_POOL")]
+    pub pool: Option<String>,
+    /// Address proxies use to reach this drone's backends. Default: 127.0.0.1.
+    #[arg(long, env = "HANGAR_IP")]
+    pub ip: Option<IpAddr>,
     /// File for the drone's own state (backends it runs, unacknowledged events); in memory when
     /// absent (backends are then lost on restart).
     #[arg(long, env = "HANGAR_STATE_FILE")]
-    pub state_file: Option<std::path::PathBuf>,
-    /// Executors to offer. `process` runs any command a `/ctrl` caller sends: offer it only to
-    /// trusted callers.
-    #[arg(
-        long = "executor",
-        env = "HANGAR_EXECUTOR",
-        value_delimiter = ',',
-        default_value = "docker"
-    )]
-    pub executors: Vec<ExecutorArg>,
+    pub state_file: Option<PathBuf>,
+    /// Executors to offer (repeat or separate with commas). `process` runs any command a `/ctrl`
+    /// caller sends: offer it only to trusted callers. Default: docker.
+    #[arg(long = "executor", env = "HANGAR_EXECUTOR", value_delimiter = ',')]
+    pub executors: Option<Vec<ExecutorArg>>,
+    /// Docker: absolute host directory under which `executable.mount` directories are created
+    /// (bound at `/plane-data` in the container). Without it, backends asking for a mount fail.
+    #[arg(long, env = "HANGAR_MOUNT_BASE")]
+    pub mount_base: Option<PathBuf>,
+    /// Docker: runtime for every container, e.g. `runsc` (gVisor). Default: Docker's.
+    #[arg(long, env = "HANGAR_DOCKER_RUNTIME")]
+    pub docker_runtime: Option<String>,
+    /// Docker: log configuration for every container, as JSON, e.g.
+    /// '{"Type": "json-file", "Config": {"max-size": "10m"}}'. Default: Docker's.
+    #[arg(long, env = "HANGAR_LOG_CONFIG", value_parser = parse_json)]
+    pub log_config: Option<serde_json::Value>,
+}
+
+/// A JSON flag value.
+fn parse_json(s: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))
 }
 
 /// `--executor` values.
@@ -159,24 +186,31 @@ pub enum ExecutorArg {
 
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// Controller URL (`http(s)://[TOKEN@]host:port`).
+    /// TOML file with `ProxyConfig` fields, plus `host` and `http_port`. Flags and `HANGAR_*`
+    /// variables override its values.
+    #[arg(long, env = "HANGAR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Controller URL (`http(s)://[TOKEN@]host:port`). Required.
     #[arg(long, env = "HANGAR_CONTROLLER_URL")]
-    pub controller_url: Url,
-    /// Cluster this proxy serves.
+    pub controller_url: Option<Url>,
+    /// Cluster this proxy serves. Required.
     #[arg(long, env = "HANGAR_CLUSTER")]
-    pub cluster: ClusterName,
+    pub cluster: Option<ClusterName>,
     /// Proxy name (`px-…`); random when absent.
     #[arg(long, env = "HANGAR_PROXY_NAME")]
     pub name: Option<hangar_types::ProxyName>,
-    /// Address to listen on.
-    #[arg(long, env = "HANGAR_HOST", default_value = "0.0.0.0")]
-    pub host: IpAddr,
-    /// HTTP port.
-    #[arg(long, env = "HANGAR_HTTP_PORT", default_value_t = 9090)]
-    pub http_port: u16,
+    /// Address to listen on. Default: 0.0.0.0.
+    #[arg(long, env = "HANGAR_HOST")]
+    pub host: Option<IpAddr>,
+    /// HTTP port. Default: 9090 (80 with --https or --https-port).
+    #[arg(long, env = "HANGAR_HTTP_PORT")]
+    pub http_port: Option<u16>,
     /// Requests for `/` are redirected here.
     #[arg(long, env = "HANGAR_ROOT_REDIRECT_URL")]
     pub root_redirect_url: Option<Url>,
+    /// HTTPS and certificates (boxed: they are most of the size of the arguments).
+    #[command(flatten)]
+    pub tls: Box<crate::proxy_tls::ProxyTlsArgs>,
 }
 
 impl ExecutorArg {
@@ -189,24 +223,37 @@ impl ExecutorArg {
 }
 
 impl DroneArgs {
-    pub fn to_config(&self) -> DroneConfig {
-        let mut config = DroneConfig::new(self.controller_url.clone(), self.cluster.clone());
-        if let Some(name) = &self.name {
-            config.name = name.clone();
-        }
-        config.pool = self.pool.clone();
-        config.ip = self.ip;
-        config.state_file = self.state_file.clone();
-        let mut executors: Vec<ExecutorKind> = self.executors.iter().map(|e| e.kind()).collect();
-        executors.sort();
-        executors.dedup();
-        config.executors = executors;
-        config
+    /// The drone's configuration from file, environment and flags (not yet validated).
+    pub fn to_config(&self) -> anyhow::Result<DroneConfig> {
+        let mut layers = ConfigLayers::load(self.config.as_deref())?;
+        layers.set("controller_url", self.controller_url.as_ref())?;
+        layers.set("cluster", self.cluster.as_ref())?;
+        layers.set("name", self.name.as_ref())?;
+        layers.set("pool", self.pool.as_ref())?;
+        layers.set("ip", self.ip.as_ref())?;
+        layers.set("state_file", self.state_file.as_ref())?;
+        let executors = self.executors.as_ref().map(|given| {
+            let mut kinds: Vec<ExecutorKind> = given.iter().map(|e| e.kind()).collect();
+            kinds.sort();
+            kinds.dedup();
+            kinds
+        });
+        layers.set("executors", executors.as_ref())?;
+        layers.set("mount_base", self.mount_base.as_ref())?;
+        layers.set("docker_runtime", self.docker_runtime.as_ref())?;
+        layers.set("docker_log_config", self.log_config.as_ref())?;
+        layers.require(
+            "controller_url",
+            "--controller-url",
+            "HANGAR_CONTROLLER_URL",
+        )?;
+        layers.require("cluster", "--cluster", "HANGAR_CLUSTER")?;
+        Ok(layers.build("drone")?)
     }
 }
 
 pub async fn run_drone(args: DroneArgs) -> anyhow::Result<ExitCode> {
-    let config = args.to_config();
+    let config = args.to_config()?;
     if let Err(e) = config.validate() {
         if matches!(e, hangar_drone::DroneConfigError::ExecutorUnavailable(_)) {
             anyhow::bail!(
@@ -226,27 +273,59 @@ pub async fn run_drone(args: DroneArgs) -> anyhow::Result<ExitCode> {
 }
 
 impl ProxyArgs {
-    pub fn to_config(&self) -> ProxyConfig {
-        let mut config = ProxyConfig::new(self.controller_url.clone(), self.cluster.clone());
-        if let Some(name) = &self.name {
-            config.name = name.clone();
-        }
-        config.root_redirect_url = self.root_redirect_url.clone();
-        config
+    /// The proxy's configuration (not yet validated) and listen address, from file, environment and
+    /// flags.
+    #[cfg(test)]
+    pub fn to_config(&self) -> anyhow::Result<(ProxyConfig, SocketAddr)> {
+        let setup = self.to_setup()?;
+        Ok((setup.config, setup.http))
+    }
+
+    /// [`ProxyArgs::to_config`] with the HTTPS listen address too (Plane's port rules, see
+    /// [`crate::proxy_tls::ports`]); the file may also hold `https` and `https_port`.
+    pub fn to_setup(&self) -> anyhow::Result<crate::proxy_tls::ProxySetup> {
+        let mut layers = ConfigLayers::load(self.config.as_deref())?;
+        let host = layers.take("host", self.host)?.unwrap_or(PROXY_HOST);
+        let http_port = layers.take("http_port", self.http_port)?;
+        let https_port = layers.take("https_port", self.tls.https_port)?;
+        let https = layers.take("https", self.tls.https.then_some(true))?;
+        let ports = crate::proxy_tls::ports(
+            https.unwrap_or(false),
+            http_port,
+            https_port,
+            PROXY_HTTP_PORT,
+        );
+        layers.set("controller_url", self.controller_url.as_ref())?;
+        layers.set("cluster", self.cluster.as_ref())?;
+        layers.set("name", self.name.as_ref())?;
+        layers.set("root_redirect_url", self.root_redirect_url.as_ref())?;
+        layers.require(
+            "controller_url",
+            "--controller-url",
+            "HANGAR_CONTROLLER_URL",
+        )?;
+        layers.require("cluster", "--cluster", "HANGAR_CLUSTER")?;
+        let mut config: ProxyConfig = layers.build("proxy")?;
+        self.tls.apply(&mut config)?;
+        crate::proxy_tls::ProxySetup::new(config, host, ports)
     }
 }
 
 pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
-    let config = args.to_config();
+    let setup = args.to_setup()?;
+    let config = setup.config;
     config.validate().context("invalid proxy configuration")?;
-    let listener = bind_listener(
-        SocketAddr::new(args.host, args.http_port),
-        "proxy",
-        "--http-port",
-    )
-    .await?;
+    let listener = bind_listener(setup.http, "proxy", "--http-port").await?;
+    let https = match setup.https {
+        Some(addr) => Some(bind_listener(addr, "proxy's HTTPS", "--https-port").await?),
+        None => None,
+    };
     let mut signals = StopSignals::install()?;
-    let proxy = hangar_proxy::start(config, listener)
+    let listeners = hangar_proxy::ProxyListeners {
+        http: listener,
+        https,
+    };
+    let proxy = hangar_proxy::start_with_listeners(config, listeners)
         .await
         .context("starting the proxy")?;
     let signal = signals.recv().await;
@@ -272,10 +351,24 @@ mod tests {
         Cli::try_parse_from(std::iter::once("hangar").chain(args.iter().copied()))
     }
 
+    fn drone(args: &[&str]) -> DroneArgs {
+        let mut full = vec!["drone"];
+        full.extend_from_slice(args);
+        match parse(&full).unwrap() {
+            Cli::Drone(d) => d,
+            other => panic!("not a drone: {other:?}"),
+        }
+    }
+
+    fn config_file(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+        file
+    }
+
     #[test]
     fn drone_args() {
-        let Cli::Drone(d) = parse(&[
-            "drone",
+        let c = drone(&[
             "--controller-url",
             "http://ctrl:8080",
             "--cluster",
@@ -285,16 +378,13 @@ mod tests {
             "--pool",
             "gpu",
         ])
-        .unwrap() else {
-            panic!("not a drone")
-        };
-        let c = d.to_config();
+        .to_config()
+        .unwrap();
         assert_eq!(c.executors, vec![ExecutorKind::Process]);
         assert_eq!(c.pool, "gpu");
         assert!(c.name.as_str().starts_with("dr-"));
         assert!(c.validate().is_ok());
-        let Cli::Drone(d) = parse(&[
-            "drone",
+        let d = drone(&[
             "--controller-url",
             "http://ctrl:8080",
             "--cluster",
@@ -303,26 +393,14 @@ mod tests {
             "process,docker",
             "--executor",
             "process",
-        ])
-        .unwrap() else {
-            panic!("not a drone")
-        };
+        ]);
         assert_eq!(
-            d.to_config().executors,
+            d.to_config().unwrap().executors,
             vec![ExecutorKind::Docker, ExecutorKind::Process]
         );
         // Docker is the default executor.
-        let Cli::Drone(d) = parse(&[
-            "drone",
-            "--controller-url",
-            "http://ctrl:8080",
-            "--cluster",
-            "c",
-        ])
-        .unwrap() else {
-            panic!("not a drone")
-        };
-        assert_eq!(d.to_config().executors, vec![ExecutorKind::Docker]);
+        let d = drone(&["--controller-url", "http://ctrl:8080", "--cluster", "c"]);
+        assert_eq!(d.to_config().unwrap().executors, vec![ExecutorKind::Docker]);
         assert!(parse(&[
             "drone",
             "--cluster",
@@ -333,7 +411,14 @@ mod tests {
             "vm"
         ])
         .is_err());
-        assert!(parse(&["drone", "--cluster", "c"]).is_err());
+        let err = drone(&["--cluster", "c"])
+            .to_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--controller-url") && err.contains("HANGAR_CONTROLLER_URL"),
+            "{err}"
+        );
         assert!(parse(&[
             "drone",
             "--controller-url",
@@ -344,6 +429,81 @@ mod tests {
             "px-abc"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn drone_docker_flags() {
+        let base = ["--controller-url", "http://ctrl:8080", "--cluster", "c"];
+        let with = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            drone(&args).to_config().unwrap()
+        };
+        let c = with(&[
+            "--mount-base",
+            "/srv/hangar",
+            "--docker-runtime",
+            "runsc",
+            "--log-config",
+            r#"{"Type": "json-file", "Config": {"max-size": "10m"}}"#,
+        ]);
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            c.mount_base.as_deref(),
+            Some(std::path::Path::new("/srv/hangar"))
+        );
+        assert_eq!(c.docker_runtime.as_deref(), Some("runsc"));
+        let log = c.log_config().unwrap().unwrap();
+        assert_eq!(
+            (log.kind.as_str(), log.config["max-size"].as_str()),
+            ("json-file", "10m")
+        );
+        assert!(with(&["--mount-base", "relative"]).validate().is_err());
+        assert!(with(&["--log-config", r#"{"Driver": "x"}"#])
+            .validate()
+            .is_err());
+        let mut args: Vec<&str> = vec!["drone"];
+        args.extend(base);
+        args.extend(["--log-config", "not json"]);
+        assert!(parse(&args).is_err());
+    }
+
+    #[test]
+    fn drone_flags_override_the_config_file() {
+        let file = config_file(
+            "controller_url = \"http://file:8080/\"\ncluster = \"file.example\"\npool = \"p\"\n\
+             executors = [\"process\"]\nsoft_terminate_grace = 2500\n",
+        );
+        let path = file.path().to_str().unwrap();
+        let c = drone(&["--config", path]).to_config().unwrap();
+        assert_eq!(c.controller_url.as_str(), "http://file:8080/");
+        assert_eq!(c.executors, vec![ExecutorKind::Process]);
+        assert_eq!(c.soft_terminate_grace, Duration::from_millis(2500));
+        let c = drone(&[
+            "--config",
+            path,
+            "--pool",
+            "flag",
+            "--cluster",
+            "flag.example",
+        ])
+        .to_config()
+        .unwrap();
+        assert_eq!(c.pool, "flag");
+        assert_eq!(c.cluster.as_str(), "flag.example");
+        assert_eq!(
+            c.executors,
+            vec![ExecutorKind::Process],
+            "kept from the file"
+        );
+
+        let bad = config_file(
+            "controller_url = \"http://x/\"\ncluster = \"c\"\nexecutor = [\"process\"]\n",
+        );
+        let err = drone(&["--config", bad.path().to_str().unwrap()])
+            .to_config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `executor`"), "{err}");
     }
 
     #[test]
@@ -360,8 +520,8 @@ mod tests {
         .unwrap() else {
             panic!("not a proxy")
         };
-        assert_eq!(p.http_port, 9090);
-        let c = p.to_config();
+        let (c, listen) = p.to_config().unwrap();
+        assert_eq!(listen, "0.0.0.0:9090".parse().unwrap());
         assert_eq!(c.cluster.as_str(), "app.example.com");
         assert_eq!(
             c.root_redirect_url.as_ref().map(Url::as_str),
@@ -370,19 +530,63 @@ mod tests {
         let Cli::Controller(c) = parse(&["controller", "--db", "x.db"]).unwrap() else {
             panic!("not a controller")
         };
-        assert_eq!(c.port, 8080);
-        assert_eq!(c.host, IpAddr::from([127, 0, 0, 1]));
-        assert!(parse(&["controller"]).is_err());
+        let setup = c.resolve().unwrap();
+        assert_eq!(setup.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(setup.db.location, "x.db");
+        let Cli::Controller(c) = parse(&["controller"]).unwrap() else {
+            panic!("not a controller")
+        };
+        let err = c.resolve().unwrap_err().to_string();
+        assert!(err.contains("--db") && err.contains("HANGAR_DB"), "{err}");
         assert!(parse(&["controller", "--db", "x", "--default-cluster", "a b"]).is_err());
     }
 
-    #[tokio::test]
-    async fn postgres_is_refused_clearly() {
-        let err = tokio::time::timeout(Duration::from_secs(10), open_store("postgres://u@h/db"))
-            .await
-            .unwrap()
-            .unwrap_err();
-        assert!(err.to_string().contains("not supported yet"), "{err}");
+    #[test]
+    fn controller_file_holds_listen_and_database_settings() {
+        let file = config_file(
+            "db = \"postgres://u:p@db:5432/hangar\"\nhost = \"0.0.0.0\"\nport = 7000\n\
+             best_of = 3\ndefault_cluster = \"file.example\"\nbearer_token = \"from-file\"\n",
+        );
+        let path = file.path().to_str().unwrap();
+        let Cli::Controller(c) = parse(&["controller", "--config", path]).unwrap() else {
+            panic!("not a controller")
+        };
+        let setup = c.resolve().unwrap();
+        assert_eq!(setup.listen, "0.0.0.0:7000".parse().unwrap());
+        assert_eq!(setup.db.kind, crate::database::DatabaseKind::Postgres);
+        assert_eq!(setup.config.best_of, 3);
+        assert_eq!(setup.config.bearer_token.as_deref(), Some("from-file"));
+        let Cli::Controller(c) = parse(&[
+            "controller",
+            "--config",
+            path,
+            "--port",
+            "7001",
+            "--db",
+            "local.db",
+            "--bearer-token",
+            "from-flag",
+        ])
+        .unwrap() else {
+            panic!("not a controller")
+        };
+        let setup = c.resolve().unwrap();
+        assert_eq!(setup.listen, "0.0.0.0:7001".parse().unwrap());
+        assert_eq!(setup.db.location, "local.db");
+        assert_eq!(setup.config.bearer_token.as_deref(), Some("from-flag"));
+        assert_eq!(
+            setup.config.default_cluster.as_ref().map(|c| c.as_str()),
+            Some("file.example")
+        );
+
+        let invalid = config_file("db = \"x.db\"\nbest_of = 0\n");
+        let Cli::Controller(c) =
+            parse(&["controller", "--config", invalid.path().to_str().unwrap()]).unwrap()
+        else {
+            panic!("not a controller")
+        };
+        let err = format!("{:#}", c.resolve().unwrap_err());
+        assert!(err.contains("best_of"), "{err}");
     }
 
     #[tokio::test]

@@ -71,6 +71,7 @@ async fn the_loop_deletes_old_terminated_backends() {
             reason: None,
             exit_code: Some(0),
             message: None,
+            oom_killed: false,
         };
         drone.report(1, &old, terminated).await;
         ctl.advance_clock(Duration::from_secs(2 * 24 * 3600)).await;

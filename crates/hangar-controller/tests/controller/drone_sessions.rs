@@ -205,6 +205,7 @@ async fn backend_events_are_acked_and_advance_status() {
                     reason: None,
                     exit_code: Some(3),
                     message: None,
+                    oom_killed: false,
                 },
             )
             .await;

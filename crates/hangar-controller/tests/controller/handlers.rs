@@ -255,6 +255,7 @@ async fn connect_to_a_terminating_backend_is_refused() {
                     reason: Some(TerminationReason::External),
                     exit_code: Some(0),
                     message: None,
+                    oom_killed: false,
                 },
             )
             .await
@@ -287,6 +288,23 @@ async fn connect_takes_over_an_expired_key() {
         assert_eq!(status, StatusCode::OK, "{second}");
         assert_eq!(second["spawned"], true);
         assert_ne!(second["backend_id"], first["backend_id"]);
+        // The old holder is recorded as lost before the new backend was created.
+        let old: hangar_types::BackendId = first["backend_id"].as_str().unwrap().parse().unwrap();
+        let new: hangar_types::BackendId = second["backend_id"].as_str().unwrap().parse().unwrap();
+        let old_row = api.store.backend(&old).await.unwrap().unwrap();
+        assert_eq!(
+            old_row.state.status(),
+            hangar_types::BackendStatus::Terminated
+        );
+        assert!(matches!(
+            old_row.state,
+            hangar_types::BackendState::Terminated {
+                reason: Some(hangar_types::TerminationReason::Lost),
+                ..
+            }
+        ));
+        let new_row = api.store.backend(&new).await.unwrap().unwrap();
+        assert!(old_row.state_time <= new_row.created_at);
     })
     .await
 }
@@ -785,6 +803,7 @@ async fn prevent_renew_route() {
             reason: None,
             exit_code: Some(0),
             message: None,
+            oom_killed: false,
         };
         api.store
             .record_backend_state(&id, &terminated)

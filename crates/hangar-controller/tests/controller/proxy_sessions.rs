@@ -118,6 +118,7 @@ async fn pending_route_gets_none_when_the_backend_terminates() {
                     reason: Some(TerminationReason::InternalError),
                     exit_code: None,
                     message: Some("could not start".into()),
+                    oom_killed: false,
                 },
             )
             .await;
@@ -161,6 +162,7 @@ async fn terminating_backend_is_removed_from_proxies() {
                     reason: Some(TerminationReason::External),
                     exit_code: Some(0),
                     message: None,
+                    oom_killed: false,
                 },
             )
             .await;

@@ -8,30 +8,26 @@
 //! what is left (when the recorded pid still names the same process) and reports the backend gone.
 //! Variables starting with `HANGAR_` (which may carry drone credentials) are not passed on.
 
-use super::{BackendSpec, Executor, ExecutorError, RunningBackend, Started};
+use super::log_lines::{LineSplitter, RecentLines};
+use super::{BackendSpec, Executor, ExecutorError, Reattached, RunningBackend, Started};
 use async_trait::async_trait;
 use hangar_types::executable::{Executable, ExecutorKind, ProcessExecutable};
 use hangar_types::{BackendId, TerminationKind};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How many output lines are kept per backend.
-pub const LOG_LINES: usize = 200;
-/// Longer output lines are cut to this many bytes.
-const MAX_LINE_BYTES: usize = 4096;
+pub use super::log_lines::LOG_LINES;
 
 pub struct ProcessExecutor {
     ip: IpAddr,
@@ -120,7 +116,7 @@ impl Executor for ProcessExecutor {
             pid,
             start_time: process_start_time(pid),
         };
-        let logs = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_LINES)));
+        let logs = RecentLines::default();
         if let Some(out) = child.stdout.take() {
             let reader = LogReader::new(spec.id.clone(), "stdout", logs.clone());
             self.tracker
@@ -156,9 +152,9 @@ impl Executor for ProcessExecutor {
         &self,
         backend: &BackendId,
         record: Option<&serde_json::Value>,
-    ) -> Result<Option<Started>, ExecutorError> {
+    ) -> Result<Reattached, ExecutorError> {
         self.remove(backend, record).await?;
-        Ok(None)
+        Ok(Reattached::Gone)
     }
 
     async fn remove(
@@ -196,7 +192,7 @@ struct RunningProcess {
     signals: mpsc::Sender<Signal>,
     /// `None` while running; `Some(exit code)` once exited.
     exit: watch::Receiver<Option<Option<i32>>>,
-    logs: Arc<Mutex<VecDeque<String>>>,
+    logs: RecentLines,
 }
 
 #[async_trait]
@@ -227,10 +223,7 @@ impl RunningBackend for RunningProcess {
     }
 
     fn recent_logs(&self) -> Vec<String> {
-        match self.logs.lock() {
-            Ok(logs) => logs.iter().cloned().collect(),
-            Err(poisoned) => poisoned.into_inner().iter().cloned().collect(),
-        }
+        self.logs.snapshot()
     }
 }
 
@@ -295,22 +288,21 @@ async fn run_process(
 struct LogReader {
     backend: BackendId,
     stream: &'static str,
-    lines: Arc<Mutex<VecDeque<String>>>,
-    current: Vec<u8>,
+    lines: RecentLines,
 }
 
 impl LogReader {
-    fn new(backend: BackendId, stream: &'static str, lines: Arc<Mutex<VecDeque<String>>>) -> Self {
+    fn new(backend: BackendId, stream: &'static str, lines: RecentLines) -> Self {
         LogReader {
             backend,
             stream,
             lines,
-            current: Vec::new(),
         }
     }
 
-    async fn run(mut self, mut pipe: impl AsyncRead + Unpin, cancel: CancellationToken) {
+    async fn run(self, mut pipe: impl AsyncRead + Unpin, cancel: CancellationToken) {
         let mut buf = [0u8; 4096];
+        let mut splitter = LineSplitter::default();
         loop {
             let n = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -319,31 +311,16 @@ impl LogReader {
                     Ok(n) => n,
                 },
             };
-            for &byte in &buf[..n] {
-                if byte == b'\n' {
-                    self.finish_line();
-                } else if self.current.len() < MAX_LINE_BYTES {
-                    self.current.push(byte);
-                }
-            }
+            splitter.feed(&buf[..n], |line| self.keep(line));
         }
-        if !self.current.is_empty() {
-            self.finish_line();
+        if let Some(line) = splitter.finish() {
+            self.keep(line);
         }
     }
 
-    fn finish_line(&mut self) {
-        let line = String::from_utf8_lossy(&self.current).into_owned();
-        self.current.clear();
+    fn keep(&self, line: String) {
         tracing::debug!(backend = %self.backend, stream = self.stream, "{line}");
-        let mut lines = match self.lines.lock() {
-            Ok(lines) => lines,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if lines.len() == LOG_LINES {
-            lines.pop_front();
-        }
-        lines.push_back(line);
+        self.lines.push(line);
     }
 }
 

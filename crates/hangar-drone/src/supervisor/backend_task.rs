@@ -84,7 +84,7 @@ impl BackendTask {
     ) {
         match (executor, started) {
             (executor, Some(started)) => {
-                let outlives = executor.is_some_and(|e| e.backends_outlive_drone());
+                let outlives = executor.is_some_and(|e| self.outlives_drone(&*e));
                 self.run_started(started, outlives).await
             }
             (None, None) => {
@@ -106,14 +106,14 @@ impl BackendTask {
         match self.step(executor.prepare(spec)).await {
             Step::Done(Ok(())) => {}
             Step::Done(Err(e)) => return self.fail(e.to_string()).await,
-            Step::Stopped => return self.apply_exited(None).await,
+            Step::Stopped => return self.apply_exited(None, false).await,
             Step::Detached => return,
         }
         self.apply(Transition::Start).await;
         match self.step(executor.start(spec)).await {
             Step::Done(Ok(started)) => {
-                self.run_started(started, executor.backends_outlive_drone())
-                    .await
+                let outlives = self.outlives_drone(&*executor);
+                self.run_started(started, outlives).await
             }
             Step::Done(Err(e)) => self.fail(e.to_string()).await,
             Step::Stopped => {
@@ -121,10 +121,15 @@ impl BackendTask {
                 if let Err(e) = executor.remove(&self.id, None).await {
                     tracing::warn!(backend = %self.id, error = %e, "Failed to remove aborted backend");
                 }
-                self.apply_exited(None).await;
+                self.apply_exited(None, false).await;
             }
             Step::Detached => {}
         }
+    }
+
+    /// Whether the backend is left running when the drone shuts down (to be re-adopted).
+    fn outlives_drone(&self, executor: &dyn Executor) -> bool {
+        executor.backends_outlive_drone() && self.supervisors.inner.settings.durable_state
     }
 
     async fn fail(&mut self, message: String) {
@@ -179,7 +184,10 @@ impl BackendTask {
                 biased;
                 _ = self.supervisors.inner.detach.cancelled() => Interrupt::Detach,
                 code = backend.exited() => {
-                    self.apply_exited(code).await;
+                    if backend.oom_killed() {
+                        tracing::info!(backend = %self.id, "Backend ran out of memory");
+                    }
+                    self.apply_exited(code, backend.oom_killed()).await;
                     break;
                 }
                 command = self.commands.recv() => self.on_command(command, outlives).await,
@@ -289,8 +297,12 @@ impl BackendTask {
         }
     }
 
-    async fn apply_exited(&mut self, exit_code: Option<i32>) {
-        self.apply(Transition::Exited { exit_code }).await;
+    async fn apply_exited(&mut self, exit_code: Option<i32>, oom_killed: bool) {
+        self.apply(Transition::Exited {
+            exit_code,
+            oom_killed,
+        })
+        .await;
     }
 
     /// Moves the state machine; records and returns `true` when the state changed.

@@ -1,7 +1,9 @@
 //! The process executor on its own: environment, signals, exit codes, leftovers.
 
 use crate::test_backend;
-use hangar_drone::executor::{BackendSpec, Executor, ExecutorError, ProcessExecutor, Started};
+use hangar_drone::executor::{
+    BackendSpec, Executor, ExecutorError, ProcessExecutor, Reattached, Started,
+};
 use hangar_types::executable::{Executable, ProcessExecutable};
 use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendId, TerminationKind};
@@ -237,7 +239,7 @@ async fn leftover_process_is_killed_by_its_record() {
         // A restarted drone cannot re-adopt it: the process is killed and nothing is returned.
         let other = process_executor();
         let adopted = other.reattach(&spec.id, Some(&record)).await.unwrap();
-        assert!(adopted.is_none());
+        assert!(matches!(adopted, Reattached::Gone));
         assert_eq!(started.backend.exited().await, Some(137));
         executor.shutdown().await;
         other.shutdown().await;

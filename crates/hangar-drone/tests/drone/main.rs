@@ -1,9 +1,10 @@
-//! Drone tests with real processes and real sockets: the process executor on its own, and whole drones
-//! against a fake controller.
+//! Drone tests with real processes, real containers and real sockets: the process and Docker
+//! executors on their own, and whole drones against a fake controller.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod docker;
 mod executor;
 mod fake_controller;
 mod session;

@@ -192,6 +192,7 @@ async fn spawn_reports_states_replays_until_acked_and_terminates() {
                 reason: Some(TerminationReason::External),
                 exit_code: Some(0),
                 message: None,
+                oom_killed: false,
             }
         );
         expect_ack(&mut conn, &action).await;
@@ -234,6 +235,7 @@ async fn executable_of_another_kind_fails_at_once() {
                 message: Some(
                     "this drone cannot run Docker images (executors offered: process)".into()
                 ),
+                oom_killed: false,
             }
         );
         conn.shutdown_drone(drone).await;
@@ -346,6 +348,7 @@ async fn backend_that_never_listens_times_out() {
                 reason: Some(TerminationReason::StartupTimeout),
                 exit_code: Some(137),
                 message: None,
+                oom_killed: false,
             }
         );
         conn.shutdown_drone(drone).await;
@@ -375,6 +378,7 @@ async fn ignored_sigterm_is_followed_by_sigkill_after_the_grace_period() {
                 reason: Some(TerminationReason::External),
                 exit_code: Some(137),
                 message: None,
+                oom_killed: false,
             }
         );
         conn.shutdown_drone(drone).await;

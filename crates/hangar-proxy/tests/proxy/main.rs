@@ -11,4 +11,5 @@ mod pipeline;
 mod raw;
 mod routing;
 mod support;
+mod tls;
 mod websocket;

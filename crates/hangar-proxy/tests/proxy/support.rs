@@ -73,6 +73,8 @@ struct ControllerInner {
     answers: Mutex<HashMap<String, Answer>>,
     route_requests: Mutex<Vec<ConnectionToken>>,
     keepalives: Mutex<Vec<BackendId>>,
+    /// Certificate messages from the proxy, in arrival order.
+    tls_messages: Mutex<Vec<ProxyToController>>,
     hellos: Mutex<Vec<Hello>>,
     sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<ControllerToProxy>>>,
     next_session: Mutex<u64>,
@@ -170,6 +172,11 @@ impl FakeController {
         self.inner.sessions.lock().unwrap().len()
     }
 
+    /// The certificate messages the proxy sent (lease, TXT, HTTP-01, certificates).
+    pub fn tls_messages(&self) -> Vec<ProxyToController> {
+        self.inner.tls_messages.lock().unwrap().clone()
+    }
+
     pub fn hellos(&self) -> Vec<Hello> {
         self.inner.hellos.lock().unwrap().clone()
     }
@@ -259,8 +266,22 @@ fn handle_proxy_message(
         ProxyToController::KeepAlive { backend, .. } => {
             inner.keepalives.lock().unwrap().push(backend);
         }
-        // Certificate lease and ACME messages: handled by the TLS work.
-        _ => {}
+        // Every certificate request is granted: this controller has one proxy.
+        other => {
+            let answer = match &other {
+                ProxyToController::CertLeaseRequest => {
+                    Some(ControllerToProxy::CertLeaseResponse { accepted: true })
+                }
+                ProxyToController::SetTxtRecord { .. } => {
+                    Some(ControllerToProxy::SetTxtRecordResponse { accepted: true })
+                }
+                _ => None,
+            };
+            inner.tls_messages.lock().unwrap().push(other);
+            if let Some(answer) = answer {
+                let _ = tx.send(answer);
+            }
+        }
     }
 }
 

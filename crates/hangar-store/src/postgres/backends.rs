@@ -15,7 +15,7 @@ use crate::events::StoreEvent;
 use crate::model::*;
 use crate::StoreResult;
 use hangar_types::protocol::{AcquiredKey, ActionMessage, BackendAction};
-use hangar_types::timing::{CONNECTED_REPORT_TTL, KEY_LEASE};
+use hangar_types::timing::CONNECTED_REPORT_TTL;
 use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis};
 use serde_json::Value;
 use sqlx::{PgConnection, Row};
@@ -36,7 +36,9 @@ pub(super) async fn key_lookup(s: &PostgresStore, key: &KeyRef) -> StoreResult<K
         return Ok(KeyLookup::Missing);
     };
     if row.try_get::<bool, _>("expired")? {
-        return Ok(KeyLookup::Expired);
+        return Ok(KeyLookup::Expired {
+            backend: backend_row(&row)?,
+        });
     }
     Ok(KeyLookup::Live {
         tag: row.try_get("held_tag")?,
@@ -132,7 +134,7 @@ pub(super) async fn insert_backend_with_key(
     .bind(&new.key.namespace)
     .bind(new.key.name.as_str())
     .bind(&new.key.tag)
-    .bind(now.plus(KEY_LEASE).0)
+    .bind(now.0.saturating_add(s.key_lease_ms()))
     .bind(fencing_token)
     .execute(&mut *tx)
     .await;
@@ -374,7 +376,7 @@ pub(super) async fn renew_key(s: &PostgresStore, backend: &BackendId) -> StoreRe
          WHERE backend_id = $3 AND allow_renew",
     )
     .bind(s.offset())
-    .bind(millis_of(KEY_LEASE))
+    .bind(s.key_lease_ms())
     .bind(backend.as_str())
     .execute(&s.pool)
     .await?

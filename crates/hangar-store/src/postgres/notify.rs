@@ -185,6 +185,7 @@ mod tests {
             reason: Some(TerminationReason::External),
             exit_code: Some(1),
             message: Some(message),
+            oom_killed: false,
         }
     }
 

@@ -32,7 +32,9 @@ pub(super) async fn key_lookup(s: &SqliteStore, key: &KeyRef) -> StoreResult<Key
     };
     let expires_at: i64 = row.try_get("expires_at")?;
     if expires_at <= now.0 {
-        return Ok(KeyLookup::Expired);
+        return Ok(KeyLookup::Expired {
+            backend: backend_row(&row)?,
+        });
     }
     Ok(KeyLookup::Live {
         tag: row.try_get("held_tag")?,

@@ -215,6 +215,7 @@ async fn events_reach_other_stores() {
             reason: Some(TerminationReason::External),
             exit_code: Some(1),
             message: Some("x".repeat(20_000)),
+            oom_killed: false,
         };
         let terminated = applied(&a, &id, &large).await;
         assert_eq!(relayed(&mut on_b).await, terminated);

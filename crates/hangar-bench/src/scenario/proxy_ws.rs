@@ -1,0 +1,216 @@
+//! `proxy-ws`: N concurrent WebSockets to one test backend's echo endpoint, through Hangar's proxy and
+//! directly.
+//!
+//! - `hangar_rtt` / `direct_rtt`: every connection sends R small text messages one after another,
+//!   each waiting for its echo, all N connections at once; one sample per round trip.
+//! - Memory: the proxy runs as its own process (`hangar proxy`, the binary of this build's profile) so
+//!   its resident memory (`VmRSS` of `/proc/<pid>/status`) can be read alone: at 0 open WebSockets
+//!   (after a warm-up) and with N open idle ones. `proxy_bytes_per_idle_ws` is the difference divided
+//!   by N (each counts the client-side and the backend-side socket of the tunnel);
+//!   `idle_ws_per_gib` is 1 GiB divided by that.
+//!
+//! The controller and drone run in this process and are idle during the measurement.
+
+use super::{run_id, test_backend_executable, BenchOptions};
+use crate::child::ChildProcess;
+use crate::process_usage::{rss_bytes, Pid};
+use crate::report::{Report, Unit};
+use crate::system::{eventually, free_port, StoreKind, System, SystemConfig, WAIT};
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use hangar_types::BackendStatus;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const DEFAULT_N: usize = 1000;
+pub const DEFAULT_ROUND_TRIPS: usize = 20;
+/// Connections being opened at once.
+const OPEN_CONCURRENCY: usize = 64;
+const WARM_UP_CONNECTIONS: usize = 16;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct Measured {
+    proxy_rtt: Vec<Duration>,
+    direct_rtt: Vec<Duration>,
+    rss_idle: u64,
+    rss_open: u64,
+}
+
+pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
+    let n = options.n.unwrap_or(DEFAULT_N).max(1);
+    let round_trips = options.round_trips.unwrap_or(DEFAULT_ROUND_TRIPS);
+    let store = options.store.unwrap_or(StoreKind::Sqlite);
+    let mut report = Report::new("proxy-ws");
+    report.param("n", n);
+    report.param("round_trips", round_trips);
+    report.param("store", store.as_str());
+
+    let hangar = crate::binaries::hangar()?;
+    let port = free_port().await?;
+    let config = SystemConfig {
+        proxy: false,
+        cluster_port: Some(port),
+        ..SystemConfig::new(store)
+    };
+    let system = System::start(&config).await?;
+    let mut command = tokio::process::Command::new(&hangar);
+    command
+        .arg("proxy")
+        .arg("--controller-url")
+        .arg(system.controller_url().as_str())
+        .arg("--cluster")
+        .arg(system.cluster.as_str())
+        .arg("--host")
+        .arg("127.0.0.1")
+        .arg("--http-port")
+        .arg(port.to_string())
+        .env("RUST_LOG", "warn");
+    let measured = match ChildProcess::spawn("hangar proxy", command) {
+        Ok(mut proxy) => {
+            let measured = measure(&system, &mut proxy, n, round_trips).await;
+            proxy.stop().await;
+            measured
+        }
+        Err(e) => Err(e),
+    };
+    system.shutdown().await;
+    let m = measured?;
+
+    report.add_micros("direct_rtt", &m.direct_rtt, None);
+    report.add_micros("hangar_rtt", &m.proxy_rtt, Some("direct_rtt"));
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    report.add_value("proxy_rss_idle", Unit::Mebibytes, mib(m.rss_idle), None);
+    report.add_value(
+        &format!("proxy_rss_with_{n}_ws"),
+        Unit::Mebibytes,
+        mib(m.rss_open),
+        Some("proxy_rss_idle"),
+    );
+    let per_ws = m.rss_open.saturating_sub(m.rss_idle) as f64 / n as f64;
+    report.add_value("proxy_bytes_per_idle_ws", Unit::Bytes, per_ws, None);
+    if per_ws > 0.0 {
+        report.add_value(
+            "idle_ws_per_gib",
+            Unit::Count,
+            (1u64 << 30) as f64 / per_ws,
+            None,
+        );
+    }
+    report.note(format!(
+        "proxy memory is the VmRSS of a separate `{}` process",
+        hangar.display()
+    ));
+    Ok(report)
+}
+
+async fn measure(
+    system: &System,
+    proxy: &mut ChildProcess,
+    n: usize,
+    round_trips: usize,
+) -> anyhow::Result<Measured> {
+    let request = system.connect_request(
+        &format!("proxy-ws-{}", run_id()),
+        test_backend_executable(&[])?,
+    )?;
+    let response = system.client.connect(&request).await?;
+    system
+        .wait_for_status(&response.backend_id, BackendStatus::Ready)
+        .await?;
+    let backend = system.backend_address(&response.backend_id).await?;
+    let http = reqwest::Client::new();
+    eventually("the proxy process to route requests", WAIT, || async {
+        let ok = http
+            .get(&response.url)
+            .send()
+            .await
+            .ok()?
+            .status()
+            .is_success();
+        ok.then_some(())
+    })
+    .await?;
+    proxy.check_running()?;
+    let pid = Pid::Other(proxy.id()?);
+    let proxy_url = format!("{}ws", response.url.replacen("http://", "ws://", 1));
+    let direct_url = format!("ws://{backend}/ws");
+
+    // Warm-up: a few tunnels opened, used and closed, so lazily allocated state exists before the
+    // idle reading.
+    close_all(open(&proxy_url, WARM_UP_CONNECTIONS).await?).await;
+    let rss_idle = rss_bytes(pid)?;
+    let mut sockets = open(&proxy_url, n).await?;
+    let rss_open = rss_bytes(pid)?;
+    let proxy_rtt = round_trip_all(&mut sockets, round_trips).await?;
+    close_all(sockets).await;
+
+    let mut sockets = open(&direct_url, n).await?;
+    let direct_rtt = round_trip_all(&mut sockets, round_trips).await?;
+    close_all(sockets).await;
+    Ok(Measured {
+        proxy_rtt,
+        direct_rtt,
+        rss_idle,
+        rss_open,
+    })
+}
+
+/// Opens `n` WebSockets to `url` (a few at a time), each checked with one echo.
+async fn open(url: &str, n: usize) -> anyhow::Result<Vec<Ws>> {
+    futures_util::stream::iter(0..n)
+        .map(|_| async {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url)
+                .await
+                .with_context(|| format!("opening a WebSocket to {url}"))?;
+            round_trip(&mut ws).await?;
+            anyhow::Ok(ws)
+        })
+        .buffer_unordered(OPEN_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// Every socket does `round_trips` sequential echoes, all sockets concurrently.
+async fn round_trip_all(sockets: &mut [Ws], round_trips: usize) -> anyhow::Result<Vec<Duration>> {
+    let runs = sockets.iter_mut().map(|ws| async move {
+        let mut samples = Vec::with_capacity(round_trips);
+        for _ in 0..round_trips {
+            samples.push(round_trip(ws).await?);
+        }
+        anyhow::Ok(samples)
+    });
+    let results = futures_util::future::try_join_all(runs).await?;
+    Ok(results.into_iter().flatten().collect())
+}
+
+/// Sends one small text message and waits for its echo.
+async fn round_trip(ws: &mut Ws) -> anyhow::Result<Duration> {
+    const PAYLOAD: &str = "hangar-bench ping";
+    let sent = Instant::now();
+    ws.send(Message::text(PAYLOAD))
+        .await
+        .context("sending a WebSocket message")?;
+    let echoed = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return Ok(t),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => anyhow::bail!("expected an echo, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .context("no echo in time")??;
+    anyhow::ensure!(echoed.as_str() == PAYLOAD, "wrong echo {echoed:?}");
+    Ok(sent.elapsed())
+}
+
+async fn close_all(sockets: Vec<Ws>) {
+    let closes = sockets.into_iter().map(|mut ws| async move {
+        let _ = ws.close(None).await;
+    });
+    futures_util::future::join_all(closes).await;
+}

@@ -1,0 +1,281 @@
+//! `spawn`: N sequential cold spawns, one new key each.
+//!
+//! - `connect_to_ready`: from sending `POST /ctrl/connect` to seeing `ready` on the backend's status
+//!   stream (the stream is opened as soon as the connect call returns; it replays history).
+//! - `connect_to_first_response`: from the same instant to the first successful `GET` through the proxy
+//!   (sent right after the connect call returns; the proxy holds it until the backend is ready).
+//! - `connect_call`: how long the connect call itself took.
+//! - baseline `direct_start_to_http`: starting the same backend directly (process: spawn the binary;
+//!   Docker: `docker run -d -p 127.0.0.1::8080`) and probing it as the drone does (connect, `GET /`,
+//!   any HTTP answer counts) every millisecond until it answers — the floor.
+//!
+//! Baseline and Hangar runs alternate so drift affects both alike; one untimed warm-up of each comes
+//! first. Each backend is terminated (and awaited) before the next spawn, so every spawn is cold.
+
+use super::{run_id, test_backend_executable, BenchOptions};
+use crate::child::ChildProcess;
+use crate::http_load::answers_http;
+use crate::report::Report;
+use crate::system::{free_port, StoreKind, System, SystemConfig, WAIT};
+use anyhow::Context;
+use hangar_types::executable::{Executable, ExecutorKind};
+use hangar_types::BackendStatus;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_N: usize = 20;
+/// The image `scripts/build-test-image.sh` builds.
+pub const DOCKER_IMAGE: &str = "hangar-test-backend:latest";
+/// How often the baseline probes a freshly started backend.
+const BASELINE_PROBE_INTERVAL: Duration = Duration::from_millis(1);
+
+struct SpawnSample {
+    connect_call: Duration,
+    to_ready: Duration,
+    to_first_response: Duration,
+}
+
+/// How the backend is started directly, for the baseline.
+enum Direct {
+    Process(PathBuf),
+    Docker,
+}
+
+pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
+    let n = options.n.unwrap_or(DEFAULT_N);
+    let store = options.store.unwrap_or(StoreKind::Sqlite);
+    let executor = options.executor.unwrap_or(ExecutorKind::Process);
+    let mut report = Report::new("spawn");
+    report.param("n", n);
+    report.param("store", store.as_str());
+    report.param("executor", executor.to_string());
+
+    let (executable, direct) = match executor {
+        ExecutorKind::Process => (
+            test_backend_executable(&[])?,
+            Direct::Process(crate::binaries::test_backend()?),
+        ),
+        ExecutorKind::Docker => {
+            if let Err(reason) = docker_available().await {
+                report.note(format!("docker spawn skipped: {reason}"));
+                eprintln!("hangar-bench: docker spawn skipped: {reason}");
+                return Ok(report);
+            }
+            let executable = serde_json::from_value(serde_json::json!({
+                "image": DOCKER_IMAGE,
+                "pull_policy": "Never",
+            }))
+            .context("building the docker executable")?;
+            (executable, Direct::Docker)
+        }
+    };
+
+    let config = SystemConfig {
+        executor,
+        ..SystemConfig::new(store)
+    };
+    let system = match System::start(&config).await {
+        Ok(system) => system,
+        // The drone could not offer Docker (not built in, or no usable engine): say why and skip.
+        Err(e) if executor == ExecutorKind::Docker => {
+            let reason = format!("a drone with the Docker executor could not start ({e:#})");
+            report.note(format!("docker spawn skipped: {reason}"));
+            eprintln!("hangar-bench: docker spawn skipped: {reason}");
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
+    };
+    let measured = measure(&system, &executable, &direct, n).await;
+    system.shutdown().await;
+    let (samples, baseline) = measured?;
+
+    report.add_millis("direct_start_to_http", &baseline, None);
+    let pick = |f: fn(&SpawnSample) -> Duration| samples.iter().map(f).collect::<Vec<_>>();
+    report.add_millis(
+        "connect_to_ready",
+        &pick(|s| s.to_ready),
+        Some("direct_start_to_http"),
+    );
+    report.add_millis(
+        "connect_to_first_response",
+        &pick(|s| s.to_first_response),
+        Some("direct_start_to_http"),
+    );
+    report.add_millis("connect_call", &pick(|s| s.connect_call), None);
+    report.note(format!(
+        "baseline probes every {BASELINE_PROBE_INTERVAL:?}; the drone's probe starts at 20 ms and \
+         backs off (hangar-drone readiness.rs)"
+    ));
+    Ok(report)
+}
+
+async fn measure(
+    system: &System,
+    executable: &Executable,
+    direct: &Direct,
+    n: usize,
+) -> anyhow::Result<(Vec<SpawnSample>, Vec<Duration>)> {
+    let http = reqwest::Client::new();
+    let run = run_id();
+    // Warm-up (page cache, first connections): not recorded.
+    start_directly(direct).await.context("baseline warm-up")?;
+    spawn_once(system, &http, executable, &format!("spawn-{run}-warmup"))
+        .await
+        .context("warm-up spawn")?;
+    let mut samples = Vec::with_capacity(n);
+    let mut baseline = Vec::with_capacity(n);
+    for i in 0..n {
+        baseline.push(start_directly(direct).await?);
+        samples.push(spawn_once(system, &http, executable, &format!("spawn-{run}-{i}")).await?);
+    }
+    Ok((samples, baseline))
+}
+
+/// One cold spawn through Hangar; terminates the backend afterwards (untimed).
+async fn spawn_once(
+    system: &System,
+    http: &reqwest::Client,
+    executable: &Executable,
+    key: &str,
+) -> anyhow::Result<SpawnSample> {
+    let request = system.connect_request(key, executable.clone())?;
+    let started = Instant::now();
+    let response = system
+        .client
+        .connect(&request)
+        .await
+        .context("connect call failed")?;
+    let connect_call = started.elapsed();
+    anyhow::ensure!(response.spawned, "key {key} reused a backend");
+    let backend = response.backend_id.clone();
+    let ready = async {
+        let entry = system
+            .wait_for_status(&backend, BackendStatus::Ready)
+            .await?;
+        anyhow::ensure!(
+            entry.status == BackendStatus::Ready,
+            "backend {backend} did not become ready: {entry:?}"
+        );
+        anyhow::Ok(started.elapsed())
+    };
+    let first_response = async {
+        first_success(http, &response.url).await?;
+        anyhow::Ok(started.elapsed())
+    };
+    let (to_ready, to_first_response) = tokio::join!(ready, first_response);
+    let sample = SpawnSample {
+        connect_call,
+        to_ready: to_ready?,
+        to_first_response: to_first_response?,
+    };
+    system
+        .client
+        .soft_terminate(&backend)
+        .await
+        .context("terminating the backend")?;
+    system
+        .wait_for_status(&backend, BackendStatus::Terminated)
+        .await?;
+    Ok(sample)
+}
+
+/// GETs `url` until a 2xx answer (the proxy holds the request while the backend starts; anything else
+/// is retried), within [`WAIT`].
+async fn first_success(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let outcome = http.get(url).send().await;
+        if let Ok(response) = &outcome {
+            if response.status().is_success() {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no successful response from {url} within {WAIT:?} (last: {outcome:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Starts the backend directly and probes it until it answers; returns the time that took.
+async fn start_directly(direct: &Direct) -> anyhow::Result<Duration> {
+    match direct {
+        Direct::Process(binary) => {
+            let port = free_port().await?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let started = Instant::now();
+            let mut command = tokio::process::Command::new(binary);
+            command.env("PORT", port.to_string());
+            let mut child = ChildProcess::spawn("the test backend", command)?;
+            let probed = probe_until_answers(addr).await;
+            let elapsed = started.elapsed();
+            child.stop().await;
+            probed?;
+            Ok(elapsed)
+        }
+        Direct::Docker => {
+            let started = Instant::now();
+            let id = docker(&["run", "-d", "--rm", "-p", "127.0.0.1::8080", DOCKER_IMAGE]).await?;
+            let result = async {
+                let port = docker(&["port", &id, "8080/tcp"]).await?;
+                let addr = port
+                    .lines()
+                    .find_map(|l| {
+                        l.trim()
+                            .parse::<SocketAddr>()
+                            .ok()
+                            .filter(SocketAddr::is_ipv4)
+                    })
+                    .with_context(|| format!("unexpected `docker port` output {port:?}"))?;
+                probe_until_answers(addr).await?;
+                Ok(started.elapsed())
+            }
+            .await;
+            let _ = docker(&["rm", "-f", &id]).await;
+            result
+        }
+    }
+}
+
+async fn probe_until_answers(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !answers_http(addr).await {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{addr} did not answer HTTP within {WAIT:?}"
+        );
+        tokio::time::sleep(BASELINE_PROBE_INTERVAL).await;
+    }
+    Ok(())
+}
+
+/// Runs `docker args…` and returns its trimmed stdout.
+async fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let output = tokio::process::Command::new("docker")
+        .args(args)
+        .output()
+        .await
+        .context("running docker")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "docker {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// Why Docker spawns cannot be measured here, if they cannot.
+async fn docker_available() -> Result<(), String> {
+    docker(&["version", "--format", "{{.Server.Version}}"])
+        .await
+        .map_err(|e| format!("no usable Docker daemon ({e:#})"))?;
+    docker(&["image", "inspect", "--format", "{{.Id}}", DOCKER_IMAGE])
+        .await
+        .map_err(|_| {
+            format!("image {DOCKER_IMAGE} is missing; build it with scripts/build-test-image.sh")
+        })?;
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! The Docker executor against the real Docker engine: on its own ([`executor`]) and inside whole
+//! drones ([`session`]). Every container and network a test creates carries its test-run label and is
+//! removed when the test ends ([`run::TestRun`]).
+
+mod executor;
+mod run;
+mod session;
+
+use hangar_drone::executor::{BackendSpec, DockerExecutor, DockerSettings, Started};
+use hangar_types::executable::{DockerExecutable, Executable};
+use hangar_types::protocol::DroneToController;
+use hangar_types::token::ConnectionToken;
+use hangar_types::{BackendId, DroneName};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a test polls for something before failing.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Runs a Docker test with a timeout; skips it (or, under CI, fails it) without Docker.
+async fn docker_test(test: impl Future<Output = ()>) {
+    if !run::docker_ready() {
+        return;
+    }
+    crate::init_tracing();
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .expect("test timed out");
+}
+
+fn settings(drone: &DroneName, mount_base: Option<PathBuf>) -> DockerSettings {
+    DockerSettings {
+        drone: drone.clone(),
+        ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        mount_base,
+        runtime: None,
+        log_config: None,
+        cleanup_min_age: Duration::ZERO,
+    }
+}
+
+/// A Docker executor for a fresh drone name, and the receiving end of its metrics.
+async fn executor(
+    mount_base: Option<PathBuf>,
+) -> (DockerExecutor, mpsc::Receiver<DroneToController>) {
+    executor_for(&DroneName::random(), mount_base).await
+}
+
+async fn executor_for(
+    drone: &DroneName,
+    mount_base: Option<PathBuf>,
+) -> (DockerExecutor, mpsc::Receiver<DroneToController>) {
+    let (metrics, metrics_rx) = mpsc::channel(64);
+    let executor = DockerExecutor::connect(settings(drone, mount_base), metrics)
+        .await
+        .unwrap();
+    (executor, metrics_rx)
+}
+
+fn spec(exe: DockerExecutable) -> BackendSpec {
+    BackendSpec {
+        id: BackendId::random(),
+        executable: Executable::Docker(Box::new(exe)),
+        key: "room-1".parse().unwrap(),
+        fencing_token: 1234,
+        static_token: Some(ConnectionToken::random_static()),
+    }
+}
+
+/// Polls `GET <path>` on the backend until it answers JSON or the deadline passes.
+async fn get_json(address: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    let url = format!("http://{address}{path}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(resp) = reqwest::get(&url).await {
+            if let Ok(json) = resp.json().await {
+                return json;
+            }
+        }
+        assert!(Instant::now() < deadline, "backend never answered {url}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until the backend's kept output contains `needle`.
+async fn wait_for_log(started: &Started, needle: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !started
+        .backend
+        .recent_logs()
+        .iter()
+        .any(|l| l.contains(needle))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needle:?} in {:?}",
+            started.backend.recent_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until `done` holds.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether a container with this name exists (running or not).
+fn container_exists(name: &str) -> bool {
+    run::docker(&["inspect", "--format", "{{.Id}}", name]).is_ok()
+}

@@ -1,0 +1,452 @@
+//! The Docker executor on its own: environment, signals, exit codes, out-of-memory kills, pull
+//! policies, mounts, networks, metrics, re-adoption and cleanup.
+
+use super::run::{docker, TestRun, TEST_IMAGE};
+use super::{
+    container_exists, docker_test, eventually, executor, executor_for, get_json, spec, wait_for_log,
+};
+use hangar_drone::executor::docker::container_name;
+use hangar_drone::executor::{Executor, ExecutorError, Reattached};
+use hangar_types::protocol::DroneToController;
+use hangar_types::{DroneName, TerminationKind};
+use std::net::{IpAddr, Ipv4Addr};
+
+#[tokio::test]
+async fn container_gets_its_environment_and_stops_on_sigterm() {
+    docker_test(async {
+        let run = TestRun::new();
+        let (executor, _metrics) = executor(None).await;
+        let spec = spec(run.executable(&[("GREETING", "hello"), ("PORT", "1")]));
+        executor.prepare(&spec).await.unwrap();
+        let started = executor.start(&spec).await.unwrap();
+        assert_eq!(started.address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let env = get_json(started.address, "/env").await;
+        assert_eq!(env["GREETING"], "hello");
+        // The contract's PORT wins over the user's.
+        assert_eq!(env["PORT"], "8080");
+        assert_eq!(env["SESSION_BACKEND_ID"], spec.id.as_str());
+        assert_eq!(env["SESSION_BACKEND_KEY"], "room-1");
+        assert_eq!(env["SESSION_BACKEND_FENCING_TOKEN"], "1234");
+        let token = spec.static_token.as_ref().unwrap().as_str();
+        assert_eq!(env["SESSION_BACKEND_STATIC_TOKEN"], token);
+        assert!(env.get("HANGAR_DATA_DIR").is_none());
+        let name = container_name(&spec.id);
+        assert_eq!(started.backend.record()["container"], name.as_str());
+        // The container carries the drone's labels and the hardened settings.
+        let labels = docker(&["inspect", "--format", "{{json .Config.Labels}}", &name]).unwrap();
+        let labels: serde_json::Value = serde_json::from_str(&labels).unwrap();
+        assert_eq!(labels["dev.hangar.backend"], spec.id.as_str());
+        assert!(labels["dev.hangar.drone"].as_str().unwrap().starts_with("dr-"));
+        let security = docker(&["inspect", "--format", "{{json .HostConfig.SecurityOpt}} {{json .HostConfig.CapDrop}} {{.HostConfig.Privileged}}", &name]).unwrap();
+        assert_eq!(security, r#"["no-new-privileges"] ["NET_RAW"] false"#);
+        wait_for_log(&started, "listening on").await;
+
+        started
+            .backend
+            .terminate(TerminationKind::Soft)
+            .await
+            .unwrap();
+        assert_eq!(started.backend.exited().await, Some(0));
+        assert!(!started.backend.oom_killed());
+        // Awaiting again gives the same answer, and signalling an exited backend is fine.
+        assert_eq!(started.backend.exited().await, Some(0));
+        started
+            .backend
+            .terminate(TerminationKind::Hard)
+            .await
+            .unwrap();
+        // The logs were kept before the container was removed.
+        wait_for_log(&started, "got SIGTERM").await;
+        assert!(!container_exists(&name));
+        executor.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn soft_terminate_only_asks_and_hard_terminate_kills() {
+    docker_test(async {
+        let run = TestRun::new();
+        let (executor, _metrics) = executor(None).await;
+        let spec = spec(run.executable(&[("TEST_BACKEND_SIGTERM", "ignore")]));
+        let started = executor.start(&spec).await.unwrap();
+        get_json(started.address, "/env").await;
+        started
+            .backend
+            .terminate(TerminationKind::Soft)
+            .await
+            .unwrap();
+        wait_for_log(&started, "got SIGTERM").await;
+        // Still serving after SIGTERM: the executor does not escalate by itself.
+        get_json(started.address, "/env").await;
+        started
+            .backend
+            .terminate(TerminationKind::Hard)
+            .await
+            .unwrap();
+        assert_eq!(started.backend.exited().await, Some(137));
+        executor.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn exit_code_of_a_container_that_exits_by_itself() {
+    docker_test(async {
+        let run = TestRun::new();
+        let (executor, _metrics) = executor(None).await;
+        let spec = spec(run.executable(&[
+            ("TEST_BACKEND_EXIT_CODE", "3"),
+            ("TEST_BACKEND_EXIT_AFTER_MS", "300"),
+        ]));
+        let started = executor.start(&spec).await.unwrap();
+        assert_eq!(started.backend.exited().await, Some(3));
+        wait_for_log(&started, "exiting with code 3").await;
+        executor.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn out_of_memory_is_reported() {
+    docker_test(async {
+        let run = TestRun::new();
+        let (executor, _metrics) = executor(None).await;
+        let exe = run.executable_with(
+            &[],
+            serde_json::json!({"resource_limits": {"memory_limit_bytes": 64 * 1024 * 1024}}),
+        );
+        let spec = spec(exe);
+        let started = executor.start(&spec).await.unwrap();
+        get_json(started.address, "/env").await;
+        // Far above the limit (swap included, if the host has any): the kernel kills the backend.
+        let url = format!("http://{}/alloc/512", started.address);
+        let _ = reqwest::Client::new().post(url).send().await;
+        assert_eq!(started.backend.exited().await, Some(137));
+        assert!(started.backend.oom_killed());
+        executor.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pull_policies() {
+    docker_test(async {
+        let run = TestRun::new();
+        let (executor, _metrics) = executor(None).await;
+        // The local image: found with IfNotPresent and Never, nothing pulled.
+        for policy in ["IfNotPresent", "Never"] {
+            let exe = run.executable_with(&[], serde_json::json!({"pull_policy": policy}));
+            executor.prepare(&spec(exe)).await.unwrap();
+        }
+        // Never with a missing image: a clear error, no pull attempted.
+        let missing = "hangar-test-missing-image:never";
+        let exe = run.executable_with(
+            &[],
+            serde_json::json!({"image": missing, "pull_policy": "Never"}),
+        );
+        let err = executor.prepare(&spec(exe)).await.unwrap_err();
+        assert!(matches!(err, ExecutorError::ImageNotPresent { .. }));
+        assert_eq!(
+            err.to_string(),
+            format!("image {missing} is not present and pull_policy is Never")
+        );
+        // Always with an image no registry serves: the pull fails with Docker's reason.
+        let unpullable = "127.0.0.1:1/hangar/missing:1";
+        let exe = run.executable_with(
+            &[],
+            serde_json::json!({"image": unpullable, "pull_policy": "Always",
+                "credentials": {"username": "u", "password": "p"}}),
+        );
+        let err = executor.prepare(&spec(exe)).await.unwrap_err();
+        assert!(matches!(err, ExecutorError::Pull { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!("cannot pull image {unpullable}: ")),
+            "{message}"
+        );
+        assert!(message.len() > format!("cannot pull image {unpullable}: ").len());
+        // A start without a present image fails too, and leaves nothing behind.
+        let exe = run.executable_with(&[], serde_json::json!({"image": missing}));
+        let spec = spec(exe);
+        assert!(executor.start(&spec).await.is_err());
+        assert!(!container_exists(&container_name(&spec.id)));
+        executor.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mounts_live_under_the_mount_base() {
+    docker_test(async {
+        let run = TestRun::new();
+        let base = tempfile::tempdir().unwrap();
+        let (executor, _metrics) = executor(Some(base.path().to_path_buf())).await;
+        let exe = run.executable_with(&[], serde_json::json!({"mount": "data/custom-mount"}));
+        let started = executor.start(&spec(exe)).await.unwrap();
+        let env = get_json(started.address, "/env").await;
+        assert_eq!(env["HANGAR_DATA_DIR"], "/plane-data");
+        let url = format!("http://{}/write/hello.txt", started.address);
+        let resp = reqwest::Client::new()
+            .post(url)
+            .body("hi from the container")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        let written = base.path().join("data/custom-mount/hello.txt");
+        assert_eq!(
+            std::fs::read_to_string(&written).unwrap(),
+            "hi from the container"
+        );
+        // `mount: true` is a directory named after the key.
+        let exe = run.executable_with(&[], serde_json::json!({"mount": true}));
+        let by_key = executor.start(&spec(exe)).await.unwrap();
+        assert!(base.path().join("room-1").is_dir());
+        // Escapes are refused before anything is created.
+        for escape in ["../outside", "/etc", "a/b/../../../x"] {
+            let exe = run.executable_with(&[], serde_json::json!({"mount": escape}));
+            let err = executor.start(&spec(exe)).await.err().unwrap();
+            assert!(
+                err.to_string().contains("not under the mount base"),
+                "{escape}: {err}"
+            );
+        }
+        for started in [started, by_key] {
+            started
+                .backend
+                .terminate(TerminationKind::Hard)
+                .await
+                .unwrap();
+            started.backend.exited().await;
+        }
+        executor.shutdown().await;
+
+        // A drone without a mount base refuses mounts.
+        let (executor, _metrics) = super::executor(None).await;
+        let exe = run.executable_with(&[], serde_json::json!({"mount": true}));
+        let err = executor.start(&spec(exe)).await.err().unwrap();
+        assert!(err.to_string().contains("no mount base"), "{err}");
+        executor.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn named_network_gives_the_container_address() {
+    docker_test(async {
+        let run = TestRun::new();
+        let network = run.network();
+        let (executor, _metrics) = executor(None).await;
+        let exe = run.executable_with(&[], serde_json::json!({"network_name": network}));
+        let started = executor.start(&spec(exe)).await.unwrap();
+        // Not published: the address is the container's own on that network.
+        assert_eq!(started.address.port(), 8080);
+        assert_ne!(started.address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let name = started.backend.record()["container"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let format = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+        let ip = docker(&["inspect", "--format", &format, &name]).unwrap();
+        assert_eq!(ip, started.address.ip().to_string());
+        get_json(started.address, "/env").await;
+        started
+            .backend
+            .terminate(TerminationKind::Soft)
+            .await
+            .unwrap();
+        assert_eq!(started.backend.exited().await, Some(0));
+        executor.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn metrics_report_memory_in_use() {
+    docker_test(async {
+        let run = TestRun::new();
+        let (executor, mut metrics) = executor(None).await;
+        let spec = spec(run.executable(&[]));
+        let started = executor.start(&spec).await.unwrap();
+        get_json(started.address, "/env").await;
+        // The first sample is taken at once.
+        let sample = tokio::time::timeout(super::WAIT, metrics.recv())
+            .await
+            .expect("no metrics sample")
+            .unwrap();
+        let DroneToController::BackendMetrics {
+            backend_id,
+            mem_used,
+            mem_limit,
+            ..
+        } = sample
+        else {
+            panic!("unexpected message {sample:?}")
+        };
+        assert_eq!(backend_id, spec.id);
+        assert!(mem_used > 0);
+        assert!(mem_limit >= mem_used);
+        started
+            .backend
+            .terminate(TerminationKind::Hard)
+            .await
+            .unwrap();
+        started.backend.exited().await;
+        executor.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn restarted_executor_readopts_running_and_reports_stopped_containers() {
+    docker_test(async {
+        let run = TestRun::new();
+        let drone = DroneName::random();
+        let (first, _metrics) = executor_for(&drone, None).await;
+        let running = spec(run.executable(&[]));
+        let stopped = spec(run.executable(&[("TEST_BACKEND_SIGTERM", "ignore")]));
+        let a = first.start(&running).await.unwrap();
+        let b = first.start(&stopped).await.unwrap();
+        get_json(a.address, "/env").await;
+        get_json(b.address, "/env").await;
+        let record = a.backend.record();
+        // The drone goes away: its containers keep running.
+        first.shutdown().await;
+        assert!(container_exists(&container_name(&running.id)));
+        get_json(a.address, "/env").await;
+        // One of them is killed while nobody watches.
+        docker(&["kill", &container_name(&stopped.id)]).unwrap();
+
+        let (second, _metrics) = executor_for(&drone, None).await;
+        let Reattached::Running(adopted) =
+            second.reattach(&running.id, Some(&record)).await.unwrap()
+        else {
+            panic!("the running container was not re-adopted")
+        };
+        assert_eq!(adopted.address, a.address);
+        assert_eq!(
+            get_json(adopted.address, "/env").await["SESSION_BACKEND_ID"],
+            running.id.as_str()
+        );
+        wait_for_log(&adopted, "listening on").await;
+        let gone = second.reattach(&stopped.id, None).await.unwrap();
+        assert!(
+            matches!(
+                gone,
+                Reattached::Exited {
+                    exit_code: Some(137),
+                    oom_killed: false
+                }
+            ),
+            "the stopped container was not reported with its exit code"
+        );
+        assert!(!container_exists(&container_name(&stopped.id)));
+        let never = second
+            .reattach(&hangar_types::BackendId::random(), None)
+            .await
+            .unwrap();
+        assert!(matches!(never, Reattached::Gone));
+
+        adopted
+            .backend
+            .terminate(TerminationKind::Soft)
+            .await
+            .unwrap();
+        assert_eq!(adopted.backend.exited().await, Some(0));
+        assert!(run.containers().is_empty());
+        second.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn orphans_and_old_stopped_containers_are_removed() {
+    docker_test(async {
+        let run = TestRun::new();
+        let drone = DroneName::random();
+        let (first, _metrics) = executor_for(&drone, None).await;
+        let kept = spec(run.executable(&[]));
+        let orphan = spec(run.executable(&[]));
+        let kept_started = first.start(&kept).await.unwrap();
+        first.start(&orphan).await.unwrap();
+        first.shutdown().await;
+        // Another drone's container, and a stopped one of this drone.
+        let label = format!("--label={}", run.label());
+        let stranger = format!("hangar-test-stranger-{}", run.id);
+        docker(&[
+            "create",
+            "--name",
+            &stranger,
+            &label,
+            "--label",
+            "dev.hangar.drone=dr-someone-else",
+            "--label",
+            "dev.hangar.backend=x",
+            TEST_IMAGE,
+        ])
+        .unwrap();
+        let stale = format!("hangar-test-stale-{}", run.id);
+        docker(&[
+            "create",
+            "--name",
+            &stale,
+            &label,
+            "--label",
+            &format!("dev.hangar.drone={drone}"),
+            "--label",
+            "dev.hangar.backend=y",
+            TEST_IMAGE,
+        ])
+        .unwrap();
+
+        let (second, _metrics) = executor_for(&drone, None).await;
+        let Reattached::Running(adopted) = second.reattach(&kept.id, None).await.unwrap() else {
+            panic!("not re-adopted")
+        };
+        // Only the supervised backend survives; another drone's container is never touched.
+        let removed = second
+            .remove_orphans(std::slice::from_ref(&kept.id))
+            .await
+            .unwrap();
+        assert_eq!(removed, 2);
+        assert!(!container_exists(&container_name(&orphan.id)));
+        assert!(!container_exists(&stale));
+        assert!(container_exists(&stranger));
+        assert!(container_exists(&container_name(&kept.id)));
+        // The periodic pass removes this drone's stopped containers, not the ones it follows.
+        let stale_again = format!("hangar-test-stale2-{}", run.id);
+        docker(&[
+            "create",
+            "--name",
+            &stale_again,
+            &label,
+            "--label",
+            &format!("dev.hangar.drone={drone}"),
+            "--label",
+            "dev.hangar.backend=z",
+            TEST_IMAGE,
+        ])
+        .unwrap();
+        assert_eq!(second.remove_stopped_containers().await.unwrap(), 1);
+        assert!(!container_exists(&stale_again));
+        assert!(container_exists(&stranger));
+        assert_eq!(
+            get_json(adopted.address, "/env").await["SESSION_BACKEND_ID"],
+            kept.id.as_str()
+        );
+        assert_eq!(kept_started.address, adopted.address);
+        adopted
+            .backend
+            .terminate(TerminationKind::Hard)
+            .await
+            .unwrap();
+        adopted.backend.exited().await;
+        eventually("the container to be removed", || {
+            !container_exists(&container_name(&kept.id))
+        })
+        .await;
+        second.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,347 @@
+//! HTTPS with certificates from an ACME CA (Pebble), end to end: a real controller, drone, Hangar's DNS
+//! responder and proxies with HTTPS listeners. DNS-01 goes through the controller's certificate lease
+//! and TXT value and Hangar's DNS responder; HTTP-01 through the proxy's HTTP port. Clients trust only
+//! Pebble's issuing root and check which certificate (serial) the proxy serves.
+
+// Test fixtures outside `#[test]` functions may unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod pebble;
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use hangar_proxy::{AcmeChallenge, CertSource, EabConfig};
+use hangar_tests::TestEnv;
+use pebble::{Pebble, PebbleOptions};
+use std::time::Duration;
+use support::{
+    acme_config, client_config, https_get, peer_serial, read_cert_file, start_dns, start_tls_proxy,
+    tls_connect, wait_for_acme_certificate, with_timeout,
+};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const CLUSTER: &str = "plane.test";
+
+/// A controller and a drone for `cluster`.
+async fn env_for(cluster: &str) -> TestEnv {
+    let mut env = TestEnv::controller_only(false).await;
+    env.cluster = cluster.parse().unwrap();
+    env.add_drone(|_| {}).await;
+    env
+}
+
+#[tokio::test]
+async fn dns01_certificate_serves_https_and_wss_to_a_backend() {
+    if !pebble::available() {
+        return;
+    }
+    with_timeout(async {
+        let env = env_for(CLUSTER).await;
+        let dns = start_dns(env.controller_url()).await;
+        let pebble = Pebble::start(PebbleOptions {
+            dns_server: Some(dns.local_addr()),
+            ..PebbleOptions::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let cert_path = dir.path().join("cert.json");
+        let proxy = start_tls_proxy(&env, None, |c| {
+            c.cert_path = Some(cert_path.clone());
+            c.acme = Some(acme_config(&pebble, AcmeChallenge::Dns01));
+        })
+        .await;
+
+        let serial = wait_for_acme_certificate(&proxy, &pebble, None).await;
+        let info = proxy.certificate().unwrap();
+        assert_eq!(info.source, CertSource::Acme);
+        assert!(info.covers("plane.test") && info.covers("anything.plane.test"));
+        assert_eq!(proxy.acme_orders(), 1);
+        assert_eq!(pebble.orders(), 1);
+        // Saved for restarts: the certificate file and the ACME account.
+        let saved = read_cert_file(&cert_path);
+        assert!(saved["cert"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE"));
+        assert!(saved["key"].as_str().unwrap().contains("PRIVATE KEY"));
+        assert!(dir.path().join("cert.json.acme-account.json").exists());
+
+        // A client trusting only Pebble's root reaches a backend over HTTPS…
+        let root = pebble.issuing_root().await;
+        let https = proxy.https_addr().unwrap();
+        let resp = env
+            .connect_ready(&env.connect_request("tls-dns", &[]))
+            .await;
+        let url: url::Url = resp.url.parse().unwrap();
+        assert_eq!(url.scheme(), "https");
+        assert_eq!(url.host_str(), Some(CLUSTER));
+        let tls = tls_connect(https, CLUSTER, client_config(&root, &[b"http/1.1"]))
+            .await
+            .unwrap();
+        assert_eq!(peer_serial(&tls), serial);
+        let (status, body) = https_get(tls, CLUSTER, url.path()).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+
+        // …and over WSS.
+        let tls = tls_connect(https, CLUSTER, client_config(&root, &[b"http/1.1"]))
+            .await
+            .unwrap();
+        let request = format!("wss://{CLUSTER}{}ws", url.path())
+            .into_client_request()
+            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+        ws.send(Message::text("hello over wss")).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::text("hello over wss")
+        );
+        ws.close(None).await.unwrap();
+
+        proxy.shutdown().await;
+        pebble.stop().await;
+        dns.shutdown().await;
+        env.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_proxies_of_a_cluster_order_once_and_serve_the_same_certificate() {
+    if !pebble::available() {
+        return;
+    }
+    with_timeout(async {
+        let env = env_for(CLUSTER).await;
+        let dns = start_dns(env.controller_url()).await;
+        let pebble = Pebble::start(PebbleOptions {
+            dns_server: Some(dns.local_addr()),
+            ..PebbleOptions::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut proxies = Vec::new();
+        for name in ["a.json", "b.json"] {
+            let path = dir.path().join(name);
+            proxies.push(
+                start_tls_proxy(&env, None, |c| {
+                    c.cert_path = Some(path);
+                    c.acme = Some(acme_config(&pebble, AcmeChallenge::Dns01));
+                })
+                .await,
+            );
+        }
+        let a = wait_for_acme_certificate(&proxies[0], &pebble, None).await;
+        let b = wait_for_acme_certificate(&proxies[1], &pebble, None).await;
+        assert_eq!(a, b, "both proxies serve the cluster's one certificate");
+        let orders: u64 = proxies.iter().map(|p| p.acme_orders()).sum();
+        assert_eq!(orders, 1, "only the lease holder orders");
+        assert_eq!(pebble.orders(), 1, "Pebble saw one order");
+        let sources: Vec<CertSource> = proxies
+            .iter()
+            .map(|p| p.certificate().unwrap().source)
+            .collect();
+        assert!(sources.contains(&CertSource::Acme) && sources.contains(&CertSource::Controller));
+        // The proxy that did not order keeps the shared certificate in its file too.
+        for name in ["a.json", "b.json"] {
+            let path = dir.path().join(name);
+            hangar_tests::eventually("the certificate file to be written", || async {
+                path.exists().then_some(())
+            })
+            .await;
+        }
+        let root = pebble.issuing_root().await;
+        for proxy in &proxies {
+            let tls = tls_connect(
+                proxy.https_addr().unwrap(),
+                CLUSTER,
+                client_config(&root, &[b"h2"]),
+            )
+            .await
+            .unwrap();
+            assert_eq!(peer_serial(&tls), a);
+        }
+
+        for proxy in proxies {
+            proxy.shutdown().await;
+        }
+        pebble.stop().await;
+        dns.shutdown().await;
+        env.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn certificates_close_to_expiry_are_renewed() {
+    if !pebble::available() {
+        return;
+    }
+    with_timeout(async {
+        let env = env_for(CLUSTER).await;
+        let dns = start_dns(env.controller_url()).await;
+        // Certificates live 20 s and are renewed with 15 s left: about 5 s after each issuance.
+        let pebble = Pebble::start(PebbleOptions {
+            dns_server: Some(dns.local_addr()),
+            validity_seconds: Some(20),
+            ..PebbleOptions::default()
+        })
+        .await;
+        let proxy = start_tls_proxy(&env, None, |c| {
+            c.renew_before = Duration::from_secs(15);
+            c.acme = Some(acme_config(&pebble, AcmeChallenge::Dns01));
+        })
+        .await;
+        let first = wait_for_acme_certificate(&proxy, &pebble, None).await;
+        let lifetime = {
+            let info = proxy.certificate().unwrap();
+            info.not_after.duration_since(info.not_before).unwrap()
+        };
+        assert!(lifetime <= Duration::from_secs(30), "{lifetime:?}");
+        let second = wait_for_acme_certificate(&proxy, &pebble, Some(&first)).await;
+        assert_ne!(first, second);
+        assert!(proxy.acme_orders() >= 2);
+        let root = pebble.issuing_root().await;
+        let tls = tls_connect(
+            proxy.https_addr().unwrap(),
+            CLUSTER,
+            client_config(&root, &[b"http/1.1"]),
+        )
+        .await
+        .unwrap();
+        assert_ne!(
+            peer_serial(&tls),
+            first,
+            "the renewed certificate is served"
+        );
+
+        proxy.shutdown().await;
+        pebble.stop().await;
+        dns.shutdown().await;
+        env.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn external_account_binding_and_a_restart_from_the_saved_file() {
+    if !pebble::available() {
+        return;
+    }
+    with_timeout(async {
+        let env = env_for(CLUSTER).await;
+        let dns = start_dns(env.controller_url()).await;
+        let hmac_key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+        let pebble = Pebble::start(PebbleOptions {
+            dns_server: Some(dns.local_addr()),
+            eab: Some(("kid-1".into(), hmac_key.into())),
+            // 40 days: not due with the default 30-day margin, due with a 60-day one (below).
+            validity_seconds: Some(40 * 86400),
+            ..PebbleOptions::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let cert_path = dir.path().join("cert.json");
+        let proxy = start_tls_proxy(&env, None, |c| {
+            c.cert_path = Some(cert_path.clone());
+            let mut acme = acme_config(&pebble, AcmeChallenge::Dns01);
+            acme.eab = Some(EabConfig {
+                key_id: "kid-1".into(),
+                hmac_key: hmac_key.into(),
+            });
+            c.acme = Some(acme);
+        })
+        .await;
+        let serial = wait_for_acme_certificate(&proxy, &pebble, None).await;
+        proxy.shutdown().await;
+
+        // A proxy without ACME serves the saved file.
+        let restarted = start_tls_proxy(&env, None, |c| {
+            c.cert_path = Some(cert_path.clone());
+        })
+        .await;
+        let info = restarted.certificate().unwrap();
+        assert_eq!(info.serial, serial);
+        assert_eq!(info.source, CertSource::File);
+        let root = pebble.issuing_root().await;
+        let tls = tls_connect(
+            restarted.https_addr().unwrap(),
+            CLUSTER,
+            client_config(&root, &[b"http/1.1"]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(peer_serial(&tls), serial);
+        restarted.shutdown().await;
+
+        // A restart with ACME reuses the saved account: made to renew at once (a 60-day margin), it
+        // orders without creating another account.
+        assert_eq!(pebble.account_requests(), 1);
+        let renewing = start_tls_proxy(&env, None, |c| {
+            c.cert_path = Some(cert_path.clone());
+            c.renew_before = Duration::from_secs(60 * 86400);
+            let mut acme = acme_config(&pebble, AcmeChallenge::Dns01);
+            acme.eab = Some(EabConfig {
+                key_id: "kid-1".into(),
+                hmac_key: hmac_key.into(),
+            });
+            c.acme = Some(acme);
+        })
+        .await;
+        wait_for_acme_certificate(&renewing, &pebble, Some(&serial)).await;
+        assert_eq!(pebble.account_requests(), 1, "the saved account was reused");
+
+        renewing.shutdown().await;
+        pebble.stop().await;
+        dns.shutdown().await;
+        env.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn http01_certificate_via_the_http_port() {
+    if !pebble::available() {
+        return;
+    }
+    with_timeout(async {
+        // Pebble must reach the proxy's HTTP port by the cluster's name: `localhost`.
+        let cluster = "localhost";
+        let env = env_for(cluster).await;
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pebble = Pebble::start(PebbleOptions {
+            http_port: Some(http.local_addr().unwrap().port()),
+            ..PebbleOptions::default()
+        })
+        .await;
+        let proxy = start_tls_proxy(&env, Some(http), |c| {
+            c.acme = Some(acme_config(&pebble, AcmeChallenge::Http01));
+        })
+        .await;
+        let serial = wait_for_acme_certificate(&proxy, &pebble, None).await;
+        let info = proxy.certificate().unwrap();
+        assert_eq!(info.names, vec!["localhost".to_string()]);
+
+        let root = pebble.issuing_root().await;
+        let resp = env
+            .connect_ready(&env.connect_request("tls-http01", &[]))
+            .await;
+        let url: url::Url = resp.url.parse().unwrap();
+        let tls = tls_connect(
+            proxy.https_addr().unwrap(),
+            cluster,
+            client_config(&root, &[b"http/1.1"]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(peer_serial(&tls), serial);
+        let (status, _) = https_get(tls, cluster, url.path()).await;
+        assert_eq!(status, 200);
+
+        proxy.shutdown().await;
+        pebble.stop().await;
+        env.shutdown().await;
+    })
+    .await;
+}

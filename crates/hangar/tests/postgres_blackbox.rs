@@ -1,0 +1,229 @@
+//! Black-box tests of the `hangar` binary with PostgreSQL and configuration files: `hangar migrate`,
+//! `hangar controller --config` (precedence of flags, environment and file), and the operator commands
+//! `mark-lost` and `prevent-renew` against a running controller.
+//!
+//! The PostgreSQL cases use a fresh database on `HANGAR_TEST_POSTGRES_URL` (skipped without it outside
+//! CI).
+
+#![allow(clippy::unwrap_used)]
+
+use hangar_tests::postgres::TestDatabase;
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+use tokio::process::{Child, Command};
+use tokio::time::{timeout, Instant};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn hangar() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
+    // Only what a test sets explicitly may configure the child.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("HANGAR_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.kill_on_drop(true);
+    cmd
+}
+
+async fn run(cmd: &mut Command) -> Output {
+    timeout(STEP_TIMEOUT, cmd.output())
+        .await
+        .expect("command timed out")
+        .expect("command could not run")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config_file(contents: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(contents.as_bytes()).unwrap();
+    file
+}
+
+/// Polls `/pub/health` on `port` until it answers 200.
+async fn wait_healthy(child: &mut Child, port: u16) {
+    let url = format!("http://127.0.0.1:{port}/pub/health");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Ok(resp) = http.get(&url).send().await {
+            if resp.status() == 200 {
+                return;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("controller exited early with {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "controller not healthy on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops the child with SIGTERM and expects a clean exit.
+async fn stop(mut child: Child) {
+    let pid = child.id().expect("child is running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = timeout(STEP_TIMEOUT, child.wait())
+        .await
+        .expect("controller did not stop")
+        .unwrap();
+    assert!(status.success(), "controller exited with {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_runs_twice_on_a_fresh_database() {
+    timeout(TEST_TIMEOUT, async {
+        let Some(db) = TestDatabase::create().await else {
+            return;
+        };
+        for round in 0..2 {
+            let out = run(hangar().args(["migrate", "--db", db.url()])).await;
+            assert!(
+                out.status.success(),
+                "round {round}: {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+            assert!(
+                text(&out.stdout).contains("up to date"),
+                "{}",
+                text(&out.stdout)
+            );
+            assert!(
+                !text(&out.stdout).contains(":postgres@"),
+                "the password is not printed"
+            );
+        }
+        db.drop_database().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
+    timeout(TEST_TIMEOUT, async {
+        let Some(db) = TestDatabase::create().await else {
+            return;
+        };
+        let (file_port, env_port, flag_port) = (free_port(), free_port(), free_port());
+        let file = config_file(&format!(
+            "db = \"{}\"\nport = {file_port}\ndefault_cluster = \"localhost:9999\"\nbest_of = 3\n",
+            db.url()
+        ));
+        let path = file.path().to_str().unwrap().to_string();
+
+        // The environment beats the file.
+        let mut child = hangar()
+            .args(["controller", "--config", &path])
+            .env("HANGAR_PORT", env_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_healthy(&mut child, env_port).await;
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", file_port)).is_err(),
+            "not listening on the file's port"
+        );
+        let controller = format!("http://127.0.0.1:{env_port}");
+        let out = run(hangar().args([
+            "--controller",
+            &controller,
+            "mark-lost",
+            "localhost:9999",
+            "dr-nobody",
+        ]))
+        .await;
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("Drone does not exist"),
+            "{}",
+            text(&out.stderr)
+        );
+        let out =
+            run(hangar().args(["--controller", &controller, "prevent-renew", "nothing-here"]))
+                .await;
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("holds no key"),
+            "{}",
+            text(&out.stderr)
+        );
+        stop(child).await;
+
+        // A flag beats the environment.
+        let mut child = hangar()
+            .args([
+                "controller",
+                "--config",
+                &path,
+                "--port",
+                &flag_port.to_string(),
+            ])
+            .env("HANGAR_PORT", env_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_healthy(&mut child, flag_port).await;
+        stop(child).await;
+        db.drop_database().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn bad_config_files_are_refused_with_the_field_named() {
+    timeout(TEST_TIMEOUT, async {
+        let file = config_file("db = \"x.db\"\nbestof = 3\n");
+        let out =
+            run(hangar().args(["controller", "--config", file.path().to_str().unwrap()])).await;
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains("unknown field `bestof`"), "{err}");
+        assert!(err.contains(file.path().to_str().unwrap()), "{err}");
+
+        let file = config_file("controller_url = \"http://127.0.0.1:1/\"\n");
+        let out = run(hangar().args(["drone", "--config", file.path().to_str().unwrap()])).await;
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("missing `cluster`") && err.contains("--cluster"),
+            "{err}"
+        );
+
+        let out = run(hangar().args(["proxy", "--config", "/nonexistent/proxy.toml"])).await;
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("cannot read"),
+            "{}",
+            text(&out.stderr)
+        );
+    })
+    .await
+    .expect("test timed out");
+}
