@@ -85,17 +85,28 @@ async fn run_connection(
                     .body(Empty::<Bytes>::new())
                     .context("building a request")?;
                 let sent = Instant::now();
-                let ok = match sender.send_request(request).await {
+                let (ok, closing) = match sender.send_request(request).await {
                     Ok(response) => {
                         let success = response.status().is_success();
-                        response.into_body().collect().await.is_ok() && success
+                        // The server ends keep-alive after this response (nginx does every
+                        // `keepalive_requests`): not an error, but this connection is done.
+                        let closing = response
+                            .headers()
+                            .get(http::header::CONNECTION)
+                            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                        (
+                            response.into_body().collect().await.is_ok() && success,
+                            closing,
+                        )
                     }
-                    Err(_) => false,
+                    Err(_) => (false, true),
                 };
                 if ok {
                     latencies.push(sent.elapsed());
                 } else {
                     errors += 1;
+                }
+                if closing {
                     return anyhow::Ok(false);
                 }
             }

@@ -47,7 +47,9 @@ http {{
     upstream backend {{
         server {upstream};
         keepalive 128;
+        keepalive_requests 1000000;
     }}
+    keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -88,6 +90,13 @@ http {{
             return Err(e.context(format!("nginx did not start; its error log: {log}")));
         }
         Ok(nginx)
+    }
+
+    /// The last lines of nginx's error log (why requests failed, if they did).
+    pub fn error_log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self._dir.path().join("error.log")).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Stops nginx (SIGTERM: the master stops its workers) and waits for it.

@@ -211,6 +211,8 @@ async fn control_plane_scenario_reports_spawns_and_statements() {
     check(&report, "connect_call", 6);
     check(&report, "connect_to_ready", 6);
     check(&report, "health", 6);
+    check(&report, "connect_to_ready_unloaded", 6);
+    check(&report, "health_unloaded", 6);
     check(&report, "spawns_per_s", 1);
     check(&report, "steady_cpu", 1);
     check(&report, "rss_with_backends", 1);

@@ -2,18 +2,20 @@
 //! only Hangar's control path (API, store, node sessions) is measured.
 //!
 //! 1. Spawn burst: B connects for new keys from C concurrent clients. `connect_call` is each call's
-//!    latency; `connect_to_ready` runs from sending the call until the controller acknowledges the
-//!    simulated drone's `ready` event (stored by then); `spawns_per_s` is B over the time from the
-//!    first call to the last acknowledged `ready`. Baseline: `GET /pub/health` with the same C (an API
-//!    round trip with one `select 1`).
+//!    latency (baseline: `GET /pub/health` with the same C, an API round trip with one `select 1`);
+//!    `connect_to_ready` runs from sending the call until the controller acknowledges the simulated
+//!    drone's `ready` event (stored by then) — under this load it is mostly queueing; `spawns_per_s` is
+//!    B over the time from the first call to the last acknowledged `ready`.
 //! 2. Memory: `rss_…` is this process's resident memory, which holds the controller, the simulated
-//!    drones and the clients (nothing else runs here), before the drones connect and after B backends.
+//!    drones and the clients (nothing else runs here): before the drones connect, with them, and after
+//!    B backends.
 //! 3. Steady state: CPU time (user + system, `/proc/self/stat`) of this process over a window in which
-//!    the D drones heartbeat and B backends stay up, as a percentage of one core.
-//! 4. Statements per connect: SQL statements sqlx executed (see [`crate::sql_statements`]) during M
-//!    more connects until all are `ready`, minus the background rate measured in the steady window,
-//!    divided by M. On PostgreSQL also committed transactions per connect, from
-//!    `pg_stat_database.xact_commit` deltas (background-corrected the same way).
+//!    the D drones heartbeat and B backends stay up, as a percentage of one core; and the background
+//!    rate of SQL statements in that window.
+//! 4. One at a time: M more connects, sequentially. `connect_to_ready_unloaded` (baseline: sequential
+//!    health calls) and `statements_per_connect`: SQL statements sqlx executed (see
+//!    [`crate::sql_statements`]: counted from sqlx's own per-statement events, on SQLite and
+//!    PostgreSQL alike) from the first call until all M are `ready`, minus the background rate, over M.
 
 use super::{closed_loop, on_load_thread, run_id, BenchOptions};
 use crate::fake_drone::{FakeDrone, ReadyReport};
@@ -34,8 +36,8 @@ pub const DEFAULT_BACKENDS: usize = 1000;
 pub const DEFAULT_DRONES: usize = 10;
 pub const DEFAULT_CONCURRENCY: usize = 16;
 pub const DEFAULT_STEADY_SECONDS: u64 = 10;
-/// Most connects of the statement-counting phase.
-const COUNTED_CONNECTS: usize = 50;
+/// Most connects of the one-at-a-time phase.
+const SEQUENTIAL_CONNECTS: usize = 50;
 
 pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     let backends = options.n.unwrap_or(DEFAULT_BACKENDS).max(1);
@@ -170,7 +172,7 @@ async fn measure_with_drones(
         .collect();
     let rss_backends = rss_bytes(Pid::This)?;
     report.add_millis("connect_call", &burst.outcome.latencies, Some("health"));
-    report.add_millis("connect_to_ready", &to_ready, Some("health"));
+    report.add_millis("connect_to_ready", &to_ready, None);
     report.add_value(
         "spawns_per_s",
         Unit::PerSecond,
@@ -180,28 +182,10 @@ async fn measure_with_drones(
     if burst.outcome.errors > 0 {
         report.note(format!("{} connect calls failed", burst.outcome.errors));
     }
-    let url = system.controller_url();
-    let (n, c) = (plan.backends, plan.concurrency);
-    let health = on_load_thread(move || async move {
-        let client = ControllerClient::new(url).context("controller client")?;
-        Ok(closed_loop(n, c, |_| {
-            let client = client.clone();
-            async move {
-                client.health().await.context("health call")?;
-                Ok(())
-            }
-        })
-        .await)
-    })
-    .await?;
+    let health = health_calls(system, plan.backends, plan.concurrency).await?;
     report.add_millis("health", &health.latencies, None);
 
-    // 3. Steady state (also the background rate of statements and transactions).
-    let database = system.database();
-    let xact_before = match database {
-        Some(db) => Some((db.flushed_xact_commit().await?, Instant::now())),
-        None => None,
-    };
+    // 3. Steady state (also the background rate of statements).
     let counting = Counting::start();
     let cpu_before = cpu_time(Pid::This)?;
     let window_start = Instant::now();
@@ -224,31 +208,13 @@ async fn measure_with_drones(
     if let Some(rate) = background {
         report.add_value("steady_statements_per_s", Unit::PerSecond, rate, None);
     }
-    let xact_background = match (database, xact_before) {
-        (Some(db), Some((before, at))) => {
-            let after = db.flushed_xact_commit().await?;
-            Some((
-                after,
-                Instant::now(),
-                (after - before) as f64 / at.elapsed().as_secs_f64(),
-            ))
-        }
-        _ => None,
-    };
 
-    // 4. Statements (and PostgreSQL transactions) per connect.
-    let m = plan.backends.min(COUNTED_CONNECTS);
+    // 4. One at a time: unloaded latency and statements per connect.
+    let m = plan.backends.min(SEQUENTIAL_CONNECTS);
     let counting = Counting::start().ok();
     let started = Instant::now();
-    let counted = connect_burst(
-        system,
-        &executable,
-        &format!("cpc-{run}"),
-        m,
-        plan.concurrency,
-    )
-    .await?;
-    collect_ready(ready_rx, &counted.sent_at).await?;
+    let one_by_one = connect_burst(system, &executable, &format!("cps-{run}"), m, 1).await?;
+    let ready = collect_ready(ready_rx, &one_by_one.sent_at).await?;
     let elapsed = started.elapsed().as_secs_f64();
     if let (Some(counting), Some(rate)) = (counting, background) {
         let statements = counting.stop() as f64 - rate * elapsed;
@@ -259,17 +225,39 @@ async fn measure_with_drones(
             None,
         );
     }
-    if let (Some(db), Some((before, at, rate))) = (database, xact_background) {
-        let after = db.flushed_xact_commit().await?;
-        let own = (after - before) as f64 - rate * at.elapsed().as_secs_f64();
-        report.add_value(
-            "pg_transactions_per_connect",
-            Unit::Count,
-            own / m as f64,
-            None,
-        );
-    }
+    let to_ready: Vec<Duration> = ready
+        .iter()
+        .map(|(sent, at)| at.duration_since(*sent))
+        .collect();
+    report.add_millis(
+        "connect_to_ready_unloaded",
+        &to_ready,
+        Some("health_unloaded"),
+    );
+    let health = health_calls(system, m, 1).await?;
+    report.add_millis("health_unloaded", &health.latencies, None);
     Ok(rss_backends)
+}
+
+/// `n` health calls from `concurrency` clients on a load thread.
+async fn health_calls(
+    system: &System,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<crate::http_load::LoadOutcome> {
+    let url = system.controller_url();
+    on_load_thread(move || async move {
+        let client = ControllerClient::new(url).context("controller client")?;
+        Ok(closed_loop(n, concurrency, |_| {
+            let client = client.clone();
+            async move {
+                client.health().await.context("health call")?;
+                Ok(())
+            }
+        })
+        .await)
+    })
+    .await
 }
 
 struct Burst {

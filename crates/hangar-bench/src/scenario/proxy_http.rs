@@ -162,6 +162,14 @@ async fn measure(
     })
     .await;
     if let Some(nginx) = nginx {
+        let nginx_failed = measured
+            .as_ref()
+            .ok()
+            .and_then(|outcomes| find(outcomes, "nginx"))
+            .is_some_and(|o| o.errors > 0);
+        if nginx_failed {
+            report.note(format!("nginx error log: {}", nginx.error_log_tail(3)));
+        }
         nginx.stop().await;
     }
     measured

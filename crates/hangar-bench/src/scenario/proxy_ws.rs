@@ -1,8 +1,9 @@
 //! `proxy-ws`: N concurrent WebSockets to one test backend's echo endpoint, through Hangar's proxy and
 //! directly.
 //!
-//! - `hangar_rtt` / `direct_rtt`: every connection sends R small text messages one after another,
-//!   each waiting for its echo, all N connections at once; one sample per round trip.
+//! - `hangar_rtt` / `direct_rtt`: every connection sends R small text messages, one every 100 ms
+//!   (starts spread over the first 100 ms, so N connections make a steady 10·N messages per second),
+//!   each timed until its echo arrives; one sample per round trip.
 //! - Memory: the proxy runs as its own process (`hangar proxy`, the binary of this build's profile) so
 //!   its resident memory (`VmRSS` of `/proc/<pid>/status`) can be read alone: at 0 open WebSockets
 //!   (after a warm-up) and with N open idle ones. `proxy_bytes_per_idle_ws` is the difference divided
@@ -29,6 +30,8 @@ pub const DEFAULT_ROUND_TRIPS: usize = 20;
 /// Connections being opened at once.
 const OPEN_CONCURRENCY: usize = 64;
 const WARM_UP_CONNECTIONS: usize = 16;
+/// Time between two messages of one connection: N connections send N·10 messages per second.
+const ROUND_TRIP_INTERVAL: Duration = Duration::from_millis(100);
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -173,11 +176,17 @@ async fn open(url: &str, n: usize) -> anyhow::Result<Vec<Ws>> {
         .await
 }
 
-/// Every socket does `round_trips` sequential echoes, all sockets concurrently.
+/// Every socket does `round_trips` echoes, one every [`ROUND_TRIP_INTERVAL`], all sockets
+/// concurrently; their starts are spread evenly over one interval so the load is steady.
 async fn round_trip_all(sockets: &mut [Ws], round_trips: usize) -> anyhow::Result<Vec<Duration>> {
-    let runs = sockets.iter_mut().map(|ws| async move {
+    let count = sockets.len().max(1) as u32;
+    let start = tokio::time::Instant::now();
+    let runs = sockets.iter_mut().enumerate().map(|(i, ws)| async move {
         let mut samples = Vec::with_capacity(round_trips);
+        let mut next = start + ROUND_TRIP_INTERVAL * (i as u32) / count;
         for _ in 0..round_trips {
+            tokio::time::sleep_until(next).await;
+            next += ROUND_TRIP_INTERVAL;
             samples.push(round_trip(ws).await?);
         }
         anyhow::Ok(samples)

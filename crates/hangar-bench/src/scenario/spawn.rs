@@ -5,6 +5,8 @@
 //! - `connect_to_first_response`: from the same instant to the first successful `GET` through the proxy
 //!   (sent right after the connect call returns; the proxy holds it until the backend is ready).
 //! - `connect_call`: how long the connect call itself took.
+//! - `recorded_until_<status>`: where the time goes — store-clock milliseconds (1 ms resolution) from
+//!   the previous recorded state to `<status>` (`loading` counts from `scheduled`).
 //! - baseline `direct_start_to_http`: starting the same backend directly (process: spawn the binary;
 //!   Docker: `docker run -d -p 127.0.0.1::8080`) and probing it as the drone does (connect, `GET /`,
 //!   any HTTP answer counts) every millisecond until it answers — the floor.
@@ -15,11 +17,11 @@
 use super::{run_id, test_backend_executable, BenchOptions};
 use crate::child::ChildProcess;
 use crate::http_load::answers_http;
-use crate::report::Report;
+use crate::report::{Report, Unit};
 use crate::system::{free_port, StoreKind, System, SystemConfig, WAIT};
 use anyhow::Context;
 use hangar_types::executable::{Executable, ExecutorKind};
-use hangar_types::BackendStatus;
+use hangar_types::{BackendId, BackendStatus};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +36,8 @@ struct SpawnSample {
     connect_call: Duration,
     to_ready: Duration,
     to_first_response: Duration,
+    /// Store-clock milliseconds between consecutive recorded states, `scheduled` → … → `ready`.
+    phases: Vec<(BackendStatus, f64)>,
 }
 
 /// How the backend is started directly, for the baseline.
@@ -103,9 +107,31 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
         Some("direct_start_to_http"),
     );
     report.add_millis("connect_call", &pick(|s| s.connect_call), None);
+    for status in [
+        BackendStatus::Loading,
+        BackendStatus::Starting,
+        BackendStatus::Waiting,
+        BackendStatus::Ready,
+    ] {
+        let values: Vec<f64> = samples
+            .iter()
+            .flat_map(|s| {
+                s.phases
+                    .iter()
+                    .filter(|(st, _)| *st == status)
+                    .map(|(_, ms)| *ms)
+            })
+            .collect();
+        report.add(
+            &format!("recorded_until_{status}"),
+            Unit::Milliseconds,
+            &values,
+            None,
+        );
+    }
     report.note(format!(
-        "baseline probes every {BASELINE_PROBE_INTERVAL:?}; the drone's probe starts at 20 ms and \
-         backs off (hangar-drone readiness.rs)"
+        "the baseline probes every {BASELINE_PROBE_INTERVAL:?}; the drone's probe backs off \
+         exponentially (hangar-drone readiness.rs)"
     ));
     Ok(report)
 }
@@ -168,6 +194,7 @@ async fn spawn_once(
         connect_call,
         to_ready: to_ready?,
         to_first_response: to_first_response?,
+        phases: phases(system, &backend).await?,
     };
     system
         .client
@@ -178,6 +205,20 @@ async fn spawn_once(
         .wait_for_status(&backend, BackendStatus::Terminated)
         .await?;
     Ok(sample)
+}
+
+/// How long each state lasted before the next one was recorded (store clock), up to `ready`.
+async fn phases(system: &System, backend: &BackendId) -> anyhow::Result<Vec<(BackendStatus, f64)>> {
+    let history = system
+        .store
+        .backend_history(backend)
+        .await
+        .context("reading the backend's history")?;
+    Ok(history
+        .windows(2)
+        .filter(|w| w[1].0.status() <= BackendStatus::Ready)
+        .map(|w| (w[1].0.status(), (w[1].1 .0 - w[0].1 .0) as f64))
+        .collect())
 }
 
 /// GETs `url` until a 2xx answer (the proxy holds the request while the backend starts; anything else
