@@ -38,6 +38,10 @@ struct Activity {
     recent: bool,
     /// The controller said the backend is gone: no more keepalives, forget it once idle.
     removed: bool,
+    /// The last keepalive sent told the controller the backend has open connections; the last
+    /// connection closing must then be reported at once (and only then, so short requests do not
+    /// each cost a keepalive).
+    reported_connected: bool,
     /// Distinguishes this entry from an earlier one for the same backend (stale visits and guards
     /// of a forgotten entry are ignored).
     epoch: u64,
@@ -109,6 +113,7 @@ impl ConnectionTracker {
                 open: 0,
                 recent: false,
                 removed: false,
+                reported_connected: false,
                 epoch: new_epoch,
             }
         });
@@ -139,7 +144,7 @@ impl ConnectionTracker {
             if a.epoch == epoch {
                 a.open = a.open.saturating_sub(1);
                 a.recent = true;
-                last_closed = a.open == 0 && !a.removed;
+                last_closed = a.open == 0 && !a.removed && a.reported_connected;
             }
         }
         if last_closed {
@@ -179,7 +184,13 @@ impl ConnectionTracker {
         let due: Vec<BackendId> = st.keepalives.drain().collect();
         due.into_iter()
             .map(|b| {
-                let connected = st.backends.get(&b).is_some_and(|a| a.open > 0);
+                let connected = match st.backends.get_mut(&b) {
+                    Some(a) => {
+                        a.reported_connected = a.open > 0;
+                        a.reported_connected
+                    }
+                    None => false,
+                };
                 (b, connected)
             })
             .collect()

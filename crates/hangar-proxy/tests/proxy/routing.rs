@@ -172,7 +172,7 @@ async fn first_request_sends_a_keepalive_and_counts_settle() {
         assert_eq!(env.proxy.connection_counts(&route.backend_id), None);
         env.echo(&format!("/{token}/")).await;
         eventually("keepalive at the controller", || async {
-            env.controller.keepalives(&route.backend_id) == 1
+            env.controller.keepalives(&route.backend_id) >= 1
         })
         .await;
         eventually("the finished request is no longer open", || async {
@@ -181,9 +181,12 @@ async fn first_request_sends_a_keepalive_and_counts_settle() {
                 .is_some_and(|c| c.open_connections == 0 && c.recent_activity)
         })
         .await;
-        // More requests within the interval do not send more keepalives at once.
+        // At most two keepalives for the first request: one when it was seen (connected) and one when
+        // its connection closed, if the first one had said "connected". More requests within the
+        // interval add none.
         env.echo(&format!("/{token}/again")).await;
-        assert_eq!(env.controller.keepalives(&route.backend_id), 1);
+        let sent = env.controller.keepalives(&route.backend_id);
+        assert!((1..=2).contains(&sent), "{sent} keepalives");
     })
     .await
 }
