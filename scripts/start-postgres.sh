@@ -15,6 +15,9 @@ PG_PASSWORD="${PG_PASSWORD:-postgres}"
 # How long to wait for the server to accept connections after starting it.
 READY_TIMEOUT_SECONDS=60
 
+# Everything any command prints goes to stderr; fd 3 keeps the real stdout for the URL alone.
+exec 3>&1 1>&2
+
 log() { printf 'start-postgres: %s\n' "$*" >&2; }
 
 as_postgres() {
@@ -39,7 +42,7 @@ if [ "$status" = online ]; then
     log "cluster ${PG_VERSION}/${PG_CLUSTER} already running"
 else
     log "starting cluster ${PG_VERSION}/${PG_CLUSTER}"
-    pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start
+    pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start 3>&-
 fi
 
 deadline=$((SECONDS + READY_TIMEOUT_SECONDS))
@@ -63,4 +66,4 @@ if ! PGPASSWORD="$PG_PASSWORD" psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d
     exit 1
 fi
 log "ready"
-echo "$url"
+echo "$url" >&3
