@@ -27,8 +27,12 @@ const HALF_CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// When going away: how long a tunnel may take to reach frame boundaries, send its close frames and
 /// see the client close.
 pub(crate) const GOING_AWAY_WAIT: Duration = Duration::from_secs(2);
-/// Copy buffer per direction (what `tokio::io::copy` uses), which bounds memory per idle tunnel.
-const BUFFER_SIZE: usize = 8 * 1024;
+/// Copy buffer per direction while traffic is light: an idle tunnel holds two of these, so this is
+/// most of a tunnel's memory (`hangar-bench proxy-ws` measures it).
+const MIN_BUFFER: usize = 1024;
+/// A direction whose reads keep filling the buffer doubles it, up to this (bulk transfers then move
+/// in large chunks); a small read shrinks it back to [`MIN_BUFFER`].
+const MAX_BUFFER: usize = 16 * 1024;
 /// When going away, at most this much is read (and discarded) while waiting for the client to close.
 const MAX_DISCARD: usize = 1024 * 1024;
 
@@ -169,6 +173,8 @@ struct Pump<R, W> {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// Size of `buf` for the next read (see [`MAX_BUFFER`]).
+    next_size: usize,
     frames: Option<FrameTracker>,
 }
 
@@ -181,18 +187,31 @@ where
         Pump {
             reader,
             writer,
-            buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
+            buf: vec![0; MIN_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
+            next_size: MIN_BUFFER,
             frames: websocket.then(FrameTracker::new),
         }
     }
 
-    /// Reads more; `false` at end of stream.
+    /// Reads more into the (empty) buffer, resized first as the last read asked; `false` at end of
+    /// stream.
     async fn fill(&mut self) -> io::Result<bool> {
+        if self.buf.len() != self.next_size {
+            self.buf = vec![0; self.next_size].into_boxed_slice();
+        }
         let n = self.reader.read(&mut self.buf).await?;
         self.start = 0;
         self.end = n;
+        let len = self.buf.len();
+        self.next_size = if n == len {
+            len.saturating_mul(2).min(MAX_BUFFER)
+        } else if n <= MIN_BUFFER {
+            MIN_BUFFER
+        } else {
+            len
+        };
         Ok(n > 0)
     }
 
@@ -284,6 +303,43 @@ mod tests {
             assert_eof(&mut client).await;
             drop(client);
             tunnel.await.unwrap();
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn buffer_grows_for_bulk_transfers_and_shrinks_back_for_small_messages() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let (mut source, reader) = tokio::io::duplex(1 << 20);
+            let (writer, mut sink) = tokio::io::duplex(1 << 20);
+            let mut pump = Pump::new(reader, writer, false);
+            assert_eq!(pump.buf.len(), MIN_BUFFER);
+            // Each read fills the buffer, so each next read gets a buffer twice as large, up to the cap.
+            source.write_all(&vec![7u8; 200_000]).await.unwrap();
+            let mut sizes = vec![];
+            let mut copied = 0;
+            while copied < 200_000 {
+                assert!(pump.fill().await.unwrap());
+                sizes.push(pump.buf.len());
+                copied += pump.end;
+                while pump.start < pump.end {
+                    pump.write_some(usize::MAX).await.unwrap();
+                }
+            }
+            assert_eq!(sizes[..5], [MIN_BUFFER, 2048, 4096, 8192, MAX_BUFFER]);
+            assert_eq!(sizes.iter().max(), Some(&MAX_BUFFER));
+            assert_eq!(read_n(&mut sink, 200_000).await, vec![7u8; 200_000]);
+            // A small message comes in the large buffer, after which the buffer shrinks back.
+            source.write_all(b"small").await.unwrap();
+            assert!(pump.fill().await.unwrap());
+            assert_eq!(pump.buf.get(..pump.end), Some(&b"small"[..]));
+            pump.write_some(usize::MAX).await.unwrap();
+            source.write_all(b"again").await.unwrap();
+            assert!(pump.fill().await.unwrap());
+            assert_eq!(pump.buf.len(), MIN_BUFFER);
+            pump.write_some(usize::MAX).await.unwrap();
+            assert_eq!(read_n(&mut sink, 10).await, b"smallagain");
         })
         .await
         .unwrap();
