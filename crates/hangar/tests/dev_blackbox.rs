@@ -191,7 +191,7 @@ async fn connect(dev: &DevProcess, key: &str, backend: &Path, verb: &str) -> (St
         "connect failed:\n{}\n{}",
         out.stdout, out.stderr
     );
-    let id = line_value(&out.stdout, &format!("{verb} backend ")).to_string();
+    let id = line_value(&out.stdout, &format!("{verb} backend: ")).to_string();
     let url = line_value(&out.stdout, "URL: ").to_string();
     assert!(
         out.stdout.lines().any(|l| l == "Status: ready"),

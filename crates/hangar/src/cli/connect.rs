@@ -241,7 +241,8 @@ pub async fn run(
         out.json_line(&resp)?;
     } else {
         let verb = if resp.spawned { "Created" } else { "Reusing" };
-        println!("{verb} backend {}", resp.backend_id);
+        // Plane's wording, so scripts written against `plane admin connect` keep working.
+        println!("{verb} backend: {}", resp.backend_id);
         println!("URL: {}", resp.url);
         println!("Status URL: {}", resp.status_url);
         if let Some(drone) = &resp.drone {
