@@ -5,6 +5,7 @@
 
 mod auth;
 mod backends;
+mod dashboard;
 mod extract;
 mod nodes;
 mod system;
@@ -12,6 +13,7 @@ mod system;
 use crate::config::{ConfigError, ControllerConfig};
 use crate::error::ApiError;
 use crate::metrics::LatestMetrics;
+use crate::prometheus::ControllerMetrics;
 use axum::http::{header, Method};
 use axum::routing::{get, post};
 use axum::Router;
@@ -39,6 +41,8 @@ pub struct AppState {
     pub(crate) tracker: TaskTracker,
     /// Latest CPU/memory sample of each backend whose drone is connected here (memory only).
     pub(crate) metrics: LatestMetrics,
+    /// This process's Prometheus series (`GET /metrics`).
+    pub(crate) prometheus: Arc<ControllerMetrics>,
 }
 
 impl AppState {
@@ -61,6 +65,7 @@ impl AppState {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             metrics: LatestMetrics::default(),
+            prometheus: Arc::new(ControllerMetrics::new()),
         })
     }
 
@@ -89,6 +94,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let ctrl = Router::new()
         .route("/ctrl/status", get(system::status_get))
+        .route("/metrics", get(crate::prometheus::metrics_get))
         .route("/ctrl/connect", post(backends::connect_post))
         .route(
             "/ctrl/b/{backend}/soft-terminate",
@@ -102,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ctrl/b/revoke", post(backends::tokens_revoke))
         .route("/ctrl/revoke", post(backends::tokens_revoke))
         .route("/ctrl/c/{cluster}/state", get(nodes::cluster_state_get))
+        .route("/ctrl/dashboard/state", get(dashboard::dashboard_state_get))
         .route(
             "/ctrl/b/{backend}/prevent-renew",
             post(backends::backends_prevent_renew),
@@ -128,6 +135,15 @@ pub fn router(state: AppState) -> Router {
         .allow_headers([header::CONTENT_TYPE]);
     let public = Router::new()
         .route("/pub/health", get(system::health_get))
+        .route("/dashboard", get(dashboard::dashboard_page_get))
+        .route(
+            "/dashboard/dashboard.js",
+            get(dashboard::dashboard_script_get),
+        )
+        .route(
+            "/dashboard/dashboard.css",
+            get(dashboard::dashboard_style_get),
+        )
         .route("/pub/b/{backend}/status", get(backends::backends_status))
         .route(
             "/pub/b/{backend}/status-stream",

@@ -26,6 +26,9 @@ pub async fn run_dns_session(state: AppState, mut socket: WebSocket) {
     if let Err(reason) = node_socket::check_protocol(hello.protocol) {
         return node_socket::refuse(socket, reason).await;
     }
+    let _counted = state
+        .prometheus
+        .node_session(crate::prometheus::NodeKind::Dns);
     if node_socket::welcome(&mut socket, &state.config.name)
         .await
         .is_err()

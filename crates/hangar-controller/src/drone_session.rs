@@ -13,11 +13,12 @@
 use crate::api::AppState;
 use crate::metrics::{BackendSample, LatestMetrics};
 use crate::node_socket::{self, NodeSender, SessionClosed};
+use crate::prometheus::{ControllerMetrics, NodeKind};
 use crate::sweeper;
 use axum::extract::ws::WebSocket;
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
-use hangar_store::{DroneRegistration, NodeId, Registration, Store, StoreEvent};
+use hangar_store::{DroneRegistration, NodeId, Registration, StateUpdate, Store, StoreEvent};
 use hangar_types::protocol::{
     ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines, NodeHello,
 };
@@ -99,6 +100,7 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
 
     // Subscribe before the first pending-actions read, so no action queued in between is missed.
     let events = state.store.events().subscribe();
+    let _counted = state.prometheus.node_session(NodeKind::Drone);
     if node_socket::welcome(&mut socket, &state.config.name)
         .await
         .is_ok()
@@ -107,6 +109,7 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
         let (sink, stream) = socket.split();
         let (sender, rx) = node_socket::outbound();
         let drone = DroneSession {
+            prometheus: state.prometheus.clone(),
             store: state.store.clone(),
             key_timing: state.config.key_timing,
             metrics: state.metrics.clone(),
@@ -133,6 +136,7 @@ struct DroneSession {
     /// Durations of the key deadlines sent with renewals.
     key_timing: KeyTiming,
     metrics: LatestMetrics,
+    prometheus: Arc<ControllerMetrics>,
     node: NodeId,
     name: DroneName,
     sender: NodeSender<ControllerToDrone>,
@@ -178,6 +182,9 @@ impl DroneSession {
                 ..
             } => match self.store.record_backend_state(&backend_id, &state).await {
                 Ok(update) => {
+                    if matches!(update, StateUpdate::Applied { .. }) {
+                        self.prometheus.record_state_change(state.status());
+                    }
                     if state.status() == BackendStatus::Terminated {
                         self.metrics.remove(&backend_id);
                     }

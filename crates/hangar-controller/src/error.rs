@@ -44,6 +44,11 @@ impl ApiError {
         move |source| ApiError::Store { message, source }
     }
 
+    /// The Plane error kind of the response.
+    pub fn kind(&self) -> ApiErrorKind {
+        self.status_and_kind().1
+    }
+
     fn status_and_kind(&self) -> (StatusCode, ApiErrorKind) {
         match self {
             ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, ApiErrorKind::InvalidRequest),

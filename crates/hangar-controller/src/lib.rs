@@ -21,6 +21,7 @@ pub mod lost;
 mod maintenance;
 pub mod metrics;
 mod node_socket;
+pub mod prometheus;
 pub mod proxy_session;
 pub mod scheduler;
 mod status_stream;

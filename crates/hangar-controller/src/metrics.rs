@@ -22,6 +22,17 @@ pub struct BackendSample {
     pub received: Instant,
 }
 
+/// Sums over the kept samples (for `GET /metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SampleTotals {
+    /// Backends with a sample.
+    pub backends: usize,
+    /// Memory in use, in bytes.
+    pub mem_used: u64,
+    /// Memory limits, in bytes.
+    pub mem_limit: u64,
+}
+
 /// The latest sample per backend, bounded by [`MAX_BACKENDS`]. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct LatestMetrics {
@@ -51,6 +62,22 @@ impl LatestMetrics {
 
     pub fn get(&self, backend: &BackendId) -> Option<BackendSample> {
         self.lock().get(backend).copied()
+    }
+
+    /// Sums over every kept sample; O(n) under the lock, once per scrape.
+    pub fn totals(&self) -> SampleTotals {
+        let samples = self.lock();
+        samples.values().fold(
+            SampleTotals {
+                backends: samples.len(),
+                ..SampleTotals::default()
+            },
+            |t, s| SampleTotals {
+                mem_used: t.mem_used.saturating_add(s.mem_used),
+                mem_limit: t.mem_limit.saturating_add(s.mem_limit),
+                ..t
+            },
+        )
     }
 
     pub fn len(&self) -> usize {
@@ -91,6 +118,17 @@ mod tests {
         metrics.record(id.clone(), sample(2));
         assert_eq!(metrics.get(&id).map(|s| s.mem_used), Some(2));
         assert_eq!(metrics.len(), 1);
+        metrics.record("ba-two".parse().unwrap(), sample(5));
+        let totals = metrics.totals();
+        assert_eq!(
+            totals,
+            SampleTotals {
+                backends: 2,
+                mem_used: 7,
+                mem_limit: 20
+            }
+        );
+        metrics.remove(&"ba-two".parse().unwrap());
         metrics.remove(&id);
         assert!(metrics.is_empty());
     }

@@ -56,6 +56,9 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
     tracing::info!(proxy = %name, %cluster, node, session, "Proxy connected");
 
     let events = state.store.events().subscribe();
+    let _counted = state
+        .prometheus
+        .node_session(crate::prometheus::NodeKind::Proxy);
     if node_socket::welcome(&mut socket, &state.config.name)
         .await
         .is_ok()

@@ -3,6 +3,7 @@
 use crate::acme::{AcmeConfig, AcmeConfigError};
 use hangar_types::{ClusterName, ProxyName};
 use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use url::Url;
@@ -110,6 +111,10 @@ pub struct ProxyConfig {
     /// Default: 2592000 (30 days).
     #[serde(default = "default_renew_before", with = "seconds")]
     pub renew_before: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`), e.g. `127.0.0.1:9091`. A separate
+    /// listener: the public proxy port never serves them. Default: none (off).
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 fn default_route_wait() -> Duration {
@@ -168,6 +173,7 @@ impl ProxyConfig {
             cert_reload_interval: DEFAULT_CERT_RELOAD_INTERVAL,
             acme: None,
             renew_before: DEFAULT_RENEW_BEFORE,
+            metrics_addr: None,
         }
     }
 

@@ -30,6 +30,7 @@ mod config;
 mod connection_tracker;
 mod error;
 mod headers;
+mod prometheus;
 mod redirect;
 mod route_cache;
 mod server;
@@ -114,6 +115,8 @@ pub(crate) struct ProxyState {
     acme_failures: AtomicU64,
     /// Changes of the certificate file that could not be loaded.
     cert_file_errors: AtomicU64,
+    /// The Prometheus series (served on the metrics listener, if any).
+    metrics: prometheus::ProxyMetrics,
 }
 
 impl ProxyState {
@@ -186,9 +189,27 @@ pub async fn start_with_listeners(
     let tasks = TaskTracker::new();
     let outbound = Arc::new(Notify::new());
     let tracker = Arc::new(ConnectionTracker::new(outbound.clone()));
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => Some(
+            listener
+                .local_addr()
+                .context("metrics listener has no local address")?,
+        ),
+        None => None,
+    };
+    let metrics = prometheus::ProxyMetrics::new();
     let state = Arc::new(ProxyState {
         config,
-        route_cache: RouteCache::new(outbound.clone()),
+        route_cache: RouteCache::new(outbound.clone())
+            .with_counters(metrics.route_cache_counters()),
         tracker: tracker.clone(),
         outbound: outbound.clone(),
         connected: watch::Sender::new(false),
@@ -204,6 +225,7 @@ pub async fn start_with_listeners(
         acme_orders: AtomicU64::new(0),
         acme_failures: AtomicU64::new(0),
         cert_file_errors: AtomicU64::new(0),
+        metrics,
     });
     let https_kind = match &listeners.https {
         Some(_) => Some(start_tls(&state, &cancel).await?),
@@ -217,6 +239,13 @@ pub async fn start_with_listeners(
 
     tasks.spawn(session::run_session(state.clone(), client, cancel.clone()));
     tasks.spawn(tracker.run_keepalive_visits(cancel.clone()));
+    if let Some(listener) = metrics_listener {
+        tasks.spawn(prometheus::run_metrics_listener(
+            listener,
+            state.clone(),
+            cancel.clone(),
+        ));
+    }
     let http_kind = match https_kind {
         Some(_) => ListenerKind::Redirect,
         None => ListenerKind::Http,
@@ -236,9 +265,13 @@ pub async fn start_with_listeners(
         )));
     }
     tracing::info!(%local_addr, ?https_addr, name = %state.config.name, cluster = %state.config.cluster, "Proxy started");
+    if let Some(addr) = metrics_addr {
+        tracing::info!(%addr, "Proxy metrics at http://{addr}/metrics");
+    }
     Ok(ProxyHandle {
         local_addr,
         https_addr,
+        metrics_addr,
         monitor: ProxyMonitor { state },
         cancel,
         drain,
@@ -360,6 +393,7 @@ impl ProxyMonitor {
 pub struct ProxyHandle {
     local_addr: SocketAddr,
     https_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     monitor: ProxyMonitor,
     cancel: CancellationToken,
     /// Graceful stop: stop accepting and let in-flight exchanges finish.
@@ -379,6 +413,11 @@ impl ProxyHandle {
     /// The address of the HTTPS listener, if the proxy has one.
     pub fn https_addr(&self) -> Option<SocketAddr> {
         self.https_addr
+    }
+
+    /// The address of the metrics listener (`GET /metrics`), if `metrics_addr` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// See [`ProxyMonitor::certificate`].

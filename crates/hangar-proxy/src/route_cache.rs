@@ -10,6 +10,7 @@
 //! it), so abandoned lookups are not re-sent forever. Must not: do IO or block; the lock is never held
 //! across an await.
 
+use crate::prometheus::RouteCacheCounters;
 use hangar_types::protocol::RouteInfo;
 use hangar_types::token::ConnectionToken;
 use hangar_types::BackendId;
@@ -82,6 +83,8 @@ pub(crate) struct RouteCache {
     /// Wakes the session writer when there is a new token to request.
     outbound: Arc<Notify>,
     capacity: usize,
+    /// Hits, misses and coalesced lookups, for the metrics endpoint.
+    counters: RouteCacheCounters,
 }
 
 impl RouteCache {
@@ -94,7 +97,14 @@ impl RouteCache {
             state: Mutex::new(CacheState::default()),
             outbound,
             capacity: capacity.max(10),
+            counters: RouteCacheCounters::default(),
         }
+    }
+
+    /// Counts lookups on `counters` (shared with the metrics registry).
+    pub(crate) fn with_counters(mut self, counters: RouteCacheCounters) -> Self {
+        self.counters = counters;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, CacheState> {
@@ -113,11 +123,16 @@ impl RouteCache {
         let rx = {
             let mut st = self.lock();
             if let Some(route) = st.cached(token) {
+                self.counters.hit.inc();
                 return Ok(route);
             }
             match st.pending.get(token) {
-                Some(p) => p.tx.subscribe(),
+                Some(p) => {
+                    self.counters.coalesced.inc();
+                    p.tx.subscribe()
+                }
                 None => {
+                    self.counters.miss.inc();
                     let (tx, rx) = watch::channel(None);
                     st.pending
                         .insert(token.clone(), Pending { tx, sent_on: None });

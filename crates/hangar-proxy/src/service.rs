@@ -45,10 +45,19 @@ pub(crate) async fn handle_request(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let exchange = client.activity.begin_exchange();
+    let started = std::time::Instant::now();
     let mut response = match route_request(&state, &client, req).await {
         Ok(response) => response,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if matches!(e, ProxyError::Upstream { .. }) {
+                state.metrics.record_upstream_error();
+            }
+            e.into_response()
+        }
     };
+    state
+        .metrics
+        .record_request(response.status(), started.elapsed());
     apply_general_headers(response.headers_mut(), &state.server_header);
     response.map(|body| {
         GuardedBody {

@@ -25,8 +25,8 @@ use hangar_types::api::ClusterState;
 use hangar_types::protocol::ActionMessage;
 use hangar_types::token::ConnectionToken;
 use hangar_types::{
-    BackendId, BackendState, ClusterName, ControllerName, DroneName, Millis, ProxyName,
-    TerminationKind, TerminationReason,
+    BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName, Millis,
+    ProxyName, TerminationKind, TerminationReason,
 };
 use std::time::Duration;
 
@@ -282,6 +282,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// The cluster's current certificate, if any.
     async fn certificate(&self, cluster: &ClusterName) -> StoreResult<Option<StoredCertificate>>;
+
+    // ---- dashboard -----------------------------------------------------------------------------
+
+    /// Clusters with at least one drone or proxy attached to a controller, by name, at most `limit`.
+    async fn active_clusters(&self, limit: u32) -> StoreResult<Vec<ClusterName>>;
+
+    /// The most recently created backends, newest first (ties by id), at most `limit`; with `status`,
+    /// only those whose current status is `status`.
+    async fn recent_backends(
+        &self,
+        status: Option<BackendStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<BackendRow>>;
 }
 
 /// ACME HTTP-01 challenge answers older than this are deleted by [`Store::cleanup`]: an ACME order

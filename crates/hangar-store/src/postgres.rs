@@ -26,6 +26,7 @@
 mod actions;
 mod backends;
 mod cleanup;
+mod dashboard;
 mod listener;
 mod lost;
 mod nodes;
@@ -43,8 +44,8 @@ use hangar_types::protocol::ActionMessage;
 use hangar_types::timing::KEY_LEASE;
 use hangar_types::token::{random_token, ConnectionToken};
 use hangar_types::{
-    ActionId, BackendId, BackendState, ClusterName, ControllerName, DroneName, Millis, ProxyName,
-    TerminationKind, TerminationReason,
+    ActionId, BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName,
+    Millis, ProxyName, TerminationKind, TerminationReason,
 };
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -398,5 +399,17 @@ impl Store for PostgresStore {
 
     async fn certificate(&self, cluster: &ClusterName) -> StoreResult<Option<StoredCertificate>> {
         tls::certificate(self, cluster).await
+    }
+
+    async fn active_clusters(&self, limit: u32) -> StoreResult<Vec<ClusterName>> {
+        dashboard::active_clusters(self, limit).await
+    }
+
+    async fn recent_backends(
+        &self,
+        status: Option<BackendStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<BackendRow>> {
+        dashboard::recent_backends(self, status, limit).await
     }
 }

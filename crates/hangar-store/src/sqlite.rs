@@ -19,6 +19,7 @@
 mod actions;
 mod backends;
 mod cleanup;
+mod dashboard;
 mod lost;
 mod nodes;
 mod rows;
@@ -33,8 +34,8 @@ use hangar_types::api::ClusterState;
 use hangar_types::protocol::ActionMessage;
 use hangar_types::token::ConnectionToken;
 use hangar_types::{
-    ActionId, BackendId, BackendState, ClusterName, ControllerName, DroneName, Millis, ProxyName,
-    TerminationKind, TerminationReason,
+    ActionId, BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName,
+    Millis, ProxyName, TerminationKind, TerminationReason,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -360,5 +361,17 @@ impl Store for SqliteStore {
 
     async fn certificate(&self, cluster: &ClusterName) -> StoreResult<Option<StoredCertificate>> {
         tls::certificate(self, cluster).await
+    }
+
+    async fn active_clusters(&self, limit: u32) -> StoreResult<Vec<ClusterName>> {
+        dashboard::active_clusters(self, limit).await
+    }
+
+    async fn recent_backends(
+        &self,
+        status: Option<BackendStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<BackendRow>> {
+        dashboard::recent_backends(self, status, limit).await
     }
 }

@@ -158,6 +158,7 @@ macro_rules! all_store_tests {
             txt_record_belongs_to_the_lease_holder,
             http_challenges_belong_to_the_lease_holder,
             certificates_are_stored_and_published,
+            dashboard_lists_clusters_and_recent_backends,
         );
     };
 }
@@ -1976,5 +1977,77 @@ mod suite {
         assert!(newer.stored_at > stored.stored_at);
         assert_eq!(store.certificate(&c).await.unwrap(), Some(newer.clone()));
         assert_eq!(events.try_recv().unwrap(), StoreEvent::Certificate(newer));
+    }
+
+    // ---- dashboard -----------------------------------------------------------------------------
+
+    pub async fn dashboard_lists_clusters_and_recent_backends(h: Harness) {
+        let store = &*h.store;
+        assert!(store.active_clusters(10).await.unwrap().is_empty());
+        assert!(store.recent_backends(None, 10).await.unwrap().is_empty());
+
+        let drone = ready_drone(store, "dr-one", "").await;
+        // A detached node's cluster is not listed; an attached proxy's is.
+        let mut far = registration("dr-far", "", &[ExecutorKind::Docker]);
+        far.cluster = "far.test".parse().unwrap();
+        let (far_node, far_session) = register(store, &far).await;
+        store
+            .node_disconnected(far_node, far_session)
+            .await
+            .unwrap();
+        let edge: ClusterName = "a-edge.test".parse().unwrap();
+        let proxy: ProxyName = "px-one".parse().unwrap();
+        store
+            .register_proxy(&edge, &proxy, &controller(), "0.1.0")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.active_clusters(10).await.unwrap(),
+            vec![edge.clone(), cluster()]
+        );
+        assert_eq!(store.active_clusters(1).await.unwrap(), vec![edge]);
+
+        let a = new_backend(drone, "a");
+        acquire(store, a.clone()).await;
+        h.advance(Duration::from_millis(5));
+        let b = new_backend(drone, "b");
+        acquire(store, b.clone()).await;
+        make_ready(store, &b.id).await;
+        h.advance(Duration::from_millis(5));
+        let c = new_backend(drone, "c");
+        acquire(store, c.clone()).await;
+        terminate(store, &c.id).await;
+
+        let recent = store.recent_backends(None, 10).await.unwrap();
+        let ids: Vec<BackendId> = recent.iter().map(|r| r.id.clone()).collect();
+        assert_eq!(ids, vec![c.id.clone(), b.id.clone(), a.id.clone()]);
+        let newest = &recent[0];
+        assert_eq!(newest.cluster, cluster());
+        assert_eq!(newest.drone, "dr-one".parse::<DroneName>().unwrap());
+        assert_eq!(newest.key, c.key);
+        assert_eq!(newest.state, terminated());
+
+        let limited = store.recent_backends(None, 2).await.unwrap();
+        assert_eq!(limited.len(), 2);
+        assert_eq!(limited[1].id, b.id);
+
+        let ready = store
+            .recent_backends(Some(BackendStatus::Ready), 10)
+            .await
+            .unwrap();
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].id, b.id);
+        assert_eq!(ready[0].state, BackendState::Ready { address: addr() });
+        let scheduled = store
+            .recent_backends(Some(BackendStatus::Scheduled), 10)
+            .await
+            .unwrap();
+        assert_eq!(scheduled.len(), 1);
+        assert_eq!(scheduled[0].id, a.id);
+        assert!(store
+            .recent_backends(Some(BackendStatus::Terminating), 10)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

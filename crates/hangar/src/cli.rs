@@ -26,10 +26,37 @@ impl Output {
     /// Prints one JSON line.
     pub fn json_line<T: Serialize>(&self, value: &T) -> anyhow::Result<()> {
         let line = serde_json::to_string(value).context("encoding JSON output")?;
-        println!("{line}");
+        say!("{line}");
         Ok(())
     }
 }
+
+/// Writes one line to stdout. Unlike `println!`, a reader that went away (`hangar status … | head -1`)
+/// ends the program quietly with the shell's SIGPIPE status (141) instead of a panic.
+pub fn print_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
+        Err(e) => {
+            eprintln!("Error: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `println!` for command output, through [`print_line`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::cli::print_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use say;
 
 pub fn client(controller: &Url) -> anyhow::Result<ControllerClient> {
     ControllerClient::new(controller.clone()).context("invalid --controller URL")
@@ -118,7 +145,7 @@ pub async fn follow_status(
             .with_context(|| format!("following the status of backend {backend}"))?;
         if entry.status >= follow.print_from {
             if !out.json {
-                println!("Status: {}", describe_status(&entry));
+                say!("Status: {}", describe_status(&entry));
             } else if follow.json_each {
                 out.json_line(&entry)?;
             }
@@ -131,13 +158,13 @@ pub async fn follow_status(
 
 pub fn version(out: Output) -> ExitCode {
     if out.json {
-        println!(
+        say!(
             "{}",
             serde_json::json!({"version": hangar_types::VERSION, "protocol": hangar_types::PROTOCOL_VERSION})
         );
     } else {
-        println!("hangar {}", hangar_types::VERSION);
-        println!("protocol version {}", hangar_types::PROTOCOL_VERSION);
+        say!("hangar {}", hangar_types::VERSION);
+        say!("protocol version {}", hangar_types::PROTOCOL_VERSION);
     }
     ExitCode::SUCCESS
 }

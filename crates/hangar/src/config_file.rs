@@ -265,5 +265,12 @@ mod tests {
         .unwrap();
         assert_eq!(c.shutdown_grace, Duration::from_secs(3));
         assert_eq!(c.route_wait_timeout, Duration::from_millis(500));
+        assert_eq!(c.metrics_addr, None);
+        let c: ProxyConfig = layers(
+            "controller_url = \"http://x/\"\ncluster = \"c\"\nmetrics_addr = \"127.0.0.1:9091\"\n",
+        )
+        .build("proxy")
+        .unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9091".parse().unwrap()));
     }
 }

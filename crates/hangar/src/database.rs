@@ -2,6 +2,7 @@
 //! PostgreSQL store that several controllers can share; anything else is a SQLite file path (embedded,
 //! one controller). `hangar migrate --db …` applies the schema ahead of a rollout.
 
+use crate::cli::say;
 use anyhow::Context;
 use clap::Args;
 use hangar_store::postgres::PostgresStore;
@@ -122,7 +123,7 @@ pub async fn run_migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         // Opening a SQLite store applies its migrations.
         DatabaseKind::Sqlite => OpenStore::open(&db).await?.close().await,
     }
-    println!("Database {} is up to date.", db.display());
+    say!("Database {} is up to date.", db.display());
     Ok(ExitCode::SUCCESS)
 }
 

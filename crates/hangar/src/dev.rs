@@ -6,6 +6,7 @@
 //! leaves nothing behind); on SIGINT/SIGTERM the proxy stops first (no new traffic), then the drone
 //! (which terminates its backends), then the controller, then the store.
 
+use crate::cli::say;
 use crate::serve::{bind_listener, local_url};
 use crate::shutdown::StopSignals;
 use anyhow::Context;
@@ -54,6 +55,10 @@ pub struct DevArgs {
     /// Cluster name used in backend URLs. Default: `localhost:<proxy port>`.
     #[arg(long)]
     pub cluster: Option<ClusterName>,
+    /// Where the proxy serves its Prometheus metrics (`GET /metrics`). The controller's are at
+    /// `<controller>/metrics`.
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    pub proxy_metrics_addr: SocketAddr,
 }
 
 /// Where `hangar dev` keeps its files; `None` in memory.
@@ -168,18 +173,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    let proxy = match hangar_proxy::start(
-        ProxyConfig::new(controller_url.clone(), cluster.clone()),
-        proxy_listener,
-    )
-    .await
-    {
+    let proxy_config = ProxyConfig {
+        metrics_addr: Some(args.proxy_metrics_addr),
+        ..ProxyConfig::new(controller_url.clone(), cluster.clone())
+    };
+    let proxy = match hangar_proxy::start(proxy_config, proxy_listener).await {
         Ok(p) => p,
         Err(e) => {
             drone.shutdown().await;
             controller.shutdown().await;
             store.close().await;
-            return Err(e.context("starting the proxy"));
+            return Err(
+                e.context("starting the proxy (its metrics address is --proxy-metrics-addr)")
+            );
         }
     };
 
@@ -198,6 +204,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             print_banner(&Banner {
                 controller_url: &controller_url,
                 proxy_url: &proxy_url,
+                proxy_metrics: proxy.metrics_addr(),
                 cluster: &cluster,
                 data_dir: data_dir.as_deref(),
                 drone: &drone_name,
@@ -212,7 +219,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     drone.shutdown().await;
     controller.shutdown().await;
     store.close().await;
-    println!("Hangar dev stopped.");
+    say!("Hangar dev stopped.");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -250,6 +257,8 @@ async fn wait_for_drone(
 struct Banner<'a> {
     controller_url: &'a Url,
     proxy_url: &'a Url,
+    /// Where the proxy serves its metrics.
+    proxy_metrics: Option<SocketAddr>,
     cluster: &'a ClusterName,
     data_dir: Option<&'a Path>,
     drone: &'a DroneName,
@@ -287,10 +296,16 @@ fn banner_text(b: &Banner<'_>) -> String {
     } else {
         format!(" --controller {controller}")
     };
+    let proxy_metrics = match b.proxy_metrics {
+        Some(addr) => format!(", proxy http://{addr}/metrics"),
+        None => String::new(),
+    };
     format!(
         "Hangar dev is running.\n\
          \x20 Controller API:  {controller}\n\
+         \x20 Dashboard:       {controller}/dashboard\n\
          \x20 Proxy:           {proxy} (cluster {cluster}; backend URLs look like http://{cluster}/<token>/)\n\
+         \x20 Metrics:         controller {controller}/metrics{proxy_metrics}\n\
          \x20 Data:            {data}\n\
          \x20 Drone:           {drone}, executors: {executors}\n\
          \n\
@@ -339,6 +354,9 @@ mod tests {
         let a = parse(&[]).unwrap();
         assert_eq!(a.controller_port, 8080);
         assert_eq!(a.proxy_port, 9090);
+        assert_eq!(a.proxy_metrics_addr, "127.0.0.1:9091".parse().unwrap());
+        let a = parse(&["--proxy-metrics-addr", "127.0.0.1:0"]).unwrap();
+        assert_eq!(a.proxy_metrics_addr, "127.0.0.1:0".parse().unwrap());
         assert_eq!(a.host, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert!(!a.in_memory);
         assert!(parse(&["--in-memory", "--data-dir", "/tmp/x"]).is_err());
@@ -369,6 +387,7 @@ mod tests {
         let text = banner_text(&Banner {
             controller_url: &controller,
             proxy_url: &proxy,
+            proxy_metrics: Some("127.0.0.1:19091".parse().unwrap()),
             cluster: &cluster,
             data_dir: None,
             drone: &drone,
@@ -378,7 +397,17 @@ mod tests {
             text.contains("Controller API:  http://127.0.0.1:18080\n"),
             "{text}"
         );
+        assert!(
+            text.contains("Dashboard:       http://127.0.0.1:18080/dashboard\n"),
+            "{text}"
+        );
         assert!(text.contains("cluster localhost:19090"), "{text}");
+        assert!(
+            text.contains(
+                "Metrics:         controller http://127.0.0.1:18080/metrics, proxy http://127.0.0.1:19091/metrics\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("in memory"), "{text}");
         assert!(
             text.contains("executors: process (no Docker engine found"),
@@ -389,6 +418,7 @@ mod tests {
         let text = banner_text(&Banner {
             controller_url: &controller,
             proxy_url: &proxy,
+            proxy_metrics: None,
             cluster: &cluster,
             data_dir: Some(dir),
             drone: &drone,

@@ -208,6 +208,10 @@ pub struct ProxyArgs {
     /// Requests for `/` are redirected here.
     #[arg(long, env = "HANGAR_ROOT_REDIRECT_URL")]
     pub root_redirect_url: Option<Url>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:9091`; a separate
+    /// listener, never the public proxy port. Default: off.
+    #[arg(long, env = "HANGAR_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// HTTPS and certificates (boxed: they are most of the size of the arguments).
     #[command(flatten)]
     pub tls: Box<crate::proxy_tls::ProxyTlsArgs>,
@@ -299,6 +303,7 @@ impl ProxyArgs {
         layers.set("cluster", self.cluster.as_ref())?;
         layers.set("name", self.name.as_ref())?;
         layers.set("root_redirect_url", self.root_redirect_url.as_ref())?;
+        layers.set("metrics_addr", self.metrics_addr.as_ref())?;
         layers.require(
             "controller_url",
             "--controller-url",
@@ -516,12 +521,15 @@ mod tests {
             "app.example.com",
             "--root-redirect-url",
             "https://example.com/",
+            "--metrics-addr",
+            "127.0.0.1:9191",
         ])
         .unwrap() else {
             panic!("not a proxy")
         };
         let (c, listen) = p.to_config().unwrap();
         assert_eq!(listen, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9191".parse().unwrap()));
         assert_eq!(c.cluster.as_str(), "app.example.com");
         assert_eq!(
             c.root_redirect_url.as_ref().map(Url::as_str),

@@ -79,6 +79,9 @@ impl DevProcess {
                 &controller_port.to_string(),
                 "--proxy-port",
                 &proxy_port.to_string(),
+                // Any free port: the default 9091 may be taken on a shared machine.
+                "--proxy-metrics-addr",
+                "127.0.0.1:0",
             ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -325,4 +328,21 @@ async fn dev_refuses_a_busy_port() {
         stderr.contains("already in use") && stderr.contains("--controller-port"),
         "{stderr}"
     );
+}
+
+/// A reader that went away (`hangar version | head -0`) ends the command quietly with the shell's
+/// SIGPIPE status instead of a panic message.
+#[test]
+fn closed_stdout_ends_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(hangar_bin())
+        .arg("version")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
 }

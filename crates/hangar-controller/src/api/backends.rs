@@ -15,9 +15,17 @@ use hangar_types::{BackendId, BackendStatus, TerminationKind, TerminationReason}
 /// `POST /ctrl/connect`.
 pub async fn connect_post(
     State(state): State<AppState>,
-    ApiJson(request): ApiJson<ConnectRequest>,
+    request: Result<ApiJson<ConnectRequest>, ApiError>,
 ) -> Result<Json<ConnectResponse>, ApiError> {
-    Ok(Json(connect::connect(&state, &request).await?))
+    let started = std::time::Instant::now();
+    let result = match request {
+        Ok(ApiJson(request)) => connect::connect(&state, &request)
+            .await
+            .map_err(ApiError::from),
+        Err(rejected) => Err(rejected),
+    };
+    state.prometheus.record_connect(&result, started.elapsed());
+    result.map(Json)
 }
 
 /// `POST /ctrl/b/{backend}/soft-terminate`. The body is ignored (Plane's client sends `null`).
@@ -41,6 +49,7 @@ async fn terminate(
     backend: &BackendId,
     kind: TerminationKind,
 ) -> Result<Json<()>, ApiError> {
+    state.prometheus.record_terminate(kind);
     let queued = state
         .store
         .queue_terminate(backend, kind, TerminationReason::External)

@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod cleanup;
+mod dashboard;
 mod drone_sessions;
 mod handlers;
 mod lost_drones;
+mod metrics;
 mod multi_controller;
 mod proxy_sessions;
 mod status_stream;

@@ -1,6 +1,7 @@
 //! `hangar status`, `hangar terminate` and `hangar revoke`: commands about one backend.
 
 use super::{describe_status, follow_status, Follow, Output};
+use crate::cli::say;
 use anyhow::Context;
 use clap::Args;
 use hangar_client::ControllerClient;
@@ -53,7 +54,7 @@ pub async fn status(
         if out.json {
             out.json_line(&entry)?;
         } else {
-            println!("Status: {}", describe_status(&entry));
+            say!("Status: {}", describe_status(&entry));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -83,7 +84,7 @@ pub async fn terminate(
     if out.json {
         out.json_line(&serde_json::json!({"backend_id": args.backend, "termination": kind}))?;
     } else {
-        println!("Sent {kind} termination to backend {}", args.backend);
+        say!("Sent {kind} termination to backend {}", args.backend);
     }
     if args.wait {
         // The stream replays the whole history; only the termination is news here.
@@ -118,9 +119,10 @@ pub async fn revoke(
     if out.json {
         out.json_line(&req)?;
     } else {
-        println!(
+        say!(
             "Revoked the tokens of user {:?} for backend {}",
-            args.user, args.backend
+            args.user,
+            args.backend
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! `hangar cluster-state` and `hangar drain`: commands about a cluster's nodes.
 
 use super::Output;
+use crate::cli::say;
 use anyhow::Context;
 use clap::Args;
 use hangar_client::ControllerClient;
@@ -51,9 +52,9 @@ pub async fn drain(
     if out.json {
         out.json_line(&result)?;
     } else if result.updated {
-        println!("Drone {} draining initiated.", args.drone);
+        say!("Drone {} draining initiated.", args.drone);
     } else {
-        println!("Drone {} was already draining.", args.drone);
+        say!("Drone {} was already draining.", args.drone);
     }
     Ok(ExitCode::SUCCESS)
 }

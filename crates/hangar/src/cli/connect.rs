@@ -2,6 +2,7 @@
 //! it is `ready` (exit 0) or `terminated` (exit 1).
 
 use super::{describe_status, follow_status, Follow, Output};
+use crate::cli::say;
 use anyhow::Context;
 use clap::{ArgGroup, Args};
 use hangar_client::ControllerClient;
@@ -242,11 +243,11 @@ pub async fn run(
     } else {
         let verb = if resp.spawned { "Created" } else { "Reusing" };
         // Plane's wording, so scripts written against `plane admin connect` keep working.
-        println!("{verb} backend: {}", resp.backend_id);
-        println!("URL: {}", resp.url);
-        println!("Status URL: {}", resp.status_url);
+        say!("{verb} backend: {}", resp.backend_id);
+        say!("URL: {}", resp.url);
+        say!("Status URL: {}", resp.status_url);
         if let Some(drone) = &resp.drone {
-            println!("Drone: {drone}");
+            say!("Drone: {drone}");
         }
     }
     if args.no_wait {

@@ -3,6 +3,7 @@
 //! controller's API instead of a database connection.
 
 use super::Output;
+use crate::cli::say;
 use anyhow::Context;
 use clap::Args;
 use hangar_client::ControllerClient;
@@ -38,14 +39,14 @@ pub async fn mark_lost(
     if out.json {
         out.json_line(&result)?;
     } else if result.backends.is_empty() {
-        println!("Drone {} marked lost; it had no live backends.", args.drone);
+        say!("Drone {} marked lost; it had no live backends.", args.drone);
     } else {
-        println!(
+        say!(
             "Drone {} marked lost; backends recorded as lost:",
             args.drone
         );
         for backend in &result.backends {
-            println!("  {backend}");
+            say!("  {backend}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -65,7 +66,7 @@ pub async fn prevent_renew(
     if out.json {
         out.json_line(&serde_json::json!({"backend_id": args.backend, "renewals": "blocked"}))?;
     } else {
-        println!(
+        say!(
             "Key renewals of backend {} blocked; its drone will terminate it by its key deadlines.",
             args.backend
         );

@@ -1,0 +1,212 @@
+//! `GET /metrics`: the Prometheus series count what happened on this controller, and the endpoint is
+//! behind the bearer token like the `/ctrl` routes.
+
+use crate::support::{
+    connect_body, eventually, timed, FakeDrone, FakeProxy, TestController, CLUSTER,
+};
+use hangar_controller::ControllerConfig;
+use hangar_types::protocol::DroneToController;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+const TOKEN: &str = "s3cret";
+
+/// The samples of a text exposition: `name{labels}` (as written by the server) → value.
+fn parse_exposition(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("a sample line has a value");
+        let value: f64 = value.parse().expect("a sample value is a number");
+        assert!(
+            samples.insert(series.to_string(), value).is_none(),
+            "duplicate series {series}"
+        );
+    }
+    samples
+}
+
+fn series(name: &str, labels: &[(&str, &str)]) -> String {
+    if labels.is_empty() {
+        return name.to_string();
+    }
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    format!("{name}{{{}}}", labels.join(","))
+}
+
+struct Scrape(HashMap<String, f64>);
+
+impl Scrape {
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0.get(&series(name, labels)).copied()
+    }
+
+    /// The value, failing the test when the series is missing.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels)
+            .unwrap_or_else(|| panic!("no series {}", series(name, labels)))
+    }
+}
+
+async fn scrape(ctl: &TestController) -> Scrape {
+    let response = ctl.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    Scrape(parse_exposition(&response.text().await.unwrap()))
+}
+
+fn secured() -> ControllerConfig {
+    ControllerConfig {
+        default_cluster: Some(CLUSTER.parse().unwrap()),
+        bearer_token: Some(TOKEN.into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn metrics_need_the_bearer_token() {
+    timed(async {
+        let ctl = TestController::start_with(secured()).await;
+        let url = format!("{}/metrics", ctl.base);
+        let anonymous = ctl.http.get(&url).send().await.unwrap();
+        assert_eq!(anonymous.status(), 401);
+        let body: Value = anonymous.json().await.unwrap();
+        assert_eq!(body["kind"], "Unauthorized");
+        assert!(body["id"].is_string() && body["message"].is_string());
+        let wrong = ctl.http.get(&url).bearer_auth("nope").send().await.unwrap();
+        assert_eq!(wrong.status(), 401);
+        let right = ctl.http.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(right.status(), 200);
+        assert!(right
+            .text()
+            .await
+            .unwrap()
+            .contains("hangar_connect_requests_total"));
+        ctl.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn metrics_count_connects_sessions_states_and_terminations() {
+    timed(async {
+        let ctl = TestController::start_with(secured()).await;
+        let before = scrape(&ctl).await;
+        for outcome in ["created", "reused", "error"] {
+            assert_eq!(
+                before.get("hangar_connect_requests_total", &[("outcome", outcome)]),
+                0.0
+            );
+        }
+        for kind in ["drone", "proxy", "dns"] {
+            assert_eq!(before.get("hangar_node_sessions", &[("kind", kind)]), 0.0);
+        }
+        assert_eq!(before.get("hangar_backends_sampled", &[]), 0.0);
+
+        let mut drone = FakeDrone::connect(&ctl).await;
+        let proxy = FakeProxy::connect(&ctl).await;
+        eventually("both node sessions counted", || async {
+            let s = scrape(&ctl).await;
+            (s.get("hangar_node_sessions", &[("kind", "drone")]) == 1.0
+                && s.get("hangar_node_sessions", &[("kind", "proxy")]) == 1.0)
+                .then_some(())
+        })
+        .await;
+
+        let created = ctl.connect(&connect_body(Some("metrics-key"))).await;
+        assert!(created.spawned);
+        let reused = ctl.connect(&connect_body(Some("metrics-key"))).await;
+        assert!(!reused.spawned);
+        // A key nobody holds, without a spawn config: KeyUnheldNoSpawnConfig.
+        let refused = ctl
+            .post("/ctrl/connect", &json!({"key": {"name": "unheld"}}))
+            .await;
+        assert_eq!(refused.status(), 409);
+        // A body of the wrong shape is a connect error too: InvalidRequest.
+        let invalid = ctl.post("/ctrl/connect", &json!({"key": 5})).await;
+        assert_eq!(invalid.status(), 400);
+
+        let backend = created.backend_id.clone();
+        drone.make_ready(&backend).await;
+        drone
+            .send(&DroneToController::BackendMetrics {
+                backend_id: backend.clone(),
+                mem_used: 1000,
+                mem_limit: 8000,
+                cpu_used_ns: 5,
+                sys_cpu_ns: 50,
+            })
+            .await;
+        let soft = ctl
+            .post(&format!("/ctrl/b/{backend}/soft-terminate"), &Value::Null)
+            .await;
+        assert_eq!(soft.status(), 200);
+        let s = eventually("the memory sample to be summarised", || async {
+            let s = scrape(&ctl).await;
+            (s.get("hangar_backends_sampled", &[]) == 1.0).then_some(s)
+        })
+        .await;
+
+        let outcome = |o| s.get("hangar_connect_requests_total", &[("outcome", o)]);
+        assert_eq!(outcome("created"), 1.0);
+        assert_eq!(outcome("reused"), 1.0);
+        assert_eq!(outcome("error"), 2.0);
+        let errors = |k| s.get("hangar_connect_errors_total", &[("kind", k)]);
+        assert_eq!(errors("KeyUnheldNoSpawnConfig"), 1.0);
+        assert_eq!(errors("InvalidRequest"), 1.0);
+        assert_eq!(s.get("hangar_connect_duration_seconds_count", &[]), 4.0);
+        assert_eq!(
+            s.get("hangar_connect_duration_seconds_bucket", &[("le", "+Inf")]),
+            4.0
+        );
+        for status in ["loading", "starting", "waiting", "ready"] {
+            assert_eq!(
+                s.get("hangar_backend_state_changes_total", &[("status", status)]),
+                1.0,
+                "{status}"
+            );
+        }
+        assert_eq!(
+            s.value(
+                "hangar_backend_state_changes_total",
+                &[("status", "terminated")]
+            ),
+            None
+        );
+        assert_eq!(
+            s.get("hangar_terminate_requests_total", &[("kind", "soft")]),
+            1.0
+        );
+        assert_eq!(s.get("hangar_backend_memory_used_bytes", &[]), 1000.0);
+        assert_eq!(s.get("hangar_backend_memory_limit_bytes", &[]), 8000.0);
+
+        // A session that ends is no longer counted.
+        drop(proxy);
+        eventually("the proxy session to be uncounted", || async {
+            let s = scrape(&ctl).await;
+            (s.get("hangar_node_sessions", &[("kind", "proxy")]) == 0.0
+                && s.get("hangar_node_sessions", &[("kind", "drone")]) == 1.0)
+                .then_some(())
+        })
+        .await;
+        ctl.shutdown().await;
+    })
+    .await;
+}
+
+#[test]
+fn exposition_parser_reads_labels_and_values() {
+    let parsed = parse_exposition(
+        "# HELP x_total A thing.\n# TYPE x_total counter\nx_total{a=\"b\"} 3\ny 1.5\n",
+    );
+    assert_eq!(parsed.get("x_total{a=\"b\"}"), Some(&3.0));
+    assert_eq!(parsed.get(&series("y", &[])), Some(&1.5));
+    assert_eq!(parsed.len(), 2);
+}
