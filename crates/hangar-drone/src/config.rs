@@ -6,7 +6,7 @@ use hangar_types::timing::{READINESS_TIMEOUT, SOFT_TERMINATE_GRACE};
 use hangar_types::{ClusterName, DroneName};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 use url::Url;
@@ -60,6 +60,9 @@ pub struct DroneConfig {
     /// cleanup (every minute), in milliseconds. Default: 600000 (10 minutes).
     #[serde(default = "default_cleanup_min_age", with = "duration_ms")]
     pub docker_cleanup_min_age: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`), e.g. `127.0.0.1:9092`. Default: none (off).
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Docker's log configuration of a container (`HostConfig.LogConfig`).
@@ -125,6 +128,7 @@ impl DroneConfig {
             docker_runtime: None,
             docker_log_config: None,
             docker_cleanup_min_age: default_cleanup_min_age(),
+            metrics_addr: None,
         }
     }
 
@@ -231,6 +235,7 @@ impl std::fmt::Debug for DroneConfig {
             .field("docker_runtime", &self.docker_runtime)
             .field("docker_log_config", &self.docker_log_config)
             .field("docker_cleanup_min_age", &self.docker_cleanup_min_age)
+            .field("metrics_addr", &self.metrics_addr)
             .finish()
     }
 }
@@ -252,6 +257,7 @@ mod tests {
         assert_eq!(c.readiness_timeout, READINESS_TIMEOUT);
         assert_eq!(c.mount_base, None);
         assert_eq!(c.docker_cleanup_min_age, Duration::from_secs(600));
+        assert_eq!(c.metrics_addr, None);
         assert_eq!(c.validate(), Ok(()));
         assert!(serde_json::from_str::<DroneConfig>(
             r#"{"controller_url": "http://x/", "cluster": "c", "bogus": 1}"#

@@ -13,6 +13,7 @@ pub mod config;
 pub mod executor;
 mod key_manager;
 mod outbox;
+mod prometheus;
 mod readiness;
 mod session;
 mod supervisor;
@@ -26,10 +27,13 @@ use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{DroneToController, Hello, NodeHello};
 use hangar_types::{BackendId, DroneName, PROTOCOL_VERSION, VERSION};
 use outbox::Outbox;
+use prometheus::{DroneMetrics, MetricsSource};
 use session::Session;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use supervisor::{SupervisorSettings, Supervisors};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -62,6 +66,7 @@ pub struct DroneHandle {
     connected: watch::Receiver<bool>,
     reconnect: watch::Sender<u64>,
     soft_terminate_grace: Duration,
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// Starts a drone: opens its state, re-adopts the backends left running by a previous run (Docker
@@ -70,6 +75,24 @@ pub struct DroneHandle {
 /// connects to the controller and keeps reconnecting until [`DroneHandle::shutdown`].
 pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
     config.validate().context("invalid drone configuration")?;
+    // Bound first: a busy port fails the start before anything runs.
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => Some(
+            listener
+                .local_addr()
+                .context("metrics listener has no local address")?,
+        ),
+        None => None,
+    };
+    let drone_metrics = Arc::new(DroneMetrics::new());
     let client =
         ControllerClient::new(config.controller_url.clone()).context("invalid controller URL")?;
     let outbox = Outbox::open(config.state_file.as_deref())
@@ -91,6 +114,7 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         executors.clone(),
         settings,
         outbound.clone(),
+        drone_metrics.clone(),
     );
     supervisors
         .recover()
@@ -129,10 +153,27 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         metrics: metrics_rx,
         connected,
         reconnect: reconnect_rx,
+        prometheus: drone_metrics.clone(),
     };
     tracker.spawn(session.run_session(cancel.child_token()));
+    if let Some(listener) = metrics_listener {
+        let source = MetricsSource {
+            metrics: drone_metrics,
+            outbox: outbox.clone(),
+            connected: connected_rx.clone(),
+        };
+        tracker.spawn(prometheus::run_metrics_listener(
+            listener,
+            source,
+            tracker.clone(),
+            cancel.child_token(),
+        ));
+    }
     tracker.close();
     tracing::info!(drone = %config.name, cluster = %config.cluster, "Drone started");
+    if let Some(addr) = metrics_addr {
+        tracing::info!(%addr, "Drone metrics at http://{addr}/metrics");
+    }
     Ok(DroneHandle {
         name: config.name,
         cancel,
@@ -145,6 +186,7 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         connected: connected_rx,
         reconnect,
         soft_terminate_grace: config.soft_terminate_grace,
+        metrics_addr,
     })
 }
 
@@ -190,6 +232,11 @@ async fn remove_orphans(executors: &[Arc<dyn Executor>], supervised: &[BackendId
 impl DroneHandle {
     pub fn name(&self) -> &DroneName {
         &self.name
+    }
+
+    /// The address of the metrics listener (`GET /metrics`), if `metrics_addr` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Whether a controller session is up right now.

@@ -8,6 +8,7 @@
 //! that drops loses nothing: the next one starts its replay from the first unacked event.
 
 use crate::outbox::{Outbox, SpawnRecord};
+use crate::prometheus::DroneMetrics;
 use crate::supervisor::Supervisors;
 use hangar_client::backoff::Backoff;
 use hangar_client::node::{NodeReceiver, NodeSender, NodeSocket};
@@ -17,6 +18,7 @@ use hangar_types::protocol::{
 };
 use hangar_types::timing::HEARTBEAT_INTERVAL;
 use hangar_types::Millis;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -45,6 +47,8 @@ pub struct Session {
     pub connected: watch::Sender<bool>,
     /// Bumped to drop the current connection (tests simulate a cut connection with it).
     pub reconnect: watch::Receiver<u64>,
+    /// Connection and reconnect series.
+    pub prometheus: Arc<DroneMetrics>,
 }
 
 /// Why a connection ended.
@@ -56,6 +60,7 @@ enum Ended {
 impl Session {
     pub async fn run_session(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::default();
+        let mut first = true;
         loop {
             let connected = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -66,6 +71,8 @@ impl Session {
                 Ok(socket) => {
                     backoff.connected();
                     tracing::info!(controller = %socket.controller(), "Connected to controller");
+                    self.prometheus.record_connected(first);
+                    first = false;
                     self.connected.send_replace(true);
                     let ended = self.run_connection(socket, &cancel).await;
                     self.connected.send_replace(false);

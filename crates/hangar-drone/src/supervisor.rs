@@ -10,6 +10,7 @@ mod backend_task;
 use crate::executor::{BackendSpec, Executor, Reattached, Started};
 use crate::key_manager::KeyManager;
 use crate::outbox::{Outbox, OutboxError, SpawnInsert, SpawnRecord, StoredBackend};
+use crate::prometheus::DroneMetrics;
 use backend_task::{BackendTask, Command};
 use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{DroneToController, KeyDeadlines};
@@ -40,6 +41,14 @@ pub struct SupervisorSettings {
     pub durable_state: bool,
 }
 
+/// How a backend task starts.
+enum Launch {
+    /// A new backend, for a spawn action applied at `received`.
+    Fresh { received: Instant },
+    /// A backend of a previous run.
+    Resumed(Resumed),
+}
+
 /// A backend of a previous drone run that its executor re-adopted.
 struct Resumed {
     state: BackendState,
@@ -64,6 +73,7 @@ struct Inner {
     tracker: TaskTracker,
     /// Stops every backend task without touching its backend (the drone leaves it running).
     detach: CancellationToken,
+    metrics: Arc<DroneMetrics>,
 }
 
 impl Supervisors {
@@ -72,6 +82,7 @@ impl Supervisors {
         executors: Vec<Arc<dyn Executor>>,
         settings: SupervisorSettings,
         outbound: mpsc::Sender<DroneToController>,
+        metrics: Arc<DroneMetrics>,
     ) -> Self {
         Supervisors {
             inner: Arc::new(Inner {
@@ -82,6 +93,7 @@ impl Supervisors {
                 outbound,
                 tracker: TaskTracker::new(),
                 detach: CancellationToken::new(),
+                metrics,
             }),
         }
     }
@@ -120,6 +132,7 @@ impl Supervisors {
     /// Applies a spawn action: records the backend and starts supervising it, unless the action or the
     /// backend was seen before. `Ok` means the action may be acked.
     pub async fn spawn(&self, backend: &BackendId, spawn: SpawnRecord) -> Result<(), OutboxError> {
+        let received = Instant::now();
         let now = Millis::now();
         if spawn.key.deadlines.soft_terminate_at <= now {
             tracing::warn!(%backend, "Spawn arrived after its key's soft-terminate deadline");
@@ -130,7 +143,8 @@ impl Supervisors {
             }
             SpawnInsert::Inserted => {
                 tracing::info!(%backend, executable = %spawn.executable.kind(), "Spawning backend");
-                self.launch(backend.clone(), spawn, None);
+                self.inner.metrics.record_spawn();
+                self.launch(backend.clone(), spawn, Launch::Fresh { received });
             }
         }
         Ok(())
@@ -228,7 +242,7 @@ impl Supervisors {
                     deadlines: stored.deadlines.unwrap_or(spawn.key.deadlines),
                     started,
                 };
-                self.launch(id, spawn, Some(resumed));
+                self.launch(id, spawn, Launch::Resumed(resumed));
                 Ok(())
             }
             Ok(Reattached::Exited {
@@ -244,6 +258,7 @@ impl Supervisors {
                     Ok(state) => {
                         let outbox = &self.inner.outbox;
                         outbox.record_state(&id, &state, Millis::now()).await?;
+                        self.inner.metrics.record_terminated(&state);
                         outbox.set_runtime(&id, None).await
                     }
                     Err(e) => {
@@ -282,6 +297,7 @@ impl Supervisors {
                     .outbox
                     .record_state(backend, &state, Millis::now())
                     .await?;
+                self.inner.metrics.record_terminated(&state);
             }
             // Already terminated: nothing to report.
             Err(e) => tracing::debug!(%backend, error = %e, "Not reporting backend lost"),
@@ -289,12 +305,18 @@ impl Supervisors {
         Ok(())
     }
 
-    /// Starts the task of a new backend, or of a re-adopted one (`resumed`).
-    fn launch(&self, id: BackendId, spawn: SpawnRecord, resumed: Option<Resumed>) {
-        let (state, deadlines, started) = match resumed {
-            Some(r) => (r.state, r.deadlines, Some(r.started)),
-            None => (BackendState::Scheduled, spawn.key.deadlines, None),
+    /// Starts the task of a new backend, or of a re-adopted one.
+    fn launch(&self, id: BackendId, spawn: SpawnRecord, launch: Launch) {
+        let (state, deadlines, started, received) = match launch {
+            Launch::Resumed(r) => (r.state, r.deadlines, Some(r.started), None),
+            Launch::Fresh { received } => (
+                BackendState::Scheduled,
+                spawn.key.deadlines,
+                None,
+                Some(received),
+            ),
         };
+        self.inner.metrics.backend_supervised(state.status());
         let executor = self.executor(spawn.executable.kind());
         let spec = BackendSpec {
             id: id.clone(),
@@ -315,6 +337,7 @@ impl Supervisors {
             commands,
             supervisors: self.clone(),
             kill_at: None,
+            spawn_received: received,
         };
         let offered = self.inner.executors.iter().map(|e| e.kind()).collect();
         self.inner

@@ -192,6 +192,7 @@ mod tests {
         assert_eq!(c.pool, "from-file", "absent flag keeps the file's value");
         assert_eq!(c.ip, std::net::IpAddr::from([10, 0, 0, 7]));
         assert_eq!(c.soft_terminate_grace, Duration::from_millis(1500));
+        assert_eq!(c.metrics_addr, None, "default: off");
         assert_eq!(
             c.readiness_timeout,
             hangar_types::timing::READINESS_TIMEOUT,

@@ -59,6 +59,9 @@ pub struct DevArgs {
     /// `<controller>/metrics`.
     #[arg(long, default_value = "127.0.0.1:9091")]
     pub proxy_metrics_addr: SocketAddr,
+    /// Where the drone serves its Prometheus metrics (`GET /metrics`).
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub drone_metrics_addr: SocketAddr,
 }
 
 /// Where `hangar dev` keeps its files; `None` in memory.
@@ -163,13 +166,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     drone_config.ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
     drone_config.executors = dev_executors().await;
     drone_config.state_file = data_dir.as_ref().map(|d| d.join("drone.db"));
+    drone_config.metrics_addr = Some(args.drone_metrics_addr);
     let executors = drone_config.executors.clone();
     let drone = match hangar_drone::start(drone_config).await {
         Ok(d) => d,
         Err(e) => {
             controller.shutdown().await;
             store.close().await;
-            return Err(e.context("starting the drone"));
+            return Err(
+                e.context("starting the drone (its metrics address is --drone-metrics-addr)")
+            );
         }
     };
 
@@ -205,6 +211,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
                 controller_url: &controller_url,
                 proxy_url: &proxy_url,
                 proxy_metrics: proxy.metrics_addr(),
+                drone_metrics: drone.metrics_addr(),
                 cluster: &cluster,
                 data_dir: data_dir.as_deref(),
                 drone: &drone_name,
@@ -259,6 +266,8 @@ struct Banner<'a> {
     proxy_url: &'a Url,
     /// Where the proxy serves its metrics.
     proxy_metrics: Option<SocketAddr>,
+    /// Where the drone serves its metrics.
+    drone_metrics: Option<SocketAddr>,
     cluster: &'a ClusterName,
     data_dir: Option<&'a Path>,
     drone: &'a DroneName,
@@ -296,16 +305,16 @@ fn banner_text(b: &Banner<'_>) -> String {
     } else {
         format!(" --controller {controller}")
     };
-    let proxy_metrics = match b.proxy_metrics {
-        Some(addr) => format!(", proxy http://{addr}/metrics"),
-        None => String::new(),
-    };
+    let node_metrics: String = [("proxy", b.proxy_metrics), ("drone", b.drone_metrics)]
+        .into_iter()
+        .filter_map(|(what, addr)| addr.map(|addr| format!(", {what} http://{addr}/metrics")))
+        .collect();
     format!(
         "Hangar dev is running.\n\
          \x20 Controller API:  {controller}\n\
          \x20 Dashboard:       {controller}/dashboard\n\
          \x20 Proxy:           {proxy} (cluster {cluster}; backend URLs look like http://{cluster}/<token>/)\n\
-         \x20 Metrics:         controller {controller}/metrics{proxy_metrics}\n\
+         \x20 Metrics:         controller {controller}/metrics{node_metrics}\n\
          \x20 Data:            {data}\n\
          \x20 Drone:           {drone}, executors: {executors}\n\
          \n\
@@ -355,8 +364,16 @@ mod tests {
         assert_eq!(a.controller_port, 8080);
         assert_eq!(a.proxy_port, 9090);
         assert_eq!(a.proxy_metrics_addr, "127.0.0.1:9091".parse().unwrap());
-        let a = parse(&["--proxy-metrics-addr", "127.0.0.1:0"]).unwrap();
+        assert_eq!(a.drone_metrics_addr, "127.0.0.1:9092".parse().unwrap());
+        let a = parse(&[
+            "--proxy-metrics-addr",
+            "127.0.0.1:0",
+            "--drone-metrics-addr",
+            "127.0.0.1:1",
+        ])
+        .unwrap();
         assert_eq!(a.proxy_metrics_addr, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(a.drone_metrics_addr, "127.0.0.1:1".parse().unwrap());
         assert_eq!(a.host, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert!(!a.in_memory);
         assert!(parse(&["--in-memory", "--data-dir", "/tmp/x"]).is_err());
@@ -388,6 +405,7 @@ mod tests {
             controller_url: &controller,
             proxy_url: &proxy,
             proxy_metrics: Some("127.0.0.1:19091".parse().unwrap()),
+            drone_metrics: Some("127.0.0.1:19092".parse().unwrap()),
             cluster: &cluster,
             data_dir: None,
             drone: &drone,
@@ -404,7 +422,7 @@ mod tests {
         assert!(text.contains("cluster localhost:19090"), "{text}");
         assert!(
             text.contains(
-                "Metrics:         controller http://127.0.0.1:18080/metrics, proxy http://127.0.0.1:19091/metrics\n"
+                "Metrics:         controller http://127.0.0.1:18080/metrics, proxy http://127.0.0.1:19091/metrics, drone http://127.0.0.1:19092/metrics\n"
             ),
             "{text}"
         );
@@ -419,6 +437,7 @@ mod tests {
             controller_url: &controller,
             proxy_url: &proxy,
             proxy_metrics: None,
+            drone_metrics: None,
             cluster: &cluster,
             data_dir: Some(dir),
             drone: &drone,

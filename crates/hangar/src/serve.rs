@@ -168,6 +168,9 @@ pub struct DroneArgs {
     /// '{"Type": "json-file", "Config": {"max-size": "10m"}}'. Default: Docker's.
     #[arg(long, env = "HANGAR_LOG_CONFIG", value_parser = parse_json)]
     pub log_config: Option<serde_json::Value>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:9092`. Default: off.
+    #[arg(long, env = "HANGAR_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// A JSON flag value.
@@ -246,6 +249,7 @@ impl DroneArgs {
         layers.set("mount_base", self.mount_base.as_ref())?;
         layers.set("docker_runtime", self.docker_runtime.as_ref())?;
         layers.set("docker_log_config", self.log_config.as_ref())?;
+        layers.set("metrics_addr", self.metrics_addr.as_ref())?;
         layers.require(
             "controller_url",
             "--controller-url",
@@ -457,6 +461,12 @@ mod tests {
             Some(std::path::Path::new("/srv/hangar"))
         );
         assert_eq!(c.docker_runtime.as_deref(), Some("runsc"));
+        assert_eq!(c.metrics_addr, None);
+        let metrics = with(&["--metrics-addr", "127.0.0.1:9192"]);
+        assert_eq!(
+            metrics.metrics_addr,
+            Some("127.0.0.1:9192".parse().unwrap())
+        );
         let log = c.log_config().unwrap().unwrap();
         assert_eq!(
             (log.kind.as_str(), log.config["max-size"].as_str()),

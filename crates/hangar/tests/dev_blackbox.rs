@@ -79,8 +79,10 @@ impl DevProcess {
                 &controller_port.to_string(),
                 "--proxy-port",
                 &proxy_port.to_string(),
-                // Any free port: the default 9091 may be taken on a shared machine.
+                // Any free ports: the defaults 9091 and 9092 may be taken on a shared machine.
                 "--proxy-metrics-addr",
+                "127.0.0.1:0",
+                "--drone-metrics-addr",
                 "127.0.0.1:0",
             ])
             .env("RUST_LOG", "info")
@@ -270,6 +272,24 @@ async fn scenario(dev: &mut DevProcess) {
         tokio::time::sleep(POLL).await;
     }
     wait_port_closed(port).await;
+
+    // The drone's metrics, at the address the banner prints: one spawn, one exit.
+    let metrics_line = line_value(&banner, "  Metrics:");
+    let drone_metrics = metrics_line
+        .split(", ")
+        .find_map(|part| part.strip_prefix("drone "))
+        .unwrap_or_else(|| panic!("no drone metrics in {metrics_line:?}"));
+    let text = reqwest::get(drone_metrics)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("\nhangar_drone_spawns_total 1\n"), "{text}");
+    assert!(
+        text.contains("\nhangar_drone_backend_exits_total{reason=\"external\"} 1\n"),
+        "{text}"
+    );
 
     // API errors are reported with kind and error id, and a non-zero exit code.
     let out = hangar(&dev.controller, &["status", "nosuchbackend"]).await;

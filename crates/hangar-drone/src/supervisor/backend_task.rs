@@ -59,6 +59,8 @@ pub(super) struct BackendTask {
     pub(super) supervisors: Supervisors,
     /// When a soft termination turns into SIGKILL.
     pub(super) kill_at: Option<Instant>,
+    /// When the spawn action of a new backend was applied (none for a re-adopted one).
+    pub(super) spawn_received: Option<Instant>,
 }
 
 /// Why a backend of this kind cannot run here, in words for the user.
@@ -98,6 +100,8 @@ impl BackendTask {
             (Some(executor), None) => self.run_fresh(executor, &spec).await,
         }
         self.supervisors.ended(&self.id);
+        let metrics = &self.supervisors.inner.metrics;
+        metrics.backend_unsupervised(self.state.status());
         tracing::debug!(backend = %self.id, status = %self.state.status(), "Backend task ended");
     }
 
@@ -315,6 +319,13 @@ impl BackendTask {
                 return false;
             }
         };
+        // Counted before the event is written, so whoever sees the event sees it counted.
+        let metrics = &self.supervisors.inner.metrics;
+        metrics.backend_moved(self.state.status(), next.status());
+        metrics.record_terminated(&next);
+        if let (BackendState::Ready { .. }, Some(received)) = (&next, self.spawn_received) {
+            metrics.record_ready(received.elapsed());
+        }
         self.state = next;
         tracing::info!(backend = %self.id, status = %self.state.status(), "Backend state changed");
         self.record().await;

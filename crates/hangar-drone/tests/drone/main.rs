@@ -7,6 +7,7 @@
 mod docker;
 mod executor;
 mod fake_controller;
+mod metrics;
 mod session;
 mod test_backend;
 

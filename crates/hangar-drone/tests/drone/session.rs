@@ -18,13 +18,13 @@ use tokio::time::Instant;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-async fn with_timeout(test: impl Future<Output = ()>) {
+pub(crate) async fn with_timeout(test: impl Future<Output = ()>) {
     tokio::time::timeout(TEST_TIMEOUT, test)
         .await
         .expect("test timed out");
 }
 
-fn config(fake: &FakeController) -> DroneConfig {
+pub(crate) fn config(fake: &FakeController) -> DroneConfig {
     let mut config = DroneConfig::new(fake.url(), "localhost:9090".parse().unwrap());
     config.executors = vec![ExecutorKind::Process];
     config.soft_terminate_grace = Duration::from_secs(10);
@@ -59,11 +59,11 @@ fn spawn_with(executable: Executable, deadlines: KeyDeadlines) -> BackendAction 
     }
 }
 
-fn spawn(env: &[(&str, &str)]) -> BackendAction {
+pub(crate) fn spawn(env: &[(&str, &str)]) -> BackendAction {
     spawn_with(executable(env), KeyDeadlines::from_base(Millis::now()))
 }
 
-fn terminate(kind: TerminationKind) -> BackendAction {
+pub(crate) fn terminate(kind: TerminationKind) -> BackendAction {
     BackendAction::Terminate {
         kind,
         reason: TerminationReason::External,
@@ -75,7 +75,7 @@ fn statuses(events: &[Event]) -> Vec<BackendStatus> {
 }
 
 /// Starts a drone and returns its first connection, checking the handshake and first heartbeat.
-async fn start_drone(
+pub(crate) async fn start_drone(
     fake: &mut FakeController,
     config: DroneConfig,
 ) -> (hangar_drone::DroneHandle, FakeConnection) {
@@ -105,7 +105,7 @@ async fn start_drone(
 }
 
 /// Reads backend events until one with `status`.
-async fn events_until(conn: &mut FakeConnection, status: BackendStatus) -> Vec<Event> {
+pub(crate) async fn events_until(conn: &mut FakeConnection, status: BackendStatus) -> Vec<Event> {
     let mut events = Vec::new();
     loop {
         let event = conn.next_event().await;
