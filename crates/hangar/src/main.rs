@@ -38,6 +38,9 @@ struct Cli {
     /// Client commands print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Format of the log lines on stderr [default: text; `HANGAR_LOG_JSON=1` still selects json].
+    #[arg(long, global = true, value_enum, env = "HANGAR_LOG_FORMAT")]
+    log_format: Option<logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,7 +110,11 @@ fn main() -> ExitCode {
     } else {
         logging::Verbosity::Client
     };
-    if let Err(e) = logging::init(verbosity) {
+    let log_format = logging::resolve_format(
+        cli.log_format,
+        std::env::var("HANGAR_LOG_JSON").ok().as_deref(),
+    );
+    if let Err(e) = logging::init(verbosity, log_format) {
         eprintln!("Error: could not set up logging: {e:#}");
         return ExitCode::FAILURE;
     }

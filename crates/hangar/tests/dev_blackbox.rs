@@ -239,6 +239,13 @@ async fn backend_status(dev: &DevProcess, id: &str) -> serde_json::Value {
 async fn scenario(dev: &mut DevProcess) {
     let backend = test_backend().await;
     dev.wait_until_up().await;
+    // Logs go to a file here, not a terminal: plain text, no ANSI colour codes.
+    let output = dev.output();
+    assert!(output.contains(" INFO "), "no info log line: {output}");
+    assert!(
+        !output.contains('\u{1b}'),
+        "colour codes in a file: {output:?}"
+    );
     let banner = dev.output();
     assert!(banner.contains(&dev.controller), "{banner}");
     assert!(banner.contains("hangar connect"), "{banner}");
@@ -318,6 +325,36 @@ async fn dev_runs_connect_status_terminate_and_stops_cleanly() {
     if timeout(TEST_TIMEOUT, scenario(&mut dev)).await.is_err() {
         panic!("scenario timed out");
     }
+}
+
+/// `--log-format json` writes one JSON object per log line on stderr.
+#[tokio::test]
+async fn json_log_format_writes_one_object_per_line() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let db = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(hangar_bin())
+        .args(["controller", "--log-format", "json", "--host", "127.0.0.1"])
+        .args(["--port", &free_port().to_string()])
+        .arg("--db")
+        .arg(db.path())
+        .env_remove("HANGAR_LOG_JSON")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = timeout(STEP_TIMEOUT, lines.next_line())
+        .await
+        .expect("no log line from the controller")
+        .unwrap()
+        .expect("stderr closed without a log line");
+    let entry: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("not JSON ({e}): {first}"));
+    assert!(entry["level"].is_string(), "{entry}");
+    assert!(entry["fields"]["message"].is_string(), "{entry}");
+    child.start_kill().unwrap();
 }
 
 #[tokio::test]
