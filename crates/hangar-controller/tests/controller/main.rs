@@ -7,6 +7,7 @@
 mod cleanup;
 mod dashboard;
 mod drone_sessions;
+mod forward_auth;
 mod handlers;
 mod lost_drones;
 mod metrics;
