@@ -72,6 +72,16 @@ enum Command {
     MarkLost(cli::operator::MarkLostArgs),
     /// Stop renewing a backend's key lease, so its drone terminates it and the key expires.
     PreventRenew(cli::operator::PreventRenewArgs),
+    /// Plane's `plane admin` commands, flags and output (connect, terminate, drain, status,
+    /// cluster-state, backend-status).
+    Admin(cli::admin::AdminArgs),
+    /// List the drones and proxies attached to a controller (Plane's `db-cli list-nodes`).
+    ListNodes(cli::inspect::ListNodesArgs),
+    /// Explain which backends of a drone the sweeper would terminate now (Plane's `db-cli
+    /// termination-candidates`).
+    TerminationCandidates(cli::inspect::TerminationCandidatesArgs),
+    /// Print every event of the controllers' event bus as it happens (Plane's `db-cli events`).
+    Events,
     /// Print the version of this binary.
     Version,
 }
@@ -94,6 +104,10 @@ impl Command {
             | Command::Drain(_)
             | Command::MarkLost(_)
             | Command::PreventRenew(_)
+            | Command::Admin(_)
+            | Command::ListNodes(_)
+            | Command::TerminationCandidates(_)
+            | Command::Events
             | Command::Migrate(_)
             | Command::Version => false,
         }
@@ -163,6 +177,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::PreventRenew(args) => {
             cli::operator::prevent_renew(&cli::client(&cli.controller)?, args, out).await
         }
+        Command::Admin(args) => Ok(cli::admin::run(&cli::client(&cli.controller)?, args).await),
+        Command::ListNodes(args) => {
+            cli::inspect::list_nodes(&cli::client(&cli.controller)?, args, out).await
+        }
+        Command::TerminationCandidates(args) => {
+            cli::inspect::termination_candidates(&cli::client(&cli.controller)?, args, out).await
+        }
+        Command::Events => cli::inspect::events(&cli::client(&cli.controller)?, out).await,
         Command::Version => Ok(cli::version(out)),
     }
 }

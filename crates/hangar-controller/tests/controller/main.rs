@@ -12,6 +12,7 @@ mod handlers;
 mod lost_drones;
 mod metrics;
 mod multi_controller;
+mod operator;
 mod proxy_sessions;
 mod status_stream;
 mod support;
