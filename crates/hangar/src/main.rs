@@ -224,6 +224,47 @@ mod tests {
     }
 
     #[test]
+    fn forward_auth_flags_on_dev_and_controller() {
+        let cli = Cli::try_parse_from([
+            "hangar",
+            "dev",
+            "--forward-auth",
+            "https://auth.internal/check",
+            "--forward-auth-ca-cert",
+            "/etc/ca.pem",
+        ])
+        .unwrap();
+        let Command::Dev(args) = cli.command else {
+            panic!("not dev");
+        };
+        assert_eq!(
+            args.forward_auth.unwrap().as_str(),
+            "https://auth.internal/check"
+        );
+        // A CA certificate without an auth URL is refused.
+        assert!(Cli::try_parse_from(["hangar", "dev", "--forward-auth-ca-cert", "/x"]).is_err());
+        let cli = Cli::try_parse_from([
+            "hangar",
+            "controller",
+            "--db",
+            "x.db",
+            "--forward-auth",
+            "ftp://auth.internal/",
+        ])
+        .unwrap();
+        let Command::Controller(args) = cli.command else {
+            panic!("not controller");
+        };
+        let err = format!("{:#}", args.resolve().unwrap_err());
+        assert!(err.contains("forward_auth"), "{err}");
+        assert!(Cli::try_parse_from(["hangar", "admin", "status"]).is_ok());
+        assert!(Cli::try_parse_from(["hangar", "events"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["hangar", "termination-candidates", "--cluster", "c:1"]).is_err()
+        );
+    }
+
+    #[test]
     fn unknown_commands_and_bad_ids_are_refused() {
         assert!(Cli::try_parse_from(["hangar", "frobnicate"]).is_err());
         assert!(Cli::try_parse_from(["hangar", "status", "Bad_Id"]).is_err());
