@@ -11,7 +11,7 @@ use hangar_store::sqlite::SqliteStore;
 use hangar_store::{DroneRegistration, Registration, Store};
 use hangar_types::api::{BusEvent, TerminationCandidates};
 use hangar_types::executable::ExecutorKind;
-use hangar_types::{BackendId, DroneName, Millis};
+use hangar_types::{BackendId, BackendState, DroneName, Millis};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -77,6 +77,21 @@ async fn termination_candidates_explain_idle_and_lifetime_limits() {
         assert_eq!(status, StatusCode::OK, "{connected}");
         let id: BackendId = connected["backend_id"].as_str().unwrap().parse().unwrap();
 
+        // A second backend, ready, that may idle for 30 s.
+        let mut body = connect_body(Some("idler"));
+        body["spawn_config"]["max_idle_seconds"] = json!(30);
+        let request = Request::post("/ctrl/connect")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let (_, connected) = send(&app, request).await;
+        let idler: BackendId = connected["backend_id"].as_str().unwrap().parse().unwrap();
+        let address = "127.0.0.1:4000".parse().unwrap();
+        store
+            .record_backend_state(&idler, &BackendState::Ready { address })
+            .await
+            .unwrap();
+
         let (status, answer) = send(&app, get(path.clone())).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
         let answer: TerminationCandidates = serde_json::from_value(answer).unwrap();
@@ -84,12 +99,18 @@ async fn termination_candidates_explain_idle_and_lifetime_limits() {
 
         store.advance_clock(Duration::from_secs(61));
         let (_, answer) = send(&app, get(path.clone())).await;
-        let answer: TerminationCandidates = serde_json::from_value(answer).unwrap();
-        assert_eq!(answer.candidates.len(), 1, "{answer:?}");
+        let mut answer: TerminationCandidates = serde_json::from_value(answer).unwrap();
+        assert_eq!(answer.candidates.len(), 2, "{answer:?}");
+        answer.candidates.sort_by_key(|c| c.backend_id != id);
         let candidate = &answer.candidates[0];
         assert_eq!(candidate.backend_id, id);
         assert_eq!(serde_json::to_value(candidate.reason).unwrap(), "lifetime");
         assert_eq!(candidate.lifetime_limit_seconds, Some(60));
+        let candidate = &answer.candidates[1];
+        assert_eq!(candidate.backend_id, idler);
+        assert_eq!(serde_json::to_value(candidate.reason).unwrap(), "idle");
+        assert_eq!(candidate.max_idle_seconds, Some(30));
+        assert_eq!(serde_json::to_value(candidate.status).unwrap(), "ready");
 
         let (status, body) = send(
             &app,
