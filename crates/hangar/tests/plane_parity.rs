@@ -53,14 +53,20 @@ fn test_backend() -> PathBuf {
     path
 }
 
-/// An auth service that admits `Authorization: Bearer good` only (401 `nope` otherwise).
-async fn auth_service() -> u16 {
+/// An auth service that admits `Authorization: Bearer good` (401 `nope` otherwise), and with
+/// `admit_sockets` also the node sockets (what `hangar dev`'s own drone and proxy need).
+async fn auth_service(admit_sockets: bool) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let app = axum::Router::new().fallback(|headers: HeaderMap| async move {
+    let app = axum::Router::new().fallback(move |headers: HeaderMap| async move {
+        let socket = headers
+            .get("x-original-path")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|p| p.ends_with("-socket"));
         if headers
             .get("authorization")
             .is_some_and(|v| v == "Bearer good")
+            || (admit_sockets && socket)
         {
             (StatusCode::OK, "")
         } else {
@@ -84,7 +90,7 @@ struct Cluster {
 impl Cluster {
     async fn start() -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let auth = auth_service().await;
+        let auth = auth_service(false).await;
         let port = free_port();
         let controller = hangar()
             .args(["controller", "--port", &port.to_string()])
@@ -389,6 +395,64 @@ async fn plane_admin_and_db_cli_habits_through_forward_auth() {
         plane_requests(&cluster).await;
         cluster.drone.kill().await.unwrap();
         cluster.controller.kill().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_with_forward_auth_guards_ctrl_dashboard_and_metrics() {
+    timeout(TEST_TIMEOUT, async {
+        let auth = auth_service(true).await;
+        let (port, proxy_port) = (free_port(), free_port());
+        let _dev = hangar()
+            .args(["dev", "--in-memory", "--controller-port", &port.to_string()])
+            .args(["--proxy-port", &proxy_port.to_string()])
+            .args([
+                "--proxy-metrics-addr",
+                "127.0.0.1:0",
+                "--drone-metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--forward-auth", &format!("http://127.0.0.1:{auth}/check")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        // The dev drone gets through the auth service (it admits sockets) and registers.
+        let state_url = format!("{base}/ctrl/c/localhost:{proxy_port}/state");
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            if let Ok(resp) = http.get(&state_url).bearer_auth("good").send().await {
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                if body["drones"].as_array().is_some_and(|d| !d.is_empty()) {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "the dev drone never registered");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for path in [
+            "/ctrl/status",
+            "/dashboard",
+            "/ctrl/dashboard/state",
+            "/metrics",
+        ] {
+            let resp = http.get(format!("{base}{path}")).send().await.unwrap();
+            assert_eq!(resp.status(), 401, "{path}");
+            assert_eq!(resp.text().await.unwrap(), "nope", "{path}");
+            let resp = http
+                .get(format!("{base}{path}"))
+                .bearer_auth("good")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{path}");
+        }
+        let resp = http.get(format!("{base}/pub/health")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
     })
     .await
     .expect("test timed out");
