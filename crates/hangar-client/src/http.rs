@@ -3,7 +3,7 @@
 
 use hangar_types::api::{
     ApiError, ClusterState, ConnectRequest, ConnectResponse, DrainResult, HealthResponse,
-    MarkLostResult, RevokeRequest, StatusResponse,
+    MarkLostResult, RevokeRequest, StatusResponse, TerminationCandidates,
 };
 use hangar_types::state::BackendStatusEntry;
 use hangar_types::{BackendId, ClusterName, DroneName};
@@ -200,6 +200,56 @@ impl ControllerClient {
 
     pub async fn cluster_state(&self, cluster: &ClusterName) -> Result<ClusterState, ClientError> {
         self.get(&format!("/ctrl/c/{cluster}/state")).await
+    }
+
+    /// The backends the sweeper would terminate now on a drone, and why.
+    pub async fn termination_candidates(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> Result<TerminationCandidates, ClientError> {
+        self.get(&format!(
+            "/ctrl/c/{cluster}/d/{drone}/termination-candidates"
+        ))
+        .await
+    }
+
+    /// Every cluster with a node attached to some controller, with its drones and proxies (from the
+    /// dashboard's snapshot, asking for as few backends as it allows).
+    pub async fn clusters(&self) -> Result<Vec<(ClusterName, ClusterState)>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Snapshot {
+            clusters: Vec<Cluster>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Cluster {
+            name: ClusterName,
+            #[serde(flatten)]
+            state: ClusterState,
+        }
+        let snapshot: Snapshot = self.get("/ctrl/dashboard/state?limit=1").await?;
+        Ok(snapshot
+            .clusters
+            .into_iter()
+            .map(|c| (c.name, c.state))
+            .collect())
+    }
+
+    /// Opens `GET /ctrl/events` (Server-Sent Events of [`hangar_types::api::BusEvent`]s); the caller
+    /// reads the body as a stream.
+    pub async fn events(&self) -> Result<reqwest::Response, ClientError> {
+        let resp = self
+            .request(reqwest::Method::GET, "/ctrl/events")?
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .send()
+            .await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(Self::decode::<serde_json::Value>(resp)
+            .await
+            .err()
+            .unwrap_or(ClientError::Handshake("unexpected success".into())))
     }
 
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {

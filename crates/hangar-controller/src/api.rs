@@ -1,13 +1,16 @@
 //! The controller's HTTP API: Plane's route table (plane-api.md §2.2) plus `/ctrl/revoke` and the
-//! operator routes Plane has only in `db-cli` (`mark-lost`, `prevent-renew`). `/ctrl/*` is
-//! the trusted group (optionally behind a bearer token, node sockets included); `/pub/*` is public and
-//! carries a CORS layer. Handlers live in `api/`, named `<resource>_<verb>`.
+//! operator routes Plane has only in `db-cli` (`mark-lost`, `prevent-renew`,
+//! `termination-candidates`, `events`). `/ctrl/*` is
+//! the trusted group (optionally behind a bearer token and Plane's forward auth, node sockets
+//! included); `/pub/*` is public and carries a CORS layer. Handlers live in `api/`, named `<resource>_<verb>`.
 
 mod auth;
 mod backends;
 mod dashboard;
 mod extract;
+pub mod forward_auth;
 mod nodes;
+mod operator;
 mod system;
 
 use crate::config::{ConfigError, ControllerConfig};
@@ -43,6 +46,8 @@ pub struct AppState {
     pub(crate) metrics: LatestMetrics,
     /// This process's Prometheus series (`GET /metrics`).
     pub(crate) prometheus: Arc<ControllerMetrics>,
+    /// The auth service asked before `/ctrl`, dashboard and metrics requests (`forward_auth`).
+    pub(crate) forward_auth: Option<Arc<forward_auth::ForwardAuth>>,
 }
 
 impl AppState {
@@ -53,6 +58,7 @@ impl AppState {
         local_addr: SocketAddr,
     ) -> Result<AppState, ConfigError> {
         config.validate()?;
+        let forward_auth = forward_auth::ForwardAuth::from_config(&config)?.map(Arc::new);
         let controller_url = match &config.controller_url {
             Some(url) => url.clone(),
             None => Url::parse(&format!("http://{local_addr}"))
@@ -66,6 +72,7 @@ impl AppState {
             tracker: TaskTracker::new(),
             metrics: LatestMetrics::default(),
             prometheus: Arc::new(ControllerMetrics::new()),
+            forward_auth,
         })
     }
 
@@ -121,9 +128,20 @@ pub fn router(state: AppState) -> Router {
             "/ctrl/c/{cluster}/d/{drone}/mark-lost",
             post(nodes::drones_mark_lost),
         )
+        .route(
+            "/ctrl/c/{cluster}/d/{drone}/termination-candidates",
+            get(operator::termination_candidates_get),
+        )
+        .route("/ctrl/events", get(operator::events_get))
         .route("/ctrl/dns-socket", get(nodes::dns_socket))
         .route("/ctrl/c/{cluster}/drone-socket", get(nodes::drone_socket))
         .route("/ctrl/c/{cluster}/proxy-socket", get(nodes::proxy_socket))
+        // Both must pass. The bearer check is the outer layer, so it runs first: a request without
+        // the bearer token is refused without a side request to the auth service.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward_auth::require_forward_auth,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_bearer,
@@ -133,8 +151,9 @@ pub fn router(state: AppState) -> Router {
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::POST])
         .allow_headers([header::CONTENT_TYPE]);
-    let public = Router::new()
-        .route("/pub/health", get(system::health_get))
+    // The dashboard page has no bearer check (the page asks for the token and sends it with its
+    // `/ctrl/dashboard/state` requests), but forward auth guards it as it guards `/ctrl`.
+    let dashboard_page = Router::new()
         .route("/dashboard", get(dashboard::dashboard_page_get))
         .route(
             "/dashboard/dashboard.js",
@@ -144,6 +163,13 @@ pub fn router(state: AppState) -> Router {
             "/dashboard/dashboard.css",
             get(dashboard::dashboard_style_get),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward_auth::require_forward_auth,
+        ))
+        .layer(cors.clone());
+    let public = Router::new()
+        .route("/pub/health", get(system::health_get))
         .route("/pub/b/{backend}/status", get(backends::backends_status))
         .route(
             "/pub/b/{backend}/status-stream",
@@ -151,7 +177,8 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(cors);
 
-    ctrl.merge(public)
+    ctrl.merge(dashboard_page)
+        .merge(public)
         .fallback(|| async { ApiError::NotFound("No such route.") })
         .with_state(state)
 }

@@ -3,6 +3,7 @@
 use hangar_types::timing::KeyTiming;
 use hangar_types::{ClusterName, ControllerName};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::time::Duration;
 use url::Url;
 
@@ -12,6 +13,10 @@ pub const DEFAULT_BEST_OF: usize = 2;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Default for [`ControllerConfig::cleanup_interval`]: 180 s (Plane's cadence).
 pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(180);
+/// Default for [`ControllerConfig::forward_auth_timeout`]: 10 s.
+pub const DEFAULT_FORWARD_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest accepted [`ControllerConfig::forward_auth_timeout`]: 100 ms.
+pub const MIN_FORWARD_AUTH_TIMEOUT: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -40,6 +45,20 @@ pub struct ControllerConfig {
     /// that controllers sharing a database spread out. At least 1000. Default: 180000 (180 s).
     #[serde(with = "millis")]
     pub cleanup_interval: Duration,
+    /// Plane's `--forward-auth`: when set, every `/ctrl/*` request (node sockets included), the
+    /// dashboard page and `/metrics` are first checked by a side request to this `http://` or
+    /// `https://` URL with the same method, the original headers and `x-original-path` (the path
+    /// without `/ctrl`, as Plane sends it); a 2xx answer lets the request through, any other answer is
+    /// returned to the client as it is. `/pub/*` is never checked. Default: none.
+    pub forward_auth: Option<Url>,
+    /// How long the forward-auth side request may take (connect, answer and body), in
+    /// milliseconds; past it the client gets 502. At least 100. Default: 10000 (10 s).
+    #[serde(with = "millis")]
+    pub forward_auth_timeout: Duration,
+    /// PEM file of extra CA certificates trusted for an `https://` forward-auth URL (besides the
+    /// public web PKI roots), e.g. for an auth service with a private or self-signed certificate.
+    /// Default: none.
+    pub forward_auth_ca_cert: Option<PathBuf>,
     /// Test-only: the key deadlines this controller hands to drones. Not read from configuration
     /// files; always [`KeyTiming::DEFAULT`] in production. A test that shortens it must shorten the
     /// store's lease to match (`PostgresStore::set_key_lease`). Must be ordered
@@ -74,6 +93,9 @@ impl Default for ControllerConfig {
             bearer_token: None,
             cleanup_min_age_days: None,
             cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
+            forward_auth: None,
+            forward_auth_timeout: DEFAULT_FORWARD_AUTH_TIMEOUT,
+            forward_auth_ca_cert: None,
             key_timing: KeyTiming::DEFAULT,
         }
     }
@@ -97,9 +119,24 @@ impl std::fmt::Debug for ControllerConfig {
             )
             .field("cleanup_min_age_days", &self.cleanup_min_age_days)
             .field("cleanup_interval", &self.cleanup_interval)
+            .field(
+                "forward_auth",
+                &self.forward_auth.as_ref().map(redacted_url),
+            )
+            .field("forward_auth_timeout", &self.forward_auth_timeout)
+            .field("forward_auth_ca_cert", &self.forward_auth_ca_cert)
             .field("key_timing", &self.key_timing)
             .finish()
     }
+}
+
+/// A URL for logs: any password in it replaced (a forward-auth URL may carry credentials).
+pub(crate) fn redacted_url(url: &Url) -> String {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        let _ = url.set_password(Some("redacted"));
+    }
+    url.to_string()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,6 +155,14 @@ pub enum ConfigError {
     CleanupIntervalTooShort,
     #[error("`key_timing` must order renew < soft-terminate < hard-terminate < lease")]
     KeyTimingUnordered,
+    #[error("`forward_auth` must be an http or https URL with a host, got {0}")]
+    InvalidForwardAuthUrl(String),
+    #[error("`forward_auth_timeout` must be at least 100 ms")]
+    ForwardAuthTimeoutTooShort,
+    #[error("`forward_auth_ca_cert` is set but `forward_auth` is not")]
+    ForwardAuthCaCertWithoutUrl,
+    #[error("cannot use `forward_auth_ca_cert` {path}: {reason}")]
+    ForwardAuthCaCert { path: String, reason: String },
 }
 
 /// Shortest accepted [`ControllerConfig::cleanup_interval`].
@@ -142,6 +187,17 @@ impl ControllerConfig {
         }
         if !self.key_timing.is_ordered() {
             return Err(ConfigError::KeyTimingUnordered);
+        }
+        if let Some(url) = &self.forward_auth {
+            if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
+                return Err(ConfigError::InvalidForwardAuthUrl(redacted_url(url)));
+            }
+        }
+        if self.forward_auth_timeout < MIN_FORWARD_AUTH_TIMEOUT {
+            return Err(ConfigError::ForwardAuthTimeoutTooShort);
+        }
+        if self.forward_auth_ca_cert.is_some() && self.forward_auth.is_none() {
+            return Err(ConfigError::ForwardAuthCaCertWithoutUrl);
         }
         if let Some(url) = &self.controller_url {
             if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
@@ -201,6 +257,33 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.validate(), Err(ConfigError::KeyTimingUnordered));
+    }
+
+    #[test]
+    fn forward_auth_settings() {
+        let c: ControllerConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c.forward_auth, None);
+        assert_eq!(c.forward_auth_timeout, Duration::from_secs(10));
+        let c: ControllerConfig = serde_json::from_str(
+            r#"{"forward_auth": "https://user:pw@auth.internal/check", "forward_auth_timeout": 2500}"#,
+        )
+        .unwrap();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.forward_auth_timeout, Duration::from_millis(2500));
+        assert!(!format!("{c:?}").contains("pw@"));
+        let c: ControllerConfig =
+            serde_json::from_str(r#"{"forward_auth": "ftp://auth.internal/"}"#).unwrap();
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::InvalidForwardAuthUrl(_))
+        ));
+        let c: ControllerConfig =
+            serde_json::from_str(r#"{"forward_auth": "http://a/", "forward_auth_timeout": 5}"#)
+                .unwrap();
+        assert_eq!(c.validate(), Err(ConfigError::ForwardAuthTimeoutTooShort));
+        let c: ControllerConfig =
+            serde_json::from_str(r#"{"forward_auth_ca_cert": "/etc/ca.pem"}"#).unwrap();
+        assert_eq!(c.validate(), Err(ConfigError::ForwardAuthCaCertWithoutUrl));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! Plane's error body `{id, kind, message}` with one exhaustive match, and logs the error with its id
 //! (error level with the whole source chain for 5xx, warn for 4xx) so operators can correlate.
 
+use crate::api::forward_auth::ForwardAuthError;
 use crate::connect::ConnectError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -29,6 +30,9 @@ pub enum ApiError {
     Unauthorized,
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The forward-auth service gave no usable answer (502, or 504 when it was too slow).
+    #[error(transparent)]
+    ForwardAuth(#[from] ForwardAuthError),
     /// A store failure; `message` is what the client sees ("Database error").
     #[error("{message}")]
     Store {
@@ -65,6 +69,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, ApiErrorKind::NotFound),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, ApiErrorKind::Unauthorized),
             ApiError::Connect(e) => connect_status_and_kind(e),
+            ApiError::ForwardAuth(e) => (e.status(), ApiErrorKind::Other),
             ApiError::Store { .. } => (StatusCode::INTERNAL_SERVER_ERROR, ApiErrorKind::Other),
         }
     }

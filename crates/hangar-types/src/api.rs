@@ -4,6 +4,7 @@
 use crate::executable::{Executable, ExecutorKind};
 use crate::names::{BackendId, ClusterName, ControllerName, DroneName, KeyName, NodeName};
 use crate::state::BackendStatus;
+use crate::time::Millis;
 use crate::token::{ConnectionToken, SecretToken};
 use serde::{Deserialize, Serialize};
 
@@ -169,6 +170,54 @@ pub struct ClusterDroneState {
 pub struct ClusterState {
     pub drones: Vec<ClusterDroneState>,
     pub proxies: Vec<NodeState>,
+}
+
+/// Why the sweeper would terminate a backend (see [`TerminationCandidate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SweepReason {
+    /// `ready` with no proxied connection for `max_idle_seconds`.
+    Idle,
+    /// Older than `lifetime_limit_seconds`.
+    Lifetime,
+}
+
+/// A backend the sweeper would terminate now: an element of the answer of
+/// `GET /ctrl/c/{cluster}/d/{drone}/termination-candidates` (Hangar; Plane's `db-cli
+/// termination-candidates`). Times are store times in milliseconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminationCandidate {
+    pub backend_id: BackendId,
+    pub status: BackendStatus,
+    pub reason: SweepReason,
+    pub created_at: Millis,
+    /// When the current status was recorded.
+    pub status_time: Millis,
+    pub max_idle_seconds: Option<i32>,
+    pub lifetime_limit_seconds: Option<i32>,
+}
+
+/// Answer of `GET /ctrl/c/{cluster}/d/{drone}/termination-candidates`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminationCandidates {
+    /// Store time of the check.
+    pub now: Millis,
+    pub candidates: Vec<TerminationCandidate>,
+}
+
+/// One event of the controllers' event bus, as streamed by `GET /ctrl/events` (Server-Sent Events;
+/// Hangar's form of Plane's `db-cli events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BusEvent {
+    /// Store time of the event, or the controller's clock when it has none (milliseconds since the
+    /// Unix epoch).
+    pub time: Millis,
+    /// `backend_state`, `backend_action`, `tokens_revoked`, `http_challenge`, `certificate`, or
+    /// `lagged` (this stream fell behind and missed `payload.missed` events).
+    pub kind: String,
+    /// What the event is about (a backend id, a cluster); `None` for global events.
+    pub key: Option<String>,
+    pub payload: serde_json::Value,
 }
 
 /// Builds the connection URL `<scheme>://[<sub>.]<cluster>/<token>/`.

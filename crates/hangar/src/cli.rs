@@ -2,9 +2,11 @@
 //! people (text) or programs (`--json`, one JSON value per line). Errors from the API are printed as
 //! `Error: <message> (<kind>, error id <id>)` and give a non-zero exit code.
 
+pub mod admin;
 pub mod backend;
 pub mod cluster;
 pub mod connect;
+pub mod inspect;
 pub mod operator;
 
 use anyhow::Context;

@@ -62,6 +62,14 @@ pub struct DevArgs {
     /// Where the drone serves its Prometheus metrics (`GET /metrics`).
     #[arg(long, default_value = "127.0.0.1:9092")]
     pub drone_metrics_addr: SocketAddr,
+    /// Plane's forward auth on the controller (see `hangar controller --help`). The dev drone and
+    /// proxy connect without credentials, so the auth service must admit their sockets
+    /// (`x-original-path: /c/<cluster>/drone-socket` and `/proxy-socket`).
+    #[arg(long, env = "HANGAR_FORWARD_AUTH")]
+    pub forward_auth: Option<Url>,
+    /// PEM file of extra CA certificates to trust for an `https://` --forward-auth URL.
+    #[arg(long, env = "HANGAR_FORWARD_AUTH_CA_CERT", requires = "forward_auth")]
+    pub forward_auth_ca_cert: Option<PathBuf>,
 }
 
 /// Where `hangar dev` keeps its files; `None` in memory.
@@ -155,6 +163,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let controller_config = ControllerConfig {
         controller_url: Some(controller_url.clone()),
         default_cluster: Some(cluster.clone()),
+        forward_auth: args.forward_auth.clone(),
+        forward_auth_ca_cert: args.forward_auth_ca_cert.clone(),
         ..ControllerConfig::default()
     };
     let controller = hangar_controller::start(controller_config, dyn_store, controller_listener)

@@ -75,6 +75,16 @@ enum Command {
     MarkLost(cli::operator::MarkLostArgs),
     /// Stop renewing a backend's key lease, so its drone terminates it and the key expires.
     PreventRenew(cli::operator::PreventRenewArgs),
+    /// Plane's `plane admin` commands, flags and output (connect, terminate, drain, status,
+    /// cluster-state, backend-status).
+    Admin(cli::admin::AdminArgs),
+    /// List the drones and proxies attached to a controller (Plane's `db-cli list-nodes`).
+    ListNodes(cli::inspect::ListNodesArgs),
+    /// Explain which backends of a drone the sweeper would terminate now (Plane's `db-cli
+    /// termination-candidates`).
+    TerminationCandidates(cli::inspect::TerminationCandidatesArgs),
+    /// Print every event of the controllers' event bus as it happens (Plane's `db-cli events`).
+    Events,
     /// Print the version of this binary.
     Version,
 }
@@ -97,6 +107,10 @@ impl Command {
             | Command::Drain(_)
             | Command::MarkLost(_)
             | Command::PreventRenew(_)
+            | Command::Admin(_)
+            | Command::ListNodes(_)
+            | Command::TerminationCandidates(_)
+            | Command::Events
             | Command::Migrate(_)
             | Command::Version => false,
         }
@@ -170,6 +184,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::PreventRenew(args) => {
             cli::operator::prevent_renew(&cli::client(&cli.controller)?, args, out).await
         }
+        Command::Admin(args) => Ok(cli::admin::run(&cli::client(&cli.controller)?, args).await),
+        Command::ListNodes(args) => {
+            cli::inspect::list_nodes(&cli::client(&cli.controller)?, args, out).await
+        }
+        Command::TerminationCandidates(args) => {
+            cli::inspect::termination_candidates(&cli::client(&cli.controller)?, args, out).await
+        }
+        Command::Events => cli::inspect::events(&cli::client(&cli.controller)?, out).await,
         Command::Version => Ok(cli::version(out)),
     }
 }
@@ -206,6 +228,47 @@ mod tests {
         assert!(!cli.command.runs_components());
         let cli = Cli::try_parse_from(["hangar", "dev", "--in-memory"]).unwrap();
         assert!(cli.command.runs_components());
+    }
+
+    #[test]
+    fn forward_auth_flags_on_dev_and_controller() {
+        let cli = Cli::try_parse_from([
+            "hangar",
+            "dev",
+            "--forward-auth",
+            "https://auth.internal/check",
+            "--forward-auth-ca-cert",
+            "/etc/ca.pem",
+        ])
+        .unwrap();
+        let Command::Dev(args) = cli.command else {
+            panic!("not dev");
+        };
+        assert_eq!(
+            args.forward_auth.unwrap().as_str(),
+            "https://auth.internal/check"
+        );
+        // A CA certificate without an auth URL is refused.
+        assert!(Cli::try_parse_from(["hangar", "dev", "--forward-auth-ca-cert", "/x"]).is_err());
+        let cli = Cli::try_parse_from([
+            "hangar",
+            "controller",
+            "--db",
+            "x.db",
+            "--forward-auth",
+            "ftp://auth.internal/",
+        ])
+        .unwrap();
+        let Command::Controller(args) = cli.command else {
+            panic!("not controller");
+        };
+        let err = format!("{:#}", args.resolve().unwrap_err());
+        assert!(err.contains("forward_auth"), "{err}");
+        assert!(Cli::try_parse_from(["hangar", "admin", "status"]).is_ok());
+        assert!(Cli::try_parse_from(["hangar", "events"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["hangar", "termination-candidates", "--cluster", "c:1"]).is_err()
+        );
     }
 
     #[test]

@@ -53,6 +53,15 @@ pub struct ControllerArgs {
     /// Require `Authorization: Bearer <token>` on every `/ctrl` route, node sockets included.
     #[arg(long, env = "HANGAR_BEARER_TOKEN", hide_env_values = true)]
     pub bearer_token: Option<String>,
+    /// Plane's forward auth: check every `/ctrl` request (node sockets included), the dashboard and
+    /// `/metrics` with a side request to this http(s) URL first; a 2xx answer lets the request
+    /// through, any other answer goes back to the client. Side-request timeout: TOML
+    /// `forward_auth_timeout` (ms, default 10000).
+    #[arg(long, env = "HANGAR_FORWARD_AUTH")]
+    pub forward_auth: Option<Url>,
+    /// PEM file of extra CA certificates to trust for an `https://` --forward-auth URL.
+    #[arg(long, env = "HANGAR_FORWARD_AUTH_CA_CERT", requires = "forward_auth")]
+    pub forward_auth_ca_cert: Option<PathBuf>,
 }
 
 /// Binds a TCP listener, turning "address in use" into a message that says what to change.
@@ -100,6 +109,8 @@ impl ControllerArgs {
         layers.set("default_cluster", self.default_cluster.as_ref())?;
         layers.set("controller_url", self.controller_url.as_ref())?;
         layers.set("bearer_token", self.bearer_token.as_ref())?;
+        layers.set("forward_auth", self.forward_auth.as_ref())?;
+        layers.set("forward_auth_ca_cert", self.forward_auth_ca_cert.as_ref())?;
         let config: ControllerConfig = layers.build("controller")?;
         config
             .validate()

@@ -7,10 +7,12 @@
 mod cleanup;
 mod dashboard;
 mod drone_sessions;
+mod forward_auth;
 mod handlers;
 mod lost_drones;
 mod metrics;
 mod multi_controller;
+mod operator;
 mod proxy_sessions;
 mod status_stream;
 mod support;

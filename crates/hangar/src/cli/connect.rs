@@ -162,7 +162,7 @@ pub fn split_command_line(s: &str) -> Result<Vec<String>, SplitError> {
     Ok(words)
 }
 
-fn parse_command_line(s: &str) -> Result<CommandLine, String> {
+pub(crate) fn parse_command_line(s: &str) -> Result<CommandLine, String> {
     split_command_line(s)
         .map(CommandLine)
         .map_err(|e| format!("cannot split the command: {e}"))

@@ -1,0 +1,181 @@
+//! The read-only operator routes of Plane's `db-cli`: termination candidates (on the router, with
+//! the SQLite store's clock moved forward, so no sweeper races the check) and the event stream (on a
+//! running controller).
+
+use crate::support::{connect_body, timed, FakeDrone, TestController, CLUSTER, WAIT};
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures_util::StreamExt;
+use hangar_controller::{router, AppState, ControllerConfig};
+use hangar_store::sqlite::SqliteStore;
+use hangar_store::{DroneRegistration, Registration, Store};
+use hangar_types::api::{BusEvent, TerminationCandidates};
+use hangar_types::executable::ExecutorKind;
+use hangar_types::{BackendId, BackendState, DroneName, Millis};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceExt;
+
+async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn termination_candidates_explain_idle_and_lifetime_limits() {
+    timed(async {
+        let config = ControllerConfig {
+            default_cluster: Some(CLUSTER.parse().unwrap()),
+            ..Default::default()
+        };
+        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let app = router(
+            AppState::new(
+                config.clone(),
+                store.clone(),
+                "127.0.0.1:1".parse().unwrap(),
+            )
+            .unwrap(),
+        );
+        store
+            .controller_heartbeat(&config.name, true)
+            .await
+            .unwrap();
+        let drone = DroneName::random();
+        let Registration::Registered { node, .. } = store
+            .register_drone(&DroneRegistration {
+                cluster: CLUSTER.parse().unwrap(),
+                name: drone.clone(),
+                pool: String::new(),
+                executors: vec![ExecutorKind::Process],
+                controller: config.name.clone(),
+                version: "test".into(),
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("drone refused");
+        };
+        store.drone_heartbeat(node, Millis::now()).await.unwrap();
+        let path = format!("/ctrl/c/{CLUSTER}/d/{drone}/termination-candidates");
+        let get = |path: String| Request::get(path).body(Body::empty()).unwrap();
+
+        let mut body = connect_body(Some("limited"));
+        body["spawn_config"]["lifetime_limit_seconds"] = json!(60);
+        let request = Request::post("/ctrl/connect")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let (status, connected) = send(&app, request).await;
+        assert_eq!(status, StatusCode::OK, "{connected}");
+        let id: BackendId = connected["backend_id"].as_str().unwrap().parse().unwrap();
+
+        // A second backend, ready, that may idle for 30 s.
+        let mut body = connect_body(Some("idler"));
+        body["spawn_config"]["max_idle_seconds"] = json!(30);
+        let request = Request::post("/ctrl/connect")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let (_, connected) = send(&app, request).await;
+        let idler: BackendId = connected["backend_id"].as_str().unwrap().parse().unwrap();
+        let address = "127.0.0.1:4000".parse().unwrap();
+        store
+            .record_backend_state(&idler, &BackendState::Ready { address })
+            .await
+            .unwrap();
+
+        let (status, answer) = send(&app, get(path.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let answer: TerminationCandidates = serde_json::from_value(answer).unwrap();
+        assert!(answer.candidates.is_empty(), "{answer:?}");
+
+        store.advance_clock(Duration::from_secs(61));
+        let (_, answer) = send(&app, get(path.clone())).await;
+        let mut answer: TerminationCandidates = serde_json::from_value(answer).unwrap();
+        assert_eq!(answer.candidates.len(), 2, "{answer:?}");
+        answer.candidates.sort_by_key(|c| c.backend_id != id);
+        let candidate = &answer.candidates[0];
+        assert_eq!(candidate.backend_id, id);
+        assert_eq!(serde_json::to_value(candidate.reason).unwrap(), "lifetime");
+        assert_eq!(candidate.lifetime_limit_seconds, Some(60));
+        let candidate = &answer.candidates[1];
+        assert_eq!(candidate.backend_id, idler);
+        assert_eq!(serde_json::to_value(candidate.reason).unwrap(), "idle");
+        assert_eq!(candidate.max_idle_seconds, Some(30));
+        assert_eq!(serde_json::to_value(candidate.status).unwrap(), "ready");
+
+        let (status, body) = send(
+            &app,
+            get(format!(
+                "/ctrl/c/{CLUSTER}/d/dr-nosuchdrone/termination-candidates"
+            )),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["kind"], "NotFound");
+        let (status, _) = send(
+            &app,
+            get(format!(
+                "/ctrl/c/{CLUSTER}/d/Bad_Name/termination-candidates"
+            )),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn events_stream_backend_states_and_actions() {
+    timed(async {
+        let ctl = TestController::start().await;
+        let mut drone = FakeDrone::connect(&ctl).await;
+        let response = ctl.get("/ctrl/events").await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let mut body = response.bytes_stream();
+
+        let connected = ctl.connect(&connect_body(Some("evented"))).await;
+        drone.expect_spawn(&connected.backend_id).await;
+        let mut text = String::new();
+        let mut kinds = Vec::new();
+        while !(kinds.contains(&"backend_state".to_string())
+            && kinds.contains(&"backend_action".to_string()))
+        {
+            let chunk = tokio::time::timeout(WAIT, body.next())
+                .await
+                .expect("no event in time")
+                .expect("stream ended")
+                .unwrap();
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = text.find("\n\n") {
+                let block: String = text.drain(..end + 2).collect();
+                let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                    continue;
+                };
+                let event: BusEvent = serde_json::from_str(data).unwrap();
+                match event.kind.as_str() {
+                    "backend_state" => {
+                        assert_eq!(event.key.as_deref(), Some(connected.backend_id.as_str()));
+                        assert_eq!(event.payload["status"], "scheduled");
+                    }
+                    "backend_action" => {
+                        assert_eq!(event.payload["backend_id"], connected.backend_id.as_str());
+                    }
+                    _ => {}
+                }
+                kinds.push(event.kind);
+            }
+        }
+        ctl.shutdown().await;
+    })
+    .await
+}
