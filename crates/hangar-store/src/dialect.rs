@@ -24,24 +24,10 @@ use std::time::Duration;
 /// One database's spelling and machinery.
 pub trait Dialect: Send + Sync + 'static {
     type Db: sqlx::Database;
-
-    /// `{now}`.
-    const NOW: &'static str;
-    /// `{greatest}`.
-    const GREATEST: &'static str;
-    /// `{json_texts}`.
-    const JSON_TEXTS: &'static str;
-    /// Whether `{lock:…}` clauses are kept.
-    const ROW_LOCKS: bool;
-    /// Whether the store clock is this process's clock (then `$1` of `{now}` is the time itself).
-    const LOCAL_CLOCK: bool;
-
-    /// Connections for statements outside a write transaction that only read.
-    fn reader(&self) -> &sqlx::Pool<Self::Db>;
-    /// Connections for writes.
-    fn writer(&self) -> &sqlx::Pool<Self::Db>;
-    /// The value bound as `$1` for `{now}`, given the test clock offset.
-    fn clock_arg(&self, offset_ms: i64) -> i64;
+    /// How this database spells the markers of the shared SQL.
+    const SPELLING: Spelling;
+    /// The store clock, given the test hooks' offset.
+    fn clock(&self, offset_ms: i64) -> Clock;
     /// Tells the other stores sharing the database about `events`, inside the transaction on `conn`
     /// (PostgreSQL: `NOTIFY`, delivered only if it commits; SQLite: nothing, it has one store).
     fn relay(
@@ -51,8 +37,39 @@ pub trait Dialect: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<()>> + Send;
     /// Whether `e` is a violation of `constraint`.
     fn violates(e: &sqlx::Error, constraint: Unique) -> bool;
-    /// Closes every connection (and stops background tasks).
-    fn close(&self) -> impl Future<Output = ()> + Send;
+    /// Stops background work; the pools close after it.
+    fn stop(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// The text of the markers (see the module docs).
+#[derive(Debug)]
+pub struct Spelling {
+    pub now: &'static str,
+    pub greatest: &'static str,
+    pub json_texts: &'static str,
+    /// Whether `{lock:…}` clauses are kept.
+    pub row_locks: bool,
+}
+
+/// A reading of the store clock.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    /// This process's clock (SQLite): the time itself.
+    Local(Millis),
+    /// The database server's clock (PostgreSQL), read by `{now}` with this offset.
+    Database { offset_ms: i64 },
+}
+
+impl Clock {
+    /// The value bound as `$1` of `{now}`.
+    fn arg(self) -> i64 {
+        match self {
+            Clock::Local(now) => now.0,
+            Clock::Database { offset_ms } => offset_ms,
+        }
+    }
 }
 
 /// Uniqueness constraints whose violation an operation reports as an outcome.
@@ -97,8 +114,12 @@ impl From<StoreEvent> for Announced {
 
 /// A store over one database: [`crate::sqlite::SqliteStore`] or [`crate::postgres::PostgresStore`].
 #[derive(Debug)]
-pub struct SqlStore<D> {
+pub struct SqlStore<D: Dialect> {
     pub(crate) dialect: D,
+    /// Connections for statements that only read, outside a write transaction.
+    pub(crate) reader: sqlx::Pool<D::Db>,
+    /// Connections for writes (SQLite: exactly one).
+    pub(crate) writer: sqlx::Pool<D::Db>,
     pub(crate) events: EventBus,
     /// Added to the store clock; only ever changed by the test hooks.
     clock_offset_ms: AtomicI64,
@@ -107,9 +128,11 @@ pub struct SqlStore<D> {
 }
 
 impl<D: Dialect> SqlStore<D> {
-    pub(crate) fn new(dialect: D) -> Self {
+    pub(crate) fn new(dialect: D, reader: sqlx::Pool<D::Db>, writer: sqlx::Pool<D::Db>) -> Self {
         SqlStore {
             dialect,
+            reader,
+            writer,
             events: EventBus::new(),
             clock_offset_ms: AtomicI64::new(0),
             key_lease_ms: AtomicI64::new(millis_of(KEY_LEASE)),
@@ -118,7 +141,9 @@ impl<D: Dialect> SqlStore<D> {
 
     /// Closes every connection (waits for running operations). Later calls fail with `PoolClosed`.
     pub async fn close(&self) {
-        self.dialect.close().await;
+        self.dialect.stop().await;
+        self.reader.close().await;
+        self.writer.close().await;
     }
 
     /// Test hook: moves the store clock forward by `d`, so tests can expire leases and tokens and reach
@@ -145,21 +170,16 @@ impl<D: Dialect> SqlStore<D> {
         self.key_lease_ms.store(millis_of(lease), Ordering::SeqCst);
     }
 
+    /// The store clock now.
+    pub(crate) fn read_clock(&self) -> Clock {
+        self.dialect
+            .clock(self.clock_offset_ms.load(Ordering::SeqCst))
+    }
+
     /// `$1` of a statement that reads `{now}`; taken once per operation, so that all its statements
     /// agree on the time (PostgreSQL's clock is the transaction's start anyway).
     pub(crate) fn clock(&self) -> i64 {
-        self.dialect
-            .clock_arg(self.clock_offset_ms.load(Ordering::SeqCst))
-    }
-
-    /// See [`Dialect::reader`].
-    pub(crate) fn reader(&self) -> &sqlx::Pool<D::Db> {
-        self.dialect.reader()
-    }
-
-    /// See [`Dialect::writer`].
-    pub(crate) fn writer(&self) -> &sqlx::Pool<D::Db> {
-        self.dialect.writer()
+        self.read_clock().arg()
     }
 
     pub(crate) fn key_lease_ms(&self) -> i64 {
@@ -175,15 +195,15 @@ pub(crate) fn millis_of(d: Duration) -> i64 {
 /// The dialect's SQL for a shared statement (see the module docs for the markers).
 pub(crate) fn render<D: Dialect>(template: &str) -> String {
     let mut sql = template
-        .replace("{now}", D::NOW)
-        .replace("{greatest}", D::GREATEST)
-        .replace("{json_texts}", D::JSON_TEXTS);
+        .replace("{now}", D::SPELLING.now)
+        .replace("{greatest}", D::SPELLING.greatest)
+        .replace("{json_texts}", D::SPELLING.json_texts);
     while let Some(start) = sql.find("{lock:") {
         let Some(len) = sql[start..].find('}') else {
             break;
         };
         let clause = &sql[start + "{lock:".len()..start + len];
-        let kept = if D::ROW_LOCKS {
+        let kept = if D::SPELLING.row_locks {
             clause.to_string()
         } else {
             String::new()
@@ -191,4 +211,23 @@ pub(crate) fn render<D: Dialect>(template: &str) -> String {
         sql.replace_range(start..=start + len, &kept);
     }
     sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render;
+    use crate::{postgres::PostgresDialect, sqlite::SqliteDialect};
+
+    #[test]
+    fn shared_sql_renders_per_dialect() {
+        let sql = "SELECT {greatest}({now}, x) FROM {json_texts}($2) t {lock:FOR SHARE}";
+        assert_eq!(
+            render::<SqliteDialect>(sql),
+            "SELECT MAX($1, x) FROM json_each($2) t "
+        );
+        assert_eq!(
+            render::<PostgresDialect>(sql),
+            "SELECT GREATEST(hangar_now_ms($1), x) FROM jsonb_array_elements_text($2) t FOR SHARE"
+        );
+    }
 }

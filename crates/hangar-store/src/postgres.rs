@@ -30,7 +30,7 @@ mod ops;
 /// The dialect the shared operations are compiled for here.
 type D = PostgresDialect;
 
-use crate::dialect::{Announced, Dialect, SqlStore, Unique};
+use crate::dialect::{Announced, Clock, Dialect, Spelling, SqlStore, Unique};
 use crate::StoreResult;
 use hangar_types::token::random_token;
 use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions, Postgres};
@@ -60,9 +60,9 @@ async fn run_migrations(pool: &PgPool) -> StoreResult<()> {
 /// The PostgreSQL store.
 pub type PostgresStore = SqlStore<PostgresDialect>;
 
+/// PostgreSQL's spelling, clock, constraint names and event relay; the pool is the store's.
 #[derive(Debug)]
 pub struct PostgresDialect {
-    pool: PgPool,
     /// Tags this store's notifications so that its own listener skips them.
     origin: String,
     cancel: CancellationToken,
@@ -87,12 +87,13 @@ impl SqlStore<PostgresDialect> {
         let mut pg_listener = PgListener::connect_with(&pool).await?;
         pg_listener.listen(notify::CHANNEL).await?;
 
-        let store = SqlStore::new(PostgresDialect {
-            pool: pool.clone(),
+        let dialect = PostgresDialect {
             origin: random_token(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
-        });
+        };
+        // One pool serves reads and writes.
+        let store = SqlStore::new(dialect, pool.clone(), pool.clone());
         let relay = listener::Relay {
             pool,
             bus: store.events.clone(),
@@ -119,22 +120,15 @@ impl Drop for PostgresDialect {
 
 impl Dialect for PostgresDialect {
     type Db = Postgres;
-    const NOW: &'static str = "hangar_now_ms($1)";
-    const GREATEST: &'static str = "GREATEST";
-    const JSON_TEXTS: &'static str = "jsonb_array_elements_text";
-    const ROW_LOCKS: bool = true;
-    const LOCAL_CLOCK: bool = false;
+    const SPELLING: Spelling = Spelling {
+        now: "hangar_now_ms($1)",
+        greatest: "GREATEST",
+        json_texts: "jsonb_array_elements_text",
+        row_locks: true,
+    };
 
-    fn reader(&self) -> &PgPool {
-        &self.pool
-    }
-
-    fn writer(&self) -> &PgPool {
-        &self.pool
-    }
-
-    fn clock_arg(&self, offset_ms: i64) -> i64 {
-        offset_ms
+    fn clock(&self, offset_ms: i64) -> Clock {
+        Clock::Database { offset_ms }
     }
 
     async fn relay(&self, conn: &mut PgConnection, events: &[Announced]) -> StoreResult<()> {
@@ -151,23 +145,9 @@ impl Dialect for PostgresDialect {
             .is_some_and(|d| d.is_unique_violation() && d.constraint() == Some(name))
     }
 
-    async fn close(&self) {
+    /// Stops the event listener, which holds a connection of the pool.
+    async fn stop(&self) {
         self.cancel.cancel();
         self.tasks.wait().await;
-        self.pool.close().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dialect::render;
-
-    #[test]
-    fn shared_sql_renders_for_postgres() {
-        assert_eq!(
-            render::<D>("SELECT {greatest}({now}, x) FROM {json_texts}($2) t {lock:FOR SHARE}"),
-            "SELECT GREATEST(hangar_now_ms($1), x) FROM jsonb_array_elements_text($2) t FOR SHARE"
-        );
     }
 }

@@ -12,12 +12,12 @@
 //! separate read-only pool (WAL lets them run beside the writer). There is no other store to relay
 //! events to.
 
-use crate::dialect::{Announced, Dialect, SqlStore, Unique};
+use crate::dialect::{Announced, Clock, Dialect, Spelling, SqlStore, Unique};
 use crate::StoreResult;
 use hangar_types::Millis;
 use sqlx::sqlite::{
-    Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
-    SqlitePoolOptions, SqliteSynchronous,
+    Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -37,12 +37,9 @@ const READ_CONNECTIONS: u32 = 4;
 /// The SQLite store.
 pub type SqliteStore = SqlStore<SqliteDialect>;
 
+/// SQLite's spelling, clock and constraint names; the pools are the store's.
 #[derive(Debug)]
 pub struct SqliteDialect {
-    /// Exactly one connection: all writes are serialized here.
-    writer: SqlitePool,
-    /// Read-only connections.
-    reader: SqlitePool,
     /// Owns the directory of a throwaway store (see [`SqliteStore::in_memory`]); deleted on drop.
     temp_dir: Option<tempfile::TempDir>,
 }
@@ -73,11 +70,11 @@ impl SqlStore<SqliteDialect> {
             .max_connections(READ_CONNECTIONS)
             .connect_with(base.read_only(true))
             .await?;
-        Ok(SqlStore::new(SqliteDialect {
-            writer,
+        Ok(SqlStore::new(
+            SqliteDialect { temp_dir: None },
             reader,
-            temp_dir: None,
-        }))
+            writer,
+        ))
     }
 
     /// A fresh throwaway database (tests, `hangar dev --in-memory`): a file in a private temporary
@@ -97,23 +94,17 @@ impl SqlStore<SqliteDialect> {
 
 impl Dialect for SqliteDialect {
     type Db = Sqlite;
-    const NOW: &'static str = "$1";
-    const GREATEST: &'static str = "MAX";
-    const JSON_TEXTS: &'static str = "json_each";
-    const ROW_LOCKS: bool = false;
-    const LOCAL_CLOCK: bool = true;
 
-    fn reader(&self) -> &SqlitePool {
-        &self.reader
+    fn clock(&self, offset_ms: i64) -> Clock {
+        Clock::Local(Millis(Millis::now().0.saturating_add(offset_ms)))
     }
 
-    fn writer(&self) -> &SqlitePool {
-        &self.writer
-    }
-
-    fn clock_arg(&self, offset_ms: i64) -> i64 {
-        Millis::now().0.saturating_add(offset_ms)
-    }
+    const SPELLING: Spelling = Spelling {
+        now: "$1",
+        greatest: "MAX",
+        json_texts: "json_each",
+        row_locks: false,
+    };
 
     async fn relay(&self, _: &mut SqliteConnection, _: &[Announced]) -> StoreResult<()> {
         Ok(())
@@ -128,24 +119,5 @@ impl Dialect for SqliteDialect {
         e.as_database_error().is_some_and(|d| {
             d.is_unique_violation() && d.message().ends_with(&format!("failed: {columns}"))
         })
-    }
-
-    async fn close(&self) {
-        self.reader.close().await;
-        self.writer.close().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dialect::render;
-
-    #[test]
-    fn shared_sql_renders_for_sqlite() {
-        assert_eq!(
-            render::<D>("SELECT {greatest}({now}, x) FROM {json_texts}($2) t {lock:FOR SHARE}"),
-            "SELECT MAX($1, x) FROM json_each($2) t "
-        );
     }
 }

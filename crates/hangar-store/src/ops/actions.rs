@@ -36,7 +36,7 @@ pub(super) async fn queue_terminate(
     kind: TerminationKind,
     reason: TerminationReason,
 ) -> StoreResult<Option<ActionMessage>> {
-    let mut tx = s.writer().begin().await?;
+    let mut tx = s.writer.begin().await?;
     // Remembered (first request only) so that the sweeper does not queue another terminate every pass.
     let row = sqlx::query(sql!(
         "UPDATE backend SET terminate_requested_at = COALESCE(terminate_requested_at, {now}) \
@@ -75,7 +75,7 @@ pub(super) async fn pending_actions(
     )
     .bind(drone)
     .bind(i64::from(limit))
-    .fetch_all(s.reader())
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
         .map(|row| json(row, "action", "action"))
@@ -90,7 +90,7 @@ pub(super) async fn ack_action(s: &S, drone: NodeId, action: &ActionId) -> Store
     .bind(s.clock())
     .bind(action.as_str())
     .bind(drone)
-    .execute(s.writer())
+    .execute(&s.writer)
     .await?;
     Ok(())
 }

@@ -27,7 +27,7 @@ pub(super) async fn key_lookup(s: &S, key: &KeyRef) -> StoreResult<KeyLookup> {
     .bind(s.clock())
     .bind(&key.namespace)
     .bind(&key.name)
-    .fetch_optional(s.reader())
+    .fetch_optional(&s.reader)
     .await?;
     let Some(row) = row else {
         return Ok(KeyLookup::Missing);
@@ -50,7 +50,7 @@ pub(super) async fn remove_expired_key(s: &S, key: &KeyRef) -> StoreResult<bool>
     .bind(s.clock())
     .bind(&key.namespace)
     .bind(&key.name)
-    .execute(s.writer())
+    .execute(&s.writer)
     .await?;
     Ok(deleted.rows_affected() > 0)
 }
@@ -59,7 +59,7 @@ pub(super) async fn insert_backend_with_key(s: &S, new: NewBackend) -> StoreResu
     let state = BackendState::Scheduled;
     let clock = s.clock();
     // Dropping `tx` without commit rolls everything back; refusals roll back explicitly first.
-    let mut tx = s.writer().begin().await?;
+    let mut tx = s.writer.begin().await?;
     let row = sqlx::query(sql!(
         "INSERT INTO key_fencing (namespace, name, last_token) VALUES ($2, $3, {now}) \
          ON CONFLICT (namespace, name) \
@@ -179,7 +179,7 @@ pub(super) async fn backend(s: &S, id: &BackendId) -> StoreResult<Option<Backend
         "SELECT {BACKEND_COLUMNS} FROM backend b JOIN node n ON n.id = b.drone_id WHERE b.id = $1"
     )))
     .bind(id.as_str())
-    .fetch_optional(s.reader())
+    .fetch_optional(&s.reader)
     .await?;
     row.as_ref().map(backend_row).transpose()
 }
@@ -191,7 +191,7 @@ pub(super) async fn record_backend_state(
 ) -> StoreResult<StateUpdate> {
     let status = state.status();
     let address = state.address().map(|a| a.to_string());
-    let mut tx = s.writer().begin().await?;
+    let mut tx = s.writer.begin().await?;
     // Monotonic: only a status strictly after the stored one is stored (re-checked after waiting for a
     // concurrent writer's row lock). State times never go backwards either. The idle clock starts at
     // ready.
@@ -245,7 +245,7 @@ pub(super) async fn backend_history(
         "SELECT state, created_at FROM backend_state WHERE backend_id = $1 ORDER BY id",
     )
     .bind(id.as_str())
-    .fetch_all(s.reader())
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
         .map(|row| {
@@ -271,7 +271,7 @@ pub(super) async fn sweep_candidates(s: &S, drone: NodeId) -> StoreResult<Vec<Ba
     ))
     .bind(s.clock())
     .bind(drone)
-    .fetch_all(s.reader())
+    .fetch_all(&s.reader)
     .await?;
     ids.iter().map(|id| parse("backend id", id)).collect()
 }
@@ -283,7 +283,7 @@ pub(super) async fn keepalive(
     connected: bool,
 ) -> StoreResult<bool> {
     let clock = s.clock();
-    let mut tx = s.writer().begin().await?;
+    let mut tx = s.writer.begin().await?;
     // 70 = terminated.
     let updated = sqlx::query(sql!(
         "UPDATE backend SET last_keepalive = {greatest}(last_keepalive, {now}) \
@@ -326,7 +326,7 @@ pub(super) async fn renew_key(s: &S, backend: &BackendId) -> StoreResult<bool> {
     .bind(s.clock())
     .bind(s.key_lease_ms())
     .bind(backend.as_str())
-    .execute(s.writer())
+    .execute(&s.writer)
     .await?;
     Ok(updated.rows_affected() > 0)
 }

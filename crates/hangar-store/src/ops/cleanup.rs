@@ -14,7 +14,7 @@ use std::time::Duration;
 pub(super) async fn cleanup(s: &S, min_age: Option<Duration>, batch: u32) -> StoreResult<u64> {
     let clock = s.clock();
     let limit = i64::from(batch);
-    let mut tx = s.writer().begin().await?;
+    let mut tx = s.writer.begin().await?;
 
     let mut deleted = sqlx::query(sql!(
         "DELETE FROM token WHERE token IN \

@@ -11,7 +11,7 @@ pub(super) async fn active_clusters(s: &S, limit: u32) -> StoreResult<Vec<Cluste
         "SELECT DISTINCT cluster FROM node WHERE controller IS NOT NULL ORDER BY cluster LIMIT $1",
     )
     .bind(i64::from(limit))
-    .fetch_all(s.reader())
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
         .map(|row| parsed(row, "cluster", "cluster name"))
@@ -36,6 +36,6 @@ pub(super) async fn recent_backends(
     if let Some(status) = status {
         query = query.bind(status.as_str());
     }
-    let rows = query.bind(i64::from(limit)).fetch_all(s.reader()).await?;
+    let rows = query.bind(i64::from(limit)).fetch_all(&s.reader).await?;
     rows.iter().map(backend_row).collect()
 }

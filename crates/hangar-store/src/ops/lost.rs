@@ -31,7 +31,7 @@ pub(super) async fn lost_backends(
     .bind(s.clock())
     .bind(millis_of(max_heartbeat_age))
     .bind(i64::from(limit))
-    .fetch_all(s.reader())
+    .fetch_all(&s.reader)
     .await?;
     rows.iter().map(live_backend).collect()
 }
@@ -46,7 +46,7 @@ pub(super) async fn drone_live_backends(
     )
     .bind(cluster.as_str())
     .bind(drone.as_str())
-    .fetch_optional(s.reader())
+    .fetch_optional(&s.reader)
     .await?;
     let Some(node) = node else {
         return Ok(None);
@@ -58,7 +58,7 @@ pub(super) async fn drone_live_backends(
          WHERE b.drone_id = $1 AND b.last_status_number < 70 ORDER BY b.created_at, b.id",
     )
     .bind(node)
-    .fetch_all(s.reader())
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
         .map(live_backend)
@@ -69,7 +69,7 @@ pub(super) async fn drone_live_backends(
 pub(super) async fn prevent_renew(s: &S, backend: &BackendId) -> StoreResult<bool> {
     let updated = sqlx::query("UPDATE backend_key SET allow_renew = FALSE WHERE backend_id = $1")
         .bind(backend.as_str())
-        .execute(s.writer())
+        .execute(&s.writer)
         .await?;
     Ok(updated.rows_affected() > 0)
 }

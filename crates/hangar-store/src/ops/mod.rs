@@ -140,26 +140,27 @@ impl_store! {
 
 /// The store clock and a health probe.
 mod clock {
-    use super::{Dialect, D, S};
+    use super::S;
+    use crate::dialect::Clock;
     use crate::StoreResult;
     use hangar_types::Millis;
 
     pub(super) async fn now(s: &S) -> StoreResult<Millis> {
-        let clock = s.clock();
-        if D::LOCAL_CLOCK {
-            return Ok(Millis(clock));
-        }
+        let clock = match s.read_clock() {
+            Clock::Local(now) => return Ok(now),
+            Clock::Database { offset_ms } => offset_ms,
+        };
         let now = sqlx::query_scalar(sql!("SELECT {now}"))
             .bind(clock)
-            .fetch_one(s.reader())
+            .fetch_one(&s.reader)
             .await?;
         Ok(Millis(now))
     }
 
     /// A cheap round trip (`SELECT 1`) on the reading and the writing connections.
     pub(super) async fn health(s: &S) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(s.reader()).await?;
-        sqlx::query("SELECT 1").execute(s.writer()).await?;
+        sqlx::query("SELECT 1").execute(&s.reader).await?;
+        sqlx::query("SELECT 1").execute(&s.writer).await?;
         Ok(())
     }
 }

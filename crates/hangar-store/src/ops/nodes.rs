@@ -58,7 +58,7 @@ async fn upsert_node(
 }
 
 pub(super) async fn register_drone(s: &S, reg: &DroneRegistration) -> StoreResult<Registration> {
-    let mut tx = s.writer().begin().await?;
+    let mut tx = s.writer.begin().await?;
     let session = NodeSession {
         kind: DRONE,
         cluster: &reg.cluster,
@@ -104,7 +104,7 @@ pub(super) async fn register_proxy(
     controller: &ControllerName,
     version: &str,
 ) -> StoreResult<Registration> {
-    let mut conn = s.writer().acquire().await?;
+    let mut conn = s.writer.acquire().await?;
     let session = NodeSession {
         kind: PROXY,
         cluster,
@@ -120,7 +120,7 @@ pub(super) async fn node_disconnected(s: &S, node: NodeId, session: SessionId) -
     sqlx::query("UPDATE node SET controller = NULL WHERE id = $1 AND session = $2")
         .bind(node)
         .bind(session)
-        .execute(s.writer())
+        .execute(&s.writer)
         .await?;
     Ok(())
 }
@@ -132,7 +132,7 @@ pub(super) async fn drone_heartbeat(s: &S, drone: NodeId, local_time: Millis) ->
     .bind(s.clock())
     .bind(local_time.0)
     .bind(drone)
-    .execute(s.writer())
+    .execute(&s.writer)
     .await?;
     Ok(())
 }
@@ -157,7 +157,7 @@ pub(super) async fn schedulable_drones(s: &S, q: &DroneQuery) -> StoreResult<Vec
     .bind(&q.pool)
     .bind(millis_of(q.max_heartbeat_age))
     .bind(q.executor.to_string())
-    .fetch_all(s.reader())
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
         .map(|row| {
@@ -183,7 +183,7 @@ pub(super) async fn cluster_state(s: &S, cluster: &ClusterName) -> StoreResult<C
          WHERE n.cluster = $1 ORDER BY e.drone_id, e.executor",
     )
     .bind(cluster.as_str())
-    .fetch_all(s.reader())
+    .fetch_all(&s.reader)
     .await?;
     for row in &rows {
         let executor: String = row.try_get("executor")?;
@@ -209,7 +209,7 @@ pub(super) async fn cluster_state(s: &S, cluster: &ClusterName) -> StoreResult<C
     ))
     .bind(s.clock())
     .bind(cluster.as_str())
-    .fetch_all(s.reader())
+    .fetch_all(&s.reader)
     .await?;
 
     let mut state = ClusterState::default();
@@ -257,7 +257,7 @@ pub(super) async fn drain_drone(
     cluster: &ClusterName,
     drone: &DroneName,
 ) -> StoreResult<Option<bool>> {
-    let mut tx = s.writer().begin().await?;
+    let mut tx = s.writer.begin().await?;
     // Locked so that of two concurrent drains exactly one reports the change.
     let row = sqlx::query(sql!(
         "SELECT d.id, d.draining FROM node n JOIN drone d ON d.id = n.id \
@@ -297,7 +297,7 @@ pub(super) async fn drone_attachment(
     .bind(s.clock())
     .bind(cluster.as_str())
     .bind(drone.as_str())
-    .fetch_optional(s.reader())
+    .fetch_optional(&s.reader)
     .await?;
     row.map(|row| {
         let controller: Option<String> = row.try_get("controller")?;
@@ -329,7 +329,7 @@ pub(super) async fn controller_heartbeat(
     .bind(s.clock())
     .bind(controller.as_str())
     .bind(online)
-    .execute(s.writer())
+    .execute(&s.writer)
     .await?;
     Ok(())
 }

@@ -37,7 +37,7 @@ pub(super) async fn acquire_cert_lease(
     .bind(cluster.as_str())
     .bind(proxy)
     .bind(millis_of(CERT_LEASE))
-    .execute(s.writer())
+    .execute(&s.writer)
     .await?;
     Ok(updated.rows_affected() > 0)
 }
@@ -50,7 +50,7 @@ pub(super) async fn release_cert_lease(
     let deleted = sqlx::query("DELETE FROM cert_lease WHERE cluster = $1 AND leased_by = $2")
         .bind(cluster.as_str())
         .bind(proxy)
-        .execute(s.writer())
+        .execute(&s.writer)
         .await?;
     Ok(deleted.rows_affected() > 0)
 }
@@ -66,7 +66,7 @@ pub(super) async fn set_txt_record(
             .bind(txt_value)
             .bind(cluster.as_str())
             .bind(proxy)
-            .execute(s.writer())
+            .execute(&s.writer)
             .await?;
     Ok(updated.rows_affected() > 0)
 }
@@ -75,7 +75,7 @@ pub(super) async fn txt_record(s: &S, cluster: &ClusterName) -> StoreResult<Opti
     let value: Option<Option<String>> =
         sqlx::query_scalar("SELECT txt_value FROM cert_lease WHERE cluster = $1")
             .bind(cluster.as_str())
-            .fetch_optional(s.reader())
+            .fetch_optional(&s.reader)
             .await?;
     Ok(value.flatten())
 }
@@ -100,7 +100,7 @@ pub(super) async fn set_http_challenge(
     token: &str,
     key_authorization: Option<&str>,
 ) -> StoreResult<bool> {
-    let mut tx = s.writer().begin().await?;
+    let mut tx = s.writer.begin().await?;
     if !holds_lease(&mut tx, cluster, proxy).await? {
         return Ok(false);
     }
@@ -144,7 +144,7 @@ pub(super) async fn http_challenges(
          ORDER BY created_at, token",
     )
     .bind(cluster.as_str())
-    .fetch_all(s.reader())
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
         .map(|row| {
@@ -163,7 +163,7 @@ pub(super) async fn store_certificate(
     cert_pem: &str,
     key_pem: &str,
 ) -> StoreResult<StoredCertificate> {
-    let mut tx = s.writer().begin().await?;
+    let mut tx = s.writer.begin().await?;
     let stored_at: i64 = sqlx::query_scalar(sql!(
         "INSERT INTO cluster_certificate (cluster, cert_pem, key_pem, stored_at, stored_by) \
          VALUES ($2, $3, $4, {now}, $5) ON CONFLICT (cluster) DO UPDATE SET \
@@ -196,7 +196,7 @@ pub(super) async fn certificate(
         "SELECT {CERTIFICATE_COLUMNS} FROM cluster_certificate WHERE cluster = $1"
     )))
     .bind(cluster.as_str())
-    .fetch_optional(s.reader())
+    .fetch_optional(&s.reader)
     .await?;
     row.as_ref().map(certificate_row).transpose()
 }

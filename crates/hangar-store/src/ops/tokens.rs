@@ -1,7 +1,7 @@
 //! Connection tokens: dynamic tokens (one row each, expiring) and static tokens (on the backend row),
 //! and their resolution to routes.
 
-use super::rows::{json, parsed, Row};
+use super::rows::{json, parse, parsed, Row};
 use super::{commit, S};
 use crate::dialect::millis_of;
 use crate::events::StoreEvent;
@@ -26,7 +26,7 @@ pub(super) async fn insert_token(s: &S, token: NewToken) -> StoreResult<()> {
     .bind(&token.user)
     .bind(Json(&token.auth))
     .bind(millis_of(token.lifetime))
-    .execute(s.writer())
+    .execute(&s.writer)
     .await?;
     Ok(())
 }
@@ -36,7 +36,7 @@ pub(super) async fn revoke_tokens(
     backend: &BackendId,
     user: &str,
 ) -> StoreResult<Vec<ConnectionToken>> {
-    let mut tx = s.writer().begin().await?;
+    let mut tx = s.writer.begin().await?;
     let deleted: Vec<String> = sqlx::query_scalar(
         "DELETE FROM token WHERE backend_id = $1 AND username = $2 RETURNING token",
     )
@@ -65,7 +65,7 @@ pub(super) async fn resolve_token(s: &S, token: &ConnectionToken) -> StoreResult
              FROM backend b WHERE b.static_token = $1",
         )
         .bind(token.as_str())
-        .fetch_optional(s.reader())
+        .fetch_optional(&s.reader)
         .await?;
         return match row {
             None => Ok(TokenLookup::NotFound),
@@ -82,7 +82,7 @@ pub(super) async fn resolve_token(s: &S, token: &ConnectionToken) -> StoreResult
     ))
     .bind(s.clock())
     .bind(token.as_str())
-    .fetch_optional(s.reader())
+    .fetch_optional(&s.reader)
     .await?;
     let Some(row) = row else {
         return Ok(TokenLookup::NotFound);
@@ -113,9 +113,7 @@ fn lookup(
     }
     let address: Option<String> = row.try_get("cluster_address")?;
     let address: SocketAddr = match address {
-        Some(a) => a
-            .parse()
-            .map_err(|e| StoreError::Corrupt(format!("backend address {a:?}: {e}")))?,
+        Some(a) => parse("backend address", &a)?,
         None => {
             return Err(StoreError::Corrupt(format!(
                 "ready backend {backend_id} has no address"

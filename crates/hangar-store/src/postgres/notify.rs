@@ -124,41 +124,36 @@ impl Notice {
     }
 }
 
-/// The notices that tell other stores about `a`.
+/// The notices that tell other stores about `a` (a state only with its history row, which a large
+/// state is sent as).
 fn notices(a: &Announced) -> Vec<Notice> {
-    let notice = match (&a.event, a.history_id) {
-        (
-            StoreEvent::BackendState {
-                backend,
-                state,
-                time,
-            },
-            Some(history_id),
-        ) => Notice::state(history_id, backend, state, *time),
-        // Only a state with its history row can be relayed (a pointer may be needed).
-        (StoreEvent::BackendState { .. }, None) => return Vec::new(),
-        (StoreEvent::Action { drone, action }, _) => Notice::Action {
+    vec![match &a.event {
+        StoreEvent::BackendState {
+            backend,
+            state,
+            time,
+        } => match a.history_id {
+            Some(history_id) => Notice::state(history_id, backend, state, *time),
+            None => return Vec::new(),
+        },
+        StoreEvent::Action { drone, action } => Notice::Action {
             drone: *drone,
             action_id: action.action_id.clone(),
         },
-        (StoreEvent::TokensRevoked { tokens }, _) => return Notice::tokens_revoked(tokens),
-        (
-            StoreEvent::HttpChallenge {
-                cluster,
-                token,
-                key_authorization,
-            },
-            _,
-        ) => Notice::HttpChallenge {
+        StoreEvent::TokensRevoked { tokens } => return Notice::tokens_revoked(tokens),
+        StoreEvent::HttpChallenge {
+            cluster,
+            token,
+            key_authorization,
+        } => Notice::HttpChallenge {
             cluster: cluster.clone(),
             token: token.clone(),
             key_authorization: key_authorization.clone(),
         },
-        (StoreEvent::Certificate(c), _) => Notice::Certificate {
+        StoreEvent::Certificate(c) => Notice::Certificate {
             cluster: c.cluster.clone(),
         },
-    };
-    vec![notice]
+    }]
 }
 
 fn encoded_len<T: Serialize>(v: &T) -> usize {
