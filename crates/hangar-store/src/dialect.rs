@@ -4,11 +4,11 @@
 //! their database (see `src/ops/mod.rs` for why they are compiled per database rather than generic).
 //!
 //! SQL text is shared too: it is PostgreSQL-flavoured SQL with numbered parameters (`$1`, which SQLite
-//! and sqlx accept as well) and a few markers that [`render`] replaces with the dialect's spelling:
+//! and sqlx accept as well) and a few markers that `render` replaces with the dialect's spelling:
 //!
 //! | marker | SQLite | PostgreSQL |
 //! |---|---|---|
-//! | `{now}` (store clock; reads parameter `$1`, [`SqlStore::clock`]) | `$1` (this process's clock) | `hangar_now_ms($1)` (the server's) |
+//! | `{now}` (store clock; reads parameter `$1`, `SqlStore::clock`) | `$1` (this process's clock) | `hangar_now_ms($1)` (the server's) |
 //! | `{greatest}` | `MAX` | `GREATEST` |
 //! | `{json_texts}` (rows `value` of a JSON array of strings) | `json_each` | `jsonb_array_elements_text` |
 //! | `{lock:CLAUSE}` (a row lock) | dropped: the single writer serializes | `CLAUSE` |
