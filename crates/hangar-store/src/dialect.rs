@@ -120,6 +120,8 @@ pub struct SqlStore<D: Dialect> {
     pub(crate) reader: sqlx::Pool<D::Db>,
     /// Connections for writes (SQLite: exactly one).
     pub(crate) writer: sqlx::Pool<D::Db>,
+    /// Whether `reader` is a pool of its own (else it is `writer`).
+    pub(crate) separate_reader: bool,
     pub(crate) events: EventBus,
     /// Added to the store clock; only ever changed by the test hooks.
     clock_offset_ms: AtomicI64,
@@ -128,10 +130,16 @@ pub struct SqlStore<D: Dialect> {
 }
 
 impl<D: Dialect> SqlStore<D> {
-    pub(crate) fn new(dialect: D, reader: sqlx::Pool<D::Db>, writer: sqlx::Pool<D::Db>) -> Self {
+    /// A store whose reads go to `reader`, or to `writer` when `None`.
+    pub(crate) fn new(
+        dialect: D,
+        writer: sqlx::Pool<D::Db>,
+        reader: Option<sqlx::Pool<D::Db>>,
+    ) -> Self {
         SqlStore {
             dialect,
-            reader,
+            separate_reader: reader.is_some(),
+            reader: reader.unwrap_or_else(|| writer.clone()),
             writer,
             events: EventBus::new(),
             clock_offset_ms: AtomicI64::new(0),
@@ -142,8 +150,8 @@ impl<D: Dialect> SqlStore<D> {
     /// Closes every connection (waits for running operations). Later calls fail with `PoolClosed`.
     pub async fn close(&self) {
         self.dialect.stop().await;
-        self.reader.close().await;
         self.writer.close().await;
+        self.reader.close().await;
     }
 
     /// Test hook: moves the store clock forward by `d`, so tests can expire leases and tokens and reach

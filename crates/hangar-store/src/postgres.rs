@@ -93,7 +93,8 @@ impl SqlStore<PostgresDialect> {
             tasks: TaskTracker::new(),
         };
         // One pool serves reads and writes.
-        let store = SqlStore::new(dialect, pool.clone(), pool.clone());
+        // One pool serves reads and writes.
+        let store = SqlStore::new(dialect, pool.clone(), None);
         let relay = listener::Relay {
             pool,
             bus: store.events.clone(),

@@ -72,8 +72,8 @@ impl SqlStore<SqliteDialect> {
             .await?;
         Ok(SqlStore::new(
             SqliteDialect { temp_dir: None },
-            reader,
             writer,
+            Some(reader),
         ))
     }
 

@@ -157,9 +157,11 @@ mod clock {
         Ok(Millis(now))
     }
 
-    /// A cheap round trip (`SELECT 1`) on the reading and the writing connections.
+    /// A cheap round trip (`SELECT 1`) on each pool.
     pub(super) async fn health(s: &S) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&s.reader).await?;
+        if s.separate_reader {
+            sqlx::query("SELECT 1").execute(&s.reader).await?;
+        }
         sqlx::query("SELECT 1").execute(&s.writer).await?;
         Ok(())
     }
