@@ -1,7 +1,8 @@
 //! Hangar's persistent state. [`Store`] is the only way the controller reads or writes it; each method is
 //! one transaction named for the fact it establishes. Implementations: [`sqlite::SqliteStore`]
 //! (embedded default, one controller) and [`postgres::PostgresStore`] (several controllers sharing one
-//! database).
+//! database), both a [`dialect::SqlStore`]: the operations are written once (`src/ops/`), and what
+//! differs between the databases is in `sqlite.rs` and `postgres.rs` behind [`dialect::Dialect`].
 //!
 //! Invariants every implementation keeps:
 //! - at most one key row per `(namespace, name)`; the fencing token of a key strictly increases across
@@ -12,7 +13,9 @@
 //!
 //! Boundary: only the controller depends on this crate.
 
+pub mod dialect;
 mod events;
+mod migrations;
 pub mod model;
 pub mod postgres;
 pub mod sqlite;

@@ -7,12 +7,10 @@
 //! (logged), which subscribers tolerate by resyncing from the store.
 
 use super::notify::{Notice, Payload};
-use super::rows::{json_column, parse};
-use super::tls::{certificate_row, CERTIFICATE_COLUMNS};
+use super::ops::rows::{certificate_row, json, parsed, CERTIFICATE_COLUMNS};
 use crate::events::{EventBus, StoreEvent};
 use crate::StoreResult;
-use hangar_types::protocol::ActionMessage;
-use hangar_types::{BackendState, Millis};
+use hangar_types::Millis;
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::Row;
 use std::time::Duration;
@@ -103,14 +101,11 @@ impl Relay {
                 .await?;
                 match row {
                     None => None,
-                    Some(row) => {
-                        let backend: String = row.try_get("backend_id")?;
-                        Some(StoreEvent::BackendState {
-                            backend: parse("backend id", &backend)?,
-                            state: json_column::<BackendState>(&row, "state", "backend state")?,
-                            time: Millis(row.try_get("created_at")?),
-                        })
-                    }
+                    Some(row) => Some(StoreEvent::BackendState {
+                        backend: parsed(&row, "backend_id", "backend id")?,
+                        state: json(&row, "state", "backend state")?,
+                        time: Millis(row.try_get("created_at")?),
+                    }),
                 }
             }
             Notice::Action { drone, action_id } => {
@@ -122,7 +117,7 @@ impl Relay {
                     None => None,
                     Some(row) => Some(StoreEvent::Action {
                         drone,
-                        action: json_column::<ActionMessage>(&row, "action", "action")?,
+                        action: json(&row, "action", "action")?,
                     }),
                 }
             }

@@ -11,6 +11,8 @@
 //! Notifications are sent inside the transaction that made the change, so PostgreSQL delivers them only
 //! if it commits, in commit order.
 
+use crate::dialect::Announced;
+use crate::events::StoreEvent;
 use crate::model::NodeId;
 use crate::{StoreError, StoreResult};
 use hangar_types::token::ConnectionToken;
@@ -122,6 +124,38 @@ impl Notice {
     }
 }
 
+/// The notices that tell other stores about `a` (a state only with its history row, which a large
+/// state is sent as).
+fn notices(a: &Announced) -> Vec<Notice> {
+    vec![match &a.event {
+        StoreEvent::BackendState {
+            backend,
+            state,
+            time,
+        } => match a.history_id {
+            Some(history_id) => Notice::state(history_id, backend, state, *time),
+            None => return Vec::new(),
+        },
+        StoreEvent::Action { drone, action } => Notice::Action {
+            drone: *drone,
+            action_id: action.action_id.clone(),
+        },
+        StoreEvent::TokensRevoked { tokens } => return Notice::tokens_revoked(tokens),
+        StoreEvent::HttpChallenge {
+            cluster,
+            token,
+            key_authorization,
+        } => Notice::HttpChallenge {
+            cluster: cluster.clone(),
+            token: token.clone(),
+            key_authorization: key_authorization.clone(),
+        },
+        StoreEvent::Certificate(c) => Notice::Certificate {
+            cluster: c.cluster.clone(),
+        },
+    }]
+}
+
 fn encoded_len<T: Serialize>(v: &T) -> usize {
     // Serializing these types cannot fail (no maps with non-string keys); a failure counts as too big.
     serde_json::to_string(v).map_or(usize::MAX, |s| s.len())
@@ -157,12 +191,13 @@ pub(super) fn payloads(origin: &str, notices: Vec<Notice>) -> StoreResult<Vec<St
     Ok(out)
 }
 
-/// Sends the notices on [`CHANNEL`] as part of the transaction on `conn`.
+/// Sends the notices of `events` on [`CHANNEL`] as part of the transaction on `conn`.
 pub(super) async fn send(
     conn: &mut PgConnection,
     origin: &str,
-    notices: Vec<Notice>,
+    events: &[Announced],
 ) -> StoreResult<()> {
+    let notices = events.iter().flat_map(notices).collect();
     for payload in payloads(origin, notices)? {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)

@@ -1,30 +1,26 @@
 //! Read-only listings for the controller's dashboard. Each is one bounded query on an index.
 
-use super::rows::{backend_row, parse, BACKEND_COLUMNS};
-use super::PostgresStore;
+use super::rows::{backend_row, parsed, BACKEND_COLUMNS};
+use super::S;
 use crate::model::BackendRow;
 use crate::StoreResult;
 use hangar_types::{BackendStatus, ClusterName};
-use sqlx::Row;
 
-pub(super) async fn active_clusters(
-    s: &PostgresStore,
-    limit: u32,
-) -> StoreResult<Vec<ClusterName>> {
+pub(super) async fn active_clusters(s: &S, limit: u32) -> StoreResult<Vec<ClusterName>> {
     let rows = sqlx::query(
         "SELECT DISTINCT cluster FROM node WHERE controller IS NOT NULL ORDER BY cluster LIMIT $1",
     )
     .bind(i64::from(limit))
-    .fetch_all(&s.pool)
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
-        .map(|row| parse("cluster name", &row.try_get::<String, _>("cluster")?))
+        .map(|row| parsed(row, "cluster", "cluster name"))
         .collect()
 }
 
 /// Newest first on the `backend_created` / `backend_status_created` indexes (migration 0004).
 pub(super) async fn recent_backends(
-    s: &PostgresStore,
+    s: &S,
     status: Option<BackendStatus>,
     limit: u32,
 ) -> StoreResult<Vec<BackendRow>> {
@@ -40,6 +36,6 @@ pub(super) async fn recent_backends(
     if let Some(status) = status {
         query = query.bind(status.as_str());
     }
-    let rows = query.bind(i64::from(limit)).fetch_all(&s.pool).await?;
+    let rows = query.bind(i64::from(limit)).fetch_all(&s.reader).await?;
     rows.iter().map(backend_row).collect()
 }

@@ -4,14 +4,16 @@
 //! [`SessionId`]), and a late disconnect of the old session changes nothing. Concurrent registrations of
 //! one node (through two controllers) serialize on the node row; the last one holds the node.
 
-use super::rows::parse;
-use super::{millis_of, PostgresStore};
+use super::rows::{parse, parsed};
+use super::{Conn, S};
+use crate::dialect::millis_of;
 use crate::model::*;
 use crate::{StoreError, StoreResult};
 use hangar_types::api::{ClusterDroneState, ClusterState, NodeState};
 use hangar_types::executable::ExecutorKind;
 use hangar_types::{ClusterName, ControllerName, DroneName, Millis, NodeName, ProxyName};
-use sqlx::{PgConnection, Row};
+use sqlx::types::Json;
+use sqlx::Row;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -32,34 +34,31 @@ struct NodeSession<'a> {
 
 /// Inserts or takes over the node row; returns its id and the new session.
 async fn upsert_node(
-    conn: &mut PgConnection,
+    conn: &mut Conn,
     n: NodeSession<'_>,
-    offset: i64,
+    clock: i64,
 ) -> StoreResult<(NodeId, SessionId)> {
-    let row = sqlx::query(
+    let row = sqlx::query(sql!(
         "INSERT INTO node (kind, cluster, name, version, controller, session, connected_at) \
-         VALUES ($1, $2, $3, $4, $5, 1, hangar_now_ms($6)) \
+         VALUES ($2, $3, $4, $5, $6, 1, {now}) \
          ON CONFLICT (cluster, name, kind) DO UPDATE SET version = excluded.version, \
          controller = excluded.controller, session = node.session + 1, \
          connected_at = excluded.connected_at \
-         RETURNING id, session",
-    )
+         RETURNING id, session"
+    ))
+    .bind(clock)
     .bind(n.kind)
     .bind(n.cluster.as_str())
     .bind(n.name)
     .bind(n.version)
     .bind(n.controller.as_str())
-    .bind(offset)
     .fetch_one(conn)
     .await?;
     Ok((row.try_get("id")?, row.try_get("session")?))
 }
 
-pub(super) async fn register_drone(
-    s: &PostgresStore,
-    reg: &DroneRegistration,
-) -> StoreResult<Registration> {
-    let mut tx = s.pool.begin().await?;
+pub(super) async fn register_drone(s: &S, reg: &DroneRegistration) -> StoreResult<Registration> {
+    let mut tx = s.writer.begin().await?;
     let session = NodeSession {
         kind: DRONE,
         cluster: &reg.cluster,
@@ -67,7 +66,7 @@ pub(super) async fn register_drone(
         controller: &reg.controller,
         version: &reg.version,
     };
-    let (node, session) = upsert_node(&mut tx, session, s.offset()).await?;
+    let (node, session) = upsert_node(&mut tx, session, s.clock()).await?;
     // `draining` is kept. The heartbeat is cleared: the drone's clock base from an earlier session (maybe
     // an earlier boot) must not be used for deadlines; the drone sends a heartbeat right after connecting.
     sqlx::query(
@@ -84,12 +83,14 @@ pub(super) async fn register_drone(
         .execute(&mut *tx)
         .await?;
     let executors: Vec<String> = reg.executors.iter().map(|e| e.to_string()).collect();
-    sqlx::query(
-        "INSERT INTO drone_executor (drone_id, executor) SELECT $1, unnest($2::TEXT[]) \
-         ON CONFLICT (drone_id, executor) DO NOTHING",
-    )
+    // `WHERE TRUE`: SQLite needs it to tell the upsert's ON from a join's.
+    sqlx::query(sql!(
+        "INSERT INTO drone_executor (drone_id, executor) \
+         SELECT $1, value FROM {json_texts}($2) WHERE TRUE \
+         ON CONFLICT (drone_id, executor) DO NOTHING"
+    ))
     .bind(node)
-    .bind(&executors)
+    .bind(Json(&executors))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -97,13 +98,13 @@ pub(super) async fn register_drone(
 }
 
 pub(super) async fn register_proxy(
-    s: &PostgresStore,
+    s: &S,
     cluster: &ClusterName,
     name: &ProxyName,
     controller: &ControllerName,
     version: &str,
 ) -> StoreResult<Registration> {
-    let mut conn = s.pool.acquire().await?;
+    let mut conn = s.writer.acquire().await?;
     let session = NodeSession {
         kind: PROXY,
         cluster,
@@ -111,70 +112,58 @@ pub(super) async fn register_proxy(
         controller,
         version,
     };
-    let (node, session) = upsert_node(&mut conn, session, s.offset()).await?;
+    let (node, session) = upsert_node(&mut conn, session, s.clock()).await?;
     Ok(Registration::Registered { node, session })
 }
 
-pub(super) async fn node_disconnected(
-    s: &PostgresStore,
-    node: NodeId,
-    session: SessionId,
-) -> StoreResult<()> {
+pub(super) async fn node_disconnected(s: &S, node: NodeId, session: SessionId) -> StoreResult<()> {
     sqlx::query("UPDATE node SET controller = NULL WHERE id = $1 AND session = $2")
         .bind(node)
         .bind(session)
-        .execute(&s.pool)
+        .execute(&s.writer)
         .await?;
     Ok(())
 }
 
-pub(super) async fn drone_heartbeat(
-    s: &PostgresStore,
-    drone: NodeId,
-    local_time: Millis,
-) -> StoreResult<()> {
-    sqlx::query(
-        "UPDATE drone SET last_heartbeat = hangar_now_ms($1), last_local_time = $2 WHERE id = $3",
-    )
-    .bind(s.offset())
+pub(super) async fn drone_heartbeat(s: &S, drone: NodeId, local_time: Millis) -> StoreResult<()> {
+    sqlx::query(sql!(
+        "UPDATE drone SET last_heartbeat = {now}, last_local_time = $2 WHERE id = $3"
+    ))
+    .bind(s.clock())
     .bind(local_time.0)
     .bind(drone)
-    .execute(&s.pool)
+    .execute(&s.writer)
     .await?;
     Ok(())
 }
 
-pub(super) async fn schedulable_drones(
-    s: &PostgresStore,
-    q: &DroneQuery,
-) -> StoreResult<Vec<DroneCandidate>> {
+pub(super) async fn schedulable_drones(s: &S, q: &DroneQuery) -> StoreResult<Vec<DroneCandidate>> {
     // 70 = terminated.
-    let rows = sqlx::query(
+    let rows = sqlx::query(sql!(
         "SELECT n.id, n.name, d.last_local_time, \
          (SELECT COUNT(*) FROM backend b WHERE b.drone_id = n.id AND b.last_status_number < 70) \
            AS backend_count \
          FROM node n JOIN drone d ON d.id = n.id JOIN controller c ON c.name = n.controller \
-         WHERE n.kind = 'drone' AND n.cluster = $1 \
-         AND c.is_online AND c.last_heartbeat > hangar_now_ms($3) - $4 \
-         AND NOT d.draining AND d.pool = $2 \
-         AND d.last_heartbeat IS NOT NULL AND d.last_heartbeat > hangar_now_ms($3) - $4 \
+         WHERE n.kind = 'drone' AND n.cluster = $2 \
+         AND c.is_online AND c.last_heartbeat > {now} - $4 \
+         AND NOT d.draining AND d.pool = $3 \
+         AND d.last_heartbeat IS NOT NULL AND d.last_heartbeat > {now} - $4 \
          AND d.last_local_time IS NOT NULL \
          AND EXISTS (SELECT 1 FROM drone_executor e WHERE e.drone_id = n.id AND e.executor = $5) \
-         ORDER BY n.id",
-    )
+         ORDER BY n.id"
+    ))
+    .bind(s.clock())
     .bind(q.cluster.as_str())
     .bind(&q.pool)
-    .bind(s.offset())
     .bind(millis_of(q.max_heartbeat_age))
     .bind(q.executor.to_string())
-    .fetch_all(&s.pool)
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
         .map(|row| {
-            let name: String = row.try_get("name")?;
             Ok(DroneCandidate {
                 id: row.try_get("id")?,
-                name: parse("drone name", &name)?,
+                name: parsed(row, "name", "drone name")?,
                 last_local_time: Millis(row.try_get("last_local_time")?),
                 backend_count: row.try_get("backend_count")?,
             })
@@ -187,17 +176,14 @@ fn executor_kind(s: &str) -> StoreResult<ExecutorKind> {
         .map_err(|e| StoreError::Corrupt(format!("executor {s:?}: {e}")))
 }
 
-pub(super) async fn cluster_state(
-    s: &PostgresStore,
-    cluster: &ClusterName,
-) -> StoreResult<ClusterState> {
+pub(super) async fn cluster_state(s: &S, cluster: &ClusterName) -> StoreResult<ClusterState> {
     let mut executors: HashMap<NodeId, Vec<ExecutorKind>> = HashMap::new();
     let rows = sqlx::query(
         "SELECT e.drone_id, e.executor FROM drone_executor e JOIN node n ON n.id = e.drone_id \
          WHERE n.cluster = $1 ORDER BY e.drone_id, e.executor",
     )
     .bind(cluster.as_str())
-    .fetch_all(&s.pool)
+    .fetch_all(&s.reader)
     .await?;
     for row in &rows {
         let executor: String = row.try_get("executor")?;
@@ -207,34 +193,33 @@ pub(super) async fn cluster_state(
             .push(executor_kind(&executor)?);
     }
 
-    // Ages in whole seconds, never negative, NULL without a heartbeat (GREATEST skips NULLs, the
-    // subtraction keeps them). 70 = terminated.
-    let rows = sqlx::query(
+    // Ages in whole seconds, never negative, NULL without a heartbeat (the greatest of the clock and
+    // NULL is NULL in SQLite and the clock in PostgreSQL; the subtraction makes both NULL).
+    // 70 = terminated.
+    let rows = sqlx::query(sql!(
         "SELECT n.id, n.kind, n.name, n.version, n.controller, d.draining, d.pool, \
-         (GREATEST(hangar_now_ms($2), d.last_heartbeat) - d.last_heartbeat) / 1000 \
-           AS heartbeat_age, \
-         (GREATEST(hangar_now_ms($2), c.last_heartbeat) - c.last_heartbeat) / 1000 \
+         ({greatest}({now}, d.last_heartbeat) - d.last_heartbeat) / 1000 AS heartbeat_age, \
+         ({greatest}({now}, c.last_heartbeat) - c.last_heartbeat) / 1000 \
            AS controller_heartbeat_age, \
          (SELECT COUNT(*) FROM backend b WHERE b.drone_id = n.id AND b.last_status_number < 70) \
            AS backend_count \
          FROM node n LEFT JOIN drone d ON d.id = n.id \
          LEFT JOIN controller c ON c.name = n.controller \
-         WHERE n.cluster = $1 AND n.controller IS NOT NULL ORDER BY n.id",
-    )
+         WHERE n.cluster = $2 AND n.controller IS NOT NULL ORDER BY n.id"
+    ))
+    .bind(s.clock())
     .bind(cluster.as_str())
-    .bind(s.offset())
-    .fetch_all(&s.pool)
+    .fetch_all(&s.reader)
     .await?;
 
     let mut state = ClusterState::default();
     for row in &rows {
         let id: NodeId = row.try_get("id")?;
         let kind: String = row.try_get("kind")?;
-        let name: String = row.try_get("name")?;
         let controller: Option<String> = row.try_get("controller")?;
         let node_name = match kind.as_str() {
-            DRONE => NodeName::Drone(parse::<DroneName>("drone name", &name)?),
-            PROXY => NodeName::Proxy(parse::<ProxyName>("proxy name", &name)?),
+            DRONE => NodeName::Drone(parsed(row, "name", "drone name")?),
+            PROXY => NodeName::Proxy(parsed(row, "name", "proxy name")?),
             other => return Err(StoreError::Corrupt(format!("node kind {other:?}"))),
         };
         let node = NodeState {
@@ -268,16 +253,16 @@ pub(super) async fn cluster_state(
 }
 
 pub(super) async fn drain_drone(
-    s: &PostgresStore,
+    s: &S,
     cluster: &ClusterName,
     drone: &DroneName,
 ) -> StoreResult<Option<bool>> {
-    let mut tx = s.pool.begin().await?;
+    let mut tx = s.writer.begin().await?;
     // Locked so that of two concurrent drains exactly one reports the change.
-    let row = sqlx::query(
+    let row = sqlx::query(sql!(
         "SELECT d.id, d.draining FROM node n JOIN drone d ON d.id = n.id \
-         WHERE n.kind = 'drone' AND n.cluster = $1 AND n.name = $2 FOR UPDATE OF d",
-    )
+         WHERE n.kind = 'drone' AND n.cluster = $1 AND n.name = $2 {lock:FOR UPDATE OF d}"
+    ))
     .bind(cluster.as_str())
     .bind(drone.as_str())
     .fetch_optional(&mut *tx)
@@ -298,21 +283,21 @@ pub(super) async fn drain_drone(
 }
 
 pub(super) async fn drone_attachment(
-    s: &PostgresStore,
+    s: &S,
     cluster: &ClusterName,
     drone: &DroneName,
 ) -> StoreResult<Option<DroneAttachment>> {
-    // The age is never negative (GREATEST) and NULL without a heartbeat.
-    let row = sqlx::query(
+    // The age is never negative and NULL without a heartbeat.
+    let row = sqlx::query(sql!(
         "SELECT n.id, n.controller, n.session, \
-         GREATEST(hangar_now_ms($3), d.last_heartbeat) - d.last_heartbeat AS heartbeat_age \
+         {greatest}({now}, d.last_heartbeat) - d.last_heartbeat AS heartbeat_age \
          FROM node n JOIN drone d ON d.id = n.id \
-         WHERE n.kind = 'drone' AND n.cluster = $1 AND n.name = $2",
-    )
+         WHERE n.kind = 'drone' AND n.cluster = $2 AND n.name = $3"
+    ))
+    .bind(s.clock())
     .bind(cluster.as_str())
     .bind(drone.as_str())
-    .bind(s.offset())
-    .fetch_optional(&s.pool)
+    .fetch_optional(&s.reader)
     .await?;
     row.map(|row| {
         let controller: Option<String> = row.try_get("controller")?;
@@ -331,20 +316,20 @@ pub(super) async fn drone_attachment(
 }
 
 pub(super) async fn controller_heartbeat(
-    s: &PostgresStore,
+    s: &S,
     controller: &ControllerName,
     online: bool,
 ) -> StoreResult<()> {
-    sqlx::query(
+    sqlx::query(sql!(
         "INSERT INTO controller (name, first_seen, last_heartbeat, is_online) \
-         VALUES ($1, hangar_now_ms($2), hangar_now_ms($2), $3) \
+         VALUES ($2, {now}, {now}, $3) \
          ON CONFLICT (name) DO UPDATE SET last_heartbeat = excluded.last_heartbeat, \
-         is_online = excluded.is_online",
-    )
+         is_online = excluded.is_online"
+    ))
+    .bind(s.clock())
     .bind(controller.as_str())
-    .bind(s.offset())
     .bind(online)
-    .execute(&s.pool)
+    .execute(&s.writer)
     .await?;
     Ok(())
 }

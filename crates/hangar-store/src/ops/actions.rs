@@ -1,17 +1,17 @@
 //! Actions queued for drones: stored until the drone acknowledges them.
 
-use super::notify::{self, Notice};
-use super::rows::{json_column, to_json};
-use super::PostgresStore;
+use super::rows::json;
+use super::{commit, Conn, S};
 use crate::events::StoreEvent;
 use crate::model::NodeId;
 use crate::StoreResult;
 use hangar_types::protocol::{ActionMessage, BackendAction};
 use hangar_types::{ActionId, BackendId, Millis, TerminationKind, TerminationReason};
-use sqlx::{PgConnection, Row};
+use sqlx::types::Json;
+use sqlx::Row;
 
 pub(super) async fn insert_action(
-    conn: &mut PgConnection,
+    conn: &mut Conn,
     drone: NodeId,
     action: &ActionMessage,
     now: Millis,
@@ -23,7 +23,7 @@ pub(super) async fn insert_action(
     .bind(action.action_id.as_str())
     .bind(action.backend_id.as_str())
     .bind(drone)
-    .bind(to_json("action", action)?)
+    .bind(Json(action))
     .bind(now.0)
     .execute(conn)
     .await?;
@@ -31,19 +31,18 @@ pub(super) async fn insert_action(
 }
 
 pub(super) async fn queue_terminate(
-    s: &PostgresStore,
+    s: &S,
     id: &BackendId,
     kind: TerminationKind,
     reason: TerminationReason,
 ) -> StoreResult<Option<ActionMessage>> {
-    let mut tx = s.pool.begin().await?;
+    let mut tx = s.writer.begin().await?;
     // Remembered (first request only) so that the sweeper does not queue another terminate every pass.
-    let row = sqlx::query(
-        "UPDATE backend \
-         SET terminate_requested_at = COALESCE(terminate_requested_at, hangar_now_ms($1)) \
-         WHERE id = $2 RETURNING drone_id, hangar_now_ms($1) AS now",
-    )
-    .bind(s.offset())
+    let row = sqlx::query(sql!(
+        "UPDATE backend SET terminate_requested_at = COALESCE(terminate_requested_at, {now}) \
+         WHERE id = $2 RETURNING drone_id, {now} AS now"
+    ))
+    .bind(s.clock())
     .bind(id.as_str())
     .fetch_optional(&mut *tx)
     .await?;
@@ -51,29 +50,22 @@ pub(super) async fn queue_terminate(
         return Ok(None);
     };
     let drone: NodeId = row.try_get("drone_id")?;
-    let now = Millis(row.try_get("now")?);
     let action = ActionMessage {
         action_id: ActionId::random(),
         backend_id: id.clone(),
         action: BackendAction::Terminate { kind, reason },
     };
-    insert_action(&mut tx, drone, &action, now).await?;
-    let notice = Notice::Action {
-        drone,
-        action_id: action.action_id.clone(),
-    };
-    notify::send(&mut tx, &s.origin, vec![notice]).await?;
-    tx.commit().await?;
-
-    s.events.publish(StoreEvent::Action {
+    insert_action(&mut tx, drone, &action, Millis(row.try_get("now")?)).await?;
+    let event = StoreEvent::Action {
         drone,
         action: action.clone(),
-    });
+    };
+    commit(s, tx, vec![event.into()]).await?;
     Ok(Some(action))
 }
 
 pub(super) async fn pending_actions(
-    s: &PostgresStore,
+    s: &S,
     drone: NodeId,
     limit: u32,
 ) -> StoreResult<Vec<ActionMessage>> {
@@ -83,26 +75,22 @@ pub(super) async fn pending_actions(
     )
     .bind(drone)
     .bind(i64::from(limit))
-    .fetch_all(&s.pool)
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
-        .map(|row| json_column(row, "action", "action"))
+        .map(|row| json(row, "action", "action"))
         .collect()
 }
 
-pub(super) async fn ack_action(
-    s: &PostgresStore,
-    drone: NodeId,
-    action: &ActionId,
-) -> StoreResult<()> {
-    sqlx::query(
-        "UPDATE backend_action SET acked_at = hangar_now_ms($1) \
-         WHERE action_id = $2 AND drone_id = $3 AND acked_at IS NULL",
-    )
-    .bind(s.offset())
+pub(super) async fn ack_action(s: &S, drone: NodeId, action: &ActionId) -> StoreResult<()> {
+    sqlx::query(sql!(
+        "UPDATE backend_action SET acked_at = {now} \
+         WHERE action_id = $2 AND drone_id = $3 AND acked_at IS NULL"
+    ))
+    .bind(s.clock())
     .bind(action.as_str())
     .bind(drone)
-    .execute(&s.pool)
+    .execute(&s.writer)
     .await?;
     Ok(())
 }

@@ -3,65 +3,60 @@
 //! requests through several controllers serialize on the cluster's lease row (`INSERT … ON CONFLICT`
 //! locks it and re-evaluates the takeover condition on the latest version), so at most one proxy wins.
 //!
-//! Other controllers learn of challenges inline (they are small and bounded by the caller) and of
-//! certificates by pointer: the notification names the cluster and the listener reads the row, so no
-//! PEM ever travels in a notification.
+//! Other stores learn of challenges inline (they are small and bounded by the caller) and of
+//! certificates by pointer (see `postgres/notify.rs`), so no PEM ever travels in a notification.
 
-use super::notify::{self, Notice};
-use super::rows::parse;
-use super::{millis_of, PostgresStore};
+use super::rows::{certificate_row, CERTIFICATE_COLUMNS};
+use super::{commit, Conn, S};
+use crate::dialect::millis_of;
 use crate::events::StoreEvent;
 use crate::model::*;
 use crate::StoreResult;
 use hangar_types::timing::CERT_LEASE;
 use hangar_types::{ClusterName, Millis};
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Row};
+use sqlx::Row;
 
 pub(super) async fn acquire_cert_lease(
-    s: &PostgresStore,
+    s: &S,
     cluster: &ClusterName,
     proxy: NodeId,
 ) -> StoreResult<bool> {
     // The conflict update runs only for an expired lease or a renewal by the holder; a takeover
     // clears the previous holder's TXT value.
-    let updated = sqlx::query(
+    let updated = sqlx::query(sql!(
         "INSERT INTO cert_lease (cluster, leased_by, leased_at, expires_at, txt_value) \
-         VALUES ($1, $2, hangar_now_ms($3), hangar_now_ms($3) + $4, NULL) \
+         VALUES ($2, $3, {now}, {now} + $4, NULL) \
          ON CONFLICT (cluster) DO UPDATE SET \
          txt_value = CASE WHEN cert_lease.leased_by = excluded.leased_by \
                      THEN cert_lease.txt_value ELSE NULL END, \
          leased_by = excluded.leased_by, leased_at = excluded.leased_at, \
          expires_at = excluded.expires_at \
-         WHERE cert_lease.leased_by = excluded.leased_by \
-         OR cert_lease.expires_at <= hangar_now_ms($3)",
-    )
+         WHERE cert_lease.leased_by = excluded.leased_by OR cert_lease.expires_at <= {now}"
+    ))
+    .bind(s.clock())
     .bind(cluster.as_str())
     .bind(proxy)
-    .bind(s.offset())
     .bind(millis_of(CERT_LEASE))
-    .execute(&s.pool)
-    .await?
-    .rows_affected();
-    Ok(updated > 0)
+    .execute(&s.writer)
+    .await?;
+    Ok(updated.rows_affected() > 0)
 }
 
 pub(super) async fn release_cert_lease(
-    s: &PostgresStore,
+    s: &S,
     cluster: &ClusterName,
     proxy: NodeId,
 ) -> StoreResult<bool> {
     let deleted = sqlx::query("DELETE FROM cert_lease WHERE cluster = $1 AND leased_by = $2")
         .bind(cluster.as_str())
         .bind(proxy)
-        .execute(&s.pool)
-        .await?
-        .rows_affected();
-    Ok(deleted > 0)
+        .execute(&s.writer)
+        .await?;
+    Ok(deleted.rows_affected() > 0)
 }
 
 pub(super) async fn set_txt_record(
-    s: &PostgresStore,
+    s: &S,
     cluster: &ClusterName,
     proxy: NodeId,
     txt_value: Option<&str>,
@@ -71,63 +66,55 @@ pub(super) async fn set_txt_record(
             .bind(txt_value)
             .bind(cluster.as_str())
             .bind(proxy)
-            .execute(&s.pool)
-            .await?
-            .rows_affected();
-    Ok(updated > 0)
+            .execute(&s.writer)
+            .await?;
+    Ok(updated.rows_affected() > 0)
 }
 
-pub(super) async fn txt_record(
-    s: &PostgresStore,
-    cluster: &ClusterName,
-) -> StoreResult<Option<String>> {
+pub(super) async fn txt_record(s: &S, cluster: &ClusterName) -> StoreResult<Option<String>> {
     let value: Option<Option<String>> =
         sqlx::query_scalar("SELECT txt_value FROM cert_lease WHERE cluster = $1")
             .bind(cluster.as_str())
-            .fetch_optional(&s.pool)
+            .fetch_optional(&s.reader)
             .await?;
     Ok(value.flatten())
 }
 
 /// Whether `proxy` holds the cluster's lease; the row stays locked until the transaction ends, so the
 /// lease cannot change hands before the caller's write commits.
-async fn holds_lease(
-    conn: &mut PgConnection,
-    cluster: &ClusterName,
-    proxy: NodeId,
-) -> StoreResult<bool> {
-    Ok(
-        sqlx::query("SELECT 1 FROM cert_lease WHERE cluster = $1 AND leased_by = $2 FOR SHARE")
-            .bind(cluster.as_str())
-            .bind(proxy)
-            .fetch_optional(conn)
-            .await?
-            .is_some(),
-    )
+async fn holds_lease(conn: &mut Conn, cluster: &ClusterName, proxy: NodeId) -> StoreResult<bool> {
+    let row = sqlx::query(sql!(
+        "SELECT 1 FROM cert_lease WHERE cluster = $1 AND leased_by = $2 {lock:FOR SHARE}"
+    ))
+    .bind(cluster.as_str())
+    .bind(proxy)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.is_some())
 }
 
 pub(super) async fn set_http_challenge(
-    s: &PostgresStore,
+    s: &S,
     cluster: &ClusterName,
     proxy: NodeId,
     token: &str,
     key_authorization: Option<&str>,
 ) -> StoreResult<bool> {
-    let mut tx = s.pool.begin().await?;
+    let mut tx = s.writer.begin().await?;
     if !holds_lease(&mut tx, cluster, proxy).await? {
         return Ok(false);
     }
     match key_authorization {
         Some(key_authorization) => {
-            sqlx::query(
+            sqlx::query(sql!(
                 "INSERT INTO acme_http_challenge (cluster, token, key_authorization, created_at) \
-                 VALUES ($1, $2, $3, hangar_now_ms($4)) ON CONFLICT (cluster, token) DO UPDATE SET \
-                 key_authorization = excluded.key_authorization, created_at = excluded.created_at",
-            )
+                 VALUES ($2, $3, $4, {now}) ON CONFLICT (cluster, token) DO UPDATE SET \
+                 key_authorization = excluded.key_authorization, created_at = excluded.created_at"
+            ))
+            .bind(s.clock())
             .bind(cluster.as_str())
             .bind(token)
             .bind(key_authorization)
-            .bind(s.offset())
             .execute(&mut *tx)
             .await?;
         }
@@ -139,23 +126,17 @@ pub(super) async fn set_http_challenge(
                 .await?;
         }
     }
-    let notice = Notice::HttpChallenge {
+    let event = StoreEvent::HttpChallenge {
         cluster: cluster.clone(),
         token: token.to_string(),
         key_authorization: key_authorization.map(str::to_string),
     };
-    notify::send(&mut tx, &s.origin, vec![notice]).await?;
-    tx.commit().await?;
-    s.events.publish(StoreEvent::HttpChallenge {
-        cluster: cluster.clone(),
-        token: token.to_string(),
-        key_authorization: key_authorization.map(str::to_string),
-    });
+    commit(s, tx, vec![event.into()]).await?;
     Ok(true)
 }
 
 pub(super) async fn http_challenges(
-    s: &PostgresStore,
+    s: &S,
     cluster: &ClusterName,
 ) -> StoreResult<Vec<HttpChallenge>> {
     let rows = sqlx::query(
@@ -163,7 +144,7 @@ pub(super) async fn http_challenges(
          ORDER BY created_at, token",
     )
     .bind(cluster.as_str())
-    .fetch_all(&s.pool)
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
         .map(|row| {
@@ -176,63 +157,46 @@ pub(super) async fn http_challenges(
 }
 
 pub(super) async fn store_certificate(
-    s: &PostgresStore,
+    s: &S,
     cluster: &ClusterName,
     proxy: NodeId,
     cert_pem: &str,
     key_pem: &str,
 ) -> StoreResult<StoredCertificate> {
-    let mut tx = s.pool.begin().await?;
-    let stored_at: i64 = sqlx::query_scalar(
+    let mut tx = s.writer.begin().await?;
+    let stored_at: i64 = sqlx::query_scalar(sql!(
         "INSERT INTO cluster_certificate (cluster, cert_pem, key_pem, stored_at, stored_by) \
-         VALUES ($1, $2, $3, hangar_now_ms($4), $5) ON CONFLICT (cluster) DO UPDATE SET \
+         VALUES ($2, $3, $4, {now}, $5) ON CONFLICT (cluster) DO UPDATE SET \
          cert_pem = excluded.cert_pem, key_pem = excluded.key_pem, \
          stored_at = excluded.stored_at, stored_by = excluded.stored_by \
-         RETURNING stored_at",
-    )
+         RETURNING stored_at"
+    ))
+    .bind(s.clock())
     .bind(cluster.as_str())
     .bind(cert_pem)
     .bind(key_pem)
-    .bind(s.offset())
     .bind(proxy)
     .fetch_one(&mut *tx)
     .await?;
-    let notice = Notice::Certificate {
-        cluster: cluster.clone(),
-    };
-    notify::send(&mut tx, &s.origin, vec![notice]).await?;
-    tx.commit().await?;
     let stored = StoredCertificate {
         cluster: cluster.clone(),
         cert_pem: cert_pem.to_string(),
         key_pem: key_pem.to_string(),
         stored_at: Millis(stored_at),
     };
-    s.events.publish(StoreEvent::Certificate(stored.clone()));
+    commit(s, tx, vec![StoreEvent::Certificate(stored.clone()).into()]).await?;
     Ok(stored)
 }
 
-pub(super) fn certificate_row(row: &PgRow) -> StoreResult<StoredCertificate> {
-    let cluster: String = row.try_get("cluster")?;
-    Ok(StoredCertificate {
-        cluster: parse("cluster name", &cluster)?,
-        cert_pem: row.try_get("cert_pem")?,
-        key_pem: row.try_get("key_pem")?,
-        stored_at: Millis(row.try_get("stored_at")?),
-    })
-}
-
-/// Columns read by [`certificate_row`].
-pub(super) const CERTIFICATE_COLUMNS: &str = "cluster, cert_pem, key_pem, stored_at";
-
 pub(super) async fn certificate(
-    s: &PostgresStore,
+    s: &S,
     cluster: &ClusterName,
 ) -> StoreResult<Option<StoredCertificate>> {
-    let sql = format!("SELECT {CERTIFICATE_COLUMNS} FROM cluster_certificate WHERE cluster = $1");
-    let row = sqlx::query(&sql)
-        .bind(cluster.as_str())
-        .fetch_optional(&s.pool)
-        .await?;
+    let row = sqlx::query(sql!(&format!(
+        "SELECT {CERTIFICATE_COLUMNS} FROM cluster_certificate WHERE cluster = $1"
+    )))
+    .bind(cluster.as_str())
+    .fetch_optional(&s.reader)
+    .await?;
     row.as_ref().map(certificate_row).transpose()
 }

@@ -1,87 +1,74 @@
 //! Backends, their key leases and their state history.
 //!
-//! Status numbers ([`BackendStatus::number`]) appear as literals in some SQL below (`50` ready,
-//! `60` terminating, `70` terminated) to match the partial indexes declared with the same literals; a
-//! test in the SQLite store pins the numbers.
+//! Key acquisition: the `key_fencing` row of a key is written (so, on PostgreSQL, locked until commit)
+//! by every acquisition of that key, which serializes them and keeps fencing tokens strictly
+//! increasing even if the clock goes backwards; the unique `(namespace, name)` of `backend_key` makes
+//! the key single-holder, and a concurrent acquisition that loses is reported as [`Acquire::KeyHeld`].
 
 use super::actions::insert_action;
-use super::notify::{self, Notice};
-use super::rows::{
-    backend_row, json_column, parse, to_json, violates_unique, BACKEND_COLUMNS, BACKEND_ID_UNIQUE,
-    KEY_SINGLE_HOLDER,
-};
-use super::{millis_of, PostgresStore};
+use super::rows::{backend_row, inserted, json, parse, BACKEND_COLUMNS};
+use super::{commit, Conn, S};
+use crate::dialect::{millis_of, Announced, Unique};
 use crate::events::StoreEvent;
 use crate::model::*;
 use crate::StoreResult;
 use hangar_types::protocol::{AcquiredKey, ActionMessage, BackendAction};
 use hangar_types::timing::CONNECTED_REPORT_TTL;
 use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis};
-use serde_json::Value;
-use sqlx::{PgConnection, Row};
+use sqlx::types::Json;
+use sqlx::Row;
 
-pub(super) async fn key_lookup(s: &PostgresStore, key: &KeyRef) -> StoreResult<KeyLookup> {
-    let sql = format!(
-        "SELECT k.tag AS held_tag, k.expires_at <= hangar_now_ms($1) AS expired, {BACKEND_COLUMNS} \
+pub(super) async fn key_lookup(s: &S, key: &KeyRef) -> StoreResult<KeyLookup> {
+    let row = sqlx::query(sql!(&format!(
+        "SELECT k.tag AS held_tag, k.expires_at <= {{now}} AS expired, {BACKEND_COLUMNS} \
          FROM backend_key k JOIN backend b ON b.id = k.backend_id JOIN node n ON n.id = b.drone_id \
          WHERE k.namespace = $2 AND k.name = $3"
-    );
-    let Some(row) = sqlx::query(&sql)
-        .bind(s.offset())
-        .bind(&key.namespace)
-        .bind(&key.name)
-        .fetch_optional(&s.pool)
-        .await?
-    else {
+    )))
+    .bind(s.clock())
+    .bind(&key.namespace)
+    .bind(&key.name)
+    .fetch_optional(&s.reader)
+    .await?;
+    let Some(row) = row else {
         return Ok(KeyLookup::Missing);
     };
+    let backend = backend_row(&row)?;
     if row.try_get::<bool, _>("expired")? {
-        return Ok(KeyLookup::Expired {
-            backend: backend_row(&row)?,
-        });
+        return Ok(KeyLookup::Expired { backend });
     }
     Ok(KeyLookup::Live {
         tag: row.try_get("held_tag")?,
-        backend: backend_row(&row)?,
+        backend,
     })
 }
 
-pub(super) async fn remove_expired_key(s: &PostgresStore, key: &KeyRef) -> StoreResult<bool> {
+pub(super) async fn remove_expired_key(s: &S, key: &KeyRef) -> StoreResult<bool> {
     // Re-checked under the row lock: a key renewed or re-acquired meanwhile is not deleted.
-    let deleted = sqlx::query(
-        "DELETE FROM backend_key \
-         WHERE namespace = $1 AND name = $2 AND expires_at <= hangar_now_ms($3)",
-    )
+    let deleted = sqlx::query(sql!(
+        "DELETE FROM backend_key WHERE namespace = $2 AND name = $3 AND expires_at <= {now}"
+    ))
+    .bind(s.clock())
     .bind(&key.namespace)
     .bind(&key.name)
-    .bind(s.offset())
-    .execute(&s.pool)
-    .await?
-    .rows_affected();
-    Ok(deleted > 0)
+    .execute(&s.writer)
+    .await?;
+    Ok(deleted.rows_affected() > 0)
 }
 
-pub(super) async fn insert_backend_with_key(
-    s: &PostgresStore,
-    new: NewBackend,
-) -> StoreResult<Acquire> {
+pub(super) async fn insert_backend_with_key(s: &S, new: NewBackend) -> StoreResult<Acquire> {
     let state = BackendState::Scheduled;
-    let state_json = to_json("backend state", &state)?;
-
+    let clock = s.clock();
     // Dropping `tx` without commit rolls everything back; refusals roll back explicitly first.
-    let mut tx = s.pool.begin().await?;
-    // Locks the key's fencing row until commit, so acquisitions of one key run one at a time, and each
-    // gets a token strictly greater than the previous one even if the clock went backwards.
-    let row = sqlx::query(
-        "INSERT INTO key_fencing (namespace, name, last_token) \
-         VALUES ($1, $2, hangar_now_ms($3)) \
+    let mut tx = s.writer.begin().await?;
+    let row = sqlx::query(sql!(
+        "INSERT INTO key_fencing (namespace, name, last_token) VALUES ($2, $3, {now}) \
          ON CONFLICT (namespace, name) \
-         DO UPDATE SET last_token = GREATEST(excluded.last_token, key_fencing.last_token + 1) \
-         RETURNING last_token, hangar_now_ms($3) AS now",
-    )
+         DO UPDATE SET last_token = {greatest}(excluded.last_token, key_fencing.last_token + 1) \
+         RETURNING last_token, {now} AS now"
+    ))
+    .bind(clock)
     .bind(&new.key.namespace)
     .bind(new.key.name.as_str())
-    .bind(s.offset())
     .fetch_one(&mut *tx)
     .await?;
     let fencing_token: i64 = row.try_get("last_token")?;
@@ -108,7 +95,7 @@ pub(super) async fn insert_backend_with_key(
     .bind(state.status().as_str())
     .bind(state.status().number())
     .bind(now.0)
-    .bind(&state_json)
+    .bind(Json(&state))
     .bind(new.static_token.as_ref().map(|t| t.as_str()))
     .bind(&new.subdomain)
     .bind(new.max_idle_seconds)
@@ -116,16 +103,11 @@ pub(super) async fn insert_backend_with_key(
     .bind(expiration_time)
     .execute(&mut *tx)
     .await;
-    match backend_insert {
-        Ok(_) => {}
-        Err(e) if violates_unique(&e, BACKEND_ID_UNIQUE) => {
-            tx.rollback().await?;
-            return Ok(Acquire::BackendIdTaken);
-        }
-        Err(e) => return Err(e.into()),
+    if !inserted(backend_insert, Unique::BackendId)? {
+        tx.rollback().await?;
+        return Ok(Acquire::BackendIdTaken);
     }
 
-    // The unique (namespace, name) constraint is what makes the key single-holder.
     let key_insert = sqlx::query(
         "INSERT INTO backend_key (backend_id, namespace, name, tag, expires_at, fencing_token) \
          VALUES ($1, $2, $3, $4, $5, $6)",
@@ -138,16 +120,12 @@ pub(super) async fn insert_backend_with_key(
     .bind(fencing_token)
     .execute(&mut *tx)
     .await;
-    match key_insert {
-        Ok(_) => {}
-        Err(e) if violates_unique(&e, KEY_SINGLE_HOLDER) => {
-            tx.rollback().await?;
-            return Ok(Acquire::KeyHeld);
-        }
-        Err(e) => return Err(e.into()),
+    if !inserted(key_insert, Unique::KeyHolder)? {
+        tx.rollback().await?;
+        return Ok(Acquire::KeyHeld);
     }
 
-    let history_id = insert_history(&mut tx, &new.id, &state_json, now).await?;
+    let history_id = insert_history(&mut tx, &new.id, &state, now).await?;
     let action = ActionMessage {
         action_id: ActionId::random(),
         backend_id: new.id.clone(),
@@ -162,25 +140,15 @@ pub(super) async fn insert_backend_with_key(
         },
     };
     insert_action(&mut tx, new.drone, &action, now).await?;
-    let notices = vec![
-        Notice::state(history_id, &new.id, &state, now),
-        Notice::Action {
+    let events = vec![
+        Announced::state(history_id, &new.id, &state, now),
+        StoreEvent::Action {
             drone: new.drone,
-            action_id: action.action_id.clone(),
-        },
+            action: action.clone(),
+        }
+        .into(),
     ];
-    notify::send(&mut tx, &s.origin, notices).await?;
-    tx.commit().await?;
-
-    s.events.publish(StoreEvent::BackendState {
-        backend: new.id,
-        state,
-        time: now,
-    });
-    s.events.publish(StoreEvent::Action {
-        drone: new.drone,
-        action: action.clone(),
-    });
+    commit(s, tx, events).await?;
     Ok(Acquire::Acquired {
         fencing_token,
         action,
@@ -189,9 +157,9 @@ pub(super) async fn insert_backend_with_key(
 
 /// Appends a state to the history; returns its row id.
 async fn insert_history(
-    conn: &mut PgConnection,
+    conn: &mut Conn,
     id: &BackendId,
-    state_json: &Value,
+    state: &BackendState,
     now: Millis,
 ) -> StoreResult<i64> {
     let history_id = sqlx::query_scalar(
@@ -199,50 +167,47 @@ async fn insert_history(
          RETURNING id",
     )
     .bind(id.as_str())
-    .bind(state_json)
+    .bind(Json(state))
     .bind(now.0)
     .fetch_one(conn)
     .await?;
     Ok(history_id)
 }
 
-pub(super) async fn backend(s: &PostgresStore, id: &BackendId) -> StoreResult<Option<BackendRow>> {
-    let sql = format!(
+pub(super) async fn backend(s: &S, id: &BackendId) -> StoreResult<Option<BackendRow>> {
+    let row = sqlx::query(sql!(&format!(
         "SELECT {BACKEND_COLUMNS} FROM backend b JOIN node n ON n.id = b.drone_id WHERE b.id = $1"
-    );
-    let row = sqlx::query(&sql)
-        .bind(id.as_str())
-        .fetch_optional(&s.pool)
-        .await?;
+    )))
+    .bind(id.as_str())
+    .fetch_optional(&s.reader)
+    .await?;
     row.as_ref().map(backend_row).transpose()
 }
 
 pub(super) async fn record_backend_state(
-    s: &PostgresStore,
+    s: &S,
     id: &BackendId,
     state: &BackendState,
 ) -> StoreResult<StateUpdate> {
     let status = state.status();
-    let state_json = to_json("backend state", state)?;
     let address = state.address().map(|a| a.to_string());
-
-    let mut tx = s.pool.begin().await?;
+    let mut tx = s.writer.begin().await?;
     // Monotonic: only a status strictly after the stored one is stored (re-checked after waiting for a
     // concurrent writer's row lock). State times never go backwards either. The idle clock starts at
     // ready.
-    let time: Option<i64> = sqlx::query_scalar(
-        "UPDATE backend SET last_status = $1, last_status_number = $2, \
-         last_status_time = GREATEST(hangar_now_ms($3), last_status_time), \
+    let time: Option<i64> = sqlx::query_scalar(sql!(
+        "UPDATE backend SET last_status = $2, last_status_number = $3, \
+         last_status_time = {greatest}({now}, last_status_time), \
          state = $4, cluster_address = $5, \
-         last_keepalive = CASE WHEN $6 THEN GREATEST(hangar_now_ms($3), last_status_time) \
+         last_keepalive = CASE WHEN $6 THEN {greatest}({now}, last_status_time) \
                           ELSE last_keepalive END \
-         WHERE id = $7 AND last_status_number < $2 \
-         RETURNING last_status_time",
-    )
+         WHERE id = $7 AND last_status_number < $3 \
+         RETURNING last_status_time"
+    ))
+    .bind(s.clock())
     .bind(status.as_str())
     .bind(status.number())
-    .bind(s.offset())
-    .bind(&state_json)
+    .bind(Json(state))
     .bind(address)
     .bind(status == BackendStatus::Ready)
     .bind(id.as_str())
@@ -267,95 +232,79 @@ pub(super) async fn record_backend_state(
             .execute(&mut *tx)
             .await?;
     }
-    let history_id = insert_history(&mut tx, id, &state_json, time).await?;
-    notify::send(
-        &mut tx,
-        &s.origin,
-        vec![Notice::state(history_id, id, state, time)],
-    )
-    .await?;
-    tx.commit().await?;
-
-    s.events.publish(StoreEvent::BackendState {
-        backend: id.clone(),
-        state: state.clone(),
-        time,
-    });
+    let history_id = insert_history(&mut tx, id, state, time).await?;
+    commit(s, tx, vec![Announced::state(history_id, id, state, time)]).await?;
     Ok(StateUpdate::Applied { time })
 }
 
 pub(super) async fn backend_history(
-    s: &PostgresStore,
+    s: &S,
     id: &BackendId,
 ) -> StoreResult<Vec<(BackendState, Millis)>> {
     let rows = sqlx::query(
         "SELECT state, created_at FROM backend_state WHERE backend_id = $1 ORDER BY id",
     )
     .bind(id.as_str())
-    .fetch_all(&s.pool)
+    .fetch_all(&s.reader)
     .await?;
     rows.iter()
         .map(|row| {
             Ok((
-                json_column(row, "state", "backend state")?,
+                json::<BackendState>(row, "state", "backend state")?,
                 Millis(row.try_get("created_at")?),
             ))
         })
         .collect()
 }
 
-pub(super) async fn sweep_candidates(
-    s: &PostgresStore,
-    drone: NodeId,
-) -> StoreResult<Vec<BackendId>> {
+pub(super) async fn sweep_candidates(s: &S, drone: NodeId) -> StoreResult<Vec<BackendId>> {
     // 50 = ready, 60 = terminating. `max_idle_seconds` is INTEGER: widen before multiplying.
-    let ids: Vec<String> = sqlx::query_scalar(
+    let ids: Vec<String> = sqlx::query_scalar(sql!(
         "SELECT id FROM backend \
-         WHERE drone_id = $1 AND terminate_requested_at IS NULL AND last_status_number < 60 \
+         WHERE drone_id = $2 AND terminate_requested_at IS NULL AND last_status_number < 60 \
          AND ((last_status_number = 50 AND max_idle_seconds IS NOT NULL \
-               AND hangar_now_ms($2) - last_keepalive > max_idle_seconds::BIGINT * 1000 \
+               AND {now} - last_keepalive > CAST(max_idle_seconds AS BIGINT) * 1000 \
                AND NOT EXISTS (SELECT 1 FROM backend_connection c \
-                               WHERE c.backend_id = backend.id \
-                               AND c.connected_until > hangar_now_ms($2))) \
-              OR (expiration_time IS NOT NULL AND hangar_now_ms($2) > expiration_time)) \
-         ORDER BY created_at, id",
-    )
+                               WHERE c.backend_id = backend.id AND c.connected_until > {now})) \
+              OR (expiration_time IS NOT NULL AND {now} > expiration_time)) \
+         ORDER BY created_at, id"
+    ))
+    .bind(s.clock())
     .bind(drone)
-    .bind(s.offset())
-    .fetch_all(&s.pool)
+    .fetch_all(&s.reader)
     .await?;
     ids.iter().map(|id| parse("backend id", id)).collect()
 }
 
 pub(super) async fn keepalive(
-    s: &PostgresStore,
+    s: &S,
     id: &BackendId,
     proxy: NodeId,
     connected: bool,
 ) -> StoreResult<bool> {
-    let mut tx = s.pool.begin().await?;
+    let clock = s.clock();
+    let mut tx = s.writer.begin().await?;
     // 70 = terminated.
-    let updated = sqlx::query(
-        "UPDATE backend SET last_keepalive = GREATEST(last_keepalive, hangar_now_ms($1)) \
-         WHERE id = $2 AND last_status_number < 70",
-    )
-    .bind(s.offset())
+    let updated = sqlx::query(sql!(
+        "UPDATE backend SET last_keepalive = {greatest}(last_keepalive, {now}) \
+         WHERE id = $2 AND last_status_number < 70"
+    ))
+    .bind(clock)
     .bind(id.as_str())
     .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if updated == 0 {
+    .await?;
+    if updated.rows_affected() == 0 {
         return Ok(false);
     }
     if connected {
-        sqlx::query(
+        sqlx::query(sql!(
             "INSERT INTO backend_connection (backend_id, proxy_id, connected_until) \
-             VALUES ($1, $2, hangar_now_ms($3) + $4) ON CONFLICT (backend_id, proxy_id) \
-             DO UPDATE SET connected_until = excluded.connected_until",
-        )
+             VALUES ($2, $3, {now} + $4) ON CONFLICT (backend_id, proxy_id) \
+             DO UPDATE SET connected_until = excluded.connected_until"
+        ))
+        .bind(clock)
         .bind(id.as_str())
         .bind(proxy)
-        .bind(s.offset())
         .bind(millis_of(CONNECTED_REPORT_TTL))
         .execute(&mut *tx)
         .await?;
@@ -370,16 +319,14 @@ pub(super) async fn keepalive(
     Ok(true)
 }
 
-pub(super) async fn renew_key(s: &PostgresStore, backend: &BackendId) -> StoreResult<bool> {
-    let updated = sqlx::query(
-        "UPDATE backend_key SET expires_at = hangar_now_ms($1) + $2 \
-         WHERE backend_id = $3 AND allow_renew",
-    )
-    .bind(s.offset())
+pub(super) async fn renew_key(s: &S, backend: &BackendId) -> StoreResult<bool> {
+    let updated = sqlx::query(sql!(
+        "UPDATE backend_key SET expires_at = {now} + $2 WHERE backend_id = $3 AND allow_renew"
+    ))
+    .bind(s.clock())
     .bind(s.key_lease_ms())
     .bind(backend.as_str())
-    .execute(&s.pool)
-    .await?
-    .rows_affected();
-    Ok(updated > 0)
+    .execute(&s.writer)
+    .await?;
+    Ok(updated.rows_affected() > 0)
 }

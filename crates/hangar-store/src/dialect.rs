@@ -1,0 +1,241 @@
+//! What differs between SQLite and PostgreSQL, as one interface ([`Dialect`]), and the store type both
+//! databases share ([`SqlStore`]). The operations themselves are written once, in `src/ops/`, against
+//! this interface; `sqlite.rs` and `postgres.rs` each implement it and compile the operations for
+//! their database (see `src/ops/mod.rs` for why they are compiled per database rather than generic).
+//!
+//! SQL text is shared too: it is PostgreSQL-flavoured SQL with numbered parameters (`$1`, which SQLite
+//! and sqlx accept as well) and a few markers that `render` replaces with the dialect's spelling:
+//!
+//! | marker | SQLite | PostgreSQL |
+//! |---|---|---|
+//! | `{now}` (store clock; reads parameter `$1`, `SqlStore::clock`) | `$1` (this process's clock) | `hangar_now_ms($1)` (the server's) |
+//! | `{greatest}` | `MAX` | `GREATEST` |
+//! | `{json_texts}` (rows `value` of a JSON array of strings) | `json_each` | `jsonb_array_elements_text` |
+//! | `{lock:CLAUSE}` (a row lock) | dropped: the single writer serializes | `CLAUSE` |
+
+use crate::events::{EventBus, StoreEvent};
+use crate::StoreResult;
+use hangar_types::timing::KEY_LEASE;
+use hangar_types::{BackendId, BackendState, Millis};
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+/// One database's spelling and machinery.
+pub trait Dialect: Send + Sync + 'static {
+    type Db: sqlx::Database;
+    /// How this database spells the markers of the shared SQL.
+    const SPELLING: Spelling;
+    /// The store clock, given the test hooks' offset.
+    fn clock(&self, offset_ms: i64) -> Clock;
+    /// Tells the other stores sharing the database about `events`, inside the transaction on `conn`
+    /// (PostgreSQL: `NOTIFY`, delivered only if it commits; SQLite: nothing, it has one store).
+    fn relay(
+        &self,
+        conn: &mut <Self::Db as sqlx::Database>::Connection,
+        events: &[Announced],
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Whether `e` is a violation of `constraint`.
+    fn violates(e: &sqlx::Error, constraint: Unique) -> bool;
+    /// Stops background work; the pools close after it.
+    fn stop(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// The text of the markers (see the module docs).
+#[derive(Debug)]
+pub struct Spelling {
+    pub now: &'static str,
+    pub greatest: &'static str,
+    pub json_texts: &'static str,
+    /// Whether `{lock:…}` clauses are kept.
+    pub row_locks: bool,
+}
+
+/// A reading of the store clock.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    /// This process's clock (SQLite): the time itself.
+    Local(Millis),
+    /// The database server's clock (PostgreSQL), read by `{now}` with this offset.
+    Database { offset_ms: i64 },
+}
+
+impl Clock {
+    /// The value bound as `$1` of `{now}`.
+    fn arg(self) -> i64 {
+        match self {
+            Clock::Local(now) => now.0,
+            Clock::Database { offset_ms } => offset_ms,
+        }
+    }
+}
+
+/// Uniqueness constraints whose violation an operation reports as an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unique {
+    /// The primary key of `backend`.
+    BackendId,
+    /// `(namespace, name)` of `backend_key`: one holder per key.
+    KeyHolder,
+}
+
+/// An event of one transaction: published on the store's bus after the commit, and relayed to the other
+/// stores inside it. A state carries the id of its history row, which a relay may send instead of a
+/// state too large to send inline.
+#[derive(Debug, Clone)]
+pub struct Announced {
+    pub event: StoreEvent,
+    pub history_id: Option<i64>,
+}
+
+impl Announced {
+    pub fn state(history_id: i64, backend: &BackendId, state: &BackendState, time: Millis) -> Self {
+        Announced {
+            event: StoreEvent::BackendState {
+                backend: backend.clone(),
+                state: state.clone(),
+                time,
+            },
+            history_id: Some(history_id),
+        }
+    }
+}
+
+impl From<StoreEvent> for Announced {
+    fn from(event: StoreEvent) -> Self {
+        Announced {
+            event,
+            history_id: None,
+        }
+    }
+}
+
+/// A store over one database: [`crate::sqlite::SqliteStore`] or [`crate::postgres::PostgresStore`].
+#[derive(Debug)]
+pub struct SqlStore<D: Dialect> {
+    pub(crate) dialect: D,
+    /// Connections for statements that only read, outside a write transaction.
+    pub(crate) reader: sqlx::Pool<D::Db>,
+    /// Connections for writes (SQLite: exactly one).
+    pub(crate) writer: sqlx::Pool<D::Db>,
+    /// Whether `reader` is a pool of its own (else it is `writer`).
+    pub(crate) separate_reader: bool,
+    pub(crate) events: EventBus,
+    /// Added to the store clock; only ever changed by the test hooks.
+    clock_offset_ms: AtomicI64,
+    /// Key lease length in milliseconds: [`KEY_LEASE`] unless a test shortened it.
+    key_lease_ms: AtomicI64,
+}
+
+impl<D: Dialect> SqlStore<D> {
+    /// A store whose reads go to `reader`, or to `writer` when `None`.
+    pub(crate) fn new(
+        dialect: D,
+        writer: sqlx::Pool<D::Db>,
+        reader: Option<sqlx::Pool<D::Db>>,
+    ) -> Self {
+        SqlStore {
+            dialect,
+            separate_reader: reader.is_some(),
+            reader: reader.unwrap_or_else(|| writer.clone()),
+            writer,
+            events: EventBus::new(),
+            clock_offset_ms: AtomicI64::new(0),
+            key_lease_ms: AtomicI64::new(millis_of(KEY_LEASE)),
+        }
+    }
+
+    /// Closes every connection (waits for running operations). Later calls fail with `PoolClosed`.
+    pub async fn close(&self) {
+        self.dialect.stop().await;
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+
+    /// Test hook: moves the store clock forward by `d`, so tests can expire leases and tokens and reach
+    /// idle and lifetime limits without waiting. Affects only this store instance.
+    #[doc(hidden)]
+    pub fn advance_clock(&self, d: Duration) {
+        self.clock_offset_ms
+            .fetch_add(millis_of(d), Ordering::SeqCst);
+    }
+
+    /// Test hook: moves the store clock back by `d` (a clock stepped backwards), to check that fencing
+    /// tokens still increase.
+    #[doc(hidden)]
+    pub fn rewind_clock(&self, d: Duration) {
+        self.clock_offset_ms
+            .fetch_sub(millis_of(d), Ordering::SeqCst);
+    }
+
+    /// Test hook: key leases acquired or renewed from now on last `lease` instead of [`KEY_LEASE`], so
+    /// partition tests need not wait a minute. The controller's drone deadlines must be shortened to
+    /// match (`ControllerConfig::key_timing`), keeping hard-terminate < lease. Affects only this store.
+    #[doc(hidden)]
+    pub fn set_key_lease(&self, lease: Duration) {
+        self.key_lease_ms.store(millis_of(lease), Ordering::SeqCst);
+    }
+
+    /// The store clock now.
+    pub(crate) fn read_clock(&self) -> Clock {
+        self.dialect
+            .clock(self.clock_offset_ms.load(Ordering::SeqCst))
+    }
+
+    /// `$1` of a statement that reads `{now}`; taken once per operation, so that all its statements
+    /// agree on the time (PostgreSQL's clock is the transaction's start anyway).
+    pub(crate) fn clock(&self) -> i64 {
+        self.read_clock().arg()
+    }
+
+    pub(crate) fn key_lease_ms(&self) -> i64 {
+        self.key_lease_ms.load(Ordering::SeqCst)
+    }
+}
+
+/// A duration in whole milliseconds, saturating.
+pub(crate) fn millis_of(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The dialect's SQL for a shared statement (see the module docs for the markers).
+pub(crate) fn render<D: Dialect>(template: &str) -> String {
+    let mut sql = template
+        .replace("{now}", D::SPELLING.now)
+        .replace("{greatest}", D::SPELLING.greatest)
+        .replace("{json_texts}", D::SPELLING.json_texts);
+    while let Some(start) = sql.find("{lock:") {
+        let Some(len) = sql[start..].find('}') else {
+            break;
+        };
+        let clause = &sql[start + "{lock:".len()..start + len];
+        let kept = if D::SPELLING.row_locks {
+            clause.to_string()
+        } else {
+            String::new()
+        };
+        sql.replace_range(start..=start + len, &kept);
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render;
+    use crate::{postgres::PostgresDialect, sqlite::SqliteDialect};
+
+    #[test]
+    fn shared_sql_renders_per_dialect() {
+        let sql = "SELECT {greatest}({now}, x) FROM {json_texts}($2) t {lock:FOR SHARE}";
+        assert_eq!(
+            render::<SqliteDialect>(sql),
+            "SELECT MAX($1, x) FROM json_each($2) t "
+        );
+        assert_eq!(
+            render::<PostgresDialect>(sql),
+            "SELECT GREATEST(hangar_now_ms($1), x) FROM jsonb_array_elements_text($2) t FOR SHARE"
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! Every store operation, written once for both databases: which statements run, in which transaction,
+//! with which checks. What differs between the databases comes from the [`Dialect`] (`D`): SQL markers
+//! (see [`crate::dialect`]), pools, the clock, relaying events to other stores, constraint names.
+//!
+//! Compiled once per database: `sqlite.rs` and `postgres.rs` each mount this directory as their `ops`
+//! module (`#[path = "ops/mod.rs"]`) and name their dialect `D`, so every sqlx type here is concrete.
+//! A generic `impl<D: Dialect>` would have to restate a dozen `for<'q> T: Encode<'q, D::Db> + …`
+//! bounds on every function (Rust does not imply a trait's where-clauses), which hides the SQL;
+//! diesel's multi-backend users expand their code per backend for the same reason.
+//!
+//! Every method is one transaction (or one statement). Events are relayed to other stores inside the
+//! transaction and published on this store's bus only after the commit ([`commit`]), so a subscriber
+//! that reacts to an event always finds the data in the store.
+//!
+//! Status numbers ([`hangar_types::BackendStatus::number`]) appear as literals in some SQL (`50` ready,
+//! `60` terminating, `70` terminated) to match the partial indexes declared with the same literals; a
+//! test pins them.
+
+/// The dialect's text of a shared statement, rendered once per call site (one per database, as this
+/// module is compiled per database).
+macro_rules! sql {
+    ($template:expr) => {{
+        static RENDERED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        RENDERED
+            .get_or_init(|| $crate::dialect::render::<super::D>($template))
+            .as_str()
+    }};
+}
+
+mod actions;
+mod backends;
+mod cleanup;
+mod dashboard;
+mod lost;
+mod nodes;
+pub(super) mod rows;
+mod tls;
+mod tokens;
+
+use super::D;
+use crate::dialect::{Announced, Dialect, SqlStore};
+use crate::model::*;
+use crate::{Store, StoreResult};
+use async_trait::async_trait;
+use hangar_types::api::ClusterState;
+use hangar_types::protocol::ActionMessage;
+use hangar_types::token::ConnectionToken;
+use hangar_types::{
+    ActionId, BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName,
+    Millis, ProxyName, TerminationKind, TerminationReason,
+};
+use std::time::Duration;
+
+/// This database's sqlx type.
+pub(super) type Db = <D as Dialect>::Db;
+pub(super) type S = SqlStore<D>;
+pub(super) type Tx<'c> = sqlx::Transaction<'c, Db>;
+pub(super) type Conn = <Db as sqlx::Database>::Connection;
+
+/// Relays `events` inside `tx`, commits, then publishes them on this store's bus.
+async fn commit(s: &S, mut tx: Tx<'_>, events: Vec<Announced>) -> StoreResult<()> {
+    s.dialect.relay(&mut tx, &events).await?;
+    tx.commit().await?;
+    for a in events {
+        s.events.publish(a.event);
+    }
+    Ok(())
+}
+
+/// `impl Store`: every method but `events` calls the function of the same name in the module named
+/// before it (`module::name(self, args…)`).
+macro_rules! impl_store {
+    ($($module:ident::$name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
+        #[async_trait]
+        impl Store for S {
+            fn events(&self) -> &crate::EventBus {
+                &self.events
+            }
+            $(
+                async fn $name(&self, $($arg: $ty),*) -> StoreResult<$ret> {
+                    $module::$name(self, $($arg),*).await
+                }
+            )*
+        }
+    };
+}
+
+impl_store! {
+    clock::now() -> Millis;
+    clock::health() -> ();
+    backends::key_lookup(key: &KeyRef) -> KeyLookup;
+    backends::remove_expired_key(key: &KeyRef) -> bool;
+    backends::insert_backend_with_key(new: NewBackend) -> Acquire;
+    tokens::insert_token(token: NewToken) -> ();
+    tokens::revoke_tokens(backend: &BackendId, user: &str) -> Vec<ConnectionToken>;
+    nodes::schedulable_drones(query: &DroneQuery) -> Vec<DroneCandidate>;
+    backends::backend(id: &BackendId) -> Option<BackendRow>;
+    backends::record_backend_state(id: &BackendId, state: &BackendState) -> StateUpdate;
+    backends::backend_history(id: &BackendId) -> Vec<(BackendState, Millis)>;
+    actions::queue_terminate(
+        id: &BackendId, kind: TerminationKind, reason: TerminationReason
+    ) -> Option<ActionMessage>;
+    backends::sweep_candidates(drone: NodeId) -> Vec<BackendId>;
+    backends::keepalive(id: &BackendId, proxy: NodeId, connected: bool) -> bool;
+    tokens::resolve_token(token: &ConnectionToken) -> TokenLookup;
+    actions::pending_actions(drone: NodeId, limit: u32) -> Vec<ActionMessage>;
+    actions::ack_action(drone: NodeId, action: &ActionId) -> ();
+    nodes::register_drone(reg: &DroneRegistration) -> Registration;
+    nodes::register_proxy(
+        cluster: &ClusterName, name: &ProxyName, controller: &ControllerName, version: &str
+    ) -> Registration;
+    nodes::node_disconnected(node: NodeId, session: SessionId) -> ();
+    nodes::drone_heartbeat(drone: NodeId, local_time: Millis) -> ();
+    backends::renew_key(backend: &BackendId) -> bool;
+    nodes::cluster_state(cluster: &ClusterName) -> ClusterState;
+    nodes::drain_drone(cluster: &ClusterName, drone: &DroneName) -> Option<bool>;
+    nodes::controller_heartbeat(controller: &ControllerName, online: bool) -> ();
+    cleanup::cleanup(min_age: Option<Duration>, batch: u32) -> u64;
+    lost::lost_backends(max_heartbeat_age: Duration, limit: u32) -> Vec<LiveBackend>;
+    lost::drone_live_backends(
+        cluster: &ClusterName, drone: &DroneName
+    ) -> Option<Vec<LiveBackend>>;
+    lost::prevent_renew(backend: &BackendId) -> bool;
+    nodes::drone_attachment(cluster: &ClusterName, drone: &DroneName) -> Option<DroneAttachment>;
+    tls::acquire_cert_lease(cluster: &ClusterName, proxy: NodeId) -> bool;
+    tls::release_cert_lease(cluster: &ClusterName, proxy: NodeId) -> bool;
+    tls::set_txt_record(cluster: &ClusterName, proxy: NodeId, txt_value: Option<&str>) -> bool;
+    tls::txt_record(cluster: &ClusterName) -> Option<String>;
+    tls::set_http_challenge(
+        cluster: &ClusterName, proxy: NodeId, token: &str, key_authorization: Option<&str>
+    ) -> bool;
+    tls::http_challenges(cluster: &ClusterName) -> Vec<HttpChallenge>;
+    tls::store_certificate(
+        cluster: &ClusterName, proxy: NodeId, cert_pem: &str, key_pem: &str
+    ) -> StoredCertificate;
+    tls::certificate(cluster: &ClusterName) -> Option<StoredCertificate>;
+    dashboard::active_clusters(limit: u32) -> Vec<ClusterName>;
+    dashboard::recent_backends(status: Option<BackendStatus>, limit: u32) -> Vec<BackendRow>;
+}
+
+/// The store clock and a health probe.
+mod clock {
+    use super::S;
+    use crate::dialect::Clock;
+    use crate::StoreResult;
+    use hangar_types::Millis;
+
+    pub(super) async fn now(s: &S) -> StoreResult<Millis> {
+        let clock = match s.read_clock() {
+            Clock::Local(now) => return Ok(now),
+            Clock::Database { offset_ms } => offset_ms,
+        };
+        let now = sqlx::query_scalar(sql!("SELECT {now}"))
+            .bind(clock)
+            .fetch_one(&s.reader)
+            .await?;
+        Ok(Millis(now))
+    }
+
+    /// A cheap round trip (`SELECT 1`) on each pool.
+    pub(super) async fn health(s: &S) -> StoreResult<()> {
+        if s.separate_reader {
+            sqlx::query("SELECT 1").execute(&s.reader).await?;
+        }
+        sqlx::query("SELECT 1").execute(&s.writer).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hangar_types::BackendStatus;
+
+    /// The SQL here spells these numbers out; they must not drift.
+    #[test]
+    fn status_numbers_used_in_sql() {
+        assert_eq!(BackendStatus::Ready.number(), 50);
+        assert_eq!(BackendStatus::Terminating.number(), 60);
+        assert_eq!(BackendStatus::Terminated.number(), 70);
+    }
+}
