@@ -1,4 +1,4 @@
-//! What the Docker tests share: a check that Docker and the test image are there (failing, not
+//! What the Docker tests (the drone's executor, end to end) share: a check that Docker and the test image are there (failing, not
 //! skipping, under CI), and a per-test label with a guard that removes every container and network
 //! carrying it when the test ends, even when it fails.
 
