@@ -62,7 +62,14 @@ pub struct TestRun {
     pub id: String,
 }
 
+impl Default for TestRun {
+    fn default() -> TestRun {
+        TestRun::new()
+    }
+}
+
 impl TestRun {
+    /// A run with a fresh random id.
     pub fn new() -> TestRun {
         TestRun {
             id: format!("t{}", hangar_types::names::random_string()),
