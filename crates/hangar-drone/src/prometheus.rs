@@ -1,26 +1,21 @@
 //! The drone's Prometheus metrics, served as `GET /metrics` (text format 0.0.4) on a separate,
 //! optional listener (`metrics_addr`).
 //!
-//! Owns: the series and their registry, and the metrics listener. Backend tasks and the controller
+//! Owns: the series and their registry, and what a scrape reads (the listener itself is
+//! [`hangar_client::metrics_listener`]). Backend tasks and the controller
 //! session update them with atomic operations on series fetched once at start (no map lookup or lock
 //! on a state change); the connection gauge and the outbox backlog are read at scrape time (the latter
 //! is one `COUNT` on the drone's own SQLite state, never the controller's store).
 
 use crate::outbox::Outbox;
-use bytes::Bytes;
+use hangar_client::metrics_listener;
 use hangar_types::{BackendState, BackendStatus, TerminationReason};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -30,9 +25,6 @@ use tokio_util::task::TaskTracker;
 
 /// One label with a fixed value.
 type Label = [(&'static str, &'static str); 1];
-
-/// Longest a metrics client may take to send its request head.
-const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Statuses of a supervised backend: every status but `terminated` (a terminated backend is no
 /// longer supervised).
@@ -221,87 +213,18 @@ pub(crate) struct MetricsSource {
     pub(crate) connected: watch::Receiver<bool>,
 }
 
-/// Serves `GET /metrics` on `listener` (HTTP/1.1) until `cancel` fires; connections run on `tasks`.
+/// Serves `GET /metrics` on `listener` until `cancel` fires; connections run on `tasks`.
 pub(crate) async fn run_metrics_listener(
     listener: TcpListener,
     source: MetricsSource,
     tasks: TaskTracker,
     cancel: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::warn!(%error, "Could not accept a metrics connection");
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                }
-            }
-        };
-        let service_source = source.clone();
-        let service = service_fn(move |req| {
-            let source = service_source.clone();
-            async move { Ok::<_, Infallible>(metrics_response(&source, &req).await) }
-        });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(METRICS_HEADER_TIMEOUT)
-            .keep_alive(false)
-            .serve_connection(TokioIo::new(stream), service);
-        let cancel = cancel.clone();
-        tasks.spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "Metrics connection ended with an error");
-                    }
-                }
-            }
-        });
-    }
-}
-
-async fn metrics_response(
-    source: &MetricsSource,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = if req.uri().path() != "/metrics" {
-        (
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found\n".to_string(),
-        )
-    } else if req.method() != Method::GET && req.method() != Method::HEAD {
-        (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
-            "use GET\n".to_string(),
-        )
-    } else {
-        match source.metrics.encode(source).await {
-            Ok(text) => (StatusCode::OK, prometheus_text::CONTENT_TYPE, text),
-            Err(error) => {
-                tracing::error!(%error, "Failed to encode metrics");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain; charset=utf-8",
-                    "failed to encode metrics\n".to_string(),
-                )
-            }
-        }
+    let scrape = move || {
+        let source = source.clone();
+        async move { source.metrics.encode(&source).await }
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
+    metrics_listener::run_metrics_listener(listener, scrape, tasks, cancel).await;
 }
 
 #[cfg(test)]

@@ -2,24 +2,20 @@
 //! optional listener (`metrics_addr`): the public proxy port never serves them, since end users reach
 //! it (there `/metrics` is just a token path).
 //!
-//! Owns: the series and their registry, and the metrics listener. Hot-path updates are atomic
+//! Owns: the series and their registry, and what a scrape reads (the listener itself is
+//! [`hangar_client::metrics_listener`]). Hot-path updates are atomic
 //! increments on counters fetched once at start (no map lookup or lock per request); the connection
 //! and tunnel gauges are read from the proxy's own bookkeeping at scrape time.
 
 use crate::ProxyState;
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hangar_client::metrics_listener;
+use http::StatusCode;
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -27,9 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 /// One label with a fixed value.
 type Label = [(&'static str, &'static str); 1];
-
-/// Longest a metrics client may take to send its request head.
-const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a route lookup found in the cache.
 #[derive(Clone, Debug, Default)]
@@ -149,83 +142,18 @@ impl ProxyMetrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` (HTTP/1.1) until `cancel` fires.
+/// Serves `GET /metrics` on `listener` until `cancel` fires; connections run on the proxy's tasks.
 pub(crate) async fn run_metrics_listener(
     listener: TcpListener,
     state: Arc<ProxyState>,
     cancel: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::warn!(%error, "Could not accept a metrics connection");
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                }
-            }
-        };
-        let service_state = state.clone();
-        let service = service_fn(move |req| {
-            let state = service_state.clone();
-            async move { Ok::<_, Infallible>(metrics_response(&state, &req)) }
-        });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(METRICS_HEADER_TIMEOUT)
-            .keep_alive(false)
-            .serve_connection(TokioIo::new(stream), service);
-        let cancel = cancel.clone();
-        state.tasks.spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "Metrics connection ended with an error");
-                    }
-                }
-            }
-        });
-    }
-}
-
-fn metrics_response(state: &ProxyState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = if req.uri().path() != "/metrics" {
-        (
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found\n".to_string(),
-        )
-    } else if req.method() != Method::GET && req.method() != Method::HEAD {
-        (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
-            "use GET\n".to_string(),
-        )
-    } else {
-        match state.metrics.encode(state) {
-            Ok(text) => (StatusCode::OK, prometheus_text::CONTENT_TYPE, text),
-            Err(error) => {
-                tracing::error!(%error, "Failed to encode metrics");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain; charset=utf-8",
-                    "failed to encode metrics\n".to_string(),
-                )
-            }
-        }
+    let tasks = state.tasks.clone();
+    let scrape = move || {
+        let state = state.clone();
+        async move { state.metrics.encode(&state) }
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
+    metrics_listener::run_metrics_listener(listener, scrape, tasks, cancel).await;
 }
 
 #[cfg(test)]

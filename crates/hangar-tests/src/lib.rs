@@ -9,7 +9,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-pub mod postgres;
 pub mod witness;
 
 use anyhow::Context;
@@ -26,81 +25,50 @@ use hangar_types::executable::{Executable, ExecutorKind};
 use hangar_types::state::BackendStatusEntry;
 use hangar_types::timing::KeyTiming;
 use hangar_types::{BackendId, BackendStatus, ClusterName};
-use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Once};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// Upper bound for any single wait in these tests.
-pub const WAIT: Duration = Duration::from_secs(45);
+pub use hangar_test_support::{eventually, postgres, WAIT};
 
 /// Installs a test log subscriber once (`RUST_LOG` controls it).
 pub fn init_logging() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
-    });
+    hangar_test_support::init_tracing();
 }
 
-/// Path of the `hangar-test-backend` binary, built once if missing.
+/// Path of the `hangar-test-backend` binary, built once.
 pub fn test_backend() -> PathBuf {
-    static BUILD: Once = Once::new();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let binary = target.join("debug/hangar-test-backend");
-    BUILD.call_once(|| {
-        if !binary.exists() {
-            let status = std::process::Command::new(env!("CARGO"))
-                .args(["build", "-p", "hangar-test-backend"])
-                .status()
-                .expect("cannot run cargo to build hangar-test-backend");
-            assert!(status.success(), "building hangar-test-backend failed");
-        }
-    });
-    assert!(binary.exists(), "{} is missing", binary.display());
-    binary
-}
-
-/// Polls `f` until it returns `Some`, failing the test after [`WAIT`].
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    hangar_test_support::test_backend().to_path_buf()
 }
 
 /// A process executable running the test backend with extra env.
 pub fn backend_executable(env: &[(&str, &str)]) -> Executable {
-    let env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    serde_json::from_value(serde_json::json!({
-        "command": [test_backend().to_string_lossy()],
-        "env": env,
-    }))
-    .unwrap()
+    hangar_test_support::process_executable(env)
+}
+
+/// A WebSocket client connection.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to the backend's `/ws` under `backend_url` (a connect response's `url`).
+pub async fn open_ws(backend_url: &str) -> Ws {
+    let ws_url = format!("{}ws", backend_url.replacen("http://", "ws://", 1));
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+        .await
+        .unwrap();
+    ws
+}
+
+/// Sends `text` on the test backend's echo socket and expects it back.
+pub async fn ws_echo(ws: &mut Ws, text: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .unwrap();
+    let echoed = ws.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), text);
 }
 
 /// Where the controllers keep their state.
@@ -383,6 +351,24 @@ impl TestEnv {
         status: BackendStatus,
     ) -> BackendStatusEntry {
         self.wait_for_status_at(0, backend, status).await
+    }
+
+    /// Waits until the backend has terminated; returns its final entry.
+    pub async fn terminated(&self, backend: &BackendId) -> BackendStatusEntry {
+        self.wait_for_status(backend, BackendStatus::Terminated)
+            .await
+    }
+
+    /// Asks controller 0 to soft-terminate the backend and waits until it has terminated.
+    pub async fn soft_terminated(&self, backend: &BackendId) -> BackendStatusEntry {
+        self.client.soft_terminate(backend).await.unwrap();
+        self.terminated(backend).await
+    }
+
+    /// Waits, following controller `controller`'s status stream, until the backend is ready.
+    pub async fn ready_at(&self, controller: usize, backend: &BackendId) -> BackendStatusEntry {
+        self.wait_for_status_at(controller, backend, BackendStatus::Ready)
+            .await
     }
 
     /// As [`TestEnv::wait_for_status`], following the status stream of controller `controller`.

@@ -10,7 +10,6 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hangar_controller::ControllerConfig;
 use hangar_store::sqlite::SqliteStore;
 use hangar_tests::{eventually, free_port, TestEnv, WAIT};
-use hangar_types::BackendStatus;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -202,8 +201,7 @@ async fn dashboard_shows_a_backend_and_terminates_it_from_the_page() {
             element.click().await.ok()
         })
         .await;
-        env.wait_for_status(&backend, BackendStatus::Terminated)
-            .await;
+        env.terminated(&backend).await;
         eventually("the page to show the backend as terminated", || async {
             (shown_status(&client, backend.as_str()).await.as_deref() == Some("terminated"))
                 .then_some(())

@@ -83,10 +83,8 @@ async fn two_controllers_serve_one_cluster() {
             .await
             .unwrap();
         assert!(other.spawned);
-        env.wait_for_status_at(0, &other.backend_id, BackendStatus::Ready)
-            .await;
-        env.wait_for_status_at(1, &first.backend_id, BackendStatus::Ready)
-            .await;
+        env.ready_at(0, &other.backend_id).await;
+        env.ready_at(1, &first.backend_id).await;
 
         // The proxy attached to B routes tokens issued by either controller.
         for url in [&first.url, &again.url, &other.url] {
@@ -99,8 +97,7 @@ async fn two_controllers_serve_one_cluster() {
         let mut idle = env.connect_request("idle", &[]);
         idle.spawn_config.as_mut().unwrap().max_idle_seconds = Some(1);
         let resp = b.connect(&idle).await.unwrap();
-        env.wait_for_status_at(1, &resp.backend_id, BackendStatus::Ready)
-            .await;
+        env.ready_at(1, &resp.backend_id).await;
         let done = env
             .wait_for_status_at(1, &resp.backend_id, BackendStatus::Terminated)
             .await;
@@ -140,7 +137,7 @@ async fn fifty_concurrent_connects_for_one_key_get_one_backend() {
         assert_eq!(ids.len(), 1, "one backend for the key: {ids:?}");
         assert_eq!(spawned, 1, "exactly one connect spawned it");
         let id = ids.into_iter().next().unwrap();
-        env.wait_for_status_at(1, &id, BackendStatus::Ready).await;
+        env.ready_at(1, &id).await;
         env.shutdown().await;
     })
     .await;
@@ -169,8 +166,7 @@ async fn partitioned_drone_stops_its_backend_before_the_key_moves() {
         let req = env.connect_request("fenced", &[("TEST_BACKEND_SIGTERM", "ignore")]);
         let old = env.client_at(0).connect(&req).await.unwrap();
         assert_eq!(old.drone.as_ref(), Some(env.drones[cut_off].name()));
-        env.wait_for_status_at(1, &old.backend_id, BackendStatus::Ready)
-            .await;
+        env.ready_at(1, &old.backend_id).await;
         let store = env.store_at(1);
         let old_row = store.backend(&old.backend_id).await.unwrap().unwrap();
         let BackendState::Ready { address } = old_row.state else {
@@ -211,9 +207,7 @@ async fn partitioned_drone_stops_its_backend_before_the_key_moves() {
             new_row.fencing_token,
             old_row.fencing_token
         );
-        let ready = env
-            .wait_for_status_at(1, &new.backend_id, BackendStatus::Ready)
-            .await;
+        let ready = env.ready_at(1, &new.backend_id).await;
 
         // The drone's own account: it asked to renew, then soft- and hard-terminated by its deadlines,
         // and the old backend was terminated before the new one was ready.
@@ -389,8 +383,7 @@ async fn drain_and_pools_decide_placement() {
             .await
             .unwrap();
         assert_eq!(on_gpu.drone, Some(name(gpu)));
-        env.wait_for_status_at(0, &on_gpu.backend_id, BackendStatus::Ready)
-            .await;
+        env.ready_at(0, &on_gpu.backend_id).await;
         assert_api_error(
             env.client_at(1)
                 .connect(&in_pool(&env, "tpu-1", "tpu"))
@@ -463,8 +456,7 @@ async fn revocation_reaches_a_proxy_on_another_controller() {
         as_bob.user = Some("bob".into());
         let bob = env.client_at(1).connect(&as_bob).await.unwrap();
         assert_eq!(alice.backend_id, bob.backend_id);
-        env.wait_for_status_at(1, &alice.backend_id, BackendStatus::Ready)
-            .await;
+        env.ready_at(1, &alice.backend_id).await;
         assert_eq!(get_text(&env, &alice.url).await.0, 200);
         assert_eq!(get_text(&env, &bob.url).await.0, 200);
 
@@ -514,12 +506,8 @@ async fn controller_restart_keeps_websockets_and_nodes_come_back() {
             .connect(&env.connect_request("ws-restart", &[]))
             .await
             .unwrap();
-        env.wait_for_status_at(1, &resp.backend_id, BackendStatus::Ready)
-            .await;
-        let ws_url = format!("{}ws", resp.url.replacen("http://", "ws://", 1));
-        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
-            .await
-            .unwrap();
+        env.ready_at(1, &resp.backend_id).await;
+        let mut ws = hangar_tests::open_ws(&resp.url).await;
         echo(&mut ws, "before").await;
 
         env.stop_controller_at(0).await;
@@ -536,8 +524,7 @@ async fn controller_restart_keeps_websockets_and_nodes_come_back() {
             async move { client.connect(&req).await.ok() }
         })
         .await;
-        env.wait_for_status_at(1, &fresh.backend_id, BackendStatus::Ready)
-            .await;
+        env.ready_at(1, &fresh.backend_id).await;
         let (status, body) = eventually("the proxy to route again", || async {
             let got = get_text(&env, &fresh.url).await;
             (got.0 == 200).then_some(got)

@@ -77,13 +77,8 @@ async fn websocket_through_the_proxy_is_counted() {
     within(async {
         let env = TestEnv::start().await;
         let resp = env.connect_ready(&env.connect_request("ws-1", &[])).await;
-        let ws_url = format!("{}ws", resp.url.replacen("http://", "ws://", 1));
-        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
-            .await
-            .unwrap();
-        ws.send(Message::text("ping-1")).await.unwrap();
-        let echoed = ws.next().await.unwrap().unwrap();
-        assert_eq!(echoed.into_text().unwrap().as_str(), "ping-1");
+        let mut ws = hangar_tests::open_ws(&resp.url).await;
+        hangar_tests::ws_echo(&mut ws, "ping-1").await;
         ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
         assert_eq!(
             ws.next().await.unwrap().unwrap().into_data().as_ref(),
@@ -176,9 +171,7 @@ async fn idle_backend_is_terminated() {
         let mut req = env.connect_request("idle-1", &[]);
         req.spawn_config.as_mut().unwrap().max_idle_seconds = Some(1);
         let resp = env.connect_ready(&req).await;
-        let done = env
-            .wait_for_status(&resp.backend_id, BackendStatus::Terminated)
-            .await;
+        let done = env.terminated(&resp.backend_id).await;
         assert_eq!(done.termination_reason, Some(TerminationReason::Swept));
         assert_eq!(
             done.exit_error,
@@ -203,16 +196,11 @@ async fn open_websocket_keeps_an_idle_limited_backend_alive_until_lifetime() {
         sc.max_idle_seconds = Some(2);
         sc.lifetime_limit_seconds = Some(12);
         let resp = env.connect_ready(&req).await;
-        let ws_url = format!("{}ws", resp.url.replacen("http://", "ws://", 1));
-        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
-            .await
-            .unwrap();
+        let mut ws = hangar_tests::open_ws(&resp.url).await;
         // Well past the idle limit, the backend still answers through the open connection.
         tokio::time::timeout(Duration::from_secs(8), async {
             loop {
-                ws.send(Message::text("still here")).await.unwrap();
-                let m = ws.next().await.unwrap().unwrap();
-                assert_eq!(m.into_text().unwrap().as_str(), "still here");
+                hangar_tests::ws_echo(&mut ws, "still here").await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         })
@@ -220,9 +208,7 @@ async fn open_websocket_keeps_an_idle_limited_backend_alive_until_lifetime() {
         .ok();
         let now = env.client.backend_status(&resp.backend_id).await.unwrap();
         assert_eq!(now.status, BackendStatus::Ready, "idle-swept while in use");
-        let done = env
-            .wait_for_status(&resp.backend_id, BackendStatus::Terminated)
-            .await;
+        let done = env.terminated(&resp.backend_id).await;
         assert_eq!(done.termination_reason, Some(TerminationReason::Swept));
         env.shutdown().await;
     })
@@ -234,10 +220,7 @@ async fn soft_and_hard_terminate() {
     within(async {
         let env = TestEnv::start().await;
         let soft = env.connect_ready(&env.connect_request("soft-1", &[])).await;
-        env.client.soft_terminate(&soft.backend_id).await.unwrap();
-        let done = env
-            .wait_for_status(&soft.backend_id, BackendStatus::Terminated)
-            .await;
+        let done = env.soft_terminated(&soft.backend_id).await;
         assert_eq!(done.termination_kind, Some(TerminationKind::Soft));
         assert_eq!(done.termination_reason, Some(TerminationReason::External));
         assert_eq!(done.exit_code, Some(0), "backend saw SIGTERM and exited 0");
@@ -249,9 +232,7 @@ async fn soft_and_hard_terminate() {
             .soft_terminate(&stubborn.backend_id)
             .await
             .unwrap();
-        let done = env
-            .wait_for_status(&stubborn.backend_id, BackendStatus::Terminated)
-            .await;
+        let done = env.terminated(&stubborn.backend_id).await;
         assert_eq!(done.exit_code, Some(137), "killed after the grace period");
         assert_eq!(done.exit_error, Some(true));
 
@@ -259,9 +240,7 @@ async fn soft_and_hard_terminate() {
             .connect_ready(&env.connect_request("hard-1", &[("TEST_BACKEND_SIGTERM", "ignore")]))
             .await;
         env.client.hard_terminate(&hard.backend_id).await.unwrap();
-        let done = env
-            .wait_for_status(&hard.backend_id, BackendStatus::Terminated)
-            .await;
+        let done = env.terminated(&hard.backend_id).await;
         assert_eq!(done.termination_kind, Some(TerminationKind::Hard));
         assert_eq!(done.exit_code, Some(137));
         env.shutdown().await;
@@ -282,9 +261,7 @@ async fn backend_exiting_on_its_own_and_unstartable_commands() {
                 ],
             ))
             .await;
-        let done = env
-            .wait_for_status(&resp.backend_id, BackendStatus::Terminated)
-            .await;
+        let done = env.terminated(&resp.backend_id).await;
         assert_eq!(done.exit_code, Some(3));
         assert_eq!(done.termination_reason, None);
 
@@ -293,9 +270,7 @@ async fn backend_exiting_on_its_own_and_unstartable_commands() {
             serde_json::from_value(serde_json::json!({"command": ["/nonexistent/hangar-prog"]}))
                 .unwrap();
         let resp = env.connect(&req).await;
-        let done = env
-            .wait_for_status(&resp.backend_id, BackendStatus::Terminated)
-            .await;
+        let done = env.terminated(&resp.backend_id).await;
         let message = done.message.unwrap_or_default();
         assert!(
             message.contains("/nonexistent/hangar-prog"),
@@ -334,8 +309,7 @@ async fn status_stream_replays_history_and_resumes() {
         let env = TestEnv::start().await;
         let resp = env.connect_ready(&env.connect_request("sse-1", &[])).await;
         env.client.soft_terminate(&resp.backend_id).await.unwrap();
-        env.wait_for_status(&resp.backend_id, BackendStatus::Terminated)
-            .await;
+        env.terminated(&resp.backend_id).await;
         let all = raw_sse(&env, resp.backend_id.as_str(), None, 7).await;
         assert_eq!(
             all,
@@ -371,10 +345,7 @@ async fn drone_reconnects_and_resends_its_events() {
         env.wait_for_status(&resp.backend_id, BackendStatus::Ready)
             .await;
         env.drones[0].reconnect();
-        env.client.soft_terminate(&resp.backend_id).await.unwrap();
-        let done = env
-            .wait_for_status(&resp.backend_id, BackendStatus::Terminated)
-            .await;
+        let done = env.soft_terminated(&resp.backend_id).await;
         assert_eq!(done.termination_reason, Some(TerminationReason::External));
         env.shutdown().await;
     })
@@ -390,15 +361,10 @@ async fn controller_restart_keeps_proxied_connections_and_replays_events() {
         let resp = env
             .connect_ready(&env.connect_request("restart-1", &[]))
             .await;
-        let ws_url = format!("{}ws", resp.url.replacen("http://", "ws://", 1));
-        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
-            .await
-            .unwrap();
+        let mut ws = hangar_tests::open_ws(&resp.url).await;
 
         env.stop_controller().await;
-        ws.send(Message::text("during outage")).await.unwrap();
-        let m = ws.next().await.unwrap().unwrap();
-        assert_eq!(m.into_text().unwrap().as_str(), "during outage");
+        hangar_tests::ws_echo(&mut ws, "during outage").await;
         // The backend exits while no controller is there to hear it; the drone keeps the event.
         let exit = env
             .http
@@ -409,9 +375,7 @@ async fn controller_restart_keeps_proxied_connections_and_replays_events() {
         assert_eq!(exit.status(), 200);
 
         env.restart_controller().await;
-        let done = env
-            .wait_for_status(&resp.backend_id, BackendStatus::Terminated)
-            .await;
+        let done = env.terminated(&resp.backend_id).await;
         assert_eq!(done.exit_code, Some(3));
         env.shutdown().await;
     })

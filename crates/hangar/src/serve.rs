@@ -12,6 +12,7 @@ use hangar_drone::DroneConfig;
 use hangar_proxy::ProxyConfig;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::ClusterName;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -128,29 +129,66 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let setup = args.resolve()?;
     let store = OpenStore::open(&setup.db).await?;
     let listener = bind_listener(setup.listen, "controller", "--port").await?;
-    let mut signals = StopSignals::install()?;
+    let signals = StopSignals::install()?;
     let controller = hangar_controller::start(setup.config, store.store(), listener)
         .await
         .context("starting the controller")?;
     tracing::info!(url = %local_url(controller.local_addr())?, "Controller ready");
-    let signal = signals.recv().await;
-    tracing::info!(signal, "Shutting down");
-    controller.shutdown().await;
-    store.close().await;
-    Ok(ExitCode::SUCCESS)
+    serve_until_signal(signals, async {
+        controller.shutdown().await;
+        store.close().await;
+    })
+    .await
 }
 
+/// What every node component (drone, proxy) is told first: the file its configuration starts from,
+/// the controller it reports to and the cluster it belongs to.
 #[derive(Debug, Args)]
-pub struct DroneArgs {
-    /// TOML file with `DroneConfig` fields. Flags and `HANGAR_*` variables override its values.
+pub struct NodeArgs {
+    /// TOML file with the component's configuration fields (`DroneConfig`; `ProxyConfig` plus `host`
+    /// and `http_port`). Flags and `HANGAR_*` variables override its values.
     #[arg(long, env = "HANGAR_CONFIG")]
     pub config: Option<PathBuf>,
     /// Controller URL (`http(s)://[TOKEN@]host:port`). Required.
     #[arg(long, env = "HANGAR_CONTROLLER_URL")]
     pub controller_url: Option<Url>,
-    /// Cluster to join. Required.
+    /// Cluster this node joins (a drone) or serves (a proxy). Required.
     #[arg(long, env = "HANGAR_CLUSTER")]
     pub cluster: Option<ClusterName>,
+}
+
+impl NodeArgs {
+    /// The configuration layers (file, environment) with these flags over them; the controller URL
+    /// and the cluster must be given somewhere.
+    fn layers(&self) -> anyhow::Result<ConfigLayers> {
+        let mut layers = ConfigLayers::load(self.config.as_deref())?;
+        layers.set("controller_url", self.controller_url.as_ref())?;
+        layers.set("cluster", self.cluster.as_ref())?;
+        layers.require(
+            "controller_url",
+            "--controller-url",
+            "HANGAR_CONTROLLER_URL",
+        )?;
+        layers.require("cluster", "--cluster", "HANGAR_CLUSTER")?;
+        Ok(layers)
+    }
+}
+
+/// Runs until SIGINT or SIGTERM, then stops the component with `shutdown`.
+async fn serve_until_signal<F: Future<Output = ()>>(
+    mut signals: StopSignals,
+    shutdown: F,
+) -> anyhow::Result<ExitCode> {
+    let signal = signals.recv().await;
+    tracing::info!(signal, "Shutting down");
+    shutdown.await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct DroneArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Drone name (`dr-…`); random when absent.
     #[arg(long, env = "HANGAR_DRONE_NAME")]
     pub name: Option<hangar_types::DroneName>,
@@ -200,16 +238,8 @@ pub enum ExecutorArg {
 
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// TOML file with `ProxyConfig` fields, plus `host` and `http_port`. Flags and `HANGAR_*`
-    /// variables override its values.
-    #[arg(long, env = "HANGAR_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Controller URL (`http(s)://[TOKEN@]host:port`). Required.
-    #[arg(long, env = "HANGAR_CONTROLLER_URL")]
-    pub controller_url: Option<Url>,
-    /// Cluster this proxy serves. Required.
-    #[arg(long, env = "HANGAR_CLUSTER")]
-    pub cluster: Option<ClusterName>,
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Proxy name (`px-…`); random when absent.
     #[arg(long, env = "HANGAR_PROXY_NAME")]
     pub name: Option<hangar_types::ProxyName>,
@@ -243,9 +273,7 @@ impl ExecutorArg {
 impl DroneArgs {
     /// The drone's configuration from file, environment and flags (not yet validated).
     pub fn to_config(&self) -> anyhow::Result<DroneConfig> {
-        let mut layers = ConfigLayers::load(self.config.as_deref())?;
-        layers.set("controller_url", self.controller_url.as_ref())?;
-        layers.set("cluster", self.cluster.as_ref())?;
+        let mut layers = self.node.layers()?;
         layers.set("name", self.name.as_ref())?;
         layers.set("pool", self.pool.as_ref())?;
         layers.set("ip", self.ip.as_ref())?;
@@ -261,12 +289,6 @@ impl DroneArgs {
         layers.set("docker_runtime", self.docker_runtime.as_ref())?;
         layers.set("docker_log_config", self.log_config.as_ref())?;
         layers.set("metrics_addr", self.metrics_addr.as_ref())?;
-        layers.require(
-            "controller_url",
-            "--controller-url",
-            "HANGAR_CONTROLLER_URL",
-        )?;
-        layers.require("cluster", "--cluster", "HANGAR_CLUSTER")?;
         Ok(layers.build("drone")?)
     }
 }
@@ -281,14 +303,11 @@ pub async fn run_drone(args: DroneArgs) -> anyhow::Result<ExitCode> {
         }
         return Err(e).context("invalid drone configuration");
     }
-    let mut signals = StopSignals::install()?;
+    let signals = StopSignals::install()?;
     let drone = hangar_drone::start(config)
         .await
         .context("starting the drone")?;
-    let signal = signals.recv().await;
-    tracing::info!(signal, "Shutting down");
-    drone.shutdown().await;
-    Ok(ExitCode::SUCCESS)
+    serve_until_signal(signals, drone.shutdown()).await
 }
 
 impl ProxyArgs {
@@ -303,7 +322,7 @@ impl ProxyArgs {
     /// [`ProxyArgs::to_config`] with the HTTPS listen address too (Plane's port rules, see
     /// [`crate::proxy_tls::ports`]); the file may also hold `https` and `https_port`.
     pub fn to_setup(&self) -> anyhow::Result<crate::proxy_tls::ProxySetup> {
-        let mut layers = ConfigLayers::load(self.config.as_deref())?;
+        let mut layers = self.node.layers()?;
         let host = layers.take("host", self.host)?.unwrap_or(PROXY_HOST);
         let http_port = layers.take("http_port", self.http_port)?;
         let https_port = layers.take("https_port", self.tls.https_port)?;
@@ -314,17 +333,9 @@ impl ProxyArgs {
             https_port,
             PROXY_HTTP_PORT,
         );
-        layers.set("controller_url", self.controller_url.as_ref())?;
-        layers.set("cluster", self.cluster.as_ref())?;
         layers.set("name", self.name.as_ref())?;
         layers.set("root_redirect_url", self.root_redirect_url.as_ref())?;
         layers.set("metrics_addr", self.metrics_addr.as_ref())?;
-        layers.require(
-            "controller_url",
-            "--controller-url",
-            "HANGAR_CONTROLLER_URL",
-        )?;
-        layers.require("cluster", "--cluster", "HANGAR_CLUSTER")?;
         let mut config: ProxyConfig = layers.build("proxy")?;
         self.tls.apply(&mut config)?;
         crate::proxy_tls::ProxySetup::new(config, host, ports)
@@ -340,7 +351,7 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         Some(addr) => Some(bind_listener(addr, "proxy's HTTPS", "--https-port").await?),
         None => None,
     };
-    let mut signals = StopSignals::install()?;
+    let signals = StopSignals::install()?;
     let listeners = hangar_proxy::ProxyListeners {
         http: listener,
         https,
@@ -348,10 +359,7 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let proxy = hangar_proxy::start_with_listeners(config, listeners)
         .await
         .context("starting the proxy")?;
-    let signal = signals.recv().await;
-    tracing::info!(signal, "Shutting down");
-    proxy.shutdown().await;
-    Ok(ExitCode::SUCCESS)
+    serve_until_signal(signals, proxy.shutdown()).await
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use hangar_controller::cleanup::{cleanup_pass, CLEANUP_BATCH};
 use hangar_controller::ControllerConfig;
 use hangar_store::NewToken;
 use hangar_types::token::{ConnectionToken, SecretToken};
-use hangar_types::{BackendState, BackendStatus};
+use hangar_types::BackendStatus;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -65,14 +65,7 @@ async fn the_loop_deletes_old_terminated_backends() {
         let old = ctl.connect(&connect_body(Some("old"))).await.backend_id;
         let live = ctl.connect(&connect_body(Some("live"))).await.backend_id;
         drone.expect_spawn(&old).await;
-        let terminated = BackendState::Terminated {
-            last_status: BackendStatus::Scheduled,
-            termination: None,
-            reason: None,
-            exit_code: Some(0),
-            message: None,
-            oom_killed: false,
-        };
+        let terminated = terminated_state(BackendStatus::Scheduled, None, None, Some(0));
         drone.report(1, &old, terminated).await;
         ctl.advance_clock(Duration::from_secs(2 * 24 * 3600)).await;
         eventually("old backend deleted", || async {

@@ -199,14 +199,7 @@ async fn backend_events_are_acked_and_advance_status() {
             .report(
                 2003,
                 &backend,
-                BackendState::Terminated {
-                    last_status: hangar_types::BackendStatus::Ready,
-                    termination: None,
-                    reason: None,
-                    exit_code: Some(3),
-                    message: None,
-                    oom_killed: false,
-                },
+                terminated_state(hangar_types::BackendStatus::Ready, None, None, Some(3)),
             )
             .await;
         let status = ctl.status(&backend).await;

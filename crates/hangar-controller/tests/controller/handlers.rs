@@ -1,6 +1,6 @@
 //! Handler tests: the router driven with `tower::ServiceExt::oneshot` over an in-memory store.
 
-use crate::support::{timed, CLUSTER};
+use crate::support::{terminated_state, timed, CLUSTER};
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
@@ -249,14 +249,12 @@ async fn connect_to_a_terminating_backend_is_refused() {
         api.store
             .record_backend_state(
                 &id,
-                &BackendState::Terminated {
-                    last_status: BackendStatus::Scheduled,
-                    termination: Some(TerminationKind::Soft),
-                    reason: Some(TerminationReason::External),
-                    exit_code: Some(0),
-                    message: None,
-                    oom_killed: false,
-                },
+                &terminated_state(
+                    BackendStatus::Scheduled,
+                    Some(TerminationKind::Soft),
+                    Some(TerminationReason::External),
+                    Some(0),
+                ),
             )
             .await
             .unwrap();
@@ -797,14 +795,7 @@ async fn prevent_renew_route() {
         assert!(!api.store.renew_key(&id).await.unwrap());
 
         // A terminated backend holds no key.
-        let terminated = BackendState::Terminated {
-            last_status: BackendStatus::Scheduled,
-            termination: None,
-            reason: None,
-            exit_code: Some(0),
-            message: None,
-            oom_killed: false,
-        };
+        let terminated = terminated_state(BackendStatus::Scheduled, None, None, Some(0));
         api.store
             .record_backend_state(&id, &terminated)
             .await

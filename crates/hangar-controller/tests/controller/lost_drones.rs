@@ -2,40 +2,11 @@
 //! lease expired, mark-lost, prevent-renew, and a drone session taken over by a reconnect.
 
 use crate::support::*;
-use hangar_types::protocol::{
-    BackendAction, ControllerToDrone, ControllerToProxy, DroneToController, KeyDeadlines,
-    ProxyToController,
-};
+use hangar_types::protocol::{BackendAction, ControllerToDrone, DroneToController, KeyDeadlines};
 use hangar_types::timing::{KEY_LEASE, UNHEALTHY_AFTER};
-use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendId, DroneName, Millis, TerminationKind, TerminationReason};
 use serde_json::{json, Value};
 use std::time::Duration;
-
-async fn expect_removed(proxy: &mut FakeProxy, backend: &BackendId) {
-    proxy
-        .expect(|m| {
-            matches!(m, ControllerToProxy::BackendRemoved { backend: b } if b == backend)
-                .then_some(())
-        })
-        .await
-}
-
-async fn expect_route(proxy: &mut FakeProxy, token: &ConnectionToken) -> bool {
-    proxy
-        .send(&ProxyToController::RouteRequest {
-            token: token.clone(),
-        })
-        .await;
-    proxy
-        .expect(|m| match m {
-            ControllerToProxy::RouteResponse { token: t, route } if t == token => {
-                Some(route.is_some())
-            }
-            _ => None,
-        })
-        .await
-}
 
 async fn wait_for_status(ctl: &TestController, backend: &BackendId, status: &str) -> Value {
     eventually(&format!("backend {backend} {status}"), || async {
@@ -55,7 +26,7 @@ async fn silent_drone_backends_become_lost_and_the_key_spawns_elsewhere() {
         let backend = connected.backend_id.clone();
         assert_eq!(connected.drone.as_ref(), Some(&old.name));
         old.make_ready(&backend).await;
-        assert!(expect_route(&mut proxy, &connected.token).await);
+        assert!(proxy.route(&connected.token).await.is_some());
 
         // Before its lease expires, a silent drone's backend is not touched.
         ctl.advance_clock(UNHEALTHY_AFTER + Duration::from_secs(1))
@@ -79,8 +50,8 @@ async fn silent_drone_backends_become_lost_and_the_key_spawns_elsewhere() {
             status["message"],
             format!("drone {} stopped reporting", old.name)
         );
-        expect_removed(&mut proxy, &backend).await;
-        assert!(!expect_route(&mut proxy, &connected.token).await);
+        proxy.expect_removed(&backend).await;
+        assert!(proxy.route(&connected.token).await.is_none());
         assert!(
             hangar_controller::lost::sweep_lost_backends(ctl.store.as_ref())
                 .await
@@ -127,7 +98,7 @@ async fn mark_lost_tells_proxies_and_the_drone() {
         let connected = ctl.connect(&connect_body(Some("marked"))).await;
         let backend = connected.backend_id.clone();
         drone.make_ready(&backend).await;
-        assert!(expect_route(&mut proxy, &connected.token).await);
+        assert!(proxy.route(&connected.token).await.is_some());
 
         let response = ctl
             .post(
@@ -138,7 +109,7 @@ async fn mark_lost_tells_proxies_and_the_drone() {
         assert_eq!(response.status(), 200);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body, json!({"backends": [backend.as_str()]}));
-        expect_removed(&mut proxy, &backend).await;
+        proxy.expect_removed(&backend).await;
         // If the drone is in fact alive, it is told to kill the backend.
         drone
             .expect_action(&backend, |a| {

@@ -22,7 +22,7 @@ async fn drone_on_one_controller_proxy_on_another() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let url = db.url.clone();
+    let url = db.url().to_string();
     // A task, so that the database is dropped even when the test fails.
     let outcome = tokio::spawn(timed(async move {
         let store_a = Arc::new(PostgresStore::connect(&url).await.unwrap());
@@ -117,7 +117,7 @@ async fn tls_state_is_shared_between_controllers() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let url = db.url.clone();
+    let url = db.url().to_string();
     let outcome = tokio::spawn(timed(async move {
         let store_a = Arc::new(PostgresStore::connect(&url).await.unwrap());
         let store_b = Arc::new(PostgresStore::connect(&url).await.unwrap());

@@ -2,40 +2,10 @@
 //! keepalives and revocations.
 
 use crate::support::*;
-use hangar_types::protocol::{ControllerToProxy, ProxyToController, RouteInfo};
+use hangar_types::protocol::{ControllerToProxy, ProxyToController};
 use hangar_types::token::ConnectionToken;
-use hangar_types::{BackendId, BackendState, BackendStatus, TerminationKind, TerminationReason};
+use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
 use serde_json::json;
-
-/// Asks for a route and returns the answer.
-async fn route(proxy: &mut FakeProxy, token: &ConnectionToken) -> Option<RouteInfo> {
-    proxy
-        .send(&ProxyToController::RouteRequest {
-            token: token.clone(),
-        })
-        .await;
-    wait_route(proxy, token).await
-}
-
-async fn wait_route(proxy: &mut FakeProxy, token: &ConnectionToken) -> Option<RouteInfo> {
-    proxy
-        .expect(|m| match m {
-            ControllerToProxy::RouteResponse { token: t, route } if t == token => {
-                Some(route.clone())
-            }
-            _ => None,
-        })
-        .await
-}
-
-async fn expect_removed(proxy: &mut FakeProxy, backend: &BackendId) {
-    proxy
-        .expect(|m| {
-            matches!(m, ControllerToProxy::BackendRemoved { backend: b } if b == backend)
-                .then_some(())
-        })
-        .await
-}
 
 #[tokio::test]
 async fn unknown_token_gets_no_route() {
@@ -43,10 +13,10 @@ async fn unknown_token_gets_no_route() {
         let ctl = TestController::start().await;
         let mut proxy = FakeProxy::connect(&ctl).await;
         let token = ConnectionToken::from_path_segment("nope");
-        assert_eq!(route(&mut proxy, &token).await, None);
+        assert_eq!(proxy.route(&token).await, None);
         // Garbage does not end the session.
         proxy.ws.send_raw("{]").await;
-        assert_eq!(route(&mut proxy, &token).await, None);
+        assert_eq!(proxy.route(&token).await, None);
         ctl.shutdown().await;
     })
     .await
@@ -66,7 +36,9 @@ async fn pending_route_is_answered_when_the_backend_is_ready() {
             .await;
         // Requests are handled in order: once this answer arrives, the first request is waiting.
         assert_eq!(
-            route(&mut proxy, &ConnectionToken::from_path_segment("other")).await,
+            proxy
+                .route(&ConnectionToken::from_path_segment("other"))
+                .await,
             None
         );
         assert!(
@@ -76,7 +48,8 @@ async fn pending_route_is_answered_when_the_backend_is_ready() {
         );
 
         drone.make_ready(&connected.backend_id).await;
-        let info = wait_route(&mut proxy, &connected.token)
+        let info = proxy
+            .wait_route(&connected.token)
             .await
             .expect("a route once ready");
         assert_eq!(info.backend_id, connected.backend_id);
@@ -86,7 +59,7 @@ async fn pending_route_is_answered_when_the_backend_is_ready() {
         assert_eq!(info.user_data.unwrap()["role"], "tester");
 
         // Ready now: answered at once.
-        assert!(route(&mut proxy, &connected.token).await.is_some());
+        assert!(proxy.route(&connected.token).await.is_some());
         ctl.shutdown().await;
     })
     .await
@@ -105,7 +78,9 @@ async fn pending_route_gets_none_when_the_backend_terminates() {
             })
             .await;
         assert_eq!(
-            route(&mut proxy, &ConnectionToken::from_path_segment("other")).await,
+            proxy
+                .route(&ConnectionToken::from_path_segment("other"))
+                .await,
             None
         );
         drone
@@ -122,7 +97,7 @@ async fn pending_route_gets_none_when_the_backend_terminates() {
                 },
             )
             .await;
-        assert_eq!(wait_route(&mut proxy, &connected.token).await, None);
+        assert_eq!(proxy.wait_route(&connected.token).await, None);
         ctl.shutdown().await;
     })
     .await
@@ -136,7 +111,7 @@ async fn terminating_backend_is_removed_from_proxies() {
         let mut proxy = FakeProxy::connect(&ctl).await;
         let connected = ctl.connect(&connect_body(Some("rm"))).await;
         drone.make_ready(&connected.backend_id).await;
-        assert!(route(&mut proxy, &connected.token).await.is_some());
+        assert!(proxy.route(&connected.token).await.is_some());
 
         drone
             .report(
@@ -149,24 +124,22 @@ async fn terminating_backend_is_removed_from_proxies() {
                 },
             )
             .await;
-        expect_removed(&mut proxy, &connected.backend_id).await;
-        assert_eq!(route(&mut proxy, &connected.token).await, None);
+        proxy.expect_removed(&connected.backend_id).await;
+        assert_eq!(proxy.route(&connected.token).await, None);
 
         drone
             .report(
                 3,
                 &connected.backend_id,
-                BackendState::Terminated {
-                    last_status: BackendStatus::Ready,
-                    termination: Some(TerminationKind::Soft),
-                    reason: Some(TerminationReason::External),
-                    exit_code: Some(0),
-                    message: None,
-                    oom_killed: false,
-                },
+                terminated_state(
+                    BackendStatus::Ready,
+                    Some(TerminationKind::Soft),
+                    Some(TerminationReason::External),
+                    Some(0),
+                ),
             )
             .await;
-        expect_removed(&mut proxy, &connected.backend_id).await;
+        proxy.expect_removed(&connected.backend_id).await;
 
         // A keepalive for a gone backend is answered with a removal too.
         proxy.seen.clear();
@@ -176,7 +149,7 @@ async fn terminating_backend_is_removed_from_proxies() {
                 connected: false,
             })
             .await;
-        expect_removed(&mut proxy, &connected.backend_id).await;
+        proxy.expect_removed(&connected.backend_id).await;
         ctl.shutdown().await;
     })
     .await
@@ -203,7 +176,7 @@ async fn revoke_pushes_tokens_revoked_to_proxies() {
             })
             .await;
         assert_eq!(tokens, vec![connected.token.clone()]);
-        assert_eq!(route(&mut proxy, &connected.token).await, None);
+        assert_eq!(proxy.route(&connected.token).await, None);
         ctl.shutdown().await;
     })
     .await

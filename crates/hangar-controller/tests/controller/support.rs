@@ -9,8 +9,9 @@ use hangar_types::api::ConnectResponse;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{
     ActionMessage, BackendAction, ControllerToDrone, ControllerToProxy, DroneToController, Hello,
-    HelloResponse, NodeHello, ProxyToController,
+    HelloResponse, NodeHello, ProxyToController, RouteInfo,
 };
+use hangar_types::token::ConnectionToken;
 use hangar_types::{
     BackendId, BackendState, ControllerName, DroneName, Millis, ProxyName, PROTOCOL_VERSION,
 };
@@ -39,22 +40,12 @@ pub async fn timed<F: Future<Output = ()>>(body: F) {
 }
 
 /// Polls `check` until it returns `Some`, failing after [`WAIT`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hangar_test_support::eventually_within(WAIT, what, check).await
 }
 
 pub struct TestController {
@@ -404,6 +395,36 @@ impl FakeProxy {
         self.ws.send(msg).await;
     }
 
+    /// Asks for the route of `token` and returns the answer.
+    pub async fn route(&mut self, token: &ConnectionToken) -> Option<RouteInfo> {
+        let token = token.clone();
+        self.send(&ProxyToController::RouteRequest {
+            token: token.clone(),
+        })
+        .await;
+        self.wait_route(&token).await
+    }
+
+    /// Waits for the answer to a route request for `token`.
+    pub async fn wait_route(&mut self, token: &ConnectionToken) -> Option<RouteInfo> {
+        self.expect(|m| match m {
+            ControllerToProxy::RouteResponse { token: t, route } if t == token => {
+                Some(route.clone())
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits for the notice that `backend` is gone.
+    pub async fn expect_removed(&mut self, backend: &BackendId) {
+        self.expect(|m| {
+            matches!(m, ControllerToProxy::BackendRemoved { backend: b } if b == backend)
+                .then_some(())
+        })
+        .await
+    }
+
     pub async fn expect<R>(&mut self, pick: impl FnMut(&ControllerToProxy) -> Option<R>) -> R {
         let mut seen = std::mem::take(&mut self.seen);
         let r = self.ws.recv_until(&mut seen, pick).await;
@@ -412,57 +433,5 @@ impl FakeProxy {
     }
 }
 
-/// A database of its own on the PostgreSQL server named by `HANGAR_TEST_POSTGRES_URL`, dropped by
-/// [`TestDatabase::drop_database`]. `None` (the test is skipped, with a message) when the variable is
-/// not set, except under `CI`, where that is a failure.
-pub struct TestDatabase {
-    server: String,
-    name: String,
-    pub url: String,
-}
-
-impl TestDatabase {
-    pub async fn create() -> Option<TestDatabase> {
-        use sqlx::{Connection, Executor};
-        const URL_VAR: &str = "HANGAR_TEST_POSTGRES_URL";
-        let server = match std::env::var(URL_VAR) {
-            Ok(url) if !url.trim().is_empty() => url,
-            _ if std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false")) => {
-                panic!("{URL_VAR} is not set, but CI is")
-            }
-            _ => {
-                eprintln!("skipping a PostgreSQL controller test: {URL_VAR} is not set");
-                return None;
-            }
-        };
-        let name = format!("hangar_ctl_test_{}", hangar_types::names::random_string());
-        let mut admin = sqlx::PgConnection::connect(&server).await.unwrap();
-        admin
-            .execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .unwrap();
-        let _ = admin.close().await;
-        let mut url = url::Url::parse(&server).unwrap();
-        url.set_path(&name);
-        Some(TestDatabase {
-            server,
-            name,
-            url: url.to_string(),
-        })
-    }
-
-    /// Best effort; failures are only reported.
-    pub async fn drop_database(self) {
-        use sqlx::{Connection, Executor};
-        let result = async {
-            let mut admin = sqlx::PgConnection::connect(&self.server).await?;
-            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-            admin.execute(sql.as_str()).await?;
-            admin.close().await
-        }
-        .await;
-        if let Err(e) = result {
-            eprintln!("cannot drop test database {}: {e}", self.name);
-        }
-    }
-}
+pub use hangar_test_support::postgres::TestDatabase;
+pub use hangar_test_support::terminated_state;

@@ -3,8 +3,8 @@
 use crate::support::*;
 use hangar_client::ControllerClient;
 use hangar_dns::{ControllerTxtSource, TxtError, TxtSource};
-use hangar_types::DnsName;
-use hickory_proto::op::ResponseCode;
+use hangar_types::{ClusterName, DnsName};
+use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,25 +39,48 @@ impl Started {
         self.tasks.close();
         self.tasks.wait().await;
     }
+
+    /// Looks up `cluster`'s TXT value, which must be `expected`.
+    async fn expect_txt(&self, cluster: &ClusterName, expected: Option<&str>) {
+        let expected = expected.map(str::to_string);
+        assert_eq!(self.source.txt_record(cluster).await, Ok(expected));
+    }
+}
+
+/// A fake controller holding `digest-1` for `c1.example.com` (returned too), answering `permits`
+/// requests before it holds the rest.
+async fn controller_with_c1(permits: usize) -> (FakeController, ClusterName) {
+    let controller = FakeController::start().await;
+    let c1 = cluster("c1.example.com");
+    controller.set_value(&c1, "digest-1");
+    controller.inner.answers.add_permits(permits);
+    (controller, c1)
+}
+
+/// The answer of `hangar dns`, asking the controller at `controller_url` with `timeout`, to a TXT
+/// query for `c1.example.com`'s challenge.
+async fn end_to_end_answer(controller_url: &str, timeout: Duration) -> Message {
+    let (config, udp, tcp) = bind(Some("acme.example.net"), timeout, controller_url).await;
+    let dns = hangar_dns::start_with_controller(config, udp, tcp)
+        .await
+        .unwrap();
+    let answer = udp_exchange(
+        dns.local_addr(),
+        &query("c1.example.com.acme.example.net.", RecordType::TXT),
+    )
+    .await;
+    dns.shutdown().await;
+    answer
 }
 
 #[tokio::test]
 async fn handshake_and_lookup() {
     with_timeout(async {
-        let controller = FakeController::start().await;
-        let c1 = cluster("c1.example.com");
-        controller.set_value(&c1, "digest-1");
-        controller.inner.answers.add_permits(100);
+        let (controller, c1) = controller_with_c1(100).await;
         let started = start_source(&controller);
 
-        assert_eq!(
-            started.source.txt_record(&c1).await,
-            Ok(Some("digest-1".to_string()))
-        );
-        assert_eq!(
-            started.source.txt_record(&cluster("c2.example.com")).await,
-            Ok(None)
-        );
+        started.expect_txt(&c1, Some("digest-1")).await;
+        started.expect_txt(&cluster("c2.example.com"), None).await;
         assert!(started.source.is_connected());
         let hellos = controller.inner.hellos.lock().unwrap().clone();
         assert_eq!(hellos.len(), 1);
@@ -74,10 +97,8 @@ async fn handshake_and_lookup() {
 #[tokio::test]
 async fn concurrent_lookups_share_one_request() {
     with_timeout(async {
-        let controller = FakeController::start().await;
-        let c1 = cluster("c1.example.com");
+        let (controller, c1) = controller_with_c1(0).await;
         let c2 = cluster("c2.example.com");
-        controller.set_value(&c1, "digest-1");
         let started = start_source(&controller);
         let spawn_lookup = |cluster: &hangar_types::ClusterName| {
             let (source, cluster) = (started.source.clone(), cluster.clone());
@@ -113,10 +134,7 @@ async fn concurrent_lookups_share_one_request() {
         // Nothing is cached: the next lookup asks again and sees the new value.
         controller.set_value(&c1, "digest-2");
         controller.inner.answers.add_permits(1);
-        assert_eq!(
-            started.source.txt_record(&c1).await,
-            Ok(Some("digest-2".to_string()))
-        );
+        started.expect_txt(&c1, Some("digest-2")).await;
         assert_eq!(controller.inner.requests_for(&c1), 2);
 
         started.shutdown().await;
@@ -128,20 +146,14 @@ async fn concurrent_lookups_share_one_request() {
 #[tokio::test]
 async fn unanswered_request_is_resent_after_reconnect() {
     with_timeout(async {
-        let controller = FakeController::start().await;
-        let c1 = cluster("c1.example.com");
-        controller.set_value(&c1, "digest-1");
-        controller.inner.answers.add_permits(100);
+        let (controller, c1) = controller_with_c1(100).await;
         controller
             .inner
             .drop_next_request
             .store(true, Ordering::SeqCst);
         let started = start_source(&controller);
 
-        assert_eq!(
-            started.source.txt_record(&c1).await,
-            Ok(Some("digest-1".to_string()))
-        );
+        started.expect_txt(&c1, Some("digest-1")).await;
         assert_eq!(controller.inner.requests_for(&c1), 2);
         assert_eq!(controller.inner.hellos.lock().unwrap().len(), 2);
 
@@ -154,9 +166,7 @@ async fn unanswered_request_is_resent_after_reconnect() {
 #[tokio::test]
 async fn abandoned_lookup_is_forgotten_and_shutdown_fails_lookups() {
     with_timeout(async {
-        let controller = FakeController::start().await;
-        let c1 = cluster("c1.example.com");
-        controller.set_value(&c1, "digest-1");
+        let (controller, c1) = controller_with_c1(0).await;
         let started = start_source(&controller);
 
         // The controller holds its answer; the lookup is given up once its request is out.
@@ -199,24 +209,10 @@ async fn dns_answers_from_the_controller_end_to_end() {
         let controller = FakeController::start().await;
         controller.set_value(&cluster("c1.example.com"), "digest-e2e");
         controller.inner.answers.add_permits(100);
-        let (config, udp, tcp) = bind(
-            Some("acme.example.net"),
-            Duration::from_secs(5),
-            &controller.url(),
-        )
-        .await;
-        let dns = hangar_dns::start_with_controller(config, udp, tcp)
-            .await
-            .unwrap();
-        let answer = udp_exchange(
-            dns.local_addr(),
-            &query("c1.example.com.acme.example.net.", RecordType::TXT),
-        )
-        .await;
+        let answer = end_to_end_answer(&controller.url(), Duration::from_secs(5)).await;
         assert_eq!(answer.response_code(), ResponseCode::NoError);
         assert_eq!(answer.answers().len(), 1);
         assert_eq!(answer.answers()[0].ttl(), 1);
-        dns.shutdown().await;
         controller.shutdown().await;
     })
     .await;
@@ -232,22 +228,9 @@ async fn unreachable_controller_gives_servfail() {
             .local_addr()
             .unwrap()
             .port();
-        let (config, udp, tcp) = bind(
-            Some("acme.example.net"),
-            Duration::from_millis(200),
-            &format!("http://127.0.0.1:{port}/"),
-        )
-        .await;
-        let dns = hangar_dns::start_with_controller(config, udp, tcp)
-            .await
-            .unwrap();
-        let answer = udp_exchange(
-            dns.local_addr(),
-            &query("c1.example.com.acme.example.net.", RecordType::TXT),
-        )
-        .await;
+        let url = format!("http://127.0.0.1:{port}/");
+        let answer = end_to_end_answer(&url, Duration::from_millis(200)).await;
         assert_eq!(answer.response_code(), ResponseCode::ServFail);
-        dns.shutdown().await;
     })
     .await;
 }

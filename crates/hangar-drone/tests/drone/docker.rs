@@ -6,11 +6,10 @@ mod executor;
 mod run;
 mod session;
 
-use hangar_drone::executor::{BackendSpec, DockerExecutor, DockerSettings, Started};
+use hangar_drone::executor::{BackendSpec, DockerExecutor, DockerSettings};
 use hangar_types::executable::{DockerExecutable, Executable};
 use hangar_types::protocol::DroneToController;
-use hangar_types::token::ConnectionToken;
-use hangar_types::{BackendId, DroneName};
+use hangar_types::DroneName;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -19,8 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
-/// How long a test polls for something before failing.
-const WAIT: Duration = Duration::from_secs(60);
+use crate::probe::WAIT;
 
 /// Runs a Docker test with a timeout; skips it (or, under CI, fails it) without Docker.
 async fn docker_test(test: impl Future<Output = ()>) {
@@ -63,46 +61,7 @@ async fn executor_for(
 }
 
 fn spec(exe: DockerExecutable) -> BackendSpec {
-    BackendSpec {
-        id: BackendId::random(),
-        executable: Executable::Docker(Box::new(exe)),
-        key: "room-1".parse().unwrap(),
-        fencing_token: 1234,
-        static_token: Some(ConnectionToken::random_static()),
-    }
-}
-
-/// Polls `GET <path>` on the backend until it answers JSON or the deadline passes.
-async fn get_json(address: std::net::SocketAddr, path: &str) -> serde_json::Value {
-    let url = format!("http://{address}{path}");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(resp) = reqwest::get(&url).await {
-            if let Ok(json) = resp.json().await {
-                return json;
-            }
-        }
-        assert!(Instant::now() < deadline, "backend never answered {url}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Polls until the backend's kept output contains `needle`.
-async fn wait_for_log(started: &Started, needle: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !started
-        .backend
-        .recent_logs()
-        .iter()
-        .any(|l| l.contains(needle))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no log line with {needle:?} in {:?}",
-            started.backend.recent_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::probe::spec(Executable::Docker(Box::new(exe)))
 }
 
 /// Polls until `done` holds.

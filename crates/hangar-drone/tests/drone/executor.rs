@@ -1,13 +1,9 @@
 //! The process executor on its own: environment, signals, exit codes, leftovers.
 
-use crate::test_backend;
-use hangar_drone::executor::{
-    BackendSpec, Executor, ExecutorError, ProcessExecutor, Reattached, Started,
-};
+use crate::probe::{self, get_json, signal, wait_for_log};
+use hangar_drone::executor::{BackendSpec, Executor, ExecutorError, ProcessExecutor, Reattached};
 use hangar_types::executable::{Executable, ProcessExecutable};
-use hangar_types::token::ConnectionToken;
-use hangar_types::{BackendId, TerminationKind};
-use std::collections::BTreeMap;
+use hangar_types::TerminationKind;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 use tokio::time::{timeout, Instant};
@@ -15,58 +11,22 @@ use tokio::time::{timeout, Instant};
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn spec(command: Vec<String>, env: &[(&str, &str)]) -> BackendSpec {
-    BackendSpec {
-        id: BackendId::random(),
-        executable: Executable::Process(ProcessExecutable {
-            command,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-            cwd: None,
-        }),
-        key: "room-1".parse().unwrap(),
-        fencing_token: 1234,
-        static_token: Some(ConnectionToken::random_static()),
-    }
+    probe::spec(Executable::Process(ProcessExecutable {
+        command,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        cwd: None,
+    }))
 }
 
 fn backend_spec(env: &[(&str, &str)]) -> BackendSpec {
-    spec(
-        vec![test_backend::path().to_string_lossy().into_owned()],
-        env,
-    )
+    probe::spec(hangar_test_support::process_executable(env))
 }
 
 fn process_executor() -> ProcessExecutor {
     ProcessExecutor::new(IpAddr::V4(Ipv4Addr::LOCALHOST))
-}
-
-/// Polls `GET <path>` on the backend until it answers or the deadline passes.
-async fn get_json(started: &Started, path: &str) -> serde_json::Value {
-    let url = format!("http://{}{path}", started.address);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(resp) = reqwest::get(&url).await {
-            return resp.json().await.unwrap();
-        }
-        assert!(Instant::now() < deadline, "backend never answered {url}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Polls until the backend's kept output contains `needle`.
-async fn wait_for_log(started: &Started, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !started
-        .backend
-        .recent_logs()
-        .iter()
-        .any(|l| l.contains(needle))
-    {
-        assert!(Instant::now() < deadline, "no log line with {needle:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -77,7 +37,7 @@ async fn backend_gets_its_environment_and_stops_on_sigterm() {
         executor.prepare(&spec).await.unwrap();
         let started = executor.start(&spec).await.unwrap();
         assert_eq!(started.address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let env = get_json(&started, "/env").await;
+        let env = get_json(started.address, "/env").await;
         assert_eq!(env["GREETING"], "hello");
         // The contract's PORT wins over the user's.
         assert_eq!(env["PORT"], started.address.port().to_string());
@@ -89,19 +49,11 @@ async fn backend_gets_its_environment_and_stops_on_sigterm() {
         assert!(started.backend.record()["pid"].as_u64().is_some());
         wait_for_log(&started, "listening on").await;
 
-        started
-            .backend
-            .terminate(TerminationKind::Soft)
-            .await
-            .unwrap();
+        signal(&started, TerminationKind::Soft).await;
         assert_eq!(started.backend.exited().await, Some(0));
         // Awaiting again gives the same answer, and signalling an exited backend is fine.
         assert_eq!(started.backend.exited().await, Some(0));
-        started
-            .backend
-            .terminate(TerminationKind::Hard)
-            .await
-            .unwrap();
+        signal(&started, TerminationKind::Hard).await;
         wait_for_log(&started, "got SIGTERM").await;
         executor.shutdown().await;
     })
@@ -115,20 +67,12 @@ async fn ignored_sigterm_needs_sigkill() {
         let executor = process_executor();
         let spec = backend_spec(&[("TEST_BACKEND_SIGTERM", "ignore")]);
         let started = executor.start(&spec).await.unwrap();
-        get_json(&started, "/env").await;
-        started
-            .backend
-            .terminate(TerminationKind::Soft)
-            .await
-            .unwrap();
+        get_json(started.address, "/env").await;
+        signal(&started, TerminationKind::Soft).await;
         wait_for_log(&started, "got SIGTERM").await;
         // Still serving after SIGTERM.
-        get_json(&started, "/env").await;
-        started
-            .backend
-            .terminate(TerminationKind::Hard)
-            .await
-            .unwrap();
+        get_json(started.address, "/env").await;
+        signal(&started, TerminationKind::Hard).await;
         assert_eq!(started.backend.exited().await, Some(128 + 9));
         executor.shutdown().await;
     })
@@ -168,11 +112,7 @@ async fn signal_exit_of_a_shell_and_its_children() {
             .iter()
             .find_map(|l| l.strip_prefix("child ").and_then(|p| p.trim().parse().ok()))
             .unwrap();
-        started
-            .backend
-            .terminate(TerminationKind::Hard)
-            .await
-            .unwrap();
+        signal(&started, TerminationKind::Hard).await;
         assert_eq!(started.backend.exited().await, Some(137));
         let deadline = Instant::now() + Duration::from_secs(10);
         while nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), None).is_ok()
@@ -235,7 +175,7 @@ async fn leftover_process_is_killed_by_its_record() {
         let stranger = serde_json::json!({"pid": std::process::id(), "start_time": 1});
         executor.remove(&spec.id, Some(&stranger)).await.unwrap();
         executor.remove(&spec.id, None).await.unwrap();
-        get_json(&started, "/env").await;
+        get_json(started.address, "/env").await;
         // A restarted drone cannot re-adopt it: the process is killed and nothing is returned.
         let other = process_executor();
         let adopted = other.reattach(&spec.id, Some(&record)).await.unwrap();
@@ -254,7 +194,7 @@ async fn shutdown_kills_running_backends() {
         let executor = process_executor();
         let spec = backend_spec(&[("TEST_BACKEND_SIGTERM", "ignore")]);
         let started = executor.start(&spec).await.unwrap();
-        get_json(&started, "/env").await;
+        get_json(started.address, "/env").await;
         executor.shutdown().await;
         assert_eq!(started.backend.exited().await, Some(137));
     })

@@ -5,16 +5,12 @@
 #![allow(clippy::unwrap_used)]
 
 mod docker;
+mod drive;
 mod executor;
 mod fake_controller;
 mod metrics;
+mod probe;
 mod session;
 mod test_backend;
 
-/// Logs to the test output when `RUST_LOG` is set.
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
+pub use hangar_test_support::init_tracing;

@@ -1,121 +1,18 @@
 //! Whole drones (`hangar_drone::start`) against a fake controller, running real test backends.
 
+use crate::drive::{spawn_with, started, statuses, terminated, TO_READY};
 use crate::fake_controller::{Event, FakeConnection, FakeController};
-use crate::test_backend;
-use hangar_drone::DroneConfig;
-use hangar_types::api::KeyConfig;
-use hangar_types::executable::{Executable, ExecutorKind, ProcessExecutable};
-use hangar_types::protocol::{
-    AcquiredKey, ActionMessage, BackendAction, ControllerToDrone, DroneToController, KeyDeadlines,
-    NodeHello,
-};
+use hangar_test_support::process_executable;
+use hangar_types::executable::Executable;
+use hangar_types::protocol::{ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines};
 use hangar_types::{
     BackendId, BackendState, BackendStatus, Millis, TerminationKind, TerminationReason,
 };
-use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 
-const TEST_TIMEOUT: Duration = Duration::from_secs(120);
-
-pub(crate) async fn with_timeout(test: impl Future<Output = ()>) {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("test timed out");
-}
-
-pub(crate) fn config(fake: &FakeController) -> DroneConfig {
-    let mut config = DroneConfig::new(fake.url(), "localhost:9090".parse().unwrap());
-    config.executors = vec![ExecutorKind::Process];
-    config.soft_terminate_grace = Duration::from_secs(10);
-    config.readiness_timeout = Duration::from_secs(60);
-    config
-}
-
-fn executable(env: &[(&str, &str)]) -> Executable {
-    Executable::Process(ProcessExecutable {
-        command: vec![test_backend::path().to_string_lossy().into_owned()],
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        cwd: None,
-    })
-}
-
-fn spawn_with(executable: Executable, deadlines: KeyDeadlines) -> BackendAction {
-    BackendAction::Spawn {
-        executable,
-        key: AcquiredKey {
-            key: KeyConfig {
-                name: "room-1".parse().unwrap(),
-                namespace: String::new(),
-                tag: String::new(),
-            },
-            deadlines,
-            token: 7,
-        },
-        static_token: None,
-    }
-}
-
-pub(crate) fn spawn(env: &[(&str, &str)]) -> BackendAction {
-    spawn_with(executable(env), KeyDeadlines::from_base(Millis::now()))
-}
-
-pub(crate) fn terminate(kind: TerminationKind) -> BackendAction {
-    BackendAction::Terminate {
-        kind,
-        reason: TerminationReason::External,
-    }
-}
-
-fn statuses(events: &[Event]) -> Vec<BackendStatus> {
-    events.iter().map(|e| e.state.status()).collect()
-}
-
-/// Starts a drone and returns its first connection, checking the handshake and first heartbeat.
-pub(crate) async fn start_drone(
-    fake: &mut FakeController,
-    config: DroneConfig,
-) -> (hangar_drone::DroneHandle, FakeConnection) {
-    crate::init_tracing();
-    let drone = hangar_drone::start(config).await.unwrap();
-    let mut conn = fake.next_connection().await;
-    assert_eq!(conn.path, "/ctrl/c/localhost:9090/drone-socket");
-    assert_eq!(conn.hello.protocol, hangar_types::PROTOCOL_VERSION);
-    match &conn.hello.node {
-        NodeHello::Drone {
-            name,
-            pool,
-            executors,
-        } => {
-            assert_eq!(name, drone.name());
-            assert_eq!(pool, "");
-            assert_eq!(executors, &vec![ExecutorKind::Process]);
-        }
-        other => panic!("unexpected hello {other:?}"),
-    }
-    let first = conn.recv().await;
-    assert!(
-        matches!(first, Some(DroneToController::Heartbeat { .. })),
-        "{first:?}"
-    );
-    (drone, conn)
-}
-
-/// Reads backend events until one with `status`.
-pub(crate) async fn events_until(conn: &mut FakeConnection, status: BackendStatus) -> Vec<Event> {
-    let mut events = Vec::new();
-    loop {
-        let event = conn.next_event().await;
-        let done = event.state.status() == status;
-        events.push(event);
-        if done {
-            return events;
-        }
-    }
-}
+// Kept under their old paths for the tests of other executors.
+pub(crate) use crate::drive::{config, events_until, spawn, start_drone, terminate, with_timeout};
 
 async fn expect_ack(conn: &mut FakeConnection, action: &hangar_types::ActionId) {
     conn.wait_ack(action).await;
@@ -128,25 +25,12 @@ async fn answers_http(address: std::net::SocketAddr) -> bool {
 #[tokio::test]
 async fn spawn_reports_states_replays_until_acked_and_terminates() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let (drone, mut conn) = {
-            let config = config(&fake);
-            start_drone(&mut fake, config).await
-        };
+        let (mut fake, drone, mut conn) = started().await;
         let backend = BackendId::random();
         let action = conn.send_action(&backend, spawn(&[]));
         expect_ack(&mut conn, &action).await;
         let events = events_until(&mut conn, BackendStatus::Ready).await;
-        assert_eq!(
-            statuses(&events),
-            [
-                BackendStatus::Scheduled,
-                BackendStatus::Loading,
-                BackendStatus::Starting,
-                BackendStatus::Waiting,
-                BackendStatus::Ready
-            ]
-        );
+        assert_eq!(statuses(&events), TO_READY);
         assert!(events.iter().all(|e| e.backend_id == backend));
         assert!(events.windows(2).all(|w| w[0].event_id < w[1].event_id));
         let address = events[4].state.address().unwrap();
@@ -186,14 +70,12 @@ async fn spawn_reports_states_replays_until_acked_and_terminates() {
         );
         assert_eq!(
             events[1].state,
-            BackendState::Terminated {
-                last_status: BackendStatus::Ready,
-                termination: Some(TerminationKind::Soft),
-                reason: Some(TerminationReason::External),
-                exit_code: Some(0),
-                message: None,
-                oom_killed: false,
-            }
+            terminated(
+                BackendStatus::Ready,
+                Some(TerminationKind::Soft),
+                Some(TerminationReason::External),
+                Some(0),
+            )
         );
         expect_ack(&mut conn, &action).await;
         assert!(!answers_http(address).await);
@@ -208,11 +90,7 @@ async fn spawn_reports_states_replays_until_acked_and_terminates() {
 #[tokio::test]
 async fn executable_of_another_kind_fails_at_once() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let (drone, mut conn) = {
-            let config = config(&fake);
-            start_drone(&mut fake, config).await
-        };
+        let (_fake, drone, mut conn) = started().await;
         let backend = BackendId::random();
         let image = Executable::from_json(&serde_json::json!({"image": "app:1"})).unwrap();
         let action = conn.send_action(
@@ -246,11 +124,7 @@ async fn executable_of_another_kind_fails_at_once() {
 #[tokio::test]
 async fn missing_program_is_reported_with_its_message() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let (drone, mut conn) = {
-            let config = config(&fake);
-            start_drone(&mut fake, config).await
-        };
+        let (_fake, drone, mut conn) = started().await;
         let backend = BackendId::random();
         let exe =
             Executable::from_json(&serde_json::json!({"command": ["/nonexistent/prog"]})).unwrap();
@@ -290,11 +164,7 @@ async fn missing_program_is_reported_with_its_message() {
 #[tokio::test]
 async fn backend_exiting_by_itself_reports_its_exit_code() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let (drone, mut conn) = {
-            let config = config(&fake);
-            start_drone(&mut fake, config).await
-        };
+        let (_fake, drone, mut conn) = started().await;
         let backend = BackendId::random();
         conn.send_action(
             &backend,
@@ -342,14 +212,12 @@ async fn backend_that_never_listens_times_out() {
         );
         assert_eq!(
             events[5].state,
-            BackendState::Terminated {
-                last_status: BackendStatus::Waiting,
-                termination: Some(TerminationKind::Hard),
-                reason: Some(TerminationReason::StartupTimeout),
-                exit_code: Some(137),
-                message: None,
-                oom_killed: false,
-            }
+            terminated(
+                BackendStatus::Waiting,
+                Some(TerminationKind::Hard),
+                Some(TerminationReason::StartupTimeout),
+                Some(137),
+            )
         );
         conn.shutdown_drone(drone).await;
     })
@@ -372,14 +240,12 @@ async fn ignored_sigterm_is_followed_by_sigkill_after_the_grace_period() {
         assert!(started.elapsed() >= Duration::from_millis(300));
         assert_eq!(
             events.last().unwrap().state,
-            BackendState::Terminated {
-                last_status: BackendStatus::Ready,
-                termination: Some(TerminationKind::Soft),
-                reason: Some(TerminationReason::External),
-                exit_code: Some(137),
-                message: None,
-                oom_killed: false,
-            }
+            terminated(
+                BackendStatus::Ready,
+                Some(TerminationKind::Soft),
+                Some(TerminationReason::External),
+                Some(137),
+            )
         );
         conn.shutdown_drone(drone).await;
     })
@@ -389,11 +255,7 @@ async fn ignored_sigterm_is_followed_by_sigkill_after_the_grace_period() {
 #[tokio::test]
 async fn resent_spawns_are_acked_but_not_started_twice() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let (drone, mut conn) = {
-            let config = config(&fake);
-            start_drone(&mut fake, config).await
-        };
+        let (_fake, drone, mut conn) = started().await;
         let backend = BackendId::random();
         let action = ActionMessage {
             action_id: hangar_types::ActionId::random(),
@@ -423,11 +285,7 @@ async fn resent_spawns_are_acked_but_not_started_twice() {
 #[tokio::test]
 async fn terminate_for_an_unknown_backend_reports_it_lost() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let (drone, mut conn) = {
-            let config = config(&fake);
-            start_drone(&mut fake, config).await
-        };
+        let (_fake, drone, mut conn) = started().await;
         let backend = BackendId::random();
         let action = conn.send_action(&backend, terminate(TerminationKind::Soft));
         expect_ack(&mut conn, &action).await;
@@ -454,11 +312,7 @@ async fn terminate_for_an_unknown_backend_reports_it_lost() {
 #[tokio::test]
 async fn unrenewed_key_terminates_the_backend() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let (drone, mut conn) = {
-            let config = config(&fake);
-            start_drone(&mut fake, config).await
-        };
+        let (_fake, drone, mut conn) = started().await;
         let backend = BackendId::random();
         let now = Millis::now();
         let deadlines = KeyDeadlines {
@@ -466,7 +320,7 @@ async fn unrenewed_key_terminates_the_backend() {
             soft_terminate_at: now.plus(Duration::from_secs(2)),
             hard_terminate_at: now.plus(Duration::from_secs(60)),
         };
-        conn.send_action(&backend, spawn_with(executable(&[]), deadlines));
+        conn.send_action(&backend, spawn_with(process_executable(&[]), deadlines));
         let mut events = Vec::new();
         loop {
             match conn.next().await {
@@ -515,11 +369,7 @@ async fn unrenewed_key_terminates_the_backend() {
 #[tokio::test]
 async fn renewed_key_replaces_the_deadlines() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let (drone, mut conn) = {
-            let config = config(&fake);
-            start_drone(&mut fake, config).await
-        };
+        let (_fake, drone, mut conn) = started().await;
         let backend = BackendId::random();
         let now = Millis::now();
         let deadlines = KeyDeadlines {
@@ -527,7 +377,7 @@ async fn renewed_key_replaces_the_deadlines() {
             soft_terminate_at: now.plus(Duration::from_secs(3)),
             hard_terminate_at: now.plus(Duration::from_secs(60)),
         };
-        conn.send_action(&backend, spawn_with(executable(&[]), deadlines));
+        conn.send_action(&backend, spawn_with(process_executable(&[]), deadlines));
         let mut renewals = 0;
         while renewals < 2 {
             match conn.next().await {
@@ -558,11 +408,7 @@ async fn renewed_key_replaces_the_deadlines() {
 #[tokio::test]
 async fn shutdown_terminates_backends_and_waits_for_acks() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let (drone, mut conn) = {
-            let config = config(&fake);
-            start_drone(&mut fake, config).await
-        };
+        let (_fake, drone, mut conn) = started().await;
         let backend = BackendId::random();
         conn.send_action(&backend, spawn(&[]));
         let events = events_until(&mut conn, BackendStatus::Ready).await;

@@ -67,8 +67,7 @@ async fn oversized_request_heads_get_431() {
 async fn bodies_over_the_limit_get_413() {
     with_timeout(async {
         let env = Env::start_with(|c| c.max_request_body_bytes = 1024).await;
-        let route = env.route("b-body");
-        let token = env.token_for(&route);
+        let (route, token) = env.routed("b-body");
         let addr = env.proxy.local_addr();
         let host = env.cluster.as_str();
         let post = |extra: &str| {

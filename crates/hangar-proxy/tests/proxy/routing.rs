@@ -80,8 +80,7 @@ async fn concurrent_first_requests_share_one_route_request() {
 async fn backend_removed_makes_later_requests_410() {
     with_timeout(async {
         let env = Env::start().await;
-        let route = env.route("b-removed");
-        let token = env.token_for(&route);
+        let (route, token) = env.routed("b-removed");
         let other = env.token_for(&env.route("b-kept"));
         env.echo(&format!("/{token}/")).await;
         env.echo(&format!("/{other}/")).await;
@@ -90,12 +89,7 @@ async fn backend_removed_makes_later_requests_410() {
             backend: route.backend_id.clone(),
         });
         eventually("requests for the removed backend get 410", || async {
-            env.get(&format!("/{token}/"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                == 410
+            env.status_of(&format!("/{token}/")).await == 410
         })
         .await;
         let response = env.get(&format!("/{token}/")).send().await.unwrap();
@@ -111,8 +105,7 @@ async fn backend_removed_makes_later_requests_410() {
 async fn revoked_tokens_get_410() {
     with_timeout(async {
         let env = Env::start().await;
-        let route = env.route("b-revoke");
-        let token = env.token_for(&route);
+        let (route, token) = env.routed("b-revoke");
         let sibling = env.token_for(&route);
         env.echo(&format!("/{token}/")).await;
         env.echo(&format!("/{sibling}/")).await;
@@ -121,12 +114,7 @@ async fn revoked_tokens_get_410() {
             tokens: vec![token.clone()],
         });
         eventually("requests with the revoked token get 410", || async {
-            env.get(&format!("/{token}/"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                == 410
+            env.status_of(&format!("/{token}/")).await == 410
         })
         .await;
         // Another token for the same backend still works, from the cache.
@@ -167,8 +155,7 @@ async fn outstanding_route_requests_are_resent_after_a_reconnect() {
 async fn first_request_sends_a_keepalive_and_counts_settle() {
     with_timeout(async {
         let env = Env::start().await;
-        let route = env.route("b-keepalive");
-        let token = env.token_for(&route);
+        let (route, token) = env.routed("b-keepalive");
         assert_eq!(env.proxy.connection_counts(&route.backend_id), None);
         env.echo(&format!("/{token}/")).await;
         eventually("keepalive at the controller", || async {

@@ -518,6 +518,18 @@ impl Env {
         self.http.get(self.url(path)).header("host", host)
     }
 
+    /// GETs `path` and returns the status of the answer.
+    pub async fn status_of(&self, path: &str) -> u16 {
+        self.get(path).send().await.unwrap().status().as_u16()
+    }
+
+    /// A route for `backend` (see [`Env::route`]) and a fresh token resolving to it.
+    pub fn routed(&self, backend: &str) -> (RouteInfo, ConnectionToken) {
+        let route = self.route(backend);
+        let token = self.token_for(&route);
+        (route, token)
+    }
+
     /// GETs `path` and returns the backend's description of the request.
     pub async fn echo(&self, path: &str) -> Value {
         let response = self.get(path).send().await.unwrap();

@@ -6,6 +6,7 @@ use crate::raw::{
 };
 use crate::support::{eventually, with_timeout, Env};
 use futures_util::{SinkExt, StreamExt};
+use hangar_types::protocol::RouteInfo;
 use hangar_types::BackendId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -55,12 +56,45 @@ async fn wait_open_connections(env: &Env, backend: &BackendId, open: usize) {
     .await;
 }
 
+/// A route for `backend` to the test upstream, and a WebSocket opened to it through the proxy.
+async fn open_ws(env: &Env, backend: &str) -> (RouteInfo, Ws) {
+    let route = env.route(backend);
+    let token = env.token_for(&route);
+    let (ws, _) = connect(env, &format!("/{token}/ws"), None).await;
+    (route, ws)
+}
+
+/// Sends `text` and expects it echoed.
+async fn echo_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    assert_eq!(next_data(ws).await, Message::text(text));
+}
+
+/// Closes like a browser (closing handshake, then the TCP connection) and waits until the proxy
+/// counts no connection to the backend.
+async fn close_ws(env: &Env, mut ws: Ws, backend: &BackendId) {
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    drop(ws);
+    wait_open_connections(env, backend, 0).await;
+}
+
+/// Writes one raw frame.
+async fn send_frame(stream: &mut TcpStream, first: u8, payload: &[u8], mask: Option<[u8; 4]>) {
+    let frame = ws_frame(first, payload, mask);
+    stream.write_all(&frame).await.unwrap();
+}
+
+/// Reads one raw frame, which must be `first` with `payload`.
+async fn expect_frame(stream: &mut TcpStream, first: u8, payload: &[u8]) {
+    assert_eq!(read_frame(stream).await, Some((first, payload.to_vec())));
+}
+
 #[tokio::test]
 async fn websocket_echo_through_the_proxy() {
     with_timeout(async {
         let env = Env::start().await;
-        let route = env.route("b-ws");
-        let token = env.token_for(&route);
+        let (route, token) = env.routed("b-ws");
         let (mut ws, response) = connect(&env, &format!("/{token}/ws"), None).await;
         assert_eq!(response.status(), 101);
         assert_eq!(response.headers()["sec-websocket-protocol"], "chat");
@@ -70,8 +104,7 @@ async fn websocket_echo_through_the_proxy() {
             .unwrap()
             .starts_with("Hangar/"));
 
-        ws.send(Message::text("hello")).await.unwrap();
-        assert_eq!(next_data(&mut ws).await, Message::text("hello"));
+        echo_text(&mut ws, "hello").await;
         ws.send(Message::binary(vec![0u8, 1, 2, 255]))
             .await
             .unwrap();
@@ -87,11 +120,7 @@ async fn websocket_echo_through_the_proxy() {
         assert_eq!(counts.open_connections, 1);
         assert!(counts.recent_activity);
 
-        ws.close(None).await.unwrap();
-        while ws.next().await.is_some() {}
-        // Like a browser, close the TCP connection after the closing handshake.
-        drop(ws);
-        wait_open_connections(&env, &route.backend_id, 0).await;
+        close_ws(&env, ws, &route.backend_id).await;
         eventually("a keepalive for the WebSocket's backend", || async {
             env.controller.keepalives(&route.backend_id) >= 1
         })
@@ -104,19 +133,13 @@ async fn websocket_echo_through_the_proxy() {
 async fn firefox_style_connection_header_upgrades() {
     with_timeout(async {
         let env = Env::start().await;
-        let route = env.route("b-firefox");
-        let token = env.token_for(&route);
+        let (route, token) = env.routed("b-firefox");
         let (mut ws, response) =
             connect(&env, &format!("/{token}/ws"), Some("keep-alive, Upgrade")).await;
         assert_eq!(response.status(), 101);
-        ws.send(Message::text("from firefox")).await.unwrap();
-        assert_eq!(next_data(&mut ws).await, Message::text("from firefox"));
+        echo_text(&mut ws, "from firefox").await;
         wait_open_connections(&env, &route.backend_id, 1).await;
-        ws.close(None).await.unwrap();
-        while ws.next().await.is_some() {}
-        // Like a browser, close the TCP connection after the closing handshake.
-        drop(ws);
-        wait_open_connections(&env, &route.backend_id, 0).await;
+        close_ws(&env, ws, &route.backend_id).await;
     })
     .await
 }
@@ -125,18 +148,15 @@ async fn firefox_style_connection_header_upgrades() {
 async fn client_vanishing_without_close_frame_closes_the_tunnel() {
     with_timeout(async {
         let env = Env::start().await;
-        let route = env.route("b-vanish");
-        let token = env.token_for(&route);
-        let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
-        ws.send(Message::text("ping")).await.unwrap();
-        assert_eq!(next_data(&mut ws).await, Message::text("ping"));
+        let (route, mut ws) = open_ws(&env, "b-vanish").await;
+        echo_text(&mut ws, "ping").await;
         // A second tunnel to the same backend stays open throughout.
+        let token = env.token_for(&route);
         let (mut other, _) = connect(&env, &format!("/{token}/ws"), None).await;
         wait_open_connections(&env, &route.backend_id, 2).await;
         drop(ws);
         wait_open_connections(&env, &route.backend_id, 1).await;
-        other.send(Message::text("still here")).await.unwrap();
-        assert_eq!(next_data(&mut other).await, Message::text("still here"));
+        echo_text(&mut other, "still here").await;
         drop(other);
         wait_open_connections(&env, &route.backend_id, 0).await;
         eventually("no tunnels", || async { env.proxy.open_tunnels() == 0 }).await;
@@ -148,9 +168,7 @@ async fn client_vanishing_without_close_frame_closes_the_tunnel() {
 async fn upstream_closing_first_closes_the_tunnel() {
     with_timeout(async {
         let env = Env::start().await;
-        let route = env.route("b-upclose");
-        let token = env.token_for(&route);
-        let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
+        let (route, mut ws) = open_ws(&env, "b-upclose").await;
         wait_open_connections(&env, &route.backend_id, 1).await;
         ws.send(Message::text("close-me")).await.unwrap();
         assert!(matches!(next_data(&mut ws).await, Message::Close(_)));
@@ -242,48 +260,24 @@ async fn subprotocol_and_permessage_deflate_are_negotiated_end_to_end() {
         // "Hello" compressed (RFC 7692 §7.2.3.1), in frames with RSV1 set: passed unchanged.
         let hello = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
         let mask = Some([0x37, 0xfa, 0x21, 0x3d]);
-        client
-            .write_all(&ws_frame(0xC1, &hello, mask))
-            .await
-            .unwrap();
-        assert_eq!(
-            read_frame(&mut upstream).await,
-            Some((0xC1, hello.to_vec()))
-        );
-        upstream
-            .write_all(&ws_frame(0xC1, &hello, None))
-            .await
-            .unwrap();
-        assert_eq!(read_frame(&mut client).await, Some((0xC1, hello.to_vec())));
+        send_frame(&mut client, 0xC1, &hello, mask).await;
+        expect_frame(&mut upstream, 0xC1, &hello).await;
+        send_frame(&mut upstream, 0xC1, &hello, None).await;
+        expect_frame(&mut client, 0xC1, &hello).await;
         // A fragmented compressed message: RSV1 on the first fragment only.
         let mut fragments = ws_frame(0x41, &hello[..3], mask);
         fragments.extend(ws_frame(0x80, &hello[3..], mask));
         client.write_all(&fragments).await.unwrap();
-        assert_eq!(
-            read_frame(&mut upstream).await,
-            Some((0x41, hello[..3].to_vec()))
-        );
-        assert_eq!(
-            read_frame(&mut upstream).await,
-            Some((0x80, hello[3..].to_vec()))
-        );
+        expect_frame(&mut upstream, 0x41, &hello[..3]).await;
+        expect_frame(&mut upstream, 0x80, &hello[3..]).await;
 
         // Closing handshake, client first.
         let close = 1000u16.to_be_bytes();
-        client
-            .write_all(&ws_frame(0x88, &close, mask))
-            .await
-            .unwrap();
-        assert_eq!(
-            read_frame(&mut upstream).await,
-            Some((0x88, close.to_vec()))
-        );
-        upstream
-            .write_all(&ws_frame(0x88, &close, None))
-            .await
-            .unwrap();
+        send_frame(&mut client, 0x88, &close, mask).await;
+        expect_frame(&mut upstream, 0x88, &close).await;
+        send_frame(&mut upstream, 0x88, &close, None).await;
         drop(upstream);
-        assert_eq!(read_frame(&mut client).await, Some((0x88, close.to_vec())));
+        expect_frame(&mut client, 0x88, &close).await;
         wait_closed(&mut client).await;
         drop(client);
         wait_open_connections(&env, &"b-deflate".parse().unwrap(), 0).await;
@@ -295,9 +289,7 @@ async fn subprotocol_and_permessage_deflate_are_negotiated_end_to_end() {
 async fn large_and_fragmented_messages_pass_through() {
     with_timeout(async {
         let env = Env::start().await;
-        let route = env.route("b-large");
-        let token = env.token_for(&route);
-        let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
+        let (route, mut ws) = open_ws(&env, "b-large").await;
 
         let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
         ws.send(Message::binary(big.clone())).await.unwrap();
@@ -340,10 +332,7 @@ async fn large_and_fragmented_messages_pass_through() {
             .chunks(part.len())
             .all(|chunk| chunk == part.as_slice()));
 
-        ws.close(None).await.unwrap();
-        while ws.next().await.is_some() {}
-        drop(ws);
-        wait_open_connections(&env, &route.backend_id, 0).await;
+        close_ws(&env, ws, &route.backend_id).await;
     })
     .await
 }
@@ -352,9 +341,7 @@ async fn large_and_fragmented_messages_pass_through() {
 async fn pings_and_pongs_pass_both_ways() {
     with_timeout(async {
         let env = Env::start().await;
-        let route = env.route("b-ping");
-        let token = env.token_for(&route);
-        let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
+        let (route, mut ws) = open_ws(&env, "b-ping").await;
         // The client pings; the backend's pong comes back with the same payload.
         ws.send(Message::Ping("from-client".into())).await.unwrap();
         let pong = ws.next().await.unwrap().unwrap();
@@ -414,8 +401,7 @@ async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
         let route_b = env.route("b-away-lib");
         let token_b = env.token_for(&route_b);
         let (mut ws_b, _) = connect(&env, &format!("/{token_b}/ws"), None).await;
-        ws_b.send(Message::text("before")).await.unwrap();
-        assert_eq!(next_data(&mut ws_b).await, Message::text("before"));
+        echo_text(&mut ws_b, "before").await;
         assert_eq!(env.proxy.open_tunnels(), 2);
 
         // The backend of A is in the middle of a 100 KiB frame when the shutdown starts.
@@ -437,10 +423,7 @@ async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
 
         // A's backend gets a (masked) close 1001 from the proxy, then sends the rest of its frame
         // and one more frame.
-        assert_eq!(
-            read_frame(&mut upstream_a).await,
-            Some((0x88, vec![0x03, 0xE9]))
-        );
+        expect_frame(&mut upstream_a, 0x88, &[0x03, 0xE9]).await;
         let mut rest = frame[half..].to_vec();
         rest.extend(ws_frame(0x81, b"too late", None));
         upstream_a.write_all(&rest).await.unwrap();
@@ -450,14 +433,8 @@ async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
         let mut received = vec![0u8; frame.len() - half];
         client_a.read_exact(&mut received).await.unwrap();
         assert_eq!(received, &frame[half..]);
-        assert_eq!(
-            read_frame(&mut client_a).await,
-            Some((0x88, vec![0x03, 0xE9]))
-        );
-        client_a
-            .write_all(&ws_frame(0x88, &[0x03, 0xE9], Some([9, 9, 9, 9])))
-            .await
-            .unwrap();
+        expect_frame(&mut client_a, 0x88, &[0x03, 0xE9]).await;
+        send_frame(&mut client_a, 0x88, &[0x03, 0xE9], Some([9, 9, 9, 9])).await;
         wait_closed(&mut client_a).await;
 
         // B's client library sees a proper close with code 1001.

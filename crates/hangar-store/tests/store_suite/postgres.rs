@@ -4,97 +4,28 @@
 //! `HANGAR_TEST_POSTGRES_URL` names a server and a user allowed to create databases, e.g.
 //! `postgres://postgres:postgres@127.0.0.1:5432/postgres` (`scripts/start-postgres.sh` starts a local
 //! server and prints it). Each test creates its own database `hangar_test_<random>` and drops it
-//! afterwards (best effort). Without the variable these tests are skipped with a message, except under
+//! afterwards (best effort; `hangar_test_support::postgres`). Without the variable these tests are skipped with a message, except under
 //! `CI`, where they fail.
 
 use super::{run_then_teardown, suite, Harness, TEST_TIMEOUT};
 use hangar_store::postgres::PostgresStore;
 use hangar_store::{Acquire, KeyLookup, KeyRef, NewToken, StateUpdate, Store, StoreEvent};
+use hangar_test_support::postgres::TestDatabase;
 use hangar_types::token::{ConnectionToken, SecretToken};
 use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Connection, PgConnection};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 
-const URL_VAR: &str = "HANGAR_TEST_POSTGRES_URL";
-
 /// How long to wait for an event relayed through the database; relaying takes milliseconds.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The server to test against; `None` (skip) when not configured outside CI.
-fn server_url() -> Option<String> {
-    match std::env::var(URL_VAR) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ if in_ci() => panic!(
-            "{URL_VAR} is not set, but CI is: the PostgreSQL store tests must run in CI. Start a server \
-             with scripts/start-postgres.sh and export the URL it prints as {URL_VAR}."
-        ),
-        _ => {
-            eprintln!(
-                "skipping a PostgreSQL store test: {URL_VAR} is not set (start a server with \
-                 scripts/start-postgres.sh and export the URL it prints)"
-            );
-            None
-        }
-    }
-}
-
-/// `CI` is set to something other than empty, `0` or `false`.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
-}
-
-/// A database created for one test.
-pub struct TestDatabase {
-    server: String,
-    name: String,
-    /// URL of the test database.
-    pub url: String,
-}
-
-impl TestDatabase {
-    /// Creates a fresh database; `None` when PostgreSQL tests are skipped.
-    pub async fn create() -> Option<TestDatabase> {
-        let server = server_url()?;
-        let name = format!("hangar_test_{}", hangar_types::names::random_string());
-        let mut admin = PgConnection::connect(&server)
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to {URL_VAR}: {e}"));
-        admin
-            .execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
-        let _ = admin.close().await;
-        let mut url = url::Url::parse(&server).expect("HANGAR_TEST_POSTGRES_URL is a URL");
-        url.set_path(&name);
-        Some(TestDatabase {
-            server,
-            name,
-            url: url.to_string(),
-        })
-    }
-
-    /// Drops the database, disconnecting whoever still uses it. Failures are only reported.
-    pub async fn drop_database(self) {
-        let result = async {
-            let mut admin = PgConnection::connect(&self.server).await?;
-            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-            admin.execute(sql.as_str()).await?;
-            admin.close().await
-        }
-        .await;
-        if let Err(e) = result {
-            eprintln!("cannot drop test database {}: {e}", self.name);
-        }
-    }
-}
 
 /// The suite's factory: a store on a fresh database.
 pub async fn harness() -> Option<Harness> {
     let db = TestDatabase::create().await?;
-    let store = Arc::new(PostgresStore::connect(&db.url).await.unwrap());
+    let store = Arc::new(PostgresStore::connect(db.url()).await.unwrap());
     let (a, r) = (store.clone(), store.clone());
     Some(Harness {
         store,
@@ -116,7 +47,7 @@ where
     let Some(db) = db else {
         return;
     };
-    let case = case(db.url.clone());
+    let case = case(db.url().to_string());
     run_then_teardown(case, Some(Box::pin(db.drop_database()))).await;
 }
 

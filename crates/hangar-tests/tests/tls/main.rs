@@ -10,9 +10,10 @@ mod pebble;
 mod support;
 
 use futures_util::{SinkExt, StreamExt};
-use hangar_proxy::{AcmeChallenge, CertSource, EabConfig};
+use hangar_proxy::{AcmeChallenge, AcmeConfig, CertSource, EabConfig};
 use hangar_tests::TestEnv;
 use pebble::{Pebble, PebbleOptions};
+use std::net::SocketAddr;
 use std::time::Duration;
 use support::{
     acme_config, client_config, https_get, peer_serial, read_cert_file, start_dns, start_tls_proxy,
@@ -32,28 +33,71 @@ async fn env_for(cluster: &str) -> TestEnv {
     env
 }
 
+/// What a DNS-01 test runs: a controller and a drone for [`CLUSTER`], Hangar's DNS responder asking
+/// that controller, and Pebble resolving through the responder.
+struct Dns01 {
+    env: TestEnv,
+    dns: hangar_dns::DnsHandle,
+    pebble: Pebble,
+}
+
+impl Dns01 {
+    /// Starts it all; `options` adjusts Pebble's (its DNS server is set here).
+    async fn start(options: PebbleOptions) -> Dns01 {
+        let env = env_for(CLUSTER).await;
+        let dns = start_dns(env.controller_url()).await;
+        let pebble = Pebble::start(PebbleOptions {
+            dns_server: Some(dns.local_addr()),
+            ..options
+        })
+        .await;
+        Dns01 { env, dns, pebble }
+    }
+
+    /// The serial of the certificate `addr` serves for [`CLUSTER`] to a client trusting only Pebble's
+    /// root and offering `alpn`.
+    async fn served_serial(&self, addr: SocketAddr, alpn: &[u8]) -> String {
+        let root = self.pebble.issuing_root().await;
+        let tls = tls_connect(addr, CLUSTER, client_config(&root, &[alpn]))
+            .await
+            .unwrap();
+        peer_serial(&tls)
+    }
+
+    async fn shutdown(self) {
+        self.pebble.stop().await;
+        self.dns.shutdown().await;
+        self.env.shutdown().await;
+    }
+}
+
+/// ACME over DNS-01 with Pebble's external account `kid-1`.
+fn acme_with_eab(pebble: &Pebble, hmac_key: &str) -> AcmeConfig {
+    let mut acme = acme_config(pebble, AcmeChallenge::Dns01);
+    acme.eab = Some(EabConfig {
+        key_id: "kid-1".into(),
+        hmac_key: hmac_key.into(),
+    });
+    acme
+}
+
 #[tokio::test]
 async fn dns01_certificate_serves_https_and_wss_to_a_backend() {
     if !pebble::available() {
         return;
     }
     with_timeout(async {
-        let env = env_for(CLUSTER).await;
-        let dns = start_dns(env.controller_url()).await;
-        let pebble = Pebble::start(PebbleOptions {
-            dns_server: Some(dns.local_addr()),
-            ..PebbleOptions::default()
-        })
-        .await;
+        let world = Dns01::start(PebbleOptions::default()).await;
+        let (env, pebble) = (&world.env, &world.pebble);
         let dir = tempfile::tempdir().unwrap();
         let cert_path = dir.path().join("cert.json");
-        let proxy = start_tls_proxy(&env, None, |c| {
+        let proxy = start_tls_proxy(env, None, |c| {
             c.cert_path = Some(cert_path.clone());
-            c.acme = Some(acme_config(&pebble, AcmeChallenge::Dns01));
+            c.acme = Some(acme_config(pebble, AcmeChallenge::Dns01));
         })
         .await;
 
-        let serial = wait_for_acme_certificate(&proxy, &pebble, None).await;
+        let serial = wait_for_acme_certificate(&proxy, pebble, None).await;
         let info = proxy.certificate().unwrap();
         assert_eq!(info.source, CertSource::Acme);
         assert!(info.covers("plane.test") && info.covers("anything.plane.test"));
@@ -100,9 +144,7 @@ async fn dns01_certificate_serves_https_and_wss_to_a_backend() {
         ws.close(None).await.unwrap();
 
         proxy.shutdown().await;
-        pebble.stop().await;
-        dns.shutdown().await;
-        env.shutdown().await;
+        world.shutdown().await;
     })
     .await;
 }
@@ -113,27 +155,22 @@ async fn two_proxies_of_a_cluster_order_once_and_serve_the_same_certificate() {
         return;
     }
     with_timeout(async {
-        let env = env_for(CLUSTER).await;
-        let dns = start_dns(env.controller_url()).await;
-        let pebble = Pebble::start(PebbleOptions {
-            dns_server: Some(dns.local_addr()),
-            ..PebbleOptions::default()
-        })
-        .await;
+        let world = Dns01::start(PebbleOptions::default()).await;
+        let (env, pebble) = (&world.env, &world.pebble);
         let dir = tempfile::tempdir().unwrap();
         let mut proxies = Vec::new();
         for name in ["a.json", "b.json"] {
             let path = dir.path().join(name);
             proxies.push(
-                start_tls_proxy(&env, None, |c| {
+                start_tls_proxy(env, None, |c| {
                     c.cert_path = Some(path);
-                    c.acme = Some(acme_config(&pebble, AcmeChallenge::Dns01));
+                    c.acme = Some(acme_config(pebble, AcmeChallenge::Dns01));
                 })
                 .await,
             );
         }
-        let a = wait_for_acme_certificate(&proxies[0], &pebble, None).await;
-        let b = wait_for_acme_certificate(&proxies[1], &pebble, None).await;
+        let a = wait_for_acme_certificate(&proxies[0], pebble, None).await;
+        let b = wait_for_acme_certificate(&proxies[1], pebble, None).await;
         assert_eq!(a, b, "both proxies serve the cluster's one certificate");
         let orders: u64 = proxies.iter().map(|p| p.acme_orders()).sum();
         assert_eq!(orders, 1, "only the lease holder orders");
@@ -151,24 +188,15 @@ async fn two_proxies_of_a_cluster_order_once_and_serve_the_same_certificate() {
             })
             .await;
         }
-        let root = pebble.issuing_root().await;
         for proxy in &proxies {
-            let tls = tls_connect(
-                proxy.https_addr().unwrap(),
-                CLUSTER,
-                client_config(&root, &[b"h2"]),
-            )
-            .await
-            .unwrap();
-            assert_eq!(peer_serial(&tls), a);
+            let served = world.served_serial(proxy.https_addr().unwrap(), b"h2");
+            assert_eq!(served.await, a);
         }
 
         for proxy in proxies {
             proxy.shutdown().await;
         }
-        pebble.stop().await;
-        dns.shutdown().await;
-        env.shutdown().await;
+        world.shutdown().await;
     })
     .await;
 }
@@ -179,47 +207,32 @@ async fn certificates_close_to_expiry_are_renewed() {
         return;
     }
     with_timeout(async {
-        let env = env_for(CLUSTER).await;
-        let dns = start_dns(env.controller_url()).await;
         // Certificates live 20 s and are renewed with 15 s left: about 5 s after each issuance.
-        let pebble = Pebble::start(PebbleOptions {
-            dns_server: Some(dns.local_addr()),
+        let world = Dns01::start(PebbleOptions {
             validity_seconds: Some(20),
             ..PebbleOptions::default()
         })
         .await;
-        let proxy = start_tls_proxy(&env, None, |c| {
+        let (env, pebble) = (&world.env, &world.pebble);
+        let proxy = start_tls_proxy(env, None, |c| {
             c.renew_before = Duration::from_secs(15);
-            c.acme = Some(acme_config(&pebble, AcmeChallenge::Dns01));
+            c.acme = Some(acme_config(pebble, AcmeChallenge::Dns01));
         })
         .await;
-        let first = wait_for_acme_certificate(&proxy, &pebble, None).await;
+        let first = wait_for_acme_certificate(&proxy, pebble, None).await;
         let lifetime = {
             let info = proxy.certificate().unwrap();
             info.not_after.duration_since(info.not_before).unwrap()
         };
         assert!(lifetime <= Duration::from_secs(30), "{lifetime:?}");
-        let second = wait_for_acme_certificate(&proxy, &pebble, Some(&first)).await;
+        let second = wait_for_acme_certificate(&proxy, pebble, Some(&first)).await;
         assert_ne!(first, second);
         assert!(proxy.acme_orders() >= 2);
-        let root = pebble.issuing_root().await;
-        let tls = tls_connect(
-            proxy.https_addr().unwrap(),
-            CLUSTER,
-            client_config(&root, &[b"http/1.1"]),
-        )
-        .await
-        .unwrap();
-        assert_ne!(
-            peer_serial(&tls),
-            first,
-            "the renewed certificate is served"
-        );
+        let served = world.served_serial(proxy.https_addr().unwrap(), b"http/1.1");
+        assert_ne!(served.await, first, "the renewed certificate is served");
 
         proxy.shutdown().await;
-        pebble.stop().await;
-        dns.shutdown().await;
-        env.shutdown().await;
+        world.shutdown().await;
     })
     .await;
 }
@@ -230,72 +243,51 @@ async fn external_account_binding_and_a_restart_from_the_saved_file() {
         return;
     }
     with_timeout(async {
-        let env = env_for(CLUSTER).await;
-        let dns = start_dns(env.controller_url()).await;
         let hmac_key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
-        let pebble = Pebble::start(PebbleOptions {
-            dns_server: Some(dns.local_addr()),
+        let world = Dns01::start(PebbleOptions {
             eab: Some(("kid-1".into(), hmac_key.into())),
             // 40 days: not due with the default 30-day margin, due with a 60-day one (below).
             validity_seconds: Some(40 * 86400),
             ..PebbleOptions::default()
         })
         .await;
+        let (env, pebble) = (&world.env, &world.pebble);
         let dir = tempfile::tempdir().unwrap();
         let cert_path = dir.path().join("cert.json");
-        let proxy = start_tls_proxy(&env, None, |c| {
+        let proxy = start_tls_proxy(env, None, |c| {
             c.cert_path = Some(cert_path.clone());
-            let mut acme = acme_config(&pebble, AcmeChallenge::Dns01);
-            acme.eab = Some(EabConfig {
-                key_id: "kid-1".into(),
-                hmac_key: hmac_key.into(),
-            });
-            c.acme = Some(acme);
+            c.acme = Some(acme_with_eab(pebble, hmac_key));
         })
         .await;
-        let serial = wait_for_acme_certificate(&proxy, &pebble, None).await;
+        let serial = wait_for_acme_certificate(&proxy, pebble, None).await;
         proxy.shutdown().await;
 
         // A proxy without ACME serves the saved file.
-        let restarted = start_tls_proxy(&env, None, |c| {
+        let restarted = start_tls_proxy(env, None, |c| {
             c.cert_path = Some(cert_path.clone());
         })
         .await;
         let info = restarted.certificate().unwrap();
         assert_eq!(info.serial, serial);
         assert_eq!(info.source, CertSource::File);
-        let root = pebble.issuing_root().await;
-        let tls = tls_connect(
-            restarted.https_addr().unwrap(),
-            CLUSTER,
-            client_config(&root, &[b"http/1.1"]),
-        )
-        .await
-        .unwrap();
-        assert_eq!(peer_serial(&tls), serial);
+        let served = world.served_serial(restarted.https_addr().unwrap(), b"http/1.1");
+        assert_eq!(served.await, serial);
         restarted.shutdown().await;
 
         // A restart with ACME reuses the saved account: made to renew at once (a 60-day margin), it
         // orders without creating another account.
         assert_eq!(pebble.account_requests(), 1);
-        let renewing = start_tls_proxy(&env, None, |c| {
+        let renewing = start_tls_proxy(env, None, |c| {
             c.cert_path = Some(cert_path.clone());
             c.renew_before = Duration::from_secs(60 * 86400);
-            let mut acme = acme_config(&pebble, AcmeChallenge::Dns01);
-            acme.eab = Some(EabConfig {
-                key_id: "kid-1".into(),
-                hmac_key: hmac_key.into(),
-            });
-            c.acme = Some(acme);
+            c.acme = Some(acme_with_eab(pebble, hmac_key));
         })
         .await;
-        wait_for_acme_certificate(&renewing, &pebble, Some(&serial)).await;
+        wait_for_acme_certificate(&renewing, pebble, Some(&serial)).await;
         assert_eq!(pebble.account_requests(), 1, "the saved account was reused");
 
         renewing.shutdown().await;
-        pebble.stop().await;
-        dns.shutdown().await;
-        env.shutdown().await;
+        world.shutdown().await;
     })
     .await;
 }

@@ -2,9 +2,8 @@
 //! policies, mounts, networks, metrics, re-adoption and cleanup.
 
 use super::run::{docker, TestRun, TEST_IMAGE};
-use super::{
-    container_exists, docker_test, eventually, executor, executor_for, get_json, spec, wait_for_log,
-};
+use super::{container_exists, docker_test, eventually, executor, executor_for, spec};
+use crate::probe::{get_json, signal, wait_for_log};
 use hangar_drone::executor::docker::container_name;
 use hangar_drone::executor::{Executor, ExecutorError, Reattached};
 use hangar_types::protocol::DroneToController;
@@ -41,20 +40,12 @@ async fn container_gets_its_environment_and_stops_on_sigterm() {
         assert_eq!(security, r#"["no-new-privileges"] ["NET_RAW"] false"#);
         wait_for_log(&started, "listening on").await;
 
-        started
-            .backend
-            .terminate(TerminationKind::Soft)
-            .await
-            .unwrap();
+        signal(&started, TerminationKind::Soft).await;
         assert_eq!(started.backend.exited().await, Some(0));
         assert!(!started.backend.oom_killed());
         // Awaiting again gives the same answer, and signalling an exited backend is fine.
         assert_eq!(started.backend.exited().await, Some(0));
-        started
-            .backend
-            .terminate(TerminationKind::Hard)
-            .await
-            .unwrap();
+        signal(&started, TerminationKind::Hard).await;
         // The logs were kept before the container was removed.
         wait_for_log(&started, "got SIGTERM").await;
         assert!(!container_exists(&name));
@@ -71,19 +62,11 @@ async fn soft_terminate_only_asks_and_hard_terminate_kills() {
         let spec = spec(run.executable(&[("TEST_BACKEND_SIGTERM", "ignore")]));
         let started = executor.start(&spec).await.unwrap();
         get_json(started.address, "/env").await;
-        started
-            .backend
-            .terminate(TerminationKind::Soft)
-            .await
-            .unwrap();
+        signal(&started, TerminationKind::Soft).await;
         wait_for_log(&started, "got SIGTERM").await;
         // Still serving after SIGTERM: the executor does not escalate by itself.
         get_json(started.address, "/env").await;
-        started
-            .backend
-            .terminate(TerminationKind::Hard)
-            .await
-            .unwrap();
+        signal(&started, TerminationKind::Hard).await;
         assert_eq!(started.backend.exited().await, Some(137));
         executor.shutdown().await;
     })
@@ -213,11 +196,7 @@ async fn mounts_live_under_the_mount_base() {
             );
         }
         for started in [started, by_key] {
-            started
-                .backend
-                .terminate(TerminationKind::Hard)
-                .await
-                .unwrap();
+            signal(&started, TerminationKind::Hard).await;
             started.backend.exited().await;
         }
         executor.shutdown().await;
@@ -251,11 +230,7 @@ async fn named_network_gives_the_container_address() {
         let ip = docker(&["inspect", "--format", &format, &name]).unwrap();
         assert_eq!(ip, started.address.ip().to_string());
         get_json(started.address, "/env").await;
-        started
-            .backend
-            .terminate(TerminationKind::Soft)
-            .await
-            .unwrap();
+        signal(&started, TerminationKind::Soft).await;
         assert_eq!(started.backend.exited().await, Some(0));
         executor.shutdown().await;
     })
@@ -287,11 +262,7 @@ async fn metrics_report_memory_in_use() {
         assert_eq!(backend_id, spec.id);
         assert!(mem_used > 0);
         assert!(mem_limit >= mem_used);
-        started
-            .backend
-            .terminate(TerminationKind::Hard)
-            .await
-            .unwrap();
+        signal(&started, TerminationKind::Hard).await;
         started.backend.exited().await;
         executor.shutdown().await;
     })
@@ -348,11 +319,7 @@ async fn restarted_executor_readopts_running_and_reports_stopped_containers() {
             .unwrap();
         assert!(matches!(never, Reattached::Gone));
 
-        adopted
-            .backend
-            .terminate(TerminationKind::Soft)
-            .await
-            .unwrap();
+        signal(&adopted, TerminationKind::Soft).await;
         assert_eq!(adopted.backend.exited().await, Some(0));
         assert!(run.containers().is_empty());
         second.shutdown().await;
@@ -436,11 +403,7 @@ async fn orphans_and_old_stopped_containers_are_removed() {
             kept.id.as_str()
         );
         assert_eq!(kept_started.address, adopted.address);
-        adopted
-            .backend
-            .terminate(TerminationKind::Hard)
-            .await
-            .unwrap();
+        signal(&adopted, TerminationKind::Hard).await;
         adopted.backend.exited().await;
         eventually("the container to be removed", || {
             !container_exists(&container_name(&kept.id))

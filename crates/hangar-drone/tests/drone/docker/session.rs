@@ -2,61 +2,30 @@
 //! image errors as the controller sees them, and drones that crash or restart while containers run.
 
 use super::run::{docker, TestRun};
-use super::{container_exists, docker_test, get_json};
+use super::{container_exists, docker_test};
+use crate::drive::{
+    config_for, events_of_until, spawn_with, start_drone, statuses, terminate, terminated,
+};
 use crate::fake_controller::{Event, FakeConnection, FakeController};
+use crate::probe::get_json;
 use hangar_drone::executor::docker::container_name;
 use hangar_drone::DroneConfig;
-use hangar_types::api::KeyConfig;
 use hangar_types::executable::{DockerExecutable, Executable, ExecutorKind};
-use hangar_types::protocol::{AcquiredKey, BackendAction, DroneToController, KeyDeadlines};
+use hangar_types::protocol::{BackendAction, DroneToController, KeyDeadlines};
 use hangar_types::state::OUT_OF_MEMORY_MESSAGE;
 use hangar_types::{
     BackendId, BackendState, BackendStatus, Millis, TerminationKind, TerminationReason,
 };
-use std::time::Duration;
 
 fn config(fake: &FakeController) -> DroneConfig {
-    let mut config = DroneConfig::new(fake.url(), "localhost:9090".parse().unwrap());
-    config.executors = vec![ExecutorKind::Docker];
-    config.soft_terminate_grace = Duration::from_secs(10);
-    config.readiness_timeout = Duration::from_secs(60);
-    config
+    config_for(fake, ExecutorKind::Docker)
 }
 
 fn spawn(exe: DockerExecutable) -> BackendAction {
-    BackendAction::Spawn {
-        executable: Executable::Docker(Box::new(exe)),
-        key: AcquiredKey {
-            key: KeyConfig {
-                name: "room-1".parse().unwrap(),
-                namespace: String::new(),
-                tag: String::new(),
-            },
-            deadlines: KeyDeadlines::from_base(Millis::now()),
-            token: 7,
-        },
-        static_token: None,
-    }
-}
-
-fn terminate(kind: TerminationKind) -> BackendAction {
-    BackendAction::Terminate {
-        kind,
-        reason: TerminationReason::External,
-    }
-}
-
-fn statuses(events: &[Event]) -> Vec<BackendStatus> {
-    events.iter().map(|e| e.state.status()).collect()
-}
-
-async fn start_drone(
-    fake: &mut FakeController,
-    config: DroneConfig,
-) -> (hangar_drone::DroneHandle, FakeConnection) {
-    let drone = hangar_drone::start(config).await.unwrap();
-    let conn = fake.next_connection().await;
-    (drone, conn)
+    spawn_with(
+        Executable::Docker(Box::new(exe)),
+        KeyDeadlines::from_base(Millis::now()),
+    )
 }
 
 /// Backend events of `backend` until one with `status` (metrics and other backends' events skipped).
@@ -65,18 +34,7 @@ async fn events_until(
     backend: &BackendId,
     status: BackendStatus,
 ) -> Vec<Event> {
-    let mut events = Vec::new();
-    loop {
-        let event = conn.next_event().await;
-        if &event.backend_id != backend {
-            continue;
-        }
-        let done = event.state.status() == status;
-        events.push(event);
-        if done {
-            return events;
-        }
-    }
+    events_of_until(conn, Some(backend), status).await
 }
 
 #[tokio::test]
@@ -138,14 +96,12 @@ async fn docker_backend_lifecycle_with_metrics() {
         let events = events_until(&mut conn, &backend, BackendStatus::Terminated).await;
         assert_eq!(
             events.last().unwrap().state,
-            BackendState::Terminated {
-                last_status: BackendStatus::Ready,
-                termination: Some(TerminationKind::Soft),
-                reason: Some(TerminationReason::External),
-                exit_code: Some(0),
-                message: None,
-                oom_killed: false,
-            }
+            terminated(
+                BackendStatus::Ready,
+                Some(TerminationKind::Soft),
+                Some(TerminationReason::External),
+                Some(0),
+            )
         );
         assert!(!container_exists(&container_name(&backend)));
 
@@ -351,14 +307,7 @@ async fn container_that_stopped_while_the_drone_was_down_is_reported_with_its_ex
         assert_eq!(event.backend_id, backend);
         assert_eq!(
             event.state,
-            BackendState::Terminated {
-                last_status: BackendStatus::Ready,
-                termination: None,
-                reason: None,
-                exit_code: Some(137),
-                message: None,
-                oom_killed: false,
-            }
+            terminated(BackendStatus::Ready, None, None, Some(137),)
         );
         assert!(
             run.containers().is_empty(),

@@ -1,7 +1,7 @@
 //! Fresh PostgreSQL databases for tests, on the server named by `HANGAR_TEST_POSTGRES_URL` (e.g.
 //! `postgres://postgres:postgres@127.0.0.1:5432/postgres`, printed by `scripts/start-postgres.sh`).
 //!
-//! Each [`TestDatabase`] is `hangar_e2e_<random>`, dropped by [`TestDatabase::drop_database`] or, if a
+//! Each [`TestDatabase`] is `hangar_test_<random>`, dropped by [`TestDatabase::drop_database`] or, if a
 //! test panicked first, when the value is dropped. Without the variable, tests skip with a message,
 //! except under `CI`, where they fail.
 
@@ -45,7 +45,7 @@ impl TestDatabase {
     /// Creates a fresh database; `None` when PostgreSQL tests are skipped.
     pub async fn create() -> Option<TestDatabase> {
         let server = server_url()?;
-        let name = format!("hangar_e2e_{}", hangar_types::names::random_string());
+        let name = format!("hangar_test_{}", hangar_types::names::random_string());
         let mut admin = PgConnection::connect(&server)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to {URL_VAR}: {e}"));

@@ -1,0 +1,124 @@
+//! What Hangar's tests share, so that no test file carries its own copy: the `hangar-test-backend`
+//! binary ([`test_backend`], [`process_executable`]), waiting for a condition with a deadline instead
+//! of sleeping ([`eventually`], [`with_timeout`]), test logging ([`init_tracing`]), Docker and
+//! per-test labelled containers ([`docker::TestRun`]) and a fresh PostgreSQL database per test
+//! ([`postgres::TestDatabase`]).
+//!
+//! **Boundary:** a dev-dependency only; no normal crate may depend on it. It starts no Hangar
+//! component itself, so that every crate's tests can use it (the components' own harnesses, such as
+//! `hangar-tests`' `TestEnv`, build on it).
+
+// Test support: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+pub mod docker;
+pub mod postgres;
+
+use hangar_types::executable::{Executable, ProcessExecutable};
+use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Longest [`eventually`] waits for its condition.
+pub const WAIT: Duration = Duration::from_secs(45);
+
+/// How often [`eventually`] checks its condition.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Logs to the test output, filtered by `RUST_LOG` (default: warnings); installed once per process.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Runs `test`, failing it when it takes longer than `limit`.
+pub async fn with_timeout<T>(limit: Duration, test: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, test)
+        .await
+        .expect("test timed out")
+}
+
+/// Polls `check` until it returns `Some`, failing the test after [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_within(WAIT, what, check).await
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `limit` (for suites whose whole
+/// test timeout is shorter than [`WAIT`], so that a failure names what it waited for).
+pub async fn eventually_within<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Path of the `hangar-test-backend` binary, built once per test process (a no-op when it is up to
+/// date, as in CI, which builds it first).
+pub fn test_backend() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", "hangar-test-backend"])
+            .current_dir(&workspace)
+            .status()
+            .expect("cannot run cargo to build hangar-test-backend");
+        assert!(status.success(), "building hangar-test-backend failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"));
+        let binary = target.join("debug/hangar-test-backend");
+        assert!(binary.exists(), "{} is missing", binary.display());
+        binary
+    })
+}
+
+/// A process executable running the test backend with `env` (its `TEST_BACKEND_*` switches).
+pub fn process_executable(env: &[(&str, &str)]) -> Executable {
+    Executable::Process(ProcessExecutable {
+        command: vec![test_backend().to_string_lossy().into_owned()],
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        cwd: None,
+    })
+}
+
+/// The terminal state of a backend that left no message and was not killed for memory.
+pub fn terminated_state(
+    last_status: BackendStatus,
+    termination: Option<TerminationKind>,
+    reason: Option<TerminationReason>,
+    exit_code: Option<i32>,
+) -> BackendState {
+    BackendState::Terminated {
+        last_status,
+        termination,
+        reason,
+        exit_code,
+        message: None,
+        oom_killed: false,
+    }
+}
