@@ -12,6 +12,7 @@ mod system;
 
 use crate::config::{ConfigError, ControllerConfig};
 use crate::error::ApiError;
+use crate::executor_errors::ExecutorErrors;
 use crate::metrics::LatestMetrics;
 use crate::prometheus::ControllerMetrics;
 use axum::http::{header, Method};
@@ -43,6 +44,8 @@ pub struct AppState {
     pub(crate) metrics: LatestMetrics,
     /// This process's Prometheus series (`GET /metrics`).
     pub(crate) prometheus: Arc<ControllerMetrics>,
+    /// Executor errors reported by the drones attached here (memory only).
+    pub(crate) executor_errors: ExecutorErrors,
 }
 
 impl AppState {
@@ -66,6 +69,7 @@ impl AppState {
             tracker: TaskTracker::new(),
             metrics: LatestMetrics::default(),
             prometheus: Arc::new(ControllerMetrics::new()),
+            executor_errors: ExecutorErrors::default(),
         })
     }
 

@@ -262,6 +262,7 @@ pub(super) async fn cluster_state(
             node,
             pool: pool.unwrap_or_default(),
             executors: executors.remove(&id).unwrap_or_default(),
+            executor_error: None,
         });
     }
     Ok(state)
