@@ -245,6 +245,19 @@ async fn requests_wait_for_an_executor_that_starts_late() {
             .await;
         let (status, _) = get_text(&env, &resp.url).await;
         assert_eq!(status, 200);
+        // The executor's MetricsMessage reached the controller as the backend's resource sample.
+        let metrics_url = env.controller_url().join("metrics").unwrap();
+        eventually(
+            "the executor's metrics sample at the controller",
+            || async {
+                let text = env.http.get(metrics_url.clone()).send().await.ok()?;
+                let text = text.text().await.ok()?;
+                text.lines()
+                    .any(|l| l == "hangar_backend_memory_used_bytes 1234")
+                    .then_some(())
+            },
+        )
+        .await;
         env.shutdown().await;
         executor.kill().await;
     })
