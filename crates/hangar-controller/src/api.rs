@@ -15,6 +15,7 @@ mod system;
 
 use crate::config::{ConfigError, ControllerConfig};
 use crate::error::ApiError;
+use crate::executor_errors::ExecutorErrors;
 use crate::metrics::LatestMetrics;
 use crate::prometheus::ControllerMetrics;
 use axum::http::{header, Method};
@@ -48,6 +49,8 @@ pub struct AppState {
     pub(crate) prometheus: Arc<ControllerMetrics>,
     /// The auth service asked before `/ctrl`, dashboard and metrics requests (`forward_auth`).
     pub(crate) forward_auth: Option<Arc<forward_auth::ForwardAuth>>,
+    /// Executor errors reported by the drones attached here (memory only).
+    pub(crate) executor_errors: ExecutorErrors,
 }
 
 impl AppState {
@@ -73,6 +76,7 @@ impl AppState {
             metrics: LatestMetrics::default(),
             prometheus: Arc::new(ControllerMetrics::new()),
             forward_auth,
+            executor_errors: ExecutorErrors::default(),
         })
     }
 

@@ -11,6 +11,7 @@
 //! the session.
 
 use crate::api::AppState;
+use crate::executor_errors::ExecutorErrors;
 use crate::metrics::{BackendSample, LatestMetrics};
 use crate::node_socket::{self, NodeSender, SessionClosed};
 use crate::prometheus::{ControllerMetrics, NodeKind};
@@ -18,7 +19,9 @@ use crate::sweeper;
 use axum::extract::ws::WebSocket;
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
-use hangar_store::{DroneRegistration, NodeId, Registration, StateUpdate, Store, StoreEvent};
+use hangar_store::{
+    DroneRegistration, NodeId, Registration, SessionId, StateUpdate, Store, StoreEvent,
+};
 use hangar_types::protocol::{
     ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines, NodeHello,
 };
@@ -113,6 +116,9 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
             store: state.store.clone(),
             key_timing: state.config.key_timing,
             metrics: state.metrics.clone(),
+            executor_errors: state.executor_errors.clone(),
+            cluster: cluster.clone(),
+            session,
             node,
             name: name.clone(),
             sender,
@@ -125,6 +131,9 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
             sweeper::run_sweeper(state.store.clone(), node, name.clone(), cancel.clone()),
         );
     }
+    state
+        .executor_errors
+        .session_ended(&cluster, &name, session);
     if let Err(e) = state.store.node_disconnected(node, session).await {
         tracing::warn!(drone = %name, error = %e, "Failed to mark drone disconnected");
     }
@@ -137,6 +146,9 @@ struct DroneSession {
     key_timing: KeyTiming,
     metrics: LatestMetrics,
     prometheus: Arc<ControllerMetrics>,
+    executor_errors: ExecutorErrors,
+    cluster: ClusterName,
+    session: SessionId,
     node: NodeId,
     name: DroneName,
     sender: NodeSender<ControllerToDrone>,
@@ -214,6 +226,16 @@ impl DroneSession {
                     received: Instant::now(),
                 };
                 self.metrics.record(backend_id, sample);
+            }
+            DroneToController::ExecutorStatus { error } => {
+                match &error {
+                    Some(error) => {
+                        tracing::warn!(drone = %self.name, %error, "Drone reports an executor error")
+                    }
+                    None => tracing::info!(drone = %self.name, "Drone's executor works again"),
+                }
+                let errors = &self.executor_errors;
+                errors.report(&self.cluster, &self.name, self.session, error);
             }
             DroneToController::AckAction { action_id } => {
                 if let Err(e) = self.store.ack_action(self.node, &action_id).await {

@@ -17,6 +17,7 @@ pub mod connect;
 mod dns_session;
 pub mod drone_session;
 pub mod error;
+pub mod executor_errors;
 pub mod lost;
 mod maintenance;
 pub mod metrics;

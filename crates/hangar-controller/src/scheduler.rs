@@ -24,7 +24,17 @@ pub async fn pick_drone(
         executor,
         max_heartbeat_age: UNHEALTHY_AFTER,
     };
-    let candidates = store.schedulable_drones(&query).await?;
+    let mut candidates = store.schedulable_drones(&query).await?;
+    // Socket executors (Plane's custom executors) run Docker-style executables too.
+    if executor == ExecutorKind::Docker {
+        let socket = DroneQuery {
+            executor: ExecutorKind::Socket,
+            ..query
+        };
+        candidates.extend(store.schedulable_drones(&socket).await?);
+        candidates.sort_by_key(|c| c.id);
+        candidates.dedup_by_key(|c| c.id);
+    }
     Ok(choose_best_of(&candidates, best_of, &mut rand::rng()).cloned())
 }
 

@@ -1,6 +1,6 @@
 //! The drone's configuration (`DroneConfig`), filled by the binary from file, env and flags.
 
-use crate::executor::DockerSettings;
+use crate::executor::{DockerSettings, SocketSettings};
 use hangar_types::executable::ExecutorKind;
 use hangar_types::timing::{READINESS_TIMEOUT, SOFT_TERMINATE_GRACE};
 use hangar_types::{ClusterName, DroneName};
@@ -63,6 +63,17 @@ pub struct DroneConfig {
     /// Where to serve Prometheus metrics (`GET /metrics`), e.g. `127.0.0.1:9092`. Default: none (off).
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Unix socket of an external executor speaking Plane's executor protocol (plane-api.md §6.6).
+    /// When set, the drone offers the `socket` executor in place of `docker`: every Docker-style
+    /// executable goes to the socket, as in Plane (`process` stays if listed in `executors`).
+    /// Default: none.
+    #[serde(default)]
+    pub executor_socket: Option<PathBuf>,
+    /// How long the executor socket may stay unreachable before the drone reports an executor error
+    /// and ends the socket's backends `terminated` with reason `lost`, in milliseconds. Default:
+    /// 30000 (Plane's give-up time).
+    #[serde(default = "default_executor_socket_give_up", with = "duration_ms")]
+    pub executor_socket_give_up: Duration,
 }
 
 /// Docker's log configuration of a container (`HostConfig.LogConfig`).
@@ -91,6 +102,10 @@ fn default_grace() -> Duration {
 
 fn default_readiness_timeout() -> Duration {
     READINESS_TIMEOUT
+}
+
+fn default_executor_socket_give_up() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_cleanup_min_age() -> Duration {
@@ -129,7 +144,22 @@ impl DroneConfig {
             docker_log_config: None,
             docker_cleanup_min_age: default_cleanup_min_age(),
             metrics_addr: None,
+            executor_socket: None,
+            executor_socket_give_up: default_executor_socket_give_up(),
         }
+    }
+
+    /// The executors this drone runs, sorted: `executors`, with `docker` replaced by `socket` when
+    /// `executor_socket` is set.
+    pub fn offered_executors(&self) -> Vec<ExecutorKind> {
+        let mut kinds = self.executors.clone();
+        if self.executor_socket.is_some() {
+            kinds.retain(|k| *k != ExecutorKind::Docker);
+            kinds.push(ExecutorKind::Socket);
+        }
+        kinds.sort();
+        kinds.dedup();
+        kinds
     }
 
     pub fn validate(&self) -> Result<(), DroneConfigError> {
@@ -142,6 +172,9 @@ impl DroneConfig {
         }
         if self.executors.is_empty() {
             return Err(DroneConfigError::NoExecutors);
+        }
+        if self.executors.contains(&ExecutorKind::Socket) && self.executor_socket.is_none() {
+            return Err(DroneConfigError::SocketWithoutPath);
         }
         if self.readiness_timeout.is_zero() {
             return Err(DroneConfigError::ZeroReadinessTimeout);
@@ -173,6 +206,15 @@ impl DroneConfig {
             .transpose()
     }
 
+    /// The settings of the socket executor, when `executor_socket` is set.
+    pub fn socket_settings(&self) -> Option<SocketSettings> {
+        Some(SocketSettings {
+            path: self.executor_socket.clone()?,
+            ip: self.ip,
+            give_up_after: self.executor_socket_give_up,
+        })
+    }
+
     /// The settings of the Docker executor.
     pub fn docker_settings(&self) -> Result<DockerSettings, DroneConfigError> {
         Ok(DockerSettings {
@@ -192,6 +234,8 @@ pub enum DroneConfigError {
     InvalidControllerUrl(String),
     #[error("`executors` must name at least one executor")]
     NoExecutors,
+    #[error("the socket executor needs `executor_socket` (`--executor-socket PATH`)")]
+    SocketWithoutPath,
     /// The executor is not compiled into this drone. (Every executor is, today; kept so callers
     /// that handle it keep working.)
     #[error("the {0} executor is not available in this build of the drone")]
@@ -236,6 +280,8 @@ impl std::fmt::Debug for DroneConfig {
             .field("docker_log_config", &self.docker_log_config)
             .field("docker_cleanup_min_age", &self.docker_cleanup_min_age)
             .field("metrics_addr", &self.metrics_addr)
+            .field("executor_socket", &self.executor_socket)
+            .field("executor_socket_give_up", &self.executor_socket_give_up)
             .finish()
     }
 }
@@ -312,6 +358,26 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("Type"), "{err}");
+    }
+
+    #[test]
+    fn executor_socket_replaces_docker() {
+        let c: DroneConfig = serde_json::from_str(
+            r#"{"controller_url": "http://x/", "cluster": "c", "executor_socket": "/run/ex.sock"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.offered_executors(), vec![ExecutorKind::Socket]);
+        let mut both = c.clone();
+        both.executors = vec![ExecutorKind::Process, ExecutorKind::Docker];
+        assert_eq!(
+            both.offered_executors(),
+            vec![ExecutorKind::Process, ExecutorKind::Socket]
+        );
+        let mut bad = c;
+        bad.executor_socket = None;
+        bad.executors = vec![ExecutorKind::Socket];
+        assert_eq!(bad.validate(), Err(DroneConfigError::SocketWithoutPath));
     }
 
     #[test]

@@ -12,15 +12,18 @@
 pub mod docker;
 mod log_lines;
 pub mod process;
+pub mod socket;
 
 use async_trait::async_trait;
 use hangar_types::executable::{Executable, ExecutorKind};
 use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendId, KeyName, TerminationKind};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 pub use docker::{DockerExecutor, DockerSettings};
 pub use process::ProcessExecutor;
+pub use socket::{SocketExecutor, SocketSettings};
 
 /// Everything an executor needs to start one backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +98,37 @@ pub trait RunningBackend: Send + Sync {
     fn oom_killed(&self) -> bool {
         false
     }
+
+    /// `waiting`: resolves once the backend at `address` serves, or fails after `timeout`. By
+    /// default the drone probes the address over HTTP; an executor that owns readiness overrides
+    /// it (Plane's socket executors answer `WaitForBackend`).
+    async fn wait_ready(
+        &self,
+        address: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(), ReadinessError> {
+        crate::readiness::wait_ready(address, timeout)
+            .await
+            .map_err(|e| ReadinessError::Timeout(e.to_string()))
+    }
+
+    /// Set when the executor lost the backend rather than saw it exit (its executor socket
+    /// vanished): the backend ends `terminated` with reason `lost` and this message. Meaningful once
+    /// [`RunningBackend::exited`] resolved.
+    fn lost(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Why a backend did not become ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadinessError {
+    /// It did not answer in time: hard-terminated with reason `startuptimeout`.
+    #[error("{0}")]
+    Timeout(String),
+    /// Readiness could not be established for another reason: reason `internalerror`.
+    #[error("{0}")]
+    Failed(String),
 }
 
 #[async_trait]
@@ -177,4 +211,21 @@ pub enum ExecutorError {
     NoAddress { container: String, reason: String },
     #[error(transparent)]
     Mount(#[from] docker::MountError),
+    #[error(transparent)]
+    Socket(#[from] socket::LinkError),
+    #[error("the executor refused {request}: {message}")]
+    SocketRefused {
+        request: &'static str,
+        message: String,
+    },
+    #[error("the executor answered {request} with {answer}")]
+    SocketAnswer {
+        request: &'static str,
+        answer: String,
+    },
+    #[error("the executor did not answer {request} within {after:?}")]
+    SocketNoAnswer {
+        request: &'static str,
+        after: Duration,
+    },
 }

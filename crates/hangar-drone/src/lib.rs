@@ -21,7 +21,7 @@ mod supervisor;
 pub use config::{DockerLogConfig, DroneConfig, DroneConfigError};
 
 use anyhow::Context;
-use executor::{DockerExecutor, Executor, ProcessExecutor};
+use executor::{DockerExecutor, Executor, ProcessExecutor, SocketExecutor};
 use hangar_client::ControllerClient;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{DroneToController, Hello, NodeHello};
@@ -98,11 +98,10 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
     let outbox = Outbox::open(config.state_file.as_deref())
         .await
         .context("cannot open the drone state")?;
-    let mut kinds = config.executors.clone();
-    kinds.sort();
-    kinds.dedup();
+    let kinds = config.offered_executors();
     let (metrics, metrics_rx) = mpsc::channel(METRICS_CAPACITY);
-    let executors = start_executors(&config, &kinds, metrics).await?;
+    let (executor_error, executor_error_rx) = watch::channel(None);
+    let executors = start_executors(&config, &kinds, metrics, executor_error).await?;
     let settings = SupervisorSettings {
         soft_terminate_grace: config.soft_terminate_grace,
         readiness_timeout: config.readiness_timeout,
@@ -154,6 +153,7 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         connected,
         reconnect: reconnect_rx,
         prometheus: drone_metrics.clone(),
+        executor_error: executor_error_rx,
     };
     tracker.spawn(session.run_session(cancel.child_token()));
     if let Some(listener) = metrics_listener {
@@ -190,12 +190,15 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
     })
 }
 
-/// The executors of `kinds`; metrics samples go to `metrics`.
+/// The executors of `kinds`; metrics samples go to `metrics`; the socket executor reports why it is
+/// unavailable in `executor_error`.
 async fn start_executors(
     config: &DroneConfig,
     kinds: &[ExecutorKind],
     metrics: mpsc::Sender<DroneToController>,
+    executor_error: watch::Sender<Option<String>>,
 ) -> anyhow::Result<Vec<Arc<dyn Executor>>> {
+    let mut executor_error = Some(executor_error);
     let mut executors: Vec<Arc<dyn Executor>> = Vec::new();
     for kind in kinds {
         match kind {
@@ -212,6 +215,17 @@ async fn start_executors(
                     .await
                     .context("cannot use the Docker executor (is the Docker engine running?)")?;
                 executors.push(Arc::new(docker));
+            }
+            ExecutorKind::Socket => {
+                let settings = config
+                    .socket_settings()
+                    .context("the socket executor needs `executor_socket`")?;
+                let error = executor_error
+                    .take()
+                    .context("only one socket executor per drone")?;
+                tracing::info!(socket = %settings.path.display(), "Using the executor socket");
+                let socket = SocketExecutor::start(settings, metrics.clone(), error);
+                executors.push(Arc::new(socket));
             }
         }
     }

@@ -49,6 +49,8 @@ pub struct Session {
     pub reconnect: watch::Receiver<u64>,
     /// Connection and reconnect series.
     pub prometheus: Arc<DroneMetrics>,
+    /// Why the executor cannot run backends, while it cannot (reported as `ExecutorStatus`).
+    pub executor_error: watch::Receiver<Option<String>>,
 }
 
 /// Why a connection ended.
@@ -112,6 +114,7 @@ impl Session {
             outbound,
             metrics,
             reconnect,
+            executor_error,
             ..
         } = self;
         // Samples queued while disconnected are stale.
@@ -129,7 +132,7 @@ impl Session {
             }
             () = reconnect_requested(reconnect) => Ended::Closed,
             () = reader => Ended::Closed,
-            () = writer.run(outbound, metrics) => Ended::Closed,
+            () = writer.run(outbound, metrics, executor_error) => Ended::Closed,
         }
     }
 }
@@ -155,6 +158,7 @@ impl Writer<'_> {
         &mut self,
         outbound: &mut mpsc::Receiver<DroneToController>,
         metrics: &mut mpsc::Receiver<DroneToController>,
+        executor_error: &mut watch::Receiver<Option<String>>,
     ) {
         // The first heartbeat goes out before anything else on the connection.
         let beat = DroneToController::Heartbeat {
@@ -162,6 +166,14 @@ impl Writer<'_> {
         };
         if self.sender.send(&beat).await.is_err() {
             return;
+        }
+        // A new controller session knows no error: tell it of a current one.
+        let current = executor_error.borrow_and_update().clone();
+        if let Some(error) = current {
+            let status = DroneToController::ExecutorStatus { error: Some(error) };
+            if self.sender.send(&status).await.is_err() {
+                return;
+            }
         }
         let mut heartbeat = tokio::time::interval_at(
             tokio::time::Instant::now() + HEARTBEAT_INTERVAL,
@@ -189,6 +201,11 @@ impl Writer<'_> {
                     Some(message) => self.sender.send(&message).await.is_ok(),
                     None => return,
                 },
+                Ok(()) = executor_error.changed() => {
+                    let error = executor_error.borrow_and_update().clone();
+                    let status = DroneToController::ExecutorStatus { error };
+                    self.sender.send(&status).await.is_ok()
+                }
                 Some(sample) = metrics.recv() => self.sender.send(&sample).await.is_ok(),
             };
             if !sent {

@@ -102,7 +102,7 @@ impl Supervisors {
         self.inner
             .executors
             .iter()
-            .find(|e| e.kind() == kind)
+            .find(|e| e.kind().runs(kind))
             .cloned()
     }
 

@@ -164,6 +164,11 @@ pub struct ClusterDroneState {
     /// Hangar extension: executors this drone offers.
     #[serde(default)]
     pub executors: Vec<ExecutorKind>,
+    /// Hangar extension: why the drone cannot run backends right now (its executor socket has been
+    /// unreachable too long), as reported by the drone to the controller it is attached to. Absent
+    /// when all is well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

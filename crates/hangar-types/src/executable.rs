@@ -11,6 +11,17 @@ use std::collections::BTreeMap;
 pub enum ExecutorKind {
     Docker,
     Process,
+    /// An external executor on a unix socket speaking Plane's executor protocol (`hangar drone
+    /// --executor-socket`). It receives Docker-style executables, as Plane's executors do.
+    Socket,
+}
+
+impl ExecutorKind {
+    /// Whether an executor of this kind runs executables of kind `executable` (what
+    /// [`Executable::kind`] says). A socket executor runs Docker-style executables.
+    pub fn runs(self, executable: ExecutorKind) -> bool {
+        self == executable || (self == ExecutorKind::Socket && executable == ExecutorKind::Docker)
+    }
 }
 
 impl std::fmt::Display for ExecutorKind {
@@ -18,6 +29,7 @@ impl std::fmt::Display for ExecutorKind {
         f.write_str(match self {
             ExecutorKind::Docker => "docker",
             ExecutorKind::Process => "process",
+            ExecutorKind::Socket => "socket",
         })
     }
 }
@@ -197,6 +209,19 @@ mod tests {
         assert!(Executable::from_json(&json!({"image": "a", "bogus": 1})).is_err());
         assert!(Executable::from_json(&json!({"image": ""})).is_err());
         assert!(Executable::from_json(&json!({"image": "a", "pull_policy": "Sometimes"})).is_err());
+    }
+
+    #[test]
+    fn socket_executors_run_docker_executables() {
+        assert!(ExecutorKind::Socket.runs(ExecutorKind::Docker));
+        assert!(ExecutorKind::Docker.runs(ExecutorKind::Docker));
+        assert!(!ExecutorKind::Socket.runs(ExecutorKind::Process));
+        assert!(!ExecutorKind::Docker.runs(ExecutorKind::Socket));
+        assert_eq!(
+            serde_json::to_value(ExecutorKind::Socket).unwrap(),
+            json!("socket")
+        );
+        assert_eq!(ExecutorKind::Socket.to_string(), "socket");
     }
 
     #[test]

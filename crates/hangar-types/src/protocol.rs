@@ -140,6 +140,11 @@ pub enum DroneToController {
         /// CPU time the whole host used, nanoseconds.
         sys_cpu_ns: u64,
     },
+    /// Hangar extension: the drone's executor cannot run backends (`error`), or can again (`None`).
+    /// Sent on every connection while there is an error, and on every change. Shown in cluster state.
+    ExecutorStatus {
+        error: Option<String>,
+    },
 }
 
 #[allow(clippy::large_enum_variant)] // see BackendAction

@@ -220,6 +220,11 @@ pub struct DroneArgs {
     /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:9092`. Default: off.
     #[arg(long, env = "HANGAR_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Unix socket of an external executor speaking Plane's executor protocol (as Plane's
+    /// `--executor-socket`). It takes the Docker executor's place: Docker-style executables
+    /// (`executable.image`) go to the socket. Default: none.
+    #[arg(long, env = "HANGAR_EXECUTOR_SOCKET")]
+    pub executor_socket: Option<PathBuf>,
 }
 
 /// A JSON flag value.
@@ -289,6 +294,7 @@ impl DroneArgs {
         layers.set("docker_runtime", self.docker_runtime.as_ref())?;
         layers.set("docker_log_config", self.log_config.as_ref())?;
         layers.set("metrics_addr", self.metrics_addr.as_ref())?;
+        layers.set("executor_socket", self.executor_socket.as_ref())?;
         Ok(layers.build("drone")?)
     }
 }
@@ -658,5 +664,29 @@ mod tests {
             local_url("10.0.0.5:80".parse().unwrap()).unwrap().as_str(),
             "http://10.0.0.5/"
         );
+    }
+
+    #[test]
+    fn drone_executor_socket() {
+        let c = drone(&[
+            "--controller-url",
+            "http://ctrl:8080",
+            "--cluster",
+            "c",
+            "--executor-socket",
+            "/run/executor.sock",
+        ])
+        .to_config()
+        .unwrap();
+        assert_eq!(c.executor_socket, Some(PathBuf::from("/run/executor.sock")));
+        assert_eq!(c.offered_executors(), vec![ExecutorKind::Socket]);
+        assert!(c.validate().is_ok());
+        let file = config_file(
+            "controller_url = \"http://ctrl:8080\"\ncluster = \"c\"\nexecutor_socket = \"/tmp/x.sock\"\n",
+        );
+        let c = drone(&["--config", file.path().to_str().unwrap()])
+            .to_config()
+            .unwrap();
+        assert_eq!(c.executor_socket, Some(PathBuf::from("/tmp/x.sock")));
     }
 }

@@ -73,6 +73,8 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
             .context("building the docker executable")?;
             (executable, Direct::Docker)
         }
+        // Never parsed from the command line: a socket executor needs an external program.
+        ExecutorKind::Socket => anyhow::bail!("the spawn benchmark cannot use a socket executor"),
     };
 
     let config = SystemConfig {

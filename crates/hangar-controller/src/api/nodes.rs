@@ -23,11 +23,12 @@ pub async fn cluster_state_get(
     ApiPath(cluster): ApiPath<String>,
 ) -> Result<Json<ClusterState>, ApiError> {
     let cluster = parse_cluster(&cluster)?;
-    let cluster_state = state
+    let mut cluster_state = state
         .store
         .cluster_state(&cluster)
         .await
         .map_err(ApiError::store("Database error"))?;
+    state.executor_errors.annotate(&cluster, &mut cluster_state);
     Ok(Json(cluster_state))
 }
 

@@ -5,9 +5,8 @@
 //! the outbox before anything else learns of it.
 
 use super::Supervisors;
-use crate::executor::{BackendSpec, Executor, RunningBackend, Started};
+use crate::executor::{BackendSpec, Executor, ReadinessError, RunningBackend, Started};
 use crate::key_manager::{KeyManager, KeyStep};
-use crate::readiness;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{DroneToController, KeyDeadlines};
 use hangar_types::state::Transition;
@@ -68,6 +67,7 @@ fn unavailable_message(kind: ExecutorKind, offered: &[ExecutorKind]) -> String {
     let what = match kind {
         ExecutorKind::Docker => "Docker images",
         ExecutorKind::Process => "local processes",
+        ExecutorKind::Socket => "backends through an executor socket",
     };
     let offered: Vec<String> = offered.iter().map(ToString::to_string).collect();
     format!(
@@ -179,7 +179,7 @@ impl BackendTask {
             _ => {}
         }
         let timeout = self.supervisors.inner.settings.readiness_timeout;
-        let probe = readiness::wait_ready(address, timeout);
+        let probe = backend.wait_ready(address, timeout);
         tokio::pin!(probe);
         loop {
             let probing = matches!(self.state, BackendState::Waiting { .. });
@@ -188,6 +188,12 @@ impl BackendTask {
                 biased;
                 _ = self.supervisors.inner.detach.cancelled() => Interrupt::Detach,
                 code = backend.exited() => {
+                    if let Some(message) = backend.lost() {
+                        tracing::warn!(backend = %self.id, %message, "Backend lost with its executor");
+                        let reason = TerminationReason::Lost;
+                        self.apply(Transition::Failed { reason, message }).await;
+                        break;
+                    }
                     if backend.oom_killed() {
                         tracing::info!(backend = %self.id, "Backend ran out of memory");
                     }
@@ -203,7 +209,11 @@ impl BackendTask {
                     }
                     Err(e) => {
                         tracing::info!(backend = %self.id, error = %e, "Backend did not become ready");
-                        self.request_termination(TerminationKind::Hard, TerminationReason::StartupTimeout).await
+                        let reason = match e {
+                            ReadinessError::Timeout(_) => TerminationReason::StartupTimeout,
+                            ReadinessError::Failed(_) => TerminationReason::InternalError,
+                        };
+                        self.request_termination(TerminationKind::Hard, reason).await
                     }
                 },
                 _ = sleep_until_some(kill_at) => {

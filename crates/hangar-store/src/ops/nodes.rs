@@ -247,6 +247,7 @@ pub(super) async fn cluster_state(s: &S, cluster: &ClusterName) -> StoreResult<C
             node,
             pool: pool.unwrap_or_default(),
             executors: executors.remove(&id).unwrap_or_default(),
+            executor_error: None,
         });
     }
     Ok(state)
