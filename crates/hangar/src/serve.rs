@@ -53,6 +53,20 @@ pub struct ControllerArgs {
     /// Require `Authorization: Bearer <token>` on every `/ctrl` route, node sockets included.
     #[arg(long, env = "HANGAR_BEARER_TOKEN", hide_env_values = true)]
     pub bearer_token: Option<String>,
+    /// Milliseconds a client may take to send a complete request head; slower clients are
+    /// disconnected. Default: 30000.
+    #[arg(long, value_name = "MS")]
+    pub header_read_timeout: Option<u64>,
+    /// Milliseconds without a new request after which a connection is closed gracefully
+    /// (WebSockets are not affected). Default: 60000.
+    #[arg(long, value_name = "MS")]
+    pub idle_timeout: Option<u64>,
+    /// Most connections open at once, WebSockets included; more get 503. Default: 10000.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Largest request head in bytes; larger heads get 431. Default: 65536.
+    #[arg(long, value_name = "BYTES")]
+    pub max_header_bytes: Option<usize>,
 }
 
 /// Binds a TCP listener, turning "address in use" into a message that says what to change.
@@ -100,6 +114,10 @@ impl ControllerArgs {
         layers.set("default_cluster", self.default_cluster.as_ref())?;
         layers.set("controller_url", self.controller_url.as_ref())?;
         layers.set("bearer_token", self.bearer_token.as_ref())?;
+        layers.set("header_read_timeout", self.header_read_timeout.as_ref())?;
+        layers.set("idle_timeout", self.idle_timeout.as_ref())?;
+        layers.set("max_connections", self.max_connections.as_ref())?;
+        layers.set("max_header_bytes", self.max_header_bytes.as_ref())?;
         let config: ControllerConfig = layers.build("controller")?;
         config
             .validate()
@@ -605,6 +623,40 @@ mod tests {
         };
         let err = format!("{:#}", c.resolve().unwrap_err());
         assert!(err.contains("best_of"), "{err}");
+    }
+
+    #[test]
+    fn controller_listener_limit_flags() {
+        let Cli::Controller(c) = parse(&[
+            "controller",
+            "--db",
+            "x.db",
+            "--header-read-timeout",
+            "1500",
+            "--idle-timeout",
+            "9000",
+            "--max-connections",
+            "12",
+            "--max-header-bytes",
+            "16384",
+        ])
+        .unwrap() else {
+            panic!("not a controller")
+        };
+        let config = c.resolve().unwrap().config;
+        assert_eq!(config.header_read_timeout, Duration::from_millis(1500));
+        assert_eq!(config.idle_timeout, Duration::from_secs(9));
+        assert_eq!(
+            (config.max_connections, config.max_header_bytes),
+            (12, 16384)
+        );
+        let Cli::Controller(c) =
+            parse(&["controller", "--db", "x.db", "--max-header-bytes", "10"]).unwrap()
+        else {
+            panic!("not a controller")
+        };
+        let err = format!("{:#}", c.resolve().unwrap_err());
+        assert!(err.contains("max_header_bytes"), "{err}");
     }
 
     #[tokio::test]

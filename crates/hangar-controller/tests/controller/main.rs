@@ -8,6 +8,7 @@ mod cleanup;
 mod dashboard;
 mod drone_sessions;
 mod handlers;
+mod listener;
 mod lost_drones;
 mod metrics;
 mod multi_controller;
