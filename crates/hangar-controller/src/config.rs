@@ -17,6 +17,18 @@ pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(180);
 pub const DEFAULT_FORWARD_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Shortest accepted [`ControllerConfig::forward_auth_timeout`]: 100 ms.
 pub const MIN_FORWARD_AUTH_TIMEOUT: Duration = Duration::from_millis(100);
+/// Default for [`ControllerConfig::header_read_timeout`]: 30 s (the proxy's).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for [`ControllerConfig::idle_timeout`]: 60 s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default for [`ControllerConfig::max_connections`]: 10 000 (the proxy's).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default for [`ControllerConfig::max_header_bytes`]: 64 KiB (the proxy's).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Smallest accepted [`ControllerConfig::max_header_bytes`] (hyper's smallest read buffer).
+pub const MIN_MAX_HEADER_BYTES: usize = 8192;
+/// Longest accepted listener duration: deadlines are `now + value`, which must not overflow.
+pub const MAX_LISTENER_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -59,6 +71,24 @@ pub struct ControllerConfig {
     /// public web PKI roots), e.g. for an auth service with a private or self-signed certificate.
     /// Default: none.
     pub forward_auth_ca_cert: Option<PathBuf>,
+    /// How long a client may take to send a complete HTTP request head, in milliseconds, counted
+    /// from when the controller starts waiting for it (the connection opened, or the previous
+    /// response on a keep-alive HTTP/1.1 connection ended); slower clients (slowloris) are
+    /// disconnected. At least 1. Default: 30000 (30 s).
+    #[serde(with = "millis")]
+    pub header_read_timeout: Duration,
+    /// A connection on which no request started for this long, in milliseconds, is closed
+    /// gracefully (a response in progress, such as a status stream, is finished first; WebSockets
+    /// are not HTTP connections any more and are not affected). At least 1. Default: 60000 (60 s).
+    #[serde(with = "millis")]
+    pub idle_timeout: Duration,
+    /// Most client connections open at once on the API listener, WebSockets (drone, proxy and DNS
+    /// sockets) included. Beyond it a new connection gets `503` with `Connection: close`. At least
+    /// 1. Default: 10000.
+    pub max_connections: usize,
+    /// Largest HTTP request head in bytes (request line and headers); larger heads get `431`. At
+    /// least 8192. Default: 65536 (64 KiB).
+    pub max_header_bytes: usize,
     /// Test-only: the key deadlines this controller hands to drones. Not read from configuration
     /// files; always [`KeyTiming::DEFAULT`] in production. A test that shortens it must shorten the
     /// store's lease to match (`PostgresStore::set_key_lease`). Must be ordered
@@ -96,6 +126,10 @@ impl Default for ControllerConfig {
             forward_auth: None,
             forward_auth_timeout: DEFAULT_FORWARD_AUTH_TIMEOUT,
             forward_auth_ca_cert: None,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             key_timing: KeyTiming::DEFAULT,
         }
     }
@@ -125,6 +159,10 @@ impl std::fmt::Debug for ControllerConfig {
             )
             .field("forward_auth_timeout", &self.forward_auth_timeout)
             .field("forward_auth_ca_cert", &self.forward_auth_ca_cert)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("max_header_bytes", &self.max_header_bytes)
             .field("key_timing", &self.key_timing)
             .finish()
     }
@@ -163,6 +201,15 @@ pub enum ConfigError {
     ForwardAuthCaCertWithoutUrl,
     #[error("cannot use `forward_auth_ca_cert` {path}: {reason}")]
     ForwardAuthCaCert { path: String, reason: String },
+    #[error("`{0}` must be between 1 ms and 365 days")]
+    InvalidListenerDuration(&'static str),
+    #[error(
+        "`max_connections` must be between 1 and {}",
+        tokio::sync::Semaphore::MAX_PERMITS
+    )]
+    InvalidMaxConnections,
+    #[error("`max_header_bytes` must be between 8192 and 4294967295")]
+    InvalidMaxHeaderBytes,
 }
 
 /// Shortest accepted [`ControllerConfig::cleanup_interval`].
@@ -199,10 +246,33 @@ impl ControllerConfig {
         if self.forward_auth_ca_cert.is_some() && self.forward_auth.is_none() {
             return Err(ConfigError::ForwardAuthCaCertWithoutUrl);
         }
+        self.validate_listener()?;
         if let Some(url) = &self.controller_url {
             if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
                 return Err(ConfigError::InvalidControllerUrl(url.to_string()));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_listener(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if value < Duration::from_millis(1) || value > MAX_LISTENER_DURATION {
+                return Err(ConfigError::InvalidListenerDuration(field));
+            }
+        }
+        // The semaphore that enforces the cap cannot hold more permits than this.
+        if self.max_connections == 0 || self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ConfigError::InvalidMaxConnections);
+        }
+        // HTTP/2 carries the limit as a u32.
+        if self.max_header_bytes < MIN_MAX_HEADER_BYTES
+            || u32::try_from(self.max_header_bytes).is_err()
+        {
+            return Err(ConfigError::InvalidMaxHeaderBytes);
         }
         Ok(())
     }
@@ -284,6 +354,46 @@ mod tests {
         let c: ControllerConfig =
             serde_json::from_str(r#"{"forward_auth_ca_cert": "/etc/ca.pem"}"#).unwrap();
         assert_eq!(c.validate(), Err(ConfigError::ForwardAuthCaCertWithoutUrl));
+    }
+
+    #[test]
+    fn listener_limits() {
+        let c: ControllerConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.max_header_bytes, 64 * 1024);
+        let c: ControllerConfig = serde_json::from_str(
+            r#"{"header_read_timeout": 500, "idle_timeout": 2000, "max_connections": 3, "max_header_bytes": 8192}"#,
+        )
+        .unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_millis(500));
+        assert!(c.validate().is_ok());
+        for (json, error) in [
+            (
+                r#"{"header_read_timeout": 0}"#,
+                ConfigError::InvalidListenerDuration("header_read_timeout"),
+            ),
+            (
+                r#"{"idle_timeout": 99999999999999}"#,
+                ConfigError::InvalidListenerDuration("idle_timeout"),
+            ),
+            (
+                r#"{"max_connections": 0}"#,
+                ConfigError::InvalidMaxConnections,
+            ),
+            (
+                r#"{"max_header_bytes": 8191}"#,
+                ConfigError::InvalidMaxHeaderBytes,
+            ),
+            (
+                r#"{"max_header_bytes": 4294967296}"#,
+                ConfigError::InvalidMaxHeaderBytes,
+            ),
+        ] {
+            let c: ControllerConfig = serde_json::from_str(json).unwrap();
+            assert_eq!(c.validate(), Err(error), "{json}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod dns_session;
 pub mod drone_session;
 pub mod error;
 pub mod executor_errors;
+mod listener;
 pub mod lost;
 mod maintenance;
 pub mod metrics;
@@ -33,7 +34,6 @@ pub use config::{ConfigError, ControllerConfig};
 pub use error::ApiError;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use hangar_store::Store;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,7 +45,7 @@ pub struct ControllerHandle {
     local_addr: SocketAddr,
     url: Url,
     state: AppState,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: tokio::task::JoinHandle<()>,
 }
 
 impl ControllerHandle {
@@ -63,10 +63,8 @@ impl ControllerHandle {
     /// for every task.
     pub async fn shutdown(self) {
         self.state.cancel.cancel();
-        match self.server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "Controller server failed"),
-            Err(e) => tracing::error!(error = %e, "Controller server task panicked"),
+        if let Err(e) = self.server.await {
+            tracing::error!(error = %e, "Controller server task panicked");
         }
         self.state.tracker.close();
         self.state.tracker.wait().await;
@@ -114,16 +112,8 @@ pub async fn start(
 
     let app = router(state.clone());
     let cancel = state.cancel.clone();
-    let server = tokio::spawn(async move {
-        // No Nagle: node sessions and status streams are many small frames, and Nagle plus the peer's
-        // delayed ACK would hold each second one back ~40 ms (measured by hangar-bench `spawn`).
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await
-    });
+    let limits = listener::ListenerLimits::from_config(&state.config);
+    let server = tokio::spawn(listener::run_api_listener(listener, app, limits, cancel));
     let url = Url::parse(&format!("http://{local_addr}/")).context("building the local URL")?;
     tracing::info!(controller = %name, %local_addr, "Controller listening");
     Ok(ControllerHandle {

@@ -63,6 +63,20 @@ pub struct ControllerArgs {
     /// PEM file of extra CA certificates to trust for an `https://` --forward-auth URL.
     #[arg(long, env = "HANGAR_FORWARD_AUTH_CA_CERT", requires = "forward_auth")]
     pub forward_auth_ca_cert: Option<PathBuf>,
+    /// Milliseconds a client may take to send a complete request head; slower clients are
+    /// disconnected. Default: 30000.
+    #[arg(long, value_name = "MS")]
+    pub header_read_timeout: Option<u64>,
+    /// Milliseconds without a new request after which a connection is closed gracefully
+    /// (WebSockets are not affected). Default: 60000.
+    #[arg(long, value_name = "MS")]
+    pub idle_timeout: Option<u64>,
+    /// Most connections open at once, WebSockets included; more get 503. Default: 10000.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Largest request head in bytes; larger heads get 431. Default: 65536.
+    #[arg(long, value_name = "BYTES")]
+    pub max_header_bytes: Option<usize>,
 }
 
 /// Binds a TCP listener, turning "address in use" into a message that says what to change.
@@ -112,6 +126,10 @@ impl ControllerArgs {
         layers.set("bearer_token", self.bearer_token.as_ref())?;
         layers.set("forward_auth", self.forward_auth.as_ref())?;
         layers.set("forward_auth_ca_cert", self.forward_auth_ca_cert.as_ref())?;
+        layers.set("header_read_timeout", self.header_read_timeout.as_ref())?;
+        layers.set("idle_timeout", self.idle_timeout.as_ref())?;
+        layers.set("max_connections", self.max_connections.as_ref())?;
+        layers.set("max_header_bytes", self.max_header_bytes.as_ref())?;
         let config: ControllerConfig = layers.build("controller")?;
         config
             .validate()
@@ -630,6 +648,40 @@ mod tests {
         };
         let err = format!("{:#}", c.resolve().unwrap_err());
         assert!(err.contains("best_of"), "{err}");
+    }
+
+    #[test]
+    fn controller_listener_limit_flags() {
+        let Cli::Controller(c) = parse(&[
+            "controller",
+            "--db",
+            "x.db",
+            "--header-read-timeout",
+            "1500",
+            "--idle-timeout",
+            "9000",
+            "--max-connections",
+            "12",
+            "--max-header-bytes",
+            "16384",
+        ])
+        .unwrap() else {
+            panic!("not a controller")
+        };
+        let config = c.resolve().unwrap().config;
+        assert_eq!(config.header_read_timeout, Duration::from_millis(1500));
+        assert_eq!(config.idle_timeout, Duration::from_secs(9));
+        assert_eq!(
+            (config.max_connections, config.max_header_bytes),
+            (12, 16384)
+        );
+        let Cli::Controller(c) =
+            parse(&["controller", "--db", "x.db", "--max-header-bytes", "10"]).unwrap()
+        else {
+            panic!("not a controller")
+        };
+        let err = format!("{:#}", c.resolve().unwrap_err());
+        assert!(err.contains("max_header_bytes"), "{err}");
     }
 
     #[tokio::test]

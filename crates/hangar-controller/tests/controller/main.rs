@@ -9,6 +9,7 @@ mod dashboard;
 mod drone_sessions;
 mod forward_auth;
 mod handlers;
+mod listener;
 mod lost_drones;
 mod metrics;
 mod multi_controller;

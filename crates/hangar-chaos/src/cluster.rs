@@ -1,0 +1,378 @@
+//! The system under test as real processes of the built `hangar` binary: controllers on a fresh
+//! PostgreSQL database, drones with the process executor, one proxy, each reaching the next through a
+//! fault relay. Faults are applied and healed here.
+
+use crate::relay::{Relay, RelayMode};
+use crate::schedule::{Component, Fault, Link};
+use anyhow::Context;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// How long a component may take to stop after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Where things are and how to start them.
+pub struct ClusterConfig {
+    pub hangar: PathBuf,
+    pub test_backend: PathBuf,
+    /// `postgres://user:password@host:port/database` of the run's fresh database.
+    pub database_url: url::Url,
+    pub controllers: usize,
+    pub drones: usize,
+    /// Logs and drone state files.
+    pub dir: PathBuf,
+    /// Marks this run's backend processes (environment `HANGAR_CHAOS_RUN`).
+    pub run_id: String,
+}
+
+/// A started component: its command line, to start it again, and its process.
+struct Process {
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    config: ClusterConfig,
+    processes: BTreeMap<String, Process>,
+    relays: BTreeMap<String, Relay>,
+    controller_ports: Vec<u16>,
+    proxy_port: u16,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn name(component: Component) -> String {
+    format!("{component:?}")
+}
+
+fn link_name(link: Link) -> String {
+    format!("{link:?}")
+}
+
+impl Cluster {
+    /// Starts relays, controllers, drones and the proxy (not waiting for them to be ready).
+    pub async fn start(config: ClusterConfig) -> anyhow::Result<Cluster> {
+        let mut cluster = Cluster {
+            controller_ports: (0..config.controllers)
+                .map(|_| free_port())
+                .collect::<anyhow::Result<_>>()?,
+            proxy_port: free_port()?,
+            config,
+            processes: BTreeMap::new(),
+            relays: BTreeMap::new(),
+        };
+        let pg = cluster.config.database_url.clone();
+        let pg_addr = local(pg.port().unwrap_or(5432));
+        for i in 0..cluster.config.controllers {
+            let relay = Relay::start(pg_addr).await?;
+            let mut db = pg.clone();
+            db.set_port(Some(relay.addr().port()))
+                .map_err(|()| anyhow::anyhow!("database URL without a host"))?;
+            let port = cluster.controller_ports[i];
+            cluster
+                .relays
+                .insert(link_name(Link::ControllerPostgres(i)), relay);
+            let args = [
+                "controller",
+                "--db",
+                db.as_str(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--default-cluster",
+                &cluster.cluster(),
+            ];
+            cluster.spawn(Component::Controller(i), &args)?;
+        }
+        for j in 0..cluster.config.drones {
+            let controller = local(cluster.controller_ports[j % cluster.config.controllers]);
+            let relay = Relay::start(controller).await?;
+            let url = format!("http://{}/", relay.addr());
+            cluster
+                .relays
+                .insert(link_name(Link::DroneController(j)), relay);
+            let state = cluster.config.dir.join(format!("drone-{j}.state"));
+            let drone_name = format!("dr-chaos{j}{}", cluster.config.run_id);
+            let args = [
+                "drone",
+                "--controller-url",
+                &url,
+                "--cluster",
+                &cluster.cluster(),
+                "--name",
+                &drone_name,
+                "--executor",
+                "process",
+                "--state-file",
+                state.to_str().context("non-UTF-8 directory")?,
+            ];
+            cluster.spawn(Component::Drone(j), &args)?;
+        }
+        let relay = Relay::start(local(cluster.controller_ports[0])).await?;
+        let url = format!("http://{}/", relay.addr());
+        cluster
+            .relays
+            .insert(link_name(Link::ProxyController), relay);
+        let port = cluster.proxy_port.to_string();
+        let args = [
+            "proxy",
+            "--controller-url",
+            &url,
+            "--cluster",
+            &cluster.cluster(),
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            &port,
+        ];
+        cluster.spawn(Component::Proxy, &args)?;
+        Ok(cluster)
+    }
+
+    /// The cluster name: the proxy's public address.
+    pub fn cluster(&self) -> String {
+        format!("localhost:{}", self.proxy_port)
+    }
+
+    pub fn controller_urls(&self) -> Vec<String> {
+        self.controller_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}/"))
+            .collect()
+    }
+
+    pub fn test_backend(&self) -> &Path {
+        &self.config.test_backend
+    }
+
+    fn spawn(&mut self, component: Component, args: &[&str]) -> anyhow::Result<()> {
+        let log = self.config.dir.join(format!("{}.log", name(component)));
+        let process = Process {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log,
+            child: None,
+        };
+        self.processes.insert(name(component), process);
+        self.start_process(component)
+    }
+
+    fn start_process(&mut self, component: Component) -> anyhow::Result<()> {
+        let hangar = self.config.hangar.clone();
+        let process = self
+            .processes
+            .get_mut(&name(component))
+            .context("unknown component")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&process.log)
+            .context("opening a component log")?;
+        let mut command = Command::new(hangar);
+        command
+            .args(&process.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        for (var, _) in std::env::vars() {
+            if var.starts_with("HANGAR_") {
+                command.env_remove(var);
+            }
+        }
+        process.child = Some(command.spawn().context("starting a component")?);
+        Ok(())
+    }
+
+    fn signal(&self, component: Component, signal: Signal) {
+        let pid = self
+            .processes
+            .get(&name(component))
+            .and_then(|p| p.child.as_ref())
+            .and_then(Child::id)
+            .and_then(|id| i32::try_from(id).ok());
+        if let Some(pid) = pid {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
+    async fn wait_exit(&mut self, component: Component) {
+        if let Some(mut child) = self
+            .processes
+            .get_mut(&name(component))
+            .and_then(|p| p.child.take())
+        {
+            if tokio::time::timeout(STOP_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    fn relay(&self, link: Link) -> Option<&Relay> {
+        self.relays.get(&link_name(link))
+    }
+
+    /// Applies a fault (its first half: the heal is [`Cluster::heal`]).
+    pub async fn inject(&mut self, fault: Fault) -> anyhow::Result<()> {
+        match fault {
+            Fault::Kill(c) => {
+                self.signal(c, Signal::SIGKILL);
+                self.wait_exit(c).await;
+            }
+            Fault::Pause(c) => self.signal(c, Signal::SIGSTOP),
+            Fault::Restart(c) => {
+                self.signal(c, Signal::SIGTERM);
+                self.wait_exit(c).await;
+                self.start_process(c)?;
+            }
+            Fault::CutPostgres => self.cut_postgres().await?,
+            Fault::Drop(link) => {
+                if let Some(r) = self.relay(link) {
+                    r.drop_connections();
+                }
+            }
+            Fault::Relay(link, mode) => {
+                if let Some(r) = self.relay(link) {
+                    r.set(mode);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes `fault`.
+    pub async fn heal(&mut self, fault: Fault) -> anyhow::Result<()> {
+        match fault {
+            Fault::Kill(c) => self.start_process(c)?,
+            Fault::Pause(c) => self.signal(c, Signal::SIGCONT),
+            Fault::Restart(_) | Fault::CutPostgres | Fault::Drop(_) => {}
+            Fault::Relay(link, _) => {
+                if let Some(r) = self.relay(link) {
+                    r.set(RelayMode::Pass);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Terminates every server connection to the run's database.
+    async fn cut_postgres(&self) -> anyhow::Result<()> {
+        let database = self
+            .config
+            .database_url
+            .path()
+            .trim_start_matches('/')
+            .to_string();
+        let mut admin = self.config.database_url.clone();
+        admin.set_path("/postgres");
+        let pool = sqlx::PgPool::connect(admin.as_str()).await?;
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(database)
+        .execute(&pool)
+        .await?;
+        pool.close().await;
+        Ok(())
+    }
+
+    /// Backends the store records as not terminated.
+    pub async fn reported_live(&self) -> anyhow::Result<BTreeSet<String>> {
+        let pool = sqlx::PgPool::connect(self.config.database_url.as_str()).await?;
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM backend WHERE last_status_number < 70")
+                .fetch_all(&pool)
+                .await?;
+        pool.close().await;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// Backend ids of this run's running backend processes (found by their environment).
+    pub fn running_backends(&self) -> BTreeSet<String> {
+        running_backend_processes(&self.config.run_id)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect()
+    }
+
+    /// Stops everything: components (SIGCONT first, for paused ones), relays, and any backend
+    /// process of this run still running.
+    pub async fn shutdown(mut self) {
+        let components: Vec<String> = self.processes.keys().cloned().collect();
+        for key in components {
+            if let Some(mut child) = self.processes.get_mut(&key).and_then(|p| p.child.take()) {
+                if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                }
+                if tokio::time::timeout(STOP_GRACE, child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+            }
+        }
+        for (_, relay) in std::mem::take(&mut self.relays) {
+            relay.shutdown().await;
+        }
+        for (pid, _) in running_backend_processes(&self.config.run_id) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// `(pid, SESSION_BACKEND_ID)` of every process whose environment has `HANGAR_CHAOS_RUN=<run_id>`.
+pub fn running_backend_processes(run_id: &str) -> Vec<(i32, String)> {
+    let marker = format!("HANGAR_CHAOS_RUN={run_id}");
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // A zombie (exited, not yet reaped) is not running: its environ reads empty.
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        if !vars.contains(&marker.as_bytes()) {
+            continue;
+        }
+        let id = vars.iter().find_map(|v| {
+            std::str::from_utf8(v)
+                .ok()?
+                .strip_prefix("SESSION_BACKEND_ID=")
+                .map(str::to_string)
+        });
+        if let Some(id) = id {
+            found.push((pid, id));
+        }
+    }
+    found
+}

@@ -1,0 +1,35 @@
+//! `hangar-chaos`: Hangar's fault-injection harness. It runs the built `hangar` binary as real
+//! processes (controllers on a fresh PostgreSQL database, drones with the process executor, a
+//! proxy), puts a fault relay on every link between them, drives a steady client load, injects
+//! seeded random faults (combined when they overlap), and judges the recorded history with the
+//! checker in [`history`]. See RELIABILITY.md at the repository root.
+//!
+//! Boundary: talks to Hangar only as a user and an operator would (processes, signals, HTTP, the
+//! database it created); it depends on no Hangar crate.
+
+pub mod cluster;
+pub mod history;
+pub mod load;
+pub mod relay;
+pub mod run;
+pub mod schedule;
+
+use std::path::{Path, PathBuf};
+
+/// The workspace's debug binaries (`hangar`, `hangar-test-backend`), built first if missing.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let path = target.join("debug").join(name);
+    if !path.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "-p", name])
+            .status()?;
+        anyhow::ensure!(status.success(), "building {name} failed");
+    }
+    Ok(path)
+}
