@@ -260,6 +260,11 @@ async fn external_account_binding_and_a_restart_from_the_saved_file() {
         })
         .await;
         let serial = wait_for_acme_certificate(&proxy, pebble, None).await;
+        // The proxy serves a new certificate first and writes the file right after.
+        hangar_tests::eventually("the certificate file to be written", || async {
+            cert_path.exists().then_some(())
+        })
+        .await;
         proxy.shutdown().await;
 
         // A proxy without ACME serves the saved file.
