@@ -202,6 +202,14 @@ impl ControllerClient {
         self.get(&format!("/ctrl/c/{cluster}/state")).await
     }
 
+    /// The cluster's state including the nodes no controller holds now (`controller: None`).
+    pub async fn cluster_state_with_detached(
+        &self,
+        cluster: &ClusterName,
+    ) -> Result<ClusterState, ClientError> {
+        self.get(&format!("/ctrl/c/{cluster}/state?all=true")).await
+    }
+
     /// The backends the sweeper would terminate now on a drone, and why.
     pub async fn termination_candidates(
         &self,

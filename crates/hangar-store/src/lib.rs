@@ -186,6 +186,14 @@ pub trait Store: Send + Sync + 'static {
     /// Drones and proxies of a cluster attached to some controller.
     async fn cluster_state(&self, cluster: &ClusterName) -> StoreResult<ClusterState>;
 
+    /// Like [`Store::cluster_state`]; with `include_detached`, also the drones and proxies that no
+    /// controller holds now (`controller: None`), as Plane's `db-cli list-nodes --all` shows them.
+    async fn cluster_nodes(
+        &self,
+        cluster: &ClusterName,
+        include_detached: bool,
+    ) -> StoreResult<ClusterState>;
+
     /// Marks a drone draining. `None` if no such drone; `Some(true)` if it was not draining before.
     async fn drain_drone(
         &self,

@@ -1098,6 +1098,13 @@ mod suite {
             .unwrap()
             .drones
             .is_empty());
+        // Detached nodes are listed only when asked for.
+        let attached = store.cluster_nodes(&cluster(), false).await.unwrap();
+        assert!(attached.drones.is_empty());
+        let all = store.cluster_nodes(&cluster(), true).await.unwrap();
+        assert_eq!(all.drones.len(), 1);
+        assert_eq!(all.drones[0].node.controller, None);
+        assert_eq!(all.drones[0].node.name.to_string(), "dr-one");
         let (_, third) = register(store, &reg).await;
         assert!(third != first && third != second);
 

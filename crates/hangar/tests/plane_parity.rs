@@ -385,6 +385,34 @@ async fn plane_requests(cluster: &Cluster) {
     assert_eq!(resp.text().await.unwrap(), r#"{"updated":false}"#);
 }
 
+/// Once the drone is gone, `list-nodes` leaves it out and `list-nodes --all` shows it disconnected.
+async fn detached_nodes_only_with_all(cluster: &Cluster) {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let out = cluster
+            .run(&cluster.url, &["list-nodes", "--cluster", CLUSTER])
+            .await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        if !text(&out.stdout).contains(DRONE) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed drone is still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let args = ["list-nodes", "--cluster", CLUSTER, "--all"];
+    let out = cluster.run(&cluster.url, &args).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed = text(&out.stdout);
+    let line = listed.lines().find(|l| l.contains(DRONE)).expect(&listed);
+    assert!(
+        line.starts_with(&format!("Disconnected {CLUSTER} {DRONE} Plane=")),
+        "{line}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plane_admin_and_db_cli_habits_through_forward_auth() {
     timeout(TEST_TIMEOUT, async {
@@ -394,6 +422,7 @@ async fn plane_admin_and_db_cli_habits_through_forward_auth() {
         errors_drain_status_and_cluster_state(&cluster).await;
         plane_requests(&cluster).await;
         cluster.drone.kill().await.unwrap();
+        detached_nodes_only_with_all(&cluster).await;
         cluster.controller.kill().await.unwrap();
     })
     .await

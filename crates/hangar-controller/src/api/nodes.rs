@@ -7,7 +7,7 @@ use crate::error::ApiError;
 use crate::lost;
 use crate::proxy_session::run_proxy_session;
 use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::response::Response;
 use axum::Json;
 use hangar_types::api::{ClusterState, DrainResult, MarkLostResult};
@@ -17,19 +17,43 @@ fn parse_cluster(raw: &str) -> Result<ClusterName, ApiError> {
     raw.parse().map_err(|_| ApiError::InvalidClusterName)
 }
 
-/// `GET /ctrl/c/{cluster}/state`.
+/// `GET /ctrl/c/{cluster}/state[?all=true]`: the nodes attached to a controller; with `all=true`
+/// (a Hangar extension), also the detached ones (`controller: null`).
 pub async fn cluster_state_get(
     State(state): State<AppState>,
     ApiPath(cluster): ApiPath<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<ClusterState>, ApiError> {
     let cluster = parse_cluster(&cluster)?;
+    let include_detached = parse_all(query.as_deref())?;
     let mut cluster_state = state
         .store
-        .cluster_state(&cluster)
+        .cluster_nodes(&cluster, include_detached)
         .await
         .map_err(ApiError::store("Database error"))?;
     state.executor_errors.annotate(&cluster, &mut cluster_state);
     Ok(Json(cluster_state))
+}
+
+/// The `all` flag of the cluster-state query (`all=true|false`); other parameters are refused.
+fn parse_all(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut all = false;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        all = match pair {
+            "all" | "all=true" => true,
+            "all=false" => false,
+            _ => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "invalid query parameter {pair:?}: only all=true|false is accepted"
+                )))
+            }
+        };
+    }
+    Ok(all)
 }
 
 fn parse_drone(raw: &str) -> Result<DroneName, ApiError> {

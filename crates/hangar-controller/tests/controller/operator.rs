@@ -179,3 +179,59 @@ async fn events_stream_backend_states_and_actions() {
     })
     .await
 }
+
+#[tokio::test]
+async fn cluster_state_lists_detached_nodes_only_with_all() {
+    timed(async {
+        let config = ControllerConfig::default();
+        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+        let app = router(
+            AppState::new(
+                config.clone(),
+                store.clone(),
+                "127.0.0.1:1".parse().unwrap(),
+            )
+            .unwrap(),
+        );
+        let drone = DroneName::random();
+        let Registration::Registered { node, session } = store
+            .register_drone(&DroneRegistration {
+                cluster: CLUSTER.parse().unwrap(),
+                name: drone.clone(),
+                pool: String::new(),
+                executors: vec![ExecutorKind::Process],
+                controller: config.name.clone(),
+                version: "test".into(),
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("drone not registered");
+        };
+        store.node_disconnected(node, session).await.unwrap();
+        let get = |query: &str| {
+            Request::get(format!("/ctrl/c/{CLUSTER}/state{query}"))
+                .body(Body::empty())
+                .unwrap()
+        };
+        let (status, attached) = send(&app, get("")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(attached["drones"], json!([]));
+        let (status, all) = send(&app, get("?all=true")).await;
+        assert_eq!(status, StatusCode::OK);
+        let all: hangar_types::api::ClusterState = serde_json::from_value(all).unwrap();
+        assert_eq!(all.drones.len(), 1);
+        assert_eq!(
+            all.drones[0].node.name,
+            hangar_types::NodeName::Drone(drone)
+        );
+        assert_eq!(all.drones[0].node.controller, None);
+        let (status, error) = send(&app, get("?every=1")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            error["message"].as_str().unwrap().contains("every=1"),
+            "{error}"
+        );
+    })
+    .await;
+}

@@ -113,6 +113,7 @@ impl_store! {
     nodes::drone_heartbeat(drone: NodeId, local_time: Millis) -> ();
     backends::renew_key(backend: &BackendId) -> bool;
     nodes::cluster_state(cluster: &ClusterName) -> ClusterState;
+    nodes::cluster_nodes(cluster: &ClusterName, include_detached: bool) -> ClusterState;
     nodes::drain_drone(cluster: &ClusterName, drone: &DroneName) -> Option<bool>;
     nodes::controller_heartbeat(controller: &ControllerName, online: bool) -> ();
     cleanup::cleanup(min_age: Option<Duration>, batch: u32) -> u64;

@@ -177,6 +177,16 @@ fn executor_kind(s: &str) -> StoreResult<ExecutorKind> {
 }
 
 pub(super) async fn cluster_state(s: &S, cluster: &ClusterName) -> StoreResult<ClusterState> {
+    cluster_nodes(s, cluster, false).await
+}
+
+/// The drones and proxies of `cluster`; with `include_detached`, also those no controller holds now
+/// (their `controller` is `None`).
+pub(super) async fn cluster_nodes(
+    s: &S,
+    cluster: &ClusterName,
+    include_detached: bool,
+) -> StoreResult<ClusterState> {
     let mut executors: HashMap<NodeId, Vec<ExecutorKind>> = HashMap::new();
     let rows = sqlx::query(
         "SELECT e.drone_id, e.executor FROM drone_executor e JOIN node n ON n.id = e.drone_id \
@@ -205,10 +215,11 @@ pub(super) async fn cluster_state(s: &S, cluster: &ClusterName) -> StoreResult<C
            AS backend_count \
          FROM node n LEFT JOIN drone d ON d.id = n.id \
          LEFT JOIN controller c ON c.name = n.controller \
-         WHERE n.cluster = $2 AND n.controller IS NOT NULL ORDER BY n.id"
+         WHERE n.cluster = $2 AND (n.controller IS NOT NULL OR $3) ORDER BY n.id"
     ))
     .bind(s.clock())
     .bind(cluster.as_str())
+    .bind(include_detached)
     .fetch_all(&s.reader)
     .await?;
 

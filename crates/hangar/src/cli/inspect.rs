@@ -19,7 +19,8 @@ pub struct ListNodesArgs {
     /// Only nodes of this cluster.
     #[arg(long)]
     pub cluster: Option<ClusterName>,
-    /// Plane's flag for disconnected nodes too: not available, the API lists connected nodes only.
+    /// Also the nodes no controller holds now (`Disconnected …`), as Plane's `db-cli list-nodes --all`.
+    /// Without `--cluster`, the clusters listed are those with an attached node.
     #[arg(long)]
     pub all: bool,
 }
@@ -38,11 +39,7 @@ pub async fn list_nodes(
     args: ListNodesArgs,
     out: Output,
 ) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        !args.all,
-        "--all is not supported: the API lists the nodes attached to a controller only"
-    );
-    let clusters: Vec<(ClusterName, ClusterState)> = match &args.cluster {
+    let mut clusters: Vec<(ClusterName, ClusterState)> = match &args.cluster {
         Some(cluster) => vec![(
             cluster.clone(),
             client
@@ -52,6 +49,14 @@ pub async fn list_nodes(
         )],
         None => client.clusters().await.context("listing the clusters")?,
     };
+    if args.all {
+        for (cluster, state) in &mut clusters {
+            *state = client
+                .cluster_state_with_detached(cluster)
+                .await
+                .with_context(|| format!("reading the nodes of cluster {cluster}"))?;
+        }
+    }
     for (cluster, state) in &clusters {
         let nodes = state
             .drones
