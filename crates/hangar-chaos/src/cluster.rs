@@ -172,11 +172,30 @@ impl Cluster {
     }
 
     fn start_process(&mut self, component: Component) -> anyhow::Result<()> {
-        let hangar = self.config.hangar.clone();
-        let process = self
+        self.start_named(&name(component))
+    }
+
+    /// Starts again every component that exited on its own, as a supervisor with
+    /// `Restart=always` (systemd, Docker's restart policy) would, and returns their names. A component
+    /// stopped by a fault is not running (no child) and is left to the fault's heal.
+    pub fn restart_exited(&mut self) -> anyhow::Result<Vec<String>> {
+        let exited: Vec<String> = self
             .processes
-            .get_mut(&name(component))
-            .context("unknown component")?;
+            .iter_mut()
+            .filter_map(|(name, process)| {
+                let child = process.child.as_mut()?;
+                matches!(child.try_wait(), Ok(Some(_))).then(|| name.clone())
+            })
+            .collect();
+        for name in &exited {
+            self.start_named(name)?;
+        }
+        Ok(exited)
+    }
+
+    fn start_named(&mut self, key: &str) -> anyhow::Result<()> {
+        let hangar = self.config.hangar.clone();
+        let process = self.processes.get_mut(key).context("unknown component")?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -265,6 +265,15 @@ async fn converge(
     let deadline = Instant::now() + bound;
     let mut last = LiveSnapshot::default();
     loop {
+        // A component that exited on its own (e.g. a controller started while its database link was
+        // down) is started again, as its supervisor would.
+        match cluster.lock().await.restart_exited() {
+            Ok(names) if !names.is_empty() => {
+                eprintln!("restarted components that had exited on their own: {names:?}")
+            }
+            Ok(_) => {}
+            Err(error) => eprintln!("cannot restart an exited component: {error:#}"),
+        }
         if serves_every_key(target, controllers, keys).await {
             let c = cluster.lock().await;
             let at_ms = target.elapsed_ms();
