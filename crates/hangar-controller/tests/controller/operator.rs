@@ -8,7 +8,7 @@ use axum::http::{Request, StatusCode};
 use futures_util::StreamExt;
 use hangar_controller::{router, AppState, ControllerConfig};
 use hangar_store::sqlite::SqliteStore;
-use hangar_store::{DroneRegistration, Registration, Store};
+use hangar_store::{DroneRegistration, NodeId, Registration, SessionId, Store};
 use hangar_types::api::{BusEvent, TerminationCandidates};
 use hangar_types::executable::ExecutorKind;
 use hangar_types::{BackendId, BackendState, DroneName, Millis};
@@ -26,6 +26,29 @@ async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, Value)
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
+}
+
+/// Registers a new process drone of `CLUSTER` held by `config`'s controller.
+async fn register_drone(
+    store: &SqliteStore,
+    config: &ControllerConfig,
+) -> (DroneName, NodeId, SessionId) {
+    let drone = DroneName::random();
+    let registration = store
+        .register_drone(&DroneRegistration {
+            cluster: CLUSTER.parse().unwrap(),
+            name: drone.clone(),
+            pool: String::new(),
+            executors: vec![ExecutorKind::Process],
+            controller: config.name.clone(),
+            version: "test".into(),
+        })
+        .await
+        .unwrap();
+    let Registration::Registered { node, session } = registration else {
+        panic!("drone refused: {registration:?}");
+    };
+    (drone, node, session)
 }
 
 #[tokio::test]
@@ -48,21 +71,7 @@ async fn termination_candidates_explain_idle_and_lifetime_limits() {
             .controller_heartbeat(&config.name, true)
             .await
             .unwrap();
-        let drone = DroneName::random();
-        let Registration::Registered { node, .. } = store
-            .register_drone(&DroneRegistration {
-                cluster: CLUSTER.parse().unwrap(),
-                name: drone.clone(),
-                pool: String::new(),
-                executors: vec![ExecutorKind::Process],
-                controller: config.name.clone(),
-                version: "test".into(),
-            })
-            .await
-            .unwrap()
-        else {
-            panic!("drone refused");
-        };
+        let (drone, node, _) = register_drone(&store, &config).await;
         store.drone_heartbeat(node, Millis::now()).await.unwrap();
         let path = format!("/ctrl/c/{CLUSTER}/d/{drone}/termination-candidates");
         let get = |path: String| Request::get(path).body(Body::empty()).unwrap();
@@ -193,21 +202,7 @@ async fn cluster_state_lists_detached_nodes_only_with_all() {
             )
             .unwrap(),
         );
-        let drone = DroneName::random();
-        let Registration::Registered { node, session } = store
-            .register_drone(&DroneRegistration {
-                cluster: CLUSTER.parse().unwrap(),
-                name: drone.clone(),
-                pool: String::new(),
-                executors: vec![ExecutorKind::Process],
-                controller: config.name.clone(),
-                version: "test".into(),
-            })
-            .await
-            .unwrap()
-        else {
-            panic!("drone not registered");
-        };
+        let (drone, node, session) = register_drone(&store, &config).await;
         store.node_disconnected(node, session).await.unwrap();
         let get = |query: &str| {
             Request::get(format!("/ctrl/c/{CLUSTER}/state{query}"))
