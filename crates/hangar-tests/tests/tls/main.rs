@@ -104,7 +104,7 @@ async fn dns01_certificate_serves_https_and_wss_to_a_backend() {
         assert_eq!(proxy.acme_orders(), 1);
         assert_eq!(pebble.orders(), 1);
         // Saved for restarts: the certificate file and the ACME account.
-        let saved = read_cert_file(&cert_path);
+        let saved = read_cert_file(&cert_path).await;
         assert!(saved["cert"]
             .as_str()
             .unwrap()

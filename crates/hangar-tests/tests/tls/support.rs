@@ -208,7 +208,12 @@ pub async fn wait_for_acme_certificate(
     }
 }
 
-/// The JSON certificate file a proxy wrote.
-pub fn read_cert_file(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+/// The JSON certificate file a proxy wrote. A proxy serves a new certificate first and writes the
+/// file right after (atomically, by rename), so this waits for the file to appear.
+pub async fn read_cert_file(path: &Path) -> serde_json::Value {
+    let text = hangar_tests::eventually("the certificate file to be written", || async {
+        std::fs::read_to_string(path).ok()
+    })
+    .await;
+    serde_json::from_str(&text).unwrap()
 }
