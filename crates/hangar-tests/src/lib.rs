@@ -336,6 +336,14 @@ impl TestEnv {
         self.client.connect(req).await.unwrap()
     }
 
+    /// The environment the backend behind `url` (a connect's token URL) sees, from the test backend's
+    /// `GET /env`, through the proxy.
+    pub async fn backend_env(&self, url: &str) -> serde_json::Value {
+        let resp = self.http.get(format!("{url}env")).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "GET {url}env");
+        resp.json().await.unwrap()
+    }
+
     /// Connects and waits until the backend is ready.
     pub async fn connect_ready(&self, req: &ConnectRequest) -> ConnectResponse {
         let resp = self.connect(req).await;

@@ -8,7 +8,6 @@ use hangar_test_support::docker::{docker_ready, TestRun};
 use hangar_tests::{TestEnv, WAIT};
 use hangar_types::executable::{Executable, ExecutorKind};
 use hangar_types::{BackendStatus, TerminationKind};
-use serde_json::Value;
 
 #[tokio::test]
 async fn docker_backend_through_the_proxy() {
@@ -33,15 +32,7 @@ async fn docker_backend_through_the_proxy() {
         let body = env.http.get(&resp.url).send().await.unwrap();
         assert_eq!(body.status(), 200);
         assert_eq!(body.text().await.unwrap(), "hello from hangar-test-backend");
-        let vars: Value = env
-            .http
-            .get(format!("{}env", resp.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let vars = env.backend_env(&resp.url).await;
         assert_eq!(vars["SESSION_BACKEND_ID"], resp.backend_id.as_str());
         assert_eq!(vars["GREETING"], "hello");
         assert_eq!(vars["PORT"], "8080");

@@ -9,7 +9,7 @@ use hangar_tests::{eventually, test_backend, TestEnv, WAIT};
 use hangar_types::api::{ClusterDroneState, ConnectRequest};
 use hangar_types::executable::{Executable, ExecutorKind};
 use hangar_types::{BackendStatus, TerminationReason};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -177,15 +177,7 @@ async fn spine_through_a_plane_executor() {
             (status, body.as_str()),
             (200, "hello from hangar-test-backend")
         );
-        let seen: Value = env
-            .http
-            .get(format!("{}env", resp.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let seen = env.backend_env(&resp.url).await;
         assert_eq!(seen["SESSION_BACKEND_ID"], resp.backend_id.as_str());
         assert_eq!(seen["SESSION_BACKEND_KEY"], "socket-spine");
         assert_eq!(seen["FROM_CONFIG"], "yes");

@@ -6,8 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use axum::http::{HeaderMap, StatusCode};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use hangar_tests::{eventually, free_port};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -32,25 +31,6 @@ fn hangar() -> Command {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `target/debug/hangar-test-backend` (built by `cargo build -p hangar-test-backend` beforehand).
-fn test_backend() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_hangar")).with_file_name("hangar-test-backend");
-    assert!(
-        path.exists(),
-        "{} is missing: run cargo build -p hangar-test-backend",
-        path.display()
-    );
-    path
 }
 
 /// An auth service that admits `Authorization: Bearer good` (401 `nope` otherwise), and with
@@ -91,7 +71,7 @@ impl Cluster {
     async fn start() -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let auth = auth_service(false).await;
-        let port = free_port();
+        let port = free_port().await;
         let controller = hangar()
             .args(["controller", "--port", &port.to_string()])
             .args(["--default-cluster", CLUSTER])
@@ -144,15 +124,11 @@ impl Cluster {
     }
 
     async fn wait_for_drone(&self) {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        loop {
+        eventually("the drone to be ready", || async {
             let (out, lines) = self.admin(&["cluster-state", CLUSTER]).await;
-            if out.status.success() && lines.iter().any(|l| l == "    Ready: true") {
-                return;
-            }
-            assert!(Instant::now() < deadline, "drone never ready: {lines:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            (out.status.success() && lines.iter().any(|l| l == "    Ready: true")).then_some(())
+        })
+        .await;
     }
 }
 
@@ -169,7 +145,7 @@ fn status_line(line: &str) -> &str {
 
 /// Returns the id of the backend it created and terminated.
 async fn connect_and_terminate(cluster: &Cluster) -> String {
-    let backend = test_backend();
+    let backend = hangar_tests::test_backend();
     let backend = backend.to_str().unwrap();
     let (out, lines) = cluster
         .admin(&["connect", "--command", backend, "--key", "parity"])
@@ -387,21 +363,14 @@ async fn plane_requests(cluster: &Cluster) {
 
 /// Once the drone is gone, `list-nodes` leaves it out and `list-nodes --all` shows it disconnected.
 async fn detached_nodes_only_with_all(cluster: &Cluster) {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
+    eventually("the killed drone to leave list-nodes", || async {
         let out = cluster
             .run(&cluster.url, &["list-nodes", "--cluster", CLUSTER])
             .await;
         assert!(out.status.success(), "{}", text(&out.stderr));
-        if !text(&out.stdout).contains(DRONE) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the killed drone is still listed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (!text(&out.stdout).contains(DRONE)).then_some(())
+    })
+    .await;
     let args = ["list-nodes", "--cluster", CLUSTER, "--all"];
     let out = cluster.run(&cluster.url, &args).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -433,7 +402,7 @@ async fn plane_admin_and_db_cli_habits_through_forward_auth() {
 async fn dev_with_forward_auth_guards_ctrl_dashboard_and_metrics() {
     timeout(TEST_TIMEOUT, async {
         let auth = auth_service(true).await;
-        let (port, proxy_port) = (free_port(), free_port());
+        let (port, proxy_port) = (free_port().await, free_port().await);
         let _dev = hangar()
             .args(["dev", "--in-memory", "--controller-port", &port.to_string()])
             .args(["--proxy-port", &proxy_port.to_string()])
@@ -452,17 +421,15 @@ async fn dev_with_forward_auth_guards_ctrl_dashboard_and_metrics() {
         let base = format!("http://127.0.0.1:{port}");
         // The dev drone gets through the auth service (it admits sockets) and registers.
         let state_url = format!("{base}/ctrl/c/localhost:{proxy_port}/state");
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        loop {
-            if let Ok(resp) = http.get(&state_url).bearer_auth("good").send().await {
-                let body: serde_json::Value = resp.json().await.unwrap_or_default();
-                if body["drones"].as_array().is_some_and(|d| !d.is_empty()) {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "the dev drone never registered");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        eventually("the dev drone to register", || async {
+            let resp = http.get(&state_url).bearer_auth("good").send().await.ok()?;
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            body["drones"]
+                .as_array()
+                .is_some_and(|d| !d.is_empty())
+                .then_some(())
+        })
+        .await;
         for path in [
             "/ctrl/status",
             "/dashboard",

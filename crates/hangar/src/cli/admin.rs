@@ -89,14 +89,8 @@ pub struct AdminConnectArgs {
 
 #[derive(Debug, Args)]
 pub struct AdminTerminateArgs {
-    /// The backend (Plane's `--backend BACKEND` works too).
-    #[arg(
-        required_unless_present = "backend_flag",
-        conflicts_with = "backend_flag"
-    )]
-    pub backend: Option<BackendId>,
-    #[arg(long = "backend", id = "backend_flag", value_name = "BACKEND")]
-    pub backend_flag: Option<BackendId>,
+    #[command(flatten)]
+    pub target: AdminBackendArgs,
     /// SIGKILL at once instead of SIGTERM first.
     #[arg(long)]
     pub hard: bool,
@@ -120,7 +114,7 @@ pub struct AdminClusterArgs {
 
 #[derive(Debug, Args)]
 pub struct AdminBackendArgs {
-    /// The backend (`--backend BACKEND` works too).
+    /// The backend (Plane's `--backend BACKEND` works too).
     #[arg(
         required_unless_present = "backend_flag",
         conflicts_with = "backend_flag"
@@ -130,20 +124,26 @@ pub struct AdminBackendArgs {
     pub backend_flag: Option<BackendId>,
 }
 
+impl AdminBackendArgs {
+    /// The backend, given positionally or with `--backend` (clap requires exactly one).
+    fn backend(self) -> anyhow::Result<BackendId> {
+        self.backend
+            .or(self.backend_flag)
+            .context("a backend is required")
+    }
+}
+
 /// Runs an admin command; errors are printed in Plane's words and give exit status 1.
 pub async fn run(client: &ControllerClient, args: AdminArgs) -> ExitCode {
     let result = match args.command {
         AdminCommand::Connect(args) => connect(client, args).await,
-        AdminCommand::Terminate(args) => {
-            let backend = args.backend.or(args.backend_flag);
-            terminate(client, backend, args.hard, args.immediate).await
-        }
+        AdminCommand::Terminate(args) => terminate(client, args).await,
         AdminCommand::Drain(args) => drain(client, args).await,
         AdminCommand::Status => status(client).await,
         AdminCommand::ClusterState(args) => cluster_state(client, &args.cluster).await,
-        AdminCommand::BackendStatus(args) => match args.backend.or(args.backend_flag) {
-            Some(backend) => follow(client, &backend, BackendStatus::Terminated).await,
-            None => Err(anyhow::anyhow!("a backend is required")),
+        AdminCommand::BackendStatus(args) => match args.backend() {
+            Ok(backend) => follow(client, &backend, BackendStatus::Terminated).await,
+            Err(e) => Err(e),
         },
     };
     match result {
@@ -275,13 +275,9 @@ async fn follow(
     }
 }
 
-async fn terminate(
-    client: &ControllerClient,
-    backend: Option<BackendId>,
-    hard: bool,
-    immediate: bool,
-) -> anyhow::Result<()> {
-    let backend = backend.context("a backend is required")?;
+async fn terminate(client: &ControllerClient, args: AdminTerminateArgs) -> anyhow::Result<()> {
+    let (hard, immediate) = (args.hard, args.immediate);
+    let backend = args.target.backend()?;
     if hard {
         client.hard_terminate(&backend).await?;
     } else {
