@@ -1,16 +1,20 @@
 //! The system under test as real processes of the built `hangar` binary: controllers on a fresh
-//! PostgreSQL database, drones with the process executor, one proxy, each reaching the next through a
-//! fault relay. Faults are applied and healed here.
+//! PostgreSQL database of the harness's own server, drones with the process executor, proxies, each
+//! reaching the next through a fault relay, and a relay in front of every backend. Faults are applied
+//! and healed here.
 
+use crate::postgres::PostgresServer;
 use crate::relay::{Relay, RelayMode};
 use crate::schedule::{Component, Fault, Link};
+use crate::shim;
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::process::{Child, Command};
 
@@ -21,10 +25,17 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 pub struct ClusterConfig {
     pub hangar: PathBuf,
     pub test_backend: PathBuf,
+    /// `hangar-chaos` itself, started as `hangar-chaos shim` in front of every backend.
+    pub shim: PathBuf,
+    /// The server, for faults that stop it.
+    pub postgres: Arc<PostgresServer>,
     /// `postgres://user:password@host:port/database` of the run's fresh database.
     pub database_url: url::Url,
     pub controllers: usize,
     pub drones: usize,
+    /// Drones with the Docker executor, after the process ones.
+    pub docker_drones: usize,
+    pub proxies: usize,
     /// Logs and drone state files.
     pub dir: PathBuf,
     /// Marks this run's backend processes (environment `HANGAR_CHAOS_RUN`).
@@ -43,12 +54,18 @@ pub struct Cluster {
     processes: BTreeMap<String, Process>,
     relays: BTreeMap<String, Relay>,
     controller_ports: Vec<u16>,
-    proxy_port: u16,
+    proxy_ports: Vec<u16>,
+    /// Orders for the proxy ↔ backend relays, and the last order's number.
+    link_file: PathBuf,
+    link_epoch: u64,
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
+    crate::free_port().context("finding a free port")
+}
+
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    (0..n).map(|_| free_port()).collect()
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -66,14 +83,16 @@ fn link_name(link: Link) -> String {
 impl Cluster {
     /// Starts relays, controllers, drones and the proxy (not waiting for them to be ready).
     pub async fn start(config: ClusterConfig) -> anyhow::Result<Cluster> {
+        let link_file = config.dir.join("proxy-backends.link");
+        shim::write_mode(&link_file, 0, Some(RelayMode::Pass))?;
         let mut cluster = Cluster {
-            controller_ports: (0..config.controllers)
-                .map(|_| free_port())
-                .collect::<anyhow::Result<_>>()?,
-            proxy_port: free_port()?,
+            controller_ports: free_ports(config.controllers)?,
+            proxy_ports: free_ports(config.proxies)?,
             config,
             processes: BTreeMap::new(),
             relays: BTreeMap::new(),
+            link_file,
+            link_epoch: 0,
         };
         let pg = cluster.config.database_url.clone();
         let pg_addr = local(pg.port().unwrap_or(5432));
@@ -99,7 +118,7 @@ impl Cluster {
             ];
             cluster.spawn(Component::Controller(i), &args)?;
         }
-        for j in 0..cluster.config.drones {
+        for j in 0..cluster.config.drones + cluster.config.docker_drones {
             let controller = local(cluster.controller_ports[j % cluster.config.controllers]);
             let relay = Relay::start(controller).await?;
             let url = format!("http://{}/", relay.addr());
@@ -107,7 +126,12 @@ impl Cluster {
                 .relays
                 .insert(link_name(Link::DroneController(j)), relay);
             let state = cluster.config.dir.join(format!("drone-{j}.state"));
-            let drone_name = format!("dr-chaos{j}{}", cluster.config.run_id);
+            let drone_name = cluster.drone_name(j);
+            let executor = if j < cluster.config.drones {
+                "process"
+            } else {
+                "docker"
+            };
             let args = [
                 "drone",
                 "--controller-url",
@@ -117,36 +141,75 @@ impl Cluster {
                 "--name",
                 &drone_name,
                 "--executor",
-                "process",
+                executor,
                 "--state-file",
                 state.to_str().context("non-UTF-8 directory")?,
             ];
             cluster.spawn(Component::Drone(j), &args)?;
         }
-        let relay = Relay::start(local(cluster.controller_ports[0])).await?;
-        let url = format!("http://{}/", relay.addr());
-        cluster
-            .relays
-            .insert(link_name(Link::ProxyController), relay);
-        let port = cluster.proxy_port.to_string();
-        let args = [
-            "proxy",
-            "--controller-url",
-            &url,
-            "--cluster",
-            &cluster.cluster(),
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            &port,
-        ];
-        cluster.spawn(Component::Proxy, &args)?;
+        // Every proxy serves the one cluster, each attached to a controller of its own.
+        for p in 0..cluster.config.proxies {
+            let controller = local(cluster.controller_ports[p % cluster.config.controllers]);
+            let relay = Relay::start(controller).await?;
+            let url = format!("http://{}/", relay.addr());
+            cluster
+                .relays
+                .insert(link_name(Link::ProxyController(p)), relay);
+            let port = cluster.proxy_ports[p].to_string();
+            let args = [
+                "proxy",
+                "--controller-url",
+                &url,
+                "--cluster",
+                &cluster.cluster(),
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                &port,
+            ];
+            cluster.spawn(Component::Proxy(p), &args)?;
+        }
         Ok(cluster)
     }
 
-    /// The cluster name: the proxy's public address.
+    fn drone_name(&self, j: usize) -> String {
+        format!("dr-chaos{j}{}", self.config.run_id)
+    }
+
+    /// The cluster name: the first proxy's public address (the others are reached with this name
+    /// as `Host`, as behind a load balancer).
     pub fn cluster(&self) -> String {
-        format!("localhost:{}", self.proxy_port)
+        format!("localhost:{}", self.proxy_ports[0])
+    }
+
+    /// Every proxy's address.
+    pub fn proxy_addrs(&self) -> Vec<SocketAddr> {
+        self.proxy_ports.iter().map(|p| local(*p)).collect()
+    }
+
+    /// The backend command: the shim in front of the test backend, with what it needs.
+    pub fn backend_command(&self) -> (Vec<String>, Vec<(&'static str, String)>) {
+        let command = vec![
+            self.config.shim.to_string_lossy().into_owned(),
+            "shim".into(),
+        ];
+        let env = vec![
+            (
+                shim::BACKEND_VAR,
+                self.config.test_backend.to_string_lossy().into_owned(),
+            ),
+            (
+                shim::LINK_FILE_VAR,
+                self.link_file.to_string_lossy().into_owned(),
+            ),
+        ];
+        (command, env)
+    }
+
+    fn order_backend_links(&mut self, mode: Option<RelayMode>) -> anyhow::Result<()> {
+        self.link_epoch += 1;
+        shim::write_mode(&self.link_file, self.link_epoch, mode)
+            .context("writing the proxy ↔ backend order")
     }
 
     pub fn controller_urls(&self) -> Vec<String> {
@@ -154,10 +217,6 @@ impl Cluster {
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}/"))
             .collect()
-    }
-
-    pub fn test_backend(&self) -> &Path {
-        &self.config.test_backend
     }
 
     fn spawn(&mut self, component: Component, args: &[&str]) -> anyhow::Result<()> {
@@ -263,6 +322,9 @@ impl Cluster {
                 self.start_process(c)?;
             }
             Fault::CutPostgres => self.cut_postgres().await?,
+            Fault::StopPostgres => self.config.postgres.crash_stop().await?,
+            Fault::Drop(Link::ProxyBackends) => self.order_backend_links(None)?,
+            Fault::Relay(Link::ProxyBackends, mode) => self.order_backend_links(Some(mode))?,
             Fault::Drop(link) => {
                 if let Some(r) = self.relay(link) {
                     r.drop_connections();
@@ -283,6 +345,10 @@ impl Cluster {
             Fault::Kill(c) => self.start_process(c)?,
             Fault::Pause(c) => self.signal(c, Signal::SIGCONT),
             Fault::Restart(_) | Fault::CutPostgres | Fault::Drop(_) => {}
+            Fault::StopPostgres => self.config.postgres.start_server().await?,
+            Fault::Relay(Link::ProxyBackends, _) => {
+                self.order_backend_links(Some(RelayMode::Pass))?
+            }
             Fault::Relay(link, _) => {
                 if let Some(r) = self.relay(link) {
                     r.set(RelayMode::Pass);
@@ -357,12 +423,55 @@ impl Cluster {
         for (pid, _) in running_backend_processes(&self.config.run_id) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
+        for j in self.config.drones..self.config.drones + self.config.docker_drones {
+            remove_containers(&self.drone_name(j)).await;
+        }
     }
 }
 
+/// Removes every container of the Docker drone `drone` (the drone labels its containers).
+async fn remove_containers(drone: &str) {
+    let label = format!("label=dev.hangar.drone={drone}");
+    let Ok(listed) = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &label])
+        .output()
+        .await
+    else {
+        return;
+    };
+    let ids: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if !ids.is_empty() {
+        let _ = Command::new("docker")
+            .args(["rm", "-f"])
+            .args(&ids)
+            .stdout(Stdio::null())
+            .output()
+            .await;
+    }
+}
+
+/// Whether this machine can run the Docker drone: an engine and the test backend's image
+/// (`scripts/build-test-image.sh`), and root, to find the containers' processes in `/proc`.
+pub async fn docker_ready() -> bool {
+    crate::is_root()
+        && Command::new("docker")
+            .args(["image", "inspect", DOCKER_IMAGE])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+}
+
+/// The image the Docker drone's backends run.
+pub const DOCKER_IMAGE: &str = "hangar-test-backend:latest";
+
 /// `(pid, SESSION_BACKEND_ID)` of every process whose environment has `HANGAR_CHAOS_RUN=<run_id>`.
 pub fn running_backend_processes(run_id: &str) -> Vec<(i32, String)> {
-    let marker = format!("HANGAR_CHAOS_RUN={run_id}");
+    let marker = format!("{}={run_id}", crate::load::RUN_VAR);
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return found;

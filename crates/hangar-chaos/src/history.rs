@@ -54,6 +54,8 @@ pub struct LiveSnapshot {
     pub at_ms: u64,
     pub reported: BTreeSet<String>,
     pub running: BTreeSet<String>,
+    /// What the convergence check last waited for (empty once it passed).
+    pub waiting_for: String,
 }
 
 /// Everything a run recorded.
@@ -243,6 +245,7 @@ mod tests {
                 at_ms: 5000,
                 reported: ["ba-1".to_string(), "ba-2".to_string()].into(),
                 running: ["ba-2".to_string(), "ba-3".to_string()].into(),
+                ..LiveSnapshot::default()
             },
             ..History::default()
         };

@@ -10,9 +10,11 @@
 pub mod cluster;
 pub mod history;
 pub mod load;
+pub mod postgres;
 pub mod relay;
 pub mod run;
 pub mod schedule;
+pub mod shim;
 
 use std::path::{Path, PathBuf};
 
@@ -32,4 +34,15 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
         anyhow::ensure!(status.success(), "building {name} failed");
     }
     Ok(path)
+}
+
+/// Whether the harness runs as root (`/proc/self` belongs to the effective user).
+pub fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+}
+
+/// A free loopback port (bound and released; the usual race with another process is accepted).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
 }

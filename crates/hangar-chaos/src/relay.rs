@@ -37,7 +37,12 @@ pub struct Relay {
 impl Relay {
     /// Listens on a free loopback port and relays to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Relay> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Relay::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
+    }
+
+    /// Listens on `listen` and relays to `target`.
+    pub async fn start_on(listen: SocketAddr, target: SocketAddr) -> std::io::Result<Relay> {
+        let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel((RelayMode::Pass, 0));
         let relay = Relay {

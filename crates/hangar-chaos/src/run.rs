@@ -3,7 +3,10 @@
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::history::{check, History, LiveSnapshot, Violation};
-use crate::load::{lock, run_load_loop, LoadTarget, Recorded};
+use crate::load::{
+    lock, run_load_loop, run_websocket_loop, LoadTarget, Recorded, DOCKER_KEY_PREFIX, RUN_VAR,
+};
+use crate::postgres::PostgresServer;
 use crate::schedule::{draw, Shape, Step};
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -28,10 +31,12 @@ pub struct RunConfig {
     pub keys: usize,
     /// Promise: after the last heal, the system converges within this.
     pub convergence_bound: Duration,
-    /// PostgreSQL server URL (`HANGAR_TEST_POSTGRES_URL`); a fresh database is made in it.
-    pub postgres_url: String,
+    /// The harness's own PostgreSQL server; a fresh database is made in it for every run.
+    pub postgres: Arc<PostgresServer>,
     pub hangar: PathBuf,
     pub test_backend: PathBuf,
+    /// `hangar-chaos` itself (its `shim` command relays in front of every backend).
+    pub shim: PathBuf,
 }
 
 /// What a run found.
@@ -44,9 +49,28 @@ pub struct RunReport {
     /// From the last heal to convergence.
     pub recovery: Option<Duration>,
     pub faults_by_kind: BTreeMap<&'static str, usize>,
+    /// The components' logs of a run with violations (kept; removed otherwise).
+    pub kept_logs: Option<PathBuf>,
 }
 
 impl RunReport {
+    /// One line: the seed, faults, what the load saw (answers per key) and the verdict.
+    pub fn summary(&self) -> String {
+        let mut per_key: BTreeMap<&str, usize> = BTreeMap::new();
+        for a in &self.history.answers {
+            *per_key.entry(a.key.as_str()).or_insert(0) += 1;
+        }
+        format!(
+            "seed {}: {} faults {:?}, {} connects, answers per key {per_key:?}, recovery {:?}, {} violations",
+            self.seed,
+            self.schedule.len(),
+            self.faults_by_kind,
+            self.history.connects.len(),
+            self.recovery,
+            self.violations.len()
+        )
+    }
+
     /// Seed, schedule and the offending history, for replaying a failed run.
     pub fn explain(&self) -> String {
         let mut text = format!(
@@ -83,6 +107,9 @@ impl RunReport {
             "final live sets: {:?}\n",
             self.history.final_snapshot
         ));
+        if let Some(logs) = &self.kept_logs {
+            text.push_str(&format!("component logs: {}\n", logs.display()));
+        }
         text
     }
 }
@@ -122,7 +149,8 @@ fn random_id() -> String {
 /// Runs one schedule end to end.
 pub async fn run_once(config: &RunConfig) -> anyhow::Result<RunReport> {
     let schedule = draw(config.seed, &config.shape);
-    let (database_url, database) = create_database(&config.postgres_url).await?;
+    let server = config.postgres.url();
+    let (database_url, database) = create_database(&server).await?;
     let dir = tempfile::tempdir()?;
     let run_id = random_id();
     let migrate = tokio::process::Command::new(&config.hangar)
@@ -136,9 +164,13 @@ pub async fn run_once(config: &RunConfig) -> anyhow::Result<RunReport> {
     let cluster = Cluster::start(ClusterConfig {
         hangar: config.hangar.clone(),
         test_backend: config.test_backend.clone(),
+        shim: config.shim.clone(),
+        postgres: config.postgres.clone(),
         database_url,
         controllers: config.shape.controllers,
         drones: config.shape.drones,
+        docker_drones: config.shape.docker_drones,
+        proxies: config.shape.proxies,
         dir: dir.path().to_path_buf(),
         run_id: run_id.clone(),
     })
@@ -148,7 +180,9 @@ pub async fn run_once(config: &RunConfig) -> anyhow::Result<RunReport> {
     if let Ok(cluster) = Arc::try_unwrap(cluster) {
         cluster.into_inner().shutdown().await;
     }
-    drop_database(&config.postgres_url, &database).await;
+    // A fault may have left the server stopped only if the run failed midway; start it for the next.
+    let _ = config.postgres.start_server().await;
+    drop_database(&server, &database).await;
     let history = outcome?;
     let violations = check(
         &history,
@@ -162,6 +196,7 @@ pub async fn run_once(config: &RunConfig) -> anyhow::Result<RunReport> {
     for s in &schedule {
         *faults_by_kind.entry(s.fault.kind()).or_insert(0) += 1;
     }
+    let kept_logs = (!violations.is_empty()).then(|| dir.keep());
     Ok(RunReport {
         seed: config.seed,
         schedule,
@@ -169,6 +204,7 @@ pub async fn run_once(config: &RunConfig) -> anyhow::Result<RunReport> {
         violations,
         recovery,
         faults_by_kind,
+        kept_logs,
     })
 }
 
@@ -181,16 +217,27 @@ async fn drive(
 ) -> anyhow::Result<History> {
     let (controllers, target) = {
         let c = cluster.lock().await;
+        let (command, shim_env) = c.backend_command();
+        let mut env: serde_json::Map<String, serde_json::Value> = shim_env
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        env.insert(RUN_VAR.into(), run_id.into());
         let target = LoadTarget {
             http: reqwest::Client::new(),
             cluster: c.cluster(),
-            test_backend: c.test_backend().to_string_lossy().into_owned(),
-            run_id,
+            proxies: c.proxy_addrs(),
+            next_proxy: Default::default(),
+            command,
+            env,
             origin: Instant::now(),
         };
         (c.controller_urls(), target)
     };
-    let keys: Vec<String> = (0..config.keys).map(|k| format!("chaos-key-{k}")).collect();
+    let mut keys: Vec<String> = (0..config.keys).map(|k| format!("chaos-key-{k}")).collect();
+    if config.shape.docker_drones > 0 {
+        keys.push(format!("{DOCKER_KEY_PREFIX}0"));
+    }
     // Ready: every key served through every controller before faults begin.
     converge(
         &target,
@@ -214,6 +261,16 @@ async fn drive(
                 stop.clone(),
             ));
         }
+    }
+    for (k, key) in keys.iter().enumerate() {
+        let i = k % controllers.len();
+        tasks.spawn(run_websocket_loop(
+            target.clone(),
+            (i, controllers[i].clone()),
+            key.clone(),
+            recorded.clone(),
+            stop.clone(),
+        ));
     }
     let faults = TaskTracker::new();
     for step in schedule.iter().cloned() {
@@ -253,7 +310,7 @@ async fn drive(
     })
 }
 
-/// Polls until every key connects through every controller, is answered through the proxy by the
+/// Polls until every key connects through every controller, is answered through every proxy by the
 /// backend the connect named, and the live sets agree; `Err` with the last snapshot after `bound`.
 async fn converge(
     target: &LoadTarget,
@@ -274,18 +331,23 @@ async fn converge(
             Ok(_) => {}
             Err(error) => eprintln!("cannot restart an exited component: {error:#}"),
         }
-        if serves_every_key(target, controllers, keys).await {
-            let c = cluster.lock().await;
-            let at_ms = target.elapsed_ms();
-            let reported = c.reported_live().await.unwrap_or_default();
-            last = LiveSnapshot {
-                at_ms,
-                reported,
-                running: c.running_backends(),
-            };
-            if last.reported == last.running {
-                return Ok(last);
+        match serves_every_key(target, controllers, keys).await {
+            Ok(()) => {
+                let c = cluster.lock().await;
+                let at_ms = target.elapsed_ms();
+                let reported = c.reported_live().await.unwrap_or_default();
+                last = LiveSnapshot {
+                    at_ms,
+                    reported,
+                    running: c.running_backends(),
+                    waiting_for: String::new(),
+                };
+                if last.reported == last.running {
+                    return Ok(last);
+                }
+                last.waiting_for = "the live sets to agree".into();
             }
+            Err(waiting_for) => last.waiting_for = waiting_for,
         }
         if Instant::now() >= deadline {
             return Err(last);
@@ -294,18 +356,29 @@ async fn converge(
     }
 }
 
-async fn serves_every_key(target: &LoadTarget, controllers: &[String], keys: &[String]) -> bool {
+/// `Err` says what is not served yet.
+async fn serves_every_key(
+    target: &LoadTarget,
+    controllers: &[String],
+    keys: &[String],
+) -> Result<(), String> {
     for controller in controllers {
         for key in keys {
-            let (_, got) = target.connect(controller, key).await;
+            let (outcome, got) = target.connect(controller, key).await;
             let Some((backend, url)) = got else {
-                return false;
+                return Err(format!("connect {key} via {controller}: {outcome:?}"));
             };
-            match target.request(key, &url).await {
-                Some(answer) if answer.backend == backend => {}
-                _ => return false,
+            for proxy in &target.proxies {
+                match target.request_via(key, &url, *proxy).await {
+                    Some(answer) if answer.backend == backend => {}
+                    other => {
+                        return Err(format!(
+                            "{key} via proxy {proxy}: wanted {backend}, got {other:?}"
+                        ))
+                    }
+                }
             }
         }
     }
-    true
+    Ok(())
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 pub enum Component {
     Controller(usize),
     Drone(usize),
-    Proxy,
+    Proxy(usize),
 }
 
 /// A link the harness relays, and so can break.
@@ -20,10 +20,13 @@ pub enum Component {
 pub enum Link {
     /// Drone `i` to its controller.
     DroneController(usize),
-    /// The proxy to its controller.
-    ProxyController,
+    /// Proxy `i` to its controller.
+    ProxyController(usize),
     /// Controller `i` to PostgreSQL.
     ControllerPostgres(usize),
+    /// The proxies (and the drones' readiness probes) to every backend: a relay in front of each
+    /// backend process (see `shim.rs`).
+    ProxyBackends,
 }
 
 /// One fault; it lasts for its step's duration, then is healed.
@@ -37,6 +40,8 @@ pub enum Fault {
     Restart(Component),
     /// Every PostgreSQL connection of the run's database terminated (`pg_terminate_backend`).
     CutPostgres,
+    /// The PostgreSQL server crash-stopped (`pg_ctl stop -m immediate`), started again when healed.
+    StopPostgres,
     /// Every open connection on the link closed (the duration is unused).
     Drop(Link),
     /// The link misbehaves in `mode` until healed.
@@ -51,6 +56,7 @@ impl Fault {
             Fault::Pause(_) => "pause",
             Fault::Restart(_) => "restart",
             Fault::CutPostgres => "postgres-cut",
+            Fault::StopPostgres => "postgres-stop",
             Fault::Drop(_) => "drop",
             Fault::Relay(_, RelayMode::Delay(_)) => "delay",
             Fault::Relay(_, RelayMode::BlackHole) => "black-hole",
@@ -64,7 +70,7 @@ impl Fault {
     fn target(&self) -> String {
         match self {
             Fault::Kill(c) | Fault::Pause(c) | Fault::Restart(c) => format!("{c:?}"),
-            Fault::CutPostgres => "postgres".into(),
+            Fault::CutPostgres | Fault::StopPostgres => "postgres".into(),
             Fault::Drop(l) | Fault::Relay(l, _) => format!("{l:?}"),
         }
     }
@@ -82,7 +88,11 @@ pub struct Step {
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Shape {
     pub controllers: usize,
+    /// Drones with the process executor...
     pub drones: usize,
+    /// ...and, after them, drones with the Docker executor.
+    pub docker_drones: usize,
+    pub proxies: usize,
     pub faults: usize,
     /// Faults start within this window after the load started.
     pub window: Duration,
@@ -124,25 +134,27 @@ pub fn draw(seed: u64, shape: &Shape) -> Vec<Step> {
 fn draw_component(rng: &mut StdRng, shape: &Shape) -> Component {
     match rng.random_range(0..3) {
         0 => Component::Controller(rng.random_range(0..shape.controllers)),
-        1 => Component::Drone(rng.random_range(0..shape.drones)),
-        _ => Component::Proxy,
+        1 => Component::Drone(rng.random_range(0..shape.drones + shape.docker_drones)),
+        _ => Component::Proxy(rng.random_range(0..shape.proxies)),
     }
 }
 
 fn draw_link(rng: &mut StdRng, shape: &Shape) -> Link {
-    match rng.random_range(0..3) {
-        0 => Link::DroneController(rng.random_range(0..shape.drones)),
-        1 => Link::ProxyController,
+    match rng.random_range(0..4) {
+        0 => Link::DroneController(rng.random_range(0..shape.drones + shape.docker_drones)),
+        1 => Link::ProxyController(rng.random_range(0..shape.proxies)),
+        2 => Link::ProxyBackends,
         _ => Link::ControllerPostgres(rng.random_range(0..shape.controllers)),
     }
 }
 
 fn draw_fault(rng: &mut StdRng, shape: &Shape) -> Fault {
-    match rng.random_range(0..9) {
+    match rng.random_range(0..10) {
         0 => Fault::Kill(draw_component(rng, shape)),
         1 => Fault::Pause(draw_component(rng, shape)),
         2 => Fault::Restart(draw_component(rng, shape)),
         3 => Fault::CutPostgres,
+        9 => Fault::StopPostgres,
         4 => Fault::Drop(draw_link(rng, shape)),
         5 => Fault::Relay(
             draw_link(rng, shape),
@@ -161,6 +173,8 @@ mod tests {
     const SHAPE: Shape = Shape {
         controllers: 2,
         drones: 3,
+        docker_drones: 1,
+        proxies: 2,
         faults: 12,
         window: Duration::from_secs(20),
         max_fault: Duration::from_secs(8),

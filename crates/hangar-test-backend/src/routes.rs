@@ -49,13 +49,16 @@ async fn hello_show() -> &'static str {
 
 /// All environment variables, non-UTF-8 bytes replaced.
 async fn env_show() -> Json<Map<String, Value>> {
-    let vars = std::env::vars_os()
+    Json(env_vars())
+}
+
+fn env_vars() -> Map<String, Value> {
+    std::env::vars_os()
         .map(|(name, value)| {
             let value = Value::String(value.to_string_lossy().into_owned());
             (name.to_string_lossy().into_owned(), value)
         })
-        .collect();
-    Json(vars)
+        .collect()
 }
 
 /// The request as received: header names (lowercase) to values, repeated headers joined with
@@ -161,7 +164,9 @@ async fn ws_upgrade(headers: HeaderMap, mut ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(ws_echo)
 }
 
-/// Echoes text as text and binary as binary; the text `close` makes the server close normally.
+/// Echoes text as text and binary as binary; the text `close` makes the server close normally, and
+/// the text `env` is answered with the environment as a JSON object (as `GET /env`), so a client
+/// holding a WebSocket can tell which backend answers it.
 async fn ws_echo(mut socket: WebSocket) {
     while let Some(Ok(message)) = socket.recv().await {
         let reply = match message {
@@ -169,6 +174,9 @@ async fn ws_echo(mut socket: WebSocket) {
                 code: close_code::NORMAL,
                 reason: Utf8Bytes::from_static(""),
             })),
+            Message::Text(text) if text.as_str() == "env" => {
+                Message::Text(Value::Object(env_vars()).to_string().into())
+            }
             Message::Text(_) | Message::Binary(_) => message,
             // Pings are answered by the WebSocket library itself.
             Message::Ping(_) | Message::Pong(_) => continue,
