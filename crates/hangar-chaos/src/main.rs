@@ -38,6 +38,9 @@ struct Args {
     /// Longest fault in seconds (above 60, a pause outlives the key lease).
     #[arg(long, default_value_t = 8)]
     max_fault: u64,
+    /// Also freeze one drone per schedule for longer than the 60 s key lease (65–75 s).
+    #[arg(long)]
+    long_pause: bool,
     /// Schedules run at once, each worker with a PostgreSQL server of its own.
     #[arg(long, default_value_t = 1)]
     jobs: u64,
@@ -74,6 +77,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         faults: args.faults,
         window: Duration::from_secs(args.window),
         max_fault: Duration::from_secs(args.max_fault),
+        long_pause: args.long_pause,
     };
     let next = Arc::new(AtomicU64::new(0));
     let totals = Arc::new(Mutex::new(Totals::default()));

@@ -98,7 +98,13 @@ pub struct Shape {
     pub window: Duration,
     /// Longest fault.
     pub max_fault: Duration,
+    /// Each schedule also freezes one drone (SIGSTOP) for longer than the key lease: 65–75 s.
+    pub long_pause: bool,
 }
+
+/// The key lease of the binaries under test (`hangar_types::timing::KEY_LEASE`; this crate depends on
+/// no Hangar crate).
+pub const KEY_LEASE: Duration = Duration::from_secs(60);
 
 /// Draws a schedule from `seed`.
 pub fn draw(seed: u64, shape: &Shape) -> Vec<Step> {
@@ -110,8 +116,17 @@ pub fn draw(seed: u64, shape: &Shape) -> Vec<Step> {
     let max_ms = u64::try_from(shape.max_fault.as_millis())
         .unwrap_or(u64::MAX)
         .max(200);
+    if shape.long_pause {
+        let drone = rng.random_range(0..shape.drones + shape.docker_drones);
+        steps.push(Step {
+            at: Duration::from_millis(rng.random_range(0..window_ms)),
+            fault: Fault::Pause(Component::Drone(drone)),
+            duration: KEY_LEASE + Duration::from_millis(rng.random_range(5_000..=15_000)),
+        });
+    }
+    let wanted = shape.faults + usize::from(shape.long_pause);
     let mut attempts = 0;
-    while steps.len() < shape.faults && attempts < shape.faults * 20 {
+    while steps.len() < wanted && attempts < shape.faults * 20 {
         attempts += 1;
         let fault = draw_fault(&mut rng, shape);
         let at = Duration::from_millis(rng.random_range(0..window_ms));
@@ -178,6 +193,7 @@ mod tests {
         faults: 12,
         window: Duration::from_secs(20),
         max_fault: Duration::from_secs(8),
+        long_pause: false,
     };
 
     #[test]
@@ -189,6 +205,28 @@ mod tests {
         assert!(!a.is_empty());
         for (i, s) in a.iter().enumerate() {
             assert!(s.at < SHAPE.window && s.duration <= SHAPE.max_fault);
+            for t in &a[i + 1..] {
+                let overlap = t.at < s.at + s.duration && s.at < t.at + t.duration;
+                assert!(
+                    !(overlap && s.fault.target() == t.fault.target()),
+                    "{s:?} {t:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_pause_outlives_the_key_lease() {
+        let shape = Shape {
+            long_pause: true,
+            ..SHAPE
+        };
+        let a = draw(7, &shape);
+        let long: Vec<&Step> = a.iter().filter(|s| s.duration > KEY_LEASE).collect();
+        assert_eq!(long.len(), 1, "{a:?}");
+        assert!(matches!(long[0].fault, Fault::Pause(Component::Drone(_))));
+        assert!(long[0].duration <= KEY_LEASE + Duration::from_secs(15));
+        for (i, s) in a.iter().enumerate() {
             for t in &a[i + 1..] {
                 let overlap = t.at < s.at + s.duration && s.at < t.at + t.duration;
                 assert!(

@@ -44,6 +44,7 @@ async fn short_randomized_schedules_keep_every_promise() {
             faults: 5,
             window: Duration::from_secs(12),
             max_fault: Duration::from_secs(5),
+            long_pause: false,
         },
         keys: 2,
         convergence_bound: CONVERGENCE_BOUND,
