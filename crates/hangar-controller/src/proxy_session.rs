@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use hangar_store::{NodeId, Registration, Store, StoreEvent, TokenLookup};
 use hangar_types::protocol::{ControllerToProxy, NodeHello, ProxyToController, RouteInfo};
 use hangar_types::token::ConnectionToken;
-use hangar_types::{BackendId, ClusterName, ProxyName};
+use hangar_types::{BackendId, BackendStatus, ClusterName, ProxyName};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -209,7 +209,10 @@ impl ProxySession {
             Ok(true) => Ok(()),
             Ok(false) => {
                 self.sender
-                    .send(&ControllerToProxy::BackendRemoved { backend })
+                    .send(&ControllerToProxy::BackendRemoved {
+                        backend,
+                        terminated: true,
+                    })
                     .await
             }
             Err(e) => {
@@ -236,7 +239,10 @@ impl ProxySession {
                 Ok(StoreEvent::BackendState { backend, state, .. })
                     if state.status().is_terminating_or_terminated() =>
                 {
-                    ControllerToProxy::BackendRemoved { backend }
+                    ControllerToProxy::BackendRemoved {
+                        backend,
+                        terminated: state.status() == BackendStatus::Terminated,
+                    }
                 }
                 Ok(StoreEvent::TokensRevoked { tokens }) => {
                     ControllerToProxy::TokensRevoked { tokens }

@@ -45,6 +45,8 @@ struct Activity {
     /// Distinguishes this entry from an earlier one for the same backend (stale visits and guards
     /// of a forgotten entry are ignored).
     epoch: u64,
+    /// Fired when the controller says the backend is terminated: its open tunnels close at once.
+    severed: CancellationToken,
 }
 
 #[derive(Default)]
@@ -89,13 +91,18 @@ impl ConnectionTracker {
     pub(crate) fn open(self: &Arc<Self>, backend: &BackendId) -> ConnectionGuard {
         let mut st = self.lock();
         let epoch = self.record_activity(&mut st, backend);
-        if let Some(a) = st.backends.get_mut(backend) {
-            a.open += 1;
-        }
+        let severed = match st.backends.get_mut(backend) {
+            Some(a) => {
+                a.open += 1;
+                a.severed.clone()
+            }
+            None => CancellationToken::new(),
+        };
         ConnectionGuard {
             tracker: self.clone(),
             backend: backend.clone(),
             epoch,
+            severed,
         }
     }
 
@@ -115,6 +122,7 @@ impl ConnectionTracker {
                 removed: false,
                 reported_connected: false,
                 epoch: new_epoch,
+                severed: CancellationToken::new(),
             }
         });
         if activity.removed {
@@ -154,13 +162,17 @@ impl ConnectionTracker {
     }
 
     /// The controller says `backend` is gone: stop sending keepalives for it. Open connections keep
-    /// being counted until they close.
-    pub(crate) fn forget(&self, backend: &BackendId) {
+    /// being counted until they close; when the backend is `terminated`, they are told to close now
+    /// (the connections opened later, after a fresh route, get a new signal).
+    pub(crate) fn forget(&self, backend: &BackendId, terminated: bool) {
         let mut st = self.lock();
         st.keepalives.remove(backend);
         let idle = match st.backends.get_mut(backend) {
             Some(a) => {
                 a.removed = true;
+                if terminated {
+                    std::mem::take(&mut a.severed).cancel();
+                }
                 a.open == 0
             }
             None => false,
@@ -254,6 +266,14 @@ pub(crate) struct ConnectionGuard {
     tracker: Arc<ConnectionTracker>,
     backend: BackendId,
     epoch: u64,
+    severed: CancellationToken,
+}
+
+impl ConnectionGuard {
+    /// Fires when the controller says the backend is terminated: the connection must close.
+    pub(crate) fn severed(&self) -> &CancellationToken {
+        &self.severed
+    }
 }
 
 impl Drop for ConnectionGuard {
@@ -327,7 +347,7 @@ mod tests {
         tokio::time::timeout(crate::TEST_TIMEOUT, async {
             let t = tracker();
             let guard = t.open(&b("b1"));
-            t.forget(&b("b1"));
+            t.forget(&b("b1"), false);
             assert!(t.take_keepalives().is_empty());
             assert_eq!(t.counts(&b("b1")), counts(1, true));
             t.visit_due(Instant::now() + Duration::from_secs(7));
@@ -342,7 +362,7 @@ mod tests {
             let start = Instant::now();
             drop(t.open(&b("b2")));
             t.take_keepalives();
-            t.forget(&b("b2"));
+            t.forget(&b("b2"), false);
             assert_eq!(t.counts(&b("b2")), None);
             tokio::time::advance(Duration::from_secs(3)).await;
             drop(t.open(&b("b2")));

@@ -118,10 +118,13 @@ async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
             ControllerToProxy::RouteResponse { token, route } => {
                 state.route_cache.resolve(token, route);
             }
-            ControllerToProxy::BackendRemoved { backend } => {
-                tracing::debug!(%backend, "Backend removed");
+            ControllerToProxy::BackendRemoved {
+                backend,
+                terminated,
+            } => {
+                tracing::debug!(%backend, terminated, "Backend removed");
                 state.route_cache.remove_backend(&backend);
-                state.tracker.forget(&backend);
+                state.tracker.forget(&backend, terminated);
             }
             ControllerToProxy::TokensRevoked { tokens } => {
                 tracing::debug!(count = tokens.len(), "Tokens revoked");

@@ -59,8 +59,10 @@ pub(crate) async fn run_tunnel(
         guard,
         connection,
     } = tunnel;
+    let severed = guard.severed().clone();
     let upgraded = tokio::select! {
         _ = cancel.cancelled() => return,
+        _ = severed.cancelled() => return,
         both = async { tokio::try_join!(client, backend) } => both,
     };
     let (client, backend) = match upgraded {
@@ -72,8 +74,13 @@ pub(crate) async fn run_tunnel(
     };
     let client = TokioIo::new(client);
     let backend = TokioIo::new(backend);
+    // A terminated backend's tunnel is cut at once, without close frames: its process may still
+    // run, and nothing it sends may reach the client any more.
     tokio::select! {
         _ = cancel.cancelled() => {}
+        _ = severed.cancelled() => {
+            tracing::debug!("Closing a tunnel to a terminated backend");
+        }
         _ = splice(client, backend, websocket, &going_away) => {}
     }
     drop(guard);

@@ -230,8 +230,15 @@ pub enum ControllerToProxy {
         token: ConnectionToken,
         route: Option<RouteInfo>,
     },
-    /// The backend is terminating or gone: forget every route to it.
-    BackendRemoved { backend: BackendId },
+    /// The backend is terminating or gone: forget every route to it. With `terminated` (it is
+    /// terminated, e.g. lost when another backend took its key over), also close every open tunnel
+    /// to it at once: its process may still run (a frozen drone cannot stop it), and it must not
+    /// answer clients any more. A terminating backend's tunnels stay open for its grace period.
+    BackendRemoved {
+        backend: BackendId,
+        #[serde(default)]
+        terminated: bool,
+    },
     /// These tokens were revoked: forget them.
     TokensRevoked { tokens: Vec<ConnectionToken> },
 

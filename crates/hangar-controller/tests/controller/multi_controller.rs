@@ -93,7 +93,7 @@ async fn drone_on_one_controller_proxy_on_another() {
         assert_eq!(stream.next().await.1["status"], "terminating");
         proxy
             .expect(|m| {
-                matches!(m, ControllerToProxy::BackendRemoved { backend: b } if *b == backend)
+                matches!(m, ControllerToProxy::BackendRemoved { backend: b, .. } if *b == backend)
                     .then_some(())
             })
             .await;

@@ -419,7 +419,7 @@ impl FakeProxy {
     /// Waits for the notice that `backend` is gone.
     pub async fn expect_removed(&mut self, backend: &BackendId) {
         self.expect(|m| {
-            matches!(m, ControllerToProxy::BackendRemoved { backend: b } if b == backend)
+            matches!(m, ControllerToProxy::BackendRemoved { backend: b, .. } if b == backend)
                 .then_some(())
         })
         .await

@@ -87,6 +87,7 @@ async fn backend_removed_makes_later_requests_410() {
         env.controller.set_answer(&token, Answer::NoRoute);
         env.controller.push(ControllerToProxy::BackendRemoved {
             backend: route.backend_id.clone(),
+            terminated: false,
         });
         eventually("requests for the removed backend get 410", || async {
             env.status_of(&format!("/{token}/")).await == 410

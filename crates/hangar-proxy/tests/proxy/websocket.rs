@@ -6,7 +6,7 @@ use crate::raw::{
 };
 use crate::support::{eventually, with_timeout, Env};
 use futures_util::{SinkExt, StreamExt};
-use hangar_types::protocol::RouteInfo;
+use hangar_types::protocol::{ControllerToProxy, RouteInfo};
 use hangar_types::BackendId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -160,6 +160,39 @@ async fn client_vanishing_without_close_frame_closes_the_tunnel() {
         drop(other);
         wait_open_connections(&env, &route.backend_id, 0).await;
         eventually("no tunnels", || async { env.proxy.open_tunnels() == 0 }).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_terminated_backend_loses_its_tunnels_a_terminating_one_keeps_them() {
+    with_timeout(async {
+        let env = Env::start().await;
+        let (route, token) = env.routed("b-sever");
+        let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
+        wait_open_connections(&env, &route.backend_id, 1).await;
+        // Terminating (soft, grace period): new requests are refused, the open tunnel stays.
+        env.controller.push(ControllerToProxy::BackendRemoved {
+            backend: route.backend_id.clone(),
+            terminated: false,
+        });
+        eventually("requests for the removed backend get 410", || async {
+            env.status_of(&format!("/{token}/")).await == 410
+        })
+        .await;
+        echo_text(&mut ws, "still here while terminating").await;
+        // Terminated (e.g. lost to a key takeover while its process may still run): cut at once.
+        env.controller.push(ControllerToProxy::BackendRemoved {
+            backend: route.backend_id.clone(),
+            terminated: true,
+        });
+        wait_open_connections(&env, &route.backend_id, 0).await;
+        let after = ws.send(Message::text("after")).await;
+        let next = ws.next().await;
+        assert!(
+            after.is_err() || !matches!(next, Some(Ok(Message::Text(_)))),
+            "the tunnel answered after its backend was terminated: {next:?}"
+        );
     })
     .await
 }
