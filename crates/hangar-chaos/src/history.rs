@@ -31,8 +31,9 @@ pub struct Answer {
 pub enum ConnectOutcome {
     /// A backend id and URL came back.
     Ok { backend: String },
-    /// A failure a client should retry: the controller unreachable or timing out, or an HTTP 5xx
-    /// answer in Plane's error shape (`{id, kind, message}`), e.g. 503 while the store is away.
+    /// A failure a client should retry: the controller unreachable or timing out, an HTTP 5xx
+    /// answer in Plane's error shape (`{id, kind, message}`), e.g. 503 while the store is away, or
+    /// Plane's `409 KeyHeld` while the key's previous backend is still shutting down.
     Retryable { reason: String },
     /// Anything else: a 4xx to a valid request, a 5xx without a readable error, an unreadable body.
     Unclear { reason: String },

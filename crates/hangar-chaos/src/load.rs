@@ -229,7 +229,9 @@ fn classify(
     }
     let plane_shaped = body["id"].is_string() && body["kind"].is_string();
     let reason = format!("{status}: {body}");
-    if status.is_server_error() && plane_shaped {
+    // Plane's 409 `KeyHeld`: the key's previous backend is still shutting down; retry shortly.
+    let key_held = status == reqwest::StatusCode::CONFLICT && body["kind"] == "KeyHeld";
+    if (status.is_server_error() || key_held) && plane_shaped {
         (ConnectOutcome::Retryable { reason }, None)
     } else {
         (ConnectOutcome::Unclear { reason }, None)
@@ -300,4 +302,53 @@ pub async fn run_websocket_loop(
 /// The lock is never held across an await, and a panic while holding it ends the run anyway.
 pub fn lock(recorded: &Mutex<Recorded>) -> std::sync::MutexGuard<'_, Recorded> {
     recorded.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::StatusCode;
+
+    fn outcome(status: StatusCode, body: Value) -> ConnectOutcome {
+        classify(status, Some(body)).0
+    }
+
+    #[test]
+    fn connect_answers_are_sorted_as_a_client_should_treat_them() {
+        let ok = json!({"backend_id": "b1", "url": "http://x/t/"});
+        assert!(matches!(
+            outcome(StatusCode::OK, ok),
+            ConnectOutcome::Ok { backend } if backend == "b1"
+        ));
+        let plane = |kind: &str| json!({"id": "e1", "kind": kind, "message": "m"});
+        for (status, kind) in [
+            (StatusCode::SERVICE_UNAVAILABLE, "StoreUnavailable"),
+            (StatusCode::CONFLICT, "KeyHeld"),
+        ] {
+            assert!(
+                matches!(
+                    outcome(status, plane(kind)),
+                    ConnectOutcome::Retryable { .. }
+                ),
+                "{status} {kind}"
+            );
+        }
+        for (status, body) in [
+            (StatusCode::CONFLICT, plane("Other")),
+            (StatusCode::BAD_REQUEST, plane("BadRequest")),
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": "not Plane's shape"}),
+            ),
+            (StatusCode::OK, json!({"url": "no backend id"})),
+        ] {
+            assert!(
+                matches!(
+                    outcome(status, body.clone()),
+                    ConnectOutcome::Unclear { .. }
+                ),
+                "{status} {body}"
+            );
+        }
+    }
 }
