@@ -43,6 +43,8 @@ RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
  && mkdir -p /out-data
 
 # ---- runtime (the default target): distroless, non-root -----------------------------------------
+# Its settings repeat the prebuilt stage's on purpose, and must stay the same: one stage cannot serve
+# both, since the legacy builder would then build (and pull) the Rust stage for the prebuilt path.
 FROM ${RUNTIME_IMAGE} AS runtime
 COPY --from=build /out/ /
 COPY --from=build --chown=65532:65532 /out-data/ /var/lib/hangar/

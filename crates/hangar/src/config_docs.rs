@@ -11,7 +11,6 @@
 
 use crate::Cli;
 use clap::{Arg, Command, CommandFactory};
-use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
