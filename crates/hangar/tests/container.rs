@@ -195,13 +195,14 @@ async fn image_runs_hangar_dev_as_non_root_and_serves_a_connect() {
 
 /// Forwards TCP connections from `listen` (an address containers reach) to `target`, for as long as
 /// the test's runtime lives.
-async fn relay(listen: IpAddr, target: SocketAddr) -> SocketAddr {
+async fn relay(listen: IpAddr, target: String) -> SocketAddr {
     let listener = TcpListener::bind((listen, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
             tokio::spawn(async move {
-                if let Ok(mut outbound) = TcpStream::connect(target).await {
+                if let Ok(mut outbound) = TcpStream::connect(target.as_str()).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 }
             });
@@ -293,9 +294,10 @@ async fn compose_file_serves_a_connect_across_two_controllers() {
     .parse()
     .unwrap();
     let mut db_url = url::Url::parse(db.url()).unwrap();
-    let server = SocketAddr::new(
-        db_url.host_str().unwrap().parse().unwrap(),
-        db_url.port().unwrap_or(5432),
+    let server = format!(
+        "{}:{}",
+        db_url.host_str().unwrap(),
+        db_url.port().unwrap_or(5432)
     );
     let relayed = relay(gateway, server).await;
     db_url.set_ip_host(gateway).unwrap();
