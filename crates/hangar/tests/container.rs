@@ -263,6 +263,28 @@ impl Drop for ComposeProject {
     }
 }
 
+/// The host's address on Docker's default bridge: its `Gateway`, or when the engine does not
+/// report one, the first address of its subnet (where Docker puts it).
+fn bridge_gateway() -> IpAddr {
+    let config = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{json .IPAM.Config}}",
+    ])
+    .unwrap();
+    let config: Value = serde_json::from_str(&config).unwrap();
+    if let Some(gateway) = config[0]["Gateway"].as_str().filter(|g| !g.is_empty()) {
+        return gateway.parse().unwrap();
+    }
+    let subnet = config[0]["Subnet"]
+        .as_str()
+        .expect("the bridge has a subnet");
+    let network: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
+    IpAddr::V4(std::net::Ipv4Addr::from(u32::from(network) + 1))
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -283,16 +305,7 @@ async fn compose_file_serves_a_connect_across_two_controllers() {
     let image = TestImage::build(&run);
     // Containers reach the host at the default bridge's gateway; the test's PostgreSQL listens on
     // loopback only, hence the relay.
-    let gateway: IpAddr = docker(&[
-        "network",
-        "inspect",
-        "bridge",
-        "--format",
-        "{{(index .IPAM.Config 0).Gateway}}",
-    ])
-    .unwrap()
-    .parse()
-    .unwrap();
+    let gateway = bridge_gateway();
     let mut db_url = url::Url::parse(db.url()).unwrap();
     let server = format!(
         "{}:{}",
