@@ -8,6 +8,8 @@
 //! backends lives in the component crates.
 
 mod cli;
+#[cfg(test)]
+mod config_docs;
 mod config_file;
 mod database;
 mod dev;
