@@ -51,28 +51,34 @@ async fn register_drone(
     (drone, node, session)
 }
 
+/// The router of a controller on an in-memory store, with one registered drone that has a heartbeat.
+async fn router_with_drone() -> (axum::Router, Arc<SqliteStore>, DroneName) {
+    let config = ControllerConfig {
+        default_cluster: Some(CLUSTER.parse().unwrap()),
+        ..Default::default()
+    };
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let app = router(
+        AppState::new(
+            config.clone(),
+            store.clone(),
+            "127.0.0.1:1".parse().unwrap(),
+        )
+        .unwrap(),
+    );
+    store
+        .controller_heartbeat(&config.name, true)
+        .await
+        .unwrap();
+    let (drone, node, _) = register_drone(&store, &config).await;
+    store.drone_heartbeat(node, Millis::now()).await.unwrap();
+    (app, store, drone)
+}
+
 #[tokio::test]
 async fn termination_candidates_explain_idle_and_lifetime_limits() {
     timed(async {
-        let config = ControllerConfig {
-            default_cluster: Some(CLUSTER.parse().unwrap()),
-            ..Default::default()
-        };
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-        let app = router(
-            AppState::new(
-                config.clone(),
-                store.clone(),
-                "127.0.0.1:1".parse().unwrap(),
-            )
-            .unwrap(),
-        );
-        store
-            .controller_heartbeat(&config.name, true)
-            .await
-            .unwrap();
-        let (drone, node, _) = register_drone(&store, &config).await;
-        store.drone_heartbeat(node, Millis::now()).await.unwrap();
+        let (app, store, drone) = router_with_drone().await;
         let path = format!("/ctrl/c/{CLUSTER}/d/{drone}/termination-candidates");
         let get = |path: String| Request::get(path).body(Body::empty()).unwrap();
 
@@ -236,25 +242,7 @@ async fn cluster_state_lists_detached_nodes_only_with_all() {
 #[tokio::test]
 async fn backends_are_listed_and_described() {
     timed(async {
-        let config = ControllerConfig {
-            default_cluster: Some(CLUSTER.parse().unwrap()),
-            ..Default::default()
-        };
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-        let app = router(
-            AppState::new(
-                config.clone(),
-                store.clone(),
-                "127.0.0.1:1".parse().unwrap(),
-            )
-            .unwrap(),
-        );
-        store
-            .controller_heartbeat(&config.name, true)
-            .await
-            .unwrap();
-        let (drone, node, _) = register_drone(&store, &config).await;
-        store.drone_heartbeat(node, Millis::now()).await.unwrap();
+        let (app, store, drone) = router_with_drone().await;
         let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
         let mut ids = Vec::new();
         for key in ["alpha", "beta"] {
