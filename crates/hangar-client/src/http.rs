@@ -2,12 +2,14 @@
 //! (`http://TOKEN@host:8080/`), as Plane's client accepts.
 
 use hangar_types::api::{
-    ApiError, ClusterState, ConnectRequest, ConnectResponse, DrainResult, HealthResponse,
-    MarkLostResult, RevokeRequest, StatusResponse, TerminationCandidates,
+    ApiError, BackendDetails, BackendList, ClusterState, ConnectRequest, ConnectResponse,
+    DrainResult, HealthResponse, MarkLostResult, RevokeRequest, StatusResponse,
+    TerminationCandidates,
 };
 use hangar_types::state::BackendStatusEntry;
 use hangar_types::{BackendId, ClusterName, DroneName};
 use serde::de::DeserializeOwned;
+use std::time::Duration;
 use url::Url;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,12 @@ impl ClientError {
             ClientError::InvalidUrl(_) | ClientError::Handshake(_) => false,
         }
     }
+
+    /// Whether the controller did not answer within the client's request timeout
+    /// ([`ControllerClient::with_request_timeout`]).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Transport(e) if e.is_timeout())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +58,8 @@ pub struct ControllerClient {
     base: Url,
     bearer: Option<String>,
     http: reqwest::Client,
+    /// Limit of each request-response call (not of streams); none when `None`.
+    request_timeout: Option<Duration>,
 }
 
 impl ControllerClient {
@@ -69,7 +79,16 @@ impl ControllerClient {
             base,
             bearer,
             http: reqwest::Client::new(),
+            request_timeout: None,
         })
+    }
+
+    /// Fails each request-response call that has not been answered within `timeout` (connecting
+    /// included) with a transport error for which [`ClientError::is_timeout`] holds. Streams (the
+    /// status stream, events) are not limited: they last as long as the caller wants.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
+        self
     }
 
     /// Uses `token` as the bearer token (overrides one in the URL).
@@ -121,8 +140,21 @@ impl ControllerClient {
         }
     }
 
+    /// [`Self::request`] for a request-response call, limited by the request timeout.
+    fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder, ClientError> {
+        let req = self.request(method, path)?;
+        Ok(match self.request_timeout {
+            Some(timeout) => req.timeout(timeout),
+            None => req,
+        })
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let resp = self.request(reqwest::Method::GET, path)?.send().await?;
+        let resp = self.call(reqwest::Method::GET, path)?.send().await?;
         Self::decode(resp).await
     }
 
@@ -132,7 +164,7 @@ impl ControllerClient {
         body: &B,
     ) -> Result<T, ClientError> {
         let resp = self
-            .request(reqwest::Method::POST, path)?
+            .call(reqwest::Method::POST, path)?
             .json(body)
             .send()
             .await?;
@@ -196,6 +228,31 @@ impl ControllerClient {
         backend: &BackendId,
     ) -> Result<BackendStatusEntry, ClientError> {
         self.get(&format!("/pub/b/{backend}/status")).await
+    }
+
+    /// Backends matching the filters, newest first (`GET /ctrl/backends`); `query` holds the
+    /// `status`, `cluster`, `key`, `namespace` and `limit` parameters that are given.
+    pub async fn list_backends(
+        &self,
+        query: &[(&str, String)],
+    ) -> Result<BackendList, ClientError> {
+        let mut path = String::from("/ctrl/backends");
+        if !query.is_empty() {
+            let encoded = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(query)
+                .finish();
+            path.push('?');
+            path.push_str(&encoded);
+        }
+        self.get(&path).await
+    }
+
+    /// A backend with its key, drone and status history (`GET /ctrl/b/{backend}`).
+    pub async fn backend_details(
+        &self,
+        backend: &BackendId,
+    ) -> Result<BackendDetails, ClientError> {
+        self.get(&format!("/ctrl/b/{backend}")).await
     }
 
     pub async fn cluster_state(&self, cluster: &ClusterName) -> Result<ClusterState, ClientError> {

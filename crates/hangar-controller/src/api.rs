@@ -5,6 +5,7 @@
 //! included); `/pub/*` is public and carries a CORS layer. Handlers live in `api/`, named `<resource>_<verb>`.
 
 mod auth;
+mod backend_views;
 mod backends;
 mod dashboard;
 mod extract;
@@ -120,6 +121,8 @@ pub fn router(state: AppState) -> Router {
         .route("/ctrl/revoke", post(backends::tokens_revoke))
         .route("/ctrl/c/{cluster}/state", get(nodes::cluster_state_get))
         .route("/ctrl/dashboard/state", get(dashboard::dashboard_state_get))
+        .route("/ctrl/backends", get(backend_views::backends_list))
+        .route("/ctrl/b/{backend}", get(backend_views::backends_get))
         .route(
             "/ctrl/b/{backend}/prevent-renew",
             post(backends::backends_prevent_renew),

@@ -299,6 +299,10 @@ pub trait Store: Send + Sync + 'static {
     /// Clusters with at least one drone or proxy attached to a controller, by name, at most `limit`.
     async fn active_clusters(&self, limit: u32) -> StoreResult<Vec<ClusterName>>;
 
+    /// The backends matching `filter`, most recently created first (ties by id), at most
+    /// `filter.limit` (`hangar list`).
+    async fn list_backends(&self, filter: &BackendFilter) -> StoreResult<Vec<BackendRow>>;
+
     /// The most recently created backends, newest first (ties by id), at most `limit`; with `status`,
     /// only those whose current status is `status`.
     async fn recent_backends(

@@ -14,6 +14,18 @@ pub type NodeId = i64;
 /// detach a newer session of the same node.
 pub type SessionId = i64;
 
+/// Which backends [`crate::Store::list_backends`] returns: every given condition holds (`None`
+/// matches all), newest first, at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BackendFilter {
+    pub status: Option<hangar_types::BackendStatus>,
+    pub cluster: Option<ClusterName>,
+    /// The key's name (any namespace unless `namespace` is given too).
+    pub key: Option<String>,
+    pub namespace: Option<String>,
+    pub limit: u32,
+}
+
 /// A key's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRef {

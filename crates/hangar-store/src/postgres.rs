@@ -46,6 +46,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Applies the schema migrations to the database at `url` (`hangar migrate --db URL`). Safe to run
 /// while controllers are connected: sqlx serializes concurrent migrators with an advisory lock.
 pub async fn migrate(url: &str) -> StoreResult<()> {
+    check_reachable(url).await?;
     let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
     let result = run_migrations(&pool).await;
     pool.close().await;
@@ -55,6 +56,26 @@ pub async fn migrate(url: &str) -> StoreResult<()> {
 async fn run_migrations(pool: &PgPool) -> StoreResult<()> {
     let migrator = crate::migrations::migrator(|step| step.postgres).await?;
     Ok(migrator.run(pool).await?)
+}
+
+/// Opens and closes one connection, so that an unreachable or misconfigured server is reported with
+/// its own error (connection refused, unknown host, wrong password) at once, instead of the pool's
+/// `PoolTimedOut` after [`ACQUIRE_TIMEOUT`] of silent retries.
+async fn check_reachable(url: &str) -> StoreResult<()> {
+    use sqlx::Connection;
+    let connection = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect(url))
+        .await
+        .map_err(|_| {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the server did not answer within {} s",
+                    ACQUIRE_TIMEOUT.as_secs()
+                ),
+            ))
+        })??;
+    connection.close().await?;
+    Ok(())
 }
 
 /// The PostgreSQL store.
@@ -73,6 +94,7 @@ impl SqlStore<PostgresDialect> {
     /// Connects a pool to `url` (`postgres://user:password@host:port/database`), applies migrations and
     /// starts listening for events of other controllers. Must be called inside a tokio runtime.
     pub async fn connect(url: &str) -> StoreResult<PostgresStore> {
+        check_reachable(url).await?;
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)

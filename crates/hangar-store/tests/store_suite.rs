@@ -159,6 +159,7 @@ macro_rules! all_store_tests {
             http_challenges_belong_to_the_lease_holder,
             certificates_are_stored_and_published,
             dashboard_lists_clusters_and_recent_backends,
+            list_backends_filters_by_status_cluster_and_key,
         );
     };
 }
@@ -2056,5 +2057,74 @@ mod suite {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    pub async fn list_backends_filters_by_status_cluster_and_key(h: Harness) {
+        let store = &*h.store;
+        let all = |limit| BackendFilter {
+            limit,
+            ..BackendFilter::default()
+        };
+        assert!(store.list_backends(&all(10)).await.unwrap().is_empty());
+        let drone = ready_drone(store, "dr-one", "").await;
+        let mut far = registration("dr-far", "", &[ExecutorKind::Process]);
+        far.cluster = "far.test".parse().unwrap();
+        let (far_drone, _) = register(store, &far).await;
+
+        let a = new_backend(drone, "room-a");
+        acquire(store, a.clone()).await;
+        h.advance(Duration::from_millis(5));
+        let mut b = new_backend(far_drone, "room-b");
+        b.cluster = far.cluster.clone();
+        acquire(store, b.clone()).await;
+        make_ready(store, &b.id).await;
+        h.advance(Duration::from_millis(5));
+        let mut c = new_backend(drone, "room-a");
+        c.key.namespace = "other".into();
+        acquire(store, c.clone()).await;
+        terminate(store, &c.id).await;
+
+        let ids = |rows: Vec<BackendRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        let list =
+            |filter: BackendFilter| async move { ids(store.list_backends(&filter).await.unwrap()) };
+        assert_eq!(
+            list(all(10)).await,
+            vec![c.id.clone(), b.id.clone(), a.id.clone()]
+        );
+        assert_eq!(list(all(1)).await, vec![c.id.clone()]);
+        let ready = BackendFilter {
+            status: Some(BackendStatus::Ready),
+            ..all(10)
+        };
+        assert_eq!(list(ready).await, vec![b.id.clone()]);
+        let far_cluster = BackendFilter {
+            cluster: Some(far.cluster.clone()),
+            ..all(10)
+        };
+        let rows = store.list_backends(&far_cluster).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].drone, "dr-far".parse::<DroneName>().unwrap());
+        assert_eq!(rows[0].key, b.key);
+        let room_a = BackendFilter {
+            key: Some("room-a".into()),
+            ..all(10)
+        };
+        assert_eq!(list(room_a.clone()).await, vec![c.id.clone(), a.id.clone()]);
+        let room_a_ns = BackendFilter {
+            namespace: Some("ns".into()),
+            ..room_a.clone()
+        };
+        assert_eq!(list(room_a_ns).await, vec![a.id.clone()]);
+        // Every condition must hold.
+        let none = BackendFilter {
+            status: Some(BackendStatus::Ready),
+            ..room_a
+        };
+        assert!(list(none).await.is_empty());
+        let nowhere = BackendFilter {
+            cluster: Some("nowhere.test".parse().unwrap()),
+            ..all(10)
+        };
+        assert!(list(nowhere).await.is_empty());
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::executable::{Executable, ExecutorKind};
 use crate::names::{BackendId, ClusterName, ControllerName, DroneName, KeyName, NodeName};
-use crate::state::BackendStatus;
+use crate::state::{BackendStatus, BackendStatusEntry, TerminationReason};
 use crate::time::Millis;
 use crate::token::{ConnectionToken, SecretToken};
 use serde::{Deserialize, Serialize};
@@ -223,6 +223,41 @@ pub struct BusEvent {
     /// What the event is about (a backend id, a cluster); `None` for global events.
     pub key: Option<String>,
     pub payload: serde_json::Value,
+}
+
+/// A backend as listed by `GET /ctrl/backends` and described by `GET /ctrl/b/{backend}` (Hangar; Plane
+/// has `db-cli list-backends`). Times are store times in milliseconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSummary {
+    pub id: BackendId,
+    pub cluster: ClusterName,
+    pub drone: DroneName,
+    pub key: KeyConfig,
+    /// The current status.
+    pub status: BackendStatus,
+    /// When the current status was recorded.
+    pub status_time: Millis,
+    /// Why it was terminated, once terminated.
+    pub termination_reason: Option<TerminationReason>,
+    pub created_at: Millis,
+}
+
+/// Answer of `GET /ctrl/backends?status=&cluster=&key=&namespace=&limit=`: newest first, at most
+/// `limit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendList {
+    pub backends: Vec<BackendSummary>,
+    /// The limit applied.
+    pub limit: u32,
+}
+
+/// Answer of `GET /ctrl/b/{backend}`: the backend and every status it went through, oldest first,
+/// each with the time it was recorded (the last one is the current status).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendDetails {
+    #[serde(flatten)]
+    pub backend: BackendSummary,
+    pub history: Vec<BackendStatusEntry>,
 }
 
 /// Builds the connection URL `<scheme>://[<sub>.]<cluster>/<token>/`.

@@ -1,6 +1,6 @@
 //! The controller's database, chosen by `--db`: a `postgres://` (or `postgresql://`) URL opens the
-//! PostgreSQL store that several controllers can share; anything else is a SQLite file path (embedded,
-//! one controller). `hangar migrate --db …` applies the schema ahead of a rollout.
+//! PostgreSQL store that several controllers can share; a file path (or `sqlite:PATH`) is a SQLite
+//! file (embedded, one controller); any other `scheme://` is refused by name. `hangar migrate --db …` applies the schema ahead of a rollout.
 
 use crate::cli::say;
 use anyhow::Context;
@@ -11,6 +11,10 @@ use hangar_store::Store;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+
+/// What `--db` accepts, for error messages.
+const SUPPORTED: &str = "give a SQLite file path (or `sqlite:PATH`) or a \
+    `postgres://user:password@host:port/database` URL";
 
 /// Which kind of database a `--db` value names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,9 +40,15 @@ impl Database {
                 location: db.to_string(),
             });
         }
-        let path = db.strip_prefix("sqlite://").unwrap_or(db);
+        let path = db
+            .strip_prefix("sqlite://")
+            .or_else(|| db.strip_prefix("sqlite:"))
+            .unwrap_or(db);
         if path.is_empty() {
-            anyhow::bail!("--db must not be empty: give a SQLite file path or a postgres:// URL");
+            anyhow::bail!("--db must not be empty: {SUPPORTED}");
+        }
+        if let Some((scheme, _)) = path.split_once("://") {
+            anyhow::bail!("unsupported database `{scheme}://…` in --db: {SUPPORTED}");
         }
         Ok(Database {
             kind: DatabaseKind::Sqlite,
@@ -145,8 +155,16 @@ mod tests {
         assert_eq!(file.kind, DatabaseKind::Sqlite);
         assert_eq!(file.location, "./x.db");
         assert_eq!(Database::parse("x.db").unwrap().location, "x.db");
+        assert_eq!(Database::parse("sqlite:x.db").unwrap().location, "x.db");
         assert!(Database::parse("  ").is_err());
         assert!(Database::parse("sqlite://").is_err());
+        let err = Database::parse("mysql://u:p@h/db").unwrap_err().to_string();
+        assert!(
+            err.contains("`mysql://…`")
+                && err.contains("SQLite file path")
+                && err.contains("postgres://"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -159,6 +177,9 @@ mod tests {
             .unwrap();
         let text = format!("{err:#}");
         assert!(text.contains("connecting to PostgreSQL"), "{text}");
+        // The server's own error, not the pool's "timed out" after its retries.
+        assert!(text.contains("refused"), "{text}");
+        assert!(!text.contains("timed out"), "{text}");
         assert!(!text.contains("very-secret"), "{text}");
     }
 

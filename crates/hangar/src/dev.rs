@@ -38,7 +38,7 @@ const DRONE_NAME_FILE: &str = "drone-name";
 pub struct DevArgs {
     /// Directory for the database (`hangar.db`) and the drone's state (`drone.db`). Default: the
     /// platform's local data directory + `/hangar` (e.g. `~/.local/share/hangar`).
-    #[arg(long, env = "HANGAR_DATA_DIR", conflicts_with = "in_memory")]
+    #[arg(long, env = "HANGAR_DEV_DATA_DIR", conflicts_with = "in_memory")]
     pub data_dir: Option<PathBuf>,
     /// Keep everything in memory (nothing survives a restart).
     #[arg(long)]
@@ -57,10 +57,18 @@ pub struct DevArgs {
     pub cluster: Option<ClusterName>,
     /// Where the proxy serves its Prometheus metrics (`GET /metrics`). The controller's are at
     /// `<controller>/metrics`.
-    #[arg(long, default_value = "127.0.0.1:9091")]
+    #[arg(
+        long,
+        env = "HANGAR_PROXY_METRICS_ADDR",
+        default_value = "127.0.0.1:9091"
+    )]
     pub proxy_metrics_addr: SocketAddr,
     /// Where the drone serves its Prometheus metrics (`GET /metrics`).
-    #[arg(long, default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        env = "HANGAR_DRONE_METRICS_ADDR",
+        default_value = "127.0.0.1:9092"
+    )]
     pub drone_metrics_addr: SocketAddr,
     /// Plane's forward auth on the controller (see `hangar controller --help`). The dev drone and
     /// proxy connect without credentials, so the auth service must admit their sockets
@@ -310,7 +318,7 @@ fn banner_text(b: &Banner<'_>) -> String {
         Some(dir) => format!("{} (hangar.db, drone.db)", dir.display()),
         None => "in memory (nothing is kept after exit)".to_string(),
     };
-    let controller_flag = if controller == crate::DEFAULT_CONTROLLER_URL {
+    let controller_flag = if controller == crate::cli::DEFAULT_CONTROLLER_URL {
         String::new()
     } else {
         format!(" --controller {controller}")

@@ -14,8 +14,9 @@ use url::Url;
 
 #[derive(Debug, Args)]
 pub struct DnsArgs {
-    /// Controller URL (`http(s)://[TOKEN@]host:port`).
-    #[arg(long, env = "HANGAR_CONTROLLER_URL")]
+    /// Controller URL to connect to (`http(s)://[TOKEN@]host:port`; `host:port` means
+    /// `http://host:port`).
+    #[arg(long, env = "HANGAR_CONTROLLER_URL", value_parser = crate::cli::parse_controller_url)]
     pub controller_url: Url,
     /// The zone delegated to this responder: a TXT query for `<cluster>.<zone>` (the target of the
     /// CNAME `_acme-challenge.<cluster>`) answers the challenge of `<cluster>`. Without it, queries
@@ -28,7 +29,7 @@ pub struct DnsArgs {
     /// Address to bind.
     #[arg(long, env = "HANGAR_DNS_HOST", default_value_t = hangar_dns::DEFAULT_HOST)]
     pub host: IpAddr,
-    /// Responder name (`ns-…`); random when absent.
+    /// Responder name (`ns-…`). Default: random.
     #[arg(long, env = "HANGAR_DNS_NAME")]
     pub name: Option<DnsName>,
 }

@@ -14,39 +14,33 @@ mod config_file;
 mod database;
 mod dev;
 mod dns;
+mod legacy_env;
 mod logging;
 mod proxy_tls;
 mod serve;
 mod shutdown;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use cli::{Client, NoArgs, OutputArgs};
 use std::process::ExitCode;
-use url::Url;
-
-/// Default controller URL of the client commands (where `hangar dev` listens by default).
-const DEFAULT_CONTROLLER_URL: &str = "http://127.0.0.1:8080";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "hangar",
     version,
-    about = "Run session backends: one isolated process per key, started on demand, reached through a proxy"
+    about = "Run session backends: one isolated process per key, started on demand, reached through a proxy",
+    after_help = cli::EXIT_STATUS_HELP
 )]
 struct Cli {
-    /// Controller URL used by client commands. A bearer token may be given as the URL's username
-    /// (`http://TOKEN@host:8080`).
-    #[arg(long, global = true, env = "HANGAR_CONTROLLER", default_value = DEFAULT_CONTROLLER_URL)]
-    controller: Url,
-    /// Client commands print JSON instead of text.
-    #[arg(long, global = true)]
-    json: bool,
-    /// Format of the log lines on stderr [default: text; `HANGAR_LOG_JSON=1` still selects json].
+    /// Format of the log lines on stderr. Default: text (`HANGAR_LOG_JSON=1` still selects json).
     #[arg(long, global = true, value_enum, env = "HANGAR_LOG_FORMAT")]
     log_format: Option<logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
 
+/// Server commands run components; the others are clients of a controller (`--controller`,
+/// `--timeout`, `--json`: [`Client`]) or local tools.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run controller, drone and proxy in one process on an embedded store (the quickstart).
@@ -62,38 +56,51 @@ enum Command {
     /// Apply the database schema migrations (PostgreSQL URL or SQLite file) and exit.
     Migrate(database::MigrateArgs),
     /// Get or create the backend of a key and print its URL.
-    Connect(cli::connect::ConnectArgs),
-    /// Print the status of a backend (or follow it with --follow).
-    Status(cli::backend::StatusArgs),
+    Connect(Client<cli::connect::ConnectArgs>),
+    /// List backends, newest first (filter by status, cluster, key).
+    #[command(visible_alias = "ls")]
+    List(Client<cli::list::ListArgs>),
+    /// Print the status of a backend with its key, drone and history (or follow it with --follow).
+    Status(Client<cli::backend::StatusArgs>),
     /// Terminate a backend (SIGTERM then SIGKILL after a grace period; --hard for SIGKILL now).
-    Terminate(cli::backend::TerminateArgs),
+    Terminate(Client<cli::backend::TerminateArgs>),
     /// Revoke the connection tokens a user holds for a backend.
-    Revoke(cli::backend::RevokeArgs),
+    Revoke(Client<cli::backend::RevokeArgs>),
     /// Print the drones and proxies of a cluster.
-    ClusterState(cli::cluster::ClusterStateArgs),
+    ClusterState(Client<cli::cluster::ClusterStateArgs>),
     /// Stop scheduling new backends on a drone (its running backends keep running).
-    Drain(cli::cluster::DrainArgs),
+    Drain(Client<cli::cluster::DrainArgs>),
     /// Record every live backend of a drone that is gone for good as lost, freeing their keys.
-    MarkLost(cli::operator::MarkLostArgs),
+    MarkLost(Client<cli::operator::MarkLostArgs>),
     /// Stop renewing a backend's key lease, so its drone terminates it and the key expires.
-    PreventRenew(cli::operator::PreventRenewArgs),
+    PreventRenew(Client<cli::operator::PreventRenewArgs>),
     /// Plane's `plane admin` commands, flags and output (connect, terminate, drain, status,
     /// cluster-state, backend-status).
     Admin(cli::admin::AdminArgs),
     /// List the drones and proxies attached to a controller (Plane's `db-cli list-nodes`).
-    ListNodes(cli::inspect::ListNodesArgs),
+    ListNodes(Client<cli::inspect::ListNodesArgs>),
     /// Explain which backends of a drone the sweeper would terminate now (Plane's `db-cli
     /// termination-candidates`).
-    TerminationCandidates(cli::inspect::TerminationCandidatesArgs),
+    TerminationCandidates(Client<cli::inspect::TerminationCandidatesArgs>),
     /// Print every event of the controllers' event bus as it happens (Plane's `db-cli events`).
-    Events,
+    Events(Client<NoArgs>),
     /// Print the version of this binary.
-    Version,
+    Version(VersionArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(cli::docs::CompletionsArgs),
+    /// Write man pages for hangar and each of its commands.
+    Man(cli::docs::ManArgs),
+}
+
+#[derive(Debug, Args)]
+struct VersionArgs {
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 impl Command {
     /// Whether this command runs components (and logs at info) rather than being a client command
-    /// (which logs only warnings so its output stays clean).
+    /// or a local tool (which log only warnings so their output stays clean).
     fn runs_components(&self) -> bool {
         match self {
             Command::Dev(_)
@@ -102,6 +109,7 @@ impl Command {
             | Command::Proxy(_)
             | Command::Dns(_) => true,
             Command::Connect(_)
+            | Command::List(_)
             | Command::Status(_)
             | Command::Terminate(_)
             | Command::Revoke(_)
@@ -112,15 +120,117 @@ impl Command {
             | Command::Admin(_)
             | Command::ListNodes(_)
             | Command::TerminationCandidates(_)
-            | Command::Events
+            | Command::Events(_)
             | Command::Migrate(_)
-            | Command::Version => false,
+            | Command::Version(_)
+            | Command::Completions(_)
+            | Command::Man(_) => false,
+        }
+    }
+
+    /// Whether errors are printed as JSON (`--json`).
+    fn json_errors(&self) -> bool {
+        match self {
+            Command::Connect(c) => c.client.output.json,
+            Command::List(c) => c.client.output.json,
+            Command::Status(c) => c.client.output.json,
+            Command::Terminate(c) => c.client.output.json,
+            Command::Revoke(c) => c.client.output.json,
+            Command::ClusterState(c) => c.client.output.json,
+            Command::Drain(c) => c.client.output.json,
+            Command::MarkLost(c) => c.client.output.json,
+            Command::PreventRenew(c) => c.client.output.json,
+            Command::ListNodes(c) => c.client.output.json,
+            Command::TerminationCandidates(c) => c.client.output.json,
+            Command::Events(c) => c.client.output.json,
+            Command::Version(v) => v.output.json,
+            Command::Dev(_)
+            | Command::Controller(_)
+            | Command::Drone(_)
+            | Command::Proxy(_)
+            | Command::Dns(_)
+            | Command::Migrate(_)
+            | Command::Admin(_)
+            | Command::Completions(_)
+            | Command::Man(_) => false,
         }
     }
 }
 
+/// The command line definition, as `--help`, completions and man pages show it: every default is
+/// written the same way, as a `Default: …` sentence in the flag's text (server flags have their
+/// defaults in the component's config, so clap cannot show them), and the exit statuses at the end.
+fn command() -> clap::Command {
+    defaults_in_text(Cli::command())
+}
+
+/// Moves clap's `[default: …]` of each flag into its text as `Default: …`.
+fn defaults_in_text(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|arg| {
+            let defaults = arg.get_default_values();
+            if defaults.is_empty()
+                || arg.is_hide_default_value_set()
+                || !arg.get_action().takes_values()
+            {
+                return arg;
+            }
+            let shown: Vec<String> = defaults
+                .iter()
+                .map(|v| match v.to_string_lossy() {
+                    v if v.is_empty() => "\"\"".to_string(),
+                    v => v.into_owned(),
+                })
+                .collect();
+            // Without a final period, as clap's derive writes one-sentence doc comments.
+            let sentence = format!("Default: {}", shown.join(","));
+            let with_default = |text: Option<&clap::builder::StyledStr>| {
+                let text = text.map(ToString::to_string).unwrap_or_default();
+                let text = text.trim_end();
+                if text.is_empty() || text.ends_with('.') {
+                    format!("{text} {sentence}").trim_start().to_string()
+                } else {
+                    format!("{text}. {sentence}")
+                }
+            };
+            let help = with_default(arg.get_help());
+            let long_help = arg.get_long_help().map(|h| with_default(Some(h)));
+            let arg = arg.help(help).hide_default_value(true);
+            match long_help {
+                Some(long) => arg.long_help(long),
+                None => arg,
+            }
+        })
+        .mut_subcommands(defaults_in_text)
+}
+
+/// Parses the command line; a usage error is printed (as JSON when `--json` is among the
+/// arguments) and ends the process with exit status 2.
+fn parse(args: &[String]) -> Cli {
+    let parsed = command()
+        .try_get_matches_from(args)
+        .and_then(|matches| Cli::from_arg_matches(&matches));
+    match parsed {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() && args.iter().any(|a| a == "--json") => {
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or_default();
+            let message = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!(
+                "{}",
+                serde_json::json!({"error": {"kind": "Usage", "message": message}})
+            );
+            std::process::exit(i32::from(cli::exit::USAGE));
+        }
+        Err(e) => e.exit(),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<String> = std::env::args().collect();
+    // Before anything reads the environment, and while this is the only thread.
+    let renamed = legacy_env::apply(&args);
+    let cli = parse(&args);
     let verbosity = if cli.command.runs_components() {
         logging::Verbosity::Component
     } else {
@@ -134,6 +244,9 @@ fn main() -> ExitCode {
         eprintln!("Error: could not set up logging: {e:#}");
         return ExitCode::FAILURE;
     }
+    for warning in renamed {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -144,17 +257,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json_errors = cli.command.json_errors();
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("{}", cli::describe_error(&e));
-            ExitCode::FAILURE
-        }
+        Err(e) => cli::report_failure(&e, json_errors),
     }
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let out = cli::Output { json: cli.json };
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
         Command::Controller(args) => serve::run_controller(args).await,
@@ -162,39 +272,58 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Proxy(args) => serve::run_proxy(args).await,
         Command::Dns(args) => dns::run_dns(args).await,
         Command::Migrate(args) => database::run_migrate(args).await,
-        Command::Connect(args) => {
-            cli::connect::run(&cli::client(&cli.controller)?, args, out).await
+        Command::Connect(c) => {
+            cli::connect::run(&c.client.connection.client()?, c.args, c.client.output()).await
         }
-        Command::Status(args) => {
-            cli::backend::status(&cli::client(&cli.controller)?, args, out).await
+        Command::List(c) => {
+            cli::list::list(&c.client.connection.client()?, c.args, c.client.output()).await
         }
-        Command::Terminate(args) => {
-            cli::backend::terminate(&cli::client(&cli.controller)?, args, out).await
+        Command::Status(c) => {
+            cli::backend::status(&c.client.connection.client()?, c.args, c.client.output()).await
         }
-        Command::Revoke(args) => {
-            cli::backend::revoke(&cli::client(&cli.controller)?, args, out).await
+        Command::Terminate(c) => {
+            cli::backend::terminate(&c.client.connection.client()?, c.args, c.client.output()).await
         }
-        Command::ClusterState(args) => {
-            cli::cluster::cluster_state(&cli::client(&cli.controller)?, args, out).await
+        Command::Revoke(c) => {
+            cli::backend::revoke(&c.client.connection.client()?, c.args, c.client.output()).await
         }
-        Command::Drain(args) => {
-            cli::cluster::drain(&cli::client(&cli.controller)?, args, out).await
+        Command::ClusterState(c) => {
+            cli::cluster::cluster_state(&c.client.connection.client()?, c.args, c.client.output())
+                .await
         }
-        Command::MarkLost(args) => {
-            cli::operator::mark_lost(&cli::client(&cli.controller)?, args, out).await
+        Command::Drain(c) => {
+            cli::cluster::drain(&c.client.connection.client()?, c.args, c.client.output()).await
         }
-        Command::PreventRenew(args) => {
-            cli::operator::prevent_renew(&cli::client(&cli.controller)?, args, out).await
+        Command::MarkLost(c) => {
+            cli::operator::mark_lost(&c.client.connection.client()?, c.args, c.client.output())
+                .await
         }
-        Command::Admin(args) => Ok(cli::admin::run(&cli::client(&cli.controller)?, args).await),
-        Command::ListNodes(args) => {
-            cli::inspect::list_nodes(&cli::client(&cli.controller)?, args, out).await
+        Command::PreventRenew(c) => {
+            cli::operator::prevent_renew(&c.client.connection.client()?, c.args, c.client.output())
+                .await
         }
-        Command::TerminationCandidates(args) => {
-            cli::inspect::termination_candidates(&cli::client(&cli.controller)?, args, out).await
+        Command::Admin(args) => {
+            let client = args.connection.client()?;
+            Ok(cli::admin::run(&client, args).await)
         }
-        Command::Events => cli::inspect::events(&cli::client(&cli.controller)?, out).await,
-        Command::Version => Ok(cli::version(out)),
+        Command::ListNodes(c) => {
+            cli::inspect::list_nodes(&c.client.connection.client()?, c.args, c.client.output())
+                .await
+        }
+        Command::TerminationCandidates(c) => {
+            cli::inspect::termination_candidates(
+                &c.client.connection.client()?,
+                c.args,
+                c.client.output(),
+            )
+            .await
+        }
+        Command::Events(c) => cli::inspect::events(&c.client.connection, c.client.output()).await,
+        Command::Version(v) => Ok(cli::version(cli::Output {
+            json: v.output.json,
+        })),
+        Command::Completions(args) => Ok(cli::docs::completions(args, command())),
+        Command::Man(args) => cli::docs::man(args, command()),
     }
 }
 
@@ -208,28 +337,97 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// The client flags of a client command, or `None` for other commands.
+    fn client_flags(cli: &Cli) -> Option<&cli::ClientArgs> {
+        match &cli.command {
+            Command::Status(c) => Some(&c.client),
+            Command::List(c) => Some(&c.client),
+            _ => None,
+        }
+    }
+
     #[test]
-    fn controller_defaults_and_global_flags() {
-        let cli = Cli::try_parse_from(["hangar", "status", "abc"]).unwrap();
-        assert_eq!(cli.controller.as_str(), "http://127.0.0.1:8080/");
-        assert!(!cli.json);
-        let cli = Cli::try_parse_from([
+    fn client_flags_belong_to_client_commands() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args);
+        let cli = parse(&["hangar", "status", "abc"]).unwrap();
+        let flags = client_flags(&cli).unwrap();
+        assert_eq!(
+            flags.connection.controller.as_str(),
+            "http://127.0.0.1:8080/"
+        );
+        assert_eq!(flags.connection.timeout, 30);
+        assert!(!flags.output.json);
+        let cli = parse(&[
             "hangar",
             "status",
             "abc",
             "--json",
             "--controller",
             "http://tok@ctrl:9000",
+            "--timeout",
+            "5",
         ])
         .unwrap();
-        assert!(cli.json);
-        assert_eq!(cli.controller.as_str(), "http://tok@ctrl:9000/");
-        assert!(
-            Cli::try_parse_from(["hangar", "status", "abc", "--controller", "not a url"]).is_err()
+        let flags = client_flags(&cli).unwrap();
+        assert!(flags.output.json);
+        assert_eq!(
+            flags.connection.controller.as_str(),
+            "http://tok@ctrl:9000/"
         );
+        assert_eq!(flags.connection.timeout, 5);
+        // `host:port` means http://host:port.
+        let cli = parse(&["hangar", "ls", "--controller", "127.0.0.1:8080"]).unwrap();
+        assert_eq!(
+            client_flags(&cli).unwrap().connection.controller.as_str(),
+            "http://127.0.0.1:8080/"
+        );
+        assert!(parse(&["hangar", "status", "abc", "--controller", "not a url"]).is_err());
+        assert!(parse(&["hangar", "status", "abc", "--timeout", "0"]).is_err());
         assert!(!cli.command.runs_components());
-        let cli = Cli::try_parse_from(["hangar", "dev", "--in-memory"]).unwrap();
+        // Not on server commands, nor before the command.
+        assert!(parse(&["hangar", "dev", "--json"]).is_err());
+        assert!(parse(&["hangar", "drone", "--controller", "http://x"]).is_err());
+        assert!(parse(&["hangar", "--controller", "http://x", "status", "abc"]).is_err());
+        let cli = parse(&["hangar", "dev", "--in-memory"]).unwrap();
         assert!(cli.command.runs_components());
+        // Plane's admin takes them before its subcommand too.
+        assert!(parse(&["hangar", "admin", "--controller", "http://x:1", "status"]).is_ok());
+        assert!(parse(&["hangar", "admin", "status", "--controller", "http://x:1"]).is_ok());
+        assert!(parse(&["hangar", "version", "--json"]).is_ok());
+    }
+
+    #[test]
+    fn defaults_are_shown_in_the_text_only() {
+        fn check(command: &clap::Command, path: &str) {
+            for arg in command.get_arguments() {
+                if arg.get_default_values().is_empty() || !arg.get_action().takes_values() {
+                    continue;
+                }
+                assert!(
+                    arg.is_hide_default_value_set(),
+                    "{path} --{:?}",
+                    arg.get_long()
+                );
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                assert!(
+                    help.contains("Default: "),
+                    "{path} {:?}: {help}",
+                    arg.get_long()
+                );
+            }
+            for sub in command.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        let command = command();
+        check(&command, "hangar");
+        let mut command = command;
+        let help = command
+            .find_subcommand_mut("connect")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("Key namespace. Default: \"\"\n"), "{help}");
     }
 
     #[test]

@@ -39,17 +39,17 @@ pub struct ControllerArgs {
     #[arg(long, env = "HANGAR_DB")]
     pub db: Option<String>,
     /// Address to listen on. Default: 127.0.0.1.
-    #[arg(long, env = "HANGAR_HOST")]
+    #[arg(long, env = "HANGAR_CONTROLLER_HOST")]
     pub host: Option<IpAddr>,
     /// Port to listen on. Default: 8080.
-    #[arg(long, env = "HANGAR_PORT")]
+    #[arg(long, env = "HANGAR_CONTROLLER_PORT")]
     pub port: Option<u16>,
     /// Cluster for connect requests that name none.
     #[arg(long, env = "HANGAR_DEFAULT_CLUSTER")]
     pub default_cluster: Option<ClusterName>,
-    /// This controller's externally reachable URL (used in `status_url`); `http://<host>:<port>`
-    /// when absent.
-    #[arg(long, env = "HANGAR_CONTROLLER_URL")]
+    /// This controller's externally reachable URL, which it advertises (in `status_url`).
+    /// Default: `http://<host>:<port>`.
+    #[arg(long, env = "HANGAR_ADVERTISED_URL")]
     pub controller_url: Option<Url>,
     /// Require `Authorization: Bearer <token>` on every `/ctrl` route, node sockets included.
     #[arg(long, env = "HANGAR_BEARER_TOKEN", hide_env_values = true)]
@@ -57,7 +57,7 @@ pub struct ControllerArgs {
     /// Plane's forward auth: check every `/ctrl` request (node sockets included), the dashboard and
     /// `/metrics` with a side request to this http(s) URL first; a 2xx answer lets the request
     /// through, any other answer goes back to the client. Side-request timeout: TOML
-    /// `forward_auth_timeout` (ms, default 10000).
+    /// `forward_auth_timeout` (ms; default: 10000).
     #[arg(long, env = "HANGAR_FORWARD_AUTH")]
     pub forward_auth: Option<Url>,
     /// PEM file of extra CA certificates to trust for an `https://` --forward-auth URL.
@@ -167,8 +167,9 @@ pub struct NodeArgs {
     /// and `http_port`). Flags and `HANGAR_*` variables override its values.
     #[arg(long, env = "HANGAR_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Controller URL (`http(s)://[TOKEN@]host:port`). Required.
-    #[arg(long, env = "HANGAR_CONTROLLER_URL")]
+    /// Controller URL to connect to (`http(s)://[TOKEN@]host:port`; `host:port` means
+    /// `http://host:port`). Required.
+    #[arg(long, env = "HANGAR_CONTROLLER_URL", value_parser = crate::cli::parse_controller_url)]
     pub controller_url: Option<Url>,
     /// Cluster this node joins (a drone) or serves (a proxy). Required.
     #[arg(long, env = "HANGAR_CLUSTER")]
@@ -207,7 +208,7 @@ async fn serve_until_signal<F: Future<Output = ()>>(
 pub struct DroneArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Drone name (`dr-…`); random when absent.
+    /// Drone name (`dr-…`). Default: random.
     #[arg(long, env = "HANGAR_DRONE_NAME")]
     pub name: Option<hangar_types::DroneName>,
     /// Drone pool. Default: "" (the default pool).
@@ -216,8 +217,8 @@ pub struct DroneArgs {
     /// Address proxies use to reach this drone's backends. Default: 127.0.0.1.
     #[arg(long, env = "HANGAR_IP")]
     pub ip: Option<IpAddr>,
-    /// File for the drone's own state (backends it runs, unacknowledged events); in memory when
-    /// absent (backends are then lost on restart).
+    /// File for the drone's own state (backends it runs, unacknowledged events). Default: in memory
+    /// (backends are then lost on restart).
     #[arg(long, env = "HANGAR_STATE_FILE")]
     pub state_file: Option<PathBuf>,
     /// Executors to offer (repeat or separate with commas). `process` runs any command a `/ctrl`
@@ -233,10 +234,10 @@ pub struct DroneArgs {
     pub docker_runtime: Option<String>,
     /// Docker: log configuration for every container, as JSON, e.g.
     /// '{"Type": "json-file", "Config": {"max-size": "10m"}}'. Default: Docker's.
-    #[arg(long, env = "HANGAR_LOG_CONFIG", value_parser = parse_json)]
+    #[arg(long, env = "HANGAR_DOCKER_LOG_CONFIG", value_parser = parse_json)]
     pub log_config: Option<serde_json::Value>,
     /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:9092`. Default: off.
-    #[arg(long, env = "HANGAR_METRICS_ADDR")]
+    #[arg(long, env = "HANGAR_DRONE_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Unix socket of an external executor speaking Plane's executor protocol (as Plane's
     /// `--executor-socket`). It takes the Docker executor's place: Docker-style executables
@@ -263,11 +264,11 @@ pub enum ExecutorArg {
 pub struct ProxyArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Proxy name (`px-…`); random when absent.
+    /// Proxy name (`px-…`). Default: random.
     #[arg(long, env = "HANGAR_PROXY_NAME")]
     pub name: Option<hangar_types::ProxyName>,
     /// Address to listen on. Default: 0.0.0.0.
-    #[arg(long, env = "HANGAR_HOST")]
+    #[arg(long, env = "HANGAR_PROXY_HOST")]
     pub host: Option<IpAddr>,
     /// HTTP port. Default: 9090 (80 with --https or --https-port).
     #[arg(long, env = "HANGAR_HTTP_PORT")]
@@ -277,7 +278,7 @@ pub struct ProxyArgs {
     pub root_redirect_url: Option<Url>,
     /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:9091`; a separate
     /// listener, never the public proxy port. Default: off.
-    #[arg(long, env = "HANGAR_METRICS_ADDR")]
+    #[arg(long, env = "HANGAR_PROXY_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// HTTPS and certificates (boxed: they are most of the size of the arguments).
     #[command(flatten)]

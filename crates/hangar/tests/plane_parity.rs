@@ -106,11 +106,18 @@ impl Cluster {
         cluster
     }
 
-    /// `hangar --controller <url> <args>`.
+    /// `hangar <command> --controller <url> <rest of args>` (the client flags belong to the client
+    /// commands).
     async fn run(&self, url: &str, args: &[&str]) -> Output {
+        let (command, rest) = args.split_first().expect("a command");
         timeout(
             STEP_TIMEOUT,
-            hangar().arg("--controller").arg(url).args(args).output(),
+            hangar()
+                .arg(command)
+                .arg("--controller")
+                .arg(url)
+                .args(rest)
+                .output(),
         )
         .await
         .expect("command timed out")
@@ -184,7 +191,7 @@ async fn connect_and_terminate(cluster: &Cluster) -> String {
 
     // backend-status follows until terminated, while terminate does its own following.
     let follower = hangar()
-        .args(["--controller", &cluster.url, "admin", "backend-status", &id])
+        .args(["admin", "--controller", &cluster.url, "backend-status", &id])
         .output();
     let follower = tokio::spawn(follower);
     let (out, lines) = cluster.admin(&["terminate", "--backend", &id]).await;
@@ -283,9 +290,10 @@ async fn db_cli_commands(cluster: &Cluster, backend: &str) {
         format!("No such drone: dr-gone on {CLUSTER}")
     );
 
-    // `events` prints the bus; terminating the (terminated) backend again queues an action.
+    // `events` prints the bus; terminating the (terminated) backend again with Plane's `admin
+    // terminate` (which, as Plane's, does not check) queues an action.
     let mut events = hangar()
-        .args(["--controller", &cluster.url, "events"])
+        .args(["events", "--controller", &cluster.url])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -294,7 +302,12 @@ async fn db_cli_commands(cluster: &Cluster, backend: &str) {
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
         // Repeated until the stream (opened concurrently) has seen one.
-        let out = cluster.run(&cluster.url, &["terminate", backend]).await;
+        let out = cluster
+            .run(
+                &cluster.url,
+                &["admin", "terminate", backend, "--immediate"],
+            )
+            .await;
         assert!(out.status.success(), "{}", text(&out.stderr));
         if let Ok(Ok(Some(line))) = timeout(Duration::from_millis(500), lines.next_line()).await {
             let fields: Vec<&str> = line.splitn(6, ' ').collect();

@@ -138,7 +138,7 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
         // The environment beats the file.
         let mut child = hangar()
             .args(["controller", "--config", &path])
-            .env("HANGAR_PORT", env_port.to_string())
+            .env("HANGAR_CONTROLLER_PORT", env_port.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -150,9 +150,9 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
         );
         let controller = format!("http://127.0.0.1:{env_port}");
         let out = run(hangar().args([
+            "mark-lost",
             "--controller",
             &controller,
-            "mark-lost",
             "localhost:9999",
             "dr-nobody",
         ]))
@@ -164,7 +164,7 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
             text(&out.stderr)
         );
         let out =
-            run(hangar().args(["--controller", &controller, "prevent-renew", "nothing-here"]))
+            run(hangar().args(["prevent-renew", "--controller", &controller, "nothing-here"]))
                 .await;
         assert!(!out.status.success());
         assert!(
@@ -174,7 +174,7 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
         );
         stop(child).await;
 
-        // A flag beats the environment.
+        // A flag beats the environment (here the old name of the variable, still read).
         let mut child = hangar()
             .args([
                 "controller",

@@ -51,28 +51,34 @@ async fn register_drone(
     (drone, node, session)
 }
 
+/// The router of a controller on an in-memory store, with one registered drone that has a heartbeat.
+async fn router_with_drone() -> (axum::Router, Arc<SqliteStore>, DroneName) {
+    let config = ControllerConfig {
+        default_cluster: Some(CLUSTER.parse().unwrap()),
+        ..Default::default()
+    };
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let app = router(
+        AppState::new(
+            config.clone(),
+            store.clone(),
+            "127.0.0.1:1".parse().unwrap(),
+        )
+        .unwrap(),
+    );
+    store
+        .controller_heartbeat(&config.name, true)
+        .await
+        .unwrap();
+    let (drone, node, _) = register_drone(&store, &config).await;
+    store.drone_heartbeat(node, Millis::now()).await.unwrap();
+    (app, store, drone)
+}
+
 #[tokio::test]
 async fn termination_candidates_explain_idle_and_lifetime_limits() {
     timed(async {
-        let config = ControllerConfig {
-            default_cluster: Some(CLUSTER.parse().unwrap()),
-            ..Default::default()
-        };
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-        let app = router(
-            AppState::new(
-                config.clone(),
-                store.clone(),
-                "127.0.0.1:1".parse().unwrap(),
-            )
-            .unwrap(),
-        );
-        store
-            .controller_heartbeat(&config.name, true)
-            .await
-            .unwrap();
-        let (drone, node, _) = register_drone(&store, &config).await;
-        store.drone_heartbeat(node, Millis::now()).await.unwrap();
+        let (app, store, drone) = router_with_drone().await;
         let path = format!("/ctrl/c/{CLUSTER}/d/{drone}/termination-candidates");
         let get = |path: String| Request::get(path).body(Body::empty()).unwrap();
 
@@ -227,6 +233,82 @@ async fn cluster_state_lists_detached_nodes_only_with_all() {
             error["message"].as_str().unwrap().contains("every=1"),
             "{error}"
         );
+    })
+    .await;
+}
+
+/// `GET /ctrl/backends` lists with filters and refuses bad parameters in Plane's error shape;
+/// `GET /ctrl/b/{backend}` describes one backend with its status history.
+#[tokio::test]
+async fn backends_are_listed_and_described() {
+    timed(async {
+        let (app, store, drone) = router_with_drone().await;
+        let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+        let mut ids = Vec::new();
+        for key in ["alpha", "beta"] {
+            let request = Request::post("/ctrl/connect")
+                .header("content-type", "application/json")
+                .body(Body::from(connect_body(Some(key)).to_string()))
+                .unwrap();
+            let (status, connected) = send(&app, request).await;
+            assert_eq!(status, StatusCode::OK, "{connected}");
+            let id: BackendId = connected["backend_id"].as_str().unwrap().parse().unwrap();
+            ids.push(id);
+        }
+        let address = "127.0.0.1:4000".parse().unwrap();
+        store
+            .record_backend_state(&ids[1], &BackendState::Ready { address })
+            .await
+            .unwrap();
+
+        let (status, list) = send(&app, get("/ctrl/backends")).await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        assert_eq!(list["limit"], 100);
+        let listed: Vec<&str> = list["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(listed, [ids[1].as_str(), ids[0].as_str()]);
+        assert_eq!(list["backends"][0]["drone"], drone.as_str());
+        assert_eq!(list["backends"][0]["key"]["name"], "beta");
+        assert_eq!(list["backends"][0]["status"], "ready");
+
+        let (_, list) = send(&app, get("/ctrl/backends?status=scheduled&key=alpha")).await;
+        assert_eq!(list["backends"].as_array().unwrap().len(), 1, "{list}");
+        assert_eq!(list["backends"][0]["id"], ids[0].as_str());
+        let (_, list) = send(&app, get("/ctrl/backends?limit=1")).await;
+        assert_eq!(list["backends"].as_array().unwrap().len(), 1, "{list}");
+        let (_, list) = send(&app, get("/ctrl/backends?cluster=elsewhere.test")).await;
+        assert!(list["backends"].as_array().unwrap().is_empty(), "{list}");
+        for bad in ["status=sleeping", "limit=0", "limit=5000", "colour=blue"] {
+            let (status, body) = send(&app, get(&format!("/ctrl/backends?{bad}"))).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+            assert_eq!(body["kind"], "InvalidRequest", "{bad}: {body}");
+            assert!(
+                body["id"].is_string() && body["message"].is_string(),
+                "{body}"
+            );
+        }
+
+        let (status, details) = send(&app, get(&format!("/ctrl/b/{}", ids[1]))).await;
+        assert_eq!(status, StatusCode::OK, "{details}");
+        assert_eq!(details["id"], ids[1].as_str());
+        assert_eq!(details["drone"], drone.as_str());
+        assert_eq!(details["key"]["name"], "beta");
+        assert_eq!(details["status"], "ready");
+        let history: Vec<&str> = details["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(history, ["scheduled", "ready"]);
+        assert!(details["history"][1]["time"].as_i64().unwrap() > 0);
+        let (status, body) = send(&app, get("/ctrl/b/ba-nosuchbackend")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body["kind"], "NotFound");
     })
     .await;
 }

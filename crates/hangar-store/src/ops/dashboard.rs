@@ -1,8 +1,9 @@
-//! Read-only listings for the controller's dashboard. Each is one bounded query on an index.
+//! Read-only listings for the controller's dashboard and `hangar list`. Each is one bounded query on an
+//! index.
 
 use super::rows::{backend_row, parsed, BACKEND_COLUMNS};
 use super::S;
-use crate::model::BackendRow;
+use crate::model::{BackendFilter, BackendRow};
 use crate::StoreResult;
 use hangar_types::{BackendStatus, ClusterName};
 
@@ -18,24 +19,58 @@ pub(super) async fn active_clusters(s: &S, limit: u32) -> StoreResult<Vec<Cluste
         .collect()
 }
 
-/// Newest first on the `backend_created` / `backend_status_created` indexes (migration 0004).
 pub(super) async fn recent_backends(
     s: &S,
     status: Option<BackendStatus>,
     limit: u32,
 ) -> StoreResult<Vec<BackendRow>> {
-    let (filter, limit_param) = match status {
-        Some(_) => ("WHERE b.last_status = $1", "$2"),
-        None => ("", "$1"),
+    let filter = BackendFilter {
+        status,
+        limit,
+        ..BackendFilter::default()
+    };
+    list_backends(s, &filter).await
+}
+
+/// Newest first on the `backend_created` / `backend_status_created` indexes (migration 0004); the
+/// other conditions filter the rows that walk yields.
+pub(super) async fn list_backends(s: &S, filter: &BackendFilter) -> StoreResult<Vec<BackendRow>> {
+    // Only the conditions given are in the statement, each with the next parameter number, so every
+    // parameter has a known type (PostgreSQL cannot type `$1 IS NULL`).
+    let mut conditions = Vec::new();
+    let mut values: Vec<&str> = Vec::new();
+    let given = [
+        ("b.last_status", filter.status.map(BackendStatus::as_str)),
+        (
+            "b.cluster",
+            filter.cluster.as_ref().map(ClusterName::as_str),
+        ),
+        ("b.key_name", filter.key.as_deref()),
+        ("b.key_namespace", filter.namespace.as_deref()),
+    ];
+    for (column, value) in given {
+        if let Some(value) = value {
+            values.push(value);
+            conditions.push(format!("{column} = ${}", values.len()));
+        }
+    }
+    let filter_sql = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
     };
     let sql = format!(
-        "SELECT {BACKEND_COLUMNS} FROM backend b JOIN node n ON n.id = b.drone_id {filter} \
-         ORDER BY b.created_at DESC, b.id DESC LIMIT {limit_param}"
+        "SELECT {BACKEND_COLUMNS} FROM backend b JOIN node n ON n.id = b.drone_id {filter_sql} \
+         ORDER BY b.created_at DESC, b.id DESC LIMIT ${}",
+        values.len() + 1
     );
     let mut query = sqlx::query(&sql);
-    if let Some(status) = status {
-        query = query.bind(status.as_str());
+    for value in values {
+        query = query.bind(value);
     }
-    let rows = query.bind(i64::from(limit)).fetch_all(&s.reader).await?;
+    let rows = query
+        .bind(i64::from(filter.limit))
+        .fetch_all(&s.reader)
+        .await?;
     rows.iter().map(backend_row).collect()
 }

@@ -31,6 +31,10 @@ pub const DEFAULT_MAX_IDLE_SECONDS: i32 = 500;
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
+    /// `--controller` and `--timeout`, before or after the subcommand (`hangar admin --controller
+    /// URL connect …`, as Plane's).
+    #[command(flatten)]
+    pub connection: crate::cli::ConnectionArgs,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
@@ -133,7 +137,8 @@ impl AdminBackendArgs {
     }
 }
 
-/// Runs an admin command; errors are printed in Plane's words and give exit status 1.
+/// Runs an admin command; errors are printed in Plane's words and give exit status 1 (124 when
+/// `--timeout` ran out).
 pub async fn run(client: &ControllerClient, args: AdminArgs) -> ExitCode {
     let result = match args.command {
         AdminCommand::Connect(args) => connect(client, args).await,
@@ -150,7 +155,11 @@ pub async fn run(client: &ControllerClient, args: AdminArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{}", plane_error_text(&e));
-            ExitCode::FAILURE
+            if crate::cli::is_timeout(&e) {
+                ExitCode::from(crate::cli::exit::TIMEOUT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -71,7 +71,7 @@ pub fn format_age(seconds: Option<i64>) -> String {
 }
 
 /// Renders rows as left-aligned columns separated by two spaces.
-fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -1,27 +1,31 @@
 //! `hangar connect`: get or create the backend of a key, print its URL, then follow its status until
-//! it is `ready` (exit 0) or `terminated` (exit 1).
+//! it is `ready` (exit 0) or `terminated` (exit 1), or `--timeout-seconds` passes (exit 124). With
+//! `--key` alone (no `--command`/`--image`) it only reuses the key's live backend, as Plane's CLI does.
 
-use super::{describe_status, follow_status, Follow, Output};
+use super::{describe_status, follow_status, Follow, Hint, Output, TimedOut};
 use crate::cli::say;
 use anyhow::Context;
 use clap::{ArgGroup, Args};
-use hangar_client::ControllerClient;
-use hangar_types::api::{ConnectRequest, KeyConfig, SpawnConfig};
+use hangar_client::{ClientError, ControllerClient};
+use hangar_types::api::{
+    ApiError, ApiErrorKind, ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig,
+};
 use hangar_types::executable::Executable;
 use hangar_types::names::validate_key_text;
+use hangar_types::state::BackendStatusEntry;
 use hangar_types::{BackendId, BackendStatus, ClusterName, KeyName};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Exit code when `--timeout-seconds` passes before the backend is ready.
-const EXIT_TIMEOUT: u8 = 2;
-
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("executable").required(true).args(["command", "image"])))]
+#[command(group(ArgGroup::new("executable").args(["command", "image"])))]
+#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["key", "command", "image"])))]
 pub struct ConnectArgs {
-    /// Key name; connecting again with the same key reuses its backend. Random when absent (a new
-    /// backend every time).
+    /// Key name; connecting again with the same key reuses its backend. Default: random (a new
+    /// backend every time). Alone (without --command or --image), only a live backend of the key is
+    /// reused; the controller refuses when the key has none (KeyUnheldNoSpawnConfig).
     #[arg(long)]
     pub key: Option<KeyName>,
     /// Key namespace.
@@ -38,36 +42,37 @@ pub struct ConnectArgs {
     #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub image: Option<String>,
     /// Environment variable for the backend, `NAME=VALUE`; repeatable.
-    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_var)]
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_var, requires = "executable")]
     pub env: Vec<(String, String)>,
-    /// Cluster to run in; the controller's default cluster when absent.
-    #[arg(long)]
+    /// Cluster to run in. Default: the controller's default cluster.
+    #[arg(long, requires = "executable")]
     pub cluster: Option<ClusterName>,
     /// Drone pool ("" is the default pool).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", requires = "executable")]
     pub pool: String,
     /// Terminate the backend after this many seconds without a proxied connection.
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..), requires = "executable")]
     pub max_idle_seconds: Option<i32>,
     /// Terminate the backend this many seconds after it was scheduled.
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..), requires = "executable")]
     pub lifetime_limit_seconds: Option<i32>,
     /// User name recorded on the connection token (sent to the backend as `x-verified-username`).
     #[arg(long)]
     pub user: Option<String>,
     /// Give the backend one static token instead of a new token per connect.
-    #[arg(long)]
+    #[arg(long, requires = "executable")]
     pub static_token: bool,
     /// Make the backend reachable only through `<subdomain>.<cluster>`.
-    #[arg(long)]
+    #[arg(long, requires = "executable")]
     pub subdomain: Option<String>,
-    /// Explicit backend id (discouraged; random when absent).
-    #[arg(long)]
+    /// Explicit backend id (discouraged). Default: random.
+    #[arg(long, requires = "executable")]
     pub id: Option<BackendId>,
     /// Print the URL and return at once instead of following the status until `ready`.
     #[arg(long)]
     pub no_wait: bool,
-    /// Give up waiting for `ready` after this many seconds (exit code 2). Waits forever when absent.
+    /// Give up waiting for `ready` after this many seconds (exit status 124). Default: wait
+    /// forever.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_seconds: Option<u64>,
 }
@@ -202,16 +207,28 @@ impl ConnectArgs {
                 serde_json::json!({"command": command, "env": env})
             }
             (None, Some(image)) => serde_json::json!({"image": image, "env": env}),
-            // clap's `executable` group makes exactly one of them present.
-            _ => anyhow::bail!("give exactly one of --command and --image"),
+            // `--key` alone: reuse only, nothing to spawn.
+            (None, None) => serde_json::Value::Null,
+            // clap's `executable` group makes at most one of them present.
+            (Some(_), Some(_)) => anyhow::bail!("give only one of --command and --image"),
         };
+        let key = self.key.clone().map(|name| KeyConfig {
+            name,
+            namespace: self.namespace.clone(),
+            tag: self.tag.clone(),
+        });
+        if executable.is_null() {
+            anyhow::ensure!(key.is_some(), "give --key, --command or --image");
+            return Ok(ConnectRequest {
+                key,
+                spawn_config: None,
+                user: self.user.clone(),
+                auth: Default::default(),
+            });
+        }
         let executable = Executable::from_json(&executable).context("invalid executable")?;
         Ok(ConnectRequest {
-            key: self.key.clone().map(|name| KeyConfig {
-                name,
-                namespace: self.namespace.clone(),
-                tag: self.tag.clone(),
-            }),
+            key,
             spawn_config: Some(SpawnConfig {
                 id: self.id.clone(),
                 cluster: self.cluster.clone(),
@@ -228,19 +245,47 @@ impl ConnectArgs {
     }
 }
 
+/// What `connect --json` prints: the controller's answer, and the status the wait ended with
+/// (`final_status`; absent with `--no-wait`, `null` when `--timeout-seconds` passed first).
+#[derive(Debug, Serialize)]
+struct ConnectOutput<'a> {
+    #[serde(flatten)]
+    response: &'a ConnectResponse,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    final_status: Option<Option<BackendStatusEntry>>,
+}
+
 pub async fn run(
     client: &ControllerClient,
     args: ConnectArgs,
     out: Output,
 ) -> anyhow::Result<ExitCode> {
     let request = args.to_request()?;
-    let resp = client
-        .connect(&request)
-        .await
-        .context("connect request failed")?;
-    if out.json {
-        out.json_line(&resp)?;
-    } else {
+    let reuse_only = request.spawn_config.is_none();
+    let resp = match client.connect(&request).await {
+        Ok(resp) => resp,
+        Err(
+            e @ ClientError::Api {
+                error:
+                    ApiError {
+                        kind: ApiErrorKind::KeyUnheldNoSpawnConfig,
+                        ..
+                    },
+                ..
+            },
+        ) if reuse_only => {
+            let key = args
+                .key
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            return Err(anyhow::Error::new(e).context(Hint(format!(
+                "key {key:?} has no live backend to reuse; give --command or --image to start one"
+            ))));
+        }
+        Err(e) => return Err(e).context("connect request failed"),
+    };
+    if !out.json {
         let verb = if resp.spawned { "Created" } else { "Reusing" };
         // Plane's wording, so scripts written against `plane admin connect` keep working.
         say!("{verb} backend: {}", resp.backend_id);
@@ -251,6 +296,12 @@ pub async fn run(
         }
     }
     if args.no_wait {
+        if out.json {
+            out.json_line(&ConnectOutput {
+                response: &resp,
+                final_status: None,
+            })?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
     // A reused backend that is already terminating replays `ready` from its history: for it, only
@@ -259,35 +310,32 @@ pub async fn run(
     let follow = Follow {
         print_from: BackendStatus::Scheduled,
         json_each: false,
+        with_time: false,
     };
     let wait = follow_status(client, &resp.backend_id, out, follow, |s| {
         s == BackendStatus::Terminated || (s == BackendStatus::Ready && !already_terminating)
     });
     let entry = match args.timeout_seconds {
-        None => wait.await?,
+        None => Some(wait.await?),
         Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), wait).await {
-            Ok(entry) => entry?,
-            Err(_) => {
-                eprintln!(
-                    "Error: backend {} was not ready after {secs} s",
-                    resp.backend_id
-                );
-                return Ok(ExitCode::from(EXIT_TIMEOUT));
-            }
+            Ok(entry) => Some(entry?),
+            Err(_) => None,
         },
     };
     if out.json {
-        out.json_line(&entry)?;
+        out.json_line(&ConnectOutput {
+            response: &resp,
+            final_status: Some(entry.clone()),
+        })?;
     }
-    if entry.status == BackendStatus::Ready {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!(
-            "Error: backend {} {}",
-            resp.backend_id,
-            describe_status(&entry)
-        );
-        Ok(ExitCode::FAILURE)
+    match entry {
+        Some(entry) if entry.status == BackendStatus::Ready => Ok(ExitCode::SUCCESS),
+        Some(entry) => anyhow::bail!("backend {} {}", resp.backend_id, describe_status(&entry)),
+        None => Err(TimedOut {
+            what: format!("backend {} was not ready", resp.backend_id),
+            seconds: args.timeout_seconds.unwrap_or_default(),
+        }
+        .into()),
     }
 }
 
@@ -397,9 +445,16 @@ mod tests {
 
     #[test]
     fn bad_connect_args_are_refused() {
-        // Neither or both of --command and --image.
-        assert!(parse(&["--key", "k"]).is_err());
+        // Nothing to connect to, or both of --command and --image.
+        assert!(parse(&[]).is_err());
         assert!(parse(&["--command", "x", "--image", "y"]).is_err());
+        // --key alone reuses; spawn settings need something to spawn.
+        let alone = parse(&["--key", "k", "--namespace", "n"]).unwrap();
+        let req = alone.to_request().unwrap();
+        assert!(req.spawn_config.is_none());
+        assert_eq!(req.key.unwrap().namespace, "n");
+        assert!(parse(&["--key", "k", "--env", "A=1"]).is_err());
+        assert!(parse(&["--key", "k", "--max-idle-seconds", "5"]).is_err());
         // Unsplittable or empty commands.
         assert!(parse(&["--command", "echo 'x"]).is_err());
         assert!(parse(&["--command", "  "]).is_err());

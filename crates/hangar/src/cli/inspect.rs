@@ -3,7 +3,7 @@
 //! `db-cli`'s output lines (plain text, no colours; `--json` prints JSON lines instead).
 
 use super::admin::plane_time;
-use super::Output;
+use super::{ConnectionArgs, Output, TimedOut};
 use crate::cli::say;
 use anyhow::Context;
 use clap::Args;
@@ -13,6 +13,7 @@ use hangar_client::{ClientError, ControllerClient};
 use hangar_types::api::{BusEvent, ClusterState, NodeState, SweepReason};
 use hangar_types::{ClusterName, DroneName};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct ListNodesArgs {
@@ -57,6 +58,7 @@ pub async fn list_nodes(
                 .with_context(|| format!("reading the nodes of cluster {cluster}"))?;
         }
     }
+    let mut listed = Vec::new();
     for (cluster, state) in &clusters {
         let nodes = state
             .drones
@@ -65,11 +67,14 @@ pub async fn list_nodes(
             .chain(state.proxies.iter());
         for node in nodes {
             if out.json {
-                out.json_line(&serde_json::json!({"cluster": cluster, "node": node}))?;
+                listed.push(serde_json::json!({"cluster": cluster, "node": node}));
             } else {
                 say!("{}", node_line(cluster, node));
             }
         }
+    }
+    if out.json {
+        out.json_line(&listed)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -96,6 +101,10 @@ pub async fn termination_candidates(
         .await
     {
         Ok(answer) => answer,
+        // `db-cli`'s answer; with --json, the error document instead.
+        Err(e @ ClientError::Api { status, .. }) if status.as_u16() == 404 && out.json => {
+            return Err(e).context("reading the termination candidates");
+        }
         Err(ClientError::Api { status, .. }) if status.as_u16() == 404 => {
             say!("No such drone: {} on {}", args.drone, args.cluster);
             return Ok(ExitCode::SUCCESS);
@@ -130,9 +139,18 @@ pub async fn termination_candidates(
 }
 
 /// Prints every event of the controllers' event bus as it happens (`<time> <None> <key> <kind>
-/// <payload>`, as `db-cli events`), until interrupted or the controller goes away.
-pub async fn events(client: &ControllerClient, out: Output) -> anyhow::Result<ExitCode> {
-    let response = client.events().await.context("opening the event stream")?;
+/// <payload>`, as `db-cli events`; with `--json` one event object per line), until interrupted or the
+/// controller goes away. Only opening the stream is limited by `--timeout`.
+pub async fn events(connection: &ConnectionArgs, out: Output) -> anyhow::Result<ExitCode> {
+    let client = connection.client()?;
+    let opening = tokio::time::timeout(Duration::from_secs(connection.timeout), client.events());
+    let response = opening
+        .await
+        .map_err(|_| TimedOut {
+            what: "the controller did not open the event stream".into(),
+            seconds: connection.timeout,
+        })?
+        .context("opening the event stream")?;
     let mut body = response.bytes_stream();
     let mut parser = SseParser::default();
     while let Some(chunk) = body.next().await {
@@ -153,8 +171,7 @@ pub async fn events(client: &ControllerClient, out: Output) -> anyhow::Result<Ex
             }
         }
     }
-    eprintln!("Error: the controller closed the event stream");
-    Ok(ExitCode::FAILURE)
+    anyhow::bail!("the controller closed the event stream")
 }
 
 #[cfg(test)]
