@@ -150,9 +150,15 @@ pub async fn fill_once(state: &AppState) -> StoreResult<()> {
     state.warm.set(pools.clone());
     state.prometheus.warm.set_pools(&pools);
     let mut live: HashMap<WarmPoolName, u32> = HashMap::new();
+    // Oldest first: a shrunk pool keeps its oldest backends, the likeliest to be ready.
     for backend in store.unclaimed_backends().await? {
         let pool = pools.iter().find(|p| p.name == backend.pool);
-        match retire_reason(pool, &backend) {
+        let kept = live.get(&backend.pool).copied().unwrap_or(0);
+        let retire = retire_reason(pool, &backend).or_else(|| {
+            pool.is_some_and(|p| kept >= p.size)
+                .then_some("its warm pool shrank")
+        });
+        match retire {
             Some(why) => {
                 let kind = TerminationKind::Soft;
                 if store
@@ -260,7 +266,10 @@ impl WarmMetrics {
         self.backends.clear();
         for pool in pools {
             for (status, n) in [("ready", pool.ready), ("starting", pool.starting)] {
-                let labels = [("pool", pool.name.to_string()), ("status", status.to_string())];
+                let labels = [
+                    ("pool", pool.name.to_string()),
+                    ("status", status.to_string()),
+                ];
                 self.backends
                     .get_or_create(&labels)
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
@@ -318,6 +327,9 @@ mod tests {
         assert!(retire_reason(Some(&p), &unclaimed(6, false, 10)).is_some());
         assert!(retire_reason(Some(&p), &unclaimed(7, true, 10)).is_some());
         assert!(retire_reason(Some(&p), &unclaimed(7, false, 61)).is_some());
-        assert_eq!(retire_reason(Some(&pool(None)), &unclaimed(7, false, 1 << 30)), None);
+        assert_eq!(
+            retire_reason(Some(&pool(None)), &unclaimed(7, false, 1 << 30)),
+            None
+        );
     }
 }

@@ -42,10 +42,13 @@ async fn pool(env: &TestEnv, pool: &str) -> Option<WarmPool> {
 
 /// Waits until the pool lists `ready` ready and `starting` starting unclaimed backends.
 async fn wait_counts(env: &TestEnv, name: &str, ready: u64, starting: u64) -> WarmPool {
-    eventually(&format!("warm pool {name}: {ready} ready, {starting} starting"), || async {
-        let p = pool(env, name).await?;
-        (p.ready == ready && p.starting == starting).then_some(p)
-    })
+    eventually(
+        &format!("warm pool {name}: {ready} ready, {starting} starting"),
+        || async {
+            let p = pool(env, name).await?;
+            (p.ready == ready && p.starting == starting).then_some(p)
+        },
+    )
     .await
 }
 
@@ -75,7 +78,10 @@ async fn fill_claim_refill_resize_change_delete() {
     let env = TestEnv::start().await;
     within(async {
         let client = &env.client;
-        let put = client.put_warm_pool(&name("p"), &config(2, &[])).await.unwrap();
+        let put = client
+            .put_warm_pool(&name("p"), &config(2, &[]))
+            .await
+            .unwrap();
         assert_eq!((put.size, put.claimed), (2, 0));
         assert_eq!(put.cluster, env.cluster);
         wait_counts(&env, "p", 2, 0).await;
@@ -90,7 +96,47 @@ async fn fill_claim_refill_resize_change_delete() {
         assert!(seen.is_object(), "{seen}");
         let p = wait_counts(&env, "p", 2, 0).await;
         assert_eq!(p.claimed, 1);
-        assert!(!unclaimed(&env).await.iter().any(|u| u.id == claimed.backend_id));
+        // Counted in the metrics and the dashboard's JSON.
+        let metrics = env.controller_url().join("metrics").unwrap();
+        eventually("warm pool series", || async {
+            let text = env
+                .http
+                .get(metrics.clone())
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (text.contains(r#"hangar_warm_claims_total{pool="p",outcome="claimed"} 1"#)
+                && text.contains(r#"hangar_warm_pool_backends{pool="p",status="ready"} 2"#))
+            .then_some(())
+        })
+        .await;
+        let dashboard = env.controller_url().join("ctrl/dashboard/state").unwrap();
+        let state: serde_json::Value = env
+            .http
+            .get(dashboard)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let listed = &state["warm_pools"][0];
+        assert_eq!(
+            (&listed["name"], &listed["ready"], &listed["claimed"]),
+            (
+                &serde_json::json!("p"),
+                &serde_json::json!(2),
+                &serde_json::json!(1)
+            ),
+            "{state}"
+        );
+        assert!(!unclaimed(&env)
+            .await
+            .iter()
+            .any(|u| u.id == claimed.backend_id));
 
         // The key is held by the claimed backend now: a second connect reuses it.
         let again = connect(&env, "k1", &[]).await;
@@ -101,23 +147,31 @@ async fn fill_claim_refill_resize_change_delete() {
         let cold = connect(&env, "k2", &[("OTHER", "1")]).await;
         assert!(!cold.warm && cold.spawned);
         assert_eq!(cold.status, BackendStatus::Scheduled);
-        env.wait_for_status(&cold.backend_id, BackendStatus::Ready).await;
+        env.wait_for_status(&cold.backend_id, BackendStatus::Ready)
+            .await;
 
         // Resize to 0: the unclaimed backends go, the claimed one lives on; connects spawn cold.
         let before: Vec<BackendId> = unclaimed(&env).await.into_iter().map(|u| u.id).collect();
-        client.put_warm_pool(&name("p"), &config(0, &[])).await.unwrap();
+        client
+            .put_warm_pool(&name("p"), &config(0, &[]))
+            .await
+            .unwrap();
         wait_counts(&env, "p", 0, 0).await;
         for id in &before {
             env.terminated(id).await;
         }
         let empty = connect(&env, "k3", &[]).await;
         assert!(!empty.warm && empty.spawned);
-        env.wait_for_status(&empty.backend_id, BackendStatus::Ready).await;
+        env.wait_for_status(&empty.backend_id, BackendStatus::Ready)
+            .await;
         let status = client.backend_status(&claimed.backend_id).await.unwrap();
         assert_eq!(status.status, BackendStatus::Ready);
 
         // A new executable: backends of the old one are never claimed; the new one's are.
-        client.put_warm_pool(&name("p"), &config(1, &[])).await.unwrap();
+        client
+            .put_warm_pool(&name("p"), &config(1, &[]))
+            .await
+            .unwrap();
         wait_counts(&env, "p", 1, 0).await;
         let old = unclaimed(&env).await;
         client
@@ -169,22 +223,50 @@ async fn bad_input_is_refused() {
         };
         let exe = serde_json::to_value(backend_executable(&[])).unwrap();
         for (path, body) in [
-            ("ctrl/warm-pools/p", serde_json::json!({"size": -1, "executable": exe})),
-            ("ctrl/warm-pools/p", serde_json::json!({"size": 1, "executable": exe, "clustr": "x"})),
-            ("ctrl/warm-pools/p", serde_json::json!({"size": 100000, "executable": exe})),
-            ("ctrl/warm-pools/p", serde_json::json!({"size": 1, "executable": exe, "max_age_seconds": 0})),
-            ("ctrl/warm-pools/p", serde_json::json!({"size": 1, "executable": {"nope": 1}})),
-            ("ctrl/warm-pools/Bad%20Name", serde_json::json!({"size": 1, "executable": exe})),
+            (
+                "ctrl/warm-pools/p",
+                serde_json::json!({"size": -1, "executable": exe}),
+            ),
+            (
+                "ctrl/warm-pools/p",
+                serde_json::json!({"size": 1, "executable": exe, "clustr": "x"}),
+            ),
+            (
+                "ctrl/warm-pools/p",
+                serde_json::json!({"size": 100000, "executable": exe}),
+            ),
+            (
+                "ctrl/warm-pools/p",
+                serde_json::json!({"size": 1, "executable": exe, "max_age_seconds": 0}),
+            ),
+            (
+                "ctrl/warm-pools/p",
+                serde_json::json!({"size": 1, "executable": {"nope": 1}}),
+            ),
+            (
+                "ctrl/warm-pools/Bad%20Name",
+                serde_json::json!({"size": 1, "executable": exe}),
+            ),
         ] {
             let (status, error) = put(path, body.clone()).await;
             assert_eq!(status, 400, "{body} → {error}");
             assert_eq!(error["kind"], "InvalidRequest", "{error}");
-            assert!(error["id"].is_string() && error["message"].is_string(), "{error}");
+            assert!(
+                error["id"].is_string() && error["message"].is_string(),
+                "{error}"
+            );
         }
-        assert_bad_request(env.client.put_warm_pool(&name("p"), &WarmPoolConfig {
-            claim_path: Some("no-slash".into()),
-            ..config(1, &[])
-        }).await);
+        assert_bad_request(
+            env.client
+                .put_warm_pool(
+                    &name("p"),
+                    &WarmPoolConfig {
+                        claim_path: Some("no-slash".into()),
+                        ..config(1, &[])
+                    },
+                )
+                .await,
+        );
         let resp = env
             .http
             .get(url.join("ctrl/warm-pools/none").unwrap())
@@ -205,7 +287,10 @@ async fn max_age_and_drain_replace_unclaimed_backends() {
     env.add_drone(|_| {}).await;
     within(async {
         let client = &env.client;
-        client.put_warm_pool(&name("p"), &config(2, &[])).await.unwrap();
+        client
+            .put_warm_pool(&name("p"), &config(2, &[]))
+            .await
+            .unwrap();
         wait_counts(&env, "p", 2, 0).await;
         let first = unclaimed(&env).await;
 
@@ -235,7 +320,10 @@ async fn max_age_and_drain_replace_unclaimed_backends() {
         }
         eventually("replacements for the aged backends", || async {
             let now = unclaimed(&env).await;
-            now.iter().all(|u| !before.contains(&u.id)).then_some(()).filter(|_| !now.is_empty())
+            now.iter()
+                .all(|u| !before.contains(&u.id))
+                .then_some(())
+                .filter(|_| !now.is_empty())
         })
         .await;
     })
@@ -254,7 +342,10 @@ async fn two_controllers_race_for_claims() {
     env.add_drone_on(1, |_| {}).await;
     env.start_proxy().await;
     within(async {
-        env.client.put_warm_pool(&name("p"), &config(10, &[])).await.unwrap();
+        env.client
+            .put_warm_pool(&name("p"), &config(10, &[]))
+            .await
+            .unwrap();
         wait_counts(&env, "p", 10, 0).await;
         let connects = (0..50).map(|i| {
             let client = env.client_at(i % 2);
@@ -272,7 +363,16 @@ async fn two_controllers_race_for_claims() {
         for r in &warm {
             assert_eq!(r.status, BackendStatus::Ready);
             let row = env.store.backend(&r.backend_id).await.unwrap().unwrap();
-            assert_eq!(row.key.name.as_str(), format!("race-{}", responses.iter().position(|x| x.backend_id == r.backend_id).unwrap()));
+            assert_eq!(
+                row.key.name.as_str(),
+                format!(
+                    "race-{}",
+                    responses
+                        .iter()
+                        .position(|x| x.backend_id == r.backend_id)
+                        .unwrap()
+                )
+            );
         }
         let p = pool(&env, "p").await.unwrap();
         assert_eq!(p.claimed, warm.len() as u64);

@@ -15,7 +15,9 @@ fn parse_name(raw: &str) -> Result<WarmPoolName, ApiError> {
 }
 
 /// `GET /ctrl/warm-pools`.
-pub async fn warm_pools_list(State(state): State<AppState>) -> Result<Json<WarmPoolList>, ApiError> {
+pub async fn warm_pools_list(
+    State(state): State<AppState>,
+) -> Result<Json<WarmPoolList>, ApiError> {
     let pools = state
         .store
         .warm_pools()

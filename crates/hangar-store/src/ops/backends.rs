@@ -12,9 +12,9 @@ use crate::dialect::{millis_of, Announced, Unique};
 use crate::events::StoreEvent;
 use crate::model::*;
 use crate::StoreResult;
+use hangar_types::api::KeyConfig;
 use hangar_types::protocol::{AcquiredKey, ActionMessage, BackendAction};
 use hangar_types::timing::CONNECTED_REPORT_TTL;
-use hangar_types::api::KeyConfig;
 use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis, WarmPoolName};
 use sqlx::types::Json;
 use sqlx::Row;
@@ -60,11 +60,20 @@ pub(super) async fn insert_backend_with_key(s: &S, new: NewBackend) -> StoreResu
     // Dropping `tx` without commit rolls everything back; refusals roll back explicitly first.
     let mut tx = s.writer.begin().await?;
     let (fencing_token, now) = next_fencing_token(&mut tx, s.clock(), &new.key).await?;
-    let Some((action, events)) = insert_spawn(&mut tx, &new, fencing_token, now, None).await? else {
+    let Some((action, events)) = insert_spawn(&mut tx, &new, fencing_token, now, None).await?
+    else {
         tx.rollback().await?;
         return Ok(Acquire::BackendIdTaken);
     };
-    if !insert_key(&mut tx, &new.id, &new.key, now.0.saturating_add(s.key_lease_ms()), fencing_token).await? {
+    if !insert_key(
+        &mut tx,
+        &new.id,
+        &new.key,
+        now.0.saturating_add(s.key_lease_ms()),
+        fencing_token,
+    )
+    .await?
+    {
         tx.rollback().await?;
         return Ok(Acquire::KeyHeld);
     }

@@ -46,11 +46,11 @@ use async_trait::async_trait;
 use hangar_types::api::ClusterState;
 use hangar_types::protocol::ActionMessage;
 use hangar_types::token::ConnectionToken;
+use hangar_types::warm_pool::WarmPoolConfig;
 use hangar_types::{
     ActionId, BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName,
     Millis, ProxyName, TerminationKind, TerminationReason, WarmPoolName,
 };
-use hangar_types::warm_pool::WarmPoolConfig;
 use std::time::Duration;
 
 /// This database's sqlx type.

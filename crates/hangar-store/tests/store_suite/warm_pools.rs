@@ -8,7 +8,9 @@ use hangar_types::protocol::{BackendAction, KeyDeadlines};
 use hangar_types::timing::UNHEALTHY_AFTER;
 use hangar_types::token::ConnectionToken;
 use hangar_types::warm_pool::WarmPoolConfig;
-use hangar_types::{BackendId, BackendStatus, Millis, TerminationKind, TerminationReason, WarmPoolName};
+use hangar_types::{
+    BackendId, BackendStatus, Millis, TerminationKind, TerminationReason, WarmPoolName,
+};
 use serde_json::json;
 use std::time::Duration;
 
@@ -110,9 +112,18 @@ pub async fn warm_pool_put_list_delete(h: Harness) {
         store.warm_pool(&pool_name("notebooks")).await.unwrap(),
         Some(third)
     );
-    assert!(store.delete_warm_pool(&pool_name("notebooks")).await.unwrap());
-    assert!(!store.delete_warm_pool(&pool_name("notebooks")).await.unwrap());
-    assert_eq!(store.warm_pool(&pool_name("notebooks")).await.unwrap(), None);
+    assert!(store
+        .delete_warm_pool(&pool_name("notebooks"))
+        .await
+        .unwrap());
+    assert!(!store
+        .delete_warm_pool(&pool_name("notebooks"))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.warm_pool(&pool_name("notebooks")).await.unwrap(),
+        None
+    );
     assert_eq!(store.warm_pools().await.unwrap().len(), 1);
 }
 
@@ -123,7 +134,10 @@ pub async fn warm_backends_fill_up_to_size(h: Harness) {
     let a = insert_warm(store, &pool, drone).await;
     let b = insert_warm(store, &pool, drone).await;
     assert_eq!(
-        store.insert_warm_backend(new_warm(&pool, drone)).await.unwrap(),
+        store
+            .insert_warm_backend(new_warm(&pool, drone))
+            .await
+            .unwrap(),
         WarmInsert::Full
     );
     let mut stale = new_warm(&pool, drone);
@@ -148,7 +162,10 @@ pub async fn warm_backends_fill_up_to_size(h: Harness) {
     }
     let row = store.backend(&a).await.unwrap().unwrap();
     let placeholder = KeyRef::from(&row.key);
-    assert_eq!(store.key_lookup(&placeholder).await.unwrap(), KeyLookup::Missing);
+    assert_eq!(
+        store.key_lookup(&placeholder).await.unwrap(),
+        KeyLookup::Missing
+    );
     assert!(store.renew_key(&a).await.unwrap());
 
     make_ready(store, &a).await;
@@ -212,7 +229,9 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
     assert_eq!(backend.static_token, claim.static_token);
     assert_eq!(backend.max_idle_seconds, Some(5));
     match store.key_lookup(&KeyRef::from(&claim.key)).await.unwrap() {
-        KeyLookup::Live { backend: holder, .. } => assert_eq!(holder.id, first),
+        KeyLookup::Live {
+            backend: holder, ..
+        } => assert_eq!(holder.id, first),
         other => panic!("expected Live, got {other:?}"),
     }
     assert!(store.renew_key(&first).await.unwrap());
@@ -223,9 +242,12 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
         .into_iter()
         .map(|u| u.id)
         .collect();
-    assert_eq!(ids, [starting.clone()]);
+    assert_eq!(ids, std::slice::from_ref(&starting));
     let counted = store.warm_pool(&pool.name).await.unwrap().unwrap();
-    assert_eq!((counted.ready, counted.starting, counted.claimed), (0, 1, 1));
+    assert_eq!(
+        (counted.ready, counted.starting, counted.claimed),
+        (0, 1, 1)
+    );
 
     // Nothing ready: empty, and not counted.
     let other = warm_claim("p", "other");
@@ -234,7 +256,10 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
         WarmClaimOutcome::Empty
     );
     assert_eq!(
-        store.claim_warm_backend(warm_claim("nope", "x")).await.unwrap(),
+        store
+            .claim_warm_backend(warm_claim("nope", "x"))
+            .await
+            .unwrap(),
         WarmClaimOutcome::Empty
     );
     // A key already held: refused, and the backend stays unclaimed.
@@ -268,7 +293,10 @@ pub async fn warm_claim_skips_draining_and_stale(h: Harness) {
         Some(true)
     );
     assert_eq!(
-        store.claim_warm_backend(warm_claim("p", "k1")).await.unwrap(),
+        store
+            .claim_warm_backend(warm_claim("p", "k1"))
+            .await
+            .unwrap(),
         WarmClaimOutcome::Empty
     );
     let unclaimed = store.unclaimed_backends().await.unwrap();
@@ -281,7 +309,10 @@ pub async fn warm_claim_skips_draining_and_stale(h: Harness) {
     ready_warm(store, &pool, drone).await;
     put(store, "p", &warm_config(3, "b")).await;
     assert_eq!(
-        store.claim_warm_backend(warm_claim("p", "k1")).await.unwrap(),
+        store
+            .claim_warm_backend(warm_claim("p", "k1"))
+            .await
+            .unwrap(),
         WarmClaimOutcome::Empty
     );
     // Nor on a drone without a recent heartbeat.
@@ -289,12 +320,18 @@ pub async fn warm_claim_skips_draining_and_stale(h: Harness) {
     ready_warm(store, &pool, drone).await;
     h.advance(UNHEALTHY_AFTER + Duration::from_secs(1));
     assert_eq!(
-        store.claim_warm_backend(warm_claim("p", "k1")).await.unwrap(),
+        store
+            .claim_warm_backend(warm_claim("p", "k1"))
+            .await
+            .unwrap(),
         WarmClaimOutcome::Empty
     );
     store.drone_heartbeat(drone, Millis(2_000)).await.unwrap();
     assert!(matches!(
-        store.claim_warm_backend(warm_claim("p", "k1")).await.unwrap(),
+        store
+            .claim_warm_backend(warm_claim("p", "k1"))
+            .await
+            .unwrap(),
         WarmClaimOutcome::Claimed { .. }
     ));
 }
