@@ -384,3 +384,59 @@ async fn two_controllers_race_for_claims() {
     .await;
     env.shutdown().await;
 }
+
+/// A warm pool of containers (the `hangar-test-backend:latest` image): filled, claimed through a
+/// connect with the same executable, served through the proxy, refilled, and its unclaimed containers
+/// removed when the pool is deleted. Skipped without Docker, except under CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_warm_pool() {
+    use hangar_test_support::docker::{docker_ready, TestRun};
+    use hangar_types::executable::{Executable, ExecutorKind};
+    if !docker_ready() {
+        return;
+    }
+    let run = TestRun::new();
+    let mut env = TestEnv::controller_only(false).await;
+    env.add_drone(|c| c.executors = vec![ExecutorKind::Docker, ExecutorKind::Process])
+        .await;
+    env.start_proxy().await;
+    within(async {
+        let never_pull = serde_json::json!({"pull_policy": "Never"});
+        let executable = Executable::Docker(Box::new(
+            run.executable_with(&[("GREETING", "warm")], never_pull),
+        ));
+        let mut pool_config = config(2, &[]);
+        pool_config.executable = executable.clone();
+        env.client
+            .put_warm_pool(&name("d"), &pool_config)
+            .await
+            .unwrap();
+        wait_counts(&env, "d", 2, 0).await;
+        assert_eq!(run.containers().len(), 2);
+
+        let mut req = env.connect_request("docker-warm", &[]);
+        req.spawn_config.as_mut().unwrap().executable = executable;
+        let resp = env.connect(&req).await;
+        assert!(resp.warm && resp.status == BackendStatus::Ready, "{resp:?}");
+        let body = env.http.get(&resp.url).send().await.unwrap();
+        assert_eq!(body.status(), 200);
+        let vars = env.backend_env(&resp.url).await;
+        assert_eq!(vars["GREETING"], "warm");
+        assert_eq!(vars["SESSION_BACKEND_ID"], resp.backend_id.as_str());
+
+        wait_counts(&env, "d", 2, 0).await;
+        assert_eq!(run.containers().len(), 3);
+        let left = unclaimed(&env).await;
+        env.client.delete_warm_pool(&name("d")).await.unwrap();
+        for u in &left {
+            env.terminated(&u.id).await;
+        }
+        eventually("unclaimed containers removed", || async {
+            (run.containers().len() == 1).then_some(())
+        })
+        .await;
+        env.soft_terminated(&resp.backend_id).await;
+    })
+    .await;
+    env.shutdown().await;
+}
