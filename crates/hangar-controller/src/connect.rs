@@ -179,20 +179,7 @@ async fn reuse_backend(
             status,
         });
     }
-    let (token, secret_token) =
-        issue_token(state, request, &backend.id, backend.static_token).await?;
-    Ok(ConnectResponse {
-        url: connection_url(&backend.cluster, backend.subdomain.as_deref(), &token),
-        status_url: state.status_url(&backend.id),
-        backend_id: backend.id,
-        spawned: false,
-        status,
-        token,
-        subdomain: backend.subdomain,
-        secret_token,
-        drone: None,
-        warm: false,
-    })
+    backend_response(state, request, backend, false).await
 }
 
 async fn spawn_backend(
@@ -210,7 +197,7 @@ async fn spawn_backend(
     if let Some(backend) =
         crate::warm_pool::claim(state, &key, spawn, &cluster, static_token.as_ref()).await?
     {
-        return claimed_response(state, request, backend).await;
+        return backend_response(state, request, backend, true).await;
     }
     let drone = scheduler::pick_drone(
         state.store.as_ref(),
@@ -264,11 +251,13 @@ async fn spawn_backend(
     })
 }
 
-/// The answer for a claimed warm backend: a new backend for the key, already ready.
-async fn claimed_response(
+/// The answer for an existing backend: the key's holder (`claimed: false`), or a warm backend just
+/// claimed for the key (a new backend for it, already ready).
+async fn backend_response(
     state: &AppState,
     request: &ConnectRequest,
     backend: BackendRow,
+    claimed: bool,
 ) -> Result<ConnectResponse, ConnectError> {
     let (token, secret_token) =
         issue_token(state, request, &backend.id, backend.static_token).await?;
@@ -276,13 +265,13 @@ async fn claimed_response(
         url: connection_url(&backend.cluster, backend.subdomain.as_deref(), &token),
         status_url: state.status_url(&backend.id),
         backend_id: backend.id,
-        spawned: true,
+        spawned: claimed,
         status: backend.state.status(),
         token,
         subdomain: backend.subdomain,
         secret_token,
-        drone: Some(backend.drone),
-        warm: true,
+        drone: claimed.then_some(backend.drone),
+        warm: claimed,
     })
 }
 

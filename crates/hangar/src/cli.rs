@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod connect;
 pub mod inspect;
 pub mod operator;
+pub mod warm_pool;
 
 use anyhow::Context;
 use hangar_client::status_stream::StatusStream;

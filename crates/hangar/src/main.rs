@@ -85,6 +85,8 @@ enum Command {
     TerminationCandidates(cli::inspect::TerminationCandidatesArgs),
     /// Print every event of the controllers' event bus as it happens (Plane's `db-cli events`).
     Events,
+    /// Manage warm pools: backends kept started for connects to claim.
+    WarmPool(cli::warm_pool::WarmPoolArgs),
     /// Print the version of this binary.
     Version,
 }
@@ -112,6 +114,7 @@ impl Command {
             | Command::TerminationCandidates(_)
             | Command::Events
             | Command::Migrate(_)
+            | Command::WarmPool(_)
             | Command::Version => false,
         }
     }
@@ -192,6 +195,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::inspect::termination_candidates(&cli::client(&cli.controller)?, args, out).await
         }
         Command::Events => cli::inspect::events(&cli::client(&cli.controller)?, out).await,
+        Command::WarmPool(args) => {
+            cli::warm_pool::run(&cli::client(&cli.controller)?, args, out).await
+        }
         Command::Version => Ok(cli::version(out)),
     }
 }
@@ -278,6 +284,31 @@ mod tests {
         assert!(Cli::try_parse_from(["hangar", "terminate"]).is_err());
         assert!(Cli::try_parse_from(["hangar", "drain", "localhost:9090", "not-a-drone"]).is_err());
         assert!(Cli::try_parse_from(["hangar", "drain", "localhost:9090", "dr-abc"]).is_ok());
+        let warm = [
+            "hangar",
+            "warm-pool",
+            "set",
+            "p",
+            "--size",
+            "2",
+            "--command",
+            "sleep 9",
+        ];
+        assert!(Cli::try_parse_from(warm).is_ok());
+        assert!(Cli::try_parse_from(["hangar", "warm-pool", "set", "p", "--size", "2"]).is_err());
+        assert!(Cli::try_parse_from([
+            "hangar",
+            "warm-pool",
+            "set",
+            "p",
+            "--size",
+            "-1",
+            "--image",
+            "x"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["hangar", "warm-pool", "delete", "Bad Name"]).is_err());
+        assert!(Cli::try_parse_from(["hangar", "--json", "warm-pool", "list"]).is_ok());
         assert!(Cli::try_parse_from(["hangar", "mark-lost", "localhost:9090", "dr-abc"]).is_ok());
         assert!(Cli::try_parse_from(["hangar", "mark-lost", "localhost:9090", "bk-abc"]).is_err());
         assert!(Cli::try_parse_from(["hangar", "prevent-renew", "ba-abc"]).is_ok());
