@@ -7,7 +7,8 @@ use hangar_types::api::{
     TerminationCandidates,
 };
 use hangar_types::state::BackendStatusEntry;
-use hangar_types::{BackendId, ClusterName, DroneName};
+use hangar_types::warm_pool::{WarmPool, WarmPoolConfig, WarmPoolList};
+use hangar_types::{BackendId, ClusterName, DroneName, WarmPoolName};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 use url::Url;
@@ -173,6 +174,33 @@ impl ControllerClient {
 
     pub async fn connect(&self, req: &ConnectRequest) -> Result<ConnectResponse, ClientError> {
         self.post("/ctrl/connect", req).await
+    }
+
+    /// Creates or changes a warm pool (`PUT /ctrl/warm-pools/{name}`).
+    pub async fn put_warm_pool(
+        &self,
+        name: &WarmPoolName,
+        config: &WarmPoolConfig,
+    ) -> Result<WarmPool, ClientError> {
+        let path = format!("/ctrl/warm-pools/{name}");
+        let resp = self
+            .request(reqwest::Method::PUT, &path)?
+            .json(config)
+            .send()
+            .await?;
+        Self::decode(resp).await
+    }
+
+    /// Every warm pool with its counts (`GET /ctrl/warm-pools`).
+    pub async fn warm_pools(&self) -> Result<WarmPoolList, ClientError> {
+        self.get("/ctrl/warm-pools").await
+    }
+
+    /// Deletes a warm pool; answers with it as it was (`DELETE /ctrl/warm-pools/{name}`).
+    pub async fn delete_warm_pool(&self, name: &WarmPoolName) -> Result<WarmPool, ClientError> {
+        let path = format!("/ctrl/warm-pools/{name}");
+        let resp = self.request(reqwest::Method::DELETE, &path)?.send().await?;
+        Self::decode(resp).await
     }
 
     pub async fn soft_terminate(&self, backend: &BackendId) -> Result<(), ClientError> {

@@ -13,6 +13,7 @@ pub mod forward_auth;
 mod nodes;
 mod operator;
 mod system;
+mod warm_pools;
 
 use crate::config::{ConfigError, ControllerConfig};
 use crate::error::ApiError;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub(crate) forward_auth: Option<Arc<forward_auth::ForwardAuth>>,
     /// Executor errors reported by the drones attached here (memory only).
     pub(crate) executor_errors: ExecutorErrors,
+    /// The warm pools as last read, and the fill loop's wake-up.
+    pub(crate) warm: crate::warm_pool::WarmPools,
 }
 
 impl AppState {
@@ -78,6 +81,7 @@ impl AppState {
             prometheus: Arc::new(ControllerMetrics::new()),
             forward_auth,
             executor_errors: ExecutorErrors::default(),
+            warm: Default::default(),
         })
     }
 
@@ -140,6 +144,13 @@ pub fn router(state: AppState) -> Router {
             get(operator::termination_candidates_get),
         )
         .route("/ctrl/events", get(operator::events_get))
+        .route("/ctrl/warm-pools", get(warm_pools::warm_pools_list))
+        .route(
+            "/ctrl/warm-pools/{name}",
+            get(warm_pools::warm_pools_get)
+                .put(warm_pools::warm_pools_put)
+                .delete(warm_pools::warm_pools_delete),
+        )
         .route("/ctrl/dns-socket", get(nodes::dns_socket))
         .route("/ctrl/c/{cluster}/drone-socket", get(nodes::drone_socket))
         .route("/ctrl/c/{cluster}/proxy-socket", get(nodes::proxy_socket))

@@ -1,4 +1,5 @@
-//! Get-or-create (`POST /ctrl/connect`, plane-api.md §2.4.1): reuse the live backend holding the key, or
+//! Get-or-create (`POST /ctrl/connect`, plane-api.md §2.4.1): reuse the live backend holding the key,
+//! claim a ready backend of a matching warm pool ([`crate::warm_pool`]), or
 //! schedule a new one with a fresh key lease, then issue a connection token for it.
 //!
 //! Races between concurrent connects are settled by the store (one transaction per step); a lost race
@@ -178,19 +179,7 @@ async fn reuse_backend(
             status,
         });
     }
-    let (token, secret_token) =
-        issue_token(state, request, &backend.id, backend.static_token).await?;
-    Ok(ConnectResponse {
-        url: connection_url(&backend.cluster, backend.subdomain.as_deref(), &token),
-        status_url: state.status_url(&backend.id),
-        backend_id: backend.id,
-        spawned: false,
-        status,
-        token,
-        subdomain: backend.subdomain,
-        secret_token,
-        drone: None,
-    })
+    backend_response(state, request, backend, false).await
 }
 
 async fn spawn_backend(
@@ -204,6 +193,12 @@ async fn spawn_backend(
         .clone()
         .or_else(|| state.config.default_cluster.clone())
         .ok_or(ConnectError::NoClusterProvided)?;
+    let static_token = spawn.use_static_token.then(ConnectionToken::random_static);
+    if let Some(backend) =
+        crate::warm_pool::claim(state, &key, spawn, &cluster, static_token.as_ref()).await?
+    {
+        return backend_response(state, request, backend, true).await;
+    }
     let drone = scheduler::pick_drone(
         state.store.as_ref(),
         &cluster,
@@ -215,7 +210,6 @@ async fn spawn_backend(
     .ok_or(ConnectError::NoDroneAvailable)?;
 
     let id = spawn.id.clone().unwrap_or_else(BackendId::random);
-    let static_token = spawn.use_static_token.then(ConnectionToken::random_static);
     let new = NewBackend {
         id: id.clone(),
         key,
@@ -253,6 +247,31 @@ async fn spawn_backend(
         subdomain: spawn.subdomain.clone(),
         secret_token,
         drone: Some(drone.name),
+        warm: false,
+    })
+}
+
+/// The answer for an existing backend: the key's holder (`claimed: false`), or a warm backend just
+/// claimed for the key (a new backend for it, already ready).
+async fn backend_response(
+    state: &AppState,
+    request: &ConnectRequest,
+    backend: BackendRow,
+    claimed: bool,
+) -> Result<ConnectResponse, ConnectError> {
+    let (token, secret_token) =
+        issue_token(state, request, &backend.id, backend.static_token).await?;
+    Ok(ConnectResponse {
+        url: connection_url(&backend.cluster, backend.subdomain.as_deref(), &token),
+        status_url: state.status_url(&backend.id),
+        backend_id: backend.id,
+        spawned: claimed,
+        status: backend.state.status(),
+        token,
+        subdomain: backend.subdomain,
+        secret_token,
+        drone: claimed.then_some(backend.drone),
+        warm: claimed,
     })
 }
 

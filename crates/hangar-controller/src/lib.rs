@@ -28,6 +28,7 @@ pub mod proxy_session;
 pub mod scheduler;
 mod status_stream;
 pub mod sweeper;
+pub mod warm_pool;
 
 pub use api::{router, AppState};
 pub use config::{ConfigError, ControllerConfig};
@@ -107,6 +108,11 @@ pub async fn start(
     ));
     state.tracker.spawn(lost::run_lost_backend_sweep(
         state.store.clone(),
+        state.cancel.child_token(),
+    ));
+
+    state.tracker.spawn(warm_pool::run_warm_pools(
+        state.clone(),
         state.cancel.child_token(),
     ));
 

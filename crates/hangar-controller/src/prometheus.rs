@@ -59,6 +59,8 @@ pub struct ControllerMetrics {
     backends_sampled: Gauge,
     backend_memory_used: Gauge,
     backend_memory_limit: Gauge,
+    /// The warm pool series.
+    pub warm: crate::warm_pool::WarmMetrics,
 }
 
 impl Default for ControllerMetrics {
@@ -81,6 +83,7 @@ impl ControllerMetrics {
             backends_sampled: Gauge::default(),
             backend_memory_used: Gauge::default(),
             backend_memory_limit: Gauge::default(),
+            warm: Default::default(),
             registry: Registry::default(),
         };
         // Series that exist from the start read 0 instead of being absent.
@@ -139,6 +142,7 @@ impl ControllerMetrics {
             "Memory limits summed over the latest samples of the sampled backends",
             metrics.backend_memory_limit.clone(),
         );
+        metrics.warm.register(&mut registry);
         ControllerMetrics {
             registry,
             ..metrics

@@ -27,9 +27,10 @@ use async_trait::async_trait;
 use hangar_types::api::ClusterState;
 use hangar_types::protocol::ActionMessage;
 use hangar_types::token::ConnectionToken;
+use hangar_types::warm_pool::WarmPoolConfig;
 use hangar_types::{
     BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName, Millis,
-    ProxyName, TerminationKind, TerminationReason,
+    ProxyName, TerminationKind, TerminationReason, WarmPoolName,
 };
 use std::time::Duration;
 
@@ -310,6 +311,40 @@ pub trait Store: Send + Sync + 'static {
         status: Option<BackendStatus>,
         limit: u32,
     ) -> StoreResult<Vec<BackendRow>>;
+
+    // ---- warm pools ----------------------------------------------------------------------------
+
+    /// Creates or changes a warm pool (counters kept); a change of cluster, pool or executable starts
+    /// a new generation, whose backends replace the unclaimed ones. Returns the pool as stored now.
+    async fn put_warm_pool(
+        &self,
+        name: &WarmPoolName,
+        cluster: &ClusterName,
+        config: &WarmPoolConfig,
+    ) -> StoreResult<WarmPoolRow>;
+
+    /// Every warm pool, by name, with its counts.
+    async fn warm_pools(&self) -> StoreResult<Vec<WarmPoolRow>>;
+
+    async fn warm_pool(&self, name: &WarmPoolName) -> StoreResult<Option<WarmPoolRow>>;
+
+    /// Deletes a warm pool; its unclaimed backends are left for the caller to terminate (they no
+    /// longer count anywhere and are never claimed). `false` if there was no such pool.
+    async fn delete_warm_pool(&self, name: &WarmPoolName) -> StoreResult<bool>;
+
+    /// Every unclaimed warm backend that is neither terminated nor asked to terminate, oldest first.
+    async fn unclaimed_backends(&self) -> StoreResult<Vec<UnclaimedBackend>>;
+
+    /// In one transaction: if the pool still has `new.generation` and fewer than `size` unclaimed
+    /// backends of it (not asked to terminate), inserts an unclaimed backend (no key), its `scheduled`
+    /// state and its spawn action. Concurrent calls for one pool never overfill it.
+    async fn insert_warm_backend(&self, new: NewWarmBackend) -> StoreResult<WarmInsert>;
+
+    /// In one transaction: picks the oldest ready unclaimed backend of the pool's current generation
+    /// on an attached, heartbeating, non-draining drone, gives it the key (lease, next fencing token,
+    /// the connect's static token, subdomain and limits), makes it an ordinary backend and counts the
+    /// claim. A warm backend is claimed at most once, whatever runs concurrently.
+    async fn claim_warm_backend(&self, claim: WarmClaim) -> StoreResult<WarmClaimOutcome>;
 }
 
 /// ACME HTTP-01 challenge answers older than this are deleted by [`Store::cleanup`]: an ACME order

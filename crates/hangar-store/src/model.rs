@@ -4,7 +4,10 @@ use hangar_types::api::KeyConfig;
 use hangar_types::executable::{Executable, ExecutorKind};
 use hangar_types::protocol::{ActionMessage, KeyDeadlines, RouteInfo};
 use hangar_types::token::{ConnectionToken, SecretToken};
-use hangar_types::{BackendId, BackendState, ClusterName, ControllerName, DroneName, Millis};
+use hangar_types::warm_pool::WarmPool;
+use hangar_types::{
+    BackendId, BackendState, ClusterName, ControllerName, DroneName, Millis, WarmPoolName,
+};
 use std::time::Duration;
 
 /// Row id of a node (drone or proxy).
@@ -222,4 +225,106 @@ impl std::fmt::Debug for StoredCertificate {
 pub struct HttpChallenge {
     pub token: String,
     pub key_authorization: String,
+}
+
+/// A warm pool as stored, with its unclaimed backends counted now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmPoolRow {
+    pub name: WarmPoolName,
+    pub cluster: ClusterName,
+    pub pool: String,
+    pub size: u32,
+    pub executable: Executable,
+    pub max_age_seconds: Option<u32>,
+    pub claim_path: Option<String>,
+    /// Changes when cluster, pool or executable change: unclaimed backends of another generation are
+    /// replaced.
+    pub generation: i64,
+    /// Claims since the pool was created.
+    pub claimed: u64,
+    /// Unclaimed backends of this generation, ready / on their way to ready, not asked to terminate.
+    pub ready: u64,
+    pub starting: u64,
+}
+
+impl WarmPoolRow {
+    /// The pool as the API lists it.
+    pub fn api(&self) -> WarmPool {
+        WarmPool {
+            name: self.name.clone(),
+            cluster: self.cluster.clone(),
+            pool: self.pool.clone(),
+            size: self.size,
+            executable: self.executable.clone(),
+            max_age_seconds: self.max_age_seconds,
+            claim_path: self.claim_path.clone(),
+            ready: self.ready,
+            starting: self.starting,
+            claimed: self.claimed,
+        }
+    }
+}
+
+/// An unclaimed warm backend that is not terminated and not asked to terminate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnclaimedBackend {
+    pub id: BackendId,
+    pub pool: WarmPoolName,
+    pub generation: i64,
+    /// Whether its drone is draining.
+    pub drone_draining: bool,
+    /// Store time since it was created.
+    pub age: Duration,
+}
+
+/// A new unclaimed backend for [`crate::Store::insert_warm_backend`].
+#[derive(Debug, Clone)]
+pub struct NewWarmBackend {
+    pub id: BackendId,
+    pub pool: WarmPoolName,
+    /// The pool generation it is started for; the insert is refused if the pool changed since.
+    pub generation: i64,
+    pub cluster: ClusterName,
+    pub drone_pool: String,
+    pub drone: NodeId,
+    pub executable: Executable,
+    /// Deadlines on the drone's clock; the drone renews them like a key lease's.
+    pub deadlines: KeyDeadlines,
+}
+
+// Short-lived, like `Acquire`.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum WarmInsert {
+    /// Inserted; the spawn action was queued and published.
+    Inserted { action: ActionMessage },
+    /// The pool already has `size` unclaimed backends of its generation.
+    Full,
+    /// The pool was deleted or its generation changed.
+    PoolChanged,
+}
+
+/// A connect's claim of an unclaimed backend of `pool` ([`crate::Store::claim_warm_backend`]).
+#[derive(Debug, Clone)]
+pub struct WarmClaim {
+    pub pool: WarmPoolName,
+    pub key: KeyConfig,
+    pub static_token: Option<ConnectionToken>,
+    pub subdomain: Option<String>,
+    pub max_idle_seconds: Option<i32>,
+    pub lifetime_limit_seconds: Option<i32>,
+    /// Backends on drones whose last heartbeat is older than this are not claimed.
+    pub max_heartbeat_age: Duration,
+}
+
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum WarmClaimOutcome {
+    /// The backend now holds the key (lease and fencing token as in a spawn) and is an ordinary
+    /// backend.
+    Claimed { backend: BackendRow },
+    /// No ready unclaimed backend (or no such pool): spawn cold.
+    Empty,
+    /// The key was taken concurrently.
+    KeyHeld,
 }

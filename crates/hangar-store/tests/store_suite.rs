@@ -9,6 +9,8 @@
 
 #[path = "store_suite/postgres.rs"]
 mod postgres;
+#[path = "store_suite/warm_pools.rs"]
+mod warm_pools;
 
 use hangar_store::sqlite::SqliteStore;
 use hangar_store::Store;
@@ -160,6 +162,11 @@ macro_rules! all_store_tests {
             certificates_are_stored_and_published,
             dashboard_lists_clusters_and_recent_backends,
             list_backends_filters_by_status_cluster_and_key,
+            warm_pool_put_list_delete,
+            warm_backends_fill_up_to_size,
+            warm_claim_gives_one_key_once,
+            warm_claim_skips_draining_and_stale,
+            concurrent_claims_take_distinct_backends,
         );
     };
 }
@@ -219,6 +226,8 @@ async fn sqlite_file_survives_reopen() {
 }
 
 mod suite {
+    pub use crate::warm_pools::*;
+
     use super::Harness;
     use hangar_store::*;
     use hangar_types::api::KeyConfig;
@@ -293,7 +302,7 @@ mod suite {
         node
     }
 
-    fn key(name: &str) -> KeyConfig {
+    pub(crate) fn key(name: &str) -> KeyConfig {
         KeyConfig {
             name: name.parse().unwrap(),
             namespace: "ns".into(),
@@ -335,7 +344,7 @@ mod suite {
         store.record_backend_state(id, &state).await.unwrap()
     }
 
-    async fn make_ready(store: &dyn Store, id: &BackendId) {
+    pub(crate) async fn make_ready(store: &dyn Store, id: &BackendId) {
         for state in [
             BackendState::Loading,
             BackendState::Starting,

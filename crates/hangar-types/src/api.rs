@@ -71,6 +71,9 @@ pub struct ConnectResponse {
     pub status_url: String,
     /// Only when `spawned`.
     pub drone: Option<DroneName>,
+    /// Hangar extension: the backend is a claimed warm-pool backend (already `ready`).
+    #[serde(default)]
+    pub warm: bool,
 }
 
 /// Error kinds of Plane's `ApiError`, plus Hangar's `InvalidRequest` and `Unauthorized`.

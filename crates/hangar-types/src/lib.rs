@@ -9,10 +9,11 @@ pub mod state;
 pub mod time;
 pub mod timing;
 pub mod token;
+pub mod warm_pool;
 
 pub use names::{
     ActionId, BackendId, ClusterName, ControllerName, DnsName, DroneName, KeyName, NameError,
-    NodeName, ProxyName,
+    NodeName, ProxyName, WarmPoolName,
 };
 pub use state::{BackendState, BackendStatus, TerminationKind, TerminationReason};
 pub use time::Millis;

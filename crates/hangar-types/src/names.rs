@@ -142,6 +142,11 @@ simple_name!(
     Some("ak")
 );
 simple_name!(
+    /// A warm pool (`/ctrl/warm-pools/{name}`), chosen by the operator. No prefix.
+    WarmPoolName,
+    None
+);
+simple_name!(
     /// An ACME DNS-01 responder (`hangar dns`), `ns-…`.
     DnsName,
     Some("ns")

@@ -12,6 +12,7 @@ pub mod docs;
 pub mod inspect;
 pub mod list;
 pub mod operator;
+pub mod warm_pool;
 
 use anyhow::Context;
 use clap::Args;

@@ -84,6 +84,8 @@ enum Command {
     TerminationCandidates(Client<cli::inspect::TerminationCandidatesArgs>),
     /// Print every event of the controllers' event bus as it happens (Plane's `db-cli events`).
     Events(Client<NoArgs>),
+    /// Manage warm pools: backends kept started for connects to claim.
+    WarmPool(Client<cli::warm_pool::WarmPoolArgs>),
     /// Print the version of this binary.
     Version(VersionArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -121,6 +123,7 @@ impl Command {
             | Command::ListNodes(_)
             | Command::TerminationCandidates(_)
             | Command::Events(_)
+            | Command::WarmPool(_)
             | Command::Migrate(_)
             | Command::Version(_)
             | Command::Completions(_)
@@ -143,6 +146,7 @@ impl Command {
             Command::ListNodes(c) => c.client.output.json,
             Command::TerminationCandidates(c) => c.client.output.json,
             Command::Events(c) => c.client.output.json,
+            Command::WarmPool(c) => c.client.output.json,
             Command::Version(v) => v.output.json,
             Command::Dev(_)
             | Command::Controller(_)
@@ -319,6 +323,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Events(c) => cli::inspect::events(&c.client.connection, c.client.output()).await,
+        Command::WarmPool(c) => {
+            cli::warm_pool::run(&c.client.connection.client()?, c.args, c.client.output()).await
+        }
         Command::Version(v) => Ok(cli::version(cli::Output {
             json: v.output.json,
         })),
@@ -478,6 +485,32 @@ mod tests {
         assert!(Cli::try_parse_from(["hangar", "terminate"]).is_err());
         assert!(Cli::try_parse_from(["hangar", "drain", "localhost:9090", "not-a-drone"]).is_err());
         assert!(Cli::try_parse_from(["hangar", "drain", "localhost:9090", "dr-abc"]).is_ok());
+        let warm = [
+            "hangar",
+            "warm-pool",
+            "set",
+            "p",
+            "--size",
+            "2",
+            "--command",
+            "sleep 9",
+        ];
+        assert!(Cli::try_parse_from(warm).is_ok());
+        assert!(Cli::try_parse_from(["hangar", "warm-pool", "set", "p", "--size", "2"]).is_err());
+        assert!(Cli::try_parse_from([
+            "hangar",
+            "warm-pool",
+            "set",
+            "p",
+            "--size",
+            "-1",
+            "--image",
+            "x"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["hangar", "warm-pool", "delete", "Bad Name"]).is_err());
+        assert!(Cli::try_parse_from(["hangar", "warm-pool", "list", "--json"]).is_ok());
+        assert!(Cli::try_parse_from(["hangar", "warm-pool", "--json", "list"]).is_ok());
         assert!(Cli::try_parse_from(["hangar", "mark-lost", "localhost:9090", "dr-abc"]).is_ok());
         assert!(Cli::try_parse_from(["hangar", "mark-lost", "localhost:9090", "bk-abc"]).is_err());
         assert!(Cli::try_parse_from(["hangar", "prevent-renew", "ba-abc"]).is_ok());

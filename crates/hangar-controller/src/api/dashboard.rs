@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hangar_store::BackendRow;
 use hangar_types::api::{ClusterDroneState, NodeState};
+use hangar_types::warm_pool::WarmPool;
 use hangar_types::{BackendId, BackendStatus, ClusterName, DroneName, Millis, TerminationReason};
 use serde::Serialize;
 
@@ -43,6 +44,8 @@ pub struct DashboardState {
     pub backends: Vec<DashboardBackend>,
     /// The limit applied to `backends`.
     pub limit: u32,
+    /// Every warm pool with its counts, by name.
+    pub warm_pools: Vec<WarmPool>,
 }
 
 /// A cluster with the drones and proxies attached to some controller (as `GET /ctrl/c/{cluster}/state`).
@@ -186,11 +189,19 @@ pub async fn dashboard_state_get(
         .into_iter()
         .map(|row| backend_entry(&state, row))
         .collect();
+    let warm_pools = store
+        .warm_pools()
+        .await
+        .map_err(ApiError::store("Database error"))?
+        .iter()
+        .map(|p| p.api())
+        .collect();
     Ok(Json(DashboardState {
         time: now.0,
         clusters,
         backends,
         limit: filter.limit,
+        warm_pools,
     }))
 }
 

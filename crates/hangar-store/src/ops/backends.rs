@@ -12,9 +12,10 @@ use crate::dialect::{millis_of, Announced, Unique};
 use crate::events::StoreEvent;
 use crate::model::*;
 use crate::StoreResult;
+use hangar_types::api::KeyConfig;
 use hangar_types::protocol::{AcquiredKey, ActionMessage, BackendAction};
 use hangar_types::timing::CONNECTED_REPORT_TTL;
-use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis};
+use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis, WarmPoolName};
 use sqlx::types::Json;
 use sqlx::Row;
 
@@ -56,10 +57,40 @@ pub(super) async fn remove_expired_key(s: &S, key: &KeyRef) -> StoreResult<bool>
 }
 
 pub(super) async fn insert_backend_with_key(s: &S, new: NewBackend) -> StoreResult<Acquire> {
-    let state = BackendState::Scheduled;
-    let clock = s.clock();
     // Dropping `tx` without commit rolls everything back; refusals roll back explicitly first.
     let mut tx = s.writer.begin().await?;
+    let (fencing_token, now) = next_fencing_token(&mut tx, s.clock(), &new.key).await?;
+    let Some((action, events)) = insert_spawn(&mut tx, &new, fencing_token, now, None).await?
+    else {
+        tx.rollback().await?;
+        return Ok(Acquire::BackendIdTaken);
+    };
+    if !insert_key(
+        &mut tx,
+        &new.id,
+        &new.key,
+        now.0.saturating_add(s.key_lease_ms()),
+        fencing_token,
+    )
+    .await?
+    {
+        tx.rollback().await?;
+        return Ok(Acquire::KeyHeld);
+    }
+    commit(s, tx, events).await?;
+    Ok(Acquire::Acquired {
+        fencing_token,
+        action,
+    })
+}
+
+/// Hands out the key's next fencing token (writing, so on PostgreSQL locking, its `key_fencing` row);
+/// returns it with the store time.
+pub(super) async fn next_fencing_token(
+    conn: &mut Conn,
+    clock: i64,
+    key: &KeyConfig,
+) -> StoreResult<(i64, Millis)> {
     let row = sqlx::query(sql!(
         "INSERT INTO key_fencing (namespace, name, last_token) VALUES ($2, $3, {now}) \
          ON CONFLICT (namespace, name) \
@@ -67,22 +98,57 @@ pub(super) async fn insert_backend_with_key(s: &S, new: NewBackend) -> StoreResu
          RETURNING last_token, {now} AS now"
     ))
     .bind(clock)
-    .bind(&new.key.namespace)
-    .bind(new.key.name.as_str())
-    .fetch_one(&mut *tx)
+    .bind(&key.namespace)
+    .bind(key.name.as_str())
+    .fetch_one(conn)
     .await?;
-    let fencing_token: i64 = row.try_get("last_token")?;
-    let now = Millis(row.try_get("now")?);
+    Ok((row.try_get("last_token")?, Millis(row.try_get("now")?)))
+}
+
+/// Inserts the key lease of `backend`; `false` if another backend holds the key.
+pub(super) async fn insert_key(
+    conn: &mut Conn,
+    backend: &BackendId,
+    key: &KeyConfig,
+    expires_at: i64,
+    fencing_token: i64,
+) -> StoreResult<bool> {
+    let key_insert = sqlx::query(
+        "INSERT INTO backend_key (backend_id, namespace, name, tag, expires_at, fencing_token) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(backend.as_str())
+    .bind(&key.namespace)
+    .bind(key.name.as_str())
+    .bind(&key.tag)
+    .bind(expires_at)
+    .bind(fencing_token)
+    .execute(conn)
+    .await;
+    inserted(key_insert, Unique::KeyHolder)
+}
+
+/// Inserts the backend row (an unclaimed backend of `warm`'s pool and generation, if given), its
+/// `scheduled` state and its spawn action; returns the action and the events to announce, or `None`
+/// if the backend id is taken.
+pub(super) async fn insert_spawn(
+    conn: &mut Conn,
+    new: &NewBackend,
+    fencing_token: i64,
+    now: Millis,
+    warm: Option<(&WarmPoolName, i64)>,
+) -> StoreResult<Option<(ActionMessage, Vec<Announced>)>> {
+    let state = BackendState::Scheduled;
     let expiration_time = new
         .lifetime_limit_seconds
         .map(|secs| now.0.saturating_add(i64::from(secs).saturating_mul(1000)));
-
     let backend_insert = sqlx::query(
         "INSERT INTO backend (id, cluster, pool, drone_id, key_namespace, key_name, key_tag, \
          fencing_token, last_status, last_status_number, last_status_time, state, static_token, \
          subdomain, created_at, max_idle_seconds, lifetime_limit_seconds, expiration_time, \
-         last_keepalive) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $11, $15, $16, $17, $11)",
+         last_keepalive, warm_pool, warm_generation) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $11, $15, $16, $17, $11, \
+         $18, $19)",
     )
     .bind(new.id.as_str())
     .bind(new.cluster.as_str())
@@ -101,45 +167,28 @@ pub(super) async fn insert_backend_with_key(s: &S, new: NewBackend) -> StoreResu
     .bind(new.max_idle_seconds)
     .bind(new.lifetime_limit_seconds)
     .bind(expiration_time)
-    .execute(&mut *tx)
+    .bind(warm.map(|(pool, _)| pool.as_str()))
+    .bind(warm.map(|(_, generation)| generation))
+    .execute(&mut *conn)
     .await;
     if !inserted(backend_insert, Unique::BackendId)? {
-        tx.rollback().await?;
-        return Ok(Acquire::BackendIdTaken);
+        return Ok(None);
     }
-
-    let key_insert = sqlx::query(
-        "INSERT INTO backend_key (backend_id, namespace, name, tag, expires_at, fencing_token) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(new.id.as_str())
-    .bind(&new.key.namespace)
-    .bind(new.key.name.as_str())
-    .bind(&new.key.tag)
-    .bind(now.0.saturating_add(s.key_lease_ms()))
-    .bind(fencing_token)
-    .execute(&mut *tx)
-    .await;
-    if !inserted(key_insert, Unique::KeyHolder)? {
-        tx.rollback().await?;
-        return Ok(Acquire::KeyHeld);
-    }
-
-    let history_id = insert_history(&mut tx, &new.id, &state, now).await?;
+    let history_id = insert_history(conn, &new.id, &state, now).await?;
     let action = ActionMessage {
         action_id: ActionId::random(),
         backend_id: new.id.clone(),
         action: BackendAction::Spawn {
-            executable: new.executable,
+            executable: new.executable.clone(),
             key: AcquiredKey {
-                key: new.key,
+                key: new.key.clone(),
                 deadlines: new.deadlines,
                 token: fencing_token,
             },
-            static_token: new.static_token,
+            static_token: new.static_token.clone(),
         },
     };
-    insert_action(&mut tx, new.drone, &action, now).await?;
+    insert_action(conn, new.drone, &action, now).await?;
     let events = vec![
         Announced::state(history_id, &new.id, &state, now),
         StoreEvent::Action {
@@ -148,11 +197,7 @@ pub(super) async fn insert_backend_with_key(s: &S, new: NewBackend) -> StoreResu
         }
         .into(),
     ];
-    commit(s, tx, events).await?;
-    Ok(Acquire::Acquired {
-        fencing_token,
-        action,
-    })
+    Ok(Some((action, events)))
 }
 
 /// Appends a state to the history; returns its row id.
@@ -328,5 +373,17 @@ pub(super) async fn renew_key(s: &S, backend: &BackendId) -> StoreResult<bool> {
     .bind(backend.as_str())
     .execute(&s.writer)
     .await?;
-    Ok(updated.rows_affected() > 0)
+    if updated.rows_affected() > 0 {
+        return Ok(true);
+    }
+    // An unclaimed warm backend holds no key; its drone renews it like one, so that the deadlines keep
+    // running when a claim gives it a key. 60 = terminating.
+    let unclaimed = sqlx::query(
+        "SELECT 1 FROM backend WHERE id = $1 AND warm_pool IS NOT NULL \
+         AND terminate_requested_at IS NULL AND last_status_number < 60",
+    )
+    .bind(backend.as_str())
+    .fetch_optional(&s.writer)
+    .await?;
+    Ok(unclaimed.is_some())
 }

@@ -36,6 +36,7 @@ mod nodes;
 pub(super) mod rows;
 mod tls;
 mod tokens;
+mod warm_pools;
 
 use super::D;
 use crate::dialect::{Announced, Dialect, SqlStore};
@@ -45,9 +46,10 @@ use async_trait::async_trait;
 use hangar_types::api::ClusterState;
 use hangar_types::protocol::ActionMessage;
 use hangar_types::token::ConnectionToken;
+use hangar_types::warm_pool::WarmPoolConfig;
 use hangar_types::{
     ActionId, BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName,
-    Millis, ProxyName, TerminationKind, TerminationReason,
+    Millis, ProxyName, TerminationKind, TerminationReason, WarmPoolName,
 };
 use std::time::Duration;
 
@@ -138,6 +140,15 @@ impl_store! {
     dashboard::active_clusters(limit: u32) -> Vec<ClusterName>;
     dashboard::recent_backends(status: Option<BackendStatus>, limit: u32) -> Vec<BackendRow>;
     dashboard::list_backends(filter: &BackendFilter) -> Vec<BackendRow>;
+    warm_pools::put_warm_pool(
+        name: &WarmPoolName, cluster: &ClusterName, config: &WarmPoolConfig
+    ) -> WarmPoolRow;
+    warm_pools::warm_pools() -> Vec<WarmPoolRow>;
+    warm_pools::warm_pool(name: &WarmPoolName) -> Option<WarmPoolRow>;
+    warm_pools::delete_warm_pool(name: &WarmPoolName) -> bool;
+    warm_pools::unclaimed_backends() -> Vec<UnclaimedBackend>;
+    warm_pools::insert_warm_backend(new: NewWarmBackend) -> WarmInsert;
+    warm_pools::claim_warm_backend(claim: WarmClaim) -> WarmClaimOutcome;
 }
 
 /// The store clock and a health probe.

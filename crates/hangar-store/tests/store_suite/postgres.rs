@@ -425,3 +425,46 @@ async fn cert_lease_has_one_holder_across_stores() {
     })
     .await;
 }
+
+/// Two controllers claim from one warm pool of 10 ready backends with 50 connects at once: each warm
+/// backend is claimed at most once, each claim gets exactly one backend or none, and the pool counts
+/// exactly the claims made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_claims_across_stores_take_distinct_backends() {
+    use crate::warm_pools::{futures_join, put, ready_warm, warm_claim, warm_config};
+    use hangar_store::WarmClaimOutcome;
+    with_database(|url| async move {
+        let a: Arc<dyn Store> = Arc::new(PostgresStore::connect(&url).await.unwrap());
+        let b: Arc<dyn Store> = Arc::new(PostgresStore::connect(&url).await.unwrap());
+        let drone = suite::ready_drone(&*a, "dr-one", "").await;
+        let pool = put(&*a, "p", &warm_config(10, "a")).await;
+        let mut warm = Vec::new();
+        for _ in 0..10 {
+            warm.push(ready_warm(&*a, &pool, drone).await);
+        }
+        let claims = (0..50).map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                store
+                    .claim_warm_backend(warm_claim("p", &format!("k{i}")))
+                    .await
+                    .unwrap()
+            })
+        });
+        let outcomes = futures_join(claims).await;
+        let mut claimed: Vec<_> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                WarmClaimOutcome::Claimed { backend } => Some(backend.id.clone()),
+                WarmClaimOutcome::Empty => None,
+                WarmClaimOutcome::KeyHeld => panic!("distinct keys cannot be held"),
+            })
+            .collect();
+        claimed.sort();
+        warm.sort();
+        assert_eq!(claimed, warm, "each warm backend claimed exactly once");
+        let counted = b.warm_pool(&pool.name).await.unwrap().unwrap();
+        assert_eq!((counted.ready, counted.claimed), (0, 10));
+    })
+    .await;
+}

@@ -198,26 +198,34 @@ fn parse_key_text(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// The executable of `--command` or `--image` (exactly one given) with `--env` entries.
+pub(crate) fn build_executable(
+    command: &Option<CommandLine>,
+    image: &Option<String>,
+    env: &[(String, String)],
+) -> anyhow::Result<Executable> {
+    let env: BTreeMap<String, String> = env.iter().cloned().collect();
+    let executable = match (command, image) {
+        (Some(CommandLine(command)), None) => {
+            serde_json::json!({"command": command, "env": env})
+        }
+        (None, Some(image)) => serde_json::json!({"image": image, "env": env}),
+        // clap's `executable` group makes exactly one of them present.
+        _ => anyhow::bail!("give exactly one of --command and --image"),
+    };
+    Executable::from_json(&executable).context("invalid executable")
+}
+
 impl ConnectArgs {
     /// The request sent to `POST /ctrl/connect`.
     pub fn to_request(&self) -> anyhow::Result<ConnectRequest> {
-        let env: BTreeMap<String, String> = self.env.iter().cloned().collect();
-        let executable = match (&self.command, &self.image) {
-            (Some(CommandLine(command)), None) => {
-                serde_json::json!({"command": command, "env": env})
-            }
-            (None, Some(image)) => serde_json::json!({"image": image, "env": env}),
-            // `--key` alone: reuse only, nothing to spawn.
-            (None, None) => serde_json::Value::Null,
-            // clap's `executable` group makes at most one of them present.
-            (Some(_), Some(_)) => anyhow::bail!("give only one of --command and --image"),
-        };
         let key = self.key.clone().map(|name| KeyConfig {
             name,
             namespace: self.namespace.clone(),
             tag: self.tag.clone(),
         });
-        if executable.is_null() {
+        if self.command.is_none() && self.image.is_none() {
+            // `--key` alone: reuse only, nothing to spawn.
             anyhow::ensure!(key.is_some(), "give --key, --command or --image");
             return Ok(ConnectRequest {
                 key,
@@ -226,7 +234,7 @@ impl ConnectArgs {
                 auth: Default::default(),
             });
         }
-        let executable = Executable::from_json(&executable).context("invalid executable")?;
+        let executable = build_executable(&self.command, &self.image, &self.env)?;
         Ok(ConnectRequest {
             key,
             spawn_config: Some(SpawnConfig {

@@ -169,6 +169,28 @@ function renderBackends(backends, now) {
     backends.length + (backends.length === 1 ? " backend" : " backends") + ", newest first";
 }
 
+function renderWarmPools(pools) {
+  const box = document.getElementById("warm-pools");
+  if (pools.length === 0) {
+    box.replaceChildren(el("p", "empty", "No warm pool."));
+    return;
+  }
+  const rows = pools.map((p) => {
+    const tr = row([
+      el("td", "mono", p.name),
+      el("td", "mono", p.cluster),
+      el("td", null, p.pool),
+      el("td", "num", p.size),
+      el("td", "num", p.ready),
+      el("td", "num", p.starting),
+      el("td", "num", p.claimed),
+    ]);
+    tr.dataset.warmPool = p.name;
+    return tr;
+  });
+  box.replaceChildren(table(["Warm pool", "Cluster", "Pool", "Size", "Ready", "Starting", "Claimed"], rows));
+}
+
 function stateUrl() {
   const params = new URLSearchParams();
   const status = document.getElementById("status-filter").value;
@@ -200,6 +222,7 @@ async function refresh() {
     const state = await response.json();
     renderClusters(state.clusters);
     renderBackends(state.backends, state.time);
+    renderWarmPools(state.warm_pools || []);
     showError("");
     document.getElementById("updated").textContent = "Updated " + new Date().toLocaleTimeString();
   } catch (e) {

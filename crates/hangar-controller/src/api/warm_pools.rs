@@ -1,0 +1,103 @@
+//! Warm pool routes (a Hangar extension): `PUT`, `GET` and `DELETE /ctrl/warm-pools/{name}`, and
+//! `GET /ctrl/warm-pools`. Filling, replacing and claiming are in [`crate::warm_pool`].
+
+use crate::api::{ApiJson, ApiPath, AppState};
+use crate::connect::ConnectError;
+use crate::error::ApiError;
+use axum::extract::State;
+use axum::Json;
+use hangar_types::warm_pool::{WarmPool, WarmPoolConfig, WarmPoolList};
+use hangar_types::WarmPoolName;
+
+fn parse_name(raw: &str) -> Result<WarmPoolName, ApiError> {
+    raw.parse()
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid warm pool name: {e}")))
+}
+
+/// `GET /ctrl/warm-pools`.
+pub async fn warm_pools_list(
+    State(state): State<AppState>,
+) -> Result<Json<WarmPoolList>, ApiError> {
+    let pools = state
+        .store
+        .warm_pools()
+        .await
+        .map_err(ApiError::store("Database error"))?;
+    Ok(Json(WarmPoolList {
+        pools: pools.iter().map(|p| p.api()).collect(),
+    }))
+}
+
+/// `GET /ctrl/warm-pools/{name}`.
+pub async fn warm_pools_get(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<WarmPool>, ApiError> {
+    let name = parse_name(&name)?;
+    let pool = state
+        .store
+        .warm_pool(&name)
+        .await
+        .map_err(ApiError::store("Database error"))?
+        .ok_or(ApiError::NotFound("Warm pool does not exist"))?;
+    Ok(Json(pool.api()))
+}
+
+/// `PUT /ctrl/warm-pools/{name}`: creates or changes the pool; answers with it as listed.
+pub async fn warm_pools_put(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(config): ApiJson<WarmPoolConfig>,
+) -> Result<Json<WarmPool>, ApiError> {
+    let name = parse_name(&name)?;
+    config.validate().map_err(ApiError::InvalidRequest)?;
+    if config.claim_path.is_some() {
+        return Err(ApiError::InvalidRequest(
+            "claim_path is not supported by this controller yet".into(),
+        ));
+    }
+    let cluster = config
+        .cluster
+        .clone()
+        .or_else(|| state.config.default_cluster.clone())
+        .ok_or(ConnectError::NoClusterProvided)?;
+    let pool = state
+        .store
+        .put_warm_pool(&name, &cluster, &config)
+        .await
+        .map_err(ApiError::store("Database error"))?;
+    tracing::info!(pool = %name, %cluster, size = pool.size, "Warm pool set");
+    let listed = pool.api();
+    state.warm.update(&name, Some(pool));
+    state.warm.wake();
+    Ok(Json(listed))
+}
+
+/// `DELETE /ctrl/warm-pools/{name}`: removes the pool (answering with it as it was) and terminates its
+/// unclaimed backends; claimed ones live on.
+pub async fn warm_pools_delete(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<WarmPool>, ApiError> {
+    let name = parse_name(&name)?;
+    let store = &state.store;
+    let pool = store
+        .warm_pool(&name)
+        .await
+        .map_err(ApiError::store("Database error"))?
+        .ok_or(ApiError::NotFound("Warm pool does not exist"))?;
+    let deleted = store
+        .delete_warm_pool(&name)
+        .await
+        .map_err(ApiError::store("Database error"))?;
+    if !deleted {
+        return Err(ApiError::NotFound("Warm pool does not exist"));
+    }
+    tracing::info!(pool = %name, "Warm pool deleted");
+    state.warm.update(&name, None);
+    // The fill pass terminates the unclaimed backends of pools that no longer exist.
+    crate::warm_pool::fill_once(&state)
+        .await
+        .map_err(ApiError::store("Database error"))?;
+    Ok(Json(pool.api()))
+}
