@@ -109,6 +109,10 @@ pub async fn start(
         state.store.clone(),
         state.cancel.child_token(),
     ));
+    state.tracker.spawn(prometheus::run_backend_gauges(
+        state.clone(),
+        state.cancel.child_token(),
+    ));
 
     let app = router(state.clone());
     let cancel = state.cancel.clone();

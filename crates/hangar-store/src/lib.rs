@@ -306,6 +306,10 @@ pub trait Store: Send + Sync + 'static {
         status: Option<BackendStatus>,
         limit: u32,
     ) -> StoreResult<Vec<BackendRow>>;
+
+    /// Backends that are not terminated, counted by cluster and status (ordered by both); statuses
+    /// without backends are absent.
+    async fn live_backend_counts(&self) -> StoreResult<Vec<BackendCount>>;
 }
 
 /// ACME HTTP-01 challenge answers older than this are deleted by [`Store::cleanup`]: an ACME order

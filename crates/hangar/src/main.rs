@@ -118,6 +118,7 @@ impl Command {
 }
 
 fn main() -> ExitCode {
+    hangar_types::set_git_hash(env!("HANGAR_GIT_HASH"));
     let cli = Cli::parse();
     let verbosity = if cli.command.runs_components() {
         logging::Verbosity::Component

@@ -137,6 +137,7 @@ impl_store! {
     tls::certificate(cluster: &ClusterName) -> Option<StoredCertificate>;
     dashboard::active_clusters(limit: u32) -> Vec<ClusterName>;
     dashboard::recent_backends(status: Option<BackendStatus>, limit: u32) -> Vec<BackendRow>;
+    dashboard::live_backend_counts() -> Vec<BackendCount>;
 }
 
 /// The store clock and a health probe.
