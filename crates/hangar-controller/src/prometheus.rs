@@ -46,17 +46,6 @@ type ClusterStatusLabels = [(&'static str, String); 2];
 /// How often `hangar_backends` is recounted from the store.
 pub const BACKEND_GAUGES_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Every status but `terminated`, the statuses `hangar_backends` reports.
-const LIVE_STATUSES: [BackendStatus; 7] = [
-    BackendStatus::Scheduled,
-    BackendStatus::Loading,
-    BackendStatus::Starting,
-    BackendStatus::Waiting,
-    BackendStatus::Ready,
-    BackendStatus::Terminating,
-    BackendStatus::HardTerminating,
-];
-
 /// The kinds of node session a controller holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKind {
@@ -229,7 +218,11 @@ impl ControllerMetrics {
         };
         clusters.extend(counts.iter().map(|c| c.cluster.clone()));
         for cluster in clusters.iter() {
-            for status in LIVE_STATUSES {
+            // Every status but `terminated` (terminated backends are not counted).
+            let live = BackendStatus::ALL
+                .into_iter()
+                .filter(|s| *s != BackendStatus::Terminated);
+            for status in live {
                 let count = counts
                     .iter()
                     .find(|c| c.cluster == *cluster && c.status == status)

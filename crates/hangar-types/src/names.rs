@@ -349,6 +349,24 @@ pub fn validate_subdomain(s: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+impl utoipa::PartialSchema for KeyName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        // Any text without control characters.
+        string_schema("^[^\\x00-\\x1f\\x7f]+$".to_string(), MAX_KEY_LEN)
+    }
+}
+
+impl ToSchema for KeyName {}
+
+impl utoipa::PartialSchema for ClusterName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        // `host` or `host:port`.
+        string_schema("^[^\\s/:]+(:[0-9]+)?$".to_string(), 253 + 6)
+    }
+}
+
+impl ToSchema for ClusterName {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,21 +446,3 @@ mod tests {
         assert!(validate_subdomain("a.b").is_err());
     }
 }
-
-impl utoipa::PartialSchema for KeyName {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        // Any text without control characters.
-        string_schema("^[^\\x00-\\x1f\\x7f]+$".to_string(), MAX_KEY_LEN)
-    }
-}
-
-impl ToSchema for KeyName {}
-
-impl utoipa::PartialSchema for ClusterName {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        // `host` or `host:port`.
-        string_schema("^[^\\s/:]+(:[0-9]+)?$".to_string(), 253 + 6)
-    }
-}
-
-impl ToSchema for ClusterName {}
