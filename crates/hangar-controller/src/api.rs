@@ -3,6 +3,8 @@
 //! `termination-candidates`, `events`). `/ctrl/*` is
 //! the trusted group (optionally behind a bearer token and Plane's forward auth, node sockets
 //! included); `/pub/*` is public and carries a CORS layer. Handlers live in `api/`, named `<resource>_<verb>`.
+//! Every `/ctrl` and `/pub` route is documented in the OpenAPI document (`api/openapi.rs`; a test
+//! fails when a route is missing from it): give a new handler its `#[utoipa::path]` and list it there.
 
 mod auth;
 mod backend_views;
@@ -11,6 +13,7 @@ mod dashboard;
 mod extract;
 pub mod forward_auth;
 mod nodes;
+mod openapi;
 mod operator;
 mod system;
 mod warm_pools;
@@ -110,6 +113,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let ctrl = Router::new()
         .route("/ctrl/status", get(system::status_get))
+        .route("/ctrl/openapi.json", get(openapi::openapi_ctrl_get))
         .route("/metrics", get(crate::prometheus::metrics_get))
         .route("/ctrl/connect", post(backends::connect_post))
         .route(
@@ -172,6 +176,7 @@ pub fn router(state: AppState) -> Router {
     // The dashboard page has no bearer check (the page asks for the token and sends it with its
     // `/ctrl/dashboard/state` requests), but forward auth guards it as it guards `/ctrl`.
     let dashboard_page = Router::new()
+        .route("/", get(dashboard::root_get))
         .route("/dashboard", get(dashboard::dashboard_page_get))
         .route(
             "/dashboard/dashboard.js",
@@ -188,6 +193,7 @@ pub fn router(state: AppState) -> Router {
         .layer(cors.clone());
     let public = Router::new()
         .route("/pub/health", get(system::health_get))
+        .route("/pub/openapi.json", get(openapi::openapi_pub_get))
         .route("/pub/b/{backend}/status", get(backends::backends_status))
         .route(
             "/pub/b/{backend}/status-stream",

@@ -110,6 +110,10 @@ pub async fn start(
         state.store.clone(),
         state.cancel.child_token(),
     ));
+    state.tracker.spawn(prometheus::run_backend_gauges(
+        state.clone(),
+        state.cancel.child_token(),
+    ));
 
     state.tracker.spawn(warm_pool::run_warm_pools(
         state.clone(),

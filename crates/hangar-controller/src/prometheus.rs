@@ -5,6 +5,14 @@
 //! happen. Per process, as Prometheus expects: with several controllers, sum over them. Must not: query
 //! the store on a scrape (a scrape only reads memory; the resource gauges summarise
 //! [`LatestMetrics`](crate::metrics::LatestMetrics)).
+//!
+//! The exception to "per process" is `hangar_backends{cluster, status}`: live backends of every
+//! controller, refreshed by [`run_backend_gauges`] with one grouped count on the store every
+//! [`BACKEND_GAUGES_INTERVAL`]. Counting from events seen here would miss backends of drones attached
+//! to other controllers and drift after a restart; a periodic count costs one query per interval
+//! whatever the scrape rate, and is always right within one interval. Every controller reports the
+//! same numbers: aggregate with `max`, not `sum`. The process series (`hangar_build_info`,
+//! `process_*`) come from [`hangar_process_metrics`].
 
 use crate::api::AppState;
 use crate::error::ApiError;
@@ -12,8 +20,10 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use hangar_store::BackendCount;
 use hangar_types::api::{self, ApiErrorKind, ConnectResponse};
 use hangar_types::names::random_string;
+use hangar_types::ClusterName;
 use hangar_types::{BackendStatus, TerminationKind};
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::Counter;
@@ -21,12 +31,20 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// One label with a fixed value.
 type Label = [(&'static str, &'static str); 1];
 /// One label whose value is built at run time (error kinds).
 type OwnedLabel = [(&'static str, String); 1];
+/// `cluster` and `status` labels.
+type ClusterStatusLabels = [(&'static str, String); 2];
+
+/// How often `hangar_backends` is recounted from the store.
+pub const BACKEND_GAUGES_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The kinds of node session a controller holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +75,11 @@ pub struct ControllerMetrics {
     node_sessions: Family<Label, Gauge>,
     backend_state_changes: Family<Label, Counter>,
     backends_sampled: Gauge,
+    /// `hangar_backends`, by `(cluster, status)`.
+    backends: Family<ClusterStatusLabels, Gauge>,
+    /// Clusters seen by [`ControllerMetrics::set_backend_counts`]: their series stay (at 0) once
+    /// their backends are gone.
+    backend_clusters: Mutex<BTreeSet<ClusterName>>,
     backend_memory_used: Gauge,
     backend_memory_limit: Gauge,
     /// The warm pool series.
@@ -81,6 +104,8 @@ impl ControllerMetrics {
             node_sessions: Family::default(),
             backend_state_changes: Family::default(),
             backends_sampled: Gauge::default(),
+            backends: Family::default(),
+            backend_clusters: Mutex::default(),
             backend_memory_used: Gauge::default(),
             backend_memory_limit: Gauge::default(),
             warm: Default::default(),
@@ -126,6 +151,11 @@ impl ControllerMetrics {
             "backend_state_changes",
             "Backend state changes reported by drones connected here and stored, by new status",
             metrics.backend_state_changes.clone(),
+        );
+        registry.register(
+            "backends",
+            "Live backends by cluster and status, in the whole store (refreshed periodically)",
+            metrics.backends.clone(),
         );
         registry.register(
             "backends_sampled",
@@ -183,6 +213,33 @@ impl ControllerMetrics {
             .inc();
     }
 
+    /// Sets `hangar_backends` from a count of the store: every live status of every cluster seen so
+    /// far gets a value (0 when absent from `counts`).
+    pub fn set_backend_counts(&self, counts: &[BackendCount]) {
+        let mut clusters = match self.backend_clusters.lock() {
+            Ok(clusters) => clusters,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        clusters.extend(counts.iter().map(|c| c.cluster.clone()));
+        for cluster in clusters.iter() {
+            // Every status but `terminated` (terminated backends are not counted).
+            let live = BackendStatus::ALL
+                .into_iter()
+                .filter(|s| *s != BackendStatus::Terminated);
+            for status in live {
+                let count = counts
+                    .iter()
+                    .find(|c| c.cluster == *cluster && c.status == status)
+                    .map_or(0, |c| c.count);
+                let labels = [
+                    ("cluster", cluster.to_string()),
+                    ("status", status.as_str().to_string()),
+                ];
+                self.backends.get_or_create(&labels).set(count);
+            }
+        }
+    }
+
     /// Counts a node session as connected until the returned guard is dropped.
     pub fn node_session(&self, kind: NodeKind) -> NodeSessionGuard {
         let gauge = self
@@ -202,6 +259,7 @@ impl ControllerMetrics {
         self.backend_memory_limit.set(clamp(totals.mem_limit));
         let mut text = String::new();
         prometheus_text::encode(&mut text, &self.registry)?;
+        hangar_process_metrics::encode(&mut text)?;
         Ok(text)
     }
 }
@@ -215,6 +273,23 @@ pub struct NodeSessionGuard {
 impl Drop for NodeSessionGuard {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+/// Recounts `hangar_backends` from the store now and every [`BACKEND_GAUGES_INTERVAL`]. A failed
+/// count keeps the previous values (logged).
+pub async fn run_backend_gauges(state: AppState, cancel: CancellationToken) {
+    let mut interval = tokio::time::interval(BACKEND_GAUGES_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        match state.store.live_backend_counts().await {
+            Ok(counts) => state.prometheus.set_backend_counts(&counts),
+            Err(e) => tracing::warn!(error = %e, "Failed to count backends for metrics"),
+        }
     }
 }
 

@@ -14,8 +14,10 @@ use url::Url;
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DroneConfig {
-    /// This drone's name (`dr-…`). It identifies the drone to the controller across reconnects, so a
-    /// drone with a `state_file` should keep its name. Default: a fresh random name on every start.
+    /// This drone's name (`dr-…`). It identifies the drone to the controller across reconnects. A
+    /// drone with a `state_file` keeps its name there and refuses to start under another one;
+    /// `hangar drone` started without a name takes the kept one. Default: that kept name, else a
+    /// fresh random name.
     #[serde(default = "DroneName::random")]
     pub name: DroneName,
     /// Base URL of the controller (`http(s)://[bearer-token@]host:port/`). Required.

@@ -29,7 +29,9 @@ use hangar_types::{BackendId, DroneName, PROTOCOL_VERSION, VERSION};
 use outbox::Outbox;
 use prometheus::{DroneMetrics, MetricsSource};
 use session::Session;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use supervisor::{SupervisorSettings, Supervisors};
@@ -98,6 +100,22 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
     let outbox = Outbox::open(config.state_file.as_deref())
         .await
         .context("cannot open the drone state")?;
+    if let Some(owner) = outbox
+        .claim(&config.name)
+        .await
+        .context("cannot keep the drone's name in its state")?
+    {
+        let path = config
+            .state_file
+            .as_deref()
+            .unwrap_or(Path::new(""))
+            .display();
+        anyhow::bail!(
+            "the state file {path} belongs to drone {owner}, not {}: start the drone as {owner} \
+             (or without a name, to take the one kept there), or give it another state file",
+            config.name
+        );
+    }
     let kinds = config.offered_executors();
     let (metrics, metrics_rx) = mpsc::channel(METRICS_CAPACITY);
     let (executor_error, executor_error_rx) = watch::channel(None);
@@ -190,6 +208,21 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
     })
 }
 
+/// The name of the drone whose state `state_file` holds (kept there by [`start`]); `None` when the
+/// file does not exist or keeps no name. A drone restarted without a name takes this one, so that it
+/// re-adopts its backends under the name the controller knows them by.
+pub async fn name_in_state_file(state_file: &Path) -> anyhow::Result<Option<DroneName>> {
+    if !state_file.exists() {
+        return Ok(None);
+    }
+    let outbox = Outbox::open(Some(state_file))
+        .await
+        .context("cannot open the drone state")?;
+    let name = outbox.drone_name().await;
+    outbox.close().await;
+    name.context("cannot read the drone's name from its state")
+}
+
 /// The executors of `kinds`; metrics samples go to `metrics`; the socket executor reports why it is
 /// unavailable in `executor_error`.
 async fn start_executors(
@@ -267,6 +300,24 @@ impl DroneHandle {
     /// Stops taking actions, terminates backends that cannot outlive the drone (SIGTERM, grace period,
     /// SIGKILL), waits briefly for the controller to ack their final events, then closes the session.
     pub async fn shutdown(self) {
+        self.shutdown_cut_short_by(std::future::pending()).await;
+    }
+
+    /// [`DroneHandle::shutdown`], except that once `cut` resolves (an operator's second Ctrl-C),
+    /// backends still in their grace period are killed at once (SIGKILL).
+    pub async fn shutdown_cut_short_by(self, cut: impl Future<Output = ()>) {
+        let supervisors = self.supervisors.clone();
+        let stop = self.stop();
+        tokio::pin!(stop);
+        tokio::select! {
+            biased;
+            () = &mut stop => return,
+            () = cut => supervisors.kill_all().await,
+        }
+        stop.await;
+    }
+
+    async fn stop(self) {
         tracing::info!(drone = %self.name, "Drone shutting down");
         self.actions_cancel.cancel();
         if let Err(e) = self.actions_task.await {

@@ -10,7 +10,7 @@
 use hangar_types::executable::Executable;
 use hangar_types::protocol::{AcquiredKey, DroneToController, KeyDeadlines};
 use hangar_types::token::ConnectionToken;
-use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis};
+use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, DroneName, Millis};
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row, SqlitePool};
@@ -34,6 +34,10 @@ CREATE TABLE IF NOT EXISTS event (
     backend_id TEXT NOT NULL,
     state TEXT NOT NULL,
     timestamp INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drone (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS applied_action (
     action_id TEXT PRIMARY KEY NOT NULL,
@@ -403,6 +407,30 @@ impl Outbox {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// The name of the drone this state belongs to, if one was kept.
+    pub async fn drone_name(&self) -> Result<Option<DroneName>, OutboxError> {
+        let name: Option<String> = sqlx::query_scalar("SELECT name FROM drone WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        name.map(|n| {
+            n.parse().map_err(|source| OutboxError::InvalidId {
+                what: "drone name".into(),
+                source,
+            })
+        })
+        .transpose()
+    }
+
+    /// Keeps `name` as the owner of this state unless another drone's name is kept already, which
+    /// is returned instead.
+    pub async fn claim(&self, name: &DroneName) -> Result<Option<DroneName>, OutboxError> {
+        sqlx::query("INSERT OR IGNORE INTO drone (id, name) VALUES (1, ?)")
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(self.drone_name().await?.filter(|kept| kept != name))
     }
 }
 

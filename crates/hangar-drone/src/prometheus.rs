@@ -201,6 +201,7 @@ impl DroneMetrics {
         }
         let mut text = String::new();
         prometheus_text::encode(&mut text, &self.registry)?;
+        hangar_process_metrics::encode(&mut text)?;
         Ok(text)
     }
 }

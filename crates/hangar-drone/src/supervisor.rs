@@ -355,14 +355,24 @@ impl Supervisors {
     /// Stops supervising: backends of executors whose backends die with the drone are terminated
     /// (soft, with reason `lost`; their `terminated` events land in the outbox), the others are left
     /// running for the next drone run to re-adopt. After `wait`, remaining tasks are detached.
-    pub async fn shutdown(&self, wait: Duration) {
+    /// Hard-terminates (SIGKILL) every backend that a shutdown terminates, without waiting: the rest
+    /// of the shutdown's grace period is skipped. Backends that outlive the drone are left alone.
+    pub async fn kill_all(&self) {
+        self.send_shutdown(TerminationKind::Hard).await;
+    }
+
+    async fn send_shutdown(&self, kind: TerminationKind) {
         let senders: Vec<_> = match self.inner.live.lock() {
             Ok(live) => live.values().cloned().collect(),
             Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
         };
         for sender in senders {
-            let _ = sender.send(Command::DroneShutdown).await;
+            let _ = sender.send(Command::DroneShutdown(kind)).await;
         }
+    }
+
+    pub async fn shutdown(&self, wait: Duration) {
+        self.send_shutdown(TerminationKind::Soft).await;
         self.inner.tracker.close();
         if tokio::time::timeout(wait, self.inner.tracker.wait())
             .await

@@ -138,6 +138,7 @@ impl ProxyMetrics {
             .set(i64::try_from(state.tunnels.len()).unwrap_or(i64::MAX));
         let mut text = String::new();
         prometheus_text::encode(&mut text, &self.registry)?;
+        hangar_process_metrics::encode(&mut text)?;
         Ok(text)
     }
 }

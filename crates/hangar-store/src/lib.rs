@@ -345,6 +345,9 @@ pub trait Store: Send + Sync + 'static {
     /// the connect's static token, subdomain and limits), makes it an ordinary backend and counts the
     /// claim. A warm backend is claimed at most once, whatever runs concurrently.
     async fn claim_warm_backend(&self, claim: WarmClaim) -> StoreResult<WarmClaimOutcome>;
+    /// Backends that are not terminated, counted by cluster and status (ordered by both); statuses
+    /// without backends are absent.
+    async fn live_backend_counts(&self) -> StoreResult<Vec<BackendCount>>;
 }
 
 /// ACME HTTP-01 challenge answers older than this are deleted by [`Store::cleanup`]: an ACME order

@@ -6,7 +6,8 @@ use hangar_types::protocol::{ActionMessage, KeyDeadlines, RouteInfo};
 use hangar_types::token::{ConnectionToken, SecretToken};
 use hangar_types::warm_pool::WarmPool;
 use hangar_types::{
-    BackendId, BackendState, ClusterName, ControllerName, DroneName, Millis, WarmPoolName,
+    BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName, Millis,
+    WarmPoolName,
 };
 use std::time::Duration;
 
@@ -119,6 +120,14 @@ pub struct DroneCandidate {
     pub last_local_time: Millis,
     /// Backends on the drone that are not terminated.
     pub backend_count: i64,
+}
+
+/// How many live backends of a cluster are in a status ([`crate::Store::live_backend_counts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendCount {
+    pub cluster: ClusterName,
+    pub status: BackendStatus,
+    pub count: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

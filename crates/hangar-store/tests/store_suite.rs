@@ -2066,6 +2066,25 @@ mod suite {
             .await
             .unwrap()
             .is_empty());
+
+        // Live backends by cluster and status: the terminated one is not counted.
+        let count = |status, count| BackendCount {
+            cluster: cluster(),
+            status,
+            count,
+        };
+        assert_eq!(
+            store.live_backend_counts().await.unwrap(),
+            vec![
+                count(BackendStatus::Ready, 1),
+                count(BackendStatus::Scheduled, 1)
+            ]
+        );
+        terminate(store, &b.id).await;
+        assert_eq!(
+            store.live_backend_counts().await.unwrap(),
+            vec![count(BackendStatus::Scheduled, 1)]
+        );
     }
 
     pub async fn list_backends_filters_by_status_cluster_and_key(h: Harness) {

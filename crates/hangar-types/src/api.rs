@@ -7,9 +7,10 @@ use crate::state::{BackendStatus, BackendStatusEntry, TerminationReason};
 use crate::time::Millis;
 use crate::token::{ConnectionToken, SecretToken};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// The identity of a key: `(namespace, name)`; `tag` must match to reuse a running backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     pub name: KeyName,
@@ -20,7 +21,7 @@ pub struct KeyConfig {
 }
 
 /// How to create a backend when the key is not held.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpawnConfig {
     /// Explicit backend id (discouraged); random when absent.
@@ -46,7 +47,7 @@ pub struct SpawnConfig {
     pub subdomain: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectRequest {
     #[serde(default)]
@@ -56,10 +57,11 @@ pub struct ConnectRequest {
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub auth: serde_json::Map<String, serde_json::Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ConnectResponse {
     pub backend_id: BackendId,
     pub spawned: bool,
@@ -77,7 +79,7 @@ pub struct ConnectResponse {
 }
 
 /// Error kinds of Plane's `ApiError`, plus Hangar's `InvalidRequest` and `Unauthorized`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub enum ApiErrorKind {
     FailedToAcquireKey,
     KeyUnheldNoSpawnConfig,
@@ -97,7 +99,7 @@ pub enum ApiErrorKind {
 }
 
 /// Plane's error body `{id, kind, message}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {
     pub id: String,
     pub kind: ApiErrorKind,
@@ -114,38 +116,38 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {
     pub backend_id: BackendId,
     pub user: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DrainResult {
     pub updated: bool,
 }
 
 /// Answer of `POST /ctrl/c/{cluster}/d/{drone}/mark-lost` (Hangar): the backends this call recorded
 /// as terminated with reason `lost`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MarkLostResult {
     pub backends: Vec<BackendId>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StatusResponse {
     pub status: String,
     pub version: String,
     pub hash: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HealthResponse {
     pub status: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NodeState {
     pub name: NodeName,
     pub plane_version: String,
@@ -154,7 +156,7 @@ pub struct NodeState {
     pub controller_heartbeat_age: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ClusterDroneState {
     pub ready: bool,
     pub draining: bool,
@@ -174,14 +176,14 @@ pub struct ClusterDroneState {
     pub executor_error: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, ToSchema)]
 pub struct ClusterState {
     pub drones: Vec<ClusterDroneState>,
     pub proxies: Vec<NodeState>,
 }
 
 /// Why the sweeper would terminate a backend (see [`TerminationCandidate`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SweepReason {
     /// `ready` with no proxied connection for `max_idle_seconds`.
@@ -193,7 +195,7 @@ pub enum SweepReason {
 /// A backend the sweeper would terminate now: an element of the answer of
 /// `GET /ctrl/c/{cluster}/d/{drone}/termination-candidates` (Hangar; Plane's `db-cli
 /// termination-candidates`). Times are store times in milliseconds since the Unix epoch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TerminationCandidate {
     pub backend_id: BackendId,
     pub status: BackendStatus,
@@ -206,7 +208,7 @@ pub struct TerminationCandidate {
 }
 
 /// Answer of `GET /ctrl/c/{cluster}/d/{drone}/termination-candidates`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TerminationCandidates {
     /// Store time of the check.
     pub now: Millis,
@@ -215,7 +217,7 @@ pub struct TerminationCandidates {
 
 /// One event of the controllers' event bus, as streamed by `GET /ctrl/events` (Server-Sent Events;
 /// Hangar's form of Plane's `db-cli events`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BusEvent {
     /// Store time of the event, or the controller's clock when it has none (milliseconds since the
     /// Unix epoch).

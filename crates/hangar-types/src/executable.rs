@@ -4,9 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use utoipa::ToSchema;
 
 /// Which executor can run an executable. A drone announces the kinds it offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutorKind {
     Docker,
@@ -35,7 +38,7 @@ impl std::fmt::Display for ExecutorKind {
 }
 
 /// A parsed executable.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum Executable {
     Docker(Box<DockerExecutable>),
@@ -93,7 +96,7 @@ pub enum ExecutableError {
 }
 
 /// A local process: `command[0]` with arguments `command[1..]`, listening on `$PORT`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessExecutable {
     pub command: Vec<String>,
@@ -104,7 +107,7 @@ pub struct ProcessExecutable {
     pub cwd: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 pub enum PullPolicy {
     #[default]
     IfNotPresent,
@@ -113,14 +116,14 @@ pub enum PullPolicy {
 }
 
 /// Docker registry credentials: either user/password or a registry token (untagged, as Plane's).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum DockerRegistryAuth {
     UsernamePassword { username: String, password: String },
     Token { registrytoken: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceLimits {
     /// CFS period in microseconds.
@@ -139,14 +142,14 @@ pub struct ResourceLimits {
 }
 
 /// `mount`: `true` (a directory named after the key), a relative path, or `false`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Mount {
     Bool(bool),
     Path(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DockerExecutable {
     pub image: String,

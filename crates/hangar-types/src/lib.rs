@@ -21,6 +21,20 @@ pub use time::Millis;
 /// Version of Hangar, reported in handshakes, `/ctrl/status` and the proxy's `server` header.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The git commit the running binary was built from, as set by [`set_git_hash`]; `"unknown"` until
+/// then (and in builds without git). Reported in `/ctrl/status` and `hangar_build_info`.
+pub fn git_hash() -> &'static str {
+    GIT_HASH.get().map_or("unknown", String::as_str)
+}
+
+/// Records the git commit of this binary (the `hangar` binary does it at start, from its build
+/// script). Only the first call has an effect.
+pub fn set_git_hash(hash: &str) {
+    let _ = GIT_HASH.set(hash.to_string());
+}
+
+static GIT_HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// Version of the node ↔ controller WebSocket protocol. Bumped on incompatible changes; a peer with a
 /// different protocol version is refused at handshake time.
 pub const PROTOCOL_VERSION: u32 = 1;

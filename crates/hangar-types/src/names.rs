@@ -5,6 +5,7 @@ use rand::Rng;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 use std::str::FromStr;
+use utoipa::ToSchema;
 
 /// Longest accepted generated-style name, including its prefix (Plane's limit).
 pub const MAX_NAME_LEN: usize = 45;
@@ -113,7 +114,32 @@ macro_rules! simple_name {
                 &self.0
             }
         }
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                let pattern = match Self::PREFIX {
+                    Some(p) => format!("^{p}-[a-z0-9-]*$"),
+                    None => "^[a-z0-9-]+$".to_string(),
+                };
+                string_schema(pattern, MAX_NAME_LEN)
+            }
+        }
+
+        impl ToSchema for $name {}
     };
+}
+
+/// The OpenAPI schema of a validated string id.
+fn string_schema(
+    pattern: String,
+    max_length: usize,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .pattern(Some(pattern))
+        .min_length(Some(1))
+        .max_length(Some(max_length))
+        .into()
 }
 
 simple_name!(
@@ -153,7 +179,7 @@ simple_name!(
 );
 
 /// A node that holds a session with the controller, parsed by its name prefix.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum NodeName {
     Drone(DroneName),
     Proxy(ProxyName),
@@ -327,6 +353,24 @@ pub fn validate_subdomain(s: &str) -> Result<(), NameError> {
     }
     Ok(())
 }
+
+impl utoipa::PartialSchema for KeyName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        // Any text without control characters.
+        string_schema("^[^\\x00-\\x1f\\x7f]+$".to_string(), MAX_KEY_LEN)
+    }
+}
+
+impl ToSchema for KeyName {}
+
+impl utoipa::PartialSchema for ClusterName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        // `host` or `host:port`.
+        string_schema("^[^\\s/:]+(:[0-9]+)?$".to_string(), 253 + 6)
+    }
+}
+
+impl ToSchema for ClusterName {}
 
 #[cfg(test)]
 mod tests {

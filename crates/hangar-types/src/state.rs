@@ -7,9 +7,12 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use utoipa::ToSchema;
 
 /// Public status of a backend, totally ordered by lifecycle position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendStatus {
     Scheduled,
@@ -93,14 +96,14 @@ impl FromStr for BackendStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TerminationKind {
     Soft,
     Hard,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TerminationReason {
     /// Idle longer than `max_idle_seconds` or past `lifetime_limit_seconds`.
@@ -376,7 +379,7 @@ impl BackendState {
 
 /// Public status of a backend (`/pub/b/:id/status` and each status-stream event); Plane's
 /// `BackendStatusStreamEntry` plus two optional Hangar fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BackendStatusEntry {
     pub status: BackendStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,6 +7,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
 
 /// 32 random bytes, base64url without padding (43 characters).
 pub fn random_token() -> String {
@@ -19,7 +20,7 @@ pub fn random_token() -> String {
 pub const STATIC_TOKEN_PREFIX: &str = "s.";
 
 /// The token in a connection URL `/<token>/…`. Static tokens start with `s.`.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 pub struct ConnectionToken(String);
 
@@ -57,7 +58,7 @@ impl fmt::Debug for ConnectionToken {
 }
 
 /// A per-token secret forwarded to the backend as `x-verified-secret`.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 pub struct SecretToken(String);
 

@@ -5,6 +5,7 @@
 use crate::executable::Executable;
 use crate::names::{ClusterName, WarmPoolName};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Largest accepted `size` of one warm pool.
 pub const MAX_WARM_POOL_SIZE: u32 = 1000;
@@ -14,7 +15,7 @@ pub const MAX_CLAIM_PATH_LEN: usize = 1024;
 
 /// Body of `PUT /ctrl/warm-pools/{name}`: creates the pool or changes it (a new `executable` replaces
 /// the unclaimed backends).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WarmPoolConfig {
     /// Falls back to the controller's default cluster.
@@ -61,7 +62,7 @@ impl WarmPoolConfig {
 }
 
 /// A warm pool as listed by `GET /ctrl/warm-pools` and answered by `PUT`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct WarmPool {
     pub name: WarmPoolName,
     pub cluster: ClusterName,
@@ -79,7 +80,7 @@ pub struct WarmPool {
 }
 
 /// Body of `GET /ctrl/warm-pools`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct WarmPoolList {
     pub pools: Vec<WarmPool>,
 }

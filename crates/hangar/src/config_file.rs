@@ -114,6 +114,11 @@ impl ConfigLayers {
         Err(missing(key, flag, env))
     }
 
+    /// Whether `key` is set by the file, the environment or a flag.
+    pub fn contains(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
     /// Removes a process setting (not a field of the component's config) and returns it: `flag` when
     /// given, else the file's value, else `None`.
     pub fn take<T: DeserializeOwned>(

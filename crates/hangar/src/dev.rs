@@ -239,11 +239,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    tracing::info!(signal = stop_signal, "Shutting down");
-    proxy.shutdown().await;
-    drone.shutdown().await;
-    controller.shutdown().await;
-    store.close().await;
+    crate::shutdown::announce(stop_signal);
+    signals
+        .run_shutdown(|second| async {
+            proxy.shutdown().await;
+            drone.shutdown_cut_short_by(second).await;
+            controller.shutdown().await;
+            store.close().await;
+        })
+        .await;
     say!("Hangar dev stopped.");
     Ok(ExitCode::SUCCESS)
 }

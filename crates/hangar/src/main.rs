@@ -231,6 +231,7 @@ fn parse(args: &[String]) -> Cli {
 }
 
 fn main() -> ExitCode {
+    hangar_types::set_git_hash(env!("HANGAR_GIT_HASH"));
     let args: Vec<String> = std::env::args().collect();
     // Before anything reads the environment, and while this is the only thread.
     let renamed = legacy_env::apply(&args);

@@ -4,7 +4,7 @@
 
 use crate::config_file::{required, ConfigLayers};
 use crate::database::{Database, OpenStore};
-use crate::shutdown::StopSignals;
+use crate::shutdown::{SecondSignal, StopSignals};
 use anyhow::Context;
 use clap::Args;
 use hangar_controller::ControllerConfig;
@@ -152,7 +152,7 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("starting the controller")?;
     tracing::info!(url = %local_url(controller.local_addr())?, "Controller ready");
-    serve_until_signal(signals, async {
+    serve_until_signal(signals, |_| async {
         controller.shutdown().await;
         store.close().await;
     })
@@ -193,14 +193,14 @@ impl NodeArgs {
     }
 }
 
-/// Runs until SIGINT or SIGTERM, then stops the component with `shutdown`.
+/// Runs until SIGINT or SIGTERM, then stops the component with `shutdown`, which may cut its grace
+/// period short on a second signal ([`StopSignals::run_shutdown`]).
 async fn serve_until_signal<F: Future<Output = ()>>(
     mut signals: StopSignals,
-    shutdown: F,
+    shutdown: impl FnOnce(SecondSignal) -> F,
 ) -> anyhow::Result<ExitCode> {
-    let signal = signals.recv().await;
-    tracing::info!(signal, "Shutting down");
-    shutdown.await;
+    crate::shutdown::announce(signals.recv().await);
+    signals.run_shutdown(shutdown).await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -319,7 +319,16 @@ impl DroneArgs {
 }
 
 pub async fn run_drone(args: DroneArgs) -> anyhow::Result<ExitCode> {
-    let config = args.to_config()?;
+    let mut config = args.to_config()?;
+    // A drone restarted without a name comes back under the one its state file keeps, to re-adopt
+    // its backends.
+    let name_given = args.name.is_some() || args.node.layers()?.contains("name");
+    if let (false, Some(state_file)) = (name_given, &config.state_file) {
+        if let Some(kept) = hangar_drone::name_in_state_file(state_file).await? {
+            tracing::info!(drone = %kept, state_file = %state_file.display(), "Using the drone name kept in the state file");
+            config.name = kept;
+        }
+    }
     if let Err(e) = config.validate() {
         if matches!(e, hangar_drone::DroneConfigError::ExecutorUnavailable(_)) {
             anyhow::bail!(
@@ -332,7 +341,7 @@ pub async fn run_drone(args: DroneArgs) -> anyhow::Result<ExitCode> {
     let drone = hangar_drone::start(config)
         .await
         .context("starting the drone")?;
-    serve_until_signal(signals, drone.shutdown()).await
+    serve_until_signal(signals, |second| drone.shutdown_cut_short_by(second)).await
 }
 
 impl ProxyArgs {
@@ -384,7 +393,7 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let proxy = hangar_proxy::start_with_listeners(config, listeners)
         .await
         .context("starting the proxy")?;
-    serve_until_signal(signals, proxy.shutdown()).await
+    serve_until_signal(signals, |_| proxy.shutdown()).await
 }
 
 #[cfg(test)]

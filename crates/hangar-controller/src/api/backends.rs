@@ -13,6 +13,7 @@ use hangar_types::state::BackendStatusEntry;
 use hangar_types::{BackendId, BackendStatus, TerminationKind, TerminationReason};
 
 /// `POST /ctrl/connect`.
+#[utoipa::path(post, path = "/ctrl/connect", tag = "ctrl", request_body = ConnectRequest, responses((status = 200, description = "The backend of the key, created or reused", body = ConnectResponse)))]
 pub async fn connect_post(
     State(state): State<AppState>,
     request: Result<ApiJson<ConnectRequest>, ApiError>,
@@ -29,6 +30,7 @@ pub async fn connect_post(
 }
 
 /// `POST /ctrl/b/{backend}/soft-terminate`. The body is ignored (Plane's client sends `null`).
+#[utoipa::path(post, path = "/ctrl/b/{backend}/soft-terminate", tag = "ctrl", params(("backend" = BackendId, Path, description = "Backend id")), responses((status = 200, description = "Termination queued (JSON null)", body = ())))]
 pub async fn backends_soft_terminate(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,
@@ -37,6 +39,7 @@ pub async fn backends_soft_terminate(
 }
 
 /// `POST /ctrl/b/{backend}/hard-terminate`. The body is ignored.
+#[utoipa::path(post, path = "/ctrl/b/{backend}/hard-terminate", tag = "ctrl", params(("backend" = BackendId, Path, description = "Backend id")), responses((status = 200, description = "Termination queued (JSON null)", body = ())))]
 pub async fn backends_hard_terminate(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,
@@ -67,6 +70,7 @@ async fn terminate(
 /// `POST /ctrl/b/{backend}/prevent-renew` (Plane's `db-cli prevent-renew`): the backend's key lease is
 /// not renewed any more, so its drone terminates it by its key deadlines and the key expires. 404 when
 /// the backend does not exist or holds no key (terminated). The body is ignored.
+#[utoipa::path(post, path = "/ctrl/b/{backend}/prevent-renew", tag = "ctrl", params(("backend" = BackendId, Path, description = "Backend id")), responses((status = 200, description = "Renewals refused from now on (JSON null)", body = ())))]
 pub async fn backends_prevent_renew(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,
@@ -86,6 +90,7 @@ pub async fn backends_prevent_renew(
 /// `POST /ctrl/b/revoke` and `/ctrl/revoke`: deletes a user's tokens for a backend. The store publishes
 /// `StoreEvent::TokensRevoked`, which proxy sessions forward, so proxies forget them (Plane does not,
 /// quirk 2).
+#[utoipa::path(post, path = "/ctrl/b/revoke", tag = "ctrl", request_body = RevokeRequest, responses((status = 200, description = "Tokens revoked", body = String)))]
 pub async fn tokens_revoke(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<RevokeRequest>,
@@ -100,6 +105,7 @@ pub async fn tokens_revoke(
 }
 
 /// `GET /pub/b/{backend}/status`.
+#[utoipa::path(get, path = "/pub/b/{backend}/status", tag = "pub", params(("backend" = BackendId, Path, description = "Backend id")), responses((status = 200, description = "Current status", body = BackendStatusEntry)))]
 pub async fn backends_status(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,
@@ -115,6 +121,7 @@ pub async fn backends_status(
 
 /// `GET /pub/b/{backend}/status-stream` (Server-Sent Events). `Last-Event-ID` resumes after a status;
 /// an unparseable value is ignored, as in Plane.
+#[utoipa::path(get, path = "/pub/b/{backend}/status-stream", tag = "pub", params(("backend" = BackendId, Path, description = "Backend id"), ("last-event-id" = Option<String>, Header, description = "Resume after this event")), responses((status = 200, description = "Server-Sent Events, one status entry each", content_type = "text/event-stream", body = BackendStatusEntry)))]
 pub async fn backends_status_stream(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,

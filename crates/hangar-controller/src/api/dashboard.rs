@@ -11,7 +11,7 @@ use crate::error::ApiError;
 use crate::metrics::BackendSample;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderValue};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
 use hangar_store::BackendRow;
 use hangar_types::api::{ClusterDroneState, NodeState};
@@ -35,7 +35,7 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
      connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// The answer of `GET /ctrl/dashboard/state`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DashboardState {
     /// Store time of the snapshot, milliseconds since the Unix epoch.
     pub time: i64,
@@ -49,14 +49,14 @@ pub struct DashboardState {
 }
 
 /// A cluster with the drones and proxies attached to some controller (as `GET /ctrl/c/{cluster}/state`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DashboardCluster {
     pub name: ClusterName,
     pub drones: Vec<ClusterDroneState>,
     pub proxies: Vec<NodeState>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DashboardBackend {
     pub id: BackendId,
     pub cluster: ClusterName,
@@ -73,7 +73,7 @@ pub struct DashboardBackend {
     pub metrics: Option<DashboardSample>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DashboardSample {
     /// Bytes.
     pub mem_used: u64,
@@ -155,6 +155,7 @@ fn backend_entry(state: &AppState, row: BackendRow) -> DashboardBackend {
 }
 
 /// `GET /ctrl/dashboard/state[?limit=N][&status=S]`.
+#[utoipa::path(get, path = "/ctrl/dashboard/state", tag = "ctrl", params(("limit" = Option<u32>, Query, description = "Most backends listed (default 200, at most 1000)"), ("status" = Option<BackendStatus>, Query, description = "Only backends in this status")), responses((status = 200, description = "Clusters and recent backends", body = DashboardState)))]
 pub async fn dashboard_state_get(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
@@ -219,6 +220,11 @@ fn static_asset(content_type: &'static str, body: &'static str) -> Response {
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+/// `GET /`: the controller's front door leads to the dashboard.
+pub async fn root_get() -> Redirect {
+    Redirect::to("/dashboard")
 }
 
 /// `GET /dashboard`: the page (public; the data it shows comes from the `/ctrl` route above).

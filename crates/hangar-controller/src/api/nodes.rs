@@ -19,6 +19,7 @@ fn parse_cluster(raw: &str) -> Result<ClusterName, ApiError> {
 
 /// `GET /ctrl/c/{cluster}/state[?all=true]`: the nodes attached to a controller; with `all=true`
 /// (a Hangar extension), also the detached ones (`controller: null`).
+#[utoipa::path(get, path = "/ctrl/c/{cluster}/state", tag = "ctrl", params(("cluster" = ClusterName, Path, description = "Cluster"), ("all" = Option<bool>, Query, description = "Also list detached nodes")), responses((status = 200, description = "Drones and proxies of the cluster", body = ClusterState)))]
 pub async fn cluster_state_get(
     State(state): State<AppState>,
     ApiPath(cluster): ApiPath<String>,
@@ -62,6 +63,7 @@ fn parse_drone(raw: &str) -> Result<DroneName, ApiError> {
 }
 
 /// `POST /ctrl/c/{cluster}/d/{drone}/drain`.
+#[utoipa::path(post, path = "/ctrl/c/{cluster}/d/{drone}/drain", tag = "ctrl", params(("cluster" = ClusterName, Path, description = "Cluster"), ("drone" = DroneName, Path, description = "Drone")), responses((status = 200, description = "Drain recorded", body = DrainResult)))]
 pub async fn drones_drain(
     State(state): State<AppState>,
     ApiPath((cluster, drone)): ApiPath<(String, String)>,
@@ -83,6 +85,7 @@ pub async fn drones_drain(
 /// `POST /ctrl/c/{cluster}/d/{drone}/mark-lost` (Plane's `db-cli mark-backend-lost --drone`): records
 /// every backend of the drone that is not terminated as terminated with reason `lost`, releasing their
 /// keys at once (see [`lost::mark_drone_lost`]). The body is ignored.
+#[utoipa::path(post, path = "/ctrl/c/{cluster}/d/{drone}/mark-lost", tag = "ctrl", params(("cluster" = ClusterName, Path, description = "Cluster"), ("drone" = DroneName, Path, description = "Drone")), responses((status = 200, description = "Backends recorded as lost", body = MarkLostResult)))]
 pub async fn drones_mark_lost(
     State(state): State<AppState>,
     ApiPath((cluster, drone)): ApiPath<(String, String)>,
@@ -97,6 +100,7 @@ pub async fn drones_mark_lost(
 }
 
 /// `GET /ctrl/c/{cluster}/drone-socket`: the cluster is validated before the upgrade.
+#[utoipa::path(get, path = "/ctrl/c/{cluster}/drone-socket", tag = "nodes", params(("cluster" = ClusterName, Path, description = "Cluster")), responses((status = 101, description = "WebSocket session of a drone (JSON messages)")))]
 pub async fn drone_socket(
     State(state): State<AppState>,
     ApiPath(cluster): ApiPath<String>,
@@ -111,6 +115,7 @@ pub async fn drone_socket(
 }
 
 /// `GET /ctrl/c/{cluster}/proxy-socket`: the cluster is validated before the upgrade.
+#[utoipa::path(get, path = "/ctrl/c/{cluster}/proxy-socket", tag = "nodes", params(("cluster" = ClusterName, Path, description = "Cluster")), responses((status = 101, description = "WebSocket session of a proxy (JSON messages)")))]
 pub async fn proxy_socket(
     State(state): State<AppState>,
     ApiPath(cluster): ApiPath<String>,
@@ -125,6 +130,7 @@ pub async fn proxy_socket(
 }
 
 /// `GET /ctrl/dns-socket`: an ACME DNS responder's session (no cluster: it serves every cluster).
+#[utoipa::path(get, path = "/ctrl/dns-socket", tag = "nodes", responses((status = 101, description = "WebSocket session of an ACME DNS responder (JSON messages)")))]
 pub async fn dns_socket(
     State(state): State<AppState>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,

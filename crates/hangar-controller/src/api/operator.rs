@@ -24,6 +24,7 @@ const EVENTS_BUFFER: usize = 64;
 
 /// `GET /ctrl/c/{cluster}/d/{drone}/termination-candidates`: the backends the sweeper would
 /// terminate now, with the limit each one passed (404 for an unknown drone).
+#[utoipa::path(get, path = "/ctrl/c/{cluster}/d/{drone}/termination-candidates", tag = "ctrl", params(("cluster" = ClusterName, Path, description = "Cluster"), ("drone" = DroneName, Path, description = "Drone")), responses((status = 200, description = "Backends the sweeper would terminate now", body = TerminationCandidates)))]
 pub async fn termination_candidates_get(
     State(state): State<AppState>,
     ApiPath((cluster, drone)): ApiPath<(String, String)>,
@@ -79,6 +80,7 @@ pub async fn termination_candidates_get(
 /// `GET /ctrl/events`: every event of the store's bus from now on (all controllers sharing a
 /// PostgreSQL store), as Server-Sent Events whose data is a [`BusEvent`]. Private keys and secrets
 /// (certificate keys, challenge answers, revoked tokens) are left out of the payloads.
+#[utoipa::path(get, path = "/ctrl/events", tag = "ctrl", responses((status = 200, description = "Server-Sent Events of the controllers' event bus", content_type = "text/event-stream", body = BusEvent)))]
 pub async fn events_get(
     State(state): State<AppState>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {

@@ -6,13 +6,8 @@ use axum::extract::State;
 use axum::Json;
 use hangar_types::api::{HealthResponse, StatusResponse};
 
-/// Git hash baked in by the build, when the build provides one.
-const GIT_HASH: &str = match option_env!("HANGAR_GIT_HASH") {
-    Some(hash) => hash,
-    None => "unknown",
-};
-
 /// `GET /ctrl/status`: store round trip, version and hash.
+#[utoipa::path(get, path = "/ctrl/status", tag = "ctrl", responses((status = 200, description = "The store answers", body = StatusResponse)))]
 pub async fn status_get(State(state): State<AppState>) -> Result<Json<StatusResponse>, ApiError> {
     state
         .store
@@ -22,11 +17,12 @@ pub async fn status_get(State(state): State<AppState>) -> Result<Json<StatusResp
     Ok(Json(StatusResponse {
         status: "ok".into(),
         version: hangar_types::VERSION.into(),
-        hash: GIT_HASH.into(),
+        hash: hangar_types::git_hash().into(),
     }))
 }
 
 /// `GET /pub/health`: store round trip.
+#[utoipa::path(get, path = "/pub/health", tag = "pub", responses((status = 200, description = "The store answers", body = HealthResponse)))]
 pub async fn health_get(State(state): State<AppState>) -> Result<Json<HealthResponse>, ApiError> {
     state
         .store

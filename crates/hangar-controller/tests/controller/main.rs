@@ -13,6 +13,7 @@ mod listener;
 mod lost_drones;
 mod metrics;
 mod multi_controller;
+mod openapi;
 mod operator;
 mod proxy_sessions;
 mod status_stream;

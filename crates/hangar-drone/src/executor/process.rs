@@ -4,7 +4,8 @@
 //! Each backend gets a free port in `PORT` and the backend-contract variables, runs in its own process
 //! group (signals go to the whole group, and the group is killed once the main process exits, so no
 //! grandchild outlives its backend), and has its stdout/stderr logged at debug level and kept (last
-//! [`LOG_LINES`] lines). Child processes cannot be re-adopted by a restarted drone: `reattach` kills
+//! [`LOG_LINES`] lines). A backend dies with the drone process however it ends, SIGKILL included
+//! ([`spawner`]: the parent-death signal). Child processes cannot be re-adopted by a restarted drone: `reattach` kills
 //! what is left (when the recorded pid still names the same process) and reports the backend gone.
 //! Variables starting with `HANGAR_` (which may carry drone credentials) are not passed on.
 
@@ -28,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use super::log_lines::LOG_LINES;
+
+mod spawner;
 
 pub struct ProcessExecutor {
     ip: IpAddr,
@@ -101,10 +104,12 @@ impl Executor for ProcessExecutor {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|source| ExecutorError::Spawn {
-            program: exe.command.first().cloned().unwrap_or_default(),
-            source,
-        })?;
+        let mut child = spawner::spawn(command)
+            .await
+            .map_err(|source| ExecutorError::Spawn {
+                program: exe.command.first().cloned().unwrap_or_default(),
+                source,
+            })?;
         let Some(pid) = child.id() else {
             // Only possible when the child was already reaped, which `spawn` never does.
             return Err(ExecutorError::Spawn {

@@ -29,8 +29,9 @@ pub(super) enum Command {
     },
     /// The controller's answer to `RenewKey` (`None`: refused).
     Renewed(Option<KeyDeadlines>),
-    /// The drone is shutting down.
-    DroneShutdown,
+    /// The drone is shutting down: backends that cannot outlive it are terminated this way (hard
+    /// once an operator asked to skip the grace period).
+    DroneShutdown(TerminationKind),
 }
 
 /// What an interruption of the current step asks for.
@@ -270,12 +271,12 @@ impl BackendTask {
                 self.key.refused();
                 Interrupt::Nothing
             }
-            Some(Command::DroneShutdown) if !outlives => {
-                self.request_termination(TerminationKind::Soft, TerminationReason::Lost)
+            Some(Command::DroneShutdown(kind)) if !outlives => {
+                self.request_termination(kind, TerminationReason::Lost)
                     .await
             }
             // The supervisors are gone or the backend outlives the drone.
-            Some(Command::DroneShutdown) | None => Interrupt::Detach,
+            Some(Command::DroneShutdown(_)) | None => Interrupt::Detach,
         }
     }
 

@@ -1,11 +1,12 @@
 //! Read-only listings for the controller's dashboard and `hangar list`. Each is one bounded query on an
 //! index.
 
-use super::rows::{backend_row, parsed, BACKEND_COLUMNS};
+use super::rows::{backend_row, parse, parsed, BACKEND_COLUMNS};
 use super::S;
-use crate::model::{BackendFilter, BackendRow};
+use crate::model::{BackendCount, BackendFilter, BackendRow};
 use crate::StoreResult;
 use hangar_types::{BackendStatus, ClusterName};
+use sqlx::Row;
 
 pub(super) async fn active_clusters(s: &S, limit: u32) -> StoreResult<Vec<ClusterName>> {
     let rows = sqlx::query(
@@ -73,4 +74,24 @@ pub(super) async fn list_backends(s: &S, filter: &BackendFilter) -> StoreResult<
         .fetch_all(&s.reader)
         .await?;
     rows.iter().map(backend_row).collect()
+}
+
+/// Live (not terminated) backends counted by cluster and status, on the partial index of live
+/// backends (`backend_drone_live`, migration 0001): its cost follows the live backends only.
+pub(super) async fn live_backend_counts(s: &S) -> StoreResult<Vec<BackendCount>> {
+    let rows = sqlx::query(
+        "SELECT cluster, last_status, COUNT(*) AS n FROM backend WHERE last_status_number < 70 \
+         GROUP BY cluster, last_status ORDER BY cluster, last_status",
+    )
+    .fetch_all(&s.reader)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(BackendCount {
+                cluster: parsed(row, "cluster", "cluster name")?,
+                status: parse("backend status", &row.try_get::<String, _>("last_status")?)?,
+                count: row.try_get("n")?,
+            })
+        })
+        .collect()
 }

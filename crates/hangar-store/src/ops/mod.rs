@@ -149,6 +149,7 @@ impl_store! {
     warm_pools::unclaimed_backends() -> Vec<UnclaimedBackend>;
     warm_pools::insert_warm_backend(new: NewWarmBackend) -> WarmInsert;
     warm_pools::claim_warm_backend(claim: WarmClaim) -> WarmClaimOutcome;
+    dashboard::live_backend_counts() -> Vec<BackendCount>;
 }
 
 /// The store clock and a health probe.
