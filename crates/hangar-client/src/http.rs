@@ -264,6 +264,46 @@ impl ControllerClient {
         self.get("/ctrl/status").await
     }
 
+    /// Opens `GET /ctrl/b/{backend}/logs` (JSON lines of [`hangar_types::logs::LogLine`]); the
+    /// caller reads the body as a stream. `since`: milliseconds since the epoch or a duration such as
+    /// `10m`.
+    pub async fn backend_logs(
+        &self,
+        backend: &BackendId,
+        since: Option<&str>,
+        tail: Option<u32>,
+        follow: bool,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut query = vec![("follow", follow.to_string())];
+        if let Some(since) = since {
+            query.push(("since", since.to_string()));
+        }
+        if let Some(tail) = tail {
+            query.push(("tail", tail.to_string()));
+        }
+        let resp = self
+            .request(reqwest::Method::GET, &format!("/ctrl/b/{backend}/logs"))?
+            .query(&query)
+            .send()
+            .await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(Self::decode::<serde_json::Value>(resp)
+            .await
+            .err()
+            .unwrap_or(ClientError::Handshake("unexpected success".into())))
+    }
+
+    /// `GET /ctrl/b/{backend}/events`: the backend's state history and, when it failed, its last
+    /// stderr lines.
+    pub async fn backend_events(
+        &self,
+        backend: &BackendId,
+    ) -> Result<hangar_types::logs::BackendEvents, ClientError> {
+        self.get(&format!("/ctrl/b/{backend}/events")).await
+    }
+
     pub async fn health(&self) -> Result<HealthResponse, ClientError> {
         self.get("/pub/health").await
     }

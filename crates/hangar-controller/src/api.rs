@@ -9,6 +9,7 @@ mod backends;
 mod dashboard;
 mod extract;
 pub mod forward_auth;
+mod logs;
 mod nodes;
 mod operator;
 mod system;
@@ -31,6 +32,7 @@ use tower_http::cors::{Any, CorsLayer};
 use url::Url;
 
 pub use extract::{ApiJson, ApiPath};
+pub(crate) use logs::unreachable_message as logs_unreachable_message;
 
 /// Everything handlers and node sessions share. Cheap to clone.
 #[derive(Clone)]
@@ -51,6 +53,8 @@ pub struct AppState {
     pub(crate) forward_auth: Option<Arc<forward_auth::ForwardAuth>>,
     /// Executor errors reported by the drones attached here (memory only).
     pub(crate) executor_errors: ExecutorErrors,
+    /// Drones with a session here, for relaying log reads.
+    pub(crate) drone_links: crate::log_relay::DroneLinks,
 }
 
 impl AppState {
@@ -77,6 +81,7 @@ impl AppState {
             prometheus: Arc::new(ControllerMetrics::new()),
             forward_auth,
             executor_errors: ExecutorErrors::default(),
+            drone_links: Default::default(),
         })
     }
 
@@ -137,6 +142,8 @@ pub fn router(state: AppState) -> Router {
             get(operator::termination_candidates_get),
         )
         .route("/ctrl/events", get(operator::events_get))
+        .route("/ctrl/b/{backend}/logs", get(logs::backend_logs_get))
+        .route("/ctrl/b/{backend}/events", get(logs::backend_events_get))
         .route("/ctrl/dns-socket", get(nodes::dns_socket))
         .route("/ctrl/c/{cluster}/drone-socket", get(nodes::drone_socket))
         .route("/ctrl/c/{cluster}/proxy-socket", get(nodes::proxy_socket))

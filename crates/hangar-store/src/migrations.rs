@@ -37,6 +37,7 @@ pub(crate) const MIGRATIONS: &[Step] = &[
     step!("0002_backend_connection"),
     step!("0003_tls"),
     step!("0004_recent_backends"),
+    step!("0006_controller_url"),
 ];
 
 /// Which of a step's two texts a database runs.

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod cluster;
 pub mod connect;
 pub mod inspect;
+pub mod logs;
 pub mod operator;
 
 use anyhow::Context;

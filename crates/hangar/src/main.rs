@@ -63,6 +63,8 @@ enum Command {
     Connect(cli::connect::ConnectArgs),
     /// Print the status of a backend (or follow it with --follow).
     Status(cli::backend::StatusArgs),
+    /// Print a backend's output (stdout and stderr, as kept by its drone); -f to follow it.
+    Logs(cli::logs::LogsArgs),
     /// Terminate a backend (SIGTERM then SIGKILL after a grace period; --hard for SIGKILL now).
     Terminate(cli::backend::TerminateArgs),
     /// Revoke the connection tokens a user holds for a backend.
@@ -101,6 +103,7 @@ impl Command {
             | Command::Dns(_) => true,
             Command::Connect(_)
             | Command::Status(_)
+            | Command::Logs(_)
             | Command::Terminate(_)
             | Command::Revoke(_)
             | Command::ClusterState(_)
@@ -166,6 +169,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => {
             cli::backend::status(&cli::client(&cli.controller)?, args, out).await
         }
+        Command::Logs(args) => cli::logs::run(&cli::client(&cli.controller)?, args, out).await,
         Command::Terminate(args) => {
             cli::backend::terminate(&cli::client(&cli.controller)?, args, out).await
         }

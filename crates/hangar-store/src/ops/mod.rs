@@ -30,6 +30,7 @@ macro_rules! sql {
 mod actions;
 mod backends;
 mod cleanup;
+mod controllers;
 mod dashboard;
 mod lost;
 mod nodes;
@@ -137,6 +138,10 @@ impl_store! {
     tls::certificate(cluster: &ClusterName) -> Option<StoredCertificate>;
     dashboard::active_clusters(limit: u32) -> Vec<ClusterName>;
     dashboard::recent_backends(status: Option<BackendStatus>, limit: u32) -> Vec<BackendRow>;
+    controllers::set_controller_url(controller: &ControllerName, url: &str) -> ();
+    controllers::drone_controller(
+        cluster: &ClusterName, drone: &DroneName
+    ) -> Option<DroneController>;
 }
 
 /// The store clock and a health probe.

@@ -55,6 +55,9 @@ pub async fn status(
             out.json_line(&entry)?;
         } else {
             say!("Status: {}", describe_status(&entry));
+            if entry.status == BackendStatus::Terminated {
+                super::logs::print_error_lines(client, &args.backend).await;
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }
