@@ -248,10 +248,7 @@ impl LogStore {
     /// drone is over its total (never a live backend's current segment).
     fn enforce_caps(&self, state: &mut State, backend: &BackendId) {
         let limits = &self.inner.limits;
-        loop {
-            let Some(log) = state.backends.get(backend) else {
-                break;
-            };
+        while let Some(log) = state.backends.get(backend) {
             let bytes: u64 = log.segments.iter().map(|s| s.bytes).sum();
             if bytes <= limits.backend_bytes || log.segments.len() <= 1 {
                 break;
@@ -559,8 +556,7 @@ fn count_lines(path: &Path) -> u64 {
     let Ok(file) = File::open(path) else { return 0 };
     let mut reader = BufReader::new(file);
     let mut count = 0;
-    loop {
-        let Ok(buf) = reader.fill_buf() else { break };
+    while let Ok(buf) = reader.fill_buf() {
         if buf.is_empty() {
             break;
         }
