@@ -246,11 +246,17 @@ impl ControllerClient {
     /// Opens `GET /ctrl/events` (Server-Sent Events of [`hangar_types::api::BusEvent`]s); the caller
     /// reads the body as a stream.
     pub async fn events(&self) -> Result<reqwest::Response, ClientError> {
-        let resp = self
+        let request = self
             .request(reqwest::Method::GET, "/ctrl/events")?
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .send()
-            .await?;
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        Self::open_stream(request).await
+    }
+
+    /// Sends `request` and returns the response to read as a stream, or the API error.
+    async fn open_stream(
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = request.send().await?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -281,18 +287,10 @@ impl ControllerClient {
         if let Some(tail) = tail {
             query.push(("tail", tail.to_string()));
         }
-        let resp = self
+        let request = self
             .request(reqwest::Method::GET, &format!("/ctrl/b/{backend}/logs"))?
-            .query(&query)
-            .send()
-            .await?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        Err(Self::decode::<serde_json::Value>(resp)
-            .await
-            .err()
-            .unwrap_or(ClientError::Handshake("unexpected success".into())))
+            .query(&query);
+        Self::open_stream(request).await
     }
 
     /// `GET /ctrl/b/{backend}/events`: the backend's state history and, when it failed, its last
