@@ -161,7 +161,11 @@ impl FakeDrone {
                     });
                 }
             }
-            ControllerToDrone::RenewKeyResponse { .. } => {}
+            // Simulated backends print nothing, and no scenario reads their logs.
+            ControllerToDrone::RenewKeyResponse { .. }
+            | ControllerToDrone::LogRequest { .. }
+            | ControllerToDrone::LogCredit { .. }
+            | ControllerToDrone::LogCancel { .. } => {}
         }
         Ok(())
     }

@@ -331,11 +331,17 @@ impl ControllerClient {
     /// Opens `GET /ctrl/events` (Server-Sent Events of [`hangar_types::api::BusEvent`]s); the caller
     /// reads the body as a stream.
     pub async fn events(&self) -> Result<reqwest::Response, ClientError> {
-        let resp = self
+        let request = self
             .request(reqwest::Method::GET, "/ctrl/events")?
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .send()
-            .await?;
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        Self::open_stream(request).await
+    }
+
+    /// Sends `request` and returns the response to read as a stream, or the API error.
+    async fn open_stream(
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = request.send().await?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -347,6 +353,38 @@ impl ControllerClient {
 
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {
         self.get("/ctrl/status").await
+    }
+
+    /// Opens `GET /ctrl/b/{backend}/logs` (JSON lines of [`hangar_types::logs::LogLine`]); the
+    /// caller reads the body as a stream. `since`: milliseconds since the epoch or a duration such as
+    /// `10m`.
+    pub async fn backend_logs(
+        &self,
+        backend: &BackendId,
+        since: Option<&str>,
+        tail: Option<u32>,
+        follow: bool,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut query = vec![("follow", follow.to_string())];
+        if let Some(since) = since {
+            query.push(("since", since.to_string()));
+        }
+        if let Some(tail) = tail {
+            query.push(("tail", tail.to_string()));
+        }
+        let request = self
+            .request(reqwest::Method::GET, &format!("/ctrl/b/{backend}/logs"))?
+            .query(&query);
+        Self::open_stream(request).await
+    }
+
+    /// `GET /ctrl/b/{backend}/events`: the backend's state history and, when it failed, its last
+    /// stderr lines.
+    pub async fn backend_events(
+        &self,
+        backend: &BackendId,
+    ) -> Result<hangar_types::logs::BackendEvents, ClientError> {
+        self.get(&format!("/ctrl/b/{backend}/events")).await
     }
 
     pub async fn health(&self) -> Result<HealthResponse, ClientError> {

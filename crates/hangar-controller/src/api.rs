@@ -12,6 +12,7 @@ mod backends;
 mod dashboard;
 mod extract;
 pub mod forward_auth;
+mod logs;
 mod nodes;
 mod openapi;
 mod operator;
@@ -36,6 +37,7 @@ use tower_http::cors::{Any, CorsLayer};
 use url::Url;
 
 pub use extract::{ApiJson, ApiPath};
+pub(crate) use logs::unreachable_message as logs_unreachable_message;
 
 /// Everything handlers and node sessions share. Cheap to clone.
 #[derive(Clone)]
@@ -58,6 +60,8 @@ pub struct AppState {
     pub(crate) executor_errors: ExecutorErrors,
     /// The warm pools as last read, and the fill loop's wake-up.
     pub(crate) warm: crate::warm_pool::WarmPools,
+    /// Drones with a session here, for relaying log reads.
+    pub(crate) drone_links: crate::log_relay::DroneLinks,
 }
 
 impl AppState {
@@ -85,6 +89,7 @@ impl AppState {
             forward_auth,
             executor_errors: ExecutorErrors::default(),
             warm: Default::default(),
+            drone_links: Default::default(),
         })
     }
 
@@ -155,6 +160,8 @@ pub fn router(state: AppState) -> Router {
                 .put(warm_pools::warm_pools_put)
                 .delete(warm_pools::warm_pools_delete),
         )
+        .route("/ctrl/b/{backend}/logs", get(logs::backend_logs_get))
+        .route("/ctrl/b/{backend}/events", get(logs::backend_events_get))
         .route("/ctrl/dns-socket", get(nodes::dns_socket))
         .route("/ctrl/c/{cluster}/drone-socket", get(nodes::drone_socket))
         .route("/ctrl/c/{cluster}/proxy-socket", get(nodes::proxy_socket))

@@ -38,6 +38,11 @@ pub struct ControllerConfig {
     /// Public base URL of this controller, used to build `status_url` in connect responses (any path,
     /// query or user info in it is replaced). Default: `http://<listener local address>`.
     pub controller_url: Option<Url>,
+    /// Where the other controllers sharing this store reach this instance directly (not through a
+    /// load balancer), e.g. `http://10.0.0.5:8080`; a request for the logs of a backend whose drone
+    /// is connected here is forwarded to it. Default: `http://<listener local address>` (enough when
+    /// every controller runs on one machine or listens on a specific address).
+    pub internal_url: Option<Url>,
     /// Cluster used by connect requests whose `spawn_config.cluster` is absent. Default: none (such
     /// requests get 400 `NoClusterProvided`).
     pub default_cluster: Option<ClusterName>,
@@ -117,6 +122,7 @@ impl Default for ControllerConfig {
         ControllerConfig {
             name: ControllerName::random(),
             controller_url: None,
+            internal_url: None,
             default_cluster: None,
             best_of: DEFAULT_BEST_OF,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -143,6 +149,10 @@ impl std::fmt::Debug for ControllerConfig {
             .field(
                 "controller_url",
                 &self.controller_url.as_ref().map(Url::as_str),
+            )
+            .field(
+                "internal_url",
+                &self.internal_url.as_ref().map(redacted_url),
             )
             .field("default_cluster", &self.default_cluster)
             .field("best_of", &self.best_of)
@@ -247,7 +257,10 @@ impl ControllerConfig {
             return Err(ConfigError::ForwardAuthCaCertWithoutUrl);
         }
         self.validate_listener()?;
-        if let Some(url) = &self.controller_url {
+        for url in [&self.controller_url, &self.internal_url]
+            .into_iter()
+            .flatten()
+        {
             if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
                 return Err(ConfigError::InvalidControllerUrl(url.to_string()));
             }

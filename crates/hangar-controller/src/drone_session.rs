@@ -12,6 +12,7 @@
 
 use crate::api::AppState;
 use crate::executor_errors::ExecutorErrors;
+use crate::log_relay::{DroneLink, LogChunk};
 use crate::metrics::{BackendSample, LatestMetrics};
 use crate::node_socket::{self, NodeSender, SessionClosed};
 use crate::prometheus::{ControllerMetrics, NodeKind};
@@ -111,6 +112,9 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
         let cancel = state.cancel.child_token();
         let (sink, stream) = socket.split();
         let (sender, rx) = node_socket::outbound();
+        let link = state
+            .drone_links
+            .attach(&cluster, &name, session, sender.clone());
         let drone = DroneSession {
             prometheus: state.prometheus.clone(),
             store: state.store.clone(),
@@ -122,6 +126,7 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
             node,
             name: name.clone(),
             sender,
+            link,
             cancel: cancel.clone(),
         };
         tokio::join!(
@@ -152,6 +157,8 @@ struct DroneSession {
     node: NodeId,
     name: DroneName,
     sender: NodeSender<ControllerToDrone>,
+    /// Log reads relayed to this drone.
+    link: DroneLink,
     /// The session's token: every loop stops when it fires, and any loop that ends fires it.
     cancel: CancellationToken,
 }
@@ -236,6 +243,12 @@ impl DroneSession {
                 }
                 let errors = &self.executor_errors;
                 errors.report(&self.cluster, &self.name, self.session, error);
+            }
+            DroneToController::LogLines { request_id, lines } => {
+                self.link.deliver(request_id, LogChunk::Lines(lines));
+            }
+            DroneToController::LogEnd { request_id, reason } => {
+                self.link.deliver(request_id, LogChunk::End(reason));
             }
             DroneToController::AckAction { action_id } => {
                 if let Err(e) = self.store.ack_action(self.node, &action_id).await {

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// The forward-auth service gave no usable answer (502, or 504 when it was too slow).
     #[error(transparent)]
     ForwardAuth(#[from] ForwardAuthError),
+    /// The backend's drone is connected to no controller (503, with the backend's last known status).
+    #[error("{}", crate::api::logs_unreachable_message(*.status))]
+    DroneUnreachable { status: hangar_types::BackendStatus },
     /// A store failure; `message` is what the client sees ("Database error").
     #[error("{message}")]
     Store {
@@ -70,6 +73,10 @@ impl ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, ApiErrorKind::Unauthorized),
             ApiError::Connect(e) => connect_status_and_kind(e),
             ApiError::ForwardAuth(e) => (e.status(), ApiErrorKind::Other),
+            ApiError::DroneUnreachable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ApiErrorKind::DroneUnreachable,
+            ),
             ApiError::Store { .. } => (StatusCode::INTERNAL_SERVER_ERROR, ApiErrorKind::Other),
         }
     }

@@ -19,6 +19,7 @@ pub mod drone_session;
 pub mod error;
 pub mod executor_errors;
 mod listener;
+pub mod log_relay;
 pub mod lost;
 mod maintenance;
 pub mod metrics;
@@ -92,6 +93,15 @@ pub async fn start(
         .await
         .context("recording the controller's first heartbeat")?;
 
+    let internal_url = match &state.config.internal_url {
+        Some(url) => url.to_string(),
+        None => format!("http://{local_addr}/"),
+    };
+    state
+        .store
+        .set_controller_url(&name, &internal_url)
+        .await
+        .context("recording the controller's internal URL")?;
     state.tracker.spawn(maintenance::run_controller_heartbeat(
         state.store.clone(),
         name.clone(),

@@ -139,6 +139,14 @@ impl<T: Serialize> NodeSender<T> {
             None => Ok(()),
         }
     }
+
+    /// Queues `msg` without waiting; fails when the socket's queue is full or the session is gone.
+    pub fn try_send(&self, msg: &T) -> Result<(), SessionClosed> {
+        match encode(msg) {
+            Some(text) => self.tx.try_send(text).map_err(|_| SessionClosed),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A node session's outbound queue and the receiving end for [`run_socket_writer`].

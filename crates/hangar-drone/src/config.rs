@@ -76,6 +76,22 @@ pub struct DroneConfig {
     /// 30000 (Plane's give-up time).
     #[serde(default = "default_executor_socket_give_up", with = "duration_ms")]
     pub executor_socket_give_up: Duration,
+    /// Directory of the backends' kept output lines (the log store). Default: `<state_file>.logs`
+    /// beside the state file; without a state file, a temporary directory removed when the drone
+    /// stops.
+    #[serde(default)]
+    pub log_dir: Option<PathBuf>,
+    /// Most bytes of output kept per backend (oldest lines dropped first), in bytes. Default:
+    /// 8388608 (8 MiB).
+    #[serde(default = "default_log_backend_bytes")]
+    pub log_backend_bytes: u64,
+    /// Most bytes of output kept for all backends together (oldest dropped first), in bytes. At
+    /// least `log_backend_bytes`. Default: 1073741824 (1 GiB).
+    #[serde(default = "default_log_total_bytes")]
+    pub log_total_bytes: u64,
+    /// How long a backend's output is kept after it ended, in milliseconds. Default: 86400000 (24 h).
+    #[serde(default = "default_log_retention", with = "duration_ms")]
+    pub log_retention: Duration,
 }
 
 /// Docker's log configuration of a container (`HostConfig.LogConfig`).
@@ -108,6 +124,18 @@ fn default_readiness_timeout() -> Duration {
 
 fn default_executor_socket_give_up() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_log_backend_bytes() -> u64 {
+    8 * 1024 * 1024
+}
+
+fn default_log_total_bytes() -> u64 {
+    1024 * 1024 * 1024
+}
+
+fn default_log_retention() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 fn default_cleanup_min_age() -> Duration {
@@ -148,6 +176,31 @@ impl DroneConfig {
             metrics_addr: None,
             executor_socket: None,
             executor_socket_give_up: default_executor_socket_give_up(),
+            log_dir: None,
+            log_backend_bytes: default_log_backend_bytes(),
+            log_total_bytes: default_log_total_bytes(),
+            log_retention: default_log_retention(),
+        }
+    }
+
+    /// Where the log store lives: `log_dir`, else `<state_file>.logs`; `None` means a temporary
+    /// directory.
+    pub fn log_dir(&self) -> Option<PathBuf> {
+        self.log_dir.clone().or_else(|| {
+            self.state_file.as_ref().map(|state| {
+                let mut dir = state.clone().into_os_string();
+                dir.push(".logs");
+                PathBuf::from(dir)
+            })
+        })
+    }
+
+    /// The log store's limits.
+    pub fn log_limits(&self) -> crate::log_store::LogLimits {
+        crate::log_store::LogLimits {
+            backend_bytes: self.log_backend_bytes,
+            total_bytes: self.log_total_bytes,
+            retention: self.log_retention,
         }
     }
 
@@ -194,6 +247,9 @@ impl DroneConfig {
             return Err(DroneConfigError::EmptyDockerRuntime);
         }
         self.log_config()?;
+        if self.log_backend_bytes == 0 || self.log_total_bytes < self.log_backend_bytes {
+            return Err(DroneConfigError::InvalidLogCaps);
+        }
         Ok(())
     }
 
@@ -252,6 +308,8 @@ pub enum DroneConfigError {
         "invalid `docker_log_config` (expected {{\"Type\": \"<driver>\", \"Config\": {{…}}}}): {0}"
     )]
     InvalidLogConfig(String),
+    #[error("`log_backend_bytes` must be more than zero and at most `log_total_bytes`")]
+    InvalidLogCaps,
 }
 
 /// The URL with its user info (a bearer token) hidden.
@@ -284,6 +342,10 @@ impl std::fmt::Debug for DroneConfig {
             .field("metrics_addr", &self.metrics_addr)
             .field("executor_socket", &self.executor_socket)
             .field("executor_socket_give_up", &self.executor_socket_give_up)
+            .field("log_dir", &self.log_dir)
+            .field("log_backend_bytes", &self.log_backend_bytes)
+            .field("log_total_bytes", &self.log_total_bytes)
+            .field("log_retention", &self.log_retention)
             .finish()
     }
 }

@@ -12,6 +12,8 @@
 pub mod config;
 pub mod executor;
 mod key_manager;
+mod log_requests;
+pub mod log_store;
 mod outbox;
 mod prometheus;
 mod readiness;
@@ -26,6 +28,7 @@ use hangar_client::ControllerClient;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{DroneToController, Hello, NodeHello};
 use hangar_types::{BackendId, DroneName, PROTOCOL_VERSION, VERSION};
+use log_store::LogStore;
 use outbox::Outbox;
 use prometheus::{DroneMetrics, MetricsSource};
 use session::Session;
@@ -54,6 +57,8 @@ const METRICS_CAPACITY: usize = 256;
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 /// At shutdown, how long backends may take to stop beyond the soft-terminate grace period.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+/// How often the log store deletes the lines of backends past their retention.
+const LOG_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A running drone.
 pub struct DroneHandle {
@@ -69,6 +74,9 @@ pub struct DroneHandle {
     reconnect: watch::Sender<u64>,
     soft_terminate_grace: Duration,
     metrics_addr: Option<SocketAddr>,
+    logs: LogStore,
+    /// The log store's directory when it is temporary (no state file): removed at shutdown.
+    _log_tmp: Option<tempfile::TempDir>,
 }
 
 /// Starts a drone: opens its state, re-adopts the backends left running by a previous run (Docker
@@ -116,10 +124,16 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
             config.name
         );
     }
+    let (logs, log_tmp) = open_log_store(&config, &drone_metrics)?;
     let kinds = config.offered_executors();
     let (metrics, metrics_rx) = mpsc::channel(METRICS_CAPACITY);
     let (executor_error, executor_error_rx) = watch::channel(None);
-    let executors = start_executors(&config, &kinds, metrics, executor_error).await?;
+    let links = ExecutorLinks {
+        metrics,
+        executor_error,
+        logs: logs.clone(),
+    };
+    let executors = start_executors(&config, &kinds, links).await?;
     let settings = SupervisorSettings {
         soft_terminate_grace: config.soft_terminate_grace,
         readiness_timeout: config.readiness_timeout,
@@ -172,8 +186,10 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         reconnect: reconnect_rx,
         prometheus: drone_metrics.clone(),
         executor_error: executor_error_rx,
+        logs: Some(logs.clone()),
     };
     tracker.spawn(session.run_session(cancel.child_token()));
+    tracker.spawn(run_log_pruning(logs.clone(), cancel.child_token()));
     if let Some(listener) = metrics_listener {
         let source = MetricsSource {
             metrics: drone_metrics,
@@ -205,6 +221,8 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         reconnect,
         soft_terminate_grace: config.soft_terminate_grace,
         metrics_addr,
+        logs,
+        _log_tmp: log_tmp,
     })
 }
 
@@ -223,19 +241,76 @@ pub async fn name_in_state_file(state_file: &Path) -> anyhow::Result<Option<Dron
     name.context("cannot read the drone's name from its state")
 }
 
-/// The executors of `kinds`; metrics samples go to `metrics`; the socket executor reports why it is
-/// unavailable in `executor_error`.
+/// Opens the log store in `log_dir` (or a temporary directory, returned to be kept alive).
+fn open_log_store(
+    config: &DroneConfig,
+    metrics: &DroneMetrics,
+) -> anyhow::Result<(LogStore, Option<tempfile::TempDir>)> {
+    let (dir, tmp) = match config.log_dir() {
+        Some(dir) => (dir, None),
+        None => {
+            let tmp = tempfile::Builder::new()
+                .prefix("hangar-drone-logs-")
+                .tempdir()
+                .context("cannot create a temporary log directory")?;
+            (tmp.path().to_path_buf(), Some(tmp))
+        }
+    };
+    let counters = metrics.log_lines.clone();
+    let logs = LogStore::open(&dir, config.log_limits(), counters)
+        .with_context(|| format!("cannot open the log store in {}", dir.display()))?;
+    Ok((logs, tmp))
+}
+
+/// Deletes the lines of backends past their retention, every [`LOG_PRUNE_INTERVAL`].
+async fn run_log_pruning(logs: LogStore, cancel: CancellationToken) {
+    let mut interval = tokio::time::interval(LOG_PRUNE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let store = logs.clone();
+        let pruned = tokio::task::spawn_blocking(move || store.prune(hangar_types::Millis::now()));
+        match pruned.await {
+            Ok(0) => {}
+            Ok(removed) => {
+                tracing::info!(removed, "Deleted the logs of backends past their retention")
+            }
+            Err(e) => tracing::warn!(error = %e, "Log pruning failed"),
+        }
+    }
+}
+
+/// What the executors report through, besides their backends.
+struct ExecutorLinks {
+    /// Metrics samples.
+    metrics: mpsc::Sender<DroneToController>,
+    /// Why the socket executor is unavailable.
+    executor_error: watch::Sender<Option<String>>,
+    /// Where backend output goes.
+    logs: LogStore,
+}
+
+/// The executors of `kinds`, reporting through `links`.
 async fn start_executors(
     config: &DroneConfig,
     kinds: &[ExecutorKind],
-    metrics: mpsc::Sender<DroneToController>,
-    executor_error: watch::Sender<Option<String>>,
+    links: ExecutorLinks,
 ) -> anyhow::Result<Vec<Arc<dyn Executor>>> {
+    let ExecutorLinks {
+        metrics,
+        executor_error,
+        logs,
+    } = links;
     let mut executor_error = Some(executor_error);
     let mut executors: Vec<Arc<dyn Executor>> = Vec::new();
     for kind in kinds {
         match kind {
-            ExecutorKind::Process => executors.push(Arc::new(ProcessExecutor::new(config.ip))),
+            ExecutorKind::Process => executors.push(Arc::new(
+                ProcessExecutor::new(config.ip).with_log_store(logs.clone()),
+            )),
             ExecutorKind::Docker => {
                 if config.state_file.is_none() {
                     tracing::info!(
@@ -247,7 +322,7 @@ async fn start_executors(
                 let docker = DockerExecutor::connect(settings, metrics.clone())
                     .await
                     .context("cannot use the Docker executor (is the Docker engine running?)")?;
-                executors.push(Arc::new(docker));
+                executors.push(Arc::new(docker.with_log_store(logs.clone())));
             }
             ExecutorKind::Socket => {
                 let settings = config
@@ -284,6 +359,11 @@ impl DroneHandle {
     /// The address of the metrics listener (`GET /metrics`), if `metrics_addr` is configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The store of this drone's backend output.
+    pub fn log_store(&self) -> &LogStore {
+        &self.logs
     }
 
     /// Whether a controller session is up right now.

@@ -62,6 +62,8 @@ pub(crate) struct DroneMetrics {
     outbox_pending: Gauge,
     controller_connected: Gauge,
     reconnects: Counter,
+    /// Output lines captured and dropped by the log store.
+    pub(crate) log_lines: crate::log_store::LogCounters,
 }
 
 impl DroneMetrics {
@@ -84,6 +86,7 @@ impl DroneMetrics {
             outbox_pending: Gauge::default(),
             controller_connected: Gauge::default(),
             reconnects: Counter::default(),
+            log_lines: Default::default(),
         };
         registry.register(
             "backends",
@@ -119,6 +122,16 @@ impl DroneMetrics {
             "reconnects",
             "Controller sessions established after the first one",
             metrics.reconnects.clone(),
+        );
+        registry.register(
+            "log_lines",
+            "Backend output lines captured into the drone's log store",
+            metrics.log_lines.captured.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Backend output lines dropped from the log store (caps, oldest first, or a write error)",
+            metrics.log_lines.dropped.clone(),
         );
         DroneMetrics {
             registry,

@@ -7,6 +7,8 @@
 //! Invariant: events are only ever read from the outbox (never sent from memory), so a connection
 //! that drops loses nothing: the next one starts its replay from the first unacked event.
 
+use crate::log_requests::{LogRequest, LogRequests, LOG_FRAMES};
+use crate::log_store::LogStore;
 use crate::outbox::{Outbox, SpawnRecord};
 use crate::prometheus::DroneMetrics;
 use crate::supervisor::Supervisors;
@@ -51,6 +53,8 @@ pub struct Session {
     pub prometheus: Arc<DroneMetrics>,
     /// Why the executor cannot run backends, while it cannot (reported as `ExecutorStatus`).
     pub executor_error: watch::Receiver<Option<String>>,
+    /// Backend output, for the controller's log requests.
+    pub logs: Option<LogStore>,
 }
 
 /// Why a connection ended.
@@ -115,6 +119,7 @@ impl Session {
             metrics,
             reconnect,
             executor_error,
+            logs,
             ..
         } = self;
         // Samples queued while disconnected are stale.
@@ -124,7 +129,9 @@ impl Session {
             outbox,
             sent_up_to: 0,
         };
-        let reader = run_reader(receiver, outbox, supervisors, actions);
+        let (log_frames, mut log_frames_rx) = mpsc::channel(LOG_FRAMES);
+        let log_requests = LogRequests::new(logs.clone(), log_frames);
+        let reader = run_reader(receiver, outbox, supervisors, actions, log_requests);
         tokio::select! {
             _ = cancel.cancelled() => {
                 writer.sender.close().await;
@@ -132,7 +139,7 @@ impl Session {
             }
             () = reconnect_requested(reconnect) => Ended::Closed,
             () = reader => Ended::Closed,
-            () = writer.run(outbound, metrics, executor_error) => Ended::Closed,
+            () = writer.run(outbound, metrics, executor_error, &mut log_frames_rx) => Ended::Closed,
         }
     }
 }
@@ -159,6 +166,7 @@ impl Writer<'_> {
         outbound: &mut mpsc::Receiver<DroneToController>,
         metrics: &mut mpsc::Receiver<DroneToController>,
         executor_error: &mut watch::Receiver<Option<String>>,
+        log_frames: &mut mpsc::Receiver<DroneToController>,
     ) {
         // The first heartbeat goes out before anything else on the connection.
         let beat = DroneToController::Heartbeat {
@@ -206,6 +214,7 @@ impl Writer<'_> {
                     let status = DroneToController::ExecutorStatus { error };
                     self.sender.send(&status).await.is_ok()
                 }
+                Some(frame) = log_frames.recv() => self.sender.send(&frame).await.is_ok(),
                 Some(sample) = metrics.recv() => self.sender.send(&sample).await.is_ok(),
             };
             if !sent {
@@ -242,6 +251,7 @@ async fn run_reader(
     outbox: &Outbox,
     supervisors: &Supervisors,
     actions: &mpsc::Sender<ActionMessage>,
+    log_requests: LogRequests,
 ) {
     while let Some(message) = receiver.recv().await {
         match message {
@@ -258,6 +268,21 @@ async fn run_reader(
             ControllerToDrone::RenewKeyResponse { backend, deadlines } => {
                 supervisors.key_renewed(&backend, deadlines);
             }
+            ControllerToDrone::LogRequest {
+                request_id,
+                backend,
+                since,
+                tail,
+                follow,
+            } => log_requests.start(LogRequest {
+                request_id,
+                backend,
+                since,
+                tail,
+                follow,
+            }),
+            ControllerToDrone::LogCredit { request_id } => log_requests.credit(request_id),
+            ControllerToDrone::LogCancel { request_id } => log_requests.cancel(request_id),
         }
     }
 }

@@ -348,6 +348,18 @@ pub trait Store: Send + Sync + 'static {
     /// Backends that are not terminated, counted by cluster and status (ordered by both); statuses
     /// without backends are absent.
     async fn live_backend_counts(&self) -> StoreResult<Vec<BackendCount>>;
+    // ---- controllers reaching each other (backend logs) ---------------------------------------
+
+    /// Records where the other controllers reach `controller` (its `internal_url`).
+    async fn set_controller_url(&self, controller: &ControllerName, url: &str) -> StoreResult<()>;
+
+    /// The controller holding the session of `drone` and its `internal_url`; `None` when the drone is
+    /// unknown or detached.
+    async fn drone_controller(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> StoreResult<Option<DroneController>>;
 }
 
 /// ACME HTTP-01 challenge answers older than this are deleted by [`Store::cleanup`]: an ACME order

@@ -38,6 +38,7 @@ pub(crate) const MIGRATIONS: &[Step] = &[
     step!("0003_tls"),
     step!("0004_recent_backends"),
     step!("0005_warm_pools"),
+    step!("0006_controller_url"),
 ];
 
 /// Which of a step's two texts a database runs.

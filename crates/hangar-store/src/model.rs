@@ -194,7 +194,16 @@ pub struct LiveBackend {
     pub state: BackendState,
 }
 
-/// The current session of a drone node, as stored.
+/// Which controller holds a drone's session, and where the other controllers reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroneController {
+    /// The controller holding the drone's session.
+    pub controller: ControllerName,
+    /// Where the other controllers reach it (`None`: it never announced an address).
+    pub internal_url: Option<String>,
+}
+
+/// The stored session of a drone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DroneAttachment {
     pub node: NodeId,

@@ -156,6 +156,7 @@ macro_rules! all_store_tests {
             drone_live_backends_for_mark_lost,
             prevent_renew_refuses_later_renewals,
             drone_attachment_reports_the_session,
+            drone_controller_names_the_session_holder_and_its_url,
             cert_lease_is_exclusive_renewable_and_expires,
             txt_record_belongs_to_the_lease_holder,
             http_challenges_belong_to_the_lease_holder,
@@ -1752,6 +1753,55 @@ mod suite {
         assert!(
             !store.prevent_renew(&nb.id).await.unwrap(),
             "no key any more"
+        );
+    }
+
+    pub async fn drone_controller_names_the_session_holder_and_its_url(h: Harness) {
+        let store = &*h.store;
+        let name: DroneName = "dr-held".parse().unwrap();
+        assert_eq!(
+            store.drone_controller(&cluster(), &name).await.unwrap(),
+            None
+        );
+        let reg = registration("dr-held", "", &[ExecutorKind::Process]);
+        let (node, session) = register(store, &reg).await;
+        let held = store.drone_controller(&cluster(), &name).await.unwrap();
+        assert_eq!(
+            held,
+            Some(DroneController {
+                controller: controller(),
+                internal_url: None,
+            })
+        );
+        store
+            .set_controller_url(&controller(), "http://10.0.0.5:8080/")
+            .await
+            .unwrap();
+        let held = store
+            .drone_controller(&cluster(), &name)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(held.internal_url.as_deref(), Some("http://10.0.0.5:8080/"));
+        // A heartbeat keeps the URL; a new one replaces it.
+        store
+            .controller_heartbeat(&controller(), true)
+            .await
+            .unwrap();
+        store
+            .set_controller_url(&controller(), "http://10.0.0.6:8080/")
+            .await
+            .unwrap();
+        let held = store
+            .drone_controller(&cluster(), &name)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(held.internal_url.as_deref(), Some("http://10.0.0.6:8080/"));
+        store.node_disconnected(node, session).await.unwrap();
+        assert_eq!(
+            store.drone_controller(&cluster(), &name).await.unwrap(),
+            None
         );
     }
 

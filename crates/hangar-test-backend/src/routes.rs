@@ -35,12 +35,30 @@ pub fn router(exit_requests: mpsc::Sender<i32>) -> Router {
         .route("/sleep/{ms}", get(sleep_show))
         .route("/ws", get(ws_upgrade))
         .route("/alloc/{mb}", post(alloc_create))
+        .route("/print/{stream}", post(print_create))
         .route(
             "/write/{name}",
             post(write_create).layer(DefaultBodyLimit::disable()),
         )
         .fallback(request_show)
         .with_state(exit_requests)
+}
+
+/// `POST /print/stdout` or `/print/stderr`: writes the body to that stream (for log capture tests).
+async fn print_create(Path(stream): Path<String>, body: Bytes) -> StatusCode {
+    use std::io::Write;
+    let written = match stream.as_str() {
+        "stdout" => std::io::stdout()
+            .lock()
+            .write_all(&body)
+            .and_then(|()| std::io::stdout().flush()),
+        "stderr" => std::io::stderr().lock().write_all(&body),
+        _ => return StatusCode::NOT_FOUND,
+    };
+    match written {
+        Ok(()) => StatusCode::NO_CONTENT,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
 }
 
 async fn hello_show() -> &'static str {

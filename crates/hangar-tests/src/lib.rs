@@ -48,6 +48,16 @@ pub fn backend_executable(env: &[(&str, &str)]) -> Executable {
     hangar_test_support::process_executable(env)
 }
 
+/// A process executable running `script` in `sh`, with `$BACKEND` the test backend binary.
+pub fn shell_executable(script: &str) -> Executable {
+    let vars = [("BACKEND".to_string(), test_backend().display().to_string())];
+    Executable::Process(hangar_types::executable::ProcessExecutable {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        env: vars.into_iter().collect(),
+        cwd: None,
+    })
+}
+
 /// A WebSocket client connection.
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -95,6 +95,9 @@ pub enum ApiErrorKind {
     InvalidRequest,
     /// Missing or wrong bearer token (Hangar).
     Unauthorized,
+    /// The backend's drone is connected to no controller, so what only it keeps (logs) cannot be
+    /// read (Hangar; 503).
+    DroneUnreachable,
     Other,
 }
 

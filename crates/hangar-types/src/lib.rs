@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod executable;
+pub mod logs;
 pub mod names;
 pub mod protocol;
 pub mod state;

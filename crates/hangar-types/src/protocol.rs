@@ -6,6 +6,7 @@
 
 use crate::api::KeyConfig;
 use crate::executable::{Executable, ExecutorKind};
+use crate::logs::{LogEndReason, LogLine, LogSince};
 use crate::names::{
     ActionId, BackendId, ClusterName, ControllerName, DnsName, DroneName, ProxyName,
 };
@@ -145,7 +146,22 @@ pub enum DroneToController {
     ExecutorStatus {
         error: Option<String>,
     },
+    /// Hangar extension: kept output lines for [`ControllerToDrone::LogRequest`] `request_id`, oldest
+    /// first. Flow-controlled: at most [`LOG_WINDOW`] batches are unanswered by a `LogCredit`.
+    LogLines {
+        request_id: u64,
+        lines: Vec<LogLine>,
+    },
+    /// Hangar extension: the log read `request_id` is over (nothing follows).
+    LogEnd {
+        request_id: u64,
+        reason: LogEndReason,
+    },
 }
+
+/// Batches of [`DroneToController::LogLines`] a drone may send for one log read before the
+/// controller grants more with [`ControllerToDrone::LogCredit`].
+pub const LOG_WINDOW: u32 = 4;
 
 #[allow(clippy::large_enum_variant)] // see BackendAction
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,6 +175,25 @@ pub enum ControllerToDrone {
     RenewKeyResponse {
         backend: BackendId,
         deadlines: Option<KeyDeadlines>,
+    },
+    /// Hangar extension: send the kept output lines of `backend` (those since `since`, only the last
+    /// `tail` of them), then with `follow` every new line until the backend ends. Answered with
+    /// `LogLines` batches and one `LogEnd`. `request_id` is chosen by the controller, unique per session.
+    LogRequest {
+        request_id: u64,
+        backend: BackendId,
+        since: Option<LogSince>,
+        tail: Option<u32>,
+        follow: bool,
+    },
+    /// Hangar extension: the controller consumed one `LogLines` batch of `request_id`: one more may
+    /// be sent.
+    LogCredit {
+        request_id: u64,
+    },
+    /// Hangar extension: the reader of `request_id` went away: stop sending (no `LogEnd` needed).
+    LogCancel {
+        request_id: u64,
     },
 }
 

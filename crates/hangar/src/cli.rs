@@ -11,6 +11,7 @@ pub mod connect;
 pub mod docs;
 pub mod inspect;
 pub mod list;
+pub mod logs;
 pub mod operator;
 pub mod warm_pool;
 

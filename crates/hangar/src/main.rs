@@ -62,6 +62,8 @@ enum Command {
     List(Client<cli::list::ListArgs>),
     /// Print the status of a backend with its key, drone and history (or follow it with --follow).
     Status(Client<cli::backend::StatusArgs>),
+    /// Print a backend's output (stdout and stderr, as kept by its drone); -f to follow it.
+    Logs(Client<cli::logs::LogsArgs>),
     /// Terminate a backend (SIGTERM then SIGKILL after a grace period; --hard for SIGKILL now).
     Terminate(Client<cli::backend::TerminateArgs>),
     /// Revoke the connection tokens a user holds for a backend.
@@ -113,6 +115,7 @@ impl Command {
             Command::Connect(_)
             | Command::List(_)
             | Command::Status(_)
+            | Command::Logs(_)
             | Command::Terminate(_)
             | Command::Revoke(_)
             | Command::ClusterState(_)
@@ -146,6 +149,7 @@ impl Command {
             Command::ListNodes(c) => c.client.output.json,
             Command::TerminationCandidates(c) => c.client.output.json,
             Command::Events(c) => c.client.output.json,
+            Command::Logs(c) => c.client.output.json,
             Command::WarmPool(c) => c.client.output.json,
             Command::Version(v) => v.output.json,
             Command::Dev(_)
@@ -282,6 +286,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::List(c) => {
             cli::list::list(&c.client.connection.client()?, c.args, c.client.output()).await
+        }
+        Command::Logs(c) => {
+            cli::logs::run(&c.client.connection.client()?, c.args, c.client.output()).await
         }
         Command::Status(c) => {
             cli::backend::status(&c.client.connection.client()?, c.args, c.client.output()).await

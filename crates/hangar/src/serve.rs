@@ -51,6 +51,10 @@ pub struct ControllerArgs {
     /// Default: `http://<host>:<port>`.
     #[arg(long, env = "HANGAR_ADVERTISED_URL")]
     pub controller_url: Option<Url>,
+    /// Where the other controllers sharing the database reach this one directly (log reads of
+    /// backends whose drone is connected here are forwarded to it). Default: `http://<host>:<port>`.
+    #[arg(long, env = "HANGAR_INTERNAL_URL")]
+    pub internal_url: Option<Url>,
     /// Require `Authorization: Bearer <token>` on every `/ctrl` route, node sockets included.
     #[arg(long, env = "HANGAR_BEARER_TOKEN", hide_env_values = true)]
     pub bearer_token: Option<String>,
@@ -123,6 +127,7 @@ impl ControllerArgs {
         let port = layers.take("port", self.port)?.unwrap_or(CONTROLLER_PORT);
         layers.set("default_cluster", self.default_cluster.as_ref())?;
         layers.set("controller_url", self.controller_url.as_ref())?;
+        layers.set("internal_url", self.internal_url.as_ref())?;
         layers.set("bearer_token", self.bearer_token.as_ref())?;
         layers.set("forward_auth", self.forward_auth.as_ref())?;
         layers.set("forward_auth_ca_cert", self.forward_auth_ca_cert.as_ref())?;
@@ -244,6 +249,19 @@ pub struct DroneArgs {
     /// (`executable.image`) go to the socket. Default: none.
     #[arg(long, env = "HANGAR_EXECUTOR_SOCKET")]
     pub executor_socket: Option<PathBuf>,
+    /// Directory of the backends' kept output. Default: `<state-file>.logs`, or a temporary
+    /// directory without a state file.
+    #[arg(long, env = "HANGAR_LOG_DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// Most bytes of output kept per backend (oldest lines dropped first). Default: 8388608.
+    #[arg(long, env = "HANGAR_LOG_BACKEND_BYTES")]
+    pub log_backend_bytes: Option<u64>,
+    /// Most bytes of output kept for all backends. Default: 1073741824.
+    #[arg(long, env = "HANGAR_LOG_TOTAL_BYTES")]
+    pub log_total_bytes: Option<u64>,
+    /// How long output is kept after its backend ended, in milliseconds. Default: 86400000 (24 h).
+    #[arg(long, env = "HANGAR_LOG_RETENTION")]
+    pub log_retention: Option<u64>,
 }
 
 /// A JSON flag value.
@@ -314,6 +332,10 @@ impl DroneArgs {
         layers.set("docker_log_config", self.log_config.as_ref())?;
         layers.set("metrics_addr", self.metrics_addr.as_ref())?;
         layers.set("executor_socket", self.executor_socket.as_ref())?;
+        layers.set("log_dir", self.log_dir.as_ref())?;
+        layers.set("log_backend_bytes", self.log_backend_bytes.as_ref())?;
+        layers.set("log_total_bytes", self.log_total_bytes.as_ref())?;
+        layers.set("log_retention", self.log_retention.as_ref())?;
         Ok(layers.build("drone")?)
     }
 }

@@ -280,6 +280,17 @@ async fn scenario(dev: &mut DevProcess) {
     }
     wait_port_closed(port).await;
 
+    // Its output, kept after the exit.
+    let out = hangar(&dev.controller, &["logs", &id]).await;
+    assert!(out.success, "logs failed: {}", out.stderr);
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("listening on ")),
+        "{}",
+        out.stdout
+    );
+    let out = hangar(&dev.controller, &["logs", "--tail", "1", &id]).await;
+    assert_eq!(out.stdout.trim(), "exiting with code 0", "{}", out.stderr);
+
     // The drone's metrics, at the address the banner prints: one spawn, one exit.
     let metrics_line = line_value(&banner, "  Metrics:");
     let drone_metrics = metrics_line
@@ -296,6 +307,30 @@ async fn scenario(dev: &mut DevProcess) {
     assert!(
         text.contains("\nhangar_drone_backend_exits_total{reason=\"external\"} 1\n"),
         "{text}"
+    );
+
+    // A backend that crashes at startup: `hangar status` shows why.
+    let crash = "sh -c 'echo starting; echo \"fatal: no config\" >&2; exit 3'";
+    let out = hangar(
+        &dev.controller,
+        &["connect", "--key", "crash", "--command", crash],
+    )
+    .await;
+    let crashed = line_value(&out.stdout, "Created backend: ").to_string();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while backend_status(dev, &crashed).await["status"] != "terminated" {
+        assert!(Instant::now() < deadline, "crashing backend not terminated");
+        tokio::time::sleep(POLL).await;
+    }
+    let out = hangar(&dev.controller, &["status", &crashed]).await;
+    assert!(out.success, "status failed: {}", out.stderr);
+    assert!(
+        out.stdout.contains("exit code 3")
+            && out
+                .stdout
+                .contains("Last error lines:\n  fatal: no config\n"),
+        "{}",
+        out.stdout
     );
 
     // API errors are reported with kind and error id, and a non-zero exit code.

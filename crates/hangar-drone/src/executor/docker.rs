@@ -92,6 +92,8 @@ pub struct DockerExecutor {
     tracker: TaskTracker,
     /// Fired at shutdown: watchers, log followers, samplers and the cleanup stop.
     cancel: CancellationToken,
+    /// Where container output is captured, when set.
+    logs: Option<crate::log_store::LogStore>,
 }
 
 /// Marks a container as followed until dropped.
@@ -148,12 +150,19 @@ impl DockerExecutor {
             tracked: Arc::new(Mutex::new(HashSet::new())),
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
+            logs: None,
         };
         executor.tracker.spawn(cleanup::run_cleanup(
             executor.clone(),
             executor.cancel.child_token(),
         ));
         Ok(executor)
+    }
+
+    /// Captures every container's output into `logs`.
+    pub fn with_log_store(mut self, logs: crate::log_store::LogStore) -> Self {
+        self.logs = Some(logs);
+        self
     }
 
     /// Whether a Docker engine answers at the default address within a few seconds (for
@@ -190,6 +199,7 @@ impl DockerExecutor {
             cancel: &self.cancel,
             metrics: self.metrics.clone(),
             stats_permits: self.stats_permits.clone(),
+            logs: self.logs.clone(),
         }
     }
 
@@ -304,8 +314,21 @@ impl DockerExecutor {
         Ok(created.id)
     }
 
-    /// Removes a container that failed to start, logging rather than failing.
+    /// Removes a container that failed to start (its output kept first), logging rather than
+    /// failing.
     async fn discard(&self, spec: &BackendSpec, name: &str) {
+        if let Some(store) = &self.logs {
+            let capture = running::LogFollow {
+                docker: self.docker.clone(),
+                container: name.to_string(),
+                backend: spec.id.clone(),
+                recent: Default::default(),
+                store: Some(store.clone()),
+                follow: false,
+            };
+            capture.run(self.cancel.child_token()).await;
+            store.end(&spec.id);
+        }
         if let Err(e) = self.remove_container(name).await {
             tracing::warn!(backend = %spec.id, error = %e, "Cannot remove the failed container");
         }

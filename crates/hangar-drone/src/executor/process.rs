@@ -3,16 +3,19 @@
 //!
 //! Each backend gets a free port in `PORT` and the backend-contract variables, runs in its own process
 //! group (signals go to the whole group, and the group is killed once the main process exits, so no
-//! grandchild outlives its backend), and has its stdout/stderr logged at debug level and kept (last
-//! [`LOG_LINES`] lines). A backend dies with the drone process however it ends, SIGKILL included
-//! ([`spawner`]: the parent-death signal). Child processes cannot be re-adopted by a restarted drone: `reattach` kills
+//! grandchild outlives its backend), and has its stdout/stderr logged at debug level, kept (last
+//! [`LOG_LINES`] lines) and, with a [`LogStore`], captured line by line into the drone's log store. A
+//! backend dies with the drone process however it ends, SIGKILL included ([`spawner`]: the
+//! parent-death signal). Child processes cannot be re-adopted by a restarted drone: `reattach` kills
 //! what is left (when the recorded pid still names the same process) and reports the backend gone.
 //! Variables starting with `HANGAR_` (which may carry drone credentials) are not passed on.
 
 use super::log_lines::{LineSplitter, RecentLines};
 use super::{BackendSpec, Executor, ExecutorError, Reattached, RunningBackend, Started};
+use crate::log_store::LogStore;
 use async_trait::async_trait;
 use hangar_types::executable::{Executable, ExecutorKind, ProcessExecutable};
+use hangar_types::logs::LogStream;
 use hangar_types::{BackendId, TerminationKind};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -37,6 +40,7 @@ pub struct ProcessExecutor {
     tracker: TaskTracker,
     /// Fired at shutdown: every still-running child is killed and log readers stop.
     cancel: CancellationToken,
+    logs: Option<LogStore>,
 }
 
 impl ProcessExecutor {
@@ -46,7 +50,14 @@ impl ProcessExecutor {
             ip,
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
+            logs: None,
         }
+    }
+
+    /// Captures every backend's output into `logs`.
+    pub fn with_log_store(mut self, logs: LogStore) -> Self {
+        self.logs = Some(logs);
+        self
     }
 }
 
@@ -122,23 +133,32 @@ impl Executor for ProcessExecutor {
             start_time: process_start_time(pid),
         };
         let logs = RecentLines::default();
+        let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
-            let reader = LogReader::new(spec.id.clone(), "stdout", logs.clone());
-            self.tracker
-                .spawn(reader.run(out, self.cancel.child_token()));
+            let reader = self.log_reader(spec, LogStream::Stdout, &logs);
+            readers.push(
+                self.tracker
+                    .spawn(reader.run(out, self.cancel.child_token())),
+            );
         }
         if let Some(err) = child.stderr.take() {
-            let reader = LogReader::new(spec.id.clone(), "stderr", logs.clone());
-            self.tracker
-                .spawn(reader.run(err, self.cancel.child_token()));
+            let reader = self.log_reader(spec, LogStream::Stderr, &logs);
+            readers.push(
+                self.tracker
+                    .spawn(reader.run(err, self.cancel.child_token())),
+            );
         }
         let (signals, signals_rx) = mpsc::channel(4);
         let (exit_tx, exit) = watch::channel(None);
+        let output = Output {
+            readers,
+            logs: self.logs.clone(),
+        };
         self.tracker.spawn(run_process(
             child,
             spec.id.clone(),
-            signals_rx,
-            exit_tx,
+            (signals_rx, exit_tx),
+            output,
             self.cancel.child_token(),
         ));
         tracing::debug!(backend = %spec.id, pid, port, program = %program.display(), "Started backend process");
@@ -192,6 +212,17 @@ impl Executor for ProcessExecutor {
     }
 }
 
+impl ProcessExecutor {
+    fn log_reader(&self, spec: &BackendSpec, stream: LogStream, lines: &RecentLines) -> LogReader {
+        LogReader {
+            backend: spec.id.clone(),
+            stream,
+            lines: lines.clone(),
+            store: self.logs.clone(),
+        }
+    }
+}
+
 struct RunningProcess {
     record: ProcessRecord,
     signals: mpsc::Sender<Signal>,
@@ -238,14 +269,24 @@ fn pid_of(pid: u32) -> Pid {
 
 /// How often the exit watcher double-checks whether the child exited.
 const EXIT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// After the exit, how long the output readers get to capture what is left in the pipes (a process
+/// that left the group may hold them open forever).
+const OUTPUT_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A backend's output readers and where its lines are kept.
+struct Output {
+    readers: Vec<tokio::task::JoinHandle<()>>,
+    logs: Option<LogStore>,
+}
 
 /// Owns the child: signals it on request and reaps it. Signalling and reaping in one task means a
-/// signal is never sent to a reaped (possibly recycled) pid.
+/// signal is never sent to a reaped (possibly recycled) pid. Once it exited and its output is
+/// captured, its log ends and the exit is reported.
 async fn run_process(
     mut child: Child,
     backend: BackendId,
-    mut signals: mpsc::Receiver<Signal>,
-    exit: watch::Sender<Option<Option<i32>>>,
+    (mut signals, exit): (mpsc::Receiver<Signal>, watch::Sender<Option<Option<i32>>>),
+    output: Output,
     cancel: CancellationToken,
 ) {
     let group = child.id().map(pid_of);
@@ -286,28 +327,30 @@ async fn run_process(
         }
     };
     tracing::debug!(%backend, ?code, "Backend process exited");
+    let drained = futures_util::future::join_all(output.readers);
+    if tokio::time::timeout(OUTPUT_DRAIN, drained).await.is_err() {
+        tracing::debug!(%backend, "Backend output still open after its exit; not waiting for it");
+    }
+    if let Some(logs) = &output.logs {
+        logs.end(&backend);
+    }
     exit.send_replace(Some(code));
 }
 
-/// Copies one output stream of a backend into the log and the recent-lines buffer.
+/// Copies one output stream of a backend into the log, the recent-lines buffer and the log store
+/// (one batch per read from the pipe).
 struct LogReader {
     backend: BackendId,
-    stream: &'static str,
+    stream: LogStream,
     lines: RecentLines,
+    store: Option<LogStore>,
 }
 
 impl LogReader {
-    fn new(backend: BackendId, stream: &'static str, lines: RecentLines) -> Self {
-        LogReader {
-            backend,
-            stream,
-            lines,
-        }
-    }
-
     async fn run(self, mut pipe: impl AsyncRead + Unpin, cancel: CancellationToken) {
-        let mut buf = [0u8; 4096];
+        let mut buf = vec![0u8; 64 * 1024];
         let mut splitter = LineSplitter::default();
+        let mut batch = Vec::new();
         loop {
             let n = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -316,16 +359,21 @@ impl LogReader {
                     Ok(n) => n,
                 },
             };
-            splitter.feed(&buf[..n], |line| self.keep(line));
+            splitter.feed(&buf[..n], |line| batch.push((self.stream, line)));
+            self.keep(&mut batch);
         }
-        if let Some(line) = splitter.finish() {
-            self.keep(line);
-        }
+        batch.extend(splitter.finish().map(|line| (self.stream, line)));
+        self.keep(&mut batch);
     }
 
-    fn keep(&self, line: String) {
-        tracing::debug!(backend = %self.backend, stream = self.stream, "{line}");
-        self.lines.push(line);
+    fn keep(&self, batch: &mut Vec<(LogStream, String)>) {
+        if let Some(store) = &self.store {
+            store.append(&self.backend, batch);
+        }
+        for (_, line) in batch.drain(..) {
+            tracing::debug!(backend = %self.backend, stream = %self.stream, "{line}");
+            self.lines.push(line);
+        }
     }
 }
 

@@ -30,6 +30,7 @@ macro_rules! sql {
 mod actions;
 mod backends;
 mod cleanup;
+mod controllers;
 mod dashboard;
 mod lost;
 mod nodes;
@@ -150,6 +151,10 @@ impl_store! {
     warm_pools::insert_warm_backend(new: NewWarmBackend) -> WarmInsert;
     warm_pools::claim_warm_backend(claim: WarmClaim) -> WarmClaimOutcome;
     dashboard::live_backend_counts() -> Vec<BackendCount>;
+    controllers::set_controller_url(controller: &ControllerName, url: &str) -> ();
+    controllers::drone_controller(
+        cluster: &ClusterName, drone: &DroneName
+    ) -> Option<DroneController>;
 }
 
 /// The store clock and a health probe.

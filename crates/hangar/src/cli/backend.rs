@@ -90,6 +90,9 @@ pub async fn status(
             out.json_line(&details)?;
         } else {
             print!("{}", render_details(&details));
+            if details.backend.status == BackendStatus::Terminated {
+                super::logs::print_error_lines(client, &args.backend).await;
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -10,7 +10,9 @@ use super::metrics::{run_metrics, MetricsSink, Sampler};
 use super::{error_message, is_gone, is_not_found, Tracked};
 use crate::executor::log_lines::{LineSplitter, RecentLines, LOG_LINES};
 use crate::executor::{ExecutorError, RunningBackend};
+use crate::log_store::LogStore;
 use async_trait::async_trait;
+use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::query_parameters::{
     InspectContainerOptions, KillContainerOptions, LogsOptions, RemoveContainerOptions,
@@ -18,6 +20,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::StreamExt;
+use hangar_types::logs::LogStream;
 use hangar_types::{BackendId, TerminationKind};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -61,6 +64,8 @@ pub struct Followers<'a> {
     pub cancel: &'a CancellationToken,
     pub metrics: MetricsSink,
     pub stats_permits: Arc<Semaphore>,
+    /// Where the output is captured, when set.
+    pub logs: Option<LogStore>,
 }
 
 impl RunningContainer {
@@ -75,13 +80,17 @@ impl RunningContainer {
         let logs = RecentLines::default();
         let (exit_tx, exit) = watch::channel(None);
         let container_cancel = followers.cancel.child_token();
-        let follower = followers.tracker.spawn(run_log_follow(
-            docker.clone(),
-            record.container.clone(),
-            backend.clone(),
-            logs.clone(),
-            container_cancel.clone(),
-        ));
+        let follow = LogFollow {
+            docker: docker.clone(),
+            container: record.container.clone(),
+            backend: backend.clone(),
+            recent: logs.clone(),
+            store: followers.logs.clone(),
+            follow: true,
+        };
+        let follower = followers
+            .tracker
+            .spawn(follow.run(container_cancel.clone()));
         let sampler = Sampler {
             docker: docker.clone(),
             container: record.container.clone(),
@@ -100,6 +109,7 @@ impl RunningContainer {
             logs: logs.clone(),
             cancel: container_cancel,
             follower,
+            store: followers.logs,
             _tracked: tracked,
         };
         followers.tracker.spawn(watcher.run());
@@ -167,6 +177,8 @@ struct Watcher {
     /// The container's token: fired here once it stopped, or by the executor at shutdown.
     cancel: CancellationToken,
     follower: JoinHandle<()>,
+    /// The log store, told when the container's output is complete.
+    store: Option<LogStore>,
     /// Keeps the periodic cleanup away until the container is removed.
     _tracked: Tracked,
 }
@@ -186,9 +198,19 @@ impl Watcher {
             _ = self.cancel.cancelled() => return,
             waited = wait_for_exit(&self.docker, &self.container) => waited,
         };
-        // Stop the log follower and the sampler, and let the follower finish its last lines.
+        // Stop the sampler, and let the follower finish the last lines (Docker ends the followed
+        // stream once the container stopped; the cancel below is the backstop).
+        if tokio::time::timeout(FOLLOWER_DRAIN, &mut self.follower)
+            .await
+            .is_err()
+        {
+            self.cancel.cancel();
+            let _ = (&mut self.follower).await;
+        }
         self.cancel.cancel();
-        let _ = (&mut self.follower).await;
+        if let Some(store) = &self.store {
+            store.end(&self.backend);
+        }
         let exit = match waited {
             Waited::Gone => ContainerExit {
                 code: None,
@@ -300,44 +322,78 @@ async fn wait_for_exit(docker: &Docker, container: &str) -> Waited {
     }
 }
 
-/// Follows the container's output into the log (debug) and `logs` until `cancel` fires or the
-/// container stops. Starts with the last [`LOG_LINES`] lines already written.
-async fn run_log_follow(
-    docker: Docker,
-    container: String,
-    backend: BackendId,
-    logs: RecentLines,
-    cancel: CancellationToken,
-) {
-    let options = LogsOptions {
-        follow: true,
-        stdout: true,
-        stderr: true,
-        tail: LOG_LINES.to_string(),
-        ..Default::default()
-    };
-    let mut stream = docker.logs(&container, Some(options));
-    let mut splitter = LineSplitter::default();
-    let keep = |line: String| {
-        tracing::debug!(%backend, "{line}");
-        logs.push(line);
-    };
-    loop {
-        let output = tokio::select! {
-            _ = cancel.cancelled() => break,
-            output = stream.next() => output,
+/// How long the exit watcher lets the log follower read the last lines of a stopped container.
+const FOLLOWER_DRAIN: Duration = Duration::from_secs(2);
+
+/// Follows one container's output into the log (debug), the recent lines and the log store.
+pub(super) struct LogFollow {
+    pub docker: Docker,
+    pub container: String,
+    pub backend: BackendId,
+    pub recent: RecentLines,
+    pub store: Option<LogStore>,
+    /// `false`: read what the container wrote so far and stop.
+    pub follow: bool,
+}
+
+impl LogFollow {
+    /// Follows until `cancel` fires or the container stops. Without a log store it starts with the
+    /// last [`LOG_LINES`] lines; with one, with everything the store does not have yet (all of it
+    /// for a new container; since the store's last write, to the second, for a re-adopted one, so a
+    /// line of that second may be kept twice).
+    pub async fn run(self, cancel: CancellationToken) {
+        let since = self
+            .store
+            .as_ref()
+            .and_then(|s| s.last_write(&self.backend));
+        let options = LogsOptions {
+            follow: self.follow,
+            stdout: true,
+            stderr: true,
+            tail: match (&self.store, since) {
+                (None, _) => LOG_LINES.to_string(),
+                (Some(_), _) => "all".to_string(),
+            },
+            since: since.map_or(0, |s| i32::try_from(s.0 / 1000).unwrap_or(0)),
+            ..Default::default()
         };
-        match output {
-            Some(Ok(output)) => splitter.feed(&output.into_bytes(), keep),
-            Some(Err(e)) => {
-                tracing::debug!(%backend, error = %error_message(&e), "Stopped following the container's logs");
-                break;
+        let mut stream = self.docker.logs(&self.container, Some(options));
+        let mut out = LineSplitter::default();
+        let mut err = LineSplitter::default();
+        let mut batch = Vec::new();
+        loop {
+            let output = tokio::select! {
+                _ = cancel.cancelled() => break,
+                output = stream.next() => output,
+            };
+            match output {
+                Some(Ok(LogOutput::StdErr { message })) => {
+                    err.feed(&message, |l| batch.push((LogStream::Stderr, l)))
+                }
+                Some(Ok(output)) => {
+                    out.feed(&output.into_bytes(), |l| batch.push((LogStream::Stdout, l)))
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(backend = %self.backend, error = %error_message(&e), "Stopped following the container's logs");
+                    break;
+                }
+                None => break,
             }
-            None => break,
+            self.keep(&mut batch);
         }
+        batch.extend(out.finish().map(|l| (LogStream::Stdout, l)));
+        batch.extend(err.finish().map(|l| (LogStream::Stderr, l)));
+        self.keep(&mut batch);
     }
-    if let Some(line) = splitter.finish() {
-        keep(line);
+
+    fn keep(&self, batch: &mut Vec<(LogStream, String)>) {
+        if let Some(store) = &self.store {
+            store.append(&self.backend, batch);
+        }
+        for (stream, line) in batch.drain(..) {
+            tracing::debug!(backend = %self.backend, %stream, "{line}");
+            self.recent.push(line);
+        }
     }
 }
 

@@ -1,0 +1,180 @@
+//! Backend output lines as the drone keeps them, the API serves them and the wire carries them
+//! (`GET /ctrl/b/{backend}/logs`, [`crate::protocol::ControllerToDrone::LogRequest`]), and how a
+//! caller says where to start (`?since=`).
+
+use crate::names::{BackendId, ClusterName, DroneName};
+use crate::state::BackendStatusEntry;
+use crate::time::Millis;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Which output stream of the backend a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+}
+
+impl fmt::Display for LogStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One output line: `{"time": <ms since the epoch, drone clock>, "stream": "stdout", "line": "…"}`.
+/// The line has no trailing newline; invalid UTF-8 is replaced (lossy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub time: Millis,
+    pub stream: LogStream,
+    pub line: String,
+}
+
+/// Where a log read starts. Relative times are resolved by the drone against its own clock (no
+/// component compares its clock with another machine's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogSince {
+    /// Lines written at or after this time (ms since the epoch, drone clock).
+    At(Millis),
+    /// Lines written during the last this many milliseconds.
+    Ago(u64),
+}
+
+impl LogSince {
+    /// The absolute start, for a drone whose clock reads `now`.
+    pub fn resolve(self, now: Millis) -> Millis {
+        match self {
+            LogSince::At(at) => at,
+            LogSince::Ago(ms) => {
+                Millis(now.0.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid `since` {0:?}: expected milliseconds since the epoch (1733400000000) or a duration such as 90s, 10m, 2h, 1d, 500ms")]
+pub struct InvalidSince(pub String);
+
+/// `1733400000000` (ms since the epoch) or a duration ago: a number with one of `ms`, `s`, `m`, `h`,
+/// `d` (`10m`).
+impl FromStr for LogSince {
+    type Err = InvalidSince;
+    fn from_str(s: &str) -> Result<Self, InvalidSince> {
+        let invalid = || InvalidSince(s.to_string());
+        let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(digits);
+        let number: u64 = number.parse().map_err(|_| invalid())?;
+        let unit_ms: u64 = match unit {
+            "" => {
+                return i64::try_from(number)
+                    .map(|ms| LogSince::At(Millis(ms)))
+                    .map_err(|_| invalid())
+            }
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(invalid()),
+        };
+        number
+            .checked_mul(unit_ms)
+            .map(LogSince::Ago)
+            .ok_or_else(invalid)
+    }
+}
+
+impl LogSince {
+    /// A duration ago.
+    pub fn ago(d: Duration) -> Self {
+        LogSince::Ago(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// Why the drone ended a log read ([`crate::protocol::DroneToController::LogEnd`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogEndReason {
+    /// Every kept line was sent (a read without `follow`).
+    Complete,
+    /// Following: the backend ended and every line it wrote was sent.
+    BackendEnded,
+    /// The drone keeps no lines of this backend (never ran here, or removed after the retention).
+    Unknown,
+    /// The drone has too many log reads open on this session.
+    Busy,
+    /// Reading the drone's log files failed.
+    Failed(String),
+}
+
+/// `GET /ctrl/b/{backend}/events`: a backend's state history (oldest first, store clock) and, when
+/// it failed, the last lines it wrote to stderr.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendEvents {
+    pub backend_id: BackendId,
+    pub cluster: ClusterName,
+    pub drone: DroneName,
+    pub events: Vec<BackendStatusEntry>,
+    /// When the backend failed (terminated by an error, a non-zero exit, the OOM killer or lost):
+    /// its last stderr lines (its last lines of any stream when it wrote none to stderr), oldest
+    /// first. Absent otherwise, and when its drone is unreachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_lines: Option<Vec<LogLine>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_parses_times_and_durations() {
+        assert_eq!(
+            "1733400000000".parse(),
+            Ok(LogSince::At(Millis(1_733_400_000_000)))
+        );
+        assert_eq!("10m".parse(), Ok(LogSince::Ago(600_000)));
+        assert_eq!("90s".parse(), Ok(LogSince::Ago(90_000)));
+        assert_eq!("500ms".parse(), Ok(LogSince::Ago(500)));
+        assert_eq!("2h".parse(), Ok(LogSince::Ago(7_200_000)));
+        assert_eq!("1d".parse(), Ok(LogSince::Ago(86_400_000)));
+        for bad in [
+            "",
+            "m",
+            "10x",
+            "-5",
+            "1.5m",
+            "99999999999999999999d",
+            "10 m",
+        ] {
+            assert!(bad.parse::<LogSince>().is_err(), "{bad}");
+        }
+        assert_eq!(LogSince::Ago(1000).resolve(Millis(5000)), Millis(4000));
+        assert_eq!(LogSince::At(Millis(7)).resolve(Millis(5000)), Millis(7));
+    }
+
+    #[test]
+    fn lines_have_the_documented_shape() {
+        let line = LogLine {
+            time: Millis(5),
+            stream: LogStream::Stderr,
+            line: "boom".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&line).unwrap(),
+            r#"{"time":5,"stream":"stderr","line":"boom"}"#
+        );
+    }
+}
