@@ -52,6 +52,7 @@ struct Totals {
     kinds: BTreeMap<&'static str, usize>,
     recoveries: Vec<Duration>,
     failed: u64,
+    not_started: u64,
 }
 
 #[tokio::main]
@@ -109,7 +110,10 @@ async fn main() -> anyhow::Result<ExitCode> {
     totals.recoveries.sort();
     let r = &totals.recoveries;
     let pct = |p: usize| r.get((r.len().saturating_sub(1)) * p / 100);
-    println!("runs {}, runs with violations {}", args.runs, totals.failed);
+    println!(
+        "runs {}, runs with violations {}, runs that could not start {}",
+        args.runs, totals.failed, totals.not_started
+    );
     println!("faults by kind: {:?}", totals.kinds);
     println!("recovery p50 {:?}, p99 {:?}", pct(50), pct(99));
     Ok(if totals.failed == 0 {
@@ -133,7 +137,16 @@ async fn worker(
             return Ok(());
         }
         config.seed = first.wrapping_add(i);
-        let report = run_once(&config).await?;
+        // A run that could not even start (e.g. the cluster never became ready on an overloaded
+        // machine) proves nothing either way: counted and reported, and the next one starts.
+        let report = match run_once(&config).await {
+            Ok(report) => report,
+            Err(error) => {
+                println!("run {i} seed {}: not started: {error:#}", config.seed);
+                totals.lock().unwrap_or_else(|p| p.into_inner()).not_started += 1;
+                continue;
+            }
+        };
         println!("run {i} {}", report.summary());
         if !report.violations.is_empty() {
             println!("{}", report.explain());

@@ -235,7 +235,7 @@ pub struct BusEvent {
 
 /// A backend as listed by `GET /ctrl/backends` and described by `GET /ctrl/b/{backend}` (Hangar; Plane
 /// has `db-cli list-backends`). Times are store times in milliseconds since the Unix epoch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BackendSummary {
     pub id: BackendId,
     pub cluster: ClusterName,
@@ -252,7 +252,7 @@ pub struct BackendSummary {
 
 /// Answer of `GET /ctrl/backends?status=&cluster=&key=&namespace=&limit=`: newest first, at most
 /// `limit`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BackendList {
     pub backends: Vec<BackendSummary>,
     /// The limit applied.
@@ -261,7 +261,7 @@ pub struct BackendList {
 
 /// Answer of `GET /ctrl/b/{backend}`: the backend and every status it went through, oldest first,
 /// each with the time it was recorded (the last one is the current status).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BackendDetails {
     #[serde(flatten)]
     pub backend: BackendSummary,

@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
+use utoipa::ToSchema;
 
 /// Which output stream of the backend a line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogStream {
     Stdout,
@@ -35,7 +36,7 @@ impl fmt::Display for LogStream {
 
 /// One output line: `{"time": <ms since the epoch, drone clock>, "stream": "stdout", "line": "…"}`.
 /// The line has no trailing newline; invalid UTF-8 is replaced (lossy).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LogLine {
     pub time: Millis,
     pub stream: LogStream,
@@ -122,7 +123,7 @@ pub enum LogEndReason {
 
 /// `GET /ctrl/b/{backend}/events`: a backend's state history (oldest first, store clock) and, when
 /// it failed, the last lines it wrote to stderr.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BackendEvents {
     pub backend_id: BackendId,
     pub cluster: ClusterName,

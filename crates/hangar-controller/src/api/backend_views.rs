@@ -81,6 +81,7 @@ fn summary(row: BackendRow) -> BackendSummary {
 }
 
 /// `GET /ctrl/backends[?status=S][&cluster=C][&key=K][&namespace=N][&limit=L]`.
+#[utoipa::path(get, path = "/ctrl/backends", tag = "ctrl", params(("status" = Option<String>, Query, description = "Only backends with this status"), ("cluster" = Option<String>, Query, description = "Only backends of this cluster"), ("key" = Option<String>, Query, description = "Only backends of this key name"), ("namespace" = Option<String>, Query, description = "Key namespace (with key)"), ("limit" = Option<u32>, Query, description = "At most this many (1 to 1000)")), responses((status = 200, description = "Backends, newest first", body = BackendList)))]
 pub async fn backends_list(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
@@ -98,6 +99,7 @@ pub async fn backends_list(
 }
 
 /// `GET /ctrl/b/{backend}`.
+#[utoipa::path(get, path = "/ctrl/b/{backend}", tag = "ctrl", params(("backend" = BackendId, Path, description = "Backend id")), responses((status = 200, description = "The backend with its status history", body = BackendDetails)))]
 pub async fn backends_get(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,

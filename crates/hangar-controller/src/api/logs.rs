@@ -39,6 +39,7 @@ const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `GET /ctrl/b/{backend}/logs[?since=10m|<ms>][&tail=N][&follow=true]`.
+#[utoipa::path(get, path = "/ctrl/b/{backend}/logs", tag = "ctrl", params(("backend" = BackendId, Path, description = "Backend id"), ("since" = Option<String>, Query, description = "Lines since: a duration ago (10m) or milliseconds since the epoch"), ("tail" = Option<u32>, Query, description = "Only the last N lines (at most 10000)"), ("follow" = Option<bool>, Query, description = "Keep streaming new lines until the backend ends")), responses((status = 200, description = "Chunked JSON lines, one LogLine object per line", content_type = "application/x-ndjson", body = LogLine)))]
 pub async fn backend_logs_get(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,
@@ -71,6 +72,7 @@ pub async fn backend_logs_get(
 }
 
 /// `GET /ctrl/b/{backend}/events`.
+#[utoipa::path(get, path = "/ctrl/b/{backend}/events", tag = "ctrl", params(("backend" = BackendId, Path, description = "Backend id")), responses((status = 200, description = "The backend's state history, drone and last error lines", body = BackendEvents)))]
 pub async fn backend_events_get(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,

@@ -7,7 +7,7 @@
 //! Every operation also gets a `default` response in Plane's error shape (`ApiError`), and the
 //! `/ctrl` ones the optional bearer token. A test compares the document with the router's routes.
 
-use super::{backends, dashboard, nodes, operator, system};
+use super::{backend_views, backends, dashboard, logs, nodes, operator, system, warm_pools};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use hangar_types::api::ApiError;
@@ -42,6 +42,14 @@ use utoipa::{Modify, OpenApi, ToSchema};
         operator::termination_candidates_get,
         operator::events_get,
         dashboard::dashboard_state_get,
+        backend_views::backends_list,
+        backend_views::backends_get,
+        logs::backend_logs_get,
+        logs::backend_events_get,
+        warm_pools::warm_pools_list,
+        warm_pools::warm_pools_get,
+        warm_pools::warm_pools_put,
+        warm_pools::warm_pools_delete,
         openapi_ctrl_get,
         openapi_pub_get,
     ),

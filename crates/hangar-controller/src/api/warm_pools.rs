@@ -15,6 +15,7 @@ fn parse_name(raw: &str) -> Result<WarmPoolName, ApiError> {
 }
 
 /// `GET /ctrl/warm-pools`.
+#[utoipa::path(get, path = "/ctrl/warm-pools", tag = "ctrl", responses((status = 200, description = "Every warm pool with its counts", body = WarmPoolList)))]
 pub async fn warm_pools_list(
     State(state): State<AppState>,
 ) -> Result<Json<WarmPoolList>, ApiError> {
@@ -29,6 +30,7 @@ pub async fn warm_pools_list(
 }
 
 /// `GET /ctrl/warm-pools/{name}`.
+#[utoipa::path(get, path = "/ctrl/warm-pools/{name}", tag = "ctrl", params(("name" = String, Path, description = "Warm pool name")), responses((status = 200, description = "The warm pool with its counts", body = WarmPool)))]
 pub async fn warm_pools_get(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -44,6 +46,7 @@ pub async fn warm_pools_get(
 }
 
 /// `PUT /ctrl/warm-pools/{name}`: creates or changes the pool; answers with it as listed.
+#[utoipa::path(put, path = "/ctrl/warm-pools/{name}", tag = "ctrl", params(("name" = String, Path, description = "Warm pool name")), request_body = WarmPoolConfig, responses((status = 200, description = "The pool as stored now", body = WarmPool)))]
 pub async fn warm_pools_put(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -75,6 +78,7 @@ pub async fn warm_pools_put(
 
 /// `DELETE /ctrl/warm-pools/{name}`: removes the pool (answering with it as it was) and terminates its
 /// unclaimed backends; claimed ones live on.
+#[utoipa::path(delete, path = "/ctrl/warm-pools/{name}", tag = "ctrl", params(("name" = String, Path, description = "Warm pool name")), responses((status = 200, description = "The pool as it was", body = WarmPool)))]
 pub async fn warm_pools_delete(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,

@@ -75,6 +75,7 @@ fn concrete(path: &str) -> String {
             "backend" => BackendId::random().to_string(),
             "cluster" => "localhost:9090".to_string(),
             "drone" => DroneName::random().to_string(),
+            "name" => "sample-pool".to_string(),
             other => panic!(
                 "no sample value for the path parameter {{{other}}} of {path}: add one to `concrete` \
                  in tests/controller/openapi.rs"
