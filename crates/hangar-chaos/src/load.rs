@@ -238,42 +238,20 @@ fn classify(
     }
 }
 
-/// Runs one loop for `key` through `controller` until `stop`.
-pub async fn run_load_loop(
-    target: LoadTarget,
-    controller: (usize, String),
-    key: String,
-    recorded: Arc<Mutex<Recorded>>,
-    stop: CancellationToken,
-) {
-    let (index, controller_url) = controller;
-    while !stop.is_cancelled() {
-        let at_ms = target.elapsed_ms();
-        let (outcome, got) = target.connect(&controller_url, &key).await;
-        lock(&recorded).connects.push(Connect {
-            key: key.clone(),
-            controller: index,
-            at_ms,
-            outcome,
-        });
-        if let Some((_, url)) = got {
-            for _ in 0..REQUESTS_PER_CONNECT {
-                if let Some(answer) = target.request(&key, &url).await {
-                    lock(&recorded).answers.push(answer);
-                }
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = tokio::time::sleep(ROUND_PAUSE) => {}
-        }
-    }
+/// How a loop uses the URL each connect gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopKind {
+    /// [`REQUESTS_PER_CONNECT`] HTTP requests through the proxies in turn.
+    Requests,
+    /// One WebSocket held through a proxy (see [`LoadTarget::hold_websocket`]).
+    WebSocket,
 }
 
-/// Runs a WebSocket loop for `key` until `stop`: connect through `controller`, hold a WebSocket
-/// through a proxy, again.
-pub async fn run_websocket_loop(
+/// Runs one loop for `key` until `stop`: connect through `controller` (recorded), use the URL as
+/// `kind` says (answers recorded), pause, again.
+pub async fn run_load_loop(
     target: LoadTarget,
+    kind: LoopKind,
     controller: (usize, String),
     key: String,
     recorded: Arc<Mutex<Recorded>>,
@@ -289,8 +267,18 @@ pub async fn run_websocket_loop(
             at_ms,
             outcome,
         });
-        if let Some((_, url)) = got {
-            target.hold_websocket(&key, &url, &recorded, &stop).await;
+        match (got, kind) {
+            (None, _) => {}
+            (Some((_, url)), LoopKind::Requests) => {
+                for _ in 0..REQUESTS_PER_CONNECT {
+                    if let Some(answer) = target.request(&key, &url).await {
+                        lock(&recorded).answers.push(answer);
+                    }
+                }
+            }
+            (Some((_, url)), LoopKind::WebSocket) => {
+                target.hold_websocket(&key, &url, &recorded, &stop).await;
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => {}

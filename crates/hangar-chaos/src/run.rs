@@ -4,7 +4,7 @@
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::history::{check, History, LiveSnapshot, Violation};
 use crate::load::{
-    lock, run_load_loop, run_websocket_loop, LoadTarget, Recorded, DOCKER_KEY_PREFIX, RUN_VAR,
+    lock, run_load_loop, LoadTarget, LoopKind, Recorded, DOCKER_KEY_PREFIX, RUN_VAR,
 };
 use crate::postgres::PostgresServer;
 use crate::schedule::{draw, Shape, Step};
@@ -255,6 +255,7 @@ async fn drive(
         for key in &keys {
             tasks.spawn(run_load_loop(
                 target.clone(),
+                LoopKind::Requests,
                 (i, url.clone()),
                 key.clone(),
                 recorded.clone(),
@@ -264,8 +265,9 @@ async fn drive(
     }
     for (k, key) in keys.iter().enumerate() {
         let i = k % controllers.len();
-        tasks.spawn(run_websocket_loop(
+        tasks.spawn(run_load_loop(
             target.clone(),
+            LoopKind::WebSocket,
             (i, controllers[i].clone()),
             key.clone(),
             recorded.clone(),
