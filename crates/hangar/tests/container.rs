@@ -363,7 +363,18 @@ async fn compose_file_serves_a_connect_across_two_controllers() {
         let (status, text) = through_proxy(&client, proxy, &connected).await;
         assert_eq!(status, 200, "{text}");
         assert!(text.contains(HELLO), "{text}");
-        assert_eq!(run.containers().len(), 1, "one backend container");
+        // The compose services run the image built with the run's label too: count the drone's
+        // backend containers only (the drone labels them `dev.hangar.backend`).
+        let backends = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label={}", run.label()),
+            "--filter",
+            "label=dev.hangar.backend",
+        ])
+        .unwrap_or_default();
+        assert_eq!(backends.lines().count(), 1, "one backend container");
         // The same key through the other controller reuses the backend (one shared database).
         let again = connect(&client, controller2, &body).await;
         assert_eq!(again["backend_id"].as_str(), Some(backend.as_str()));
