@@ -247,17 +247,28 @@ pub enum LoopKind {
     WebSocket,
 }
 
-/// Runs one loop for `key` until `stop`: connect through `controller` (recorded), use the URL as
-/// `kind` says (answers recorded), pause, again.
+/// One client loop of the load.
+#[derive(Debug, Clone)]
+pub struct LoadLoop {
+    pub kind: LoopKind,
+    /// The controller's index and URL.
+    pub controller: (usize, String),
+    pub key: String,
+}
+
+/// Runs `spec` until `stop`: connect for its key through its controller (recorded), use the URL as
+/// its kind says (answers recorded), pause, again.
 pub async fn run_load_loop(
     target: LoadTarget,
-    kind: LoopKind,
-    controller: (usize, String),
-    key: String,
+    spec: LoadLoop,
     recorded: Arc<Mutex<Recorded>>,
     stop: CancellationToken,
 ) {
-    let (index, controller_url) = controller;
+    let LoadLoop {
+        kind,
+        controller: (index, controller_url),
+        key,
+    } = spec;
     while !stop.is_cancelled() {
         let at_ms = target.elapsed_ms();
         let (outcome, got) = target.connect(&controller_url, &key).await;

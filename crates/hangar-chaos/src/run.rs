@@ -4,7 +4,7 @@
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::history::{check, History, LiveSnapshot, Violation};
 use crate::load::{
-    lock, run_load_loop, LoadTarget, LoopKind, Recorded, DOCKER_KEY_PREFIX, RUN_VAR,
+    lock, run_load_loop, LoadLoop, LoadTarget, LoopKind, Recorded, DOCKER_KEY_PREFIX, RUN_VAR,
 };
 use crate::postgres::PostgresServer;
 use crate::schedule::{draw, Shape, Step};
@@ -253,11 +253,14 @@ async fn drive(
     let tasks = TaskTracker::new();
     for (i, url) in controllers.iter().enumerate() {
         for key in &keys {
+            let spec = LoadLoop {
+                kind: LoopKind::Requests,
+                controller: (i, url.clone()),
+                key: key.clone(),
+            };
             tasks.spawn(run_load_loop(
                 target.clone(),
-                LoopKind::Requests,
-                (i, url.clone()),
-                key.clone(),
+                spec,
                 recorded.clone(),
                 stop.clone(),
             ));
@@ -265,11 +268,14 @@ async fn drive(
     }
     for (k, key) in keys.iter().enumerate() {
         let i = k % controllers.len();
+        let spec = LoadLoop {
+            kind: LoopKind::WebSocket,
+            controller: (i, controllers[i].clone()),
+            key: key.clone(),
+        };
         tasks.spawn(run_load_loop(
             target.clone(),
-            LoopKind::WebSocket,
-            (i, controllers[i].clone()),
-            key.clone(),
+            spec,
             recorded.clone(),
             stop.clone(),
         ));
