@@ -91,18 +91,22 @@ impl ConnectionTracker {
     pub(crate) fn open(self: &Arc<Self>, backend: &BackendId) -> ConnectionGuard {
         let mut st = self.lock();
         let epoch = self.record_activity(&mut st, backend);
-        let severed = match st.backends.get_mut(backend) {
-            Some(a) => {
-                a.open += 1;
-                a.severed.clone()
-            }
-            None => CancellationToken::new(),
-        };
+        if let Some(a) = st.backends.get_mut(backend) {
+            a.open += 1;
+        }
         ConnectionGuard {
             tracker: self.clone(),
             backend: backend.clone(),
             epoch,
-            severed,
+        }
+    }
+
+    /// The signal that closes the connections of `guard`'s backend (see [`ConnectionGuard::severed`]).
+    fn severed(&self, backend: &BackendId, epoch: u64) -> CancellationToken {
+        match self.lock().backends.get(backend) {
+            Some(a) if a.epoch == epoch => a.severed.clone(),
+            // The entry the guard counted in is gone: nothing will sever it any more.
+            _ => CancellationToken::new(),
         }
     }
 
@@ -129,6 +133,9 @@ impl ConnectionTracker {
             // Traffic again means the controller gave us a fresh route to it: it lives.
             activity.removed = false;
             queue_keepalive = true;
+            if activity.severed.is_cancelled() {
+                activity.severed = CancellationToken::new();
+            }
         }
         activity.recent = true;
         let epoch = activity.epoch;
@@ -163,7 +170,8 @@ impl ConnectionTracker {
 
     /// The controller says `backend` is gone: stop sending keepalives for it. Open connections keep
     /// being counted until they close; when the backend is `terminated`, they are told to close now
-    /// (the connections opened later, after a fresh route, get a new signal).
+    /// (the signal stays fired for connections that ask for it later; traffic after a fresh route
+    /// gets a new one).
     pub(crate) fn forget(&self, backend: &BackendId, terminated: bool) {
         let mut st = self.lock();
         st.keepalives.remove(backend);
@@ -171,7 +179,7 @@ impl ConnectionTracker {
             Some(a) => {
                 a.removed = true;
                 if terminated {
-                    std::mem::take(&mut a.severed).cancel();
+                    a.severed.cancel();
                 }
                 a.open == 0
             }
@@ -266,13 +274,13 @@ pub(crate) struct ConnectionGuard {
     tracker: Arc<ConnectionTracker>,
     backend: BackendId,
     epoch: u64,
-    severed: CancellationToken,
 }
 
 impl ConnectionGuard {
-    /// Fires when the controller says the backend is terminated: the connection must close.
-    pub(crate) fn severed(&self) -> &CancellationToken {
-        &self.severed
+    /// Fires when the controller says the backend is terminated: the connection must close. Asked
+    /// for by long-lived connections (tunnels) only, so that a plain request costs no extra work.
+    pub(crate) fn severed(&self) -> CancellationToken {
+        self.tracker.severed(&self.backend, self.epoch)
     }
 }
 
@@ -340,6 +348,24 @@ mod tests {
         })
         .await
         .expect("test timed out");
+    }
+
+    #[test]
+    fn a_terminated_backend_severs_its_connections_a_terminating_one_does_not() {
+        let t = tracker();
+        let guard = t.open(&b("b1"));
+        let signal = guard.severed();
+        t.forget(&b("b1"), false);
+        assert!(!signal.is_cancelled(), "terminating: connections stay");
+        t.forget(&b("b1"), true);
+        assert!(signal.is_cancelled(), "terminated: connections close");
+        // A connection that asks only now (its upgrade finished late) is severed as well.
+        assert!(guard.severed().is_cancelled());
+        let later = t.open(&b("b1"));
+        assert!(
+            !later.severed().is_cancelled(),
+            "traffic after a fresh route gets a new signal"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -59,7 +59,7 @@ pub(crate) async fn run_tunnel(
         guard,
         connection,
     } = tunnel;
-    let severed = guard.severed().clone();
+    let severed = guard.severed();
     let upgraded = tokio::select! {
         _ = cancel.cancelled() => return,
         _ = severed.cancelled() => return,
