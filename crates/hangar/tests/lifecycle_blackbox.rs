@@ -39,6 +39,30 @@ struct Hangar {
 }
 
 impl Hangar {
+    /// `hangar dev --in-memory` for [`CLUSTER`], its controller on `port`, the proxy on a free port.
+    fn dev_in_memory(dir: &Path, port: u16, proxy_metrics: &str, drone_metrics: &str) -> Hangar {
+        let port = port.to_string();
+        let proxy_port = free_port().to_string();
+        Hangar::start(
+            dir,
+            "dev",
+            &[
+                "dev",
+                "--in-memory",
+                "--controller-port",
+                &port,
+                "--proxy-port",
+                &proxy_port,
+                "--cluster",
+                CLUSTER,
+                "--proxy-metrics-addr",
+                proxy_metrics,
+                "--drone-metrics-addr",
+                drone_metrics,
+            ],
+        )
+    }
+
     /// `hangar <args>` with no `HANGAR_*` variable from the test's environment.
     fn start(dir: &Path, label: &str, args: &[&str]) -> Hangar {
         let log = dir.join(format!("{label}-{}.log", free_port()));
@@ -227,24 +251,7 @@ async fn backends_die_with_a_sigkilled_dev() {
     with_timeout(TEST_TIMEOUT, async {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut dev = Hangar::start(
-            dir.path(),
-            "dev",
-            &[
-                "dev",
-                "--in-memory",
-                "--controller-port",
-                &port.to_string(),
-                "--proxy-port",
-                &free_port().to_string(),
-                "--cluster",
-                CLUSTER,
-                "--proxy-metrics-addr",
-                "127.0.0.1:0",
-                "--drone-metrics-addr",
-                "127.0.0.1:0",
-            ],
-        );
+        let mut dev = Hangar::dev_in_memory(dir.path(), port, "127.0.0.1:0", "127.0.0.1:0");
         let url = format!("http://127.0.0.1:{port}/").parse().unwrap();
         let client = ControllerClient::new(url).unwrap();
         ready_backend(&client, "a", process_executable(&[])).await;
@@ -454,23 +461,11 @@ async fn components_report_build_process_and_backend_metrics() {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let (proxy_metrics, drone_metrics) = (free_port(), free_port());
-        let _dev = Hangar::start(
+        let _dev = Hangar::dev_in_memory(
             dir.path(),
-            "dev",
-            &[
-                "dev",
-                "--in-memory",
-                "--controller-port",
-                &port.to_string(),
-                "--proxy-port",
-                &free_port().to_string(),
-                "--cluster",
-                CLUSTER,
-                "--proxy-metrics-addr",
-                &format!("127.0.0.1:{proxy_metrics}"),
-                "--drone-metrics-addr",
-                &format!("127.0.0.1:{drone_metrics}"),
-            ],
+            port,
+            &format!("127.0.0.1:{proxy_metrics}"),
+            &format!("127.0.0.1:{drone_metrics}"),
         );
         let base = format!("http://127.0.0.1:{port}");
         let client = ControllerClient::new(format!("{base}/").parse().unwrap()).unwrap();
