@@ -167,6 +167,11 @@ impl Read {
         for batch in first.chunks(crate::log_store::BATCH_LINES) {
             self.send(request.request_id, batch.to_vec()).await?;
         }
+        if first.is_empty() && request.follow {
+            // An empty first batch tells the controller the read is in place: every line written
+            // from now on reaches it, so it can answer its HTTP client.
+            self.send(request.request_id, Vec::new()).await?;
+        }
         loop {
             let version = *changes.borrow_and_update();
             let (lines, returned) = match self.read_batch(cursor).await? {
@@ -234,5 +239,67 @@ async fn blocking<T: Send + 'static>(
         Ok(Ok(done)) => Ok(done),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log_store::{LogCounters, LogLimits};
+    use hangar_types::logs::LogStream;
+    use std::time::Duration;
+
+    async fn frame(rx: &mut mpsc::Receiver<DroneToController>) -> DroneToController {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("no frame in time")
+            .expect("the log channel closed")
+    }
+
+    fn batch(frame: DroneToController) -> Vec<String> {
+        match frame {
+            DroneToController::LogLines { lines, .. } => {
+                lines.into_iter().map(|l| l.line).collect()
+            }
+            other => panic!("expected LogLines, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_follow_with_nothing_to_send_yet_says_it_is_watching() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = LogLimits {
+            backend_bytes: 1 << 20,
+            total_bytes: 1 << 30,
+            retention: Duration::from_secs(3600),
+        };
+        let store = LogStore::open(dir.path(), limits, LogCounters::default()).unwrap();
+        let backend = BackendId::random();
+        store.append(&backend, &[(LogStream::Stdout, "before".into())]);
+        let (tx, mut rx) = mpsc::channel(LOG_FRAMES);
+        let requests = LogRequests::new(Some(store.clone()), tx);
+        let request = |request_id, follow| LogRequest {
+            request_id,
+            backend: backend.clone(),
+            since: None,
+            tail: Some(0),
+            follow,
+        };
+
+        // Without follow, nothing to send means the read is simply complete.
+        requests.start(request(1, false));
+        assert!(matches!(
+            frame(&mut rx).await,
+            DroneToController::LogEnd {
+                request_id: 1,
+                reason: LogEndReason::Complete
+            }
+        ));
+
+        // A follow begins with an empty batch once it watches; a line written after it arrives.
+        requests.start(request(2, true));
+        assert_eq!(batch(frame(&mut rx).await), Vec::<String>::new());
+        store.append(&backend, &[(LogStream::Stderr, "after".into())]);
+        assert_eq!(batch(frame(&mut rx).await), ["after"]);
     }
 }

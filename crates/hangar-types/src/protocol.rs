@@ -179,6 +179,8 @@ pub enum ControllerToDrone {
     /// Hangar extension: send the kept output lines of `backend` (those since `since`, only the last
     /// `tail` of them), then with `follow` every new line until the backend ends. Answered with
     /// `LogLines` batches and one `LogEnd`. `request_id` is chosen by the controller, unique per session.
+    /// A followed read always begins with a batch once the drone is watching (empty when nothing is
+    /// kept yet), so the controller knows no later line can be missed.
     LogRequest {
         request_id: u64,
         backend: BackendId,

@@ -37,6 +37,8 @@ const ERROR_LINES_WAIT: Duration = Duration::from_secs(3);
 const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A forwarded read without `follow` must be over within this.
 const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a follow waits for the drone to confirm it watches the backend before answering anyway.
+const FOLLOW_START_WAIT: Duration = Duration::from_secs(5);
 
 /// `GET /ctrl/b/{backend}/logs[?since=10m|<ms>][&tail=N][&follow=true]`.
 #[utoipa::path(get, path = "/ctrl/b/{backend}/logs", tag = "ctrl", params(("backend" = BackendId, Path, description = "Backend id"), ("since" = Option<String>, Query, description = "Lines since: a duration ago (10m) or milliseconds since the epoch"), ("tail" = Option<u32>, Query, description = "Only the last N lines (at most 10000)"), ("follow" = Option<bool>, Query, description = "Keep streaming new lines until the backend ends")), responses((status = 200, description = "Chunked JSON lines, one LogLine object per line", content_type = "application/x-ndjson", body = LogLine)))]
@@ -49,7 +51,20 @@ pub async fn backend_logs_get(
     let query = parse_query(raw.as_deref())?;
     let row = backend_row(&state, &backend).await?;
     let body = match open(&state, &row, query, &headers).await? {
-        Source::Local(read) => Body::from_stream(ndjson(read)),
+        Source::Local(mut read) => {
+            // A follow is answered once the drone watches the backend (its first batch), so a line
+            // written after the client got its answer is never missed. Bounded for older drones
+            // that send nothing until a line comes.
+            let first = if query.follow {
+                tokio::time::timeout(FOLLOW_START_WAIT, read.next())
+                    .await
+                    .ok()
+                    .flatten()
+            } else {
+                None
+            };
+            Body::from_stream(ndjson(first, read))
+        }
         Source::Forwarded(response) if response.status() != reqwest::StatusCode::OK => {
             let status =
                 StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -248,9 +263,16 @@ fn forward_client() -> Result<&'static reqwest::Client, reqwest::Error> {
 
 /// The lines of a read as JSON lines, one chunk per batch, until the drone ends the read (or its
 /// session ends).
-fn ndjson(read: LogRead) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
-    futures_util::stream::unfold(read, |mut read| async move {
-        match read.next().await? {
+fn ndjson(
+    first: Option<LogChunk>,
+    read: LogRead,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+    futures_util::stream::unfold((first, read), |(first, mut read)| async move {
+        let chunk = match first {
+            Some(chunk) => chunk,
+            None => read.next().await?,
+        };
+        match chunk {
             LogChunk::Lines(lines) => {
                 let mut buf = Vec::with_capacity(lines.len() * 64);
                 for line in &lines {
@@ -258,7 +280,7 @@ fn ndjson(read: LogRead) -> impl futures_util::Stream<Item = Result<Bytes, Infal
                         buf.push(b'\n');
                     }
                 }
-                Some((Ok(Bytes::from(buf)), read))
+                Some((Ok(Bytes::from(buf)), (None, read)))
             }
             LogChunk::End(LogEndReason::Failed(error)) => {
                 tracing::warn!(%error, "The drone could not read a backend's logs");
