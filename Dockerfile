@@ -1,26 +1,28 @@
 # The `hangar` container image: one static binary, run as the non-root user 65532, with `hangar` as
 # the entrypoint (`docker run IMAGE controller|drone|proxy|dns …`; without arguments `hangar dev`).
 #
-# From source (needs BuildKit, Docker's default builder since 23.0; pulls the two base images):
+# From source (BuildKit or Docker's legacy builder, `DOCKER_BUILDKIT=0`; pulls the two base images):
 #
 #   docker build -t hangar .
 #
-# From a binary built on this machine, pulling nothing (the legacy builder is enough; this is what
-# the test suite builds): `scripts/build-image.sh` builds a static binary and the `prebuilt` target
-# from a small context holding it.
+# From a binary built on this machine, pulling nothing (this is what the test suite builds):
+# `scripts/build-image.sh` builds a static binary and the `prebuilt` target from a small context
+# holding it at packaging/docker/rootfs/usr/local/bin/hangar.
 #
-# The `prebuilt` stage comes first on purpose: the legacy builder builds every stage before its
-# `--target`, so a later position would make it pull the Rust image. BuildKit skips unused stages.
+# Why the `prebuilt` stage comes first and copies whole directories: the legacy builder builds every
+# stage before its `--target` (all of them without one) in the same context, where BuildKit skips
+# unused stages. First, it needs no Rust image on the prebuilt path; copying directories that the
+# repository holds too (without the binary), it also succeeds, unused, in `docker build .`.
 
 ARG RUST_IMAGE=docker.io/library/rust:1-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/static-debian12:nonroot
 
-# ---- prebuilt: a static binary from the build context (context: hangar, passwd, group) -----------
+# ---- prebuilt: a static binary from the build context (see scripts/build-image.sh) -------------
 FROM scratch AS prebuilt
-COPY passwd group /etc/
-COPY hangar /usr/local/bin/hangar
+# /etc/passwd and /etc/group (root and nonroot, as distroless has them), and /usr/local/bin/hangar.
+COPY packaging/docker/rootfs/ /
 # The data directory of `hangar dev` and the drone's state file, writable by the user.
-COPY --chown=65532:65532 data/ /var/lib/hangar/
+COPY --chown=65532:65532 packaging/docker/data/ /var/lib/hangar/
 ENV HANGAR_DATA_DIR=/var/lib/hangar
 USER 65532:65532
 WORKDIR /var/lib/hangar

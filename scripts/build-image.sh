@@ -33,11 +33,12 @@ if [ "${1:-}" = --binary-only ]; then
   exit 0
 fi
 
+# The context holds what the `prebuilt` stage copies, at the repository's paths, plus the binary.
 context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
-cp "$TARGET_DIR/$TARGET/$dir/hangar" "$context/hangar"
-cp packaging/docker/passwd packaging/docker/group "$context/"
-mkdir "$context/data"
+mkdir -p "$context/packaging"
+cp -r packaging/docker "$context/packaging/"
+install -D -m 0755 "$TARGET_DIR/$TARGET/$dir/hangar" "$context/packaging/docker/rootfs/usr/local/bin/hangar"
 
 label_args=()
 if [ -n "${LABEL:-}" ]; then

@@ -319,9 +319,12 @@ async fn start_executors(
                     );
                 }
                 let settings = config.docker_settings()?;
-                let docker = DockerExecutor::connect(settings, metrics.clone())
+                let mut docker = DockerExecutor::connect(settings, metrics.clone())
                     .await
                     .context("cannot use the Docker executor (is the Docker engine running?)")?;
+                if config.state_file.is_none() {
+                    docker = docker.ephemeral();
+                }
                 executors.push(Arc::new(docker.with_log_store(logs.clone())));
             }
             ExecutorKind::Socket => {

@@ -132,6 +132,14 @@ impl ProcessSample {
     }
 }
 
+/// When process `pid` started, in clock ticks after the boot (`/proc/<pid>/stat`, field 22); `None`
+/// when no such process runs (or `/proc` cannot be read). With the pid it identifies one process:
+/// a reused pid comes with another start time.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat_fields(&stat)?.start_ticks)
+}
+
 /// The fields of `/proc/<pid>/stat` used here, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct StatFields {

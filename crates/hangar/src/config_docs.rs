@@ -131,6 +131,30 @@ fn lookup<'a>(table: &'a toml::Table, path: &str) -> Option<&'a toml::Value> {
     Some(value)
 }
 
+/// Splits the `Default: …` sentence out of a flag's help or a field's doc comment: the text without
+/// it, and what it says (without its final period). The sentence runs to the end of the text or to a
+/// period followed by a new sentence; a lowercase `default:` inside another sentence is left alone.
+fn split_default(text: &str) -> (String, Option<String>) {
+    let Some(start) = text.find("Default: ") else {
+        return (text.trim().to_string(), None);
+    };
+    let after = &text[start + "Default: ".len()..];
+    let end = after
+        .match_indices(". ")
+        .map(|(i, _)| i)
+        .find(|&i| {
+            after[i + 2..]
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_uppercase() || c == '`')
+        })
+        .unwrap_or(after.len());
+    let default = after[..end].trim().trim_end_matches('.').to_string();
+    let rest = after.get(end + 1..).unwrap_or_default();
+    let without = format!("{}{}", &text[..start], rest.trim_start());
+    (without.trim().to_string(), Some(default))
+}
+
 /// Markdown table cell: one line, pipes escaped.
 fn cell(text: &str) -> String {
     text.split_whitespace()
@@ -155,15 +179,30 @@ fn file_keys(spec: &FileSpec) -> Vec<(String, String, String)> {
     for (prefix, name, source) in &spec.structs {
         for (field, doc) in field_docs(source, name) {
             let key = format!("{prefix}{field}");
+            let (doc, documented) = split_default(&doc);
             let nested = spec.structs.iter().any(|(p, _, _)| *p == format!("{key}."));
+            let value = match (lookup(&defaults, &key), lookup(&again, &key)) {
+                (Some(a), Some(b)) if a != b => None,
+                (value, _) => value,
+            };
             let default = if nested {
                 format!("`[{key}]` table, none")
             } else if lookup(&minimal, &key).is_some() {
                 "required".to_string()
+            } else if let Some(documented) = documented {
+                // The doc's words say more (units, what "none" means); they must not contradict
+                // the value the code uses.
+                if let Some(value) = value.and_then(scalar) {
+                    assert!(
+                        documented.replace(' ', "").contains(&value),
+                        "`{key}`: the doc comment says `Default: {documented}`, the code uses {value}"
+                    );
+                }
+                documented
             } else {
-                match (lookup(&defaults, &key), lookup(&again, &key)) {
-                    (Some(a), Some(b)) if a != b => "random".to_string(),
-                    (Some(value), _) => format!("`{value}`"),
+                match (lookup(&defaults, &key), value) {
+                    (Some(_), None) => "random".to_string(),
+                    (Some(value), Some(_)) => format!("`{value}`"),
                     (None, _) => "none".to_string(),
                 }
             };
@@ -171,6 +210,18 @@ fn file_keys(spec: &FileSpec) -> Vec<(String, String, String)> {
         }
     }
     rows
+}
+
+/// A scalar default as its doc comment would write it (strings without quotes); `None` for tables
+/// and arrays.
+fn scalar(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
+            Some(value.to_string())
+        }
+        _ => None,
+    }
 }
 
 /// A flag's TOML key in its command's file, where the names differ or the key is nested.
@@ -225,16 +276,23 @@ fn flags_table(out: &mut String, command: &Command, keys: &[String]) {
             .map(|v| v.to_string_lossy().into_owned())
             .filter(|v| !v.is_empty() && v != "false")
             .collect();
-        let default = if defaults.is_empty() {
-            "—".to_string()
-        } else {
-            format!("`{}`", defaults.join(","))
-        };
-        let mut help = arg
+        let help = arg
             .get_long_help()
             .or(arg.get_help())
             .map(|h| h.to_string())
             .unwrap_or_default();
+        let (mut help, documented) = split_default(&help);
+        let default = match documented {
+            Some(documented) => {
+                assert!(
+                    defaults.is_empty(),
+                    "--{long}: a clap default and a `Default:` sentence"
+                );
+                documented
+            }
+            None if defaults.is_empty() => "—".to_string(),
+            None => format!("`{}`", defaults.join(",")),
+        };
         let values: Vec<String> = arg
             .get_possible_values()
             .iter()
@@ -243,6 +301,7 @@ fn flags_table(out: &mut String, command: &Command, keys: &[String]) {
             .collect();
         if !values.is_empty() && arg.get_action().takes_values() {
             let _ = write!(help, " Values: {}.", values.join(", "));
+            help = help.trim_start().to_string();
         }
         let _ = writeln!(
             out,
@@ -316,6 +375,52 @@ mod tests {
             checked_in == generated,
             "docs/configuration.md is stale (the flags or the *Config structs changed); regenerate it \
              with `UPDATE_EXPECT=1 cargo test -p hangar --bin hangar config_docs` and commit it"
+        );
+    }
+
+    #[test]
+    fn default_sentences_are_split_out() {
+        let split = |text: &str| split_default(text);
+        assert_eq!(
+            split("Port to listen on. Default: 8080."),
+            ("Port to listen on.".into(), Some("8080".into()))
+        );
+        assert_eq!(
+            split("Name. Default: none (such requests get 400). More text. And `more`."),
+            (
+                "Name. More text. And `more`.".into(),
+                Some("none (such requests get 400)".into())
+            )
+        );
+        assert_eq!(
+            split("Dir. Default: the data directory (e.g. `~/.local/share/hangar`)"),
+            (
+                "Dir.".into(),
+                Some("the data directory (e.g. `~/.local/share/hangar`)".into())
+            )
+        );
+        assert_eq!(
+            split("Timeout (ms; default: 10000)."),
+            ("Timeout (ms; default: 10000).".into(), None)
+        );
+    }
+
+    #[test]
+    fn defaults_are_in_the_default_column_only() {
+        let text = reference();
+        for line in text.lines().filter(|l| l.starts_with('|')) {
+            let description = line.trim_end_matches('|').rsplit('|').next().unwrap_or("");
+            assert!(!description.contains("Default: "), "{line}");
+        }
+        assert!(
+            text.contains(
+                "| `--port PORT` | `HANGAR_CONTROLLER_PORT` | `port` | 8080 | Port to listen on. |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("| `cleanup_interval` | 180000 (180 s) |"),
+            "{text}"
         );
     }
 

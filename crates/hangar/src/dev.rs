@@ -186,6 +186,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     drone_config.state_file = data_dir.as_ref().map(|d| d.join("drone.db"));
     drone_config.metrics_addr = Some(args.drone_metrics_addr);
     let executors = drone_config.executors.clone();
+    let _watchdog = crate::container_watchdog::start_for(&drone_config);
     let drone = match hangar_drone::start(drone_config).await {
         Ok(d) => d,
         Err(e) => {

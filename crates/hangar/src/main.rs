@@ -11,6 +11,7 @@ mod cli;
 #[cfg(test)]
 mod config_docs;
 mod config_file;
+mod container_watchdog;
 mod database;
 mod dev;
 mod dns;
@@ -94,6 +95,9 @@ enum Command {
     Completions(cli::docs::CompletionsArgs),
     /// Write man pages for hangar and each of its commands.
     Man(cli::docs::ManArgs),
+    /// Started by an ephemeral Docker drone: removes its containers once it is gone.
+    #[command(name = container_watchdog::COMMAND, hide = true)]
+    ContainerWatchdog(container_watchdog::WatchdogArgs),
 }
 
 #[derive(Debug, Args)]
@@ -111,7 +115,8 @@ impl Command {
             | Command::Controller(_)
             | Command::Drone(_)
             | Command::Proxy(_)
-            | Command::Dns(_) => true,
+            | Command::Dns(_)
+            | Command::ContainerWatchdog(_) => true,
             Command::Connect(_)
             | Command::List(_)
             | Command::Status(_)
@@ -160,7 +165,8 @@ impl Command {
             | Command::Migrate(_)
             | Command::Admin(_)
             | Command::Completions(_)
-            | Command::Man(_) => false,
+            | Command::Man(_)
+            | Command::ContainerWatchdog(_) => false,
         }
     }
 }
@@ -281,6 +287,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Proxy(args) => serve::run_proxy(args).await,
         Command::Dns(args) => dns::run_dns(args).await,
         Command::Migrate(args) => database::run_migrate(args).await,
+        Command::ContainerWatchdog(args) => container_watchdog::run(args).await,
         Command::Connect(c) => {
             cli::connect::run(&c.client.connection.client()?, c.args, c.client.output()).await
         }

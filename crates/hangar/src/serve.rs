@@ -360,6 +360,7 @@ pub async fn run_drone(args: DroneArgs) -> anyhow::Result<ExitCode> {
         return Err(e).context("invalid drone configuration");
     }
     let signals = StopSignals::install()?;
+    let _watchdog = crate::container_watchdog::start_for(&config);
     let drone = hangar_drone::start(config)
         .await
         .context("starting the drone")?;

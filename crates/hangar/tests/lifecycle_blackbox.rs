@@ -1,5 +1,5 @@
 //! Black-box tests of the `hangar` binary's process lifecycle and observability: backends never
-//! outlive their drone (`ps`), a second stop signal skips the grace period, a standalone drone keeps
+//! outlive their drone (`ps`; Docker containers: the drone's watchdog, else the next drone), a second stop signal skips the grace period, a standalone drone keeps
 //! its name in its state file (and re-adopts its containers under it), and every component's metrics
 //! carry the build and process series.
 //!
@@ -94,8 +94,7 @@ impl Hangar {
     }
 
     fn signal(&self, signal: Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).unwrap());
-        nix::sys::signal::kill(pid, signal).unwrap();
+        kill(self.pid(), signal);
     }
 
     async fn exited(&mut self) -> ExitStatus {
@@ -215,15 +214,25 @@ async fn wait_status(client: &ControllerClient, id: &BackendId, status: BackendS
 
 /// Pids of the `hangar-test-backend` processes whose parent is `parent`, from `ps`.
 fn backend_children(parent: u32) -> Vec<u32> {
+    children(parent, "hangar-test-backend")
+}
+
+/// Pids of the processes whose parent is `parent` and whose command line contains `needle`.
+fn children(parent: u32, needle: &str) -> Vec<u32> {
     let out = std::process::Command::new("ps")
         .args(["-o", "pid=,args=", "--ppid", &parent.to_string()])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains("hangar-test-backend"))
+        .filter(|l| l.contains(needle))
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect()
+}
+
+fn kill(pid: u32, signal: Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    nix::sys::signal::kill(pid, signal).unwrap();
 }
 
 /// Whether `ps` shows `pid` as a live process (a zombie waiting to be reaped is dead).
@@ -423,6 +432,56 @@ async fn restarted_docker_drone_readopts_its_container_under_its_kept_name() {
         client.hard_terminate(&id).await.unwrap();
         wait_status(client, &id, BackendStatus::Terminated).await;
         drop(second);
+    })
+    .await;
+}
+
+/// `hangar dev --in-memory` with Docker backends, killed with SIGKILL: its watchdog removes its
+/// container at once; and when the watchdog was killed too, the next `hangar dev` of the machine
+/// (another drone name) removes the container it left when it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_of_a_sigkilled_dev_do_not_outlive_it() {
+    if !docker_ready() {
+        return;
+    }
+    with_timeout(TEST_TIMEOUT, async {
+        let run = TestRun::new();
+        let dir = tempfile::tempdir().unwrap();
+        let running = |container: &str| docker(&["inspect", "-f", "{{.State.Running}}", container]);
+        let boxed_dev = || async {
+            let port = free_port();
+            let dev = Hangar::dev_in_memory(dir.path(), port, "127.0.0.1:0", "127.0.0.1:0");
+            let url = format!("http://127.0.0.1:{port}/").parse().unwrap();
+            let client = ControllerClient::new(url).unwrap();
+            let executable = Executable::Docker(Box::new(run.executable(&[])));
+            let id = ready_backend(&client, "boxed", executable).await;
+            let container = format!("hangar-{id}");
+            assert_eq!(running(&container).unwrap(), "true");
+            let watchdogs = children(dev.pid(), "container-watchdog");
+            assert_eq!(watchdogs.len(), 1, "watchdogs of dev: {watchdogs:?}");
+            (dev, container, watchdogs[0])
+        };
+
+        // Dev and its watchdog killed: the container runs on until the next dev starts, which
+        // removes it before its drone registers. (Any drone of this machine removes it at its
+        // start or at its periodic cleanup: a drone of a test running alongside may come first.)
+        let (mut first, left, watchdog) = boxed_dev().await;
+        kill(watchdog, Signal::SIGKILL);
+        wait_gone(watchdog).await;
+        first.signal(Signal::SIGKILL);
+        first.exited().await;
+        let (mut second, container, watchdog) = boxed_dev().await;
+        assert!(running(&left).is_err(), "{left} is still there");
+
+        // Dev killed alone: its watchdog removes the container and exits.
+        second.signal(Signal::SIGKILL);
+        second.exited().await;
+        eventually("the watchdog to remove the container", || async {
+            running(&container).is_err().then_some(())
+        })
+        .await;
+        wait_gone(watchdog).await;
+        assert!(run.containers().is_empty(), "{:?}", run.containers());
     })
     .await;
 }

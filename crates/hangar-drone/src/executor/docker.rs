@@ -11,13 +11,15 @@
 
 mod cleanup;
 mod container_body;
+mod drone_process;
 mod image;
 mod metrics;
 mod mount;
 mod running;
 
-pub use cleanup::CLEANUP_INTERVAL;
+pub use cleanup::{remove_containers_of_process, CLEANUP_INTERVAL};
 pub use container_body::CONTAINER_PORT;
+pub use drone_process::{DroneProcess, DRONE_PROCESS_LABEL};
 pub use metrics::MetricsSink;
 pub use mount::{MountError, CONTAINER_DATA_DIR};
 
@@ -94,6 +96,9 @@ pub struct DockerExecutor {
     cancel: CancellationToken,
     /// Where container output is captured, when set.
     logs: Option<crate::log_store::LogStore>,
+    /// This process, labelled on every container, when the containers die with it
+    /// ([`DockerExecutor::ephemeral`]).
+    process: Option<Arc<DroneProcess>>,
 }
 
 /// Marks a container as followed until dropped.
@@ -151,6 +156,7 @@ impl DockerExecutor {
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
             logs: None,
+            process: None,
         };
         executor.tracker.spawn(cleanup::run_cleanup(
             executor.clone(),
@@ -162,6 +168,14 @@ impl DockerExecutor {
     /// Captures every container's output into `logs`.
     pub fn with_log_store(mut self, logs: crate::log_store::LogStore) -> Self {
         self.logs = Some(logs);
+        self
+    }
+
+    /// For a drone without a state file: labels every container with this process
+    /// ([`DRONE_PROCESS_LABEL`]), so that once the process is gone (SIGKILL included) the next drone
+    /// of this machine removes what it left. Does nothing where `/proc` cannot name the process.
+    pub fn ephemeral(mut self) -> Self {
+        self.process = DroneProcess::current().map(Arc::new);
         self
     }
 
@@ -282,6 +296,7 @@ impl DockerExecutor {
             spec,
             exe,
             drone: &self.settings.drone,
+            process: self.process.as_deref(),
             ip: self.settings.ip,
             data_dir,
             runtime: self.settings.runtime.clone(),
@@ -446,7 +461,8 @@ impl Executor for DockerExecutor {
     }
 
     async fn remove_orphans(&self, supervised: &[BackendId]) -> Result<usize, ExecutorError> {
-        self.remove_orphan_containers(supervised).await
+        let orphans = self.remove_orphan_containers(supervised).await?;
+        Ok(orphans + self.remove_containers_of_gone_drones().await?)
     }
 
     async fn shutdown(&self) {

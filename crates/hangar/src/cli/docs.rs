@@ -55,7 +55,7 @@ fn write_pages(dir: &Path, command: &clap::Command, name: &str) -> anyhow::Resul
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     let mut written = 1;
     for sub in command.get_subcommands() {
-        if sub.get_name() == "help" {
+        if sub.get_name() == "help" || sub.is_hide_set() {
             continue;
         }
         written += write_pages(dir, sub, &format!("{name}-{}", sub.get_name()))?;

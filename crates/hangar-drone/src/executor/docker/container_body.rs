@@ -3,7 +3,7 @@
 //! every decision is here and unit-tested; the executor only sends the result.
 
 use super::mount::CONTAINER_DATA_DIR;
-use super::{BACKEND_LABEL, DRONE_LABEL};
+use super::{DroneProcess, BACKEND_LABEL, DRONE_LABEL, DRONE_PROCESS_LABEL};
 use crate::config::DockerLogConfig;
 use crate::executor::BackendSpec;
 use bollard::models::{
@@ -28,6 +28,8 @@ pub struct ContainerPlan<'a> {
     pub spec: &'a BackendSpec,
     pub exe: &'a DockerExecutable,
     pub drone: &'a DroneName,
+    /// The drone's process, for a drone whose containers die with it.
+    pub process: Option<&'a DroneProcess>,
     /// Where the published port listens (the drone's address).
     pub ip: IpAddr,
     /// Host directory mounted at [`CONTAINER_DATA_DIR`].
@@ -116,11 +118,16 @@ fn environment(plan: &ContainerPlan<'_>) -> Vec<String> {
     env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-/// The user's labels, then the two the drone finds its containers by (which win).
+/// The user's labels, then the ones the drones find containers by (which win; the user's
+/// `dev.hangar.drone-process` is dropped, so a user cannot get a container of a durable drone removed).
 fn labels(plan: &ContainerPlan<'_>) -> HashMap<String, String> {
     let mut labels: HashMap<String, String> = plan.exe.labels.clone().into_iter().collect();
     labels.insert(BACKEND_LABEL.into(), plan.spec.id.to_string());
     labels.insert(DRONE_LABEL.into(), plan.drone.to_string());
+    match plan.process {
+        Some(process) => labels.insert(DRONE_PROCESS_LABEL.into(), process.to_string()),
+        None => labels.remove(DRONE_PROCESS_LABEL),
+    };
     labels
 }
 
@@ -189,6 +196,7 @@ mod tests {
             spec: &spec,
             exe,
             drone: &drone,
+            process: None,
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             data_dir: None,
             runtime: None,
@@ -197,6 +205,29 @@ mod tests {
         };
         adjust(&mut plan);
         container_body(&plan)
+    }
+
+    #[test]
+    fn only_an_ephemeral_drone_labels_its_process() {
+        let e = exe(serde_json::json!({"image": "app:1",
+            "labels": {"dev.hangar.drone-process": "boot.1.2.3"}}));
+        let durable = body_of(&e, |_| {}).labels.unwrap();
+        assert!(!durable.contains_key(DRONE_PROCESS_LABEL), "{durable:?}");
+        let spec = spec(&e);
+        let drone: DroneName = "dr-test".parse().unwrap();
+        let process: DroneProcess = "boot.4.5.6".parse().unwrap();
+        let ephemeral = container_body(&ContainerPlan {
+            spec: &spec,
+            exe: &e,
+            drone: &drone,
+            process: Some(&process),
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            data_dir: None,
+            runtime: None,
+            log_config: None,
+            storage_opt_supported: false,
+        });
+        assert_eq!(ephemeral.labels.unwrap()[DRONE_PROCESS_LABEL], "boot.4.5.6");
     }
 
     fn host(body: &ContainerCreateBody) -> &HostConfig {
@@ -215,6 +246,7 @@ mod tests {
             spec: &spec,
             exe: &e,
             drone: &drone,
+            process: None,
             ip: "10.1.2.3".parse().unwrap(),
             data_dir: None,
             runtime: None,
