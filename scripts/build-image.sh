@@ -38,6 +38,7 @@ context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
 mkdir -p "$context/packaging"
 cp -r packaging/docker "$context/packaging/"
+rm "$context/packaging/docker/data/.keep"   # as .dockerignore does for `docker build .`
 install -D -m 0755 "$TARGET_DIR/$TARGET/$dir/hangar" "$context/packaging/docker/rootfs/usr/local/bin/hangar"
 
 label_args=()

@@ -50,7 +50,7 @@ pub struct ControllerConfig {
     /// least 1. Default: 2.
     pub best_of: usize,
     /// Largest accepted JSON request body, in bytes; larger bodies get 413. Also the largest accepted
-    /// WebSocket message from a node. Default: 1 MiB (1048576).
+    /// WebSocket message from a node. Default: 1048576 (1 MiB).
     pub max_body_bytes: usize,
     /// When set, every `/ctrl/*` route, including the drone and proxy sockets, requires
     /// `Authorization: Bearer <token>` (401 otherwise). `/pub/*` never requires it. Default: none.

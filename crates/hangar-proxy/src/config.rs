@@ -63,7 +63,7 @@ pub struct ProxyConfig {
     #[serde(default = "default_shutdown_grace", with = "seconds")]
     pub shutdown_grace: Duration,
     /// Most client connections open at once (HTTP connections and WebSocket tunnels). Beyond it a
-    /// new connection gets `503` with `Connection: close` and is closed. Default: 10 000.
+    /// new connection gets `503` with `Connection: close` and is closed. Default: 10000.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Largest request head in bytes (request line plus headers for HTTP/1.1, the header list for

@@ -133,26 +133,48 @@ fn lookup<'a>(table: &'a toml::Table, path: &str) -> Option<&'a toml::Value> {
 
 /// Splits the `Default: …` sentence out of a flag's help or a field's doc comment: the text without
 /// it, and what it says (without its final period). The sentence runs to the end of the text or to a
-/// period followed by a new sentence; a lowercase `default:` inside another sentence is left alone.
+/// period (outside parentheses) followed by a capitalised sentence; a lowercase `default:` inside another sentence is left alone.
 fn split_default(text: &str) -> (String, Option<String>) {
     let Some(start) = text.find("Default: ") else {
         return (text.trim().to_string(), None);
     };
     let after = &text[start + "Default: ".len()..];
+    // Outside parentheses, a period, a space and a capital letter start the next sentence.
+    let mut depth = 0i32;
     let end = after
-        .match_indices(". ")
-        .map(|(i, _)| i)
-        .find(|&i| {
-            after[i + 2..]
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_uppercase() || c == '`')
+        .char_indices()
+        .find(|&(i, c)| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            c == '.'
+                && depth == 0
+                && after[i + 1..].starts_with(' ')
+                && after[i + 2..].starts_with(char::is_uppercase)
         })
-        .unwrap_or(after.len());
-    let default = after[..end].trim().trim_end_matches('.').to_string();
+        .map_or(after.len(), |(i, _)| i);
+    let default = literal_in_code(after[..end].trim().trim_end_matches('.'));
     let rest = after.get(end + 1..).unwrap_or_default();
     let without = format!("{}{}", &text[..start], rest.trim_start());
     (without.trim().to_string(), Some(default))
+}
+
+/// A default that is one literal value (`8080`, `127.0.0.1`, `dns-01`, optionally followed by a
+/// parenthesis) in code style, as the column shows the values clap and serde give; words (`none`,
+/// `random`, `Docker's`) and phrases stay as they are.
+fn literal_in_code(default: &str) -> String {
+    let (head, tail) = match default.find(" (") {
+        Some(i) => default.split_at(i),
+        None => (default, ""),
+    };
+    let word = head.contains([' ', '`', '\'', '"']) || ["none", "off", "random"].contains(&head);
+    if head.is_empty() || word {
+        default.to_string()
+    } else {
+        format!("`{head}`{tail}")
+    }
 }
 
 /// Markdown table cell: one line, pipes escaped.
@@ -217,6 +239,8 @@ fn file_keys(spec: &FileSpec) -> Vec<(String, String, String)> {
 fn scalar(value: &toml::Value) -> Option<String> {
     match value {
         toml::Value::String(s) => Some(s.clone()),
+        // A whole number of seconds is written without its `.0`.
+        toml::Value::Float(f) if f.fract() == 0.0 => Some(format!("{f:.0}")),
         toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
             Some(value.to_string())
         }
@@ -383,7 +407,7 @@ mod tests {
         let split = |text: &str| split_default(text);
         assert_eq!(
             split("Port to listen on. Default: 8080."),
-            ("Port to listen on.".into(), Some("8080".into()))
+            ("Port to listen on.".into(), Some("`8080`".into()))
         );
         assert_eq!(
             split("Name. Default: none (such requests get 400). More text. And `more`."),
@@ -414,12 +438,12 @@ mod tests {
         }
         assert!(
             text.contains(
-                "| `--port PORT` | `HANGAR_CONTROLLER_PORT` | `port` | 8080 | Port to listen on. |"
+                "| `--port PORT` | `HANGAR_CONTROLLER_PORT` | `port` | `8080` | Port to listen on. |"
             ),
             "{text}"
         );
         assert!(
-            text.contains("| `cleanup_interval` | 180000 (180 s) |"),
+            text.contains("| `cleanup_interval` | `180000` (180 s) |"),
             "{text}"
         );
     }

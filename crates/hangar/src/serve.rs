@@ -216,7 +216,7 @@ pub struct DroneArgs {
     /// Drone name (`dr-…`). Default: random.
     #[arg(long, env = "HANGAR_DRONE_NAME")]
     pub name: Option<hangar_types::DroneName>,
-    /// Drone pool. Default: "" (the default pool).
+    /// Drone pool. Default: `""` (the default pool).
     #[arg(long, env = "HANGAR_POOL")]
     pub pool: Option<String>,
     /// Address proxies use to reach this drone's backends. Default: 127.0.0.1.
