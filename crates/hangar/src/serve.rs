@@ -168,8 +168,8 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
 /// the controller it reports to and the cluster it belongs to.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// TOML file with the component's configuration fields (`DroneConfig`; `ProxyConfig` plus `host`
-    /// and `http_port`). Flags and `HANGAR_*` variables override its values.
+    /// TOML file with this component's configuration (its keys: docs/configuration.md; commented
+    /// examples: examples/config/). Flags and `HANGAR_*` variables override its values.
     #[arg(long, env = "HANGAR_CONFIG")]
     pub config: Option<PathBuf>,
     /// Controller URL to connect to (`http(s)://[TOKEN@]host:port`; `host:port` means
@@ -213,7 +213,7 @@ async fn serve_until_signal<F: Future<Output = ()>>(
 pub struct DroneArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Drone name (`dr-…`). Default: random.
+    /// Drone name (`dr-…`). Default: the name kept in the --state-file, else random.
     #[arg(long, env = "HANGAR_DRONE_NAME")]
     pub name: Option<hangar_types::DroneName>,
     /// Drone pool. Default: `""` (the default pool).
