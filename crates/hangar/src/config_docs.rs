@@ -5,7 +5,9 @@
 //!   doc comments, defaults from serde). A test fails when the checked-in file differs; regenerate it
 //!   with `UPDATE_EXPECT=1 cargo test -p hangar --bin hangar config_docs`.
 //! - `examples/config/*.toml`, each loaded through the real configuration path of its command
-//!   (`--config FILE`, [`crate::config_file`], the component's `validate()`).
+//!   (`--config FILE`, [`crate::config_file`], the component's `validate()`);
+//! - `packaging/systemd/*.service`, whose `ExecStart` must parse as a `hangar` command line reading
+//!   an installed copy of its component's example file.
 //!
 //! Test-only: nothing here is compiled into the binary.
 
@@ -485,6 +487,56 @@ mod tests {
         crate::Cli::try_parse_from(args)
             .unwrap_or_else(|e| panic!("{args:?}: {e}"))
             .command
+    }
+
+    /// Each systemd unit starts `hangar <component> --config /etc/hangar/<file>`, a copy of the
+    /// example of its component (its header says to install it), and that command line parses.
+    #[test]
+    fn systemd_units_run_a_valid_command_on_an_example_file() {
+        let dir = repo_root().join("packaging/systemd");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("packaging/systemd exists") {
+            let path = entry.expect("directory entry").path();
+            let unit = path.display();
+            let text = std::fs::read_to_string(&path).expect("unit file reads");
+            let exec = text
+                .lines()
+                .find_map(|l| l.strip_prefix("ExecStart="))
+                .unwrap_or_else(|| panic!("{unit}: no ExecStart"));
+            let args: Vec<&str> = exec.split_whitespace().collect();
+            assert_eq!(args.first(), Some(&"/usr/local/bin/hangar"), "{unit}");
+            let at = args.iter().position(|a| *a == "--config");
+            let installed = at
+                .and_then(|i| args.get(i + 1))
+                .unwrap_or_else(|| panic!("{unit}: no --config"));
+            let name = Path::new(installed)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let example = repo_root().join("examples/config").join(&name);
+            assert!(example.exists(), "{unit}: no examples/config/{name}");
+            assert!(
+                text.contains(&format!("examples/config/{name} {installed}")),
+                "{unit}: the install steps copy examples/config/{name} to {installed}"
+            );
+            let example = example.to_string_lossy().into_owned();
+            let argv: Vec<&str> = std::iter::once("hangar")
+                .chain(
+                    args[1..]
+                        .iter()
+                        .map(|a| if a == installed { example.as_str() } else { *a }),
+                )
+                .collect();
+            let component = args.get(1).copied().unwrap_or_default();
+            assert!(
+                path.ends_with(format!("hangar-{component}.service")),
+                "{unit} runs {component}"
+            );
+            parse(&argv);
+            seen += 1;
+        }
+        assert_eq!(seen, 3, "one unit per component");
     }
 
     #[test]
