@@ -46,12 +46,28 @@ impl DroneProcess {
     }
 
     /// Whether `self` is proven gone, seen from `here` (the running process): it ran in this boot
-    /// and this pid namespace, and its pid is free or now another process's.
+    /// and this pid namespace, and its pid is free or now another process's. A process that exists
+    /// but whose `/proc` entry cannot be read (another user's, under `hidepid`) is not gone.
     pub fn is_gone(&self, here: &DroneProcess) -> bool {
-        self.boot_id == here.boot_id
-            && self.pid_namespace == here.pid_namespace
-            && hangar_process_metrics::start_ticks(self.pid) != Some(self.start_ticks)
+        if self.boot_id != here.boot_id || self.pid_namespace != here.pid_namespace {
+            return false;
+        }
+        if !process_exists(self.pid) {
+            return true;
+        }
+        hangar_process_metrics::start_ticks(self.pid).is_some_and(|t| t != self.start_ticks)
     }
+}
+
+/// `kill(pid, 0)`: only "no such process" means none (not permitted means someone else's).
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
 }
 
 /// `pid:[4026531836]` → 4026531836.
