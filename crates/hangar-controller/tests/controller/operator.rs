@@ -51,21 +51,25 @@ async fn register_drone(
     (drone, node, session)
 }
 
+/// The router of a controller with `config` on an in-memory store, and that store.
+async fn router_on_memory(config: &ControllerConfig) -> (axum::Router, Arc<SqliteStore>) {
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let state = AppState::new(
+        config.clone(),
+        store.clone(),
+        "127.0.0.1:1".parse().unwrap(),
+    )
+    .unwrap();
+    (router(state), store)
+}
+
 /// The router of a controller on an in-memory store, with one registered drone that has a heartbeat.
 async fn router_with_drone() -> (axum::Router, Arc<SqliteStore>, DroneName) {
     let config = ControllerConfig {
         default_cluster: Some(CLUSTER.parse().unwrap()),
         ..Default::default()
     };
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-    let app = router(
-        AppState::new(
-            config.clone(),
-            store.clone(),
-            "127.0.0.1:1".parse().unwrap(),
-        )
-        .unwrap(),
-    );
+    let (app, store) = router_on_memory(&config).await;
     store
         .controller_heartbeat(&config.name, true)
         .await
@@ -127,23 +131,18 @@ async fn termination_candidates_explain_idle_and_lifetime_limits() {
         assert_eq!(candidate.max_idle_seconds, Some(30));
         assert_eq!(serde_json::to_value(candidate.status).unwrap(), "ready");
 
-        let (status, body) = send(
-            &app,
-            get(format!(
-                "/ctrl/c/{CLUSTER}/d/dr-nosuchdrone/termination-candidates"
-            )),
-        )
-        .await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert_eq!(body["kind"], "NotFound");
-        let (status, _) = send(
-            &app,
-            get(format!(
-                "/ctrl/c/{CLUSTER}/d/Bad_Name/termination-candidates"
-            )),
-        )
-        .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
+        // An unknown drone, then a name that is not a drone name.
+        for (name, expected, kind) in [
+            ("dr-nosuchdrone", StatusCode::NOT_FOUND, Some("NotFound")),
+            ("Bad_Name", StatusCode::BAD_REQUEST, None),
+        ] {
+            let other = format!("/ctrl/c/{CLUSTER}/d/{name}/termination-candidates");
+            let (status, body) = send(&app, get(other)).await;
+            assert_eq!(status, expected, "{name}");
+            if let Some(kind) = kind {
+                assert_eq!(body["kind"], kind);
+            }
+        }
     })
     .await
 }
@@ -199,15 +198,7 @@ async fn events_stream_backend_states_and_actions() {
 async fn cluster_state_lists_detached_nodes_only_with_all() {
     timed(async {
         let config = ControllerConfig::default();
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-        let app = router(
-            AppState::new(
-                config.clone(),
-                store.clone(),
-                "127.0.0.1:1".parse().unwrap(),
-            )
-            .unwrap(),
-        );
+        let (app, store) = router_on_memory(&config).await;
         let (drone, node, session) = register_drone(&store, &config).await;
         store.node_disconnected(node, session).await.unwrap();
         let get = |query: &str| {

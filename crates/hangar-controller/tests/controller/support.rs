@@ -138,6 +138,15 @@ impl TestController {
             .unwrap()
     }
 
+    /// `GET /ctrl/c/{CLUSTER}/state` as JSON.
+    pub async fn cluster_state(&self) -> Value {
+        self.get(&format!("/ctrl/c/{CLUSTER}/state"))
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// `POST /ctrl/connect`, expecting 200.
     pub async fn connect(&self, body: &Value) -> ConnectResponse {
         let response = self.post("/ctrl/connect", body).await;
@@ -276,12 +285,7 @@ impl FakeDrone {
             .await;
         let name = drone.name.clone();
         eventually("drone heartbeat recorded", || async {
-            let state: Value = ctl
-                .get(&format!("/ctrl/c/{CLUSTER}/state"))
-                .await
-                .json()
-                .await
-                .unwrap();
+            let state = ctl.cluster_state().await;
             state["drones"]
                 .as_array()
                 .unwrap()
@@ -359,6 +363,26 @@ impl FakeDrone {
         self.report(1004, backend, BackendState::Ready { address })
             .await;
     }
+}
+
+/// A controller with a drone and a proxy connected, and a backend for `key` scheduled on the drone.
+pub async fn drone_proxy_and_backend(
+    key: &str,
+) -> (TestController, FakeDrone, FakeProxy, ConnectResponse) {
+    let ctl = TestController::start().await;
+    let drone = FakeDrone::connect(&ctl).await;
+    let proxy = FakeProxy::connect(&ctl).await;
+    let connected = ctl.connect(&connect_body(Some(key))).await;
+    (ctl, drone, proxy, connected)
+}
+
+/// A controller with a drone connected, and a backend for `key` made ready on it.
+pub async fn ready_backend(key: &str) -> (TestController, FakeDrone, BackendId) {
+    let ctl = TestController::start().await;
+    let mut drone = FakeDrone::connect(&ctl).await;
+    let backend = ctl.connect(&connect_body(Some(key))).await.backend_id;
+    drone.make_ready(&backend).await;
+    (ctl, drone, backend)
 }
 
 pub struct FakeProxy {
