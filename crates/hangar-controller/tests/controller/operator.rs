@@ -2,11 +2,13 @@
 //! the SQLite store's clock moved forward, so no sweeper races the check) and the event stream (on a
 //! running controller).
 
-use crate::support::{connect_body, timed, FakeDrone, TestController, CLUSTER, WAIT};
+use crate::support::{
+    connect_body, router_on_memory, timed, FakeDrone, TestController, CLUSTER, WAIT,
+};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures_util::StreamExt;
-use hangar_controller::{router, AppState, ControllerConfig};
+use hangar_controller::ControllerConfig;
 use hangar_store::sqlite::SqliteStore;
 use hangar_store::{DroneRegistration, NodeId, Registration, SessionId, Store};
 use hangar_types::api::{BusEvent, TerminationCandidates};
@@ -51,25 +53,13 @@ async fn register_drone(
     (drone, node, session)
 }
 
-/// The router of a controller with `config` on an in-memory store, and that store.
-async fn router_on_memory(config: &ControllerConfig) -> (axum::Router, Arc<SqliteStore>) {
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-    let state = AppState::new(
-        config.clone(),
-        store.clone(),
-        "127.0.0.1:1".parse().unwrap(),
-    )
-    .unwrap();
-    (router(state), store)
-}
-
 /// The router of a controller on an in-memory store, with one registered drone that has a heartbeat.
 async fn router_with_drone() -> (axum::Router, Arc<SqliteStore>, DroneName) {
     let config = ControllerConfig {
         default_cluster: Some(CLUSTER.parse().unwrap()),
         ..Default::default()
     };
-    let (app, store) = router_on_memory(&config).await;
+    let (app, store) = router_on_memory(&config, "127.0.0.1:1").await;
     store
         .controller_heartbeat(&config.name, true)
         .await
@@ -198,7 +188,7 @@ async fn events_stream_backend_states_and_actions() {
 async fn cluster_state_lists_detached_nodes_only_with_all() {
     timed(async {
         let config = ControllerConfig::default();
-        let (app, store) = router_on_memory(&config).await;
+        let (app, store) = router_on_memory(&config, "127.0.0.1:1").await;
         let (drone, node, session) = register_drone(&store, &config).await;
         store.node_disconnected(node, session).await.unwrap();
         let get = |query: &str| {

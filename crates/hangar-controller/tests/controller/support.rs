@@ -2,7 +2,7 @@
 //! speaking the real protocol over real WebSockets, and polling helpers (no sleeps).
 
 use futures_util::{SinkExt, StreamExt};
-use hangar_controller::{ControllerConfig, ControllerHandle};
+use hangar_controller::{AppState, ControllerConfig, ControllerHandle};
 use hangar_store::sqlite::SqliteStore;
 use hangar_store::Store;
 use hangar_types::api::ConnectResponse;
@@ -374,6 +374,17 @@ pub async fn drone_proxy_and_backend(
     let proxy = FakeProxy::connect(&ctl).await;
     let connected = ctl.connect(&connect_body(Some(key))).await;
     (ctl, drone, proxy, connected)
+}
+
+/// The router of a controller with `config` whose own address is `addr`, on an in-memory store; and
+/// that store (for handler tests with `oneshot`, no listener).
+pub async fn router_on_memory(
+    config: &ControllerConfig,
+    addr: &str,
+) -> (axum::Router, Arc<SqliteStore>) {
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let state = AppState::new(config.clone(), store.clone(), addr.parse().unwrap()).unwrap();
+    (hangar_controller::router(state), store)
 }
 
 /// A controller with a drone connected, and a backend for `key` made ready on it.
