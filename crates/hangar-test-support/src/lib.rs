@@ -1,8 +1,11 @@
 //! What Hangar's tests share, so that no test file carries its own copy: the `hangar-test-backend`
 //! binary ([`test_backend`], [`process_executable`]), waiting for a condition with a deadline instead
 //! of sleeping ([`eventually`], [`with_timeout`]), test logging ([`init_tracing`]), Docker and
-//! per-test labelled containers ([`docker::TestRun`]) and a fresh PostgreSQL database per test
-//! ([`postgres::TestDatabase`]).
+//! per-test labelled containers ([`docker::TestRun`]), a fresh PostgreSQL database per test
+//! ([`postgres::TestDatabase`]), child processes of black-box tests ([`clean_command`],
+//! [`free_port`]), scraped metrics ([`prometheus::parse_exposition`]), TLS clients
+//! ([`tls::client_config`]) and the pieces of fake peers ([`served::Served`],
+//! [`handshake::read_hello`]).
 //!
 //! **Boundary:** a dev-dependency only; no normal crate may depend on it. It starts no Hangar
 //! component itself, so that every crate's tests can use it (the components' own harnesses, such as
@@ -12,7 +15,11 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod docker;
+pub mod handshake;
 pub mod postgres;
+pub mod prometheus;
+pub mod served;
+pub mod tls;
 
 use hangar_types::executable::{Executable, ProcessExecutable};
 use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
@@ -121,4 +128,38 @@ pub fn terminated_state(
         message: None,
         oom_killed: false,
     }
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1, for a child process to bind (in-process
+/// components bind port 0 instead).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A command running `binary` (a black-box test's `env!("CARGO_BIN_EXE_…")`) with no `HANGAR_*`
+/// variable of the test's environment, so that only what a test sets explicitly configures the
+/// child; killed when dropped.
+pub fn clean_command(binary: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("HANGAR_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.kill_on_drop(true);
+    cmd
+}
+
+/// Runs `cmd` to its end and returns its output, failing the test after `limit`.
+pub async fn output_within(
+    limit: Duration,
+    cmd: &mut tokio::process::Command,
+) -> std::process::Output {
+    with_timeout(limit, cmd.output())
+        .await
+        .expect("the command could not run")
 }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use hangar_proxy::ProxyConfig;
+use hangar_test_support::prometheus::parse_exposition;
 use hangar_tests::{eventually, TestEnv, WAIT};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,23 +15,6 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(WAIT * 2, f)
         .await
         .expect("test timed out")
-}
-
-/// The samples of a text exposition: `name{labels}` (as written by the server) → value.
-fn parse_exposition(text: &str) -> HashMap<String, f64> {
-    let mut samples = HashMap::new();
-    for line in text.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("a sample line has a value");
-        let value: f64 = value.parse().expect("a sample value is a number");
-        assert!(
-            samples.insert(series.to_string(), value).is_none(),
-            "duplicate series {series}"
-        );
-    }
-    samples
 }
 
 struct Scrape(HashMap<String, f64>);
@@ -45,6 +29,13 @@ impl Scrape {
             "{content_type}"
         );
         Scrape(parse_exposition(&response.text().await.unwrap()))
+    }
+
+    /// Checks each `(series, value)`.
+    fn assert_values(&self, expected: &[(&str, f64)]) {
+        for (series, value) in expected {
+            assert_eq!(self.get(series), *value, "{series}");
+        }
     }
 
     fn get(&self, series: &str) -> f64 {
@@ -118,56 +109,30 @@ async fn connects_and_proxied_requests_are_counted() {
         assert_eq!(other.status(), 404);
 
         let c = Scrape::fetch(&env.http, &controller_metrics).await;
-        assert_eq!(
-            c.get(r#"hangar_connect_requests_total{outcome="created"}"#),
-            1.0
-        );
-        assert_eq!(
-            c.get(r#"hangar_connect_requests_total{outcome="reused"}"#),
-            1.0
-        );
-        assert_eq!(
-            c.get(r#"hangar_connect_requests_total{outcome="error"}"#),
-            0.0
-        );
-        assert_eq!(c.get("hangar_connect_duration_seconds_count"), 2.0);
-        assert_eq!(c.get(r#"hangar_node_sessions{kind="drone"}"#), 1.0);
-        assert_eq!(c.get(r#"hangar_node_sessions{kind="proxy"}"#), 1.0);
-        assert_eq!(c.get(r#"hangar_node_sessions{kind="dns"}"#), 0.0);
-        assert_eq!(
-            c.get(r#"hangar_backend_state_changes_total{status="ready"}"#),
-            1.0
-        );
+        c.assert_values(&[
+            (r#"hangar_connect_requests_total{outcome="created"}"#, 1.0),
+            (r#"hangar_connect_requests_total{outcome="reused"}"#, 1.0),
+            (r#"hangar_connect_requests_total{outcome="error"}"#, 0.0),
+            ("hangar_connect_duration_seconds_count", 2.0),
+            (r#"hangar_node_sessions{kind="drone"}"#, 1.0),
+            (r#"hangar_node_sessions{kind="proxy"}"#, 1.0),
+            (r#"hangar_node_sessions{kind="dns"}"#, 0.0),
+            (r#"hangar_backend_state_changes_total{status="ready"}"#, 1.0),
+        ]);
 
         let p = Scrape::fetch(&env.http, &proxy_metrics).await;
-        assert_eq!(
-            p.get(r#"hangar_proxy_requests_total{code_class="2xx"}"#),
-            2.0
-        );
-        assert_eq!(
-            p.get(r#"hangar_proxy_requests_total{code_class="4xx"}"#),
-            1.0
-        );
-        assert_eq!(
-            p.get(r#"hangar_proxy_requests_total{code_class="5xx"}"#),
-            0.0
-        );
-        assert_eq!(p.get("hangar_proxy_request_duration_seconds_count"), 3.0);
-        assert_eq!(
-            p.get(r#"hangar_proxy_route_cache_total{result="hit"}"#),
-            1.0
-        );
-        // The backend's token and the `metrics` token.
-        assert_eq!(
-            p.get(r#"hangar_proxy_route_cache_total{result="miss"}"#),
-            2.0
-        );
-        assert_eq!(
-            p.get(r#"hangar_proxy_route_cache_total{result="coalesced"}"#),
-            0.0
-        );
-        assert_eq!(p.get("hangar_proxy_upstream_errors_total"), 0.0);
-        assert_eq!(p.get("hangar_proxy_websockets_open"), 0.0);
+        p.assert_values(&[
+            (r#"hangar_proxy_requests_total{code_class="2xx"}"#, 2.0),
+            (r#"hangar_proxy_requests_total{code_class="4xx"}"#, 1.0),
+            (r#"hangar_proxy_requests_total{code_class="5xx"}"#, 0.0),
+            ("hangar_proxy_request_duration_seconds_count", 3.0),
+            (r#"hangar_proxy_route_cache_total{result="hit"}"#, 1.0),
+            // The backend's token and the `metrics` token.
+            (r#"hangar_proxy_route_cache_total{result="miss"}"#, 2.0),
+            (r#"hangar_proxy_route_cache_total{result="coalesced"}"#, 0.0),
+            ("hangar_proxy_upstream_errors_total", 0.0),
+            ("hangar_proxy_websockets_open", 0.0),
+        ]);
         let open = p.get("hangar_proxy_open_connections");
         assert!((0.0..=3.0).contains(&open), "{open}");
         env.shutdown().await;

@@ -20,21 +20,11 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// `hangar` with no `HANGAR_*` variable of the test's environment.
 fn hangar() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("HANGAR_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    cmd
+    hangar_test_support::clean_command(env!("CARGO_BIN_EXE_hangar"))
 }
 
 async fn run(cmd: &mut Command) -> Output {
-    timeout(STEP_TIMEOUT, cmd.output())
-        .await
-        .expect("hangar did not finish")
-        .unwrap()
+    hangar_test_support::output_within(STEP_TIMEOUT, cmd).await
 }
 
 fn text(bytes: &[u8]) -> String {

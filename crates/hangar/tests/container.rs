@@ -17,7 +17,7 @@
 
 use hangar_test_support::docker::{docker, docker_ready, TestRun, TEST_IMAGE, TEST_RUN_LABEL};
 use hangar_test_support::postgres::TestDatabase;
-use hangar_test_support::{eventually, eventually_within, with_timeout};
+use hangar_test_support::{eventually, eventually_within, free_port, with_timeout};
 use serde_json::{json, Value};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -283,14 +283,6 @@ fn bridge_gateway() -> IpAddr {
         .expect("the bridge has a subnet");
     let network: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
     IpAddr::V4(std::net::Ipv4Addr::from(u32::from(network) + 1))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread")]

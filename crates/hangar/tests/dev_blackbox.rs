@@ -4,6 +4,7 @@
 // Helpers outside `#[test]` functions are test code too: a panic there is a test failure.
 #![allow(clippy::unwrap_used)]
 
+use hangar_test_support::free_port;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -45,14 +46,6 @@ async fn test_backend() -> PathBuf {
     }
     assert!(path.exists(), "{} is missing", path.display());
     path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A running `hangar dev`, killed when dropped (also when the test fails), with its output in a

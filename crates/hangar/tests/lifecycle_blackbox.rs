@@ -9,7 +9,7 @@
 
 use hangar_client::ControllerClient;
 use hangar_test_support::docker::{docker, docker_ready, TestRun};
-use hangar_test_support::{eventually, process_executable, with_timeout};
+use hangar_test_support::{eventually, free_port, process_executable, with_timeout};
 use hangar_types::api::ConnectRequest;
 use hangar_types::executable::Executable;
 use hangar_types::{BackendId, BackendStatus, ClusterName, DroneName, NodeName};
@@ -22,14 +22,6 @@ use tokio::process::{Child, Command};
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 /// Longest wait for a process to exit after it was told to.
 const EXIT_WAIT: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One `hangar` process, its output (stdout and stderr) in a file printed when a test fails. Killed
 /// when dropped.
@@ -127,6 +119,13 @@ struct Controller {
     _process: Hangar,
     client: ControllerClient,
     url: String,
+}
+
+/// A temporary directory and `hangar controller` on a SQLite file in it.
+async fn controller_in_tempdir() -> (tempfile::TempDir, Controller) {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller(dir.path()).await;
+    (dir, controller)
 }
 
 /// `hangar controller` on a SQLite file in `dir`.
@@ -283,8 +282,7 @@ async fn backends_die_with_a_sigkilled_dev() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_sigterm_skips_the_grace_period() {
     with_timeout(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let controller = controller(dir.path()).await;
+        let (dir, controller) = controller_in_tempdir().await;
         let client = &controller.client;
         let config = dir.path().join("drone.toml");
         std::fs::write(&config, "soft_terminate_grace = 3600000\n").unwrap();
@@ -334,8 +332,7 @@ async fn second_sigterm_skips_the_grace_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_drone_keeps_its_name_in_its_state_file() {
     with_timeout(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let controller = controller(dir.path()).await;
+        let (dir, controller) = controller_in_tempdir().await;
         let client = &controller.client;
         let state = dir.path().join("drone-state.db");
         let args = [
@@ -389,8 +386,7 @@ async fn restarted_docker_drone_readopts_its_container_under_its_kept_name() {
     }
     with_timeout(TEST_TIMEOUT, async {
         let run = TestRun::new();
-        let dir = tempfile::tempdir().unwrap();
-        let controller = controller(dir.path()).await;
+        let (dir, controller) = controller_in_tempdir().await;
         let client = &controller.client;
         let state = dir.path().join("drone-state.db");
         let args = [

@@ -7,9 +7,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+use hangar_test_support::free_port;
 use hangar_tests::postgres::TestDatabase;
 use std::io::Write;
-use std::net::TcpListener;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 use tokio::process::{Child, Command};
@@ -18,35 +18,18 @@ use tokio::time::{timeout, Instant};
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `hangar` with no `HANGAR_*` variable of the test's environment.
 fn hangar() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
-    // Only what a test sets explicitly may configure the child.
-    for (name, _) in std::env::vars() {
-        if name.starts_with("HANGAR_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.kill_on_drop(true);
-    cmd
+    hangar_test_support::clean_command(env!("CARGO_BIN_EXE_hangar"))
 }
 
-async fn run(cmd: &mut Command) -> Output {
-    timeout(STEP_TIMEOUT, cmd.output())
-        .await
-        .expect("command timed out")
-        .expect("command could not run")
+/// `hangar <args>`, run to its end.
+async fn run_hangar(args: &[&str]) -> Output {
+    hangar_test_support::output_within(STEP_TIMEOUT, hangar().args(args)).await
 }
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn config_file(contents: &str) -> tempfile::NamedTempFile {
@@ -56,6 +39,17 @@ fn config_file(contents: &str) -> tempfile::NamedTempFile {
 }
 
 /// Polls `/pub/health` on `port` until it answers 200.
+/// Starts `cmd` (a controller on `port`, its output discarded) and waits until it is healthy.
+async fn start_healthy(cmd: &mut Command, port: u16) -> Child {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_healthy(&mut child, port).await;
+    child
+}
+
 async fn wait_healthy(child: &mut Child, port: u16) {
     let url = format!("http://127.0.0.1:{port}/pub/health");
     let http = reqwest::Client::new();
@@ -99,7 +93,7 @@ async fn migrate_runs_twice_on_a_fresh_database() {
             return;
         };
         for round in 0..2 {
-            let out = run(hangar().args(["migrate", "--db", db.url()])).await;
+            let out = run_hangar(&["migrate", "--db", db.url()]).await;
             assert!(
                 out.status.success(),
                 "round {round}: {}{}",
@@ -136,26 +130,25 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
         let path = file.path().to_str().unwrap().to_string();
 
         // The environment beats the file.
-        let mut child = hangar()
-            .args(["controller", "--config", &path])
-            .env("HANGAR_CONTROLLER_PORT", env_port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_healthy(&mut child, env_port).await;
+        let child = start_healthy(
+            hangar()
+                .args(["controller", "--config", &path])
+                .env("HANGAR_CONTROLLER_PORT", env_port.to_string()),
+            env_port,
+        )
+        .await;
         assert!(
             std::net::TcpStream::connect(("127.0.0.1", file_port)).is_err(),
             "not listening on the file's port"
         );
         let controller = format!("http://127.0.0.1:{env_port}");
-        let out = run(hangar().args([
+        let out = run_hangar(&[
             "mark-lost",
             "--controller",
             &controller,
             "localhost:9999",
             "dr-nobody",
-        ]))
+        ])
         .await;
         assert!(!out.status.success());
         assert!(
@@ -163,9 +156,7 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
             "{}",
             text(&out.stderr)
         );
-        let out =
-            run(hangar().args(["prevent-renew", "--controller", &controller, "nothing-here"]))
-                .await;
+        let out = run_hangar(&["prevent-renew", "--controller", &controller, "nothing-here"]).await;
         assert!(!out.status.success());
         assert!(
             text(&out.stderr).contains("holds no key"),
@@ -175,20 +166,19 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
         stop(child).await;
 
         // A flag beats the environment (here the old name of the variable, still read).
-        let mut child = hangar()
-            .args([
-                "controller",
-                "--config",
-                &path,
-                "--port",
-                &flag_port.to_string(),
-            ])
-            .env("HANGAR_PORT", env_port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_healthy(&mut child, flag_port).await;
+        let child = start_healthy(
+            hangar()
+                .args([
+                    "controller",
+                    "--config",
+                    &path,
+                    "--port",
+                    &flag_port.to_string(),
+                ])
+                .env("HANGAR_PORT", env_port.to_string()),
+            flag_port,
+        )
+        .await;
         stop(child).await;
         db.drop_database().await;
     })
@@ -200,15 +190,14 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
 async fn bad_config_files_are_refused_with_the_field_named() {
     timeout(TEST_TIMEOUT, async {
         let file = config_file("db = \"x.db\"\nbestof = 3\n");
-        let out =
-            run(hangar().args(["controller", "--config", file.path().to_str().unwrap()])).await;
+        let out = run_hangar(&["controller", "--config", file.path().to_str().unwrap()]).await;
         assert!(!out.status.success());
         let err = text(&out.stderr);
         assert!(err.contains("unknown field `bestof`"), "{err}");
         assert!(err.contains(file.path().to_str().unwrap()), "{err}");
 
         let file = config_file("controller_url = \"http://127.0.0.1:1/\"\n");
-        let out = run(hangar().args(["drone", "--config", file.path().to_str().unwrap()])).await;
+        let out = run_hangar(&["drone", "--config", file.path().to_str().unwrap()]).await;
         assert!(!out.status.success());
         let err = text(&out.stderr);
         assert!(
@@ -216,7 +205,7 @@ async fn bad_config_files_are_refused_with_the_field_named() {
             "{err}"
         );
 
-        let out = run(hangar().args(["proxy", "--config", "/nonexistent/proxy.toml"])).await;
+        let out = run_hangar(&["proxy", "--config", "/nonexistent/proxy.toml"]).await;
         assert!(!out.status.success());
         assert!(
             text(&out.stderr).contains("cannot read"),

@@ -35,6 +35,17 @@ fn auth_app(seen: Seen) -> axum::Router {
     })
 }
 
+/// `GET /ctrl/status` with a good token and `x-deny`, which the auth service refuses.
+async fn get_status_denied(ctl: &TestController) -> reqwest::Response {
+    ctl.http
+        .get(format!("{}/ctrl/status", ctl.base))
+        .header("authorization", "Bearer good")
+        .header("x-deny", "1")
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn decide(headers: &HeaderMap) -> Response {
     if headers.contains_key("x-deny") {
         return (
@@ -193,14 +204,7 @@ async fn forward_auth_rejects_accepts_and_passes_denials_on() {
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["status"], "ok");
         // Any other answer is returned as it is; a redirect is not followed.
-        let resp = ctl
-            .http
-            .get(format!("{}/ctrl/status", ctl.base))
-            .header("authorization", "Bearer good")
-            .header("x-deny", "1")
-            .send()
-            .await
-            .unwrap();
+        let resp = get_status_denied(&ctl).await;
         assert_eq!(resp.status(), 403);
         assert_eq!(resp.headers()["content-type"], "application/json");
         assert_eq!(resp.text().await.unwrap(), r#"{"why":"x-deny"}"#);
@@ -331,14 +335,7 @@ async fn forward_auth_composes_with_the_bearer_token() {
         assert_eq!(body["kind"], "Unauthorized");
         assert_eq!(auth.count(), before);
         // The bearer token is right but the auth service says no.
-        let resp = ctl
-            .http
-            .get(format!("{}/ctrl/status", ctl.base))
-            .header("authorization", "Bearer good")
-            .header("x-deny", "1")
-            .send()
-            .await
-            .unwrap();
+        let resp = get_status_denied(&ctl).await;
         assert_eq!(resp.status(), 403);
         ctl.shutdown().await;
     })

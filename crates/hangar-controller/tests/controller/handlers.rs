@@ -1,10 +1,10 @@
 //! Handler tests: the router driven with `tower::ServiceExt::oneshot` over an in-memory store.
 
-use crate::support::{terminated_state, timed, CLUSTER};
+use crate::support::{router_on_memory, terminated_state, timed, CLUSTER};
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
-use hangar_controller::{router, AppState, ControllerConfig};
+use hangar_controller::ControllerConfig;
 use hangar_store::sqlite::SqliteStore;
 use hangar_store::{DroneRegistration, NodeId, Registration, Store};
 use hangar_types::executable::ExecutorKind;
@@ -38,18 +38,8 @@ impl Api {
     }
 
     async fn with_config(config: ControllerConfig) -> Api {
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-        let state = AppState::new(
-            config.clone(),
-            store.clone(),
-            "127.0.0.1:8080".parse().unwrap(),
-        )
-        .unwrap();
-        Api {
-            app: router(state),
-            store,
-            config,
-        }
+        let (app, store) = router_on_memory(&config, "127.0.0.1:8080").await;
+        Api { app, store, config }
     }
 
     /// Registers a drone attached to this controller, with a heartbeat (and one of the controller, which

@@ -19,10 +19,7 @@ async fn wait_for_status(ctl: &TestController, backend: &BackendId, status: &str
 #[tokio::test]
 async fn silent_drone_backends_become_lost_and_the_key_spawns_elsewhere() {
     timed(async {
-        let ctl = TestController::start().await;
-        let mut old = FakeDrone::connect(&ctl).await;
-        let mut proxy = FakeProxy::connect(&ctl).await;
-        let connected = ctl.connect(&connect_body(Some("room"))).await;
+        let (ctl, mut old, mut proxy, connected) = drone_proxy_and_backend("room").await;
         let backend = connected.backend_id.clone();
         assert_eq!(connected.drone.as_ref(), Some(&old.name));
         old.make_ready(&backend).await;
@@ -92,10 +89,7 @@ async fn lost_backend_sweep_runs_in_the_background() {
 #[tokio::test]
 async fn mark_lost_tells_proxies_and_the_drone() {
     timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let mut proxy = FakeProxy::connect(&ctl).await;
-        let connected = ctl.connect(&connect_body(Some("marked"))).await;
+        let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("marked").await;
         let backend = connected.backend_id.clone();
         drone.make_ready(&backend).await;
         assert!(proxy.route(&connected.token).await.is_some());
@@ -198,12 +192,7 @@ async fn a_live_drone_session_is_taken_over_by_a_reconnect() {
         let mut second = FakeDrone::connect_as(&ctl, name.clone()).await;
         let backend = ctl.connect(&connect_body(Some("taken"))).await.backend_id;
         second.expect_spawn(&backend).await;
-        let state: Value = ctl
-            .get(&format!("/ctrl/c/{CLUSTER}/state"))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let state = ctl.cluster_state().await;
         let drones = state["drones"].as_array().unwrap();
         assert_eq!(drones.len(), 1, "one node per name: {state}");
         assert_eq!(drones[0]["node"]["name"]["Drone"], name.as_str());

@@ -5,29 +5,12 @@ use crate::support::{
     connect_body, eventually, timed, FakeDrone, FakeProxy, TestController, CLUSTER,
 };
 use hangar_controller::ControllerConfig;
+use hangar_test_support::prometheus::parse_exposition;
 use hangar_types::protocol::DroneToController;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
 const TOKEN: &str = "s3cret";
-
-/// The samples of a text exposition: `name{labels}` (as written by the server) → value.
-fn parse_exposition(text: &str) -> HashMap<String, f64> {
-    let mut samples = HashMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("a sample line has a value");
-        let value: f64 = value.parse().expect("a sample value is a number");
-        assert!(
-            samples.insert(series.to_string(), value).is_none(),
-            "duplicate series {series}"
-        );
-    }
-    samples
-}
 
 fn series(name: &str, labels: &[(&str, &str)]) -> String {
     if labels.is_empty() {
@@ -40,6 +23,12 @@ fn series(name: &str, labels: &[(&str, &str)]) -> String {
 struct Scrape(HashMap<String, f64>);
 
 impl Scrape {
+    /// `hangar_node_sessions` of drones and of proxies.
+    fn node_sessions(&self) -> (f64, f64) {
+        let kind = |kind| self.get("hangar_node_sessions", &[("kind", kind)]);
+        (kind("drone"), kind("proxy"))
+    }
+
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         self.0.get(&series(name, labels)).copied()
     }
@@ -114,9 +103,7 @@ async fn metrics_count_connects_sessions_states_and_terminations() {
         let proxy = FakeProxy::connect(&ctl).await;
         eventually("both node sessions counted", || async {
             let s = scrape(&ctl).await;
-            (s.get("hangar_node_sessions", &[("kind", "drone")]) == 1.0
-                && s.get("hangar_node_sessions", &[("kind", "proxy")]) == 1.0)
-                .then_some(())
+            (s.node_sessions() == (1.0, 1.0)).then_some(())
         })
         .await;
 
@@ -191,9 +178,7 @@ async fn metrics_count_connects_sessions_states_and_terminations() {
         drop(proxy);
         eventually("the proxy session to be uncounted", || async {
             let s = scrape(&ctl).await;
-            (s.get("hangar_node_sessions", &[("kind", "proxy")]) == 0.0
-                && s.get("hangar_node_sessions", &[("kind", "drone")]) == 1.0)
-                .then_some(())
+            (s.node_sessions() == (1.0, 0.0)).then_some(())
         })
         .await;
         ctl.shutdown().await;

@@ -3,11 +3,13 @@
 
 use crate::status_stream::SseReader;
 use crate::support::*;
+use crate::tls::lease;
 use hangar_controller::ControllerConfig;
 use hangar_store::postgres::PostgresStore;
 use hangar_types::protocol::{BackendAction, ControllerToProxy, ProxyToController};
 use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
 use serde_json::json;
+use std::future::Future;
 use std::sync::Arc;
 
 fn config() -> ControllerConfig {
@@ -17,18 +19,38 @@ fn config() -> ControllerConfig {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drone_on_one_controller_proxy_on_another() {
+/// Runs `test` with two controllers, A and B, each on its own pool of one fresh PostgreSQL database;
+/// then shuts both down and drops the database, also when the test fails (it runs in a task).
+async fn with_two_controllers<F, Fut>(test: F)
+where
+    F: FnOnce(TestController, TestController) -> Fut + Send + 'static,
+    Fut: Future<Output = (TestController, TestController)> + Send,
+{
     let Some(db) = TestDatabase::create().await else {
         return;
     };
     let url = db.url().to_string();
-    // A task, so that the database is dropped even when the test fails.
     let outcome = tokio::spawn(timed(async move {
         let store_a = Arc::new(PostgresStore::connect(&url).await.unwrap());
         let store_b = Arc::new(PostgresStore::connect(&url).await.unwrap());
         let a = TestController::start_on(config(), store_a.clone()).await;
         let b = TestController::start_on(config(), store_b.clone()).await;
+        let (a, b) = test(a, b).await;
+        a.shutdown().await;
+        b.shutdown().await;
+        store_a.close().await;
+        store_b.close().await;
+    }))
+    .await;
+    db.drop_database().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drone_on_one_controller_proxy_on_another() {
+    with_two_controllers(|a, b| async move {
         let mut drone = FakeDrone::connect(&a).await;
         let mut proxy = FakeProxy::connect(&b).await;
 
@@ -97,50 +119,22 @@ async fn drone_on_one_controller_proxy_on_another() {
                     .then_some(())
             })
             .await;
-
-        a.shutdown().await;
-        b.shutdown().await;
-        store_a.close().await;
-        store_b.close().await;
-    }))
+        (a, b)
+    })
     .await;
-    db.drop_database().await;
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// Certificates and challenges set through one controller reach the proxies of the other; TXT values
 /// set through one are answered by the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_state_is_shared_between_controllers() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    let url = db.url().to_string();
-    let outcome = tokio::spawn(timed(async move {
-        let store_a = Arc::new(PostgresStore::connect(&url).await.unwrap());
-        let store_b = Arc::new(PostgresStore::connect(&url).await.unwrap());
-        let a = TestController::start_on(config(), store_a.clone()).await;
-        let b = TestController::start_on(config(), store_b.clone()).await;
+    with_two_controllers(|a, b| async move {
         let mut on_a = FakeProxy::connect(&a).await;
         let mut on_b = FakeProxy::connect(&b).await;
 
-        on_a.send(&ProxyToController::CertLeaseRequest).await;
-        let accepted = on_a
-            .expect(|m| match m {
-                ControllerToProxy::CertLeaseResponse { accepted } => Some(*accepted),
-                _ => None,
-            })
-            .await;
+        let accepted = lease(&mut on_a).await;
         assert!(accepted);
-        on_b.send(&ProxyToController::CertLeaseRequest).await;
-        let accepted = on_b
-            .expect(|m| match m {
-                ControllerToProxy::CertLeaseResponse { accepted } => Some(*accepted),
-                _ => None,
-            })
-            .await;
+        let accepted = lease(&mut on_b).await;
         assert!(!accepted, "one lease per cluster across controllers");
 
         on_a.send(&ProxyToController::SetHttpChallenge {
@@ -171,15 +165,7 @@ async fn tls_state_is_shared_between_controllers() {
             })
             .await;
         assert_eq!(pushed, cert);
-
-        a.shutdown().await;
-        b.shutdown().await;
-        store_a.close().await;
-        store_b.close().await;
-    }))
+        (a, b)
+    })
     .await;
-    db.drop_database().await;
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }

@@ -2,11 +2,13 @@
 //! the SQLite store's clock moved forward, so no sweeper races the check) and the event stream (on a
 //! running controller).
 
-use crate::support::{connect_body, timed, FakeDrone, TestController, CLUSTER, WAIT};
+use crate::support::{
+    connect_body, router_on_memory, timed, FakeDrone, TestController, CLUSTER, WAIT,
+};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures_util::StreamExt;
-use hangar_controller::{router, AppState, ControllerConfig};
+use hangar_controller::ControllerConfig;
 use hangar_store::sqlite::SqliteStore;
 use hangar_store::{DroneRegistration, NodeId, Registration, SessionId, Store};
 use hangar_types::api::{BusEvent, TerminationCandidates};
@@ -57,15 +59,7 @@ async fn router_with_drone() -> (axum::Router, Arc<SqliteStore>, DroneName) {
         default_cluster: Some(CLUSTER.parse().unwrap()),
         ..Default::default()
     };
-    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-    let app = router(
-        AppState::new(
-            config.clone(),
-            store.clone(),
-            "127.0.0.1:1".parse().unwrap(),
-        )
-        .unwrap(),
-    );
+    let (app, store) = router_on_memory(&config, "127.0.0.1:1").await;
     store
         .controller_heartbeat(&config.name, true)
         .await
@@ -127,23 +121,18 @@ async fn termination_candidates_explain_idle_and_lifetime_limits() {
         assert_eq!(candidate.max_idle_seconds, Some(30));
         assert_eq!(serde_json::to_value(candidate.status).unwrap(), "ready");
 
-        let (status, body) = send(
-            &app,
-            get(format!(
-                "/ctrl/c/{CLUSTER}/d/dr-nosuchdrone/termination-candidates"
-            )),
-        )
-        .await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert_eq!(body["kind"], "NotFound");
-        let (status, _) = send(
-            &app,
-            get(format!(
-                "/ctrl/c/{CLUSTER}/d/Bad_Name/termination-candidates"
-            )),
-        )
-        .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
+        // An unknown drone, then a name that is not a drone name.
+        for (name, expected, kind) in [
+            ("dr-nosuchdrone", StatusCode::NOT_FOUND, Some("NotFound")),
+            ("Bad_Name", StatusCode::BAD_REQUEST, None),
+        ] {
+            let other = format!("/ctrl/c/{CLUSTER}/d/{name}/termination-candidates");
+            let (status, body) = send(&app, get(other)).await;
+            assert_eq!(status, expected, "{name}");
+            if let Some(kind) = kind {
+                assert_eq!(body["kind"], kind);
+            }
+        }
     })
     .await
 }
@@ -199,15 +188,7 @@ async fn events_stream_backend_states_and_actions() {
 async fn cluster_state_lists_detached_nodes_only_with_all() {
     timed(async {
         let config = ControllerConfig::default();
-        let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-        let app = router(
-            AppState::new(
-                config.clone(),
-                store.clone(),
-                "127.0.0.1:1".parse().unwrap(),
-            )
-            .unwrap(),
-        );
+        let (app, store) = router_on_memory(&config, "127.0.0.1:1").await;
         let (drone, node, session) = register_drone(&store, &config).await;
         store.node_disconnected(node, session).await.unwrap();
         let get = |query: &str| {

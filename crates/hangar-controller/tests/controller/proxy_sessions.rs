@@ -7,6 +7,22 @@ use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
 use serde_json::json;
 
+/// Asks for the route of `token` and returns once the request is waiting: requests are handled in
+/// order, so when the answer to a later request arrives, the first one is pending.
+async fn request_pending_route(proxy: &mut FakeProxy, token: &ConnectionToken) {
+    proxy
+        .send(&ProxyToController::RouteRequest {
+            token: token.clone(),
+        })
+        .await;
+    assert_eq!(
+        proxy
+            .route(&ConnectionToken::from_path_segment("other"))
+            .await,
+        None
+    );
+}
+
 #[tokio::test]
 async fn unknown_token_gets_no_route() {
     timed(async {
@@ -25,22 +41,8 @@ async fn unknown_token_gets_no_route() {
 #[tokio::test]
 async fn pending_route_is_answered_when_the_backend_is_ready() {
     timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let mut proxy = FakeProxy::connect(&ctl).await;
-        let connected = ctl.connect(&connect_body(Some("p"))).await;
-        proxy
-            .send(&ProxyToController::RouteRequest {
-                token: connected.token.clone(),
-            })
-            .await;
-        // Requests are handled in order: once this answer arrives, the first request is waiting.
-        assert_eq!(
-            proxy
-                .route(&ConnectionToken::from_path_segment("other"))
-                .await,
-            None
-        );
+        let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("p").await;
+        request_pending_route(&mut proxy, &connected.token).await;
         assert!(
             proxy.seen.is_empty(),
             "answered too early: {:?}",
@@ -68,21 +70,8 @@ async fn pending_route_is_answered_when_the_backend_is_ready() {
 #[tokio::test]
 async fn pending_route_gets_none_when_the_backend_terminates() {
     timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let mut proxy = FakeProxy::connect(&ctl).await;
-        let connected = ctl.connect(&connect_body(Some("dies"))).await;
-        proxy
-            .send(&ProxyToController::RouteRequest {
-                token: connected.token.clone(),
-            })
-            .await;
-        assert_eq!(
-            proxy
-                .route(&ConnectionToken::from_path_segment("other"))
-                .await,
-            None
-        );
+        let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("dies").await;
+        request_pending_route(&mut proxy, &connected.token).await;
         drone
             .report(
                 1,
@@ -106,10 +95,7 @@ async fn pending_route_gets_none_when_the_backend_terminates() {
 #[tokio::test]
 async fn terminating_backend_is_removed_from_proxies() {
     timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let mut proxy = FakeProxy::connect(&ctl).await;
-        let connected = ctl.connect(&connect_body(Some("rm"))).await;
+        let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("rm").await;
         drone.make_ready(&connected.backend_id).await;
         assert!(proxy.route(&connected.token).await.is_some());
 
@@ -158,10 +144,7 @@ async fn terminating_backend_is_removed_from_proxies() {
 #[tokio::test]
 async fn revoke_pushes_tokens_revoked_to_proxies() {
     timed(async {
-        let ctl = TestController::start().await;
-        let _drone = FakeDrone::connect(&ctl).await;
-        let mut proxy = FakeProxy::connect(&ctl).await;
-        let connected = ctl.connect(&connect_body(Some("rev"))).await;
+        let (ctl, _drone, mut proxy, connected) = drone_proxy_and_backend("rev").await;
         let response = ctl
             .post(
                 "/ctrl/revoke",

@@ -74,10 +74,7 @@ fn terminating() -> BackendState {
 #[tokio::test]
 async fn replays_history_then_streams_live_states() {
     timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let backend = ctl.connect(&connect_body(Some("sse"))).await.backend_id;
-        drone.make_ready(&backend).await;
+        let (ctl, mut drone, backend) = ready_backend("sse").await;
 
         let mut stream = SseReader::open(&ctl, &backend, None).await;
         for expected in ["scheduled", "loading", "starting", "waiting", "ready"] {
@@ -100,11 +97,7 @@ async fn replays_history_then_streams_live_states() {
 #[tokio::test]
 async fn resumes_after_last_event_id() {
     timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let backend = ctl.connect(&connect_body(Some("resume"))).await.backend_id;
-        drone.make_ready(&backend).await;
-
+        let (ctl, _drone, backend) = ready_backend("resume").await;
         let mut stream = SseReader::open(&ctl, &backend, Some("starting")).await;
         assert_eq!(stream.next().await.0, "waiting");
         assert_eq!(stream.next().await.0, "ready");

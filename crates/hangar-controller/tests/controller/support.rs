@@ -2,7 +2,7 @@
 //! speaking the real protocol over real WebSockets, and polling helpers (no sleeps).
 
 use futures_util::{SinkExt, StreamExt};
-use hangar_controller::{ControllerConfig, ControllerHandle};
+use hangar_controller::{AppState, ControllerConfig, ControllerHandle};
 use hangar_store::sqlite::SqliteStore;
 use hangar_store::Store;
 use hangar_types::api::ConnectResponse;
@@ -134,6 +134,15 @@ impl TestController {
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.authorized(self.http.get(format!("{}{path}", self.base)))
             .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /ctrl/c/{CLUSTER}/state` as JSON.
+    pub async fn cluster_state(&self) -> Value {
+        self.get(&format!("/ctrl/c/{CLUSTER}/state"))
+            .await
+            .json()
             .await
             .unwrap()
     }
@@ -276,12 +285,7 @@ impl FakeDrone {
             .await;
         let name = drone.name.clone();
         eventually("drone heartbeat recorded", || async {
-            let state: Value = ctl
-                .get(&format!("/ctrl/c/{CLUSTER}/state"))
-                .await
-                .json()
-                .await
-                .unwrap();
+            let state = ctl.cluster_state().await;
             state["drones"]
                 .as_array()
                 .unwrap()
@@ -359,6 +363,37 @@ impl FakeDrone {
         self.report(1004, backend, BackendState::Ready { address })
             .await;
     }
+}
+
+/// A controller with a drone and a proxy connected, and a backend for `key` scheduled on the drone.
+pub async fn drone_proxy_and_backend(
+    key: &str,
+) -> (TestController, FakeDrone, FakeProxy, ConnectResponse) {
+    let ctl = TestController::start().await;
+    let drone = FakeDrone::connect(&ctl).await;
+    let proxy = FakeProxy::connect(&ctl).await;
+    let connected = ctl.connect(&connect_body(Some(key))).await;
+    (ctl, drone, proxy, connected)
+}
+
+/// The router of a controller with `config` whose own address is `addr`, on an in-memory store; and
+/// that store (for handler tests with `oneshot`, no listener).
+pub async fn router_on_memory(
+    config: &ControllerConfig,
+    addr: &str,
+) -> (axum::Router, Arc<SqliteStore>) {
+    let store = Arc::new(SqliteStore::in_memory().await.unwrap());
+    let state = AppState::new(config.clone(), store.clone(), addr.parse().unwrap()).unwrap();
+    (hangar_controller::router(state), store)
+}
+
+/// A controller with a drone connected, and a backend for `key` made ready on it.
+pub async fn ready_backend(key: &str) -> (TestController, FakeDrone, BackendId) {
+    let ctl = TestController::start().await;
+    let mut drone = FakeDrone::connect(&ctl).await;
+    let backend = ctl.connect(&connect_body(Some(key))).await.backend_id;
+    drone.make_ready(&backend).await;
+    (ctl, drone, backend)
 }
 
 pub struct FakeProxy {

@@ -9,7 +9,8 @@ use hangar_types::timing::CERT_LEASE;
 use hangar_types::{ClusterName, DnsName, PROTOCOL_VERSION};
 use std::time::Duration;
 
-async fn lease(proxy: &mut FakeProxy) -> bool {
+/// Asks for the cluster's certificate lease; whether it was granted.
+pub async fn lease(proxy: &mut FakeProxy) -> bool {
     proxy.send(&ProxyToController::CertLeaseRequest).await;
     proxy
         .expect(|m| match m {

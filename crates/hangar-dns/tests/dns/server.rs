@@ -1,6 +1,7 @@
 //! The responder over real sockets with a fake TXT source.
 
 use crate::support::*;
+use hangar_dns::DnsHandle;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{RData, RecordType};
 use std::sync::Arc;
@@ -16,6 +17,16 @@ fn source() -> Arc<FakeSource> {
         .insert(cluster("c1.example.com"), "challenge-digest".into());
     source.hanging.push(cluster("slow.example.com"));
     Arc::new(source)
+}
+
+/// The responder for [`ZONE`] on [`source`], with a 5 s lookup timeout.
+async fn start_in_zone() -> DnsHandle {
+    start_dns(Some(ZONE), Duration::from_secs(5), source()).await
+}
+
+/// Asks `dns` over UDP for `name`'s record of `record_type`.
+async fn ask(dns: &DnsHandle, name: &str, record_type: RecordType) -> hickory_proto::op::Message {
+    udp_exchange(dns.local_addr(), &query(name, record_type)).await
 }
 
 fn txt_strings(answer: &hickory_proto::op::Message) -> Vec<String> {
@@ -36,12 +47,8 @@ fn txt_strings(answer: &hickory_proto::op::Message) -> Vec<String> {
 #[tokio::test]
 async fn txt_answer_over_udp_has_value_ttl_and_authority() {
     with_timeout(async {
-        let dns = start_dns(Some(ZONE), Duration::from_secs(5), source()).await;
-        let answer = udp_exchange(
-            dns.local_addr(),
-            &query("c1.example.com.acme.example.net.", RecordType::TXT),
-        )
-        .await;
+        let dns = start_in_zone().await;
+        let answer = ask(&dns, "c1.example.com.acme.example.net.", RecordType::TXT).await;
         assert_eq!(answer.response_code(), ResponseCode::NoError);
         assert!(answer.authoritative());
         assert_eq!(txt_strings(&answer), ["challenge-digest"]);
@@ -58,12 +65,8 @@ async fn txt_answer_over_udp_has_value_ttl_and_authority() {
 #[tokio::test]
 async fn missing_value_is_an_empty_authoritative_answer() {
     with_timeout(async {
-        let dns = start_dns(Some(ZONE), Duration::from_secs(5), source()).await;
-        let answer = udp_exchange(
-            dns.local_addr(),
-            &query("c2.example.com.acme.example.net", RecordType::TXT),
-        )
-        .await;
+        let dns = start_in_zone().await;
+        let answer = ask(&dns, "c2.example.com.acme.example.net", RecordType::TXT).await;
         assert_eq!(answer.response_code(), ResponseCode::NoError);
         assert!(answer.authoritative());
         assert!(answer.answers().is_empty());
@@ -75,14 +78,14 @@ async fn missing_value_is_an_empty_authoritative_answer() {
 #[tokio::test]
 async fn names_outside_the_zone_get_formerr() {
     with_timeout(async {
-        let dns = start_dns(Some(ZONE), Duration::from_secs(5), source()).await;
+        let dns = start_in_zone().await;
         for name in [
             "c1.example.com.",
             "_acme-challenge.c1.example.com.",
             "c1.example.com.other.example.net.",
             "acme.example.net.",
         ] {
-            let answer = udp_exchange(dns.local_addr(), &query(name, RecordType::TXT)).await;
+            let answer = ask(&dns, name, RecordType::TXT).await;
             assert_eq!(answer.response_code(), ResponseCode::FormErr, "{name}");
             assert!(answer.answers().is_empty(), "{name}");
         }
@@ -95,14 +98,9 @@ async fn names_outside_the_zone_get_formerr() {
 async fn without_zone_the_challenge_label_is_required() {
     with_timeout(async {
         let dns = start_dns(None, Duration::from_secs(5), source()).await;
-        let answer = udp_exchange(
-            dns.local_addr(),
-            &query("_acme-challenge.c1.example.com.", RecordType::TXT),
-        )
-        .await;
+        let answer = ask(&dns, "_acme-challenge.c1.example.com.", RecordType::TXT).await;
         assert_eq!(txt_strings(&answer), ["challenge-digest"]);
-        let answer =
-            udp_exchange(dns.local_addr(), &query("c1.example.com.", RecordType::TXT)).await;
+        let answer = ask(&dns, "c1.example.com.", RecordType::TXT).await;
         assert_eq!(answer.response_code(), ResponseCode::FormErr);
         dns.shutdown().await;
     })
@@ -112,18 +110,14 @@ async fn without_zone_the_challenge_label_is_required() {
 #[tokio::test]
 async fn non_txt_queries_get_notimp() {
     with_timeout(async {
-        let dns = start_dns(Some(ZONE), Duration::from_secs(5), source()).await;
+        let dns = start_in_zone().await;
         for record_type in [
             RecordType::A,
             RecordType::AAAA,
             RecordType::NS,
             RecordType::SOA,
         ] {
-            let answer = udp_exchange(
-                dns.local_addr(),
-                &query("c1.example.com.acme.example.net.", record_type),
-            )
-            .await;
+            let answer = ask(&dns, "c1.example.com.acme.example.net.", record_type).await;
             assert_eq!(
                 answer.response_code(),
                 ResponseCode::NotImp,
@@ -139,18 +133,14 @@ async fn non_txt_queries_get_notimp() {
 #[tokio::test]
 async fn malformed_packet_gets_formerr() {
     with_timeout(async {
-        let dns = start_dns(Some(ZONE), Duration::from_secs(5), source()).await;
+        let dns = start_in_zone().await;
         let mut packet = query("c1.example.com.acme.example.net.", RecordType::TXT);
         // Claims a question whose name runs past the end of the packet.
         packet.truncate(20);
         let answer = udp_exchange(dns.local_addr(), &packet).await;
         assert_eq!(answer.response_code(), ResponseCode::FormErr);
         // The server keeps answering afterwards.
-        let answer = udp_exchange(
-            dns.local_addr(),
-            &query("c1.example.com.acme.example.net.", RecordType::TXT),
-        )
-        .await;
+        let answer = ask(&dns, "c1.example.com.acme.example.net.", RecordType::TXT).await;
         assert_eq!(txt_strings(&answer), ["challenge-digest"]);
         dns.shutdown().await;
     })
@@ -161,11 +151,7 @@ async fn malformed_packet_gets_formerr() {
 async fn source_timeout_gets_servfail() {
     with_timeout(async {
         let dns = start_dns(Some(ZONE), Duration::from_millis(200), source()).await;
-        let answer = udp_exchange(
-            dns.local_addr(),
-            &query("slow.example.com.acme.example.net.", RecordType::TXT),
-        )
-        .await;
+        let answer = ask(&dns, "slow.example.com.acme.example.net.", RecordType::TXT).await;
         assert_eq!(answer.response_code(), ResponseCode::ServFail);
         assert!(answer.answers().is_empty());
         dns.shutdown().await;
@@ -176,7 +162,7 @@ async fn source_timeout_gets_servfail() {
 #[tokio::test]
 async fn tcp_serves_several_queries_on_one_connection() {
     with_timeout(async {
-        let dns = start_dns(Some(ZONE), Duration::from_secs(5), source()).await;
+        let dns = start_in_zone().await;
         let mut stream = TcpStream::connect(dns.tcp_addr()).await.unwrap();
         let answer = tcp_exchange(
             &mut stream,

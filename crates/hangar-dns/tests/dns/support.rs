@@ -3,11 +3,12 @@
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
 use axum::routing::get;
 use hangar_dns::{DnsConfig, DnsHandle, TxtError, TxtSource};
-use hangar_types::protocol::{ControllerToDns, DnsHello, DnsToController, HelloResponse};
-use hangar_types::{ClusterName, ControllerName, PROTOCOL_VERSION, VERSION};
+use hangar_test_support::handshake::welcome;
+use hangar_test_support::served::Served;
+use hangar_types::protocol::{ControllerToDns, DnsHello, DnsToController};
+use hangar_types::ClusterName;
 use hickory_proto::op::{Message as DnsMessage, Query};
 use hickory_proto::rr::{Name, RecordType};
 use std::collections::{HashMap, VecDeque};
@@ -18,17 +19,13 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Upper bound for every test.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `test` with [`TEST_TIMEOUT`].
 pub async fn with_timeout<F: std::future::Future>(test: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("test timed out")
+    hangar_test_support::with_timeout(TEST_TIMEOUT, test).await
 }
 
 /// How long [`eventually`] polls: shorter than [`TEST_TIMEOUT`] so its message is the one reported.
@@ -36,14 +33,11 @@ pub const EVENTUALLY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Polls `check` until it holds; panics after [`EVENTUALLY_TIMEOUT`].
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + EVENTUALLY_TIMEOUT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    hangar_test_support::eventually_within(EVENTUALLY_TIMEOUT, what, || {
+        let done = check();
+        async move { done.then_some(()) }
+    })
+    .await;
 }
 
 pub fn cluster(s: &str) -> ClusterName {
@@ -129,8 +123,7 @@ pub async fn tcp_exchange(stream: &mut TcpStream, packet: &[u8]) -> DnsMessage {
 pub struct FakeController {
     pub addr: SocketAddr,
     pub inner: Arc<ControllerInner>,
-    cancel: CancellationToken,
-    tasks: TaskTracker,
+    served: Served,
 }
 
 pub struct ControllerInner {
@@ -167,24 +160,21 @@ impl FakeController {
             drop_next_request: AtomicBool::new(false),
         });
         let app = axum::Router::new()
-            .route("/ctrl/dns-socket", get(dns_socket))
+            .route(
+                "/ctrl/dns-socket",
+                get(
+                    |ws: WebSocketUpgrade, State(inner): State<Arc<ControllerInner>>| async move {
+                        ws.on_upgrade(move |socket| run_fake_session(inner, socket))
+                    },
+                ),
+            )
             .with_state(inner.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let shutdown = cancel.clone();
-        tasks.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
-                .unwrap();
-        });
         FakeController {
             addr,
             inner,
-            cancel,
-            tasks,
+            served: Served::start(listener, app),
         }
     }
 
@@ -201,29 +191,12 @@ impl FakeController {
     }
 
     pub async fn shutdown(self) {
-        self.cancel.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+        self.served.shutdown().await;
     }
 }
 
-async fn dns_socket(ws: WebSocketUpgrade, State(inner): State<Arc<ControllerInner>>) -> Response {
-    ws.on_upgrade(move |socket| run_fake_session(inner, socket))
-}
-
 async fn run_fake_session(inner: Arc<ControllerInner>, mut socket: WebSocket) {
-    let Some(Ok(Message::Text(text))) = socket.recv().await else {
-        return;
-    };
-    let hello: DnsHello = serde_json::from_str(text.as_str()).expect("a DnsHello");
-    inner.hellos.lock().unwrap().push(hello);
-    let welcome = serde_json::to_string(&HelloResponse::Welcome {
-        protocol: PROTOCOL_VERSION,
-        version: VERSION.to_string(),
-        controller: ControllerName::random(),
-    })
-    .unwrap();
-    if socket.send(Message::Text(welcome.into())).await.is_err() {
+    if !welcome(&mut socket, &inner.hellos).await {
         return;
     }
     // Requests are read (and counted) as they arrive; answers go out in order, one per permit.

@@ -8,7 +8,9 @@ use hangar_types::executable::{Executable, ExecutorKind};
 use hangar_types::protocol::{
     AcquiredKey, BackendAction, DroneToController, KeyDeadlines, NodeHello,
 };
-use hangar_types::{BackendId, BackendStatus, Millis, TerminationKind, TerminationReason};
+use hangar_types::{
+    BackendId, BackendState, BackendStatus, Millis, TerminationKind, TerminationReason,
+};
 use std::future::Future;
 use std::time::Duration;
 
@@ -22,6 +24,9 @@ pub const TO_READY: [BackendStatus; 5] = [
     BackendStatus::Waiting,
     BackendStatus::Ready,
 ];
+
+/// The statuses of a backend stopped softly, in order.
+pub const SOFT_STOP: [BackendStatus; 2] = [BackendStatus::Terminating, BackendStatus::Terminated];
 
 pub async fn with_timeout(test: impl Future<Output = ()>) {
     hangar_test_support::with_timeout(TEST_TIMEOUT, test).await;
@@ -74,6 +79,17 @@ pub fn terminate(kind: TerminationKind) -> BackendAction {
 
 pub use hangar_test_support::terminated_state as terminated;
 
+/// The terminal state of a ready backend the controller asked to stop softly, which exited with
+/// `exit_code`.
+pub fn soft_terminated(exit_code: i32) -> BackendState {
+    terminated(
+        BackendStatus::Ready,
+        Some(TerminationKind::Soft),
+        Some(TerminationReason::External),
+        Some(exit_code),
+    )
+}
+
 pub fn statuses(events: &[Event]) -> Vec<BackendStatus> {
     events.iter().map(|e| e.state.status()).collect()
 }
@@ -111,10 +127,60 @@ pub async fn start_drone(
 
 /// A fake controller and a drone with [`config`] connected to it.
 pub async fn started() -> (FakeController, hangar_drone::DroneHandle, FakeConnection) {
+    started_with(|_| {}).await
+}
+
+/// A fake controller and a drone with [`config`] changed by `adjust` connected to it.
+pub async fn started_with(
+    adjust: impl FnOnce(&mut DroneConfig),
+) -> (FakeController, hangar_drone::DroneHandle, FakeConnection) {
     let mut fake = FakeController::start().await;
-    let config = config(&fake);
+    let mut config = config(&fake);
+    adjust(&mut config);
     let (drone, conn) = start_drone(&mut fake, config).await;
     (fake, drone, conn)
+}
+
+/// `config` keeping the drone's state in a file in `dir`, as a drone that restarts does.
+pub fn with_state_file(mut config: DroneConfig, dir: &std::path::Path) -> DroneConfig {
+    config.state_file = Some(dir.join("drone.sqlite"));
+    config
+}
+
+/// A drone on its own runtime in its own thread, which [`CrashableDrone::crash`] drops without a
+/// shutdown, as a crash (SIGKILL) would.
+pub struct CrashableDrone {
+    crash: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl CrashableDrone {
+    /// Starts the drone and returns it with its first connection to `fake`.
+    pub async fn start(
+        fake: &mut FakeController,
+        config: DroneConfig,
+    ) -> (CrashableDrone, FakeConnection) {
+        let (crash, crashed) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let drone = runtime.block_on(hangar_drone::start(config)).unwrap();
+            crashed.recv().unwrap();
+            drop(drone);
+            drop(runtime);
+        });
+        (
+            CrashableDrone { crash, thread },
+            fake.next_connection().await,
+        )
+    }
+
+    /// Drops the drone's runtime and waits until its thread has ended.
+    pub async fn crash(self) {
+        self.crash.send(()).unwrap();
+        tokio::task::spawn_blocking(move || self.thread.join().unwrap())
+            .await
+            .unwrap();
+    }
 }
 
 /// Reads backend events until one with `status`, of any backend.

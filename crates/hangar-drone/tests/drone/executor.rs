@@ -1,6 +1,9 @@
 //! The process executor on its own: environment, signals, exit codes, leftovers.
 
-use crate::probe::{self, get_json, signal, wait_for_log};
+use crate::probe::{
+    self, exit_3_after, expect_exit_3, get_json, signal, soft_ignored_then_hard,
+    soft_stop_then_signal_again, wait_for_log,
+};
 use hangar_drone::executor::{BackendSpec, Executor, ExecutorError, ProcessExecutor, Reattached};
 use hangar_types::executable::{Executable, ProcessExecutable};
 use hangar_types::TerminationKind;
@@ -49,11 +52,7 @@ async fn backend_gets_its_environment_and_stops_on_sigterm() {
         assert!(started.backend.record()["pid"].as_u64().is_some());
         wait_for_log(&started, "listening on").await;
 
-        signal(&started, TerminationKind::Soft).await;
-        assert_eq!(started.backend.exited().await, Some(0));
-        // Awaiting again gives the same answer, and signalling an exited backend is fine.
-        assert_eq!(started.backend.exited().await, Some(0));
-        signal(&started, TerminationKind::Hard).await;
+        soft_stop_then_signal_again(&started).await;
         wait_for_log(&started, "got SIGTERM").await;
         executor.shutdown().await;
     })
@@ -67,13 +66,7 @@ async fn ignored_sigterm_needs_sigkill() {
         let executor = process_executor();
         let spec = backend_spec(&[("TEST_BACKEND_SIGTERM", "ignore")]);
         let started = executor.start(&spec).await.unwrap();
-        get_json(started.address, "/env").await;
-        signal(&started, TerminationKind::Soft).await;
-        wait_for_log(&started, "got SIGTERM").await;
-        // Still serving after SIGTERM.
-        get_json(started.address, "/env").await;
-        signal(&started, TerminationKind::Hard).await;
-        assert_eq!(started.backend.exited().await, Some(128 + 9));
+        assert_eq!(soft_ignored_then_hard(&started).await, Some(128 + 9));
         executor.shutdown().await;
     })
     .await
@@ -84,13 +77,9 @@ async fn ignored_sigterm_needs_sigkill() {
 async fn exit_code_of_a_backend_that_exits_by_itself() {
     timeout(TEST_TIMEOUT, async {
         let executor = process_executor();
-        let spec = backend_spec(&[
-            ("TEST_BACKEND_EXIT_CODE", "3"),
-            ("TEST_BACKEND_EXIT_AFTER_MS", "100"),
-        ]);
+        let spec = backend_spec(&exit_3_after("100"));
         let started = executor.start(&spec).await.unwrap();
-        assert_eq!(started.backend.exited().await, Some(3));
-        wait_for_log(&started, "exiting with code 3").await;
+        expect_exit_3(&started).await;
         executor.shutdown().await;
     })
     .await

@@ -1,7 +1,7 @@
 //! The drone's Prometheus listener (`metrics_addr`), scraped over real HTTP while a whole drone runs a
 //! test backend against the fake controller.
 
-use crate::fake_controller::FakeController;
+use crate::drive::started_with;
 use crate::session::{config, events_until, spawn, start_drone, terminate, with_timeout};
 use hangar_types::{BackendId, BackendStatus, TerminationKind};
 use std::collections::HashMap;
@@ -71,10 +71,8 @@ async fn wait_for_value(addr: SocketAddr, series: &str, expected: f64) {
 #[tokio::test]
 async fn metrics_follow_a_backend_from_spawn_to_exit() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let mut drone_config = config(&fake);
-        drone_config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
-        let (drone, mut conn) = start_drone(&mut fake, drone_config).await;
+        let (mut fake, drone, mut conn) =
+            started_with(|c| c.metrics_addr = Some("127.0.0.1:0".parse().unwrap())).await;
         let addr = drone.metrics_addr().unwrap();
         assert_ne!(addr.port(), 0);
 
@@ -155,10 +153,8 @@ async fn metrics_follow_a_backend_from_spawn_to_exit() {
 #[tokio::test]
 async fn metrics_listener_serves_only_get_metrics() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let mut drone_config = config(&fake);
-        drone_config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
-        let (drone, conn) = start_drone(&mut fake, drone_config).await;
+        let (mut fake, drone, conn) =
+            started_with(|c| c.metrics_addr = Some("127.0.0.1:0".parse().unwrap())).await;
         let addr = drone.metrics_addr().unwrap();
         let http = reqwest::Client::new();
         for path in ["/", "/metrics/", "/ctrl/c/x/drone-socket", "/other"] {
@@ -169,18 +165,14 @@ async fn metrics_listener_serves_only_get_metrics() {
                 .unwrap();
             assert_eq!(response.status(), 404, "{path}");
         }
-        let response = http
-            .post(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 405);
-        let response = http
-            .get(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        for (method, expected) in [(reqwest::Method::POST, 405), (reqwest::Method::GET, 200)] {
+            let response = http
+                .request(method.clone(), format!("http://{addr}/metrics"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), expected, "{method} /metrics");
+        }
         conn.shutdown_drone(drone).await;
 
         // Off by default.

@@ -58,6 +58,41 @@ pub async fn wait_for_log(started: &Started, needle: &str) {
     }
 }
 
+/// Asks a backend that ignores SIGTERM to stop, checks that it still serves (the executor does not
+/// escalate by itself), then kills it; its exit code.
+pub async fn soft_ignored_then_hard(started: &Started) -> Option<i32> {
+    get_json(started.address, "/env").await;
+    signal(started, TerminationKind::Soft).await;
+    wait_for_log(started, "got SIGTERM").await;
+    get_json(started.address, "/env").await;
+    signal(started, TerminationKind::Hard).await;
+    started.backend.exited().await
+}
+
+/// Stops a backend with SIGTERM (exit code 0) and checks that waiting again gives the same answer
+/// and that signalling the exited backend is fine.
+pub async fn soft_stop_then_signal_again(started: &Started) {
+    signal(started, TerminationKind::Soft).await;
+    assert_eq!(started.backend.exited().await, Some(0));
+    assert_eq!(started.backend.exited().await, Some(0));
+    signal(started, TerminationKind::Hard).await;
+}
+
+/// The test backend's switches to exit by itself with code 3 after `after_ms`.
+pub fn exit_3_after(after_ms: &'static str) -> [(&'static str, &'static str); 2] {
+    [
+        ("TEST_BACKEND_EXIT_CODE", "3"),
+        ("TEST_BACKEND_EXIT_AFTER_MS", after_ms),
+    ]
+}
+
+/// Waits for a backend started with [`exit_3_after`] to exit, and checks that its last words were
+/// kept.
+pub async fn expect_exit_3(started: &Started) {
+    assert_eq!(started.backend.exited().await, Some(3));
+    wait_for_log(started, "exiting with code 3").await;
+}
+
 /// Signals the backend (SIGTERM or SIGKILL), which must succeed.
 pub async fn signal(started: &Started, kind: TerminationKind) {
     started.backend.terminate(kind).await.unwrap();

@@ -1,6 +1,9 @@
 //! Whole drones (`hangar_drone::start`) against a fake controller, running real test backends.
 
-use crate::drive::{spawn_with, started, statuses, terminated, TO_READY};
+use crate::drive::{
+    soft_terminated, spawn_with, started, started_with, statuses, terminated, with_state_file,
+    CrashableDrone, SOFT_STOP, TO_READY,
+};
 use crate::fake_controller::{Event, FakeConnection, FakeController};
 use hangar_test_support::process_executable;
 use hangar_types::executable::Executable;
@@ -64,19 +67,8 @@ async fn spawn_reports_states_replays_until_acked_and_terminates() {
         let mut conn = fake.next_connection().await;
         let action = conn.send_action(&backend, terminate(TerminationKind::Soft));
         let events = conn.events_until_terminated().await;
-        assert_eq!(
-            statuses(&events),
-            [BackendStatus::Terminating, BackendStatus::Terminated]
-        );
-        assert_eq!(
-            events[1].state,
-            terminated(
-                BackendStatus::Ready,
-                Some(TerminationKind::Soft),
-                Some(TerminationReason::External),
-                Some(0),
-            )
-        );
+        assert_eq!(statuses(&events), SOFT_STOP);
+        assert_eq!(events[1].state, soft_terminated(0));
         expect_ack(&mut conn, &action).await;
         assert!(!answers_http(address).await);
         for event in &events {
@@ -192,10 +184,8 @@ async fn backend_exiting_by_itself_reports_its_exit_code() {
 #[tokio::test]
 async fn backend_that_never_listens_times_out() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let mut config = config(&fake);
-        config.readiness_timeout = Duration::from_millis(500);
-        let (drone, mut conn) = start_drone(&mut fake, config).await;
+        let (_fake, drone, mut conn) =
+            started_with(|c| c.readiness_timeout = Duration::from_millis(500)).await;
         let backend = BackendId::random();
         conn.send_action(&backend, spawn(&[("TEST_BACKEND_NEVER_LISTEN", "1")]));
         let events = conn.events_until_terminated().await;
@@ -227,10 +217,8 @@ async fn backend_that_never_listens_times_out() {
 #[tokio::test]
 async fn ignored_sigterm_is_followed_by_sigkill_after_the_grace_period() {
     with_timeout(async {
-        let mut fake = FakeController::start().await;
-        let mut config = config(&fake);
-        config.soft_terminate_grace = Duration::from_millis(300);
-        let (drone, mut conn) = start_drone(&mut fake, config).await;
+        let (_fake, drone, mut conn) =
+            started_with(|c| c.soft_terminate_grace = Duration::from_millis(300)).await;
         let backend = BackendId::random();
         conn.send_action(&backend, spawn(&[("TEST_BACKEND_SIGTERM", "ignore")]));
         events_until(&mut conn, BackendStatus::Ready).await;
@@ -238,15 +226,7 @@ async fn ignored_sigterm_is_followed_by_sigkill_after_the_grace_period() {
         conn.send_action(&backend, terminate(TerminationKind::Soft));
         let events = conn.events_until_terminated().await;
         assert!(started.elapsed() >= Duration::from_millis(300));
-        assert_eq!(
-            events.last().unwrap().state,
-            terminated(
-                BackendStatus::Ready,
-                Some(TerminationKind::Soft),
-                Some(TerminationReason::External),
-                Some(137),
-            )
-        );
+        assert_eq!(events.last().unwrap().state, soft_terminated(137));
         conn.shutdown_drone(drone).await;
     })
     .await;
@@ -418,10 +398,7 @@ async fn shutdown_terminates_backends_and_waits_for_acks() {
         }
         let shutdown = tokio::spawn(drone.shutdown());
         let events = conn.events_until_terminated().await;
-        assert_eq!(
-            statuses(&events),
-            [BackendStatus::Terminating, BackendStatus::Terminated]
-        );
+        assert_eq!(statuses(&events), SOFT_STOP);
         assert!(matches!(
             events[1].state,
             BackendState::Terminated {
@@ -447,27 +424,14 @@ async fn restarted_drone_reports_backends_of_the_crashed_one_lost() {
     with_timeout(async {
         let mut fake = FakeController::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let mut config = config(&fake);
-        config.state_file = Some(dir.path().join("drone.sqlite"));
+        let config = with_state_file(config(&fake), dir.path());
 
         // The first drone runs on its own runtime, which is dropped mid-flight: a crash.
-        let (crash, crashed) = std::sync::mpsc::channel::<()>();
-        let first_config = config.clone();
-        let first = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            let drone = runtime.block_on(hangar_drone::start(first_config)).unwrap();
-            crashed.recv().unwrap();
-            drop(drone);
-            drop(runtime);
-        });
-        let mut conn = fake.next_connection().await;
+        let (first, mut conn) = CrashableDrone::start(&mut fake, config.clone()).await;
         let backend = BackendId::random();
         conn.send_action(&backend, spawn(&[]));
         let events = events_until(&mut conn, BackendStatus::Ready).await;
-        crash.send(()).unwrap();
-        tokio::task::spawn_blocking(move || first.join().unwrap())
-            .await
-            .unwrap();
+        first.crash().await;
         conn.closed().await;
 
         // The second drone replays what was not acked, then reports the backend lost.

@@ -4,8 +4,11 @@
 use crate::raw::{read_response, send_raw, wait_closed, ws_request};
 use crate::support::{eventually, with_timeout, Env};
 use bytes::Bytes;
+use hangar_proxy::ProxyConfig;
+use hangar_types::token::ConnectionToken;
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -23,36 +26,40 @@ fn get(path: &str, host: &str, headers: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n{headers}\r\n")
 }
 
+/// An env whose proxy configuration `adjust` changes, a token for `backend`, and the proxy's
+/// address.
+async fn env_with(
+    adjust: impl FnOnce(&mut ProxyConfig),
+    backend: &str,
+) -> (Env, ConnectionToken, SocketAddr) {
+    let env = Env::start_with(adjust).await;
+    let token = env.token_for(&env.route(backend));
+    let addr = env.proxy.local_addr();
+    (env, token, addr)
+}
+
 #[tokio::test]
 async fn oversized_request_heads_get_431() {
     with_timeout(async {
-        let env = Env::start_with(|c| c.max_headers = 10).await;
-        let token = env.token_for(&env.route("b-heads"));
-        let addr = env.proxy.local_addr();
+        let (env, token, addr) = env_with(|c| c.max_headers = 10, "b-heads").await;
         let path = format!("/{token}/");
         let host = env.cluster.as_str();
 
         let headers = |n: usize| (0..n).map(|i| format!("x-h{i}: v\r\n")).collect::<String>();
-        // host + connection + 8 = 10 headers pass; 11 do not.
-        let ok = send_raw(addr, get(&path, host, &headers(8)).as_bytes())
-            .await
-            .unwrap();
-        assert_eq!(ok.status, 200);
-        let many = send_raw(addr, get(&path, host, &headers(9)).as_bytes())
-            .await
-            .unwrap();
-        assert_eq!(many.status, 431);
-
-        // One header just under the 64 KiB default passes, one over it does not.
         let value = |len: usize| format!("x-big: {}\r\n", "a".repeat(len));
-        let ok = send_raw(addr, get(&path, host, &value(60_000)).as_bytes())
-            .await
-            .unwrap();
-        assert_eq!(ok.status, 200);
-        let big = send_raw(addr, get(&path, host, &value(70_000)).as_bytes())
-            .await
-            .unwrap();
-        assert_eq!(big.status, 431);
+        for (case, extra, expected) in [
+            // host + connection + 8 = 10 headers pass; 11 do not.
+            ("10 headers", headers(8), 200),
+            ("11 headers", headers(9), 431),
+            // One header just under the 64 KiB default passes, one over it does not.
+            ("a 60 kB header", value(60_000), 200),
+            ("a 70 kB header", value(70_000), 431),
+        ] {
+            let response = send_raw(addr, get(&path, host, &extra).as_bytes())
+                .await
+                .unwrap();
+            assert_eq!(response.status, expected, "{case}");
+        }
         // So does an absurdly long URI.
         let long = format!("/{token}/{}", "u".repeat(100_000));
         let response = send_raw(addr, get(&long, host, "").as_bytes())
@@ -125,16 +132,25 @@ async fn bodies_over_the_limit_get_413() {
     .await
 }
 
+/// An env whose proxy allows `header_read_ms` for a request head and `idle_ms` between requests, a
+/// token for `backend`, and the proxy's address.
+async fn env_with_timeouts(
+    header_read_ms: u64,
+    idle_ms: u64,
+    backend: &str,
+) -> (Env, ConnectionToken, SocketAddr) {
+    let timeouts = |c: &mut ProxyConfig| {
+        c.header_read_timeout = Duration::from_millis(header_read_ms);
+        c.idle_timeout = Duration::from_millis(idle_ms);
+    };
+    env_with(timeouts, backend).await
+}
+
 #[tokio::test]
 async fn slow_request_heads_are_dropped() {
     with_timeout(async {
-        let env = Env::start_with(|c| {
-            c.header_read_timeout = Duration::from_millis(300);
-            c.idle_timeout = Duration::from_secs(600);
-        })
-        .await;
-        let token = env.token_for(&env.route("b-slowloris"));
-        let addr = env.proxy.local_addr();
+        // Heads must arrive within 300 ms; idle connections may stay.
+        let (env, token, addr) = env_with_timeouts(300, 600_000, "b-slowloris").await;
 
         // A client that connects and never sends anything.
         let mut silent = TcpStream::connect(addr).await.unwrap();
@@ -162,13 +178,8 @@ async fn slow_request_heads_are_dropped() {
 #[tokio::test]
 async fn idle_connections_are_closed() {
     with_timeout(async {
-        let env = Env::start_with(|c| {
-            c.idle_timeout = Duration::from_millis(300);
-            c.header_read_timeout = Duration::from_secs(600);
-        })
-        .await;
-        let token = env.token_for(&env.route("b-idle"));
-        let addr = env.proxy.local_addr();
+        // Idle connections close after 300 ms; heads may take long.
+        let (env, token, addr) = env_with_timeouts(600_000, 300, "b-idle").await;
 
         // HTTP/1.1 keep-alive: closed once idle after its exchange.
         let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -206,9 +217,7 @@ async fn idle_connections_are_closed() {
 #[tokio::test]
 async fn connections_over_the_limit_get_503_and_tunnels_count() {
     with_timeout(async {
-        let env = Env::start_with(|c| c.max_connections = 2).await;
-        let token = env.token_for(&env.route("b-limit"));
-        let addr = env.proxy.local_addr();
+        let (env, token, addr) = env_with(|c| c.max_connections = 2, "b-limit").await;
 
         // A WebSocket tunnel keeps its slot after the HTTP exchange that opened it.
         let url = format!("ws://{addr}/{token}/ws");

@@ -79,20 +79,12 @@ async fn concurrent_first_requests_share_one_route_request() {
 #[tokio::test]
 async fn backend_removed_makes_later_requests_410() {
     with_timeout(async {
-        let env = Env::start().await;
-        let (route, token) = env.routed("b-removed");
+        let (env, route, token) = Env::start_routed("b-removed").await;
         let other = env.token_for(&env.route("b-kept"));
         env.echo(&format!("/{token}/")).await;
         env.echo(&format!("/{other}/")).await;
         env.controller.set_answer(&token, Answer::NoRoute);
-        env.controller.push(ControllerToProxy::BackendRemoved {
-            backend: route.backend_id.clone(),
-            terminated: false,
-        });
-        eventually("requests for the removed backend get 410", || async {
-            env.status_of(&format!("/{token}/")).await == 410
-        })
-        .await;
+        env.remove_terminating(&route, &token).await;
         let response = env.get(&format!("/{token}/")).send().await.unwrap();
         assert_eq!(response.text().await.unwrap(), "backend has terminated\n");
         // Other backends are unaffected, and the route came from the cache (one request only).
@@ -105,8 +97,7 @@ async fn backend_removed_makes_later_requests_410() {
 #[tokio::test]
 async fn revoked_tokens_get_410() {
     with_timeout(async {
-        let env = Env::start().await;
-        let (route, token) = env.routed("b-revoke");
+        let (env, route, token) = Env::start_routed("b-revoke").await;
         let sibling = env.token_for(&route);
         env.echo(&format!("/{token}/")).await;
         env.echo(&format!("/{sibling}/")).await;
@@ -155,8 +146,7 @@ async fn outstanding_route_requests_are_resent_after_a_reconnect() {
 #[tokio::test]
 async fn first_request_sends_a_keepalive_and_counts_settle() {
     with_timeout(async {
-        let env = Env::start().await;
-        let (route, token) = env.routed("b-keepalive");
+        let (env, route, token) = Env::start_routed("b-keepalive").await;
         assert_eq!(env.proxy.connection_counts(&route.backend_id), None);
         env.echo(&format!("/{token}/")).await;
         eventually("keepalive at the controller", || async {

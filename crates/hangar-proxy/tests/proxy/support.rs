@@ -8,11 +8,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use hangar_proxy::{ProxyConfig, ProxyHandle};
-use hangar_types::protocol::{
-    ControllerToProxy, Hello, HelloResponse, ProxyToController, RouteInfo,
-};
+use hangar_test_support::handshake::welcome;
+use hangar_test_support::served::Served;
+use hangar_types::protocol::{ControllerToProxy, Hello, ProxyToController, RouteInfo};
 use hangar_types::token::{ConnectionToken, SecretToken};
-use hangar_types::{BackendId, ClusterName, ControllerName, PROTOCOL_VERSION, VERSION};
+use hangar_types::{BackendId, ClusterName};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,9 +30,7 @@ const EVENTUALLY_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Runs a test body with [`TEST_TIMEOUT`].
 pub async fn with_timeout<F: Future>(body: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, body)
-        .await
-        .expect("test timed out")
+    hangar_test_support::with_timeout(TEST_TIMEOUT, body).await
 }
 
 /// Polls `condition` until it holds; panics with `what` after a deadline.
@@ -41,17 +39,11 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + EVENTUALLY_DEADLINE;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    hangar_test_support::eventually_within(EVENTUALLY_DEADLINE, what, || {
+        let check = condition();
+        async move { check.await.then_some(()) }
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -84,7 +76,8 @@ struct ControllerInner {
 pub struct FakeController {
     pub addr: SocketAddr,
     inner: Arc<ControllerInner>,
-    cancel: CancellationToken,
+    /// Serves the proxy socket until the fake is dropped.
+    _served: Served,
 }
 
 impl FakeController {
@@ -100,18 +93,10 @@ impl FakeController {
         let app = Router::new()
             .route("/ctrl/c/{cluster}/proxy-socket", get(proxy_socket))
             .with_state(inner.clone());
-        let cancel = CancellationToken::new();
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-                .unwrap();
-        });
         FakeController {
             addr,
             inner,
-            cancel,
+            _served: Served::start(listener, app),
         }
     }
 
@@ -191,7 +176,6 @@ impl FakeController {
 
 impl Drop for FakeController {
     fn drop(&mut self) {
-        self.cancel.cancel();
         self.drop_sessions();
     }
 }
@@ -201,18 +185,7 @@ async fn proxy_socket(ws: WebSocketUpgrade, State(inner): State<Arc<ControllerIn
 }
 
 async fn run_fake_session(inner: Arc<ControllerInner>, mut socket: WebSocket) {
-    let Some(Ok(Message::Text(text))) = socket.recv().await else {
-        return;
-    };
-    let hello: Hello = serde_json::from_str(text.as_str()).expect("proxy sends a valid Hello");
-    inner.hellos.lock().unwrap().push(hello);
-    let welcome = HelloResponse::Welcome {
-        protocol: PROTOCOL_VERSION,
-        version: VERSION.to_string(),
-        controller: ControllerName::random(),
-    };
-    let welcome = serde_json::to_string(&welcome).unwrap();
-    if socket.send(Message::Text(welcome.into())).await.is_err() {
+    if !welcome(&mut socket, &inner.hellos).await {
         return;
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -301,7 +274,8 @@ pub struct Upstream {
     pub slow_started: tokio::sync::Mutex<mpsc::UnboundedReceiver<()>>,
     /// Lets waiting `/slow` requests answer.
     pub slow_gate: Arc<Notify>,
-    cancel: CancellationToken,
+    /// Serves until the upstream is dropped.
+    _served: Served,
 }
 
 impl Upstream {
@@ -322,26 +296,12 @@ impl Upstream {
             .route("/own-headers", get(own_headers))
             .fallback(echo)
             .with_state(state);
-        let cancel = CancellationToken::new();
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-                .unwrap();
-        });
         Upstream {
             addr,
             slow_started: tokio::sync::Mutex::new(rx),
             slow_gate,
-            cancel,
+            _served: Served::start(listener, app),
         }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.cancel.cancel();
     }
 }
 
@@ -521,6 +481,26 @@ impl Env {
     /// GETs `path` and returns the status of the answer.
     pub async fn status_of(&self, path: &str) -> u16 {
         self.get(path).send().await.unwrap().status().as_u16()
+    }
+
+    /// A started [`Env`] with a route for `backend` and a token resolving to it ([`Env::routed`]).
+    pub async fn start_routed(backend: &str) -> (Env, RouteInfo, ConnectionToken) {
+        let env = Env::start().await;
+        let (route, token) = env.routed(backend);
+        (env, route, token)
+    }
+
+    /// Tells the proxy that `route`'s backend is terminating (soft) and waits until requests with
+    /// `token` get 410.
+    pub async fn remove_terminating(&self, route: &RouteInfo, token: &ConnectionToken) {
+        self.controller.push(ControllerToProxy::BackendRemoved {
+            backend: route.backend_id.clone(),
+            terminated: false,
+        });
+        eventually("requests for the removed backend get 410", || async {
+            self.status_of(&format!("/{token}/")).await == 410
+        })
+        .await;
     }
 
     /// A route for `backend` (see [`Env::route`]) and a fresh token resolving to it.

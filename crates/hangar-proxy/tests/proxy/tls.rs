@@ -7,16 +7,14 @@ use crate::support::{eventually, with_timeout, Answer, FakeController, Upstream}
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hangar_proxy::{CertSource, ProxyConfig, ProxyHandle, ProxyListeners};
+use hangar_test_support::tls::TestCa;
 use hangar_types::protocol::{ControllerToProxy, RouteInfo};
 use hangar_types::token::{ConnectionToken, SecretToken};
 use hangar_types::ClusterName;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SerialNumber,
-};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rcgen::{CertificateParams, DnType, SerialNumber};
+use rustls::pki_types::ServerName;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,11 +26,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 const CLUSTER: &str = "plane.test";
 
-/// A test certificate authority.
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    root: CertificateDer<'static>,
-}
+/// The test CA, issuing leaves for the cluster.
+struct ClusterCa(TestCa);
 
 /// A certificate chain and key as PEM, with the leaf's serial (lowercase hex).
 struct Issued {
@@ -41,51 +36,27 @@ struct Issued {
     serial: String,
 }
 
-impl TestCa {
-    fn new() -> TestCa {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Hangar test CA");
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            root: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        }
+impl ClusterCa {
+    fn new() -> ClusterCa {
+        ClusterCa(TestCa::new("Hangar test CA"))
     }
 
     /// A leaf for the cluster and its wildcard, valid for `days`, with serial `serial`.
     fn issue(&self, serial: u64, days: i64) -> Issued {
-        let key = KeyPair::generate().unwrap();
         let mut params =
             CertificateParams::new(vec![CLUSTER.to_string(), format!("*.{CLUSTER}")]).unwrap();
         params.distinguished_name.push(DnType::CommonName, CLUSTER);
         params.serial_number = Some(SerialNumber::from(serial));
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::days(1);
-        params.not_after = now + time::Duration::days(days);
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let leaf = self.0.issue(params, days);
         Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
             serial: format!("{serial:x}"),
         }
     }
 
     fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.root.clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(config)
+        self.0.client_config(alpn)
     }
 }
 
@@ -98,14 +69,14 @@ struct TlsEnv {
     controller: FakeController,
     upstream: Upstream,
     proxy: ProxyHandle,
-    ca: TestCa,
+    ca: ClusterCa,
     dir: tempfile::TempDir,
 }
 
 impl TlsEnv {
     /// Starts with `files` written into a fresh directory first; `adjust` sees the directory.
     async fn start(
-        ca: TestCa,
+        ca: ClusterCa,
         files: &[(&str, String)],
         adjust: impl FnOnce(&mut ProxyConfig, &std::path::Path),
     ) -> anyhow::Result<TlsEnv> {
@@ -230,7 +201,7 @@ async fn send(
 #[tokio::test]
 async fn json_cert_file_is_served_and_requests_are_forwarded_as_https() {
     with_timeout(async {
-        let ca = TestCa::new();
+        let ca = ClusterCa::new();
         let issued = ca.issue(0x1001, 60);
         let env = TlsEnv::start(ca, &[("cert.json", json_file(&issued))], |c, dir| {
             c.cert_path = Some(dir.join("cert.json"));
@@ -259,7 +230,7 @@ async fn json_cert_file_is_served_and_requests_are_forwarded_as_https() {
 #[tokio::test]
 async fn pem_cert_files_combined_or_with_a_separate_key() {
     with_timeout(async {
-        let ca = TestCa::new();
+        let ca = ClusterCa::new();
         let issued = ca.issue(0x2002, 60);
         let combined = format!("{}{}", issued.cert_pem, issued.key_pem);
         let env = TlsEnv::start(ca, &[("both.pem", combined)], |c, dir| {
@@ -269,7 +240,7 @@ async fn pem_cert_files_combined_or_with_a_separate_key() {
         .unwrap();
         assert_eq!(env.served_serial().await.as_deref(), Some("2002"));
 
-        let ca = TestCa::new();
+        let ca = ClusterCa::new();
         let issued = ca.issue(0x2003, 60);
         let files = [("cert.pem", issued.cert_pem), ("key.pem", issued.key_pem)];
         let env = TlsEnv::start(ca, &files, |c, dir| {
@@ -286,7 +257,7 @@ async fn pem_cert_files_combined_or_with_a_separate_key() {
 #[tokio::test]
 async fn replaced_cert_file_is_served_without_restart_and_bad_files_are_ignored() {
     with_timeout(async {
-        let ca = TestCa::new();
+        let ca = ClusterCa::new();
         let first = ca.issue(0x3001, 60);
         let second = ca.issue(0x3002, 90);
         let env = TlsEnv::start(ca, &[("cert.json", json_file(&first))], |c, dir| {
@@ -331,7 +302,7 @@ async fn replaced_cert_file_is_served_without_restart_and_bad_files_are_ignored(
 #[tokio::test]
 async fn missing_cert_file_without_acme_is_a_startup_error() {
     with_timeout(async {
-        let result = TlsEnv::start(TestCa::new(), &[], |c, dir| {
+        let result = TlsEnv::start(ClusterCa::new(), &[], |c, dir| {
             c.cert_path = Some(dir.join("missing.json"));
         })
         .await;
@@ -347,7 +318,7 @@ async fn missing_cert_file_without_acme_is_a_startup_error() {
 #[tokio::test]
 async fn http_port_redirects_and_answers_ready_and_acme_challenges() {
     with_timeout(async {
-        let ca = TestCa::new();
+        let ca = ClusterCa::new();
         let issued = ca.issue(0x4001, 60);
         let env = TlsEnv::start(ca, &[("cert.json", json_file(&issued))], |c, dir| {
             c.cert_path = Some(dir.join("cert.json"));
@@ -408,7 +379,7 @@ async fn http_port_redirects_and_answers_ready_and_acme_challenges() {
 #[tokio::test]
 async fn h2_is_negotiated_with_alpn() {
     with_timeout(async {
-        let ca = TestCa::new();
+        let ca = ClusterCa::new();
         let issued = ca.issue(0x5001, 60);
         let env = TlsEnv::start(ca, &[("cert.json", json_file(&issued))], |c, dir| {
             c.cert_path = Some(dir.join("cert.json"));
@@ -436,7 +407,7 @@ async fn h2_is_negotiated_with_alpn() {
 #[tokio::test]
 async fn websockets_work_over_tls() {
     with_timeout(async {
-        let ca = TestCa::new();
+        let ca = ClusterCa::new();
         let issued = ca.issue(0x6001, 60);
         let env = TlsEnv::start(ca, &[("cert.json", json_file(&issued))], |c, dir| {
             c.cert_path = Some(dir.join("cert.json"));
@@ -468,7 +439,7 @@ async fn websockets_work_over_tls() {
 #[tokio::test]
 async fn certificates_from_the_controller_are_served_unless_older() {
     with_timeout(async {
-        let ca = TestCa::new();
+        let ca = ClusterCa::new();
         // No certificate source at all: handshakes fail until the controller sends one.
         let env = TlsEnv::start(ca, &[], |_, _| {}).await.unwrap();
         assert!(env.tls(&[b"http/1.1"]).await.is_err());
@@ -525,7 +496,7 @@ async fn certificates_from_the_controller_are_served_unless_older() {
 #[tokio::test]
 async fn failed_acme_orders_keep_the_current_certificate_and_retry() {
     with_timeout(async {
-        let ca = TestCa::new();
+        let ca = ClusterCa::new();
         // Due for renewal (10 days left, renewal 30 days before expiry), but the ACME server is
         // unreachable: every attempt fails.
         let issued = ca.issue(0x8001, 10);

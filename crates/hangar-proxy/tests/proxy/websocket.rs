@@ -93,8 +93,7 @@ async fn expect_frame(stream: &mut TcpStream, first: u8, payload: &[u8]) {
 #[tokio::test]
 async fn websocket_echo_through_the_proxy() {
     with_timeout(async {
-        let env = Env::start().await;
-        let (route, token) = env.routed("b-ws");
+        let (env, route, token) = Env::start_routed("b-ws").await;
         let (mut ws, response) = connect(&env, &format!("/{token}/ws"), None).await;
         assert_eq!(response.status(), 101);
         assert_eq!(response.headers()["sec-websocket-protocol"], "chat");
@@ -132,8 +131,7 @@ async fn websocket_echo_through_the_proxy() {
 #[tokio::test]
 async fn firefox_style_connection_header_upgrades() {
     with_timeout(async {
-        let env = Env::start().await;
-        let (route, token) = env.routed("b-firefox");
+        let (env, route, token) = Env::start_routed("b-firefox").await;
         let (mut ws, response) =
             connect(&env, &format!("/{token}/ws"), Some("keep-alive, Upgrade")).await;
         assert_eq!(response.status(), 101);
@@ -167,19 +165,11 @@ async fn client_vanishing_without_close_frame_closes_the_tunnel() {
 #[tokio::test]
 async fn a_terminated_backend_loses_its_tunnels_a_terminating_one_keeps_them() {
     with_timeout(async {
-        let env = Env::start().await;
-        let (route, token) = env.routed("b-sever");
+        let (env, route, token) = Env::start_routed("b-sever").await;
         let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
         wait_open_connections(&env, &route.backend_id, 1).await;
         // Terminating (soft, grace period): new requests are refused, the open tunnel stays.
-        env.controller.push(ControllerToProxy::BackendRemoved {
-            backend: route.backend_id.clone(),
-            terminated: false,
-        });
-        eventually("requests for the removed backend get 410", || async {
-            env.status_of(&format!("/{token}/")).await == 410
-        })
-        .await;
+        env.remove_terminating(&route, &token).await;
         echo_text(&mut ws, "still here while terminating").await;
         // Terminated (e.g. lost to a key takeover while its process may still run): cut at once.
         env.controller.push(ControllerToProxy::BackendRemoved {

@@ -25,6 +25,13 @@ use tokio_tungstenite::tungstenite::Message;
 
 const CLUSTER: &str = "plane.test";
 
+/// Runs a test that needs Pebble with [`with_timeout`]; skips it where Pebble is not installed.
+async fn with_pebble(test: impl std::future::Future<Output = ()>) {
+    if pebble::available() {
+        with_timeout(test).await;
+    }
+}
+
 /// A controller and a drone for `cluster`.
 async fn env_for(cluster: &str) -> TestEnv {
     let mut env = TestEnv::controller_only(false).await;
@@ -83,10 +90,7 @@ fn acme_with_eab(pebble: &Pebble, hmac_key: &str) -> AcmeConfig {
 
 #[tokio::test]
 async fn dns01_certificate_serves_https_and_wss_to_a_backend() {
-    if !pebble::available() {
-        return;
-    }
-    with_timeout(async {
+    with_pebble(async {
         let world = Dns01::start(PebbleOptions::default()).await;
         let (env, pebble) = (&world.env, &world.pebble);
         let dir = tempfile::tempdir().unwrap();
@@ -151,10 +155,7 @@ async fn dns01_certificate_serves_https_and_wss_to_a_backend() {
 
 #[tokio::test]
 async fn two_proxies_of_a_cluster_order_once_and_serve_the_same_certificate() {
-    if !pebble::available() {
-        return;
-    }
-    with_timeout(async {
+    with_pebble(async {
         let world = Dns01::start(PebbleOptions::default()).await;
         let (env, pebble) = (&world.env, &world.pebble);
         let dir = tempfile::tempdir().unwrap();
@@ -203,10 +204,7 @@ async fn two_proxies_of_a_cluster_order_once_and_serve_the_same_certificate() {
 
 #[tokio::test]
 async fn certificates_close_to_expiry_are_renewed() {
-    if !pebble::available() {
-        return;
-    }
-    with_timeout(async {
+    with_pebble(async {
         // Certificates live 20 s and are renewed with 15 s left: about 5 s after each issuance.
         let world = Dns01::start(PebbleOptions {
             validity_seconds: Some(20),
@@ -239,10 +237,7 @@ async fn certificates_close_to_expiry_are_renewed() {
 
 #[tokio::test]
 async fn external_account_binding_and_a_restart_from_the_saved_file() {
-    if !pebble::available() {
-        return;
-    }
-    with_timeout(async {
+    with_pebble(async {
         let hmac_key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
         let world = Dns01::start(PebbleOptions {
             eab: Some(("kid-1".into(), hmac_key.into())),
@@ -299,10 +294,7 @@ async fn external_account_binding_and_a_restart_from_the_saved_file() {
 
 #[tokio::test]
 async fn http01_certificate_via_the_http_port() {
-    if !pebble::available() {
-        return;
-    }
-    with_timeout(async {
+    with_pebble(async {
         // Pebble must reach the proxy's HTTP port by the cluster's name: `localhost`.
         let cluster = "localhost";
         let env = env_for(cluster).await;

@@ -5,7 +5,7 @@
 //! Without a `pebble` binary the tests are skipped, except under CI (`CI` set), where they fail:
 //! `.ci/run` installs Debian's `pebble` package.
 
-use crate::support::TestCa;
+use crate::support::{issue, TestCa};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -63,7 +63,7 @@ impl Pebble {
     pub async fn start(options: PebbleOptions) -> Pebble {
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new("Pebble listener CA");
-        let listener_cert = ca.issue(&["localhost".into()], &["127.0.0.1"], 30);
+        let listener_cert = issue(&ca, &["localhost".into()], &["127.0.0.1"], 30);
         let cert_path = dir.path().join("pebble-cert.pem");
         let key_path = dir.path().join("pebble-key.pem");
         let ca_cert_path = dir.path().join("pebble-listener-ca.pem");

@@ -9,7 +9,7 @@ use hangar_proxy::{AcmeChallenge, AcmeConfig, ProxyConfig, ProxyHandle, ProxyLis
 use hangar_tests::TestEnv;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::CertificateParams;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
@@ -23,56 +23,20 @@ use tokio_rustls::client::TlsStream;
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub async fn with_timeout<F: std::future::Future>(body: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, body)
-        .await
-        .expect("test timed out")
+    hangar_test_support::with_timeout(TEST_TIMEOUT, body).await
 }
 
-pub struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    root_pem: String,
-}
+pub use hangar_test_support::tls::{Issued, TestCa};
 
-pub struct Issued {
-    pub cert_pem: String,
-    pub key_pem: String,
-}
-
-impl TestCa {
-    pub fn new(name: &str) -> TestCa {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            root_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
+/// A leaf for `names` and `ips` from `ca`, valid for `days`.
+pub fn issue(ca: &TestCa, names: &[String], ips: &[&str], days: i64) -> Issued {
+    let mut params = CertificateParams::new(names.to_vec()).unwrap();
+    for ip in ips {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(ip.parse().unwrap()));
     }
-
-    pub fn root_pem(&self) -> &str {
-        &self.root_pem
-    }
-
-    pub fn issue(&self, names: &[String], ips: &[&str], days: i64) -> Issued {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names.to_vec()).unwrap();
-        for ip in ips {
-            params
-                .subject_alt_names
-                .push(rcgen::SanType::IpAddress(ip.parse().unwrap()));
-        }
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::days(1);
-        params.not_after = now + time::Duration::days(days);
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
-    }
+    ca.issue(params, days)
 }
 
 /// A TLS client trusting only the roots in `root_pem`, offering `alpn`.
@@ -81,14 +45,7 @@ pub fn client_config(root_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig
     for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(config)
+    hangar_test_support::tls::client_config(roots, alpn)
 }
 
 /// Connects to `addr` with TLS, SNI `host`.

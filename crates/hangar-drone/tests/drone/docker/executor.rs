@@ -3,7 +3,10 @@
 
 use super::run::{docker, TestRun, TEST_IMAGE};
 use super::{container_exists, docker_test, eventually, executor, executor_for, spec};
-use crate::probe::{get_json, signal, wait_for_log};
+use crate::probe::{
+    exit_3_after, expect_exit_3, get_json, signal, soft_ignored_then_hard,
+    soft_stop_then_signal_again, wait_for_log,
+};
 use hangar_drone::executor::docker::container_name;
 use hangar_drone::executor::{Executor, ExecutorError, Reattached};
 use hangar_types::protocol::DroneToController;
@@ -40,12 +43,8 @@ async fn container_gets_its_environment_and_stops_on_sigterm() {
         assert_eq!(security, r#"["no-new-privileges"] ["NET_RAW"] false"#);
         wait_for_log(&started, "listening on").await;
 
-        signal(&started, TerminationKind::Soft).await;
-        assert_eq!(started.backend.exited().await, Some(0));
+        soft_stop_then_signal_again(&started).await;
         assert!(!started.backend.oom_killed());
-        // Awaiting again gives the same answer, and signalling an exited backend is fine.
-        assert_eq!(started.backend.exited().await, Some(0));
-        signal(&started, TerminationKind::Hard).await;
         // The logs were kept before the container was removed.
         wait_for_log(&started, "got SIGTERM").await;
         assert!(!container_exists(&name));
@@ -61,13 +60,7 @@ async fn soft_terminate_only_asks_and_hard_terminate_kills() {
         let (executor, _metrics) = executor(None).await;
         let spec = spec(run.executable(&[("TEST_BACKEND_SIGTERM", "ignore")]));
         let started = executor.start(&spec).await.unwrap();
-        get_json(started.address, "/env").await;
-        signal(&started, TerminationKind::Soft).await;
-        wait_for_log(&started, "got SIGTERM").await;
-        // Still serving after SIGTERM: the executor does not escalate by itself.
-        get_json(started.address, "/env").await;
-        signal(&started, TerminationKind::Hard).await;
-        assert_eq!(started.backend.exited().await, Some(137));
+        assert_eq!(soft_ignored_then_hard(&started).await, Some(137));
         executor.shutdown().await;
     })
     .await;
@@ -78,13 +71,9 @@ async fn exit_code_of_a_container_that_exits_by_itself() {
     docker_test(async {
         let run = TestRun::new();
         let (executor, _metrics) = executor(None).await;
-        let spec = spec(run.executable(&[
-            ("TEST_BACKEND_EXIT_CODE", "3"),
-            ("TEST_BACKEND_EXIT_AFTER_MS", "300"),
-        ]));
+        let spec = spec(run.executable(&exit_3_after("300")));
         let started = executor.start(&spec).await.unwrap();
-        assert_eq!(started.backend.exited().await, Some(3));
-        wait_for_log(&started, "exiting with code 3").await;
+        expect_exit_3(&started).await;
         executor.shutdown().await;
     })
     .await;
