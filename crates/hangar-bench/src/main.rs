@@ -38,6 +38,11 @@ struct Args {
     /// Steady-state window of `control-plane`, in seconds.
     #[arg(long)]
     steady_seconds: Option<u64>,
+    /// `spawn` and `proxy-http`: run again with a test backend that writes this many lines a second
+    /// to stdout, and report that run's metrics as `logging_*` beside the quiet run's (the ratio is
+    /// the cost of log capture; target ≤ 5 % slower).
+    #[arg(long)]
+    backend_logs_per_s: Option<u32>,
     /// Write the JSON report here (an array of reports for `all`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -86,6 +91,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         drones: args.drones,
         round_trips: args.round_trips,
         steady_seconds: args.steady_seconds,
+        backend_logs_per_s: args.backend_logs_per_s,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

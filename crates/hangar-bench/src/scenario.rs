@@ -7,7 +7,7 @@ pub mod proxy_ws;
 pub mod reconnect;
 pub mod spawn;
 
-use crate::report::Report;
+use crate::report::{Metric, Report};
 use crate::system::StoreKind;
 use anyhow::Context;
 use hangar_types::executable::{Executable, ExecutorKind};
@@ -77,11 +77,55 @@ pub struct BenchOptions {
     pub round_trips: Option<usize>,
     /// Length of the steady-state CPU window of `control-plane`, in seconds.
     pub steady_seconds: Option<u64>,
+    /// `spawn` and `proxy-http` run a second time with a test backend writing this many lines a
+    /// second (`logging_*` metrics, compared with the same metric of the quiet run).
+    pub backend_logs_per_s: Option<u32>,
 }
 
-/// Runs one scenario and computes the ratios of its report.
+tokio::task_local! {
+    /// Extra environment of every test backend the scenario running in this task starts (the
+    /// logging run of `--backend-logs-per-s`), so the scenarios need no parameter for it.
+    static BACKEND_ENV: Vec<(String, String)>;
+}
+
+/// Runs one scenario (twice for `--backend-logs-per-s`) and computes the ratios of its report.
 pub async fn run(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<Report> {
-    let mut report = match scenario {
+    let mut report = run_once(scenario, options).await?;
+    let logs_per_s = options
+        .backend_logs_per_s
+        .filter(|_| matches!(scenario, Scenario::Spawn | Scenario::ProxyHttp));
+    if let Some(rate) = logs_per_s {
+        let env = vec![("TEST_BACKEND_LOG_LINES_PER_S".to_string(), rate.to_string())];
+        let logging = BACKEND_ENV.scope(env, run_once(scenario, options)).await?;
+        add_logging_run(&mut report, logging, rate);
+    }
+    report.compute_ratios();
+    Ok(report)
+}
+
+/// The metrics of the run whose backends logged, as `logging_<name>` with the quiet run's `<name>`
+/// as their baseline.
+fn add_logging_run(report: &mut Report, logging: Report, rate: u32) {
+    report.param("backend_logs_per_s", rate);
+    for metric in logging.metrics {
+        report.metrics.push(Metric {
+            name: format!("logging_{}", metric.name),
+            baseline: Some(metric.name),
+            ratio: None,
+            ..metric
+        });
+    }
+    for note in logging.notes {
+        report.note(format!("logging run: {note}"));
+    }
+    report.note(format!(
+        "logging_*: the same scenario run again with backends writing {rate} lines/s to stdout \
+         (captured by the drone); ratio = logging / quiet, target ≤ 1.05 for times, ≥ 0.95 for rates"
+    ));
+}
+
+async fn run_once(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<Report> {
+    let report = match scenario {
         Scenario::Spawn => spawn::run(options).await,
         Scenario::Reconnect => reconnect::run(options).await,
         Scenario::ProxyHttp => proxy_http::run(options).await,
@@ -89,16 +133,17 @@ pub async fn run(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<R
         Scenario::ControlPlane => control_plane::run(options).await,
     }
     .with_context(|| format!("scenario {} failed", scenario.as_str()))?;
-    report.compute_ratios();
     Ok(report)
 }
 
 /// The test backend as a process executable, with `env`.
 fn test_backend_executable(env: &[(&str, &str)]) -> anyhow::Result<Executable> {
     let binary = crate::binaries::test_backend()?;
+    let extra = BACKEND_ENV.try_with(Clone::clone).unwrap_or_default();
     let env: serde_json::Map<String, serde_json::Value> = env
         .iter()
         .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .chain(extra.into_iter().map(|(k, v)| (k, v.into())))
         .collect();
     serde_json::from_value(serde_json::json!({
         "command": [binary.to_string_lossy()],

@@ -225,3 +225,24 @@ async fn control_plane_scenario_reports_spawns_and_statements() {
         report.notes
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logging_backend_run_is_reported_beside_the_quiet_one() {
+    let report = run(
+        Scenario::ProxyHttp,
+        BenchOptions {
+            backend_logs_per_s: Some(1000),
+            ..options(50)
+        },
+    )
+    .await;
+    check(&report, "hangar_latency", 50);
+    check(&report, "logging_hangar_latency", 50);
+    assert_eq!(
+        metric(&report, "logging_hangar_requests_per_s")
+            .baseline
+            .as_deref(),
+        Some("hangar_requests_per_s")
+    );
+    assert_eq!(report.params["backend_logs_per_s"], 1000);
+}

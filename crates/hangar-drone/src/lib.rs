@@ -28,7 +28,7 @@ use hangar_client::ControllerClient;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{DroneToController, Hello, NodeHello};
 use hangar_types::{BackendId, DroneName, PROTOCOL_VERSION, VERSION};
-use log_store::LogStore;
+use log_store::{LogStore, LogWriter};
 use outbox::Outbox;
 use prometheus::{DroneMetrics, MetricsSource};
 use session::Session;
@@ -75,6 +75,7 @@ pub struct DroneHandle {
     soft_terminate_grace: Duration,
     metrics_addr: Option<SocketAddr>,
     logs: LogStore,
+    log_writer: LogWriter,
     /// The log store's directory when it is temporary (no state file): removed at shutdown.
     _log_tmp: Option<tempfile::TempDir>,
 }
@@ -125,13 +126,15 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         );
     }
     let (logs, log_tmp) = open_log_store(&config, &drone_metrics)?;
+    let log_writer =
+        LogWriter::start(logs.clone()).context("cannot start the log writer thread")?;
     let kinds = config.offered_executors();
     let (metrics, metrics_rx) = mpsc::channel(METRICS_CAPACITY);
     let (executor_error, executor_error_rx) = watch::channel(None);
     let links = ExecutorLinks {
         metrics,
         executor_error,
-        logs: logs.clone(),
+        logs: log_writer.clone(),
     };
     let executors = start_executors(&config, &kinds, links).await?;
     let settings = SupervisorSettings {
@@ -222,6 +225,7 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
         soft_terminate_grace: config.soft_terminate_grace,
         metrics_addr,
         logs,
+        log_writer,
         _log_tmp: log_tmp,
     })
 }
@@ -290,7 +294,7 @@ struct ExecutorLinks {
     /// Why the socket executor is unavailable.
     executor_error: watch::Sender<Option<String>>,
     /// Where backend output goes.
-    logs: LogStore,
+    logs: LogWriter,
 }
 
 /// The executors of `kinds`, reporting through `links`.
@@ -309,7 +313,7 @@ async fn start_executors(
     for kind in kinds {
         match kind {
             ExecutorKind::Process => executors.push(Arc::new(
-                ProcessExecutor::new(config.ip).with_log_store(logs.clone()),
+                ProcessExecutor::new(config.ip).with_log_writer(logs.clone()),
             )),
             ExecutorKind::Docker => {
                 if config.state_file.is_none() {
@@ -325,7 +329,7 @@ async fn start_executors(
                 if config.state_file.is_none() {
                     docker = docker.ephemeral();
                 }
-                executors.push(Arc::new(docker.with_log_store(logs.clone())));
+                executors.push(Arc::new(docker.with_log_writer(logs.clone())));
             }
             ExecutorKind::Socket => {
                 let settings = config
@@ -415,6 +419,7 @@ impl DroneHandle {
         for executor in &self.executors {
             executor.shutdown().await;
         }
+        self.log_writer.flush().await;
         self.outbox.close().await;
         tracing::info!(drone = %self.name, "Drone stopped");
     }

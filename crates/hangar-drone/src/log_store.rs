@@ -10,6 +10,7 @@
 //!
 //! Memory: lines are appended through a small buffer, flushed after each batch the executor read, and
 //! readers stream from the files in bounded batches; nothing holds a backend's whole output.
+//! Executors write through a [`LogWriter`] (`writer.rs`): one thread does the appends, off the runtime.
 //! Invariant: lines never leave the drone except as answers to a log request on the controller
 //! session (never through the controller's database).
 
@@ -24,6 +25,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
+
+mod writer;
+pub use writer::LogWriter;
 
 /// Most lines a read returns per batch (and per `LogLines` frame).
 pub const BATCH_LINES: usize = 256;
@@ -157,11 +161,16 @@ impl LogStore {
     /// Appends one batch of lines of `backend` and makes it visible to readers. Lines past the caps
     /// push the oldest out. IO errors are logged and the batch dropped (a full disk must not stop a
     /// backend).
+    /// Blocking file IO: the drone calls it from its [`LogWriter`] thread.
     pub fn append(&self, backend: &BackendId, lines: &[(LogStream, String)]) {
+        self.append_at(backend, Millis::now(), lines);
+    }
+
+    /// [`LogStore::append`] of lines read at `time`.
+    pub fn append_at(&self, backend: &BackendId, time: Millis, lines: &[(LogStream, String)]) {
         if lines.is_empty() {
             return;
         }
-        let time = Millis::now();
         let mut state = self.lock();
         if let Err(e) = self.append_locked(&mut state, backend, time, lines) {
             tracing::warn!(%backend, error = %e, "Failed to keep backend output lines");

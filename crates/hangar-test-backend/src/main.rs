@@ -12,6 +12,7 @@
 //! | `TEST_BACKEND_EXIT_CODE`      | Exit by itself with this code (default 0 if only the delay is set). |
 //! | `TEST_BACKEND_EXIT_AFTER_MS`  | ...after this many milliseconds (default 0 if only the code is set). |
 //! | `TEST_BACKEND_SIGTERM`        | `exit` (default), `ignore`, or `slow:<ms>` (wait, then exit 0). |
+//! | `TEST_BACKEND_LOG_LINES_PER_S` | Write this many lines a second to stdout (default 0; for benchmarks of log capture). |
 //!
 //! Routes (see [`routes`]) include `GET /env`, `POST /echo`, `POST /exit/<code>`, `GET /ws` (echo),
 //! `POST /alloc/<mb>` (allocate and touch that many MiB, for out-of-memory tests) and
@@ -82,6 +83,7 @@ struct BackendConfig {
     never_listen: bool,
     self_exit: Option<SelfExit>,
     on_sigterm: SigtermMode,
+    log_lines_per_s: u32,
 }
 
 impl BackendConfig {
@@ -109,6 +111,7 @@ impl BackendConfig {
             never_listen,
             self_exit,
             on_sigterm: env_parse("TEST_BACKEND_SIGTERM")?.unwrap_or(SigtermMode::Exit),
+            log_lines_per_s: env_parse("TEST_BACKEND_LOG_LINES_PER_S")?.unwrap_or(0),
         })
     }
 }
@@ -148,6 +151,9 @@ async fn main() {
         eprintln!("hangar-test-backend: cannot install the SIGTERM handler: {error}");
         std::process::exit(STARTUP_FAILURE);
     });
+    if config.log_lines_per_s > 0 {
+        start_log_lines(config.log_lines_per_s);
+    }
     // Capacity 1 and `try_send`: the first exit request wins, later ones are dropped.
     let (exit_requests, exit_requests_rx) = mpsc::channel(1);
 
@@ -164,6 +170,43 @@ async fn main() {
     };
     say(&format!("exiting with code {code}"));
     std::process::exit(code);
+}
+
+/// Writes `per_s` lines a second to stdout from a thread of its own (so a slow reader of the pipe
+/// blocks only that thread), in bursts every 10 ms; a writer that fell more than a second behind
+/// skips ahead rather than bursting.
+fn start_log_lines(per_s: u32) {
+    const TICK: Duration = Duration::from_millis(10);
+    let spawned = std::thread::Builder::new()
+        .name("log-lines".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let mut written: u64 = 0;
+            let mut buf = String::new();
+            loop {
+                let due = (started.elapsed().as_secs_f64() * f64::from(per_s)) as u64;
+                written = written.max(due.saturating_sub(u64::from(per_s)));
+                buf.clear();
+                while written < due {
+                    use std::fmt::Write as _;
+                    let _ = writeln!(
+                        buf,
+                        "log line {written}: the quick brown fox jumps over the lazy dog"
+                    );
+                    written += 1;
+                }
+                if !buf.is_empty() {
+                    let mut stdout = std::io::stdout().lock();
+                    let _ = stdout
+                        .write_all(buf.as_bytes())
+                        .and_then(|()| stdout.flush());
+                }
+                std::thread::sleep(TICK);
+            }
+        });
+    if let Err(error) = spawned {
+        eprintln!("hangar-test-backend: cannot start the log line thread: {error}");
+    }
 }
 
 /// Binds (after the configured delay) and serves until the server fails.

@@ -293,3 +293,102 @@ async fn dashboard_asks_for_the_bearer_token_and_keeps_it_for_the_session() {
     })
     .await;
 }
+
+/// `text` of the element matched by the CSS selector `css`, if it is there.
+async fn text_of(client: &Client, css: &str) -> String {
+    let value = page_value(
+        client,
+        "const node = document.querySelector(arguments[0]); return node ? node.textContent : '';",
+        vec![json!(css)],
+    )
+    .await;
+    value.as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_a_backends_live_log_and_event_timeline() {
+    let Some((driver_path, browser)) = browser_programs() else {
+        return;
+    };
+    within(async {
+        let driver = ChromeDriver::start(&driver_path).await;
+        let env = TestEnv::start().await;
+        let resp = env
+            .connect_ready(&env.connect_request("dashboard-logs", &[]))
+            .await;
+        let backend = resp.backend_id.clone();
+        let print = |text: &'static str| {
+            let request = env
+                .http
+                .post(format!("{}print/stdout", resp.url))
+                .body(format!("{text}\n"));
+            async move { assert_eq!(request.send().await.unwrap().status(), 204) }
+        };
+        print("written before the page opened").await;
+
+        // From the backends table to the backend's page through its link.
+        let client = driver.session(&browser).await;
+        client
+            .goto(&format!("{}dashboard", env.controller_url()))
+            .await
+            .unwrap();
+        let link = format!(
+            "#backends tr[data-backend-id=\"{}\"] td.id a",
+            backend.as_str()
+        );
+        eventually("a click on the backend's link", || async {
+            let element = client.find(Locator::Css(&link)).await.ok()?;
+            element.click().await.ok()
+        })
+        .await;
+        eventually("the backend's page", || async {
+            (text_of(&client, "#backend-id").await == backend.as_str()).then_some(())
+        })
+        .await;
+
+        // The tail, once the page follows the log (a line written from then on must show).
+        eventually("the log tail, followed", || async {
+            let log = text_of(&client, "#backend-log").await;
+            let state = text_of(&client, "#log-state").await;
+            (log.contains("written before the page opened") && state == "(following)").then_some(())
+        })
+        .await;
+        print("written while the page watches").await;
+        eventually("the new line in the page", || async {
+            let log = text_of(&client, "#backend-log").await;
+            log.contains("written while the page watches").then_some(())
+        })
+        .await;
+
+        // The event timeline, live too: the backend's states up to its termination.
+        let statuses = "return [...document.querySelectorAll('#backend-events tbody tr')]\
+                        .map((tr) => tr.dataset.status);";
+        eventually("the timeline up to ready", || async {
+            let shown = page_value(&client, statuses, vec![]).await;
+            let shown: Vec<String> = serde_json::from_value(shown).ok()?;
+            (shown.first().map(String::as_str) == Some("scheduled")
+                && shown.last().map(String::as_str) == Some("ready"))
+            .then_some(())
+        })
+        .await;
+        env.soft_terminated(&backend).await;
+        eventually("the timeline and the log to show the end", || async {
+            let shown = page_value(&client, statuses, vec![]).await;
+            let shown: Vec<String> = serde_json::from_value(shown).ok()?;
+            let end = page_value(
+                &client,
+                "return document.getElementById('log-state').dataset.end;",
+                vec![],
+            )
+            .await;
+            (shown.last().map(String::as_str) == Some("terminated") && end == "backend_ended")
+                .then_some(())
+        })
+        .await;
+        assert_eq!(text_of(&client, "#error").await, "");
+
+        client.close().await.unwrap();
+        env.shutdown().await;
+    })
+    .await;
+}

@@ -9,7 +9,7 @@ use hangar_client::ClientError;
 use hangar_tests::{eventually, shell_executable, TestEnv, WAIT};
 use hangar_types::api::{ApiErrorKind, ConnectRequest};
 use hangar_types::executable::Executable;
-use hangar_types::logs::{LogLine, LogStream};
+use hangar_types::logs::{LogLine, LogReadEnd, LogReadEndKind, LogReadItem, LogStream};
 use hangar_types::{BackendId, BackendStatus};
 
 async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -78,6 +78,8 @@ async fn wait_for_line(env: &TestEnv, backend: &BackendId, line: &str) {
 struct Follow {
     body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     pending: Vec<u8>,
+    /// The read's last line, once it came.
+    end: Option<LogReadEnd>,
 }
 
 impl Follow {
@@ -92,20 +94,37 @@ impl Follow {
         Follow {
             body: Box::pin(resp.bytes_stream()),
             pending: Vec::new(),
+            end: None,
         }
     }
 
     async fn next(&mut self) -> Option<LogLine> {
         loop {
-            if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=end).collect();
-                return Some(serde_json::from_slice(&line).unwrap());
+            if let Some(newline) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=newline).collect();
+                match serde_json::from_slice(&line).unwrap() {
+                    LogReadItem::Line(line) => {
+                        assert!(self.end.is_none(), "a line after the end: {line:?}");
+                        return Some(line);
+                    }
+                    LogReadItem::End(end) => {
+                        assert!(self.end.is_none(), "two ends: {end:?}");
+                        self.end = Some(end);
+                        continue;
+                    }
+                }
             }
             let chunk = tokio::time::timeout(WAIT, self.body.next())
                 .await
                 .expect("no log line in time")?;
             self.pending.extend_from_slice(&chunk.unwrap());
         }
+    }
+
+    /// Reads to the end of the read: its last line, saying why it ended.
+    async fn end(&mut self) -> LogReadEnd {
+        while self.next().await.is_some() {}
+        self.end.take().expect("the read ended without saying why")
     }
 
     /// Reads until `line` arrives; panics if the read ends first.
@@ -155,6 +174,20 @@ async fn lines_of_both_streams_are_kept_in_order_and_followed() {
         let future = hangar_types::Millis::now().0 + 3_600_000;
         let (_, none) = logs_at(&env, 0, id.as_str(), &format!("since={future}")).await;
         assert!(none.is_empty());
+        // RFC 3339 times too (`+` percent-encoded, as a client sends it).
+        let rfc3339 = |t: time::OffsetDateTime| {
+            let text = t
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+            url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>()
+        };
+        let hour = time::Duration::hours(1);
+        let in_an_hour = rfc3339(time::OffsetDateTime::now_utc() + hour);
+        let (status, none) = logs_at(&env, 0, id.as_str(), &format!("since={in_an_hour}")).await;
+        assert_eq!((status, none.len()), (200, 0));
+        let an_hour_ago = rfc3339(time::OffsetDateTime::now_utc() - hour);
+        let (_, all_since) = logs_at(&env, 0, id.as_str(), &format!("since={an_hour_ago}")).await;
+        assert_eq!(all_since, all);
 
         // Follow: the kept tail first, then each new line, until the backend ends.
         let mut follow = Follow::open(&env, 0, &id, "tail=1").await;
@@ -165,7 +198,7 @@ async fn lines_of_both_streams_are_kept_in_order_and_followed() {
         print(&env, &url, "stdout", "last words").await;
         follow.until("last words").await;
         env.soft_terminated(&id).await;
-        while follow.next().await.is_some() {}
+        assert_eq!(follow.end().await.end, LogReadEndKind::BackendEnded);
 
         // Kept after the exit.
         let (status, after) = logs_at(&env, 0, id.as_str(), "").await;
@@ -209,11 +242,14 @@ async fn bad_requests_and_unreachable_drones_are_answered_clearly() {
             "tail=x",
             "tail=10001",
             "since=yesterday",
+            "since=2024-12-05T12:00:00",
+            "since=2024-13-05T12:00:00Z",
             "follow=perhaps",
             "grep=x",
         ] {
             let (status, body) = logs_at(&env, 0, &id, query).await;
             assert_eq!(status, 400, "{query}: {body:?}");
+            assert!(body[0].line.starts_with("InvalidRequest: "), "{body:?}");
         }
 
         // Its drone goes away: 503 with the last known status.
@@ -321,7 +357,7 @@ async fn follow_works_through_the_other_controller_of_a_postgres_pair() {
             .soft_terminate(&resp.backend_id)
             .await
             .unwrap();
-        while follow.next().await.is_some() {}
+        assert_eq!(follow.end().await.end, LogReadEndKind::BackendEnded);
         env.wait_for_status_at(1, &resp.backend_id, BackendStatus::Terminated)
             .await;
         let events = env
@@ -415,6 +451,38 @@ async fn container_output_is_captured_by_stream_and_kept_after_removal() {
             lines[0].line.contains("TEST_BACKEND_EXIT_CODE"),
             "{lines:?}"
         );
+        env.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_cut_by_its_drone_session_says_so() {
+    within(async {
+        let env = TestEnv::start().await;
+        let resp = env.connect_ready(&env.connect_request("cut", &[])).await;
+        print(&env, &resp.url, "stdout", "before the cut").await;
+        wait_for_line(&env, &resp.backend_id, "before the cut").await;
+        let mut follow = Follow::open(&env, 0, &resp.backend_id, "tail=1").await;
+        assert_eq!(follow.next().await.unwrap().line, "before the cut");
+
+        // The drone's session drops (no close handshake) while the backend runs on: the read ends,
+        // and its last line says the drone went away, not that the backend ended.
+        env.drones[0].reconnect();
+        let end = follow.end().await;
+        assert_eq!(end.end, LogReadEndKind::DroneDisconnected, "{end:?}");
+        assert!(end.message.is_some_and(|m| m.contains("session")));
+        let status = env.client.backend_status(&resp.backend_id).await.unwrap();
+        assert_eq!(status.status, BackendStatus::Ready);
+
+        // Once the drone is back, a new follow works again.
+        eventually("the drone's session to come back", || async {
+            let (status, _) = logs_at(&env, 0, resp.backend_id.as_str(), "tail=1").await;
+            (status == 200).then_some(())
+        })
+        .await;
+        let mut follow = Follow::open(&env, 0, &resp.backend_id, "tail=1").await;
+        assert_eq!(follow.next().await.unwrap().line, "before the cut");
         env.shutdown().await;
     })
     .await;

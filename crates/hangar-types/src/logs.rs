@@ -66,15 +66,24 @@ impl LogSince {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid `since` {0:?}: expected milliseconds since the epoch (1733400000000) or a duration such as 90s, 10m, 2h, 1d, 500ms")]
+#[error("invalid `since` {0:?}: expected an RFC 3339 time (2024-12-05T12:00:00Z), milliseconds since the epoch (1733400000000) or a duration such as 90s, 10m, 2h, 1d, 500ms")]
 pub struct InvalidSince(pub String);
 
-/// `1733400000000` (ms since the epoch) or a duration ago: a number with one of `ms`, `s`, `m`, `h`,
-/// `d` (`10m`).
+/// An RFC 3339 time (`2024-12-05T12:00:00Z`, `2024-12-05T13:00:00.5+01:00`), `1733400000000` (ms
+/// since the epoch) or a duration ago: a number with one of `ms`, `s`, `m`, `h`, `d` (`10m`).
 impl FromStr for LogSince {
     type Err = InvalidSince;
     fn from_str(s: &str) -> Result<Self, InvalidSince> {
         let invalid = || InvalidSince(s.to_string());
+        if s.contains('T') || s.contains('t') {
+            let time =
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| invalid())?;
+            let ms = time.unix_timestamp_nanos() / 1_000_000;
+            return i64::try_from(ms)
+                .map(|ms| LogSince::At(Millis(ms)))
+                .map_err(|_| invalid());
+        }
         let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (number, unit) = s.split_at(digits);
         let number: u64 = number.parse().map_err(|_| invalid())?;
@@ -121,6 +130,52 @@ pub enum LogEndReason {
     Failed(String),
 }
 
+/// The last JSON line of a log read that did not just run out of kept lines, so a client can tell a
+/// read that ended from one that was cut: `{"end": "backend_ended"}`, or
+/// `{"end": "drone_disconnected", "message": "…"}`. A follow always ends with one (unless the
+/// connection itself is cut, which a client sees as a stream without it); a read without `follow`
+/// has one only when it ended early.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogReadEnd {
+    pub end: LogReadEndKind,
+    /// What went wrong, for the kinds other than `backend_ended`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Why a log read ended (`LogReadEnd::end`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LogReadEndKind {
+    /// The backend ended and every line it wrote was sent (the normal end of a follow).
+    BackendEnded,
+    /// The drone keeps no lines of this backend (it never ran there, or its retention passed).
+    NotKept,
+    /// The drone has too many log reads open; try again later.
+    DroneBusy,
+    /// The drone's session with the controllers dropped before the read ended: lines may be missing.
+    DroneDisconnected,
+    /// The controller serving the read could not be reached any more (a forwarded read).
+    ControllerDisconnected,
+    /// The drone failed to read its log files.
+    Failed,
+}
+
+impl LogReadEnd {
+    /// `true` only for the normal end of a follow.
+    pub fn is_normal(&self) -> bool {
+        self.end == LogReadEndKind::BackendEnded
+    }
+}
+
+/// One JSON line of a log read: a line, or the end.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum LogReadItem {
+    Line(LogLine),
+    End(LogReadEnd),
+}
+
 /// `GET /ctrl/b/{backend}/events`: a backend's state history (oldest first, store clock) and, when
 /// it failed, the last lines it wrote to stderr.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -162,6 +217,21 @@ mod tests {
         ] {
             assert!(bad.parse::<LogSince>().is_err(), "{bad}");
         }
+        assert_eq!(
+            "2024-12-05T12:00:00Z".parse(),
+            Ok(LogSince::At(Millis(1_733_400_000_000)))
+        );
+        assert_eq!(
+            "2024-12-05T13:00:00.25+01:00".parse(),
+            Ok(LogSince::At(Millis(1_733_400_000_250)))
+        );
+        for bad in [
+            "2024-12-05T12:00:00",
+            "2024-13-05T12:00:00Z",
+            "2024-12-05 12:00",
+        ] {
+            assert!(bad.parse::<LogSince>().is_err(), "{bad}");
+        }
         assert_eq!(LogSince::Ago(1000).resolve(Millis(5000)), Millis(4000));
         assert_eq!(LogSince::At(Millis(7)).resolve(Millis(5000)), Millis(7));
     }
@@ -177,5 +247,18 @@ mod tests {
             serde_json::to_string(&line).unwrap(),
             r#"{"time":5,"stream":"stderr","line":"boom"}"#
         );
+        let end = LogReadEnd {
+            end: LogReadEndKind::DroneDisconnected,
+            message: Some("gone".into()),
+        };
+        let text = serde_json::to_string(&end).unwrap();
+        assert_eq!(text, r#"{"end":"drone_disconnected","message":"gone"}"#);
+        let items: Vec<LogReadItem> = [r#"{"time":5,"stream":"stderr","line":"boom"}"#, &text]
+            .iter()
+            .map(|t| serde_json::from_str(t).unwrap())
+            .collect();
+        assert_eq!(items, [LogReadItem::Line(line), LogReadItem::End(end)]);
+        let normal: LogReadEnd = serde_json::from_str(r#"{"end":"backend_ended"}"#).unwrap();
+        assert!(normal.is_normal());
     }
 }

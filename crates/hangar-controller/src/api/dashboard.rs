@@ -1,6 +1,9 @@
 //! The live web dashboard: `GET /ctrl/dashboard/state` (one JSON snapshot of clusters, their drones and
 //! proxies, and the most recent backends with their latest resource sample) and the static page that
-//! polls it (`GET /dashboard`, plus its script and style sheet), embedded in the binary.
+//! polls it (`GET /dashboard`, plus its script and style sheet), embedded in the binary. The page's
+//! backend view (`/dashboard#b/<backend id>`) shows one backend's event timeline
+//! (`GET /ctrl/b/{backend}/events`, polled) and its live log tail (`GET /ctrl/b/{backend}/logs`,
+//! followed), both served by [`super::logs`].
 //!
 //! The page is public (it holds no data); the JSON sits behind the `/ctrl` bearer check like every
 //! other operator route. The page never builds HTML from data (the script uses `textContent` only), and

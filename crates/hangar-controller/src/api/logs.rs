@@ -18,7 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
 use hangar_store::BackendRow;
-use hangar_types::logs::{BackendEvents, LogEndReason, LogLine, LogSince, LogStream};
+use hangar_types::logs::{
+    BackendEvents, LogEndReason, LogLine, LogReadEnd, LogReadEndKind, LogSince, LogStream,
+};
 use hangar_types::{BackendId, BackendState, BackendStatus};
 use std::convert::Infallible;
 use std::sync::OnceLock;
@@ -40,8 +42,8 @@ const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a follow waits for the drone to confirm it watches the backend before answering anyway.
 const FOLLOW_START_WAIT: Duration = Duration::from_secs(5);
 
-/// `GET /ctrl/b/{backend}/logs[?since=10m|<ms>][&tail=N][&follow=true]`.
-#[utoipa::path(get, path = "/ctrl/b/{backend}/logs", tag = "ctrl", params(("backend" = BackendId, Path, description = "Backend id"), ("since" = Option<String>, Query, description = "Lines since: a duration ago (10m) or milliseconds since the epoch"), ("tail" = Option<u32>, Query, description = "Only the last N lines (at most 10000)"), ("follow" = Option<bool>, Query, description = "Keep streaming new lines until the backend ends")), responses((status = 200, description = "Chunked JSON lines, one LogLine object per line", content_type = "application/x-ndjson", body = LogLine)))]
+/// `GET /ctrl/b/{backend}/logs[?since=10m|<ms>|<RFC 3339>][&tail=N][&follow=true]`.
+#[utoipa::path(get, path = "/ctrl/b/{backend}/logs", tag = "ctrl", params(("backend" = BackendId, Path, description = "Backend id"), ("since" = Option<String>, Query, description = "Only lines written since then: an RFC 3339 time (2024-12-05T12:00:00Z), milliseconds since the epoch (1733400000000), or a duration ago (500ms, 90s, 10m, 2h, 1d)"), ("tail" = Option<u32>, Query, description = "Only the last N lines (at most 10000)"), ("follow" = Option<bool>, Query, description = "Keep streaming new lines until the backend ends")), responses((status = 200, description = "Chunked JSON lines, one LogLine object per line; a follow (and a read that ended early) ends with one LogReadEnd object saying why", content_type = "application/x-ndjson", body = LogLine)))]
 pub async fn backend_logs_get(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,
@@ -63,7 +65,7 @@ pub async fn backend_logs_get(
             } else {
                 None
             };
-            Body::from_stream(ndjson(first, read))
+            Body::from_stream(ndjson(first, read, query.follow))
         }
         Source::Forwarded(response) if response.status() != reqwest::StatusCode::OK => {
             let status =
@@ -76,7 +78,7 @@ pub async fn backend_logs_get(
             );
             return Ok(answer);
         }
-        Source::Forwarded(response) => Body::from_stream(response.bytes_stream()),
+        Source::Forwarded(response) => Body::from_stream(forwarded(response)),
     };
     let mut response = body.into_response();
     response.headers_mut().insert(
@@ -262,34 +264,93 @@ fn forward_client() -> Result<&'static reqwest::Client, reqwest::Error> {
 }
 
 /// The lines of a read as JSON lines, one chunk per batch, until the drone ends the read (or its
-/// session ends).
+/// session ends), then the [`LogReadEnd`] line saying why (always for a follow; for another read only
+/// when it ended early).
 fn ndjson(
     first: Option<LogChunk>,
     read: LogRead,
+    follow: bool,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
-    futures_util::stream::unfold((first, read), |(first, mut read)| async move {
+    futures_util::stream::unfold(Some((first, read)), move |open| async move {
+        let (first, mut read) = open?;
         let chunk = match first {
-            Some(chunk) => chunk,
-            None => read.next().await?,
+            Some(chunk) => Some(chunk),
+            None => read.next().await,
         };
-        match chunk {
-            LogChunk::Lines(lines) => {
+        let end = match chunk {
+            Some(LogChunk::Lines(lines)) => {
                 let mut buf = Vec::with_capacity(lines.len() * 64);
                 for line in &lines {
                     if serde_json::to_writer(&mut buf, line).is_ok() {
                         buf.push(b'\n');
                     }
                 }
-                Some((Ok(Bytes::from(buf)), (None, read)))
+                return Some((Ok(Bytes::from(buf)), Some((None, read))));
             }
-            LogChunk::End(LogEndReason::Failed(error)) => {
-                tracing::warn!(%error, "The drone could not read a backend's logs");
-                None
-            }
-            LogChunk::End(_) => None,
-        }
+            Some(LogChunk::End(reason)) => read_end(reason, follow),
+            None => Some(LogReadEnd {
+                end: LogReadEndKind::DroneDisconnected,
+                message: Some(
+                    "The drone's session ended before the read did; lines may be missing.".into(),
+                ),
+            }),
+        };
+        Some((Ok(end.map(end_line).unwrap_or_default()), None))
     })
     .filter(|chunk| std::future::ready(!matches!(chunk, Ok(b) if b.is_empty())))
+}
+
+/// The last line of a read the drone ended, if it gets one.
+fn read_end(reason: LogEndReason, follow: bool) -> Option<LogReadEnd> {
+    let (end, message) = match reason {
+        LogEndReason::Complete => return None,
+        LogEndReason::Unknown if !follow => return None,
+        LogEndReason::BackendEnded => (LogReadEndKind::BackendEnded, None),
+        LogEndReason::Unknown => (
+            LogReadEndKind::NotKept,
+            Some("The drone keeps no lines of this backend.".to_string()),
+        ),
+        LogEndReason::Busy => (
+            LogReadEndKind::DroneBusy,
+            Some("The drone has too many log reads open; try again later.".to_string()),
+        ),
+        LogEndReason::Failed(error) => {
+            tracing::warn!(%error, "The drone could not read a backend's logs");
+            (
+                LogReadEndKind::Failed,
+                Some(format!("The drone could not read the logs: {error}")),
+            )
+        }
+    };
+    Some(LogReadEnd { end, message })
+}
+
+fn end_line(end: LogReadEnd) -> Bytes {
+    let mut buf = serde_json::to_vec(&end).unwrap_or_default();
+    buf.push(b'\n');
+    Bytes::from(buf)
+}
+
+/// A forwarded read's answer, streamed through; cut off by an error of the other controller, it
+/// ends with a [`LogReadEndKind::ControllerDisconnected`] line.
+fn forwarded(
+    response: reqwest::Response,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+    futures_util::stream::unfold(Some(response.bytes_stream()), |body| async move {
+        let mut body = body?;
+        match body.next().await? {
+            Ok(bytes) => Some((Ok(bytes), Some(body))),
+            Err(e) => {
+                let end = LogReadEnd {
+                    end: LogReadEndKind::ControllerDisconnected,
+                    message: Some(format!(
+                        "The controller holding the drone's session stopped answering: {e}"
+                    )),
+                };
+                Some((Ok(end_line(end)), None))
+            }
+        }
+    })
 }
 
 fn parse_query(raw: Option<&str>) -> Result<LogQuery, ApiError> {

@@ -53,7 +53,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
         openapi_ctrl_get,
         openapi_pub_get,
     ),
-    components(schemas(ApiError)),
+    components(schemas(ApiError, hangar_types::logs::LogReadEnd)),
     modifiers(&PlaneConventions),
     tags(
         (name = "ctrl", description = "Trusted routes for app servers and operators"),

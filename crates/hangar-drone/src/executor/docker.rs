@@ -95,7 +95,7 @@ pub struct DockerExecutor {
     /// Fired at shutdown: watchers, log followers, samplers and the cleanup stop.
     cancel: CancellationToken,
     /// Where container output is captured, when set.
-    logs: Option<crate::log_store::LogStore>,
+    logs: Option<crate::log_store::LogWriter>,
     /// This process, labelled on every container, when the containers die with it
     /// ([`DockerExecutor::ephemeral`]).
     process: Option<Arc<DroneProcess>>,
@@ -166,7 +166,7 @@ impl DockerExecutor {
     }
 
     /// Captures every container's output into `logs`.
-    pub fn with_log_store(mut self, logs: crate::log_store::LogStore) -> Self {
+    pub fn with_log_writer(mut self, logs: crate::log_store::LogWriter) -> Self {
         self.logs = Some(logs);
         self
     }
@@ -342,7 +342,7 @@ impl DockerExecutor {
                 follow: false,
             };
             capture.run(self.cancel.child_token()).await;
-            store.end(&spec.id);
+            store.end(&spec.id).await;
         }
         if let Err(e) = self.remove_container(name).await {
             tracing::warn!(backend = %spec.id, error = %e, "Cannot remove the failed container");

@@ -4,7 +4,7 @@
 //! Each backend gets a free port in `PORT` and the backend-contract variables, runs in its own process
 //! group (signals go to the whole group, and the group is killed once the main process exits, so no
 //! grandchild outlives its backend), and has its stdout/stderr logged at debug level, kept (last
-//! [`LOG_LINES`] lines) and, with a [`LogStore`], captured line by line into the drone's log store. A
+//! [`LOG_LINES`] lines) and, with a [`LogWriter`], captured line by line into the drone's log store. A
 //! backend dies with the drone process however it ends, SIGKILL included ([`spawner`]: the
 //! parent-death signal). Child processes cannot be re-adopted by a restarted drone: `reattach` kills
 //! what is left (when the recorded pid still names the same process) and reports the backend gone.
@@ -12,7 +12,7 @@
 
 use super::log_lines::{LineSplitter, RecentLines};
 use super::{BackendSpec, Executor, ExecutorError, Reattached, RunningBackend, Started};
-use crate::log_store::LogStore;
+use crate::log_store::LogWriter;
 use async_trait::async_trait;
 use hangar_types::executable::{Executable, ExecutorKind, ProcessExecutable};
 use hangar_types::logs::LogStream;
@@ -40,7 +40,7 @@ pub struct ProcessExecutor {
     tracker: TaskTracker,
     /// Fired at shutdown: every still-running child is killed and log readers stop.
     cancel: CancellationToken,
-    logs: Option<LogStore>,
+    logs: Option<LogWriter>,
 }
 
 impl ProcessExecutor {
@@ -55,7 +55,7 @@ impl ProcessExecutor {
     }
 
     /// Captures every backend's output into `logs`.
-    pub fn with_log_store(mut self, logs: LogStore) -> Self {
+    pub fn with_log_writer(mut self, logs: LogWriter) -> Self {
         self.logs = Some(logs);
         self
     }
@@ -276,7 +276,7 @@ const OUTPUT_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 /// A backend's output readers and where its lines are kept.
 struct Output {
     readers: Vec<tokio::task::JoinHandle<()>>,
-    logs: Option<LogStore>,
+    logs: Option<LogWriter>,
 }
 
 /// Owns the child: signals it on request and reaps it. Signalling and reaping in one task means a
@@ -332,7 +332,7 @@ async fn run_process(
         tracing::debug!(%backend, "Backend output still open after its exit; not waiting for it");
     }
     if let Some(logs) = &output.logs {
-        logs.end(&backend);
+        logs.end(&backend).await;
     }
     exit.send_replace(Some(code));
 }
@@ -343,7 +343,7 @@ struct LogReader {
     backend: BackendId,
     stream: LogStream,
     lines: RecentLines,
-    store: Option<LogStore>,
+    store: Option<LogWriter>,
 }
 
 impl LogReader {
@@ -360,19 +360,20 @@ impl LogReader {
                 },
             };
             splitter.feed(&buf[..n], |line| batch.push((self.stream, line)));
-            self.keep(&mut batch);
+            self.keep(&mut batch).await;
         }
         batch.extend(splitter.finish().map(|line| (self.stream, line)));
-        self.keep(&mut batch);
+        self.keep(&mut batch).await;
     }
 
-    fn keep(&self, batch: &mut Vec<(LogStream, String)>) {
-        if let Some(store) = &self.store {
-            store.append(&self.backend, batch);
-        }
-        for (_, line) in batch.drain(..) {
+    async fn keep(&self, batch: &mut Vec<(LogStream, String)>) {
+        for (_, line) in batch.iter() {
             tracing::debug!(backend = %self.backend, stream = %self.stream, "{line}");
-            self.lines.push(line);
+            self.lines.push(line.clone());
+        }
+        match &self.store {
+            Some(store) => store.append(&self.backend, std::mem::take(batch)).await,
+            None => batch.clear(),
         }
     }
 }

@@ -1,13 +1,21 @@
-// Hangar dashboard: polls ctrl/dashboard/state every 2 s and renders it. Every value from the
-// controller reaches the page through textContent or an attribute, never as markup.
+// Hangar dashboard: polls ctrl/dashboard/state every 2 s and renders it; `#b/<backend id>` shows one
+// backend instead: its event timeline (ctrl/b/<id>/events, polled) and its live log tail
+// (ctrl/b/<id>/logs?follow=true, read as a stream of JSON lines). Every value from the controller
+// reaches the page through textContent or an attribute, never as markup.
 "use strict";
 
 const REFRESH_MS = 2000;
 const TOKEN_KEY = "hangar.dashboard.token";
 const LIVE = new Set(["scheduled", "loading", "starting", "waiting", "ready"]);
+// Lines asked for when a backend's page opens, and most lines kept on the page.
+const TAIL_LINES = 200;
+const MAX_LOG_LINES = 2000;
 
 let timer = null;
 let waitingForToken = false;
+// The backend shown (from the location's hash), and the AbortController of its log follow.
+let backendId = null;
+let follow = null;
 
 function token() {
   return sessionStorage.getItem(TOKEN_KEY);
@@ -74,6 +82,7 @@ function askForToken(message) {
   document.getElementById("auth-message").textContent = message;
   document.getElementById("auth").hidden = false;
   document.getElementById("main").hidden = true;
+  document.getElementById("backend-view").hidden = true;
   document.getElementById("updated").textContent = "";
   document.getElementById("auth-token").focus();
 }
@@ -147,8 +156,12 @@ function terminateCell(b) {
 function renderBackends(backends, now) {
   const rows = backends.map((b) => {
     const status = el("td", "status status-" + b.status, b.status);
+    const idCell = el("td", "id");
+    const link = el("a", null, b.id);
+    link.href = "#b/" + encodeURIComponent(b.id);
+    idCell.appendChild(link);
     const tr = row([
-      el("td", "id", b.id),
+      idCell,
       el("td", "mono", b.cluster),
       el("td", "mono", b.drone),
       el("td", null, b.namespace),
@@ -201,34 +214,164 @@ function stateUrl() {
   return "ctrl/dashboard/state" + (query ? "?" + query : "");
 }
 
+// GETs `url` as JSON; `null` after asking for a token (401).
+async function getJson(url) {
+  const response = await fetch(url, { headers: authHeaders(), cache: "no-store" });
+  if (response.status === 401) {
+    askForToken(token() ? "The token was refused; enter another." : "This controller requires a bearer token.");
+    return null;
+  }
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response.json();
+}
+
+async function errorMessage(response) {
+  let message = "HTTP " + response.status;
+  try {
+    message += ": " + (await response.json()).message;
+  } catch (_) {
+    // Not Hangar's error body: the status alone says enough.
+  }
+  return message;
+}
+
+async function refreshOverview() {
+  const state = await getJson(stateUrl());
+  if (!state) return false;
+  renderClusters(state.clusters);
+  renderBackends(state.backends, state.time);
+  renderWarmPools(state.warm_pools || []);
+  return true;
+}
+
 async function refresh() {
   clearTimeout(timer);
   if (waitingForToken) return;
   try {
-    const response = await fetch(stateUrl(), { headers: authHeaders(), cache: "no-store" });
-    if (response.status === 401) {
-      askForToken(token() ? "The token was refused; enter another." : "This controller requires a bearer token.");
-      return;
-    }
-    if (!response.ok) {
-      let message = "HTTP " + response.status;
-      try {
-        message += ": " + (await response.json()).message;
-      } catch (_) {
-        // Not Hangar's error body: the status alone says enough.
-      }
-      throw new Error(message);
-    }
-    const state = await response.json();
-    renderClusters(state.clusters);
-    renderBackends(state.backends, state.time);
-    renderWarmPools(state.warm_pools || []);
+    const loaded = backendId ? await refreshBackend(backendId) : await refreshOverview();
+    if (!loaded) return;
     showError("");
     document.getElementById("updated").textContent = "Updated " + new Date().toLocaleTimeString();
   } catch (e) {
     showError("Cannot load the state: " + e.message);
   }
   timer = setTimeout(refresh, REFRESH_MS);
+}
+
+function backendUrl(id, what) {
+  return "ctrl/b/" + encodeURIComponent(id) + "/" + what;
+}
+
+function time(ms) {
+  return new Date(ms).toLocaleString();
+}
+
+// The event timeline of the backend shown.
+async function refreshBackend(id) {
+  const events = await getJson(backendUrl(id, "events"));
+  if (!events || id !== backendId) return false;
+  const last = events.events[events.events.length - 1];
+  document.getElementById("backend-summary").textContent =
+    "Cluster " + events.cluster + ", drone " + events.drone + (last ? ", " + last.status : "");
+  const rows = events.events.map((e) => {
+    const tr = row([
+      el("td", "num", time(e.time)),
+      el("td", "status status-" + e.status, e.status),
+      el("td", null, e.termination_reason || ""),
+      el("td", null, e.termination_kind || ""),
+      el("td", "num", e.exit_code === undefined ? "" : e.exit_code),
+      el("td", null, e.message || ""),
+    ]);
+    tr.dataset.status = e.status;
+    return tr;
+  });
+  document.querySelector("#backend-events tbody").replaceChildren(...rows);
+  const errors = document.getElementById("backend-error-lines");
+  const lines = events.error_lines || [];
+  errors.hidden = lines.length === 0;
+  errors.querySelector("pre").replaceChildren(...lines.map(logLine));
+  return true;
+}
+
+function logLine(item) {
+  const line = el("div", "line " + item.stream);
+  line.append(el("span", "time", new Date(item.time).toISOString().slice(11, 23) + " "), item.line);
+  return line;
+}
+
+// Follows the log of `id` into the page until the read ends, says why it ended.
+async function startFollow(id) {
+  const controller = new AbortController();
+  follow = controller;
+  const log = document.getElementById("backend-log");
+  const state = document.getElementById("log-state");
+  const show = (text, end) => {
+    if (follow !== controller) return;
+    state.textContent = text;
+    state.dataset.end = end || "";
+  };
+  show("(connecting…)");
+  try {
+    const url = backendUrl(id, "logs") + "?follow=true&tail=" + TAIL_LINES;
+    const response = await fetch(url, { headers: authHeaders(), signal: controller.signal, cache: "no-store" });
+    if (response.status === 401) {
+      follow = null;
+      askForToken("This controller requires a bearer token.");
+      return;
+    }
+    if (!response.ok) throw new Error(await errorMessage(response));
+    show("(following)");
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let pending = "";
+    let end = null;
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      pending += decoder.decode(value, { stream: true });
+      const texts = pending.split("\n");
+      pending = texts.pop();
+      for (const text of texts) {
+        if (!text) continue;
+        const item = JSON.parse(text);
+        if (item.end) {
+          end = item;
+          continue;
+        }
+        const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+        log.appendChild(logLine(item));
+        while (log.childElementCount > MAX_LOG_LINES) log.firstElementChild.remove();
+        if (atBottom) log.scrollTop = log.scrollHeight;
+      }
+    }
+    if (!end) show("(the connection was cut)", "cut");
+    else if (end.end === "backend_ended") show("(the backend ended)", end.end);
+    else show("(ended: " + (end.message || end.end) + ")", end.end);
+  } catch (e) {
+    if (!controller.signal.aborted) show("(" + e.message + ")", "error");
+  }
+}
+
+// Shows the view the location's hash names: `#b/<id>` a backend, anything else the overview.
+function route() {
+  const match = /^#b\/(.+)$/.exec(window.location.hash);
+  const id = match ? decodeURIComponent(match[1]) : null;
+  if (id !== backendId) {
+    if (follow) follow.abort();
+    follow = null;
+    backendId = id;
+    if (id) {
+      document.getElementById("backend-id").textContent = id;
+      document.getElementById("backend-summary").textContent = "";
+      document.querySelector("#backend-events tbody").replaceChildren();
+      document.getElementById("backend-log").replaceChildren();
+    }
+  }
+  if (waitingForToken) return;
+  document.getElementById("main").hidden = id !== null;
+  document.getElementById("backend-view").hidden = id === null;
+  if (id && !follow) startFollow(id);
+  refresh();
 }
 
 async function terminate(id, button) {
@@ -261,9 +404,9 @@ document.addEventListener("DOMContentLoaded", () => {
     input.value = "";
     waitingForToken = false;
     document.getElementById("auth").hidden = true;
-    document.getElementById("main").hidden = false;
-    refresh();
+    route();
   });
   document.getElementById("status-filter").addEventListener("change", refresh);
-  refresh();
+  window.addEventListener("hashchange", route);
+  route();
 });

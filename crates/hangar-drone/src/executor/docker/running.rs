@@ -10,7 +10,7 @@ use super::metrics::{run_metrics, MetricsSink, Sampler};
 use super::{error_message, is_gone, is_not_found, Tracked};
 use crate::executor::log_lines::{LineSplitter, RecentLines, LOG_LINES};
 use crate::executor::{ExecutorError, RunningBackend};
-use crate::log_store::LogStore;
+use crate::log_store::LogWriter;
 use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
@@ -65,7 +65,7 @@ pub struct Followers<'a> {
     pub metrics: MetricsSink,
     pub stats_permits: Arc<Semaphore>,
     /// Where the output is captured, when set.
-    pub logs: Option<LogStore>,
+    pub logs: Option<LogWriter>,
 }
 
 impl RunningContainer {
@@ -178,7 +178,7 @@ struct Watcher {
     cancel: CancellationToken,
     follower: JoinHandle<()>,
     /// The log store, told when the container's output is complete.
-    store: Option<LogStore>,
+    store: Option<LogWriter>,
     /// Keeps the periodic cleanup away until the container is removed.
     _tracked: Tracked,
 }
@@ -209,7 +209,7 @@ impl Watcher {
         }
         self.cancel.cancel();
         if let Some(store) = &self.store {
-            store.end(&self.backend);
+            store.end(&self.backend).await;
         }
         let exit = match waited {
             Waited::Gone => ContainerExit {
@@ -331,7 +331,7 @@ pub(super) struct LogFollow {
     pub container: String,
     pub backend: BackendId,
     pub recent: RecentLines,
-    pub store: Option<LogStore>,
+    pub store: Option<LogWriter>,
     /// `false`: read what the container wrote so far and stop.
     pub follow: bool,
 }
@@ -345,7 +345,7 @@ impl LogFollow {
         let since = self
             .store
             .as_ref()
-            .and_then(|s| s.last_write(&self.backend));
+            .and_then(|s| s.store().last_write(&self.backend));
         let options = LogsOptions {
             follow: self.follow,
             stdout: true,
@@ -379,20 +379,21 @@ impl LogFollow {
                 }
                 None => break,
             }
-            self.keep(&mut batch);
+            self.keep(&mut batch).await;
         }
         batch.extend(out.finish().map(|l| (LogStream::Stdout, l)));
         batch.extend(err.finish().map(|l| (LogStream::Stderr, l)));
-        self.keep(&mut batch);
+        self.keep(&mut batch).await;
     }
 
-    fn keep(&self, batch: &mut Vec<(LogStream, String)>) {
-        if let Some(store) = &self.store {
-            store.append(&self.backend, batch);
-        }
-        for (stream, line) in batch.drain(..) {
+    async fn keep(&self, batch: &mut Vec<(LogStream, String)>) {
+        for (stream, line) in batch.iter() {
             tracing::debug!(backend = %self.backend, %stream, "{line}");
-            self.recent.push(line);
+            self.recent.push(line.clone());
+        }
+        match &self.store {
+            Some(store) => store.append(&self.backend, std::mem::take(batch)).await,
+            None => batch.clear(),
         }
     }
 }
