@@ -15,6 +15,7 @@
 
 pub mod dialect;
 mod events;
+mod group_commit;
 mod migrations;
 pub mod model;
 pub mod postgres;
