@@ -108,6 +108,7 @@ async fn spawn_scenario_with_docker_measures_or_says_why_not() {
     } else {
         check(&report, "connect_to_ready", 2);
         check(&report, "direct_start_to_http", 2);
+        check(&report, "docker_cli_start_to_http", 2);
     }
 }
 

@@ -19,7 +19,7 @@ use crate::prometheus::{ControllerMetrics, NodeKind};
 use crate::sweeper;
 use axum::extract::ws::WebSocket;
 use futures_util::stream::SplitStream;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use hangar_store::{
     DroneRegistration, NodeId, Registration, SessionId, StateUpdate, Store, StoreEvent,
 };
@@ -27,7 +27,7 @@ use hangar_types::protocol::{
     ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines, NodeHello,
 };
 use hangar_types::timing::{KeyTiming, ACTION_RESEND_INTERVAL, UNHEALTHY_AFTER};
-use hangar_types::{ActionId, BackendStatus, ClusterName, DroneName};
+use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, ClusterName, DroneName};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::broadcast;
@@ -37,6 +37,9 @@ use tokio_util::sync::CancellationToken;
 /// Most unacked actions read (and resent) per pass. More wait for the next pass once earlier ones are
 /// acked; a drone acks actions as soon as it has persisted them, so this bounds bursts, not throughput.
 const RESEND_PAGE: u32 = 500;
+
+/// Most backend events recorded in one transaction (those the drone sent before the first was read).
+const EVENT_BATCH: usize = 64;
 
 /// An action sent less than this long ago is not sent again by a resend pass (dedupes the overlap
 /// between the live event and the pending list, without delaying a resend by a whole extra interval).
@@ -173,18 +176,127 @@ impl DroneSession {
                     None => break,
                 },
             };
-            let message = match serde_json::from_str::<DroneToController>(text.as_str()) {
-                Ok(message) => message,
-                Err(e) => {
-                    tracing::warn!(drone = %self.name, error = %e, "Skipping unparseable frame from drone");
-                    continue;
-                }
+            let Some(message) = self.parse(&text) else {
+                continue;
             };
-            if self.handle(message).await.is_err() {
+            if self.handle_received(message, &mut stream).await.is_err() {
                 break;
             }
         }
         self.cancel.cancel();
+    }
+
+    fn parse(&self, text: &str) -> Option<DroneToController> {
+        match serde_json::from_str::<DroneToController>(text) {
+            Ok(message) => Some(message),
+            Err(e) => {
+                tracing::warn!(drone = %self.name, error = %e, "Skipping unparseable frame from drone");
+                None
+            }
+        }
+    }
+
+    /// Handles `first`; a backend event is recorded in one transaction with the events already received
+    /// behind it (a drone reporting many backends at once waits for one commit, not one per event).
+    async fn handle_received(
+        &self,
+        first: DroneToController,
+        stream: &mut SplitStream<WebSocket>,
+    ) -> Result<(), SessionClosed> {
+        let DroneToController::BackendEvent {
+            event_id,
+            backend_id,
+            state,
+            ..
+        } = first
+        else {
+            return self.handle(first).await;
+        };
+        let mut events = vec![(event_id, backend_id, state)];
+        let mut after = None;
+        while events.len() < EVENT_BATCH {
+            // Only frames already received: never waits.
+            let Some(Some(text)) = node_socket::next_text(stream).now_or_never() else {
+                break;
+            };
+            match self.parse(&text) {
+                Some(DroneToController::BackendEvent {
+                    event_id,
+                    backend_id,
+                    state,
+                    ..
+                }) => events.push((event_id, backend_id, state)),
+                Some(other) => {
+                    after = Some(other);
+                    break;
+                }
+                None => {}
+            }
+        }
+        self.record_events(events).await?;
+        match after {
+            Some(message) => self.handle(message).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Records backend events in order, together; if that fails, one by one, so that one event the
+    /// store refuses does not hold back the others.
+    async fn record_events(
+        &self,
+        events: Vec<(i64, BackendId, BackendState)>,
+    ) -> Result<(), SessionClosed> {
+        if events.len() > 1 {
+            let states: Vec<(BackendId, BackendState)> = events
+                .iter()
+                .map(|(_, backend, state)| (backend.clone(), state.clone()))
+                .collect();
+            match self.store.record_backend_states(&states).await {
+                Ok(updates) => {
+                    for ((event_id, backend, state), update) in events.into_iter().zip(updates) {
+                        self.event_recorded(event_id, &backend, &state, update)
+                            .await?;
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(drone = %self.name, count = states.len(), error = %e, "Failed to record backend states together, recording them one by one");
+                }
+            }
+        }
+        for (event_id, backend, state) in events {
+            match self.store.record_backend_state(&backend, &state).await {
+                Ok(update) => {
+                    self.event_recorded(event_id, &backend, &state, update)
+                        .await?
+                }
+                // Not acked: the drone keeps the event in its outbox and replays it later.
+                Err(e) => {
+                    tracing::error!(drone = %self.name, %backend, error = %e, "Failed to record backend state");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a stored state and acks the event (stale and unknown ones too, so the outbox drains).
+    async fn event_recorded(
+        &self,
+        event_id: i64,
+        backend: &BackendId,
+        state: &BackendState,
+        update: StateUpdate,
+    ) -> Result<(), SessionClosed> {
+        if matches!(update, StateUpdate::Applied { .. }) {
+            self.prometheus.record_state_change(state.status());
+        }
+        if state.status() == BackendStatus::Terminated {
+            self.metrics.remove(backend);
+        }
+        tracing::debug!(drone = %self.name, %backend, status = %state.status(), ?update, "Backend event");
+        self.sender
+            .send(&ControllerToDrone::AckEvent { event_id })
+            .await
     }
 
     async fn handle(&self, message: DroneToController) -> Result<(), SessionClosed> {
@@ -199,24 +311,10 @@ impl DroneSession {
                 backend_id,
                 state,
                 ..
-            } => match self.store.record_backend_state(&backend_id, &state).await {
-                Ok(update) => {
-                    if matches!(update, StateUpdate::Applied { .. }) {
-                        self.prometheus.record_state_change(state.status());
-                    }
-                    if state.status() == BackendStatus::Terminated {
-                        self.metrics.remove(&backend_id);
-                    }
-                    tracing::debug!(drone = %self.name, backend = %backend_id, status = %state.status(), ?update, "Backend event");
-                    self.sender
-                        .send(&ControllerToDrone::AckEvent { event_id })
-                        .await?;
-                }
-                // Not acked: the drone keeps the event in its outbox and replays it later.
-                Err(e) => {
-                    tracing::error!(drone = %self.name, backend = %backend_id, error = %e, "Failed to record backend state");
-                }
-            },
+            } => {
+                self.record_events(vec![(event_id, backend_id, state)])
+                    .await?
+            }
             DroneToController::BackendMetrics {
                 backend_id,
                 mem_used,

@@ -14,6 +14,8 @@
 //! | `{lock:CLAUSE}` (a row lock) | dropped: the single writer serializes | `CLAUSE` |
 
 use crate::events::{EventBus, StoreEvent};
+use crate::group_commit::GroupCommit;
+use crate::model::NewToken;
 use crate::StoreResult;
 use hangar_types::timing::KEY_LEASE;
 use hangar_types::{BackendId, BackendState, Millis};
@@ -127,6 +129,8 @@ pub struct SqlStore<D: Dialect> {
     clock_offset_ms: AtomicI64,
     /// Key lease length in milliseconds: [`KEY_LEASE`] unless a test shortened it.
     key_lease_ms: AtomicI64,
+    /// Connection tokens waiting to be inserted together.
+    pub(crate) tokens: GroupCommit<NewToken>,
 }
 
 impl<D: Dialect> SqlStore<D> {
@@ -144,6 +148,7 @@ impl<D: Dialect> SqlStore<D> {
             events: EventBus::new(),
             clock_offset_ms: AtomicI64::new(0),
             key_lease_ms: AtomicI64::new(millis_of(KEY_LEASE)),
+            tokens: GroupCommit::default(),
         }
     }
 

@@ -15,6 +15,7 @@
 
 pub mod dialect;
 mod events;
+mod group_commit;
 mod migrations;
 pub mod model;
 pub mod postgres;
@@ -120,6 +121,13 @@ pub trait Store: Send + Sync + 'static {
         id: &BackendId,
         state: &BackendState,
     ) -> StoreResult<StateUpdate>;
+
+    /// [`Store::record_backend_state`] for each of `states` in order, in one transaction (events a drone
+    /// sent together). All or nothing: an error stores none of them.
+    async fn record_backend_states(
+        &self,
+        states: &[(BackendId, BackendState)],
+    ) -> StoreResult<Vec<StateUpdate>>;
 
     /// Every recorded state of a backend, oldest first, with the time it was recorded.
     async fn backend_history(&self, id: &BackendId) -> StoreResult<Vec<(BackendState, Millis)>>;

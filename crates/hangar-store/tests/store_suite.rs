@@ -136,6 +136,7 @@ macro_rules! all_store_tests {
             fencing_token_increases_across_acquisitions,
             fencing_token_increases_when_clock_goes_back,
             state_recording_is_monotonic,
+            states_recorded_together_in_order,
             terminated_releases_only_its_own_key,
             dynamic_token_resolution_follows_status,
             token_expiry_and_revocation,
@@ -694,6 +695,75 @@ mod suite {
         assert_eq!(
             store.backend(&id).await.unwrap().unwrap().state,
             terminated()
+        );
+    }
+
+    pub async fn states_recorded_together_in_order(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let (a, b) = (new_backend(drone, "batch-a"), new_backend(drone, "batch-b"));
+        acquire(store, a.clone()).await;
+        acquire(store, b.clone()).await;
+        let mut events = store.events().subscribe();
+        let ready = BackendState::Ready { address: addr() };
+        let batch = [
+            (a.id.clone(), BackendState::Loading),
+            (a.id.clone(), BackendState::Starting),
+            (a.id.clone(), BackendState::Loading),
+            (b.id.clone(), BackendState::Loading),
+            (BackendId::random(), BackendState::Loading),
+            (a.id.clone(), ready.clone()),
+        ];
+        let updates = store.record_backend_states(&batch).await.unwrap();
+        let outcomes: Vec<&str> = updates
+            .iter()
+            .map(|u| match u {
+                StateUpdate::Applied { .. } => "applied",
+                StateUpdate::Stale => "stale",
+                StateUpdate::UnknownBackend => "unknown",
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["applied", "applied", "stale", "applied", "unknown", "applied"]
+        );
+        let history: Vec<BackendState> = store
+            .backend_history(&a.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        let expected = [
+            BackendState::Scheduled,
+            BackendState::Loading,
+            BackendState::Starting,
+            ready.clone(),
+        ];
+        assert_eq!(history, expected);
+        assert_eq!(store.backend(&a.id).await.unwrap().unwrap().state, ready);
+        // Published after the commit, one event per stored state, in order.
+        let mut published = Vec::new();
+        while let Ok(StoreEvent::BackendState { backend, state, .. }) = events.try_recv() {
+            published.push((backend, state));
+        }
+        assert_eq!(
+            published,
+            [
+                (a.id.clone(), BackendState::Loading),
+                (a.id.clone(), BackendState::Starting),
+                (b.id.clone(), BackendState::Loading),
+                (a.id.clone(), ready),
+            ]
+        );
+        // `terminated` in a batch releases the key as it does alone.
+        store
+            .record_backend_states(&[(a.id.clone(), terminating()), (a.id.clone(), terminated())])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.key_lookup(&KeyRef::from(&a.key)).await.unwrap(),
+            KeyLookup::Missing
         );
     }
 

@@ -8,8 +8,11 @@
 //! - `recorded_until_<status>`: where the time goes — store-clock milliseconds (1 ms resolution) from
 //!   the previous recorded state to `<status>` (`loading` counts from `scheduled`).
 //! - baseline `direct_start_to_http`: starting the same backend directly (process: spawn the binary;
-//!   Docker: `docker run -d -p 127.0.0.1::8080`) and probing it as the drone does (connect, `GET /`,
-//!   any HTTP answer counts) every millisecond until it answers — the floor.
+//!   Docker: create + start through the Docker API from this process, with bollard as the drone does,
+//!   publishing the port on 127.0.0.1, then one inspect for the port) and probing it as the drone does
+//!   (connect, `GET /`, any HTTP answer counts) every millisecond until it answers — the floor.
+//! - Docker only, `docker_cli_start_to_http`: the same through the `docker` CLI (`docker run -d -p
+//!   127.0.0.1::8080`, `docker port`), for comparison with the numbers of earlier runs.
 //!
 //! Baseline and Hangar runs alternate so drift affects both alike; one untimed warm-up of each comes
 //! first. Each backend is terminated (and awaited) before the next spawn, so every spawn is cold.
@@ -43,8 +46,15 @@ struct SpawnSample {
 /// How the backend is started directly, for the baseline.
 enum Direct {
     Process(PathBuf),
-    Docker,
+    /// Through the Docker API; containers carry [`BENCH_LABEL`] with the run id.
+    Docker {
+        docker: bollard::Docker,
+        run: String,
+    },
 }
+
+/// Label of the baseline's containers (value: the run id), so a leftover can be found and removed.
+const BENCH_LABEL: &str = "hangar-bench-run";
 
 pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     let n = options.n.unwrap_or(DEFAULT_N);
@@ -71,7 +81,15 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
                 "pull_policy": "Never",
             }))
             .context("building the docker executable")?;
-            (executable, Direct::Docker)
+            let docker =
+                bollard::Docker::connect_with_defaults().context("connecting to the Docker API")?;
+            (
+                executable,
+                Direct::Docker {
+                    docker,
+                    run: run_id(),
+                },
+            )
         }
         // Never parsed from the command line: a socket executor needs an external program.
         ExecutorKind::Socket => anyhow::bail!("the spawn benchmark cannot use a socket executor"),
@@ -94,9 +112,20 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     };
     let measured = measure(&system, &executable, &direct, n).await;
     system.shutdown().await;
-    let (samples, baseline) = measured?;
+    let Measured {
+        samples,
+        baseline,
+        docker_cli,
+    } = measured?;
 
     report.add_millis("direct_start_to_http", &baseline, None);
+    if !docker_cli.is_empty() {
+        report.add_millis(
+            "docker_cli_start_to_http",
+            &docker_cli,
+            Some("direct_start_to_http"),
+        );
+    }
     let pick = |f: fn(&SpawnSample) -> Duration| samples.iter().map(f).collect::<Vec<_>>();
     report.add_millis(
         "connect_to_ready",
@@ -143,7 +172,7 @@ async fn measure(
     executable: &Executable,
     direct: &Direct,
     n: usize,
-) -> anyhow::Result<(Vec<SpawnSample>, Vec<Duration>)> {
+) -> anyhow::Result<Measured> {
     let http = reqwest::Client::new();
     let run = run_id();
     // Warm-up (page cache, first connections): not recorded.
@@ -151,13 +180,26 @@ async fn measure(
     spawn_once(system, &http, executable, &format!("spawn-{run}-warmup"))
         .await
         .context("warm-up spawn")?;
-    let mut samples = Vec::with_capacity(n);
-    let mut baseline = Vec::with_capacity(n);
+    let mut measured = Measured::default();
     for i in 0..n {
-        baseline.push(start_directly(direct).await?);
-        samples.push(spawn_once(system, &http, executable, &format!("spawn-{run}-{i}")).await?);
+        measured.baseline.push(start_directly(direct).await?);
+        if matches!(direct, Direct::Docker { .. }) {
+            measured.docker_cli.push(docker_cli_start().await?);
+        }
+        measured
+            .samples
+            .push(spawn_once(system, &http, executable, &format!("spawn-{run}-{i}")).await?);
     }
-    Ok((samples, baseline))
+    Ok(measured)
+}
+
+#[derive(Default)]
+struct Measured {
+    samples: Vec<SpawnSample>,
+    /// `direct_start_to_http`.
+    baseline: Vec<Duration>,
+    /// `docker_cli_start_to_http` (Docker only).
+    docker_cli: Vec<Duration>,
 }
 
 /// One cold spawn through Hangar; terminates the backend afterwards (untimed).
@@ -258,28 +300,101 @@ async fn start_directly(direct: &Direct) -> anyhow::Result<Duration> {
             probed?;
             Ok(elapsed)
         }
-        Direct::Docker => {
+        Direct::Docker { docker, run } => {
+            let name = format!("hangar-bench-{run}-{}", hangar_types::token::random_token());
             let started = Instant::now();
-            let id = docker(&["run", "-d", "--rm", "-p", "127.0.0.1::8080", DOCKER_IMAGE]).await?;
             let result = async {
-                let port = docker(&["port", &id, "8080/tcp"]).await?;
-                let addr = port
-                    .lines()
-                    .find_map(|l| {
-                        l.trim()
-                            .parse::<SocketAddr>()
-                            .ok()
-                            .filter(SocketAddr::is_ipv4)
-                    })
-                    .with_context(|| format!("unexpected `docker port` output {port:?}"))?;
+                let addr = docker_api_start(docker, &name, run).await?;
                 probe_until_answers(addr).await?;
                 Ok(started.elapsed())
             }
             .await;
-            let _ = docker(&["rm", "-f", &id]).await;
+            let remove = bollard::query_parameters::RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            };
+            let _ = docker.remove_container(&name, Some(remove)).await;
             result
         }
     }
+}
+
+/// Creates and starts the test image through the Docker API (as the drone's executor does: the port
+/// published on 127.0.0.1 at a port Docker picks) and returns the published address.
+async fn docker_api_start(
+    docker: &bollard::Docker,
+    name: &str,
+    run: &str,
+) -> anyhow::Result<SocketAddr> {
+    use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+    use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions};
+    use std::collections::HashMap;
+    const PORT: &str = "8080/tcp";
+    let binding = PortBinding {
+        host_ip: Some("127.0.0.1".to_string()),
+        host_port: Some(String::new()),
+    };
+    let body = ContainerCreateBody {
+        image: Some(DOCKER_IMAGE.to_string()),
+        env: Some(vec!["PORT=8080".to_string()]),
+        labels: Some(HashMap::from([(BENCH_LABEL.to_string(), run.to_string())])),
+        exposed_ports: Some(HashMap::from([(PORT.to_string(), HashMap::new())])),
+        host_config: Some(HostConfig {
+            port_bindings: Some(HashMap::from([(PORT.to_string(), Some(vec![binding]))])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let options = CreateContainerOptions {
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    docker
+        .create_container(Some(options), body)
+        .await
+        .context("creating the container")?;
+    docker
+        .start_container(
+            name,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        )
+        .await
+        .context("starting the container")?;
+    let info = docker
+        .inspect_container(name, None::<InspectContainerOptions>)
+        .await
+        .context("inspecting the container")?;
+    let port = info
+        .network_settings
+        .and_then(|n| n.ports)
+        .and_then(|ports| ports.get(PORT).cloned().flatten())
+        .and_then(|bindings| bindings.into_iter().find_map(|b| b.host_port))
+        .and_then(|p| p.parse::<u16>().ok())
+        .context("the container's port is not published")?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// The baseline of earlier runs: `docker run` and `docker port` through the CLI, then the same probe.
+async fn docker_cli_start() -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let id = docker(&["run", "-d", "--rm", "-p", "127.0.0.1::8080", DOCKER_IMAGE]).await?;
+    let result = async {
+        let port = docker(&["port", &id, "8080/tcp"]).await?;
+        let addr = port
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .filter(SocketAddr::is_ipv4)
+            })
+            .with_context(|| format!("unexpected `docker port` output {port:?}"))?;
+        probe_until_answers(addr).await?;
+        Ok(started.elapsed())
+    }
+    .await;
+    let _ = docker(&["rm", "-f", &id]).await;
+    result
 }
 
 async fn probe_until_answers(addr: SocketAddr) -> anyhow::Result<()> {

@@ -234,9 +234,44 @@ pub(super) async fn record_backend_state(
     id: &BackendId,
     state: &BackendState,
 ) -> StoreResult<StateUpdate> {
+    let mut tx = s.writer.begin().await?;
+    let (update, announced) = record_state(&mut tx, s.clock(), id, state).await?;
+    match announced {
+        Some(announced) => commit(s, tx, vec![announced]).await?,
+        None => tx.rollback().await?,
+    }
+    Ok(update)
+}
+
+/// [`record_backend_state`] for several states in one transaction, in order (a drone's events that
+/// arrived together): one commit instead of one per state.
+pub(super) async fn record_backend_states(
+    s: &S,
+    states: &[(BackendId, BackendState)],
+) -> StoreResult<Vec<StateUpdate>> {
+    let clock = s.clock();
+    let mut tx = s.writer.begin().await?;
+    let mut updates = Vec::with_capacity(states.len());
+    let mut events = Vec::new();
+    for (id, state) in states {
+        let (update, announced) = record_state(&mut tx, clock, id, state).await?;
+        updates.push(update);
+        events.extend(announced);
+    }
+    commit(s, tx, events).await?;
+    Ok(updates)
+}
+
+/// Records one state inside `conn`'s transaction; returns the outcome and, if it was stored, what to
+/// announce.
+async fn record_state(
+    conn: &mut Conn,
+    clock: i64,
+    id: &BackendId,
+    state: &BackendState,
+) -> StoreResult<(StateUpdate, Option<Announced>)> {
     let status = state.status();
     let address = state.address().map(|a| a.to_string());
-    let mut tx = s.writer.begin().await?;
     // Monotonic: only a status strictly after the stored one is stored (re-checked after waiting for a
     // concurrent writer's row lock). State times never go backwards either. The idle clock starts at
     // ready.
@@ -249,37 +284,40 @@ pub(super) async fn record_backend_state(
          WHERE id = $7 AND last_status_number < $3 \
          RETURNING last_status_time"
     ))
-    .bind(s.clock())
+    .bind(clock)
     .bind(status.as_str())
     .bind(status.number())
     .bind(Json(state))
     .bind(address)
     .bind(status == BackendStatus::Ready)
     .bind(id.as_str())
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await?;
     let Some(time) = time.map(Millis) else {
         let exists = sqlx::query("SELECT 1 FROM backend WHERE id = $1")
             .bind(id.as_str())
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *conn)
             .await?
             .is_some();
-        return Ok(if exists {
+        let update = if exists {
             StateUpdate::Stale
         } else {
             StateUpdate::UnknownBackend
-        });
+        };
+        return Ok((update, None));
     };
     if status == BackendStatus::Terminated {
         // Releases the key at once; a key re-acquired by another backend has another row.
         sqlx::query("DELETE FROM backend_key WHERE backend_id = $1")
             .bind(id.as_str())
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
     }
-    let history_id = insert_history(&mut tx, id, state, time).await?;
-    commit(s, tx, vec![Announced::state(history_id, id, state, time)]).await?;
-    Ok(StateUpdate::Applied { time })
+    let history_id = insert_history(conn, id, state, time).await?;
+    Ok((
+        StateUpdate::Applied { time },
+        Some(Announced::state(history_id, id, state, time)),
+    ))
 }
 
 pub(super) async fn backend_history(

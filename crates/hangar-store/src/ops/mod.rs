@@ -99,6 +99,7 @@ impl_store! {
     nodes::schedulable_drones(query: &DroneQuery) -> Vec<DroneCandidate>;
     backends::backend(id: &BackendId) -> Option<BackendRow>;
     backends::record_backend_state(id: &BackendId, state: &BackendState) -> StateUpdate;
+    backends::record_backend_states(states: &[(BackendId, BackendState)]) -> Vec<StateUpdate>;
     backends::backend_history(id: &BackendId) -> Vec<(BackendState, Millis)>;
     actions::queue_terminate(
         id: &BackendId, kind: TerminationKind, reason: TerminationReason

@@ -2,9 +2,11 @@
 //! and their resolution to routes.
 
 use super::rows::{json, parse, parsed, Row};
+use super::D;
 use super::{commit, S};
-use crate::dialect::millis_of;
+use crate::dialect::{millis_of, render};
 use crate::events::StoreEvent;
+use crate::group_commit::Pending;
 use crate::model::{NewToken, TokenLookup};
 use crate::{StoreError, StoreResult};
 use hangar_types::protocol::RouteInfo;
@@ -14,20 +16,61 @@ use sqlx::types::Json;
 use sqlx::Row as _;
 use std::net::SocketAddr;
 
+/// Group-committed ([`crate::group_commit`]): the tokens of concurrent connects are inserted by one
+/// statement. Returns once this token is committed.
 pub(super) async fn insert_token(s: &S, token: NewToken) -> StoreResult<()> {
-    sqlx::query(sql!(
-        "INSERT INTO token (token, backend_id, secret, username, auth, expires_at) \
-         VALUES ($2, $3, $4, $5, $6, {now} + $7)"
-    ))
-    .bind(s.clock())
-    .bind(token.token.as_str())
-    .bind(token.backend.as_str())
-    .bind(token.secret.as_str())
-    .bind(&token.user)
-    .bind(Json(&token.auth))
-    .bind(millis_of(token.lifetime))
-    .execute(&s.writer)
-    .await?;
+    s.tokens
+        .write(token, |batch| insert_token_batch(s, batch))
+        .await
+}
+
+/// Inserts `batch` with one statement; if that fails, each token alone, so that a bad token (its
+/// backend deleted meanwhile) fails only its own caller.
+async fn insert_token_batch(s: &S, batch: Vec<Pending<NewToken>>) {
+    if batch.len() > 1 {
+        let tokens: Vec<&NewToken> = batch.iter().map(|(t, _)| t).collect();
+        if insert_tokens(s, &tokens).await.is_ok() {
+            for (_, done) in batch {
+                let _ = done.send(Ok(()));
+            }
+            return;
+        }
+    }
+    for (token, done) in batch {
+        let _ = done.send(insert_tokens(s, &[&token]).await);
+    }
+}
+
+async fn insert_tokens(s: &S, tokens: &[&NewToken]) -> StoreResult<()> {
+    let mut template = String::from(
+        "INSERT INTO token (token, backend_id, secret, username, auth, expires_at) VALUES ",
+    );
+    for i in 0..tokens.len() {
+        let p = 2 + 6 * i;
+        if i > 0 {
+            template.push_str(", ");
+        }
+        template.push_str(&format!(
+            "(${p}, ${}, ${}, ${}, ${}, {{now}} + ${})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5
+        ));
+    }
+    let sql = render::<D>(&template);
+    let mut query = sqlx::query(&sql).bind(s.clock());
+    for token in tokens {
+        query = query
+            .bind(token.token.as_str())
+            .bind(token.backend.as_str())
+            .bind(token.secret.as_str())
+            .bind(&token.user)
+            .bind(Json(&token.auth))
+            .bind(millis_of(token.lifetime));
+    }
+    query.execute(&s.writer).await?;
     Ok(())
 }
 

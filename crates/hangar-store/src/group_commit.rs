@@ -1,0 +1,146 @@
+//! Group commit: writes that many callers make at once (a connection token per connect call) are
+//! gathered and written by one statement, so concurrent callers share one round trip and one commit
+//! (on PostgreSQL one WAL flush; on SQLite one turn of the single writer connection).
+//!
+//! Leader and followers, no task of its own: a caller queues its row, then waits for the flush lock;
+//! whoever holds the lock takes every queued row (its own and those queued meanwhile) and writes them.
+//! While one batch is being written, the next one gathers. A caller whose row was taken by another
+//! flush only waits for its answer. Every caller gets the outcome of its own row: the batch either
+//! commits as a whole, or the rows are written one by one so that one bad row fails only its caller.
+//!
+//! Cancellation: a leader dropped in the middle of a flush (its client went away) drops the rows it
+//! took; their callers get a retryable error ([`cancelled`]) and the connect is retried with a new token,
+//! as after a lost connection.
+
+use crate::{StoreError, StoreResult};
+use std::future::Future;
+use std::sync::Mutex;
+use tokio::sync::oneshot;
+
+/// Most rows one statement writes (SQLite allows 32 766 parameters; a row has a handful).
+pub const MAX_BATCH: usize = 64;
+
+/// A row waiting to be written, and where its outcome goes.
+pub type Pending<T> = (T, oneshot::Sender<StoreResult<()>>);
+
+/// The queue and flush lock of one kind of row.
+#[derive(Debug)]
+pub struct GroupCommit<T> {
+    queue: Mutex<Vec<Pending<T>>>,
+    flush: tokio::sync::Mutex<()>,
+}
+
+impl<T> Default for GroupCommit<T> {
+    fn default() -> Self {
+        GroupCommit {
+            queue: Mutex::new(Vec::new()),
+            flush: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl<T> GroupCommit<T> {
+    /// Writes `row` together with the rows queued beside it. `write` writes a batch of at most
+    /// [`MAX_BATCH`] rows and answers each of them.
+    pub async fn write<F, Fut>(&self, row: T, write: F) -> StoreResult<()>
+    where
+        F: Fn(Vec<Pending<T>>) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let (done, mut outcome) = oneshot::channel();
+        self.lock_queue().push((row, done));
+        // FIFO: a holder before us may already have written our row. A leader writes until its own
+        // row is answered, not while rows keep coming, so it never serves others indefinitely.
+        let _flushing = self.flush.lock().await;
+        loop {
+            match outcome.try_recv() {
+                Ok(result) => return result,
+                Err(oneshot::error::TryRecvError::Closed) => return Err(cancelled()),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            let batch = {
+                let mut queue = self.lock_queue();
+                let n = queue.len().min(MAX_BATCH);
+                queue.drain(..n).collect::<Vec<_>>()
+            };
+            if batch.is_empty() {
+                // Not reachable while `write` answers every row it is given.
+                return Err(cancelled());
+            }
+            write(batch).await;
+        }
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Pending<T>>> {
+        // Nothing panics while holding it (push and drain), so a poisoned lock still holds a sound queue.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The outcome of a row whose flush was dropped before it answered: retryable, as a lost connection is.
+fn cancelled() -> StoreError {
+    StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::Interrupted,
+        "the batch holding this write was cancelled",
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Rows queued while a batch is written go out together in the next one, and each writer gets
+    /// its own row's outcome.
+    #[tokio::test]
+    async fn batches_rows_queued_meanwhile_and_answers_each() {
+        let group = Arc::new(GroupCommit::<u32>::default());
+        let batches = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let writer = |i: u32| {
+            let (group, batches, gate) = (group.clone(), batches.clone(), gate.clone());
+            async move {
+                let write = |batch: Vec<Pending<u32>>| {
+                    let (batches, gate) = (batches.clone(), gate.clone());
+                    async move {
+                        gate.acquire().await.unwrap().forget();
+                        batches
+                            .lock()
+                            .unwrap()
+                            .push(batch.iter().map(|(r, _)| *r).collect());
+                        for (row, done) in batch {
+                            let outcome = if row == 7 { Err(cancelled()) } else { Ok(()) };
+                            let _ = done.send(outcome);
+                        }
+                    }
+                };
+                (i, group.write(i, write).await.is_ok())
+            }
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(writer(0));
+        // The first writer holds the flush lock with its row taken; nine more queue behind it.
+        while group.flush.try_lock().is_ok() || !group.lock_queue().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        for i in 1..10 {
+            tasks.spawn(writer(i));
+        }
+        while group.lock_queue().len() < 9 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(10);
+        let mut results = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            results.push(r.unwrap());
+        }
+        results.sort();
+        for (i, ok) in results {
+            assert_eq!(ok, i != 7, "row {i}");
+        }
+        assert_eq!(
+            *batches.lock().unwrap(),
+            vec![vec![0], (1..10).collect::<Vec<_>>()]
+        );
+    }
+}
