@@ -229,6 +229,8 @@ async fn forward(
     let backend = &route.backend_id;
     let upgrade = is_upgrade_request(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // An HTTP/2 client multiplexes: its requests do not queue behind each other's kept connection.
+    let multiplexed = req.version() == Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
 
     let client_ip = client.peer.ip().to_canonical();
@@ -266,7 +268,7 @@ async fn forward(
 
     let guard = state.tracker.open(backend);
     let request = Request::from_parts(parts, body);
-    let sent = if upgrade {
+    let sent = if upgrade || multiplexed {
         state.upstream.send_pooled(route.address, request).await
     } else {
         (state.upstream)

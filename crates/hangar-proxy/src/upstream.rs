@@ -1,17 +1,19 @@
 //! Connections to backends. Two ways to send a request upstream:
 //!
-//! - the shared pool (hyper-util's client): any request, upgrades included;
-//! - the backend connection *kept* by a client connection: once a client connection sends a second
-//!   plain request, it opens an HTTP/1.1 connection of its own to that backend and sends its plain
-//!   requests there while the backend stays the same. A browser's or a load balancer's keep-alive
-//!   connection talks to one backend, so this is the common case, and it costs no pool lock, no pool
-//!   lookup and no background task per request (the pool spawns one per HTTP/1.1 request to put the
-//!   connection back once it is idle, and that wake-up crosses threads).
+//! - the shared pool (hyper-util's client): any request, upgrades and HTTP/2 clients' requests;
+//! - the backend connection *kept* by an HTTP/1.1 client connection: once a client connection sends
+//!   a second plain request, it opens an HTTP/1.1 connection of its own to that backend and sends its
+//!   plain requests there while the backend stays the same. A browser's or a load balancer's
+//!   keep-alive connection talks to one backend, so this is the common case, and it costs no pool
+//!   lock, no pool lookup and no background task per request (the pool spawns one per HTTP/1.1
+//!   request to put the connection back once it is idle, and that wake-up crosses threads).
 //!
-//! A kept connection is used only when it is idle (`is_ready`): a request that finds it busy (HTTP/2
-//! clients multiplex) or closed goes through the pool instead, so nothing ever waits for it. It ends
-//! with its client connection. Requests are the same on both paths (origin-form URI, the same
-//! headers); errors are the same `ProxyError::Upstream`.
+//! An HTTP/1.1 client connection has one exchange at a time: its next request is read only after
+//! the previous response was written, i.e. after the kept connection's response was read to its end,
+//! so waiting for the kept connection to be ready waits for nothing but its own bookkeeping (or
+//! learns that the backend closed it; the pool then sends the request). A kept connection ends with
+//! its client connection. Requests are the same on both paths (origin-form URI, the same headers);
+//! errors are the same `ProxyError::Upstream`.
 
 use crate::error::{BoxError, ProxyBody};
 use http::{Request, Response, Uri};
@@ -65,30 +67,24 @@ impl KeptConnection {
     /// What a plain request to `addr` should do.
     fn take(&self, addr: SocketAddr) -> Take {
         let mut kept = self.lock();
-        let take = match &mut *kept {
+        match &mut *kept {
             Kept::Fresh => {
                 *kept = Kept::Wanted;
                 return Take::Pool;
             }
-            Kept::Wanted => Take::Open,
-            Kept::Open(kept_addr, sender) if *kept_addr == addr => match sender.take() {
-                Some(s) if s.is_ready() => return Take::Use(s),
-                Some(s) if s.is_closed() => Take::Open,
-                // Busy (a multiplexed request, or not yet marked idle): leave it, use the pool.
-                Some(s) => {
-                    *sender = Some(s);
-                    return Take::Pool;
+            Kept::Open(kept_addr, sender) if *kept_addr == addr => {
+                if let Some(sender) = sender.take() {
+                    return Take::Use(sender);
                 }
-                None => return Take::Pool,
-            },
-            // Another backend now: keep a connection to the new one instead.
-            Kept::Open(..) => Take::Open,
-        };
+            }
+            // Wanted, or another backend now (keep a connection to the new one instead).
+            Kept::Wanted | Kept::Open(..) => {}
+        }
         // Until the new connection is put back, requests go through the pool; if it cannot be
         // opened, the request after next tries again (not every request: each attempt can take
         // the connect timeout).
         *kept = Kept::Fresh;
-        take
+        Take::Open
     }
 
     fn put_back(&self, addr: SocketAddr, sender: SendRequest<ProxyBody>) {
@@ -110,7 +106,8 @@ enum Take {
 }
 
 impl Upstream {
-    /// Sends a plain (not upgrading) request with an origin-form URI to `addr`, on `kept` when it can.
+    /// Sends a plain (not upgrading) request of an HTTP/1.x client connection, with an origin-form
+    /// URI, to `addr`: on `kept` when it can.
     pub(crate) async fn send(
         &self,
         kept: &KeptConnection,
@@ -119,7 +116,11 @@ impl Upstream {
     ) -> Result<Response<Incoming>, BoxError> {
         let sender = match kept.take(addr) {
             Take::Pool => None,
-            Take::Use(sender) => Some(sender),
+            Take::Use(mut sender) => match sender.ready().await {
+                Ok(()) => Some(sender),
+                // The backend closed it.
+                Err(_) => None,
+            },
             Take::Open => self.open(addr).await,
         };
         let Some(mut sender) = sender else {
