@@ -17,6 +17,7 @@ pub mod machine;
 pub mod nginx;
 pub mod postgres_db;
 pub mod process_usage;
+pub mod proxy_process;
 pub mod report;
 pub mod scenario;
 pub mod sql_statements;

@@ -92,6 +92,11 @@ http {{
         Ok(nginx)
     }
 
+    /// The master's process id (its workers are its children).
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id()
+    }
+
     /// The last lines of nginx's error log (why requests failed, if they did).
     pub fn error_log_tail(&self, lines: usize) -> String {
         let log = std::fs::read_to_string(self._dir.path().join("error.log")).unwrap_or_default();

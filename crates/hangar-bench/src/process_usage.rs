@@ -55,6 +55,37 @@ pub fn cpu_time(pid: Pid) -> anyhow::Result<Duration> {
     ))
 }
 
+/// CPU time of the process and of its living child processes (nginx's master and its workers).
+pub fn cpu_time_with_children(pid: u32) -> anyhow::Result<Duration> {
+    let mut total = cpu_time(Pid::Other(pid))?;
+    for child in children(pid)? {
+        // A child that exited in between has nothing more to add.
+        if let Ok(t) = cpu_time(Pid::Other(child)) {
+            total += t;
+        }
+    }
+    Ok(total)
+}
+
+/// The child processes of `pid`, from `/proc/<pid>/task/<tid>/children` of each of its threads.
+fn children(pid: u32) -> anyhow::Result<Vec<u32>> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut children = Vec::new();
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+        let path = task
+            .with_context(|| format!("reading {tasks}"))?
+            .path()
+            .join("children");
+        let list = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        children.extend(
+            list.split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    Ok(children)
+}
+
 /// `USER_HZ`, the unit of `/proc/<pid>/stat` times: 100 on every mainstream Linux ABI; asked from
 /// `getconf` in case this one differs.
 fn clock_ticks_per_second() -> f64 {
@@ -86,5 +117,16 @@ mod tests {
         assert!(x != 1);
         assert!(cpu_time(Pid::This).unwrap() >= before);
         assert!(rss_bytes(Pid::Other(u32::MAX)).is_err());
+        let sleeper = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(children(std::process::id())
+            .unwrap()
+            .contains(&sleeper.id()));
+        assert!(cpu_time_with_children(std::process::id()).unwrap() >= before);
+        let mut sleeper = sleeper;
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
     }
 }

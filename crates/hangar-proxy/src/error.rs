@@ -51,7 +51,7 @@ pub(crate) enum ProxyError {
     Upstream {
         backend: BackendId,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
     #[error("the request body is larger than the limit of {limit} bytes")]
     BodyTooLarge {

@@ -38,6 +38,7 @@ mod service;
 mod session;
 mod tls;
 mod upgrade;
+mod upstream;
 mod ws_frames;
 
 pub use acme::{
@@ -61,7 +62,6 @@ use anyhow::Context;
 use cert_file::CertFiles;
 use cert_link::CertLink;
 use connection_tracker::ConnectionTracker;
-use error::ProxyBody;
 use hangar_client::ControllerClient;
 use hangar_types::{BackendId, ProxyName};
 use http::HeaderValue;
@@ -93,7 +93,7 @@ pub(crate) struct ProxyState {
     outbound: Arc<Notify>,
     /// Whether a controller connection is up; lookups watch it to give up when it stays down.
     connected: watch::Sender<bool>,
-    upstream: Client<HttpConnector, ProxyBody>,
+    upstream: upstream::Upstream,
     server_header: HeaderValue,
     /// One permit per open client connection (tunnels keep theirs); `max_connections` in all.
     connection_slots: Arc<Semaphore>,
@@ -178,15 +178,20 @@ pub async fn start_with_listeners(
     connector.set_connect_timeout(Some(config.upstream_connect_timeout));
     connector.set_nodelay(true);
     // The timer lets the pool close idle upstream connections (after 90 s by default).
-    let upstream = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .build(connector);
 
     let config_max_connections = config.max_connections;
     let cancel = CancellationToken::new();
     let drain = cancel.child_token();
     let going_away = cancel.child_token();
     let tasks = TaskTracker::new();
+    let upstream = upstream::Upstream {
+        pool: Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .build(connector),
+        connect_timeout: config.upstream_connect_timeout,
+        tasks: tasks.clone(),
+        cancel: cancel.clone(),
+    };
     let outbound = Arc::new(Notify::new());
     let tracker = Arc::new(ConnectionTracker::new(outbound.clone()));
     let metrics_listener = match config.metrics_addr {

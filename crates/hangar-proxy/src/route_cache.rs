@@ -114,6 +114,15 @@ impl RouteCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The cached answer for `token`, if there is one (counted as a hit); never waits.
+    pub(crate) fn cached(&self, token: &ConnectionToken) -> Option<Route> {
+        let route = self.lock().cached(token);
+        if route.is_some() {
+            self.counters.hit.inc();
+        }
+        route
+    }
+
     /// The route for `token`: from the cache, or from the controller (waiting at most `wait`).
     pub(crate) async fn lookup(
         &self,

@@ -13,6 +13,7 @@ use crate::activity::{ActivityIo, ConnectionActivity};
 use crate::config::{ProxyConfig, DEFAULT_MAX_HEADERS};
 use crate::headers::apply_general_headers;
 use crate::service::handle_request;
+use crate::upstream::KeptConnection;
 use crate::ProxyState;
 use http::{header, HeaderMap, HeaderValue};
 use hyper::service::service_fn;
@@ -68,6 +69,8 @@ pub(crate) struct ClientConnection {
     pub(crate) peer: SocketAddr,
     pub(crate) activity: Arc<ConnectionActivity>,
     pub(crate) role: ListenerRole,
+    /// The backend connection this client connection's plain requests go to, once it has one.
+    pub(crate) kept_upstream: KeptConnection,
     /// One of the `max_connections` permits; released when the connection and every tunnel
     /// upgraded from it have ended.
     _slot: OwnedSemaphorePermit,
@@ -186,6 +189,7 @@ async fn serve_client(
         peer,
         activity: activity.clone(),
         role,
+        kept_upstream: KeptConnection::default(),
         _slot: slot,
     });
     let Some(acceptor) = acceptor else {

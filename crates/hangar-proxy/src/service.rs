@@ -20,6 +20,7 @@ use bytes::Bytes;
 use hangar_types::protocol::RouteInfo;
 use hangar_types::token::ConnectionToken;
 use http::header::{HOST, LOCATION};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -98,7 +99,7 @@ async fn route_request(
         Route::Gone(reason) => return Err(ProxyError::gone(reason)),
     };
     let host = request_host(&req).ok_or(ProxyError::MissingHost)?;
-    check_host(&host, &route)?;
+    check_host(host, &route)?;
     forward(state, client, req, &route, target).await
 }
 
@@ -115,6 +116,10 @@ fn is_plausible_token(token: &str) -> bool {
 /// Looks the token up, waiting at most `route_wait_timeout`, and giving up earlier when the proxy
 /// is without a controller connection for [`CONTROLLER_WAIT`] in a row.
 async fn lookup_route(state: &ProxyState, token: &ConnectionToken) -> Result<Route, ProxyError> {
+    // Most requests: no waiting, so no need to watch the controller connection.
+    if let Some(route) = state.route_cache.cached(token) {
+        return Ok(route);
+    }
     let lookup = state
         .route_cache
         .lookup(token, state.config.route_wait_timeout);
@@ -164,10 +169,10 @@ fn root_redirect(state: &ProxyState) -> Result<Response<ProxyBody>, ProxyError> 
 }
 
 /// The `Host` header, or for HTTP/2 requests without one, the `:authority`.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
     match req.headers().get(HOST) {
-        Some(value) => value.to_str().ok().map(str::to_string),
-        None => req.uri().authority().map(|a| a.as_str().to_string()),
+        Some(value) => value.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
     }
 }
 
@@ -224,6 +229,8 @@ async fn forward(
     let backend = &route.backend_id;
     let upgrade = is_upgrade_request(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // An HTTP/2 client multiplexes: its requests do not queue behind each other's kept connection.
+    let multiplexed = req.version() == Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
 
     let client_ip = client.peer.ip().to_canonical();
@@ -247,12 +254,9 @@ async fn forward(
             }
         }
     }
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(route.address.to_string())
-        .path_and_query(target.forward.as_str())
-        .build()
-        .map_err(|_| ProxyError::InvalidPath)?;
+    // Origin form: the kept connection sends it as is, the pool is given the backend's address.
+    let path = PathAndQuery::try_from(target.forward).map_err(|_| ProxyError::InvalidPath)?;
+    parts.uri = Uri::from(path);
     parts.version = Version::HTTP_11;
     let limit = state.config.max_request_body_bytes;
     let (body, tripped) = if upgrade {
@@ -263,23 +267,27 @@ async fn forward(
     };
 
     let guard = state.tracker.open(backend);
-    let mut response = state
-        .upstream
-        .request(Request::from_parts(parts, body))
-        .await
-        .map_err(|source| {
-            if tripped.is_tripped() {
-                ProxyError::BodyTooLarge {
-                    limit,
-                    backend: Some(backend.clone()),
-                }
-            } else {
-                ProxyError::Upstream {
-                    backend: backend.clone(),
-                    source,
-                }
+    let request = Request::from_parts(parts, body);
+    let sent = if upgrade || multiplexed {
+        state.upstream.send_pooled(route.address, request).await
+    } else {
+        (state.upstream)
+            .send(&client.kept_upstream, route.address, request)
+            .await
+    };
+    let mut response = sent.map_err(|source| {
+        if tripped.is_tripped() {
+            ProxyError::BodyTooLarge {
+                limit,
+                backend: Some(backend.clone()),
             }
-        })?;
+        } else {
+            ProxyError::Upstream {
+                backend: backend.clone(),
+                source,
+            }
+        }
+    })?;
 
     let mut response = match client_upgrade {
         Some(client_upgrade) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {

@@ -18,6 +18,8 @@ impl Served {
         let tasks = TaskTracker::new();
         let stop = cancel.clone();
         tasks.spawn(async move {
+            // Handlers may read the peer address (`ConnectInfo<SocketAddr>`).
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await

@@ -2,26 +2,56 @@
 //! HTTP/1.1 connections, N requests per target, through:
 //!
 //! - `direct`: the backend's own address (the baseline);
-//! - `hangar`: Hangar's proxy (in this process) with the route cached, as after a client's first request;
+//! - `hangar`: Hangar's proxy with the route cached, as after a client's first request. It runs as a
+//!   child process (`hangar proxy`, like `proxy-ws`), so its CPU time can be read alone and it has a
+//!   runtime of its own, as nginx has its own processes;
 //! - `nginx`: nginx as a reverse proxy with upstream keep-alive, when `nginx` is on `PATH`.
 //!
-//! Metrics: per-request latency and requests per second of each target (ratio against direct), and the
+//! Two passes: C connections (default 16), then one connection (`c1_` metrics, N/3 requests), where
+//! latency is not queueing.
+//!
+//! Metrics: per-request latency and requests per second of each target (ratio against direct), the
 //! latency a proxy adds at p50 and p99 (its percentile minus direct's; Hangar's ratio is against
-//! nginx's when nginx ran). The load generator runs on a thread of its own; each target gets an untimed
-//! warm-up first.
+//! nginx's when nginx ran), and each proxy's CPU time per request: utime + stime (`/proc/<pid>/stat`)
+//! of the `hangar proxy` process, or of nginx's master and workers, read before and after the timed
+//! requests. The load generator runs on a thread of its own; each target gets an untimed warm-up first.
 
-use super::{on_load_thread, run_id, test_backend_executable, BenchOptions};
+use super::{on_load_thread, run_id, BenchOptions};
 use crate::http_load::{run_http_load, HttpTarget, LoadOutcome};
 use crate::nginx::{self, Nginx};
+use crate::process_usage::cpu_time_with_children;
+use crate::proxy_process::SystemWithProxyProcess;
 use crate::report::{Report, Summary, Unit};
-use crate::system::{free_port, StoreKind, System, SystemConfig};
+use crate::system::{free_port, StoreKind, System};
 use anyhow::Context;
 use hangar_types::BackendStatus;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 pub const DEFAULT_N: usize = 30_000;
 pub const DEFAULT_CONCURRENCY: usize = 16;
 const WARM_UP_REQUESTS: usize = 500;
+
+/// One target's timed requests.
+struct Measured {
+    load: LoadOutcome,
+    /// CPU time the proxy process(es) used during them (proxies only).
+    cpu: Option<Duration>,
+}
+
+/// All targets at one concurrency.
+struct Pass {
+    /// Metric name prefix: empty for the main pass, `c1_` for one connection.
+    prefix: &'static str,
+    targets: Vec<(&'static str, Measured)>,
+}
+
+/// A target and the process whose CPU time it costs.
+struct Target {
+    name: &'static str,
+    http: HttpTarget,
+    cpu_pid: Option<u32>,
+}
 
 pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     let n = options.n.unwrap_or(DEFAULT_N);
@@ -32,56 +62,76 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     report.param("concurrency", concurrency);
     report.param("store", store.as_str());
 
-    let system = System::start(&SystemConfig::new(store)).await?;
-    let measured = measure(&system, n, concurrency, &mut report).await;
-    system.shutdown().await;
-    let outcomes = measured?;
-
-    let direct = find(&outcomes, "direct");
-    let nginx_ran = find(&outcomes, "nginx").is_some();
-    for (name, outcome) in &outcomes {
-        let baseline = (*name != "direct").then_some("direct_latency");
-        report.add_micros(&format!("{name}_latency"), &outcome.latencies, baseline);
-        let baseline = (*name != "direct").then_some("direct_requests_per_s");
-        report.add_value(
-            &format!("{name}_requests_per_s"),
-            Unit::PerSecond,
-            outcome.per_second(),
-            baseline,
-        );
-        if outcome.errors > 0 {
-            report.note(format!("{name}: {} requests failed", outcome.errors));
-        }
+    let mut running = SystemWithProxyProcess::start(store).await?;
+    let measured = measure(&mut running, n, concurrency, &mut report).await;
+    running.shutdown().await;
+    for pass in measured? {
+        add_pass(&mut report, &pass);
     }
-    if let Some(direct) = direct.and_then(micros_summary) {
-        for (name, outcome) in &outcomes {
-            let Some(s) = (*name != "direct")
-                .then(|| micros_summary(outcome))
-                .flatten()
-            else {
-                continue;
-            };
-            let baseline =
-                |p: &str| (nginx_ran && *name == "hangar").then(|| format!("nginx_added_{p}"));
-            report.add_value(
-                &format!("{name}_added_p50"),
-                Unit::Microseconds,
-                s.median - direct.median,
-                baseline("p50").as_deref(),
-            );
-            report.add_value(
-                &format!("{name}_added_p99"),
-                Unit::Microseconds,
-                s.p99 - direct.p99,
-                baseline("p99").as_deref(),
-            );
-        }
-    }
+    report.note("proxy CPU: utime + stime of the `hangar proxy` process / nginx master + workers");
     Ok(report)
 }
 
-fn find<'a>(outcomes: &'a [(&str, LoadOutcome)], name: &str) -> Option<&'a LoadOutcome> {
-    outcomes.iter().find(|(n, _)| *n == name).map(|(_, o)| o)
+fn add_pass(report: &mut Report, pass: &Pass) {
+    let p = pass.prefix;
+    let find = |name: &str| pass.targets.iter().find(|(n, _)| *n == name);
+    let nginx_ran = find("nginx").is_some();
+    let hangar_baseline = |metric: &str| (nginx_ran).then(|| format!("{p}nginx_{metric}"));
+    for (name, measured) in &pass.targets {
+        let outcome = &measured.load;
+        let direct = |metric: &str| (*name != "direct").then(|| format!("{p}direct_{metric}"));
+        report.add_micros(
+            &format!("{p}{name}_latency"),
+            &outcome.latencies,
+            direct("latency").as_deref(),
+        );
+        report.add_value(
+            &format!("{p}{name}_requests_per_s"),
+            Unit::PerSecond,
+            outcome.per_second(),
+            direct("requests_per_s").as_deref(),
+        );
+        if outcome.errors > 0 {
+            report.note(format!("{p}{name}: {} requests failed", outcome.errors));
+        }
+        if let Some(cpu) = measured.cpu {
+            let requests = (outcome.latencies.len() + outcome.errors).max(1);
+            let baseline = (*name == "hangar")
+                .then(|| hangar_baseline("cpu_us_per_request"))
+                .flatten();
+            report.add_value(
+                &format!("{p}{name}_cpu_us_per_request"),
+                Unit::Microseconds,
+                cpu.as_secs_f64() * 1e6 / requests as f64,
+                baseline.as_deref(),
+            );
+        }
+    }
+    let Some(direct) = find("direct").and_then(|(_, m)| micros_summary(&m.load)) else {
+        return;
+    };
+    for (name, measured) in &pass.targets {
+        let Some(s) = (*name != "direct")
+            .then(|| micros_summary(&measured.load))
+            .flatten()
+        else {
+            continue;
+        };
+        for (metric, added) in [
+            ("added_p50", s.median - direct.median),
+            ("added_p99", s.p99 - direct.p99),
+        ] {
+            let baseline = (*name == "hangar")
+                .then(|| hangar_baseline(metric))
+                .flatten();
+            report.add_value(
+                &format!("{p}{name}_{metric}"),
+                Unit::Microseconds,
+                added,
+                baseline.as_deref(),
+            );
+        }
+    }
 }
 
 fn micros_summary(outcome: &LoadOutcome) -> Option<Summary> {
@@ -94,14 +144,15 @@ fn micros_summary(outcome: &LoadOutcome) -> Option<Summary> {
 }
 
 async fn measure(
-    system: &System,
+    running: &mut SystemWithProxyProcess,
     n: usize,
     concurrency: usize,
     report: &mut Report,
-) -> anyhow::Result<Vec<(&'static str, LoadOutcome)>> {
+) -> anyhow::Result<Vec<Pass>> {
+    let system = &running.system;
     let request = system.connect_request(
         &format!("proxy-http-{}", run_id()),
-        test_backend_executable(&[])?,
+        super::test_backend_executable(&[])?,
     )?;
     let response = system.client.connect(&request).await?;
     system
@@ -109,36 +160,31 @@ async fn measure(
         .await?;
     let backend = system.backend_address(&response.backend_id).await?;
     let url = url::Url::parse(&response.url).context("connect response URL")?;
-    let proxy_port = system.cluster.port().context("cluster has no port")?;
+    running.wait_until_routed(&response.url).await?;
     let mut targets = vec![
-        (
-            "direct",
-            HttpTarget {
+        Target {
+            name: "direct",
+            http: HttpTarget {
                 addr: backend,
                 host: backend.to_string(),
                 path: "/".into(),
             },
-        ),
-        (
-            "hangar",
-            HttpTarget {
-                addr: SocketAddr::from(([127, 0, 0, 1], proxy_port)),
-                host: system.cluster.to_string(),
-                path: url.path().to_string(),
-            },
-        ),
+            cpu_pid: None,
+        },
+        hangar_target(&running.system, &url, running.proxy.id()?)?,
     ];
     let nginx = match nginx::find() {
         Some(binary) => {
             let nginx = Nginx::start(&binary, free_port().await?, backend).await?;
-            targets.push((
-                "nginx",
-                HttpTarget {
+            targets.push(Target {
+                name: "nginx",
+                http: HttpTarget {
                     addr: nginx.addr,
                     host: nginx.addr.to_string(),
                     path: "/".into(),
                 },
-            ));
+                cpu_pid: Some(nginx.pid()?),
+            });
             Some(nginx)
         }
         None => {
@@ -146,31 +192,68 @@ async fn measure(
             None
         }
     };
+    let mut passes = vec![("", concurrency, n)];
+    if concurrency > 1 {
+        passes.push(("c1_", 1, (n / 3).max(1)));
+    }
     let measured = on_load_thread(move || async move {
-        let mut outcomes = Vec::new();
-        for (name, target) in targets {
-            let warm_up = run_http_load(&target, WARM_UP_REQUESTS, concurrency).await?;
-            anyhow::ensure!(
-                warm_up.errors == 0,
-                "{name}: {} warm-up requests to {} failed",
-                warm_up.errors,
-                target.addr
-            );
-            outcomes.push((name, run_http_load(&target, n, concurrency).await?));
+        let mut done = Vec::new();
+        for (prefix, concurrency, n) in passes {
+            let mut measured = Vec::new();
+            for target in &targets {
+                measured.push((target.name, measure_target(target, n, concurrency).await?));
+            }
+            done.push(Pass {
+                prefix,
+                targets: measured,
+            });
         }
-        Ok(outcomes)
+        Ok(done)
     })
     .await;
     if let Some(nginx) = nginx {
-        let nginx_failed = measured
-            .as_ref()
-            .ok()
-            .and_then(|outcomes| find(outcomes, "nginx"))
-            .is_some_and(|o| o.errors > 0);
+        let nginx_failed = measured.as_ref().ok().is_some_and(|passes| {
+            passes
+                .iter()
+                .flat_map(|p| &p.targets)
+                .any(|(name, m)| *name == "nginx" && m.load.errors > 0)
+        });
         if nginx_failed {
             report.note(format!("nginx error log: {}", nginx.error_log_tail(3)));
         }
         nginx.stop().await;
     }
     measured
+}
+
+fn hangar_target(system: &System, url: &url::Url, pid: u32) -> anyhow::Result<Target> {
+    let port = system.cluster.port().context("cluster has no port")?;
+    Ok(Target {
+        name: "hangar",
+        http: HttpTarget {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            host: system.cluster.to_string(),
+            path: url.path().to_string(),
+        },
+        cpu_pid: Some(pid),
+    })
+}
+
+/// An untimed warm-up, then `n` timed requests over `concurrency` connections.
+async fn measure_target(target: &Target, n: usize, concurrency: usize) -> anyhow::Result<Measured> {
+    let warm_up = run_http_load(&target.http, WARM_UP_REQUESTS, concurrency).await?;
+    anyhow::ensure!(
+        warm_up.errors == 0,
+        "{}: {} warm-up requests to {} failed",
+        target.name,
+        warm_up.errors,
+        target.http.addr
+    );
+    let cpu_before = target.cpu_pid.map(cpu_time_with_children).transpose()?;
+    let load = run_http_load(&target.http, n, concurrency).await?;
+    let cpu = match (target.cpu_pid, cpu_before) {
+        (Some(pid), Some(before)) => Some(cpu_time_with_children(pid)?.saturating_sub(before)),
+        _ => None,
+    };
+    Ok(Measured { load, cpu })
 }

@@ -13,10 +13,10 @@
 //! The controller and drone run in this process and are idle during the measurement.
 
 use super::{run_id, test_backend_executable, BenchOptions};
-use crate::child::ChildProcess;
 use crate::process_usage::{rss_bytes, Pid};
+use crate::proxy_process::SystemWithProxyProcess;
 use crate::report::{Report, Unit};
-use crate::system::{eventually, free_port, StoreKind, System, SystemConfig, WAIT};
+use crate::system::{StoreKind, WAIT};
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use hangar_types::BackendStatus;
@@ -51,35 +51,10 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     report.param("round_trips", round_trips);
     report.param("store", store.as_str());
 
-    let hangar = crate::binaries::hangar()?;
-    let port = free_port().await?;
-    let config = SystemConfig {
-        proxy: false,
-        cluster_port: Some(port),
-        ..SystemConfig::new(store)
-    };
-    let system = System::start(&config).await?;
-    let mut command = tokio::process::Command::new(&hangar);
-    command
-        .arg("proxy")
-        .arg("--controller-url")
-        .arg(system.controller_url().as_str())
-        .arg("--cluster")
-        .arg(system.cluster.as_str())
-        .arg("--host")
-        .arg("127.0.0.1")
-        .arg("--http-port")
-        .arg(port.to_string())
-        .env("RUST_LOG", "warn");
-    let measured = match ChildProcess::spawn("hangar proxy", command) {
-        Ok(mut proxy) => {
-            let measured = measure(&system, &mut proxy, n, round_trips).await;
-            proxy.stop().await;
-            measured
-        }
-        Err(e) => Err(e),
-    };
-    system.shutdown().await;
+    let mut running = SystemWithProxyProcess::start(store).await?;
+    let measured = measure(&mut running, n, round_trips).await;
+    let binary = running.binary.clone();
+    running.shutdown().await;
     let m = measured?;
 
     report.add_micros("direct_rtt", &m.direct_rtt, None);
@@ -104,17 +79,17 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     }
     report.note(format!(
         "proxy memory is the VmRSS of a separate `{}` process",
-        hangar.display()
+        binary.display()
     ));
     Ok(report)
 }
 
 async fn measure(
-    system: &System,
-    proxy: &mut ChildProcess,
+    running: &mut SystemWithProxyProcess,
     n: usize,
     round_trips: usize,
 ) -> anyhow::Result<Measured> {
+    let system = &running.system;
     let request = system.connect_request(
         &format!("proxy-ws-{}", run_id()),
         test_backend_executable(&[])?,
@@ -124,20 +99,8 @@ async fn measure(
         .wait_for_status(&response.backend_id, BackendStatus::Ready)
         .await?;
     let backend = system.backend_address(&response.backend_id).await?;
-    let http = reqwest::Client::new();
-    eventually("the proxy process to route requests", WAIT, || async {
-        let ok = http
-            .get(&response.url)
-            .send()
-            .await
-            .ok()?
-            .status()
-            .is_success();
-        ok.then_some(())
-    })
-    .await?;
-    proxy.check_running()?;
-    let pid = Pid::Other(proxy.id()?);
+    running.wait_until_routed(&response.url).await?;
+    let pid = Pid::Other(running.proxy.id()?);
     let proxy_url = format!("{}ws", response.url.replacen("http://", "ws://", 1));
     let direct_url = format!("ws://{backend}/ws");
 

@@ -393,3 +393,33 @@ async fn http2_prior_knowledge_clients_work() {
     })
     .await
 }
+
+/// A keep-alive client connection's plain requests after its first go over one backend connection
+/// it keeps (the first goes through the shared pool), with the same rewriting as any request.
+#[tokio::test]
+async fn keep_alive_requests_reuse_one_kept_backend_connection() {
+    with_timeout(async {
+        let env = Env::start().await;
+        let (_, token) = env.routed("kept");
+        // reqwest sends sequential requests over its one idle connection.
+        let mut peers = Vec::new();
+        for i in 0..6 {
+            let echo = env.echo(&format!("/{token}/n{i}?q={i}")).await;
+            assert_eq!(echo["path_and_query"], format!("/n{i}?q={i}"));
+            assert_eq!(
+                echo["headers"]["x-verified-backend"],
+                serde_json::json!(["kept"])
+            );
+            assert_eq!(
+                echo["headers"]["x-verified-username"],
+                serde_json::json!(["alice"])
+            );
+            peers.push(echo["peer"].as_str().unwrap().to_string());
+        }
+        // The first through the pool, the rest on the connection kept from the second on.
+        assert_ne!(peers[0], peers[1]);
+        assert!(peers[2..].iter().all(|p| *p == peers[1]), "{peers:?}");
+        assert_eq!(env.proxy.open_client_connections(), 1);
+    })
+    .await
+}

@@ -3,7 +3,7 @@
 //! WebSocket echo) and an `Env` that starts both plus a proxy on port 0.
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
@@ -305,8 +305,8 @@ impl Upstream {
     }
 }
 
-/// Describes the request as the backend saw it.
-async fn echo(req: Request) -> Json<Value> {
+/// Describes the request as the backend saw it, and the connection it came on (`peer`).
+async fn echo(ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Json<Value> {
     let mut headers: HashMap<String, Vec<String>> = HashMap::new();
     for (name, value) in req.headers() {
         headers
@@ -320,6 +320,7 @@ async fn echo(req: Request) -> Json<Value> {
         "path_and_query": req.uri().path_and_query().map(|p| p.as_str()),
         "version": format!("{:?}", req.version()),
         "headers": headers,
+        "peer": peer.to_string(),
     }))
 }
 
