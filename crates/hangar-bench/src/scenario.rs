@@ -6,6 +6,7 @@ pub mod proxy_http;
 pub mod proxy_ws;
 pub mod reconnect;
 pub mod spawn;
+pub mod spawn_warm;
 
 use crate::report::Report;
 use crate::system::StoreKind;
@@ -77,11 +78,14 @@ pub struct BenchOptions {
     pub round_trips: Option<usize>,
     /// Length of the steady-state CPU window of `control-plane`, in seconds.
     pub steady_seconds: Option<u64>,
+    /// `spawn` measures warm-pool claims instead ([`spawn_warm`]).
+    pub warm: bool,
 }
 
 /// Runs one scenario and computes the ratios of its report.
 pub async fn run(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<Report> {
     let mut report = match scenario {
+        Scenario::Spawn if options.warm => spawn_warm::run(options).await,
         Scenario::Spawn => spawn::run(options).await,
         Scenario::Reconnect => reconnect::run(options).await,
         Scenario::ProxyHttp => proxy_http::run(options).await,

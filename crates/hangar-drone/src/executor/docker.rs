@@ -94,6 +94,8 @@ pub struct DockerExecutor {
     cancel: CancellationToken,
     /// Where container output is captured, when set.
     logs: Option<crate::log_store::LogStore>,
+    /// Pulls in flight per image: concurrent spawns of one image (a warm pool filling) share one.
+    pulls: Arc<image::ImagePulls>,
 }
 
 /// Marks a container as followed until dropped.
@@ -151,12 +153,18 @@ impl DockerExecutor {
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
             logs: None,
+            pulls: Arc::default(),
         };
         executor.tracker.spawn(cleanup::run_cleanup(
             executor.clone(),
             executor.cancel.child_token(),
         ));
         Ok(executor)
+    }
+
+    /// Image pulls this executor started (concurrent spawns sharing one pull count it once).
+    pub fn image_pulls(&self) -> u64 {
+        self.pulls.started()
     }
 
     /// Captures every container's output into `logs`.
