@@ -163,10 +163,8 @@ pub(crate) async fn claim(
     state.warm.wake();
     if let Some(path) = claim_path {
         let hooks = &state.warm.hooks;
-        match hooks
-            .run(&state.drone_links, &backend, &path, key, spawn)
-            .await
-        {
+        let body = hook::hook_body(&backend, key, spawn);
+        match hooks.run(&state.drone_links, &backend, &path, body).await {
             HookResult::Accepted => {}
             HookResult::Refused(outcome) => {
                 metrics.record_claim(&pool, ClaimOutcome::HookRefused);
@@ -176,15 +174,7 @@ pub(crate) async fn claim(
                 metrics.record_claim(&pool, ClaimOutcome::HookUnanswered);
                 tracing::warn!(backend = %backend.id, pool = %pool, drone = %backend.drone,
                     "Claim hook unanswered; terminating the backend");
-                state
-                    .store
-                    .queue_terminate(
-                        &backend.id,
-                        TerminationKind::Hard,
-                        TerminationReason::InternalError,
-                    )
-                    .await?;
-                return Err(ConnectError::WarmClaimUnanswered(backend.id));
+                return unconfirmed(state, &backend).await;
             }
         }
     }
@@ -215,18 +205,22 @@ async fn refused(
             state.store.record_backend_state(&backend.id, &end).await?;
             Ok(None)
         }
-        _ => {
-            state
-                .store
-                .queue_terminate(
-                    &backend.id,
-                    TerminationKind::Hard,
-                    TerminationReason::InternalError,
-                )
-                .await?;
-            Err(ConnectError::WarmClaimUnanswered(backend.id.clone()))
-        }
+        _ => unconfirmed(state, backend).await,
     }
+}
+
+/// A claimed backend whose end the drone did not confirm: it keeps the key until it is terminated
+/// (asked here), so the connect cannot spawn cold and fails.
+async fn unconfirmed(
+    state: &AppState,
+    backend: &BackendRow,
+) -> Result<Option<BackendRow>, ConnectError> {
+    let (kind, reason) = (TerminationKind::Hard, TerminationReason::InternalError);
+    state
+        .store
+        .queue_terminate(&backend.id, kind, reason)
+        .await?;
+    Err(ConnectError::WarmClaimUnanswered(backend.id.clone()))
 }
 
 /// Keeps every warm pool filled until `cancel` fires. Store errors are logged; the next pass retries.

@@ -22,6 +22,17 @@ pub struct ClaimHooks {
     next_request: Arc<AtomicU64>,
 }
 
+/// What the hook tells a backend claimed for `key` by a connect with `spawn`.
+pub(crate) fn hook_body(backend: &BackendRow, key: &KeyConfig, spawn: &SpawnConfig) -> ClaimHook {
+    ClaimHook {
+        backend_id: backend.id.clone(),
+        key: key.clone(),
+        fencing_token: backend.fencing_token,
+        static_token: backend.static_token.clone(),
+        env: spawn.executable.env().clone(),
+    }
+}
+
 /// How a hook ended, as the connect sees it.
 #[derive(Debug)]
 pub(crate) enum HookResult {
@@ -60,8 +71,7 @@ impl ClaimHooks {
         links: &DroneLinks,
         backend: &BackendRow,
         path: &str,
-        key: &KeyConfig,
-        spawn: &SpawnConfig,
+        body: ClaimHook,
     ) -> HookResult {
         let Some(sender) = links.sender(&backend.cluster, &backend.drone) else {
             return HookResult::Unanswered;
@@ -71,13 +81,6 @@ impl ClaimHooks {
         match self.waiting.lock() {
             Ok(mut w) => w.insert(request_id, tx),
             Err(poisoned) => poisoned.into_inner().insert(request_id, tx),
-        };
-        let body = ClaimHook {
-            backend_id: backend.id.clone(),
-            key: key.clone(),
-            fencing_token: backend.fencing_token,
-            static_token: backend.static_token.clone(),
-            env: spawn.executable.env().clone(),
         };
         let message = ControllerToDrone::ClaimHook {
             request_id,

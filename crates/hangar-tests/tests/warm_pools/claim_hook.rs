@@ -89,7 +89,10 @@ async fn claim_hook_refused_then_accepted() {
             .unwrap();
         assert_eq!(resp.status(), 200);
         let claims: serde_json::Value = resp.json().await.unwrap();
-        let claims = claims.as_array().unwrap_or_else(|| panic!("{claims}")).clone();
+        let claims = claims
+            .as_array()
+            .unwrap_or_else(|| panic!("{claims}"))
+            .clone();
         assert_eq!(claims.len(), 1, "{claims:?}");
         let row = env
             .store
