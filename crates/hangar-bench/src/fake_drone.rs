@@ -11,7 +11,8 @@ use hangar_client::node::NodeSocket;
 use hangar_client::ControllerClient;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{
-    ActionMessage, BackendAction, ControllerToDrone, DroneToController, Hello, NodeHello,
+    ActionMessage, BackendAction, ClaimHookOutcome, ControllerToDrone, DroneToController, Hello,
+    NodeHello,
 };
 use hangar_types::state::BackendStatus;
 use hangar_types::timing::{HEARTBEAT_INTERVAL, KEY_RENEW_AFTER};
@@ -160,6 +161,15 @@ impl FakeDrone {
                         at: Instant::now(),
                     });
                 }
+            }
+            // A simulated backend has no claim hook to call: it accepts every claim.
+            ControllerToDrone::ClaimHook { request_id, .. } => {
+                let outcome = ClaimHookOutcome::Accepted;
+                self.send(DroneToController::ClaimHookResult {
+                    request_id,
+                    outcome,
+                })
+                .await?;
             }
             // Simulated backends print nothing, and no scenario reads their logs.
             ControllerToDrone::RenewKeyResponse { .. }

@@ -1,4 +1,4 @@
-//! `hangar-bench <scenario> [--n N] [--concurrency C] [--store sqlite|postgres] [--out FILE]`: runs one
+//! `hangar-bench <scenario> [--n N] [--concurrency C] [--store sqlite|postgres] [--warm] [--out FILE]`: runs one
 //! benchmark scenario (or `all`), prints a table and optionally writes the JSON report. See
 //! `BENCHMARKS.md` at the repository root.
 
@@ -29,6 +29,10 @@ struct Args {
     /// Executor for `spawn`: process or docker.
     #[arg(long, value_parser = parse_executor)]
     executor: Option<ExecutorKind>,
+    /// `spawn`: measure warm-pool claims (with and without a claim hook) beside cold spawns and
+    /// reconnects of the same run.
+    #[arg(long)]
+    warm: bool,
     /// Simulated drones for `control-plane`.
     #[arg(long)]
     drones: Option<usize>,
@@ -92,6 +96,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         round_trips: args.round_trips,
         steady_seconds: args.steady_seconds,
         backend_logs_per_s: args.backend_logs_per_s,
+        warm: args.warm,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -6,6 +6,7 @@ pub mod proxy_http;
 pub mod proxy_ws;
 pub mod reconnect;
 pub mod spawn;
+pub mod spawn_warm;
 
 use crate::report::{Metric, Report};
 use crate::system::StoreKind;
@@ -80,6 +81,8 @@ pub struct BenchOptions {
     /// `spawn` and `proxy-http` run a second time with a test backend writing this many lines a
     /// second (`logging_*` metrics, compared with the same metric of the quiet run).
     pub backend_logs_per_s: Option<u32>,
+    /// `spawn` measures warm-pool claims instead ([`spawn_warm`]).
+    pub warm: bool,
 }
 
 tokio::task_local! {
@@ -126,6 +129,7 @@ fn add_logging_run(report: &mut Report, logging: Report, rate: u32) {
 
 async fn run_once(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<Report> {
     let report = match scenario {
+        Scenario::Spawn if options.warm => spawn_warm::run(options).await,
         Scenario::Spawn => spawn::run(options).await,
         Scenario::Reconnect => reconnect::run(options).await,
         Scenario::ProxyHttp => proxy_http::run(options).await,

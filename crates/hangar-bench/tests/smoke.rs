@@ -69,6 +69,28 @@ fn options(n: usize) -> BenchOptions {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_warm_scenario_reports_claims_beside_cold_spawns() {
+    let report = run(
+        Scenario::Spawn,
+        BenchOptions {
+            warm: true,
+            ..options(2)
+        },
+    )
+    .await;
+    check(&report, "reconnect", 4);
+    for name in [
+        "claim_connect_to_ready",
+        "claim_hook_connect_to_ready",
+        "claim_connect_to_first_response",
+        "cold_connect_to_ready",
+    ] {
+        check(&report, name, 2);
+        assert_eq!(metric(&report, name).baseline.as_deref(), Some("reconnect"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spawn_scenario_reports_each_spawn() {
     let report = run(Scenario::Spawn, options(3)).await;
     for name in [

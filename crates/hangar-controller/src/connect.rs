@@ -45,6 +45,9 @@ pub enum ConnectError {
     NoClusterProvided,
     #[error("No active drone available.")]
     NoDroneAvailable,
+    /// A warm backend was claimed but its drone did not answer the claim hook; it is terminated.
+    #[error("The drone of warm backend {0} did not answer its claim hook; retry shortly.")]
+    WarmClaimUnanswered(BackendId),
     #[error("Internal error.")]
     Store(#[from] StoreError),
 }
@@ -61,7 +64,8 @@ impl ConnectError {
             | ConnectError::BackendIdTaken(_)
             | ConnectError::NoSpawnConfig
             | ConnectError::NoClusterProvided
-            | ConnectError::NoDroneAvailable => false,
+            | ConnectError::NoDroneAvailable
+            | ConnectError::WarmClaimUnanswered(_) => false,
         }
     }
 }

@@ -130,6 +130,7 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
             name: name.clone(),
             sender,
             link,
+            claim_hooks: state.warm.hooks.clone(),
             cancel: cancel.clone(),
         };
         tokio::join!(
@@ -162,6 +163,8 @@ struct DroneSession {
     sender: NodeSender<ControllerToDrone>,
     /// Log reads relayed to this drone.
     link: DroneLink,
+    /// Claim hooks waiting for their answer.
+    claim_hooks: crate::warm_pool::ClaimHooks,
     /// The session's token: every loop stops when it fires, and any loop that ends fires it.
     cancel: CancellationToken,
 }
@@ -348,6 +351,10 @@ impl DroneSession {
             DroneToController::LogEnd { request_id, reason } => {
                 self.link.deliver(request_id, LogChunk::End(reason));
             }
+            DroneToController::ClaimHookResult {
+                request_id,
+                outcome,
+            } => self.claim_hooks.deliver(request_id, outcome),
             DroneToController::AckAction { action_id } => {
                 if let Err(e) = self.store.ack_action(self.node, &action_id).await {
                     tracing::warn!(drone = %self.name, action = %action_id, error = %e, "Failed to ack action");

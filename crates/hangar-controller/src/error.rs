@@ -104,6 +104,10 @@ fn connect_status_and_kind(e: &ConnectError) -> (StatusCode, ApiErrorKind) {
             StatusCode::SERVICE_UNAVAILABLE,
             ApiErrorKind::NoDroneAvailable,
         ),
+        ConnectError::WarmClaimUnanswered(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            ApiErrorKind::DroneUnreachable,
+        ),
         ConnectError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, ApiErrorKind::Other),
     }
 }

@@ -71,6 +71,17 @@ impl DroneLinks {
         }
     }
 
+    /// The sender of `drone`'s session here, if it has one (claim hooks go through it too).
+    pub fn sender(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> Option<NodeSender<ControllerToDrone>> {
+        let links = lock(&self.links);
+        let link = links.get(&(cluster.clone(), drone.clone()))?;
+        Some(link.sender.clone())
+    }
+
     /// Asks `drone` for `backend`'s lines. `None` when the drone has no session here (or its socket
     /// is too busy to take the request).
     pub fn open(

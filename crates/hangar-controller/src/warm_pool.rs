@@ -8,6 +8,14 @@
 //! Which pool a connect may claim from is looked up in this controller's copy of the pool list
 //! ([`WarmPools`]), refreshed by every fill pass and by this controller's own changes, so a connect
 //! that finds no pool costs no store query. Another controller's change is seen at the next pass.
+//!
+//! A pool with `claim_path` completes each claim with a hook ([`hook`]): a refused hook kills the
+//! backend (the drone confirms it `terminated`, which frees the key) and the connect spawns cold.
+
+mod hook;
+
+pub use hook::ClaimHooks;
+use hook::HookResult;
 
 use crate::api::AppState;
 use crate::connect::ConnectError;
@@ -17,10 +25,12 @@ use hangar_store::{
     WarmInsert, WarmPoolRow,
 };
 use hangar_types::api::{KeyConfig, SpawnConfig};
-use hangar_types::protocol::KeyDeadlines;
+use hangar_types::protocol::{ClaimHookOutcome, KeyDeadlines};
 use hangar_types::timing::UNHEALTHY_AFTER;
 use hangar_types::token::ConnectionToken;
-use hangar_types::{BackendId, ClusterName, TerminationKind, TerminationReason, WarmPoolName};
+use hangar_types::{
+    BackendId, BackendStatus, ClusterName, TerminationKind, TerminationReason, WarmPoolName,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -34,6 +44,9 @@ use tokio_util::sync::CancellationToken;
 /// How often every pool is checked (besides right after a claim or a change made here).
 pub const FILL_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Longest wait of a pool whose backends keep failing to start (see [`fill_backoff`]).
+pub const MAX_FILL_BACKOFF: Duration = Duration::from_secs(300);
+
 /// At most this many backends are started per pool and pass, so a large pool fills in steps instead
 /// of flooding the drones at once.
 const MAX_STARTS_PER_PASS: u32 = 32;
@@ -43,6 +56,14 @@ const MAX_STARTS_PER_PASS: u32 = 32;
 pub struct WarmPools {
     pools: Arc<RwLock<Vec<WarmPoolRow>>>,
     wake: Arc<Notify>,
+    /// Claim hooks of connects on this controller waiting for their drone.
+    pub(crate) hooks: ClaimHooks,
+}
+
+/// A pool a spawn may claim from.
+struct Matching {
+    name: WarmPoolName,
+    claim_path: Option<String>,
 }
 
 impl WarmPools {
@@ -64,8 +85,10 @@ impl WarmPools {
         pools.extend(pool);
     }
 
-    /// The pool a spawn may claim from: same cluster, drone pool and executable.
-    fn matching(&self, cluster: &ClusterName, spawn: &SpawnConfig) -> Option<WarmPoolName> {
+    /// The pool a spawn may claim from: same cluster, drone pool and executable. The executable's
+    /// `env` must be equal too, unless the pool has a claim hook (which delivers the connect's env):
+    /// without one, a backend would run with an env the connect did not ask for.
+    fn matching(&self, cluster: &ClusterName, spawn: &SpawnConfig) -> Option<Matching> {
         let pools = match self.pools.read() {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
@@ -73,9 +96,17 @@ impl WarmPools {
         pools
             .iter()
             .find(|p| {
-                &p.cluster == cluster && p.pool == spawn.pool && p.executable == spawn.executable
+                &p.cluster == cluster
+                    && p.pool == spawn.pool
+                    && match p.claim_path {
+                        Some(_) => p.executable.eq_except_env(&spawn.executable),
+                        None => p.executable == spawn.executable,
+                    }
             })
-            .map(|p| p.name.clone())
+            .map(|p| Matching {
+                name: p.name.clone(),
+                claim_path: p.claim_path.clone(),
+            })
     }
 
     /// Runs a fill pass soon.
@@ -96,7 +127,11 @@ pub(crate) async fn claim(
     if spawn.id.is_some() {
         return Ok(None);
     }
-    let Some(pool) = state.warm.matching(cluster, spawn) else {
+    let Some(Matching {
+        name: pool,
+        claim_path,
+    }) = state.warm.matching(cluster, spawn)
+    else {
         return Ok(None);
     };
     let claim = WarmClaim {
@@ -107,23 +142,85 @@ pub(crate) async fn claim(
         max_idle_seconds: spawn.max_idle_seconds,
         lifetime_limit_seconds: spawn.lifetime_limit_seconds,
         max_heartbeat_age: UNHEALTHY_AFTER,
+        // The hook goes over the drone's session, which must be here.
+        on_controller: claim_path.as_ref().map(|_| state.config.name.clone()),
     };
     let outcome = state.store.claim_warm_backend(claim).await?;
-    state.prometheus.warm.record_claim(&pool, &outcome);
-    match outcome {
-        WarmClaimOutcome::Claimed { backend } => {
-            tracing::info!(backend = %backend.id, pool = %pool, drone = %backend.drone,
-                fencing_token = backend.fencing_token, "Warm backend claimed");
-            state.warm.wake();
-            Ok(Some(backend))
-        }
+    let metrics = &state.prometheus.warm;
+    let backend = match outcome {
+        WarmClaimOutcome::Claimed { backend } => backend,
         WarmClaimOutcome::Empty => {
+            metrics.record_claim(&pool, ClaimOutcome::Empty);
             tracing::debug!(pool = %pool, "Warm pool has no ready backend; spawning cold");
             state.warm.wake();
+            return Ok(None);
+        }
+        WarmClaimOutcome::KeyHeld => {
+            metrics.record_claim(&pool, ClaimOutcome::KeyHeld);
+            return Err(ConnectError::FailedToAcquireKey);
+        }
+    };
+    state.warm.wake();
+    if let Some(path) = claim_path {
+        let hooks = &state.warm.hooks;
+        let body = hook::hook_body(&backend, key, spawn);
+        match hooks.run(&state.drone_links, &backend, &path, body).await {
+            HookResult::Accepted => {}
+            HookResult::Refused(outcome) => {
+                metrics.record_claim(&pool, ClaimOutcome::HookRefused);
+                return refused(state, &backend, outcome).await;
+            }
+            HookResult::Unanswered => {
+                metrics.record_claim(&pool, ClaimOutcome::HookUnanswered);
+                tracing::warn!(backend = %backend.id, pool = %pool, drone = %backend.drone,
+                    "Claim hook unanswered; terminating the backend");
+                return unconfirmed(state, &backend).await;
+            }
+        }
+    }
+    metrics.record_claim(&pool, ClaimOutcome::Claimed);
+    tracing::info!(backend = %backend.id, pool = %pool, drone = %backend.drone,
+        fencing_token = backend.fencing_token, "Warm backend claimed");
+    Ok(Some(backend))
+}
+
+/// A refused claim hook: the drone killed the backend. Recording its final state frees the key, so
+/// the connect spawns cold (`None`); without a confirmed end the key stays held and the connect fails.
+async fn refused(
+    state: &AppState,
+    backend: &BackendRow,
+    outcome: ClaimHookOutcome,
+) -> Result<Option<BackendRow>, ConnectError> {
+    let ClaimHookOutcome::Refused {
+        message,
+        terminated,
+    } = outcome
+    else {
+        return Ok(Some(backend.clone()));
+    };
+    tracing::warn!(backend = %backend.id, drone = %backend.drone, %message,
+        "Claim hook refused; spawning cold");
+    match terminated {
+        Some(end) if end.status() == BackendStatus::Terminated => {
+            state.store.record_backend_state(&backend.id, &end).await?;
             Ok(None)
         }
-        WarmClaimOutcome::KeyHeld => Err(ConnectError::FailedToAcquireKey),
+        _ => unconfirmed(state, backend).await,
     }
+}
+
+/// A claimed backend whose end the drone did not confirm: it keeps the key until it is terminated
+/// (asked here), so the connect cannot spawn cold and fails.
+async fn unconfirmed(
+    state: &AppState,
+    backend: &BackendRow,
+) -> Result<Option<BackendRow>, ConnectError> {
+    let (kind, reason) = (TerminationKind::Hard, TerminationReason::InternalError);
+    state
+        .store
+        .queue_terminate(&backend.id, kind, reason)
+        .await?;
+    Err(ConnectError::WarmClaimUnanswered(backend.id.clone()))
 }
 
 /// Keeps every warm pool filled until `cancel` fires. Store errors are logged; the next pass retries.
@@ -175,6 +272,9 @@ pub async fn fill_once(state: &AppState) -> StoreResult<()> {
     for pool in &pools {
         let have = live.get(&pool.name).copied().unwrap_or(0);
         let missing = pool.size.saturating_sub(have).min(MAX_STARTS_PER_PASS);
+        if missing > 0 && backing_off(pool) {
+            continue;
+        }
         for _ in 0..missing {
             if !start_one(state, pool).await? {
                 break;
@@ -182,6 +282,38 @@ pub async fn fill_once(state: &AppState) -> StoreResult<()> {
         }
     }
     Ok(())
+}
+
+/// How long a pool waits after its last failed start before starting again: 2 s, doubling with
+/// every failed start in a row, at most [`MAX_FILL_BACKOFF`]. Zero without failures.
+pub fn fill_backoff(failed_starts: u64) -> Duration {
+    match failed_starts {
+        0 => Duration::ZERO,
+        n => {
+            let doublings = u32::try_from(n - 1).unwrap_or(u32::MAX).min(16);
+            FILL_INTERVAL
+                .saturating_mul(1 << doublings)
+                .min(MAX_FILL_BACKOFF)
+        }
+    }
+}
+
+/// Whether `pool` must not start backends yet because its last ones failed to start.
+fn backing_off(pool: &WarmPoolRow) -> bool {
+    let Some(age) = pool.last_failed_start_age else {
+        return false;
+    };
+    let wait = fill_backoff(pool.failed_starts);
+    if age < wait {
+        tracing::debug!(pool = %pool.name, failed_starts = pool.failed_starts, ?wait,
+            "Warm pool backing off after failed starts");
+        return true;
+    }
+    if pool.failed_starts > 0 {
+        tracing::warn!(pool = %pool.name, failed_starts = pool.failed_starts, waited = ?wait,
+            "Warm pool backends keep failing to start; trying again");
+    }
+    false
 }
 
 /// Why an unclaimed backend must be terminated, if it must.
@@ -235,6 +367,19 @@ async fn start_one(state: &AppState, pool: &WarmPoolRow) -> StoreResult<bool> {
     }
 }
 
+/// How a claim tried by a connect ended (the `outcome` label).
+#[derive(Debug, Clone, Copy)]
+enum ClaimOutcome {
+    Claimed,
+    /// No ready backend: spawned cold.
+    Empty,
+    KeyHeld,
+    /// The claim hook was refused (non-2xx, timeout): the backend was killed, spawned cold.
+    HookRefused,
+    /// The drone did not answer the claim hook: the backend is being killed, the connect failed.
+    HookUnanswered,
+}
+
 /// Label set of the warm pool series.
 type PoolLabels = [(&'static str, String); 2];
 
@@ -257,7 +402,7 @@ impl WarmMetrics {
         registry.register(
             "warm_claims",
             "Warm-pool claims tried by connects on this controller, by pool and outcome \
-             (claimed, empty, key_held)",
+             (claimed, empty, key_held, hook_refused, hook_unanswered)",
             self.claims.clone(),
         );
     }
@@ -277,11 +422,13 @@ impl WarmMetrics {
         }
     }
 
-    fn record_claim(&self, pool: &WarmPoolName, outcome: &WarmClaimOutcome) {
+    fn record_claim(&self, pool: &WarmPoolName, outcome: ClaimOutcome) {
         let outcome = match outcome {
-            WarmClaimOutcome::Claimed { .. } => "claimed",
-            WarmClaimOutcome::Empty => "empty",
-            WarmClaimOutcome::KeyHeld => "key_held",
+            ClaimOutcome::Claimed => "claimed",
+            ClaimOutcome::Empty => "empty",
+            ClaimOutcome::KeyHeld => "key_held",
+            ClaimOutcome::HookRefused => "hook_refused",
+            ClaimOutcome::HookUnanswered => "hook_unanswered",
         };
         let labels = [("pool", pool.to_string()), ("outcome", outcome.to_string())];
         self.claims.get_or_create(&labels).inc();
@@ -306,6 +453,8 @@ mod tests {
             claimed: 0,
             ready: 0,
             starting: 0,
+            failed_starts: 0,
+            last_failed_start_age: None,
         }
     }
 
@@ -317,6 +466,22 @@ mod tests {
             drone_draining,
             age: Duration::from_secs(age_secs),
         }
+    }
+
+    #[test]
+    fn fill_backs_off_exponentially_after_failed_starts() {
+        assert_eq!(fill_backoff(0), Duration::ZERO);
+        assert_eq!(fill_backoff(1), FILL_INTERVAL);
+        assert_eq!(fill_backoff(2), FILL_INTERVAL * 2);
+        assert_eq!(fill_backoff(4), FILL_INTERVAL * 8);
+        assert_eq!(fill_backoff(40), MAX_FILL_BACKOFF);
+        let mut p = pool(None);
+        assert!(!backing_off(&p));
+        p.failed_starts = 3;
+        p.last_failed_start_age = Some(Duration::from_secs(7));
+        assert!(backing_off(&p));
+        p.last_failed_start_age = Some(Duration::from_secs(8));
+        assert!(!backing_off(&p));
     }
 
     #[test]

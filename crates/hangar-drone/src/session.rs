@@ -11,7 +11,7 @@ use crate::log_requests::{LogRequest, LogRequests, LOG_FRAMES};
 use crate::log_store::LogStore;
 use crate::outbox::{Outbox, SpawnRecord};
 use crate::prometheus::DroneMetrics;
-use crate::supervisor::Supervisors;
+use crate::supervisor::{ClaimHookRequest, Supervisors};
 use hangar_client::backoff::Backoff;
 use hangar_client::node::{NodeReceiver, NodeSender, NodeSocket};
 use hangar_client::ControllerClient;
@@ -283,6 +283,17 @@ async fn run_reader(
             }),
             ControllerToDrone::LogCredit { request_id } => log_requests.credit(request_id),
             ControllerToDrone::LogCancel { request_id } => log_requests.cancel(request_id),
+            ControllerToDrone::ClaimHook {
+                request_id,
+                backend,
+                path,
+                body,
+            } => supervisors.claim_hook(ClaimHookRequest {
+                request_id,
+                backend,
+                path,
+                body,
+            }),
         }
     }
 }

@@ -6,6 +6,9 @@
 //! `BackendState::apply`; an action is reported applied only once its effect is in the outbox.
 
 mod backend_task;
+mod claim_hook;
+
+pub use claim_hook::ClaimHookRequest;
 
 use crate::executor::{BackendSpec, Executor, Reattached, Started};
 use crate::key_manager::KeyManager;

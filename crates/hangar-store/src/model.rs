@@ -263,6 +263,11 @@ pub struct WarmPoolRow {
     /// Unclaimed backends of this generation, ready / on their way to ready, not asked to terminate.
     pub ready: u64,
     pub starting: u64,
+    /// Failed starts in a row: unclaimed backends of this generation that ended without being asked
+    /// to, since the newest one that is ready now.
+    pub failed_starts: u64,
+    /// Time since the newest of those was created (`None` without any).
+    pub last_failed_start_age: Option<Duration>,
 }
 
 impl WarmPoolRow {
@@ -278,6 +283,7 @@ impl WarmPoolRow {
             claim_path: self.claim_path.clone(),
             ready: self.ready,
             starting: self.starting,
+            failed_starts: self.failed_starts,
             claimed: self.claimed,
         }
     }
@@ -333,6 +339,9 @@ pub struct WarmClaim {
     pub lifetime_limit_seconds: Option<i32>,
     /// Backends on drones whose last heartbeat is older than this are not claimed.
     pub max_heartbeat_age: Duration,
+    /// Only backends on drones whose session is held by this controller (a claim hook is sent over
+    /// that session). `None`: any drone.
+    pub on_controller: Option<ControllerName>,
 }
 
 #[allow(clippy::large_enum_variant)]

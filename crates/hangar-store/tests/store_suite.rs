@@ -252,7 +252,7 @@ mod suite {
         "c1.test:9090".parse().unwrap()
     }
 
-    fn controller() -> ControllerName {
+    pub(crate) fn controller() -> ControllerName {
         "co-test".parse().unwrap()
     }
 

@@ -13,10 +13,12 @@
 //! | `TEST_BACKEND_EXIT_AFTER_MS`  | ...after this many milliseconds (default 0 if only the code is set). |
 //! | `TEST_BACKEND_SIGTERM`        | `exit` (default), `ignore`, or `slow:<ms>` (wait, then exit 0). |
 //! | `TEST_BACKEND_LOG_LINES_PER_S` | Write this many lines a second to stdout (default 0; for benchmarks of log capture). |
+//! | `TEST_BACKEND_CLAIM`          | Answer to `POST /claim`: `ok` (204, default), `status:<code>`, or `hang`. |
 //!
 //! Routes (see [`routes`]) include `GET /env`, `POST /echo`, `POST /exit/<code>`, `GET /ws` (echo),
 //! `POST /alloc/<mb>` (allocate and touch that many MiB, for out-of-memory tests) and
-//! `POST /write/<name>` (write the body to `$HANGAR_DATA_DIR/<name>`, for mount tests).
+//! `POST /write/<name>` (write the body to `$HANGAR_DATA_DIR/<name>`, for mount tests), and
+//! `POST /claim` / `GET /claim` (record and show warm-pool claim hooks).
 //!
 //! Lines the tests wait for are printed to stdout and flushed at once: `listening on <addr>`,
 //! `got SIGTERM` and `exiting with code <n>`.

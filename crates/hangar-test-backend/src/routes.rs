@@ -36,12 +36,45 @@ pub fn router(exit_requests: mpsc::Sender<i32>) -> Router {
         .route("/ws", get(ws_upgrade))
         .route("/alloc/{mb}", post(alloc_create))
         .route("/print/{stream}", post(print_create))
+        .route("/claim", post(claim_create).get(claim_show))
         .route(
             "/write/{name}",
             post(write_create).layer(DefaultBodyLimit::disable()),
         )
         .fallback(request_show)
         .with_state(exit_requests)
+}
+
+/// Bodies of every `POST /claim` (warm-pool claim hooks), oldest first.
+static CLAIMS: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+
+/// `POST /claim`: records the JSON body, then answers as `TEST_BACKEND_CLAIM` says: `ok` (default,
+/// 204), `status:<code>` (that status), or `hang` (never answers).
+async fn claim_create(body: Bytes) -> Response {
+    let claim = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    match CLAIMS.lock() {
+        Ok(mut claims) => claims.push(claim),
+        Err(poisoned) => poisoned.into_inner().push(claim),
+    }
+    let mode = std::env::var("TEST_BACKEND_CLAIM").unwrap_or_default();
+    if mode == "hang" {
+        std::future::pending::<()>().await;
+    }
+    let status = mode
+        .strip_prefix("status:")
+        .and_then(|code| code.parse().ok())
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .unwrap_or(StatusCode::NO_CONTENT);
+    status.into_response()
+}
+
+/// `GET /claim`: the bodies of every `POST /claim` so far, oldest first.
+async fn claim_show() -> Json<Vec<Value>> {
+    let claims = match CLAIMS.lock() {
+        Ok(claims) => claims.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    Json(claims)
 }
 
 /// `POST /print/stdout` or `/print/stderr`: writes the body to that stream (for log capture tests).

@@ -12,6 +12,11 @@ use hangar_types::warm_pool::{WarmPool, WarmPoolConfig};
 use hangar_types::{BackendId, BackendStatus, WarmPoolName};
 use std::collections::HashSet;
 
+#[path = "warm_pools/claim_hook.rs"]
+mod claim_hook;
+#[path = "warm_pools/fill_backoff.rs"]
+mod fill_backoff;
+
 async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(WAIT * 4, f)
         .await

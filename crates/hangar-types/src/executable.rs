@@ -53,6 +53,27 @@ impl Executable {
         }
     }
 
+    /// The user's environment variables.
+    pub fn env(&self) -> &BTreeMap<String, String> {
+        match self {
+            Executable::Docker(d) => &d.env,
+            Executable::Process(p) => &p.env,
+        }
+    }
+
+    /// Equal apart from `env` (a warm pool with a claim hook delivers the connect's env by the hook).
+    pub fn eq_except_env(&self, other: &Executable) -> bool {
+        let mut a = self.clone();
+        let mut b = other.clone();
+        for e in [&mut a, &mut b] {
+            match e {
+                Executable::Docker(d) => d.env.clear(),
+                Executable::Process(p) => p.env.clear(),
+            }
+        }
+        a == b
+    }
+
     /// Parses the JSON given by a client, with a message fit for an API error.
     pub fn from_json(v: &serde_json::Value) -> Result<Executable, ExecutableError> {
         let obj = v.as_object().ok_or(ExecutableError::NotAnObject)?;

@@ -13,6 +13,7 @@ use crate::names::{
 use crate::state::{BackendState, TerminationKind, TerminationReason};
 use crate::time::Millis;
 use crate::token::{ConnectionToken, SecretToken};
+use crate::warm_pool::ClaimHook;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -157,6 +158,25 @@ pub enum DroneToController {
         request_id: u64,
         reason: LogEndReason,
     },
+    /// Hangar extension: the answer to [`ControllerToDrone::ClaimHook`] `request_id`.
+    ClaimHookResult {
+        request_id: u64,
+        outcome: ClaimHookOutcome,
+    },
+}
+
+/// How a claim hook ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClaimHookOutcome {
+    /// The backend answered 2xx: the claim is complete.
+    Accepted,
+    /// The backend answered otherwise, not in time, or not at all (`message` says which). The drone
+    /// hard-terminated it before answering; `terminated` is its final state once the drone recorded
+    /// it (`None` when the drone does not run the backend or could not confirm its end).
+    Refused {
+        message: String,
+        terminated: Option<BackendState>,
+    },
 }
 
 /// Batches of [`DroneToController::LogLines`] a drone may send for one log read before the
@@ -196,6 +216,15 @@ pub enum ControllerToDrone {
     /// Hangar extension: the reader of `request_id` went away: stop sending (no `LogEnd` needed).
     LogCancel {
         request_id: u64,
+    },
+    /// Hangar extension: `POST` `body` as JSON to `path` of the ready `backend` (a warm backend just
+    /// claimed) within [`crate::timing::CLAIM_HOOK_TIMEOUT`]; answered with one `ClaimHookResult`.
+    /// Anything but a 2xx answer in time hard-terminates the backend before the answer is sent.
+    ClaimHook {
+        request_id: u64,
+        backend: BackendId,
+        path: String,
+        body: ClaimHook,
     },
 }
 

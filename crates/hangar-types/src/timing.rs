@@ -69,6 +69,12 @@ pub const ACTION_RESEND_INTERVAL: Duration = Duration::from_secs(5);
 pub const SOFT_TERMINATE_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a backend may take from start to answering on its port.
+/// How long a warm backend may take to answer its claim hook (`POST <claim_path>`, measured by the
+/// drone) before the claim fails and the backend is terminated.
+pub const CLAIM_HOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a controller waits for the drone's answer to a claim hook: the hook's own timeout plus
+/// the time to kill a backend that failed it.
+pub const CLAIM_HOOK_ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 pub const READINESS_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Lifetime of a connection token.

@@ -2,9 +2,12 @@
 //! `executable` started and ready, unclaimed, on the drones of a cluster and drone pool; a connect that
 //! must spawn the same executable there claims one instead of starting a new backend.
 
+use crate::api::KeyConfig;
 use crate::executable::Executable;
-use crate::names::{ClusterName, WarmPoolName};
+use crate::names::{BackendId, ClusterName, WarmPoolName};
+use crate::token::ConnectionToken;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
 /// Largest accepted `size` of one warm pool.
@@ -77,10 +80,30 @@ pub struct WarmPool {
     pub starting: u64,
     /// Claims since the pool was created.
     pub claimed: u64,
+    /// Backends of the current executable that failed to start in a row (0 once one is ready).
+    /// While it is above 0 the pool starts new backends only after an exponential backoff
+    /// (2 s doubling per failure, at most 5 min, counted from the last failed start).
+    #[serde(default)]
+    pub failed_starts: u64,
 }
 
 /// Body of `GET /ctrl/warm-pools`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct WarmPoolList {
     pub pools: Vec<WarmPool>,
+}
+
+/// Body of the claim hook: what the drone `POST`s to a claimed warm backend's `claim_path` before
+/// the connect answers (see the README, "Warm pools"). The backend was started without a key; this
+/// is who it is from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClaimHook {
+    pub backend_id: BackendId,
+    pub key: KeyConfig,
+    /// Fencing token of the key's lease (as `SESSION_BACKEND_FENCING_TOKEN` of a cold spawn).
+    pub fencing_token: i64,
+    /// The connect's static token (`use_static_token`), if any.
+    pub static_token: Option<ConnectionToken>,
+    /// The connect's `executable.env`.
+    pub env: BTreeMap<String, String>,
 }

@@ -267,7 +267,7 @@ async fn phases(system: &System, backend: &BackendId) -> anyhow::Result<Vec<(Bac
 
 /// GETs `url` until a 2xx answer (the proxy holds the request while the backend starts; anything else
 /// is retried), within [`WAIT`].
-async fn first_success(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+pub(super) async fn first_success(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + WAIT;
     loop {
         let outcome = http.get(url).send().await;
@@ -426,7 +426,7 @@ async fn docker(args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Why Docker spawns cannot be measured here, if they cannot.
-async fn docker_available() -> Result<(), String> {
+pub(super) async fn docker_available() -> Result<(), String> {
     docker(&["version", "--format", "{{.Server.Version}}"])
         .await
         .map_err(|e| format!("no usable Docker daemon ({e:#})"))?;

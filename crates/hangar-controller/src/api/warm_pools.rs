@@ -54,11 +54,6 @@ pub async fn warm_pools_put(
 ) -> Result<Json<WarmPool>, ApiError> {
     let name = parse_name(&name)?;
     config.validate().map_err(ApiError::InvalidRequest)?;
-    if config.claim_path.is_some() {
-        return Err(ApiError::InvalidRequest(
-            "claim_path is not supported by this controller yet".into(),
-        ));
-    }
     let cluster = config
         .cluster
         .clone()

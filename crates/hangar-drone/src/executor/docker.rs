@@ -99,6 +99,8 @@ pub struct DockerExecutor {
     /// This process, labelled on every container, when the containers die with it
     /// ([`DockerExecutor::ephemeral`]).
     process: Option<Arc<DroneProcess>>,
+    /// Pulls in flight per image: concurrent spawns of one image (a warm pool filling) share one.
+    pulls: Arc<image::ImagePulls>,
 }
 
 /// Marks a container as followed until dropped.
@@ -157,12 +159,18 @@ impl DockerExecutor {
             cancel: CancellationToken::new(),
             logs: None,
             process: None,
+            pulls: Arc::default(),
         };
         executor.tracker.spawn(cleanup::run_cleanup(
             executor.clone(),
             executor.cancel.child_token(),
         ));
         Ok(executor)
+    }
+
+    /// Image pulls this executor started (concurrent spawns sharing one pull count it once).
+    pub fn image_pulls(&self) -> u64 {
+        self.pulls.started()
     }
 
     /// Captures every container's output into `logs`.

@@ -46,32 +46,46 @@ pub(super) async fn put_warm_pool(
     .bind(&config.claim_path)
     .execute(&mut *tx)
     .await?;
-    let pool = pools(&mut tx, Some(name)).await?.pop();
+    let pool = pools(&mut tx, s.clock(), Some(name)).await?.pop();
     tx.commit().await?;
     pool.ok_or_else(|| crate::StoreError::Corrupt(format!("warm pool {name} vanished")))
 }
 
 pub(super) async fn warm_pools(s: &S) -> StoreResult<Vec<WarmPoolRow>> {
     let mut conn = s.reader.acquire().await?;
-    pools(&mut conn, None).await
+    pools(&mut conn, s.clock(), None).await
 }
 
 pub(super) async fn warm_pool(s: &S, name: &WarmPoolName) -> StoreResult<Option<WarmPoolRow>> {
     let mut conn = s.reader.acquire().await?;
-    Ok(pools(&mut conn, Some(name)).await?.pop())
+    Ok(pools(&mut conn, s.clock(), Some(name)).await?.pop())
 }
 
-/// Pools (all, or the one named), by name, with their counts. 50 = ready, 60 = terminating.
-async fn pools(conn: &mut Conn, name: Option<&WarmPoolName>) -> StoreResult<Vec<WarmPoolRow>> {
+/// Pools (all, or the one named), by name, with their counts. 50 = ready, 60 = terminating,
+/// 70 = terminated. A failed start: an unclaimed backend that ended without a terminate request,
+/// newer than every ready one.
+async fn pools(
+    conn: &mut Conn,
+    clock: i64,
+    name: Option<&WarmPoolName>,
+) -> StoreResult<Vec<WarmPoolRow>> {
     const UNCLAIMED: &str = "FROM backend b WHERE b.warm_pool = p.name \
         AND b.warm_generation = p.generation AND b.terminate_requested_at IS NULL";
+    const FAILED: &str = "FROM backend b WHERE b.warm_pool = p.name \
+        AND b.warm_generation = p.generation AND b.terminate_requested_at IS NULL \
+        AND b.last_status_number = 70 AND b.created_at > COALESCE((SELECT MAX(r.created_at) \
+        FROM backend r WHERE r.warm_pool = p.name AND r.warm_generation = p.generation \
+        AND r.last_status_number = 50), 0)";
     let rows = sqlx::query(sql!(&format!(
         "SELECT p.name, p.cluster, p.pool, p.size, p.executable, p.max_age_seconds, p.claim_path, \
          p.generation, p.claimed, \
          (SELECT COUNT(*) {UNCLAIMED} AND b.last_status_number = 50) AS ready, \
-         (SELECT COUNT(*) {UNCLAIMED} AND b.last_status_number < 50) AS starting \
-         FROM warm_pool p WHERE CAST($1 AS TEXT) IS NULL OR p.name = $1 ORDER BY p.name"
+         (SELECT COUNT(*) {UNCLAIMED} AND b.last_status_number < 50) AS starting, \
+         (SELECT COUNT(*) {FAILED}) AS failed_starts, \
+         {{now}} - (SELECT MAX(b.created_at) {FAILED}) AS last_failed_start_age \
+         FROM warm_pool p WHERE CAST($2 AS TEXT) IS NULL OR p.name = $2 ORDER BY p.name"
     )))
+    .bind(clock)
     .bind(name.map(|n| n.as_str()))
     .fetch_all(conn)
     .await?;
@@ -95,6 +109,10 @@ fn pool_row(row: &super::rows::Row) -> StoreResult<WarmPoolRow> {
         claimed: count("claimed")?,
         ready: count("ready")?,
         starting: count("starting")?,
+        failed_starts: count("failed_starts")?,
+        last_failed_start_age: row
+            .try_get::<Option<i64>, _>("last_failed_start_age")?
+            .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
     })
 }
 
@@ -213,13 +231,14 @@ pub(super) async fn claim_warm_backend(s: &S, claim: WarmClaim) -> StoreResult<W
          JOIN node n ON n.id = b.drone_id \
          WHERE b.warm_pool = $2 AND b.warm_generation = $3 AND b.last_status_number = 50 \
          AND b.terminate_requested_at IS NULL AND NOT d.draining AND n.controller IS NOT NULL \
-         AND d.last_heartbeat > {now} - $4 \
+         AND d.last_heartbeat > {now} - $4 AND (CAST($5 AS TEXT) IS NULL OR n.controller = $5) \
          ORDER BY b.created_at, b.id LIMIT 1 {lock:FOR UPDATE OF b SKIP LOCKED}"
     ))
     .bind(clock)
     .bind(claim.pool.as_str())
     .bind(generation)
     .bind(crate::dialect::millis_of(claim.max_heartbeat_age))
+    .bind(claim.on_controller.as_ref().map(|c| c.as_str()))
     .fetch_optional(&mut *tx)
     .await?;
     let Some(id) = id else {

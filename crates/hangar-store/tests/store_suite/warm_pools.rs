@@ -1,6 +1,6 @@
 //! Store suite cases of warm pools (mounted in `suite`, whose fixtures they use).
 
-use crate::suite::{cluster, key, make_ready, ready_drone};
+use crate::suite::{cluster, controller, key, make_ready, ready_drone};
 use crate::Harness;
 use hangar_store::*;
 use hangar_types::executable::Executable;
@@ -69,6 +69,7 @@ pub(crate) fn warm_claim(pool: &str, key_name: &str) -> WarmClaim {
         max_idle_seconds: None,
         lifetime_limit_seconds: None,
         max_heartbeat_age: UNHEALTHY_AFTER,
+        on_controller: None,
     }
 }
 
@@ -327,11 +328,21 @@ pub async fn warm_claim_skips_draining_and_stale(h: Harness) {
         WarmClaimOutcome::Empty
     );
     store.drone_heartbeat(drone, Millis(2_000)).await.unwrap();
+    // A claim with a hook takes only backends whose drone's session is on the claiming controller.
+    let elsewhere = WarmClaim {
+        on_controller: Some("co-elsewhere".parse().unwrap()),
+        ..warm_claim("p", "k1")
+    };
+    assert_eq!(
+        store.claim_warm_backend(elsewhere).await.unwrap(),
+        WarmClaimOutcome::Empty
+    );
+    let here = WarmClaim {
+        on_controller: Some(controller()),
+        ..warm_claim("p", "k1")
+    };
     assert!(matches!(
-        store
-            .claim_warm_backend(warm_claim("p", "k1"))
-            .await
-            .unwrap(),
+        store.claim_warm_backend(here).await.unwrap(),
         WarmClaimOutcome::Claimed { .. }
     ));
 }

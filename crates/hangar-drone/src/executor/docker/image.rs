@@ -1,5 +1,9 @@
 //! `loading` for Docker: make the image present per `pull_policy` (plane-api.md §6.3.2), with the
 //! executable's registry credentials.
+//!
+//! One pull per image at a time per drone ([`ImagePulls`]): a spawn that finds a pull of its image
+//! running waits for it and takes its result instead of pulling again, so a warm pool of N backends
+//! of a missing image pulls it once, not N times.
 
 use super::{is_not_found, DockerExecutor};
 use crate::executor::ExecutorError;
@@ -7,6 +11,38 @@ use bollard::auth::DockerCredentials;
 use bollard::query_parameters::CreateImageOptions;
 use futures_util::StreamExt;
 use hangar_types::executable::{DockerExecutable, DockerRegistryAuth, PullPolicy};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
+
+/// The pulls of one executor, per image reference (one small entry per image ever pulled).
+#[derive(Default)]
+pub(super) struct ImagePulls {
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Pulled>>>>>,
+    started: AtomicU64,
+}
+
+/// The last finished pull of a reference.
+struct Pulled {
+    at: Instant,
+    /// The failure message, as in [`ExecutorError::Pull`].
+    result: Result<(), String>,
+}
+
+impl ImagePulls {
+    pub(super) fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    fn flight(&self, reference: &str) -> Arc<tokio::sync::Mutex<Option<Pulled>>> {
+        let mut flights = match self.flights.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        flights.entry(reference.to_string()).or_default().clone()
+    }
+}
 
 impl DockerExecutor {
     pub(super) async fn prepare_image(&self, exe: &DockerExecutable) -> Result<(), ExecutorError> {
@@ -24,10 +60,40 @@ impl DockerExecutor {
                 if self.image_present(image).await? {
                     return Ok(());
                 }
-                self.pull(exe).await
+                self.shared_pull(exe).await
             }
-            PullPolicy::Always => self.pull(exe).await,
+            PullPolicy::Always => self.shared_pull(exe).await,
         }
+    }
+
+    /// Pulls the image, unless a pull of it finished after this call began (it waited for that
+    /// pull, which covers it): then that pull's result.
+    async fn shared_pull(&self, exe: &DockerExecutable) -> Result<(), ExecutorError> {
+        let asked = Instant::now();
+        let flight = self.pulls.flight(&pull_reference(&exe.image));
+        let mut last = flight.lock().await;
+        if let Some(pulled) = last.as_ref().filter(|p| p.at >= asked) {
+            tracing::debug!(image = %exe.image, "Image pulled by a concurrent spawn");
+            return pulled
+                .result
+                .clone()
+                .map_err(|message| ExecutorError::Pull {
+                    image: exe.image.clone(),
+                    message,
+                });
+        }
+        self.pulls.started.fetch_add(1, Ordering::Relaxed);
+        let result = self.pull(exe).await;
+        let kept = match &result {
+            Ok(()) => Ok(()),
+            Err(ExecutorError::Pull { message, .. }) => Err(message.clone()),
+            Err(e) => Err(e.to_string()),
+        };
+        *last = Some(Pulled {
+            at: Instant::now(),
+            result: kept,
+        });
+        result
     }
 
     async fn image_present(&self, image: &str) -> Result<bool, ExecutorError> {

@@ -130,14 +130,43 @@ async fn pull_policies() {
             serde_json::json!({"image": unpullable, "pull_policy": "Always",
                 "credentials": {"username": "u", "password": "p"}}),
         );
+        let pulls_before = executor.image_pulls();
         let err = executor.prepare(&spec(exe)).await.unwrap_err();
         assert!(matches!(err, ExecutorError::Pull { .. }), "{err}");
+        assert_eq!(executor.image_pulls(), pulls_before + 1);
         let message = err.to_string();
         assert!(
             message.starts_with(&format!("cannot pull image {unpullable}: ")),
             "{message}"
         );
         assert!(message.len() > format!("cannot pull image {unpullable}: ").len());
+        // Concurrent spawns of one missing image (a warm pool filling) share one real pull (it
+        // fails here: no registry answers on 127.0.0.1:1); each gets its result.
+        let before = executor.image_pulls();
+        let shared = "127.0.0.1:1/hangar/missing:shared";
+        let exe = run.executable_with(&[], serde_json::json!({"image": shared}));
+        let specs: Vec<_> = (0..5).map(|_| spec(exe.clone())).collect();
+        let results =
+            futures_util::future::join_all(specs.iter().map(|s| executor.prepare(s))).await;
+        for result in results {
+            assert!(
+                matches!(result, Err(ExecutorError::Pull { .. })),
+                "{result:?}"
+            );
+        }
+        assert_eq!(executor.image_pulls(), before + 1);
+        // A later spawn (nothing in flight) pulls again.
+        executor.prepare(&spec(exe)).await.unwrap_err();
+        assert_eq!(executor.image_pulls(), before + 2);
+        // The present image with IfNotPresent: inspected, never pulled.
+        let local = run.executable_with(&[], serde_json::json!({"pull_policy": "IfNotPresent"}));
+        let specs: Vec<_> = (0..5).map(|_| spec(local.clone())).collect();
+        for result in
+            futures_util::future::join_all(specs.iter().map(|s| executor.prepare(s))).await
+        {
+            result.unwrap();
+        }
+        assert_eq!(executor.image_pulls(), before + 2);
         // A start without a present image fails too, and leaves nothing behind.
         let exe = run.executable_with(&[], serde_json::json!({"image": missing}));
         let spec = spec(exe);
