@@ -61,21 +61,10 @@ struct DnsSession {
 
 impl DnsSession {
     async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
-        loop {
-            let text = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                text = node_socket::next_text(&mut stream) => match text {
-                    Some(text) => text,
-                    None => break,
-                },
-            };
-            let message = match serde_json::from_str::<DnsToController>(text.as_str()) {
-                Ok(message) => message,
-                Err(e) => {
-                    tracing::warn!(dns = %self.name, error = %e, "Skipping unparseable frame from DNS responder");
-                    continue;
-                }
-            };
+        while let Some(message) =
+            node_socket::next_message::<DnsToController>(&mut stream, &self.cancel, &self.name)
+                .await
+        {
             let answered = match message {
                 DnsToController::TxtRecordRequest { cluster } => self.txt_record(cluster).await,
             };

@@ -20,9 +20,7 @@ use crate::sweeper;
 use axum::extract::ws::WebSocket;
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
-use hangar_store::{
-    DroneRegistration, NodeId, Registration, SessionId, StateUpdate, Store, StoreEvent,
-};
+use hangar_store::{DroneRegistration, NodeId, SessionId, StateUpdate, Store, StoreEvent};
 use hangar_types::protocol::{
     ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines, NodeHello,
 };
@@ -75,14 +73,10 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
         controller: state.config.name.clone(),
         version: hello.version,
     };
-    let (node, session) = match state.store.register_drone(&registration).await {
-        Ok(Registration::Registered { node, session }) => (node, session),
-        Ok(Registration::Refused { reason }) => return node_socket::refuse(socket, reason).await,
-        Err(e) => {
-            tracing::error!(drone = %name, error = %e, "Failed to register drone");
-            let reason = "the controller could not register the drone; retry later".to_string();
-            return node_socket::refuse(socket, reason).await;
-        }
+    let registered = state.store.register_drone(&registration).await;
+    let (node, session) = match node_socket::registered(registered, "drone", &name) {
+        Ok(registered) => registered,
+        Err(reason) => return node_socket::refuse(socket, reason).await,
     };
     tracing::info!(drone = %name, %cluster, node, session, "Drone connected");
     if let Some(previous) = previous.filter(|p| {
@@ -165,21 +159,10 @@ struct DroneSession {
 
 impl DroneSession {
     async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
-        loop {
-            let text = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                text = node_socket::next_text(&mut stream) => match text {
-                    Some(text) => text,
-                    None => break,
-                },
-            };
-            let message = match serde_json::from_str::<DroneToController>(text.as_str()) {
-                Ok(message) => message,
-                Err(e) => {
-                    tracing::warn!(drone = %self.name, error = %e, "Skipping unparseable frame from drone");
-                    continue;
-                }
-            };
+        while let Some(message) =
+            node_socket::next_message::<DroneToController>(&mut stream, &self.cancel, &self.name)
+                .await
+        {
             if self.handle(message).await.is_err() {
                 break;
             }

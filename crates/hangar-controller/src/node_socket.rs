@@ -8,6 +8,7 @@
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use hangar_store::{NodeId, Registration, SessionId, StoreResult};
 use hangar_types::protocol::{Hello, HelloResponse};
 use hangar_types::{ControllerName, PROTOCOL_VERSION, VERSION};
 use serde::de::DeserializeOwned;
@@ -83,6 +84,25 @@ pub async fn refuse(mut socket: WebSocket, reason: String) {
             reason: Utf8Bytes::from_static("refused"),
         })))
         .await;
+}
+
+/// The node and session a registration of the node `kind` (`drone`, `proxy`) gave; `Err` carries the
+/// reason to send in `Refused`.
+pub fn registered(
+    registration: StoreResult<Registration>,
+    kind: &str,
+    name: &(dyn std::fmt::Display + Sync),
+) -> Result<(NodeId, SessionId), String> {
+    match registration {
+        Ok(Registration::Registered { node, session }) => Ok((node, session)),
+        Ok(Registration::Refused { reason }) => Err(reason),
+        Err(e) => {
+            tracing::error!(node = %name, kind, error = %e, "Failed to register node");
+            Err(format!(
+                "the controller could not register the {kind}; retry later"
+            ))
+        }
+    }
 }
 
 /// Sends `Welcome`.
@@ -194,9 +214,28 @@ pub async fn run_socket_writer(
         .await;
 }
 
+/// The next message from the node; `None` when the session is cancelled or [`next_text`] ends it.
+/// Frames that do not parse as a `T` are logged and skipped.
+pub async fn next_message<T: DeserializeOwned>(
+    stream: &mut SplitStream<WebSocket>,
+    cancel: &CancellationToken,
+    node: &(dyn std::fmt::Display + Sync),
+) -> Option<T> {
+    loop {
+        let text = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            text = next_text(stream) => text?,
+        };
+        match serde_json::from_str(text.as_str()) {
+            Ok(message) => return Some(message),
+            Err(e) => tracing::warn!(%node, error = %e, "Skipping unparseable frame from node"),
+        }
+    }
+}
+
 /// The next text frame from the node; `None` when the node closed the connection, a read failed, or
 /// nothing arrived for [`IDLE_TIMEOUT`]. Binary frames are skipped.
-pub async fn next_text(stream: &mut SplitStream<WebSocket>) -> Option<Utf8Bytes> {
+async fn next_text(stream: &mut SplitStream<WebSocket>) -> Option<Utf8Bytes> {
     loop {
         let frame = match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
             Ok(frame) => frame,

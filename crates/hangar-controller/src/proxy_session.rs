@@ -16,7 +16,7 @@ use crate::node_socket::{self, NodeSender, SessionClosed};
 use axum::extract::ws::WebSocket;
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
-use hangar_store::{NodeId, Registration, Store, StoreEvent, TokenLookup};
+use hangar_store::{NodeId, Store, StoreEvent, TokenLookup};
 use hangar_types::protocol::{ControllerToProxy, NodeHello, ProxyToController, RouteInfo};
 use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendId, BackendStatus, ClusterName, ProxyName};
@@ -44,14 +44,9 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
         .store
         .register_proxy(&cluster, &name, &state.config.name, &hello.version)
         .await;
-    let (node, session) = match registered {
-        Ok(Registration::Registered { node, session }) => (node, session),
-        Ok(Registration::Refused { reason }) => return node_socket::refuse(socket, reason).await,
-        Err(e) => {
-            tracing::error!(proxy = %name, error = %e, "Failed to register proxy");
-            let reason = "the controller could not register the proxy; retry later".to_string();
-            return node_socket::refuse(socket, reason).await;
-        }
+    let (node, session) = match node_socket::registered(registered, "proxy", &name) {
+        Ok(registered) => registered,
+        Err(reason) => return node_socket::refuse(socket, reason).await,
     };
     tracing::info!(proxy = %name, %cluster, node, session, "Proxy connected");
 
@@ -106,21 +101,10 @@ struct ProxySession {
 
 impl ProxySession {
     async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
-        loop {
-            let text = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                text = node_socket::next_text(&mut stream) => match text {
-                    Some(text) => text,
-                    None => break,
-                },
-            };
-            let message = match serde_json::from_str::<ProxyToController>(text.as_str()) {
-                Ok(message) => message,
-                Err(e) => {
-                    tracing::warn!(proxy = %self.name, error = %e, "Skipping unparseable frame from proxy");
-                    continue;
-                }
-            };
+        while let Some(message) =
+            node_socket::next_message::<ProxyToController>(&mut stream, &self.cancel, &self.name)
+                .await
+        {
             let handled = match message {
                 ProxyToController::RouteRequest { token } => self.route_request(token).await,
                 ProxyToController::KeepAlive { backend, connected } => {
