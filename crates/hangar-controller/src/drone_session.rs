@@ -18,7 +18,6 @@ use crate::node_socket::{self, NodeSender, SessionClosed};
 use crate::prometheus::{ControllerMetrics, NodeKind};
 use crate::sweeper;
 use axum::extract::ws::WebSocket;
-use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use hangar_store::{DroneRegistration, NodeId, SessionId, StateUpdate, Store, StoreEvent};
 use hangar_types::protocol::{
@@ -125,7 +124,7 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
         };
         tokio::join!(
             node_socket::run_socket_writer(sink, rx, cancel.clone()),
-            drone.run_reader(stream),
+            node_socket::run_reader(stream, &cancel, &name, |m| drone.handle(m)),
             drone.run_action_delivery(events),
             sweeper::run_sweeper(state.store.clone(), node, name.clone(), cancel.clone()),
         );
@@ -158,18 +157,6 @@ struct DroneSession {
 }
 
 impl DroneSession {
-    async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
-        while let Some(message) =
-            node_socket::next_message::<DroneToController>(&mut stream, &self.cancel, &self.name)
-                .await
-        {
-            if self.handle(message).await.is_err() {
-                break;
-            }
-        }
-        self.cancel.cancel();
-    }
-
     async fn handle(&self, message: DroneToController) -> Result<(), SessionClosed> {
         match message {
             DroneToController::Heartbeat { local_time } => {

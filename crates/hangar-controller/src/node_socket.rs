@@ -214,23 +214,39 @@ pub async fn run_socket_writer(
         .await;
 }
 
-/// The next message from the node; `None` when the session is cancelled or [`next_text`] ends it.
-/// Frames that do not parse as a `T` are logged and skipped.
-pub async fn next_message<T: DeserializeOwned>(
-    stream: &mut SplitStream<WebSocket>,
+/// Hands each message from the node to `handle` until the session is cancelled, [`next_text`] ends
+/// it or `handle` fails; then cancels the session. Frames that do not parse as a `T` are logged and
+/// skipped.
+pub async fn run_reader<T, F, Fut>(
+    mut stream: SplitStream<WebSocket>,
     cancel: &CancellationToken,
     node: &(dyn std::fmt::Display + Sync),
-) -> Option<T> {
+    mut handle: F,
+) where
+    T: DeserializeOwned,
+    F: FnMut(T) -> Fut,
+    Fut: std::future::Future<Output = Result<(), SessionClosed>>,
+{
     loop {
         let text = tokio::select! {
-            _ = cancel.cancelled() => return None,
-            text = next_text(stream) => text?,
+            _ = cancel.cancelled() => break,
+            text = next_text(&mut stream) => match text {
+                Some(text) => text,
+                None => break,
+            },
         };
-        match serde_json::from_str(text.as_str()) {
-            Ok(message) => return Some(message),
-            Err(e) => tracing::warn!(%node, error = %e, "Skipping unparseable frame from node"),
+        let handled = match serde_json::from_str(text.as_str()) {
+            Ok(message) => handle(message).await,
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "Skipping unparseable frame from node");
+                Ok(())
+            }
+        };
+        if handled.is_err() {
+            break;
         }
     }
+    cancel.cancel();
 }
 
 /// The next text frame from the node; `None` when the node closed the connection, a read failed, or

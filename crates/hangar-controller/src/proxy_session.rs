@@ -14,7 +14,6 @@ use crate::api::AppState;
 use crate::cert::{tls_event, tls_snapshot, ProxyTls};
 use crate::node_socket::{self, NodeSender, SessionClosed};
 use axum::extract::ws::WebSocket;
-use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use hangar_store::{NodeId, Store, StoreEvent, TokenLookup};
 use hangar_types::protocol::{ControllerToProxy, NodeHello, ProxyToController, RouteInfo};
@@ -72,7 +71,7 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
         };
         tokio::join!(
             node_socket::run_socket_writer(sink, rx, cancel.clone()),
-            proxy.run_reader(stream),
+            node_socket::run_reader(stream, &cancel, &name, |m| proxy.handle(m)),
             proxy.run_event_forwarder(events),
         );
     }
@@ -100,47 +99,38 @@ struct ProxySession {
 }
 
 impl ProxySession {
-    async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
-        while let Some(message) =
-            node_socket::next_message::<ProxyToController>(&mut stream, &self.cancel, &self.name)
-                .await
-        {
-            let handled = match message {
-                ProxyToController::RouteRequest { token } => self.route_request(token).await,
-                ProxyToController::KeepAlive { backend, connected } => {
-                    self.keepalive(backend, connected).await
-                }
-                ProxyToController::CertLeaseRequest => {
-                    let answer = self.tls().lease_request().await;
-                    self.sender.send(&answer).await
-                }
-                ProxyToController::ReleaseCertLease => {
-                    self.tls().release_lease().await;
-                    Ok(())
-                }
-                ProxyToController::SetTxtRecord { txt_value } => {
-                    let answer = self.tls().set_txt_record(txt_value).await;
-                    self.sender.send(&answer).await
-                }
-                ProxyToController::SetHttpChallenge {
-                    token,
-                    key_authorization,
-                } => {
-                    self.tls()
-                        .set_http_challenge(token, key_authorization)
-                        .await;
-                    Ok(())
-                }
-                ProxyToController::StoreCertificate { cert_pem, key_pem } => {
-                    self.tls().store_certificate(cert_pem, key_pem).await;
-                    Ok(())
-                }
-            };
-            if handled.is_err() {
-                break;
+    async fn handle(&self, message: ProxyToController) -> Result<(), SessionClosed> {
+        match message {
+            ProxyToController::RouteRequest { token } => self.route_request(token).await,
+            ProxyToController::KeepAlive { backend, connected } => {
+                self.keepalive(backend, connected).await
+            }
+            ProxyToController::CertLeaseRequest => {
+                let answer = self.tls().lease_request().await;
+                self.sender.send(&answer).await
+            }
+            ProxyToController::ReleaseCertLease => {
+                self.tls().release_lease().await;
+                Ok(())
+            }
+            ProxyToController::SetTxtRecord { txt_value } => {
+                let answer = self.tls().set_txt_record(txt_value).await;
+                self.sender.send(&answer).await
+            }
+            ProxyToController::SetHttpChallenge {
+                token,
+                key_authorization,
+            } => {
+                self.tls()
+                    .set_http_challenge(token, key_authorization)
+                    .await;
+                Ok(())
+            }
+            ProxyToController::StoreCertificate { cert_pem, key_pem } => {
+                self.tls().store_certificate(cert_pem, key_pem).await;
+                Ok(())
             }
         }
-        self.cancel.cancel();
     }
 
     fn tls(&self) -> ProxyTls<'_> {
