@@ -14,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +28,25 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Binds the metrics listener if `addr` is configured, returning it with its address (port 0 resolved).
+/// Components bind it before anything runs, so a busy port fails their start.
+pub async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<(TcpListener, SocketAddr)>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let bound = async {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    bound.await.map(Some).map_err(|e: std::io::Error| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for metrics on {addr}: {e}"),
+        )
+    })
+}
 
 /// Serves `GET /metrics` on `listener` (HTTP/1.1) until `cancel` fires; connections run on `tasks`.
 /// `scrape` renders the series each time they are requested.

@@ -8,13 +8,11 @@
 use crate::api::AppState;
 use crate::node_socket::{self, NodeSender, SessionClosed};
 use axum::extract::ws::WebSocket;
-use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use hangar_store::Store;
 use hangar_types::protocol::{ControllerToDns, DnsHello, DnsToController};
 use hangar_types::{ClusterName, DnsName};
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
 /// Runs a DNS responder session on an upgraded socket until the responder leaves or the controller
 /// shuts down.
@@ -43,11 +41,10 @@ pub async fn run_dns_session(state: AppState, mut socket: WebSocket) {
         store: state.store.clone(),
         name: hello.name.clone(),
         sender,
-        cancel: cancel.clone(),
     };
     tokio::join!(
         node_socket::run_socket_writer(sink, rx, cancel.clone()),
-        session.run_reader(stream),
+        node_socket::run_reader(stream, &cancel, &hello.name, |m| session.handle(m)),
     );
     tracing::info!(dns = %hello.name, "DNS responder disconnected");
 }
@@ -56,34 +53,13 @@ struct DnsSession {
     store: Arc<dyn Store>,
     name: DnsName,
     sender: NodeSender<ControllerToDns>,
-    cancel: CancellationToken,
 }
 
 impl DnsSession {
-    async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
-        loop {
-            let text = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                text = node_socket::next_text(&mut stream) => match text {
-                    Some(text) => text,
-                    None => break,
-                },
-            };
-            let message = match serde_json::from_str::<DnsToController>(text.as_str()) {
-                Ok(message) => message,
-                Err(e) => {
-                    tracing::warn!(dns = %self.name, error = %e, "Skipping unparseable frame from DNS responder");
-                    continue;
-                }
-            };
-            let answered = match message {
-                DnsToController::TxtRecordRequest { cluster } => self.txt_record(cluster).await,
-            };
-            if answered.is_err() {
-                break;
-            }
+    async fn handle(&self, message: DnsToController) -> Result<(), SessionClosed> {
+        match message {
+            DnsToController::TxtRecordRequest { cluster } => self.txt_record(cluster).await,
         }
-        self.cancel.cancel();
     }
 
     async fn txt_record(&self, cluster: ClusterName) -> Result<(), SessionClosed> {

@@ -20,9 +20,7 @@ use crate::sweeper;
 use axum::extract::ws::WebSocket;
 use futures_util::stream::SplitStream;
 use futures_util::{FutureExt, StreamExt};
-use hangar_store::{
-    DroneRegistration, NodeId, Registration, SessionId, StateUpdate, Store, StoreEvent,
-};
+use hangar_store::{DroneRegistration, NodeId, SessionId, StateUpdate, Store, StoreEvent};
 use hangar_types::protocol::{
     ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines, NodeHello,
 };
@@ -78,14 +76,10 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
         controller: state.config.name.clone(),
         version: hello.version,
     };
-    let (node, session) = match state.store.register_drone(&registration).await {
-        Ok(Registration::Registered { node, session }) => (node, session),
-        Ok(Registration::Refused { reason }) => return node_socket::refuse(socket, reason).await,
-        Err(e) => {
-            tracing::error!(drone = %name, error = %e, "Failed to register drone");
-            let reason = "the controller could not register the drone; retry later".to_string();
-            return node_socket::refuse(socket, reason).await;
-        }
+    let registered = state.store.register_drone(&registration).await;
+    let (node, session) = match node_socket::registered(registered, "drone", &name) {
+        Ok(registered) => registered,
+        Err(reason) => return node_socket::refuse(socket, reason).await,
     };
     tracing::info!(drone = %name, %cluster, node, session, "Drone connected");
     if let Some(previous) = previous.filter(|p| {
@@ -170,6 +164,8 @@ struct DroneSession {
 }
 
 impl DroneSession {
+    /// The drone's reader: like [`node_socket::run_reader`], but a backend event takes the events
+    /// already received behind it along ([`DroneSession::handle_received`]).
     async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
         loop {
             let text = tokio::select! {

@@ -8,6 +8,7 @@
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use hangar_store::{NodeId, Registration, SessionId, StoreResult};
 use hangar_types::protocol::{Hello, HelloResponse};
 use hangar_types::{ControllerName, PROTOCOL_VERSION, VERSION};
 use serde::de::DeserializeOwned;
@@ -83,6 +84,25 @@ pub async fn refuse(mut socket: WebSocket, reason: String) {
             reason: Utf8Bytes::from_static("refused"),
         })))
         .await;
+}
+
+/// The node and session a registration of the node `kind` (`drone`, `proxy`) gave; `Err` carries the
+/// reason to send in `Refused`.
+pub fn registered(
+    registration: StoreResult<Registration>,
+    kind: &str,
+    name: &(dyn std::fmt::Display + Sync),
+) -> Result<(NodeId, SessionId), String> {
+    match registration {
+        Ok(Registration::Registered { node, session }) => Ok((node, session)),
+        Ok(Registration::Refused { reason }) => Err(reason),
+        Err(e) => {
+            tracing::error!(node = %name, kind, error = %e, "Failed to register node");
+            Err(format!(
+                "the controller could not register the {kind}; retry later"
+            ))
+        }
+    }
 }
 
 /// Sends `Welcome`.
@@ -192,6 +212,41 @@ pub async fn run_socket_writer(
             reason: Utf8Bytes::from_static("controller closing session"),
         })))
         .await;
+}
+
+/// Hands each message from the node to `handle` until the session is cancelled, [`next_text`] ends
+/// it or `handle` fails; then cancels the session. Frames that do not parse as a `T` are logged and
+/// skipped.
+pub async fn run_reader<T, F, Fut>(
+    mut stream: SplitStream<WebSocket>,
+    cancel: &CancellationToken,
+    node: &(dyn std::fmt::Display + Sync),
+    mut handle: F,
+) where
+    T: DeserializeOwned,
+    F: FnMut(T) -> Fut,
+    Fut: std::future::Future<Output = Result<(), SessionClosed>>,
+{
+    loop {
+        let text = tokio::select! {
+            _ = cancel.cancelled() => break,
+            text = next_text(&mut stream) => match text {
+                Some(text) => text,
+                None => break,
+            },
+        };
+        let handled = match serde_json::from_str(text.as_str()) {
+            Ok(message) => handle(message).await,
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "Skipping unparseable frame from node");
+                Ok(())
+            }
+        };
+        if handled.is_err() {
+            break;
+        }
+    }
+    cancel.cancel();
 }
 
 /// The next text frame from the node; `None` when the node closed the connection, a read failed, or

@@ -14,9 +14,8 @@ use crate::api::AppState;
 use crate::cert::{tls_event, tls_snapshot, ProxyTls};
 use crate::node_socket::{self, NodeSender, SessionClosed};
 use axum::extract::ws::WebSocket;
-use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
-use hangar_store::{NodeId, Registration, Store, StoreEvent, TokenLookup};
+use hangar_store::{NodeId, Store, StoreEvent, TokenLookup};
 use hangar_types::protocol::{ControllerToProxy, NodeHello, ProxyToController, RouteInfo};
 use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendId, BackendStatus, ClusterName, ProxyName};
@@ -44,14 +43,9 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
         .store
         .register_proxy(&cluster, &name, &state.config.name, &hello.version)
         .await;
-    let (node, session) = match registered {
-        Ok(Registration::Registered { node, session }) => (node, session),
-        Ok(Registration::Refused { reason }) => return node_socket::refuse(socket, reason).await,
-        Err(e) => {
-            tracing::error!(proxy = %name, error = %e, "Failed to register proxy");
-            let reason = "the controller could not register the proxy; retry later".to_string();
-            return node_socket::refuse(socket, reason).await;
-        }
+    let (node, session) = match node_socket::registered(registered, "proxy", &name) {
+        Ok(registered) => registered,
+        Err(reason) => return node_socket::refuse(socket, reason).await,
     };
     tracing::info!(proxy = %name, %cluster, node, session, "Proxy connected");
 
@@ -77,7 +71,7 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
         };
         tokio::join!(
             node_socket::run_socket_writer(sink, rx, cancel.clone()),
-            proxy.run_reader(stream),
+            node_socket::run_reader(stream, &cancel, &name, |m| proxy.handle(m)),
             proxy.run_event_forwarder(events),
         );
     }
@@ -105,58 +99,38 @@ struct ProxySession {
 }
 
 impl ProxySession {
-    async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
-        loop {
-            let text = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                text = node_socket::next_text(&mut stream) => match text {
-                    Some(text) => text,
-                    None => break,
-                },
-            };
-            let message = match serde_json::from_str::<ProxyToController>(text.as_str()) {
-                Ok(message) => message,
-                Err(e) => {
-                    tracing::warn!(proxy = %self.name, error = %e, "Skipping unparseable frame from proxy");
-                    continue;
-                }
-            };
-            let handled = match message {
-                ProxyToController::RouteRequest { token } => self.route_request(token).await,
-                ProxyToController::KeepAlive { backend, connected } => {
-                    self.keepalive(backend, connected).await
-                }
-                ProxyToController::CertLeaseRequest => {
-                    let answer = self.tls().lease_request().await;
-                    self.sender.send(&answer).await
-                }
-                ProxyToController::ReleaseCertLease => {
-                    self.tls().release_lease().await;
-                    Ok(())
-                }
-                ProxyToController::SetTxtRecord { txt_value } => {
-                    let answer = self.tls().set_txt_record(txt_value).await;
-                    self.sender.send(&answer).await
-                }
-                ProxyToController::SetHttpChallenge {
-                    token,
-                    key_authorization,
-                } => {
-                    self.tls()
-                        .set_http_challenge(token, key_authorization)
-                        .await;
-                    Ok(())
-                }
-                ProxyToController::StoreCertificate { cert_pem, key_pem } => {
-                    self.tls().store_certificate(cert_pem, key_pem).await;
-                    Ok(())
-                }
-            };
-            if handled.is_err() {
-                break;
+    async fn handle(&self, message: ProxyToController) -> Result<(), SessionClosed> {
+        match message {
+            ProxyToController::RouteRequest { token } => self.route_request(token).await,
+            ProxyToController::KeepAlive { backend, connected } => {
+                self.keepalive(backend, connected).await
+            }
+            ProxyToController::CertLeaseRequest => {
+                let answer = self.tls().lease_request().await;
+                self.sender.send(&answer).await
+            }
+            ProxyToController::ReleaseCertLease => {
+                self.tls().release_lease().await;
+                Ok(())
+            }
+            ProxyToController::SetTxtRecord { txt_value } => {
+                let answer = self.tls().set_txt_record(txt_value).await;
+                self.sender.send(&answer).await
+            }
+            ProxyToController::SetHttpChallenge {
+                token,
+                key_authorization,
+            } => {
+                self.tls()
+                    .set_http_challenge(token, key_authorization)
+                    .await;
+                Ok(())
+            }
+            ProxyToController::StoreCertificate { cert_pem, key_pem } => {
+                self.tls().store_certificate(cert_pem, key_pem).await;
+                Ok(())
             }
         }
-        self.cancel.cancel();
     }
 
     fn tls(&self) -> ProxyTls<'_> {

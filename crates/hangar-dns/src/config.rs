@@ -38,7 +38,10 @@ pub struct DnsConfig {
     pub port: u16,
     /// How long a query waits for the controller's answer before it gets SERVFAIL, in seconds.
     /// Default: 5.
-    #[serde(default = "default_lookup_timeout", with = "seconds")]
+    #[serde(
+        default = "default_lookup_timeout",
+        with = "hangar_types::time::seconds"
+    )]
     pub lookup_timeout: Duration,
 }
 
@@ -96,25 +99,6 @@ pub enum ConfigError {
         "`zone` {0:?} is not a DNS name (labels of a-z, 0-9, `-`, `_`, at most 253 characters)"
     )]
     InvalidZone(String),
-}
-
-/// Serde adapter: a [`Duration`] as a (fractional) number of seconds.
-mod seconds {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "{secs} is not a valid number of seconds (must be finite and not negative)"
-            ))
-        })
-    }
 }
 
 #[cfg(test)]

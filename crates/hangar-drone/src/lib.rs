@@ -38,7 +38,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use supervisor::{SupervisorSettings, Supervisors};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -87,22 +86,8 @@ pub struct DroneHandle {
 pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
     config.validate().context("invalid drone configuration")?;
     // Bound first: a busy port fails the start before anything runs.
-    let metrics_listener = match config.metrics_addr {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
-        ),
-        None => None,
-    };
-    let metrics_addr = match &metrics_listener {
-        Some(listener) => Some(
-            listener
-                .local_addr()
-                .context("metrics listener has no local address")?,
-        ),
-        None => None,
-    };
+    let metrics_listener = hangar_client::metrics_listener::bind(config.metrics_addr).await?;
+    let metrics_addr = metrics_listener.as_ref().map(|(_, addr)| *addr);
     let drone_metrics = Arc::new(DroneMetrics::new());
     let client =
         ControllerClient::new(config.controller_url.clone()).context("invalid controller URL")?;
@@ -193,7 +178,7 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
     };
     tracker.spawn(session.run_session(cancel.child_token()));
     tracker.spawn(run_log_pruning(logs.clone(), cancel.child_token()));
-    if let Some(listener) = metrics_listener {
+    if let Some((listener, _)) = metrics_listener {
         let source = MetricsSource {
             metrics: drone_metrics,
             outbox: outbox.clone(),

@@ -52,15 +52,21 @@ pub struct ProxyConfig {
     pub root_redirect_url: Option<Url>,
     /// How long a request waits for its route, i.e. for a starting backend to become ready, in
     /// seconds; afterwards it gets 504. Default: 300 (5 minutes).
-    #[serde(default = "default_route_wait", with = "seconds")]
+    #[serde(default = "default_route_wait", with = "hangar_types::time::seconds")]
     pub route_wait_timeout: Duration,
     /// Timeout for opening the TCP connection to a backend, in seconds; afterwards the request gets
     /// 502. Default: 10.
-    #[serde(default = "default_connect_timeout", with = "seconds")]
+    #[serde(
+        default = "default_connect_timeout",
+        with = "hangar_types::time::seconds"
+    )]
     pub upstream_connect_timeout: Duration,
     /// On shutdown, how long in-flight HTTP exchanges may take to finish before the remaining
     /// connections (and all WebSocket tunnels) are dropped, in seconds. Default: 10.
-    #[serde(default = "default_shutdown_grace", with = "seconds")]
+    #[serde(
+        default = "default_shutdown_grace",
+        with = "hangar_types::time::seconds"
+    )]
     pub shutdown_grace: Duration,
     /// Most client connections open at once (HTTP connections and WebSocket tunnels). Beyond it a
     /// new connection gets `503` with `Connection: close` and is closed. Default: 10000.
@@ -82,13 +88,16 @@ pub struct ProxyConfig {
     /// counted from when the proxy starts waiting for it (the connection opened or the previous
     /// response ended); slower clients (slowloris) are disconnected. Any new connection (HTTP/1.1
     /// or HTTP/2) that has not started a request within this long is dropped too. Default: 30.
-    #[serde(default = "default_header_read_timeout", with = "seconds")]
+    #[serde(
+        default = "default_header_read_timeout",
+        with = "hangar_types::time::seconds"
+    )]
     pub header_read_timeout: Duration,
     /// A client connection (HTTP/1.1 keep-alive or HTTP/2) with no request in progress and no
     /// bytes sent or received for this long is closed, in seconds (HTTP/2 gets a GOAWAY first).
     /// HTTP/1.1 connections are also bounded by `header_read_timeout` while they wait for their
     /// next request, so the shorter of the two applies to them. Default: 20.
-    #[serde(default = "default_idle_timeout", with = "seconds")]
+    #[serde(default = "default_idle_timeout", with = "hangar_types::time::seconds")]
     pub idle_timeout: Duration,
     /// The certificate file (TLS, Plane §7.9.2): Plane's JSON `{"cert": "<PEM chain>", "key":
     /// "<PEM key>"}`, or PEM with the chain and the key (the key may instead be in `key_path`). Loaded
@@ -101,7 +110,10 @@ pub struct ProxyConfig {
     #[serde(default)]
     pub key_path: Option<PathBuf>,
     /// How often the certificate file is checked for changes, in seconds. Default: 5.
-    #[serde(default = "default_cert_reload_interval", with = "seconds")]
+    #[serde(
+        default = "default_cert_reload_interval",
+        with = "hangar_types::time::seconds"
+    )]
     pub cert_reload_interval: Duration,
     /// Obtain and renew the cluster's certificate from an ACME CA (Let's Encrypt, ZeroSSL…). The
     /// cluster name must then be a DNS name without port. Default: none.
@@ -109,7 +121,7 @@ pub struct ProxyConfig {
     pub acme: Option<AcmeConfig>,
     /// With `acme`: renew once the served certificate has less than this left, in seconds.
     /// Default: 2592000 (30 days).
-    #[serde(default = "default_renew_before", with = "seconds")]
+    #[serde(default = "default_renew_before", with = "hangar_types::time::seconds")]
     pub renew_before: Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`), e.g. `127.0.0.1:9091`. A separate
     /// listener: the public proxy port never serves them. Default: none (off).
@@ -278,25 +290,6 @@ pub enum ConfigError {
     AcmeCluster(String),
     #[error("invalid ACME configuration: {0}")]
     Acme(#[from] AcmeConfigError),
-}
-
-/// Serde adapter: a [`Duration`] as a (fractional) number of seconds.
-pub(crate) mod seconds {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "{secs} is not a valid number of seconds (must be finite and not negative)"
-            ))
-        })
-    }
 }
 
 #[cfg(test)]

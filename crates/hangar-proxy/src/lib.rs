@@ -194,22 +194,8 @@ pub async fn start_with_listeners(
     };
     let outbound = Arc::new(Notify::new());
     let tracker = Arc::new(ConnectionTracker::new(outbound.clone()));
-    let metrics_listener = match config.metrics_addr {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
-        ),
-        None => None,
-    };
-    let metrics_addr = match &metrics_listener {
-        Some(listener) => Some(
-            listener
-                .local_addr()
-                .context("metrics listener has no local address")?,
-        ),
-        None => None,
-    };
+    let metrics_listener = hangar_client::metrics_listener::bind(config.metrics_addr).await?;
+    let metrics_addr = metrics_listener.as_ref().map(|(_, addr)| *addr);
     let metrics = prometheus::ProxyMetrics::new();
     let state = Arc::new(ProxyState {
         config,
@@ -244,7 +230,7 @@ pub async fn start_with_listeners(
 
     tasks.spawn(session::run_session(state.clone(), client, cancel.clone()));
     tasks.spawn(tracker.run_keepalive_visits(cancel.clone()));
-    if let Some(listener) = metrics_listener {
+    if let Some((listener, _)) = metrics_listener {
         tasks.spawn(prometheus::run_metrics_listener(
             listener,
             state.clone(),

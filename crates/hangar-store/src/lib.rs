@@ -104,10 +104,9 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- scheduling ----------------------------------------------------------------------------
 
-    /// Drones of `cluster`/`pool` that offer `executor`, are attached to a controller that is online
-    /// and whose own heartbeat is younger than `max_heartbeat_age` (a controller that died without
-    /// detaching its drones leaves them attached), are not draining, and whose last heartbeat is younger
-    /// than `max_heartbeat_age` — with their live backend counts.
+    /// Drones of `cluster`/`pool` that offer `executor`, are not draining, and whose own heartbeat and
+    /// their controller's (a controller that died without detaching its drones leaves them attached)
+    /// are younger than `max_heartbeat_age` — with their live backend counts.
     async fn schedulable_drones(&self, query: &DroneQuery) -> StoreResult<Vec<DroneCandidate>>;
 
     // ---- backends ------------------------------------------------------------------------------
@@ -193,7 +192,9 @@ pub trait Store: Send + Sync + 'static {
     async fn renew_key(&self, backend: &BackendId) -> StoreResult<bool>;
 
     /// Drones and proxies of a cluster attached to some controller.
-    async fn cluster_state(&self, cluster: &ClusterName) -> StoreResult<ClusterState>;
+    async fn cluster_state(&self, cluster: &ClusterName) -> StoreResult<ClusterState> {
+        self.cluster_nodes(cluster, false).await
+    }
 
     /// Like [`Store::cluster_state`]; with `include_detached`, also the drones and proxies that no
     /// controller holds now (`controller: None`), as Plane's `db-cli list-nodes --all` shows them.
@@ -318,7 +319,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         status: Option<BackendStatus>,
         limit: u32,
-    ) -> StoreResult<Vec<BackendRow>>;
+    ) -> StoreResult<Vec<BackendRow>> {
+        let filter = BackendFilter {
+            status,
+            limit,
+            ..BackendFilter::default()
+        };
+        self.list_backends(&filter).await
+    }
 
     // ---- warm pools ----------------------------------------------------------------------------
 

@@ -239,7 +239,7 @@ impl std::fmt::Debug for StoredCertificate {
 
 /// An ACME HTTP-01 challenge answer of a cluster: `/.well-known/acme-challenge/<token>` →
 /// `key_authorization`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct HttpChallenge {
     pub token: String,
     pub key_authorization: String,

@@ -115,7 +115,6 @@ impl SqlStore<PostgresDialect> {
             tasks: TaskTracker::new(),
         };
         // One pool serves reads and writes.
-        // One pool serves reads and writes.
         let store = SqlStore::new(dialect, pool.clone(), None);
         let relay = listener::Relay {
             pool,

@@ -39,6 +39,26 @@ impl std::fmt::Display for Millis {
     }
 }
 
+/// Serde adapter (`#[serde(with = "hangar_types::time::seconds")]`): a [`Duration`] as a (fractional)
+/// number of seconds, as the components' config files spell durations.
+pub mod seconds {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{secs} is not a valid number of seconds (must be finite and not negative)"
+            ))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

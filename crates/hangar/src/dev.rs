@@ -369,16 +369,9 @@ fn print_banner(b: &Banner<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: DevArgs,
-    }
 
     fn parse(args: &[&str]) -> Result<DevArgs, clap::Error> {
-        Cli::try_parse_from(std::iter::once("dev").chain(args.iter().copied())).map(|c| c.args)
+        crate::parse_flags(args)
     }
 
     #[test]

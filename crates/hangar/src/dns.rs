@@ -75,32 +75,23 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        dns: DnsArgs,
-    }
 
     #[test]
     fn dns_args() {
-        let cli = Cli::try_parse_from([
-            "dns",
+        let dns: DnsArgs = crate::parse_flags(&[
             "--controller-url",
             "http://ctrl:8080",
             "--zone",
             "acme.example.com",
         ])
         .unwrap();
-        let c = cli.dns.to_config();
+        let c = dns.to_config();
         assert_eq!(c.port, 53);
         assert_eq!(c.host, IpAddr::from([0, 0, 0, 0]));
         assert_eq!(c.zone.as_deref(), Some("acme.example.com"));
         assert!(c.name.as_str().starts_with("ns-"));
         assert!(c.validate().is_ok());
-        let cli = Cli::try_parse_from([
-            "dns",
+        let dns: DnsArgs = crate::parse_flags(&[
             "--controller-url",
             "http://ctrl:8080",
             "--port",
@@ -109,19 +100,15 @@ mod tests {
             "127.0.0.1",
         ])
         .unwrap();
-        assert_eq!(
-            cli.dns.to_config().bind_addr().to_string(),
-            "127.0.0.1:5353"
-        );
-        assert!(Cli::try_parse_from(["dns"]).is_err());
-        let bad_zone = Cli::try_parse_from([
-            "dns",
+        assert_eq!(dns.to_config().bind_addr().to_string(), "127.0.0.1:5353");
+        assert!(crate::parse_flags::<DnsArgs>(&[]).is_err());
+        let bad_zone: DnsArgs = crate::parse_flags(&[
             "--controller-url",
             "http://ctrl:8080",
             "--zone",
             "not a zone",
         ])
         .unwrap();
-        assert!(bad_zone.dns.to_config().validate().is_err());
+        assert!(bad_zone.to_config().validate().is_err());
     }
 }

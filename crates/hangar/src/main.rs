@@ -349,6 +349,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Parses `flags` as one command's arguments `A` (the unit tests of each command's flags).
+#[cfg(test)]
+fn parse_flags<A: clap::Args + clap::FromArgMatches>(flags: &[&str]) -> Result<A, clap::Error> {
+    let command = A::augment_args(clap::Command::new("hangar"));
+    A::from_arg_matches(
+        &command.try_get_matches_from(std::iter::once("hangar").chain(flags.iter().copied()))?,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

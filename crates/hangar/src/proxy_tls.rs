@@ -201,18 +201,9 @@ impl ProxyTlsArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        tls: ProxyTlsArgs,
-    }
 
     fn args(flags: &[&str]) -> ProxyTlsArgs {
-        Cli::try_parse_from(std::iter::once("proxy").chain(flags.iter().copied()))
-            .unwrap()
-            .tls
+        crate::parse_flags(flags).unwrap()
     }
 
     fn config() -> ProxyConfig {
@@ -322,7 +313,7 @@ mod tests {
         );
         assert!(bad_key.contains("base64url"), "{bad_key}");
         assert!(message(&["--acme-challenge", "dns-01"]).contains("need --acme-endpoint"));
-        assert!(Cli::try_parse_from(["proxy", "--acme-challenge", "tls-alpn-01"]).is_err());
+        assert!(crate::parse_flags::<ProxyTlsArgs>(&["--acme-challenge", "tls-alpn-01"]).is_err());
     }
 
     #[test]
@@ -345,22 +336,16 @@ mod tests {
 
     #[test]
     fn proxy_command_resolves_https_listeners() {
-        #[derive(Debug, Parser)]
-        struct Proxy {
-            #[command(flatten)]
-            proxy: crate::serve::ProxyArgs,
-        }
         let setup = |flags: &[&str]| {
             let base = [
-                "proxy",
                 "--controller-url",
                 "http://c:8080",
                 "--cluster",
                 "plane.test",
             ];
-            Proxy::try_parse_from(base.iter().chain(flags.iter()).copied())
+            let flags: Vec<&str> = base.iter().chain(flags.iter()).copied().collect();
+            crate::parse_flags::<crate::serve::ProxyArgs>(&flags)
                 .unwrap()
-                .proxy
                 .to_setup()
         };
         let s = setup(&["--https", "--cert-path", "/etc/hangar/cert.json"]).unwrap();

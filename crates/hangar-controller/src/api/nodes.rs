@@ -6,7 +6,7 @@ use crate::drone_session::run_drone_session;
 use crate::error::ApiError;
 use crate::lost;
 use crate::proxy_session::run_proxy_session;
-use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade};
+use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
 use axum::Json;
@@ -107,11 +107,9 @@ pub async fn drone_socket(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let cluster = parse_cluster(&cluster)?;
-    let ws = ws.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-    let tracker = state.tracker.clone();
-    Ok(ws
-        .max_message_size(state.config.max_body_bytes)
-        .on_upgrade(move |socket| tracker.track_future(run_drone_session(state, cluster, socket))))
+    upgrade(state, ws, |state, socket| {
+        run_drone_session(state, cluster, socket)
+    })
 }
 
 /// `GET /ctrl/c/{cluster}/proxy-socket`: the cluster is validated before the upgrade.
@@ -122,11 +120,9 @@ pub async fn proxy_socket(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let cluster = parse_cluster(&cluster)?;
-    let ws = ws.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-    let tracker = state.tracker.clone();
-    Ok(ws
-        .max_message_size(state.config.max_body_bytes)
-        .on_upgrade(move |socket| tracker.track_future(run_proxy_session(state, cluster, socket))))
+    upgrade(state, ws, |state, socket| {
+        run_proxy_session(state, cluster, socket)
+    })
 }
 
 /// `GET /ctrl/dns-socket`: an ACME DNS responder's session (no cluster: it serves every cluster).
@@ -135,9 +131,22 @@ pub async fn dns_socket(
     State(state): State<AppState>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    upgrade(state, ws, run_dns_session)
+}
+
+/// Upgrades to a node session run by `session`, which the controller's tracker waits for at shutdown.
+fn upgrade<F, Fut>(
+    state: AppState,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    session: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(AppState, WebSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let ws = ws.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let tracker = state.tracker.clone();
     Ok(ws
         .max_message_size(state.config.max_body_bytes)
-        .on_upgrade(move |socket| tracker.track_future(run_dns_session(state, socket))))
+        .on_upgrade(move |socket| tracker.track_future(session(state, socket))))
 }

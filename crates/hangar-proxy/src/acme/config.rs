@@ -89,26 +89,38 @@ pub struct AcmeConfig {
     /// After publishing a challenge answer (TXT record or HTTP-01 answer), how long to wait before
     /// asking the ACME server to check it, in seconds: covers the TXT record's TTL (1 s) and the time
     /// the answer takes to reach every DNS responder or proxy. Default: 5.
-    #[serde(default = "default_challenge_wait", with = "crate::config::seconds")]
+    #[serde(
+        default = "default_challenge_wait",
+        with = "hangar_types::time::seconds"
+    )]
     pub challenge_wait: Duration,
     /// When another proxy of the cluster holds the certificate lease (it is ordering), how long to
     /// wait before asking again, in seconds; a certificate arriving meanwhile ends the wait. Default: 60.
-    #[serde(default = "default_lease_retry", with = "crate::config::seconds")]
+    #[serde(default = "default_lease_retry", with = "hangar_types::time::seconds")]
     pub lease_retry: Duration,
     /// Wait after a failed order before the next attempt, in seconds; doubles after each failure up
     /// to `retry_max`. Default: 30.
-    #[serde(default = "default_retry_initial", with = "crate::config::seconds")]
+    #[serde(
+        default = "default_retry_initial",
+        with = "hangar_types::time::seconds"
+    )]
     pub retry_initial: Duration,
     /// Longest wait between failed attempts, in seconds. Default: 3600.
-    #[serde(default = "default_retry_max", with = "crate::config::seconds")]
+    #[serde(default = "default_retry_max", with = "hangar_types::time::seconds")]
     pub retry_max: Duration,
     /// How long one order may take (validation, issuance) before it counts as failed, in seconds.
     /// Default: 120.
-    #[serde(default = "default_order_timeout", with = "crate::config::seconds")]
+    #[serde(
+        default = "default_order_timeout",
+        with = "hangar_types::time::seconds"
+    )]
     pub order_timeout: Duration,
     /// The certificate's expiry is checked at least this often, in seconds (the loop otherwise sleeps
     /// until the renewal is due). Default: 3600.
-    #[serde(default = "default_check_interval", with = "crate::config::seconds")]
+    #[serde(
+        default = "default_check_interval",
+        with = "hangar_types::time::seconds"
+    )]
     pub check_interval: Duration,
 }
 

@@ -20,19 +20,6 @@ pub(super) async fn active_clusters(s: &S, limit: u32) -> StoreResult<Vec<Cluste
         .collect()
 }
 
-pub(super) async fn recent_backends(
-    s: &S,
-    status: Option<BackendStatus>,
-    limit: u32,
-) -> StoreResult<Vec<BackendRow>> {
-    let filter = BackendFilter {
-        status,
-        limit,
-        ..BackendFilter::default()
-    };
-    list_backends(s, &filter).await
-}
-
 /// Newest first on the `backend_created` / `backend_status_created` indexes (migration 0004); the
 /// other conditions filter the rows that walk yields.
 pub(super) async fn list_backends(s: &S, filter: &BackendFilter) -> StoreResult<Vec<BackendRow>> {

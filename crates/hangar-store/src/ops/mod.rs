@@ -2,11 +2,9 @@
 //! with which checks. What differs between the databases comes from the [`Dialect`] (`D`): SQL markers
 //! (see [`crate::dialect`]), pools, the clock, relaying events to other stores, constraint names.
 //!
-//! Compiled once per database: `sqlite.rs` and `postgres.rs` each mount this directory as their `ops`
-//! module (`#[path = "ops/mod.rs"]`) and name their dialect `D`, so every sqlx type here is concrete.
-//! A generic `impl<D: Dialect>` would have to restate a dozen `for<'q> T: Encode<'q, D::Db> + …`
-//! bounds on every function (Rust does not imply a trait's where-clauses), which hides the SQL;
-//! diesel's multi-backend users expand their code per backend for the same reason.
+//! Compiled once per database (ARCHITECTURE.md, "Store", says why): `sqlite.rs` and `postgres.rs`
+//! each mount this directory (`#[path = "ops/mod.rs"]`) naming their dialect `D`, so every sqlx type
+//! here is concrete.
 //!
 //! Every method is one transaction (or one statement). Events are relayed to other stores inside the
 //! transaction and published on this store's bus only after the commit ([`commit`]), so a subscriber
@@ -49,8 +47,8 @@ use hangar_types::protocol::ActionMessage;
 use hangar_types::token::ConnectionToken;
 use hangar_types::warm_pool::WarmPoolConfig;
 use hangar_types::{
-    ActionId, BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName,
-    Millis, ProxyName, TerminationKind, TerminationReason, WarmPoolName,
+    ActionId, BackendId, BackendState, ClusterName, ControllerName, DroneName, Millis, ProxyName,
+    TerminationKind, TerminationReason, WarmPoolName,
 };
 use std::time::Duration;
 
@@ -116,7 +114,6 @@ impl_store! {
     nodes::node_disconnected(node: NodeId, session: SessionId) -> ();
     nodes::drone_heartbeat(drone: NodeId, local_time: Millis) -> ();
     backends::renew_key(backend: &BackendId) -> bool;
-    nodes::cluster_state(cluster: &ClusterName) -> ClusterState;
     nodes::cluster_nodes(cluster: &ClusterName, include_detached: bool) -> ClusterState;
     nodes::drain_drone(cluster: &ClusterName, drone: &DroneName) -> Option<bool>;
     nodes::controller_heartbeat(controller: &ControllerName, online: bool) -> ();
@@ -140,7 +137,6 @@ impl_store! {
     ) -> StoredCertificate;
     tls::certificate(cluster: &ClusterName) -> Option<StoredCertificate>;
     dashboard::active_clusters(limit: u32) -> Vec<ClusterName>;
-    dashboard::recent_backends(status: Option<BackendStatus>, limit: u32) -> Vec<BackendRow>;
     dashboard::list_backends(filter: &BackendFilter) -> Vec<BackendRow>;
     warm_pools::put_warm_pool(
         name: &WarmPoolName, cluster: &ClusterName, config: &WarmPoolConfig

@@ -4,7 +4,7 @@
 //! [`SessionId`]), and a late disconnect of the old session changes nothing. Concurrent registrations of
 //! one node (through two controllers) serialize on the node row; the last one holds the node.
 
-use super::rows::{parse, parsed};
+use super::rows::{parsed, parsed_opt};
 use super::{Conn, S};
 use crate::dialect::millis_of;
 use crate::model::*;
@@ -176,10 +176,6 @@ fn executor_kind(s: &str) -> StoreResult<ExecutorKind> {
         .map_err(|e| StoreError::Corrupt(format!("executor {s:?}: {e}")))
 }
 
-pub(super) async fn cluster_state(s: &S, cluster: &ClusterName) -> StoreResult<ClusterState> {
-    cluster_nodes(s, cluster, false).await
-}
-
 /// The drones and proxies of `cluster`; with `include_detached`, also those no controller holds now
 /// (their `controller` is `None`).
 pub(super) async fn cluster_nodes(
@@ -227,7 +223,6 @@ pub(super) async fn cluster_nodes(
     for row in &rows {
         let id: NodeId = row.try_get("id")?;
         let kind: String = row.try_get("kind")?;
-        let controller: Option<String> = row.try_get("controller")?;
         let node_name = match kind.as_str() {
             DRONE => NodeName::Drone(parsed(row, "name", "drone name")?),
             PROXY => NodeName::Proxy(parsed(row, "name", "proxy name")?),
@@ -237,10 +232,7 @@ pub(super) async fn cluster_nodes(
             name: node_name,
             plane_version: row.try_get("version")?,
             plane_hash: NODE_HASH.to_string(),
-            controller: controller
-                .as_deref()
-                .map(|c| parse("controller name", c))
-                .transpose()?,
+            controller: parsed_opt(row, "controller", "controller name")?,
             controller_heartbeat_age: row.try_get("controller_heartbeat_age")?,
         };
         if kind == PROXY {
@@ -312,14 +304,10 @@ pub(super) async fn drone_attachment(
     .fetch_optional(&s.reader)
     .await?;
     row.map(|row| {
-        let controller: Option<String> = row.try_get("controller")?;
         let age: Option<i64> = row.try_get("heartbeat_age")?;
         Ok(DroneAttachment {
             node: row.try_get("id")?,
-            controller: controller
-                .as_deref()
-                .map(|c| parse("controller name", c))
-                .transpose()?,
+            controller: parsed_opt(&row, "controller", "controller name")?,
             session: row.try_get("session")?,
             heartbeat_age: age.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
         })

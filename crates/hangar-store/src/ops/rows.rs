@@ -42,6 +42,16 @@ where
     parse(what, &row.try_get::<String, _>(column)?)
 }
 
+/// A nullable text column parsed into `T`.
+pub(crate) fn parsed_opt<T>(row: &Row, column: &str, what: &str) -> StoreResult<Option<T>>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|s| parse(what, &s)).transpose()
+}
+
 /// A JSON column decoded into `T`.
 pub(crate) fn json<T: DeserializeOwned>(row: &Row, column: &str, what: &str) -> StoreResult<T> {
     match row.try_get::<Json<T>, _>(column) {

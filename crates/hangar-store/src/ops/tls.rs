@@ -14,7 +14,6 @@ use crate::model::*;
 use crate::StoreResult;
 use hangar_types::timing::CERT_LEASE;
 use hangar_types::{ClusterName, Millis};
-use sqlx::Row;
 
 pub(super) async fn acquire_cert_lease(
     s: &S,
@@ -139,21 +138,13 @@ pub(super) async fn http_challenges(
     s: &S,
     cluster: &ClusterName,
 ) -> StoreResult<Vec<HttpChallenge>> {
-    let rows = sqlx::query(
+    Ok(sqlx::query_as(
         "SELECT token, key_authorization FROM acme_http_challenge WHERE cluster = $1 \
          ORDER BY created_at, token",
     )
     .bind(cluster.as_str())
     .fetch_all(&s.reader)
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(HttpChallenge {
-                token: row.try_get("token")?,
-                key_authorization: row.try_get("key_authorization")?,
-            })
-        })
-        .collect()
+    .await?)
 }
 
 pub(super) async fn store_certificate(

@@ -365,17 +365,9 @@ pub fn render_cluster_state(state: &ClusterState) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: AdminArgs,
-    }
 
     fn parse(args: &[&str]) -> Result<AdminCommand, clap::Error> {
-        Cli::try_parse_from(std::iter::once("admin").chain(args.iter().copied()))
-            .map(|c| c.args.command)
+        crate::parse_flags::<AdminArgs>(args).map(|a| a.command)
     }
 
     #[test]

@@ -350,16 +350,9 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: ConnectArgs,
-    }
 
     fn parse(args: &[&str]) -> Result<ConnectArgs, clap::Error> {
-        Cli::try_parse_from(std::iter::once("connect").chain(args.iter().copied())).map(|c| c.args)
+        crate::parse_flags(args)
     }
 
     #[test]

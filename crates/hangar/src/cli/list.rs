@@ -108,16 +108,9 @@ pub async fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: ListArgs,
-    }
 
     fn parse(args: &[&str]) -> Result<ListArgs, clap::Error> {
-        Cli::try_parse_from(std::iter::once("list").chain(args.iter().copied())).map(|c| c.args)
+        crate::parse_flags(args)
     }
 
     #[test]
