@@ -178,7 +178,11 @@ impl DroneSession {
             let Some(message) = self.parse(&text) else {
                 continue;
             };
-            if self.handle_received(message, &mut stream).await.is_err() {
+            let handling = self.handle_received(message, &mut stream);
+            if node_socket::within_deadline(&self.name, handling)
+                .await
+                .is_err()
+            {
                 break;
             }
         }

@@ -28,6 +28,11 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// A session with no frame at all from the node for this long is considered dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a session may spend handling one message from its node. A store call whose request was
+/// lost on the way to PostgreSQL (a black-holed link) never returns; without this bound it would stall
+/// every later message of the session. Past it the session ends and the node reconnects to a fresh
+/// one. Far above any healthy handling time (a failing store answers within its acquire timeout).
+pub const HANDLE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Reads the node's `Hello`. `Err` carries the reason to send in `Refused`.
 pub async fn read_hello(socket: &mut WebSocket) -> Result<Hello, String> {
@@ -236,7 +241,7 @@ pub async fn run_reader<T, F, Fut>(
             },
         };
         let handled = match serde_json::from_str(text.as_str()) {
-            Ok(message) => handle(message).await,
+            Ok(message) => within_deadline(node, handle(message)).await,
             Err(e) => {
                 tracing::warn!(%node, error = %e, "Skipping unparseable frame from node");
                 Ok(())
@@ -247,6 +252,30 @@ pub async fn run_reader<T, F, Fut>(
         }
     }
     cancel.cancel();
+}
+
+/// Awaits the handling of one message, at most [`HANDLE_DEADLINE`]; past it the session is closed.
+pub async fn within_deadline(
+    node: &(dyn std::fmt::Display + Sync),
+    handling: impl std::future::Future<Output = Result<(), SessionClosed>>,
+) -> Result<(), SessionClosed> {
+    within(HANDLE_DEADLINE, node, handling).await
+}
+
+async fn within(
+    deadline: Duration,
+    node: &(dyn std::fmt::Display + Sync),
+    handling: impl std::future::Future<Output = Result<(), SessionClosed>>,
+) -> Result<(), SessionClosed> {
+    match tokio::time::timeout(deadline, handling).await {
+        Ok(handled) => handled,
+        Err(_) => {
+            tracing::error!(%node, deadline_ms = deadline.as_millis(),
+                "Handling a message from the node did not finish in time (a store call that never \
+                 returns?); ending the session so that the node reconnects");
+            Err(SessionClosed)
+        }
+    }
 }
 
 /// The next text frame from the node; `None` when the node closed the connection, a read failed, or
@@ -275,5 +304,21 @@ pub async fn next_text(stream: &mut SplitStream<WebSocket>) -> Option<Utf8Bytes>
                 return None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_handler_that_never_returns_closes_the_session_at_the_deadline() {
+        let deadline = Duration::from_millis(50);
+        let stuck = within(deadline, &"dr-test", std::future::pending()).await;
+        assert_eq!(stuck, Err(SessionClosed));
+        let quick = within(deadline, &"dr-test", async { Ok(()) }).await;
+        assert_eq!(quick, Ok(()));
+        let closed = within(deadline, &"dr-test", async { Err(SessionClosed) }).await;
+        assert_eq!(closed, Err(SessionClosed));
     }
 }

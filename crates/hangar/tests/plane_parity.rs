@@ -361,7 +361,7 @@ async fn plane_requests(cluster: &Cluster) {
         "/ctrl/status".to_string(),
         format!("/ctrl/c/{CLUSTER}/state"),
     ] {
-        assert_admitted(&http, &base, &path).await;
+        assert_admitted(&http, base, &path).await;
     }
     let resp = http
         .post(format!("{base}/ctrl/c/{CLUSTER}/d/{DRONE}/drain"))
