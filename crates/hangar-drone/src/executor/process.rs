@@ -195,7 +195,10 @@ impl Executor for ProcessExecutor {
         let same_process =
             record.start_time.is_some() && process_start_time(record.pid) == record.start_time;
         if !same_process {
-            tracing::debug!(%backend, pid = record.pid, "Leftover backend process is already gone");
+            // Its main process is gone, but processes it started may live on in its group: a drone
+            // killed with SIGKILL takes only its direct children along (the parent-death signal).
+            let killed = kill_group_leftovers(backend, record.pid);
+            tracing::debug!(%backend, pid = record.pid, killed, "Leftover backend process is already gone");
             return Ok(());
         }
         tracing::info!(%backend, pid = record.pid, "Killing leftover backend process group");
@@ -426,6 +429,50 @@ fn free_port() -> Result<u16, ExecutorError> {
 }
 
 /// Start time (clock ticks after boot) of a live process, from `/proc/<pid>/stat` (Linux only).
+/// Kills the processes left in `backend`'s process group `pgid` after its main process is gone.
+/// Only those whose environment names the backend: a group id reused by an unrelated process is
+/// never touched. Returns how many were signalled.
+fn kill_group_leftovers(backend: &BackendId, pgid: u32) -> usize {
+    let marker = format!("SESSION_BACKEND_ID={backend}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if process_group(pid) != Some(pgid) {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if !environ
+            .split(|b| *b == 0)
+            .any(|var| var == marker.as_bytes())
+        {
+            continue;
+        }
+        if nix::sys::signal::kill(pid_of(pid), Signal::SIGKILL).is_ok() {
+            tracing::info!(%backend, pid, "Killed a leftover process of the backend's group");
+            killed += 1;
+        }
+    }
+    killed
+}
+
+/// The process group of `pid` (`/proc/<pid>/stat`, field 5).
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(5 - 3)?.parse().ok()
+}
+
 fn process_start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: fields after the last `)`.

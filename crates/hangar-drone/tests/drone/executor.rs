@@ -8,6 +8,7 @@ use hangar_drone::executor::{BackendSpec, Executor, ExecutorError, ProcessExecut
 use hangar_types::executable::{Executable, ProcessExecutable};
 use hangar_types::TerminationKind;
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
 use tokio::time::{timeout, Instant};
 
@@ -186,6 +187,83 @@ async fn shutdown_kills_running_backends() {
         get_json(started.address, "/env").await;
         executor.shutdown().await;
         assert_eq!(started.backend.exited().await, Some(137));
+    })
+    .await
+    .unwrap();
+}
+
+/// State (`/proc/<pid>/stat`, field 3) and process group (field 5) of `pid`; `None` when gone.
+fn state_and_group(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let group = rest.nth(1)?.parse().ok()?;
+    Some((state, group))
+}
+
+/// A drone killed with SIGKILL takes its backends' main processes along (parent-death signal), not
+/// what they started: the restarted drone kills those through the record's process group.
+#[tokio::test]
+async fn leftovers_of_a_dead_backends_group_are_killed_by_its_record() {
+    timeout(TEST_TIMEOUT, async {
+        let spec = backend_spec(&[]);
+        // A backend whose main process started a child, as the drone would have started it.
+        let mut main = std::process::Command::new("sh")
+            .args(["-c", "sleep 600 & wait"])
+            .env("SESSION_BACKEND_ID", spec.id.to_string())
+            .process_group(0)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pgid = main.id();
+        let start_time = std::fs::read_to_string(format!("/proc/{pgid}/stat")).unwrap();
+        let start_time: u64 = start_time[start_time.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .nth(19)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let child = loop {
+            let found = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .find(|pid| *pid != pgid && state_and_group(*pid).map(|(_, g)| g) == Some(pgid));
+            if let Some(pid) = found {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the backend's child never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The drone (and with it the main process) dies; the child lives on in the group.
+        main.kill().unwrap();
+        main.wait().unwrap();
+        assert!(matches!(state_and_group(child), Some((s, _)) if s != 'Z'));
+
+        // Another backend's record with this group id is not this backend's: nothing is killed.
+        let record = serde_json::json!({"pid": pgid, "start_time": start_time});
+        let stranger = process_executor();
+        stranger
+            .remove(&probe::spec(spec.executable.clone()).id, Some(&record))
+            .await
+            .unwrap();
+        assert!(matches!(state_and_group(child), Some((s, _)) if s != 'Z'));
+
+        let restarted = process_executor();
+        let adopted = restarted.reattach(&spec.id, Some(&record)).await.unwrap();
+        assert!(matches!(adopted, Reattached::Gone));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(state_and_group(child), Some((s, _)) if s != 'Z') {
+            assert!(Instant::now() < deadline, "the leftover child still runs");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stranger.shutdown().await;
+        restarted.shutdown().await;
     })
     .await
     .unwrap();
