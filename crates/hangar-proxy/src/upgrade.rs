@@ -16,9 +16,12 @@ use crate::ws_frames::{masked_close_going_away, FrameTracker, CLOSE_GOING_AWAY};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 /// After one direction ends, how long the other may still drain before the tunnel is dropped. Bounds
@@ -27,12 +30,10 @@ const HALF_CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// When going away: how long a tunnel may take to reach frame boundaries, send its close frames and
 /// see the client close.
 pub(crate) const GOING_AWAY_WAIT: Duration = Duration::from_secs(2);
-/// Copy buffer per direction while traffic is light: an idle tunnel holds two of these, so this is
-/// most of a tunnel's memory (`hangar-bench proxy-ws` measures it).
-const MIN_BUFFER: usize = 1024;
-/// A direction whose reads keep filling the buffer doubles it, up to this (bulk transfers then move
-/// in large chunks); a small read shrinks it back to [`MIN_BUFFER`].
-const MAX_BUFFER: usize = 16 * 1024;
+/// Most bytes one read of a direction takes. Reads go into a buffer on the stack of the poll that
+/// completes them; only bytes not yet written are kept on the heap, so an idle tunnel holds no copy
+/// buffer at all (`hangar-bench proxy-ws` measures a tunnel's memory).
+const READ_CHUNK: usize = 16 * 1024;
 /// When going away, at most this much is read (and discarded) while waiting for the client to close.
 const MAX_DISCARD: usize = 1024 * 1024;
 
@@ -163,25 +164,25 @@ where
     };
     tokio::join!(to_client, to_backend);
     let mut discarded = 0;
+    let mut discard = vec![0; 1024];
     while discarded < MAX_DISCARD {
-        match up.reader.read(&mut up.buf).await {
+        match up.reader.read(&mut discard).await {
             Ok(0) | Err(_) => break,
             Ok(n) => discarded += n,
         }
     }
 }
 
-/// One direction of a tunnel: bytes read but not yet written wait in `buf[start..end]`, and the
-/// frame tracker (WebSocket only) accounts for written bytes only. Every await is a single read or
-/// write that either happened completely or not at all, so the copy methods are cancel-safe.
+/// One direction of a tunnel: bytes read but not yet written wait in `buf[start..]`, and the frame
+/// tracker (WebSocket only) accounts for written bytes only. Every await is a single read or write
+/// that either happened completely or not at all, so the copy methods are cancel-safe.
 struct Pump<R, W> {
     reader: R,
     writer: W,
-    buf: Box<[u8]>,
+    /// Empty, without an allocation, whenever everything read has been written (unless the last read
+    /// was a full [`READ_CHUNK`]: a bulk transfer keeps its allocation for the next read).
+    buf: Vec<u8>,
     start: usize,
-    end: usize,
-    /// Size of `buf` for the next read (see [`MAX_BUFFER`]).
-    next_size: usize,
     frames: Option<FrameTracker>,
 }
 
@@ -194,37 +195,47 @@ where
         Pump {
             reader,
             writer,
-            buf: vec![0; MIN_BUFFER].into_boxed_slice(),
+            buf: Vec::new(),
             start: 0,
-            end: 0,
-            next_size: MIN_BUFFER,
             frames: websocket.then(FrameTracker::new),
         }
     }
 
-    /// Reads more into the (empty) buffer, resized first as the last read asked; `false` at end of
-    /// stream.
+    /// Reads more into the (empty) buffer; `false` at end of stream. The read itself lands on the
+    /// stack and is copied out only once it completed, so a pump waiting here holds no buffer.
     async fn fill(&mut self) -> io::Result<bool> {
-        if self.buf.len() != self.next_size {
-            self.buf = vec![0; self.next_size].into_boxed_slice();
-        }
-        let n = self.reader.read(&mut self.buf).await?;
+        let Pump { reader, buf, .. } = self;
+        let n = std::future::poll_fn(|cx| {
+            let mut scratch = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut read = ReadBuf::uninit(&mut scratch);
+            match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    buf.clear();
+                    buf.extend_from_slice(read.filled());
+                    Poll::Ready(Ok(read.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
         self.start = 0;
-        self.end = n;
-        let len = self.buf.len();
-        self.next_size = if n == len {
-            len.saturating_mul(2).min(MAX_BUFFER)
-        } else if n <= MIN_BUFFER {
-            MIN_BUFFER
-        } else {
-            len
-        };
         Ok(n > 0)
+    }
+
+    /// Forgets the written bytes; a small message's allocation is freed (see `buf`).
+    fn drained(&mut self) {
+        if self.buf.len() < READ_CHUNK {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        self.start = 0;
     }
 
     /// Writes up to `limit` of the waiting bytes (once), flushing when none are left.
     async fn write_some(&mut self, limit: usize) -> io::Result<()> {
-        let end = self.end.min(self.start.saturating_add(limit));
+        let end = self.buf.len().min(self.start.saturating_add(limit));
         let chunk = self.buf.get(self.start..end).unwrap_or_default();
         let n = self.writer.write(chunk).await?;
         if n == 0 {
@@ -234,7 +245,8 @@ where
             frames.advance(chunk.get(..n).unwrap_or_default());
         }
         self.start += n;
-        if self.start == self.end {
+        if self.start == self.buf.len() {
+            self.drained();
             self.writer.flush().await?;
         }
         Ok(())
@@ -243,7 +255,7 @@ where
     /// Copies until the reader's end of stream.
     async fn copy(&mut self) -> io::Result<()> {
         loop {
-            if self.start < self.end {
+            if self.start < self.buf.len() {
                 self.write_some(usize::MAX).await?;
             } else if !self.fill().await? {
                 return Ok(());
@@ -261,7 +273,7 @@ where
             if distance == 0 {
                 return Ok(true);
             }
-            if self.start < self.end {
+            if self.start < self.buf.len() {
                 self.write_some(usize::try_from(distance).unwrap_or(usize::MAX))
                     .await?;
             } else if !self.fill().await? {
@@ -316,37 +328,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn buffer_grows_for_bulk_transfers_and_shrinks_back_for_small_messages() {
+    async fn an_idle_pump_holds_no_buffer_and_bulk_transfers_arrive_whole() {
         tokio::time::timeout(crate::TEST_TIMEOUT, async {
             let (mut source, reader) = tokio::io::duplex(1 << 20);
             let (writer, mut sink) = tokio::io::duplex(1 << 20);
             let mut pump = Pump::new(reader, writer, false);
-            assert_eq!(pump.buf.len(), MIN_BUFFER);
-            // Each read fills the buffer, so each next read gets a buffer twice as large, up to the cap.
-            source.write_all(&vec![7u8; 200_000]).await.unwrap();
-            let mut sizes = vec![];
+            assert_eq!(pump.buf.capacity(), 0);
+            // A bulk transfer moves in reads of up to READ_CHUNK and arrives unchanged.
+            let big: Vec<u8> = (0..200_000).map(|i| (i % 251) as u8).collect();
+            source.write_all(&big).await.unwrap();
             let mut copied = 0;
-            while copied < 200_000 {
+            let mut largest = 0;
+            while copied < big.len() {
                 assert!(pump.fill().await.unwrap());
-                sizes.push(pump.buf.len());
-                copied += pump.end;
-                while pump.start < pump.end {
+                largest = largest.max(pump.buf.len());
+                copied += pump.buf.len();
+                while pump.start < pump.buf.len() {
                     pump.write_some(usize::MAX).await.unwrap();
                 }
             }
-            assert_eq!(sizes[..5], [MIN_BUFFER, 2048, 4096, 8192, MAX_BUFFER]);
-            assert_eq!(sizes.iter().max(), Some(&MAX_BUFFER));
-            assert_eq!(read_n(&mut sink, 200_000).await, vec![7u8; 200_000]);
-            // A small message comes in the large buffer, after which the buffer shrinks back.
+            assert_eq!(largest, READ_CHUNK);
+            assert_eq!(read_n(&mut sink, big.len()).await, big);
+            // A small message is copied, and once written the pump holds no allocation any more:
+            // that is the state of an idle tunnel, waiting in `fill`.
             source.write_all(b"small").await.unwrap();
             assert!(pump.fill().await.unwrap());
-            assert_eq!(pump.buf.get(..pump.end), Some(&b"small"[..]));
+            assert_eq!(pump.buf, b"small");
             pump.write_some(usize::MAX).await.unwrap();
-            source.write_all(b"again").await.unwrap();
-            assert!(pump.fill().await.unwrap());
-            assert_eq!(pump.buf.len(), MIN_BUFFER);
-            pump.write_some(usize::MAX).await.unwrap();
-            assert_eq!(read_n(&mut sink, 10).await, b"smallagain");
+            assert_eq!(pump.buf.capacity(), 0);
+            assert_eq!(read_n(&mut sink, 5).await, b"small");
         })
         .await
         .unwrap();
