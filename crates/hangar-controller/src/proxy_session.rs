@@ -71,7 +71,7 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
         };
         tokio::join!(
             node_socket::run_socket_writer(sink, rx, cancel.clone()),
-            node_socket::run_reader(stream, &cancel, &name, |m| proxy.handle(m)),
+            node_socket::run_reader(stream, &cancel, &name, |batch| proxy.handle_batch(batch)),
             proxy.run_event_forwarder(events),
         );
     }
@@ -99,6 +99,13 @@ struct ProxySession {
 }
 
 impl ProxySession {
+    async fn handle_batch(&self, batch: Vec<ProxyToController>) -> Result<(), SessionClosed> {
+        for message in batch {
+            self.handle(message).await?;
+        }
+        Ok(())
+    }
+
     async fn handle(&self, message: ProxyToController) -> Result<(), SessionClosed> {
         match message {
             ProxyToController::RouteRequest { token } => self.route_request(token).await,
