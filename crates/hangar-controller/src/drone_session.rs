@@ -133,10 +133,7 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
     state
         .executor_errors
         .session_ended(&cluster, &name, session);
-    if let Err(e) = state.store.node_disconnected(node, session).await {
-        tracing::warn!(drone = %name, error = %e, "Failed to mark drone disconnected");
-    }
-    tracing::info!(drone = %name, "Drone disconnected");
+    node_socket::disconnected(state.store.as_ref(), "drone", &name, node, session).await;
 }
 
 struct DroneSession {

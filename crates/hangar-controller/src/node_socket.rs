@@ -9,7 +9,7 @@
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use hangar_store::{NodeId, Registration, SessionId, StoreResult};
+use hangar_store::{NodeId, Registration, SessionId, Store, StoreResult};
 use hangar_types::protocol::{Hello, HelloResponse};
 use hangar_types::{ControllerName, PROTOCOL_VERSION, VERSION};
 use serde::de::DeserializeOwned;
@@ -110,6 +110,21 @@ pub fn registered(
             ))
         }
     }
+}
+
+/// Detaches the node of kind `kind` (`drone`, `proxy`) from `session`, only if that is still its
+/// current session, and logs that it left.
+pub async fn disconnected(
+    store: &dyn Store,
+    kind: &str,
+    name: &(dyn std::fmt::Display + Sync),
+    node: NodeId,
+    session: SessionId,
+) {
+    if let Err(e) = store.node_disconnected(node, session).await {
+        tracing::warn!(node = %name, kind, error = %e, "Failed to mark node disconnected");
+    }
+    tracing::info!(node = %name, kind, "Node disconnected");
 }
 
 /// Sends `Welcome`.

@@ -75,14 +75,7 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
             proxy.run_event_forwarder(events),
         );
     }
-    disconnect(state.store.as_ref(), node, session, &name).await;
-}
-
-async fn disconnect(store: &dyn Store, node: NodeId, session: i64, name: &ProxyName) {
-    if let Err(e) = store.node_disconnected(node, session).await {
-        tracing::warn!(proxy = %name, error = %e, "Failed to mark proxy disconnected");
-    }
-    tracing::info!(proxy = %name, "Proxy disconnected");
+    node_socket::disconnected(state.store.as_ref(), "proxy", &name, node, session).await;
 }
 
 struct ProxySession {
