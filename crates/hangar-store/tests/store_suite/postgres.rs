@@ -463,8 +463,8 @@ async fn warm_claims_across_stores_take_distinct_backends() {
         claimed.sort();
         warm.sort();
         assert_eq!(claimed, warm, "each warm backend claimed exactly once");
-        let counted = b.warm_pool(&pool.api.name).await.unwrap().unwrap();
-        assert_eq!((counted.api.ready, counted.api.claimed), (0, 10));
+        let counted = suite::pool_counts(&*b, &pool).await;
+        assert_eq!((counted.ready, counted.claimed), (0, 10));
     })
     .await;
 }

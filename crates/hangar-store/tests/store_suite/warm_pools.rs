@@ -7,7 +7,7 @@ use hangar_types::executable::Executable;
 use hangar_types::protocol::{BackendAction, KeyDeadlines};
 use hangar_types::timing::UNHEALTHY_AFTER;
 use hangar_types::token::ConnectionToken;
-use hangar_types::warm_pool::WarmPoolConfig;
+use hangar_types::warm_pool::{WarmPool, WarmPoolConfig};
 use hangar_types::{
     BackendId, BackendStatus, Millis, TerminationKind, TerminationReason, WarmPoolName,
 };
@@ -58,6 +58,11 @@ pub(crate) async fn insert_warm(store: &dyn Store, pool: &WarmPoolRow, drone: No
         other => panic!("expected Inserted, got {other:?}"),
     }
     id
+}
+
+/// `pool` as stored now, with its counts.
+pub(crate) async fn pool_counts(store: &dyn Store, pool: &WarmPoolRow) -> WarmPool {
+    store.warm_pool(&pool.api.name).await.unwrap().unwrap().api
 }
 
 pub(crate) fn warm_claim(pool: &str, key_name: &str) -> WarmClaim {
@@ -175,8 +180,8 @@ pub async fn warm_backends_fill_up_to_size(h: Harness) {
     assert!(store.renew_key(&a).await.unwrap());
 
     make_ready(store, &a).await;
-    let counted = store.warm_pool(&pool.api.name).await.unwrap().unwrap();
-    assert_eq!((counted.api.ready, counted.api.starting), (1, 1));
+    let counted = pool_counts(store, &pool).await;
+    assert_eq!((counted.ready, counted.starting), (1, 1));
     let unclaimed = store.unclaimed_backends().await.unwrap();
     // Oldest first; created within one millisecond, they are ordered by id.
     let mut ids: Vec<&BackendId> = unclaimed.iter().map(|u| &u.id).collect();
@@ -199,8 +204,8 @@ pub async fn warm_backends_fill_up_to_size(h: Harness) {
         .unwrap()
         .unwrap();
     assert!(!store.renew_key(&a).await.unwrap());
-    let counted = store.warm_pool(&pool.api.name).await.unwrap().unwrap();
-    assert_eq!((counted.api.ready, counted.api.starting), (0, 1));
+    let counted = pool_counts(store, &pool).await;
+    assert_eq!((counted.ready, counted.starting), (0, 1));
     assert_eq!(store.unclaimed_backends().await.unwrap().len(), 1);
     insert_warm(store, &pool, drone).await;
 
@@ -249,9 +254,9 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
         .map(|u| u.id)
         .collect();
     assert_eq!(ids, std::slice::from_ref(&starting));
-    let counted = store.warm_pool(&pool.api.name).await.unwrap().unwrap();
+    let counted = pool_counts(store, &pool).await;
     assert_eq!(
-        (counted.api.ready, counted.api.starting, counted.api.claimed),
+        (counted.ready, counted.starting, counted.claimed),
         (0, 1, 1)
     );
 
@@ -274,8 +279,8 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
         store.claim_warm_backend(claim.clone()).await.unwrap(),
         WarmClaimOutcome::KeyHeld
     );
-    let counted = store.warm_pool(&pool.api.name).await.unwrap().unwrap();
-    assert_eq!((counted.api.ready, counted.api.claimed), (1, 1));
+    let counted = pool_counts(store, &pool).await;
+    assert_eq!((counted.ready, counted.claimed), (1, 1));
 
     // A claimed backend is an ordinary one: idle from the claim on, swept by its own limits.
     h.advance(Duration::from_secs(6));
@@ -380,8 +385,8 @@ pub async fn concurrent_claims_take_distinct_backends(h: Harness) {
     claimed.sort();
     claimed.dedup();
     assert_eq!(claimed.len(), 10);
-    let counted = h.store.warm_pool(&pool.api.name).await.unwrap().unwrap();
-    assert_eq!((counted.api.ready, counted.api.claimed), (0, 10));
+    let counted = pool_counts(&*h.store, &pool).await;
+    assert_eq!((counted.ready, counted.claimed), (0, 10));
 }
 
 /// Awaits every task.
