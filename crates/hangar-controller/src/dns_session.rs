@@ -44,7 +44,9 @@ pub async fn run_dns_session(state: AppState, mut socket: WebSocket) {
     };
     tokio::join!(
         node_socket::run_socket_writer(sink, rx, cancel.clone()),
-        node_socket::run_reader(stream, &cancel, &hello.name, |m| session.handle(m)),
+        node_socket::run_reader(stream, &cancel, &hello.name, |batch| {
+            session.handle_batch(batch)
+        }),
     );
     tracing::info!(dns = %hello.name, "DNS responder disconnected");
 }
@@ -56,10 +58,13 @@ struct DnsSession {
 }
 
 impl DnsSession {
-    async fn handle(&self, message: DnsToController) -> Result<(), SessionClosed> {
-        match message {
-            DnsToController::TxtRecordRequest { cluster } => self.txt_record(cluster).await,
+    async fn handle_batch(&self, batch: Vec<DnsToController>) -> Result<(), SessionClosed> {
+        for message in batch {
+            match message {
+                DnsToController::TxtRecordRequest { cluster } => self.txt_record(cluster).await?,
+            }
         }
+        Ok(())
     }
 
     async fn txt_record(&self, cluster: ClusterName) -> Result<(), SessionClosed> {

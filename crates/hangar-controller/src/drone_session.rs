@@ -18,8 +18,7 @@ use crate::node_socket::{self, NodeSender, SessionClosed};
 use crate::prometheus::{ControllerMetrics, NodeKind};
 use crate::sweeper;
 use axum::extract::ws::WebSocket;
-use futures_util::stream::SplitStream;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use hangar_store::{DroneRegistration, NodeId, SessionId, StateUpdate, Store, StoreEvent};
 use hangar_types::protocol::{
     ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines, NodeHello,
@@ -35,9 +34,6 @@ use tokio_util::sync::CancellationToken;
 /// Most unacked actions read (and resent) per pass. More wait for the next pass once earlier ones are
 /// acked; a drone acks actions as soon as it has persisted them, so this bounds bursts, not throughput.
 const RESEND_PAGE: u32 = 500;
-
-/// Most backend events recorded in one transaction (those the drone sent before the first was read).
-const EVENT_BATCH: usize = 64;
 
 /// An action sent less than this long ago is not sent again by a resend pass (dedupes the overlap
 /// between the live event and the pending list, without delaying a resend by a whole extra interval).
@@ -129,7 +125,7 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
         };
         tokio::join!(
             node_socket::run_socket_writer(sink, rx, cancel.clone()),
-            drone.run_reader(stream),
+            node_socket::run_reader(stream, &cancel, &name, |batch| drone.handle_batch(batch)),
             drone.run_action_delivery(events),
             sweeper::run_sweeper(state.store.clone(), node, name.clone(), cancel.clone()),
         );
@@ -137,10 +133,7 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
     state
         .executor_errors
         .session_ended(&cluster, &name, session);
-    if let Err(e) = state.store.node_disconnected(node, session).await {
-        tracing::warn!(drone = %name, error = %e, "Failed to mark drone disconnected");
-    }
-    tracing::info!(drone = %name, "Drone disconnected");
+    node_socket::disconnected(state.store.as_ref(), "drone", &name, node, session).await;
 }
 
 struct DroneSession {
@@ -164,83 +157,25 @@ struct DroneSession {
 }
 
 impl DroneSession {
-    /// The drone's reader: like [`node_socket::run_reader`], but a backend event takes the events
-    /// already received behind it along ([`DroneSession::handle_received`]).
-    async fn run_reader(&self, mut stream: SplitStream<WebSocket>) {
-        loop {
-            let text = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                text = node_socket::next_text(&mut stream) => match text {
-                    Some(text) => text,
-                    None => break,
-                },
-            };
-            let Some(message) = self.parse(&text) else {
-                continue;
-            };
-            let handling = self.handle_received(message, &mut stream);
-            if node_socket::within_deadline(&self.name, handling)
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        self.cancel.cancel();
-    }
-
-    fn parse(&self, text: &str) -> Option<DroneToController> {
-        match serde_json::from_str::<DroneToController>(text) {
-            Ok(message) => Some(message),
-            Err(e) => {
-                tracing::warn!(drone = %self.name, error = %e, "Skipping unparseable frame from drone");
-                None
-            }
-        }
-    }
-
-    /// Handles `first`; a backend event is recorded in one transaction with the events already received
-    /// behind it (a drone reporting many backends at once waits for one commit, not one per event).
-    async fn handle_received(
-        &self,
-        first: DroneToController,
-        stream: &mut SplitStream<WebSocket>,
-    ) -> Result<(), SessionClosed> {
-        let DroneToController::BackendEvent {
-            event_id,
-            backend_id,
-            state,
-            ..
-        } = first
-        else {
-            return self.handle(first).await;
-        };
-        let mut events = vec![(event_id, backend_id, state)];
-        let mut after = None;
-        while events.len() < EVENT_BATCH {
-            // Only frames already received: never waits.
-            let Some(Some(text)) = node_socket::next_text(stream).now_or_never() else {
-                break;
-            };
-            match self.parse(&text) {
-                Some(DroneToController::BackendEvent {
+    /// Handles a batch of messages in order; a run of backend events in it is recorded in one
+    /// transaction (a drone reporting many backends at once waits for one commit, not one per event).
+    async fn handle_batch(&self, batch: Vec<DroneToController>) -> Result<(), SessionClosed> {
+        let mut events = Vec::new();
+        for message in batch {
+            match message {
+                DroneToController::BackendEvent {
                     event_id,
                     backend_id,
                     state,
                     ..
-                }) => events.push((event_id, backend_id, state)),
-                Some(other) => {
-                    after = Some(other);
-                    break;
+                } => events.push((event_id, backend_id, state)),
+                other => {
+                    self.record_events(std::mem::take(&mut events)).await?;
+                    self.handle(other).await?;
                 }
-                None => {}
             }
         }
-        self.record_events(events).await?;
-        match after {
-            Some(message) => self.handle(message).await,
-            None => Ok(()),
-        }
+        self.record_events(events).await
     }
 
     /// Records backend events in order, together; if that fails, one by one, so that one event the

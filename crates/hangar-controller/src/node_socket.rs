@@ -1,5 +1,6 @@
 //! The transport shared by drone, proxy and DNS sessions: the `Hello`/`HelloResponse` handshake, a writer loop
-//! fed by a bounded queue of JSON text frames, and a reader that yields text frames.
+//! fed by a bounded queue of JSON text frames, and a reader that hands the session's handler the messages
+//! received, in batches.
 //!
 //! Dead peers are detected on both paths: the writer pings every [`PING_INTERVAL`], and the reader gives
 //! up after [`IDLE_TIMEOUT`] without any frame (pongs included). A Close frame ends the session at once
@@ -7,8 +8,8 @@
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use hangar_store::{NodeId, Registration, SessionId, StoreResult};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use hangar_store::{NodeId, Registration, SessionId, Store, StoreResult};
 use hangar_types::protocol::{Hello, HelloResponse};
 use hangar_types::{ControllerName, PROTOCOL_VERSION, VERSION};
 use serde::de::DeserializeOwned;
@@ -28,10 +29,11 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// A session with no frame at all from the node for this long is considered dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest a session may spend handling one message from its node. A store call whose request was
-/// lost on the way to PostgreSQL (a black-holed link) never returns; without this bound it would stall
-/// every later message of the session. Past it the session ends and the node reconnects to a fresh
-/// one. Far above any healthy handling time (a failing store answers within its acquire timeout).
+/// Longest a session may spend handling one batch of messages from its node ([`run_reader`]). A store
+/// call whose request was lost on the way to PostgreSQL (a black-holed link) never returns; without
+/// this bound it would stall every later message of the session. Past it the session ends and the node
+/// reconnects to a fresh one. Far above any healthy handling time (a failing store answers within its
+/// acquire timeout).
 pub const HANDLE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Reads the node's `Hello`. `Err` carries the reason to send in `Refused`.
@@ -108,6 +110,21 @@ pub fn registered(
             ))
         }
     }
+}
+
+/// Detaches the node of kind `kind` (`drone`, `proxy`) from `session`, only if that is still its
+/// current session, and logs that it left.
+pub async fn disconnected(
+    store: &dyn Store,
+    kind: &str,
+    name: &(dyn std::fmt::Display + Sync),
+    node: NodeId,
+    session: SessionId,
+) {
+    if let Err(e) = store.node_disconnected(node, session).await {
+        tracing::warn!(node = %name, kind, error = %e, "Failed to mark node disconnected");
+    }
+    tracing::info!(node = %name, kind, "Node disconnected");
 }
 
 /// Sends `Welcome`.
@@ -219,8 +236,14 @@ pub async fn run_socket_writer(
         .await;
 }
 
-/// Hands each message from the node to `handle` until the session is cancelled, [`next_text`] ends
-/// it or `handle` fails; then cancels the session. Frames that do not parse as a `T` are logged and
+/// Most frames one batch of [`run_reader`] takes: the one it waited for and those already received
+/// behind it.
+pub const READ_BATCH: usize = 64;
+
+/// Hands the messages from the node to `handle`, in order, until the session is cancelled, [`next_text`]
+/// ends it or `handle` fails; then cancels the session. A batch is the frame the reader waited for and
+/// the frames already received behind it (at most [`READ_BATCH`], never waiting for more), so a
+/// handler can do the work of many messages at once. Frames that do not parse as a `T` are logged and
 /// skipped.
 pub async fn run_reader<T, F, Fut>(
     mut stream: SplitStream<WebSocket>,
@@ -229,33 +252,54 @@ pub async fn run_reader<T, F, Fut>(
     mut handle: F,
 ) where
     T: DeserializeOwned,
-    F: FnMut(T) -> Fut,
+    F: FnMut(Vec<T>) -> Fut,
     Fut: std::future::Future<Output = Result<(), SessionClosed>>,
 {
     loop {
-        let text = tokio::select! {
+        let first = tokio::select! {
             _ = cancel.cancelled() => break,
             text = next_text(&mut stream) => match text {
                 Some(text) => text,
                 None => break,
             },
         };
-        let handled = match serde_json::from_str(text.as_str()) {
-            Ok(message) => within_deadline(node, handle(message)).await,
-            Err(e) => {
-                tracing::warn!(%node, error = %e, "Skipping unparseable frame from node");
-                Ok(())
+        let mut batch = Vec::new();
+        push_parsed(&mut batch, &first, node);
+        let mut ended = false;
+        for _ in 1..READ_BATCH {
+            // Only frames already received: never waits.
+            match next_text(&mut stream).now_or_never() {
+                Some(Some(text)) => push_parsed(&mut batch, &text, node),
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
             }
-        };
-        if handled.is_err() {
+        }
+        if !batch.is_empty() && within_deadline(node, handle(batch)).await.is_err() {
+            break;
+        }
+        if ended {
             break;
         }
     }
     cancel.cancel();
 }
 
-/// Awaits the handling of one message, at most [`HANDLE_DEADLINE`]; past it the session is closed.
-pub async fn within_deadline(
+fn push_parsed<T: DeserializeOwned>(
+    batch: &mut Vec<T>,
+    text: &str,
+    node: &(dyn std::fmt::Display + Sync),
+) {
+    match serde_json::from_str(text) {
+        Ok(message) => batch.push(message),
+        Err(e) => tracing::warn!(%node, error = %e, "Skipping unparseable frame from node"),
+    }
+}
+
+/// Awaits the handling of one batch, at most [`HANDLE_DEADLINE`]; past it the session is closed.
+async fn within_deadline(
     node: &(dyn std::fmt::Display + Sync),
     handling: impl std::future::Future<Output = Result<(), SessionClosed>>,
 ) -> Result<(), SessionClosed> {
@@ -280,7 +324,7 @@ async fn within(
 
 /// The next text frame from the node; `None` when the node closed the connection, a read failed, or
 /// nothing arrived for [`IDLE_TIMEOUT`]. Binary frames are skipped.
-pub async fn next_text(stream: &mut SplitStream<WebSocket>) -> Option<Utf8Bytes> {
+async fn next_text(stream: &mut SplitStream<WebSocket>) -> Option<Utf8Bytes> {
     loop {
         let frame = match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
             Ok(frame) => frame,

@@ -71,18 +71,11 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
         };
         tokio::join!(
             node_socket::run_socket_writer(sink, rx, cancel.clone()),
-            node_socket::run_reader(stream, &cancel, &name, |m| proxy.handle(m)),
+            node_socket::run_reader(stream, &cancel, &name, |batch| proxy.handle_batch(batch)),
             proxy.run_event_forwarder(events),
         );
     }
-    disconnect(state.store.as_ref(), node, session, &name).await;
-}
-
-async fn disconnect(store: &dyn Store, node: NodeId, session: i64, name: &ProxyName) {
-    if let Err(e) = store.node_disconnected(node, session).await {
-        tracing::warn!(proxy = %name, error = %e, "Failed to mark proxy disconnected");
-    }
-    tracing::info!(proxy = %name, "Proxy disconnected");
+    node_socket::disconnected(state.store.as_ref(), "proxy", &name, node, session).await;
 }
 
 struct ProxySession {
@@ -99,6 +92,13 @@ struct ProxySession {
 }
 
 impl ProxySession {
+    async fn handle_batch(&self, batch: Vec<ProxyToController>) -> Result<(), SessionClosed> {
+        for message in batch {
+            self.handle(message).await?;
+        }
+        Ok(())
+    }
+
     async fn handle(&self, message: ProxyToController) -> Result<(), SessionClosed> {
         match message {
             ProxyToController::RouteRequest { token } => self.route_request(token).await,

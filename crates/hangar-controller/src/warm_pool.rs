@@ -81,7 +81,7 @@ impl WarmPools {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
         };
-        pools.retain(|p| &p.name != name);
+        pools.retain(|p| &p.api.name != name);
         pools.extend(pool);
     }
 
@@ -95,6 +95,7 @@ impl WarmPools {
         };
         pools
             .iter()
+            .map(|p| &p.api)
             .find(|p| {
                 &p.cluster == cluster
                     && p.pool == spawn.pool
@@ -249,10 +250,10 @@ pub async fn fill_once(state: &AppState) -> StoreResult<()> {
     let mut live: HashMap<WarmPoolName, u32> = HashMap::new();
     // Oldest first: a shrunk pool keeps its oldest backends, the likeliest to be ready.
     for backend in store.unclaimed_backends().await? {
-        let pool = pools.iter().find(|p| p.name == backend.pool);
+        let pool = pools.iter().find(|p| p.api.name == backend.pool);
         let kept = live.get(&backend.pool).copied().unwrap_or(0);
         let retire = retire_reason(pool, &backend).or_else(|| {
-            pool.is_some_and(|p| kept >= p.size)
+            pool.is_some_and(|p| kept >= p.api.size)
                 .then_some("its warm pool shrank")
         });
         match retire {
@@ -270,8 +271,8 @@ pub async fn fill_once(state: &AppState) -> StoreResult<()> {
         }
     }
     for pool in &pools {
-        let have = live.get(&pool.name).copied().unwrap_or(0);
-        let missing = pool.size.saturating_sub(have).min(MAX_STARTS_PER_PASS);
+        let have = live.get(&pool.api.name).copied().unwrap_or(0);
+        let missing = pool.api.size.saturating_sub(have).min(MAX_STARTS_PER_PASS);
         if missing > 0 && backing_off(pool) {
             continue;
         }
@@ -303,14 +304,15 @@ fn backing_off(pool: &WarmPoolRow) -> bool {
     let Some(age) = pool.last_failed_start_age else {
         return false;
     };
-    let wait = fill_backoff(pool.failed_starts);
+    let failed_starts = pool.api.failed_starts;
+    let wait = fill_backoff(failed_starts);
     if age < wait {
-        tracing::debug!(pool = %pool.name, failed_starts = pool.failed_starts, ?wait,
+        tracing::debug!(pool = %pool.api.name, failed_starts, ?wait,
             "Warm pool backing off after failed starts");
         return true;
     }
-    if pool.failed_starts > 0 {
-        tracing::warn!(pool = %pool.name, failed_starts = pool.failed_starts, waited = ?wait,
+    if failed_starts > 0 {
+        tracing::warn!(pool = %pool.api.name, failed_starts, waited = ?wait,
             "Warm pool backends keep failing to start; trying again");
     }
     false
@@ -328,6 +330,7 @@ fn retire_reason(pool: Option<&WarmPoolRow>, backend: &UnclaimedBackend) -> Opti
         return Some("its drone is draining");
     }
     if pool
+        .api
         .max_age_seconds
         .is_some_and(|max| backend.age > Duration::from_secs(u64::from(max)))
     {
@@ -337,8 +340,9 @@ fn retire_reason(pool: Option<&WarmPoolRow>, backend: &UnclaimedBackend) -> Opti
 }
 
 /// Starts one unclaimed backend of `pool`; `false` when no more can be started now.
-async fn start_one(state: &AppState, pool: &WarmPoolRow) -> StoreResult<bool> {
+async fn start_one(state: &AppState, row: &WarmPoolRow) -> StoreResult<bool> {
     let store: &dyn Store = state.store.as_ref();
+    let pool = &row.api;
     let kind = pool.executable.kind();
     let best_of = state.config.best_of;
     let Some(drone) =
@@ -350,7 +354,7 @@ async fn start_one(state: &AppState, pool: &WarmPoolRow) -> StoreResult<bool> {
     let new = NewWarmBackend {
         id: BackendId::random(),
         pool: pool.name.clone(),
-        generation: pool.generation,
+        generation: row.generation,
         cluster: pool.cluster.clone(),
         drone_pool: pool.pool.clone(),
         drone: drone.id,
@@ -409,7 +413,7 @@ impl WarmMetrics {
 
     fn set_pools(&self, pools: &[WarmPoolRow]) {
         self.backends.clear();
-        for pool in pools {
+        for pool in pools.iter().map(|p| &p.api) {
             for (status, n) in [("ready", pool.ready), ("starting", pool.starting)] {
                 let labels = [
                     ("pool", pool.name.to_string()),
@@ -439,21 +443,24 @@ impl WarmMetrics {
 mod tests {
     use super::*;
     use hangar_types::executable::Executable;
+    use hangar_types::warm_pool::WarmPool;
 
     fn pool(max_age_seconds: Option<u32>) -> WarmPoolRow {
         WarmPoolRow {
-            name: "p".parse().unwrap(),
-            cluster: "c.example".parse().unwrap(),
-            pool: String::new(),
-            size: 2,
-            executable: Executable::from_json(&serde_json::json!({"command": ["x"]})).unwrap(),
-            max_age_seconds,
-            claim_path: None,
+            api: WarmPool {
+                name: "p".parse().unwrap(),
+                cluster: "c.example".parse().unwrap(),
+                pool: String::new(),
+                size: 2,
+                executable: Executable::from_json(&serde_json::json!({"command": ["x"]})).unwrap(),
+                max_age_seconds,
+                claim_path: None,
+                ready: 0,
+                starting: 0,
+                claimed: 0,
+                failed_starts: 0,
+            },
             generation: 7,
-            claimed: 0,
-            ready: 0,
-            starting: 0,
-            failed_starts: 0,
             last_failed_start_age: None,
         }
     }
@@ -477,7 +484,7 @@ mod tests {
         assert_eq!(fill_backoff(40), MAX_FILL_BACKOFF);
         let mut p = pool(None);
         assert!(!backing_off(&p));
-        p.failed_starts = 3;
+        p.api.failed_starts = 3;
         p.last_failed_start_age = Some(Duration::from_secs(7));
         assert!(backing_off(&p));
         p.last_failed_start_age = Some(Duration::from_secs(8));

@@ -4,22 +4,30 @@
 use hangar_types::protocol::ActionMessage;
 use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendId, BackendState, ClusterName, Millis};
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::model::{NodeId, StoredCertificate};
 
 // Events carry actions by value: the bus is bounded (`EVENT_BUFFER`), so the larger slots cost at most a
 // few MiB, and subscribers can match on them without unboxing.
+//
+// Serde: the PostgreSQL store sends small events inline in its notifications (`postgres/notify.rs`), in
+// the format its notices had before they were events (`kind: state`, …). Actions and certificates are
+// sent as pointers to their rows, never serialized (no private key in a notification).
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StoreEvent {
     /// A backend's stored state advanced.
+    #[serde(rename = "state")]
     BackendState {
         backend: BackendId,
         state: BackendState,
         time: Millis,
     },
     /// An action was queued for a drone.
+    #[serde(skip)]
     Action {
         drone: NodeId,
         action: ActionMessage,
@@ -33,6 +41,7 @@ pub enum StoreEvent {
         key_authorization: Option<String>,
     },
     /// A proxy stored a new certificate for its cluster.
+    #[serde(skip)]
     Certificate(StoredCertificate),
 }
 

@@ -245,48 +245,17 @@ pub struct HttpChallenge {
     pub key_authorization: String,
 }
 
-/// A warm pool as stored, with its unclaimed backends counted now.
+/// A warm pool as stored: as the API lists it (its unclaimed backends counted now), and what only the
+/// controller's fill loop needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WarmPoolRow {
-    pub name: WarmPoolName,
-    pub cluster: ClusterName,
-    pub pool: String,
-    pub size: u32,
-    pub executable: Executable,
-    pub max_age_seconds: Option<u32>,
-    pub claim_path: Option<String>,
+    pub api: WarmPool,
     /// Changes when cluster, pool or executable change: unclaimed backends of another generation are
     /// replaced.
     pub generation: i64,
-    /// Claims since the pool was created.
-    pub claimed: u64,
-    /// Unclaimed backends of this generation, ready / on their way to ready, not asked to terminate.
-    pub ready: u64,
-    pub starting: u64,
-    /// Failed starts in a row: unclaimed backends of this generation that ended without being asked
-    /// to, since the newest one that is ready now.
-    pub failed_starts: u64,
-    /// Time since the newest of those was created (`None` without any).
+    /// Time since the newest of the failed starts ([`WarmPool::failed_starts`]) was created (`None`
+    /// without any).
     pub last_failed_start_age: Option<Duration>,
-}
-
-impl WarmPoolRow {
-    /// The pool as the API lists it.
-    pub fn api(&self) -> WarmPool {
-        WarmPool {
-            name: self.name.clone(),
-            cluster: self.cluster.clone(),
-            pool: self.pool.clone(),
-            size: self.size,
-            executable: self.executable.clone(),
-            max_age_seconds: self.max_age_seconds,
-            claim_path: self.claim_path.clone(),
-            ready: self.ready,
-            starting: self.starting,
-            failed_starts: self.failed_starts,
-            claimed: self.claimed,
-        }
-    }
 }
 
 /// An unclaimed warm backend that is not terminated and not asked to terminate.

@@ -232,7 +232,7 @@ mod suite {
 
     use super::Harness;
     use hangar_store::*;
-    use hangar_types::api::KeyConfig;
+    use hangar_types::api::{ClusterState, KeyConfig};
     use hangar_types::executable::{Executable, ExecutorKind};
     use hangar_types::protocol::{BackendAction, KeyDeadlines};
     use hangar_types::timing::{KEY_LEASE, UNHEALTHY_AFTER};
@@ -284,19 +284,29 @@ mod suite {
         }
     }
 
-    /// A registered drone offering process and docker, with a heartbeat.
-    pub async fn proxy_node(store: &dyn Store, name: &str) -> NodeId {
+    /// Registers a proxy of [`cluster`]; returns its node and the new session.
+    async fn register_proxy(store: &dyn Store, name: &str) -> (NodeId, SessionId) {
         let name: ProxyName = name.parse().unwrap();
         match store
             .register_proxy(&cluster(), &name, &controller(), "0.1.0")
             .await
             .unwrap()
         {
-            Registration::Registered { node, .. } => node,
+            Registration::Registered { node, session } => (node, session),
             other => panic!("proxy not registered: {other:?}"),
         }
     }
 
+    pub async fn proxy_node(store: &dyn Store, name: &str) -> NodeId {
+        register_proxy(store, name).await.0
+    }
+
+    /// The attached nodes of [`cluster`].
+    async fn attached(store: &dyn Store) -> ClusterState {
+        store.cluster_state(&cluster()).await.unwrap()
+    }
+
+    /// A registered drone offering process and docker, with a heartbeat.
     pub async fn ready_drone(store: &dyn Store, name: &str, pool: &str) -> NodeId {
         let reg = registration(name, pool, &[ExecutorKind::Process, ExecutorKind::Docker]);
         let (node, _) = register(store, &reg).await;
@@ -1168,20 +1178,12 @@ mod suite {
         assert_ne!(second, first, "fresh session");
         // The stale session's disconnect does not detach the new session.
         store.node_disconnected(node, first).await.unwrap();
-        assert_eq!(
-            store.cluster_state(&cluster()).await.unwrap().drones.len(),
-            1
-        );
+        assert_eq!(attached(store).await.drones.len(), 1);
         store.node_disconnected(node, second).await.unwrap();
-        assert!(store
-            .cluster_state(&cluster())
-            .await
-            .unwrap()
-            .drones
-            .is_empty());
+        assert!(attached(store).await.drones.is_empty());
         // Detached nodes are listed only when asked for.
-        let attached = store.cluster_nodes(&cluster(), false).await.unwrap();
-        assert!(attached.drones.is_empty());
+        let attached_only = store.cluster_nodes(&cluster(), false).await.unwrap();
+        assert!(attached_only.drones.is_empty());
         let all = store.cluster_nodes(&cluster(), true).await.unwrap();
         assert_eq!(all.drones.len(), 1);
         assert_eq!(all.drones[0].node.controller, None);
@@ -1189,38 +1191,15 @@ mod suite {
         let (_, third) = register(store, &reg).await;
         assert!(third != first && third != second);
 
-        let proxy: ProxyName = "px-one".parse().unwrap();
-        let (c, ctl) = (cluster(), controller());
-        let register_proxy = || store.register_proxy(&c, &proxy, &ctl, "0.1.0");
-        let Registration::Registered {
-            node: p,
-            session: s1,
-        } = register_proxy().await.unwrap()
-        else {
-            panic!("proxy refused")
-        };
-        let Registration::Registered {
-            node: p2,
-            session: s2,
-        } = register_proxy().await.unwrap()
-        else {
-            panic!("proxy refused")
-        };
+        let (p, s1) = register_proxy(store, "px-one").await;
+        let (p2, s2) = register_proxy(store, "px-one").await;
         assert_eq!(p, p2);
         assert_ne!(p, node, "a proxy is its own node");
         assert_ne!(s1, s2);
         store.node_disconnected(p, s1).await.unwrap();
-        assert_eq!(
-            store.cluster_state(&cluster()).await.unwrap().proxies.len(),
-            1
-        );
+        assert_eq!(attached(store).await.proxies.len(), 1);
         store.node_disconnected(p, s2).await.unwrap();
-        assert!(store
-            .cluster_state(&cluster())
-            .await
-            .unwrap()
-            .proxies
-            .is_empty());
+        assert!(attached(store).await.proxies.is_empty());
     }
 
     pub async fn drain_is_kept_across_reconnects(h: Harness) {
@@ -1251,13 +1230,13 @@ mod suite {
         // Reconnecting keeps the drone draining.
         assert_eq!(ready_drone(store, "dr-one", "").await, drone);
         assert!(store.schedulable_drones(&query).await.unwrap().is_empty());
-        let state = store.cluster_state(&cluster()).await.unwrap();
+        let state = attached(store).await;
         assert!(state.drones[0].draining);
     }
 
     pub async fn cluster_state_shape(h: Harness) {
         let store = &*h.store;
-        let empty = store.cluster_state(&cluster()).await.unwrap();
+        let empty = attached(store).await;
         assert!(empty.drones.is_empty() && empty.proxies.is_empty());
 
         store
@@ -1288,7 +1267,7 @@ mod suite {
         terminate(store, &done.id).await;
 
         h.advance(Duration::from_millis(3_500));
-        let state = store.cluster_state(&cluster()).await.unwrap();
+        let state = attached(store).await;
         let value = serde_json::to_value(&state).unwrap();
         assert_eq!(state.drones.len(), 2, "{value}");
         let one = &state.drones[0];

@@ -197,8 +197,8 @@ pub async fn dashboard_state_get(
         .warm_pools()
         .await
         .map_err(ApiError::store("Database error"))?
-        .iter()
-        .map(|p| p.api())
+        .into_iter()
+        .map(|p| p.api)
         .collect();
     Ok(Json(DashboardState {
         time: now.0,

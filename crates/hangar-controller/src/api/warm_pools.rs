@@ -25,7 +25,7 @@ pub async fn warm_pools_list(
         .await
         .map_err(ApiError::store("Database error"))?;
     Ok(Json(WarmPoolList {
-        pools: pools.iter().map(|p| p.api()).collect(),
+        pools: pools.into_iter().map(|p| p.api).collect(),
     }))
 }
 
@@ -42,7 +42,7 @@ pub async fn warm_pools_get(
         .await
         .map_err(ApiError::store("Database error"))?
         .ok_or(ApiError::NotFound("Warm pool does not exist"))?;
-    Ok(Json(pool.api()))
+    Ok(Json(pool.api))
 }
 
 /// `PUT /ctrl/warm-pools/{name}`: creates or changes the pool; answers with it as listed.
@@ -64,8 +64,8 @@ pub async fn warm_pools_put(
         .put_warm_pool(&name, &cluster, &config)
         .await
         .map_err(ApiError::store("Database error"))?;
-    tracing::info!(pool = %name, %cluster, size = pool.size, "Warm pool set");
-    let listed = pool.api();
+    tracing::info!(pool = %name, %cluster, size = pool.api.size, "Warm pool set");
+    let listed = pool.api.clone();
     state.warm.update(&name, Some(pool));
     state.warm.wake();
     Ok(Json(listed))
@@ -98,5 +98,5 @@ pub async fn warm_pools_delete(
     crate::warm_pool::fill_once(&state)
         .await
         .map_err(ApiError::store("Database error"))?;
-    Ok(Json(pool.api()))
+    Ok(Json(pool.api))
 }

@@ -7,7 +7,7 @@
 
 use super::actions::insert_action;
 use super::rows::{backend_row, inserted, json, parse, BACKEND_COLUMNS};
-use super::{commit, Conn, S};
+use super::{commit, Conn, Db, S};
 use crate::dialect::{millis_of, Announced, Unique};
 use crate::events::StoreEvent;
 use crate::model::*;
@@ -220,11 +220,19 @@ async fn insert_history(
 }
 
 pub(super) async fn backend(s: &S, id: &BackendId) -> StoreResult<Option<BackendRow>> {
+    read_backend(&s.reader, id.as_str()).await
+}
+
+/// The backend `id` with its drone's name, read on `conn`.
+pub(super) async fn read_backend<'c>(
+    conn: impl sqlx::Executor<'c, Database = Db>,
+    id: &str,
+) -> StoreResult<Option<BackendRow>> {
     let row = sqlx::query(sql!(&format!(
         "SELECT {BACKEND_COLUMNS} FROM backend b JOIN node n ON n.id = b.drone_id WHERE b.id = $1"
     )))
-    .bind(id.as_str())
-    .fetch_optional(&s.reader)
+    .bind(id)
+    .fetch_optional(conn)
     .await?;
     row.as_ref().map(backend_row).transpose()
 }

@@ -33,7 +33,7 @@ mod dashboard;
 mod lost;
 mod nodes;
 pub(super) mod rows;
-mod tls;
+pub(super) mod tls;
 mod tokens;
 mod warm_pools;
 

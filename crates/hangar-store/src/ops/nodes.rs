@@ -4,7 +4,7 @@
 //! [`SessionId`]), and a late disconnect of the old session changes nothing. Concurrent registrations of
 //! one node (through two controllers) serialize on the node row; the last one holds the node.
 
-use super::rows::{parsed, parsed_opt};
+use super::rows::{age, parsed, parsed_opt};
 use super::{Conn, S};
 use crate::dialect::millis_of;
 use crate::model::*;
@@ -15,7 +15,6 @@ use hangar_types::{ClusterName, ControllerName, DroneName, Millis, NodeName, Pro
 use sqlx::types::Json;
 use sqlx::Row;
 use std::collections::HashMap;
-use std::time::Duration;
 
 const DRONE: &str = "drone";
 const PROXY: &str = "proxy";
@@ -304,12 +303,11 @@ pub(super) async fn drone_attachment(
     .fetch_optional(&s.reader)
     .await?;
     row.map(|row| {
-        let age: Option<i64> = row.try_get("heartbeat_age")?;
         Ok(DroneAttachment {
             node: row.try_get("id")?,
             controller: parsed_opt(&row, "controller", "controller name")?,
             session: row.try_get("session")?,
-            heartbeat_age: age.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+            heartbeat_age: age(&row, "heartbeat_age")?,
         })
     })
     .transpose()

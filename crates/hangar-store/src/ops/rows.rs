@@ -3,7 +3,7 @@
 //! through sqlx's [`Json`], which reads and writes either.
 
 use super::Db;
-use crate::model::{BackendRow, LiveBackend, StoredCertificate};
+use crate::model::{BackendRow, LiveBackend};
 use crate::{StoreError, StoreResult};
 use hangar_types::api::KeyConfig;
 use hangar_types::token::ConnectionToken;
@@ -13,6 +13,7 @@ use sqlx::types::Json;
 use sqlx::Row as _;
 use std::fmt::Display;
 use std::str::FromStr;
+use std::time::Duration;
 
 pub(crate) type Row = <Db as sqlx::Database>::Row;
 
@@ -20,9 +21,6 @@ pub(crate) type Row = <Db as sqlx::Database>::Row;
 pub(super) const BACKEND_COLUMNS: &str = "b.id, b.cluster, b.drone_id, n.name AS drone_name, \
     b.state, b.last_status_time, b.key_namespace, b.key_name, b.key_tag, b.fencing_token, \
     b.static_token, b.subdomain, b.created_at, b.max_idle_seconds, b.lifetime_limit_seconds";
-
-/// Columns read by [`certificate_row`].
-pub(crate) const CERTIFICATE_COLUMNS: &str = "cluster, cert_pem, key_pem, stored_at";
 
 pub(crate) fn parse<T>(what: &str, s: &str) -> StoreResult<T>
 where
@@ -63,6 +61,17 @@ pub(crate) fn json<T: DeserializeOwned>(row: &Row, column: &str, what: &str) -> 
     }
 }
 
+/// A count column (never negative) as a `u64`.
+pub(super) fn count(row: &Row, column: &str) -> StoreResult<u64> {
+    Ok(u64::try_from(row.try_get::<i64, _>(column)?).unwrap_or(0))
+}
+
+/// A nullable column of milliseconds (an age on the store clock) as a `Duration`; a negative age is 0.
+pub(super) fn age(row: &Row, column: &str) -> StoreResult<Option<Duration>> {
+    let ms: Option<i64> = row.try_get(column)?;
+    Ok(ms.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
+}
+
 pub(crate) fn backend_row(row: &Row) -> StoreResult<BackendRow> {
     let static_token: Option<String> = row.try_get("static_token")?;
     Ok(BackendRow {
@@ -94,15 +103,6 @@ pub(super) fn live_backend(row: &Row) -> StoreResult<LiveBackend> {
         id: parsed(row, "id", "backend id")?,
         drone: parsed(row, "drone_name", "drone name")?,
         state: json(row, "state", "backend state")?,
-    })
-}
-
-pub(crate) fn certificate_row(row: &Row) -> StoreResult<StoredCertificate> {
-    Ok(StoredCertificate {
-        cluster: parsed(row, "cluster", "cluster name")?,
-        cert_pem: row.try_get("cert_pem")?,
-        key_pem: row.try_get("key_pem")?,
-        stored_at: Millis(row.try_get("stored_at")?),
     })
 }
 

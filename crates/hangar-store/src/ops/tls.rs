@@ -6,14 +6,15 @@
 //! Other stores learn of challenges inline (they are small and bounded by the caller) and of
 //! certificates by pointer (see `postgres/notify.rs`), so no PEM ever travels in a notification.
 
-use super::rows::{certificate_row, CERTIFICATE_COLUMNS};
-use super::{commit, Conn, S};
+use super::rows::parsed;
+use super::{commit, Conn, Db, S};
 use crate::dialect::millis_of;
 use crate::events::StoreEvent;
 use crate::model::*;
 use crate::StoreResult;
 use hangar_types::timing::CERT_LEASE;
 use hangar_types::{ClusterName, Millis};
+use sqlx::Row;
 
 pub(super) async fn acquire_cert_lease(
     s: &S,
@@ -183,11 +184,27 @@ pub(super) async fn certificate(
     s: &S,
     cluster: &ClusterName,
 ) -> StoreResult<Option<StoredCertificate>> {
-    let row = sqlx::query(sql!(&format!(
-        "SELECT {CERTIFICATE_COLUMNS} FROM cluster_certificate WHERE cluster = $1"
-    )))
+    read_certificate(&s.reader, cluster).await
+}
+
+/// The cluster's certificate, read on `conn` (also by the PostgreSQL store's event listener).
+pub(crate) async fn read_certificate<'c>(
+    conn: impl sqlx::Executor<'c, Database = Db>,
+    cluster: &ClusterName,
+) -> StoreResult<Option<StoredCertificate>> {
+    let row = sqlx::query(
+        "SELECT cluster, cert_pem, key_pem, stored_at FROM cluster_certificate WHERE cluster = $1",
+    )
     .bind(cluster.as_str())
-    .fetch_optional(&s.reader)
+    .fetch_optional(conn)
     .await?;
-    row.as_ref().map(certificate_row).transpose()
+    row.map(|row| {
+        Ok(StoredCertificate {
+            cluster: parsed(&row, "cluster", "cluster name")?,
+            cert_pem: row.try_get("cert_pem")?,
+            key_pem: row.try_get("key_pem")?,
+            stored_at: Millis(row.try_get("stored_at")?),
+        })
+    })
+    .transpose()
 }

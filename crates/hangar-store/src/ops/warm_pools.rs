@@ -6,17 +6,16 @@
 //! claim holds (`SKIP LOCKED`). A warm backend gets a key only inside [`claim_warm_backend`], which
 //! clears its `warm_pool` in the same transaction: at most one key per warm backend, ever.
 
-use super::backends::{insert_key, insert_spawn, next_fencing_token};
-use super::rows::{backend_row, json, parsed, BACKEND_COLUMNS};
+use super::backends::{insert_key, insert_spawn, next_fencing_token, read_backend};
+use super::rows::{age, count, json, parsed};
 use super::{commit, Conn, S};
 use crate::model::*;
-use crate::StoreResult;
+use crate::{StoreError, StoreResult};
 use hangar_types::api::KeyConfig;
-use hangar_types::warm_pool::WarmPoolConfig;
+use hangar_types::warm_pool::{WarmPool, WarmPoolConfig};
 use hangar_types::{ClusterName, KeyName, WarmPoolName};
 use sqlx::types::Json;
 use sqlx::Row;
-use std::time::Duration;
 
 pub(super) async fn put_warm_pool(
     s: &S,
@@ -48,7 +47,7 @@ pub(super) async fn put_warm_pool(
     .await?;
     let pool = pools(&mut tx, s.clock(), Some(name)).await?.pop();
     tx.commit().await?;
-    pool.ok_or_else(|| crate::StoreError::Corrupt(format!("warm pool {name} vanished")))
+    pool.ok_or_else(|| StoreError::Corrupt(format!("warm pool {name} vanished")))
 }
 
 pub(super) async fn warm_pools(s: &S) -> StoreResult<Vec<WarmPoolRow>> {
@@ -93,26 +92,23 @@ async fn pools(
 }
 
 fn pool_row(row: &super::rows::Row) -> StoreResult<WarmPoolRow> {
-    let count = |column: &str| -> StoreResult<u64> {
-        Ok(u64::try_from(row.try_get::<i64, _>(column)?).unwrap_or(0))
-    };
     let max_age: Option<i32> = row.try_get("max_age_seconds")?;
     Ok(WarmPoolRow {
-        name: parsed(row, "name", "warm pool name")?,
-        cluster: parsed(row, "cluster", "cluster name")?,
-        pool: row.try_get("pool")?,
-        size: u32::try_from(row.try_get::<i32, _>("size")?).unwrap_or(0),
-        executable: json(row, "executable", "warm pool executable")?,
-        max_age_seconds: max_age.and_then(|a| u32::try_from(a).ok()),
-        claim_path: row.try_get("claim_path")?,
+        api: WarmPool {
+            name: parsed(row, "name", "warm pool name")?,
+            cluster: parsed(row, "cluster", "cluster name")?,
+            pool: row.try_get("pool")?,
+            size: u32::try_from(row.try_get::<i32, _>("size")?).unwrap_or(0),
+            executable: json(row, "executable", "warm pool executable")?,
+            max_age_seconds: max_age.and_then(|a| u32::try_from(a).ok()),
+            claim_path: row.try_get("claim_path")?,
+            ready: count(row, "ready")?,
+            starting: count(row, "starting")?,
+            claimed: count(row, "claimed")?,
+            failed_starts: count(row, "failed_starts")?,
+        },
         generation: row.try_get("generation")?,
-        claimed: count("claimed")?,
-        ready: count("ready")?,
-        starting: count("starting")?,
-        failed_starts: count("failed_starts")?,
-        last_failed_start_age: row
-            .try_get::<Option<i64>, _>("last_failed_start_age")?
-            .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+        last_failed_start_age: age(row, "last_failed_start_age")?,
     })
 }
 
@@ -137,13 +133,12 @@ pub(super) async fn unclaimed_backends(s: &S) -> StoreResult<Vec<UnclaimedBacken
     .await?;
     rows.iter()
         .map(|row| {
-            let age: i64 = row.try_get("age")?;
             Ok(UnclaimedBackend {
                 id: parsed(row, "id", "backend id")?,
                 pool: parsed(row, "warm_pool", "warm pool name")?,
                 generation: row.try_get("warm_generation")?,
                 drone_draining: row.try_get("draining")?,
-                age: Duration::from_millis(u64::try_from(age).unwrap_or(0)),
+                age: age(row, "age")?.unwrap_or_default(),
             })
         })
         .collect()
@@ -209,7 +204,7 @@ fn parsed_key_name(new: &NewWarmBackend) -> StoreResult<KeyName> {
     new.id
         .as_str()
         .parse()
-        .map_err(|e| crate::StoreError::Corrupt(format!("backend id as key name: {e}")))
+        .map_err(|e| StoreError::Corrupt(format!("backend id as key name: {e}")))
 }
 
 pub(super) async fn claim_warm_backend(s: &S, claim: WarmClaim) -> StoreResult<WarmClaimOutcome> {
@@ -279,13 +274,9 @@ pub(super) async fn claim_warm_backend(s: &S, claim: WarmClaim) -> StoreResult<W
         tx.rollback().await?;
         return Ok(WarmClaimOutcome::Empty);
     }
-    let row = sqlx::query(sql!(&format!(
-        "SELECT {BACKEND_COLUMNS} FROM backend b JOIN node n ON n.id = b.drone_id WHERE b.id = $1"
-    )))
-    .bind(&id)
-    .fetch_one(&mut *tx)
-    .await?;
-    let backend = backend_row(&row)?;
+    let backend = read_backend(&mut *tx, &id)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("claimed backend {id} vanished")))?;
     commit(s, tx, Vec::new()).await?;
     Ok(WarmClaimOutcome::Claimed { backend })
 }

@@ -7,7 +7,8 @@
 //! (logged), which subscribers tolerate by resyncing from the store.
 
 use super::notify::{Notice, Payload};
-use super::ops::rows::{certificate_row, json, parsed, CERTIFICATE_COLUMNS};
+use super::ops::rows::{json, parsed};
+use super::ops::tls::read_certificate;
 use crate::events::{EventBus, StoreEvent};
 use crate::StoreResult;
 use hangar_types::Millis;
@@ -83,15 +84,7 @@ impl Relay {
     /// The event a notice stands for, reading pointed-to rows.
     async fn resolve(&self, notice: Notice) -> StoreResult<Option<StoreEvent>> {
         Ok(match notice {
-            Notice::State {
-                backend,
-                state,
-                time,
-            } => Some(StoreEvent::BackendState {
-                backend,
-                state,
-                time,
-            }),
+            Notice::Inline(event) => Some(event),
             Notice::StateRow { history_id } => {
                 let row = sqlx::query(
                     "SELECT backend_id, state, created_at FROM backend_state WHERE id = $1",
@@ -113,39 +106,14 @@ impl Relay {
                     .bind(action_id.as_str())
                     .fetch_optional(&self.pool)
                     .await?;
-                match row {
-                    None => None,
-                    Some(row) => Some(StoreEvent::Action {
-                        drone,
-                        action: json(&row, "action", "action")?,
-                    }),
-                }
+                let action = row.map(|row| json(&row, "action", "action")).transpose()?;
+                action.map(|action| StoreEvent::Action { drone, action })
             }
-            Notice::TokensRevoked { tokens } => Some(StoreEvent::TokensRevoked { tokens }),
-            Notice::HttpChallenge {
-                cluster,
-                token,
-                key_authorization,
-            } => Some(StoreEvent::HttpChallenge {
-                cluster,
-                token,
-                key_authorization,
-            }),
             // The row holds the newest certificate, which may be newer than the notified one: relaying
             // the newest is what subscribers want.
-            Notice::Certificate { cluster } => {
-                let sql = format!(
-                    "SELECT {CERTIFICATE_COLUMNS} FROM cluster_certificate WHERE cluster = $1"
-                );
-                let row = sqlx::query(&sql)
-                    .bind(cluster.as_str())
-                    .fetch_optional(&self.pool)
-                    .await?;
-                row.as_ref()
-                    .map(certificate_row)
-                    .transpose()?
-                    .map(StoreEvent::Certificate)
-            }
+            Notice::Certificate { cluster } => read_certificate(&self.pool, &cluster)
+                .await?
+                .map(StoreEvent::Certificate),
         })
     }
 }

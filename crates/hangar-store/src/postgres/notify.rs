@@ -35,38 +35,24 @@ pub(super) struct Payload {
     pub events: Vec<Notice>,
 }
 
+/// One event in a payload: the event itself when it is small, else a pointer to the row that holds it.
+/// Both are objects tagged by `kind` (`state`, `tokens_revoked`, `http_challenge` inline; `state_row`,
+/// `action`, `certificate` by pointer).
+// Short-lived (built to be encoded, or decoded to be relayed), like the events they carry.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub(super) enum Notice {
-    /// A backend state, inline.
-    State {
-        backend: BackendId,
-        state: BackendState,
-        time: Millis,
-    },
     /// A backend state too large to send inline: row `history_id` of `backend_state`.
-    StateRow {
-        history_id: i64,
-    },
+    StateRow { history_id: i64 },
     /// An action was queued: row `action_id` of `backend_action`.
-    Action {
-        drone: NodeId,
-        action_id: ActionId,
-    },
-    TokensRevoked {
-        tokens: Vec<ConnectionToken>,
-    },
-    /// An ACME HTTP-01 challenge answer, inline: the controller bounds token and key authorization to a
-    /// few hundred bytes.
-    HttpChallenge {
-        cluster: ClusterName,
-        token: String,
-        key_authorization: Option<String>,
-    },
+    Action { drone: NodeId, action_id: ActionId },
     /// A certificate was stored: row `cluster` of `cluster_certificate` (PEMs never go inline).
-    Certificate {
-        cluster: ClusterName,
-    },
+    Certificate { cluster: ClusterName },
+    /// A backend state, revoked tokens, or an ACME HTTP-01 challenge answer (which the controller
+    /// bounds to a few hundred bytes), inline.
+    #[serde(untagged)]
+    Inline(StoreEvent),
 }
 
 impl Notice {
@@ -77,11 +63,11 @@ impl Notice {
         state: &BackendState,
         time: Millis,
     ) -> Notice {
-        let inline = Notice::State {
+        let inline = Notice::Inline(StoreEvent::BackendState {
             backend: backend.clone(),
             state: state.clone(),
             time,
-        };
+        });
         if encoded_len(&inline) <= NOTICE_LIMIT {
             inline
         } else {
@@ -109,16 +95,15 @@ impl Notice {
                 continue;
             }
             if size + len > NOTICE_LIMIT {
-                notices.push(Notice::TokensRevoked {
-                    tokens: std::mem::take(&mut chunk),
-                });
+                let tokens = std::mem::take(&mut chunk);
+                notices.push(Notice::Inline(StoreEvent::TokensRevoked { tokens }));
                 size = BASE;
             }
             size += len;
             chunk.push(token.clone());
         }
         if !chunk.is_empty() {
-            notices.push(Notice::TokensRevoked { tokens: chunk });
+            notices.push(Notice::Inline(StoreEvent::TokensRevoked { tokens: chunk }));
         }
         notices
     }
@@ -141,15 +126,7 @@ fn notices(a: &Announced) -> Vec<Notice> {
             action_id: action.action_id.clone(),
         },
         StoreEvent::TokensRevoked { tokens } => return Notice::tokens_revoked(tokens),
-        StoreEvent::HttpChallenge {
-            cluster,
-            token,
-            key_authorization,
-        } => Notice::HttpChallenge {
-            cluster: cluster.clone(),
-            token: token.clone(),
-            key_authorization: key_authorization.clone(),
-        },
+        event @ StoreEvent::HttpChallenge { .. } => Notice::Inline(event.clone()),
         StoreEvent::Certificate(c) => Notice::Certificate {
             cluster: c.cluster.clone(),
         },
@@ -230,11 +207,11 @@ mod tests {
         let small = terminated("bye".into());
         assert_eq!(
             Notice::state(7, &id, &small, Millis(5)),
-            Notice::State {
+            Notice::Inline(StoreEvent::BackendState {
                 backend: id.clone(),
                 state: small,
                 time: Millis(5)
-            }
+            })
         );
         let large = terminated("x".repeat(10_000));
         assert_eq!(
@@ -251,7 +228,7 @@ mod tests {
         let mut seen = Vec::new();
         for n in &notices {
             assert!(encoded_len(n) <= NOTICE_LIMIT, "{}", encoded_len(n));
-            let Notice::TokensRevoked { tokens } = n else {
+            let Notice::Inline(StoreEvent::TokensRevoked { tokens }) = n else {
                 panic!("unexpected {n:?}")
             };
             seen.extend(tokens.iter().cloned());
@@ -276,11 +253,42 @@ mod tests {
         let normal = ConnectionToken::random();
         assert_eq!(
             Notice::tokens_revoked(&[huge, normal.clone()]),
-            vec![Notice::TokensRevoked {
+            vec![Notice::Inline(StoreEvent::TokensRevoked {
                 tokens: vec![normal]
-            }]
+            })]
         );
         assert!(Notice::tokens_revoked(&[]).is_empty());
+    }
+
+    /// Inline events keep the format of the notices they replaced (`kind` plus the fields), so a
+    /// store of the previous version sharing the database decodes them, and this one decodes its own.
+    #[test]
+    fn inline_events_keep_their_wire_format() {
+        let id = BackendId::random();
+        let state = Notice::state(1, &id, &BackendState::Scheduled, Millis(5));
+        let expected = serde_json::json!({
+            "kind": "state",
+            "backend": id.as_str(),
+            "state": serde_json::to_value(BackendState::Scheduled).unwrap(),
+            "time": serde_json::to_value(Millis(5)).unwrap(),
+        });
+        assert_eq!(serde_json::to_value(&state).unwrap(), expected);
+        let challenge = r#"{"kind":"http_challenge","cluster":"c.example","token":"t","key_authorization":null}"#;
+        assert_eq!(
+            serde_json::from_str::<Notice>(challenge).unwrap(),
+            Notice::Inline(StoreEvent::HttpChallenge {
+                cluster: "c.example".parse().unwrap(),
+                token: "t".into(),
+                key_authorization: None,
+            })
+        );
+        let action = Notice::Action {
+            drone: 3,
+            action_id: ActionId::random(),
+        };
+        let text = serde_json::to_string(&action).unwrap();
+        assert!(text.starts_with(r#"{"kind":"action","#), "{text}");
+        assert_eq!(serde_json::from_str::<Notice>(&text).unwrap(), action);
     }
 
     #[test]

@@ -463,7 +463,7 @@ async fn warm_claims_across_stores_take_distinct_backends() {
         claimed.sort();
         warm.sort();
         assert_eq!(claimed, warm, "each warm backend claimed exactly once");
-        let counted = b.warm_pool(&pool.name).await.unwrap().unwrap();
+        let counted = suite::pool_counts(&*b, &pool).await;
         assert_eq!((counted.ready, counted.claimed), (0, 10));
     })
     .await;

@@ -7,7 +7,7 @@ use hangar_types::executable::Executable;
 use hangar_types::protocol::{BackendAction, KeyDeadlines};
 use hangar_types::timing::UNHEALTHY_AFTER;
 use hangar_types::token::ConnectionToken;
-use hangar_types::warm_pool::WarmPoolConfig;
+use hangar_types::warm_pool::{WarmPool, WarmPoolConfig};
 use hangar_types::{
     BackendId, BackendStatus, Millis, TerminationKind, TerminationReason, WarmPoolName,
 };
@@ -39,12 +39,12 @@ pub(crate) async fn put(store: &dyn Store, name: &str, config: &WarmPoolConfig) 
 fn new_warm(pool: &WarmPoolRow, drone: NodeId) -> NewWarmBackend {
     NewWarmBackend {
         id: BackendId::random(),
-        pool: pool.name.clone(),
+        pool: pool.api.name.clone(),
         generation: pool.generation,
         cluster: cluster(),
         drone_pool: String::new(),
         drone,
-        executable: pool.executable.clone(),
+        executable: pool.api.executable.clone(),
         deadlines: KeyDeadlines::from_base(Millis(1_000)),
     }
 }
@@ -58,6 +58,11 @@ pub(crate) async fn insert_warm(store: &dyn Store, pool: &WarmPoolRow, drone: No
         other => panic!("expected Inserted, got {other:?}"),
     }
     id
+}
+
+/// `pool` as stored now, with its counts.
+pub(crate) async fn pool_counts(store: &dyn Store, pool: &WarmPoolRow) -> WarmPool {
+    store.warm_pool(&pool.api.name).await.unwrap().unwrap().api
 }
 
 pub(crate) fn warm_claim(pool: &str, key_name: &str) -> WarmClaim {
@@ -85,17 +90,22 @@ pub async fn warm_pool_put_list_delete(h: Harness) {
     assert!(store.warm_pools().await.unwrap().is_empty());
     let first = put(store, "notebooks", &warm_config(3, "a")).await;
     assert_eq!(
-        (first.size, first.ready, first.starting, first.claimed),
+        (
+            first.api.size,
+            first.api.ready,
+            first.api.starting,
+            first.api.claimed
+        ),
         (3, 0, 0, 0)
     );
-    assert_eq!(first.cluster, cluster());
-    assert_eq!(first.executable, warm_config(3, "a").executable);
+    assert_eq!(first.api.cluster, cluster());
+    assert_eq!(first.api.executable, warm_config(3, "a").executable);
 
     // A resize keeps the generation; another executable starts a new one.
     let mut resized = warm_config(5, "a");
     resized.max_age_seconds = Some(60);
     let second = put(store, "notebooks", &resized).await;
-    assert_eq!((second.size, second.max_age_seconds), (5, Some(60)));
+    assert_eq!((second.api.size, second.api.max_age_seconds), (5, Some(60)));
     assert_eq!(second.generation, first.generation);
     let third = put(store, "notebooks", &warm_config(5, "b")).await;
     assert!(third.generation > second.generation);
@@ -106,7 +116,7 @@ pub async fn warm_pool_put_list_delete(h: Harness) {
         .await
         .unwrap()
         .iter()
-        .map(|p| p.name.to_string())
+        .map(|p| p.api.name.to_string())
         .collect();
     assert_eq!(names, ["games", "notebooks"]);
     assert_eq!(
@@ -170,7 +180,7 @@ pub async fn warm_backends_fill_up_to_size(h: Harness) {
     assert!(store.renew_key(&a).await.unwrap());
 
     make_ready(store, &a).await;
-    let counted = store.warm_pool(&pool.name).await.unwrap().unwrap();
+    let counted = pool_counts(store, &pool).await;
     assert_eq!((counted.ready, counted.starting), (1, 1));
     let unclaimed = store.unclaimed_backends().await.unwrap();
     // Oldest first; created within one millisecond, they are ordered by id.
@@ -181,7 +191,7 @@ pub async fn warm_backends_fill_up_to_size(h: Harness) {
     assert_eq!(ids, expected);
     assert!(unclaimed
         .iter()
-        .all(|u| u.pool == pool.name && u.generation == pool.generation && !u.drone_draining));
+        .all(|u| u.pool == pool.api.name && u.generation == pool.generation && !u.drone_draining));
 
     // Never swept as idle, however long it waits.
     h.advance(Duration::from_secs(100_000));
@@ -194,14 +204,14 @@ pub async fn warm_backends_fill_up_to_size(h: Harness) {
         .unwrap()
         .unwrap();
     assert!(!store.renew_key(&a).await.unwrap());
-    let counted = store.warm_pool(&pool.name).await.unwrap().unwrap();
+    let counted = pool_counts(store, &pool).await;
     assert_eq!((counted.ready, counted.starting), (0, 1));
     assert_eq!(store.unclaimed_backends().await.unwrap().len(), 1);
     insert_warm(store, &pool, drone).await;
 
     // A new generation: the old backends no longer count, new ones fill it.
     let changed = put(store, "p", &warm_config(2, "b")).await;
-    assert_eq!((changed.ready, changed.starting), (0, 0));
+    assert_eq!((changed.api.ready, changed.api.starting), (0, 0));
     insert_warm(store, &changed, drone).await;
     insert_warm(store, &changed, drone).await;
     assert_eq!(store.unclaimed_backends().await.unwrap().len(), 4);
@@ -244,7 +254,7 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
         .map(|u| u.id)
         .collect();
     assert_eq!(ids, std::slice::from_ref(&starting));
-    let counted = store.warm_pool(&pool.name).await.unwrap().unwrap();
+    let counted = pool_counts(store, &pool).await;
     assert_eq!(
         (counted.ready, counted.starting, counted.claimed),
         (0, 1, 1)
@@ -269,7 +279,7 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
         store.claim_warm_backend(claim.clone()).await.unwrap(),
         WarmClaimOutcome::KeyHeld
     );
-    let counted = store.warm_pool(&pool.name).await.unwrap().unwrap();
+    let counted = pool_counts(store, &pool).await;
     assert_eq!((counted.ready, counted.claimed), (1, 1));
 
     // A claimed backend is an ordinary one: idle from the claim on, swept by its own limits.
@@ -317,7 +327,7 @@ pub async fn warm_claim_skips_draining_and_stale(h: Harness) {
         WarmClaimOutcome::Empty
     );
     // Nor on a drone without a recent heartbeat.
-    let pool = store.warm_pool(&pool.name).await.unwrap().unwrap();
+    let pool = store.warm_pool(&pool.api.name).await.unwrap().unwrap();
     ready_warm(store, &pool, drone).await;
     h.advance(UNHEALTHY_AFTER + Duration::from_secs(1));
     assert_eq!(
@@ -375,7 +385,7 @@ pub async fn concurrent_claims_take_distinct_backends(h: Harness) {
     claimed.sort();
     claimed.dedup();
     assert_eq!(claimed.len(), 10);
-    let counted = h.store.warm_pool(&pool.name).await.unwrap().unwrap();
+    let counted = pool_counts(&*h.store, &pool).await;
     assert_eq!((counted.ready, counted.claimed), (0, 10));
 }
 
