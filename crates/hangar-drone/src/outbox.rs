@@ -203,6 +203,14 @@ impl Outbox {
         })
     }
 
+    /// Begins a transaction that writes. `BEGIN IMMEDIATE` takes the write lock first, waiting for
+    /// it up to the busy timeout. A deferred transaction (sqlx's `begin`) that reads and then writes
+    /// after another connection committed cannot upgrade its outdated snapshot: SQLite answers
+    /// "database is locked" at once, without the busy handler (bursts of warm fills and claims).
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, OutboxError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     /// Records a new backend from a spawn action (state `scheduled`, with its event), unless the action
     /// or the backend is already known.
     pub async fn insert_spawn(
@@ -211,7 +219,7 @@ impl Outbox {
         spawn: &SpawnRecord,
         now: Millis,
     ) -> Result<SpawnInsert, OutboxError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let seen: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM applied_action WHERE action_id = ?
              UNION ALL SELECT 1 FROM backend WHERE id = ? LIMIT 1",
@@ -267,7 +275,7 @@ impl Outbox {
         state: &BackendState,
         now: Millis,
     ) -> Result<i64, OutboxError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO backend (id, status, state, updated_at) VALUES (?, ?, ?, ?)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, state = excluded.state,
@@ -381,7 +389,7 @@ impl Outbox {
     /// applied actions. The controller stops resending an action once acked, so after a while nothing
     /// can refer to them any more.
     pub async fn prune(&self, before: Millis) -> Result<u64, OutboxError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let gone = "SELECT id FROM backend WHERE status = ? AND updated_at < ?
                     AND NOT EXISTS (SELECT 1 FROM event WHERE event.backend_id = backend.id)";
         sqlx::query(&format!(
@@ -685,6 +693,63 @@ mod tests {
                 .unwrap();
             assert!(next > first_ids[1].0);
             assert_eq!(*outbox.subscribe().borrow(), next);
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Bursts of spawns, state changes and acks from many tasks at once (as warm fills and claims
+    /// make them) all succeed and lose nothing: a transaction that reads before it writes must take
+    /// the write lock up front, or SQLite answers "database is locked" without waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_spawns_states_and_acks_all_succeed() {
+        const TASKS: usize = 16;
+        const BACKENDS_PER_TASK: usize = 10;
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let dir = tempfile::tempdir().unwrap();
+            let outbox = Outbox::open(Some(&dir.path().join("drone.sqlite")))
+                .await
+                .unwrap();
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..TASKS {
+                let outbox = outbox.clone();
+                tasks.spawn(async move {
+                    let mut ids = Vec::new();
+                    for _ in 0..BACKENDS_PER_TASK {
+                        let id = BackendId::random();
+                        let inserted = outbox.insert_spawn(&id, &spawn_record(), Millis(1)).await?;
+                        assert_eq!(inserted, SpawnInsert::Inserted);
+                        let loading = outbox
+                            .record_state(&id, &BackendState::Loading, Millis(2))
+                            .await?;
+                        outbox.ack(loading).await?;
+                        outbox.record_state(&id, &ready(), Millis(3)).await?;
+                        ids.push(id);
+                    }
+                    Ok::<_, OutboxError>(ids)
+                });
+            }
+            let mut ids = Vec::new();
+            while let Some(done) = tasks.join_next().await {
+                ids.extend(done.unwrap().unwrap());
+            }
+            assert_eq!(ids.len(), TASKS * BACKENDS_PER_TASK);
+            // Per backend: the `scheduled` and `ready` events are left, `loading` was acked.
+            let events = outbox.events_after(0, 10_000).await.unwrap();
+            assert_eq!(events.len(), 2 * ids.len());
+            for id in &ids {
+                let statuses: Vec<_> = events
+                    .iter()
+                    .filter(|e| &e.backend_id == id)
+                    .map(|e| e.state.status())
+                    .collect();
+                assert_eq!(
+                    statuses,
+                    [BackendStatus::Scheduled, BackendStatus::Ready],
+                    "{id}"
+                );
+            }
+            assert_eq!(outbox.unfinished_backends().await.unwrap().len(), ids.len());
         })
         .await
         .unwrap();

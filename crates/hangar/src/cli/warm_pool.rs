@@ -1,5 +1,6 @@
 //! `hangar warm-pool set|list|delete`: the controller's warm pools (`/ctrl/warm-pools`).
 
+use super::cluster::render_table;
 use super::Output;
 use crate::cli::connect::{build_executable, parse_command_line, parse_env_var, CommandLine};
 use crate::cli::say;
@@ -18,9 +19,18 @@ pub struct WarmPoolArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum WarmPoolCommand {
-    /// Create a warm pool or change it (a new executable replaces its unclaimed backends).
+    /// Create a warm pool or replace its configuration (a new executable replaces its unclaimed
+    /// backends).
+    ///
+    /// `set` sends the whole configuration (`PUT /ctrl/warm-pools/NAME` replaces it): an option left
+    /// out takes its default, not the pool's current value. Setting an existing pool without
+    /// `--claim-path` removes its claim hook, without `--max-age-seconds` its age limit, without
+    /// `--env` its environment; `--cluster` left out means the controller's default cluster.
     Set(SetArgs),
-    /// List the warm pools with their ready, starting and claimed counts.
+    /// List the warm pools with their ready, starting and claimed counts and failed starts.
+    ///
+    /// FAILED counts the backends of the pool's executable that failed to start in a row; while it
+    /// is above 0 the pool waits before it starts another (2 s, doubling per failure, at most 5 min).
     List,
     /// Delete a warm pool and terminate its unclaimed backends.
     Delete {
@@ -55,6 +65,11 @@ pub struct SetArgs {
     /// Replace unclaimed backends older than this many seconds.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_age_seconds: Option<u32>,
+    /// Path (starting with `/`) of the backends that the drone `POST`s a claim to before the connect
+    /// answers: the key, fencing token, backend id, static token and the connect's env. Without it a
+    /// claimed backend gets nothing ahead (see the README, "Warm pools").
+    #[arg(long, value_name = "PATH")]
+    pub claim_path: Option<String>,
 }
 
 pub async fn run(
@@ -70,8 +85,10 @@ pub async fn run(
                 size: set.size,
                 executable: build_executable(&set.command, &set.image, &set.env)?,
                 max_age_seconds: set.max_age_seconds,
-                claim_path: None,
+                claim_path: set.claim_path,
             };
+            // The API's own check, so that a bad value gets its message before any request.
+            config.validate().map_err(anyhow::Error::msg)?;
             let pool = client
                 .put_warm_pool(&set.name, &config)
                 .await
@@ -106,20 +123,46 @@ fn print_pools(out: Output, pools: &[WarmPool]) -> anyhow::Result<()> {
         for pool in pools {
             out.json_line(pool)?;
         }
-        return Ok(());
-    }
-    say!("NAME  CLUSTER  POOL  SIZE  READY  STARTING  CLAIMED");
-    for p in pools {
-        say!(
-            "{}  {}  {}  {}  {}  {}  {}",
-            p.name,
-            p.cluster,
-            if p.pool.is_empty() { "-" } else { &p.pool },
-            p.size,
-            p.ready,
-            p.starting,
-            p.claimed
-        );
+    } else if pools.is_empty() {
+        say!("No warm pools.");
+    } else {
+        print!("{}", render_pools(pools));
     }
     Ok(())
+}
+
+/// `NAME  CLUSTER  POOL  SIZE  READY  STARTING  CLAIMED  FAILED  CLAIM PATH` rows (`-` for the default
+/// drone pool and for no claim path).
+fn render_pools(pools: &[WarmPool]) -> String {
+    let or_dash = |s: &str| if s.is_empty() { "-" } else { s }.to_string();
+    let rows: Vec<Vec<String>> = pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.to_string(),
+                p.cluster.to_string(),
+                or_dash(&p.pool),
+                p.size.to_string(),
+                p.ready.to_string(),
+                p.starting.to_string(),
+                p.claimed.to_string(),
+                p.failed_starts.to_string(),
+                or_dash(p.claim_path.as_deref().unwrap_or_default()),
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "NAME",
+            "CLUSTER",
+            "POOL",
+            "SIZE",
+            "READY",
+            "STARTING",
+            "CLAIMED",
+            "FAILED",
+            "CLAIM PATH",
+        ],
+        &rows,
+    )
 }
