@@ -147,13 +147,14 @@ pub trait Store: Send + Sync + 'static {
     /// already requested.
     async fn sweep_candidates(&self, drone: NodeId) -> StoreResult<Vec<BackendId>>;
 
-    /// A proxy saw traffic for the backend. `false` if the backend is unknown or terminated.
+    /// A proxy saw traffic for the backend; answers with its key lease (see [`KeepAlive`]).
     ///
     /// `proxy` reports whether it has open connections to the backend (`connected`). A `ready`
     /// backend is not idle while any proxy's connected report is younger than
     /// [`hangar_types::timing::CONNECTED_REPORT_TTL`]; `connected: false` withdraws that proxy's
     /// report, so the idle clock then runs from this keepalive.
-    async fn keepalive(&self, id: &BackendId, proxy: NodeId, connected: bool) -> StoreResult<bool>;
+    async fn keepalive(&self, id: &BackendId, proxy: NodeId, connected: bool)
+        -> StoreResult<KeepAlive>;
 
     /// Resolves a connection token to a route (see [`TokenLookup`]).
     async fn resolve_token(&self, token: &ConnectionToken) -> StoreResult<TokenLookup>;

@@ -103,7 +103,7 @@ impl_store! {
         id: &BackendId, kind: TerminationKind, reason: TerminationReason
     ) -> Option<ActionMessage>;
     backends::sweep_candidates(drone: NodeId) -> Vec<BackendId>;
-    backends::keepalive(id: &BackendId, proxy: NodeId, connected: bool) -> bool;
+    backends::keepalive(id: &BackendId, proxy: NodeId, connected: bool) -> KeepAlive;
     tokens::resolve_token(token: &ConnectionToken) -> TokenLookup;
     actions::pending_actions(drone: NodeId, limit: u32) -> Vec<ActionMessage>;
     actions::ack_action(drone: NodeId, action: &ActionId) -> ();
