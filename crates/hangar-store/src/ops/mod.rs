@@ -69,7 +69,7 @@ async fn commit(s: &S, mut tx: Tx<'_>, events: Vec<Announced>) -> StoreResult<()
 }
 
 /// `impl Store`: every method but `events` calls the function of the same name in the module named
-/// before it (`module::name(self, args…)`).
+/// before it (`module::name(self, args…)`), within the call deadline (`src/deadline.rs`).
 macro_rules! impl_store {
     ($($module:ident::$name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
         #[async_trait]
@@ -79,7 +79,7 @@ macro_rules! impl_store {
             }
             $(
                 async fn $name(&self, $($arg: $ty),*) -> StoreResult<$ret> {
-                    $module::$name(self, $($arg),*).await
+                    self.within_deadline($module::$name(self, $($arg),*)).await
                 }
             )*
         }
