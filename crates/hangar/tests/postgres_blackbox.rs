@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use hangar_chaos::relay::{Relay, RelayMode};
 use hangar_test_support::free_port;
 use hangar_tests::postgres::TestDatabase;
 use std::io::Write;
@@ -184,6 +185,72 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
     })
     .await
     .expect("test timed out");
+}
+
+/// A controller started while its database cannot be reached (every connection reset) waits for it
+/// instead of exiting: its health check answers 503 meanwhile, and once the database answers the
+/// controller starts and is healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_waits_for_an_unreachable_database() {
+    timeout(TEST_TIMEOUT, async {
+        let Some(db) = TestDatabase::create().await else {
+            return;
+        };
+        let mut url = url::Url::parse(db.url()).unwrap();
+        let server = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+        let server = tokio::net::lookup_host(server)
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        let relay = Relay::start(server).await.unwrap();
+        relay.set(RelayMode::Reset);
+        url.set_host(Some(&relay.addr().ip().to_string())).unwrap();
+        url.set_port(Some(relay.addr().port())).unwrap();
+        let port = free_port();
+        let mut child = hangar()
+            .args([
+                "controller",
+                "--db",
+                url.as_str(),
+                "--port",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_health_status(&mut child, port, 503).await;
+        relay.set(RelayMode::Pass);
+        wait_healthy(&mut child, port).await;
+        stop(child).await;
+        relay.shutdown().await;
+        db.drop_database().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Polls `/pub/health` on `port` until it answers `status`; the controller must keep running.
+async fn wait_for_health_status(child: &mut Child, port: u16, status: u16) {
+    let url = format!("http://127.0.0.1:{port}/pub/health");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Ok(resp) = http.get(&url).send().await {
+            if resp.status() == status {
+                return;
+            }
+        }
+        if let Ok(Some(exit)) = child.try_wait() {
+            panic!("controller exited with {exit} instead of answering {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "controller on {port} never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
