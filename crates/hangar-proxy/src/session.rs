@@ -174,10 +174,7 @@ async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
 /// Closes the tunnels to backends whose key lease the proxy can no longer vouch for (see
 /// `route_cache.rs`), every [`LEASE_CHECK_INTERVAL`], until `cancel` fires. Connected or not: a
 /// proxy cut off from every controller must stop serving a backend before its key can change hands.
-pub(crate) async fn run_lease_expiry(
-    state: std::sync::Arc<ProxyState>,
-    cancel: CancellationToken,
-) {
+pub(crate) async fn run_lease_expiry(state: std::sync::Arc<ProxyState>, cancel: CancellationToken) {
     let mut ticks = tokio::time::interval(LEASE_CHECK_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -13,10 +13,10 @@
 //! | `{json_texts}` (rows `value` of a JSON array of strings) | `json_each` | `jsonb_array_elements_text` |
 //! | `{lock:CLAUSE}` (a row lock) | dropped: the single writer serializes | `CLAUSE` |
 
+use crate::deadline::STORE_CALL_DEADLINE;
 use crate::events::{EventBus, StoreEvent};
 use crate::group_commit::GroupCommit;
 use crate::model::NewToken;
-use crate::deadline::STORE_CALL_DEADLINE;
 use crate::{StoreError, StoreResult};
 use hangar_types::timing::KEY_LEASE;
 use hangar_types::{BackendId, BackendState, Millis};

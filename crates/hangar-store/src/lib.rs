@@ -167,8 +167,12 @@ pub trait Store: Send + Sync + 'static {
     /// backend is not idle while any proxy's connected report is younger than
     /// [`hangar_types::timing::CONNECTED_REPORT_TTL`]; `connected: false` withdraws that proxy's
     /// report, so the idle clock then runs from this keepalive.
-    async fn keepalive(&self, id: &BackendId, proxy: NodeId, connected: bool)
-        -> StoreResult<KeepAlive>;
+    async fn keepalive(
+        &self,
+        id: &BackendId,
+        proxy: NodeId,
+        connected: bool,
+    ) -> StoreResult<KeepAlive>;
 
     /// Resolves a connection token to a route (see [`TokenLookup`]).
     async fn resolve_token(&self, token: &ConnectionToken) -> StoreResult<TokenLookup>;

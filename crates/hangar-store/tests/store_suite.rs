@@ -825,7 +825,9 @@ mod suite {
                 assert_eq!(route.user.as_deref(), Some("alice"));
                 assert_eq!(route.user_data, Some(with_user.auth.clone()));
                 assert_eq!(route.subdomain.as_deref(), Some("sub"));
-                let left = route.lease_remaining().expect("a keyed backend's route is bounded");
+                let left = route
+                    .lease_remaining()
+                    .expect("a keyed backend's route is bounded");
                 assert!(left <= KEY_LEASE && left > KEY_LEASE / 2, "{left:?}");
             }
             other => panic!("expected Ready, got {other:?}"),
@@ -1040,7 +1042,10 @@ mod suite {
         h.advance(Duration::from_secs(50));
         assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
         let px = proxy_node(store, "px-one").await;
-        assert_ne!(store.keepalive(&id, px, false).await.unwrap(), KeepAlive::Gone);
+        assert_ne!(
+            store.keepalive(&id, px, false).await.unwrap(),
+            KeepAlive::Gone
+        );
         h.advance(Duration::from_secs(50));
         assert!(
             store.sweep_candidates(drone).await.unwrap().is_empty(),
@@ -1163,7 +1168,10 @@ mod suite {
             proxy_node(store, "px-two").await,
         );
 
-        assert_ne!(store.keepalive(&id, p1, true).await.unwrap(), KeepAlive::Gone);
+        assert_ne!(
+            store.keepalive(&id, p1, true).await.unwrap(),
+            KeepAlive::Gone
+        );
         h.advance(Duration::from_secs(15));
         assert!(
             store.sweep_candidates(drone).await.unwrap().is_empty(),
@@ -1176,15 +1184,27 @@ mod suite {
             vec![id.clone()]
         );
 
-        assert_ne!(store.keepalive(&id, p1, true).await.unwrap(), KeepAlive::Gone);
-        assert_ne!(store.keepalive(&id, p2, true).await.unwrap(), KeepAlive::Gone);
-        assert_ne!(store.keepalive(&id, p1, false).await.unwrap(), KeepAlive::Gone);
+        assert_ne!(
+            store.keepalive(&id, p1, true).await.unwrap(),
+            KeepAlive::Gone
+        );
+        assert_ne!(
+            store.keepalive(&id, p2, true).await.unwrap(),
+            KeepAlive::Gone
+        );
+        assert_ne!(
+            store.keepalive(&id, p1, false).await.unwrap(),
+            KeepAlive::Gone
+        );
         h.advance(Duration::from_secs(15));
         assert!(
             store.sweep_candidates(drone).await.unwrap().is_empty(),
             "the other proxy still has a connection"
         );
-        assert_ne!(store.keepalive(&id, p2, false).await.unwrap(), KeepAlive::Gone);
+        assert_ne!(
+            store.keepalive(&id, p2, false).await.unwrap(),
+            KeepAlive::Gone
+        );
         h.advance(Duration::from_secs(9));
         assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
         h.advance(Duration::from_secs(2));

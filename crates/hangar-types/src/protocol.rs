@@ -253,7 +253,8 @@ pub struct RouteInfo {
 impl RouteInfo {
     /// [`RouteInfo::lease_remaining_ms`] as a duration.
     pub fn lease_remaining(&self) -> Option<std::time::Duration> {
-        self.lease_remaining_ms.map(std::time::Duration::from_millis)
+        self.lease_remaining_ms
+            .map(std::time::Duration::from_millis)
     }
 }
 
@@ -511,7 +512,10 @@ mod tests {
         };
         let back: RouteInfo =
             serde_json::from_value(serde_json::to_value(&bounded).unwrap()).unwrap();
-        assert_eq!(back.lease_remaining(), Some(std::time::Duration::from_millis(1500)));
+        assert_eq!(
+            back.lease_remaining(),
+            Some(std::time::Duration::from_millis(1500))
+        );
     }
 
     #[test]

@@ -176,7 +176,9 @@ async fn routes_and_keepalive_answers_carry_the_key_lease() {
         let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("lease").await;
         drone.make_ready(&connected.backend_id).await;
         let route = proxy.route(&connected.token).await.expect("a route");
-        let left = route.lease_remaining().expect("a keyed backend's route is bounded");
+        let left = route
+            .lease_remaining()
+            .expect("a keyed backend's route is bounded");
         assert!(left <= KEY_LEASE && left > KEY_LEASE / 2, "{left:?}");
 
         proxy
@@ -195,7 +197,10 @@ async fn routes_and_keepalive_answers_carry_the_key_lease() {
             })
             .await;
         let remaining = Duration::from_millis(remaining_ms);
-        assert!(remaining <= KEY_LEASE && remaining > KEY_LEASE / 2, "{remaining:?}");
+        assert!(
+            remaining <= KEY_LEASE && remaining > KEY_LEASE / 2,
+            "{remaining:?}"
+        );
 
         ctl.advance_clock(KEY_LEASE + Duration::from_secs(1)).await;
         assert_eq!(proxy.route(&connected.token).await, None);

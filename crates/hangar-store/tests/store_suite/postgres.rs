@@ -480,7 +480,11 @@ async fn black_holed_calls_end_at_their_deadline_and_the_pool_recovers() {
     with_database(|url| async move {
         let mut url = url::Url::parse(&url).unwrap();
         let server = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
-        let server = tokio::net::lookup_host(server).await.unwrap().next().unwrap();
+        let server = tokio::net::lookup_host(server)
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
         let relay = Relay::start(server).await.unwrap();
         url.set_host(Some(&relay.addr().ip().to_string())).unwrap();
         url.set_port(Some(relay.addr().port())).unwrap();
