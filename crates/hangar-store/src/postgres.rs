@@ -141,6 +141,9 @@ impl SqlStore<PostgresDialect> {
     }
 }
 
+/// Whether a released connection may go back to the pool (see [`release_check`]).
+type ReleaseVerdict<'c> = Pin<Box<dyn Future<Output = Result<bool, sqlx::Error>> + Send + 'c>>;
+
 /// The pool's check of a released connection (sqlx pings every released connection after it; that
 /// ping has no bound). Soon after a call was abandoned at its deadline, the connection it left
 /// mid-exchange may be among the released ones: a connection must then answer a ping within
@@ -148,10 +151,7 @@ impl SqlStore<PostgresDialect> {
 /// which would wait on the dead link too). Otherwise nothing is added to the release.
 fn release_check(
     overruns: Arc<Overruns>,
-) -> impl for<'c> Fn(
-    &'c mut PgConnection,
-    sqlx::pool::PoolConnectionMetadata,
-) -> Pin<Box<dyn Future<Output = Result<bool, sqlx::Error>> + Send + 'c>>
+) -> impl for<'c> Fn(&'c mut PgConnection, sqlx::pool::PoolConnectionMetadata) -> ReleaseVerdict<'c>
        + Send
        + Sync
        + 'static {
