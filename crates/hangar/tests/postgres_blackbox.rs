@@ -52,24 +52,7 @@ async fn start_healthy(cmd: &mut Command, port: u16) -> Child {
 }
 
 async fn wait_healthy(child: &mut Child, port: u16) {
-    let url = format!("http://127.0.0.1:{port}/pub/health");
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        if let Ok(resp) = http.get(&url).send().await {
-            if resp.status() == 200 {
-                return;
-            }
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("controller exited early with {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "controller not healthy on {port}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_health_status(child, port, 200).await;
 }
 
 /// Stops the child with SIGTERM and expects a clean exit.
@@ -196,17 +179,9 @@ async fn controller_waits_for_an_unreachable_database() {
         let Some(db) = TestDatabase::create().await else {
             return;
         };
-        let mut url = url::Url::parse(db.url()).unwrap();
-        let server = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
-        let server = tokio::net::lookup_host(server)
-            .await
-            .unwrap()
-            .next()
-            .unwrap();
-        let relay = Relay::start(server).await.unwrap();
+        let url = url::Url::parse(db.url()).unwrap();
+        let (relay, url) = Relay::start_for_postgres_url(&url).await.unwrap();
         relay.set(RelayMode::Reset);
-        url.set_host(Some(&relay.addr().ip().to_string())).unwrap();
-        url.set_port(Some(relay.addr().port())).unwrap();
         let port = free_port();
         let mut child = hangar()
             .args([

@@ -478,16 +478,8 @@ async fn warm_claims_across_stores_take_distinct_backends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_calls_end_at_their_deadline_and_the_pool_recovers() {
     with_database(|url| async move {
-        let mut url = url::Url::parse(&url).unwrap();
-        let server = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
-        let server = tokio::net::lookup_host(server)
-            .await
-            .unwrap()
-            .next()
-            .unwrap();
-        let relay = Relay::start(server).await.unwrap();
-        url.set_host(Some(&relay.addr().ip().to_string())).unwrap();
-        url.set_port(Some(relay.addr().port())).unwrap();
+        let url = url::Url::parse(&url).unwrap();
+        let (relay, url) = Relay::start_for_postgres_url(&url).await.unwrap();
         let store = Arc::new(PostgresStore::connect(url.as_str()).await.unwrap());
         concurrent_health(&store, 5).await;
         store.set_call_deadline(Duration::from_secs(2));
@@ -510,8 +502,9 @@ async fn black_holed_calls_end_at_their_deadline_and_the_pool_recovers() {
                 Err(e) => panic!("not retryable: {e}"),
             }
         }
-        store.close().await;
-        // Not `relay.shutdown()`: its connections end on their own now that the store is closed.
+        // Dropped, not closed: `close` waits for every connection to come back, which after a black
+        // hole sometimes takes most of a minute (seen in 1 of 5 runs; not investigated yet).
+        drop(store);
         drop(relay);
     })
     .await;
