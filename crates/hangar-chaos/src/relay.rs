@@ -62,6 +62,29 @@ impl Relay {
         Ok(relay)
     }
 
+    /// Listens on a free loopback port in front of the PostgreSQL server `url` names
+    /// (`postgres://user:password@host:port/database`, port 5432 if none); returns the relay and
+    /// `url` rewritten to reach the server through it.
+    pub async fn start_for_postgres_url(url: &url::Url) -> std::io::Result<(Relay, url::Url)> {
+        let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+        let host = url
+            .host_str()
+            .ok_or_else(|| invalid("the URL names no host"))?;
+        let server = tokio::net::lookup_host((host, url.port().unwrap_or(5432)))
+            .await?
+            .next()
+            .ok_or_else(|| invalid("the URL's host has no address"))?;
+        let relay = Relay::start(server).await?;
+        let mut through = url.clone();
+        through
+            .set_host(Some(&relay.addr().ip().to_string()))
+            .map_err(|_| invalid("the URL's host cannot be replaced"))?;
+        through
+            .set_port(Some(relay.addr().port()))
+            .map_err(|()| invalid("the URL's port cannot be replaced"))?;
+        Ok((relay, through))
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -1,6 +1,7 @@
 //! One proxy's WebSocket session (`/ctrl/c/{cluster}/proxy-socket`, plane-api.md §3.5.3).
 //!
-//! Three loops: the socket writer, the reader (route requests, keepalives, certificate requests — see
+//! Three loops: the socket writer, the reader (route requests, keepalives — each answered with the
+//! backend's remaining key lease, which bounds the proxy's use of its routes — certificate requests — see
 //! [`crate::cert`]) and the event forwarder (`BackendRemoved` for every backend that starts terminating,
 //! `TokensRevoked` for revocations, the cluster's ACME HTTP challenges and certificates; on connect it
 //! first sends the cluster's current certificate and challenges). A route request for a backend that is
@@ -15,7 +16,7 @@ use crate::cert::{tls_event, tls_snapshot, ProxyTls};
 use crate::node_socket::{self, NodeSender, SessionClosed};
 use axum::extract::ws::WebSocket;
 use futures_util::StreamExt;
-use hangar_store::{NodeId, Store, StoreEvent, TokenLookup};
+use hangar_store::{KeepAlive, NodeId, Store, StoreEvent, TokenLookup};
 use hangar_types::protocol::{ControllerToProxy, NodeHello, ProxyToController, RouteInfo};
 use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendId, BackendStatus, ClusterName, ProxyName};
@@ -180,8 +181,21 @@ impl ProxySession {
 
     async fn keepalive(&self, backend: BackendId, connected: bool) -> Result<(), SessionClosed> {
         match self.store.keepalive(&backend, self.node, connected).await {
-            Ok(true) => Ok(()),
-            Ok(false) => {
+            // The answer bounds the proxy's routes and tunnels to the backend (see
+            // `RouteInfo::lease_remaining_ms`).
+            Ok(KeepAlive::Recorded {
+                lease_left: Some(left),
+            }) => {
+                let remaining_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                self.sender
+                    .send(&ControllerToProxy::KeyLease {
+                        backend,
+                        remaining_ms,
+                    })
+                    .await
+            }
+            Ok(KeepAlive::Recorded { lease_left: None }) => Ok(()),
+            Ok(KeepAlive::Gone) => {
                 self.sender
                     .send(&ControllerToProxy::BackendRemoved {
                         backend,

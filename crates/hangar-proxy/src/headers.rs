@@ -201,6 +201,7 @@ mod tests {
             user: Some("alice".into()),
             user_data: Some(serde_json::from_str(r#"{"access":"readonly"}"#).unwrap()),
             subdomain: subdomain.map(String::from),
+            lease_remaining_ms: None,
         }
     }
 

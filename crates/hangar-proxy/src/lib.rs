@@ -230,6 +230,7 @@ pub async fn start_with_listeners(
 
     tasks.spawn(session::run_session(state.clone(), client, cancel.clone()));
     tasks.spawn(tracker.run_keepalive_visits(cancel.clone()));
+    tasks.spawn(session::run_lease_expiry(state.clone(), cancel.clone()));
     if let Some((listener, _)) = metrics_listener {
         tasks.spawn(prometheus::run_metrics_listener(
             listener,

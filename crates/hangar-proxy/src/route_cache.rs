@@ -6,6 +6,15 @@
 //! [`RouteCache::take_unsent`] for the tokens it has not yet requested on the current controller
 //! connection, so after a reconnect every outstanding lookup is requested again.
 //!
+//! Key leases: a route to a backend that holds a key is used only while the proxy knows the key lease
+//! runs: until the moment it sent the lookup plus the lease time the controller reported
+//! ([`RouteInfo::lease_remaining_ms`]). Keepalive answers ([`RouteCache::lease_answered`]) extend the
+//! bound of every route to the backend, so a proxy with traffic never asks again; a proxy cut off
+//! from every controller stops routing to the backend before its key can go to another backend, and
+//! [`RouteCache::lapse_leases`] names the backends whose open tunnels must close. Measuring from the
+//! moment the question was sent keeps the bound on the safe side of the store clock whatever the
+//! delays on the way.
+//!
 //! Invariant: a pending entry exists only while someone waits for it (the last waiter to leave removes
 //! it), so abandoned lookups are not re-sent forever. Must not: do IO or block; the lock is never held
 //! across an await.
@@ -57,6 +66,9 @@ enum Entry {
     Found {
         route: Arc<RouteInfo>,
         last_used: u64,
+        /// The end of the backend's key lease as known when this entry was last checked; `None`:
+        /// unbounded (a backend without a key).
+        until: Option<Instant>,
     },
     Gone {
         reason: GoneReason,
@@ -66,8 +78,9 @@ enum Entry {
 
 struct Pending {
     tx: watch::Sender<Option<Route>>,
-    /// The controller connection (generation) on which the request was last sent.
+    /// The controller connection (generation) on which the request was last sent, and when.
     sent_on: Option<u64>,
+    sent_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -76,6 +89,12 @@ struct CacheState {
     pending: HashMap<ConnectionToken, Pending>,
     /// Logical clock for least-recently-used ordering.
     clock: u64,
+    /// The latest known end of each bounded backend's key lease. Kept across controller connections
+    /// and beyond the backend's cached routes: it also bounds the open tunnels to the backend.
+    leases: HashMap<BackendId, Instant>,
+    /// Backends asked about with a keepalive not yet answered, with when the first such keepalive was
+    /// sent (the answer's lease time counts from then).
+    lease_asked: HashMap<BackendId, Instant>,
 }
 
 pub(crate) struct RouteCache {
@@ -143,8 +162,12 @@ impl RouteCache {
                 None => {
                     self.counters.miss.inc();
                     let (tx, rx) = watch::channel(None);
-                    st.pending
-                        .insert(token.clone(), Pending { tx, sent_on: None });
+                    let pending = Pending {
+                        tx,
+                        sent_on: None,
+                        sent_at: None,
+                    };
+                    st.pending.insert(token.clone(), pending);
                     self.outbound.notify_one();
                     rx
                 }
@@ -170,22 +193,26 @@ impl RouteCache {
     /// Pending tokens not yet requested on connection `generation`; marks them as requested.
     pub(crate) fn take_unsent(&self, generation: u64) -> Vec<ConnectionToken> {
         let mut st = self.lock();
+        let now = Instant::now();
         st.pending
             .iter_mut()
             .filter(|(_, p)| p.sent_on != Some(generation))
             .map(|(token, p)| {
                 p.sent_on = Some(generation);
+                p.sent_at = Some(now);
                 token.clone()
             })
             .collect()
     }
 
     /// A new controller connection is up. Routes cached so far are dropped: removal and revocation
-    /// notices sent while we were disconnected are lost, so every token is checked again.
+    /// notices sent while we were disconnected are lost, so every token is checked again. Keepalives
+    /// sent on the old connection are never answered. Known lease ends stay: they still bound tunnels.
     pub(crate) fn start_session(&self) {
         let mut st = self.lock();
         st.entries
             .retain(|_, entry| matches!(entry, Entry::Gone { .. }));
+        st.lease_asked.clear();
     }
 
     /// A `RouteResponse` arrived. Only answers someone is waiting for are cached; late duplicates
@@ -196,16 +223,66 @@ impl RouteCache {
             return;
         };
         let route = match route {
-            Some(r) => Route::Found(Arc::new(r)),
-            None => Route::Gone(GoneReason::Unknown),
+            Some(r) => {
+                // Answered on the connection it was last sent on, so counted from that send.
+                let sent_at = pending.sent_at.unwrap_or_else(Instant::now);
+                let until = r.lease_remaining().map(|left| sent_at + left);
+                if let Some(until) = until {
+                    st.extend_lease(&r.backend_id, until);
+                }
+                let route = Arc::new(r);
+                st.insert_found(token, route.clone(), until, self.capacity);
+                Route::Found(route)
+            }
+            None => {
+                st.insert_gone(token, GoneReason::Unknown, self.capacity);
+                Route::Gone(GoneReason::Unknown)
+            }
         };
-        st.insert(token, &route, self.capacity);
         pending.tx.send_replace(Some(route));
+    }
+
+    /// Keepalives for `backends` are about to be sent; their answers ([`Self::lease_answered`])
+    /// count from now.
+    pub(crate) fn lease_asked<'a>(&self, backends: impl IntoIterator<Item = &'a BackendId>) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        for backend in backends {
+            st.lease_asked.entry(backend.clone()).or_insert(now);
+        }
+    }
+
+    /// The controller answered a keepalive: `backend`'s key lease ran `remaining` more when it was
+    /// recorded. An answer whose keepalive is not known (sent on an earlier connection, or a second
+    /// answer to keepalives sent before the first came back) is ignored: its start is unknown.
+    pub(crate) fn lease_answered(&self, backend: &BackendId, remaining: Duration) {
+        let mut st = self.lock();
+        if let Some(asked) = st.lease_asked.remove(backend) {
+            st.extend_lease(backend, asked + remaining);
+        }
+    }
+
+    /// Forgets the backends whose known key lease has ended by `now` and returns them: their cached
+    /// routes are no longer used, and their open tunnels must close.
+    pub(crate) fn lapse_leases(&self, now: Instant) -> Vec<BackendId> {
+        let mut st = self.lock();
+        let lapsed: Vec<BackendId> = st
+            .leases
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(backend, _)| backend.clone())
+            .collect();
+        for backend in &lapsed {
+            st.leases.remove(backend);
+        }
+        lapsed
     }
 
     /// Every cached route to `backend` becomes "backend removed".
     pub(crate) fn remove_backend(&self, backend: &BackendId) {
         let mut st = self.lock();
+        st.leases.remove(backend);
+        st.lease_asked.remove(backend);
         let until = Instant::now() + NEGATIVE_TTL;
         for entry in st.entries.values_mut() {
             if matches!(entry, Entry::Found { route, .. } if &route.backend_id == backend) {
@@ -222,7 +299,7 @@ impl RouteCache {
         let mut st = self.lock();
         let gone = Route::Gone(GoneReason::Revoked);
         for token in tokens {
-            st.insert(token.clone(), &gone, self.capacity);
+            st.insert_gone(token.clone(), GoneReason::Revoked, self.capacity);
             if let Some(pending) = st.pending.remove(token) {
                 pending.tx.send_replace(Some(gone.clone()));
             }
@@ -278,7 +355,22 @@ impl CacheState {
         self.clock += 1;
         let now = Instant::now();
         match self.entries.get_mut(token)? {
-            Entry::Found { route, last_used } => {
+            Entry::Found {
+                route,
+                last_used,
+                until,
+            } => {
+                if until.is_some_and(|until| until <= now) {
+                    // The lease the route was resolved under has run out, unless a keepalive answer
+                    // extended it since.
+                    match self.leases.get(&route.backend_id) {
+                        Some(lease) if *lease > now => *until = Some(*lease),
+                        _ => {
+                            self.entries.remove(token);
+                            return None;
+                        }
+                    }
+                }
                 *last_used = self.clock;
                 Some(Route::Found(route.clone()))
             }
@@ -290,18 +382,36 @@ impl CacheState {
         }
     }
 
-    fn insert(&mut self, token: ConnectionToken, route: &Route, capacity: usize) {
+    fn extend_lease(&mut self, backend: &BackendId, until: Instant) {
+        let lease = self.leases.entry(backend.clone()).or_insert(until);
+        *lease = (*lease).max(until);
+    }
+
+    fn insert_found(
+        &mut self,
+        token: ConnectionToken,
+        route: Arc<RouteInfo>,
+        until: Option<Instant>,
+        capacity: usize,
+    ) {
         self.clock += 1;
-        let entry = match route {
-            Route::Found(route) => Entry::Found {
-                route: route.clone(),
-                last_used: self.clock,
-            },
-            Route::Gone(reason) => Entry::Gone {
-                reason: *reason,
-                until: Instant::now() + NEGATIVE_TTL,
-            },
+        let entry = Entry::Found {
+            route,
+            last_used: self.clock,
+            until,
         };
+        self.insert(token, entry, capacity);
+    }
+
+    fn insert_gone(&mut self, token: ConnectionToken, reason: GoneReason, capacity: usize) {
+        let entry = Entry::Gone {
+            reason,
+            until: Instant::now() + NEGATIVE_TTL,
+        };
+        self.insert(token, entry, capacity);
+    }
+
+    fn insert(&mut self, token: ConnectionToken, entry: Entry, capacity: usize) {
         self.entries.insert(token, entry);
         if self.entries.len() > capacity {
             self.evict(capacity);
@@ -343,7 +453,29 @@ mod tests {
             user: None,
             user_data: None,
             subdomain: None,
+            lease_remaining_ms: None,
         }
+    }
+
+    /// A route whose backend's key lease runs `left` more.
+    fn leased(backend: &str, left: Duration) -> RouteInfo {
+        RouteInfo {
+            lease_remaining_ms: Some(u64::try_from(left.as_millis()).unwrap()),
+            ..route(backend)
+        }
+    }
+
+    /// Registers a lookup of `token`, sends it, and answers it with `route`.
+    async fn resolved(cache: &Arc<RouteCache>, token: &ConnectionToken, route: RouteInfo) {
+        let c2 = cache.clone();
+        let t2 = token.clone();
+        let l = tokio::spawn(async move { c2.lookup(&t2, WAIT).await });
+        while cache.pending_count() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(cache.take_unsent(1), vec![token.clone()]);
+        cache.resolve(token.clone(), Some(route));
+        assert!(matches!(l.await.unwrap(), Ok(Route::Found(_))));
     }
 
     fn tok(s: &str) -> ConnectionToken {
@@ -432,10 +564,10 @@ mod tests {
             let cache = RouteCache::new(Arc::new(Notify::new()));
             {
                 let mut st = cache.lock();
-                st.insert(tok("a"), &Route::Found(Arc::new(route("b1"))), 100);
-                st.insert(tok("b"), &Route::Found(Arc::new(route("b1"))), 100);
-                st.insert(tok("c"), &Route::Found(Arc::new(route("b2"))), 100);
-                st.insert(tok("d"), &Route::Found(Arc::new(route("b3"))), 100);
+                st.insert_found(tok("a"), Arc::new(route("b1")), None, 100);
+                st.insert_found(tok("b"), Arc::new(route("b1")), None, 100);
+                st.insert_found(tok("c"), Arc::new(route("b2")), None, 100);
+                st.insert_found(tok("d"), Arc::new(route("b3")), None, 100);
             }
             cache.remove_backend(&"b1".parse().unwrap());
             assert_eq!(
@@ -486,20 +618,73 @@ mod tests {
         .expect("test timed out");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_route_is_used_only_while_its_key_lease_runs() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let cache = Arc::new(RouteCache::new(Arc::new(Notify::new())));
+            let b1: BackendId = "b1".parse().unwrap();
+            let t = tok("t1");
+            let lease = Duration::from_secs(30);
+            resolved(&cache, &t, leased("b1", lease)).await;
+            tokio::time::advance(lease - Duration::from_secs(1)).await;
+            assert!(matches!(cache.cached(&t), Some(Route::Found(_))));
+            assert!(cache.lapse_leases(Instant::now()).is_empty());
+            // No keepalive answer: past the lease the route is not used, and its tunnels must close.
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert_eq!(cache.cached(&t), None);
+            assert_eq!(cache.lapse_leases(Instant::now()), vec![b1.clone()]);
+            assert!(cache.lapse_leases(Instant::now()).is_empty());
+            // An unbounded route (no key, or an older controller) stays.
+            let u = tok("t2");
+            resolved(&cache, &u, route("b2")).await;
+            tokio::time::advance(Duration::from_secs(3600)).await;
+            assert!(matches!(cache.cached(&u), Some(Route::Found(_))));
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_answers_extend_the_lease_from_when_they_were_asked() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let cache = Arc::new(RouteCache::new(Arc::new(Notify::new())));
+            let b1: BackendId = "b1".parse().unwrap();
+            let t = tok("t1");
+            resolved(&cache, &t, leased("b1", Duration::from_secs(30))).await;
+            tokio::time::advance(Duration::from_secs(20)).await;
+            cache.lease_asked([&b1]);
+            // The answer takes 5 s to arrive; the lease counts from the question.
+            tokio::time::advance(Duration::from_secs(5)).await;
+            cache.lease_answered(&b1, Duration::from_secs(30));
+            tokio::time::advance(Duration::from_secs(24)).await; // 49 s: 29 s after the question.
+            assert!(matches!(cache.cached(&t), Some(Route::Found(_))));
+            assert!(cache.lapse_leases(Instant::now()).is_empty());
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert_eq!(cache.cached(&t), None);
+            assert_eq!(cache.lapse_leases(Instant::now()), vec![b1.clone()]);
+            // An answer to a keepalive of an earlier connection is ignored: its start is unknown.
+            let t3 = tok("t3");
+            resolved(&cache, &t3, leased("b1", Duration::from_secs(10))).await;
+            cache.lease_asked([&b1]);
+            cache.start_session();
+            cache.lease_answered(&b1, Duration::from_secs(60));
+            tokio::time::advance(Duration::from_secs(10)).await;
+            assert_eq!(cache.lapse_leases(Instant::now()), vec![b1]);
+        })
+        .await
+        .expect("test timed out");
+    }
+
     #[test]
     fn eviction_drops_least_recently_used() {
         let cache = RouteCache::with_capacity(Arc::new(Notify::new()), 10);
         let mut st = cache.lock();
         for i in 0..10 {
-            st.insert(
-                tok(&i.to_string()),
-                &Route::Found(Arc::new(route("b1"))),
-                10,
-            );
+            st.insert_found(tok(&i.to_string()), Arc::new(route("b1")), None, 10);
         }
         // Touch "0" so it is the most recently used.
         assert!(st.cached(&tok("0")).is_some());
-        st.insert(tok("new"), &Route::Found(Arc::new(route("b1"))), 10);
+        st.insert_found(tok("new"), Arc::new(route("b1")), None, 10);
         assert_eq!(st.entries.len(), 9);
         assert!(st.entries.contains_key(&tok("0")));
         assert!(st.entries.contains_key(&tok("new")));

@@ -4,6 +4,9 @@
 //! `cert_link.rs` and `tls.rs`); reconnect with backoff forever, and also now and then on purpose to
 //! rebalance across controllers.
 //!
+//! Keepalive answers (`KeyLease`) extend the proxy's bound on the backend's key lease;
+//! [`run_lease_expiry`] closes the tunnels of backends whose bound has passed.
+//!
 //! Each connection is a *generation*: the route cache re-sends every outstanding route request on a
 //! new generation, and queued keepalives wait across a disconnect and go out on the next connection.
 
@@ -23,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 /// spread over the controllers again after a controller restart.
 const PERIODIC_RECONNECT: Duration = Duration::from_secs(3600);
 const RECONNECT_JITTER: Duration = Duration::from_secs(600);
+/// How often lapsed key leases are looked for: how late at most, after the bound, a tunnel closes.
+const LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 type Sender = NodeSender<ProxyToController>;
 type Receiver = NodeReceiver<ControllerToProxy>;
@@ -130,6 +135,13 @@ async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
                 tracing::debug!(count = tokens.len(), "Tokens revoked");
                 state.route_cache.revoke(&tokens);
             }
+            ControllerToProxy::KeyLease {
+                backend,
+                remaining_ms,
+            } => {
+                let remaining = Duration::from_millis(remaining_ms);
+                state.route_cache.lease_answered(&backend, remaining);
+            }
             ControllerToProxy::CertLeaseResponse { accepted } => {
                 state.cert_link.answer(CertAnswer::Lease { accepted });
             }
@@ -159,6 +171,30 @@ async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
     }
 }
 
+/// Closes the tunnels to backends whose key lease the proxy can no longer vouch for (see
+/// `route_cache.rs`), every [`LEASE_CHECK_INTERVAL`], until `cancel` fires. Connected or not: a
+/// proxy cut off from every controller must stop serving a backend before its key can change hands.
+pub(crate) async fn run_lease_expiry(state: std::sync::Arc<ProxyState>, cancel: CancellationToken) {
+    let mut ticks = tokio::time::interval(LEASE_CHECK_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        for backend in state.route_cache.lapse_leases(tokio::time::Instant::now()) {
+            let open = state
+                .tracker
+                .counts(&backend)
+                .map_or(0, |c| c.open_connections);
+            if open > 0 {
+                tracing::warn!(%backend, open, "Key lease not confirmed in time; closing the tunnels to the backend");
+            }
+            state.tracker.forget(&backend, true);
+        }
+    }
+}
+
 /// Sends route requests and keepalives as they are queued; returns the error that ended sending.
 async fn run_sender(state: &ProxyState, tx: &mut Sender, generation: u64) -> ClientError {
     loop {
@@ -169,6 +205,9 @@ async fn run_sender(state: &ProxyState, tx: &mut Sender, generation: u64) -> Cli
             state.outbound.notified().await;
             continue;
         }
+        state
+            .route_cache
+            .lease_asked(keepalives.iter().map(|(backend, _)| backend));
         let messages =
             routes
                 .into_iter()

@@ -13,6 +13,7 @@
 //!
 //! Boundary: only the controller depends on this crate.
 
+mod deadline;
 pub mod dialect;
 mod events;
 mod group_commit;
@@ -21,6 +22,7 @@ pub mod model;
 pub mod postgres;
 pub mod sqlite;
 
+pub use deadline::STORE_CALL_DEADLINE;
 pub use events::{EventBus, StoreEvent};
 pub use model::*;
 
@@ -43,10 +45,15 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The call did not finish within its deadline ([`STORE_CALL_DEADLINE`]): the database or the
+    /// link to it is down or lost the request. Its connection is closed, not reused.
+    #[error("the database did not answer within {} ms", .0.as_millis())]
+    DeadlineExceeded(Duration),
 }
 
 impl StoreError {
-    /// Worth retrying the whole operation (lock contention, serialization failure, lost connection).
+    /// Worth retrying the whole operation (lock contention, serialization failure, lost connection, no
+    /// answer in time).
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Database(e) => {
@@ -56,9 +63,16 @@ impl StoreError {
                 ) || e
                     .as_database_error()
                     .and_then(|d| d.code())
-                    // PostgreSQL: serialization failure, deadlock; SQLite: busy, locked.
-                    .is_some_and(|c| matches!(c.as_ref(), "40001" | "40P01" | "5" | "6"))
+                    // PostgreSQL: serialization failure, deadlock, the server shutting down or
+                    // starting up; SQLite: busy, locked.
+                    .is_some_and(|c| {
+                        matches!(
+                            c.as_ref(),
+                            "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "5" | "6"
+                        )
+                    })
             }
+            StoreError::DeadlineExceeded(_) => true,
             StoreError::Migration(_) | StoreError::Corrupt(_) => false,
         }
     }
@@ -147,13 +161,18 @@ pub trait Store: Send + Sync + 'static {
     /// already requested.
     async fn sweep_candidates(&self, drone: NodeId) -> StoreResult<Vec<BackendId>>;
 
-    /// A proxy saw traffic for the backend. `false` if the backend is unknown or terminated.
+    /// A proxy saw traffic for the backend; answers with its key lease (see [`KeepAlive`]).
     ///
     /// `proxy` reports whether it has open connections to the backend (`connected`). A `ready`
     /// backend is not idle while any proxy's connected report is younger than
     /// [`hangar_types::timing::CONNECTED_REPORT_TTL`]; `connected: false` withdraws that proxy's
     /// report, so the idle clock then runs from this keepalive.
-    async fn keepalive(&self, id: &BackendId, proxy: NodeId, connected: bool) -> StoreResult<bool>;
+    async fn keepalive(
+        &self,
+        id: &BackendId,
+        proxy: NodeId,
+        connected: bool,
+    ) -> StoreResult<KeepAlive>;
 
     /// Resolves a connection token to a route (see [`TokenLookup`]).
     async fn resolve_token(&self, token: &ConnectionToken) -> StoreResult<TokenLookup>;

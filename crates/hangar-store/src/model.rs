@@ -169,6 +169,16 @@ pub enum TokenLookup {
     Ready(RouteInfo),
 }
 
+/// What a proxy's keepalive found (see [`crate::Store::keepalive`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Recorded. `lease_left`: how long the backend's key lease still runs on the store clock (zero
+    /// once it has run out); `None` for a backend that holds no key (an unclaimed warm backend).
+    Recorded { lease_left: Option<Duration> },
+    /// No such backend, or it is terminated.
+    Gone,
+}
+
 #[derive(Debug, Clone)]
 pub struct DroneRegistration {
     pub cluster: ClusterName,

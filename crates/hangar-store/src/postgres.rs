@@ -30,10 +30,14 @@ mod ops;
 /// The dialect the shared operations are compiled for here.
 type D = PostgresDialect;
 
+use crate::deadline::{Overruns, RELEASE_PING_TIMEOUT};
 use crate::dialect::{Announced, Clock, Dialect, Spelling, SqlStore, Unique};
 use crate::StoreResult;
 use hangar_types::token::random_token;
 use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions, Postgres};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -84,6 +88,8 @@ pub type PostgresStore = SqlStore<PostgresDialect>;
 /// PostgreSQL's spelling, clock, constraint names and event relay; the pool is the store's.
 #[derive(Debug)]
 pub struct PostgresDialect {
+    /// Calls abandoned at their deadline; shared with the pool's release check.
+    overruns: Arc<Overruns>,
     /// Tags this store's notifications so that its own listener skips them.
     origin: String,
     cancel: CancellationToken,
@@ -95,9 +101,11 @@ impl SqlStore<PostgresDialect> {
     /// starts listening for events of other controllers. Must be called inside a tokio runtime.
     pub async fn connect(url: &str) -> StoreResult<PostgresStore> {
         check_reachable(url).await?;
+        let overruns = Arc::new(Overruns::default());
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_release(release_check(overruns.clone()))
             .connect(url)
             .await?;
         if let Err(e) = run_migrations(&pool).await {
@@ -110,6 +118,7 @@ impl SqlStore<PostgresDialect> {
         pg_listener.listen(notify::CHANNEL).await?;
 
         let dialect = PostgresDialect {
+            overruns,
             origin: random_token(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -132,6 +141,40 @@ impl SqlStore<PostgresDialect> {
     }
 }
 
+/// Whether a released connection may go back to the pool (see [`release_check`]).
+type ReleaseVerdict<'c> = Pin<Box<dyn Future<Output = Result<bool, sqlx::Error>> + Send + 'c>>;
+
+/// The pool's check of a released connection (sqlx pings every released connection after it; that
+/// ping has no bound). Soon after a call was abandoned at its deadline, the connection it left
+/// mid-exchange may be among the released ones: a connection must then answer a ping within
+/// [`RELEASE_PING_TIMEOUT`], else it is closed (an error here makes sqlx close it without a goodbye,
+/// which would wait on the dead link too). Otherwise nothing is added to the release.
+fn release_check(
+    overruns: Arc<Overruns>,
+) -> impl for<'c> Fn(&'c mut PgConnection, sqlx::pool::PoolConnectionMetadata) -> ReleaseVerdict<'c>
+       + Send
+       + Sync
+       + 'static {
+    move |conn, _| {
+        let check = overruns.recent();
+        Box::pin(async move {
+            if !check {
+                return Ok(true);
+            }
+            use sqlx::Connection;
+            match tokio::time::timeout(RELEASE_PING_TIMEOUT, conn.ping()).await {
+                Ok(Ok(())) => Ok(true),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "a connection released after a store call overran its deadline did not \
+                     answer a ping; closing it",
+                ))),
+            }
+        })
+    }
+}
+
 impl Drop for PostgresDialect {
     /// A store dropped without `close` still stops its listener task (which would otherwise keep a
     /// connection and the pool alive).
@@ -151,6 +194,10 @@ impl Dialect for PostgresDialect {
 
     fn clock(&self, offset_ms: i64) -> Clock {
         Clock::Database { offset_ms }
+    }
+
+    fn call_abandoned(&self) {
+        self.overruns.record();
     }
 
     async fn relay(&self, conn: &mut PgConnection, events: &[Announced]) -> StoreResult<()> {

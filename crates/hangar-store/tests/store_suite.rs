@@ -835,6 +835,10 @@ mod suite {
                 assert_eq!(route.user.as_deref(), Some("alice"));
                 assert_eq!(route.user_data, Some(with_user.auth.clone()));
                 assert_eq!(route.subdomain.as_deref(), Some("sub"));
+                let left = route
+                    .lease_remaining()
+                    .expect("a keyed backend's route is bounded");
+                assert!(left <= KEY_LEASE && left > KEY_LEASE / 2, "{left:?}");
             }
             other => panic!("expected Ready, got {other:?}"),
         }
@@ -846,6 +850,18 @@ mod suite {
             }
             other => panic!("expected Ready, got {other:?}"),
         }
+        // A ready backend whose key lease ran out has no route (its drone may be frozen while another
+        // backend takes the key); renewed, it has one again.
+        h.advance(KEY_LEASE + Duration::from_secs(1));
+        assert_eq!(
+            store.resolve_token(&with_user.token).await.unwrap(),
+            TokenLookup::NotFound
+        );
+        assert!(store.renew_key(&id).await.unwrap());
+        assert_eq!(
+            status(&store.resolve_token(&with_user.token).await.unwrap()),
+            "ready"
+        );
         record(store, &id, terminating()).await;
         assert_eq!(
             store.resolve_token(&with_user.token).await.unwrap(),
@@ -943,8 +959,9 @@ mod suite {
             }
             other => panic!("expected Ready, got {other:?}"),
         }
-        // Static tokens do not expire.
+        // Static tokens do not expire (the key lease does, unless renewed).
         h.advance(Duration::from_secs(10 * 3600));
+        assert!(store.renew_key(&id).await.unwrap());
         assert_eq!(status(&store.resolve_token(&token).await.unwrap()), "ready");
         assert_eq!(
             store
@@ -1035,7 +1052,10 @@ mod suite {
         h.advance(Duration::from_secs(50));
         assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
         let px = proxy_node(store, "px-one").await;
-        assert!(store.keepalive(&id, px, false).await.unwrap());
+        assert_ne!(
+            store.keepalive(&id, px, false).await.unwrap(),
+            KeepAlive::Gone
+        );
         h.advance(Duration::from_secs(50));
         assert!(
             store.sweep_candidates(drone).await.unwrap().is_empty(),
@@ -1115,13 +1135,32 @@ mod suite {
         let nb = new_backend(drone, "alive");
         acquire(store, nb.clone()).await;
         let px = proxy_node(store, "px-one").await;
-        assert!(store.keepalive(&nb.id, px, true).await.unwrap());
-        assert!(!store
-            .keepalive(&BackendId::random(), px, false)
-            .await
-            .unwrap());
+        match store.keepalive(&nb.id, px, true).await.unwrap() {
+            KeepAlive::Recorded {
+                lease_left: Some(left),
+            } => assert!(left <= KEY_LEASE && left > KEY_LEASE / 2, "{left:?}"),
+            other => panic!("expected the key lease, got {other:?}"),
+        }
+        assert_eq!(
+            store
+                .keepalive(&BackendId::random(), px, false)
+                .await
+                .unwrap(),
+            KeepAlive::Gone
+        );
+        // A lease that ran out is reported as such: the proxy must stop routing to the backend.
+        h.advance(KEY_LEASE + Duration::from_secs(1));
+        assert_eq!(
+            store.keepalive(&nb.id, px, false).await.unwrap(),
+            KeepAlive::Recorded {
+                lease_left: Some(Duration::ZERO)
+            }
+        );
         terminate(store, &nb.id).await;
-        assert!(!store.keepalive(&nb.id, px, false).await.unwrap());
+        assert_eq!(
+            store.keepalive(&nb.id, px, false).await.unwrap(),
+            KeepAlive::Gone
+        );
     }
 
     /// Open connections reported by proxies keep a backend from being idle, per proxy, for as long as
@@ -1139,7 +1178,10 @@ mod suite {
             proxy_node(store, "px-two").await,
         );
 
-        assert!(store.keepalive(&id, p1, true).await.unwrap());
+        assert_ne!(
+            store.keepalive(&id, p1, true).await.unwrap(),
+            KeepAlive::Gone
+        );
         h.advance(Duration::from_secs(15));
         assert!(
             store.sweep_candidates(drone).await.unwrap().is_empty(),
@@ -1152,15 +1194,27 @@ mod suite {
             vec![id.clone()]
         );
 
-        assert!(store.keepalive(&id, p1, true).await.unwrap());
-        assert!(store.keepalive(&id, p2, true).await.unwrap());
-        assert!(store.keepalive(&id, p1, false).await.unwrap());
+        assert_ne!(
+            store.keepalive(&id, p1, true).await.unwrap(),
+            KeepAlive::Gone
+        );
+        assert_ne!(
+            store.keepalive(&id, p2, true).await.unwrap(),
+            KeepAlive::Gone
+        );
+        assert_ne!(
+            store.keepalive(&id, p1, false).await.unwrap(),
+            KeepAlive::Gone
+        );
         h.advance(Duration::from_secs(15));
         assert!(
             store.sweep_candidates(drone).await.unwrap().is_empty(),
             "the other proxy still has a connection"
         );
-        assert!(store.keepalive(&id, p2, false).await.unwrap());
+        assert_ne!(
+            store.keepalive(&id, p2, false).await.unwrap(),
+            KeepAlive::Gone
+        );
         h.advance(Duration::from_secs(9));
         assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
         h.advance(Duration::from_secs(2));

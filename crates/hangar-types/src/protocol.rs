@@ -240,6 +240,22 @@ pub struct RouteInfo {
     /// The token's `auth` object; `None` for static tokens.
     pub user_data: Option<serde_json::Map<String, serde_json::Value>>,
     pub subdomain: Option<String>,
+    /// How long the backend's key lease still ran when the controller resolved the token, in
+    /// milliseconds (a remaining time, not an instant: clocks differ). The proxy uses the route only
+    /// until this long after it *sent* the request, unless [`ControllerToProxy::KeyLease`] extends it,
+    /// so a proxy cut off from every controller stops routing to a backend before its key can go to
+    /// another backend. `None`: the backend holds no key (an unclaimed warm backend), or a controller
+    /// that predates the field answered; the route is then unbounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_remaining_ms: Option<u64>,
+}
+
+impl RouteInfo {
+    /// [`RouteInfo::lease_remaining_ms`] as a duration.
+    pub fn lease_remaining(&self) -> Option<std::time::Duration> {
+        self.lease_remaining_ms
+            .map(std::time::Duration::from_millis)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +264,8 @@ pub enum ProxyToController {
     /// the token is unknown or its backend is terminating/terminated.
     RouteRequest { token: ConnectionToken },
     /// The backend had traffic (sent on first activity, then every heartbeat interval while active).
+    /// Answered with [`ControllerToProxy::KeyLease`] while the backend holds a key, with
+    /// `BackendRemoved` once it is terminated.
     /// `connected`: this proxy has open connections to the backend right now; the controller does not
     /// count a backend as idle while a proxy's connected report is younger than
     /// [`crate::timing::CONNECTED_REPORT_TTL`]. The proxy sends `connected: false` as soon as its last
@@ -307,6 +325,14 @@ pub enum ControllerToProxy {
     },
     /// These tokens were revoked: forget them.
     TokensRevoked { tokens: Vec<ConnectionToken> },
+    /// Hangar extension, the answer to a [`ProxyToController::KeepAlive`] for a backend that holds a
+    /// key: its key lease still ran `remaining_ms` milliseconds when the keepalive was recorded. The
+    /// proxy extends its routes and tunnels to the backend until that long after it sent the
+    /// keepalive (see [`RouteInfo::lease_remaining_ms`]); `0` means the lease has run out.
+    KeyLease {
+        backend: BackendId,
+        remaining_ms: u64,
+    },
 
     // ---- TLS: cluster certificate via ACME (plane-api.md §7.9.3) ----
     /// Answer to [`ProxyToController::CertLeaseRequest`]: `accepted` means this proxy holds the
@@ -452,6 +478,10 @@ mod tests {
                 cert_pem: "c".into(),
                 key_pem: "k".into(),
             },
+            ControllerToProxy::KeyLease {
+                backend: "ba-abc".parse().unwrap(),
+                remaining_ms: 41_000,
+            },
         ] {
             let s = serde_json::to_string(&m).unwrap();
             assert_eq!(serde_json::from_str::<ControllerToProxy>(&s).unwrap(), m);
@@ -459,6 +489,32 @@ mod tests {
         assert_eq!(
             serde_json::to_value(ControllerToProxy::CertLeaseResponse { accepted: true }).unwrap(),
             json!({"CertLeaseResponse": {"accepted": true}})
+        );
+    }
+
+    #[test]
+    fn route_info_lease_is_optional_on_the_wire() {
+        let old = json!({
+            "backend_id": "ba-abc",
+            "address": "127.0.0.1:8080",
+            "secret_token": "",
+            "cluster": "localhost:9090",
+            "user": null,
+            "user_data": null,
+            "subdomain": null,
+        });
+        let route: RouteInfo = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(route.lease_remaining(), None);
+        assert_eq!(serde_json::to_value(&route).unwrap(), old);
+        let bounded = RouteInfo {
+            lease_remaining_ms: Some(1500),
+            ..route
+        };
+        let back: RouteInfo =
+            serde_json::from_value(serde_json::to_value(&bounded).unwrap()).unwrap();
+        assert_eq!(
+            back.lease_remaining(),
+            Some(std::time::Duration::from_millis(1500))
         );
     }
 

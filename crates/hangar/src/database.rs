@@ -2,6 +2,10 @@
 //! PostgreSQL store that several controllers can share; a file path (or `sqlite:PATH`) is a SQLite
 //! file (embedded, one controller); any other `scheme://` is refused by name. `hangar migrate --db …` applies the schema ahead of a rollout.
 
+mod waiting;
+
+pub use waiting::open_store_waiting;
+
 use crate::cli::say;
 use anyhow::Context;
 use clap::Args;

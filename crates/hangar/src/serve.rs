@@ -3,7 +3,7 @@
 //! the precedence), stopped cleanly by SIGINT/SIGTERM.
 
 use crate::config_file::{required, ConfigLayers};
-use crate::database::{Database, OpenStore};
+use crate::database::{open_store_waiting, Database};
 use crate::shutdown::{SecondSignal, StopSignals};
 use anyhow::Context;
 use clap::Args;
@@ -150,9 +150,12 @@ impl ControllerArgs {
 
 pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let setup = args.resolve()?;
-    let store = OpenStore::open(&setup.db).await?;
     let listener = bind_listener(setup.listen, "controller", "--port").await?;
-    let signals = StopSignals::install()?;
+    let mut signals = StopSignals::install()?;
+    let Some((store, listener)) = open_store_waiting(&setup.db, listener, &mut signals).await?
+    else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let controller = hangar_controller::start(setup.config, store.store(), listener)
         .await
         .context("starting the controller")?;

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use hangar_chaos::relay::{Relay, RelayMode};
 use hangar_test_support::free_port;
 use hangar_tests::postgres::TestDatabase;
 use std::io::Write;
@@ -51,24 +52,7 @@ async fn start_healthy(cmd: &mut Command, port: u16) -> Child {
 }
 
 async fn wait_healthy(child: &mut Child, port: u16) {
-    let url = format!("http://127.0.0.1:{port}/pub/health");
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        if let Ok(resp) = http.get(&url).send().await {
-            if resp.status() == 200 {
-                return;
-            }
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("controller exited early with {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "controller not healthy on {port}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_health_status(child, port, 200).await;
 }
 
 /// Stops the child with SIGTERM and expects a clean exit.
@@ -184,6 +168,64 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
     })
     .await
     .expect("test timed out");
+}
+
+/// A controller started while its database cannot be reached (every connection reset) waits for it
+/// instead of exiting: its health check answers 503 meanwhile, and once the database answers the
+/// controller starts and is healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_waits_for_an_unreachable_database() {
+    timeout(TEST_TIMEOUT, async {
+        let Some(db) = TestDatabase::create().await else {
+            return;
+        };
+        let url = url::Url::parse(db.url()).unwrap();
+        let (relay, url) = Relay::start_for_postgres_url(&url).await.unwrap();
+        relay.set(RelayMode::Reset);
+        let port = free_port();
+        let mut child = hangar()
+            .args([
+                "controller",
+                "--db",
+                url.as_str(),
+                "--port",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_health_status(&mut child, port, 503).await;
+        relay.set(RelayMode::Pass);
+        wait_healthy(&mut child, port).await;
+        stop(child).await;
+        relay.shutdown().await;
+        db.drop_database().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Polls `/pub/health` on `port` until it answers `status`; the controller must keep running.
+async fn wait_for_health_status(child: &mut Child, port: u16, status: u16) {
+    let url = format!("http://127.0.0.1:{port}/pub/health");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Ok(resp) = http.get(&url).send().await {
+            if resp.status() == status {
+                return;
+            }
+        }
+        if let Ok(Some(exit)) = child.try_wait() {
+            panic!("controller exited with {exit} instead of answering {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "controller on {port} never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]

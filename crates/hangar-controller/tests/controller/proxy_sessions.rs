@@ -3,9 +3,11 @@
 
 use crate::support::*;
 use hangar_types::protocol::{ControllerToProxy, ProxyToController};
+use hangar_types::timing::KEY_LEASE;
 use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
 use serde_json::json;
+use std::time::Duration;
 
 /// Asks for the route of `token` and returns once the request is waiting: requests are handled in
 /// order, so when the answer to a later request arrives, the first one is pending.
@@ -159,6 +161,48 @@ async fn revoke_pushes_tokens_revoked_to_proxies() {
             })
             .await;
         assert_eq!(tokens, vec![connected.token.clone()]);
+        assert_eq!(proxy.route(&connected.token).await, None);
+        ctl.shutdown().await;
+    })
+    .await
+}
+
+/// A route carries how long its backend's key lease still runs, and so does the answer to every
+/// keepalive: a proxy cut off from the controllers must stop using the route before the key can go to
+/// another backend. A ready backend whose lease has run out has no route.
+#[tokio::test]
+async fn routes_and_keepalive_answers_carry_the_key_lease() {
+    timed(async {
+        let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("lease").await;
+        drone.make_ready(&connected.backend_id).await;
+        let route = proxy.route(&connected.token).await.expect("a route");
+        let left = route
+            .lease_remaining()
+            .expect("a keyed backend's route is bounded");
+        assert!(left <= KEY_LEASE && left > KEY_LEASE / 2, "{left:?}");
+
+        proxy
+            .send(&ProxyToController::KeepAlive {
+                backend: connected.backend_id.clone(),
+                connected: true,
+            })
+            .await;
+        let remaining_ms = proxy
+            .expect(|m| match m {
+                ControllerToProxy::KeyLease {
+                    backend,
+                    remaining_ms,
+                } if *backend == connected.backend_id => Some(*remaining_ms),
+                _ => None,
+            })
+            .await;
+        let remaining = Duration::from_millis(remaining_ms);
+        assert!(
+            remaining <= KEY_LEASE && remaining > KEY_LEASE / 2,
+            "{remaining:?}"
+        );
+
+        ctl.advance_clock(KEY_LEASE + Duration::from_secs(1)).await;
         assert_eq!(proxy.route(&connected.token).await, None);
         ctl.shutdown().await;
     })

@@ -448,6 +448,7 @@ impl Env {
                     .unwrap(),
             ),
             subdomain: None,
+            lease_remaining_ms: None,
         }
     }
 

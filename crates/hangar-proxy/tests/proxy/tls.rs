@@ -122,6 +122,7 @@ impl TlsEnv {
             user: Some("alice".into()),
             user_data: None,
             subdomain: None,
+            lease_remaining_ms: None,
         }
     }
 

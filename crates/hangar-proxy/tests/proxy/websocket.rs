@@ -4,7 +4,7 @@
 use crate::raw::{
     read_frame, read_response, wait_closed, ws_frame, ws_request, RawResponse, RawWsBackend, WS_KEY,
 };
-use crate::support::{eventually, with_timeout, Env};
+use crate::support::{eventually, with_timeout, Answer, Env};
 use futures_util::{SinkExt, StreamExt};
 use hangar_types::protocol::{ControllerToProxy, RouteInfo};
 use hangar_types::BackendId;
@@ -482,6 +482,39 @@ async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
             assert_eq!(open, 0, "{backend}");
         }
         drop((controller, upstream));
+    })
+    .await
+}
+
+/// A proxy that cannot get its route's key lease confirmed (cut off from the controllers, or the
+/// drone stopped renewing) stops routing to the backend once the lease the route was resolved under
+/// has run out: the open tunnel closes and the next request asks the controller again. Another
+/// backend may hold the key by then.
+#[tokio::test]
+async fn an_unconfirmed_key_lease_ends_the_route_and_its_tunnels() {
+    with_timeout(async {
+        let env = Env::start().await;
+        let mut route = env.route("b-lease");
+        route.lease_remaining_ms = Some(2_000);
+        let token = env.token_for(&route);
+        let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
+        // The fake controller never answers keepalives with `KeyLease`.
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            }
+        }
+        eventually("no open connections to the backend", || async {
+            env.proxy
+                .connection_counts(&route.backend_id)
+                .is_none_or(|c| c.open_connections == 0)
+        })
+        .await;
+        let asked = env.controller.route_requests(&token);
+        env.controller.set_answer(&token, Answer::NoRoute);
+        assert_eq!(env.status_of(&format!("/{token}/")).await, 410);
+        assert_eq!(env.controller.route_requests(&token), asked + 1);
     })
     .await
 }

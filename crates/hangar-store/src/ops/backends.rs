@@ -372,7 +372,7 @@ pub(super) async fn keepalive(
     id: &BackendId,
     proxy: NodeId,
     connected: bool,
-) -> StoreResult<bool> {
+) -> StoreResult<KeepAlive> {
     let clock = s.clock();
     let mut tx = s.writer.begin().await?;
     // 70 = terminated.
@@ -385,8 +385,15 @@ pub(super) async fn keepalive(
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 0 {
-        return Ok(false);
+        return Ok(KeepAlive::Gone);
     }
+    let lease_left: Option<i64> = sqlx::query_scalar(sql!(
+        "SELECT expires_at - {now} FROM backend_key WHERE backend_id = $2"
+    ))
+    .bind(clock)
+    .bind(id.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
     if connected {
         sqlx::query(sql!(
             "INSERT INTO backend_connection (backend_id, proxy_id, connected_until) \
@@ -407,7 +414,9 @@ pub(super) async fn keepalive(
             .await?;
     }
     tx.commit().await?;
-    Ok(true)
+    let lease_left =
+        lease_left.map(|left| std::time::Duration::from_millis(u64::try_from(left).unwrap_or(0)));
+    Ok(KeepAlive::Recorded { lease_left })
 }
 
 pub(super) async fn renew_key(s: &S, backend: &BackendId) -> StoreResult<bool> {

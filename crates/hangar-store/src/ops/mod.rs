@@ -69,7 +69,7 @@ async fn commit(s: &S, mut tx: Tx<'_>, events: Vec<Announced>) -> StoreResult<()
 }
 
 /// `impl Store`: every method but `events` calls the function of the same name in the module named
-/// before it (`module::name(self, args…)`).
+/// before it (`module::name(self, args…)`), within the call deadline (`src/deadline.rs`).
 macro_rules! impl_store {
     ($($module:ident::$name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
         #[async_trait]
@@ -79,7 +79,7 @@ macro_rules! impl_store {
             }
             $(
                 async fn $name(&self, $($arg: $ty),*) -> StoreResult<$ret> {
-                    $module::$name(self, $($arg),*).await
+                    self.within_deadline($module::$name(self, $($arg),*)).await
                 }
             )*
         }
@@ -103,7 +103,7 @@ impl_store! {
         id: &BackendId, kind: TerminationKind, reason: TerminationReason
     ) -> Option<ActionMessage>;
     backends::sweep_candidates(drone: NodeId) -> Vec<BackendId>;
-    backends::keepalive(id: &BackendId, proxy: NodeId, connected: bool) -> bool;
+    backends::keepalive(id: &BackendId, proxy: NodeId, connected: bool) -> KeepAlive;
     tokens::resolve_token(token: &ConnectionToken) -> TokenLookup;
     actions::pending_actions(drone: NodeId, limit: u32) -> Vec<ActionMessage>;
     actions::ack_action(drone: NodeId, action: &ActionId) -> ();

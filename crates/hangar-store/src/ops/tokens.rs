@@ -101,12 +101,19 @@ pub(super) async fn revoke_tokens(
     Ok(tokens)
 }
 
+/// Resolves a token to its backend's route. A ready backend whose key lease has run out on the store
+/// clock has no route (its drone may be frozen while its process runs, and the key may go to another
+/// backend at any moment); a route carries the time its backend's lease still runs (`lease_left`), so
+/// that a proxy cut off from the controllers stops using it before the key can change hands.
 pub(super) async fn resolve_token(s: &S, token: &ConnectionToken) -> StoreResult<TokenLookup> {
     if token.is_static() {
-        let row = sqlx::query(
-            "SELECT b.id, b.cluster, b.subdomain, b.last_status_number, b.cluster_address \
-             FROM backend b WHERE b.static_token = $1",
-        )
+        let row = sqlx::query(sql!(
+            "SELECT b.id, b.cluster, b.subdomain, b.last_status_number, b.cluster_address, \
+             k.expires_at - {now} AS lease_left \
+             FROM backend b LEFT JOIN backend_key k ON k.backend_id = b.id \
+             WHERE b.static_token = $2"
+        ))
+        .bind(s.clock())
         .bind(token.as_str())
         .fetch_optional(&s.reader)
         .await?;
@@ -119,8 +126,10 @@ pub(super) async fn resolve_token(s: &S, token: &ConnectionToken) -> StoreResult
     // Expired tokens are refused here even before cleanup deletes them.
     let row = sqlx::query(sql!(
         "SELECT t.secret, t.username, t.auth, \
-         b.id, b.cluster, b.subdomain, b.last_status_number, b.cluster_address \
+         b.id, b.cluster, b.subdomain, b.last_status_number, b.cluster_address, \
+         k.expires_at - {now} AS lease_left \
          FROM token t JOIN backend b ON b.id = t.backend_id \
+         LEFT JOIN backend_key k ON k.backend_id = b.id \
          WHERE t.token = $2 AND t.expires_at > {now}"
     ))
     .bind(s.clock())
@@ -136,7 +145,8 @@ pub(super) async fn resolve_token(s: &S, token: &ConnectionToken) -> StoreResult
     lookup(&row, SecretToken::new(secret), user, Some(auth))
 }
 
-/// Classifies a backend row (columns `id, cluster, subdomain, last_status_number, cluster_address`).
+/// Classifies a backend row (columns `id, cluster, subdomain, last_status_number, cluster_address,
+/// lease_left`; `lease_left` is null for a backend without a key).
 fn lookup(
     row: &Row,
     secret_token: SecretToken,
@@ -154,6 +164,14 @@ fn lookup(
     if number > ready {
         return Ok(TokenLookup::NotFound);
     }
+    let lease_left: Option<i64> = row.try_get("lease_left")?;
+    let lease_remaining_ms = match lease_left {
+        None => None,
+        Some(left) => match u64::try_from(left) {
+            Ok(left) if left > 0 => Some(left),
+            _ => return Ok(TokenLookup::NotFound),
+        },
+    };
     let address: Option<String> = row.try_get("cluster_address")?;
     let address: SocketAddr = match address {
         Some(a) => parse("backend address", &a)?,
@@ -171,5 +189,6 @@ fn lookup(
         user,
         user_data,
         subdomain: row.try_get("subdomain")?,
+        lease_remaining_ms,
     }))
 }

@@ -8,8 +8,11 @@
 //! `CI`, where they fail.
 
 use super::{run_then_teardown, suite, Harness, TEST_TIMEOUT};
+use hangar_chaos::relay::{Relay, RelayMode};
 use hangar_store::postgres::PostgresStore;
-use hangar_store::{Acquire, KeyLookup, KeyRef, NewToken, StateUpdate, Store, StoreEvent};
+use hangar_store::{
+    Acquire, KeyLookup, KeyRef, NewToken, StateUpdate, Store, StoreError, StoreEvent,
+};
 use hangar_test_support::postgres::TestDatabase;
 use hangar_types::token::{ConnectionToken, SecretToken};
 use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
@@ -467,4 +470,54 @@ async fn warm_claims_across_stores_take_distinct_backends() {
         assert_eq!((counted.ready, counted.claimed), (0, 10));
     })
     .await;
+}
+
+/// A store call whose link to the database black-holes (the TCP connection stays up, the bytes
+/// vanish) fails at its deadline with a retryable error, and once the link passes again the store
+/// works: the connections the abandoned calls left mid-exchange are closed, not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_holed_calls_end_at_their_deadline_and_the_pool_recovers() {
+    with_database(|url| async move {
+        let url = url::Url::parse(&url).unwrap();
+        let (relay, url) = Relay::start_for_postgres_url(&url).await.unwrap();
+        let store = Arc::new(PostgresStore::connect(url.as_str()).await.unwrap());
+        concurrent_health(&store, 5).await;
+        store.set_call_deadline(Duration::from_secs(2));
+
+        relay.set(RelayMode::BlackHole);
+        for outcome in concurrent_health(&store, 5).await {
+            let err = outcome.unwrap_err();
+            assert!(
+                matches!(err, StoreError::DeadlineExceeded(_)),
+                "expected the deadline, got {err}"
+            );
+            assert!(err.is_retryable(), "{err}");
+        }
+        relay.set(RelayMode::Pass);
+        // Calls may still fail (retryably) while the abandoned connections are being closed.
+        loop {
+            match store.health().await {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() => {}
+                Err(e) => panic!("not retryable: {e}"),
+            }
+        }
+        // Dropped, not closed: `close` waits for every connection to come back, which after a black
+        // hole sometimes takes most of a minute (seen in 1 of 5 runs; not investigated yet).
+        drop(store);
+        drop(relay);
+    })
+    .await;
+}
+
+async fn concurrent_health(store: &Arc<PostgresStore>, n: usize) -> Vec<Result<(), StoreError>> {
+    let calls = (0..n).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.health().await })
+    });
+    let mut outcomes = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        outcomes.push(call.await.unwrap());
+    }
+    outcomes
 }
