@@ -82,22 +82,28 @@ async fn root_redirects_when_configured() {
     .await
 }
 
+/// What a test expects of a response body.
+type BodyCheck = fn(&str) -> bool;
+
 /// The root without a redirect, an empty token and an unknown token: a 4xx with the general
-/// headers, no backend id and a body saying why.
+/// headers and no backend id; the root and the unknown token say why.
 #[tokio::test]
 async fn requests_without_a_known_token_are_4xx_with_general_headers() {
     with_env(async |env| {
-        for (path, status, body) in [
-            ("/", 400, "no root redirect"),
-            ("//x", 400, ""),
-            ("/not-a-token/x", 410, "unknown or expired token\n"),
-        ] {
+        let rows: [(&str, u16, BodyCheck); 3] = [
+            ("/", 400, |body| body.contains("no root redirect")),
+            ("//x", 400, |_| true),
+            ("/not-a-token/x", 410, |body| {
+                body == "unknown or expired token\n"
+            }),
+        ];
+        for (path, status, body_ok) in rows {
             let response = env.get(path).send().await.unwrap();
             assert_eq!(response.status(), status, "{path}");
             assert_general_headers(&response);
             assert!(response.headers().get("x-plane-backend-id").is_none());
-            let text = response.text().await.unwrap();
-            assert!(text.contains(body), "{path}: {text}");
+            let body = response.text().await.unwrap();
+            assert!(body_ok(&body), "{path}: {body}");
         }
     })
     .await
