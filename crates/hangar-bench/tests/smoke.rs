@@ -60,6 +60,35 @@ fn check(report: &Report, name: &str, samples: usize) {
     assert_eq!(m.ratio.is_some(), m.baseline.is_some(), "{name}: {m:?}");
 }
 
+/// Each metric of `names` has `samples` values ([`check`]).
+fn check_each(report: &Report, names: &[&str], samples: usize) {
+    for name in names {
+        check(report, name, samples);
+    }
+}
+
+/// No note of the report says something failed.
+fn assert_nothing_failed(report: &Report) {
+    let failed: Vec<&String> = report
+        .notes
+        .iter()
+        .filter(|n| n.contains("failed"))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+/// The reconnect scenario on `store` with `n` calls, checked for its `n` reconnects and health calls
+/// (metrics named with `prefix`).
+async fn reconnect_report(store: StoreKind, prefix: &str, n: usize) -> Report {
+    let report = run_with(Scenario::Reconnect, n, |o| o.store = Some(store)).await;
+    check_each(
+        &report,
+        &[&format!("{prefix}_reconnect"), &format!("{prefix}_health")],
+        n,
+    );
+    report
+}
+
 fn options(n: usize) -> BenchOptions {
     BenchOptions {
         n: Some(n),
@@ -68,16 +97,16 @@ fn options(n: usize) -> BenchOptions {
     }
 }
 
+/// [`run`] with [`options`] changed by `adjust`.
+async fn run_with(scenario: Scenario, n: usize, adjust: impl FnOnce(&mut BenchOptions)) -> Report {
+    let mut options = options(n);
+    adjust(&mut options);
+    run(scenario, options).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spawn_warm_scenario_reports_claims_beside_cold_spawns() {
-    let report = run(
-        Scenario::Spawn,
-        BenchOptions {
-            warm: true,
-            ..options(2)
-        },
-    )
-    .await;
+    let report = run_with(Scenario::Spawn, 2, |o| o.warm = true).await;
     check(&report, "reconnect", 4);
     for name in [
         "claim_connect_to_ready",
@@ -110,13 +139,9 @@ async fn spawn_scenario_reports_each_spawn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spawn_scenario_with_docker_measures_or_says_why_not() {
-    let report = run(
-        Scenario::Spawn,
-        BenchOptions {
-            executor: Some(hangar_types::executable::ExecutorKind::Docker),
-            ..options(2)
-        },
-    )
+    let report = run_with(Scenario::Spawn, 2, |o| {
+        o.executor = Some(hangar_types::executable::ExecutorKind::Docker)
+    })
     .await;
     if report.metrics.is_empty() {
         assert!(
@@ -136,16 +161,7 @@ async fn spawn_scenario_with_docker_measures_or_says_why_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_scenario_reports_every_call() {
-    let report = run(
-        Scenario::Reconnect,
-        BenchOptions {
-            store: Some(StoreKind::Sqlite),
-            ..options(20)
-        },
-    )
-    .await;
-    check(&report, "sqlite_reconnect", 20);
-    check(&report, "sqlite_health", 20);
+    let report = reconnect_report(StoreKind::Sqlite, "sqlite", 20).await;
     check(&report, "sqlite_reconnect_calls_per_s", 1);
     assert!(
         metric(&report, "sqlite_reconnect_calls_per_s")
@@ -153,11 +169,7 @@ async fn reconnect_scenario_reports_every_call() {
             .median
             > 0.0
     );
-    assert!(
-        report.notes.iter().all(|n| !n.contains("failed")),
-        "{:?}",
-        report.notes
-    );
+    assert_nothing_failed(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,16 +181,7 @@ async fn reconnect_scenario_on_postgres_when_configured() {
         );
         return;
     }
-    let report = run(
-        Scenario::Reconnect,
-        BenchOptions {
-            store: Some(StoreKind::Postgres),
-            ..options(10)
-        },
-    )
-    .await;
-    check(&report, "postgres_reconnect", 10);
-    check(&report, "postgres_health", 10);
+    reconnect_report(StoreKind::Postgres, "postgres", 10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,69 +198,53 @@ async fn proxy_http_scenario_reports_every_request() {
     if hangar_bench::nginx::find().is_some() {
         check(&report, "nginx_latency", 50);
     }
-    assert!(
-        report.notes.iter().all(|n| !n.contains("failed")),
-        "{:?}",
-        report.notes
-    );
+    assert_nothing_failed(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_ws_scenario_reports_round_trips_and_memory() {
-    let report = run(
-        Scenario::ProxyWs,
-        BenchOptions {
-            round_trips: Some(2),
-            ..options(3)
-        },
-    )
-    .await;
-    check(&report, "direct_rtt", 6);
-    check(&report, "hangar_rtt", 6);
-    check(&report, "proxy_rss_idle", 1);
-    check(&report, "proxy_rss_with_3_ws", 1);
-    check(&report, "proxy_bytes_per_idle_ws", 1);
+    let report = run_with(Scenario::ProxyWs, 3, |o| o.round_trips = Some(2)).await;
+    check_each(&report, &["direct_rtt", "hangar_rtt"], 6);
+    let memory = [
+        "proxy_rss_idle",
+        "proxy_rss_with_3_ws",
+        "proxy_bytes_per_idle_ws",
+    ];
+    check_each(&report, &memory, 1);
     assert!(metric(&report, "proxy_rss_idle").summary.median > 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_scenario_reports_spawns_and_statements() {
-    let report = run(
-        Scenario::ControlPlane,
-        BenchOptions {
-            drones: Some(2),
-            steady_seconds: Some(1),
-            ..options(6)
-        },
-    )
+    let report = run_with(Scenario::ControlPlane, 6, |o| {
+        o.drones = Some(2);
+        o.steady_seconds = Some(1);
+    })
     .await;
-    check(&report, "connect_call", 6);
-    check(&report, "connect_to_ready", 6);
-    check(&report, "health", 6);
-    check(&report, "connect_to_ready_unloaded", 6);
-    check(&report, "health_unloaded", 6);
-    check(&report, "spawns_per_s", 1);
-    check(&report, "steady_cpu", 1);
-    check(&report, "rss_with_backends", 1);
+    let calls = [
+        "connect_call",
+        "connect_to_ready",
+        "health",
+        "connect_to_ready_unloaded",
+        "health_unloaded",
+    ];
+    check_each(&report, &calls, 6);
+    check_each(
+        &report,
+        &["spawns_per_s", "steady_cpu", "rss_with_backends"],
+        1,
+    );
     let statements = metric(&report, "statements_per_connect").summary.median;
     // A connect stores a backend, a key, a token and an action, and four state changes: many statements.
     assert!(statements >= 3.0, "statements per connect: {statements}");
-    assert!(
-        report.notes.iter().all(|n| !n.contains("failed")),
-        "{:?}",
-        report.notes
-    );
+    assert_nothing_failed(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logging_backend_run_is_reported_beside_the_quiet_one() {
-    let report = run(
-        Scenario::ProxyHttp,
-        BenchOptions {
-            backend_logs_per_s: Some(1000),
-            ..options(50)
-        },
-    )
+    let report = run_with(Scenario::ProxyHttp, 50, |o| {
+        o.backend_logs_per_s = Some(1000)
+    })
     .await;
     check(&report, "hangar_latency", 50);
     check(&report, "logging_hangar_latency", 50);

@@ -113,6 +113,9 @@ pub fn process_executable(env: &[(&str, &str)]) -> Executable {
     })
 }
 
+/// The environment of a test backend that ignores SIGTERM (it ends only when killed).
+pub const IGNORING_SIGTERM: &[(&str, &str)] = &[("TEST_BACKEND_SIGTERM", "ignore")];
+
 /// The terminal state of a backend that left no message and was not killed for memory.
 pub fn terminated_state(
     last_status: BackendStatus,
@@ -128,6 +131,17 @@ pub fn terminated_state(
         message: None,
         oom_killed: false,
     }
+}
+
+/// The terminal state of a ready backend the controller asked to stop softly, which exited with
+/// `exit_code`.
+pub fn soft_terminated_state(exit_code: i32) -> BackendState {
+    terminated_state(
+        BackendStatus::Ready,
+        Some(TerminationKind::Soft),
+        Some(TerminationReason::External),
+        Some(exit_code),
+    )
 }
 
 /// A TCP port that was free a moment ago on 127.0.0.1, for a child process to bind (in-process

@@ -81,6 +81,60 @@ pub async fn ws_echo(ws: &mut Ws, text: &str) {
     assert_eq!(echoed.into_text().unwrap().as_str(), text);
 }
 
+/// The longest a test of this crate may take.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Runs `test`, failing it after [`TEST_TIMEOUT`].
+pub async fn within<T>(test: impl std::future::Future<Output = T>) -> T {
+    hangar_test_support::with_timeout(TEST_TIMEOUT, test).await
+}
+
+/// Runs `test` against a started [`TestEnv`] ([`TestEnv::start`]) and shuts the environment down
+/// after it.
+pub async fn with_env<T>(test: impl AsyncFnOnce(&mut TestEnv) -> T) -> T {
+    let mut env = TestEnv::start().await;
+    let result = test(&mut env).await;
+    env.shutdown().await;
+    result
+}
+
+/// Runs `test` against `controllers` controllers on a fresh PostgreSQL database
+/// ([`TestEnv::postgres`]) and shuts them down after it; does nothing when no PostgreSQL is
+/// configured.
+pub async fn with_postgres(controllers: usize, test: impl AsyncFnOnce(&mut TestEnv)) {
+    let Some(mut env) = TestEnv::postgres(controllers).await else {
+        return;
+    };
+    test(&mut env).await;
+    env.shutdown().await;
+}
+
+/// [`with_postgres`] with two controllers, a drone attached to controller 0 and the proxy to
+/// controller `proxy_on`.
+pub async fn with_postgres_pair(proxy_on: usize, test: impl AsyncFnOnce(&mut TestEnv)) {
+    with_postgres(2, async |env| {
+        env.add_drone_on(0, |_| {}).await;
+        env.start_proxy_on(proxy_on).await;
+        test(env).await;
+    })
+    .await;
+}
+
+/// Fails unless `result` is an API error with `status` and `kind`.
+pub fn assert_api_error<T: std::fmt::Debug>(
+    result: Result<T, hangar_client::ClientError>,
+    status: u16,
+    kind: hangar_types::api::ApiErrorKind,
+) {
+    match result {
+        Err(hangar_client::ClientError::Api { status: got, error }) => {
+            assert_eq!(got.as_u16(), status, "{error}");
+            assert_eq!(error.kind, kind, "{error}");
+        }
+        other => panic!("expected a {status} {kind:?}, got {other:?}"),
+    }
+}
+
 /// Where the controllers keep their state.
 enum Backing {
     SqliteMemory,
@@ -222,6 +276,21 @@ impl TestEnv {
         self.add_drone_on(0, tweak).await
     }
 
+    /// Starts a process drone named `name` keeping its state in `state_file`; calling it again after
+    /// that drone's shutdown restarts the same drone.
+    pub async fn add_drone_with_state(
+        &mut self,
+        state_file: &std::path::Path,
+        name: &hangar_types::DroneName,
+    ) -> usize {
+        let (state_file, name) = (state_file.to_path_buf(), name.clone());
+        self.add_drone(move |c| {
+            c.state_file = Some(state_file);
+            c.name = name;
+        })
+        .await
+    }
+
     /// Starts a process drone attached to controller `controller`; `tweak` adjusts its config. Waits
     /// until it can take backends (its heartbeat is visible through that controller).
     pub async fn add_drone_on(
@@ -342,14 +411,48 @@ impl TestEnv {
         }
     }
 
+    /// `GET url` with the environment's HTTP client; fails the test when no response comes.
+    pub async fn get(&self, url: impl reqwest::IntoUrl) -> reqwest::Response {
+        self.http.get(url).send().await.unwrap()
+    }
+
+    /// `POST url` (empty body) with the environment's HTTP client.
+    pub async fn post(&self, url: impl reqwest::IntoUrl) -> reqwest::Response {
+        self.http.post(url).send().await.unwrap()
+    }
+
+    /// `GET url`, expecting a JSON body.
+    pub async fn get_json(&self, url: impl reqwest::IntoUrl) -> serde_json::Value {
+        self.get(url).await.json().await.unwrap()
+    }
+
     pub async fn connect(&self, req: &ConnectRequest) -> ConnectResponse {
         self.client.connect(req).await.unwrap()
+    }
+
+    /// Connects to key `key` (see [`TestEnv::connect_request`]) through controller `controller`.
+    pub async fn connect_at(&self, controller: usize, key: &str) -> ConnectResponse {
+        let req = self.connect_request(key, &[]);
+        self.client_at(controller).connect(&req).await.unwrap()
+    }
+
+    /// Connects to key `key` through controller `connect_via` and waits until the backend is ready as
+    /// seen through controller `ready_via`.
+    pub async fn connect_ready_at(
+        &self,
+        connect_via: usize,
+        ready_via: usize,
+        key: &str,
+    ) -> ConnectResponse {
+        let resp = self.connect_at(connect_via, key).await;
+        self.ready_at(ready_via, &resp.backend_id).await;
+        resp
     }
 
     /// The environment the backend behind `url` (a connect's token URL) sees, from the test backend's
     /// `GET /env`, through the proxy.
     pub async fn backend_env(&self, url: &str) -> serde_json::Value {
-        let resp = self.http.get(format!("{url}env")).send().await.unwrap();
+        let resp = self.get(format!("{url}env")).await;
         assert_eq!(resp.status(), 200, "GET {url}env");
         resp.json().await.unwrap()
     }

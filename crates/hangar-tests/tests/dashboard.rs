@@ -9,18 +9,12 @@
 use fantoccini::{Client, ClientBuilder, Locator};
 use hangar_controller::ControllerConfig;
 use hangar_store::sqlite::SqliteStore;
-use hangar_tests::{eventually, free_port, TestEnv, WAIT};
+use hangar_tests::{eventually, free_port, within, TestEnv};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT * 3, f)
-        .await
-        .expect("test timed out")
-}
 
 /// The first of `names` found on `PATH`, then in `/usr/bin`.
 fn find_program(names: &[&str]) -> Option<PathBuf> {
@@ -128,6 +122,36 @@ impl Drop for ChromeDriver {
     }
 }
 
+/// Runs `test` with [`within`] and a started ChromeDriver, passing the browser its sessions run; does
+/// nothing where chromedriver or a browser is missing.
+async fn with_browser(test: impl AsyncFnOnce(&ChromeDriver, &Path)) {
+    let Some((driver_path, browser)) = browser_programs() else {
+        return;
+    };
+    within(async {
+        let driver = ChromeDriver::start(&driver_path).await;
+        test(&driver, &browser).await;
+    })
+    .await;
+}
+
+/// A browser session of `driver` showing `url`.
+async fn open_page(driver: &ChromeDriver, browser: &Path, url: &str) -> Client {
+    let client = driver.session(browser).await;
+    client.goto(url).await.unwrap();
+    client
+}
+
+/// Clicks the element matched by the CSS selector `css` (`what`), retrying a click that raced a
+/// re-render of the page.
+async fn click(client: &Client, css: &str, what: &str) {
+    eventually(&format!("a click on {what}"), || async {
+        let element = client.find(Locator::Css(css)).await.ok()?;
+        element.click().await.ok()
+    })
+    .await;
+}
+
 /// Runs `script` in the page (atomically, so a table re-rendered meanwhile cannot make it stale).
 async fn page_value(client: &Client, script: &str, args: Vec<Value>) -> Value {
     client
@@ -150,21 +174,13 @@ async fn shown_status(client: &Client, backend: &str) -> Option<String> {
 
 #[tokio::test]
 async fn dashboard_shows_a_backend_and_terminates_it_from_the_page() {
-    let Some((driver_path, browser)) = browser_programs() else {
-        return;
-    };
-    within(async {
-        let driver = ChromeDriver::start(&driver_path).await;
+    with_browser(async |driver, browser| {
         let env = TestEnv::start().await;
         let backend = env
             .connect_ready(&env.connect_request("dashboard-1", &[]))
             .await
             .backend_id;
-        let client = driver.session(&browser).await;
-        client
-            .goto(&format!("{}dashboard", env.controller_url()))
-            .await
-            .unwrap();
+        let client = open_page(driver, browser, &format!("{}dashboard", env.controller_url())).await;
         assert_eq!(client.title().await.unwrap(), "Hangar dashboard");
 
         eventually("the page to show the backend as ready", || async {
@@ -196,11 +212,7 @@ async fn dashboard_shows_a_backend_and_terminates_it_from_the_page() {
             "#backends button.terminate[data-backend-id=\"{}\"]",
             backend.as_str()
         );
-        eventually("a click on the Terminate button", || async {
-            let element = client.find(Locator::Css(&button)).await.ok()?;
-            element.click().await.ok()
-        })
-        .await;
+        click(&client, &button, "the Terminate button").await;
         env.terminated(&backend).await;
         eventually("the page to show the backend as terminated", || async {
             (shown_status(&client, backend.as_str()).await.as_deref() == Some("terminated"))
@@ -224,11 +236,7 @@ async fn dashboard_shows_a_backend_and_terminates_it_from_the_page() {
 
 #[tokio::test]
 async fn dashboard_asks_for_the_bearer_token_and_keeps_it_for_the_session() {
-    let Some((driver_path, browser)) = browser_programs() else {
-        return;
-    };
-    within(async {
-        let driver = ChromeDriver::start(&driver_path).await;
+    with_browser(async |driver, browser| {
         let config = ControllerConfig {
             bearer_token: Some("t0ken-<b>".into()),
             ..ControllerConfig::default()
@@ -239,8 +247,7 @@ async fn dashboard_asks_for_the_bearer_token_and_keeps_it_for_the_session() {
             .await
             .unwrap();
         let page = format!("http://{}/dashboard", controller.local_addr());
-        let client = driver.session(&browser).await;
-        client.goto(&page).await.unwrap();
+        let client = open_page(driver, browser, &page).await;
 
         let form_shown = "return !document.getElementById('auth').hidden \
                           && document.getElementById('main').hidden;";
@@ -307,11 +314,7 @@ async fn text_of(client: &Client, css: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_a_backends_live_log_and_event_timeline() {
-    let Some((driver_path, browser)) = browser_programs() else {
-        return;
-    };
-    within(async {
-        let driver = ChromeDriver::start(&driver_path).await;
+    with_browser(async |driver, browser| {
         let env = TestEnv::start().await;
         let resp = env
             .connect_ready(&env.connect_request("dashboard-logs", &[]))
@@ -327,20 +330,17 @@ async fn dashboard_shows_a_backends_live_log_and_event_timeline() {
         print("written before the page opened").await;
 
         // From the backends table to the backend's page through its link.
-        let client = driver.session(&browser).await;
-        client
-            .goto(&format!("{}dashboard", env.controller_url()))
-            .await
-            .unwrap();
+        let client = open_page(
+            driver,
+            browser,
+            &format!("{}dashboard", env.controller_url()),
+        )
+        .await;
         let link = format!(
             "#backends tr[data-backend-id=\"{}\"] td.id a",
             backend.as_str()
         );
-        eventually("a click on the backend's link", || async {
-            let element = client.find(Locator::Css(&link)).await.ok()?;
-            element.click().await.ok()
-        })
-        .await;
+        click(&client, &link, "the backend's link").await;
         eventually("the backend's page", || async {
             (text_of(&client, "#backend-id").await == backend.as_str()).then_some(())
         })

@@ -29,7 +29,7 @@ async fn docker_backend_through_the_proxy() {
         assert!(resp.spawned);
 
         // HTTP through the proxy reaches the container.
-        let body = env.http.get(&resp.url).send().await.unwrap();
+        let body = env.get(&resp.url).await;
         assert_eq!(body.status(), 200);
         assert_eq!(body.text().await.unwrap(), "hello from hangar-test-backend");
         let vars = env.backend_env(&resp.url).await;

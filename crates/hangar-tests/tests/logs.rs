@@ -5,18 +5,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use futures_util::StreamExt;
-use hangar_client::ClientError;
-use hangar_tests::{eventually, shell_executable, TestEnv, WAIT};
+use hangar_tests::{
+    assert_api_error, eventually, shell_executable, with_env, with_postgres_pair, within, TestEnv,
+    WAIT,
+};
 use hangar_types::api::{ApiErrorKind, ConnectRequest};
 use hangar_types::executable::Executable;
 use hangar_types::logs::{LogLine, LogReadEnd, LogReadEndKind, LogReadItem, LogStream};
 use hangar_types::{BackendId, BackendStatus};
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT * 3, f)
-        .await
-        .expect("test timed out")
-}
 
 /// A connect request whose backend runs `script` in `sh` (with `$BACKEND` the test backend).
 fn shell_request(env: &TestEnv, key: &str, script: &str) -> ConnectRequest {
@@ -40,7 +36,7 @@ async fn print(env: &TestEnv, url: &str, stream: &str, text: &str) {
 /// `GET /ctrl/b/{backend}/logs?{query}` on controller `i`: status and lines.
 async fn logs_at(env: &TestEnv, i: usize, backend: &str, query: &str) -> (u16, Vec<LogLine>) {
     let url = format!("{}ctrl/b/{backend}/logs?{query}", env.controller_url_at(i));
-    let resp = env.http.get(url).send().await.unwrap();
+    let resp = env.get(url).await;
     let status = resp.status().as_u16();
     let body = resp.text().await.unwrap();
     if status != 200 {
@@ -88,7 +84,7 @@ impl Follow {
             "{}ctrl/b/{backend}/logs?follow=true&{query}",
             env.controller_url_at(i)
         );
-        let resp = env.http.get(url).send().await.unwrap();
+        let resp = env.get(url).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
         Follow {
@@ -140,19 +136,18 @@ impl Follow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_of_both_streams_are_kept_in_order_and_followed() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let resp = env.connect_ready(&env.connect_request("logs", &[])).await;
         let (id, url) = (resp.backend_id.clone(), resp.url.clone());
         // Each line is kept before the next is written, so the order across streams is known.
-        print(&env, &url, "stdout", "out-1").await;
-        wait_for_line(&env, &id, "out-1").await;
-        print(&env, &url, "stderr", "err-1").await;
-        wait_for_line(&env, &id, "err-1").await;
-        print(&env, &url, "stdout", "out-2").await;
-        wait_for_line(&env, &id, "out-2").await;
+        print(env, &url, "stdout", "out-1").await;
+        wait_for_line(env, &id, "out-1").await;
+        print(env, &url, "stderr", "err-1").await;
+        wait_for_line(env, &id, "err-1").await;
+        print(env, &url, "stdout", "out-2").await;
+        wait_for_line(env, &id, "out-2").await;
 
-        let (status, all) = logs_at(&env, 0, id.as_str(), "").await;
+        let (status, all) = logs_at(env, 0, id.as_str(), "").await;
         assert_eq!(status, 200);
         let ours: Vec<_> = texts(&all)
             .into_iter()
@@ -167,12 +162,12 @@ async fn lines_of_both_streams_are_kept_in_order_and_followed() {
             ]
         );
         assert!(all.windows(2).all(|w| w[0].time <= w[1].time));
-        let (_, tail) = logs_at(&env, 0, id.as_str(), "tail=1").await;
+        let (_, tail) = logs_at(env, 0, id.as_str(), "tail=1").await;
         assert_eq!(texts(&tail), [(LogStream::Stdout, "out-2")]);
-        let (_, recent) = logs_at(&env, 0, id.as_str(), "since=1h&tail=2").await;
+        let (_, recent) = logs_at(env, 0, id.as_str(), "since=1h&tail=2").await;
         assert_eq!(recent.len(), 2);
         let future = hangar_types::Millis::now().0 + 3_600_000;
-        let (_, none) = logs_at(&env, 0, id.as_str(), &format!("since={future}")).await;
+        let (_, none) = logs_at(env, 0, id.as_str(), &format!("since={future}")).await;
         assert!(none.is_empty());
         // RFC 3339 times too (`+` percent-encoded, as a client sends it).
         let rfc3339 = |t: time::OffsetDateTime| {
@@ -183,25 +178,25 @@ async fn lines_of_both_streams_are_kept_in_order_and_followed() {
         };
         let hour = time::Duration::hours(1);
         let in_an_hour = rfc3339(time::OffsetDateTime::now_utc() + hour);
-        let (status, none) = logs_at(&env, 0, id.as_str(), &format!("since={in_an_hour}")).await;
+        let (status, none) = logs_at(env, 0, id.as_str(), &format!("since={in_an_hour}")).await;
         assert_eq!((status, none.len()), (200, 0));
         let an_hour_ago = rfc3339(time::OffsetDateTime::now_utc() - hour);
-        let (_, all_since) = logs_at(&env, 0, id.as_str(), &format!("since={an_hour_ago}")).await;
+        let (_, all_since) = logs_at(env, 0, id.as_str(), &format!("since={an_hour_ago}")).await;
         assert_eq!(all_since, all);
 
         // Follow: the kept tail first, then each new line, until the backend ends.
-        let mut follow = Follow::open(&env, 0, &id, "tail=1").await;
+        let mut follow = Follow::open(env, 0, &id, "tail=1").await;
         assert_eq!(follow.next().await.unwrap().line, "out-2");
-        print(&env, &url, "stderr", "err-live").await;
+        print(env, &url, "stderr", "err-live").await;
         let live = follow.until("err-live").await;
         assert_eq!(live.stream, LogStream::Stderr);
-        print(&env, &url, "stdout", "last words").await;
+        print(env, &url, "stdout", "last words").await;
         follow.until("last words").await;
         env.soft_terminated(&id).await;
         assert_eq!(follow.end().await.end, LogReadEndKind::BackendEnded);
 
         // Kept after the exit.
-        let (status, after) = logs_at(&env, 0, id.as_str(), "").await;
+        let (status, after) = logs_at(env, 0, id.as_str(), "").await;
         assert_eq!(status, 200);
         assert!(after.iter().any(|l| l.line == "last words"));
 
@@ -213,27 +208,20 @@ async fn lines_of_both_streams_are_kept_in_order_and_followed() {
         assert_eq!(statuses.last(), Some(&BackendStatus::Terminated));
         assert_eq!(events.drone, env.drones[0].name().clone());
         assert_eq!(events.error_lines, None);
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_and_unreachable_drones_are_answered_clearly() {
-    within(async {
-        let mut env = TestEnv::start().await;
-        let (status, body) = logs_at(&env, 0, "Not_An_Id", "").await;
+    within(with_env(async |env| {
+        let (status, body) = logs_at(env, 0, "Not_An_Id", "").await;
         assert_eq!(status, 400, "{body:?}");
         let unknown = BackendId::random();
-        let (status, body) = logs_at(&env, 0, unknown.as_str(), "").await;
+        let (status, body) = logs_at(env, 0, unknown.as_str(), "").await;
         assert_eq!(status, 404, "{body:?}");
-        match env.client.backend_events(&unknown).await {
-            Err(ClientError::Api { status, error }) => {
-                assert_eq!(status.as_u16(), 404);
-                assert_eq!(error.kind, ApiErrorKind::NotFound);
-            }
-            other => panic!("expected 404, got {other:?}"),
-        }
+        let events = env.client.backend_events(&unknown).await;
+        assert_api_error(events, 404, ApiErrorKind::NotFound);
         let resp = env
             .connect_ready(&env.connect_request("bad-input", &[]))
             .await;
@@ -247,7 +235,7 @@ async fn bad_requests_and_unreachable_drones_are_answered_clearly() {
             "follow=perhaps",
             "grep=x",
         ] {
-            let (status, body) = logs_at(&env, 0, &id, query).await;
+            let (status, body) = logs_at(env, 0, &id, query).await;
             assert_eq!(status, 400, "{query}: {body:?}");
             assert!(body[0].line.starts_with("InvalidRequest: "), "{body:?}");
         }
@@ -256,7 +244,7 @@ async fn bad_requests_and_unreachable_drones_are_answered_clearly() {
         let drone = env.drones.remove(0);
         drone.shutdown().await;
         let body = eventually("503 once the drone's session is gone", || async {
-            let (status, body) = logs_at(&env, 0, &id, "").await;
+            let (status, body) = logs_at(env, 0, &id, "").await;
             (status == 503).then_some(body)
         })
         .await;
@@ -265,17 +253,15 @@ async fn bad_requests_and_unreachable_drones_are_answered_clearly() {
             body[0].line.contains("last known status: terminated"),
             "{body:?}"
         );
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_crashes_at_startup_shows_why() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let req = shell_request(
-            &env,
+            env,
             "crash",
             "echo starting; echo 'fatal: missing DATABASE_URL' >&2; exit 3",
         );
@@ -288,10 +274,9 @@ async fn a_backend_that_crashes_at_startup_shows_why() {
             texts(&lines),
             [(LogStream::Stderr, "fatal: missing DATABASE_URL")]
         );
-        let (_, all) = logs_at(&env, 0, resp.backend_id.as_str(), "").await;
+        let (_, all) = logs_at(env, 0, resp.backend_id.as_str(), "").await;
         assert_eq!(texts(&all)[0], (LogStream::Stdout, "starting"));
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
@@ -302,12 +287,7 @@ async fn logs_survive_a_drone_restart() {
         let dir = tempfile::tempdir().unwrap();
         let state_file = dir.path().join("drone.db");
         let name: hangar_types::DroneName = "dr-logs-restart".parse().unwrap();
-        let (file, drone_name) = (state_file.clone(), name.clone());
-        env.add_drone(move |c| {
-            c.state_file = Some(file);
-            c.name = drone_name;
-        })
-        .await;
+        env.add_drone_with_state(&state_file, &name).await;
         let req = shell_request(&env, "restart", "echo 'before the restart'; exit 0");
         let resp = env.connect(&req).await;
         env.terminated(&resp.backend_id).await;
@@ -315,11 +295,7 @@ async fn logs_survive_a_drone_restart() {
         env.drones.remove(0).shutdown().await;
         assert!(dir.path().join("drone.db.logs").is_dir());
 
-        env.add_drone(move |c| {
-            c.state_file = Some(state_file);
-            c.name = name;
-        })
-        .await;
+        env.add_drone_with_state(&state_file, &name).await;
         let (status, lines) = logs_at(&env, 0, resp.backend_id.as_str(), "").await;
         assert_eq!(status, 200, "{lines:?}");
         assert_eq!(texts(&lines), [(LogStream::Stdout, "before the restart")]);
@@ -330,28 +306,18 @@ async fn logs_survive_a_drone_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_works_through_the_other_controller_of_a_postgres_pair() {
-    within(async {
-        let Some(mut env) = TestEnv::postgres(2).await else {
-            return;
-        };
-        env.add_drone_on(0, |_| {}).await;
-        env.start_proxy_on(0).await;
-        let resp = env
-            .client_at(1)
-            .connect(&env.connect_request("pair", &[]))
-            .await
-            .unwrap();
-        env.ready_at(1, &resp.backend_id).await;
-        print(&env, &resp.url, "stdout", "hello pair").await;
+    within(with_postgres_pair(0, async |env| {
+        let resp = env.connect_ready_at(1, 1, "pair").await;
+        print(env, &resp.url, "stdout", "hello pair").await;
         eventually("the line through controller 1", || async {
-            let (status, lines) = logs_at(&env, 1, resp.backend_id.as_str(), "").await;
+            let (status, lines) = logs_at(env, 1, resp.backend_id.as_str(), "").await;
             (status == 200 && lines.iter().any(|l| l.line == "hello pair")).then_some(())
         })
         .await;
 
         // Controller 1 does not hold the drone's session: it forwards the read to controller 0.
-        let mut follow = Follow::open(&env, 1, &resp.backend_id, "tail=0").await;
-        print(&env, &resp.url, "stderr", "followed across controllers").await;
+        let mut follow = Follow::open(env, 1, &resp.backend_id, "tail=0").await;
+        print(env, &resp.url, "stderr", "followed across controllers").await;
         follow.until("followed across controllers").await;
         env.client_at(1)
             .soft_terminate(&resp.backend_id)
@@ -369,30 +335,27 @@ async fn follow_works_through_the_other_controller_of_a_postgres_pair() {
             events.events.last().map(|e| e.status),
             Some(BackendStatus::Terminated)
         );
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_that_is_dropped_stops_on_the_drone() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let resp = env
             .connect_ready(&env.connect_request("dropped", &[]))
             .await;
-        print(&env, &resp.url, "stdout", "one").await;
-        wait_for_line(&env, &resp.backend_id, "one").await;
+        print(env, &resp.url, "stdout", "one").await;
+        wait_for_line(env, &resp.backend_id, "one").await;
         // Many follows opened and dropped: none of them is left open on the drone (at most 64 are
         // served per session, so a leak would make the next read fail).
         for _ in 0..80 {
-            let mut follow = Follow::open(&env, 0, &resp.backend_id, "tail=1").await;
+            let mut follow = Follow::open(env, 0, &resp.backend_id, "tail=1").await;
             assert_eq!(follow.next().await.unwrap().line, "one");
         }
-        let (status, lines) = logs_at(&env, 0, resp.backend_id.as_str(), "tail=1").await;
+        let (status, lines) = logs_at(env, 0, resp.backend_id.as_str(), "tail=1").await;
         assert_eq!((status, lines.len()), (200, 1));
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
@@ -458,12 +421,11 @@ async fn container_output_is_captured_by_stream_and_kept_after_removal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follow_cut_by_its_drone_session_says_so() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let resp = env.connect_ready(&env.connect_request("cut", &[])).await;
-        print(&env, &resp.url, "stdout", "before the cut").await;
-        wait_for_line(&env, &resp.backend_id, "before the cut").await;
-        let mut follow = Follow::open(&env, 0, &resp.backend_id, "tail=1").await;
+        print(env, &resp.url, "stdout", "before the cut").await;
+        wait_for_line(env, &resp.backend_id, "before the cut").await;
+        let mut follow = Follow::open(env, 0, &resp.backend_id, "tail=1").await;
         assert_eq!(follow.next().await.unwrap().line, "before the cut");
 
         // The drone's session drops (no close handshake) while the backend runs on: the read ends,
@@ -477,13 +439,12 @@ async fn a_follow_cut_by_its_drone_session_says_so() {
 
         // Once the drone is back, a new follow works again.
         eventually("the drone's session to come back", || async {
-            let (status, _) = logs_at(&env, 0, resp.backend_id.as_str(), "tail=1").await;
+            let (status, _) = logs_at(env, 0, resp.backend_id.as_str(), "tail=1").await;
             (status == 200).then_some(())
         })
         .await;
-        let mut follow = Follow::open(&env, 0, &resp.backend_id, "tail=1").await;
+        let mut follow = Follow::open(env, 0, &resp.backend_id, "tail=1").await;
         assert_eq!(follow.next().await.unwrap().line, "before the cut");
-        env.shutdown().await;
-    })
+    }))
     .await;
 }

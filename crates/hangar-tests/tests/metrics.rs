@@ -6,16 +6,10 @@
 
 use hangar_proxy::ProxyConfig;
 use hangar_test_support::prometheus::parse_exposition;
-use hangar_tests::{eventually, TestEnv, WAIT};
+use hangar_tests::{eventually, within, TestEnv};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT * 2, f)
-        .await
-        .expect("test timed out")
-}
 
 struct Scrape(HashMap<String, f64>);
 
@@ -83,7 +77,7 @@ async fn connects_and_proxied_requests_are_counted() {
 
         // Two requests with one token: the first asks the controller, the second hits the cache.
         for _ in 0..2 {
-            let response = env.http.get(&created.url).send().await.unwrap();
+            let response = env.get(&created.url).await;
             assert_eq!(response.status(), 200);
             assert_eq!(
                 response.text().await.unwrap(),
@@ -91,21 +85,11 @@ async fn connects_and_proxied_requests_are_counted() {
             );
         }
         // The public port does not serve metrics: `/metrics` is a token path like any other.
-        let public = env
-            .http
-            .get(format!("http://{}/metrics", env.cluster))
-            .send()
-            .await
-            .unwrap();
+        let public = env.get(format!("http://{}/metrics", env.cluster)).await;
         assert_eq!(public.status(), 410);
         assert!(!public.text().await.unwrap().contains("hangar_proxy_"));
         // And the metrics listener serves nothing else.
-        let other = env
-            .http
-            .get(format!("http://{metrics_addr}/other"))
-            .send()
-            .await
-            .unwrap();
+        let other = env.get(format!("http://{metrics_addr}/other")).await;
         assert_eq!(other.status(), 404);
 
         let c = Scrape::fetch(&env.http, &controller_metrics).await;

@@ -7,9 +7,12 @@
 
 use futures_util::{SinkExt, StreamExt};
 use hangar_client::node::NodeSocket;
-use hangar_client::{ClientError, ControllerClient};
+use hangar_client::ControllerClient;
+use hangar_test_support::IGNORING_SIGTERM;
 use hangar_tests::witness::DroneWitness;
-use hangar_tests::{eventually, TestEnv, WAIT};
+use hangar_tests::{
+    assert_api_error, eventually, with_postgres, with_postgres_pair, within, TestEnv, WAIT,
+};
 use hangar_types::api::{ApiErrorKind, ConnectRequest, ConnectResponse, RevokeRequest};
 use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{ControllerToDrone, DroneToController, Hello, NodeHello};
@@ -24,31 +27,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT * 3, f)
-        .await
-        .expect("test timed out")
-}
-
-/// Expects the API error `kind` with HTTP `status`.
-fn assert_api_error(result: Result<ConnectResponse, ClientError>, status: u16, kind: ApiErrorKind) {
-    match result {
-        Err(ClientError::Api { status: s, error }) => {
-            assert_eq!(s.as_u16(), status, "{error}");
-            assert_eq!(error.kind, kind, "{error}");
-        }
-        other => panic!("expected {status} {kind:?}, got {other:?}"),
-    }
-}
-
 fn in_pool(env: &TestEnv, key: &str, pool: &str) -> ConnectRequest {
     let mut req = env.connect_request(key, &[]);
     req.spawn_config.as_mut().unwrap().pool = pool.to_string();
     req
 }
 
+/// Connects to key `key` in pool `pool` once a drone of that pool takes the backend (`what`).
+async fn connect_in_pool(env: &TestEnv, key: &str, pool: &str, what: &str) -> ConnectResponse {
+    let req = in_pool(env, key, pool);
+    eventually(what, || async { env.client.connect(&req).await.ok() }).await
+}
+
 async fn get_text(env: &TestEnv, url: &str) -> (u16, String) {
-    let resp = env.http.get(url).send().await.unwrap();
+    let resp = env.get(url).await;
     let status = resp.status().as_u16();
     (status, resp.text().await.unwrap())
 }
@@ -63,13 +55,8 @@ async fn accepts(addr: SocketAddr) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_controllers_serve_one_cluster() {
-    within(async {
-        let Some(mut env) = TestEnv::postgres(2).await else {
-            return;
-        };
+    within(with_postgres_pair(1, async |env| {
         let (a, b) = (env.client_at(0), env.client_at(1));
-        env.add_drone_on(0, |_| {}).await;
-        env.start_proxy_on(1).await;
 
         // Either controller finds the backend the other one created.
         let req = env.connect_request("shared", &[]);
@@ -88,7 +75,7 @@ async fn two_controllers_serve_one_cluster() {
 
         // The proxy attached to B routes tokens issued by either controller.
         for url in [&first.url, &again.url, &other.url] {
-            let (status, body) = get_text(&env, url).await;
+            let (status, body) = get_text(env, url).await;
             assert_eq!(status, 200, "{url}: {body}");
             assert_eq!(body, "hello from hangar-test-backend");
         }
@@ -105,17 +92,13 @@ async fn two_controllers_serve_one_cluster() {
         let next = a.connect(&idle).await.unwrap();
         assert!(next.spawned, "the key was released");
         assert_ne!(next.backend_id, resp.backend_id);
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_connects_for_one_key_get_one_backend() {
-    within(async {
-        let Some(mut env) = TestEnv::postgres(2).await else {
-            return;
-        };
+    within(with_postgres(2, async |env| {
         env.add_drone_on(0, |_| {}).await;
         env.add_drone_on(1, |_| {}).await;
         let req = env.connect_request("contended", &[]);
@@ -138,8 +121,7 @@ async fn fifty_concurrent_connects_for_one_key_get_one_backend() {
         assert_eq!(spawned, 1, "exactly one connect spawned it");
         let id = ids.into_iter().next().unwrap();
         env.ready_at(1, &id).await;
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
@@ -163,7 +145,7 @@ async fn partitioned_drone_stops_its_backend_before_the_key_moves() {
         let cut_off = env
             .add_drone_on(0, |c| c.soft_terminate_grace = Duration::from_secs(60))
             .await;
-        let req = env.connect_request("fenced", &[("TEST_BACKEND_SIGTERM", "ignore")]);
+        let req = env.connect_request("fenced", IGNORING_SIGTERM);
         let old = env.client_at(0).connect(&req).await.unwrap();
         assert_eq!(old.drone.as_ref(), Some(env.drones[cut_off].name()));
         env.ready_at(1, &old.backend_id).await;
@@ -312,20 +294,12 @@ impl FakeDrone {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drone_that_stops_heartbeating_is_not_scheduled() {
-    within(async {
-        let Some(mut env) = TestEnv::postgres(1).await else {
-            return;
-        };
+    within(with_postgres(1, async |env| {
         env.add_drone_on(0, |_| {}).await;
-        let mut fake = FakeDrone::connect(&env.client, &env, "silent").await;
+        let mut fake = FakeDrone::connect(&env.client, env, "silent").await;
         fake.heartbeat().await;
-        let first = eventually("the fake drone to be schedulable", || async {
-            env.client
-                .connect(&in_pool(&env, "silent-1", "silent"))
-                .await
-                .ok()
-        })
-        .await;
+        let what = "the fake drone to be schedulable";
+        let first = connect_in_pool(env, "silent-1", "silent", what).await;
         assert_eq!(first.drone.as_ref(), Some(&fake.name));
 
         // The fake drone says nothing more while the store clock moves past the unhealthy threshold.
@@ -342,35 +316,23 @@ async fn drone_that_stops_heartbeating_is_not_scheduled() {
         // …the silent one is not.
         assert_api_error(
             env.client
-                .connect(&in_pool(&env, "silent-2", "silent"))
+                .connect(&in_pool(env, "silent-2", "silent"))
                 .await,
             503,
             ApiErrorKind::NoDroneAvailable,
         );
         // One heartbeat makes it schedulable again.
         fake.heartbeat().await;
-        let back = eventually(
-            "the fake drone to be schedulable after a heartbeat",
-            || async {
-                env.client
-                    .connect(&in_pool(&env, "silent-3", "silent"))
-                    .await
-                    .ok()
-            },
-        )
-        .await;
+        let what = "the fake drone to be schedulable after a heartbeat";
+        let back = connect_in_pool(env, "silent-3", "silent", what).await;
         assert_eq!(back.drone.as_ref(), Some(&fake.name));
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_pools_decide_placement() {
-    within(async {
-        let Some(mut env) = TestEnv::postgres(2).await else {
-            return;
-        };
+    within(with_postgres(2, async |env| {
         let first = env.add_drone_on(0, |_| {}).await;
         let second = env.add_drone_on(1, |_| {}).await;
         let gpu = env.add_drone_on(1, |c| c.pool = "gpu".into()).await;
@@ -379,24 +341,20 @@ async fn drain_and_pools_decide_placement() {
         // Pools: a backend of a pool runs on that pool's drone; a pool without drones gets 503.
         let on_gpu = env
             .client_at(0)
-            .connect(&in_pool(&env, "gpu-1", "gpu"))
+            .connect(&in_pool(env, "gpu-1", "gpu"))
             .await
             .unwrap();
         assert_eq!(on_gpu.drone, Some(name(gpu)));
         env.ready_at(0, &on_gpu.backend_id).await;
         assert_api_error(
             env.client_at(1)
-                .connect(&in_pool(&env, "tpu-1", "tpu"))
+                .connect(&in_pool(env, "tpu-1", "tpu"))
                 .await,
             503,
             ApiErrorKind::NoDroneAvailable,
         );
         for i in 0..4 {
-            let resp = env
-                .client_at(i % 2)
-                .connect(&env.connect_request(&format!("default-{i}"), &[]))
-                .await
-                .unwrap();
+            let resp = env.connect_at(i % 2, &format!("default-{i}")).await;
             let drone = resp.drone.unwrap();
             assert!(drone == name(first) || drone == name(second), "{drone}");
         }
@@ -409,11 +367,7 @@ async fn drain_and_pools_decide_placement() {
             .unwrap();
         assert!(drained.updated);
         for i in 0..6 {
-            let resp = env
-                .client_at(i % 2)
-                .connect(&env.connect_request(&format!("after-drain-{i}"), &[]))
-                .await
-                .unwrap();
+            let resp = env.connect_at(i % 2, &format!("after-drain-{i}")).await;
             assert_eq!(resp.drone, Some(name(second)), "connect {i}");
         }
         assert!(
@@ -434,31 +388,21 @@ async fn drain_and_pools_decide_placement() {
             503,
             ApiErrorKind::NoDroneAvailable,
         );
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_reaches_a_proxy_on_another_controller() {
-    within(async {
-        let Some(mut env) = TestEnv::postgres(2).await else {
-            return;
-        };
-        env.add_drone_on(0, |_| {}).await;
-        env.start_proxy_on(1).await;
-        let alice = env
-            .client_at(0)
-            .connect(&env.connect_request("revoked", &[]))
-            .await
-            .unwrap();
+    within(with_postgres_pair(1, async |env| {
+        let alice = env.connect_at(0, "revoked").await;
         let mut as_bob = env.connect_request("revoked", &[]);
         as_bob.user = Some("bob".into());
         let bob = env.client_at(1).connect(&as_bob).await.unwrap();
         assert_eq!(alice.backend_id, bob.backend_id);
         env.ready_at(1, &alice.backend_id).await;
-        assert_eq!(get_text(&env, &alice.url).await.0, 200);
-        assert_eq!(get_text(&env, &bob.url).await.0, 200);
+        assert_eq!(get_text(env, &alice.url).await.0, 200);
+        assert_eq!(get_text(env, &bob.url).await.0, 200);
 
         env.client_at(0)
             .revoke(&RevokeRequest {
@@ -468,18 +412,17 @@ async fn revocation_reaches_a_proxy_on_another_controller() {
             .await
             .unwrap();
         let (status, body) = eventually("the revoked token to be refused", || async {
-            let (status, body) = get_text(&env, &alice.url).await;
+            let (status, body) = get_text(env, &alice.url).await;
             (status != 200).then_some((status, body))
         })
         .await;
         assert_eq!(status, 410, "{body}");
         assert_eq!(
-            get_text(&env, &bob.url).await.0,
+            get_text(env, &bob.url).await.0,
             200,
             "bob's token still works"
         );
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
@@ -495,18 +438,8 @@ async fn echo(ws: &mut WebSocket, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_restart_keeps_websockets_and_nodes_come_back() {
-    within(async {
-        let Some(mut env) = TestEnv::postgres(2).await else {
-            return;
-        };
-        env.add_drone_on(0, |_| {}).await;
-        env.start_proxy_on(0).await;
-        let resp = env
-            .client_at(0)
-            .connect(&env.connect_request("ws-restart", &[]))
-            .await
-            .unwrap();
-        env.ready_at(1, &resp.backend_id).await;
+    within(with_postgres_pair(0, async |env| {
+        let resp = env.connect_ready_at(0, 1, "ws-restart").await;
         let mut ws = hangar_tests::open_ws(&resp.url).await;
         echo(&mut ws, "before").await;
 
@@ -526,7 +459,7 @@ async fn controller_restart_keeps_websockets_and_nodes_come_back() {
         .await;
         env.ready_at(1, &fresh.backend_id).await;
         let (status, body) = eventually("the proxy to route again", || async {
-            let got = get_text(&env, &fresh.url).await;
+            let got = get_text(env, &fresh.url).await;
             (got.0 == 200).then_some(got)
         })
         .await;
@@ -537,7 +470,6 @@ async fn controller_restart_keeps_websockets_and_nodes_come_back() {
         assert!(env.drones[0].is_connected());
         assert!(env.proxy().is_ready());
         echo(&mut ws, "at the end").await;
-        env.shutdown().await;
-    })
+    }))
     .await;
 }

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use hangar_tests::{eventually, test_backend, TestEnv, WAIT};
+use hangar_tests::{eventually, test_backend, within, TestEnv, WAIT};
 use hangar_types::api::{ClusterDroneState, ConnectRequest};
 use hangar_types::executable::{Executable, ExecutorKind};
 use hangar_types::{BackendStatus, TerminationReason};
@@ -21,12 +21,6 @@ const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/socket_executor/plane_executor.py"
 );
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT * 3, f)
-        .await
-        .expect("test timed out")
-}
 
 /// The Plane-protocol test executor, restartable on the same socket and state file.
 struct PlaneExecutor {
@@ -153,26 +147,62 @@ async fn drone_state(env: &TestEnv) -> ClusterDroneState {
 }
 
 async fn get_text(env: &TestEnv, url: &str) -> (u16, String) {
-    let resp = env.http.get(url).send().await.unwrap();
+    let resp = env.get(url).await;
     (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// Connects to key `key` with a backend of `image`, which must end with an internal error; returns
+/// the error's message.
+async fn internal_error(env: &TestEnv, key: &str, image: &str) -> String {
+    let connected = env.connect(&socket_request(env, key, image)).await;
+    let done = env
+        .wait_for_status(&connected.backend_id, BackendStatus::Terminated)
+        .await;
+    let reason = done.termination_reason;
+    assert_eq!(reason, Some(TerminationReason::InternalError), "{done:?}");
+    done.message.unwrap_or_default()
+}
+
+/// Shuts `env` down, then kills `executor`.
+async fn shut_down(env: TestEnv, executor: &mut PlaneExecutor) {
+    env.shutdown().await;
+    executor.kill().await;
+}
+
+/// How long the drones of these tests wait for an executor that is not there.
+const GIVE_UP: Duration = Duration::from_secs(30);
+
+/// Runs `test` with [`within`] on a started executor (garbage on every connection when `garbage`)
+/// and [`env_with`] on it, giving up after `give_up`; then shuts the environment down and kills the
+/// executor.
+async fn with_executor_env(
+    garbage: bool,
+    give_up: Duration,
+    test: impl AsyncFnOnce(&mut PlaneExecutor, &TestEnv),
+) {
+    within(async {
+        let mut executor = PlaneExecutor::new(garbage);
+        executor.start().await;
+        let env = env_with(&executor, give_up).await;
+        test(&mut executor, &env).await;
+        shut_down(env, &mut executor).await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn spine_through_a_plane_executor() {
-    within(async {
-        // With garbage on every connection: bad lines, unknown ids and duplicate answers are skipped.
-        let mut executor = PlaneExecutor::new(true);
-        executor.start().await;
-        let env = env_with(&executor, Duration::from_secs(30)).await;
-        let drone = drone_state(&env).await;
+    // With garbage on every connection: bad lines, unknown ids and duplicate answers are skipped.
+    with_executor_env(true, GIVE_UP, async |executor, env| {
+        let drone = drone_state(env).await;
         assert_eq!(drone.executors, vec![ExecutorKind::Socket]);
         assert_eq!(drone.executor_error, None);
 
-        let mut req = socket_request(&env, "socket-spine", "plane-app:1");
+        let mut req = socket_request(env, "socket-spine", "plane-app:1");
         req.spawn_config.as_mut().unwrap().max_idle_seconds = Some(2);
         let resp = env.connect_ready(&req).await;
         assert!(resp.spawned);
-        let (status, body) = get_text(&env, &resp.url).await;
+        let (status, body) = get_text(env, &resp.url).await;
         assert_eq!(
             (status, body.as_str()),
             (200, "hello from hangar-test-backend")
@@ -200,24 +230,12 @@ async fn spine_through_a_plane_executor() {
         }
 
         // An executor error is the backend's termination message.
-        let failed = env
-            .connect(&socket_request(&env, "socket-fail", "fail-prepare"))
-            .await;
-        let done = env
-            .wait_for_status(&failed.backend_id, BackendStatus::Terminated)
-            .await;
-        assert_eq!(
-            done.termination_reason,
-            Some(TerminationReason::InternalError)
-        );
-        let message = done.message.unwrap_or_default();
+        let message = internal_error(env, "socket-fail", "fail-prepare").await;
         assert!(message.contains("no such image: fail-prepare"), "{message}");
 
         // Process executables do not go to the socket: no drone offers them here.
         let process = env.client.connect(&env.connect_request("p", &[])).await;
         assert!(process.is_err(), "{process:?}");
-        env.shutdown().await;
-        executor.kill().await;
     })
     .await;
 }
@@ -226,7 +244,7 @@ async fn spine_through_a_plane_executor() {
 async fn requests_wait_for_an_executor_that_starts_late() {
     within(async {
         let mut executor = PlaneExecutor::new(false);
-        let env = env_with(&executor, Duration::from_secs(30)).await;
+        let env = env_with(&executor, GIVE_UP).await;
         let resp = env
             .connect(&socket_request(&env, "late", "plane-app:1"))
             .await;
@@ -250,32 +268,28 @@ async fn requests_wait_for_an_executor_that_starts_late() {
             },
         )
         .await;
-        env.shutdown().await;
-        executor.kill().await;
+        shut_down(env, &mut executor).await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn executor_restarting_mid_session_loses_nothing() {
-    within(async {
-        let mut executor = PlaneExecutor::new(false);
-        executor.start().await;
-        let env = env_with(&executor, Duration::from_secs(30)).await;
+    with_executor_env(false, GIVE_UP, async |executor, env| {
         let a = env
-            .connect_ready(&socket_request(&env, "restart-a", "plane-app:1"))
+            .connect_ready(&socket_request(env, "restart-a", "plane-app:1"))
             .await;
 
         executor.kill().await;
         // The backend runs on without its executor.
-        let (status, _) = get_text(&env, &a.url).await;
+        let (status, _) = get_text(env, &a.url).await;
         assert_eq!(status, 200);
         // Sent while the executor is down: a terminate and a new backend's requests.
         env.client.soft_terminate(&a.backend_id).await.unwrap();
         env.wait_for_status(&a.backend_id, BackendStatus::Terminating)
             .await;
         let b = env
-            .connect(&socket_request(&env, "restart-b", "plane-app:1"))
+            .connect(&socket_request(env, "restart-b", "plane-app:1"))
             .await;
         env.wait_for_status(&b.backend_id, BackendStatus::Loading)
             .await;
@@ -287,33 +301,28 @@ async fn executor_restarting_mid_session_loses_nothing() {
         assert_eq!(done.termination_reason, Some(TerminationReason::External));
         env.wait_for_status(&b.backend_id, BackendStatus::Ready)
             .await;
-        let (status, _) = get_text(&env, &b.url).await;
+        let (status, _) = get_text(env, &b.url).await;
         assert_eq!(status, 200);
         let received = executor.received();
         let terminate_a = format!(r#""Terminate":["{}",false]"#, a.backend_id);
         assert!(received.contains(&terminate_a), "{received}");
-        assert_eq!(drone_state(&env).await.executor_error, None);
-        env.shutdown().await;
-        executor.kill().await;
+        assert_eq!(drone_state(env).await.executor_error, None);
     })
     .await;
 }
 
 #[tokio::test]
 async fn executor_gone_too_long_is_a_drone_error_and_its_backends_end_lost() {
-    within(async {
-        let mut executor = PlaneExecutor::new(false);
-        executor.start().await;
-        let give_up = Duration::from_secs(2);
-        let env = env_with(&executor, give_up).await;
+    let give_up = Duration::from_secs(2);
+    with_executor_env(false, give_up, async |executor, env| {
         let a = env
-            .connect_ready(&socket_request(&env, "vanish-a", "plane-app:1"))
+            .connect_ready(&socket_request(env, "vanish-a", "plane-app:1"))
             .await;
         let pid = executor.pids()[a.backend_id.as_str()];
 
         executor.kill().await;
         let error = eventually("the executor error in cluster state", || async {
-            drone_state(&env).await.executor_error
+            drone_state(env).await.executor_error
         })
         .await;
         assert!(error.contains("unreachable"), "{error}");
@@ -327,22 +336,13 @@ async fn executor_gone_too_long_is_a_drone_error_and_its_backends_end_lost() {
         assert_eq!(done.termination_reason, Some(TerminationReason::Lost));
         assert!(done.message.unwrap_or_default().contains("unreachable"));
         // New backends fail at once with the same reason instead of waiting.
-        let c = env
-            .connect(&socket_request(&env, "vanish-c", "plane-app:1"))
-            .await;
-        let done = env
-            .wait_for_status(&c.backend_id, BackendStatus::Terminated)
-            .await;
-        assert_eq!(
-            done.termination_reason,
-            Some(TerminationReason::InternalError)
-        );
-        assert!(done.message.unwrap_or_default().contains("unreachable"));
+        let message = internal_error(env, "vanish-c", "plane-app:1").await;
+        assert!(message.contains("unreachable"), "{message}");
 
         // Back: the error clears and the lost backend is hard-terminated at the executor.
         executor.start().await;
         eventually("the executor error to clear", || async {
-            drone_state(&env)
+            drone_state(env)
                 .await
                 .executor_error
                 .is_none()
@@ -356,8 +356,6 @@ async fn executor_gone_too_long_is_a_drone_error_and_its_backends_end_lost() {
         let received = executor.received();
         let kill_a = format!(r#""Terminate":["{}",true]"#, a.backend_id);
         assert!(received.contains(&kill_a), "{received}");
-        env.shutdown().await;
-        executor.kill().await;
     })
     .await;
 }

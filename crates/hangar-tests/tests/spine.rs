@@ -4,29 +4,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use futures_util::{SinkExt, StreamExt};
-use hangar_client::ClientError;
-use hangar_tests::{eventually, TestEnv, WAIT};
+use hangar_test_support::IGNORING_SIGTERM;
+use hangar_tests::{assert_api_error, eventually, with_env, within, TestEnv};
 use hangar_types::api::{ApiErrorKind, KeyConfig};
 use hangar_types::{BackendStatus, TerminationKind, TerminationReason};
 use serde_json::Value;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT * 2, f)
-        .await
-        .expect("test timed out")
-}
-
 #[tokio::test]
 async fn http_and_headers_through_the_proxy() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let resp = env.connect_ready(&env.connect_request("http-1", &[])).await;
         assert!(resp.spawned);
         assert!(resp.url.starts_with(&format!("http://{}/", env.cluster)));
 
-        let body = env.http.get(&resp.url).send().await.unwrap();
+        let body = env.get(&resp.url).await;
         assert_eq!(body.status(), 200);
         assert_eq!(body.text().await.unwrap(), "hello from hangar-test-backend");
 
@@ -59,23 +52,16 @@ async fn http_and_headers_through_the_proxy() {
         assert_eq!(seen["x-custom"], "kept");
 
         // Unknown token: 410 with a body saying why.
-        let gone = env
-            .http
-            .get(format!("http://{}/nope/", env.cluster))
-            .send()
-            .await
-            .unwrap();
+        let gone = env.get(format!("http://{}/nope/", env.cluster)).await;
         assert_eq!(gone.status(), 410);
         assert!(!gone.text().await.unwrap().is_empty());
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test]
 async fn websocket_through_the_proxy_is_counted() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let resp = env.connect_ready(&env.connect_request("ws-1", &[])).await;
         let mut ws = hangar_tests::open_ws(&resp.url).await;
         hangar_tests::ws_echo(&mut ws, "ping-1").await;
@@ -98,15 +84,13 @@ async fn websocket_through_the_proxy_is_counted() {
             }
         })
         .await;
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test]
 async fn get_or_create_is_per_key_namespace_and_tag() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let first = env.connect(&env.connect_request("room", &[])).await;
         let again = env.connect(&env.connect_request("room", &[])).await;
         assert!(first.spawned);
@@ -129,45 +113,37 @@ async fn get_or_create_is_per_key_namespace_and_tag() {
             namespace: String::new(),
             tag: "v2".into(),
         });
-        match env.client.connect(&tagged).await {
-            Err(ClientError::Api { status, error }) => {
-                assert_eq!(status, 409);
-                assert_eq!(error.kind, ApiErrorKind::KeyHeld);
-            }
-            other => panic!("expected 409 KeyHeld, got {other:?}"),
-        }
+        assert_api_error(
+            env.client.connect(&tagged).await,
+            409,
+            ApiErrorKind::KeyHeld,
+        );
 
         // No spawn config and nothing running under the key.
         let mut bare = env.connect_request("nobody-home", &[]);
         bare.spawn_config = None;
-        match env.client.connect(&bare).await {
-            Err(ClientError::Api { status, error }) => {
-                assert_eq!(status, 409);
-                assert_eq!(error.kind, ApiErrorKind::KeyUnheldNoSpawnConfig);
-            }
-            other => panic!("expected 409, got {other:?}"),
-        }
+        assert_api_error(
+            env.client.connect(&bare).await,
+            409,
+            ApiErrorKind::KeyUnheldNoSpawnConfig,
+        );
 
         // A container image on a cluster whose drones only run processes: clear error, no hang.
         let mut docker = env.connect_request("docker-1", &[]);
         docker.spawn_config.as_mut().unwrap().executable =
             serde_json::from_value(serde_json::json!({"image": "app:1"})).unwrap();
-        match env.client.connect(&docker).await {
-            Err(ClientError::Api { status, error }) => {
-                assert_eq!(status, 503);
-                assert_eq!(error.kind, ApiErrorKind::NoDroneAvailable);
-            }
-            other => panic!("expected 503 NoDroneAvailable, got {other:?}"),
-        }
-        env.shutdown().await;
-    })
+        assert_api_error(
+            env.client.connect(&docker).await,
+            503,
+            ApiErrorKind::NoDroneAvailable,
+        );
+    }))
     .await;
 }
 
 #[tokio::test]
 async fn idle_backend_is_terminated() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let mut req = env.connect_request("idle-1", &[]);
         req.spawn_config.as_mut().unwrap().max_idle_seconds = Some(1);
         let resp = env.connect_ready(&req).await;
@@ -182,15 +158,13 @@ async fn idle_backend_is_terminated() {
         let next = env.connect(&req).await;
         assert!(next.spawned);
         assert_ne!(next.backend_id, resp.backend_id);
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test]
 async fn open_websocket_keeps_an_idle_limited_backend_alive_until_lifetime() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let mut req = env.connect_request("life-1", &[]);
         let sc = req.spawn_config.as_mut().unwrap();
         sc.max_idle_seconds = Some(2);
@@ -210,15 +184,13 @@ async fn open_websocket_keeps_an_idle_limited_backend_alive_until_lifetime() {
         assert_eq!(now.status, BackendStatus::Ready, "idle-swept while in use");
         let done = env.terminated(&resp.backend_id).await;
         assert_eq!(done.termination_reason, Some(TerminationReason::Swept));
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test]
 async fn soft_and_hard_terminate() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let soft = env.connect_ready(&env.connect_request("soft-1", &[])).await;
         let done = env.soft_terminated(&soft.backend_id).await;
         assert_eq!(done.termination_kind, Some(TerminationKind::Soft));
@@ -226,7 +198,7 @@ async fn soft_and_hard_terminate() {
         assert_eq!(done.exit_code, Some(0), "backend saw SIGTERM and exited 0");
 
         let stubborn = env
-            .connect_ready(&env.connect_request("soft-2", &[("TEST_BACKEND_SIGTERM", "ignore")]))
+            .connect_ready(&env.connect_request("soft-2", IGNORING_SIGTERM))
             .await;
         env.client
             .soft_terminate(&stubborn.backend_id)
@@ -237,21 +209,19 @@ async fn soft_and_hard_terminate() {
         assert_eq!(done.exit_error, Some(true));
 
         let hard = env
-            .connect_ready(&env.connect_request("hard-1", &[("TEST_BACKEND_SIGTERM", "ignore")]))
+            .connect_ready(&env.connect_request("hard-1", IGNORING_SIGTERM))
             .await;
         env.client.hard_terminate(&hard.backend_id).await.unwrap();
         let done = env.terminated(&hard.backend_id).await;
         assert_eq!(done.termination_kind, Some(TerminationKind::Hard));
         assert_eq!(done.exit_code, Some(137));
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test]
 async fn backend_exiting_on_its_own_and_unstartable_commands() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let resp = env
             .connect_ready(&env.connect_request(
                 "self-exit",
@@ -276,8 +246,7 @@ async fn backend_exiting_on_its_own_and_unstartable_commands() {
             message.contains("/nonexistent/hangar-prog"),
             "message should name the program: {message:?}"
         );
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
@@ -305,12 +274,11 @@ async fn raw_sse(env: &TestEnv, backend: &str, last_id: Option<&str>, n: usize) 
 
 #[tokio::test]
 async fn status_stream_replays_history_and_resumes() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let resp = env.connect_ready(&env.connect_request("sse-1", &[])).await;
         env.client.soft_terminate(&resp.backend_id).await.unwrap();
         env.terminated(&resp.backend_id).await;
-        let all = raw_sse(&env, resp.backend_id.as_str(), None, 7).await;
+        let all = raw_sse(env, resp.backend_id.as_str(), None, 7).await;
         assert_eq!(
             all,
             [
@@ -323,17 +291,15 @@ async fn status_stream_replays_history_and_resumes() {
                 "terminated"
             ]
         );
-        let resumed = raw_sse(&env, resp.backend_id.as_str(), Some("ready"), 2).await;
+        let resumed = raw_sse(env, resp.backend_id.as_str(), Some("ready"), 2).await;
         assert_eq!(resumed, ["terminating", "terminated"]);
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
 #[tokio::test]
 async fn drone_reconnects_and_resends_its_events() {
-    within(async {
-        let env = TestEnv::start().await;
+    within(with_env(async |env| {
         let resp = env
             .connect(&env.connect_request("recon-1", &[("TEST_BACKEND_READY_DELAY_MS", "1500")]))
             .await;
@@ -347,8 +313,7 @@ async fn drone_reconnects_and_resends_its_events() {
         env.drones[0].reconnect();
         let done = env.soft_terminated(&resp.backend_id).await;
         assert_eq!(done.termination_reason, Some(TerminationReason::External));
-        env.shutdown().await;
-    })
+    }))
     .await;
 }
 
@@ -366,12 +331,7 @@ async fn controller_restart_keeps_proxied_connections_and_replays_events() {
         env.stop_controller().await;
         hangar_tests::ws_echo(&mut ws, "during outage").await;
         // The backend exits while no controller is there to hear it; the drone keeps the event.
-        let exit = env
-            .http
-            .post(format!("{}exit/3", resp.url))
-            .send()
-            .await
-            .unwrap();
+        let exit = env.post(format!("{}exit/3", resp.url)).await;
         assert_eq!(exit.status(), 200);
 
         env.restart_controller().await;

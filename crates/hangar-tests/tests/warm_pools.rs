@@ -4,9 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use hangar_client::ClientError;
 use hangar_store::UnclaimedBackend;
-use hangar_tests::{backend_executable, eventually, TestEnv, WAIT};
+use hangar_tests::{assert_api_error, backend_executable, eventually, within, TestEnv};
 use hangar_types::api::{ApiErrorKind, ConnectResponse};
 use hangar_types::warm_pool::{WarmPool, WarmPoolConfig};
 use hangar_types::{BackendId, BackendStatus, WarmPoolName};
@@ -16,12 +15,6 @@ use std::collections::HashSet;
 mod claim_hook;
 #[path = "warm_pools/fill_backoff.rs"]
 mod fill_backoff;
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT * 4, f)
-        .await
-        .expect("test timed out")
-}
 
 fn name(s: &str) -> WarmPoolName {
     s.parse().unwrap()
@@ -57,6 +50,15 @@ async fn wait_counts(env: &TestEnv, name: &str, ready: u64, starting: u64) -> Wa
     .await
 }
 
+/// Puts the pool `pool` with `config` and waits until all its `size` backends are ready.
+async fn put_and_fill(env: &TestEnv, pool: &str, config: WarmPoolConfig) {
+    env.client
+        .put_warm_pool(&name(pool), &config)
+        .await
+        .unwrap();
+    wait_counts(env, pool, u64::from(config.size), 0).await;
+}
+
 /// The unclaimed backends as the store lists them (terminating ones excluded).
 async fn unclaimed(env: &TestEnv) -> Vec<UnclaimedBackend> {
     env.store.unclaimed_backends().await.unwrap()
@@ -64,16 +66,6 @@ async fn unclaimed(env: &TestEnv) -> Vec<UnclaimedBackend> {
 
 async fn connect(env: &TestEnv, key: &str, backend_env: &[(&str, &str)]) -> ConnectResponse {
     env.connect(&env.connect_request(key, backend_env)).await
-}
-
-fn assert_bad_request<T: std::fmt::Debug>(result: Result<T, ClientError>) {
-    match result {
-        Err(ClientError::Api { status, error }) => {
-            assert_eq!(status.as_u16(), 400, "{error}");
-            assert_eq!(error.kind, ApiErrorKind::InvalidRequest, "{error}");
-        }
-        other => panic!("expected a 400, got {other:?}"),
-    }
 }
 
 /// Fill, claim, refill, reuse, non-matching executable, resize, fallback to cold, executable change and
@@ -119,15 +111,7 @@ async fn fill_claim_refill_resize_change_delete() {
         })
         .await;
         let dashboard = env.controller_url().join("ctrl/dashboard/state").unwrap();
-        let state: serde_json::Value = env
-            .http
-            .get(dashboard)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let state = env.get_json(dashboard).await;
         let listed = &state["warm_pools"][0];
         assert_eq!(
             (&listed["name"], &listed["ready"], &listed["claimed"]),
@@ -157,11 +141,7 @@ async fn fill_claim_refill_resize_change_delete() {
 
         // Resize to 0: the unclaimed backends go, the claimed one lives on; connects spawn cold.
         let before: Vec<BackendId> = unclaimed(&env).await.into_iter().map(|u| u.id).collect();
-        client
-            .put_warm_pool(&name("p"), &config(0, &[]))
-            .await
-            .unwrap();
-        wait_counts(&env, "p", 0, 0).await;
+        put_and_fill(&env, "p", config(0, &[])).await;
         for id in &before {
             env.terminated(id).await;
         }
@@ -173,17 +153,9 @@ async fn fill_claim_refill_resize_change_delete() {
         assert_eq!(status.status, BackendStatus::Ready);
 
         // A new executable: backends of the old one are never claimed; the new one's are.
-        client
-            .put_warm_pool(&name("p"), &config(1, &[]))
-            .await
-            .unwrap();
-        wait_counts(&env, "p", 1, 0).await;
+        put_and_fill(&env, "p", config(1, &[])).await;
         let old = unclaimed(&env).await;
-        client
-            .put_warm_pool(&name("p"), &config(1, &[("VERSION", "2")]))
-            .await
-            .unwrap();
-        wait_counts(&env, "p", 1, 0).await;
+        put_and_fill(&env, "p", config(1, &[("VERSION", "2")])).await;
         for u in &old {
             env.terminated(&u.id).await;
         }
@@ -261,7 +233,7 @@ async fn bad_input_is_refused() {
                 "{error}"
             );
         }
-        assert_bad_request(
+        assert_api_error(
             env.client
                 .put_warm_pool(
                     &name("p"),
@@ -271,13 +243,10 @@ async fn bad_input_is_refused() {
                     },
                 )
                 .await,
+            400,
+            ApiErrorKind::InvalidRequest,
         );
-        let resp = env
-            .http
-            .get(url.join("ctrl/warm-pools/none").unwrap())
-            .send()
-            .await
-            .unwrap();
+        let resp = env.get(url.join("ctrl/warm-pools/none").unwrap()).await;
         assert_eq!(resp.status().as_u16(), 404);
         assert!(env.client.warm_pools().await.unwrap().pools.is_empty());
     })
@@ -292,11 +261,7 @@ async fn max_age_and_drain_replace_unclaimed_backends() {
     env.add_drone(|_| {}).await;
     within(async {
         let client = &env.client;
-        client
-            .put_warm_pool(&name("p"), &config(2, &[]))
-            .await
-            .unwrap();
-        wait_counts(&env, "p", 2, 0).await;
+        put_and_fill(&env, "p", config(2, &[])).await;
         let first = unclaimed(&env).await;
 
         // Drain the drone of the first backend: its backends move to the other drone.
@@ -347,11 +312,7 @@ async fn two_controllers_race_for_claims() {
     env.add_drone_on(1, |_| {}).await;
     env.start_proxy().await;
     within(async {
-        env.client
-            .put_warm_pool(&name("p"), &config(10, &[]))
-            .await
-            .unwrap();
-        wait_counts(&env, "p", 10, 0).await;
+        put_and_fill(&env, "p", config(10, &[])).await;
         let connects = (0..50).map(|i| {
             let client = env.client_at(i % 2);
             let request = env.connect_request(&format!("race-{i}"), &[]);
@@ -423,7 +384,7 @@ async fn docker_warm_pool() {
         req.spawn_config.as_mut().unwrap().executable = executable;
         let resp = env.connect(&req).await;
         assert!(resp.warm && resp.status == BackendStatus::Ready, "{resp:?}");
-        let body = env.http.get(&resp.url).send().await.unwrap();
+        let body = env.get(&resp.url).await;
         assert_eq!(body.status(), 200);
         let vars = env.backend_env(&resp.url).await;
         assert_eq!(vars["GREETING"], "warm");

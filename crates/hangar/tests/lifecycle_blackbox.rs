@@ -9,7 +9,9 @@
 
 use hangar_client::ControllerClient;
 use hangar_test_support::docker::{docker, docker_ready, TestRun};
-use hangar_test_support::{eventually, free_port, process_executable, with_timeout};
+use hangar_test_support::{
+    eventually, free_port, process_executable, with_timeout, IGNORING_SIGTERM,
+};
 use hangar_types::api::ConnectRequest;
 use hangar_types::executable::Executable;
 use hangar_types::{BackendId, BackendStatus, ClusterName, DroneName, NodeName};
@@ -121,11 +123,21 @@ struct Controller {
     url: String,
 }
 
-/// A temporary directory and `hangar controller` on a SQLite file in it.
-async fn controller_in_tempdir() -> (tempfile::TempDir, Controller) {
-    let dir = tempfile::tempdir().unwrap();
-    let controller = controller(dir.path()).await;
-    (dir, controller)
+/// Runs `test` with [`TEST_TIMEOUT`] against `hangar controller` on a SQLite file in a temporary
+/// directory (passed too).
+async fn with_controller_in_tempdir(test: impl AsyncFnOnce(&Path, &Controller)) {
+    with_timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let controller = controller(dir.path()).await;
+        test(dir.path(), &controller).await;
+    })
+    .await;
+}
+
+/// The arguments of a drone running `executor` backends and keeping its state in `state`.
+fn state_file_args<'a>(executor: &'a str, state: &'a Path) -> [&'a str; 4] {
+    let state = state.to_str().unwrap();
+    ["--executor", executor, "--state-file", state]
 }
 
 /// `hangar controller` on a SQLite file in `dir`.
@@ -281,14 +293,12 @@ async fn backends_die_with_a_sigkilled_dev() {
 /// starts the graceful stop, the second kills the backend at once and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_sigterm_skips_the_grace_period() {
-    with_timeout(TEST_TIMEOUT, async {
-        let (dir, controller) = controller_in_tempdir().await;
-        let client = &controller.client;
-        let config = dir.path().join("drone.toml");
+    with_controller_in_tempdir(async |dir, controller| {
+        let config = dir.join("drone.toml");
         std::fs::write(&config, "soft_terminate_grace = 3600000\n").unwrap();
         let mut drone = drone(
-            dir.path(),
-            &controller,
+            dir,
+            controller,
             &[
                 "--executor",
                 "process",
@@ -297,9 +307,9 @@ async fn second_sigterm_skips_the_grace_period() {
             ],
         );
         let id = ready_backend(
-            client,
+            &controller.client,
             "stubborn",
-            process_executable(&[("TEST_BACKEND_SIGTERM", "ignore")]),
+            process_executable(IGNORING_SIGTERM),
         )
         .await;
         let backends = backend_children(drone.pid());
@@ -310,7 +320,7 @@ async fn second_sigterm_skips_the_grace_period() {
             .logged("send SIGINT or SIGTERM again to skip the grace period")
             .await;
         // The backend got its SIGTERM (and ignores it): the grace period runs.
-        wait_status(client, &id, BackendStatus::Terminating).await;
+        wait_status(&controller.client, &id, BackendStatus::Terminating).await;
         assert!(alive(backends[0]));
 
         drone.signal(Signal::SIGTERM);
@@ -322,7 +332,7 @@ async fn second_sigterm_skips_the_grace_period() {
             "{output}"
         );
         wait_gone(backends[0]).await;
-        wait_status(client, &id, BackendStatus::Terminated).await;
+        wait_status(&controller.client, &id, BackendStatus::Terminated).await;
     })
     .await;
 }
@@ -331,28 +341,24 @@ async fn second_sigterm_skips_the_grace_period() {
 /// refuses another name for that state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_drone_keeps_its_name_in_its_state_file() {
-    with_timeout(TEST_TIMEOUT, async {
-        let (dir, controller) = controller_in_tempdir().await;
-        let client = &controller.client;
-        let state = dir.path().join("drone-state.db");
-        let args = [
-            "--executor",
-            "process",
-            "--state-file",
-            state.to_str().unwrap(),
-        ];
+    with_controller_in_tempdir(async |dir, controller| {
+        let state = dir.join("drone-state.db");
+        let args = state_file_args("process", &state);
 
-        let mut first = drone(dir.path(), &controller, &args);
+        let mut first = drone(dir, controller, &args);
         let name = eventually("the drone to register", || async {
-            connected_drones(client).await.pop()
+            connected_drones(&controller.client).await.pop()
         })
         .await;
         first.signal(Signal::SIGTERM);
         assert!(first.exited().await.success(), "{}", first.output());
 
-        let second = drone(dir.path(), &controller, &args);
+        let second = drone(dir, controller, &args);
         eventually("the restarted drone to register", || async {
-            connected_drones(client).await.contains(&name).then_some(())
+            connected_drones(&controller.client)
+                .await
+                .contains(&name)
+                .then_some(())
         })
         .await;
         second
@@ -361,11 +367,7 @@ async fn standalone_drone_keeps_its_name_in_its_state_file() {
         drop(second);
 
         let other = "dr-someoneelse";
-        let mut renamed = drone(
-            dir.path(),
-            &controller,
-            &[&args[..], &["--name", other]].concat(),
-        );
+        let mut renamed = drone(dir, controller, &[&args[..], &["--name", other]].concat());
         let status = renamed.exited().await;
         let output = renamed.output();
         assert!(!status.success(), "{output}");
@@ -384,21 +386,14 @@ async fn restarted_docker_drone_readopts_its_container_under_its_kept_name() {
     if !docker_ready() {
         return;
     }
-    with_timeout(TEST_TIMEOUT, async {
-        let run = TestRun::new();
-        let (dir, controller) = controller_in_tempdir().await;
-        let client = &controller.client;
-        let state = dir.path().join("drone-state.db");
-        let args = [
-            "--executor",
-            "docker",
-            "--state-file",
-            state.to_str().unwrap(),
-        ];
+    let run = TestRun::new();
+    with_controller_in_tempdir(async |dir, controller| {
+        let state = dir.join("drone-state.db");
+        let args = state_file_args("docker", &state);
 
-        let mut first = drone(dir.path(), &controller, &args);
+        let mut first = drone(dir, controller, &args);
         let executable = Executable::Docker(Box::new(run.executable(&[])));
-        let id = ready_backend(client, "boxed", executable).await;
+        let id = ready_backend(&controller.client, "boxed", executable).await;
         let container = format!("hangar-{id}");
         let inspect =
             |container: &str| docker(&["inspect", "-f", "{{.Id}} {{.State.Running}}", container]);
@@ -407,12 +402,12 @@ async fn restarted_docker_drone_readopts_its_container_under_its_kept_name() {
 
         first.signal(Signal::SIGKILL);
         first.exited().await;
-        let second = drone(dir.path(), &controller, &args);
+        let second = drone(dir, controller, &args);
         second
             .logged("Using the drone name kept in the state file")
             .await;
         eventually("the drone to come back", || async {
-            (connected_drones(client).await.len() == 1).then_some(())
+            (connected_drones(&controller.client).await.len() == 1).then_some(())
         })
         .await;
         assert_eq!(
@@ -421,12 +416,12 @@ async fn restarted_docker_drone_readopts_its_container_under_its_kept_name() {
             "the same container runs on"
         );
         assert_eq!(
-            client.backend_status(&id).await.unwrap().status,
+            controller.client.backend_status(&id).await.unwrap().status,
             BackendStatus::Ready
         );
 
-        client.hard_terminate(&id).await.unwrap();
-        wait_status(client, &id, BackendStatus::Terminated).await;
+        controller.client.hard_terminate(&id).await.unwrap();
+        wait_status(&controller.client, &id, BackendStatus::Terminated).await;
         drop(second);
     })
     .await;

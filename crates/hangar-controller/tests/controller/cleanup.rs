@@ -11,16 +11,13 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn a_pass_runs_batches_until_one_is_short() {
-    timed(async {
-        // The background loop's first pass comes after a random part of a day: not during this test.
-        let ctl = TestController::start_with(ControllerConfig {
-            default_cluster: Some(CLUSTER.parse().unwrap()),
-            cleanup_interval: Duration::from_secs(24 * 3600),
-            ..Default::default()
-        })
-        .await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let backend = ctl.connect(&connect_body(Some("tokens"))).await.backend_id;
+    // The background loop's first pass comes after a random part of a day: not during this test.
+    let config = ControllerConfig {
+        cleanup_interval: Duration::from_secs(24 * 3600),
+        ..TestController::config()
+    };
+    with_controller_config(config, async |ctl| {
+        let (mut drone, backend) = FakeDrone::with_backend(ctl, "tokens").await;
         drone.expect_spawn(&backend).await;
         let expiring = 2 * CLEANUP_BATCH + 50;
         for _ in 0..expiring {
@@ -46,22 +43,19 @@ async fn a_pass_runs_batches_until_one_is_short() {
             .await
             .unwrap();
         assert_eq!(again, 0);
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn the_loop_deletes_old_terminated_backends() {
-    timed(async {
-        let ctl = TestController::start_with(ControllerConfig {
-            default_cluster: Some(CLUSTER.parse().unwrap()),
-            cleanup_min_age_days: Some(1),
-            cleanup_interval: Duration::from_secs(1),
-            ..Default::default()
-        })
-        .await;
-        let mut drone = FakeDrone::connect(&ctl).await;
+    let config = ControllerConfig {
+        cleanup_min_age_days: Some(1),
+        cleanup_interval: Duration::from_secs(1),
+        ..TestController::config()
+    };
+    with_controller_config(config, async |ctl| {
+        let mut drone = FakeDrone::connect(ctl).await;
         let old = ctl.connect(&connect_body(Some("old"))).await.backend_id;
         let live = ctl.connect(&connect_body(Some("live"))).await.backend_id;
         drone.expect_spawn(&old).await;
@@ -75,7 +69,6 @@ async fn the_loop_deletes_old_terminated_backends() {
         .await;
         // Not terminated: kept, however old.
         assert_eq!(ctl.status(&live).await["status"], "scheduled");
-        ctl.shutdown().await;
     })
     .await
 }

@@ -2,7 +2,7 @@
 //! with a fake drone and proxy.
 
 use crate::support::{
-    connect_body, eventually, timed, FakeDrone, FakeProxy, TestController, CLUSTER,
+    connect_body, eventually, with_controller_config, FakeDrone, FakeProxy, TestController, CLUSTER,
 };
 use hangar_controller::ControllerConfig;
 use hangar_types::protocol::DroneToController;
@@ -26,14 +26,11 @@ fn backend<'a>(state: &'a Value, id: &str) -> Option<&'a Value> {
 
 #[tokio::test]
 async fn dashboard_state_needs_the_token_and_lists_clusters_and_backends() {
-    timed(async {
-        let ctl = TestController::start_with(ControllerConfig {
-            default_cluster: Some(CLUSTER.parse().unwrap()),
-            bearer_token: Some(TOKEN.into()),
-            ..Default::default()
-        })
-        .await;
-
+    let config = ControllerConfig {
+        bearer_token: Some(TOKEN.into()),
+        ..TestController::config()
+    };
+    with_controller_config(config, async |ctl| {
         // The JSON is behind the bearer token; the page itself is public.
         let anonymous = reqwest::get(format!("{}/ctrl/dashboard/state", ctl.base))
             .await
@@ -66,15 +63,15 @@ async fn dashboard_state_needs_the_token_and_lists_clusters_and_backends() {
             assert_eq!(response.status(), 200, "{asset}");
         }
 
-        let (status, empty) = state(&ctl, "").await;
+        let (status, empty) = state(ctl, "").await;
         assert_eq!(status, 200, "{empty}");
         assert_eq!(empty["clusters"], Value::Array(vec![]));
         assert_eq!(empty["backends"], Value::Array(vec![]));
         assert_eq!(empty["limit"], 200);
         assert!(empty["time"].as_i64().unwrap() > 0);
 
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let _proxy = FakeProxy::connect(&ctl).await;
+        let mut drone = FakeDrone::connect(ctl).await;
+        let _proxy = FakeProxy::connect(ctl).await;
         let mut ids = Vec::new();
         for key in ["dash-a", "dash-b", "dash-c"] {
             ids.push(ctl.connect(&connect_body(Some(key))).await.backend_id);
@@ -91,7 +88,7 @@ async fn dashboard_state_needs_the_token_and_lists_clusters_and_backends() {
             })
             .await;
         let snapshot = eventually("the metrics sample in the dashboard state", || async {
-            let (_, snapshot) = state(&ctl, "").await;
+            let (_, snapshot) = state(ctl, "").await;
             let has_sample = backend(&snapshot, ready.as_str())
                 .is_some_and(|b| b["metrics"]["mem_used"] == 4096);
             has_sample.then_some(snapshot)
@@ -126,21 +123,20 @@ async fn dashboard_state_needs_the_token_and_lists_clusters_and_backends() {
         assert!(other["metrics"].is_null());
 
         // Limit and status filter.
-        let (_, two) = state(&ctl, "?limit=2").await;
+        let (_, two) = state(ctl, "?limit=2").await;
         assert_eq!(two["backends"].as_array().unwrap().len(), 2);
         assert_eq!(two["limit"], 2);
-        let (_, capped) = state(&ctl, "?limit=100000").await;
+        let (_, capped) = state(ctl, "?limit=100000").await;
         assert_eq!(capped["limit"], 1000);
-        let (_, only_ready) = state(&ctl, "?status=ready").await;
+        let (_, only_ready) = state(ctl, "?status=ready").await;
         let only_ready = only_ready["backends"].as_array().unwrap();
         assert_eq!(only_ready.len(), 1);
         assert_eq!(only_ready[0]["id"], ready.as_str());
         for bad in ["?limit=0", "?limit=many", "?status=sleeping"] {
-            let (status, body) = state(&ctl, bad).await;
+            let (status, body) = state(ctl, bad).await;
             assert_eq!(status, 400, "{bad}: {body}");
             assert_eq!(body["kind"], "InvalidRequest", "{bad}: {body}");
         }
-        ctl.shutdown().await;
     })
     .await
 }

@@ -15,18 +15,9 @@ use hangar_types::{
 use serde_json::json;
 use std::time::Duration;
 
-fn is_terminate(
-    kind: TerminationKind,
-    reason: TerminationReason,
-) -> impl Fn(&BackendAction) -> bool {
-    move |a| matches!(a, BackendAction::Terminate { kind: k, reason: r } if *k == kind && *r == reason)
-}
-
 #[tokio::test]
 async fn handshake_welcomes_a_drone_and_refuses_bad_hellos() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let drone = FakeDrone::connect(&ctl).await;
+    with_drone(async |ctl, drone| {
         assert!(drone.name.as_str().starts_with("dr-"));
 
         let path = format!("/ctrl/c/{CLUSTER}/drone-socket");
@@ -53,16 +44,13 @@ async fn handshake_welcomes_a_drone_and_refuses_bad_hellos() {
         ws.send_raw("garbage").await;
         let answer: HelloResponse = ws.recv().await.unwrap();
         assert!(matches!(answer, HelloResponse::Refused { reason } if reason.contains("Hello")));
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn connect_delivers_spawn_with_deadlines_from_the_drone_clock() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
+    with_drone(async |ctl, mut drone| {
         let base = Millis(1_000_000);
         drone
             .send(&DroneToController::Heartbeat { local_time: base })
@@ -90,16 +78,13 @@ async fn connect_delivers_spawn_with_deadlines_from_the_drone_clock() {
             hangar_types::executable::ExecutorKind::Process
         );
         assert!(static_token.is_none());
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn get_or_create_is_per_key_and_namespace() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let _drone = FakeDrone::connect(&ctl).await;
+    with_drone(async |ctl, _drone| {
         let a = ctl.connect(&connect_body(Some("k1"))).await;
         let a_again = ctl.connect(&connect_body(Some("k1"))).await;
         assert_eq!(a.backend_id, a_again.backend_id);
@@ -114,17 +99,13 @@ async fn get_or_create_is_per_key_and_namespace() {
         let no_key_1 = ctl.connect(&connect_body(None)).await;
         let no_key_2 = ctl.connect(&connect_body(None)).await;
         assert_ne!(no_key_1.backend_id, no_key_2.backend_id);
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn unacked_action_is_resent_and_acked_one_is_not() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let backend = ctl.connect(&connect_body(Some("r"))).await.backend_id;
+    with_scheduled_backend("r", async |ctl, mut drone, backend| {
         let first = drone.expect_spawn(&backend).await;
         let again = drone.expect_spawn(&backend).await;
         assert_eq!(
@@ -143,10 +124,10 @@ async fn unacked_action_is_resent_and_acked_one_is_not() {
             .post(&format!("/ctrl/b/{backend}/soft-terminate"), &json!(null))
             .await;
         assert_eq!(response.status(), 200);
-        let soft = is_terminate(TerminationKind::Soft, TerminationReason::External);
-        let terminate = drone.expect_action(&backend, &soft).await;
+        let (soft, external) = (TerminationKind::Soft, TerminationReason::External);
+        let terminate = drone.expect_terminate(&backend, soft, external).await;
         drone.seen.clear();
-        let resent = drone.expect_action(&backend, &soft).await;
+        let resent = drone.expect_terminate(&backend, soft, external).await;
         assert_eq!(terminate.action_id, resent.action_id);
         assert!(
             !drone.seen.iter().any(
@@ -155,35 +136,29 @@ async fn unacked_action_is_resent_and_acked_one_is_not() {
             "an acked action was resent: {:?}",
             drone.seen
         );
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn unacked_action_is_resent_after_reconnect() {
-    timed(async {
-        let ctl = TestController::start().await;
+    with_controller(async |ctl| {
         let name = DroneName::random();
-        let mut drone = FakeDrone::connect_as(&ctl, name.clone()).await;
+        let mut drone = FakeDrone::connect_as(ctl, name.clone()).await;
         let backend = ctl.connect(&connect_body(Some("r"))).await.backend_id;
         let first = drone.expect_spawn(&backend).await;
         drop(drone);
 
-        let mut drone = FakeDrone::connect_as(&ctl, name).await;
+        let mut drone = FakeDrone::connect_as(ctl, name).await;
         let again = drone.expect_spawn(&backend).await;
         assert_eq!(first.action_id, again.action_id);
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn backend_events_are_acked_and_advance_status() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let backend = ctl.connect(&connect_body(Some("e"))).await.backend_id;
+    with_scheduled_backend("e", async |ctl, mut drone, backend| {
         assert_eq!(ctl.status(&backend).await["status"], "scheduled");
         drone.make_ready(&backend).await;
         assert_eq!(ctl.status(&backend).await["status"], "ready");
@@ -205,16 +180,13 @@ async fn backend_events_are_acked_and_advance_status() {
         let status = ctl.status(&backend).await;
         assert_eq!(status["status"], "terminated");
         assert_eq!(status["exit_error"], true);
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn garbage_frames_do_not_end_the_session() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
+    with_drone(async |_, mut drone| {
         drone.ws.send_raw("not json").await;
         drone.ws.send_raw(r#"{"Nope": 1}"#).await;
         drone
@@ -224,17 +196,13 @@ async fn garbage_frames_do_not_end_the_session() {
         drone
             .report(5, &BackendId::random(), BackendState::Loading)
             .await;
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn renew_key_gets_deadlines_from_the_drone_time() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let backend = ctl.connect(&connect_body(Some("renew"))).await.backend_id;
+    with_scheduled_backend("renew", async |_, mut drone, backend| {
         let local_time = Millis(42_000);
         for (id, expected) in [
             (backend.clone(), Some(KeyDeadlines::from_base(local_time))),
@@ -260,17 +228,13 @@ async fn renew_key_gets_deadlines_from_the_drone_time() {
                 .await;
             assert_eq!(deadlines, expected);
         }
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn terminate_api_delivers_terminate_actions() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let backend = ctl.connect(&connect_body(Some("t"))).await.backend_id;
+    with_scheduled_backend("t", async |ctl, mut drone, backend| {
         for kind in [TerminationKind::Soft, TerminationKind::Hard] {
             let path = match kind {
                 TerminationKind::Soft => format!("/ctrl/b/{backend}/soft-terminate"),
@@ -280,10 +244,9 @@ async fn terminate_api_delivers_terminate_actions() {
             assert_eq!(response.status(), 200);
             assert_eq!(response.text().await.unwrap(), "null");
             drone
-                .expect_action(&backend, is_terminate(kind, TerminationReason::External))
+                .expect_terminate(&backend, kind, TerminationReason::External)
                 .await;
         }
-        ctl.shutdown().await;
     })
     .await
 }
@@ -296,10 +259,8 @@ fn limited_body(key: &str, field: &str, seconds: i32) -> serde_json::Value {
 
 #[tokio::test]
 async fn idle_backend_is_swept_unless_kept_alive() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let mut proxy = FakeProxy::connect(&ctl).await;
+    with_drone(async |ctl, mut drone| {
+        let mut proxy = FakeProxy::connect(ctl).await;
         let busy: ConnectResponse = ctl
             .connect(&limited_body("busy", "max_idle_seconds", 2))
             .await;
@@ -321,9 +282,10 @@ async fn idle_backend_is_swept_unless_kept_alive() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         };
-        let swept = drone.expect_action(
+        let swept = drone.expect_terminate(
             &idle.backend_id,
-            is_terminate(TerminationKind::Soft, TerminationReason::Swept),
+            TerminationKind::Soft,
+            TerminationReason::Swept,
         );
         tokio::select! {
             _ = keepalives => unreachable!(),
@@ -337,43 +299,33 @@ async fn idle_backend_is_swept_unless_kept_alive() {
                     && matches!(a.action, BackendAction::Terminate { .. }))),
             "a kept-alive backend was swept"
         );
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn backend_past_its_lifetime_is_swept() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
+    with_drone(async |ctl, mut drone| {
         let backend = ctl
             .connect(&limited_body("short", "lifetime_limit_seconds", 1))
             .await
             .backend_id;
         drone
-            .expect_action(
-                &backend,
-                is_terminate(TerminationKind::Soft, TerminationReason::Swept),
-            )
+            .expect_terminate(&backend, TerminationKind::Soft, TerminationReason::Swept)
             .await;
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn node_sockets_require_the_bearer_token_when_configured() {
-    timed(async {
-        let ctl = TestController::start_with(ControllerConfig {
-            default_cluster: Some(CLUSTER.parse().unwrap()),
-            bearer_token: Some("t0ken".into()),
-            ..Default::default()
-        })
-        .await;
+    let config = ControllerConfig {
+        bearer_token: Some("t0ken".into()),
+        ..TestController::config()
+    };
+    with_controller_config(config, async |ctl| {
         // With the token (the harness sends it) everything works.
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let backend = ctl.connect(&connect_body(Some("auth"))).await.backend_id;
+        let (mut drone, backend) = FakeDrone::with_backend(ctl, "auth").await;
         drone.expect_spawn(&backend).await;
 
         let url = format!("{}/ctrl/c/{CLUSTER}/drone-socket", ctl.ws_base);
@@ -384,14 +336,8 @@ async fn node_sockets_require_the_bearer_token_when_configured() {
             }
             other => panic!("expected 401, got {other:?}"),
         }
-        let response = ctl
-            .http
-            .get(format!("{}/ctrl/status", ctl.base))
-            .send()
-            .await
-            .unwrap();
+        let response = ctl.get_without_bearer("/ctrl/status").await;
         assert_eq!(response.status(), 401);
-        ctl.shutdown().await;
     })
     .await
 }

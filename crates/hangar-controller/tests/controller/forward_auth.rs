@@ -179,6 +179,18 @@ async fn controller(forward_auth: url::Url, bearer: Option<&str>) -> TestControl
     .await
 }
 
+/// Runs `test` with [`timed`] against an http auth service and a controller using it (and requiring
+/// `bearer`, when given), and shuts the controller down after it.
+async fn with_auth(bearer: Option<&str>, test: impl AsyncFnOnce(&AuthService, &TestController)) {
+    timed(async {
+        let auth = AuthService::http().await;
+        let ctl = controller(auth.url("http"), bearer).await;
+        test(&auth, &ctl).await;
+        ctl.shutdown().await;
+    })
+    .await
+}
+
 /// `GET path` with an optional `Authorization` header value.
 async fn get(ctl: &TestController, path: &str, auth: Option<&str>) -> reqwest::Response {
     let mut req = ctl.http.get(format!("{}{path}", ctl.base));
@@ -190,21 +202,19 @@ async fn get(ctl: &TestController, path: &str, auth: Option<&str>) -> reqwest::R
 
 #[tokio::test]
 async fn forward_auth_rejects_accepts_and_passes_denials_on() {
-    timed(async {
-        let auth = AuthService::http().await;
-        let ctl = controller(auth.url("http"), None).await;
+    with_auth(None, async |_, ctl| {
         // Rejected: the auth service's own answer, not an ApiError.
-        let resp = get(&ctl, "/ctrl/status", None).await;
+        let resp = get(ctl, "/ctrl/status", None).await;
         assert_eq!(resp.status(), 401);
         assert_eq!(resp.headers()["www-authenticate"], "Bearer realm=\"test\"");
         assert_eq!(resp.text().await.unwrap(), "nope");
         // Accepted.
-        let resp = get(&ctl, "/ctrl/status", Some("Bearer good")).await;
+        let resp = get(ctl, "/ctrl/status", Some("Bearer good")).await;
         assert_eq!(resp.status(), 200);
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["status"], "ok");
         // Any other answer is returned as it is; a redirect is not followed.
-        let resp = get_status_denied(&ctl).await;
+        let resp = get_status_denied(ctl).await;
         assert_eq!(resp.status(), 403);
         assert_eq!(resp.headers()["content-type"], "application/json");
         assert_eq!(resp.text().await.unwrap(), r#"{"why":"x-deny"}"#);
@@ -220,17 +230,14 @@ async fn forward_auth_rejects_accepts_and_passes_denials_on() {
             .unwrap();
         assert_eq!(resp.status(), 302);
         assert_eq!(resp.headers()["location"], "/login");
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn forward_auth_forwards_method_path_headers_and_bearer_token() {
-    timed(async {
-        let auth = AuthService::http().await;
-        let ctl = controller(auth.url("http"), None).await;
-        get(&ctl, "/ctrl/status?x=1", Some("Bearer good")).await;
+    with_auth(None, async |auth, ctl| {
+        get(ctl, "/ctrl/status?x=1", Some("Bearer good")).await;
         let (method, headers) = auth.last();
         assert_eq!(method, Method::GET);
         assert_eq!(headers["x-original-path"], "/status");
@@ -272,16 +279,13 @@ async fn forward_auth_forwards_method_path_headers_and_bearer_token() {
             .unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(auth.last().1["authorization"], "Bearer test");
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn forward_auth_guards_websocket_routes() {
-    timed(async {
-        let auth = AuthService::http().await;
-        let ctl = controller(auth.url("http"), None).await;
+    with_auth(None, async |auth, ctl| {
         let paths = [
             format!("/ctrl/c/{CLUSTER}/drone-socket?pool=gpu"),
             format!("/ctrl/c/{CLUSTER}/proxy-socket"),
@@ -311,51 +315,43 @@ async fn forward_auth_guards_websocket_routes() {
             assert!(headers.contains_key("sec-websocket-key"), "{path}");
             assert!(headers.get("upgrade").is_none(), "{path}");
         }
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn forward_auth_composes_with_the_bearer_token() {
-    timed(async {
-        let auth = AuthService::http().await;
-        let ctl = controller(auth.url("http"), Some("good")).await;
+    with_auth(Some("good"), async |auth, ctl| {
         assert_eq!(
-            get(&ctl, "/ctrl/status", Some("Bearer good"))
-                .await
-                .status(),
+            get(ctl, "/ctrl/status", Some("Bearer good")).await.status(),
             200
         );
         // The auth service admits `test`, the bearer check does not; no side request is made.
         let before = auth.count();
-        let resp = get(&ctl, "/ctrl/status", Some("Bearer test")).await;
+        let resp = get(ctl, "/ctrl/status", Some("Bearer test")).await;
         assert_eq!(resp.status(), 401);
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["kind"], "Unauthorized");
         assert_eq!(auth.count(), before);
         // The bearer token is right but the auth service says no.
-        let resp = get_status_denied(&ctl).await;
+        let resp = get_status_denied(ctl).await;
         assert_eq!(resp.status(), 403);
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn forward_auth_guards_dashboard_and_metrics_but_never_pub() {
-    timed(async {
-        let auth = AuthService::http().await;
-        let ctl = controller(auth.url("http"), None).await;
+    with_auth(None, async |auth, ctl| {
         for path in [
             "/dashboard",
             "/dashboard/dashboard.js",
             "/ctrl/dashboard/state",
             "/metrics",
         ] {
-            assert_eq!(get(&ctl, path, None).await.status(), 401, "{path}");
+            assert_eq!(get(ctl, path, None).await.status(), 401, "{path}");
             assert_eq!(
-                get(&ctl, path, Some("Bearer good")).await.status(),
+                get(ctl, path, Some("Bearer good")).await.status(),
                 200,
                 "{path}"
             );
@@ -365,15 +361,12 @@ async fn forward_auth_guards_dashboard_and_metrics_but_never_pub() {
             );
         }
         let before = auth.count();
-        assert_eq!(get(&ctl, "/pub/health", None).await.status(), 200);
+        assert_eq!(get(ctl, "/pub/health", None).await.status(), 200);
         assert_eq!(
-            get(&ctl, "/pub/b/nosuchbackend/status", None)
-                .await
-                .status(),
+            get(ctl, "/pub/b/nosuchbackend/status", None).await.status(),
             404
         );
         assert_eq!(auth.count(), before, "/pub is never checked");
-        ctl.shutdown().await;
     })
     .await
 }

@@ -72,8 +72,13 @@ impl Api {
         (node, name)
     }
 
+    /// The router's response to `request`, its body unread.
+    async fn respond(&self, request: Request<Body>) -> axum::response::Response {
+        self.app.clone().oneshot(request).await.unwrap()
+    }
+
     async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
-        let response = self.app.clone().oneshot(request).await.unwrap();
+        let response = self.respond(request).await;
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let body = if bytes.is_empty() {
@@ -108,9 +113,38 @@ impl Api {
             .await
     }
 
+    /// `POST path` with the JSON `null` Plane's client sends where a route takes no body.
+    async fn post_null(&self, path: &str) -> (StatusCode, Value) {
+        self.post(path, &Value::Null).await
+    }
+
     async fn connect(&self, body: &Value) -> (StatusCode, Value) {
         self.post("/ctrl/connect", body).await
     }
+}
+
+/// Runs `test` with [`timed`] against the router of [`Api::new`].
+async fn with_api(test: impl AsyncFnOnce(Api)) {
+    timed(async { test(Api::new().await).await }).await
+}
+
+/// [`with_api`] with a drone registered ([`Api::add_drone`]).
+async fn with_api_and_drone(test: impl AsyncFnOnce(Api, NodeId, DroneName)) {
+    with_api(async |api| {
+        let (node, drone) = api.add_drone().await;
+        test(api, node, drone).await
+    })
+    .await
+}
+
+/// Runs `test` with [`timed`] against the router of a controller requiring the bearer token
+/// `s3cret`.
+async fn with_secured_api(test: impl AsyncFnOnce(Api)) {
+    let config = ControllerConfig {
+        bearer_token: Some("s3cret".into()),
+        ..Default::default()
+    };
+    timed(async { test(Api::with_config(config).await).await }).await
 }
 
 fn spawn_body(key: &str) -> Value {
@@ -119,6 +153,27 @@ fn spawn_body(key: &str) -> Value {
         "spawn_config": {"executable": {"command": ["sleep", "100"]}},
         "user": "alice"
     })
+}
+
+/// A backend id of no backend, and a string that is no backend id.
+const BACKEND_IDS: [&str; 2] = ["nosuchbackend", "Bad%20Id"];
+/// A drone name of no drone, and a name that is no drone's.
+const DRONE_NAMES: [&str; 2] = ["dr-unknown", "px-notadrone"];
+
+/// `POST` to `route` (its `{}` replaced by an id) is 404 with `missing` for `unknown`, an id of
+/// nothing, and 400 for `invalid`, no valid id.
+async fn assert_ids_checked(api: &Api, route: &str, [unknown, invalid]: [&str; 2], missing: &str) {
+    let answer = api.post_null(&route.replace("{}", unknown)).await;
+    let message = expect_error(answer, StatusCode::NOT_FOUND, "NotFound");
+    assert_eq!(message, missing, "{route}");
+    let answer = api.post_null(&route.replace("{}", invalid)).await;
+    expect_error(answer, StatusCode::BAD_REQUEST, "InvalidRequest");
+}
+
+/// An answer with `status` and Plane's error shape with the expected kind; returns the message.
+fn expect_error((status, body): (StatusCode, Value), expected: StatusCode, kind: &str) -> String {
+    assert_eq!(status, expected, "{body}");
+    assert_error(&body, kind)
 }
 
 /// Plane's error shape with the expected kind; returns the message.
@@ -130,8 +185,7 @@ fn assert_error(body: &Value, kind: &str) -> String {
 
 #[tokio::test]
 async fn status_and_health_are_ok() {
-    timed(async {
-        let api = Api::new().await;
+    with_api(async |api| {
         let (status, body) = api.get("/ctrl/status").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "ok");
@@ -145,9 +199,7 @@ async fn status_and_health_are_ok() {
 
 #[tokio::test]
 async fn connect_spawns_a_backend() {
-    timed(async {
-        let api = Api::new().await;
-        let (_, drone) = api.add_drone().await;
+    with_api_and_drone(async |api, _, drone| {
         let (status, body) = api.connect(&spawn_body("room-1")).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["spawned"], true);
@@ -176,9 +228,7 @@ async fn connect_spawns_a_backend() {
 
 #[tokio::test]
 async fn connect_with_static_token_and_subdomain() {
-    timed(async {
-        let api = Api::new().await;
-        api.add_drone().await;
+    with_api_and_drone(async |api, _, _| {
         let mut request = spawn_body("static");
         request["spawn_config"]["use_static_token"] = json!(true);
         request["spawn_config"]["subdomain"] = json!("abc");
@@ -196,17 +246,12 @@ async fn connect_with_static_token_and_subdomain() {
 
 #[tokio::test]
 async fn connect_tag_mismatch_is_409_key_held() {
-    timed(async {
-        let api = Api::new().await;
-        api.add_drone().await;
-        let (status, _) = api.connect(&spawn_body("tagged")).await;
-        assert_eq!(status, StatusCode::OK);
+    with_api_and_drone(async |api, _, _| {
+        assert_eq!(api.connect(&spawn_body("tagged")).await.0, StatusCode::OK);
         let mut other = spawn_body("tagged");
         other["key"]["tag"] = json!("v2");
-        let (status, body) = api.connect(&other).await;
-        assert_eq!(status, StatusCode::CONFLICT);
         assert_eq!(
-            assert_error(&body, "KeyHeld"),
+            expect_error(api.connect(&other).await, StatusCode::CONFLICT, "KeyHeld"),
             "Lock is held but tag does not match."
         );
     })
@@ -215,9 +260,7 @@ async fn connect_tag_mismatch_is_409_key_held() {
 
 #[tokio::test]
 async fn connect_to_a_terminating_backend_is_refused() {
-    timed(async {
-        let api = Api::new().await;
-        api.add_drone().await;
+    with_api_and_drone(async |api, _, _| {
         let (_, body) = api.connect(&spawn_body("dying")).await;
         let id: BackendId = body["backend_id"].as_str().unwrap().parse().unwrap();
         api.store
@@ -231,9 +274,12 @@ async fn connect_to_a_terminating_backend_is_refused() {
             )
             .await
             .unwrap();
-        let (status, body) = api.connect(&spawn_body("dying")).await;
-        assert_eq!(status, StatusCode::CONFLICT);
-        assert!(assert_error(&body, "KeyHeld").contains("shutting down"));
+        assert!(expect_error(
+            api.connect(&spawn_body("dying")).await,
+            StatusCode::CONFLICT,
+            "KeyHeld"
+        )
+        .contains("shutting down"));
 
         // Once terminated, the key is free again.
         api.store
@@ -258,9 +304,7 @@ async fn connect_to_a_terminating_backend_is_refused() {
 
 #[tokio::test]
 async fn connect_takes_over_an_expired_key() {
-    timed(async {
-        let api = Api::new().await;
-        let (node, _) = api.add_drone().await;
+    with_api_and_drone(async |api, node, _| {
         let (_, first) = api.connect(&spawn_body("expiring")).await;
         api.store.advance_clock(Duration::from_secs(120));
         // What a running controller and drone do every few seconds.
@@ -299,12 +343,13 @@ async fn connect_takes_over_an_expired_key() {
 
 #[tokio::test]
 async fn connect_without_spawn_config_is_409() {
-    timed(async {
-        let api = Api::new().await;
-        let (status, body) = api.connect(&json!({"key": {"name": "nobody"}})).await;
-        assert_eq!(status, StatusCode::CONFLICT);
+    with_api(async |api| {
         assert_eq!(
-            assert_error(&body, "KeyUnheldNoSpawnConfig"),
+            expect_error(
+                api.connect(&json!({"key": {"name": "nobody"}})).await,
+                StatusCode::CONFLICT,
+                "KeyUnheldNoSpawnConfig"
+            ),
             "Lock is unheld but no spawn config was provided."
         );
     })
@@ -313,20 +358,23 @@ async fn connect_without_spawn_config_is_409() {
 
 #[tokio::test]
 async fn connect_without_drone_is_503() {
-    timed(async {
-        let api = Api::new().await;
-        let (status, body) = api.connect(&spawn_body("k")).await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    with_api(async |api| {
         assert_eq!(
-            assert_error(&body, "NoDroneAvailable"),
+            expect_error(
+                api.connect(&spawn_body("k")).await,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NoDroneAvailable"
+            ),
             "No active drone available."
         );
         // A drone that offers only another executor does not count.
         api.add_drone().await;
         let mut docker = spawn_body("k");
         docker["spawn_config"]["executable"] = json!({"image": "app:1"});
-        let (status, _) = api.connect(&docker).await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            api.connect(&docker).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     })
     .await
 }
@@ -335,51 +383,62 @@ async fn connect_without_drone_is_503() {
 async fn connect_without_cluster_is_400() {
     timed(async {
         let api = Api::with_config(ControllerConfig::default()).await;
-        let (status, body) = api.connect(&spawn_body("k")).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert_error(&body, "NoClusterProvided");
+        expect_error(
+            api.connect(&spawn_body("k")).await,
+            StatusCode::BAD_REQUEST,
+            "NoClusterProvided",
+        );
     })
     .await
 }
 
 #[tokio::test]
 async fn connect_bad_input_is_a_clear_4xx() {
-    timed(async {
-        let api = Api::new().await;
-        let (status, body) = api
-            .post_raw("/ctrl/connect", Some("application/json"), "{not json")
-            .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(assert_error(&body, "InvalidRequest").contains("Malformed JSON"));
+    with_api(async |api| {
+        assert!(expect_error(
+            api.post_raw("/ctrl/connect", Some("application/json"), "{not json")
+                .await,
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest"
+        )
+        .contains("Malformed JSON"));
 
-        let (status, body) = api
-            .post_raw("/ctrl/connect", Some("text/plain"), "{}")
-            .await;
-        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        assert_error(&body, "InvalidRequest");
-        let (status, _) = api.post_raw("/ctrl/connect", None, "{}").await;
-        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        expect_error(
+            api.post_raw("/ctrl/connect", Some("text/plain"), "{}")
+                .await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "InvalidRequest",
+        );
+        assert_eq!(
+            api.post_raw("/ctrl/connect", None, "{}").await.0,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
 
-        let (status, body) = api
-            .connect(&json!({"key": {"name": "k"}, "bogus": 1}))
-            .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(assert_error(&body, "InvalidRequest").contains("bogus"));
+        assert!(expect_error(
+            api.connect(&json!({"key": {"name": "k"}, "bogus": 1}))
+                .await,
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest"
+        )
+        .contains("bogus"));
 
-        let (status, body) = api.connect(&json!({"key": {"name": ""}})).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert_error(&body, "InvalidRequest");
+        expect_error(
+            api.connect(&json!({"key": {"name": ""}})).await,
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest",
+        );
 
-        let (status, body) = api
-            .connect(&json!({"spawn_config": {"executable": {"nothing": true}}}))
-            .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(assert_error(&body, "InvalidRequest").contains("image"));
+        assert!(expect_error(
+            api.connect(&json!({"spawn_config": {"executable": {"nothing": true}}}))
+                .await,
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest"
+        )
+        .contains("image"));
 
         let mut bad_id = spawn_body("k");
         bad_id["spawn_config"]["id"] = json!("../etc");
-        let (status, _) = api.connect(&bad_id).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(api.connect(&bad_id).await.0, StatusCode::BAD_REQUEST);
 
         for (field, value) in [
             ("subdomain", json!("-bad-")),
@@ -395,59 +454,41 @@ async fn connect_bad_input_is_a_clear_4xx() {
         }
 
         let huge = format!(r#"{{"user": "{}"}}"#, "x".repeat(2 * 1024 * 1024));
-        let (status, body) = api
-            .post_raw("/ctrl/connect", Some("application/json"), huge)
-            .await;
-        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-        assert_error(&body, "InvalidRequest");
+        expect_error(
+            api.post_raw("/ctrl/connect", Some("application/json"), huge)
+                .await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "InvalidRequest",
+        );
     })
     .await
 }
 
 #[tokio::test]
 async fn terminate_routes() {
-    timed(async {
-        let api = Api::new().await;
+    with_api(async |api| {
         for kind in ["soft", "hard"] {
-            let (status, body) = api
-                .post(
-                    &format!("/ctrl/b/nosuchbackend/{kind}-terminate"),
-                    &Value::Null,
-                )
-                .await;
-            assert_eq!(status, StatusCode::NOT_FOUND);
-            assert_eq!(assert_error(&body, "NotFound"), "Backend does not exist");
+            let route = format!("/ctrl/b/{{}}/{kind}-terminate");
+            assert_ids_checked(&api, &route, BACKEND_IDS, "Backend does not exist").await;
         }
-        let (status, body) = api
-            .post("/ctrl/b/Bad%20Id/soft-terminate", &Value::Null)
-            .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert_error(&body, "InvalidRequest");
 
         api.add_drone().await;
         let (_, connected) = api.connect(&spawn_body("t")).await;
         let id = connected["backend_id"].as_str().unwrap();
         // Plane's client posts JSON `null`; no body at all is fine too.
-        let (status, body) = api
-            .post(&format!("/ctrl/b/{id}/hard-terminate"), &Value::Null)
-            .await;
+        let (status, body) = api.post_null(&format!("/ctrl/b/{id}/hard-terminate")).await;
         assert_eq!((status, body), (StatusCode::OK, Value::Null));
-        let (status, _) = api
-            .send(
-                Request::post(format!("/ctrl/b/{id}/soft-terminate"))
-                    .body(Body::empty())
-                    .unwrap(),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK);
+        let no_body = Request::post(format!("/ctrl/b/{id}/soft-terminate"))
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(api.respond(no_body).await.status(), StatusCode::OK);
     })
     .await
 }
 
 #[tokio::test]
 async fn revoke_on_both_paths() {
-    timed(async {
-        let api = Api::new().await;
+    with_api(async |api| {
         for path in ["/ctrl/b/revoke", "/ctrl/revoke"] {
             let (status, body) = api
                 .post(path, &json!({"backend_id": "abc", "user": "alice"}))
@@ -465,53 +506,30 @@ async fn revoke_on_both_paths() {
 
 #[tokio::test]
 async fn drain_and_cluster_state() {
-    timed(async {
-        let api = Api::new().await;
-        let (_, drone) = api.add_drone().await;
+    with_api_and_drone(async |api, _, drone| {
         let (status, state) = api.get(&format!("/ctrl/c/{CLUSTER}/state")).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(state["drones"][0]["node"]["name"]["Drone"], drone.as_str());
         assert_eq!(state["drones"][0]["draining"], false);
 
         let path = format!("/ctrl/c/{CLUSTER}/d/{drone}/drain");
-        assert_eq!(
-            api.post(&path, &Value::Null).await.1,
-            json!({"updated": true})
-        );
-        assert_eq!(
-            api.post(&path, &Value::Null).await.1,
-            json!({"updated": false})
-        );
+        assert_eq!(api.post_null(&path).await.1, json!({"updated": true}));
+        assert_eq!(api.post_null(&path).await.1, json!({"updated": false}));
         // A draining drone takes no new backends.
         assert_eq!(
             api.connect(&spawn_body("d")).await.0,
             StatusCode::SERVICE_UNAVAILABLE
         );
 
-        let (status, body) = api
-            .post(
-                &format!("/ctrl/c/{CLUSTER}/d/dr-unknown/drain"),
-                &Value::Null,
-            )
-            .await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert_eq!(assert_error(&body, "NotFound"), "Drone does not exist");
-        let (status, body) = api
-            .post(
-                &format!("/ctrl/c/{CLUSTER}/d/px-notadrone/drain"),
-                &Value::Null,
-            )
-            .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert_error(&body, "InvalidRequest");
+        let route = format!("/ctrl/c/{CLUSTER}/d/{{}}/drain");
+        assert_ids_checked(&api, &route, DRONE_NAMES, "Drone does not exist").await;
     })
     .await
 }
 
 #[tokio::test]
 async fn invalid_cluster_paths_are_400() {
-    timed(async {
-        let api = Api::new().await;
+    with_api(async |api| {
         for path in [
             "/ctrl/c/bad%20host/state",
             "/ctrl/c/host:notaport/d/dr-abc/drain",
@@ -549,11 +567,15 @@ async fn invalid_cluster_paths_are_400() {
 
 #[tokio::test]
 async fn public_status() {
-    timed(async {
-        let api = Api::new().await;
-        let (status, body) = api.get("/pub/b/nosuchbackend/status").await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert_eq!(assert_error(&body, "NotFound"), "Backend does not exist");
+    with_api(async |api| {
+        assert_eq!(
+            expect_error(
+                api.get("/pub/b/nosuchbackend/status").await,
+                StatusCode::NOT_FOUND,
+                "NotFound"
+            ),
+            "Backend does not exist"
+        );
 
         api.add_drone().await;
         let (_, connected) = api.connect(&spawn_body("s")).await;
@@ -570,8 +592,7 @@ async fn public_status() {
 
 #[tokio::test]
 async fn status_stream_of_unknown_backend_is_an_open_event_stream() {
-    timed(async {
-        let api = Api::new().await;
+    with_api(async |api| {
         let response = api
             .app
             .clone()
@@ -594,8 +615,7 @@ async fn status_stream_of_unknown_backend_is_an_open_event_stream() {
 
 #[tokio::test]
 async fn pub_has_cors_and_ctrl_does_not() {
-    timed(async {
-        let api = Api::new().await;
+    with_api(async |api| {
         let preflight = |path: &str| {
             Request::builder()
                 .method(Method::OPTIONS)
@@ -605,19 +625,9 @@ async fn pub_has_cors_and_ctrl_does_not() {
                 .body(Body::empty())
                 .unwrap()
         };
-        let response = api
-            .app
-            .clone()
-            .oneshot(preflight("/pub/health"))
-            .await
-            .unwrap();
+        let response = api.respond(preflight("/pub/health")).await;
         assert_eq!(response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
-        let response = api
-            .app
-            .clone()
-            .oneshot(preflight("/ctrl/status"))
-            .await
-            .unwrap();
+        let response = api.respond(preflight("/ctrl/status")).await;
         assert!(response
             .headers()
             .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
@@ -628,12 +638,7 @@ async fn pub_has_cors_and_ctrl_does_not() {
 
 #[tokio::test]
 async fn bearer_token_guards_ctrl_only() {
-    timed(async {
-        let api = Api::with_config(ControllerConfig {
-            bearer_token: Some("s3cret".into()),
-            ..Default::default()
-        })
-        .await;
+    with_secured_api(async |api| {
         let (status, body) = api.get("/ctrl/status").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_error(&body, "Unauthorized");
@@ -647,8 +652,10 @@ async fn bearer_token_guards_ctrl_only() {
             .body(Body::empty())
             .unwrap();
         assert_eq!(api.send(right).await.0, StatusCode::OK);
-        let (status, _) = api.get(&format!("/ctrl/c/{CLUSTER}/drone-socket")).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            api.get(&format!("/ctrl/c/{CLUSTER}/drone-socket")).await.0,
+            StatusCode::UNAUTHORIZED
+        );
         assert_eq!(api.get("/pub/health").await.0, StatusCode::OK);
     })
     .await
@@ -656,20 +663,19 @@ async fn bearer_token_guards_ctrl_only() {
 
 #[tokio::test]
 async fn unknown_route_is_a_plane_shaped_404() {
-    timed(async {
-        let api = Api::new().await;
-        let (status, body) = api.get("/ctrl/nope").await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert_error(&body, "NotFound");
+    with_api(async |api| {
+        expect_error(
+            api.get("/ctrl/nope").await,
+            StatusCode::NOT_FOUND,
+            "NotFound",
+        );
     })
     .await
 }
 
 #[tokio::test]
 async fn mark_lost_records_terminated_lost_and_frees_keys() {
-    timed(async {
-        let api = Api::new().await;
-        let (node, drone) = api.add_drone().await;
+    with_api_and_drone(async |api, node, drone| {
         let (status, first) = api.connect(&spawn_body("lost-a")).await;
         assert_eq!(status, StatusCode::OK);
         let (_, second) = api.connect(&spawn_body("lost-b")).await;
@@ -678,7 +684,7 @@ async fn mark_lost_records_terminated_lost_and_frees_keys() {
         let mut events = api.store.events().subscribe();
 
         let path = format!("/ctrl/c/{CLUSTER}/d/{drone}/mark-lost");
-        let (status, body) = api.post(&path, &Value::Null).await;
+        let (status, body) = api.post_null(&path).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let mut marked: Vec<String> = serde_json::from_value(body["backends"].clone()).unwrap();
         marked.sort();
@@ -723,7 +729,7 @@ async fn mark_lost_records_terminated_lost_and_frees_keys() {
         assert_ne!(again["backend_id"], first.as_str());
 
         // Again: only the new backend is marked.
-        let (_, body) = api.post(&path, &Value::Null).await;
+        let (_, body) = api.post_null(&path).await;
         assert_eq!(body, json!({"backends": [again["backend_id"]]}));
     })
     .await
@@ -731,22 +737,12 @@ async fn mark_lost_records_terminated_lost_and_frees_keys() {
 
 #[tokio::test]
 async fn mark_lost_bad_input() {
-    timed(async {
-        let api = Api::new().await;
-        let (status, body) = api
-            .post(
-                &format!("/ctrl/c/{CLUSTER}/d/dr-unknown/mark-lost"),
-                &Value::Null,
-            )
-            .await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert_eq!(assert_error(&body, "NotFound"), "Drone does not exist");
+    with_api(async |api| {
+        let route = format!("/ctrl/c/{CLUSTER}/d/{{}}/mark-lost");
+        assert_ids_checked(&api, &route, DRONE_NAMES, "Drone does not exist").await;
         for bad in ["px-notadrone", "dr-UPPER", "dr-a%20b"] {
             let (status, body) = api
-                .post(
-                    &format!("/ctrl/c/{CLUSTER}/d/{bad}/mark-lost"),
-                    &Value::Null,
-                )
+                .post_null(&format!("/ctrl/c/{CLUSTER}/d/{bad}/mark-lost"))
                 .await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
             assert!(assert_error(&body, "InvalidRequest").contains("invalid drone name"));
@@ -761,26 +757,16 @@ async fn mark_lost_bad_input() {
 
 #[tokio::test]
 async fn prevent_renew_route() {
-    timed(async {
-        let api = Api::new().await;
-        let (status, body) = api
-            .post("/ctrl/b/nosuchbackend/prevent-renew", &Value::Null)
-            .await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert_error(&body, "NotFound");
-        let (status, body) = api
-            .post("/ctrl/b/Bad%20Id/prevent-renew", &Value::Null)
-            .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert_error(&body, "InvalidRequest");
+    with_api(async |api| {
+        let route = "/ctrl/b/{}/prevent-renew";
+        let missing = "Backend does not exist or holds no key";
+        assert_ids_checked(&api, route, BACKEND_IDS, missing).await;
 
         api.add_drone().await;
         let (_, connected) = api.connect(&spawn_body("blocked")).await;
         let id: BackendId = connected["backend_id"].as_str().unwrap().parse().unwrap();
         assert!(api.store.renew_key(&id).await.unwrap());
-        let (status, body) = api
-            .post(&format!("/ctrl/b/{id}/prevent-renew"), &Value::Null)
-            .await;
+        let (status, body) = api.post_null(&format!("/ctrl/b/{id}/prevent-renew")).await;
         assert_eq!((status, body), (StatusCode::OK, Value::Null));
         assert!(!api.store.renew_key(&id).await.unwrap());
 
@@ -790,9 +776,7 @@ async fn prevent_renew_route() {
             .record_backend_state(&id, &terminated)
             .await
             .unwrap();
-        let (status, _) = api
-            .post(&format!("/ctrl/b/{id}/prevent-renew"), &Value::Null)
-            .await;
+        let (status, _) = api.post_null(&format!("/ctrl/b/{id}/prevent-renew")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     })
     .await
@@ -800,12 +784,7 @@ async fn prevent_renew_route() {
 
 #[tokio::test]
 async fn new_routes_require_the_bearer_token() {
-    timed(async {
-        let api = Api::with_config(ControllerConfig {
-            bearer_token: Some("s3cret".into()),
-            ..Default::default()
-        })
-        .await;
+    with_secured_api(async |api| {
         for (method, path) in [
             (
                 Method::POST,

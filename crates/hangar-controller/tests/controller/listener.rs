@@ -2,21 +2,22 @@
 //! others keep being answered, the connection cap answers 503 until a slot frees, oversize heads get
 //! 431. (WebSockets and status streams through the same listener are covered by the other modules.)
 
-use crate::support::{eventually, timed, TestController, CLUSTER, WAIT};
+use crate::support::{eventually, with_controller_config, TestController, WAIT};
 use hangar_controller::ControllerConfig;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn controller(config: ControllerConfig) -> (TestController, SocketAddr) {
-    let ctl = TestController::start_with(ControllerConfig {
-        default_cluster: Some(CLUSTER.parse().unwrap()),
-        ..config
-    })
-    .await;
-    let addr = ctl.handle.as_ref().unwrap().local_addr();
-    (ctl, addr)
+/// Runs `test` with [`with_controller_config`] against a controller with [`TestController::config`]
+/// changed by `adjust`, passing the address its API listens on.
+async fn with_listener(
+    adjust: impl FnOnce(&mut ControllerConfig),
+    test: impl AsyncFnOnce(SocketAddr),
+) {
+    let mut config = TestController::config();
+    adjust(&mut config);
+    with_controller_config(config, async |ctl| test(ctl.local_addr()).await).await
 }
 
 /// Sends `request` on a fresh connection and returns everything read until the server closes.
@@ -42,12 +43,8 @@ async fn closed_by_server(stream: &mut TcpStream) -> bool {
 
 #[tokio::test]
 async fn a_client_dribbling_its_request_head_is_cut_while_others_are_answered() {
-    timed(async {
-        let (_ctl, addr) = controller(ControllerConfig {
-            header_read_timeout: Duration::from_millis(500),
-            ..Default::default()
-        })
-        .await;
+    let limit = |c: &mut ControllerConfig| c.header_read_timeout = Duration::from_millis(500);
+    with_listener(limit, async |addr| {
         let mut slow = Vec::new();
         for _ in 0..20 {
             let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -83,17 +80,13 @@ async fn a_client_dribbling_its_request_head_is_cut_while_others_are_answered() 
         }
         assert!(answered > 0);
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn a_keep_alive_connection_that_sends_nothing_more_is_cut() {
-    timed(async {
-        let (_ctl, addr) = controller(ControllerConfig {
-            header_read_timeout: Duration::from_millis(300),
-            ..Default::default()
-        })
-        .await;
+    let limit = |c: &mut ControllerConfig| c.header_read_timeout = Duration::from_millis(300);
+    with_listener(limit, async |addr| {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream
             .write_all(b"GET /pub/health HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -108,17 +101,13 @@ async fn a_keep_alive_connection_that_sends_nothing_more_is_cut() {
         let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
         assert!(read.is_ok(), "the connection stayed open");
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn connections_over_the_cap_get_503_until_a_slot_frees() {
-    timed(async {
-        let (_ctl, addr) = controller(ControllerConfig {
-            max_connections: 3,
-            ..Default::default()
-        })
-        .await;
+    let limit = |c: &mut ControllerConfig| c.max_connections = 3;
+    with_listener(limit, async |addr| {
         let mut held = Vec::new();
         for _ in 0..3 {
             held.push(TcpStream::connect(addr).await.unwrap());
@@ -140,17 +129,13 @@ async fn connections_over_the_cap_get_503_until_a_slot_frees() {
         })
         .await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn oversize_request_heads_get_431_and_normal_ones_pass() {
-    timed(async {
-        let (_ctl, addr) = controller(ControllerConfig {
-            max_header_bytes: 8192,
-            ..Default::default()
-        })
-        .await;
+    let limit = |c: &mut ControllerConfig| c.max_header_bytes = 8192;
+    with_listener(limit, async |addr| {
         let big = format!(
             "GET /pub/health HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\nconnection: close\r\n\r\n",
             "a".repeat(20_000)
@@ -170,5 +155,5 @@ async fn oversize_request_heads_get_431_and_normal_ones_pass() {
         let answer = exchange(addr, normal.as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     })
-    .await;
+    .await
 }

@@ -2,7 +2,7 @@
 //! lease expired, mark-lost, prevent-renew, and a drone session taken over by a reconnect.
 
 use crate::support::*;
-use hangar_types::protocol::{BackendAction, ControllerToDrone, DroneToController, KeyDeadlines};
+use hangar_types::protocol::{ControllerToDrone, DroneToController, KeyDeadlines};
 use hangar_types::timing::{KEY_LEASE, UNHEALTHY_AFTER};
 use hangar_types::{BackendId, DroneName, Millis, TerminationKind, TerminationReason};
 use serde_json::{json, Value};
@@ -18,8 +18,7 @@ async fn wait_for_status(ctl: &TestController, backend: &BackendId, status: &str
 
 #[tokio::test]
 async fn silent_drone_backends_become_lost_and_the_key_spawns_elsewhere() {
-    timed(async {
-        let (ctl, mut old, mut proxy, connected) = drone_proxy_and_backend("room").await;
+    with_drone_proxy_and_backend("room", async |ctl, mut old, mut proxy, connected| {
         let backend = connected.backend_id.clone();
         assert_eq!(connected.drone.as_ref(), Some(&old.name));
         old.make_ready(&backend).await;
@@ -58,38 +57,32 @@ async fn silent_drone_backends_become_lost_and_the_key_spawns_elsewhere() {
         );
 
         // The key is free: a connect spawns a new backend on the healthy drone.
-        let mut fresh = FakeDrone::connect(&ctl).await;
+        let mut fresh = FakeDrone::connect(ctl).await;
         let again = ctl.connect(&connect_body(Some("room"))).await;
         assert!(again.spawned);
         assert_ne!(again.backend_id, backend);
         assert_eq!(again.drone.as_ref(), Some(&fresh.name));
         fresh.expect_spawn(&again.backend_id).await;
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn lost_backend_sweep_runs_in_the_background() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let backend = ctl.connect(&connect_body(Some("bg"))).await.backend_id;
+    with_scheduled_backend("bg", async |ctl, mut drone, backend| {
         drone.expect_spawn(&backend).await;
         // The drone goes away for good.
         drop(drone);
         ctl.advance_clock(KEY_LEASE + Duration::from_secs(1)).await;
-        let status = wait_for_status(&ctl, &backend, "terminated").await;
+        let status = wait_for_status(ctl, &backend, "terminated").await;
         assert_eq!(status["termination_reason"], "lost");
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn mark_lost_tells_proxies_and_the_drone() {
-    timed(async {
-        let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("marked").await;
+    with_drone_proxy_and_backend("marked", async |ctl, mut drone, mut proxy, connected| {
         let backend = connected.backend_id.clone();
         drone.make_ready(&backend).await;
         assert!(proxy.route(&connected.token).await.is_some());
@@ -106,35 +99,18 @@ async fn mark_lost_tells_proxies_and_the_drone() {
         proxy.expect_removed(&backend).await;
         // If the drone is in fact alive, it is told to kill the backend.
         drone
-            .expect_action(&backend, |a| {
-                matches!(
-                    a,
-                    BackendAction::Terminate {
-                        kind: TerminationKind::Hard,
-                        reason: TerminationReason::Lost
-                    }
-                )
-            })
+            .expect_terminate(&backend, TerminationKind::Hard, TerminationReason::Lost)
             .await;
         let status = ctl.status(&backend).await;
         assert_eq!(status["status"], "terminated");
         assert_eq!(status["termination_reason"], "lost");
 
-        let response = ctl
-            .post(
-                &format!("/ctrl/c/{CLUSTER}/d/dr-nobody/mark-lost"),
-                &json!(null),
-            )
-            .await;
-        assert_eq!(response.status(), 404);
-        let response = ctl
-            .post(
-                &format!("/ctrl/c/{CLUSTER}/d/not-a-drone/mark-lost"),
-                &json!(null),
-            )
-            .await;
-        assert_eq!(response.status(), 400);
-        ctl.shutdown().await;
+        // An unknown drone, and a name that is no drone name.
+        for (drone, status) in [("dr-nobody", 404), ("not-a-drone", 400)] {
+            let path = format!("/ctrl/c/{CLUSTER}/d/{drone}/mark-lost");
+            let response = ctl.post(&path, &json!(null)).await;
+            assert_eq!(response.status(), status, "{drone}");
+        }
     })
     .await
 }
@@ -162,10 +138,7 @@ async fn renew(drone: &mut FakeDrone, backend: &BackendId) -> Option<KeyDeadline
 
 #[tokio::test]
 async fn prevent_renew_makes_the_next_renewal_fail() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let backend = ctl.connect(&connect_body(Some("blocked"))).await.backend_id;
+    with_scheduled_backend("blocked", async |ctl, mut drone, backend| {
         drone.expect_spawn(&backend).await;
         assert!(renew(&mut drone, &backend).await.is_some());
         let response = ctl
@@ -177,26 +150,23 @@ async fn prevent_renew_makes_the_next_renewal_fail() {
             .post("/ctrl/b/nosuchbackend/prevent-renew", &json!(null))
             .await;
         assert_eq!(response.status(), 404);
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn a_live_drone_session_is_taken_over_by_a_reconnect() {
-    timed(async {
-        let ctl = TestController::start().await;
+    with_controller(async |ctl| {
         let name = DroneName::random();
-        let _first = FakeDrone::connect_as(&ctl, name.clone()).await;
+        let _first = FakeDrone::connect_as(ctl, name.clone()).await;
         // Same name while the first session is live and heartbeating: welcomed (a reconnect).
-        let mut second = FakeDrone::connect_as(&ctl, name.clone()).await;
+        let mut second = FakeDrone::connect_as(ctl, name.clone()).await;
         let backend = ctl.connect(&connect_body(Some("taken"))).await.backend_id;
         second.expect_spawn(&backend).await;
         let state = ctl.cluster_state().await;
         let drones = state["drones"].as_array().unwrap();
         assert_eq!(drones.len(), 1, "one node per name: {state}");
         assert_eq!(drones[0]["node"]["name"]["Drone"], name.as_str());
-        ctl.shutdown().await;
     })
     .await
 }

@@ -2,7 +2,7 @@
 //! behind the bearer token like the `/ctrl` routes.
 
 use crate::support::{
-    connect_body, eventually, timed, FakeDrone, FakeProxy, TestController, CLUSTER,
+    connect_body, eventually, with_controller_config, FakeDrone, FakeProxy, TestController, CLUSTER,
 };
 use hangar_controller::ControllerConfig;
 use hangar_test_support::prometheus::parse_exposition;
@@ -61,8 +61,7 @@ fn secured() -> ControllerConfig {
 
 #[tokio::test]
 async fn metrics_need_the_bearer_token() {
-    timed(async {
-        let ctl = TestController::start_with(secured()).await;
+    with_controller_config(secured(), async |ctl| {
         let url = format!("{}/metrics", ctl.base);
         let anonymous = ctl.http.get(&url).send().await.unwrap();
         assert_eq!(anonymous.status(), 401);
@@ -78,16 +77,14 @@ async fn metrics_need_the_bearer_token() {
             .await
             .unwrap()
             .contains("hangar_connect_requests_total"));
-        ctl.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn metrics_count_connects_sessions_states_and_terminations() {
-    timed(async {
-        let ctl = TestController::start_with(secured()).await;
-        let before = scrape(&ctl).await;
+    with_controller_config(secured(), async |ctl| {
+        let before = scrape(ctl).await;
         for outcome in ["created", "reused", "error"] {
             assert_eq!(
                 before.get("hangar_connect_requests_total", &[("outcome", outcome)]),
@@ -99,10 +96,10 @@ async fn metrics_count_connects_sessions_states_and_terminations() {
         }
         assert_eq!(before.get("hangar_backends_sampled", &[]), 0.0);
 
-        let mut drone = FakeDrone::connect(&ctl).await;
-        let proxy = FakeProxy::connect(&ctl).await;
+        let mut drone = FakeDrone::connect(ctl).await;
+        let proxy = FakeProxy::connect(ctl).await;
         eventually("both node sessions counted", || async {
-            let s = scrape(&ctl).await;
+            let s = scrape(ctl).await;
             (s.node_sessions() == (1.0, 1.0)).then_some(())
         })
         .await;
@@ -136,7 +133,7 @@ async fn metrics_count_connects_sessions_states_and_terminations() {
             .await;
         assert_eq!(soft.status(), 200);
         let s = eventually("the memory sample to be summarised", || async {
-            let s = scrape(&ctl).await;
+            let s = scrape(ctl).await;
             (s.get("hangar_backends_sampled", &[]) == 1.0).then_some(s)
         })
         .await;
@@ -177,13 +174,12 @@ async fn metrics_count_connects_sessions_states_and_terminations() {
         // A session that ends is no longer counted.
         drop(proxy);
         eventually("the proxy session to be uncounted", || async {
-            let s = scrape(&ctl).await;
+            let s = scrape(ctl).await;
             (s.node_sessions() == (1.0, 0.0)).then_some(())
         })
         .await;
-        ctl.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[test]

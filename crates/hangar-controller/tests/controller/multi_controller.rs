@@ -6,7 +6,7 @@ use crate::support::*;
 use crate::tls::lease;
 use hangar_controller::ControllerConfig;
 use hangar_store::postgres::PostgresStore;
-use hangar_types::protocol::{BackendAction, ControllerToProxy, ProxyToController};
+use hangar_types::protocol::{ControllerToProxy, ProxyToController};
 use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
 use serde_json::json;
 use std::future::Future;
@@ -91,15 +91,7 @@ async fn drone_on_one_controller_proxy_on_another() {
             .await;
         assert_eq!(response.status(), 200);
         drone
-            .expect_action(&backend, |a| {
-                matches!(
-                    a,
-                    BackendAction::Terminate {
-                        kind: TerminationKind::Soft,
-                        reason: TerminationReason::External
-                    }
-                )
-            })
+            .expect_terminate(&backend, TerminationKind::Soft, TerminationReason::External)
             .await;
         drone
             .report(

@@ -2,9 +2,7 @@
 //! the SQLite store's clock moved forward, so no sweeper races the check) and the event stream (on a
 //! running controller).
 
-use crate::support::{
-    connect_body, router_on_memory, timed, FakeDrone, TestController, CLUSTER, WAIT,
-};
+use crate::support::{connect_body, router_on_memory, timed, with_drone, CLUSTER, WAIT};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures_util::StreamExt;
@@ -31,6 +29,20 @@ async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, Value)
 }
 
 /// Registers a new process drone of `CLUSTER` held by `config`'s controller.
+/// `POST /ctrl/connect` with `body`.
+fn connect_request(body: &Value) -> Request<Body> {
+    Request::post("/ctrl/connect")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+/// The string `field` of every element of the JSON array `values`.
+fn each<'a>(values: &'a Value, field: &str) -> Vec<&'a str> {
+    let values = values.as_array().unwrap();
+    values.iter().map(|v| v[field].as_str().unwrap()).collect()
+}
+
 async fn register_drone(
     store: &SqliteStore,
     config: &ControllerConfig,
@@ -78,22 +90,14 @@ async fn termination_candidates_explain_idle_and_lifetime_limits() {
 
         let mut body = connect_body(Some("limited"));
         body["spawn_config"]["lifetime_limit_seconds"] = json!(60);
-        let request = Request::post("/ctrl/connect")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        let (status, connected) = send(&app, request).await;
+        let (status, connected) = send(&app, connect_request(&body)).await;
         assert_eq!(status, StatusCode::OK, "{connected}");
         let id: BackendId = connected["backend_id"].as_str().unwrap().parse().unwrap();
 
         // A second backend, ready, that may idle for 30 s.
         let mut body = connect_body(Some("idler"));
         body["spawn_config"]["max_idle_seconds"] = json!(30);
-        let request = Request::post("/ctrl/connect")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        let (_, connected) = send(&app, request).await;
+        let (_, connected) = send(&app, connect_request(&body)).await;
         let idler: BackendId = connected["backend_id"].as_str().unwrap().parse().unwrap();
         let address = "127.0.0.1:4000".parse().unwrap();
         store
@@ -139,9 +143,7 @@ async fn termination_candidates_explain_idle_and_lifetime_limits() {
 
 #[tokio::test]
 async fn events_stream_backend_states_and_actions() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
+    with_drone(async |ctl, mut drone| {
         let response = ctl.get("/ctrl/events").await;
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["content-type"], "text/event-stream");
@@ -179,7 +181,6 @@ async fn events_stream_backend_states_and_actions() {
                 kinds.push(event.kind);
             }
         }
-        ctl.shutdown().await;
     })
     .await
 }
@@ -227,11 +228,7 @@ async fn backends_are_listed_and_described() {
         let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
         let mut ids = Vec::new();
         for key in ["alpha", "beta"] {
-            let request = Request::post("/ctrl/connect")
-                .header("content-type", "application/json")
-                .body(Body::from(connect_body(Some(key)).to_string()))
-                .unwrap();
-            let (status, connected) = send(&app, request).await;
+            let (status, connected) = send(&app, connect_request(&connect_body(Some(key)))).await;
             assert_eq!(status, StatusCode::OK, "{connected}");
             let id: BackendId = connected["backend_id"].as_str().unwrap().parse().unwrap();
             ids.push(id);
@@ -245,13 +242,10 @@ async fn backends_are_listed_and_described() {
         let (status, list) = send(&app, get("/ctrl/backends")).await;
         assert_eq!(status, StatusCode::OK, "{list}");
         assert_eq!(list["limit"], 100);
-        let listed: Vec<&str> = list["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["id"].as_str().unwrap())
-            .collect();
-        assert_eq!(listed, [ids[1].as_str(), ids[0].as_str()]);
+        assert_eq!(
+            each(&list["backends"], "id"),
+            [ids[1].as_str(), ids[0].as_str()]
+        );
         assert_eq!(list["backends"][0]["drone"], drone.as_str());
         assert_eq!(list["backends"][0]["key"]["name"], "beta");
         assert_eq!(list["backends"][0]["status"], "ready");
@@ -279,13 +273,7 @@ async fn backends_are_listed_and_described() {
         assert_eq!(details["drone"], drone.as_str());
         assert_eq!(details["key"]["name"], "beta");
         assert_eq!(details["status"], "ready");
-        let history: Vec<&str> = details["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["status"].as_str().unwrap())
-            .collect();
-        assert_eq!(history, ["scheduled", "ready"]);
+        assert_eq!(each(&details["history"], "status"), ["scheduled", "ready"]);
         assert!(details["history"][1]["time"].as_i64().unwrap() > 0);
         let (status, body) = send(&app, get("/ctrl/b/ba-nosuchbackend")).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");

@@ -27,23 +27,20 @@ async fn request_pending_route(proxy: &mut FakeProxy, token: &ConnectionToken) {
 
 #[tokio::test]
 async fn unknown_token_gets_no_route() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut proxy = FakeProxy::connect(&ctl).await;
+    with_controller(async |ctl| {
+        let mut proxy = FakeProxy::connect(ctl).await;
         let token = ConnectionToken::from_path_segment("nope");
         assert_eq!(proxy.route(&token).await, None);
         // Garbage does not end the session.
         proxy.ws.send_raw("{]").await;
         assert_eq!(proxy.route(&token).await, None);
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn pending_route_is_answered_when_the_backend_is_ready() {
-    timed(async {
-        let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("p").await;
+    with_drone_proxy_and_backend("p", async |_, mut drone, mut proxy, connected| {
         request_pending_route(&mut proxy, &connected.token).await;
         assert!(
             proxy.seen.is_empty(),
@@ -64,15 +61,13 @@ async fn pending_route_is_answered_when_the_backend_is_ready() {
 
         // Ready now: answered at once.
         assert!(proxy.route(&connected.token).await.is_some());
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn pending_route_gets_none_when_the_backend_terminates() {
-    timed(async {
-        let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("dies").await;
+    with_drone_proxy_and_backend("dies", async |_, mut drone, mut proxy, connected| {
         request_pending_route(&mut proxy, &connected.token).await;
         drone
             .report(
@@ -89,15 +84,13 @@ async fn pending_route_gets_none_when_the_backend_terminates() {
             )
             .await;
         assert_eq!(proxy.wait_route(&connected.token).await, None);
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn terminating_backend_is_removed_from_proxies() {
-    timed(async {
-        let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("rm").await;
+    with_drone_proxy_and_backend("rm", async |_, mut drone, mut proxy, connected| {
         drone.make_ready(&connected.backend_id).await;
         assert!(proxy.route(&connected.token).await.is_some());
 
@@ -116,16 +109,7 @@ async fn terminating_backend_is_removed_from_proxies() {
         assert_eq!(proxy.route(&connected.token).await, None);
 
         drone
-            .report(
-                3,
-                &connected.backend_id,
-                terminated_state(
-                    BackendStatus::Ready,
-                    Some(TerminationKind::Soft),
-                    Some(TerminationReason::External),
-                    Some(0),
-                ),
-            )
+            .report(3, &connected.backend_id, soft_terminated_state(0))
             .await;
         proxy.expect_removed(&connected.backend_id).await;
 
@@ -138,15 +122,13 @@ async fn terminating_backend_is_removed_from_proxies() {
             })
             .await;
         proxy.expect_removed(&connected.backend_id).await;
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn revoke_pushes_tokens_revoked_to_proxies() {
-    timed(async {
-        let (ctl, _drone, mut proxy, connected) = drone_proxy_and_backend("rev").await;
+    with_drone_proxy_and_backend("rev", async |ctl, _drone, mut proxy, connected| {
         let response = ctl
             .post(
                 "/ctrl/revoke",
@@ -162,7 +144,6 @@ async fn revoke_pushes_tokens_revoked_to_proxies() {
             .await;
         assert_eq!(tokens, vec![connected.token.clone()]);
         assert_eq!(proxy.route(&connected.token).await, None);
-        ctl.shutdown().await;
     })
     .await
 }

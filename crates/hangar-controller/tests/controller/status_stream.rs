@@ -73,10 +73,8 @@ fn terminating() -> BackendState {
 
 #[tokio::test]
 async fn replays_history_then_streams_live_states() {
-    timed(async {
-        let (ctl, mut drone, backend) = ready_backend("sse").await;
-
-        let mut stream = SseReader::open(&ctl, &backend, None).await;
+    with_ready_backend("sse", async |ctl, mut drone, backend| {
+        let mut stream = SseReader::open(ctl, &backend, None).await;
         for expected in ["scheduled", "loading", "starting", "waiting", "ready"] {
             let (id, data) = stream.next().await;
             assert_eq!(id, expected);
@@ -89,34 +87,29 @@ async fn replays_history_then_streams_live_states() {
         assert_eq!(id, "terminating");
         assert_eq!(data["termination_kind"], "soft");
         assert_eq!(data["termination_reason"], "external");
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn resumes_after_last_event_id() {
-    timed(async {
-        let (ctl, _drone, backend) = ready_backend("resume").await;
-        let mut stream = SseReader::open(&ctl, &backend, Some("starting")).await;
+    with_ready_backend("resume", async |ctl, _drone, backend| {
+        let mut stream = SseReader::open(ctl, &backend, Some("starting")).await;
         assert_eq!(stream.next().await.0, "waiting");
         assert_eq!(stream.next().await.0, "ready");
 
         // An unparseable id is ignored: full replay.
-        let mut stream = SseReader::open(&ctl, &backend, Some("bogus")).await;
+        let mut stream = SseReader::open(ctl, &backend, Some("bogus")).await;
         assert_eq!(stream.next().await.0, "scheduled");
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn unknown_backend_stream_starts_empty_and_shows_later_states() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut drone = FakeDrone::connect(&ctl).await;
+    with_drone(async |ctl, mut drone| {
         let id: BackendId = "chosen-id".parse().unwrap();
-        let mut stream = SseReader::open(&ctl, &id, None).await;
+        let mut stream = SseReader::open(ctl, &id, None).await;
         let mut body = connect_body(Some("chosen"));
         body["spawn_config"]["id"] = serde_json::json!("chosen-id");
         let connected = ctl.connect(&body).await;
@@ -125,7 +118,6 @@ async fn unknown_backend_stream_starts_empty_and_shows_later_states() {
         assert_eq!(stream.next().await.0, "scheduled");
         drone.report(1, &id, BackendState::Loading).await;
         assert_eq!(stream.next().await.0, "loading");
-        ctl.shutdown().await;
     })
     .await
 }

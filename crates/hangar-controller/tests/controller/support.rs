@@ -13,7 +13,8 @@ use hangar_types::protocol::{
 };
 use hangar_types::token::ConnectionToken;
 use hangar_types::{
-    BackendId, BackendState, ControllerName, DroneName, Millis, ProxyName, PROTOCOL_VERSION,
+    BackendId, BackendState, ControllerName, DroneName, Millis, ProxyName, TerminationKind,
+    TerminationReason, PROTOCOL_VERSION,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -39,6 +40,25 @@ pub async fn timed<F: Future<Output = ()>>(body: F) {
         .expect("test timed out");
 }
 
+/// Runs `test` with [`TEST_TIMEOUT`] against a controller started by [`TestController::start`], and
+/// shuts that controller down after it.
+pub async fn with_controller(test: impl AsyncFnOnce(&TestController)) {
+    with_controller_config(TestController::config(), test).await
+}
+
+/// [`with_controller`] with a controller started with `config`.
+pub async fn with_controller_config(
+    config: ControllerConfig,
+    test: impl AsyncFnOnce(&TestController),
+) {
+    timed(async {
+        let ctl = TestController::start_with(config).await;
+        test(&ctl).await;
+        ctl.shutdown().await;
+    })
+    .await
+}
+
 /// Polls `check` until it returns `Some`, failing after [`WAIT`].
 pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
@@ -62,11 +82,15 @@ pub struct TestController {
 
 impl TestController {
     pub async fn start() -> TestController {
-        Self::start_with(ControllerConfig {
+        Self::start_with(Self::config()).await
+    }
+
+    /// The configuration of [`TestController::start`]: defaults, with [`CLUSTER`] the default cluster.
+    pub fn config() -> ControllerConfig {
+        ControllerConfig {
             default_cluster: Some(CLUSTER.parse().unwrap()),
             ..Default::default()
-        })
-        .await
+        }
     }
 
     pub async fn start_with(config: ControllerConfig) -> TestController {
@@ -95,6 +119,14 @@ impl TestController {
             store,
             sqlite: None,
         }
+    }
+
+    /// The address the controller's API listens on.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.handle
+            .as_ref()
+            .expect("the controller runs")
+            .local_addr()
     }
 
     /// Moves the SQLite store clock forward, then records the controller's heartbeat as its heartbeat
@@ -129,6 +161,12 @@ impl TestController {
             .send()
             .await
             .unwrap()
+    }
+
+    /// `GET path` without the bearer token the harness otherwise sends.
+    pub async fn get_without_bearer(&self, path: &str) -> reqwest::Response {
+        let url = format!("{}{path}", self.base);
+        self.http.get(url).send().await.unwrap()
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
@@ -300,6 +338,13 @@ impl FakeDrone {
         drone
     }
 
+    /// A drone connected to `ctl`, and a backend for `key` scheduled on it (its spawn not read yet).
+    pub async fn with_backend(ctl: &TestController, key: &str) -> (FakeDrone, BackendId) {
+        let drone = Self::connect(ctl).await;
+        let backend = ctl.connect(&connect_body(Some(key))).await.backend_id;
+        (drone, backend)
+    }
+
     pub async fn send(&mut self, msg: &DroneToController) {
         self.ws.send(msg).await;
     }
@@ -322,6 +367,19 @@ impl FakeDrone {
             .await;
         self.seen = seen;
         action
+    }
+
+    /// Waits for a `Terminate` of `kind` for `reason` for `backend`.
+    pub async fn expect_terminate(
+        &mut self,
+        backend: &BackendId,
+        kind: TerminationKind,
+        reason: TerminationReason,
+    ) -> ActionMessage {
+        self.expect_action(backend, |a| {
+            matches!(a, BackendAction::Terminate { kind: k, reason: r } if *k == kind && *r == reason)
+        })
+        .await
     }
 
     pub async fn expect_spawn(&mut self, backend: &BackendId) -> ActionMessage {
@@ -365,15 +423,36 @@ impl FakeDrone {
     }
 }
 
-/// A controller with a drone and a proxy connected, and a backend for `key` scheduled on the drone.
-pub async fn drone_proxy_and_backend(
+/// Runs `test` under [`with_controller`] with a drone connected.
+pub async fn with_drone(test: impl AsyncFnOnce(&TestController, FakeDrone)) {
+    with_controller(async |ctl| test(ctl, FakeDrone::connect(ctl).await).await).await
+}
+
+/// Runs `test` under [`with_controller`] with a drone connected and a backend for `key` scheduled on
+/// it (its spawn not read yet).
+pub async fn with_scheduled_backend(
     key: &str,
-) -> (TestController, FakeDrone, FakeProxy, ConnectResponse) {
-    let ctl = TestController::start().await;
-    let drone = FakeDrone::connect(&ctl).await;
-    let proxy = FakeProxy::connect(&ctl).await;
-    let connected = ctl.connect(&connect_body(Some(key))).await;
-    (ctl, drone, proxy, connected)
+    test: impl AsyncFnOnce(&TestController, FakeDrone, BackendId),
+) {
+    with_controller(async |ctl| {
+        let (drone, backend) = FakeDrone::with_backend(ctl, key).await;
+        test(ctl, drone, backend).await;
+    })
+    .await
+}
+
+/// Runs `test` under [`with_controller`] with a drone and a proxy connected, and a backend for `key`
+/// scheduled on the drone (the connect's answer).
+pub async fn with_drone_proxy_and_backend(
+    key: &str,
+    test: impl AsyncFnOnce(&TestController, FakeDrone, FakeProxy, ConnectResponse),
+) {
+    with_drone(async |ctl, drone| {
+        let proxy = FakeProxy::connect(ctl).await;
+        let connected = ctl.connect(&connect_body(Some(key))).await;
+        test(ctl, drone, proxy, connected).await;
+    })
+    .await
 }
 
 /// The router of a controller with `config` whose own address is `addr`, on an in-memory store; and
@@ -387,13 +466,18 @@ pub async fn router_on_memory(
     (hangar_controller::router(state), store)
 }
 
-/// A controller with a drone connected, and a backend for `key` made ready on it.
-pub async fn ready_backend(key: &str) -> (TestController, FakeDrone, BackendId) {
-    let ctl = TestController::start().await;
-    let mut drone = FakeDrone::connect(&ctl).await;
-    let backend = ctl.connect(&connect_body(Some(key))).await.backend_id;
-    drone.make_ready(&backend).await;
-    (ctl, drone, backend)
+/// Runs `test` under [`with_controller`] with a drone connected and a backend for `key` made ready
+/// on it.
+pub async fn with_ready_backend(
+    key: &str,
+    test: impl AsyncFnOnce(&TestController, FakeDrone, BackendId),
+) {
+    with_controller(async |ctl| {
+        let (mut drone, backend) = FakeDrone::with_backend(ctl, key).await;
+        drone.make_ready(&backend).await;
+        test(ctl, drone, backend).await;
+    })
+    .await
 }
 
 pub struct FakeProxy {
@@ -469,4 +553,4 @@ impl FakeProxy {
 }
 
 pub use hangar_test_support::postgres::TestDatabase;
-pub use hangar_test_support::terminated_state;
+pub use hangar_test_support::{soft_terminated_state, terminated_state};

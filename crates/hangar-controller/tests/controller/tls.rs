@@ -70,8 +70,7 @@ async fn txt(dns: &mut Ws, cluster: &str) -> Option<String> {
 
 #[tokio::test]
 async fn dns_socket_refuses_bad_hellos() {
-    timed(async {
-        let ctl = TestController::start().await;
+    with_controller(async |ctl| {
         for bad in [
             r#"{"protocol": 999, "version": "x", "name": "dns-abc"}"#.to_string(),
             // A drone's hello is not a DNS hello.
@@ -94,19 +93,17 @@ async fn dns_socket_refuses_bad_hellos() {
             );
             assert!(ws.recv::<serde_json::Value>().await.is_none(), "closed");
         }
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn dns_socket_answers_txt_values_set_by_the_lease_holder() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut dns = dns_connect(&ctl).await;
+    with_controller(async |ctl| {
+        let mut dns = dns_connect(ctl).await;
         assert_eq!(txt(&mut dns, CLUSTER).await, None);
 
-        let mut proxy = FakeProxy::connect(&ctl).await;
+        let mut proxy = FakeProxy::connect(ctl).await;
         assert!(!set_txt(&mut proxy, Some("early")).await, "no lease yet");
         assert!(lease(&mut proxy).await);
         assert_eq!(txt(&mut dns, CLUSTER).await, None, "no value yet");
@@ -142,17 +139,15 @@ async fn dns_socket_answers_txt_values_set_by_the_lease_holder() {
         })
         .await;
         assert_eq!(txt(&mut dns, CLUSTER).await, None);
-        ctl.shutdown().await;
     })
     .await
 }
 
 #[tokio::test]
 async fn cert_lease_is_held_by_one_proxy_at_a_time() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut p1 = FakeProxy::connect(&ctl).await;
-        let mut p2 = FakeProxy::connect(&ctl).await;
+    with_controller(async |ctl| {
+        let mut p1 = FakeProxy::connect(ctl).await;
+        let mut p2 = FakeProxy::connect(ctl).await;
         assert!(lease(&mut p1).await);
         assert!(!lease(&mut p2).await);
         // The holder renews (Plane could not, quirk 22).
@@ -172,7 +167,6 @@ async fn cert_lease_is_held_by_one_proxy_at_a_time() {
         assert!(lease(&mut p1).await);
         assert!(!lease(&mut p2).await);
         assert!(!set_txt(&mut p2, Some("late")).await);
-        ctl.shutdown().await;
     })
     .await
 }
@@ -186,11 +180,10 @@ fn challenge(token: &str, key: Option<&str>) -> ControllerToProxy {
 
 #[tokio::test]
 async fn challenges_and_certificates_reach_every_proxy_of_the_cluster() {
-    timed(async {
-        let ctl = TestController::start().await;
-        let mut holder = FakeProxy::connect(&ctl).await;
-        let mut other = FakeProxy::connect(&ctl).await;
-        let mut elsewhere = FakeProxy::connect_in(&ctl, "other.example.com").await;
+    with_controller(async |ctl| {
+        let mut holder = FakeProxy::connect(ctl).await;
+        let mut other = FakeProxy::connect(ctl).await;
+        let mut elsewhere = FakeProxy::connect_in(ctl, "other.example.com").await;
         assert!(lease(&mut holder).await);
 
         // Not the holder, or invalid: ignored. Then the holder's challenge reaches both proxies.
@@ -247,7 +240,7 @@ async fn challenges_and_certificates_reach_every_proxy_of_the_cluster() {
         }
 
         // A proxy connecting later gets the certificate and the open challenge right away.
-        let mut late = FakeProxy::connect(&ctl).await;
+        let mut late = FakeProxy::connect(ctl).await;
         let first: ControllerToProxy = late.ws.recv().await.unwrap();
         assert_eq!(first, certificate);
         let second: ControllerToProxy = late.ws.recv().await.unwrap();
@@ -280,7 +273,6 @@ async fn challenges_and_certificates_reach_every_proxy_of_the_cluster() {
             })
             .await;
         assert!(skipped.is_empty(), "{skipped:?}");
-        ctl.shutdown().await;
     })
     .await
 }

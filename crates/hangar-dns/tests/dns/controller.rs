@@ -47,14 +47,19 @@ impl Started {
     }
 }
 
-/// A fake controller holding `digest-1` for `c1.example.com` (returned too), answering `permits`
-/// requests before it holds the rest.
-async fn controller_with_c1(permits: usize) -> (FakeController, ClusterName) {
-    let controller = FakeController::start().await;
-    let c1 = cluster("c1.example.com");
-    controller.set_value(&c1, "digest-1");
-    controller.inner.answers.add_permits(permits);
-    (controller, c1)
+/// Runs `test` with [`with_timeout`] against a fake controller holding `digest-1` for
+/// `c1.example.com` (passed too), answering `permits` requests before it holds the rest; shuts the
+/// controller down after it.
+async fn with_c1(permits: usize, test: impl AsyncFnOnce(&FakeController, ClusterName)) {
+    with_timeout(async {
+        let controller = FakeController::start().await;
+        let c1 = cluster("c1.example.com");
+        controller.set_value(&c1, "digest-1");
+        controller.inner.answers.add_permits(permits);
+        test(&controller, c1).await;
+        controller.shutdown().await;
+    })
+    .await;
 }
 
 /// The answer of `hangar dns`, asking the controller at `controller_url` with `timeout`, to a TXT
@@ -75,9 +80,8 @@ async fn end_to_end_answer(controller_url: &str, timeout: Duration) -> Message {
 
 #[tokio::test]
 async fn handshake_and_lookup() {
-    with_timeout(async {
-        let (controller, c1) = controller_with_c1(100).await;
-        let started = start_source(&controller);
+    with_c1(100, async |controller, c1| {
+        let started = start_source(controller);
 
         started.expect_txt(&c1, Some("digest-1")).await;
         started.expect_txt(&cluster("c2.example.com"), None).await;
@@ -89,17 +93,15 @@ async fn handshake_and_lookup() {
         assert_eq!(started.source.waiting_lookups(), 0);
 
         started.shutdown().await;
-        controller.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn concurrent_lookups_share_one_request() {
-    with_timeout(async {
-        let (controller, c1) = controller_with_c1(0).await;
+    with_c1(0, async |controller, c1| {
         let c2 = cluster("c2.example.com");
-        let started = start_source(&controller);
+        let started = start_source(controller);
         let spawn_lookup = |cluster: &hangar_types::ClusterName| {
             let (source, cluster) = (started.source.clone(), cluster.clone());
             tokio::spawn(async move { source.txt_record(&cluster).await })
@@ -138,36 +140,32 @@ async fn concurrent_lookups_share_one_request() {
         assert_eq!(controller.inner.requests_for(&c1), 2);
 
         started.shutdown().await;
-        controller.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn unanswered_request_is_resent_after_reconnect() {
-    with_timeout(async {
-        let (controller, c1) = controller_with_c1(100).await;
+    with_c1(100, async |controller, c1| {
         controller
             .inner
             .drop_next_request
             .store(true, Ordering::SeqCst);
-        let started = start_source(&controller);
+        let started = start_source(controller);
 
         started.expect_txt(&c1, Some("digest-1")).await;
         assert_eq!(controller.inner.requests_for(&c1), 2);
         assert_eq!(controller.inner.hellos.lock().unwrap().len(), 2);
 
         started.shutdown().await;
-        controller.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn abandoned_lookup_is_forgotten_and_shutdown_fails_lookups() {
-    with_timeout(async {
-        let (controller, c1) = controller_with_c1(0).await;
-        let started = start_source(&controller);
+    with_c1(0, async |controller, c1| {
+        let started = start_source(controller);
 
         // The controller holds its answer; the lookup is given up once its request is out.
         tokio::select! {
@@ -198,9 +196,8 @@ async fn abandoned_lookup_is_forgotten_and_shutdown_fails_lookups() {
         started.shutdown().await;
         assert_eq!(waiting.await.unwrap(), Err(TxtError::Closed));
         assert_eq!(source.txt_record(&c1).await, Err(TxtError::Closed));
-        controller.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]

@@ -6,10 +6,11 @@ mod executor;
 mod run;
 mod session;
 
-use hangar_drone::executor::{BackendSpec, DockerExecutor, DockerSettings};
+use hangar_drone::executor::{BackendSpec, DockerExecutor, DockerSettings, Executor};
 use hangar_types::executable::{DockerExecutable, Executable};
 use hangar_types::protocol::DroneToController;
 use hangar_types::DroneName;
+use run::TestRun;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -29,6 +30,33 @@ async fn docker_test(test: impl Future<Output = ()>) {
     tokio::time::timeout(TEST_TIMEOUT, test)
         .await
         .expect("test timed out");
+}
+
+/// Runs `test` as a [`docker_test`] with a test run.
+async fn with_run(test: impl AsyncFnOnce(&TestRun)) {
+    docker_test(async { test(&TestRun::new()).await }).await;
+}
+
+/// [`with_run`] with a Docker executor for a fresh drone name (its metrics dropped), shut down after
+/// `test`.
+async fn with_executor(test: impl AsyncFnOnce(&TestRun, &DockerExecutor)) {
+    with_run(async |run| {
+        let (executor, _metrics) = executor(None).await;
+        test(run, &executor).await;
+        executor.shutdown().await;
+    })
+    .await;
+}
+
+/// [`with_run`] with the first executor of a fresh drone name, for a test that restarts that drone
+/// ([`executor_for`] it again); `test` shuts the executor down itself.
+async fn with_first_executor(test: impl AsyncFnOnce(&TestRun, &DroneName, DockerExecutor)) {
+    with_run(async |run| {
+        let drone = DroneName::random();
+        let (first, _metrics) = executor_for(&drone, None).await;
+        test(run, &drone, first).await;
+    })
+    .await;
 }
 
 fn settings(drone: &DroneName, mount_base: Option<PathBuf>) -> DockerSettings {

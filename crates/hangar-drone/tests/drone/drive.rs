@@ -63,10 +63,14 @@ pub fn spawn_with(executable: Executable, deadlines: KeyDeadlines) -> BackendAct
     }
 }
 
+/// Spawn `executable` under deadlines from now.
+pub fn spawn_executable(executable: Executable) -> BackendAction {
+    spawn_with(executable, KeyDeadlines::from_base(Millis::now()))
+}
+
 /// Spawn the test backend as a process, with `env`, under deadlines from now.
 pub fn spawn(env: &[(&str, &str)]) -> BackendAction {
-    let executable = hangar_test_support::process_executable(env);
-    spawn_with(executable, KeyDeadlines::from_base(Millis::now()))
+    spawn_executable(hangar_test_support::process_executable(env))
 }
 
 /// Terminate, asked by the controller.
@@ -77,17 +81,22 @@ pub fn terminate(kind: TerminationKind) -> BackendAction {
     }
 }
 
+pub use hangar_test_support::soft_terminated_state as soft_terminated;
 pub use hangar_test_support::terminated_state as terminated;
 
-/// The terminal state of a ready backend the controller asked to stop softly, which exited with
-/// `exit_code`.
-pub fn soft_terminated(exit_code: i32) -> BackendState {
-    terminated(
-        BackendStatus::Ready,
-        Some(TerminationKind::Soft),
-        Some(TerminationReason::External),
-        Some(exit_code),
-    )
+/// The status before termination, the reason and the message of a terminal `state`.
+pub fn termination_of(
+    state: &BackendState,
+) -> (BackendStatus, Option<TerminationReason>, Option<&str>) {
+    match state {
+        BackendState::Terminated {
+            last_status,
+            reason,
+            message,
+            ..
+        } => (*last_status, *reason, message.as_deref()),
+        other => panic!("not a terminal state: {other:?}"),
+    }
 }
 
 pub fn statuses(events: &[Event]) -> Vec<BackendStatus> {
@@ -139,6 +148,25 @@ pub async fn started_with(
     adjust(&mut config);
     let (drone, conn) = start_drone(&mut fake, config).await;
     (fake, drone, conn)
+}
+
+/// Runs `test` with [`with_timeout`] on the first connection of a drone with [`config`], with a
+/// backend id of its own; then shuts the drone down.
+pub async fn with_drone(test: impl AsyncFnOnce(&mut FakeConnection, BackendId)) {
+    with_adjusted_drone(|_| {}, test).await;
+}
+
+/// [`with_drone`] with [`config`] changed by `adjust`.
+pub async fn with_adjusted_drone(
+    adjust: impl FnOnce(&mut DroneConfig),
+    test: impl AsyncFnOnce(&mut FakeConnection, BackendId),
+) {
+    with_timeout(async {
+        let (_fake, drone, mut conn) = started_with(adjust).await;
+        test(&mut conn, BackendId::random()).await;
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
 }
 
 /// `config` keeping the drone's state in a file in `dir`, as a drone that restarts does.

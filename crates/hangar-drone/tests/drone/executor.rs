@@ -4,7 +4,10 @@ use crate::probe::{
     self, exit_3_after, expect_exit_3, get_json, signal, soft_ignored_then_hard,
     soft_stop_then_signal_again, wait_for_log,
 };
-use hangar_drone::executor::{BackendSpec, Executor, ExecutorError, ProcessExecutor, Reattached};
+use hangar_drone::executor::{
+    BackendSpec, Executor, ExecutorError, ProcessExecutor, Reattached, Started,
+};
+use hangar_test_support::IGNORING_SIGTERM;
 use hangar_types::executable::{Executable, ProcessExecutable};
 use hangar_types::TerminationKind;
 use std::net::{IpAddr, Ipv4Addr};
@@ -33,10 +36,33 @@ fn process_executor() -> ProcessExecutor {
     ProcessExecutor::new(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
-#[tokio::test]
-async fn backend_gets_its_environment_and_stops_on_sigterm() {
+/// Runs `test` with [`TEST_TIMEOUT`] on a process executor, and shuts the executor down after it.
+async fn with_executor(test: impl AsyncFnOnce(&ProcessExecutor)) {
     timeout(TEST_TIMEOUT, async {
         let executor = process_executor();
+        test(&executor).await;
+        executor.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// [`with_executor`] with the test backend started from [`backend_spec`]`(env)`.
+async fn with_started(
+    env: &[(&str, &str)],
+    test: impl AsyncFnOnce(&ProcessExecutor, &BackendSpec, &Started),
+) {
+    with_executor(async |executor| {
+        let spec = backend_spec(env);
+        let started = executor.start(&spec).await.unwrap();
+        test(executor, &spec, &started).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn backend_gets_its_environment_and_stops_on_sigterm() {
+    with_executor(async |executor| {
         let spec = backend_spec(&[("GREETING", "hello"), ("PORT", "1")]);
         executor.prepare(&spec).await.unwrap();
         let started = executor.start(&spec).await.unwrap();
@@ -55,42 +81,29 @@ async fn backend_gets_its_environment_and_stops_on_sigterm() {
 
         soft_stop_then_signal_again(&started).await;
         wait_for_log(&started, "got SIGTERM").await;
-        executor.shutdown().await;
     })
     .await
-    .unwrap();
 }
 
 #[tokio::test]
 async fn ignored_sigterm_needs_sigkill() {
-    timeout(TEST_TIMEOUT, async {
-        let executor = process_executor();
-        let spec = backend_spec(&[("TEST_BACKEND_SIGTERM", "ignore")]);
-        let started = executor.start(&spec).await.unwrap();
-        assert_eq!(soft_ignored_then_hard(&started).await, Some(128 + 9));
-        executor.shutdown().await;
+    with_started(IGNORING_SIGTERM, async |_, _, started| {
+        assert_eq!(soft_ignored_then_hard(started).await, Some(128 + 9));
     })
     .await
-    .unwrap();
 }
 
 #[tokio::test]
 async fn exit_code_of_a_backend_that_exits_by_itself() {
-    timeout(TEST_TIMEOUT, async {
-        let executor = process_executor();
-        let spec = backend_spec(&exit_3_after("100"));
-        let started = executor.start(&spec).await.unwrap();
-        expect_exit_3(&started).await;
-        executor.shutdown().await;
+    with_started(&exit_3_after("100"), async |_, _, started| {
+        expect_exit_3(started).await;
     })
     .await
-    .unwrap();
 }
 
 #[tokio::test]
 async fn signal_exit_of_a_shell_and_its_children() {
-    timeout(TEST_TIMEOUT, async {
-        let executor = process_executor();
+    with_executor(async |executor| {
         // The shell's child `sleep` is in the backend's process group and dies with it.
         let script = "sleep 1000 & echo child $!; wait";
         let spec = spec(vec!["sh".into(), "-c".into(), script.into()], &[]);
@@ -111,10 +124,8 @@ async fn signal_exit_of_a_shell_and_its_children() {
             assert!(Instant::now() < deadline, "the backend's child survived");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        executor.shutdown().await;
     })
     .await
-    .unwrap();
 }
 
 fn is_zombie(pid: i32) -> bool {
@@ -131,8 +142,7 @@ fn is_zombie(pid: i32) -> bool {
 
 #[tokio::test]
 async fn missing_program_is_a_clear_error() {
-    timeout(TEST_TIMEOUT, async {
-        let executor = process_executor();
+    with_executor(async |executor| {
         let spec = spec(vec!["/nonexistent/prog".into()], &[]);
         let err = executor.prepare(&spec).await.unwrap_err();
         assert!(matches!(err, ExecutorError::ProgramNotFound { .. }));
@@ -151,15 +161,11 @@ async fn missing_program_is_a_clear_error() {
         ));
     })
     .await
-    .unwrap();
 }
 
 #[tokio::test]
 async fn leftover_process_is_killed_by_its_record() {
-    timeout(TEST_TIMEOUT, async {
-        let executor = process_executor();
-        let spec = backend_spec(&[("TEST_BACKEND_SIGTERM", "ignore")]);
-        let started = executor.start(&spec).await.unwrap();
+    with_started(IGNORING_SIGTERM, async |executor, spec, started| {
         let record = started.backend.record();
         // A record whose pid names another process (a recycled pid) is left alone.
         let stranger = serde_json::json!({"pid": std::process::id(), "start_time": 1});
@@ -171,18 +177,16 @@ async fn leftover_process_is_killed_by_its_record() {
         let adopted = other.reattach(&spec.id, Some(&record)).await.unwrap();
         assert!(matches!(adopted, Reattached::Gone));
         assert_eq!(started.backend.exited().await, Some(137));
-        executor.shutdown().await;
         other.shutdown().await;
     })
     .await
-    .unwrap();
 }
 
 #[tokio::test]
 async fn shutdown_kills_running_backends() {
     timeout(TEST_TIMEOUT, async {
         let executor = process_executor();
-        let spec = backend_spec(&[("TEST_BACKEND_SIGTERM", "ignore")]);
+        let spec = backend_spec(IGNORING_SIGTERM);
         let started = executor.start(&spec).await.unwrap();
         get_json(started.address, "/env").await;
         executor.shutdown().await;

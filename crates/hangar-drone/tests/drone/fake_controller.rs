@@ -5,6 +5,7 @@
 use futures_util::{SinkExt, StreamExt};
 use hangar_types::protocol::{
     ActionMessage, BackendAction, ControllerToDrone, DroneToController, Hello, HelloResponse,
+    KeyDeadlines,
 };
 use hangar_types::{ActionId, BackendId, BackendState, ControllerName, Millis};
 use std::collections::VecDeque;
@@ -143,6 +144,14 @@ async fn serve(stream: tokio::net::TcpStream, connections: mpsc::Sender<FakeConn
 impl FakeConnection {
     pub fn send(&self, message: ControllerToDrone) {
         self.outgoing.send(message).unwrap();
+    }
+
+    /// Answers the drone's `RenewKey` for `backend`; `None` refuses the renewal.
+    pub fn answer_renewal(&self, backend: &BackendId, deadlines: Option<KeyDeadlines>) {
+        self.send(ControllerToDrone::RenewKeyResponse {
+            backend: backend.clone(),
+            deadlines,
+        });
     }
 
     pub fn send_action(&self, backend: &BackendId, action: BackendAction) -> ActionId {

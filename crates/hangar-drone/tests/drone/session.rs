@@ -1,13 +1,16 @@
 //! Whole drones (`hangar_drone::start`) against a fake controller, running real test backends.
 
 use crate::drive::{
-    soft_terminated, spawn_with, started, started_with, statuses, terminated, with_state_file,
-    CrashableDrone, SOFT_STOP, TO_READY,
+    soft_terminated, spawn_executable, spawn_with, started, statuses, terminated, termination_of,
+    with_adjusted_drone, with_drone, with_state_file, CrashableDrone, SOFT_STOP, TO_READY,
 };
-use crate::fake_controller::{Event, FakeConnection, FakeController};
-use hangar_test_support::process_executable;
+use crate::fake_controller::{Event, FakeController};
+use hangar_drone::DroneConfig;
+use hangar_test_support::{process_executable, IGNORING_SIGTERM};
 use hangar_types::executable::Executable;
-use hangar_types::protocol::{ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines};
+use hangar_types::protocol::{
+    ActionMessage, BackendAction, ControllerToDrone, DroneToController, KeyDeadlines,
+};
 use hangar_types::{
     BackendId, BackendState, BackendStatus, Millis, TerminationKind, TerminationReason,
 };
@@ -16,10 +19,6 @@ use tokio::time::Instant;
 
 // Kept under their old paths for the tests of other executors.
 pub(crate) use crate::drive::{config, events_until, spawn, start_drone, terminate, with_timeout};
-
-async fn expect_ack(conn: &mut FakeConnection, action: &hangar_types::ActionId) {
-    conn.wait_ack(action).await;
-}
 
 async fn answers_http(address: std::net::SocketAddr) -> bool {
     reqwest::get(format!("http://{address}/")).await.is_ok()
@@ -31,7 +30,7 @@ async fn spawn_reports_states_replays_until_acked_and_terminates() {
         let (mut fake, drone, mut conn) = started().await;
         let backend = BackendId::random();
         let action = conn.send_action(&backend, spawn(&[]));
-        expect_ack(&mut conn, &action).await;
+        conn.wait_ack(&action).await;
         let events = events_until(&mut conn, BackendStatus::Ready).await;
         assert_eq!(statuses(&events), TO_READY);
         assert!(events.iter().all(|e| e.backend_id == backend));
@@ -69,7 +68,7 @@ async fn spawn_reports_states_replays_until_acked_and_terminates() {
         let events = conn.events_until_terminated().await;
         assert_eq!(statuses(&events), SOFT_STOP);
         assert_eq!(events[1].state, soft_terminated(0));
-        expect_ack(&mut conn, &action).await;
+        conn.wait_ack(&action).await;
         assert!(!answers_http(address).await);
         for event in &events {
             conn.ack(event.event_id);
@@ -81,15 +80,10 @@ async fn spawn_reports_states_replays_until_acked_and_terminates() {
 
 #[tokio::test]
 async fn executable_of_another_kind_fails_at_once() {
-    with_timeout(async {
-        let (_fake, drone, mut conn) = started().await;
-        let backend = BackendId::random();
+    with_drone(async |conn, backend| {
         let image = Executable::from_json(&serde_json::json!({"image": "app:1"})).unwrap();
-        let action = conn.send_action(
-            &backend,
-            spawn_with(image, KeyDeadlines::from_base(Millis::now())),
-        );
-        expect_ack(&mut conn, &action).await;
+        let action = conn.send_action(&backend, spawn_executable(image));
+        conn.wait_ack(&action).await;
         let events = conn.events_until_terminated().await;
         assert_eq!(
             statuses(&events),
@@ -108,56 +102,36 @@ async fn executable_of_another_kind_fails_at_once() {
                 oom_killed: false,
             }
         );
-        conn.shutdown_drone(drone).await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn missing_program_is_reported_with_its_message() {
-    with_timeout(async {
-        let (_fake, drone, mut conn) = started().await;
-        let backend = BackendId::random();
+    with_drone(async |conn, backend| {
         let exe =
             Executable::from_json(&serde_json::json!({"command": ["/nonexistent/prog"]})).unwrap();
-        conn.send_action(
-            &backend,
-            spawn_with(exe, KeyDeadlines::from_base(Millis::now())),
-        );
+        conn.send_action(&backend, spawn_executable(exe));
         let events = conn.events_until_terminated().await;
         assert_eq!(
             statuses(&events),
-            [
-                BackendStatus::Scheduled,
-                BackendStatus::Loading,
-                BackendStatus::Terminated
-            ]
+            [&TO_READY[..2], &[BackendStatus::Terminated]].concat()
         );
-        let BackendState::Terminated {
-            last_status,
-            reason,
-            message,
-            ..
-        } = &events[2].state
-        else {
-            unreachable!()
-        };
-        assert_eq!(*last_status, BackendStatus::Loading);
-        assert_eq!(*reason, Some(TerminationReason::InternalError));
         assert_eq!(
-            message.as_deref(),
-            Some("cannot start `/nonexistent/prog`: No such file or directory")
+            termination_of(&events[2].state),
+            (
+                BackendStatus::Loading,
+                Some(TerminationReason::InternalError),
+                Some("cannot start `/nonexistent/prog`: No such file or directory")
+            )
         );
-        conn.shutdown_drone(drone).await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn backend_exiting_by_itself_reports_its_exit_code() {
-    with_timeout(async {
-        let (_fake, drone, mut conn) = started().await;
-        let backend = BackendId::random();
+    with_drone(async |conn, backend| {
         conn.send_action(
             &backend,
             spawn(&[
@@ -176,30 +150,18 @@ async fn backend_exiting_by_itself_reports_its_exit_code() {
             unreachable!()
         };
         assert_eq!((*termination, *reason, *exit_code), (None, None, Some(3)));
-        conn.shutdown_drone(drone).await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn backend_that_never_listens_times_out() {
-    with_timeout(async {
-        let (_fake, drone, mut conn) =
-            started_with(|c| c.readiness_timeout = Duration::from_millis(500)).await;
-        let backend = BackendId::random();
+    let adjust = |c: &mut DroneConfig| c.readiness_timeout = Duration::from_millis(500);
+    with_adjusted_drone(adjust, async |conn, backend| {
         conn.send_action(&backend, spawn(&[("TEST_BACKEND_NEVER_LISTEN", "1")]));
         let events = conn.events_until_terminated().await;
-        assert_eq!(
-            statuses(&events),
-            [
-                BackendStatus::Scheduled,
-                BackendStatus::Loading,
-                BackendStatus::Starting,
-                BackendStatus::Waiting,
-                BackendStatus::HardTerminating,
-                BackendStatus::Terminated
-            ]
-        );
+        let hard_stop = [BackendStatus::HardTerminating, BackendStatus::Terminated];
+        assert_eq!(statuses(&events), [&TO_READY[..4], &hard_stop].concat());
         assert_eq!(
             events[5].state,
             terminated(
@@ -209,66 +171,57 @@ async fn backend_that_never_listens_times_out() {
                 Some(137),
             )
         );
-        conn.shutdown_drone(drone).await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn ignored_sigterm_is_followed_by_sigkill_after_the_grace_period() {
-    with_timeout(async {
-        let (_fake, drone, mut conn) =
-            started_with(|c| c.soft_terminate_grace = Duration::from_millis(300)).await;
-        let backend = BackendId::random();
-        conn.send_action(&backend, spawn(&[("TEST_BACKEND_SIGTERM", "ignore")]));
-        events_until(&mut conn, BackendStatus::Ready).await;
+    let adjust = |c: &mut DroneConfig| c.soft_terminate_grace = Duration::from_millis(300);
+    with_adjusted_drone(adjust, async |conn, backend| {
+        conn.send_action(&backend, spawn(IGNORING_SIGTERM));
+        events_until(conn, BackendStatus::Ready).await;
         let started = Instant::now();
         conn.send_action(&backend, terminate(TerminationKind::Soft));
         let events = conn.events_until_terminated().await;
         assert!(started.elapsed() >= Duration::from_millis(300));
         assert_eq!(events.last().unwrap().state, soft_terminated(137));
-        conn.shutdown_drone(drone).await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn resent_spawns_are_acked_but_not_started_twice() {
-    with_timeout(async {
-        let (_fake, drone, mut conn) = started().await;
-        let backend = BackendId::random();
+    with_drone(async |conn, backend| {
         let action = ActionMessage {
             action_id: hangar_types::ActionId::random(),
             backend_id: backend.clone(),
             action: spawn(&[]),
         };
         conn.send(ControllerToDrone::Action(action.clone()));
-        expect_ack(&mut conn, &action.action_id).await;
-        events_until(&mut conn, BackendStatus::Ready).await;
+        conn.wait_ack(&action.action_id).await;
+        events_until(conn, BackendStatus::Ready).await;
         // The same action again, then a new action for the same backend.
         conn.send(ControllerToDrone::Action(action.clone()));
         conn.wait_acks(&action.action_id, 2).await;
         let again = conn.send_action(&backend, spawn(&[]));
-        expect_ack(&mut conn, &again).await;
+        conn.wait_ack(&again).await;
         let stop = conn.send_action(&backend, terminate(TerminationKind::Hard));
-        expect_ack(&mut conn, &stop).await;
+        conn.wait_ack(&stop).await;
         let events = conn.events_until_terminated().await;
         assert_eq!(
             statuses(&events),
             [BackendStatus::HardTerminating, BackendStatus::Terminated]
         );
-        conn.shutdown_drone(drone).await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn terminate_for_an_unknown_backend_reports_it_lost() {
-    with_timeout(async {
-        let (_fake, drone, mut conn) = started().await;
-        let backend = BackendId::random();
+    with_drone(async |conn, backend| {
         let action = conn.send_action(&backend, terminate(TerminationKind::Soft));
-        expect_ack(&mut conn, &action).await;
+        conn.wait_ack(&action).await;
         let event = conn.next_event().await;
         assert_eq!(event.backend_id, backend);
         let BackendState::Terminated {
@@ -284,33 +237,33 @@ async fn terminate_for_an_unknown_backend_reports_it_lost() {
         assert_eq!(last_status, BackendStatus::Ready);
         assert_eq!(reason, Some(TerminationReason::Lost));
         assert_eq!((termination, exit_code), (None, None));
-        conn.shutdown_drone(drone).await;
     })
     .await;
 }
 
+/// Spawn the test backend with its key due for renewal at once and the soft deadline `soft_in` from
+/// now.
+fn spawn_renewing_at_once(soft_in: Duration) -> BackendAction {
+    let now = Millis::now();
+    let deadlines = KeyDeadlines {
+        renew_at: now,
+        soft_terminate_at: now.plus(soft_in),
+        hard_terminate_at: now.plus(Duration::from_secs(60)),
+    };
+    spawn_with(process_executable(&[]), deadlines)
+}
+
 #[tokio::test]
 async fn unrenewed_key_terminates_the_backend() {
-    with_timeout(async {
-        let (_fake, drone, mut conn) = started().await;
-        let backend = BackendId::random();
-        let now = Millis::now();
-        let deadlines = KeyDeadlines {
-            renew_at: now,
-            soft_terminate_at: now.plus(Duration::from_secs(2)),
-            hard_terminate_at: now.plus(Duration::from_secs(60)),
-        };
-        conn.send_action(&backend, spawn_with(process_executable(&[]), deadlines));
+    with_drone(async |conn, backend| {
+        conn.send_action(&backend, spawn_renewing_at_once(Duration::from_secs(2)));
         let mut events = Vec::new();
         loop {
             match conn.next().await {
                 DroneToController::RenewKey { backend: b, .. } => {
                     assert_eq!(b, backend);
                     // Refused: the drone lets the backend run into its deadlines.
-                    conn.send(ControllerToDrone::RenewKeyResponse {
-                        backend: backend.clone(),
-                        deadlines: None,
-                    });
+                    conn.answer_renewal(&backend, None);
                 }
                 DroneToController::BackendEvent { state, .. } => {
                     let done = state.status() == BackendStatus::Terminated;
@@ -341,23 +294,14 @@ async fn unrenewed_key_terminates_the_backend() {
                 ..
             }
         ));
-        conn.shutdown_drone(drone).await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn renewed_key_replaces_the_deadlines() {
-    with_timeout(async {
-        let (_fake, drone, mut conn) = started().await;
-        let backend = BackendId::random();
-        let now = Millis::now();
-        let deadlines = KeyDeadlines {
-            renew_at: now,
-            soft_terminate_at: now.plus(Duration::from_secs(3)),
-            hard_terminate_at: now.plus(Duration::from_secs(60)),
-        };
-        conn.send_action(&backend, spawn_with(process_executable(&[]), deadlines));
+    with_drone(async |conn, backend| {
+        conn.send_action(&backend, spawn_renewing_at_once(Duration::from_secs(3)));
         let mut renewals = 0;
         while renewals < 2 {
             match conn.next().await {
@@ -365,14 +309,12 @@ async fn renewed_key_replaces_the_deadlines() {
                     renewals += 1;
                     // The next renewal is due after the old soft deadline: only the new deadlines
                     // can bring it before any termination.
-                    conn.send(ControllerToDrone::RenewKeyResponse {
-                        backend: backend.clone(),
-                        deadlines: Some(KeyDeadlines {
-                            renew_at: local_time.plus(Duration::from_secs(4)),
-                            soft_terminate_at: local_time.plus(Duration::from_secs(60)),
-                            hard_terminate_at: local_time.plus(Duration::from_secs(70)),
-                        }),
-                    });
+                    let deadlines = KeyDeadlines {
+                        renew_at: local_time.plus(Duration::from_secs(4)),
+                        soft_terminate_at: local_time.plus(Duration::from_secs(60)),
+                        hard_terminate_at: local_time.plus(Duration::from_secs(70)),
+                    };
+                    conn.answer_renewal(&backend, Some(deadlines));
                 }
                 DroneToController::BackendEvent { state, .. } => {
                     assert!(state.status() <= BackendStatus::Ready, "{state:?}");
@@ -380,7 +322,6 @@ async fn renewed_key_replaces_the_deadlines() {
                 _ => {}
             }
         }
-        conn.shutdown_drone(drone).await;
     })
     .await;
 }
@@ -441,30 +382,17 @@ async fn restarted_drone_reports_backends_of_the_crashed_one_lost() {
         assert_eq!(ids(&replayed)[..5], ids(&events)[..]);
         assert_eq!(
             statuses(&replayed),
-            [
-                BackendStatus::Scheduled,
-                BackendStatus::Loading,
-                BackendStatus::Starting,
-                BackendStatus::Waiting,
-                BackendStatus::Ready,
-                BackendStatus::Terminated
-            ]
+            [&TO_READY[..], &[BackendStatus::Terminated]].concat()
         );
-        let BackendState::Terminated {
-            last_status,
-            reason,
-            message,
-            ..
-        } = &replayed[5].state
-        else {
-            unreachable!()
-        };
-        assert_eq!(*last_status, BackendStatus::Ready);
-        assert_eq!(*reason, Some(TerminationReason::Lost));
-        assert!(message.as_deref().unwrap_or("").contains("re-adopt"));
+        let (last_status, reason, message) = termination_of(&replayed[5].state);
+        assert_eq!(
+            (last_status, reason),
+            (BackendStatus::Ready, Some(TerminationReason::Lost))
+        );
+        assert!(message.unwrap_or("").contains("re-adopt"));
         // A resent spawn for it is acked without starting anything.
         let again = conn.send_action(&backend, spawn(&[]));
-        expect_ack(&mut conn, &again).await;
+        conn.wait_ack(&again).await;
         conn.shutdown_drone(drone).await;
     })
     .await;

@@ -1,7 +1,7 @@
 //! A small load test: many WebSockets and HTTP requests through one proxy at the same time, with
 //! every echo checked and exact connection accounting. No timing assertions.
 
-use crate::support::{eventually, with_timeout, Env};
+use crate::support::{eventually, with_env};
 use anyhow::{bail, ensure, Context};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
@@ -59,8 +59,7 @@ async fn run_websocket(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_websockets_and_requests_at_once() {
-    with_timeout(async {
-        let env = Env::start().await;
+    with_env(async |env| {
         let ws_route = env.route("b-load-ws");
         let ws_token = env.token_for(&ws_route);
         let http_route = env.route("b-load-http");

@@ -2,15 +2,13 @@
 //! silently dropped connection), and the proxy keeps serving afterwards.
 
 use crate::raw::send_raw;
-use crate::support::{with_timeout, Env};
+use crate::support::with_routed;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn malformed_requests_get_clean_4xx() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let token = env.token_for(&env.route("b-garbage"));
+    with_routed("b-garbage", async |env, _, token| {
         let host = env.cluster.to_string();
         let get = |target: &str, headers: &str| {
             format!("GET {target} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n{headers}\r\n")

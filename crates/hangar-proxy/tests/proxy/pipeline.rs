@@ -1,13 +1,15 @@
 //! The request pipeline: `/ready`, `/`, token paths, header rewriting, host checks, errors, bodies,
 //! HTTP/2.
 
-use crate::support::{assert_general_headers, eventually, with_timeout, Env, FakeController};
+use crate::support::{
+    assert_general_headers, eventually, with_env, with_routed, with_timeout, Env, FakeController,
+};
 use bytes::Bytes;
 use hangar_proxy::ProxyConfig;
 use hangar_types::token::{ConnectionToken, SecretToken};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -66,18 +68,6 @@ async fn ready_is_503_until_connected_then_200() {
 }
 
 #[tokio::test]
-async fn root_is_400_without_redirect() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let response = env.get("/").send().await.unwrap();
-        assert_eq!(response.status(), 400);
-        assert_general_headers(&response);
-        assert!(response.text().await.unwrap().contains("no root redirect"));
-    })
-    .await
-}
-
-#[tokio::test]
 async fn root_redirects_when_configured() {
     with_timeout(async {
         let env = Env::start_with(|c| {
@@ -92,35 +82,36 @@ async fn root_redirects_when_configured() {
     .await
 }
 
-#[tokio::test]
-async fn empty_token_is_400() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let response = env.get("//x").send().await.unwrap();
-        assert_eq!(response.status(), 400);
-        assert_general_headers(&response);
-    })
-    .await
-}
+/// What a test expects of a response body.
+type BodyCheck = fn(&str) -> bool;
 
+/// The root without a redirect, an empty token and an unknown token: a 4xx with the general
+/// headers and no backend id; the root and the unknown token say why.
 #[tokio::test]
-async fn unknown_token_is_410_with_general_headers() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let response = env.get("/not-a-token/x").send().await.unwrap();
-        assert_eq!(response.status(), 410);
-        assert_general_headers(&response);
-        assert!(response.headers().get("x-plane-backend-id").is_none());
-        assert_eq!(response.text().await.unwrap(), "unknown or expired token\n");
+async fn requests_without_a_known_token_are_4xx_with_general_headers() {
+    with_env(async |env| {
+        let rows: [(&str, u16, BodyCheck); 3] = [
+            ("/", 400, |body| body.contains("no root redirect")),
+            ("//x", 400, |_| true),
+            ("/not-a-token/x", 410, |body| {
+                body == "unknown or expired token\n"
+            }),
+        ];
+        for (path, status, body_ok) in rows {
+            let response = env.get(path).send().await.unwrap();
+            assert_eq!(response.status(), status, "{path}");
+            assert_general_headers(&response);
+            assert!(response.headers().get("x-plane-backend-id").is_none());
+            let body = response.text().await.unwrap();
+            assert!(body_ok(&body), "{path}: {body}");
+        }
     })
     .await
 }
 
 #[tokio::test]
 async fn dynamic_token_is_stripped_from_the_path() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let token = env.token_for(&env.route("b-dyn"));
+    with_routed("b-dyn", async |env, _, token| {
         for (path, expected) in [
             (format!("/{token}"), "/"),
             (format!("/{token}/"), "/"),
@@ -136,8 +127,7 @@ async fn dynamic_token_is_stripped_from_the_path() {
 
 #[tokio::test]
 async fn static_token_keeps_the_path() {
-    with_timeout(async {
-        let env = Env::start().await;
+    with_env(async |env| {
         let mut route = env.route("b-static");
         route.user = None;
         route.user_data = None;
@@ -158,19 +148,16 @@ async fn static_token_keeps_the_path() {
 
 #[tokio::test]
 async fn verified_headers_are_set_and_spoofed_ones_stripped() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let token = env.token_for(&env.route("b-verified"));
-        let response = env
-            .get(&format!("/{token}/some/path?x=1"))
-            .header("x-verified-blah", "spoofed")
-            .header("x-verified-username", "mallory")
-            .header("x-custom", "kept")
-            .header("cookie", "session=abc")
-            .header("authorization", "Bearer xyz")
-            .send()
-            .await
-            .unwrap();
+    with_routed("b-verified", async |env, _, token| {
+        let sent = [
+            ("x-verified-blah", "spoofed"),
+            ("x-verified-username", "mallory"),
+            ("x-custom", "kept"),
+            ("cookie", "session=abc"),
+            ("authorization", "Bearer xyz"),
+        ];
+        let path = format!("/{token}/some/path?x=1");
+        let response = env.get_with_headers(&path, &sent).await;
         assert_eq!(response.status(), 200);
         let seen: Value = response.json().await.unwrap();
         let headers = &seen["headers"];
@@ -198,34 +185,23 @@ async fn verified_headers_are_set_and_spoofed_ones_stripped() {
 
 #[tokio::test]
 async fn forwarded_headers_are_set() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let token = env.token_for(&env.route("b-fwd"));
-        let response = env
-            .get(&format!("/{token}/"))
-            .header("x-forwarded-for", "1.2.3.4")
-            .header("x-forwarded-proto", "https")
-            .send()
-            .await
-            .unwrap();
+    with_routed("b-fwd", async |env, _, token| {
+        let path = format!("/{token}/");
+        let sent = [
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ];
+        let response = env.get_with_headers(&path, &sent).await;
         let seen: Value = response.json().await.unwrap();
-        assert_eq!(
-            seen["headers"]["x-forwarded-for"],
-            serde_json::json!(["127.0.0.1"])
-        );
-        assert_eq!(
-            seen["headers"]["x-forwarded-proto"],
-            serde_json::json!(["http"])
-        );
+        let forwarded = ["x-forwarded-for", "x-forwarded-proto"].map(|h| &seen["headers"][h]);
+        assert_eq!(forwarded, [&json!(["127.0.0.1"]), &json!(["http"])]);
     })
     .await
 }
 
 #[tokio::test]
 async fn proxied_responses_carry_backend_id_and_general_headers() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let token = env.token_for(&env.route("b-ids"));
+    with_routed("b-ids", async |env, _, token| {
         let response = env.get(&format!("/{token}/x")).send().await.unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["x-plane-backend-id"], "b-ids");
@@ -253,8 +229,7 @@ async fn proxied_responses_carry_backend_id_and_general_headers() {
 
 #[tokio::test]
 async fn subdomains_must_match() {
-    with_timeout(async {
-        let env = Env::start().await;
+    with_env(async |env| {
         let mut route = env.route("b-sub");
         route.subdomain = Some("sub".into());
         let token = env.token_for(&route);
@@ -281,9 +256,7 @@ async fn subdomains_must_match() {
 
 #[tokio::test]
 async fn host_outside_the_cluster_is_403() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let token = env.token_for(&env.route("b-host"));
+    with_routed("b-host", async |env, _, token| {
         let response = env
             .get_with_host(&format!("/{token}/"), "example.com")
             .send()
@@ -297,9 +270,7 @@ async fn host_outside_the_cluster_is_403() {
 
 #[tokio::test]
 async fn missing_host_is_400() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let token = env.token_for(&env.route("b-nohost"));
+    with_routed("b-nohost", async |env, _, token| {
         let mut stream = TcpStream::connect(env.proxy.local_addr()).await.unwrap();
         let request = format!("GET /{token}/ HTTP/1.1\r\nconnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
@@ -312,8 +283,7 @@ async fn missing_host_is_400() {
 
 #[tokio::test]
 async fn unreachable_upstream_is_502_with_backend_id() {
-    with_timeout(async {
-        let env = Env::start().await;
+    with_env(async |env| {
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut route = env.route("b-down");
         route.address = closed.local_addr().unwrap();
@@ -333,9 +303,7 @@ async fn unreachable_upstream_is_502_with_backend_id() {
 
 #[tokio::test]
 async fn bodies_stream_in_both_directions() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let token = env.token_for(&env.route("b-stream"));
+    with_routed("b-stream", async |env, _, token| {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
         let body = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv()
@@ -369,9 +337,7 @@ async fn bodies_stream_in_both_directions() {
 
 #[tokio::test]
 async fn http2_prior_knowledge_clients_work() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let token = env.token_for(&env.route("b-h2"));
+    with_routed("b-h2", async |env, _, token| {
         let stream = TcpStream::connect(env.proxy.local_addr()).await.unwrap();
         let (mut sender, connection) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -398,8 +364,7 @@ async fn http2_prior_knowledge_clients_work() {
 /// it keeps (the first goes through the shared pool), with the same rewriting as any request.
 #[tokio::test]
 async fn keep_alive_requests_reuse_one_kept_backend_connection() {
-    with_timeout(async {
-        let env = Env::start().await;
+    with_env(async |env| {
         let (_, token) = env.routed("kept");
         // reqwest sends sequential requests over its one idle connection.
         let mut peers = Vec::new();

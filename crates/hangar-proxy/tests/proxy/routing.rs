@@ -1,7 +1,7 @@
 //! Route lookups through the controller session: waiting for starting backends, coalescing,
 //! invalidation, reconnects, keepalives, and graceful shutdown.
 
-use crate::support::{eventually, with_timeout, Answer, Env};
+use crate::support::{eventually, with_env, with_routed, with_timeout, Answer, Env};
 use hangar_types::protocol::ControllerToProxy;
 use hangar_types::token::ConnectionToken;
 use std::sync::Arc;
@@ -9,8 +9,7 @@ use std::time::Duration;
 
 #[tokio::test]
 async fn request_waits_for_a_starting_backend() {
-    with_timeout(async {
-        let env = Env::start().await;
+    with_env(async |env| {
         let token = ConnectionToken::random();
         env.controller.set_answer(&token, Answer::Hold);
         let request = env.get(&format!("/{token}/hello")).send();
@@ -78,8 +77,7 @@ async fn concurrent_first_requests_share_one_route_request() {
 
 #[tokio::test]
 async fn backend_removed_makes_later_requests_410() {
-    with_timeout(async {
-        let (env, route, token) = Env::start_routed("b-removed").await;
+    with_routed("b-removed", async |env, route, token| {
         let other = env.token_for(&env.route("b-kept"));
         env.echo(&format!("/{token}/")).await;
         env.echo(&format!("/{other}/")).await;
@@ -96,8 +94,7 @@ async fn backend_removed_makes_later_requests_410() {
 
 #[tokio::test]
 async fn revoked_tokens_get_410() {
-    with_timeout(async {
-        let (env, route, token) = Env::start_routed("b-revoke").await;
+    with_routed("b-revoke", async |env, route, token| {
         let sibling = env.token_for(&route);
         env.echo(&format!("/{token}/")).await;
         env.echo(&format!("/{sibling}/")).await;
@@ -118,8 +115,7 @@ async fn revoked_tokens_get_410() {
 
 #[tokio::test]
 async fn outstanding_route_requests_are_resent_after_a_reconnect() {
-    with_timeout(async {
-        let env = Env::start().await;
+    with_env(async |env| {
         let token = ConnectionToken::random();
         env.controller.set_answer(&token, Answer::Hold);
         let pending = tokio::spawn(env.get(&format!("/{token}/")).send());
@@ -145,8 +141,7 @@ async fn outstanding_route_requests_are_resent_after_a_reconnect() {
 
 #[tokio::test]
 async fn first_request_sends_a_keepalive_and_counts_settle() {
-    with_timeout(async {
-        let (env, route, token) = Env::start_routed("b-keepalive").await;
+    with_routed("b-keepalive", async |env, route, token| {
         assert_eq!(env.proxy.connection_counts(&route.backend_id), None);
         env.echo(&format!("/{token}/")).await;
         eventually("keepalive at the controller", || async {
@@ -171,9 +166,7 @@ async fn first_request_sends_a_keepalive_and_counts_settle() {
 
 #[tokio::test]
 async fn graceful_shutdown_lets_an_in_flight_request_finish() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let token = env.token_for(&env.route("b-shutdown"));
+    with_routed("b-shutdown", async |env, _, token| {
         let addr = env.proxy.local_addr();
         let request = tokio::spawn(env.get(&format!("/{token}/slow")).send());
         env.upstream

@@ -396,6 +396,21 @@ async fn ws_echo(upgrade: WebSocketUpgrade) -> Response {
 // Environment
 // ---------------------------------------------------------------------------------------------
 
+/// Runs `test` with [`with_timeout`] against a started [`Env`].
+pub async fn with_env(test: impl AsyncFnOnce(Env)) {
+    with_timeout(async { test(Env::start().await).await }).await;
+}
+
+/// Runs `test` with [`with_timeout`] against a started [`Env`] with a route for `backend` and a token
+/// resolving to it ([`Env::routed`]).
+pub async fn with_routed(backend: &str, test: impl AsyncFnOnce(Env, RouteInfo, ConnectionToken)) {
+    with_env(async |env| {
+        let (route, token) = env.routed(backend);
+        test(env, route, token).await;
+    })
+    .await;
+}
+
 pub struct Env {
     pub controller: FakeController,
     pub upstream: Upstream,
@@ -475,6 +490,19 @@ impl Env {
         self.request(reqwest::Method::GET, path)
     }
 
+    /// GETs `path` with the extra `headers` and returns the answer.
+    pub async fn get_with_headers(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self.get(path);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
     /// A GET with the given `Host` header (instead of the cluster).
     pub fn get_with_host(&self, path: &str, host: &str) -> reqwest::RequestBuilder {
         self.http.get(self.url(path)).header("host", host)
@@ -483,13 +511,6 @@ impl Env {
     /// GETs `path` and returns the status of the answer.
     pub async fn status_of(&self, path: &str) -> u16 {
         self.get(path).send().await.unwrap().status().as_u16()
-    }
-
-    /// A started [`Env`] with a route for `backend` and a token resolving to it ([`Env::routed`]).
-    pub async fn start_routed(backend: &str) -> (Env, RouteInfo, ConnectionToken) {
-        let env = Env::start().await;
-        let (route, token) = env.routed(backend);
-        (env, route, token)
     }
 
     /// Tells the proxy that `route`'s backend is terminating (soft) and waits until requests with

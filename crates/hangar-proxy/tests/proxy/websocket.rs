@@ -4,7 +4,7 @@
 use crate::raw::{
     read_frame, read_response, wait_closed, ws_frame, ws_request, RawResponse, RawWsBackend, WS_KEY,
 };
-use crate::support::{eventually, with_timeout, Answer, Env};
+use crate::support::{eventually, with_env, with_routed, Answer, Env};
 use futures_util::{SinkExt, StreamExt};
 use hangar_types::protocol::{ControllerToProxy, RouteInfo};
 use hangar_types::BackendId;
@@ -72,6 +72,21 @@ async fn echo_text(ws: &mut Ws, text: &str) {
 
 /// Closes like a browser (closing handshake, then the TCP connection) and waits until the proxy
 /// counts no connection to the backend.
+/// Runs `test` under [`with_env`] with a WebSocket open through the proxy to the upstream as
+/// `backend` ([`open_ws`]).
+async fn with_ws(backend: &str, test: impl AsyncFnOnce(Env, RouteInfo, Ws)) {
+    with_env(async |env| {
+        let (route, ws) = open_ws(&env, backend).await;
+        test(env, route, ws).await;
+    })
+    .await;
+}
+
+/// Runs `test` under [`with_env`] with a [`RawWsBackend`] started.
+async fn with_raw_backend(test: impl AsyncFnOnce(Env, RawWsBackend)) {
+    with_env(async |env| test(env, RawWsBackend::start().await).await).await;
+}
+
 async fn close_ws(env: &Env, mut ws: Ws, backend: &BackendId) {
     ws.close(None).await.unwrap();
     while ws.next().await.is_some() {}
@@ -92,8 +107,7 @@ async fn expect_frame(stream: &mut TcpStream, first: u8, payload: &[u8]) {
 
 #[tokio::test]
 async fn websocket_echo_through_the_proxy() {
-    with_timeout(async {
-        let (env, route, token) = Env::start_routed("b-ws").await;
+    with_routed("b-ws", async |env, route, token| {
         let (mut ws, response) = connect(&env, &format!("/{token}/ws"), None).await;
         assert_eq!(response.status(), 101);
         assert_eq!(response.headers()["sec-websocket-protocol"], "chat");
@@ -130,8 +144,7 @@ async fn websocket_echo_through_the_proxy() {
 
 #[tokio::test]
 async fn firefox_style_connection_header_upgrades() {
-    with_timeout(async {
-        let (env, route, token) = Env::start_routed("b-firefox").await;
+    with_routed("b-firefox", async |env, route, token| {
         let (mut ws, response) =
             connect(&env, &format!("/{token}/ws"), Some("keep-alive, Upgrade")).await;
         assert_eq!(response.status(), 101);
@@ -144,9 +157,7 @@ async fn firefox_style_connection_header_upgrades() {
 
 #[tokio::test]
 async fn client_vanishing_without_close_frame_closes_the_tunnel() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let (route, mut ws) = open_ws(&env, "b-vanish").await;
+    with_ws("b-vanish", async |env, route, mut ws| {
         echo_text(&mut ws, "ping").await;
         // A second tunnel to the same backend stays open throughout.
         let token = env.token_for(&route);
@@ -164,8 +175,7 @@ async fn client_vanishing_without_close_frame_closes_the_tunnel() {
 
 #[tokio::test]
 async fn a_terminated_backend_loses_its_tunnels_a_terminating_one_keeps_them() {
-    with_timeout(async {
-        let (env, route, token) = Env::start_routed("b-sever").await;
+    with_routed("b-sever", async |env, route, token| {
         let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
         wait_open_connections(&env, &route.backend_id, 1).await;
         // Terminating (soft, grace period): new requests are refused, the open tunnel stays.
@@ -189,9 +199,7 @@ async fn a_terminated_backend_loses_its_tunnels_a_terminating_one_keeps_them() {
 
 #[tokio::test]
 async fn upstream_closing_first_closes_the_tunnel() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let (route, mut ws) = open_ws(&env, "b-upclose").await;
+    with_ws("b-upclose", async |env, route, mut ws| {
         wait_open_connections(&env, &route.backend_id, 1).await;
         ws.send(Message::text("close-me")).await.unwrap();
         assert!(matches!(next_data(&mut ws).await, Message::Close(_)));
@@ -230,6 +238,16 @@ async fn raw_tunnel(
     (client, response, upstream, head)
 }
 
+/// [`raw_tunnel`] without extra headers: the client's socket and the backend's.
+async fn plain_raw_tunnel(
+    env: &Env,
+    backend: &RawWsBackend,
+    backend_id: &str,
+) -> (TcpStream, TcpStream) {
+    let (client, _, upstream, _) = raw_tunnel(env, backend, backend_id, &[], &[]).await;
+    (client, upstream)
+}
+
 fn has_header_line(head: &str, name: &str, value: &str) -> bool {
     head.lines().any(|line| {
         line.split_once(':')
@@ -239,9 +257,7 @@ fn has_header_line(head: &str, name: &str, value: &str) -> bool {
 
 #[tokio::test]
 async fn subprotocol_and_permessage_deflate_are_negotiated_end_to_end() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let backend = RawWsBackend::start().await;
+    with_raw_backend(async |env, backend| {
         let (mut client, response, mut upstream, request) = raw_tunnel(
             &env,
             &backend,
@@ -310,10 +326,7 @@ async fn subprotocol_and_permessage_deflate_are_negotiated_end_to_end() {
 
 #[tokio::test]
 async fn large_and_fragmented_messages_pass_through() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let (route, mut ws) = open_ws(&env, "b-large").await;
-
+    with_ws("b-large", async |env, route, mut ws| {
         let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
         ws.send(Message::binary(big.clone())).await.unwrap();
         assert!(next_data(&mut ws).await == Message::binary(big));
@@ -362,9 +375,7 @@ async fn large_and_fragmented_messages_pass_through() {
 
 #[tokio::test]
 async fn pings_and_pongs_pass_both_ways() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let (route, mut ws) = open_ws(&env, "b-ping").await;
+    with_ws("b-ping", async |env, route, mut ws| {
         // The client pings; the backend's pong comes back with the same payload.
         ws.send(Message::Ping("from-client".into())).await.unwrap();
         let pong = ws.next().await.unwrap().unwrap();
@@ -386,11 +397,8 @@ async fn pings_and_pongs_pass_both_ways() {
 
 #[tokio::test]
 async fn upstream_severed_mid_frame_closes_the_client() {
-    with_timeout(async {
-        let env = Env::start().await;
-        let backend = RawWsBackend::start().await;
-        let (mut client, _, mut upstream, _) =
-            raw_tunnel(&env, &backend, "b-severed", &[], &[]).await;
+    with_raw_backend(async |env, backend| {
+        let (mut client, mut upstream) = plain_raw_tunnel(&env, &backend, "b-severed").await;
         let backend_id: BackendId = "b-severed".parse().unwrap();
         wait_open_connections(&env, &backend_id, 1).await;
 
@@ -414,12 +422,9 @@ async fn upstream_severed_mid_frame_closes_the_client() {
 
 #[tokio::test]
 async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
-    with_timeout(async {
-        let env = Env::start().await;
+    with_raw_backend(async |env, backend| {
         // Tunnel A: raw both ends, so the test sees every byte.
-        let backend = RawWsBackend::start().await;
-        let (mut client_a, _, mut upstream_a, _) =
-            raw_tunnel(&env, &backend, "b-away-raw", &[], &[]).await;
+        let (mut client_a, mut upstream_a) = plain_raw_tunnel(&env, &backend, "b-away-raw").await;
         // Tunnel B: a WebSocket library client and backend.
         let route_b = env.route("b-away-lib");
         let token_b = env.token_for(&route_b);
@@ -492,8 +497,7 @@ async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
 /// backend may hold the key by then.
 #[tokio::test]
 async fn an_unconfirmed_key_lease_ends_the_route_and_its_tunnels() {
-    with_timeout(async {
-        let env = Env::start().await;
+    with_env(async |env| {
         let mut route = env.route("b-lease");
         route.lease_remaining_ms = Some(2_000);
         let token = env.token_for(&route);

@@ -78,6 +78,17 @@ impl Dns01 {
     }
 }
 
+/// Runs `test` with [`with_pebble`] against a started [`Dns01`] (`options` adjusts Pebble's), and
+/// shuts it down after it.
+async fn with_dns01(options: PebbleOptions, test: impl AsyncFnOnce(&Dns01)) {
+    with_pebble(async {
+        let world = Dns01::start(options).await;
+        test(&world).await;
+        world.shutdown().await;
+    })
+    .await;
+}
+
 /// ACME over DNS-01 with Pebble's external account `kid-1`.
 fn acme_with_eab(pebble: &Pebble, hmac_key: &str) -> AcmeConfig {
     let mut acme = acme_config(pebble, AcmeChallenge::Dns01);
@@ -90,8 +101,7 @@ fn acme_with_eab(pebble: &Pebble, hmac_key: &str) -> AcmeConfig {
 
 #[tokio::test]
 async fn dns01_certificate_serves_https_and_wss_to_a_backend() {
-    with_pebble(async {
-        let world = Dns01::start(PebbleOptions::default()).await;
+    with_dns01(PebbleOptions::default(), async |world| {
         let (env, pebble) = (&world.env, &world.pebble);
         let dir = tempfile::tempdir().unwrap();
         let cert_path = dir.path().join("cert.json");
@@ -148,15 +158,13 @@ async fn dns01_certificate_serves_https_and_wss_to_a_backend() {
         ws.close(None).await.unwrap();
 
         proxy.shutdown().await;
-        world.shutdown().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn two_proxies_of_a_cluster_order_once_and_serve_the_same_certificate() {
-    with_pebble(async {
-        let world = Dns01::start(PebbleOptions::default()).await;
+    with_dns01(PebbleOptions::default(), async |world| {
         let (env, pebble) = (&world.env, &world.pebble);
         let dir = tempfile::tempdir().unwrap();
         let mut proxies = Vec::new();
@@ -197,20 +205,18 @@ async fn two_proxies_of_a_cluster_order_once_and_serve_the_same_certificate() {
         for proxy in proxies {
             proxy.shutdown().await;
         }
-        world.shutdown().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn certificates_close_to_expiry_are_renewed() {
-    with_pebble(async {
-        // Certificates live 20 s and are renewed with 15 s left: about 5 s after each issuance.
-        let world = Dns01::start(PebbleOptions {
-            validity_seconds: Some(20),
-            ..PebbleOptions::default()
-        })
-        .await;
+    // Certificates live 20 s and are renewed with 15 s left: about 5 s after each issuance.
+    let options = PebbleOptions {
+        validity_seconds: Some(20),
+        ..PebbleOptions::default()
+    };
+    with_dns01(options, async |world| {
         let (env, pebble) = (&world.env, &world.pebble);
         let proxy = start_tls_proxy(env, None, |c| {
             c.renew_before = Duration::from_secs(15);
@@ -230,22 +236,20 @@ async fn certificates_close_to_expiry_are_renewed() {
         assert_ne!(served.await, first, "the renewed certificate is served");
 
         proxy.shutdown().await;
-        world.shutdown().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn external_account_binding_and_a_restart_from_the_saved_file() {
-    with_pebble(async {
-        let hmac_key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
-        let world = Dns01::start(PebbleOptions {
-            eab: Some(("kid-1".into(), hmac_key.into())),
-            // 40 days: not due with the default 30-day margin, due with a 60-day one (below).
-            validity_seconds: Some(40 * 86400),
-            ..PebbleOptions::default()
-        })
-        .await;
+    let hmac_key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let options = PebbleOptions {
+        eab: Some(("kid-1".into(), hmac_key.into())),
+        // 40 days: not due with the default 30-day margin, due with a 60-day one (below).
+        validity_seconds: Some(40 * 86400),
+        ..PebbleOptions::default()
+    };
+    with_dns01(options, async |world| {
         let (env, pebble) = (&world.env, &world.pebble);
         let dir = tempfile::tempdir().unwrap();
         let cert_path = dir.path().join("cert.json");
@@ -287,7 +291,6 @@ async fn external_account_binding_and_a_restart_from_the_saved_file() {
         assert_eq!(pebble.account_requests(), 1, "the saved account was reused");
 
         renewing.shutdown().await;
-        world.shutdown().await;
     })
     .await;
 }

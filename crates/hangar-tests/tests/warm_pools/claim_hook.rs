@@ -3,6 +3,7 @@
 //! spawns cold; a drone restart in the middle of a hook never leaves a backend claimed twice.
 
 use super::*;
+use hangar_client::ClientError;
 use hangar_types::BackendState;
 
 /// A pool of `size` test backends with `env` whose claim hook is `POST /claim`.
@@ -23,10 +24,12 @@ async fn recorded_claims(env: &TestEnv, backend: &BackendId) -> Option<Vec<serde
     env.http.get(url).send().await.ok()?.json().await.ok()
 }
 
-async fn metrics_text(env: &TestEnv) -> String {
+/// Fails unless the controller's metrics count `n` claims from pool `pool` with `outcome`.
+async fn assert_claims(env: &TestEnv, pool: &str, outcome: &str, n: u32) {
     let url = env.controller_url().join("metrics").unwrap();
-    let resp = env.http.get(url).send().await.unwrap();
-    resp.text().await.unwrap()
+    let text = env.get(url).await.text().await.unwrap();
+    let series = format!(r#"hangar_warm_claims_total{{pool="{pool}",outcome="{outcome}"}} {n}"#);
+    assert!(text.contains(&series), "{series} in {text}");
 }
 
 /// A refused hook (non-2xx, then a timeout): that backend is terminated and the connect spawns
@@ -36,14 +39,9 @@ async fn metrics_text(env: &TestEnv) -> String {
 async fn claim_hook_refused_then_accepted() {
     let env = TestEnv::start().await;
     within(async {
-        let client = &env.client;
         for (round, answer) in ["status:503", "hang"].into_iter().enumerate() {
             let pool_env = [("TEST_BACKEND_CLAIM", answer)];
-            client
-                .put_warm_pool(&name("h"), &hooked(1, &pool_env))
-                .await
-                .unwrap();
-            wait_counts(&env, "h", 1, 0).await;
+            put_and_fill(&env, "h", hooked(1, &pool_env)).await;
             // The previous executable's backend, if any, is retired by the next fill pass.
             let warm = eventually("one unclaimed backend", || async {
                 let now = unclaimed(&env).await;
@@ -66,27 +64,14 @@ async fn claim_hook_refused_then_accepted() {
             let row = env.store.backend(&cold.backend_id).await.unwrap().unwrap();
             assert_eq!(row.key.name.as_str(), key);
         }
-        let text = metrics_text(&env).await;
-        assert!(
-            text.contains(r#"hangar_warm_claims_total{pool="h",outcome="hook_refused"} 2"#),
-            "{text}"
-        );
+        assert_claims(&env, "h", "hook_refused", 2).await;
 
-        client
-            .put_warm_pool(&name("h"), &hooked(1, &[]))
-            .await
-            .unwrap();
-        wait_counts(&env, "h", 1, 0).await;
+        put_and_fill(&env, "h", hooked(1, &[])).await;
         let claimed = connect(&env, "accepted", &[("SECRET", "s2")]).await;
         assert!(claimed.warm && claimed.spawned, "{claimed:?}");
         assert_eq!(claimed.status, BackendStatus::Ready);
         // The first request through the proxy finds the claim already delivered.
-        let resp = env
-            .http
-            .get(format!("{}claim", claimed.url))
-            .send()
-            .await
-            .unwrap();
+        let resp = env.get(format!("{}claim", claimed.url)).await;
         assert_eq!(resp.status(), 200);
         let claims: serde_json::Value = resp.json().await.unwrap();
         let claims = claims
@@ -106,18 +91,10 @@ async fn claim_hook_refused_then_accepted() {
         assert_eq!(body["fencing_token"], row.fencing_token, "{body}");
         assert!(body["static_token"].is_null(), "{body}");
         assert_eq!(body["env"], serde_json::json!({"SECRET": "s2"}), "{body}");
-        let text = metrics_text(&env).await;
-        assert!(
-            text.contains(r#"hangar_warm_claims_total{pool="h",outcome="claimed"} 1"#),
-            "{text}"
-        );
+        assert_claims(&env, "h", "claimed", 1).await;
         // Without a hook, a different env never claims: the backend would run with an env the
         // connect did not ask for.
-        client
-            .put_warm_pool(&name("h"), &config(1, &[]))
-            .await
-            .unwrap();
-        wait_counts(&env, "h", 1, 0).await;
+        put_and_fill(&env, "h", config(1, &[])).await;
         let other = connect(&env, "other-env", &[("SECRET", "s3")]).await;
         assert!(!other.warm, "{other:?}");
     })
@@ -134,20 +111,11 @@ async fn drone_restart_during_a_claim_hook() {
     let dir = tempfile::tempdir().unwrap();
     let state_file = dir.path().join("drone.db");
     let drone_name: hangar_types::DroneName = "dr-warm-restart".parse().unwrap();
-    let (file, dn) = (state_file.clone(), drone_name.clone());
-    env.add_drone(move |c| {
-        c.state_file = Some(file);
-        c.name = dn;
-    })
-    .await;
+    env.add_drone_with_state(&state_file, &drone_name).await;
     env.start_proxy().await;
     within(async {
         let pool_env = [("TEST_BACKEND_CLAIM", "hang")];
-        env.client
-            .put_warm_pool(&name("r"), &hooked(2, &pool_env))
-            .await
-            .unwrap();
-        wait_counts(&env, "r", 2, 0).await;
+        put_and_fill(&env, "r", hooked(2, &pool_env)).await;
         let before: Vec<BackendId> = unclaimed(&env).await.into_iter().map(|u| u.id).collect();
         let client = env.client.clone();
         let req = env.connect_request("restart", &[]);
@@ -166,12 +134,7 @@ async fn drone_restart_during_a_claim_hook() {
         })
         .await;
         env.drones.remove(0).shutdown().await;
-        let (file, dn) = (state_file.clone(), drone_name.clone());
-        env.add_drone(move |c| {
-            c.state_file = Some(file);
-            c.name = dn;
-        })
-        .await;
+        env.add_drone_with_state(&state_file, &drone_name).await;
         let answer = connect.await.unwrap();
         match &answer {
             Ok(resp) => assert!(!resp.warm && resp.backend_id != hooked_backend, "{resp:?}"),

@@ -1,23 +1,25 @@
 //! The Docker executor on its own: environment, signals, exit codes, out-of-memory kills, pull
 //! policies, mounts, networks, metrics, re-adoption and cleanup.
 
-use super::run::{docker, TestRun, TEST_IMAGE};
-use super::{container_exists, docker_test, eventually, executor, executor_for, spec};
+use super::run::{docker, TEST_IMAGE};
+use super::{
+    container_exists, eventually, executor, executor_for, spec, with_executor, with_first_executor,
+    with_run,
+};
 use crate::probe::{
     exit_3_after, expect_exit_3, get_json, signal, soft_ignored_then_hard,
     soft_stop_then_signal_again, wait_for_log,
 };
 use hangar_drone::executor::docker::container_name;
 use hangar_drone::executor::{Executor, ExecutorError, Reattached};
+use hangar_test_support::IGNORING_SIGTERM;
 use hangar_types::protocol::DroneToController;
-use hangar_types::{DroneName, TerminationKind};
+use hangar_types::TerminationKind;
 use std::net::{IpAddr, Ipv4Addr};
 
 #[tokio::test]
 async fn container_gets_its_environment_and_stops_on_sigterm() {
-    docker_test(async {
-        let run = TestRun::new();
-        let (executor, _metrics) = executor(None).await;
+    with_executor(async |run, executor| {
         let spec = spec(run.executable(&[("GREETING", "hello"), ("PORT", "1")]));
         executor.prepare(&spec).await.unwrap();
         let started = executor.start(&spec).await.unwrap();
@@ -48,42 +50,33 @@ async fn container_gets_its_environment_and_stops_on_sigterm() {
         // The logs were kept before the container was removed.
         wait_for_log(&started, "got SIGTERM").await;
         assert!(!container_exists(&name));
-        executor.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn soft_terminate_only_asks_and_hard_terminate_kills() {
-    docker_test(async {
-        let run = TestRun::new();
-        let (executor, _metrics) = executor(None).await;
-        let spec = spec(run.executable(&[("TEST_BACKEND_SIGTERM", "ignore")]));
+    with_executor(async |run, executor| {
+        let spec = spec(run.executable(IGNORING_SIGTERM));
         let started = executor.start(&spec).await.unwrap();
         assert_eq!(soft_ignored_then_hard(&started).await, Some(137));
-        executor.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn exit_code_of_a_container_that_exits_by_itself() {
-    docker_test(async {
-        let run = TestRun::new();
-        let (executor, _metrics) = executor(None).await;
+    with_executor(async |run, executor| {
         let spec = spec(run.executable(&exit_3_after("300")));
         let started = executor.start(&spec).await.unwrap();
         expect_exit_3(&started).await;
-        executor.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn out_of_memory_is_reported() {
-    docker_test(async {
-        let run = TestRun::new();
-        let (executor, _metrics) = executor(None).await;
+    with_executor(async |run, executor| {
         let exe = run.executable_with(
             &[],
             serde_json::json!({"resource_limits": {"memory_limit_bytes": 64 * 1024 * 1024}}),
@@ -96,16 +89,13 @@ async fn out_of_memory_is_reported() {
         let _ = reqwest::Client::new().post(url).send().await;
         assert_eq!(started.backend.exited().await, Some(137));
         assert!(started.backend.oom_killed());
-        executor.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn pull_policies() {
-    docker_test(async {
-        let run = TestRun::new();
-        let (executor, _metrics) = executor(None).await;
+    with_executor(async |run, executor| {
         // The local image: found with IfNotPresent and Never, nothing pulled.
         for policy in ["IfNotPresent", "Never"] {
             let exe = run.executable_with(&[], serde_json::json!({"pull_policy": policy}));
@@ -172,15 +162,13 @@ async fn pull_policies() {
         let spec = spec(exe);
         assert!(executor.start(&spec).await.is_err());
         assert!(!container_exists(&container_name(&spec.id)));
-        executor.shutdown().await;
     })
-    .await;
+    .await
 }
 
 #[tokio::test]
 async fn mounts_live_under_the_mount_base() {
-    docker_test(async {
-        let run = TestRun::new();
+    with_run(async |run| {
         let base = tempfile::tempdir().unwrap();
         let (executor, _metrics) = executor(Some(base.path().to_path_buf())).await;
         let exe = run.executable_with(&[], serde_json::json!({"mount": "data/custom-mount"}));
@@ -231,10 +219,8 @@ async fn mounts_live_under_the_mount_base() {
 
 #[tokio::test]
 async fn named_network_gives_the_container_address() {
-    docker_test(async {
-        let run = TestRun::new();
+    with_executor(async |run, executor| {
         let network = run.network();
-        let (executor, _metrics) = executor(None).await;
         let exe = run.executable_with(&[], serde_json::json!({"network_name": network}));
         let started = executor.start(&spec(exe)).await.unwrap();
         // Not published: the address is the container's own on that network.
@@ -250,15 +236,13 @@ async fn named_network_gives_the_container_address() {
         get_json(started.address, "/env").await;
         signal(&started, TerminationKind::Soft).await;
         assert_eq!(started.backend.exited().await, Some(0));
-        executor.shutdown().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn metrics_report_memory_in_use() {
-    docker_test(async {
-        let run = TestRun::new();
+    with_run(async |run| {
         let (executor, mut metrics) = executor(None).await;
         let spec = spec(run.executable(&[]));
         let started = executor.start(&spec).await.unwrap();
@@ -289,12 +273,9 @@ async fn metrics_report_memory_in_use() {
 
 #[tokio::test]
 async fn restarted_executor_readopts_running_and_reports_stopped_containers() {
-    docker_test(async {
-        let run = TestRun::new();
-        let drone = DroneName::random();
-        let (first, _metrics) = executor_for(&drone, None).await;
+    with_first_executor(async |run, drone, first| {
+        let stopped = spec(run.executable(IGNORING_SIGTERM));
         let running = spec(run.executable(&[]));
-        let stopped = spec(run.executable(&[("TEST_BACKEND_SIGTERM", "ignore")]));
         let a = first.start(&running).await.unwrap();
         let b = first.start(&stopped).await.unwrap();
         get_json(a.address, "/env").await;
@@ -307,7 +288,7 @@ async fn restarted_executor_readopts_running_and_reports_stopped_containers() {
         // One of them is killed while nobody watches.
         docker(&["kill", &container_name(&stopped.id)]).unwrap();
 
-        let (second, _metrics) = executor_for(&drone, None).await;
+        let (second, _metrics) = executor_for(drone, None).await;
         let Reattached::Running(adopted) =
             second.reattach(&running.id, Some(&record)).await.unwrap()
         else {
@@ -347,10 +328,7 @@ async fn restarted_executor_readopts_running_and_reports_stopped_containers() {
 
 #[tokio::test]
 async fn orphans_and_old_stopped_containers_are_removed() {
-    docker_test(async {
-        let run = TestRun::new();
-        let drone = DroneName::random();
-        let (first, _metrics) = executor_for(&drone, None).await;
+    with_first_executor(async |run, drone, first| {
         let kept = spec(run.executable(&[]));
         let orphan = spec(run.executable(&[]));
         let kept_started = first.start(&kept).await.unwrap();
@@ -385,7 +363,7 @@ async fn orphans_and_old_stopped_containers_are_removed() {
         ])
         .unwrap();
 
-        let (second, _metrics) = executor_for(&drone, None).await;
+        let (second, _metrics) = executor_for(drone, None).await;
         let Reattached::Running(adopted) = second.reattach(&kept.id, None).await.unwrap() else {
             panic!("not re-adopted")
         };
