@@ -153,8 +153,7 @@ async fn revoke_pushes_tokens_revoked_to_proxies() {
 /// another backend. A ready backend whose lease has run out has no route.
 #[tokio::test]
 async fn routes_and_keepalive_answers_carry_the_key_lease() {
-    timed(async {
-        let (ctl, mut drone, mut proxy, connected) = drone_proxy_and_backend("lease").await;
+    with_drone_proxy_and_backend("lease", async |ctl, mut drone, mut proxy, connected| {
         drone.make_ready(&connected.backend_id).await;
         let route = proxy.route(&connected.token).await.expect("a route");
         let left = route
@@ -185,7 +184,6 @@ async fn routes_and_keepalive_answers_carry_the_key_lease() {
 
         ctl.advance_clock(KEY_LEASE + Duration::from_secs(1)).await;
         assert_eq!(proxy.route(&connected.token).await, None);
-        ctl.shutdown().await;
     })
     .await
 }
