@@ -40,6 +40,7 @@ use hangar_store::Store;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use url::Url;
 
 /// A running controller.
@@ -72,6 +73,20 @@ impl ControllerHandle {
         self.state.tracker.wait().await;
         tracing::info!(controller = %self.state.config.name, "Controller stopped");
     }
+}
+
+/// Serves `app` on `listener` with the connection limits of `config` (request-head timeout, idle
+/// timeout, connection cap, header size) until `cancel` fires, as the controller's own API listener
+/// does. For answering on the controller's port before the controller runs (the `503` of a controller
+/// waiting for its database), so that no listener of the process is without limits.
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    app: axum::Router,
+    config: &ControllerConfig,
+    cancel: CancellationToken,
+) {
+    let limits = listener::ListenerLimits::from_config(config);
+    listener::run_api_listener(listener, app, limits, cancel).await;
 }
 
 /// Starts the controller on an already-bound `listener`: records its heartbeat, then serves the API

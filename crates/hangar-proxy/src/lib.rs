@@ -177,7 +177,6 @@ pub async fn start_with_listeners(
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.upstream_connect_timeout));
     connector.set_nodelay(true);
-    // The timer lets the pool close idle upstream connections (after 90 s by default).
 
     let config_max_connections = config.max_connections;
     let cancel = CancellationToken::new();
@@ -185,6 +184,7 @@ pub async fn start_with_listeners(
     let going_away = cancel.child_token();
     let tasks = TaskTracker::new();
     let upstream = upstream::Upstream {
+        // The timer lets the pool close idle upstream connections (after 90 s by default).
         pool: Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .build(connector),

@@ -61,7 +61,7 @@ mod tests {
     #[test]
     fn deadlines_are_ordered() {
         assert!(RELEASE_PING_TIMEOUT < RELEASE_CHECK_WINDOW);
-        assert!(Duration::from_secs(10) < STORE_CALL_DEADLINE); // the pool's acquire timeout
+        assert!(crate::postgres::ACQUIRE_TIMEOUT < STORE_CALL_DEADLINE);
     }
 
     #[test]

@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 /// Connections per store (one of them is held by the event listener).
 const POOL_SIZE: u32 = 20;
 /// How long an operation waits for a free connection before failing with `PoolTimedOut` (retryable).
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Applies the schema migrations to the database at `url` (`hangar migrate --db URL`). Safe to run
 /// while controllers are connected: sqlx serializes concurrent migrators with an advisory lock.

@@ -152,7 +152,8 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let setup = args.resolve()?;
     let listener = bind_listener(setup.listen, "controller", "--port").await?;
     let mut signals = StopSignals::install()?;
-    let Some((store, listener)) = open_store_waiting(&setup.db, listener, &mut signals).await?
+    let Some((store, listener)) =
+        open_store_waiting(&setup.db, listener, &setup.config, &mut signals).await?
     else {
         return Ok(ExitCode::SUCCESS);
     };

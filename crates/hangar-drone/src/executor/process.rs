@@ -428,7 +428,6 @@ fn free_port() -> Result<u16, ExecutorError> {
         .port())
 }
 
-/// Start time (clock ticks after boot) of a live process, from `/proc/<pid>/stat` (Linux only).
 /// Kills the processes left in `backend`'s process group `pgid` after its main process is gone.
 /// Only those whose environment names the backend: a group id reused by an unrelated process is
 /// never touched. Returns how many were signalled.
@@ -468,17 +467,21 @@ fn kill_group_leftovers(backend: &BackendId, pgid: u32) -> usize {
 
 /// The process group of `pid` (`/proc/<pid>/stat`, field 5).
 fn process_group(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(5 - 3)?.parse().ok()
+    stat_field(pid, 5)
 }
 
+/// Start time (clock ticks after boot) of a live process (`/proc/<pid>/stat`, field 22; Linux only).
 fn process_start_time(pid: u32) -> Option<u64> {
+    stat_field(pid, 22)
+}
+
+/// Field `n` (1-based, as in proc(5)) of `/proc/<pid>/stat`, for a field after the command name.
+fn stat_field<T: std::str::FromStr>(pid: u32, n: usize) -> Option<T> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: fields after the last `)`.
+    // The command name (field 2) may contain spaces and parentheses: fields after the last `)`,
+    // which start at field 3 (state).
     let rest = &stat[stat.rfind(')')? + 1..];
-    // `rest` starts at field 3 (state); start time is field 22.
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 #[cfg(test)]

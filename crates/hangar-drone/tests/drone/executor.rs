@@ -7,13 +7,16 @@ use crate::probe::{
 use hangar_drone::executor::{
     BackendSpec, Executor, ExecutorError, ProcessExecutor, Reattached, Started,
 };
-use hangar_test_support::IGNORING_SIGTERM;
+use hangar_test_support::{eventually_within, IGNORING_SIGTERM};
 use hangar_types::executable::{Executable, ProcessExecutable};
 use hangar_types::TerminationKind;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
-use tokio::time::{timeout, Instant};
+use tokio::time::timeout;
+
+/// How long a backend's child may take to start, or to die once killed.
+const LEFTOVER_WAIT: Duration = Duration::from_secs(10);
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -117,13 +120,16 @@ async fn signal_exit_of_a_shell_and_its_children() {
             .unwrap();
         signal(&started, TerminationKind::Hard).await;
         assert_eq!(started.backend.exited().await, Some(137));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), None).is_ok()
-            && !is_zombie(child)
-        {
-            assert!(Instant::now() < deadline, "the backend's child survived");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually_within(
+            LEFTOVER_WAIT,
+            "the backend's child to be killed",
+            || async {
+                let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), None).is_ok()
+                    && !is_zombie(child);
+                (!alive).then_some(())
+            },
+        )
+        .await;
     })
     .await
 }
@@ -228,22 +234,14 @@ async fn leftovers_of_a_dead_backends_group_are_killed_by_its_record() {
             .unwrap()
             .parse()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let child = loop {
-            let found = std::fs::read_dir("/proc")
+        let child = eventually_within(LEFTOVER_WAIT, "the backend's child to start", || async {
+            std::fs::read_dir("/proc")
                 .unwrap()
                 .flatten()
                 .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .find(|pid| *pid != pgid && state_and_group(*pid).map(|(_, g)| g) == Some(pgid));
-            if let Some(pid) = found {
-                break pid;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the backend's child never started"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+                .find(|pid| *pid != pgid && state_and_group(*pid).map(|(_, g)| g) == Some(pgid))
+        })
+        .await;
         // The drone (and with it the main process) dies; the child lives on in the group.
         main.kill().unwrap();
         main.wait().unwrap();
@@ -261,11 +259,10 @@ async fn leftovers_of_a_dead_backends_group_are_killed_by_its_record() {
         let restarted = process_executor();
         let adopted = restarted.reattach(&spec.id, Some(&record)).await.unwrap();
         assert!(matches!(adopted, Reattached::Gone));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(state_and_group(child), Some((s, _)) if s != 'Z') {
-            assert!(Instant::now() < deadline, "the leftover child still runs");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually_within(LEFTOVER_WAIT, "the leftover child to be killed", || async {
+            (!matches!(state_and_group(child), Some((s, _)) if s != 'Z')).then_some(())
+        })
+        .await;
         stranger.shutdown().await;
         restarted.shutdown().await;
     })

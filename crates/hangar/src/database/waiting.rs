@@ -15,12 +15,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use hangar_client::backoff::Backoff;
+use hangar_controller::ControllerConfig;
 use hangar_store::StoreError;
 use hangar_types::api::{ApiError, ApiErrorKind};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Longest one attempt to open the store may take: connecting is bounded by the store (10 s), but
 /// migrating over a link that swallows packets is not.
@@ -33,6 +34,7 @@ const RESPONDER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn open_store_waiting(
     db: &Database,
     listener: TcpListener,
+    config: &ControllerConfig,
     signals: &mut StopSignals,
 ) -> anyhow::Result<Option<(OpenStore, TcpListener)>> {
     let mut responder: Option<Responder> = None;
@@ -56,7 +58,7 @@ pub async fn open_store_waiting(
             ),
         };
         if responder.is_none() {
-            responder = Some(Responder::start(&listener)?);
+            responder = Some(Responder::start(&listener, config)?);
         }
         let delay = backoff.next_delay();
         tracing::warn!(
@@ -90,35 +92,29 @@ fn worth_waiting(db: &Database, error: &anyhow::Error) -> bool {
             .is_some_and(StoreError::is_retryable)
 }
 
-/// Answers every request with `503` on a second handle of the controller's listening socket.
+/// Answers every request with `503` on a second handle of the controller's listening socket, with
+/// the controller's own listener limits ([`hangar_controller::serve_with_limits`]).
 struct Responder {
-    stop: oneshot::Sender<()>,
+    stop: CancellationToken,
     served: JoinHandle<()>,
 }
 
 impl Responder {
-    fn start(listener: &TcpListener) -> anyhow::Result<Responder> {
+    fn start(listener: &TcpListener, config: &ControllerConfig) -> anyhow::Result<Responder> {
         let second = second_handle(listener).context("sharing the listening socket")?;
-        let (stop, stopped) = oneshot::channel::<()>();
+        let stop = CancellationToken::new();
         let app = Router::new().fallback(unavailable);
-        let served = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            if let Err(error) = axum::serve(second, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::warn!(%error, "The 503 responder stopped");
-            }
+        let served = tokio::spawn({
+            let (config, stop) = (config.clone(), stop.clone());
+            async move { hangar_controller::serve_with_limits(second, app, &config, stop).await }
         });
         Ok(Responder { stop, served })
     }
 
-    /// Stops accepting at once (axum drops its handle of the socket), then waits a little for the
-    /// requests being answered.
+    /// Stops accepting at once (the responder drops its handle of the socket), then waits a little
+    /// for the requests being answered; slower connections end by the listener's own timeouts.
     async fn stop(self) {
-        let _ = self.stop.send(());
+        self.stop.cancel();
         let _ = tokio::time::timeout(RESPONDER_STOP_TIMEOUT, self.served).await;
     }
 }
