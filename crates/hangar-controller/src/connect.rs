@@ -8,7 +8,9 @@
 
 use crate::api::AppState;
 use crate::scheduler;
-use hangar_store::{Acquire, BackendRow, KeyLookup, KeyRef, NewBackend, NewToken, StoreError};
+use hangar_store::{
+    Acquire, BackendRow, KeyLookup, KeyRef, KeyReuse, NewBackend, NewToken, Reuse, StoreError,
+};
 use hangar_types::api::{connection_url, ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig};
 use hangar_types::names::{validate_key_text, validate_subdomain};
 use hangar_types::protocol::KeyDeadlines;
@@ -122,8 +124,15 @@ async fn connect_once(
 ) -> Result<ConnectResponse, ConnectError> {
     let key = match &request.key {
         Some(key) => {
-            let key_ref = KeyRef::from(key);
-            match state.store.key_lookup(&key_ref).await? {
+            let reuse = key_reuse(request, key);
+            let key_ref = reuse.key.clone();
+            let issued = (reuse.token.clone(), reuse.secret.clone());
+            let lookup = match state.store.reuse_key(reuse).await? {
+                Reuse::Reused { backend } => return Ok(reused(state, backend, issued)),
+                Reuse::NotReused(lookup) => lookup,
+            };
+            match lookup {
+                // Refused by the store's checks, which `reuse_backend` repeats for the error.
                 KeyLookup::Live { tag, backend } => {
                     return reuse_backend(state, request, key, &tag, backend).await;
                 }
@@ -160,7 +169,35 @@ async fn connect_once(
     spawn_backend(state, request, key, spawn).await
 }
 
-/// Returns the backend that holds the key.
+/// A connect's reuse of the key's holder, with a new dynamic token for this request's user.
+fn key_reuse(request: &ConnectRequest, key: &KeyConfig) -> KeyReuse {
+    KeyReuse {
+        key: KeyRef::from(key),
+        tag: key.tag.clone(),
+        token: ConnectionToken::random(),
+        secret: SecretToken::random(),
+        user: request.user.clone(),
+        auth: request.auth.clone(),
+        lifetime: TOKEN_LIFETIME,
+    }
+}
+
+/// The answer for a key's holder reused by the store ([`hangar_store::Store::reuse_key`]): its static
+/// token, or the dynamic token the store inserted.
+fn reused(
+    state: &AppState,
+    backend: BackendRow,
+    (token, secret): (ConnectionToken, SecretToken),
+) -> ConnectResponse {
+    let issued = match backend.static_token.clone() {
+        Some(token) => (token, None),
+        None => (token, Some(secret)),
+    };
+    respond(state, backend, false, issued)
+}
+
+/// Returns the backend that holds the key (after the store refused to reuse it: this reports why, and
+/// issues a token by itself if the store's checks and these ever disagree).
 ///
 /// Deviation from Plane (quirk 26): Plane returns the holder even when it is already terminating, so
 /// the client gets a URL to a backend that is about to disappear. We refuse with 409 `KeyHeld` instead:
@@ -263,9 +300,18 @@ async fn backend_response(
     backend: BackendRow,
     claimed: bool,
 ) -> Result<ConnectResponse, ConnectError> {
-    let (token, secret_token) =
-        issue_token(state, request, &backend.id, backend.static_token).await?;
-    Ok(ConnectResponse {
+    let issued = issue_token(state, request, &backend.id, backend.static_token.clone()).await?;
+    Ok(respond(state, backend, claimed, issued))
+}
+
+/// The answer for an existing backend, with the token issued for this request.
+fn respond(
+    state: &AppState,
+    backend: BackendRow,
+    claimed: bool,
+    (token, secret_token): (ConnectionToken, Option<SecretToken>),
+) -> ConnectResponse {
+    ConnectResponse {
         url: connection_url(&backend.cluster, backend.subdomain.as_deref(), &token),
         status_url: state.status_url(&backend.id),
         backend_id: backend.id,
@@ -276,7 +322,7 @@ async fn backend_response(
         secret_token,
         drone: claimed.then_some(backend.drone),
         warm: claimed,
-    })
+    }
 }
 
 /// The backend's static token (no secret), or a new dynamic token for this request's user.

@@ -16,7 +16,7 @@
 use crate::deadline::STORE_CALL_DEADLINE;
 use crate::events::{EventBus, StoreEvent};
 use crate::group_commit::GroupCommit;
-use crate::model::NewToken;
+use crate::model::{KeyReuse, NewToken, Reuse};
 use crate::{StoreError, StoreResult};
 use hangar_types::timing::KEY_LEASE;
 use hangar_types::{BackendId, BackendState, Millis};
@@ -57,6 +57,8 @@ pub struct Spelling {
     pub json_texts: &'static str,
     /// Whether `{lock:…}` clauses are kept.
     pub row_locks: bool,
+    /// Whether a `WITH` clause may hold an `INSERT` (PostgreSQL's data-modifying CTEs).
+    pub modifying_ctes: bool,
 }
 
 /// A reading of the store clock.
@@ -137,6 +139,8 @@ pub struct SqlStore<D: Dialect> {
     call_deadline_ms: AtomicU64,
     /// Connection tokens waiting to be inserted together.
     pub(crate) tokens: GroupCommit<NewToken>,
+    /// Reconnects waiting to be looked up and answered together ([`crate::Store::reuse_key`]).
+    pub(crate) reuses: GroupCommit<KeyReuse, Reuse>,
 }
 
 impl<D: Dialect> SqlStore<D> {
@@ -156,6 +160,7 @@ impl<D: Dialect> SqlStore<D> {
             key_lease_ms: AtomicI64::new(millis_of(KEY_LEASE)),
             call_deadline_ms: AtomicU64::new(millis_of(STORE_CALL_DEADLINE).unsigned_abs()),
             tokens: GroupCommit::default(),
+            reuses: GroupCommit::default(),
         }
     }
 

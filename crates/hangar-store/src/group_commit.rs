@@ -1,6 +1,7 @@
-//! Group commit: writes that many callers make at once (a connection token per connect call) are
-//! gathered and written by one statement, so concurrent callers share one round trip and one commit
-//! (on PostgreSQL one WAL flush; on SQLite one turn of the single writer connection).
+//! Group commit: writes that many callers make at once (a connection token per connect call, a
+//! reconnect's key lookup and token) are gathered and written by one statement, so concurrent callers
+//! share one round trip and one commit (on PostgreSQL one WAL flush; on SQLite one turn of the single
+//! writer connection). Each caller gets its own answer (`R`; `()` for a plain write).
 //!
 //! Leader and followers, no task of its own: a caller queues its row, then waits for the flush lock;
 //! whoever holds the lock takes every queued row (its own and those queued meanwhile) and writes them.
@@ -14,6 +15,7 @@
 
 use crate::{StoreError, StoreResult};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
 use tokio::sync::oneshot;
 
@@ -21,16 +23,16 @@ use tokio::sync::oneshot;
 pub const MAX_BATCH: usize = 64;
 
 /// A row waiting to be written, and where its outcome goes.
-pub type Pending<T> = (T, oneshot::Sender<StoreResult<()>>);
+pub type Pending<T, R = ()> = (T, oneshot::Sender<StoreResult<R>>);
 
 /// The queue and flush lock of one kind of row.
 #[derive(Debug)]
-pub struct GroupCommit<T> {
-    queue: Mutex<Vec<Pending<T>>>,
+pub struct GroupCommit<T, R = ()> {
+    queue: Mutex<Vec<Pending<T, R>>>,
     flush: tokio::sync::Mutex<()>,
 }
 
-impl<T> Default for GroupCommit<T> {
+impl<T, R> Default for GroupCommit<T, R> {
     fn default() -> Self {
         GroupCommit {
             queue: Mutex::new(Vec::new()),
@@ -39,12 +41,12 @@ impl<T> Default for GroupCommit<T> {
     }
 }
 
-impl<T> GroupCommit<T> {
+impl<T, R> GroupCommit<T, R> {
     /// Writes `row` together with the rows queued beside it. `write` writes a batch of at most
     /// [`MAX_BATCH`] rows and answers each of them.
-    pub async fn write<F, Fut>(&self, row: T, write: F) -> StoreResult<()>
+    pub async fn write<F, Fut>(&self, row: T, write: F) -> StoreResult<R>
     where
-        F: Fn(Vec<Pending<T>>) -> Fut,
+        F: Fn(Vec<Pending<T, R>>) -> Fut,
         Fut: Future<Output = ()>,
     {
         let (done, mut outcome) = oneshot::channel();
@@ -71,10 +73,51 @@ impl<T> GroupCommit<T> {
         }
     }
 
-    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Pending<T>>> {
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Pending<T, R>>> {
         // Nothing panics while holding it (push and drain), so a poisoned lock still holds a sound queue.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The answers of one call of an [`all_or_each`] writer: an error if it wrote nothing, else one answer
+/// per row, in the order of the rows.
+pub type Answers<'a, R> =
+    Pin<Box<dyn Future<Output = StoreResult<Vec<StoreResult<R>>>> + Send + 'a>>;
+
+/// Answers `batch` with one call of `write` for all its rows; if that call fails, calls `write` for
+/// each row alone, so that one bad row fails only its own caller. `write` must be all or nothing when
+/// it fails (one statement, or nothing written before the failure).
+pub async fn all_or_each<C, T, R>(
+    context: &C,
+    batch: Vec<Pending<T, R>>,
+    write: impl for<'a> Fn(&'a C, Vec<&'a T>) -> Answers<'a, R>,
+) {
+    if batch.len() > 1 {
+        let rows: Vec<&T> = batch.iter().map(|(row, _)| row).collect();
+        let outcome = write(context, rows).await;
+        if let Ok(answers) = outcome {
+            let mut answers = answers.into_iter();
+            for (_, done) in batch {
+                let _ = done.send(answers.next().unwrap_or_else(|| Err(unanswered())));
+            }
+            return;
+        }
+    }
+    for (row, done) in batch {
+        let answer = match write(context, vec![&row]).await {
+            Ok(answers) => answers
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| Err(unanswered())),
+            Err(e) => Err(e),
+        };
+        let _ = done.send(answer);
+    }
+}
+
+/// A `write` that returned fewer answers than rows: a bug, reported to the callers left without one.
+fn unanswered() -> StoreError {
+    StoreError::Corrupt("a batched write returned fewer answers than rows".into())
 }
 
 /// The outcome of a row whose flush was dropped before it answered: retryable, as a lost connection is.

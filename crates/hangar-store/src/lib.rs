@@ -395,6 +395,16 @@ pub trait Store: Send + Sync + 'static {
         cluster: &ClusterName,
         drone: &DroneName,
     ) -> StoreResult<Option<DroneController>>;
+
+    // ---- reconnect -----------------------------------------------------------------------------
+
+    /// A connect's reuse of the key's holder, as one call: looks the key up and, if it is live, held
+    /// under `reuse.tag`, and its backend is neither terminating nor terminated, inserts the connection
+    /// token for that backend (nothing if the backend has a static token). Otherwise writes nothing and
+    /// answers what [`Store::key_lookup`] answers. The token row is the one [`Store::insert_token`]
+    /// writes. Group-committed: concurrent calls share one statement on PostgreSQL and one turn of
+    /// the single writer on SQLite.
+    async fn reuse_key(&self, reuse: KeyReuse) -> StoreResult<Reuse>;
 }
 
 /// ACME HTTP-01 challenge answers older than this are deleted by [`Store::cleanup`]: an ACME order

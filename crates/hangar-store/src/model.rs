@@ -334,3 +334,46 @@ pub enum WarmClaimOutcome {
     /// The key was taken concurrently.
     KeyHeld,
 }
+
+/// A connect for a key that asks to reuse the key's holder ([`crate::Store::reuse_key`]), with the
+/// dynamic connection token to issue if it does.
+#[derive(Debug, Clone)]
+pub struct KeyReuse {
+    pub key: KeyRef,
+    /// The connect's tag: the holder is reused only under the same tag.
+    pub tag: String,
+    pub token: ConnectionToken,
+    pub secret: SecretToken,
+    pub user: Option<String>,
+    pub auth: serde_json::Map<String, serde_json::Value>,
+    /// Token lifetime from store now.
+    pub lifetime: Duration,
+}
+
+impl KeyReuse {
+    /// The token row this reuse inserts for `backend`.
+    pub fn token_for(&self, backend: BackendId) -> NewToken {
+        NewToken {
+            token: self.token.clone(),
+            backend,
+            secret: self.secret.clone(),
+            user: self.user.clone(),
+            auth: self.auth.clone(),
+            lifetime: self.lifetime,
+        }
+    }
+}
+
+/// The outcome of [`crate::Store::reuse_key`].
+// Short-lived (one per call), as `KeyLookup`.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reuse {
+    /// The key is live, held under the same tag by a backend that is neither terminating nor
+    /// terminated: the token was inserted for it, unless it has a static token (which then is the
+    /// connect's token and nothing was written).
+    Reused { backend: BackendRow },
+    /// Nothing was written; what [`crate::Store::key_lookup`] answers for the key: missing, expired,
+    /// or held under another tag or by a backend that is shutting down.
+    NotReused(KeyLookup),
+}

@@ -190,6 +190,7 @@ impl Dialect for PostgresDialect {
         greatest: "GREATEST",
         json_texts: "jsonb_array_elements_text",
         row_locks: true,
+        modifying_ctes: true,
     };
 
     fn clock(&self, offset_ms: i64) -> Clock {

@@ -104,6 +104,7 @@ impl Dialect for SqliteDialect {
         greatest: "MAX",
         json_texts: "json_each",
         row_locks: false,
+        modifying_ctes: false,
     };
 
     async fn relay(&self, _: &mut SqliteConnection, _: &[Announced]) -> StoreResult<()> {

@@ -141,6 +141,9 @@ macro_rules! all_store_tests {
             dynamic_token_resolution_follows_status,
             token_expiry_and_revocation,
             static_token_resolution,
+            reuse_key_reuses_only_a_live_holder,
+            reuse_key_of_a_static_token_backend_writes_nothing,
+            concurrent_reuses_are_answered_each,
             pending_actions_and_ack,
             sweep_idle_backends,
             sweep_lifetime_limit,
@@ -975,6 +978,198 @@ mod suite {
             store.resolve_token(&token).await.unwrap(),
             TokenLookup::NotFound
         );
+    }
+
+    fn key_reuse(key: &KeyConfig, user: Option<&str>, auth: serde_json::Value) -> KeyReuse {
+        KeyReuse {
+            key: KeyRef::from(key),
+            tag: key.tag.clone(),
+            token: ConnectionToken::random(),
+            secret: SecretToken::random(),
+            user: user.map(str::to_string),
+            auth: auth.as_object().cloned().unwrap_or_default(),
+            lifetime: Duration::from_secs(3600),
+        }
+    }
+
+    /// `reuse_key` answers as `key_lookup` does and inserts its token only when the key's holder is
+    /// reused: live, same tag, not shutting down, no static token.
+    pub async fn reuse_key_reuses_only_a_live_holder(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let nb = new_backend(drone, "reused");
+        let id = nb.id.clone();
+
+        let missing = key_reuse(&nb.key, Some("alice"), json!({}));
+        assert_eq!(
+            store.reuse_key(missing.clone()).await.unwrap(),
+            Reuse::NotReused(KeyLookup::Missing)
+        );
+        assert_eq!(
+            store.resolve_token(&missing.token).await.unwrap(),
+            TokenLookup::NotFound
+        );
+
+        acquire(store, nb.clone()).await;
+        make_ready(store, &id).await;
+        let live = key_reuse(&nb.key, Some("alice"), json!({"role": "admin"}));
+        let expected_backend = match store.key_lookup(&KeyRef::from(&nb.key)).await.unwrap() {
+            KeyLookup::Live { backend, .. } => backend,
+            other => panic!("expected Live, got {other:?}"),
+        };
+        assert_eq!(
+            store.reuse_key(live.clone()).await.unwrap(),
+            Reuse::Reused {
+                backend: expected_backend
+            }
+        );
+        // The token row is the one `insert_token` writes.
+        match store.resolve_token(&live.token).await.unwrap() {
+            TokenLookup::Ready(route) => {
+                assert_eq!(route.backend_id, id);
+                assert_eq!(route.secret_token, live.secret);
+                assert_eq!(route.user.as_deref(), Some("alice"));
+                assert_eq!(route.user_data, Some(live.auth.clone()));
+            }
+            other => panic!("expected Ready, got {other:?}"),
+        }
+        assert_eq!(
+            store.revoke_tokens(&id, "alice").await.unwrap(),
+            vec![live.token.clone()]
+        );
+
+        let mut other_tag = key_reuse(&nb.key, Some("erin"), json!({}));
+        other_tag.tag = "t2".into();
+        match store.reuse_key(other_tag.clone()).await.unwrap() {
+            Reuse::NotReused(KeyLookup::Live { tag, backend }) => {
+                assert_eq!(tag, "t1");
+                assert_eq!(backend.id, id);
+            }
+            other => panic!("expected a refused live key, got {other:?}"),
+        }
+        assert!(store.revoke_tokens(&id, "erin").await.unwrap().is_empty());
+
+        // A token that expires is given its lifetime from store now.
+        let mut short = key_reuse(&nb.key, None, json!({}));
+        short.lifetime = Duration::from_secs(10);
+        assert!(matches!(
+            store.reuse_key(short.clone()).await.unwrap(),
+            Reuse::Reused { .. }
+        ));
+        h.advance(Duration::from_secs(11));
+        assert!(store.renew_key(&id).await.unwrap());
+        assert_eq!(
+            store.resolve_token(&short.token).await.unwrap(),
+            TokenLookup::NotFound
+        );
+
+        h.advance(KEY_LEASE + Duration::from_secs(1));
+        let expired = key_reuse(&nb.key, Some("frank"), json!({}));
+        match store.reuse_key(expired.clone()).await.unwrap() {
+            Reuse::NotReused(KeyLookup::Expired { backend }) => assert_eq!(backend.id, id),
+            other => panic!("expected Expired, got {other:?}"),
+        }
+        assert!(store.revoke_tokens(&id, "frank").await.unwrap().is_empty());
+        assert!(store.renew_key(&id).await.unwrap());
+
+        record(store, &id, terminating()).await;
+        let shutting_down = key_reuse(&nb.key, Some("dave"), json!({}));
+        match store.reuse_key(shutting_down.clone()).await.unwrap() {
+            Reuse::NotReused(KeyLookup::Live { tag, backend }) => {
+                assert_eq!(tag, "t1");
+                assert_eq!(backend.state.status(), BackendStatus::Terminating);
+            }
+            other => panic!("expected a refused live key, got {other:?}"),
+        }
+        assert!(store.revoke_tokens(&id, "dave").await.unwrap().is_empty());
+        terminate(store, &id).await;
+        assert_eq!(
+            store.reuse_key(shutting_down.clone()).await.unwrap(),
+            Reuse::NotReused(KeyLookup::Missing)
+        );
+        assert!(store.revoke_tokens(&id, "dave").await.unwrap().is_empty());
+    }
+
+    /// A backend with a static token is reused without a token row.
+    pub async fn reuse_key_of_a_static_token_backend_writes_nothing(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let mut nb = new_backend(drone, "static-reuse");
+        let static_token = ConnectionToken::random_static();
+        nb.static_token = Some(static_token.clone());
+        acquire(store, nb.clone()).await;
+        let reuse = key_reuse(&nb.key, Some("bob"), json!({}));
+        match store.reuse_key(reuse.clone()).await.unwrap() {
+            Reuse::Reused { backend } => {
+                assert_eq!(backend.id, nb.id);
+                assert_eq!(backend.static_token, Some(static_token));
+            }
+            other => panic!("expected Reused, got {other:?}"),
+        }
+        assert_eq!(
+            store.resolve_token(&reuse.token).await.unwrap(),
+            TokenLookup::NotFound
+        );
+        assert!(store.revoke_tokens(&nb.id, "bob").await.unwrap().is_empty());
+    }
+
+    /// Concurrent reuses of several keys (held, held under another tag, missing) each get their own
+    /// answer, whichever of them were answered together.
+    pub async fn concurrent_reuses_are_answered_each(h: Harness) {
+        let drone = ready_drone(&*h.store, "dr-one", "").await;
+        let mut held = Vec::new();
+        for i in 0..4 {
+            let nb = new_backend(drone, &format!("many-{i}"));
+            acquire(&*h.store, nb.clone()).await;
+            held.push(nb);
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for round in 0..12 {
+            let nb = held[round % held.len()].clone();
+            let mut reuse = key_reuse(&nb.key, Some("carol"), json!({ "round": round }));
+            // Rounds 3, 7 and 11 ask for a key nobody holds; 2, 5 and 8 under another tag.
+            let expect = if round % 4 == 3 {
+                reuse.key.name = format!("nobody-{round}");
+                "missing"
+            } else if round % 3 == 2 {
+                reuse.tag = "other".into();
+                "refused"
+            } else {
+                "reused"
+            };
+            let store = h.store.clone();
+            tasks.spawn(async move {
+                let answer = store.reuse_key(reuse.clone()).await.unwrap();
+                let resolved = store.resolve_token(&reuse.token).await.unwrap();
+                (expect, nb.id, reuse, answer, resolved)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (expect, id, reuse, answer, resolved) = joined.unwrap();
+            match (expect, answer) {
+                ("reused", Reuse::Reused { backend }) => {
+                    assert_eq!(backend.id, id);
+                    match resolved {
+                        TokenLookup::Pending { backend } => assert_eq!(backend, id),
+                        other => panic!("expected the token to resolve, got {other:?}"),
+                    }
+                }
+                ("refused", Reuse::NotReused(KeyLookup::Live { backend, .. })) => {
+                    assert_eq!(backend.id, id);
+                    assert_eq!(resolved, TokenLookup::NotFound);
+                }
+                ("missing", Reuse::NotReused(KeyLookup::Missing)) => {
+                    assert_eq!(resolved, TokenLookup::NotFound);
+                }
+                (expect, answer) => panic!("{:?}: expected {expect}, got {answer:?}", reuse.key),
+            }
+        }
+        // 6 of the 12 reused: rounds 0, 1, 4, 6, 9 and 10.
+        let mut revoked = 0;
+        for nb in &held {
+            revoked += h.store.revoke_tokens(&nb.id, "carol").await.unwrap().len();
+        }
+        assert_eq!(revoked, 6);
     }
 
     // ---- actions and sweeps --------------------------------------------------------------------

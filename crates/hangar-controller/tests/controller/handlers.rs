@@ -222,6 +222,16 @@ async fn connect_spawns_a_backend() {
         assert_eq!(again["spawned"], false);
         assert!(again["drone"].is_null());
         assert_ne!(again["token"], body["token"]);
+        // The fresh token is stored for the backend.
+        let fresh = hangar_types::token::ConnectionToken::from_path_segment(
+            again["token"].as_str().unwrap(),
+        );
+        assert_eq!(
+            api.store.resolve_token(&fresh).await.unwrap(),
+            hangar_store::TokenLookup::Pending {
+                backend: id.parse().unwrap()
+            }
+        );
     })
     .await
 }

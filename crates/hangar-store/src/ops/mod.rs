@@ -152,6 +152,7 @@ impl_store! {
     controllers::drone_controller(
         cluster: &ClusterName, drone: &DroneName
     ) -> Option<DroneController>;
+    tokens::reuse_key(reuse: KeyReuse) -> Reuse;
 }
 
 /// The store clock and a health probe.

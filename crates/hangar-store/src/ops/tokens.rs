@@ -1,13 +1,12 @@
 //! Connection tokens: dynamic tokens (one row each, expiring) and static tokens (on the backend row),
 //! and their resolution to routes.
 
-use super::rows::{json, parse, parsed, Row};
-use super::D;
-use super::{commit, S};
-use crate::dialect::{millis_of, render};
+use super::rows::{backend_row, json, parse, parsed, Row, BACKEND_COLUMNS};
+use super::{commit, Db, D, S};
+use crate::dialect::{millis_of, render, Dialect};
 use crate::events::StoreEvent;
-use crate::group_commit::Pending;
-use crate::model::{NewToken, TokenLookup};
+use crate::group_commit::{all_or_each, Answers};
+use crate::model::{KeyLookup, KeyReuse, NewToken, Reuse, TokenLookup};
 use crate::{StoreError, StoreResult};
 use hangar_types::protocol::RouteInfo;
 use hangar_types::token::{ConnectionToken, SecretToken};
@@ -20,28 +19,24 @@ use std::net::SocketAddr;
 /// statement. Returns once this token is committed.
 pub(super) async fn insert_token(s: &S, token: NewToken) -> StoreResult<()> {
     s.tokens
-        .write(token, |batch| insert_token_batch(s, batch))
+        .write(token, |batch| all_or_each(s, batch, insert_token_batch))
         .await
 }
 
-/// Inserts `batch` with one statement; if that fails, each token alone, so that a bad token (its
-/// backend deleted meanwhile) fails only its own caller.
-async fn insert_token_batch(s: &S, batch: Vec<Pending<NewToken>>) {
-    if batch.len() > 1 {
-        let tokens: Vec<&NewToken> = batch.iter().map(|(t, _)| t).collect();
-        if insert_tokens(s, &tokens).await.is_ok() {
-            for (_, done) in batch {
-                let _ = done.send(Ok(()));
-            }
-            return;
-        }
-    }
-    for (token, done) in batch {
-        let _ = done.send(insert_tokens(s, &[&token]).await);
-    }
+fn insert_token_batch<'a>(s: &'a S, tokens: Vec<&'a NewToken>) -> Answers<'a, ()> {
+    Box::pin(async move {
+        insert_tokens(&s.writer, s.clock(), &tokens).await?;
+        let answers: Vec<StoreResult<()>> = tokens.iter().map(|_| Ok(())).collect();
+        Ok::<_, StoreError>(answers)
+    })
 }
 
-async fn insert_tokens(s: &S, tokens: &[&NewToken]) -> StoreResult<()> {
+/// Inserts `tokens` with one statement (`$1` is the store clock).
+async fn insert_tokens<'c>(
+    conn: impl sqlx::Executor<'c, Database = Db>,
+    clock: i64,
+    tokens: &[&NewToken],
+) -> StoreResult<()> {
     let mut template = String::from(
         "INSERT INTO token (token, backend_id, secret, username, auth, expires_at) VALUES ",
     );
@@ -60,7 +55,7 @@ async fn insert_tokens(s: &S, tokens: &[&NewToken]) -> StoreResult<()> {
         ));
     }
     let sql = render::<D>(&template);
-    let mut query = sqlx::query(&sql).bind(s.clock());
+    let mut query = sqlx::query(&sql).bind(clock);
     for token in tokens {
         query = query
             .bind(token.token.as_str())
@@ -70,8 +65,139 @@ async fn insert_tokens(s: &S, tokens: &[&NewToken]) -> StoreResult<()> {
             .bind(Json(&token.auth))
             .bind(millis_of(token.lifetime));
     }
-    query.execute(&s.writer).await?;
+    query.execute(conn).await?;
     Ok(())
+}
+
+/// Group-committed like [`insert_token`]: the reuses of concurrent connects are looked up, and their
+/// tokens inserted, together ([`reuse_keys`]).
+pub(super) async fn reuse_key(s: &S, reuse: KeyReuse) -> StoreResult<Reuse> {
+    s.reuses
+        .write(reuse, |batch| all_or_each(s, batch, reuse_batch))
+        .await
+}
+
+fn reuse_batch<'a>(s: &'a S, reuses: Vec<&'a KeyReuse>) -> Answers<'a, Reuse> {
+    Box::pin(reuse_keys(s, reuses))
+}
+
+/// Looks up the keys of `reuses` and inserts the tokens of those that reuse their key's holder, all or
+/// nothing; answers each in order. PostgreSQL: one statement (the insert is a data-modifying `WITH`).
+/// SQLite: the lookup, then one insert, on the single writer connection, so that no other write comes
+/// between them.
+async fn reuse_keys(s: &S, reuses: Vec<&KeyReuse>) -> StoreResult<Vec<StoreResult<Reuse>>> {
+    let clock = s.clock();
+    let found = found_cte(reuses.len());
+    let rows = if D::SPELLING.modifying_ctes {
+        let sql = render::<D>(&format!(
+            "{found}, issued AS (\
+             INSERT INTO token (token, backend_id, secret, username, auth, expires_at) \
+             SELECT r.token, f.id, r.secret, r.username, r.auth, {{now}} + r.lifetime \
+             FROM found f JOIN r ON r.i = f.i WHERE f.reused AND f.static_token IS NULL) \
+             SELECT * FROM found"
+        ));
+        bind_reuses(sqlx::query(&sql), clock, &reuses)
+            .fetch_all(&s.writer)
+            .await?
+    } else {
+        let sql = render::<D>(&format!("{found} SELECT * FROM found"));
+        let mut conn = s.writer.acquire().await?;
+        let rows = bind_reuses(sqlx::query(&sql), clock, &reuses)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut tokens = Vec::new();
+        for row in &rows {
+            if row.try_get::<bool, _>("reused")?
+                && row.try_get::<Option<String>, _>("static_token")?.is_none()
+            {
+                let i = index(row, reuses.len())?;
+                tokens.push(reuses[i].token_for(parsed(row, "id", "backend id")?));
+            }
+        }
+        if !tokens.is_empty() {
+            insert_tokens(&mut *conn, clock, &tokens.iter().collect::<Vec<_>>()).await?;
+        }
+        rows
+    };
+    let mut answers: Vec<StoreResult<Reuse>> = (0..reuses.len())
+        .map(|_| Ok(Reuse::NotReused(KeyLookup::Missing)))
+        .collect();
+    for row in &rows {
+        answers[index(row, reuses.len())?] = reuse_answer(row);
+    }
+    Ok(answers)
+}
+
+/// `WITH r, found`: `r` holds the `n` reuses (bound by [`bind_reuses`]), `found` their keys: per key
+/// that exists, `i` (the reuse's index), `held_tag`, `expired`, `reused` and [`BACKEND_COLUMNS`].
+fn found_cte(n: usize) -> String {
+    let mut values = String::new();
+    for i in 0..n {
+        let p = 2 + 8 * i;
+        if i > 0 {
+            values.push_str(", ");
+        }
+        values.push_str(&format!("({i}, ${p}"));
+        for q in p + 1..p + 8 {
+            values.push_str(&format!(", ${q}"));
+        }
+        values.push(')');
+    }
+    // 60 = terminating: a backend shutting down is not reused.
+    format!(
+        "WITH r (i, namespace, name, tag, token, secret, username, auth, lifetime) AS \
+         (VALUES {values}), \
+         found AS (SELECT r.i, k.tag AS held_tag, k.expires_at <= {{now}} AS expired, \
+         (k.expires_at > {{now}} AND k.tag = r.tag AND b.last_status_number < 60) AS reused, \
+         {BACKEND_COLUMNS} \
+         FROM r JOIN backend_key k ON k.namespace = r.namespace AND k.name = r.name \
+         JOIN backend b ON b.id = k.backend_id JOIN node n ON n.id = b.drone_id)"
+    )
+}
+
+fn bind_reuses<'q>(
+    mut query: sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>>,
+    clock: i64,
+    reuses: &[&'q KeyReuse],
+) -> sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>> {
+    query = query.bind(clock);
+    for &reuse in reuses {
+        query = query
+            .bind(reuse.key.namespace.as_str())
+            .bind(reuse.key.name.as_str())
+            .bind(reuse.tag.as_str())
+            .bind(reuse.token.as_str())
+            .bind(reuse.secret.as_str())
+            .bind(&reuse.user)
+            .bind(Json(&reuse.auth))
+            .bind(millis_of(reuse.lifetime));
+    }
+    query
+}
+
+/// The reuse index `i` of a `found` row.
+fn index(row: &Row, n: usize) -> StoreResult<usize> {
+    let i: i32 = row.try_get("i")?;
+    usize::try_from(i)
+        .ok()
+        .filter(|&i| i < n)
+        .ok_or_else(|| StoreError::Corrupt(format!("reuse index {i} out of 0..{n}")))
+}
+
+/// The answer for a `found` row.
+fn reuse_answer(row: &Row) -> StoreResult<Reuse> {
+    let backend = backend_row(row)?;
+    if row.try_get("reused")? {
+        return Ok(Reuse::Reused { backend });
+    }
+    Ok(Reuse::NotReused(if row.try_get("expired")? {
+        KeyLookup::Expired { backend }
+    } else {
+        KeyLookup::Live {
+            tag: row.try_get("held_tag")?,
+            backend,
+        }
+    }))
 }
 
 pub(super) async fn revoke_tokens(
