@@ -709,6 +709,17 @@ mod suite {
         );
     }
 
+    /// The backend states published so far, in order.
+    fn published_states(
+        events: &mut tokio::sync::broadcast::Receiver<StoreEvent>,
+    ) -> Vec<(BackendId, BackendState)> {
+        let mut published = Vec::new();
+        while let Ok(StoreEvent::BackendState { backend, state, .. }) = events.try_recv() {
+            published.push((backend, state));
+        }
+        published
+    }
+
     pub async fn states_recorded_together_in_order(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
@@ -754,12 +765,8 @@ mod suite {
         assert_eq!(history, expected);
         assert_eq!(store.backend(&a.id).await.unwrap().unwrap().state, ready);
         // Published after the commit, one event per stored state, in order.
-        let mut published = Vec::new();
-        while let Ok(StoreEvent::BackendState { backend, state, .. }) = events.try_recv() {
-            published.push((backend, state));
-        }
         assert_eq!(
-            published,
+            published_states(&mut events),
             [
                 (a.id.clone(), BackendState::Loading),
                 (a.id.clone(), BackendState::Starting),
@@ -1094,12 +1101,8 @@ mod suite {
             ]
         );
         assert!(history.windows(2).all(|w| w[0].1 <= w[1].1));
-        let mut published = Vec::new();
-        while let Ok(StoreEvent::BackendState { backend, state, .. }) = events.try_recv() {
-            published.push((backend, state));
-        }
         assert_eq!(
-            published,
+            published_states(&mut events),
             [
                 (a.id.clone(), BackendState::Loading),
                 (b.id.clone(), BackendState::Starting),
