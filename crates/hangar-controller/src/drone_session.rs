@@ -136,6 +136,14 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
     node_socket::disconnected(state.store.as_ref(), "drone", &name, node, session).await;
 }
 
+/// Action acks and backend events of a drone, stored together.
+#[derive(Default)]
+struct Reports {
+    acks: Vec<ActionId>,
+    /// `(event_id, backend, state)`, in the order received.
+    events: Vec<(i64, BackendId, BackendState)>,
+}
+
 struct DroneSession {
     store: Arc<dyn Store>,
     /// Durations of the key deadlines sent with renewals.
@@ -157,10 +165,11 @@ struct DroneSession {
 }
 
 impl DroneSession {
-    /// Handles a batch of messages in order; a run of backend events in it is recorded in one
-    /// transaction (a drone reporting many backends at once waits for one commit, not one per event).
+    /// Handles a batch of messages in order; a run of backend events and action acks in it is stored
+    /// in one transaction (a drone reporting many backends at once waits for one commit, not one per
+    /// event).
     async fn handle_batch(&self, batch: Vec<DroneToController>) -> Result<(), SessionClosed> {
-        let mut events = Vec::new();
+        let mut reports = Reports::default();
         for message in batch {
             match message {
                 DroneToController::BackendEvent {
@@ -168,28 +177,31 @@ impl DroneSession {
                     backend_id,
                     state,
                     ..
-                } => events.push((event_id, backend_id, state)),
+                } => reports.events.push((event_id, backend_id, state)),
+                DroneToController::AckAction { action_id } => reports.acks.push(action_id),
                 other => {
-                    self.record_events(std::mem::take(&mut events)).await?;
+                    self.record_reports(std::mem::take(&mut reports)).await?;
                     self.handle(other).await?;
                 }
             }
         }
-        self.record_events(events).await
+        self.record_reports(reports).await
     }
 
-    /// Records backend events in order, together; if that fails, one by one, so that one event the
+    /// Stores acks and backend events together; if that fails, one by one, so that one report the
     /// store refuses does not hold back the others.
-    async fn record_events(
-        &self,
-        events: Vec<(i64, BackendId, BackendState)>,
-    ) -> Result<(), SessionClosed> {
-        if events.len() > 1 {
+    async fn record_reports(&self, reports: Reports) -> Result<(), SessionClosed> {
+        let Reports { acks, events } = reports;
+        if acks.len() + events.len() > 1 {
             let states: Vec<(BackendId, BackendState)> = events
                 .iter()
                 .map(|(_, backend, state)| (backend.clone(), state.clone()))
                 .collect();
-            match self.store.record_backend_states(&states).await {
+            match self
+                .store
+                .record_drone_reports(self.node, &acks, &states)
+                .await
+            {
                 Ok(updates) => {
                     for ((event_id, backend, state), update) in events.into_iter().zip(updates) {
                         self.event_recorded(event_id, &backend, &state, update)
@@ -198,9 +210,12 @@ impl DroneSession {
                     return Ok(());
                 }
                 Err(e) => {
-                    tracing::warn!(drone = %self.name, count = states.len(), error = %e, "Failed to record backend states together, recording them one by one");
+                    tracing::warn!(drone = %self.name, acks = acks.len(), events = states.len(), error = %e, "Failed to store a drone's reports together, storing them one by one");
                 }
             }
+        }
+        for action_id in acks {
+            self.ack_action(&action_id).await;
         }
         for (event_id, backend, state) in events {
             match self.store.record_backend_state(&backend, &state).await {
@@ -215,6 +230,13 @@ impl DroneSession {
             }
         }
         Ok(())
+    }
+
+    /// Marks an action acked; on failure the action is resent and the drone acks it again.
+    async fn ack_action(&self, action_id: &ActionId) {
+        if let Err(e) = self.store.ack_action(self.node, action_id).await {
+            tracing::warn!(drone = %self.name, action = %action_id, error = %e, "Failed to ack action");
+        }
     }
 
     /// Counts a stored state and acks the event (stale and unknown ones too, so the outbox drains).
@@ -250,8 +272,11 @@ impl DroneSession {
                 state,
                 ..
             } => {
-                self.record_events(vec![(event_id, backend_id, state)])
-                    .await?
+                let reports = Reports {
+                    acks: Vec::new(),
+                    events: vec![(event_id, backend_id, state)],
+                };
+                self.record_reports(reports).await?
             }
             DroneToController::BackendMetrics {
                 backend_id,
@@ -290,11 +315,7 @@ impl DroneSession {
                 request_id,
                 outcome,
             } => self.claim_hooks.deliver(request_id, outcome),
-            DroneToController::AckAction { action_id } => {
-                if let Err(e) = self.store.ack_action(self.node, &action_id).await {
-                    tracing::warn!(drone = %self.name, action = %action_id, error = %e, "Failed to ack action");
-                }
-            }
+            DroneToController::AckAction { action_id } => self.ack_action(&action_id).await,
             DroneToController::RenewKey {
                 backend,
                 local_time,

@@ -82,6 +82,16 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// What a drone reported together, in one transaction: marks `acks` acked (as
+    /// [`Store::ack_action`]) and records `states` (as [`Store::record_backend_states`]). All or
+    /// nothing: an error stores none of it.
+    async fn record_drone_reports(
+        &self,
+        drone: NodeId,
+        acks: &[hangar_types::ActionId],
+        states: &[(BackendId, BackendState)],
+    ) -> StoreResult<Vec<StateUpdate>>;
+
     /// The store's clock: the only clock the controller trusts for shared decisions.
     async fn now(&self) -> StoreResult<Millis>;
 

@@ -145,6 +145,7 @@ macro_rules! all_store_tests {
             reuse_key_of_a_static_token_backend_writes_nothing,
             concurrent_reuses_are_answered_each,
             pending_actions_and_ack,
+            drone_reports_are_stored_together,
             sweep_idle_backends,
             sweep_lifetime_limit,
             keepalive_reports_known_live_backends,
@@ -711,6 +712,17 @@ mod suite {
         );
     }
 
+    /// The backend states published so far, in order.
+    fn published_states(
+        events: &mut tokio::sync::broadcast::Receiver<StoreEvent>,
+    ) -> Vec<(BackendId, BackendState)> {
+        let mut published = Vec::new();
+        while let Ok(StoreEvent::BackendState { backend, state, .. }) = events.try_recv() {
+            published.push((backend, state));
+        }
+        published
+    }
+
     pub async fn states_recorded_together_in_order(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
@@ -756,12 +768,8 @@ mod suite {
         assert_eq!(history, expected);
         assert_eq!(store.backend(&a.id).await.unwrap().unwrap().state, ready);
         // Published after the commit, one event per stored state, in order.
-        let mut published = Vec::new();
-        while let Ok(StoreEvent::BackendState { backend, state, .. }) = events.try_recv() {
-            published.push((backend, state));
-        }
         assert_eq!(
-            published,
+            published_states(&mut events),
             [
                 (a.id.clone(), BackendState::Loading),
                 (a.id.clone(), BackendState::Starting),
@@ -1224,6 +1232,85 @@ mod suite {
             .await
             .unwrap()
             .is_none());
+    }
+
+    pub async fn drone_reports_are_stored_together(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let other = ready_drone(store, "dr-two", "").await;
+        let (a, b) = (new_backend(drone, "a"), new_backend(drone, "b"));
+        let (_, spawn_a) = acquire(store, a.clone()).await;
+        let (_, spawn_b) = acquire(store, b.clone()).await;
+        let mut events = store.events().subscribe();
+        let ready = BackendState::Ready { address: addr() };
+        let waiting = BackendState::Waiting { address: addr() };
+        let states = [
+            (a.id.clone(), BackendState::Loading),
+            (b.id.clone(), BackendState::Starting),
+            (a.id.clone(), waiting.clone()),
+            (a.id.clone(), ready.clone()),
+            (b.id.clone(), BackendState::Loading),
+        ];
+        // Another drone's ack is ignored, in a batch as alone.
+        let updates = store
+            .record_drone_reports(drone, &[spawn_a.action_id.clone()], &states)
+            .await
+            .unwrap();
+        store
+            .record_drone_reports(other, &[spawn_b.action_id.clone()], &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.pending_actions(drone, 10).await.unwrap(),
+            vec![spawn_b.clone()]
+        );
+        let times: Vec<Option<Millis>> = updates
+            .iter()
+            .map(|u| match u {
+                StateUpdate::Applied { time } => Some(*time),
+                _ => None,
+            })
+            .collect();
+        assert!(times[..4].iter().all(|t| t.is_some()), "{updates:?}");
+        assert_eq!(updates[4], StateUpdate::Stale);
+        // One batch, one time per backend.
+        assert_eq!(times[0], times[2]);
+        assert_eq!(times[0], times[3]);
+        let row = store.backend(&a.id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.state_time),
+            (ready.clone(), times[3].unwrap())
+        );
+        assert_eq!(
+            store.backend(&b.id).await.unwrap().unwrap().state,
+            BackendState::Starting
+        );
+        let history: Vec<(BackendState, Millis)> = store.backend_history(&a.id).await.unwrap();
+        assert_eq!(
+            history.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>(),
+            [
+                BackendState::Scheduled,
+                BackendState::Loading,
+                waiting.clone(),
+                ready.clone()
+            ]
+        );
+        assert!(history.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert_eq!(
+            published_states(&mut events),
+            [
+                (a.id.clone(), BackendState::Loading),
+                (b.id.clone(), BackendState::Starting),
+                (a.id.clone(), waiting),
+                (a.id.clone(), ready),
+            ]
+        );
+        // Acks alone.
+        store
+            .record_drone_reports(drone, &[spawn_b.action_id.clone()], &[])
+            .await
+            .unwrap();
+        assert!(store.pending_actions(drone, 10).await.unwrap().is_empty());
     }
 
     pub async fn sweep_idle_backends(h: Harness) {

@@ -82,6 +82,27 @@ pub(super) async fn pending_actions(
         .collect()
 }
 
+/// Marks `actions` of `drone` acked (those of another drone are left alone), with one statement.
+pub(super) async fn ack_actions(
+    conn: &mut Conn,
+    clock: i64,
+    drone: NodeId,
+    actions: &[ActionId],
+) -> StoreResult<()> {
+    let ids: Vec<&str> = actions.iter().map(|a| a.as_str()).collect();
+    sqlx::query(sql!(
+        "UPDATE backend_action SET acked_at = {now} \
+         WHERE drone_id = $2 AND acked_at IS NULL \
+         AND action_id IN (SELECT value FROM {json_texts}($3))"
+    ))
+    .bind(clock)
+    .bind(drone)
+    .bind(Json(&ids))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 pub(super) async fn ack_action(s: &S, drone: NodeId, action: &ActionId) -> StoreResult<()> {
     sqlx::query(sql!(
         "UPDATE backend_action SET acked_at = {now} \

@@ -5,19 +5,20 @@
 //! increasing even if the clock goes backwards; the unique `(namespace, name)` of `backend_key` makes
 //! the key single-holder, and a concurrent acquisition that loses is reported as [`Acquire::KeyHeld`].
 
-use super::actions::insert_action;
+use super::actions::{ack_actions, insert_action};
 use super::rows::{backend_row, inserted, json, parse, BACKEND_COLUMNS};
-use super::{commit, Conn, Db, S};
-use crate::dialect::{millis_of, Announced, Unique};
+use super::{commit, Conn, Db, D, S};
+use crate::dialect::{millis_of, render, Announced, Unique};
 use crate::events::StoreEvent;
 use crate::model::*;
-use crate::StoreResult;
+use crate::{StoreError, StoreResult};
 use hangar_types::api::KeyConfig;
 use hangar_types::protocol::{AcquiredKey, ActionMessage, BackendAction};
 use hangar_types::timing::CONNECTED_REPORT_TTL;
 use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis, WarmPoolName};
 use sqlx::types::Json;
 use sqlx::Row;
+use std::collections::HashMap;
 
 pub(super) async fn key_lookup(s: &S, key: &KeyRef) -> StoreResult<KeyLookup> {
     let row = sqlx::query(sql!(&format!(
@@ -242,13 +243,10 @@ pub(super) async fn record_backend_state(
     id: &BackendId,
     state: &BackendState,
 ) -> StoreResult<StateUpdate> {
-    let mut tx = s.writer.begin().await?;
-    let (update, announced) = record_state(&mut tx, s.clock(), id, state).await?;
-    match announced {
-        Some(announced) => commit(s, tx, vec![announced]).await?,
-        None => tx.rollback().await?,
-    }
-    Ok(update)
+    let mut updates = record_reports(s, None, &[(id.clone(), state.clone())]).await?;
+    updates
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("recording one state gave no outcome".to_string()))
 }
 
 /// [`record_backend_state`] for several states in one transaction, in order (a drone's events that
@@ -257,75 +255,227 @@ pub(super) async fn record_backend_states(
     s: &S,
     states: &[(BackendId, BackendState)],
 ) -> StoreResult<Vec<StateUpdate>> {
+    record_reports(s, None, states).await
+}
+
+pub(super) async fn record_drone_reports(
+    s: &S,
+    drone: NodeId,
+    acks: &[ActionId],
+    states: &[(BackendId, BackendState)],
+) -> StoreResult<Vec<StateUpdate>> {
+    record_reports(s, Some((drone, acks)), states).await
+}
+
+/// Acks `acks` of a drone and records `states`, in one transaction (see [`record_states`]).
+async fn record_reports(
+    s: &S,
+    acks: Option<(NodeId, &[ActionId])>,
+    states: &[(BackendId, BackendState)],
+) -> StoreResult<Vec<StateUpdate>> {
     let clock = s.clock();
     let mut tx = s.writer.begin().await?;
-    let mut updates = Vec::with_capacity(states.len());
-    let mut events = Vec::new();
-    for (id, state) in states {
-        let (update, announced) = record_state(&mut tx, clock, id, state).await?;
-        updates.push(update);
-        events.extend(announced);
+    let acks = acks.filter(|(_, acks)| !acks.is_empty());
+    if let Some((drone, acks)) = acks {
+        ack_actions(&mut tx, clock, drone, acks).await?;
     }
-    commit(s, tx, events).await?;
+    let (updates, events) = record_states(&mut tx, clock, states).await?;
+    if acks.is_some() || !events.is_empty() {
+        commit(s, tx, events).await?;
+    } else {
+        // Nothing written (every state stale or unknown): only row locks to let go of.
+        tx.rollback().await?;
+    }
     Ok(updates)
 }
 
-/// Records one state inside `conn`'s transaction; returns the outcome and, if it was stored, what to
-/// announce.
-async fn record_state(
+/// Records `states` in order inside `conn`'s transaction, with a fixed number of statements however
+/// many there are: the backends' rows are locked and read, each backend's row is updated once (to its
+/// last stored state), and the stored states are appended to the history by one insert. Returns each
+/// state's outcome and what to announce.
+///
+/// Monotonic: a state is stored only when its status is after the stored one and after every state of
+/// the batch stored before it for the same backend, exactly as if they were recorded one by one (the
+/// row locks, or SQLite's single writer, keep the rows from changing meanwhile). Every state stored for
+/// a backend by one batch gets the same time, as one by one: the store clock, or the backend's last
+/// state time if that is later. The idle clock starts at `ready`.
+async fn record_states(
     conn: &mut Conn,
     clock: i64,
-    id: &BackendId,
-    state: &BackendState,
-) -> StoreResult<(StateUpdate, Option<Announced>)> {
-    let status = state.status();
-    let address = state.address().map(|a| a.to_string());
-    // Monotonic: only a status strictly after the stored one is stored (re-checked after waiting for a
-    // concurrent writer's row lock). State times never go backwards either. The idle clock starts at
-    // ready.
-    let time: Option<i64> = sqlx::query_scalar(sql!(
-        "UPDATE backend SET last_status = $2, last_status_number = $3, \
-         last_status_time = {greatest}({now}, last_status_time), \
-         state = $4, cluster_address = $5, \
-         last_keepalive = CASE WHEN $6 THEN {greatest}({now}, last_status_time) \
-                          ELSE last_keepalive END \
-         WHERE id = $7 AND last_status_number < $3 \
-         RETURNING last_status_time"
-    ))
-    .bind(clock)
-    .bind(status.as_str())
-    .bind(status.number())
-    .bind(Json(state))
-    .bind(address)
-    .bind(status == BackendStatus::Ready)
-    .bind(id.as_str())
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(time) = time.map(Millis) else {
-        let exists = sqlx::query("SELECT 1 FROM backend WHERE id = $1")
-            .bind(id.as_str())
-            .fetch_optional(&mut *conn)
-            .await?
-            .is_some();
-        let update = if exists {
-            StateUpdate::Stale
-        } else {
-            StateUpdate::UnknownBackend
-        };
-        return Ok((update, None));
-    };
-    if status == BackendStatus::Terminated {
-        // Releases the key at once; a key re-acquired by another backend has another row.
-        sqlx::query("DELETE FROM backend_key WHERE backend_id = $1")
-            .bind(id.as_str())
-            .execute(&mut *conn)
-            .await?;
+    states: &[(BackendId, BackendState)],
+) -> StoreResult<(Vec<StateUpdate>, Vec<Announced>)> {
+    let mut stored = locked_status_numbers(conn, states).await?;
+    let mut updates = Vec::with_capacity(states.len());
+    // Indexes (into `states`) of the states to store, in order.
+    let mut applied = Vec::new();
+    for (i, (id, state)) in states.iter().enumerate() {
+        let number = state.status().number();
+        updates.push(match stored.get_mut(id.as_str()) {
+            None => StateUpdate::UnknownBackend,
+            Some(stored) if number > *stored => {
+                *stored = number;
+                applied.push(i);
+                // Its time is filled in below.
+                StateUpdate::Applied { time: Millis(0) }
+            }
+            Some(_) => StateUpdate::Stale,
+        });
     }
-    let history_id = insert_history(conn, id, state, time).await?;
-    Ok((
-        StateUpdate::Applied { time },
-        Some(Announced::state(history_id, id, state, time)),
-    ))
+    if applied.is_empty() {
+        return Ok((updates, Vec::new()));
+    }
+    let times = update_backends(conn, clock, states, &applied).await?;
+    let mut history = Vec::with_capacity(applied.len());
+    for &i in &applied {
+        let time = *times.get(states[i].0.as_str()).ok_or_else(|| {
+            StoreError::Corrupt(format!("backend {} was not updated", states[i].0))
+        })?;
+        updates[i] = StateUpdate::Applied { time };
+        history.push((&states[i].0, &states[i].1, time));
+    }
+    let terminated: Vec<&str> = history
+        .iter()
+        .filter(|(_, state, _)| state.status() == BackendStatus::Terminated)
+        .map(|(id, _, _)| id.as_str())
+        .collect();
+    if !terminated.is_empty() {
+        // Releases the key at once; a key re-acquired by another backend has another row.
+        let sql = format!(
+            "DELETE FROM backend_key WHERE backend_id IN ({})",
+            placeholders(1, terminated.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in terminated {
+            query = query.bind(id);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    let history_ids = insert_histories(conn, &history).await?;
+    let events = history
+        .iter()
+        .zip(history_ids)
+        .map(|((id, state, time), history_id)| Announced::state(history_id, id, state, *time))
+        .collect();
+    Ok((updates, events))
+}
+
+/// Locks the rows of the backends of `states` (in id order, so two batches cannot deadlock) and
+/// returns their stored status numbers; unknown backends are missing. The lock is the one the update
+/// takes anyway (`FOR NO KEY UPDATE`), which does not hold up inserts that reference the backends
+/// (connection tokens of reconnects).
+async fn locked_status_numbers(
+    conn: &mut Conn,
+    states: &[(BackendId, BackendState)],
+) -> StoreResult<HashMap<String, i32>> {
+    let mut ids: Vec<&str> = states.iter().map(|(id, _)| id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sql = render::<D>(&format!(
+        "SELECT id, last_status_number FROM backend WHERE id IN ({}) \
+         ORDER BY id {{lock:FOR NO KEY UPDATE}}",
+        placeholders(1, ids.len())
+    ));
+    let mut query = sqlx::query(&sql);
+    for id in ids {
+        query = query.bind(id);
+    }
+    query
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("id")?, row.try_get("last_status_number")?)))
+        .collect()
+}
+
+/// Updates each backend with a state in `applied` (indexes into `states`) to its last one, with one
+/// statement; returns the new state time of each.
+async fn update_backends(
+    conn: &mut Conn,
+    clock: i64,
+    states: &[(BackendId, BackendState)],
+    applied: &[usize],
+) -> StoreResult<HashMap<String, Millis>> {
+    // Per backend, in order of first appearance: its last applied state, and whether `ready` is among
+    // its applied states (the idle clock starts then).
+    let mut last: Vec<(&BackendId, &BackendState, bool)> = Vec::new();
+    for &i in applied {
+        let (id, state) = &states[i];
+        let ready = state.status() == BackendStatus::Ready;
+        match last.iter_mut().find(|(seen, _, _)| *seen == id) {
+            Some(entry) => {
+                entry.1 = state;
+                entry.2 |= ready;
+            }
+            None => last.push((id, state, ready)),
+        }
+    }
+    // The monotonic check is repeated here only as a safeguard: the rows are locked.
+    let sql = render::<D>(&format!(
+        "UPDATE backend SET last_status = v.column2, last_status_number = v.column3, \
+         last_status_time = {{greatest}}({{now}}, last_status_time), \
+         state = v.column4, cluster_address = v.column5, \
+         last_keepalive = CASE WHEN v.column6 THEN {{greatest}}({{now}}, last_status_time) \
+                          ELSE last_keepalive END \
+         FROM (VALUES {}) AS v \
+         WHERE backend.id = v.column1 AND backend.last_status_number < v.column3 \
+         RETURNING id, last_status_time",
+        tuples(2, 6, last.len())
+    ));
+    let mut query = sqlx::query(&sql).bind(clock);
+    for (id, state, ready) in last {
+        let status = state.status();
+        query = query
+            .bind(id.as_str())
+            .bind(status.as_str())
+            .bind(status.number())
+            .bind(Json(state))
+            .bind(state.address().map(|a| a.to_string()))
+            .bind(ready);
+    }
+    query
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("id")?, Millis(row.try_get("last_status_time")?))))
+        .collect()
+}
+
+/// Appends states to the history with one statement; returns their row ids, in the order given.
+async fn insert_histories(
+    conn: &mut Conn,
+    history: &[(&BackendId, &BackendState, Millis)],
+) -> StoreResult<Vec<i64>> {
+    let sql = format!(
+        "INSERT INTO backend_state (backend_id, state, created_at) VALUES {} RETURNING id",
+        tuples(1, 3, history.len())
+    );
+    let mut query = sqlx::query_scalar(&sql);
+    for (id, state, time) in history {
+        query = query.bind(id.as_str()).bind(Json(*state)).bind(time.0);
+    }
+    let mut ids: Vec<i64> = query.fetch_all(&mut *conn).await?;
+    // Row ids are handed out in the order of the VALUES rows; RETURNING's order is not promised.
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// `$first, $first+1, …` (`count` parameters).
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|p| format!("${p}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `rows` parenthesized tuples of `columns` parameters each, numbered from `first`.
+fn tuples(first: usize, columns: usize, rows: usize) -> String {
+    (0..rows)
+        .map(|row| format!("({})", placeholders(first + row * columns, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub(super) async fn backend_history(

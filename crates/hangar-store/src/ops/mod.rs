@@ -87,6 +87,9 @@ macro_rules! impl_store {
 }
 
 impl_store! {
+    backends::record_drone_reports(
+        drone: NodeId, acks: &[ActionId], states: &[(BackendId, BackendState)]
+    ) -> Vec<StateUpdate>;
     clock::now() -> Millis;
     clock::health() -> ();
     backends::key_lookup(key: &KeyRef) -> KeyLookup;
