@@ -3,6 +3,14 @@
 //! [`ConnectionGuard`], so the backend counts one open connection for exactly the tunnel's life, and
 //! its client connection, so it keeps counting against `max_connections`.
 //!
+//! Memory and wake-ups: an idle tunnel is one task whose state is the two connections and two
+//! [`Direction`]s of a few words each. The backend's connection is taken back out of hyper as the
+//! plain `TcpStream` it was opened as (with any bytes hyper had read past the `101` response), so
+//! it is read and written without hyper's boxed I/O and buffer in between. A read lands on the stack
+//! of the poll that completes it and is written from there at once; only what the writer does not
+//! take is kept on the heap until it is written. No copy buffer, no split-stream lock, no allocation
+//! per message (`hangar-bench proxy-ws` measures a tunnel's memory and round trip).
+//!
 //! Going away (proxy shutdown): a WebSocket tunnel finishes forwarding the frame in progress in
 //! each direction (boundaries are followed by [`FrameTracker`] as bytes are copied), then sends a
 //! close frame with status 1001 to the client (unmasked, as a server) and to the backend (masked,
@@ -13,15 +21,18 @@
 use crate::connection_tracker::ConnectionGuard;
 use crate::server::ClientConnection;
 use crate::ws_frames::{masked_close_going_away, FrameTracker, CLOSE_GOING_AWAY};
-use hyper::upgrade::OnUpgrade;
+use bytes::Bytes;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 /// After one direction ends, how long the other may still drain before the tunnel is dropped. Bounds
@@ -30,9 +41,7 @@ const HALF_CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// When going away: how long a tunnel may take to reach frame boundaries, send its close frames and
 /// see the client close.
 pub(crate) const GOING_AWAY_WAIT: Duration = Duration::from_secs(2);
-/// Most bytes one read of a direction takes. Reads go into a buffer on the stack of the poll that
-/// completes them; only bytes not yet written are kept on the heap, so an idle tunnel holds no copy
-/// buffer at all (`hangar-bench proxy-ws` measures a tunnel's memory).
+/// Most bytes one read of a direction takes (into a buffer on the stack of the poll).
 const READ_CHUNK: usize = 16 * 1024;
 /// When going away, at most this much is read (and discarded) while waiting for the client to close.
 const MAX_DISCARD: usize = 1024 * 1024;
@@ -74,7 +83,7 @@ pub(crate) async fn run_tunnel(
         }
     };
     let client = TokioIo::new(client);
-    let backend = TokioIo::new(backend);
+    let (backend, ahead) = backend_connection(backend);
     // A terminated backend's tunnel is cut at once, without close frames: its process may still
     // run, and nothing it sends may reach the client any more.
     tokio::select! {
@@ -82,210 +91,331 @@ pub(crate) async fn run_tunnel(
         _ = severed.cancelled() => {
             tracing::debug!("Closing a tunnel to a terminated backend");
         }
-        _ = splice(client, backend, websocket, &going_away) => {}
+        _ = async {
+            match backend {
+                Ok(stream) => {
+                    let ends = Ends::new(client, stream, websocket, ahead);
+                    splice(ends, websocket, &going_away).await;
+                }
+                Err(upgraded) => {
+                    let ends = Ends::new(client, TokioIo::new(upgraded), websocket, ahead);
+                    splice(ends, websocket, &going_away).await;
+                }
+            }
+        } => {}
     }
     drop(guard);
     drop(connection);
 }
 
+/// The backend's side of the tunnel: the plain TCP connection the pool opened, when hyper gives it
+/// back (it always should: the pool's connector makes `TokioIo<TcpStream>`), with the bytes hyper
+/// read beyond the `101` response, which go to the client first.
+fn backend_connection(upgraded: Upgraded) -> (Result<TcpStream, Upgraded>, Bytes) {
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (Ok(parts.io.into_inner()), parts.read_buf),
+        // Still correct, through hyper's boxed I/O (which replays what it read ahead itself).
+        Err(upgraded) => (Err(upgraded), Bytes::new()),
+    }
+}
+
+/// Both connections of a tunnel and the state of each direction.
+struct Ends<A, B> {
+    client: A,
+    backend: B,
+    /// Client → backend.
+    up: Direction,
+    /// Backend → client.
+    down: Direction,
+}
+
+/// Which side ended the copy.
+enum Ended {
+    Client,
+    Backend,
+    GoingAway,
+}
+
 /// Copies client → backend and backend → client. When one direction reaches end of stream (or
 /// fails), the write side it fed is shut down and the other direction gets [`HALF_CLOSE_LINGER`]
 /// to finish. Copy errors only end the tunnel. See the module docs for `going_away`.
-async fn splice<A, B>(client: A, backend: B, websocket: bool, going_away: &CancellationToken)
+async fn splice<A, B>(mut ends: Ends<A, B>, websocket: bool, going_away: &CancellationToken)
 where
-    A: AsyncRead + AsyncWrite,
-    B: AsyncRead + AsyncWrite,
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (client_read, client_write) = tokio::io::split(client);
-    let (backend_read, backend_write) = tokio::io::split(backend);
-    let mut up = Pump::new(client_read, backend_write, websocket);
-    let mut down = Pump::new(backend_read, client_write, websocket);
-    enum Ended {
-        Client,
-        Backend,
-        GoingAway,
-    }
-    // Both copies are cancel-safe: their state lives in the pumps, so they can be resumed below.
+    // Both directions are polled from this one future; which goes first alternates, so a busy
+    // direction cannot use up the task's I/O budget before the other is polled every time.
+    let mut up_first = true;
     let ended = tokio::select! {
-        _ = up.copy() => Ended::Client,
-        _ = down.copy() => Ended::Backend,
+        ended = poll_fn(|cx| {
+            up_first = !up_first;
+            ends.poll_both(cx, up_first)
+        }) => ended,
         _ = going_away.cancelled() => Ended::GoingAway,
     };
+    let Ends {
+        client,
+        backend,
+        up,
+        down,
+    } = &mut ends;
     match ended {
         Ended::Client => {
-            let _ = up.writer.shutdown().await;
-            linger(&mut down, going_away).await;
+            let _ = backend.shutdown().await;
+            linger(down, backend, client, going_away).await;
         }
         Ended::Backend => {
-            let _ = down.writer.shutdown().await;
-            linger(&mut up, going_away).await;
+            let _ = client.shutdown().await;
+            linger(up, client, backend, going_away).await;
         }
         Ended::GoingAway if websocket => {
-            let _ = tokio::time::timeout(GOING_AWAY_WAIT, say_going_away(&mut up, &mut down)).await;
+            let _ = tokio::time::timeout(GOING_AWAY_WAIT, say_going_away(&mut ends)).await;
         }
         Ended::GoingAway => {}
     }
 }
 
-/// Lets the remaining direction finish for a while, then shuts down the side it writes to.
-async fn linger<R, W>(pump: &mut Pump<R, W>, going_away: &CancellationToken)
+impl<A, B> Ends<A, B>
 where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    /// `ahead`: bytes already read from the backend, to be sent to the client first.
+    fn new(client: A, backend: B, websocket: bool, ahead: Bytes) -> Self {
+        Ends {
+            client,
+            backend,
+            up: Direction::new(websocket, Bytes::new()),
+            down: Direction::new(websocket, ahead),
+        }
+    }
+
+    /// Copies both ways; ready when either direction reached end of stream or failed.
+    fn poll_both(&mut self, cx: &mut Context<'_>, up_first: bool) -> Poll<Ended> {
+        for up in [up_first, !up_first] {
+            let copied = if up {
+                self.up
+                    .poll_copy(cx, &mut self.client, &mut self.backend, Until::End)
+            } else {
+                self.down
+                    .poll_copy(cx, &mut self.backend, &mut self.client, Until::End)
+            };
+            if copied.is_ready() {
+                return Poll::Ready(if up { Ended::Client } else { Ended::Backend });
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Lets the remaining direction finish for a while, then shuts down the side it writes to.
+async fn linger<R, W>(
+    direction: &mut Direction,
+    reader: &mut R,
+    writer: &mut W,
+    going_away: &CancellationToken,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let rest = poll_fn(|cx| direction.poll_copy(cx, reader, writer, Until::End));
     tokio::select! {
-        _ = tokio::time::timeout(HALF_CLOSE_LINGER, pump.copy()) => {}
+        _ = tokio::time::timeout(HALF_CLOSE_LINGER, rest) => {}
         _ = going_away.cancelled() => {}
     }
-    let _ = pump.writer.shutdown().await;
+    let _ = writer.shutdown().await;
 }
 
 /// Sends close frames (1001) both ways at frame boundaries, then reads from the client until it
 /// closes, so closing the socket does not reset the connection before the client read the frame.
-async fn say_going_away<CR, BW, BR, CW>(up: &mut Pump<CR, BW>, down: &mut Pump<BR, CW>)
+async fn say_going_away<A, B>(ends: &mut Ends<A, B>)
 where
-    CR: AsyncRead + Unpin,
-    BW: AsyncWrite + Unpin,
-    BR: AsyncRead + Unpin,
-    CW: AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
+    // Both directions at once, each needing one half of each connection: split them for this last
+    // step only (the halves share a lock, which the copy of a running tunnel does without).
+    let (mut client_read, mut client_write) = tokio::io::split(&mut ends.client);
+    let (mut backend_read, mut backend_write) = tokio::io::split(&mut ends.backend);
+    let (up, down) = (&mut ends.up, &mut ends.down);
     let to_client = async {
-        if down.copy_to_boundary().await.unwrap_or(false) {
-            let _ = down.writer.write_all(&CLOSE_GOING_AWAY).await;
+        let copied =
+            poll_fn(|cx| down.poll_copy(cx, &mut backend_read, &mut client_write, Until::Boundary));
+        if matches!(copied.await, Ok(Stopped::Boundary)) {
+            let _ = client_write.write_all(&CLOSE_GOING_AWAY).await;
         }
-        let _ = down.writer.shutdown().await;
+        let _ = client_write.shutdown().await;
     };
     let to_backend = async {
-        if up.copy_to_boundary().await.unwrap_or(false) {
+        let copied =
+            poll_fn(|cx| up.poll_copy(cx, &mut client_read, &mut backend_write, Until::Boundary));
+        if matches!(copied.await, Ok(Stopped::Boundary)) {
             let close = masked_close_going_away(rand::random());
-            let _ = up.writer.write_all(&close).await;
+            let _ = backend_write.write_all(&close).await;
         }
-        let _ = up.writer.shutdown().await;
+        let _ = backend_write.shutdown().await;
+        client_read
     };
-    tokio::join!(to_client, to_backend);
+    let ((), mut client_read) = tokio::join!(to_client, to_backend);
     let mut discarded = 0;
     let mut discard = vec![0; 1024];
     while discarded < MAX_DISCARD {
-        match up.reader.read(&mut discard).await {
+        match client_read.read(&mut discard).await {
             Ok(0) | Err(_) => break,
             Ok(n) => discarded += n,
         }
     }
 }
 
-/// One direction of a tunnel: bytes read but not yet written wait in `buf[start..]`, and the frame
-/// tracker (WebSocket only) accounts for written bytes only. Every await is a single read or write
-/// that either happened completely or not at all, so the copy methods are cancel-safe.
-struct Pump<R, W> {
-    reader: R,
-    writer: W,
-    /// Empty, without an allocation, whenever everything read has been written (unless the last read
-    /// was a full [`READ_CHUNK`]: a bulk transfer keeps its allocation for the next read).
-    buf: Vec<u8>,
+/// How far [`Direction::poll_copy`] copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// Until the reader's end of stream.
+    End,
+    /// Up to the next frame boundary and no further (bytes read beyond it are never written).
+    Boundary,
+}
+
+/// Why [`Direction::poll_copy`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// The reader reached end of stream.
+    End,
+    /// At a frame boundary, with everything before it written and flushed.
+    Boundary,
+    /// No boundary can be reached: not WebSocket, or the framing was lost.
+    NoBoundary,
+}
+
+/// One direction of a tunnel. Bytes read but not yet written wait in `pending[start..]`; the frame
+/// tracker (WebSocket only) accounts for written bytes only. The state lives here, not in a future,
+/// so a copy can stop at any `Pending` and be resumed later (or by another kind of copy).
+struct Direction {
+    /// Empty, without an allocation, while the writer keeps up (unless the last read was a full
+    /// [`READ_CHUNK`]: a bulk transfer keeps its allocation for the next read).
+    pending: Vec<u8>,
     start: usize,
+    /// Bytes were written since the last flush.
+    unflushed: bool,
     frames: Option<FrameTracker>,
 }
 
-impl<R, W> Pump<R, W>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    fn new(reader: R, writer: W, websocket: bool) -> Self {
-        Pump {
-            reader,
-            writer,
-            buf: Vec::new(),
+impl Direction {
+    /// A direction whose first bytes to write are `prefix` (read before the tunnel started).
+    fn new(websocket: bool, prefix: Bytes) -> Self {
+        Direction {
+            // A copy, not `Vec::from`: that could keep the whole (empty) read buffer `prefix` is
+            // a slice of, as this direction's allocation, for as long as the tunnel is idle.
+            pending: prefix.to_vec(),
             start: 0,
+            unflushed: false,
             frames: websocket.then(FrameTracker::new),
         }
     }
 
-    /// Reads more into the (empty) buffer; `false` at end of stream. The read itself lands on the
-    /// stack and is copied out only once it completed, so a pump waiting here holds no buffer.
-    async fn fill(&mut self) -> io::Result<bool> {
-        let Pump { reader, buf, .. } = self;
-        let n = std::future::poll_fn(|cx| {
+    /// Copies from `reader` to `writer` until `until`; errors of either end it. Every read is
+    /// written from the stack at once where the writer takes it.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        until: Until,
+    ) -> Poll<io::Result<Stopped>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            let boundary = self.frames.as_ref().and_then(FrameTracker::until_boundary);
+            let limit = match until {
+                Until::End => usize::MAX,
+                Until::Boundary => boundary.map_or(0, |d| usize::try_from(d).unwrap_or(usize::MAX)),
+            };
+            if self.start < self.pending.len() && limit > 0 {
+                let end = self.pending.len().min(self.start.saturating_add(limit));
+                let chunk = self.pending.get(self.start..end).unwrap_or_default();
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, chunk))?;
+                wrote(&mut self.frames, chunk, n)?;
+                self.unflushed = true;
+                self.start += n;
+                if self.start == self.pending.len() {
+                    self.drained();
+                }
+                continue;
+            }
+            if self.unflushed {
+                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                self.unflushed = false;
+            }
+            if until == Until::Boundary {
+                match boundary {
+                    None => return Poll::Ready(Ok(Stopped::NoBoundary)),
+                    // Bytes of the next frame may have been read; they are never written.
+                    Some(0) => return Poll::Ready(Ok(Stopped::Boundary)),
+                    Some(_) => {}
+                }
+            }
+            // Nothing is pending here: everything read was written, up to the limit.
             let mut scratch = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
             let mut read = ReadBuf::uninit(&mut scratch);
-            match Pin::new(&mut *reader).poll_read(cx, &mut read) {
-                Poll::Ready(Ok(())) => {
-                    buf.clear();
-                    buf.extend_from_slice(read.filled());
-                    Poll::Ready(Ok(read.filled().len()))
+            ready!(Pin::new(&mut *reader).poll_read(cx, &mut read))?;
+            let data = read.filled();
+            if data.is_empty() {
+                return Poll::Ready(Ok(Stopped::End));
+            }
+            let now = data.get(..limit.min(data.len())).unwrap_or_default();
+            let written = match Pin::new(&mut *writer).poll_write(cx, now) {
+                Poll::Ready(Ok(n)) => {
+                    wrote(&mut self.frames, now, n)?;
+                    self.unflushed = true;
+                    n
                 }
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await?;
-        self.start = 0;
-        Ok(n > 0)
-    }
-
-    /// Forgets the written bytes; a small message's allocation is freed (see `buf`).
-    fn drained(&mut self) {
-        if self.buf.len() < READ_CHUNK {
-            self.buf = Vec::new();
-        } else {
-            self.buf.clear();
-        }
-        self.start = 0;
-    }
-
-    /// Writes up to `limit` of the waiting bytes (once), flushing when none are left.
-    async fn write_some(&mut self, limit: usize) -> io::Result<()> {
-        let end = self.buf.len().min(self.start.saturating_add(limit));
-        let chunk = self.buf.get(self.start..end).unwrap_or_default();
-        let n = self.writer.write(chunk).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        if let Some(frames) = &mut self.frames {
-            frames.advance(chunk.get(..n).unwrap_or_default());
-        }
-        self.start += n;
-        if self.start == self.buf.len() {
-            self.drained();
-            self.writer.flush().await?;
-        }
-        Ok(())
-    }
-
-    /// Copies until the reader's end of stream.
-    async fn copy(&mut self) -> io::Result<()> {
-        loop {
-            if self.start < self.buf.len() {
-                self.write_some(usize::MAX).await?;
-            } else if !self.fill().await? {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Copies up to the next frame boundary and no further (bytes read beyond it are dropped).
-    /// `false` when no boundary can be reached: not WebSocket, framing lost, or end of stream.
-    async fn copy_to_boundary(&mut self) -> io::Result<bool> {
-        loop {
-            let Some(distance) = self.frames.as_ref().and_then(FrameTracker::until_boundary) else {
-                return Ok(false);
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                // The writer wakes the task once it can take more; the bytes wait on the heap.
+                Poll::Pending => 0,
             };
-            if distance == 0 {
-                return Ok(true);
-            }
-            if self.start < self.buf.len() {
-                self.write_some(usize::try_from(distance).unwrap_or(usize::MAX))
-                    .await?;
-            } else if !self.fill().await? {
-                return Ok(false);
-            }
+            self.keep(data.get(written..).unwrap_or_default(), data.len());
         }
     }
+
+    /// Keeps `rest`, the part of a read of `read` bytes the writer did not take, to write later.
+    fn keep(&mut self, rest: &[u8], read: usize) {
+        if rest.is_empty() && read < READ_CHUNK {
+            // Small messages (again): no allocation kept from a bulk transfer.
+            self.pending = Vec::new();
+        }
+        self.pending.extend_from_slice(rest);
+        self.start = 0;
+    }
+
+    /// Forgets the written bytes; a small message's allocation is freed (see `pending`).
+    fn drained(&mut self) {
+        if self.pending.len() < READ_CHUNK {
+            self.pending = Vec::new();
+        } else {
+            self.pending.clear();
+        }
+        self.start = 0;
+    }
+}
+
+/// Accounts for `n` bytes of `chunk` that a writer took.
+fn wrote(frames: &mut Option<FrameTracker>, chunk: &[u8], n: usize) -> io::Result<()> {
+    if n == 0 && !chunk.is_empty() {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    if let Some(frames) = frames {
+        frames.advance(chunk.get(..n).unwrap_or_default());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::DuplexStream;
 
     async fn read_n<R: AsyncRead + Unpin>(r: &mut R, n: usize) -> Vec<u8> {
         let mut buf = vec![0u8; n];
@@ -299,16 +429,29 @@ mod tests {
         assert!(rest.is_empty(), "unexpected bytes {rest:?}");
     }
 
+    /// A tunnel between two in-memory pipes of `capacity` bytes; returns the client's and the
+    /// backend's ends and the running splice.
+    fn spawn_splice(
+        capacity: usize,
+        websocket: bool,
+        going_away: &CancellationToken,
+    ) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, proxy_a) = tokio::io::duplex(capacity);
+        let (proxy_b, backend) = tokio::io::duplex(capacity);
+        let going_away = going_away.clone();
+        let ends = Ends::new(proxy_a, proxy_b, websocket, Bytes::new());
+        let tunnel = tokio::spawn(async move { splice(ends, websocket, &going_away).await });
+        (client, backend, tunnel)
+    }
+
     #[tokio::test]
     async fn splice_copies_both_ways_and_ends_when_one_side_closes() {
         tokio::time::timeout(crate::TEST_TIMEOUT, async {
-            let (mut client, proxy_a) = tokio::io::duplex(64);
-            let (proxy_b, mut backend) = tokio::io::duplex(64);
-            let never = CancellationToken::new();
-            let tunnel = tokio::spawn(async move { splice(proxy_a, proxy_b, false, &never).await });
+            let (mut client, mut backend, tunnel) =
+                spawn_splice(64, false, &CancellationToken::new());
             client.write_all(b"ping").await.unwrap();
             assert_eq!(read_n(&mut backend, 4).await, b"ping");
-            // More than one buffer and more than the duplex capacity.
+            // More than one read and more than the pipe's capacity.
             let big: Vec<u8> = (0..100_000).map(|i| (i % 253) as u8).collect();
             let writer = tokio::spawn(async move {
                 backend.write_all(&big).await.unwrap();
@@ -328,35 +471,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_idle_pump_holds_no_buffer_and_bulk_transfers_arrive_whole() {
+    async fn a_direction_holds_no_buffer_once_its_writer_took_everything() {
         tokio::time::timeout(crate::TEST_TIMEOUT, async {
-            let (mut source, reader) = tokio::io::duplex(1 << 20);
-            let (writer, mut sink) = tokio::io::duplex(1 << 20);
-            let mut pump = Pump::new(reader, writer, false);
-            assert_eq!(pump.buf.capacity(), 0);
-            // A bulk transfer moves in reads of up to READ_CHUNK and arrives unchanged.
+            let (mut source, mut reader) = tokio::io::duplex(1 << 20);
+            // A writer smaller than a read: most reads are only partly taken and wait on the heap.
+            let (mut writer, mut sink) = tokio::io::duplex(1000);
+            let mut direction = Direction::new(false, Bytes::from_static(b"prefix:"));
             let big: Vec<u8> = (0..200_000).map(|i| (i % 251) as u8).collect();
             source.write_all(&big).await.unwrap();
-            let mut copied = 0;
-            let mut largest = 0;
-            while copied < big.len() {
-                assert!(pump.fill().await.unwrap());
-                largest = largest.max(pump.buf.len());
-                copied += pump.buf.len();
-                while pump.start < pump.buf.len() {
-                    pump.write_some(usize::MAX).await.unwrap();
+            let copy = poll_fn(|cx| direction.poll_copy(cx, &mut reader, &mut writer, Until::End));
+            tokio::select! {
+                _ = copy => panic!("the source is still open"),
+                got = read_n(&mut sink, 7 + big.len()) => {
+                    assert_eq!(got[..7], *b"prefix:");
+                    assert!(got[7..] == big[..], "the bulk transfer arrives unchanged");
                 }
             }
-            assert_eq!(largest, READ_CHUNK);
-            assert_eq!(read_n(&mut sink, big.len()).await, big);
-            // A small message is copied, and once written the pump holds no allocation any more:
-            // that is the state of an idle tunnel, waiting in `fill`.
+            // A small message is written as soon as it is read; waiting for the next one, the
+            // direction holds no allocation: that is the state of an idle tunnel.
             source.write_all(b"small").await.unwrap();
-            assert!(pump.fill().await.unwrap());
-            assert_eq!(pump.buf, b"small");
-            pump.write_some(usize::MAX).await.unwrap();
-            assert_eq!(pump.buf.capacity(), 0);
-            assert_eq!(read_n(&mut sink, 5).await, b"small");
+            let copy = poll_fn(|cx| direction.poll_copy(cx, &mut reader, &mut writer, Until::End));
+            tokio::select! {
+                _ = copy => panic!("the source is still open"),
+                got = read_n(&mut sink, 5) => assert_eq!(got, b"small"),
+            }
+            assert_eq!(direction.pending.capacity(), 0);
+            drop(source);
+            let copied =
+                poll_fn(|cx| direction.poll_copy(cx, &mut reader, &mut writer, Until::End));
+            assert_eq!(copied.await.unwrap(), Stopped::End);
         })
         .await
         .unwrap();
@@ -365,10 +508,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn half_closed_tunnel_ends_after_the_linger() {
         tokio::time::timeout(crate::TEST_TIMEOUT, async {
-            let (client, proxy_a) = tokio::io::duplex(64);
-            let (proxy_b, backend) = tokio::io::duplex(64);
-            let never = CancellationToken::new();
-            let tunnel = tokio::spawn(async move { splice(proxy_a, proxy_b, true, &never).await });
+            let (client, backend, tunnel) = spawn_splice(64, true, &CancellationToken::new());
             // The client closes but the backend keeps its side open and silent.
             drop(client);
             tokio::time::timeout(HALF_CLOSE_LINGER * 2, tunnel)
@@ -384,11 +524,8 @@ mod tests {
     #[tokio::test]
     async fn going_away_waits_for_the_frame_in_progress_then_sends_close_frames() {
         tokio::time::timeout(crate::TEST_TIMEOUT, async {
-            let (mut client, proxy_a) = tokio::io::duplex(1 << 16);
-            let (proxy_b, mut backend) = tokio::io::duplex(1 << 16);
             let going_away = CancellationToken::new();
-            let signal = going_away.clone();
-            let tunnel = tokio::spawn(async move { splice(proxy_a, proxy_b, true, &signal).await });
+            let (mut client, mut backend, tunnel) = spawn_splice(1 << 16, true, &going_away);
 
             // A complete masked text frame from the client reaches the backend unchanged.
             let hello = [0x81, 0x82, 0, 0, 0, 0, b'h', b'i'];
@@ -429,18 +566,61 @@ mod tests {
     #[tokio::test]
     async fn going_away_ends_other_protocols_without_a_close_frame() {
         tokio::time::timeout(crate::TEST_TIMEOUT, async {
-            let (mut client, proxy_a) = tokio::io::duplex(64);
-            let (proxy_b, mut backend) = tokio::io::duplex(64);
             let going_away = CancellationToken::new();
-            let signal = going_away.clone();
-            let tunnel =
-                tokio::spawn(async move { splice(proxy_a, proxy_b, false, &signal).await });
+            let (mut client, mut backend, tunnel) = spawn_splice(64, false, &going_away);
             client.write_all(b"raw").await.unwrap();
             assert_eq!(read_n(&mut backend, 3).await, b"raw");
             going_away.cancel();
             tunnel.await.unwrap();
             assert_eof(&mut client).await;
             assert_eof(&mut backend).await;
+        })
+        .await
+        .unwrap();
+    }
+
+    /// The pool's upgraded connections come back out of hyper as their `TcpStream`, and bytes the
+    /// backend sent right behind its `101` response are forwarded first.
+    #[tokio::test]
+    async fn the_backend_connection_is_taken_back_from_hyper_with_what_it_read_ahead() {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    head.push(stream.read_u8().await.unwrap());
+                }
+                // The response and the first bytes of the new protocol in one write.
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+                    upgrade: websocket\r\n\r\nahead|";
+                stream.write_all(answer).await.unwrap();
+                stream.write_all(b"after").await.unwrap();
+            });
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(connection.with_upgrades());
+            let request = http::Request::get("/ws")
+                .header(http::header::CONNECTION, "upgrade")
+                .header(http::header::UPGRADE, "websocket")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+            let upgraded = hyper::upgrade::on(response).await.unwrap();
+
+            let (backend, ahead) = backend_connection(upgraded);
+            let mut down = Direction::new(false, ahead);
+            let mut backend = backend.expect("the pool's TcpStream");
+            let (mut writer, mut client) = tokio::io::duplex(1024);
+            let copied = poll_fn(|cx| down.poll_copy(cx, &mut backend, &mut writer, Until::End));
+            assert_eq!(copied.await.unwrap(), Stopped::End);
+            assert_eq!(read_n(&mut client, 11).await, b"ahead|after");
+            server.await.unwrap();
         })
         .await
         .unwrap();
