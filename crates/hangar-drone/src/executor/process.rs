@@ -26,13 +26,14 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use super::log_lines::LOG_LINES;
 
+pub mod exec_wrapper;
 mod spawner;
 
 pub struct ProcessExecutor {
@@ -41,6 +42,9 @@ pub struct ProcessExecutor {
     /// Fired at shutdown: every still-running child is killed and log readers stop.
     cancel: CancellationToken,
     logs: Option<LogWriter>,
+    /// The program that starts backends with their parent-death signal ([`exec_wrapper`]); `None`:
+    /// the drone forks them itself.
+    exec_wrapper: Option<PathBuf>,
 }
 
 impl ProcessExecutor {
@@ -51,7 +55,15 @@ impl ProcessExecutor {
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
             logs: None,
+            exec_wrapper: exec_wrapper::installed().map(Path::to_path_buf),
         }
+    }
+
+    /// Starts backends through `wrapper`, a program whose `main` calls [`exec_wrapper::init`]
+    /// first (by default: this process's executable when it called `init`).
+    pub fn with_exec_wrapper(mut self, wrapper: impl Into<PathBuf>) -> Self {
+        self.exec_wrapper = Some(wrapper.into());
+        self
     }
 
     /// Captures every backend's output into `logs`.
@@ -95,11 +107,8 @@ impl Executor for ProcessExecutor {
         let exe = process_executable(spec)?;
         let program = resolve_program(exe)?;
         let port = free_port()?;
-        let mut command = Command::new(&program);
-        if let Some(name) = exe.command.first() {
-            command.arg0(name);
-        }
-        command.args(exe.command.iter().skip(1));
+        let mut spawn = spawner::Spawn::new(&program, &exe.command, self.exec_wrapper.as_deref());
+        let command = spawn.command();
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("HANGAR_") {
                 command.env_remove(name);
@@ -115,12 +124,10 @@ impl Executor for ProcessExecutor {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = spawner::spawn(command)
-            .await
-            .map_err(|source| ExecutorError::Spawn {
-                program: exe.command.first().cloned().unwrap_or_default(),
-                source,
-            })?;
+        let mut child = spawn.start().await.map_err(|source| ExecutorError::Spawn {
+            program: exe.command.first().cloned().unwrap_or_default(),
+            source,
+        })?;
         let Some(pid) = child.id() else {
             // Only possible when the child was already reaped, which `spawn` never does.
             return Err(ExecutorError::Spawn {

@@ -35,14 +35,23 @@ fn backend_spec(env: &[(&str, &str)]) -> BackendSpec {
     probe::spec(hangar_test_support::process_executable(env))
 }
 
+/// A process executor that starts backends through the exec wrapper, as the `hangar` binary's do.
 fn process_executor() -> ProcessExecutor {
+    forking_process_executor().with_exec_wrapper(crate::exec_wrapper::WRAPPER)
+}
+
+/// A process executor of a process without the exec wrapper (this test binary): it forks.
+fn forking_process_executor() -> ProcessExecutor {
     ProcessExecutor::new(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
 /// Runs `test` with [`TEST_TIMEOUT`] on a process executor, and shuts the executor down after it.
 async fn with_executor(test: impl AsyncFnOnce(&ProcessExecutor)) {
+    with_this_executor(process_executor(), test).await;
+}
+
+async fn with_this_executor(executor: ProcessExecutor, test: impl AsyncFnOnce(&ProcessExecutor)) {
     timeout(TEST_TIMEOUT, async {
-        let executor = process_executor();
         test(&executor).await;
         executor.shutdown().await;
     })
@@ -65,27 +74,52 @@ async fn with_started(
 
 #[tokio::test]
 async fn backend_gets_its_environment_and_stops_on_sigterm() {
-    with_executor(async |executor| {
-        let spec = backend_spec(&[("GREETING", "hello"), ("PORT", "1")]);
-        executor.prepare(&spec).await.unwrap();
-        let started = executor.start(&spec).await.unwrap();
-        assert_eq!(started.address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let env = get_json(started.address, "/env").await;
-        assert_eq!(env["GREETING"], "hello");
-        // The contract's PORT wins over the user's.
-        assert_eq!(env["PORT"], started.address.port().to_string());
-        assert_eq!(env["SESSION_BACKEND_ID"], spec.id.as_str());
-        assert_eq!(env["SESSION_BACKEND_KEY"], "room-1");
-        assert_eq!(env["SESSION_BACKEND_FENCING_TOKEN"], "1234");
-        let token = spec.static_token.as_ref().unwrap().as_str();
-        assert_eq!(env["SESSION_BACKEND_STATIC_TOKEN"], token);
-        assert!(started.backend.record()["pid"].as_u64().is_some());
-        wait_for_log(&started, "listening on").await;
+    with_executor(environment_and_sigterm).await
+}
 
-        soft_stop_then_signal_again(&started).await;
-        wait_for_log(&started, "got SIGTERM").await;
-    })
-    .await
+#[tokio::test]
+async fn forked_backend_gets_its_environment_and_stops_on_sigterm() {
+    with_this_executor(forking_process_executor(), environment_and_sigterm).await
+}
+
+async fn environment_and_sigterm(executor: &ProcessExecutor) {
+    let spec = backend_spec(&[("GREETING", "hello"), ("PORT", "1")]);
+    executor.prepare(&spec).await.unwrap();
+    let started = executor.start(&spec).await.unwrap();
+    assert_eq!(started.address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let env = get_json(started.address, "/env").await;
+    // The backend program itself, a child of this process (a wrapper replaced itself with it,
+    // which it has once the backend answers).
+    let pid = started.backend.record()["pid"].as_u64().unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(
+        exe,
+        std::fs::canonicalize(crate::test_backend::path()).unwrap()
+    );
+    assert_eq!(parent_of(pid), Some(std::process::id()));
+    assert_eq!(env["GREETING"], "hello");
+    // The contract's PORT wins over the user's.
+    assert_eq!(env["PORT"], started.address.port().to_string());
+    assert_eq!(env["SESSION_BACKEND_ID"], spec.id.as_str());
+    assert_eq!(env["SESSION_BACKEND_KEY"], "room-1");
+    assert_eq!(env["SESSION_BACKEND_FENCING_TOKEN"], "1234");
+    let token = spec.static_token.as_ref().unwrap().as_str();
+    assert_eq!(env["SESSION_BACKEND_STATIC_TOKEN"], token);
+    assert!(started.backend.record()["pid"].as_u64().is_some());
+    wait_for_log(&started, "listening on").await;
+
+    soft_stop_then_signal_again(&started).await;
+    wait_for_log(&started, "got SIGTERM").await;
+}
+
+/// The parent pid of `pid` (`/proc/<pid>/stat`, field 4).
+fn parent_of(pid: u64) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 
 mod docker;
 mod drive;
+mod exec_wrapper;
 mod executor;
 mod fake_controller;
 mod metrics;
