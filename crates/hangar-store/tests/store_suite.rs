@@ -1253,11 +1253,11 @@ mod suite {
         ];
         // Another drone's ack is ignored, in a batch as alone.
         let updates = store
-            .record_drone_reports(drone, &[spawn_a.action_id.clone()], &states)
+            .record_drone_reports(drone, std::slice::from_ref(&spawn_a.action_id), &states)
             .await
             .unwrap();
         store
-            .record_drone_reports(other, &[spawn_b.action_id.clone()], &[])
+            .record_drone_reports(other, std::slice::from_ref(&spawn_b.action_id), &[])
             .await
             .unwrap();
         assert_eq!(
@@ -1307,7 +1307,7 @@ mod suite {
         );
         // Acks alone.
         store
-            .record_drone_reports(drone, &[spawn_b.action_id.clone()], &[])
+            .record_drone_reports(drone, std::slice::from_ref(&spawn_b.action_id), &[])
             .await
             .unwrap();
         assert!(store.pending_actions(drone, 10).await.unwrap().is_empty());
