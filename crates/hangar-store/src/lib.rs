@@ -83,8 +83,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// What a drone reported together, in one transaction: marks `acks` acked (as
-    /// [`Store::ack_action`]) and records `states` (as [`Store::record_backend_states`]). All or
-    /// nothing: an error stores none of it.
+    /// [`Store::ack_action`]) and records `states` in order, as [`Store::record_backend_state`]
+    /// would one by one. All or nothing: an error stores none of it.
     async fn record_drone_reports(
         &self,
         drone: NodeId,
@@ -144,13 +144,6 @@ pub trait Store: Send + Sync + 'static {
         id: &BackendId,
         state: &BackendState,
     ) -> StoreResult<StateUpdate>;
-
-    /// [`Store::record_backend_state`] for each of `states` in order, in one transaction (events a drone
-    /// sent together). All or nothing: an error stores none of them.
-    async fn record_backend_states(
-        &self,
-        states: &[(BackendId, BackendState)],
-    ) -> StoreResult<Vec<StateUpdate>>;
 
     /// Every recorded state of a backend, oldest first, with the time it was recorded.
     async fn backend_history(&self, id: &BackendId) -> StoreResult<Vec<(BackendState, Millis)>>;

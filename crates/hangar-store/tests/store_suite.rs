@@ -739,7 +739,10 @@ mod suite {
             (BackendId::random(), BackendState::Loading),
             (a.id.clone(), ready.clone()),
         ];
-        let updates = store.record_backend_states(&batch).await.unwrap();
+        let updates = store
+            .record_drone_reports(drone, &[], &batch)
+            .await
+            .unwrap();
         let outcomes: Vec<&str> = updates
             .iter()
             .map(|u| match u {
@@ -779,7 +782,11 @@ mod suite {
         );
         // `terminated` in a batch releases the key as it does alone.
         store
-            .record_backend_states(&[(a.id.clone(), terminating()), (a.id.clone(), terminated())])
+            .record_drone_reports(
+                drone,
+                &[],
+                &[(a.id.clone(), terminating()), (a.id.clone(), terminated())],
+            )
             .await
             .unwrap();
         assert_eq!(

@@ -7,7 +7,7 @@
 
 use super::actions::{ack_actions, insert_action};
 use super::rows::{backend_row, inserted, json, parse, BACKEND_COLUMNS};
-use super::{commit, Conn, Db, D, S};
+use super::{commit, placeholders, tuples, Conn, Db, D, S};
 use crate::dialect::{millis_of, render, Announced, Unique};
 use crate::events::StoreEvent;
 use crate::model::*;
@@ -249,15 +249,6 @@ pub(super) async fn record_backend_state(
         .ok_or_else(|| StoreError::Corrupt("recording one state gave no outcome".to_string()))
 }
 
-/// [`record_backend_state`] for several states in one transaction, in order (a drone's events that
-/// arrived together): one commit instead of one per state.
-pub(super) async fn record_backend_states(
-    s: &S,
-    states: &[(BackendId, BackendState)],
-) -> StoreResult<Vec<StateUpdate>> {
-    record_reports(s, None, states).await
-}
-
 pub(super) async fn record_drone_reports(
     s: &S,
     drone: NodeId,
@@ -460,22 +451,6 @@ async fn insert_histories(
     // Row ids are handed out in the order of the VALUES rows; RETURNING's order is not promised.
     ids.sort_unstable();
     Ok(ids)
-}
-
-/// `$first, $first+1, …` (`count` parameters).
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|p| format!("${p}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// `rows` parenthesized tuples of `columns` parameters each, numbered from `first`.
-fn tuples(first: usize, columns: usize, rows: usize) -> String {
-    (0..rows)
-        .map(|row| format!("({})", placeholders(first + row * columns, columns)))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 pub(super) async fn backend_history(

@@ -100,7 +100,6 @@ impl_store! {
     nodes::schedulable_drones(query: &DroneQuery) -> Vec<DroneCandidate>;
     backends::backend(id: &BackendId) -> Option<BackendRow>;
     backends::record_backend_state(id: &BackendId, state: &BackendState) -> StateUpdate;
-    backends::record_backend_states(states: &[(BackendId, BackendState)]) -> Vec<StateUpdate>;
     backends::backend_history(id: &BackendId) -> Vec<(BackendState, Millis)>;
     actions::queue_terminate(
         id: &BackendId, kind: TerminationKind, reason: TerminationReason
@@ -185,6 +184,22 @@ mod clock {
         sqlx::query("SELECT 1").execute(&s.writer).await?;
         Ok(())
     }
+}
+
+/// `$first, $first+1, …` (`count` parameters).
+pub(super) fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|p| format!("${p}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `rows` parenthesized tuples of `columns` parameters each, numbered from `first`.
+pub(super) fn tuples(first: usize, columns: usize, rows: usize) -> String {
+    (0..rows)
+        .map(|row| format!("({})", placeholders(first + row * columns, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! and their resolution to routes.
 
 use super::rows::{backend_row, json, parse, parsed, Row, BACKEND_COLUMNS};
-use super::{commit, Db, D, S};
+use super::{commit, placeholders, Db, D, S};
 use crate::dialect::{millis_of, render, Dialect};
 use crate::events::StoreEvent;
 use crate::group_commit::{all_or_each, Answers};
@@ -40,20 +40,13 @@ async fn insert_tokens<'c>(
     let mut template = String::from(
         "INSERT INTO token (token, backend_id, secret, username, auth, expires_at) VALUES ",
     );
-    for i in 0..tokens.len() {
-        let p = 2 + 6 * i;
-        if i > 0 {
-            template.push_str(", ");
-        }
-        template.push_str(&format!(
-            "(${p}, ${}, ${}, ${}, ${}, {{now}} + ${})",
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5
-        ));
-    }
+    let rows: Vec<String> = (0..tokens.len())
+        .map(|i| {
+            let p = 2 + 6 * i;
+            format!("({}, {{now}} + ${})", placeholders(p, 5), p + 5)
+        })
+        .collect();
+    template.push_str(&rows.join(", "));
     let sql = render::<D>(&template);
     let mut query = sqlx::query(&sql).bind(clock);
     for token in tokens {
@@ -131,18 +124,10 @@ async fn reuse_keys(s: &S, reuses: Vec<&KeyReuse>) -> StoreResult<Vec<StoreResul
 /// `WITH r, found`: `r` holds the `n` reuses (bound by [`bind_reuses`]), `found` their keys: per key
 /// that exists, `i` (the reuse's index), `held_tag`, `expired`, `reused` and [`BACKEND_COLUMNS`].
 fn found_cte(n: usize) -> String {
-    let mut values = String::new();
-    for i in 0..n {
-        let p = 2 + 8 * i;
-        if i > 0 {
-            values.push_str(", ");
-        }
-        values.push_str(&format!("({i}, ${p}"));
-        for q in p + 1..p + 8 {
-            values.push_str(&format!(", ${q}"));
-        }
-        values.push(')');
-    }
+    let values: Vec<String> = (0..n)
+        .map(|i| format!("({i}, {})", placeholders(2 + 8 * i, 8)))
+        .collect();
+    let values = values.join(", ");
     // 60 = terminating: a backend shutting down is not reused.
     format!(
         "WITH r (i, namespace, name, tag, token, secret, username, auth, lifetime) AS \
