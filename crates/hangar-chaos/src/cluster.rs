@@ -42,6 +42,41 @@ pub struct ClusterConfig {
     pub run_id: String,
 }
 
+/// A component that exited without a fault stopping it, and what it left behind.
+#[derive(Debug)]
+pub struct ExitedComponent {
+    pub name: String,
+    /// How it ended, e.g. `exit status: 1` or `signal: 6 (SIGABRT)`.
+    pub status: String,
+    /// The end of its log, oldest first.
+    pub last_lines: Vec<String>,
+}
+
+impl std::fmt::Display for ExitedComponent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name, self.status)?;
+        for line in &self.last_lines {
+            write!(f, "\n    | {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How many lines of an exited component's log are reported.
+const EXIT_LOG_LINES: usize = 5;
+
+/// The last `n` lines of a log file (none if it cannot be read).
+fn last_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|line| line.to_string())
+        .collect()
+}
+
 /// A started component: its command line, to start it again, and its process.
 struct Process {
     args: Vec<String>,
@@ -235,19 +270,27 @@ impl Cluster {
     }
 
     /// Starts again every component that exited on its own, as a supervisor with
-    /// `Restart=always` (systemd, Docker's restart policy) would, and returns their names. A component
-    /// stopped by a fault is not running (no child) and is left to the fault's heal.
-    pub fn restart_exited(&mut self) -> anyhow::Result<Vec<String>> {
-        let exited: Vec<String> = self
+    /// `Restart=always` (systemd, Docker's restart policy) would, and says for each what it exited
+    /// with and the last lines of its log (why it stopped). A component stopped by a fault is not
+    /// running (no child) and is left to the fault's heal.
+    pub fn restart_exited(&mut self) -> anyhow::Result<Vec<ExitedComponent>> {
+        let exited: Vec<ExitedComponent> = self
             .processes
             .iter_mut()
             .filter_map(|(name, process)| {
                 let child = process.child.as_mut()?;
-                matches!(child.try_wait(), Ok(Some(_))).then(|| name.clone())
+                let Ok(Some(status)) = child.try_wait() else {
+                    return None;
+                };
+                Some(ExitedComponent {
+                    name: name.clone(),
+                    status: status.to_string(),
+                    last_lines: last_lines(&process.log, EXIT_LOG_LINES),
+                })
             })
             .collect();
-        for name in &exited {
-            self.start_named(name)?;
+        for component in &exited {
+            self.start_named(&component.name)?;
         }
         Ok(exited)
     }
@@ -503,4 +546,28 @@ pub fn running_backend_processes(run_id: &str) -> Vec<(i32, String)> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exited_component_reports_the_end_of_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("proxy-0.log");
+        let text: String = (1..=8).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text).unwrap();
+        let exited = ExitedComponent {
+            name: "proxy-0".into(),
+            status: "exit status: 1".into(),
+            last_lines: last_lines(&log, 3),
+        };
+        assert_eq!(exited.last_lines, ["line 6", "line 7", "line 8"]);
+        assert_eq!(
+            exited.to_string(),
+            "proxy-0 (exit status: 1)\n    | line 6\n    | line 7\n    | line 8"
+        );
+        assert!(last_lines(&dir.path().join("missing.log"), 3).is_empty());
+    }
 }

@@ -333,10 +333,11 @@ async fn converge(
         // A component that exited on its own (e.g. a controller started while its database link was
         // down) is started again, as its supervisor would.
         match cluster.lock().await.restart_exited() {
-            Ok(names) if !names.is_empty() => {
-                eprintln!("restarted components that had exited on their own: {names:?}")
+            Ok(exited) => {
+                for component in exited {
+                    eprintln!("restarted a component that had exited on its own: {component}");
+                }
             }
-            Ok(_) => {}
             Err(error) => eprintln!("cannot restart an exited component: {error:#}"),
         }
         match serves_every_key(target, controllers, keys).await {
