@@ -17,7 +17,7 @@ use crate::deadline::STORE_CALL_DEADLINE;
 use crate::events::{EventBus, StoreEvent};
 use crate::flush_connection::{FlushConnection, FlushSlot};
 use crate::group_commit::GroupCommit;
-use crate::model::{KeyReuse, NewToken, Reuse};
+use crate::model::{Acquire, KeyReuse, NewBackend, NewToken, Reuse};
 use crate::{StoreError, StoreResult};
 use hangar_types::timing::KEY_LEASE;
 use hangar_types::{BackendId, BackendState, Millis};
@@ -145,9 +145,12 @@ pub struct SqlStore<D: Dialect> {
     pub(crate) tokens: GroupCommit<NewToken>,
     /// Reconnects waiting to be looked up and answered together ([`crate::Store::reuse_key`]).
     pub(crate) reuses: GroupCommit<KeyReuse, Reuse>,
-    /// The connections the batches of `tokens` and of `reuses` are written on.
+    /// Spawns of new keys waiting to be inserted together ([`crate::Store::insert_backend_with_key`]).
+    pub(crate) spawns: GroupCommit<NewBackend, Acquire>,
+    /// The connections the batches of `tokens`, `reuses` and `spawns` are written on.
     pub(crate) token_flush: FlushSlot<D::Db>,
     pub(crate) reuse_flush: FlushSlot<D::Db>,
+    pub(crate) spawn_flush: FlushSlot<D::Db>,
 }
 
 impl<D: Dialect> SqlStore<D> {
@@ -168,8 +171,10 @@ impl<D: Dialect> SqlStore<D> {
             call_deadline_ms: AtomicU64::new(millis_of(STORE_CALL_DEADLINE).unsigned_abs()),
             tokens: GroupCommit::default(),
             reuses: GroupCommit::default(),
+            spawns: GroupCommit::default(),
             token_flush: FlushSlot::default(),
             reuse_flush: FlushSlot::default(),
+            spawn_flush: FlushSlot::default(),
         }
     }
 
@@ -179,6 +184,7 @@ impl<D: Dialect> SqlStore<D> {
         self.writer.close().await;
         self.token_flush.close().await;
         self.reuse_flush.close().await;
+        self.spawn_flush.close().await;
         self.reader.close().await;
     }
 
