@@ -15,8 +15,9 @@
 
 use crate::deadline::STORE_CALL_DEADLINE;
 use crate::events::{EventBus, StoreEvent};
+use crate::flush_connection::{FlushConnection, FlushSlot};
 use crate::group_commit::GroupCommit;
-use crate::model::{KeyReuse, NewToken, Reuse};
+use crate::model::{Acquire, KeyReuse, NewBackend, NewToken, Reuse};
 use crate::{StoreError, StoreResult};
 use hangar_types::timing::KEY_LEASE;
 use hangar_types::{BackendId, BackendState, Millis};
@@ -29,6 +30,9 @@ pub trait Dialect: Send + Sync + 'static {
     type Db: sqlx::Database;
     /// How this database spells the markers of the shared SQL.
     const SPELLING: Spelling;
+    /// Whether group-committed batches are written on connections of their own, outside the pool
+    /// (see `src/flush_connection.rs`); else on the writer pool.
+    const OWN_FLUSH_CONNECTION: bool;
     /// The store clock, given the test hooks' offset.
     fn clock(&self, offset_ms: i64) -> Clock;
     /// Tells the other stores sharing the database about `events`, inside the transaction on `conn`
@@ -141,6 +145,12 @@ pub struct SqlStore<D: Dialect> {
     pub(crate) tokens: GroupCommit<NewToken>,
     /// Reconnects waiting to be looked up and answered together ([`crate::Store::reuse_key`]).
     pub(crate) reuses: GroupCommit<KeyReuse, Reuse>,
+    /// Spawns of new keys waiting to be inserted together ([`crate::Store::insert_backend_with_key`]).
+    pub(crate) spawns: GroupCommit<NewBackend, Acquire>,
+    /// The connections the batches of `tokens`, `reuses` and `spawns` are written on.
+    pub(crate) token_flush: FlushSlot<D::Db>,
+    pub(crate) reuse_flush: FlushSlot<D::Db>,
+    pub(crate) spawn_flush: FlushSlot<D::Db>,
 }
 
 impl<D: Dialect> SqlStore<D> {
@@ -161,6 +171,10 @@ impl<D: Dialect> SqlStore<D> {
             call_deadline_ms: AtomicU64::new(millis_of(STORE_CALL_DEADLINE).unsigned_abs()),
             tokens: GroupCommit::default(),
             reuses: GroupCommit::default(),
+            spawns: GroupCommit::default(),
+            token_flush: FlushSlot::default(),
+            reuse_flush: FlushSlot::default(),
+            spawn_flush: FlushSlot::default(),
         }
     }
 
@@ -168,6 +182,9 @@ impl<D: Dialect> SqlStore<D> {
     pub async fn close(&self) {
         self.dialect.stop().await;
         self.writer.close().await;
+        self.token_flush.close().await;
+        self.reuse_flush.close().await;
+        self.spawn_flush.close().await;
         self.reader.close().await;
     }
 
@@ -219,6 +236,14 @@ impl<D: Dialect> SqlStore<D> {
                 Err(StoreError::DeadlineExceeded(deadline))
             }
         }
+    }
+
+    /// The connection a batch of `slot`'s kind is written on (see `src/flush_connection.rs`).
+    pub(crate) async fn flush_connection<'s>(
+        &self,
+        slot: &'s FlushSlot<D::Db>,
+    ) -> StoreResult<FlushConnection<'s, D::Db>> {
+        slot.connection(&self.writer, D::OWN_FLUSH_CONNECTION).await
     }
 
     /// The store clock now.

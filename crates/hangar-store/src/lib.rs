@@ -16,6 +16,7 @@
 mod deadline;
 pub mod dialect;
 mod events;
+mod flush_connection;
 mod group_commit;
 mod migrations;
 pub mod model;

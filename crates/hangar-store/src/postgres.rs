@@ -192,6 +192,7 @@ impl Dialect for PostgresDialect {
         row_locks: true,
         modifying_ctes: true,
     };
+    const OWN_FLUSH_CONNECTION: bool = true;
 
     fn clock(&self, offset_ms: i64) -> Clock {
         Clock::Database { offset_ms }

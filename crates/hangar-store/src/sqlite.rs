@@ -106,6 +106,8 @@ impl Dialect for SqliteDialect {
         row_locks: false,
         modifying_ctes: false,
     };
+    /// Every write takes its turn on the single writer connection.
+    const OWN_FLUSH_CONNECTION: bool = false;
 
     async fn relay(&self, _: &mut SqliteConnection, _: &[Announced]) -> StoreResult<()> {
         Ok(())

@@ -132,6 +132,7 @@ macro_rules! all_store_tests {
             renew_key_extends_lease,
             insert_backend_writes_everything,
             concurrent_acquire_has_one_winner,
+            concurrent_spawns_are_answered_each,
             backend_id_taken_writes_nothing,
             fencing_token_increases_across_acquisitions,
             fencing_token_increases_when_clock_goes_back,
@@ -570,6 +571,72 @@ mod suite {
             assert_eq!(exists, nb.id == winners[0], "losers leave no backend row");
         }
         assert_eq!(store.pending_actions(drone, 100).await.unwrap().len(), 1);
+    }
+
+    /// Spawns made at once (which the store may write together) are each answered as if alone:
+    /// distinct keys are acquired with their own rows, a held key and a taken id are refused and
+    /// write nothing.
+    pub async fn concurrent_spawns_are_answered_each(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let held = new_backend(drone, "held");
+        acquire(store, held.clone()).await;
+        let mut spawns: Vec<NewBackend> = (0..12)
+            .map(|i| new_backend(drone, &format!("k{i}")))
+            .collect();
+        let mut held_again = new_backend(drone, "unused");
+        held_again.key = held.key.clone();
+        let mut id_taken = new_backend(drone, "id-taken");
+        id_taken.id = held.id.clone();
+        spawns.insert(3, held_again.clone());
+        spawns.insert(8, id_taken.clone());
+        let mut tasks = tokio::task::JoinSet::new();
+        for nb in spawns {
+            let store = h.store.clone();
+            tasks.spawn(async move {
+                let outcome = store.insert_backend_with_key(nb.clone()).await.unwrap();
+                (nb, outcome)
+            });
+        }
+        let mut acquired = 0;
+        while let Some(joined) = tasks.join_next().await {
+            let (nb, outcome) = joined.unwrap();
+            if nb.id == held_again.id {
+                assert_eq!(outcome, Acquire::KeyHeld);
+                continue;
+            }
+            if nb.id == id_taken.id {
+                assert_eq!(outcome, Acquire::BackendIdTaken);
+                continue;
+            }
+            let Acquire::Acquired {
+                fencing_token,
+                action,
+            } = outcome
+            else {
+                panic!("{} was refused: {outcome:?}", nb.key.name);
+            };
+            acquired += 1;
+            assert_eq!(action.backend_id, nb.id);
+            match store.key_lookup(&KeyRef::from(&nb.key)).await.unwrap() {
+                KeyLookup::Live { backend, .. } => {
+                    assert_eq!(backend.id, nb.id);
+                    assert_eq!(backend.fencing_token, fencing_token);
+                }
+                other => panic!("expected Live, got {other:?}"),
+            }
+            assert_eq!(store.backend_history(&nb.id).await.unwrap().len(), 1);
+        }
+        assert_eq!(acquired, 12);
+        assert!(store.backend(&held_again.id).await.unwrap().is_none());
+        assert_eq!(
+            store
+                .key_lookup(&KeyRef::from(&id_taken.key))
+                .await
+                .unwrap(),
+            KeyLookup::Missing
+        );
+        assert_eq!(store.pending_actions(drone, 100).await.unwrap().len(), 13);
     }
 
     pub async fn backend_id_taken_writes_nothing(h: Harness) {

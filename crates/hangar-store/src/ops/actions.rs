@@ -1,7 +1,7 @@
 //! Actions queued for drones: stored until the drone acknowledges them.
 
 use super::rows::json;
-use super::{commit, Conn, S};
+use super::{commit, placeholders, Conn, S};
 use crate::events::StoreEvent;
 use crate::model::NodeId;
 use crate::StoreResult;
@@ -16,17 +16,31 @@ pub(super) async fn insert_action(
     action: &ActionMessage,
     now: Millis,
 ) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO backend_action (action_id, backend_id, drone_id, action, created_at) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(action.action_id.as_str())
-    .bind(action.backend_id.as_str())
-    .bind(drone)
-    .bind(Json(action))
-    .bind(now.0)
-    .execute(conn)
-    .await?;
+    insert_actions(conn, &[(drone, action)], now).await
+}
+
+/// Queues `actions`, each for its drone, with one statement.
+pub(super) async fn insert_actions(
+    conn: &mut Conn,
+    actions: &[(NodeId, &ActionMessage)],
+    now: Millis,
+) -> StoreResult<()> {
+    let rows: Vec<String> = (0..actions.len())
+        .map(|i| format!("({}, $1)", placeholders(2 + 4 * i, 4)))
+        .collect();
+    let sql = format!(
+        "INSERT INTO backend_action (action_id, backend_id, drone_id, action, created_at) VALUES {}",
+        rows.join(", ")
+    );
+    let mut query = sqlx::query(&sql).bind(now.0);
+    for (drone, action) in actions {
+        query = query
+            .bind(action.action_id.as_str())
+            .bind(action.backend_id.as_str())
+            .bind(*drone)
+            .bind(Json(*action));
+    }
+    query.execute(conn).await?;
     Ok(())
 }
 

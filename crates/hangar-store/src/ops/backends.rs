@@ -5,11 +5,12 @@
 //! increasing even if the clock goes backwards; the unique `(namespace, name)` of `backend_key` makes
 //! the key single-holder, and a concurrent acquisition that loses is reported as [`Acquire::KeyHeld`].
 
-use super::actions::{ack_actions, insert_action};
+use super::actions::{ack_actions, insert_actions};
 use super::rows::{backend_row, inserted, json, parse, BACKEND_COLUMNS};
 use super::{commit, placeholders, tuples, Conn, Db, D, S};
 use crate::dialect::{millis_of, render, Announced, Unique};
 use crate::events::StoreEvent;
+use crate::group_commit::{all_or_each, Answers};
 use crate::model::*;
 use crate::{StoreError, StoreResult};
 use hangar_types::api::KeyConfig;
@@ -57,32 +58,96 @@ pub(super) async fn remove_expired_key(s: &S, key: &KeyRef) -> StoreResult<bool>
     Ok(deleted.rows_affected() > 0)
 }
 
+/// Group-committed ([`crate::group_commit`]): the spawns of concurrent connects are written by one
+/// transaction of a fixed number of statements ([`insert_backends_with_keys`]). Returns once this
+/// spawn is committed or refused.
 pub(super) async fn insert_backend_with_key(s: &S, new: NewBackend) -> StoreResult<Acquire> {
+    s.spawns
+        .write(new, |batch| all_or_each(s, batch, spawn_batch))
+        .await
+}
+
+fn spawn_batch<'a>(s: &'a S, news: Vec<&'a NewBackend>) -> Answers<'a, Acquire> {
+    Box::pin(insert_backends_with_keys(s, news))
+}
+
+/// Inserts the backends of `news` with their keys in one transaction, all or nothing, and answers
+/// each. A batch that is refused (an id or a key taken, or two of its spawns for one id or key) is
+/// written again one spawn at a time, so each gets the answer it would get alone.
+async fn insert_backends_with_keys(
+    s: &S,
+    news: Vec<&NewBackend>,
+) -> StoreResult<Vec<StoreResult<Acquire>>> {
+    if news.len() == 1 || distinct_ids_and_keys(&news) {
+        match spawn_together(s, &news).await? {
+            Ok(acquired) => return Ok(acquired.into_iter().map(Ok).collect()),
+            Err(refusal) if news.len() == 1 => return Ok(vec![Ok(refusal)]),
+            Err(_) => {}
+        }
+    }
+    let mut answers = Vec::with_capacity(news.len());
+    for new in news {
+        answers.push(match spawn_together(s, &[new]).await {
+            Ok(Ok(mut acquired)) => acquired
+                .pop()
+                .ok_or_else(|| StoreError::Corrupt("a spawn was not answered".into())),
+            Ok(Err(refusal)) => Ok(refusal),
+            Err(e) => Err(e),
+        });
+    }
+    Ok(answers)
+}
+
+/// Whether no two of `news` share a backend id or a key.
+fn distinct_ids_and_keys(news: &[&NewBackend]) -> bool {
+    let mut ids = std::collections::HashSet::new();
+    let mut keys = std::collections::HashSet::new();
+    news.iter().all(|new| {
+        ids.insert(new.id.as_str()) && keys.insert((&new.key.namespace, new.key.name.as_str()))
+    })
+}
+
+/// One transaction on the spawns' flush connection: every spawn of `news` acquired (in order), or
+/// the refusal (`KeyHeld`, `BackendIdTaken`) that rolled them all back.
+async fn spawn_together(s: &S, news: &[&NewBackend]) -> StoreResult<Result<Vec<Acquire>, Acquire>> {
+    let mut conn = s.flush_connection(&s.spawn_flush).await?;
+    let outcome = spawn_in(s, &mut conn, news).await;
+    conn.settle(outcome)
+}
+
+async fn spawn_in(
+    s: &S,
+    conn: &mut Conn,
+    news: &[&NewBackend],
+) -> StoreResult<Result<Vec<Acquire>, Acquire>> {
+    use sqlx::Connection as _;
     // Dropping `tx` without commit rolls everything back; refusals roll back explicitly first.
-    let mut tx = s.writer.begin().await?;
-    let (fencing_token, now) = next_fencing_token(&mut tx, s.clock(), &new.key).await?;
-    let Some((action, events)) = insert_spawn(&mut tx, &new, fencing_token, now, None).await?
-    else {
+    let mut tx = conn.begin().await?;
+    let keys: Vec<&KeyConfig> = news.iter().map(|new| &new.key).collect();
+    let (fencing_tokens, now) = next_fencing_tokens(&mut tx, s.clock(), &keys).await?;
+    let spawns: Vec<(&NewBackend, i64)> = news.iter().copied().zip(fencing_tokens).collect();
+    let Some((actions, events)) = insert_spawns(&mut tx, &spawns, now, None).await? else {
         tx.rollback().await?;
-        return Ok(Acquire::BackendIdTaken);
+        return Ok(Err(Acquire::BackendIdTaken));
     };
-    if !insert_key(
-        &mut tx,
-        &new.id,
-        &new.key,
-        now.0.saturating_add(s.key_lease_ms()),
-        fencing_token,
-    )
-    .await?
-    {
+    let leases: Vec<KeyLease> = spawns
+        .iter()
+        .map(|(new, fencing_token)| (&new.id, &new.key, *fencing_token))
+        .collect();
+    let expires_at = now.0.saturating_add(s.key_lease_ms());
+    if !insert_keys(&mut tx, &leases, expires_at).await? {
         tx.rollback().await?;
-        return Ok(Acquire::KeyHeld);
+        return Ok(Err(Acquire::KeyHeld));
     }
     commit(s, tx, events).await?;
-    Ok(Acquire::Acquired {
-        fencing_token,
-        action,
-    })
+    Ok(Ok(spawns
+        .iter()
+        .zip(actions)
+        .map(|((_, fencing_token), action)| Acquire::Acquired {
+            fencing_token: *fencing_token,
+            action,
+        })
+        .collect()))
 }
 
 /// Hands out the key's next fencing token (writing, so on PostgreSQL locking, its `key_fencing` row);
@@ -92,19 +157,63 @@ pub(super) async fn next_fencing_token(
     clock: i64,
     key: &KeyConfig,
 ) -> StoreResult<(i64, Millis)> {
-    let row = sqlx::query(sql!(
-        "INSERT INTO key_fencing (namespace, name, last_token) VALUES ($2, $3, {now}) \
-         ON CONFLICT (namespace, name) \
-         DO UPDATE SET last_token = {greatest}(excluded.last_token, key_fencing.last_token + 1) \
-         RETURNING last_token, {now} AS now"
-    ))
-    .bind(clock)
-    .bind(&key.namespace)
-    .bind(key.name.as_str())
-    .fetch_one(conn)
-    .await?;
-    Ok((row.try_get("last_token")?, Millis(row.try_get("now")?)))
+    let (mut tokens, now) = next_fencing_tokens(conn, clock, &[key]).await?;
+    let token = tokens
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("no fencing token was handed out".into()))?;
+    Ok((token, now))
 }
+
+/// [`next_fencing_token`] of each of `keys` (distinct), with one statement; in the order of `keys`.
+/// The rows are written in key order, so two batches on one database cannot deadlock.
+async fn next_fencing_tokens(
+    conn: &mut Conn,
+    clock: i64,
+    keys: &[&KeyConfig],
+) -> StoreResult<(Vec<i64>, Millis)> {
+    let mut sorted: Vec<(&str, &str)> = keys
+        .iter()
+        .map(|key| (key.namespace.as_str(), key.name.as_str()))
+        .collect();
+    sorted.sort_unstable();
+    let rows: Vec<String> = (0..sorted.len())
+        .map(|i| format!("(${}, ${}, {{now}})", 2 + 2 * i, 3 + 2 * i))
+        .collect();
+    let sql = render::<D>(&format!(
+        "INSERT INTO key_fencing (namespace, name, last_token) VALUES {} \
+         ON CONFLICT (namespace, name) \
+         DO UPDATE SET last_token = {{greatest}}(excluded.last_token, key_fencing.last_token + 1) \
+         RETURNING namespace, name, last_token, {{now}} AS now",
+        rows.join(", ")
+    ));
+    let mut query = sqlx::query(&sql).bind(clock);
+    for (namespace, name) in &sorted {
+        query = query.bind(*namespace).bind(*name);
+    }
+    let mut now = None;
+    let mut tokens = HashMap::new();
+    for row in query.fetch_all(&mut *conn).await? {
+        let key: (String, String) = (row.try_get("namespace")?, row.try_get("name")?);
+        tokens.insert(key, row.try_get::<i64, _>("last_token")?);
+        now = Some(Millis(row.try_get("now")?));
+    }
+    let now = now.ok_or_else(|| StoreError::Corrupt("no fencing token was handed out".into()))?;
+    let tokens = keys
+        .iter()
+        .map(|key| {
+            tokens
+                .get(&(key.namespace.clone(), key.name.to_string()))
+                .copied()
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("no fencing token for key {}", key.name))
+                })
+        })
+        .collect::<StoreResult<_>>()?;
+    Ok((tokens, now))
+}
+
+/// A key lease to insert: its backend, key and fencing token.
+type KeyLease<'a> = (&'a BackendId, &'a KeyConfig, i64);
 
 /// Inserts the key lease of `backend`; `false` if another backend holds the key.
 pub(super) async fn insert_key(
@@ -114,110 +223,138 @@ pub(super) async fn insert_key(
     expires_at: i64,
     fencing_token: i64,
 ) -> StoreResult<bool> {
-    let key_insert = sqlx::query(
-        "INSERT INTO backend_key (backend_id, namespace, name, tag, expires_at, fencing_token) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(backend.as_str())
-    .bind(&key.namespace)
-    .bind(key.name.as_str())
-    .bind(&key.tag)
-    .bind(expires_at)
-    .bind(fencing_token)
-    .execute(conn)
-    .await;
-    inserted(key_insert, Unique::KeyHolder)
+    insert_keys(conn, &[(backend, key, fencing_token)], expires_at).await
 }
 
-/// Inserts the backend row (an unclaimed backend of `warm`'s pool and generation, if given), its
-/// `scheduled` state and its spawn action; returns the action and the events to announce, or `None`
-/// if the backend id is taken.
-pub(super) async fn insert_spawn(
+/// Inserts `leases`, all expiring at `expires_at`, with one statement; `false` (nothing inserted) if
+/// another backend holds one of the keys.
+async fn insert_keys(
     conn: &mut Conn,
-    new: &NewBackend,
-    fencing_token: i64,
+    leases: &[KeyLease<'_>],
+    expires_at: i64,
+) -> StoreResult<bool> {
+    let rows: Vec<String> = (0..leases.len())
+        .map(|i| {
+            let p = 2 + 5 * i;
+            format!("({}, $1, ${})", placeholders(p, 4), p + 4)
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO backend_key (backend_id, namespace, name, tag, expires_at, fencing_token) \
+         VALUES {}",
+        rows.join(", ")
+    );
+    let mut query = sqlx::query(&sql).bind(expires_at);
+    for (backend, key, fencing_token) in leases {
+        query = query
+            .bind(backend.as_str())
+            .bind(&key.namespace)
+            .bind(key.name.as_str())
+            .bind(&key.tag)
+            .bind(*fencing_token);
+    }
+    inserted(query.execute(conn).await, Unique::KeyHolder)
+}
+
+/// Inserts the backend rows of `spawns` (each with its fencing token; unclaimed backends of `warm`'s
+/// pool and generation, if given), their `scheduled` states and their spawn actions, with one
+/// statement each; returns the actions (in order) and the events to announce, or `None` (nothing
+/// inserted) if a backend id is taken.
+pub(super) async fn insert_spawns(
+    conn: &mut Conn,
+    spawns: &[(&NewBackend, i64)],
     now: Millis,
     warm: Option<(&WarmPoolName, i64)>,
-) -> StoreResult<Option<(ActionMessage, Vec<Announced>)>> {
+) -> StoreResult<Option<(Vec<ActionMessage>, Vec<Announced>)>> {
     let state = BackendState::Scheduled;
-    let expiration_time = new
-        .lifetime_limit_seconds
-        .map(|secs| now.0.saturating_add(i64::from(secs).saturating_mul(1000)));
-    let backend_insert = sqlx::query(
+    // Shared by every row: $1 the time, $2–$4 the state, $5–$6 the warm pool; then 13 per backend.
+    let rows: Vec<String> = (0..spawns.len())
+        .map(|i| {
+            let p = 7 + 13 * i;
+            format!(
+                "({}, $2, $3, $1, $4, ${}, ${}, $1, {}, $1, $5, $6)",
+                placeholders(p, 8),
+                p + 8,
+                p + 9,
+                placeholders(p + 10, 3)
+            )
+        })
+        .collect();
+    let sql = format!(
         "INSERT INTO backend (id, cluster, pool, drone_id, key_namespace, key_name, key_tag, \
          fencing_token, last_status, last_status_number, last_status_time, state, static_token, \
          subdomain, created_at, max_idle_seconds, lifetime_limit_seconds, expiration_time, \
-         last_keepalive, warm_pool, warm_generation) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $11, $15, $16, $17, $11, \
-         $18, $19)",
-    )
-    .bind(new.id.as_str())
-    .bind(new.cluster.as_str())
-    .bind(&new.pool)
-    .bind(new.drone)
-    .bind(&new.key.namespace)
-    .bind(new.key.name.as_str())
-    .bind(&new.key.tag)
-    .bind(fencing_token)
-    .bind(state.status().as_str())
-    .bind(state.status().number())
-    .bind(now.0)
-    .bind(Json(&state))
-    .bind(new.static_token.as_ref().map(|t| t.as_str()))
-    .bind(&new.subdomain)
-    .bind(new.max_idle_seconds)
-    .bind(new.lifetime_limit_seconds)
-    .bind(expiration_time)
-    .bind(warm.map(|(pool, _)| pool.as_str()))
-    .bind(warm.map(|(_, generation)| generation))
-    .execute(&mut *conn)
-    .await;
-    if !inserted(backend_insert, Unique::BackendId)? {
+         last_keepalive, warm_pool, warm_generation) VALUES {}",
+        rows.join(", ")
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(now.0)
+        .bind(state.status().as_str())
+        .bind(state.status().number())
+        .bind(Json(&state))
+        .bind(warm.map(|(pool, _)| pool.as_str()))
+        .bind(warm.map(|(_, generation)| generation));
+    for (new, fencing_token) in spawns {
+        let expiration_time = new
+            .lifetime_limit_seconds
+            .map(|secs| now.0.saturating_add(i64::from(secs).saturating_mul(1000)));
+        query = query
+            .bind(new.id.as_str())
+            .bind(new.cluster.as_str())
+            .bind(&new.pool)
+            .bind(new.drone)
+            .bind(&new.key.namespace)
+            .bind(new.key.name.as_str())
+            .bind(&new.key.tag)
+            .bind(*fencing_token)
+            .bind(new.static_token.as_ref().map(|t| t.as_str()))
+            .bind(&new.subdomain)
+            .bind(new.max_idle_seconds)
+            .bind(new.lifetime_limit_seconds)
+            .bind(expiration_time);
+    }
+    if !inserted(query.execute(&mut *conn).await, Unique::BackendId)? {
         return Ok(None);
     }
-    let history_id = insert_history(conn, &new.id, &state, now).await?;
-    let action = ActionMessage {
-        action_id: ActionId::random(),
-        backend_id: new.id.clone(),
-        action: BackendAction::Spawn {
-            executable: new.executable.clone(),
-            key: AcquiredKey {
-                key: new.key.clone(),
-                deadlines: new.deadlines,
-                token: fencing_token,
+    let history: Vec<(&BackendId, &BackendState, Millis)> = spawns
+        .iter()
+        .map(|(new, _)| (&new.id, &state, now))
+        .collect();
+    let history_ids = insert_histories(conn, &history).await?;
+    let actions: Vec<ActionMessage> = spawns
+        .iter()
+        .map(|(new, fencing_token)| ActionMessage {
+            action_id: ActionId::random(),
+            backend_id: new.id.clone(),
+            action: BackendAction::Spawn {
+                executable: new.executable.clone(),
+                key: AcquiredKey {
+                    key: new.key.clone(),
+                    deadlines: new.deadlines,
+                    token: *fencing_token,
+                },
+                static_token: new.static_token.clone(),
             },
-            static_token: new.static_token.clone(),
-        },
-    };
-    insert_action(conn, new.drone, &action, now).await?;
-    let events = vec![
-        Announced::state(history_id, &new.id, &state, now),
-        StoreEvent::Action {
-            drone: new.drone,
-            action: action.clone(),
-        }
-        .into(),
-    ];
-    Ok(Some((action, events)))
-}
-
-/// Appends a state to the history; returns its row id.
-async fn insert_history(
-    conn: &mut Conn,
-    id: &BackendId,
-    state: &BackendState,
-    now: Millis,
-) -> StoreResult<i64> {
-    let history_id = sqlx::query_scalar(
-        "INSERT INTO backend_state (backend_id, state, created_at) VALUES ($1, $2, $3) \
-         RETURNING id",
-    )
-    .bind(id.as_str())
-    .bind(Json(state))
-    .bind(now.0)
-    .fetch_one(conn)
-    .await?;
-    Ok(history_id)
+        })
+        .collect();
+    let queued: Vec<(NodeId, &ActionMessage)> = spawns
+        .iter()
+        .zip(&actions)
+        .map(|((new, _), action)| (new.drone, action))
+        .collect();
+    insert_actions(conn, &queued, now).await?;
+    let mut events = Vec::with_capacity(2 * spawns.len());
+    for (((new, _), history_id), action) in spawns.iter().zip(history_ids).zip(&actions) {
+        events.push(Announced::state(history_id, &new.id, &state, now));
+        events.push(
+            StoreEvent::Action {
+                drone: new.drone,
+                action: action.clone(),
+            }
+            .into(),
+        );
+    }
+    Ok(Some((actions, events)))
 }
 
 pub(super) async fn backend(s: &S, id: &BackendId) -> StoreResult<Option<BackendRow>> {

@@ -2,7 +2,7 @@
 //! and their resolution to routes.
 
 use super::rows::{backend_row, json, parse, parsed, Row, BACKEND_COLUMNS};
-use super::{commit, placeholders, Db, D, S};
+use super::{commit, placeholders, Conn, Db, D, S};
 use crate::dialect::{millis_of, render, Dialect};
 use crate::events::StoreEvent;
 use crate::group_commit::{all_or_each, Answers};
@@ -25,7 +25,9 @@ pub(super) async fn insert_token(s: &S, token: NewToken) -> StoreResult<()> {
 
 fn insert_token_batch<'a>(s: &'a S, tokens: Vec<&'a NewToken>) -> Answers<'a, ()> {
     Box::pin(async move {
-        insert_tokens(&s.writer, s.clock(), &tokens).await?;
+        let mut conn = s.flush_connection(&s.token_flush).await?;
+        let inserted = insert_tokens(&mut *conn, s.clock(), &tokens).await;
+        conn.settle(inserted)?;
         let answers: Vec<StoreResult<()>> = tokens.iter().map(|_| Ok(())).collect();
         Ok::<_, StoreError>(answers)
     })
@@ -79,39 +81,9 @@ fn reuse_batch<'a>(s: &'a S, reuses: Vec<&'a KeyReuse>) -> Answers<'a, Reuse> {
 /// SQLite: the lookup, then one insert, on the single writer connection, so that no other write comes
 /// between them.
 async fn reuse_keys(s: &S, reuses: Vec<&KeyReuse>) -> StoreResult<Vec<StoreResult<Reuse>>> {
-    let clock = s.clock();
-    let found = found_cte(reuses.len());
-    let rows = if D::SPELLING.modifying_ctes {
-        let sql = render::<D>(&format!(
-            "{found}, issued AS (\
-             INSERT INTO token (token, backend_id, secret, username, auth, expires_at) \
-             SELECT r.token, f.id, r.secret, r.username, r.auth, {{now}} + r.lifetime \
-             FROM found f JOIN r ON r.i = f.i WHERE f.reused AND f.static_token IS NULL) \
-             SELECT * FROM found"
-        ));
-        bind_reuses(sqlx::query(&sql), clock, &reuses)
-            .fetch_all(&s.writer)
-            .await?
-    } else {
-        let sql = render::<D>(&format!("{found} SELECT * FROM found"));
-        let mut conn = s.writer.acquire().await?;
-        let rows = bind_reuses(sqlx::query(&sql), clock, &reuses)
-            .fetch_all(&mut *conn)
-            .await?;
-        let mut tokens = Vec::new();
-        for row in &rows {
-            if row.try_get::<bool, _>("reused")?
-                && row.try_get::<Option<String>, _>("static_token")?.is_none()
-            {
-                let i = index(row, reuses.len())?;
-                tokens.push(reuses[i].token_for(parsed(row, "id", "backend id")?));
-            }
-        }
-        if !tokens.is_empty() {
-            insert_tokens(&mut *conn, clock, &tokens.iter().collect::<Vec<_>>()).await?;
-        }
-        rows
-    };
+    let mut conn = s.flush_connection(&s.reuse_flush).await?;
+    let rows = look_up_and_issue(&mut conn, s.clock(), &reuses).await;
+    let rows = conn.settle(rows)?;
     let mut answers: Vec<StoreResult<Reuse>> = (0..reuses.len())
         .map(|_| Ok(Reuse::NotReused(KeyLookup::Missing)))
         .collect();
@@ -119,6 +91,44 @@ async fn reuse_keys(s: &S, reuses: Vec<&KeyReuse>) -> StoreResult<Vec<StoreResul
         answers[index(row, reuses.len())?] = reuse_answer(row);
     }
     Ok(answers)
+}
+
+/// The statements of [`reuse_keys`] on `conn`; returns the `found` rows.
+async fn look_up_and_issue(
+    conn: &mut Conn,
+    clock: i64,
+    reuses: &[&KeyReuse],
+) -> StoreResult<Vec<Row>> {
+    let found = found_cte(reuses.len());
+    if D::SPELLING.modifying_ctes {
+        let sql = render::<D>(&format!(
+            "{found}, issued AS (\
+             INSERT INTO token (token, backend_id, secret, username, auth, expires_at) \
+             SELECT r.token, f.id, r.secret, r.username, r.auth, {{now}} + r.lifetime \
+             FROM found f JOIN r ON r.i = f.i WHERE f.reused AND f.static_token IS NULL) \
+             SELECT * FROM found"
+        ));
+        return Ok(bind_reuses(sqlx::query(&sql), clock, reuses)
+            .fetch_all(&mut *conn)
+            .await?);
+    }
+    let sql = render::<D>(&format!("{found} SELECT * FROM found"));
+    let rows = bind_reuses(sqlx::query(&sql), clock, reuses)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut tokens = Vec::new();
+    for row in &rows {
+        if row.try_get::<bool, _>("reused")?
+            && row.try_get::<Option<String>, _>("static_token")?.is_none()
+        {
+            let i = index(row, reuses.len())?;
+            tokens.push(reuses[i].token_for(parsed(row, "id", "backend id")?));
+        }
+    }
+    if !tokens.is_empty() {
+        insert_tokens(&mut *conn, clock, &tokens.iter().collect::<Vec<_>>()).await?;
+    }
+    Ok(rows)
 }
 
 /// `WITH r, found`: `r` holds the `n` reuses (bound by [`bind_reuses`]), `found` their keys: per key

@@ -6,7 +6,7 @@
 //! claim holds (`SKIP LOCKED`). A warm backend gets a key only inside [`claim_warm_backend`], which
 //! clears its `warm_pool` in the same transaction: at most one key per warm backend, ever.
 
-use super::backends::{insert_key, insert_spawn, next_fencing_token, read_backend};
+use super::backends::{insert_key, insert_spawns, next_fencing_token, read_backend};
 use super::rows::{age, count, json, parsed};
 use super::{commit, Conn, S};
 use crate::model::*;
@@ -192,10 +192,14 @@ pub(super) async fn insert_warm_backend(s: &S, new: NewWarmBackend) -> StoreResu
         lifetime_limit_seconds: None,
     };
     let warm = Some((&new.pool, new.generation));
-    let Some((action, events)) = insert_spawn(&mut tx, &backend, 0, now, warm).await? else {
+    let Some((mut actions, events)) = insert_spawns(&mut tx, &[(&backend, 0)], now, warm).await?
+    else {
         // A collision of two random ids; the next pass tries another.
         return Ok(WarmInsert::Full);
     };
+    let action = actions
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("a warm spawn queued no action".into()))?;
     commit(s, tx, events).await?;
     Ok(WarmInsert::Inserted { action })
 }

@@ -1,0 +1,127 @@
+//! The connection a group-committed batch ([`crate::group_commit`]) is written on.
+//!
+//! A statement on a pooled connection costs sqlx three round trips: a ping when the connection is
+//! acquired (`test_before_acquire`), the statement, and a ping when it is released (`sqlx-core` 0.8,
+//! `pool/connection.rs`, "test the connection on-release", unconditional; run in a task of its own,
+//! so it holds the connection rather than the caller). A batch's leader, which every caller in the
+//! batch waits for, writes instead on a connection of its own where the dialect allows it
+//! ([`crate::dialect::Dialect::OWN_FLUSH_CONNECTION`]; PostgreSQL: one per kind of batch, outside the
+//! pool, opened on first use with the pool's options), so a batch is one round trip. Where it does not
+//! (SQLite, whose writes all take turns on the single writer connection), the leader uses the pool.
+//!
+//! Invariant: an own connection goes back to its slot only after a statement on it completed —
+//! answered, or refused by the database (an error response leaves the protocol in step). A flush
+//! dropped mid-exchange (the caller's deadline, a client gone) or failing on the link drops the
+//! connection, and the next flush opens a new one, so no statement runs on a connection left
+//! mid-exchange. This is what the pool's release ping and release check ([`crate::deadline`]) give the
+//! pooled connections.
+
+use crate::{StoreError, StoreResult};
+use sqlx::pool::PoolConnection;
+use sqlx::{ConnectOptions, Connection, Database, Pool};
+use std::ops::{Deref, DerefMut};
+use tokio::sync::{Mutex, MutexGuard};
+
+/// Where one kind of batch keeps its own connection between flushes.
+pub(crate) struct FlushSlot<DB: Database> {
+    conn: Mutex<Option<DB::Connection>>,
+}
+
+impl<DB: Database> Default for FlushSlot<DB> {
+    fn default() -> Self {
+        FlushSlot {
+            conn: Mutex::new(None),
+        }
+    }
+}
+
+impl<DB: Database> std::fmt::Debug for FlushSlot<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlushSlot").finish_non_exhaustive()
+    }
+}
+
+impl<DB: Database> FlushSlot<DB> {
+    /// The connection to write a batch on: this slot's own (`own`; opened with `pool`'s options if
+    /// there is none), or one of `pool`. Fails with `PoolClosed` once `pool` is closed.
+    pub(crate) async fn connection(
+        &self,
+        pool: &Pool<DB>,
+        own: bool,
+    ) -> StoreResult<FlushConnection<'_, DB>> {
+        if !own {
+            return Ok(FlushConnection::Pooled(pool.acquire().await?));
+        }
+        // Only the leader of this slot's batches locks it (the flush lock serializes them), so this
+        // never waits.
+        let mut slot = self.conn.lock().await;
+        if pool.is_closed() {
+            return Err(sqlx::Error::PoolClosed.into());
+        }
+        let conn = match slot.take() {
+            Some(conn) => conn,
+            None => {
+                let timeout = pool.options().get_acquire_timeout();
+                tokio::time::timeout(timeout, pool.connect_options().connect())
+                    .await
+                    .map_err(|_| sqlx::Error::PoolTimedOut)??
+            }
+        };
+        Ok(FlushConnection::Own { conn, slot })
+    }
+
+    /// Closes the own connection, if any (the store is closing).
+    pub(crate) async fn close(&self) {
+        if let Some(conn) = self.conn.lock().await.take() {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// A connection a batch is being written on (derefs to it); see [`FlushConnection::settle`].
+pub(crate) enum FlushConnection<'s, DB: Database> {
+    Pooled(PoolConnection<DB>),
+    Own {
+        conn: DB::Connection,
+        slot: MutexGuard<'s, Option<DB::Connection>>,
+    },
+}
+
+impl<DB: Database> FlushConnection<'_, DB> {
+    /// Ends the use of the connection with the outcome of its last statement: an own connection goes
+    /// back to its slot if the statement completed (succeeded, or was refused by the database), and
+    /// is dropped otherwise; a pooled one goes back to the pool.
+    pub(crate) fn settle<T>(self, outcome: StoreResult<T>) -> StoreResult<T> {
+        if let FlushConnection::Own { conn, mut slot } = self {
+            let completed = match &outcome {
+                Ok(_) => true,
+                Err(StoreError::Database(e)) => e.as_database_error().is_some(),
+                Err(_) => false,
+            };
+            if completed {
+                *slot = Some(conn);
+            }
+        }
+        outcome
+    }
+}
+
+impl<DB: Database> Deref for FlushConnection<'_, DB> {
+    type Target = DB::Connection;
+
+    fn deref(&self) -> &DB::Connection {
+        match self {
+            FlushConnection::Pooled(conn) => conn,
+            FlushConnection::Own { conn, .. } => conn,
+        }
+    }
+}
+
+impl<DB: Database> DerefMut for FlushConnection<'_, DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        match self {
+            FlushConnection::Pooled(conn) => conn,
+            FlushConnection::Own { conn, .. } => conn,
+        }
+    }
+}
