@@ -67,8 +67,6 @@ fn parse_executor(s: &str) -> Result<ExecutorKind, String> {
 }
 
 fn main() -> ExitCode {
-    // The in-process drones start their backends through this binary, as `hangar` does.
-    hangar_drone::exec_wrapper::init();
     let args = Args::parse();
     hangar_bench::sql_statements::install_tracing();
     match run(args) {

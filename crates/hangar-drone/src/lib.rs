@@ -21,7 +21,6 @@ mod session;
 mod supervisor;
 
 pub use config::{DockerLogConfig, DroneConfig, DroneConfigError};
-pub use executor::process::exec_wrapper;
 
 use anyhow::Context;
 use executor::{DockerExecutor, Executor, ProcessExecutor, SocketExecutor};

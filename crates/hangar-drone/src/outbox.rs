@@ -275,6 +275,20 @@ impl Outbox {
         state: &BackendState,
         now: Millis,
     ) -> Result<i64, OutboxError> {
+        self.record_state_with_runtime(backend, state, None, now)
+            .await
+    }
+
+    /// [`record_state`](Self::record_state), and with `runtime` also
+    /// [`set_runtime`](Self::set_runtime) in the same transaction (one commit: a started backend's
+    /// record and its `waiting` state).
+    pub async fn record_state_with_runtime(
+        &self,
+        backend: &BackendId,
+        state: &BackendState,
+        runtime: Option<&serde_json::Value>,
+        now: Millis,
+    ) -> Result<i64, OutboxError> {
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO backend (id, status, state, updated_at) VALUES (?, ?, ?, ?)
@@ -287,6 +301,13 @@ impl Outbox {
         .bind(now.0)
         .execute(&mut *tx)
         .await?;
+        if let Some(runtime) = runtime {
+            sqlx::query("UPDATE backend SET runtime = ? WHERE id = ?")
+                .bind(to_json(runtime)?)
+                .bind(backend.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
         let event_id = insert_event(&mut tx, backend, state, now).await?;
         tx.commit().await?;
         self.latest.send_replace(event_id);
@@ -644,6 +665,40 @@ mod tests {
                 outbox.insert_spawn(&id, &spawn, Millis(200)).await.unwrap(),
                 SpawnInsert::Inserted
             );
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn runtime_is_stored_with_the_state() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let outbox = Outbox::open(None).await.unwrap();
+            let id = BackendId::random();
+            outbox
+                .insert_spawn(&id, &spawn_record(), Millis(1))
+                .await
+                .unwrap();
+            let runtime = json!({"pid": 7});
+            let event = outbox
+                .record_state_with_runtime(&id, &ready(), Some(&runtime), Millis(2))
+                .await
+                .unwrap();
+            assert_eq!(*outbox.subscribe().borrow(), event);
+            assert_eq!(
+                statuses(&outbox).await.last(),
+                Some(&(event, BackendStatus::Ready))
+            );
+            let stored = outbox.backend(&id).await.unwrap().unwrap();
+            assert_eq!(stored.runtime, Some(runtime));
+            assert_eq!(stored.state, ready());
+            // Without one, the stored runtime stays.
+            outbox
+                .record_state_with_runtime(&id, &BackendState::Loading, None, Millis(3))
+                .await
+                .unwrap();
+            let stored = outbox.backend(&id).await.unwrap().unwrap();
+            assert_eq!(stored.runtime, Some(json!({"pid": 7})));
         })
         .await
         .unwrap();

@@ -241,8 +241,6 @@ fn parse(args: &[String]) -> Cli {
 }
 
 fn main() -> ExitCode {
-    // First: started as the exec wrapper of a process backend, this process becomes the backend.
-    hangar_drone::exec_wrapper::init();
     hangar_types::set_git_hash(env!("HANGAR_GIT_HASH"));
     let args: Vec<String> = std::env::args().collect();
     // Before anything reads the environment, and while this is the only thread.

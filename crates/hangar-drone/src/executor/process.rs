@@ -6,7 +6,7 @@
 //! grandchild outlives its backend), and has its stdout/stderr logged at debug level, kept (last
 //! [`LOG_LINES`] lines) and, with a [`LogWriter`], captured line by line into the drone's log store. A
 //! backend dies with the drone process however it ends, SIGKILL included ([`spawner`]: the
-//! parent-death signal). Child processes cannot be re-adopted by a restarted drone: `reattach` kills
+//! parent-death signal, set in a `posix_spawn`-like child of the drone). Child processes cannot be re-adopted by a restarted drone: `reattach` kills
 //! what is left (when the recorded pid still names the same process) and reports the backend gone.
 //! Variables starting with `HANGAR_` (which may carry drone credentials) are not passed on.
 
@@ -20,20 +20,19 @@ use hangar_types::{BackendId, TerminationKind};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use spawner::BackendChild;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use super::log_lines::LOG_LINES;
 
-pub mod exec_wrapper;
 mod spawner;
 
 pub struct ProcessExecutor {
@@ -42,9 +41,6 @@ pub struct ProcessExecutor {
     /// Fired at shutdown: every still-running child is killed and log readers stop.
     cancel: CancellationToken,
     logs: Option<LogWriter>,
-    /// The program that starts backends with their parent-death signal ([`exec_wrapper`]); `None`:
-    /// the drone forks them itself.
-    exec_wrapper: Option<PathBuf>,
 }
 
 impl ProcessExecutor {
@@ -55,15 +51,7 @@ impl ProcessExecutor {
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
             logs: None,
-            exec_wrapper: exec_wrapper::installed().map(Path::to_path_buf),
         }
-    }
-
-    /// Starts backends through `wrapper`, a program whose `main` calls [`exec_wrapper::init`]
-    /// first (by default: this process's executable when it called `init`).
-    pub fn with_exec_wrapper(mut self, wrapper: impl Into<PathBuf>) -> Self {
-        self.exec_wrapper = Some(wrapper.into());
-        self
     }
 
     /// Captures every backend's output into `logs`.
@@ -107,34 +95,17 @@ impl Executor for ProcessExecutor {
         let exe = process_executable(spec)?;
         let program = resolve_program(exe)?;
         let port = free_port()?;
-        let mut spawn = spawner::Spawn::new(&program, &exe.command, self.exec_wrapper.as_deref());
-        let command = spawn.command();
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("HANGAR_") {
-                command.env_remove(name);
-            }
-        }
-        command.envs(&exe.env).envs(spec.contract_env(port));
-        if let Some(cwd) = &exe.cwd {
-            command.current_dir(cwd);
-        }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+        let spawn = spawner::Spawn {
+            program: &program,
+            argv: &exe.command,
+            env: backend_env(exe, spec, port),
+            cwd: exe.cwd.as_deref().map(Path::new),
+        };
         let mut child = spawn.start().await.map_err(|source| ExecutorError::Spawn {
             program: exe.command.first().cloned().unwrap_or_default(),
             source,
         })?;
-        let Some(pid) = child.id() else {
-            // Only possible when the child was already reaped, which `spawn` never does.
-            return Err(ExecutorError::Spawn {
-                program: exe.command.first().cloned().unwrap_or_default(),
-                source: std::io::Error::other("the process has no pid"),
-            });
-        };
+        let pid = child.id();
         let record = ProcessRecord {
             pid,
             start_time: process_start_time(pid),
@@ -273,6 +244,23 @@ impl RunningBackend for RunningProcess {
     }
 }
 
+/// The drone's environment without its `HANGAR_*` variables, then the executable's, then the
+/// backend contract's (a later one wins).
+fn backend_env(
+    exe: &ProcessExecutable,
+    spec: &BackendSpec,
+    port: u16,
+) -> BTreeMap<OsString, OsString> {
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+        .filter(|(name, _)| !name.to_string_lossy().starts_with("HANGAR_"))
+        .collect();
+    let own = exe.env.iter().map(|(k, v)| (k.as_str(), v.clone()));
+    for (name, value) in own.chain(spec.contract_env(port)) {
+        env.insert(name.into(), value.into());
+    }
+    env
+}
+
 fn pid_of(pid: u32) -> Pid {
     Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
 }
@@ -293,20 +281,16 @@ struct Output {
 /// signal is never sent to a reaped (possibly recycled) pid. Once it exited and its output is
 /// captured, its log ends and the exit is reported.
 async fn run_process(
-    mut child: Child,
+    mut child: BackendChild,
     backend: BackendId,
     (mut signals, exit): (mpsc::Receiver<Signal>, watch::Sender<Option<Option<i32>>>),
     output: Output,
     cancel: CancellationToken,
 ) {
-    let group = child.id().map(pid_of);
-    let signal_group = |signal: Signal| {
-        if let Some(group) = group {
-            match killpg(group, signal) {
-                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-                Err(e) => tracing::warn!(%backend, %signal, error = %e, "Failed to signal backend"),
-            }
-        }
+    let group = pid_of(child.id());
+    let signal_group = |signal: Signal| match killpg(group, signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(%backend, %signal, error = %e, "Failed to signal backend"),
     };
     // `wait` is woken by SIGCHLD; the periodic `try_wait` is a backstop for a missed wakeup (seen
     // when many runtimes in one process reap children concurrently, as in the test suite).
@@ -330,7 +314,7 @@ async fn run_process(
     // Whatever the main process left behind in its group goes with it.
     signal_group(Signal::SIGKILL);
     let code = match status {
-        Ok(status) => status.code().or_else(|| status.signal().map(|s| 128 + s)),
+        Ok(code) => Some(code),
         Err(e) => {
             tracing::warn!(%backend, error = %e, "Failed to wait for backend process");
             None

@@ -169,8 +169,14 @@ impl BackendTask {
     /// Supervises a started backend until it exits. `outlives` tells whether it survives the drone.
     async fn run_started(&mut self, started: Started, outlives: bool) {
         let Started { address, backend } = started;
-        self.save_runtime(Some(backend.record())).await;
-        self.apply(Transition::Wait { address }).await;
+        // Stored with `waiting`, in one commit; alone when the state does not move (re-adopted).
+        let runtime = backend.record();
+        if !self
+            .apply_storing(Transition::Wait { address }, Some(&runtime))
+            .await
+        {
+            self.save_runtime(Some(runtime)).await;
+        }
         // A re-adopted backend may already be terminating: act on it again.
         match self.state {
             BackendState::Terminating { .. } => self.signal(&*backend, TerminationKind::Soft).await,
@@ -322,6 +328,15 @@ impl BackendTask {
 
     /// Moves the state machine; records and returns `true` when the state changed.
     async fn apply(&mut self, transition: Transition) -> bool {
+        self.apply_storing(transition, None).await
+    }
+
+    /// [`apply`](Self::apply), storing the backend's `runtime` record with the new state.
+    async fn apply_storing(
+        &mut self,
+        transition: Transition,
+        runtime: Option<&serde_json::Value>,
+    ) -> bool {
         let next = match self.state.apply(transition) {
             Ok(next) if next == self.state => return false,
             Ok(next) => next,
@@ -339,16 +354,16 @@ impl BackendTask {
         }
         self.state = next;
         tracing::info!(backend = %self.id, status = %self.state.status(), "Backend state changed");
-        self.record().await;
+        self.record(runtime).await;
         true
     }
 
-    async fn record(&self) {
+    async fn record(&self, runtime: Option<&serde_json::Value>) {
         let outbox = &self.supervisors.inner.outbox;
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=RECORD_ATTEMPTS {
             match outbox
-                .record_state(&self.id, &self.state, Millis::now())
+                .record_state_with_runtime(&self.id, &self.state, runtime, Millis::now())
                 .await
             {
                 Ok(_) => return,

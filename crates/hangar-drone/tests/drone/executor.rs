@@ -35,22 +35,13 @@ fn backend_spec(env: &[(&str, &str)]) -> BackendSpec {
     probe::spec(hangar_test_support::process_executable(env))
 }
 
-/// A process executor that starts backends through the exec wrapper, as the `hangar` binary's do.
 fn process_executor() -> ProcessExecutor {
-    forking_process_executor().with_exec_wrapper(crate::exec_wrapper::WRAPPER)
-}
-
-/// A process executor of a process without the exec wrapper (this test binary): it forks.
-fn forking_process_executor() -> ProcessExecutor {
     ProcessExecutor::new(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
 /// Runs `test` with [`TEST_TIMEOUT`] on a process executor, and shuts the executor down after it.
 async fn with_executor(test: impl AsyncFnOnce(&ProcessExecutor)) {
-    with_this_executor(process_executor(), test).await;
-}
-
-async fn with_this_executor(executor: ProcessExecutor, test: impl AsyncFnOnce(&ProcessExecutor)) {
+    let executor = process_executor();
     timeout(TEST_TIMEOUT, async {
         test(&executor).await;
         executor.shutdown().await;
@@ -77,19 +68,13 @@ async fn backend_gets_its_environment_and_stops_on_sigterm() {
     with_executor(environment_and_sigterm).await
 }
 
-#[tokio::test]
-async fn forked_backend_gets_its_environment_and_stops_on_sigterm() {
-    with_this_executor(forking_process_executor(), environment_and_sigterm).await
-}
-
 async fn environment_and_sigterm(executor: &ProcessExecutor) {
     let spec = backend_spec(&[("GREETING", "hello"), ("PORT", "1")]);
     executor.prepare(&spec).await.unwrap();
     let started = executor.start(&spec).await.unwrap();
     assert_eq!(started.address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
     let env = get_json(started.address, "/env").await;
-    // The backend program itself, a child of this process (a wrapper replaced itself with it,
-    // which it has once the backend answers).
+    // The backend program itself, a child of this process.
     let pid = started.backend.record()["pid"].as_u64().unwrap();
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(

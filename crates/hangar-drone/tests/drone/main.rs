@@ -6,12 +6,12 @@
 
 mod docker;
 mod drive;
-mod exec_wrapper;
 mod executor;
 mod fake_controller;
 mod metrics;
 mod probe;
 mod session;
+mod spawn;
 mod test_backend;
 
 pub use hangar_test_support::init_tracing;
