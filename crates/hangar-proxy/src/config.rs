@@ -35,6 +35,9 @@ pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default for [`ProxyConfig::cert_reload_interval`]: 5 seconds.
 pub const DEFAULT_CERT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The most [`ProxyConfig::workers`] (threads, each with a listening socket per listener).
+pub const MAX_WORKERS: usize = 1024;
+
 /// Durations are written as a number of seconds (fractions allowed, e.g. `0.5`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,6 +130,11 @@ pub struct ProxyConfig {
     /// listener: the public proxy port never serves them. Default: none (off).
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Threads that serve client connections, each with its own event loop and its own listening
+    /// socket (`SO_REUSEPORT`); a connection and the backend connection it keeps stay on one
+    /// thread. `0` means one per available core. Default: 0.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 fn default_route_wait() -> Duration {
@@ -186,6 +194,7 @@ impl ProxyConfig {
             acme: None,
             renew_before: DEFAULT_RENEW_BEFORE,
             metrics_addr: None,
+            workers: 0,
         }
     }
 
@@ -231,6 +240,9 @@ impl ProxyConfig {
             if value == 0 {
                 return Err(ConfigError::ZeroLimit(field));
             }
+        }
+        if self.workers > MAX_WORKERS {
+            return Err(ConfigError::TooManyWorkers(self.workers));
         }
         // The semaphore that enforces the limit cannot hold more permits than this.
         if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
@@ -280,6 +292,8 @@ pub enum ConfigError {
     DurationTooLong(&'static str),
     #[error("`{0}` must be at least 1")]
     ZeroLimit(&'static str),
+    #[error("`workers` must be at most 1024, got {0}")]
+    TooManyWorkers(usize),
     #[error("`max_connections` is too large: {0}")]
     TooManyConnections(usize),
     #[error("`max_header_bytes` must be between 8192 and 4294967295, got {0}")]
@@ -314,6 +328,7 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(20));
         assert_eq!(c.renew_before, DEFAULT_RENEW_BEFORE);
         assert_eq!(c.cert_reload_interval, Duration::from_secs(5));
+        assert_eq!(c.workers, 0);
         assert!(c.cert_path.is_none() && c.acme.is_none());
         assert!(c.validate().is_ok());
 
@@ -367,6 +382,14 @@ mod tests {
         c.max_header_bytes = 8191;
         assert_eq!(c.validate(), Err(ConfigError::InvalidMaxHeaderBytes(8191)));
         c.max_header_bytes = 8192;
+        assert!(c.validate().is_ok());
+        let mut c = fresh();
+        c.workers = MAX_WORKERS + 1;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::TooManyWorkers(MAX_WORKERS + 1))
+        );
+        c.workers = MAX_WORKERS;
         assert!(c.validate().is_ok());
         let c = ProxyConfig::new("ftp://x/".parse().unwrap(), "x".parse().unwrap());
         assert!(matches!(

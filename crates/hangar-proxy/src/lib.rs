@@ -39,6 +39,7 @@ mod session;
 mod tls;
 mod upgrade;
 mod upstream;
+mod workers;
 mod ws_frames;
 
 pub use acme::{
@@ -53,7 +54,8 @@ pub use config::{
     ConfigError, ProxyConfig, DEFAULT_CERT_RELOAD_INTERVAL, DEFAULT_HEADER_READ_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_RENEW_BEFORE, DEFAULT_ROUTE_WAIT_TIMEOUT,
-    DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPSTREAM_CONNECT_TIMEOUT, MAX_DURATION, MIN_MAX_HEADER_BYTES,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPSTREAM_CONNECT_TIMEOUT, MAX_DURATION, MAX_WORKERS,
+    MIN_MAX_HEADER_BYTES,
 };
 pub use connection_tracker::ConnectionCounts;
 pub use headers::{server_header_value, X_HANGAR_BACKEND_ID, X_PLANE_BACKEND_ID};
@@ -76,7 +78,6 @@ use std::sync::Arc;
 use tls::TlsState;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -117,6 +118,8 @@ pub(crate) struct ProxyState {
     cert_file_errors: AtomicU64,
     /// The Prometheus series (served on the metrics listener, if any).
     metrics: prometheus::ProxyMetrics,
+    /// Client connections each worker accepted (`workers.rs`), indexed by worker.
+    accepted_per_worker: Box<[AtomicU64]>,
 }
 
 impl ProxyState {
@@ -179,6 +182,7 @@ pub async fn start_with_listeners(
     connector.set_nodelay(true);
 
     let config_max_connections = config.max_connections;
+    let worker_count = workers::worker_count(config.workers);
     let cancel = CancellationToken::new();
     let drain = cancel.child_token();
     let going_away = cancel.child_token();
@@ -217,6 +221,7 @@ pub async fn start_with_listeners(
         acme_failures: AtomicU64::new(0),
         cert_file_errors: AtomicU64::new(0),
         metrics,
+        accepted_per_worker: (0..worker_count).map(|_| AtomicU64::new(0)).collect(),
     });
     let https_kind = match &listeners.https {
         Some(_) => Some(start_tls(&state, &cancel).await?),
@@ -242,21 +247,19 @@ pub async fn start_with_listeners(
         Some(_) => ListenerKind::Redirect,
         None => ListenerKind::Http,
     };
-    let mut accept = vec![tasks.spawn(server::run_accept_loop(
-        listeners.http,
-        http_kind,
-        state.clone(),
-        drain.clone(),
-    ))];
+    let mut served = vec![(listeners.http, http_kind)];
     if let (Some(https), Some(kind)) = (listeners.https, https_kind) {
-        accept.push(tasks.spawn(server::run_accept_loop(
-            https,
-            kind,
-            state.clone(),
-            drain.clone(),
-        )));
+        served.push((https, kind));
     }
-    tracing::info!(%local_addr, ?https_addr, name = %state.config.name, cluster = %state.config.cluster, "Proxy started");
+    let worker_handles = match workers::start_workers(&state, served, worker_count, &drain) {
+        Ok(handles) => handles,
+        Err(error) => {
+            // Stops what was started above, workers included.
+            cancel.cancel();
+            return Err(error);
+        }
+    };
+    tracing::info!(%local_addr, ?https_addr, workers = worker_count, name = %state.config.name, cluster = %state.config.cluster, "Proxy started");
     if let Some(addr) = metrics_addr {
         tracing::info!(%addr, "Proxy metrics at http://{addr}/metrics");
     }
@@ -269,7 +272,7 @@ pub async fn start_with_listeners(
         drain,
         going_away,
         tasks,
-        accept,
+        workers: worker_handles,
     })
 }
 
@@ -352,6 +355,12 @@ impl ProxyMonitor {
             .saturating_sub(self.state.connection_slots.available_permits())
     }
 
+    /// Client connections accepted so far by each connection worker (one entry per worker).
+    pub fn accepted_per_worker(&self) -> Vec<u64> {
+        let accepted = &self.state.accepted_per_worker;
+        accepted.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+    }
+
     /// Running WebSocket (upgraded) tunnels.
     pub fn open_tunnels(&self) -> usize {
         self.state.tunnels.len()
@@ -393,7 +402,8 @@ pub struct ProxyHandle {
     /// After the drain: close WebSocket tunnels with a close frame.
     going_away: CancellationToken,
     tasks: TaskTracker,
-    accept: Vec<JoinHandle<()>>,
+    /// The connection workers (`workers.rs`).
+    workers: Vec<workers::WorkerHandle>,
 }
 
 impl ProxyHandle {
@@ -464,8 +474,8 @@ impl ProxyHandle {
     pub async fn shutdown(mut self) {
         tracing::info!("Proxy shutting down");
         self.drain.cancel();
-        for accept in self.accept.drain(..) {
-            let _ = accept.await;
+        for worker in &mut self.workers {
+            worker.drained().await;
         }
         self.going_away.cancel();
         let tunnels = &self.monitor.state.tunnels;
@@ -481,6 +491,9 @@ impl ProxyHandle {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        for worker in self.workers.drain(..) {
+            worker.exited().await;
+        }
         tracing::info!("Proxy stopped");
     }
 }

@@ -76,13 +76,15 @@ pub(crate) struct ClientConnection {
     _slot: OwnedSemaphorePermit,
 }
 
-/// Accepts connections until `drain` fires; then stops accepting (the listener is closed, so new
-/// connections are refused), tells open connections to close after their current exchange and waits
-/// up to `shutdown_grace` for them. Upgraded tunnels are not waited for here.
+/// Accepts connections for connection worker `worker` (`workers.rs`) until `drain` fires; then stops
+/// accepting (the listener is closed, so new connections are refused), tells open connections to
+/// close after their current exchange and waits up to `shutdown_grace` for them. Upgraded tunnels
+/// are not waited for here.
 pub(crate) async fn run_accept_loop(
     listener: TcpListener,
     kind: ListenerKind,
     state: Arc<ProxyState>,
+    worker: usize,
     drain: CancellationToken,
 ) {
     let builder = Arc::new(connection_builder(&state.config));
@@ -105,6 +107,9 @@ pub(crate) async fn run_accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        if let Some(accepted) = state.accepted_per_worker.get(worker) {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let slot = match state.connection_slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {

@@ -302,6 +302,10 @@ pub struct ProxyArgs {
     /// listener, never the public proxy port. Default: off.
     #[arg(long, env = "HANGAR_PROXY_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Threads serving client connections, each with its own listening socket; 0 = one per
+    /// available core. Default: 0.
+    #[arg(long, env = "HANGAR_PROXY_WORKERS")]
+    pub workers: Option<usize>,
     /// HTTPS and certificates (boxed: they are most of the size of the arguments).
     #[command(flatten)]
     pub tls: Box<crate::proxy_tls::ProxyTlsArgs>,
@@ -397,6 +401,7 @@ impl ProxyArgs {
         layers.set("name", self.name.as_ref())?;
         layers.set("root_redirect_url", self.root_redirect_url.as_ref())?;
         layers.set("metrics_addr", self.metrics_addr.as_ref())?;
+        layers.set("workers", self.workers.as_ref())?;
         let mut config: ProxyConfig = layers.build("proxy")?;
         self.tls.apply(&mut config)?;
         crate::proxy_tls::ProxySetup::new(config, host, ports)
@@ -613,6 +618,8 @@ mod tests {
             "https://example.com/",
             "--metrics-addr",
             "127.0.0.1:9191",
+            "--workers",
+            "3",
         ])
         .unwrap() else {
             panic!("not a proxy")
@@ -620,6 +627,7 @@ mod tests {
         let (c, listen) = p.to_config().unwrap();
         assert_eq!(listen, "0.0.0.0:9090".parse().unwrap());
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9191".parse().unwrap()));
+        assert_eq!(c.workers, 3);
         assert_eq!(c.cluster.as_str(), "app.example.com");
         assert_eq!(
             c.root_redirect_url.as_ref().map(Url::as_str),

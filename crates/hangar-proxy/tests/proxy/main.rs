@@ -13,3 +13,4 @@ mod routing;
 mod support;
 mod tls;
 mod websocket;
+mod workers;
