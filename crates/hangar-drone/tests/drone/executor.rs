@@ -99,12 +99,7 @@ async fn environment_and_sigterm(executor: &ProcessExecutor) {
 
 /// The parent pid of `pid` (`/proc/<pid>/stat`, field 4).
 fn parent_of(pid: u64) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    crate::proc_stat_fields(pid)?.get(1)?.parse().ok()
 }
 
 #[tokio::test]

@@ -15,3 +15,11 @@ mod spawn;
 mod test_backend;
 
 pub use hangar_test_support::init_tracing;
+
+/// The fields of `/proc/<pid>/stat` after the command name (state, parent, process group, …):
+/// `None` once the process is gone.
+pub fn proc_stat_fields(pid: impl std::fmt::Display) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    Some(fields.map(str::to_string).collect())
+}

@@ -2,7 +2,7 @@
 //! signal mask and dispositions, process group), how a failed `execve` is reported, and that the
 //! backend dies with a drone process killed with SIGKILL.
 
-use crate::probe;
+use crate::{probe, proc_stat_fields};
 use hangar_drone::executor::{BackendSpec, Executor, ExecutorError, ProcessExecutor};
 use hangar_test_support::eventually_within;
 use hangar_types::executable::{Executable, ProcessExecutable};
@@ -103,13 +103,7 @@ async fn backend_gets_stdio_only_default_signals_and_its_own_group() {
         assert_eq!(status_field(pid, "SigBlk"), "0000000000000000");
         let ignored = u64::from_str_radix(&status_field(pid, "SigIgn"), 16).unwrap();
         assert_eq!(ignored & (1 << (SIGPIPE - 1)), 0, "SigIgn {ignored:x}");
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let group: u64 = stat[stat.rfind(')').unwrap() + 1..]
-            .split_whitespace()
-            .nth(2)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let group: u64 = proc_stat_fields(pid).unwrap()[2].parse().unwrap();
         assert_eq!(group, pid);
 
         started
@@ -184,8 +178,7 @@ async fn play_drone_process() {
 
 /// State of `pid` (`/proc/<pid>/stat`, field 3): `None` once it is gone.
 fn state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+    proc_stat_fields(pid)?.first()?.chars().next()
 }
 
 /// A drone process killed with SIGKILL takes its backend along (the parent-death signal set in
