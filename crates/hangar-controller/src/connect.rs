@@ -1,6 +1,7 @@
 //! Get-or-create (`POST /ctrl/connect`, plane-api.md §2.4.1): reuse the live backend holding the key,
-//! claim a ready backend of a matching warm pool ([`crate::warm_pool`]), or
-//! schedule a new one with a fresh key lease, then issue a connection token for it.
+//! claim a ready backend of a matching warm pool ([`crate::warm_pool`]), or schedule a new one with a
+//! fresh key lease; and issue a connection token for it (for a new backend, written in the spawn's own
+//! transaction, so a fresh connect waits on one commit).
 //!
 //! Races between concurrent connects are settled by the store (one transaction per step); a lost race
 //! (`FailedToRemoveKey`, `FailedToAcquireKey`) retries the whole attempt, at most [`MAX_ATTEMPTS`] in
@@ -9,7 +10,7 @@
 use crate::api::AppState;
 use crate::scheduler;
 use hangar_store::{
-    Acquire, BackendRow, KeyLookup, KeyRef, KeyReuse, NewBackend, NewToken, Reuse, StoreError,
+    Acquire, BackendRow, KeyLookup, KeyRef, KeyReuse, NewBackend, Reuse, StoreError, TokenGrant,
 };
 use hangar_types::api::{connection_url, ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig};
 use hangar_types::names::{validate_key_text, validate_subdomain};
@@ -126,7 +127,7 @@ async fn connect_once(
         Some(key) => {
             let reuse = key_reuse(request, key);
             let key_ref = reuse.key.clone();
-            let issued = (reuse.token.clone(), reuse.secret.clone());
+            let issued = (reuse.grant.token.clone(), reuse.grant.secret.clone());
             let lookup = match state.store.reuse_key(reuse).await? {
                 Reuse::Reused { backend } => return Ok(reused(state, backend, issued)),
                 Reuse::NotReused(lookup) => lookup,
@@ -174,6 +175,13 @@ fn key_reuse(request: &ConnectRequest, key: &KeyConfig) -> KeyReuse {
     KeyReuse {
         key: KeyRef::from(key),
         tag: key.tag.clone(),
+        grant: token_grant(request),
+    }
+}
+
+/// A new dynamic connection token for this request's user.
+fn token_grant(request: &ConnectRequest) -> TokenGrant {
+    TokenGrant {
         token: ConnectionToken::random(),
         secret: SecretToken::random(),
         user: request.user.clone(),
@@ -251,6 +259,15 @@ async fn spawn_backend(
     .ok_or(ConnectError::NoDroneAvailable)?;
 
     let id = spawn.id.clone().unwrap_or_else(BackendId::random);
+    // The dynamic token is written with the spawn, in its transaction.
+    let (grant, (token, secret_token)) = match &static_token {
+        Some(token) => (None, (token.clone(), None)),
+        None => {
+            let grant = token_grant(request);
+            let issued = (grant.token.clone(), Some(grant.secret.clone()));
+            (Some(grant), issued)
+        }
+    };
     let new = NewBackend {
         id: id.clone(),
         key,
@@ -261,7 +278,8 @@ async fn spawn_backend(
         // Deadlines on the drone's own clock, from its last heartbeat (plane-api.md §5.2, with the
         // intended +50 s hard deadline rather than Plane's +40 s, quirk 3).
         deadlines: KeyDeadlines::from_base_with(drone.last_local_time, &state.config.key_timing),
-        static_token: static_token.clone(),
+        static_token,
+        token: grant,
         subdomain: spawn.subdomain.clone(),
         max_idle_seconds: spawn.max_idle_seconds,
         lifetime_limit_seconds: spawn.lifetime_limit_seconds,
@@ -277,7 +295,6 @@ async fn spawn_backend(
         // A collision of two random ids: astronomically unlikely, but a retry fixes it.
         Acquire::BackendIdTaken => return Err(ConnectError::FailedToAcquireKey),
     }
-    let (token, secret_token) = issue_token(state, request, &id, static_token).await?;
     Ok(ConnectResponse {
         url: connection_url(&cluster, spawn.subdomain.as_deref(), &token),
         status_url: state.status_url(&id),
@@ -335,20 +352,12 @@ async fn issue_token(
     if let Some(token) = static_token {
         return Ok((token, None));
     }
-    let token = ConnectionToken::random();
-    let secret = SecretToken::random();
+    let grant = token_grant(request);
     state
         .store
-        .insert_token(NewToken {
-            token: token.clone(),
-            backend: backend.clone(),
-            secret: secret.clone(),
-            user: request.user.clone(),
-            auth: request.auth.clone(),
-            lifetime: TOKEN_LIFETIME,
-        })
+        .insert_token(grant.for_backend(backend.clone()))
         .await?;
-    Ok((token, Some(secret)))
+    Ok((grant.token, Some(grant.secret)))
 }
 
 #[cfg(test)]

@@ -114,7 +114,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// In one transaction: inserts the backend, its key lease (expires at now + lease), its initial
     /// `scheduled` state (history + event), and the `Spawn` action for the chosen drone (with the fencing
-    /// token assigned here). `KeyHeld` if the key was taken concurrently.
+    /// token assigned here), and its dynamic connection token if `new.token` is given. `KeyHeld` if
+    /// the key was taken concurrently; a refused spawn writes nothing, its token included.
     async fn insert_backend_with_key(&self, new: NewBackend) -> StoreResult<Acquire>;
 
     /// Inserts a dynamic connection token for a backend.

@@ -71,6 +71,10 @@ pub struct NewBackend {
     /// Deadlines on the drone's clock, computed by the controller from the drone's last heartbeat.
     pub deadlines: KeyDeadlines,
     pub static_token: Option<ConnectionToken>,
+    /// The dynamic connection token to insert for the new backend in the spawn's own transaction
+    /// (so it exists once the spawn is committed, and never for a refused spawn); `None` for a
+    /// backend whose static token is the connect's token, or a warm backend (its claim issues one).
+    pub token: Option<TokenGrant>,
     pub subdomain: Option<String>,
     pub max_idle_seconds: Option<i32>,
     pub lifetime_limit_seconds: Option<i32>,
@@ -90,6 +94,32 @@ pub enum Acquire {
     KeyHeld,
     /// A backend with this id already exists.
     BackendIdTaken,
+}
+
+/// A dynamic connection token a connect issues, with everything its row holds but the backend, which
+/// the store fills in ([`KeyReuse`]: the key's holder; [`NewBackend`]: the new backend).
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    pub token: ConnectionToken,
+    pub secret: SecretToken,
+    pub user: Option<String>,
+    pub auth: serde_json::Map<String, serde_json::Value>,
+    /// Token lifetime from store now.
+    pub lifetime: Duration,
+}
+
+impl TokenGrant {
+    /// The token row of this grant for `backend`.
+    pub fn for_backend(&self, backend: BackendId) -> NewToken {
+        NewToken {
+            token: self.token.clone(),
+            backend,
+            secret: self.secret.clone(),
+            user: self.user.clone(),
+            auth: self.auth.clone(),
+            lifetime: self.lifetime,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -342,26 +372,7 @@ pub struct KeyReuse {
     pub key: KeyRef,
     /// The connect's tag: the holder is reused only under the same tag.
     pub tag: String,
-    pub token: ConnectionToken,
-    pub secret: SecretToken,
-    pub user: Option<String>,
-    pub auth: serde_json::Map<String, serde_json::Value>,
-    /// Token lifetime from store now.
-    pub lifetime: Duration,
-}
-
-impl KeyReuse {
-    /// The token row this reuse inserts for `backend`.
-    pub fn token_for(&self, backend: BackendId) -> NewToken {
-        NewToken {
-            token: self.token.clone(),
-            backend,
-            secret: self.secret.clone(),
-            user: self.user.clone(),
-            auth: self.auth.clone(),
-            lifetime: self.lifetime,
-        }
-    }
+    pub grant: TokenGrant,
 }
 
 /// The outcome of [`crate::Store::reuse_key`].

@@ -133,6 +133,7 @@ macro_rules! all_store_tests {
             insert_backend_writes_everything,
             concurrent_acquire_has_one_winner,
             concurrent_spawns_are_answered_each,
+            spawn_writes_its_token,
             backend_id_taken_writes_nothing,
             fencing_token_increases_across_acquisitions,
             fencing_token_increases_when_clock_goes_back,
@@ -337,6 +338,7 @@ mod suite {
             executable: Executable::from_json(&json!({"command": ["sleep", "100"]})).unwrap(),
             deadlines: KeyDeadlines::from_base(Millis(1_000)),
             static_token: None,
+            token: None,
             subdomain: None,
             max_idle_seconds: None,
             lifetime_limit_seconds: None,
@@ -402,9 +404,13 @@ mod suite {
     }
 
     fn new_token(backend: &BackendId, user: Option<&str>, auth: serde_json::Value) -> NewToken {
-        NewToken {
+        token_grant(user, auth).for_backend(backend.clone())
+    }
+
+    /// A new dynamic token for `user`, lasting an hour.
+    fn token_grant(user: Option<&str>, auth: serde_json::Value) -> TokenGrant {
+        TokenGrant {
             token: ConnectionToken::random(),
-            backend: backend.clone(),
             secret: SecretToken::random(),
             user: user.map(str::to_string),
             auth: auth.as_object().cloned().unwrap_or_default(),
@@ -582,11 +588,11 @@ mod suite {
         let held = new_backend(drone, "held");
         acquire(store, held.clone()).await;
         let mut spawns: Vec<NewBackend> = (0..12)
-            .map(|i| new_backend(drone, &format!("k{i}")))
+            .map(|i| with_token(new_backend(drone, &format!("k{i}"))))
             .collect();
-        let mut held_again = new_backend(drone, "unused");
+        let mut held_again = with_token(new_backend(drone, "unused"));
         held_again.key = held.key.clone();
-        let mut id_taken = new_backend(drone, "id-taken");
+        let mut id_taken = with_token(new_backend(drone, "id-taken"));
         id_taken.id = held.id.clone();
         spawns.insert(3, held_again.clone());
         spawns.insert(8, id_taken.clone());
@@ -601,14 +607,33 @@ mod suite {
         let mut acquired = 0;
         while let Some(joined) = tasks.join_next().await {
             let (nb, outcome) = joined.unwrap();
+            let token = &nb.token.as_ref().unwrap().token;
+            let resolved = store.resolve_token(token).await.unwrap();
             if nb.id == held_again.id {
                 assert_eq!(outcome, Acquire::KeyHeld);
+                assert_eq!(
+                    resolved,
+                    TokenLookup::NotFound,
+                    "a refused spawn has no token"
+                );
                 continue;
             }
             if nb.id == id_taken.id {
                 assert_eq!(outcome, Acquire::BackendIdTaken);
+                // Its token would name the existing backend.
+                assert_eq!(
+                    resolved,
+                    TokenLookup::NotFound,
+                    "a refused spawn has no token"
+                );
                 continue;
             }
+            assert_eq!(
+                resolved,
+                TokenLookup::Pending {
+                    backend: nb.id.clone()
+                }
+            );
             let Acquire::Acquired {
                 fencing_token,
                 action,
@@ -637,6 +662,75 @@ mod suite {
             KeyLookup::Missing
         );
         assert_eq!(store.pending_actions(drone, 100).await.unwrap().len(), 13);
+    }
+
+    /// `nb` with a dynamic token to write with its spawn.
+    fn with_token(mut nb: NewBackend) -> NewBackend {
+        nb.token = Some(token_grant(Some("alice"), json!({"role": "admin"})));
+        nb
+    }
+
+    /// The token given with a spawn is written with it: it resolves as soon as the spawn returns,
+    /// with its user, secret and auth, and routes once the backend is ready; a refused spawn (key
+    /// held, id taken) leaves no token behind, and a spawn without one writes none.
+    pub async fn spawn_writes_its_token(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        let nb = with_token(new_backend(drone, "with-token"));
+        let grant = nb.token.clone().unwrap();
+        acquire(store, nb.clone()).await;
+        assert_eq!(
+            store.resolve_token(&grant.token).await.unwrap(),
+            TokenLookup::Pending {
+                backend: nb.id.clone()
+            }
+        );
+        make_ready(store, &nb.id).await;
+        match store.resolve_token(&grant.token).await.unwrap() {
+            TokenLookup::Ready(route) => {
+                assert_eq!(route.backend_id, nb.id);
+                assert_eq!(route.secret_token, grant.secret);
+                assert_eq!(route.user.as_deref(), Some("alice"));
+                assert_eq!(route.user_data, Some(grant.auth.clone()));
+            }
+            other => panic!("expected Ready, got {other:?}"),
+        }
+        // Revocable like any dynamic token.
+        assert_eq!(
+            store.revoke_tokens(&nb.id, "alice").await.unwrap(),
+            vec![grant.token.clone()]
+        );
+
+        let mut held = with_token(new_backend(drone, "unused"));
+        held.key = nb.key.clone();
+        assert_eq!(
+            store.insert_backend_with_key(held.clone()).await.unwrap(),
+            Acquire::KeyHeld
+        );
+        let mut id_taken = with_token(new_backend(drone, "other"));
+        id_taken.id = nb.id.clone();
+        assert_eq!(
+            store
+                .insert_backend_with_key(id_taken.clone())
+                .await
+                .unwrap(),
+            Acquire::BackendIdTaken
+        );
+        for refused in [held, id_taken] {
+            let token = &refused.token.as_ref().unwrap().token;
+            assert_eq!(
+                store.resolve_token(token).await.unwrap(),
+                TokenLookup::NotFound
+            );
+        }
+        // No token given (a static token, a warm spawn): none written.
+        let bare = new_backend(drone, "bare");
+        acquire(store, bare.clone()).await;
+        make_ready(store, &bare.id).await;
+        assert_eq!(
+            store.revoke_tokens(&bare.id, "alice").await.unwrap(),
+            vec![]
+        );
     }
 
     pub async fn backend_id_taken_writes_nothing(h: Harness) {
@@ -1066,11 +1160,7 @@ mod suite {
         KeyReuse {
             key: KeyRef::from(key),
             tag: key.tag.clone(),
-            token: ConnectionToken::random(),
-            secret: SecretToken::random(),
-            user: user.map(str::to_string),
-            auth: auth.as_object().cloned().unwrap_or_default(),
-            lifetime: Duration::from_secs(3600),
+            grant: token_grant(user, auth),
         }
     }
 
@@ -1088,7 +1178,7 @@ mod suite {
             Reuse::NotReused(KeyLookup::Missing)
         );
         assert_eq!(
-            store.resolve_token(&missing.token).await.unwrap(),
+            store.resolve_token(&missing.grant.token).await.unwrap(),
             TokenLookup::NotFound
         );
 
@@ -1106,18 +1196,18 @@ mod suite {
             }
         );
         // The token row is the one `insert_token` writes.
-        match store.resolve_token(&live.token).await.unwrap() {
+        match store.resolve_token(&live.grant.token).await.unwrap() {
             TokenLookup::Ready(route) => {
                 assert_eq!(route.backend_id, id);
-                assert_eq!(route.secret_token, live.secret);
+                assert_eq!(route.secret_token, live.grant.secret);
                 assert_eq!(route.user.as_deref(), Some("alice"));
-                assert_eq!(route.user_data, Some(live.auth.clone()));
+                assert_eq!(route.user_data, Some(live.grant.auth.clone()));
             }
             other => panic!("expected Ready, got {other:?}"),
         }
         assert_eq!(
             store.revoke_tokens(&id, "alice").await.unwrap(),
-            vec![live.token.clone()]
+            vec![live.grant.token.clone()]
         );
 
         let mut other_tag = key_reuse(&nb.key, Some("erin"), json!({}));
@@ -1133,7 +1223,7 @@ mod suite {
 
         // A token that expires is given its lifetime from store now.
         let mut short = key_reuse(&nb.key, None, json!({}));
-        short.lifetime = Duration::from_secs(10);
+        short.grant.lifetime = Duration::from_secs(10);
         assert!(matches!(
             store.reuse_key(short.clone()).await.unwrap(),
             Reuse::Reused { .. }
@@ -1141,7 +1231,7 @@ mod suite {
         h.advance(Duration::from_secs(11));
         assert!(store.renew_key(&id).await.unwrap());
         assert_eq!(
-            store.resolve_token(&short.token).await.unwrap(),
+            store.resolve_token(&short.grant.token).await.unwrap(),
             TokenLookup::NotFound
         );
 
@@ -1189,7 +1279,7 @@ mod suite {
             other => panic!("expected Reused, got {other:?}"),
         }
         assert_eq!(
-            store.resolve_token(&reuse.token).await.unwrap(),
+            store.resolve_token(&reuse.grant.token).await.unwrap(),
             TokenLookup::NotFound
         );
         assert!(store.revoke_tokens(&nb.id, "bob").await.unwrap().is_empty());
@@ -1222,7 +1312,7 @@ mod suite {
             let store = h.store.clone();
             tasks.spawn(async move {
                 let answer = store.reuse_key(reuse.clone()).await.unwrap();
-                let resolved = store.resolve_token(&reuse.token).await.unwrap();
+                let resolved = store.resolve_token(&reuse.grant.token).await.unwrap();
                 (expect, nb.id, reuse, answer, resolved)
             });
         }

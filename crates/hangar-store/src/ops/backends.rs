@@ -7,6 +7,7 @@
 
 use super::actions::{ack_actions, insert_actions};
 use super::rows::{backend_row, inserted, json, parse, BACKEND_COLUMNS};
+use super::tokens::insert_tokens;
 use super::{commit, placeholders, tuples, Conn, Db, D, S};
 use crate::dialect::{millis_of, render, Announced, Unique};
 use crate::events::StoreEvent;
@@ -107,8 +108,9 @@ fn distinct_ids_and_keys(news: &[&NewBackend]) -> bool {
     })
 }
 
-/// One transaction on the spawns' flush connection: every spawn of `news` acquired (in order), or
-/// the refusal (`KeyHeld`, `BackendIdTaken`) that rolled them all back.
+/// One transaction on the spawns' flush connection: every spawn of `news` acquired (in order) with
+/// its connection token ([`NewBackend::token`]), or the refusal (`KeyHeld`, `BackendIdTaken`) that
+/// rolled them all back.
 async fn spawn_together(s: &S, news: &[&NewBackend]) -> StoreResult<Result<Vec<Acquire>, Acquire>> {
     let mut conn = s.flush_connection(&s.spawn_flush).await?;
     let outcome = spawn_in(s, &mut conn, news).await;
@@ -122,9 +124,10 @@ async fn spawn_in(
 ) -> StoreResult<Result<Vec<Acquire>, Acquire>> {
     use sqlx::Connection as _;
     // Dropping `tx` without commit rolls everything back; refusals roll back explicitly first.
+    let clock = s.clock();
     let mut tx = conn.begin().await?;
     let keys: Vec<&KeyConfig> = news.iter().map(|new| &new.key).collect();
-    let (fencing_tokens, now) = next_fencing_tokens(&mut tx, s.clock(), &keys).await?;
+    let (fencing_tokens, now) = next_fencing_tokens(&mut tx, clock, &keys).await?;
     let spawns: Vec<(&NewBackend, i64)> = news.iter().copied().zip(fencing_tokens).collect();
     let Some((actions, events)) = insert_spawns(&mut tx, &spawns, now, None).await? else {
         tx.rollback().await?;
@@ -138,6 +141,13 @@ async fn spawn_in(
     if !insert_keys(&mut tx, &leases, expires_at).await? {
         tx.rollback().await?;
         return Ok(Err(Acquire::KeyHeld));
+    }
+    let tokens: Vec<NewToken> = news
+        .iter()
+        .filter_map(|new| Some(new.token.as_ref()?.for_backend(new.id.clone())))
+        .collect();
+    if !tokens.is_empty() {
+        insert_tokens(&mut *tx, clock, &tokens.iter().collect::<Vec<_>>()).await?;
     }
     commit(s, tx, events).await?;
     Ok(Ok(spawns

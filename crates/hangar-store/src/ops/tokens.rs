@@ -34,7 +34,7 @@ fn insert_token_batch<'a>(s: &'a S, tokens: Vec<&'a NewToken>) -> Answers<'a, ()
 }
 
 /// Inserts `tokens` with one statement (`$1` is the store clock).
-async fn insert_tokens<'c>(
+pub(super) async fn insert_tokens<'c>(
     conn: impl sqlx::Executor<'c, Database = Db>,
     clock: i64,
     tokens: &[&NewToken],
@@ -122,7 +122,11 @@ async fn look_up_and_issue(
             && row.try_get::<Option<String>, _>("static_token")?.is_none()
         {
             let i = index(row, reuses.len())?;
-            tokens.push(reuses[i].token_for(parsed(row, "id", "backend id")?));
+            tokens.push(
+                reuses[i]
+                    .grant
+                    .for_backend(parsed(row, "id", "backend id")?),
+            );
         }
     }
     if !tokens.is_empty() {
@@ -157,15 +161,16 @@ fn bind_reuses<'q>(
 ) -> sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>> {
     query = query.bind(clock);
     for &reuse in reuses {
+        let grant = &reuse.grant;
         query = query
             .bind(reuse.key.namespace.as_str())
             .bind(reuse.key.name.as_str())
             .bind(reuse.tag.as_str())
-            .bind(reuse.token.as_str())
-            .bind(reuse.secret.as_str())
-            .bind(&reuse.user)
-            .bind(Json(&reuse.auth))
-            .bind(millis_of(reuse.lifetime));
+            .bind(grant.token.as_str())
+            .bind(grant.secret.as_str())
+            .bind(&grant.user)
+            .bind(Json(&grant.auth))
+            .bind(millis_of(grant.lifetime));
     }
     query
 }

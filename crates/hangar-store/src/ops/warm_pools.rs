@@ -187,6 +187,7 @@ pub(super) async fn insert_warm_backend(s: &S, new: NewWarmBackend) -> StoreResu
         executable: new.executable,
         deadlines: new.deadlines,
         static_token: None,
+        token: None,
         subdomain: None,
         max_idle_seconds: None,
         lifetime_limit_seconds: None,
