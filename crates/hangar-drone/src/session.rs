@@ -223,7 +223,8 @@ impl Writer<'_> {
         }
     }
 
-    /// Sends every outbox event not yet sent on this connection. `false` when the connection broke.
+    /// Sends every outbox event not yet sent on this connection (committed before `latest` was last
+    /// seen). `false` when the connection broke.
     async fn send_events(&mut self) -> bool {
         loop {
             let events = match self.outbox.events_after(self.sent_up_to, EVENT_PAGE).await {
@@ -233,14 +234,16 @@ impl Writer<'_> {
                     return false;
                 }
             };
-            if events.is_empty() {
-                return true;
-            }
+            // A short page is the end: an event committed after the read bumps `latest` again.
+            let more = events.len() as i64 == EVENT_PAGE;
             for event in events {
                 if self.sender.send(&event.to_message()).await.is_err() {
                     return false;
                 }
                 self.sent_up_to = event.event_id;
+            }
+            if !more {
+                return true;
             }
         }
     }
