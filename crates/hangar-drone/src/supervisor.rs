@@ -391,3 +391,6 @@ impl Supervisors {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
