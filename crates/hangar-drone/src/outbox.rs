@@ -142,6 +142,9 @@ pub struct Outbox {
     _temp_dir: Option<Arc<tempfile::TempDir>>,
     /// Id of the newest event written; sessions wait on it to send new events.
     latest: watch::Sender<i64>,
+    /// The events of the latest commit that wrote any, as committed: a session sends them without
+    /// reading them back when they follow what it sent ([`Outbox::committed_after`]).
+    committed: Arc<std::sync::Mutex<Arc<[StoredEvent]>>>,
     /// Bumped on every acknowledgement; shutdown waits on it for the outbox to drain.
     acks: watch::Sender<u64>,
 }
@@ -214,6 +217,7 @@ impl Outbox {
             readers,
             _temp_dir: temp_dir.map(Arc::new),
             latest: watch::Sender::new(latest.unwrap_or(0)),
+            committed: Arc::default(),
             acks: watch::Sender::new(0),
         })
     }
@@ -276,9 +280,10 @@ impl Outbox {
         .bind(now.0)
         .execute(&mut *tx)
         .await?;
-        let event_id = insert_events(&mut tx, backend, &[(state, now)]).await?;
+        let states = [(state, now)];
+        let event_id = insert_events(&mut tx, backend, &states).await?;
         tx.commit().await?;
-        self.latest.send_replace(event_id);
+        self.committed(backend, &states, event_id);
         Ok(SpawnInsert::Inserted)
     }
 
@@ -325,8 +330,50 @@ impl Outbox {
         .await?;
         let event_id = insert_events(&mut tx, backend, states).await?;
         tx.commit().await?;
-        self.latest.send_replace(event_id);
+        self.committed(backend, states, event_id);
         Ok(event_id)
+    }
+
+    /// After a commit that queued `states` as events, the last with id `last_id`: keeps them as
+    /// the latest commit's events and wakes the sessions. Called while the commit's writer is
+    /// still held, so the kept events are always the latest commit's.
+    fn committed(&self, backend: &BackendId, states: &[(BackendState, Millis)], last_id: i64) {
+        // SQLite numbers the rows of one INSERT in the order of its VALUES: with AUTOINCREMENT
+        // each new row gets one more than the largest id ever used.
+        let first_id = last_id - states.len() as i64 + 1;
+        let events: Arc<[StoredEvent]> = (first_id..)
+            .zip(states)
+            .map(|(event_id, (state, timestamp))| StoredEvent {
+                event_id,
+                backend_id: backend.clone(),
+                state: state.clone(),
+                timestamp: *timestamp,
+            })
+            .collect();
+        match self.committed.lock() {
+            Ok(mut committed) => *committed = events,
+            Err(poisoned) => *poisoned.into_inner() = events,
+        }
+        self.latest.send_replace(last_id);
+    }
+
+    /// The events after id `after`, if the latest commit's events include the one right after it
+    /// (then no event can lie between, and these are all up to that commit). `None` when they do
+    /// not: the caller reads from the file ([`events_after`](Self::events_after)).
+    pub fn committed_after(&self, after: i64) -> Option<Vec<StoredEvent>> {
+        let committed = match self.committed.lock() {
+            Ok(committed) => committed.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let first = committed.first()?.event_id;
+        let last = committed.last()?.event_id;
+        (first <= after + 1 && after < last).then(|| {
+            committed
+                .iter()
+                .filter(|e| e.event_id > after)
+                .cloned()
+                .collect()
+        })
     }
 
     pub async fn set_deadlines(
@@ -757,6 +804,42 @@ mod tests {
                 .unwrap();
             let stored = outbox.backend(&id).await.unwrap().unwrap();
             assert_eq!(stored.runtime, Some(json!({"pid": 7})));
+        })
+        .await
+        .unwrap();
+    }
+
+    /// The latest commit's events, as kept, are the rows in the file (ids included), and are handed
+    /// out only when nothing can lie between them and what the caller has.
+    #[tokio::test]
+    async fn latest_commit_is_kept_as_written() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let outbox = Outbox::open(None).await.unwrap();
+            assert_eq!(outbox.committed_after(0), None);
+            let id = BackendId::random();
+            outbox
+                .insert_spawn(&id, &spawn_record(), Millis(1))
+                .await
+                .unwrap();
+            let scheduled = outbox.events_after(0, 100).await.unwrap();
+            assert_eq!(outbox.committed_after(0), Some(scheduled.clone()));
+            let after = scheduled[0].event_id;
+            let states = [
+                (BackendState::Loading, Millis(2)),
+                (BackendState::Starting, Millis(3)),
+                (ready(), Millis(4)),
+            ];
+            let last = outbox.record_states(&id, &states, None).await.unwrap();
+            let written = outbox.events_after(after, 100).await.unwrap();
+            assert_eq!(written.len(), 3);
+            assert_eq!(outbox.committed_after(after), Some(written.clone()));
+            assert_eq!(
+                outbox.committed_after(written[0].event_id),
+                Some(written[1..].to_vec())
+            );
+            // `scheduled` is not in the latest commit; nothing is after the last.
+            assert_eq!(outbox.committed_after(0), None);
+            assert_eq!(outbox.committed_after(last), None);
         })
         .await
         .unwrap();
