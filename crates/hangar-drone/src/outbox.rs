@@ -238,48 +238,39 @@ impl Outbox {
     ) -> Result<SpawnInsert, OutboxError> {
         let mut writer = self.writer().await?;
         let mut tx = begin_write(&mut writer).await?;
-        let seen: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM applied_action WHERE action_id = ?
-             UNION ALL SELECT 1 FROM backend WHERE id = ? LIMIT 1",
+        // Inserts that tell whether the row was there (no lookup first: one round trip fewer to
+        // the connection's thread on the spawn path). The action id first: kept even when the
+        // backend is known (a new action for it), so that a resend of that action is recognised
+        // too. Either one seen before: nothing to start.
+        let action = sqlx::query(
+            "INSERT OR IGNORE INTO applied_action (action_id, backend_id, applied_at)
+             VALUES (?, ?, ?)",
         )
         .bind(spawn.action_id.as_str())
         .bind(backend.as_str())
-        .fetch_optional(&mut *tx)
+        .bind(now.0)
+        .execute(&mut *tx)
         .await?;
-        if seen.is_some() {
-            sqlx::query(
-                "INSERT OR IGNORE INTO applied_action (action_id, backend_id, applied_at)
-                 VALUES (?, ?, ?)",
+        let state = BackendState::Scheduled;
+        let inserted = action.rows_affected() == 1
+            && sqlx::query(
+                "INSERT INTO backend (id, status, state, spawn, deadlines, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             )
-            .bind(spawn.action_id.as_str())
             .bind(backend.as_str())
+            .bind(state.status().as_str())
+            .bind(to_json(&state)?)
+            .bind(to_json(spawn)?)
+            .bind(to_json(&spawn.key.deadlines)?)
             .bind(now.0)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected()
+                == 1;
+        if !inserted {
             tx.commit().await?;
             return Ok(SpawnInsert::Duplicate);
         }
-        let state = BackendState::Scheduled;
-        sqlx::query(
-            "INSERT INTO backend (id, status, state, spawn, deadlines, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(backend.as_str())
-        .bind(state.status().as_str())
-        .bind(to_json(&state)?)
-        .bind(to_json(spawn)?)
-        .bind(to_json(&spawn.key.deadlines)?)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO applied_action (action_id, backend_id, applied_at) VALUES (?, ?, ?)",
-        )
-        .bind(spawn.action_id.as_str())
-        .bind(backend.as_str())
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
         let states = [(state, now)];
         let event_id = insert_events(&mut tx, backend, &states).await?;
         tx.commit().await?;
