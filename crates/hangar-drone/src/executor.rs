@@ -140,6 +140,16 @@ pub trait Executor: Send + Sync {
     /// be re-adopted.
     fn backends_outlive_drone(&self) -> bool;
 
+    /// Whether `loading` and `starting` must be in the drone's outbox before [`Executor::prepare`]
+    /// and [`Executor::start`] run. A drone restarted after dying mid-start removes a backend
+    /// recorded before `starting` and tries to re-adopt one recorded `starting`, so an executor
+    /// whose started backends can outlive the drone (a container, a backend of an external
+    /// executor) must have `starting` written first. `false` lets the drone write them with the
+    /// state after the start, in one commit.
+    fn start_must_be_recorded_first(&self) -> bool {
+        true
+    }
+
     /// `loading`: makes the executable ready to start (pull the image, find the program).
     async fn prepare(&self, spec: &BackendSpec) -> Result<(), ExecutorError>;
 

@@ -13,11 +13,11 @@ use hangar_types::token::ConnectionToken;
 use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, DroneName, Millis};
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, MappedMutexGuard, Mutex, MutexGuard};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS backend (
@@ -129,11 +129,22 @@ pub enum SpawnInsert {
 
 #[derive(Clone)]
 pub struct Outbox {
-    pool: SqlitePool,
+    /// The one connection that writes: every write of the drone goes through it, one at a time, in
+    /// the order asked (tokio's mutex is fair). Writers on several connections meet on SQLite's
+    /// write lock, and SQLite's busy handler waits for it by sleeping whole milliseconds (1, 2,
+    /// 5 ms, ...): an event's ack colliding with a backend's state change cost the spawn path a
+    /// millisecond or more. `None` once closed.
+    writer: Arc<Mutex<Option<SqliteConnection>>>,
+    /// Connections that only read (WAL: a reader never waits for the writer and sees every commit
+    /// made before its query).
+    readers: SqlitePool,
     /// Holds the directory of a state without a file (deleted when the last clone is dropped).
     _temp_dir: Option<Arc<tempfile::TempDir>>,
     /// Id of the newest event written; sessions wait on it to send new events.
     latest: watch::Sender<i64>,
+    /// The events of the latest commit that wrote any, as committed: a session sends them without
+    /// reading them back when they follow what it sent ([`Outbox::committed_after`]).
+    committed: Arc<std::sync::Mutex<Arc<[StoredEvent]>>>,
     /// Bumped on every acknowledgement; shutdown waits on it for the outbox to drain.
     acks: watch::Sender<u64>,
 }
@@ -183,32 +194,38 @@ impl Outbox {
             // ~0.5 ms on the spawn path per event (five per spawn), for no gain a drone can use.
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+        let open_error = |source| OutboxError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        // The writer first: it creates the file and switches it to WAL.
+        let mut writer = options.connect().await.map_err(open_error)?;
+        sqlx::raw_sql(SCHEMA).execute(&mut writer).await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(3)
+            // A local file's connection does not go stale; the test would be one more round trip
+            // to the connection's thread per read (each returned connection is still tested).
+            .test_before_acquire(false)
             .connect_with(options)
             .await
-            .map_err(|source| OutboxError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+            .map_err(open_error)?;
         let latest: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM event")
-            .fetch_one(&pool)
+            .fetch_one(&readers)
             .await?;
         Ok(Outbox {
-            pool,
+            writer: Arc::new(Mutex::new(Some(writer))),
+            readers,
             _temp_dir: temp_dir.map(Arc::new),
             latest: watch::Sender::new(latest.unwrap_or(0)),
+            committed: Arc::default(),
             acks: watch::Sender::new(0),
         })
     }
 
-    /// Begins a transaction that writes. `BEGIN IMMEDIATE` takes the write lock first, waiting for
-    /// it up to the busy timeout. A deferred transaction (sqlx's `begin`) that reads and then writes
-    /// after another connection committed cannot upgrade its outdated snapshot: SQLite answers
-    /// "database is locked" at once, without the busy handler (bursts of warm fills and claims).
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, OutboxError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// The writer connection, once the writes asked before are done.
+    async fn writer(&self) -> Result<MappedMutexGuard<'_, SqliteConnection>, OutboxError> {
+        MutexGuard::try_map(self.writer.lock().await, Option::as_mut)
+            .map_err(|_| OutboxError::Database(sqlx::Error::PoolClosed))
     }
 
     /// Records a new backend from a spawn action (state `scheduled`, with its event), unless the action
@@ -219,52 +236,45 @@ impl Outbox {
         spawn: &SpawnRecord,
         now: Millis,
     ) -> Result<SpawnInsert, OutboxError> {
-        let mut tx = self.begin_write().await?;
-        let seen: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM applied_action WHERE action_id = ?
-             UNION ALL SELECT 1 FROM backend WHERE id = ? LIMIT 1",
+        let mut writer = self.writer().await?;
+        let mut tx = begin_write(&mut writer).await?;
+        // Inserts that tell whether the row was there (no lookup first: one round trip fewer to
+        // the connection's thread on the spawn path). The action id first: kept even when the
+        // backend is known (a new action for it), so that a resend of that action is recognised
+        // too. Either one seen before: nothing to start.
+        let action = sqlx::query(
+            "INSERT OR IGNORE INTO applied_action (action_id, backend_id, applied_at)
+             VALUES (?, ?, ?)",
         )
         .bind(spawn.action_id.as_str())
         .bind(backend.as_str())
-        .fetch_optional(&mut *tx)
+        .bind(now.0)
+        .execute(&mut *tx)
         .await?;
-        if seen.is_some() {
-            sqlx::query(
-                "INSERT OR IGNORE INTO applied_action (action_id, backend_id, applied_at)
-                 VALUES (?, ?, ?)",
+        let state = BackendState::Scheduled;
+        let inserted = action.rows_affected() == 1
+            && sqlx::query(
+                "INSERT INTO backend (id, status, state, spawn, deadlines, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             )
-            .bind(spawn.action_id.as_str())
             .bind(backend.as_str())
+            .bind(state.status().as_str())
+            .bind(to_json(&state)?)
+            .bind(to_json(spawn)?)
+            .bind(to_json(&spawn.key.deadlines)?)
             .bind(now.0)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected()
+                == 1;
+        if !inserted {
             tx.commit().await?;
             return Ok(SpawnInsert::Duplicate);
         }
-        let state = BackendState::Scheduled;
-        sqlx::query(
-            "INSERT INTO backend (id, status, state, spawn, deadlines, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(backend.as_str())
-        .bind(state.status().as_str())
-        .bind(to_json(&state)?)
-        .bind(to_json(spawn)?)
-        .bind(to_json(&spawn.key.deadlines)?)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO applied_action (action_id, backend_id, applied_at) VALUES (?, ?, ?)",
-        )
-        .bind(spawn.action_id.as_str())
-        .bind(backend.as_str())
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-        let event_id = insert_event(&mut tx, backend, &state, now).await?;
+        let states = [(state, now)];
+        let event_id = insert_events(&mut tx, backend, &states).await?;
         tx.commit().await?;
-        self.latest.send_replace(event_id);
+        self.committed(backend, &states, event_id);
         Ok(SpawnInsert::Inserted)
     }
 
@@ -275,43 +285,86 @@ impl Outbox {
         state: &BackendState,
         now: Millis,
     ) -> Result<i64, OutboxError> {
-        self.record_state_with_runtime(backend, state, None, now)
+        self.record_states(backend, &[(state.clone(), now)], None)
             .await
     }
 
-    /// [`record_state`](Self::record_state), and with `runtime` also
-    /// [`set_runtime`](Self::set_runtime) in the same transaction (one commit: a started backend's
-    /// record and its `waiting` state).
-    pub async fn record_state_with_runtime(
+    /// Queues `states` (oldest first, each with the time it was reached) as events of `backend` and
+    /// stores the last one as its state, with `runtime` also
+    /// [`set_runtime`](Self::set_runtime), all in one transaction (one commit: a started backend's
+    /// record with its `waiting` state, and the states before it that were not written yet).
+    /// Returns the id of the last event.
+    pub async fn record_states(
         &self,
         backend: &BackendId,
-        state: &BackendState,
+        states: &[(BackendState, Millis)],
         runtime: Option<&serde_json::Value>,
-        now: Millis,
     ) -> Result<i64, OutboxError> {
-        let mut tx = self.begin_write().await?;
+        let Some((state, now)) = states.last() else {
+            return Ok(*self.latest.borrow());
+        };
+        let mut writer = self.writer().await?;
+        let mut tx = begin_write(&mut writer).await?;
+        // A `NULL` runtime keeps the stored one.
         sqlx::query(
-            "INSERT INTO backend (id, status, state, updated_at) VALUES (?, ?, ?, ?)
+            "INSERT INTO backend (id, status, state, runtime, updated_at) VALUES (?, ?, ?, ?, ?)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, state = excluded.state,
+                 runtime = COALESCE(excluded.runtime, backend.runtime),
                  updated_at = excluded.updated_at",
         )
         .bind(backend.as_str())
         .bind(state.status().as_str())
         .bind(to_json(state)?)
+        .bind(runtime.map(to_json).transpose()?)
         .bind(now.0)
         .execute(&mut *tx)
         .await?;
-        if let Some(runtime) = runtime {
-            sqlx::query("UPDATE backend SET runtime = ? WHERE id = ?")
-                .bind(to_json(runtime)?)
-                .bind(backend.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        let event_id = insert_event(&mut tx, backend, state, now).await?;
+        let event_id = insert_events(&mut tx, backend, states).await?;
         tx.commit().await?;
-        self.latest.send_replace(event_id);
+        self.committed(backend, states, event_id);
         Ok(event_id)
+    }
+
+    /// After a commit that queued `states` as events, the last with id `last_id`: keeps them as
+    /// the latest commit's events and wakes the sessions. Called while the commit's writer is
+    /// still held, so the kept events are always the latest commit's.
+    fn committed(&self, backend: &BackendId, states: &[(BackendState, Millis)], last_id: i64) {
+        // SQLite numbers the rows of one INSERT in the order of its VALUES: with AUTOINCREMENT
+        // each new row gets one more than the largest id ever used.
+        let first_id = last_id - states.len() as i64 + 1;
+        let events: Arc<[StoredEvent]> = (first_id..)
+            .zip(states)
+            .map(|(event_id, (state, timestamp))| StoredEvent {
+                event_id,
+                backend_id: backend.clone(),
+                state: state.clone(),
+                timestamp: *timestamp,
+            })
+            .collect();
+        match self.committed.lock() {
+            Ok(mut committed) => *committed = events,
+            Err(poisoned) => *poisoned.into_inner() = events,
+        }
+        self.latest.send_replace(last_id);
+    }
+
+    /// The events after id `after`, if the latest commit's events include the one right after it
+    /// (then no event can lie between, and these are all up to that commit). `None` when they do
+    /// not: the caller reads from the file ([`events_after`](Self::events_after)).
+    pub fn committed_after(&self, after: i64) -> Option<Vec<StoredEvent>> {
+        let committed = match self.committed.lock() {
+            Ok(committed) => committed.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let first = committed.first()?.event_id;
+        let last = committed.last()?.event_id;
+        (first <= after + 1 && after < last).then(|| {
+            committed
+                .iter()
+                .filter(|e| e.event_id > after)
+                .cloned()
+                .collect()
+        })
     }
 
     pub async fn set_deadlines(
@@ -322,7 +375,7 @@ impl Outbox {
         sqlx::query("UPDATE backend SET deadlines = ? WHERE id = ?")
             .bind(to_json(deadlines)?)
             .bind(backend.as_str())
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -336,7 +389,7 @@ impl Outbox {
         sqlx::query("UPDATE backend SET runtime = ? WHERE id = ?")
             .bind(runtime)
             .bind(backend.as_str())
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -345,7 +398,7 @@ impl Outbox {
         let row =
             sqlx::query("SELECT id, state, spawn, deadlines, runtime FROM backend WHERE id = ?")
                 .bind(id.as_str())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.readers)
                 .await?;
         row.map(|r| decode_backend(&r)).transpose()
     }
@@ -356,7 +409,7 @@ impl Outbox {
             "SELECT id, state, spawn, deadlines, runtime FROM backend WHERE status != ? ORDER BY id",
         )
         .bind(BackendStatus::Terminated.as_str())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.readers)
         .await?;
         rows.iter().map(decode_backend).collect()
     }
@@ -372,7 +425,7 @@ impl Outbox {
         )
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.readers)
         .await?;
         rows.iter()
             .map(|r| {
@@ -394,7 +447,7 @@ impl Outbox {
     pub async fn ack(&self, event_id: i64) -> Result<bool, OutboxError> {
         let done = sqlx::query("DELETE FROM event WHERE id = ?")
             .bind(event_id)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         self.acks.send_modify(|n| *n += 1);
         Ok(done.rows_affected() == 1)
@@ -402,7 +455,7 @@ impl Outbox {
 
     pub async fn pending_events(&self) -> Result<i64, OutboxError> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM event")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.readers)
             .await?)
     }
 
@@ -410,7 +463,8 @@ impl Outbox {
     /// applied actions. The controller stops resending an action once acked, so after a while nothing
     /// can refer to them any more.
     pub async fn prune(&self, before: Millis) -> Result<u64, OutboxError> {
-        let mut tx = self.begin_write().await?;
+        let mut writer = self.writer().await?;
+        let mut tx = begin_write(&mut writer).await?;
         let gone = "SELECT id FROM backend WHERE status = ? AND updated_at < ?
                     AND NOT EXISTS (SELECT 1 FROM event WHERE event.backend_id = backend.id)";
         sqlx::query(&format!(
@@ -440,13 +494,19 @@ impl Outbox {
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.readers.close().await;
+        let writer = self.writer.lock().await.take();
+        if let Some(writer) = writer {
+            if let Err(e) = writer.close().await {
+                tracing::debug!(error = %e, "Failed to close the drone state's writer connection");
+            }
+        }
     }
 
     /// The name of the drone this state belongs to, if one was kept.
     pub async fn drone_name(&self) -> Result<Option<DroneName>, OutboxError> {
         let name: Option<String> = sqlx::query_scalar("SELECT name FROM drone WHERE id = 1")
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.readers)
             .await?;
         name.map(|n| {
             n.parse().map_err(|source| OutboxError::InvalidId {
@@ -462,25 +522,41 @@ impl Outbox {
     pub async fn claim(&self, name: &DroneName) -> Result<Option<DroneName>, OutboxError> {
         sqlx::query("INSERT OR IGNORE INTO drone (id, name) VALUES (1, ?)")
             .bind(name.as_str())
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(self.drone_name().await?.filter(|kept| kept != name))
     }
 }
 
-async fn insert_event(
+/// Queues `states` in order with one statement; returns the id of the last (ids follow the order
+/// of the rows).
+async fn insert_events(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     backend: &BackendId,
-    state: &BackendState,
-    now: Millis,
+    states: &[(BackendState, Millis)],
 ) -> Result<i64, OutboxError> {
-    let done = sqlx::query("INSERT INTO event (backend_id, state, timestamp) VALUES (?, ?, ?)")
-        .bind(backend.as_str())
-        .bind(to_json(state)?)
-        .bind(now.0)
-        .execute(&mut **tx)
-        .await?;
+    let rows = vec!["(?, ?, ?)"; states.len()].join(", ");
+    let sql = format!("INSERT INTO event (backend_id, state, timestamp) VALUES {rows}");
+    let mut insert = sqlx::query(&sql);
+    for (state, at) in states {
+        insert = insert
+            .bind(backend.as_str())
+            .bind(to_json(state)?)
+            .bind(at.0);
+    }
+    let done = insert.execute(&mut **tx).await?;
     Ok(done.last_insert_rowid())
+}
+
+/// Begins a transaction that writes. `BEGIN IMMEDIATE` takes the write lock first, waiting for it
+/// up to the busy timeout (only another process can hold it: this one writes on one connection). A
+/// deferred transaction (sqlx's `begin`) that reads and then writes after another connection
+/// committed cannot upgrade its outdated snapshot: SQLite answers "database is locked" at once,
+/// without the busy handler.
+async fn begin_write(
+    writer: &mut SqliteConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, OutboxError> {
+    Ok(writer.begin_with("BEGIN IMMEDIATE").await?)
 }
 
 fn parse_id(id: &str, what: &str) -> Result<BackendId, OutboxError> {
@@ -680,25 +756,81 @@ mod tests {
                 .await
                 .unwrap();
             let runtime = json!({"pid": 7});
+            // Two states not written yet, then `ready` with the runtime: one commit, in order.
+            let earlier = [
+                (BackendState::Loading, Millis(2)),
+                (BackendState::Starting, Millis(3)),
+            ];
             let event = outbox
-                .record_state_with_runtime(&id, &ready(), Some(&runtime), Millis(2))
+                .record_states(
+                    &id,
+                    &[&earlier[..], &[(ready(), Millis(4))]].concat(),
+                    Some(&runtime),
+                )
                 .await
                 .unwrap();
             assert_eq!(*outbox.subscribe().borrow(), event);
+            let events = outbox.events_after(0, 100).await.unwrap();
+            let recorded: Vec<_> = events
+                .iter()
+                .map(|e| (e.state.status(), e.timestamp))
+                .collect();
             assert_eq!(
-                statuses(&outbox).await.last(),
-                Some(&(event, BackendStatus::Ready))
+                recorded,
+                [
+                    (BackendStatus::Scheduled, Millis(1)),
+                    (BackendStatus::Loading, Millis(2)),
+                    (BackendStatus::Starting, Millis(3)),
+                    (BackendStatus::Ready, Millis(4)),
+                ]
             );
+            assert_eq!(events.last().map(|e| e.event_id), Some(event));
             let stored = outbox.backend(&id).await.unwrap().unwrap();
             assert_eq!(stored.runtime, Some(runtime));
             assert_eq!(stored.state, ready());
             // Without one, the stored runtime stays.
             outbox
-                .record_state_with_runtime(&id, &BackendState::Loading, None, Millis(3))
+                .record_states(&id, &[(BackendState::Loading, Millis(5))], None)
                 .await
                 .unwrap();
             let stored = outbox.backend(&id).await.unwrap().unwrap();
             assert_eq!(stored.runtime, Some(json!({"pid": 7})));
+        })
+        .await
+        .unwrap();
+    }
+
+    /// The latest commit's events, as kept, are the rows in the file (ids included), and are handed
+    /// out only when nothing can lie between them and what the caller has.
+    #[tokio::test]
+    async fn latest_commit_is_kept_as_written() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let outbox = Outbox::open(None).await.unwrap();
+            assert_eq!(outbox.committed_after(0), None);
+            let id = BackendId::random();
+            outbox
+                .insert_spawn(&id, &spawn_record(), Millis(1))
+                .await
+                .unwrap();
+            let scheduled = outbox.events_after(0, 100).await.unwrap();
+            assert_eq!(outbox.committed_after(0), Some(scheduled.clone()));
+            let after = scheduled[0].event_id;
+            let states = [
+                (BackendState::Loading, Millis(2)),
+                (BackendState::Starting, Millis(3)),
+                (ready(), Millis(4)),
+            ];
+            let last = outbox.record_states(&id, &states, None).await.unwrap();
+            let written = outbox.events_after(after, 100).await.unwrap();
+            assert_eq!(written.len(), 3);
+            assert_eq!(outbox.committed_after(after), Some(written.clone()));
+            assert_eq!(
+                outbox.committed_after(written[0].event_id),
+                Some(written[1..].to_vec())
+            );
+            // `scheduled` is not in the latest commit; nothing is after the last.
+            assert_eq!(outbox.committed_after(0), None);
+            assert_eq!(outbox.committed_after(last), None);
         })
         .await
         .unwrap();

@@ -1,17 +1,17 @@
 //! Readiness probe: a backend is `ready` once an HTTP request to its address gets any HTTP response
 //! (any status). Shared by all executors.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Delay between attempts during the first [`FAST_PHASE`]; after it the delay doubles from here up
-/// to [`MAX_INTERVAL`]. A local process is often listening a few milliseconds after it starts, and a
-/// refused connect to it costs microseconds, so probing each millisecond at first is cheap and finds
-/// it within a millisecond (a 2 ms interval doubling from the start found a ~4 ms start at 6 ms,
-/// hangar-bench `spawn`). Doubling afterwards keeps slow starters cheap to probe.
+/// Attempts during the first [`FAST_PHASE`] are this far apart; after it the spacing doubles from
+/// here up to [`MAX_INTERVAL`]. A local process is often listening a few milliseconds after it
+/// starts, and a refused connect to it costs microseconds, so probing each millisecond at first is
+/// cheap and finds it within a millisecond. Doubling afterwards keeps slow starters cheap to probe.
 const FAST_INTERVAL: Duration = Duration::from_millis(1);
 const FAST_PHASE: Duration = Duration::from_millis(25);
 const MAX_INTERVAL: Duration = Duration::from_millis(500);
@@ -25,24 +25,78 @@ pub struct ReadinessTimeout {
     pub timeout: Duration,
 }
 
-/// Probes `address` until it answers HTTP or `timeout` passes.
+/// Probes `address` until it answers HTTP or `timeout` passes: once at once, then on the slots of
+/// [`Schedule`].
 pub async fn wait_ready(address: SocketAddr, timeout: Duration) -> Result<(), ReadinessTimeout> {
-    let started = Instant::now();
-    let deadline = started + timeout;
-    let mut interval = FAST_INTERVAL;
+    let answered = probe_until(timeout, |attempt_deadline| async move {
+        matches!(
+            tokio::time::timeout_at(attempt_deadline, answers_http(address)).await,
+            Ok(true)
+        )
+    })
+    .await;
+    answered
+        .then_some(())
+        .ok_or(ReadinessTimeout { address, timeout })
+}
+
+/// Runs `attempt` (given the instant it must give up by) on the slots of a [`Schedule`] starting
+/// now, until one returns `true` (then `true`) or the next slot is not before `timeout` from now
+/// (then `false`).
+async fn probe_until<F, Fut>(timeout: Duration, mut attempt: F) -> bool
+where
+    F: FnMut(Instant) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut schedule = Schedule::new(Instant::now());
+    let deadline = schedule.started + timeout;
     loop {
-        let attempt_deadline = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
-        if let Ok(true) = tokio::time::timeout_at(attempt_deadline, answers_http(address)).await {
-            return Ok(());
+        if attempt(deadline.min(Instant::now() + ATTEMPT_TIMEOUT)).await {
+            return true;
         }
-        let next = Instant::now() + interval;
+        let next = schedule.after(Instant::now());
         if next >= deadline {
-            return Err(ReadinessTimeout { address, timeout });
+            return false;
         }
         tokio::time::sleep_until(next).await;
-        if started.elapsed() >= FAST_PHASE {
-            interval = (interval * 2).min(MAX_INTERVAL);
+    }
+}
+
+/// When attempts are due: at `started`, then every [`FAST_INTERVAL`] until [`FAST_PHASE`] after it,
+/// then at doubling intervals up to [`MAX_INTERVAL`].
+///
+/// The slots are fixed from `started`, not from the end of the previous attempt: tokio fires a timer
+/// at the first millisecond tick at or after its deadline, so "1 ms after this attempt" came about
+/// 2 ms after it, and the fast phase probed every ~2 ms. Slots a millisecond apart keep the
+/// rounding from accumulating. A slot that passed while an attempt ran is skipped rather than
+/// probed late (no burst of back-to-back attempts after a slow one).
+#[derive(Debug, Clone)]
+struct Schedule {
+    started: Instant,
+    /// The slot of the latest attempt (the first is `started`).
+    slot: Instant,
+    /// Distance from `slot` to the slot after it.
+    interval: Duration,
+}
+
+impl Schedule {
+    fn new(started: Instant) -> Self {
+        Schedule {
+            started,
+            slot: started,
+            interval: FAST_INTERVAL,
         }
+    }
+
+    /// The first slot after `now` (the end of an attempt).
+    fn after(&mut self, now: Instant) -> Instant {
+        while self.slot <= now {
+            if self.slot - self.started >= FAST_PHASE {
+                self.interval = (self.interval * 2).min(MAX_INTERVAL);
+            }
+            self.slot += self.interval;
+        }
+        self.slot
     }
 }
 
@@ -67,6 +121,79 @@ mod tests {
     use tokio::net::TcpListener;
 
     const TEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Offsets from the start of the slots `after` gives when every attempt ends at once.
+    fn slots(count: usize) -> Vec<Duration> {
+        let mut schedule = Schedule::new(Instant::now());
+        let started = schedule.started;
+        let mut now = started;
+        (0..count)
+            .map(|_| {
+                now = schedule.after(now);
+                now - started
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fast_phase_is_every_millisecond_then_backs_off_to_the_cap() {
+        let offsets = slots(40);
+        let fast: Vec<Duration> = (1..=25).map(ms).collect();
+        assert_eq!(offsets[..25], fast[..]);
+        assert_eq!(offsets[25..30], [ms(27), ms(31), ms(39), ms(55), ms(87)]);
+        let gaps: Vec<Duration> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[0] <= g[1]), "{gaps:?}");
+        assert_eq!(gaps.last(), Some(&MAX_INTERVAL));
+    }
+
+    #[test]
+    fn slots_passed_during_a_slow_attempt_are_skipped() {
+        let mut schedule = Schedule::new(Instant::now());
+        let started = schedule.started;
+        // Attempts that end 3.5 ms and 0.2 ms after their slot: the next is the first slot after.
+        let next = schedule.after(started + Duration::from_micros(3_500));
+        assert_eq!(next - started, ms(4));
+        let next = schedule.after(next + Duration::from_micros(200));
+        assert_eq!(next - started, ms(5));
+        // Past the fast phase, skipped slots still double the interval.
+        let next = schedule.after(started + ms(30));
+        assert_eq!(next - started, ms(31));
+        assert_eq!(schedule.after(next) - started, ms(39));
+    }
+
+    /// Offsets from the start at which `probe_until` ran its attempts; the attempt numbered
+    /// `succeeds_at` (from 0) answers.
+    async fn attempt_offsets(
+        timeout: Duration,
+        succeeds_at: Option<usize>,
+    ) -> (bool, Vec<Duration>) {
+        let started = Instant::now();
+        let offsets = std::sync::Mutex::new(Vec::new());
+        let answered = probe_until(timeout, |_| {
+            let mut offsets = offsets.lock().unwrap();
+            offsets.push(Instant::now() - started);
+            let answers = Some(offsets.len() - 1) == succeeds_at;
+            async move { answers }
+        })
+        .await;
+        (answered, offsets.into_inner().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_at_once_then_each_millisecond_until_the_timeout() {
+        let (answered, offsets) = attempt_offsets(ms(25), None).await;
+        assert!(!answered);
+        let expected: Vec<Duration> = (0..25).map(ms).collect();
+        assert_eq!(offsets, expected);
+
+        let (answered, offsets) = attempt_offsets(ms(1_000), Some(3)).await;
+        assert!(answered);
+        assert_eq!(offsets, [ms(0), ms(1), ms(2), ms(3)]);
+    }
 
     #[tokio::test]
     async fn ready_once_http_answers() {

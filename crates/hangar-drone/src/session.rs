@@ -4,12 +4,13 @@
 //! acks, and hand actions to [`run_actions`] without blocking the reader. Reconnects forever with
 //! capped exponential backoff.
 //!
-//! Invariant: events are only ever read from the outbox (never sent from memory), so a connection
-//! that drops loses nothing: the next one starts its replay from the first unacked event.
+//! Invariant: an event is sent only once it is committed to the outbox (as the outbox kept its
+//! latest commit, or read back from the file), so a connection that drops loses nothing: the next
+//! one starts its replay from the first unacked event, read from the file.
 
 use crate::log_requests::{LogRequest, LogRequests, LOG_FRAMES};
 use crate::log_store::LogStore;
-use crate::outbox::{Outbox, SpawnRecord};
+use crate::outbox::{Outbox, SpawnRecord, StoredEvent};
 use crate::prometheus::DroneMetrics;
 use crate::supervisor::{ClaimHookRequest, Supervisors};
 use hangar_client::backoff::Backoff;
@@ -202,8 +203,8 @@ impl Writer<'_> {
                     if changed.is_err() {
                         return;
                     }
-                    latest.borrow_and_update();
-                    self.send_events().await
+                    let newest = *latest.borrow_and_update();
+                    self.send_events(newest).await
                 }
                 message = outbound.recv() => match message {
                     Some(message) => self.sender.send(&message).await.is_ok(),
@@ -223,8 +224,18 @@ impl Writer<'_> {
         }
     }
 
-    /// Sends every outbox event not yet sent on this connection. `false` when the connection broke.
-    async fn send_events(&mut self) -> bool {
+    /// Sends every outbox event not yet sent on this connection, up to `newest` at least (what
+    /// `latest` said). The events of the latest commit go out as the outbox kept them when they
+    /// follow what was sent; anything else is read from the file. `false` when the connection broke.
+    async fn send_events(&mut self, newest: i64) -> bool {
+        if let Some(events) = self.outbox.committed_after(self.sent_up_to) {
+            if !self.send(events).await {
+                return false;
+            }
+            if self.sent_up_to >= newest {
+                return true;
+            }
+        }
         loop {
             let events = match self.outbox.events_after(self.sent_up_to, EVENT_PAGE).await {
                 Ok(events) => events,
@@ -233,16 +244,26 @@ impl Writer<'_> {
                     return false;
                 }
             };
-            if events.is_empty() {
+            // A short page is the end: an event committed after the read bumps `latest` again.
+            let more = events.len() as i64 == EVENT_PAGE;
+            if !self.send(events).await {
+                return false;
+            }
+            if !more {
                 return true;
             }
-            for event in events {
-                if self.sender.send(&event.to_message()).await.is_err() {
-                    return false;
-                }
-                self.sent_up_to = event.event_id;
-            }
         }
+    }
+
+    /// Sends `events` in order. `false` when the connection broke.
+    async fn send(&mut self, events: Vec<StoredEvent>) -> bool {
+        for event in events {
+            if self.sender.send(&event.to_message()).await.is_err() {
+                return false;
+            }
+            self.sent_up_to = event.event_id;
+        }
+        true
     }
 }
 

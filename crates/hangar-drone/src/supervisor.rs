@@ -341,6 +341,7 @@ impl Supervisors {
             supervisors: self.clone(),
             kill_at: None,
             spawn_received: received,
+            unrecorded: Vec::new(),
         };
         let offered = self.inner.executors.iter().map(|e| e.kind()).collect();
         self.inner
@@ -390,3 +391,6 @@ impl Supervisors {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

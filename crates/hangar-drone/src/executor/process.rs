@@ -87,6 +87,15 @@ impl Executor for ProcessExecutor {
         false
     }
 
+    /// A child dies with the drone however the drone ends (the parent-death signal is set before
+    /// the backend program runs), `prepare` only looks the program up, its pid is written with
+    /// `waiting`, and `reattach` is `remove`: a restarted drone has nothing to act on for a backend
+    /// that was starting and reports it `lost` whether its last written state is `scheduled`,
+    /// `loading` or `starting`.
+    fn start_must_be_recorded_first(&self) -> bool {
+        false
+    }
+
     async fn prepare(&self, spec: &BackendSpec) -> Result<(), ExecutorError> {
         resolve_program(process_executable(spec)?).map(drop)
     }

@@ -61,6 +61,11 @@ pub(super) struct BackendTask {
     pub(super) kill_at: Option<Instant>,
     /// When the spawn action of a new backend was applied (none for a re-adopted one).
     pub(super) spawn_received: Option<Instant>,
+    /// States reached but not written to the outbox yet, with when they were reached: `loading`
+    /// and `starting` of an executor whose start need not be recorded first (see
+    /// [`BackendTask::run_fresh`]). The next state written takes them along, before it, in one
+    /// commit.
+    pub(super) unrecorded: Vec<(BackendState, Millis)>,
 }
 
 /// Why a backend of this kind cannot run here, in words for the user.
@@ -106,15 +111,24 @@ impl BackendTask {
         tracing::debug!(backend = %self.id, status = %self.state.status(), "Backend task ended");
     }
 
+    /// Drives a new backend to `waiting`. `loading` and `starting` are written to the outbox before
+    /// the executor acts, unless [`Executor::start_must_be_recorded_first`] says a restarted drone
+    /// would do the same whether or not they were (process backends: the child dies with the drone,
+    /// and a restart removes a backend recorded `scheduled`, `loading` or `starting` alike). Then
+    /// they are written together with the state after them (`waiting` with the backend's record,
+    /// or the failure or termination), in one commit after the start instead of two before it. The
+    /// controller still receives every state in order, and no state is reported before it is
+    /// written; a terminate action is still answered only once its state is written.
     async fn run_fresh(&mut self, executor: Arc<dyn Executor>, spec: &BackendSpec) {
-        self.apply(Transition::Load).await;
+        let defer = !executor.start_must_be_recorded_first();
+        self.advance(Transition::Load, defer).await;
         match self.step(executor.prepare(spec)).await {
             Step::Done(Ok(())) => {}
             Step::Done(Err(e)) => return self.fail(e.to_string()).await,
             Step::Stopped => return self.apply_exited(None, false).await,
             Step::Detached => return,
         }
-        self.apply(Transition::Start).await;
+        self.advance(Transition::Start, defer).await;
         match self.step(executor.start(spec)).await {
             Step::Done(Ok(started)) => {
                 let outlives = self.outlives_drone(&*executor);
@@ -331,12 +345,32 @@ impl BackendTask {
         self.apply_storing(transition, None).await
     }
 
+    /// [`apply`](Self::apply), or with `defer` only moves the state machine and keeps the state
+    /// for the next write ([`BackendTask::unrecorded`]).
+    async fn advance(&mut self, transition: Transition, defer: bool) {
+        if !defer {
+            self.apply(transition).await;
+        } else if self.move_to(transition) {
+            self.unrecorded.push((self.state.clone(), Millis::now()));
+        }
+    }
+
     /// [`apply`](Self::apply), storing the backend's `runtime` record with the new state.
     async fn apply_storing(
         &mut self,
         transition: Transition,
         runtime: Option<&serde_json::Value>,
     ) -> bool {
+        if !self.move_to(transition) {
+            return false;
+        }
+        self.record(runtime).await;
+        true
+    }
+
+    /// Moves the state machine and counts the move; `true` when the state changed. The caller
+    /// writes the new state to the outbox.
+    fn move_to(&mut self, transition: Transition) -> bool {
         let next = match self.state.apply(transition) {
             Ok(next) if next == self.state => return false,
             Ok(next) => next,
@@ -354,18 +388,17 @@ impl BackendTask {
         }
         self.state = next;
         tracing::info!(backend = %self.id, status = %self.state.status(), "Backend state changed");
-        self.record(runtime).await;
         true
     }
 
-    async fn record(&self, runtime: Option<&serde_json::Value>) {
+    /// Writes the current state, after the states not written yet, in one commit.
+    async fn record(&mut self, runtime: Option<&serde_json::Value>) {
         let outbox = &self.supervisors.inner.outbox;
+        let mut states = std::mem::take(&mut self.unrecorded);
+        states.push((self.state.clone(), Millis::now()));
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=RECORD_ATTEMPTS {
-            match outbox
-                .record_state_with_runtime(&self.id, &self.state, runtime, Millis::now())
-                .await
-            {
+            match outbox.record_states(&self.id, &states, runtime).await {
                 Ok(_) => return,
                 Err(e) if attempt == RECORD_ATTEMPTS => {
                     tracing::error!(backend = %self.id, error = %e, status = %self.state.status(),
