@@ -253,13 +253,8 @@ fn open_log_store(
 
 /// Deletes the lines of backends past their retention, every [`LOG_PRUNE_INTERVAL`].
 async fn run_log_pruning(logs: LogStore, cancel: CancellationToken) {
-    let mut interval = tokio::time::interval(LOG_PRUNE_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = interval.tick() => {}
-        }
+    let mut ticks = hangar_types::ticks::every(LOG_PRUNE_INTERVAL, &cancel);
+    while ticks.next().await {
         let store = logs.clone();
         let pruned = tokio::task::spawn_blocking(move || store.prune(hangar_types::Millis::now()));
         match pruned.await {

@@ -175,13 +175,8 @@ async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
 /// `route_cache.rs`), every [`LEASE_CHECK_INTERVAL`], until `cancel` fires. Connected or not: a
 /// proxy cut off from every controller must stop serving a backend before its key can change hands.
 pub(crate) async fn run_lease_expiry(state: std::sync::Arc<ProxyState>, cancel: CancellationToken) {
-    let mut ticks = tokio::time::interval(LEASE_CHECK_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    let mut ticks = hangar_types::ticks::every(LEASE_CHECK_INTERVAL, &cancel);
+    while ticks.next().await {
         for backend in state.route_cache.lapse_leases(tokio::time::Instant::now()) {
             let open = state
                 .tracker

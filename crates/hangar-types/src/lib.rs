@@ -1,5 +1,6 @@
 //! Shared vocabulary of Hangar: identifiers, API bodies, wire messages between components, the backend
-//! state machine and the timing constants. This crate does no IO; every other crate depends on it.
+//! state machine, the timing constants and the periodic tick every loop runs on (`ticks.rs`). This
+//! crate does no IO; every other crate depends on it.
 
 pub mod api;
 pub mod executable;
@@ -7,6 +8,7 @@ pub mod logs;
 pub mod names;
 pub mod protocol;
 pub mod state;
+pub mod ticks;
 pub mod time;
 pub mod timing;
 pub mod token;
