@@ -27,6 +27,17 @@ pub struct Hello {
     pub node: NodeHello,
 }
 
+impl Hello {
+    /// This build's hello for `node`: [`crate::PROTOCOL_VERSION`] and [`crate::VERSION`].
+    pub fn new(node: NodeHello) -> Self {
+        Hello {
+            protocol: crate::PROTOCOL_VERSION,
+            version: crate::VERSION.to_string(),
+            node,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeHello {
     Drone {
@@ -50,6 +61,17 @@ pub enum HelloResponse {
     /// The session is refused (protocol mismatch, bad name, duplicate live drone…); the controller closes
     /// the socket after sending this.
     Refused { reason: String },
+}
+
+impl HelloResponse {
+    /// This build's welcome from `controller`: [`crate::PROTOCOL_VERSION`] and [`crate::VERSION`].
+    pub fn welcome(controller: ControllerName) -> Self {
+        HelloResponse::Welcome {
+            protocol: crate::PROTOCOL_VERSION,
+            version: crate::VERSION.to_string(),
+            controller,
+        }
+    }
 }
 
 /// Deadlines on the **drone's** clock for one key lease.
@@ -364,6 +386,17 @@ pub struct DnsHello {
     /// Hangar version of the responder (informational).
     pub version: String,
     pub name: DnsName,
+}
+
+impl DnsHello {
+    /// This build's hello for responder `name`: [`crate::PROTOCOL_VERSION`] and [`crate::VERSION`].
+    pub fn new(name: DnsName) -> Self {
+        DnsHello {
+            protocol: crate::PROTOCOL_VERSION,
+            version: crate::VERSION.to_string(),
+            name,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
