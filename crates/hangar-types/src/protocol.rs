@@ -435,11 +435,7 @@ mod tests {
             action: BackendAction::Spawn {
                 executable: serde_json::from_value(json!({"command": ["x"]})).unwrap(),
                 key: AcquiredKey {
-                    key: KeyConfig {
-                        name: "k".parse().unwrap(),
-                        namespace: String::new(),
-                        tag: String::new(),
-                    },
+                    key: KeyConfig::named("k".parse().unwrap()),
                     deadlines: KeyDeadlines::from_base(Millis(0)),
                     token: 7,
                 },
