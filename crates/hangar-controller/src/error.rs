@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hangar_store::StoreError;
 use hangar_types::api::{self, ApiErrorKind};
+use hangar_types::error_chain;
 use hangar_types::names::random_string;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,18 +111,6 @@ fn connect_status_and_kind(e: &ConnectError) -> (StatusCode, ApiErrorKind) {
         ),
         ConnectError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, ApiErrorKind::Other),
     }
-}
-
-/// The full `source()` chain, for logs.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 impl IntoResponse for ApiError {
