@@ -52,6 +52,16 @@ impl ApiError {
         move |source| ApiError::Store { message, source }
     }
 
+    /// What a store read found: `404` with `missing` when nothing, a `Database error` when the read
+    /// failed.
+    pub fn found<T>(
+        read: Result<Option<T>, StoreError>,
+        missing: &'static str,
+    ) -> Result<T, ApiError> {
+        read.map_err(ApiError::store("Database error"))?
+            .ok_or(ApiError::NotFound(missing))
+    }
+
     /// The Plane error kind of the response.
     pub fn kind(&self) -> ApiErrorKind {
         self.status_and_kind().1
