@@ -57,15 +57,10 @@ async fn terminate(
     let queued = state
         .store
         .queue_terminate(backend, kind, TerminationReason::External)
-        .await
-        .map_err(ApiError::store("Database error"))?;
-    match queued {
-        Some(action) => {
-            tracing::info!(%backend, ?kind, action = %action.action_id, "Termination requested");
-            Ok(Json(()))
-        }
-        None => Err(ApiError::NotFound("Backend does not exist")),
-    }
+        .await;
+    let action = ApiError::found(queued, "Backend does not exist")?;
+    tracing::info!(%backend, ?kind, action = %action.action_id, "Termination requested");
+    Ok(Json(()))
 }
 
 /// `POST /ctrl/b/{backend}/prevent-renew` (Plane's `db-cli prevent-renew`): the backend's key lease is
