@@ -54,15 +54,11 @@ impl FakeDrone {
         cluster: &ClusterName,
     ) -> anyhow::Result<FakeDrone> {
         let name = DroneName::random();
-        let hello = Hello {
-            protocol: hangar_types::PROTOCOL_VERSION,
-            version: hangar_types::VERSION.to_string(),
-            node: NodeHello::Drone {
-                name: name.clone(),
-                pool: String::new(),
-                executors: vec![ExecutorKind::Process],
-            },
-        };
+        let hello = Hello::new(NodeHello::Drone {
+            name: name.clone(),
+            pool: String::new(),
+            executors: vec![ExecutorKind::Process],
+        });
         let path = format!("/ctrl/c/{cluster}/drone-socket");
         let mut socket = NodeSocket::connect(client, &path, &hello)
             .await

@@ -4,6 +4,10 @@
 
 use crate::child::ChildProcess;
 use crate::system::{eventually, free_port, StoreKind, System, SystemConfig, WAIT};
+use hangar_types::api::ConnectResponse;
+use hangar_types::executable::Executable;
+use hangar_types::BackendStatus;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// A running system whose proxy is the child process `proxy`.
@@ -50,9 +54,27 @@ impl SystemWithProxyProcess {
         }
     }
 
+    /// Connects `key` to a backend running `executable` and waits until the backend is ready and
+    /// the proxy routes its URL: the connect answer and the backend's own address.
+    pub async fn connect_routed(
+        &mut self,
+        key: &str,
+        executable: Executable,
+    ) -> anyhow::Result<(ConnectResponse, SocketAddr)> {
+        let system = &self.system;
+        let request = system.connect_request(key, executable)?;
+        let response = system.client.connect(&request).await?;
+        system
+            .wait_for_status(&response.backend_id, BackendStatus::Ready)
+            .await?;
+        let backend = system.backend_address(&response.backend_id).await?;
+        self.wait_until_routed(&response.url).await?;
+        Ok((response, backend))
+    }
+
     /// Waits until a `GET url` through the proxy succeeds (it has connected to the controller and
     /// routes the token), then checks the process still runs.
-    pub async fn wait_until_routed(&mut self, url: &str) -> anyhow::Result<()> {
+    async fn wait_until_routed(&mut self, url: &str) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
         eventually("the proxy process to route requests", WAIT, || async {
             let ok = http.get(url).send().await.ok()?.status().is_success();

@@ -227,13 +227,7 @@ impl System {
             let (client, cluster, name) = (client.clone(), cluster.clone(), name.clone());
             async move {
                 let state = client.cluster_state(&cluster).await.ok()?;
-                state
-                    .drones
-                    .iter()
-                    .any(|d| {
-                        d.node.name.as_str() == name.as_str() && d.last_heartbeat_age.is_some()
-                    })
-                    .then_some(())
+                state.drone_heartbeating(&name).then_some(())
             }
         })
         .await
@@ -246,22 +240,13 @@ impl System {
         executable: Executable,
     ) -> anyhow::Result<ConnectRequest> {
         Ok(ConnectRequest {
-            key: Some(KeyConfig {
-                name: key
-                    .parse()
+            key: Some(KeyConfig::named(
+                key.parse()
                     .with_context(|| format!("invalid key {key:?}"))?,
-                namespace: String::new(),
-                tag: String::new(),
-            }),
+            )),
             spawn_config: Some(SpawnConfig {
-                id: None,
                 cluster: Some(self.cluster.clone()),
-                pool: String::new(),
-                executable,
-                lifetime_limit_seconds: None,
-                max_idle_seconds: None,
-                use_static_token: false,
-                subdomain: None,
+                ..SpawnConfig::new(executable)
             }),
             user: Some("bench".into()),
             auth: serde_json::Map::new(),

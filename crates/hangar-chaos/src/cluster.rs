@@ -154,12 +154,9 @@ impl Cluster {
             cluster.spawn(Component::Controller(i), &args)?;
         }
         for j in 0..cluster.config.drones + cluster.config.docker_drones {
-            let controller = local(cluster.controller_ports[j % cluster.config.controllers]);
-            let relay = Relay::start(controller).await?;
-            let url = format!("http://{}/", relay.addr());
-            cluster
-                .relays
-                .insert(link_name(Link::DroneController(j)), relay);
+            let url = cluster
+                .relay_to_controller(Link::DroneController(j), j)
+                .await?;
             let state = cluster.config.dir.join(format!("drone-{j}.state"));
             let drone_name = cluster.drone_name(j);
             let executor = if j < cluster.config.drones {
@@ -184,12 +181,9 @@ impl Cluster {
         }
         // Every proxy serves the one cluster, each attached to a controller of its own.
         for p in 0..cluster.config.proxies {
-            let controller = local(cluster.controller_ports[p % cluster.config.controllers]);
-            let relay = Relay::start(controller).await?;
-            let url = format!("http://{}/", relay.addr());
-            cluster
-                .relays
-                .insert(link_name(Link::ProxyController(p)), relay);
+            let url = cluster
+                .relay_to_controller(Link::ProxyController(p), p)
+                .await?;
             let port = cluster.proxy_ports[p].to_string();
             let args = [
                 "proxy",
@@ -252,6 +246,16 @@ impl Cluster {
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}/"))
             .collect()
+    }
+
+    /// Starts the relay of `link`, a node's link to controller `n` (modulo the controllers); returns
+    /// the controller URL the node is given.
+    async fn relay_to_controller(&mut self, link: Link, n: usize) -> anyhow::Result<String> {
+        let controller = local(self.controller_ports[n % self.config.controllers]);
+        let relay = Relay::start(controller).await?;
+        let url = format!("http://{}/", relay.addr());
+        self.relays.insert(link_name(link), relay);
+        Ok(url)
     }
 
     fn spawn(&mut self, component: Component, args: &[&str]) -> anyhow::Result<()> {

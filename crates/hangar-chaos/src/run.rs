@@ -251,28 +251,24 @@ async fn drive(
     let recorded = Arc::new(Mutex::new(Recorded::default()));
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    for (i, url) in controllers.iter().enumerate() {
-        for key in &keys {
-            let spec = LoadLoop {
-                kind: LoopKind::Requests,
-                controller: (i, url.clone()),
-                key: key.clone(),
-            };
-            tasks.spawn(run_load_loop(
-                target.clone(),
-                spec,
-                recorded.clone(),
-                stop.clone(),
-            ));
-        }
-    }
-    for (k, key) in keys.iter().enumerate() {
+    // Requests for every key through every controller; one WebSocket per key, the keys dealt out
+    // over the controllers.
+    let requests = controllers.iter().enumerate().flat_map(|(i, url)| {
+        keys.iter().map(move |key| LoadLoop {
+            kind: LoopKind::Requests,
+            controller: (i, url.clone()),
+            key: key.clone(),
+        })
+    });
+    let websockets = keys.iter().enumerate().map(|(k, key)| {
         let i = k % controllers.len();
-        let spec = LoadLoop {
+        LoadLoop {
             kind: LoopKind::WebSocket,
             controller: (i, controllers[i].clone()),
             key: key.clone(),
-        };
+        }
+    });
+    for spec in requests.chain(websockets) {
         tasks.spawn(run_load_loop(
             target.clone(),
             spec,

@@ -1,10 +1,11 @@
 //! Node side of a drone/proxy session with the controller: open the WebSocket, exchange
-//! `Hello`/`HelloResponse`, then send and receive typed JSON text frames. Reconnecting is the caller's
-//! loop (with [`crate::backoff::Backoff`]); this module handles one connection.
+//! `Hello`/`HelloResponse`, then send and receive typed JSON text frames; and the reconnect loop every
+//! node runs around its connections ([`Reconnecting`], with [`crate::backoff::Backoff`]).
 
+use crate::backoff::Backoff;
 use crate::http::{ClientError, ControllerClient};
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hangar_types::protocol::HelloResponse;
 use hangar_types::ControllerName;
 use serde::de::DeserializeOwned;
@@ -12,15 +13,16 @@ use serde::Serialize;
 use std::marker::PhantomData;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long the controller may take to answer the handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> ClientError {
+fn ws_err(e: WsError) -> ClientError {
     ClientError::WebSocket(Box::new(e))
 }
 
@@ -117,9 +119,7 @@ pub struct NodeSender<S> {
 
 impl<S: Serialize> NodeSender<S> {
     pub async fn send(&mut self, msg: &S) -> Result<(), ClientError> {
-        let text = serde_json::to_string(msg)
-            .map_err(|e| ClientError::Handshake(format!("cannot encode message: {e}")))?;
-        self.sink.send(Message::text(text)).await.map_err(ws_err)
+        send_json(&mut self.sink, msg).await
     }
 
     /// Sends a normal close frame.
@@ -136,25 +136,27 @@ pub struct NodeReceiver<R> {
 impl<R: DeserializeOwned> NodeReceiver<R> {
     /// As [`NodeSocket::recv`].
     pub async fn recv(&mut self) -> Option<R> {
-        loop {
-            let text = next_text(&mut self.stream).await?.ok()?;
-            match serde_json::from_str(&text) {
-                Ok(m) => return Some(m),
-                Err(e) => {
-                    tracing::warn!(error = %e, "Skipping unparseable message from controller")
-                }
-            }
-        }
+        recv_json(&mut self.stream).await
     }
 }
 
-async fn send_json<S: Serialize>(ws: &mut Ws, msg: &S) -> Result<(), ClientError> {
+/// Sends `msg` as a JSON text frame on the whole socket or its sending half.
+async fn send_json<Si, S>(sink: &mut Si, msg: &S) -> Result<(), ClientError>
+where
+    Si: Sink<Message, Error = WsError> + Unpin,
+    S: Serialize,
+{
     let text = serde_json::to_string(msg)
         .map_err(|e| ClientError::Handshake(format!("cannot encode message: {e}")))?;
-    ws.send(Message::text(text)).await.map_err(ws_err)
+    sink.send(Message::text(text)).await.map_err(ws_err)
 }
 
-async fn recv_json<R: DeserializeOwned>(ws: &mut Ws) -> Option<R> {
+/// The next parseable JSON text frame of the whole socket or its receiving half.
+async fn recv_json<St, R>(ws: &mut St) -> Option<R>
+where
+    St: Stream<Item = Result<Message, WsError>> + Unpin,
+    R: DeserializeOwned,
+{
     loop {
         let text = next_text(ws).await?.ok()?;
         match serde_json::from_str(&text) {
@@ -165,9 +167,9 @@ async fn recv_json<R: DeserializeOwned>(ws: &mut Ws) -> Option<R> {
 }
 
 /// Next text frame; pings/pongs/binary frames are skipped. `None` on close or end of stream.
-async fn next_text<St>(ws: &mut St) -> Option<Result<String, tokio_tungstenite::tungstenite::Error>>
+async fn next_text<St>(ws: &mut St) -> Option<Result<String, WsError>>
 where
-    St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    St: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     loop {
         match ws.next().await? {
@@ -175,6 +177,109 @@ where
             Ok(Message::Close(_)) => return None,
             Ok(_) => continue,
             Err(e) => return Some(Err(e)),
+        }
+    }
+}
+
+/// How one connection of a node session ended: what [`Reconnecting::ended`] does next.
+#[derive(Debug)]
+pub enum ConnectionEnd {
+    /// The session's token fired: the node is shutting down, the session ends.
+    Cancelled,
+    /// Closed on purpose to connect again at once, without backoff (the proxy's periodic rebalance
+    /// across controllers).
+    Rebalance,
+    /// The controller closed the connection; connect again after the backoff.
+    Closed,
+    /// Sending failed; connect again after the backoff.
+    SendFailed(ClientError),
+}
+
+/// The reconnect loop of a node session with the controller, until `cancel` fires:
+///
+/// ```text
+/// let mut session = Reconnecting::new(&client, &path, &hello, &cancel);
+/// while let Some((socket, generation)) = session.connect().await {
+///     let end = run_connection(socket, generation).await;
+///     if !session.ended(end).await {
+///         break;
+///     }
+/// }
+/// ```
+pub struct Reconnecting<'a, H> {
+    client: &'a ControllerClient,
+    path: &'a str,
+    hello: &'a H,
+    cancel: &'a CancellationToken,
+    backoff: Backoff,
+    generation: u64,
+}
+
+impl<'a, H: Serialize> Reconnecting<'a, H> {
+    /// Connects to `path` with `hello`.
+    pub fn new(
+        client: &'a ControllerClient,
+        path: &'a str,
+        hello: &'a H,
+        cancel: &'a CancellationToken,
+    ) -> Self {
+        Reconnecting {
+            client,
+            path,
+            hello,
+            cancel,
+            backoff: Backoff::default(),
+            generation: 0,
+        }
+    }
+
+    /// The next connection with its generation (1 for the first, then counting up); `None` once the
+    /// token fires. A failed attempt is logged and tried again after the backoff.
+    pub async fn connect<S: Serialize, R: DeserializeOwned>(
+        &mut self,
+    ) -> Option<(NodeSocket<S, R>, u64)> {
+        loop {
+            let connected = tokio::select! {
+                _ = self.cancel.cancelled() => return None,
+                c = NodeSocket::connect(self.client, self.path, self.hello) => c,
+            };
+            match connected {
+                Ok(socket) => {
+                    self.backoff.connected();
+                    self.generation += 1;
+                    tracing::info!(controller = %socket.controller(), "Connected to the controller");
+                    return Some((socket, self.generation));
+                }
+                Err(error) => tracing::warn!(%error, "Could not connect to the controller"),
+            }
+            if !self.wait_backoff().await {
+                return None;
+            }
+        }
+    }
+
+    /// Takes how a connection ended: `false` when the session ends (the token fired); otherwise logs
+    /// it and, unless it was a rebalance, waits for the backoff before the next [`Self::connect`].
+    pub async fn ended(&mut self, end: ConnectionEnd) -> bool {
+        match end {
+            ConnectionEnd::Cancelled => return false,
+            ConnectionEnd::Rebalance => {
+                tracing::info!("Reconnecting to the controller (periodic rebalance)");
+                return true;
+            }
+            ConnectionEnd::Closed => tracing::warn!("Lost the controller connection; reconnecting"),
+            ConnectionEnd::SendFailed(error) => {
+                tracing::warn!(%error, "Lost the controller connection; reconnecting")
+            }
+        }
+        self.wait_backoff().await
+    }
+
+    /// Waits for the backoff; `false` when the token fires first.
+    async fn wait_backoff(&mut self) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = self.backoff.wait() => true,
         }
     }
 }

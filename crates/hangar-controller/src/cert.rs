@@ -7,7 +7,7 @@
 //! (values must be small enough for the store's notifications and well-formed), and which store events
 //! a proxy is told about. Lease semantics (who wins, expiry) live in the store, on the store clock.
 
-use hangar_store::{NodeId, Store, StoreEvent};
+use hangar_store::{NodeId, Store, StoreEvent, StoreResult};
 use hangar_types::protocol::ControllerToProxy;
 use hangar_types::{ClusterName, ProxyName};
 
@@ -72,19 +72,21 @@ pub(crate) struct ProxyTls<'a> {
 }
 
 impl ProxyTls<'_> {
+    /// Whether the store accepted a request; a failed call is logged as `failure` and refuses it.
+    fn accepted(&self, answer: StoreResult<bool>, failure: &str) -> bool {
+        answer.unwrap_or_else(|e| {
+            tracing::error!(proxy = %self.name, cluster = %self.cluster, error = %e, "{failure}");
+            false
+        })
+    }
+
     /// `CertLeaseRequest`: take or renew the lease.
     pub async fn lease_request(&self) -> ControllerToProxy {
-        let accepted = match self
+        let answer = self
             .store
             .acquire_cert_lease(self.cluster, self.proxy)
-            .await
-        {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::error!(proxy = %self.name, cluster = %self.cluster, error = %e, "Failed to acquire the certificate lease");
-                false
-            }
-        };
+            .await;
+        let accepted = self.accepted(answer, "Failed to acquire the certificate lease");
         tracing::debug!(proxy = %self.name, cluster = %self.cluster, accepted, "Certificate lease request");
         ControllerToProxy::CertLeaseResponse { accepted }
     }
@@ -111,17 +113,11 @@ impl ProxyTls<'_> {
             tracing::warn!(proxy = %self.name, cluster = %self.cluster, error = %e, "Refusing a TXT record");
             return ControllerToProxy::SetTxtRecordResponse { accepted: false };
         }
-        let stored = self
+        let answer = self
             .store
             .set_txt_record(self.cluster, self.proxy, txt_value.as_deref())
             .await;
-        let accepted = match stored {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::error!(proxy = %self.name, cluster = %self.cluster, error = %e, "Failed to store a TXT record");
-                false
-            }
-        };
+        let accepted = self.accepted(answer, "Failed to store a TXT record");
         tracing::debug!(proxy = %self.name, cluster = %self.cluster, accepted, "TXT record set");
         ControllerToProxy::SetTxtRecordResponse { accepted }
     }

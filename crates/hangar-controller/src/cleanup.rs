@@ -5,6 +5,7 @@
 //! controllers sharing a database spread out, and the store makes concurrent passes safe.
 
 use hangar_store::{Store, StoreResult};
+use hangar_types::ticks::every_from;
 use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,13 +37,8 @@ pub async fn run_cleanup(store: Arc<dyn Store>, policy: CleanupPolicy, cancel: C
     // `interval` is validated non-zero by the config; guard anyway, an empty range would panic.
     let interval = policy.interval.max(Duration::from_millis(1));
     let offset = rand::rng().random_range(Duration::ZERO..interval);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = every_from(tokio::time::Instant::now() + offset, interval, &cancel);
+    while ticks.next().await {
         match cleanup_pass(store.as_ref(), policy.min_age, &cancel).await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "Cleanup pass deleted rows"),

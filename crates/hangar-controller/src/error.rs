@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hangar_store::StoreError;
 use hangar_types::api::{self, ApiErrorKind};
+use hangar_types::error_chain;
 use hangar_types::names::random_string;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,16 @@ impl ApiError {
     /// A store failure reported to the client as `message`.
     pub fn store(message: &'static str) -> impl FnOnce(StoreError) -> ApiError {
         move |source| ApiError::Store { message, source }
+    }
+
+    /// What a store read found: `404` with `missing` when nothing, a `Database error` when the read
+    /// failed.
+    pub fn found<T>(
+        read: Result<Option<T>, StoreError>,
+        missing: &'static str,
+    ) -> Result<T, ApiError> {
+        read.map_err(ApiError::store("Database error"))?
+            .ok_or(ApiError::NotFound(missing))
     }
 
     /// The Plane error kind of the response.
@@ -110,18 +121,6 @@ fn connect_status_and_kind(e: &ConnectError) -> (StatusCode, ApiErrorKind) {
         ),
         ConnectError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, ApiErrorKind::Other),
     }
-}
-
-/// The full `source()` chain, for logs.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 impl IntoResponse for ApiError {

@@ -12,6 +12,7 @@
 
 use hangar_store::{LiveBackend, StateUpdate, Store, StoreResult};
 use hangar_types::state::Transition;
+use hangar_types::ticks::every;
 use hangar_types::timing::UNHEALTHY_AFTER;
 use hangar_types::{BackendId, BackendState, ClusterName, DroneName};
 use hangar_types::{TerminationKind, TerminationReason};
@@ -26,13 +27,8 @@ pub const LOST_SWEEP_PAGE: u32 = 500;
 
 /// Sweeps every [`LOST_SWEEP_INTERVAL`] until cancelled. Store errors are logged; the next sweep retries.
 pub async fn run_lost_backend_sweep(store: Arc<dyn Store>, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(LOST_SWEEP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = every(LOST_SWEEP_INTERVAL, &cancel);
+    while ticks.next().await {
         if let Err(e) = sweep_lost_backends(store.as_ref()).await {
             tracing::warn!(error = %e, "Lost-backend sweep failed");
         }

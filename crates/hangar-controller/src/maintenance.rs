@@ -2,6 +2,7 @@
 //! heartbeat (or marked offline) are not scheduled.
 
 use hangar_store::Store;
+use hangar_types::ticks::every;
 use hangar_types::timing::HEARTBEAT_INTERVAL;
 use hangar_types::ControllerName;
 use std::sync::Arc;
@@ -13,13 +14,8 @@ pub async fn run_controller_heartbeat(
     name: ControllerName,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = every(HEARTBEAT_INTERVAL, &cancel);
+    while ticks.next().await {
         if let Err(e) = store.controller_heartbeat(&name, true).await {
             tracing::warn!(controller = %name, error = %e, "Failed to record controller heartbeat");
         }

@@ -23,6 +23,7 @@ use axum::Json;
 use hangar_store::BackendCount;
 use hangar_types::api::{self, ApiErrorKind, ConnectResponse};
 use hangar_types::names::random_string;
+use hangar_types::ticks::every;
 use hangar_types::ClusterName;
 use hangar_types::{BackendStatus, TerminationKind};
 use prometheus_client::encoding::prometheus_text;
@@ -279,13 +280,8 @@ impl Drop for NodeSessionGuard {
 /// Recounts `hangar_backends` from the store now and every [`BACKEND_GAUGES_INTERVAL`]. A failed
 /// count keeps the previous values (logged).
 pub async fn run_backend_gauges(state: AppState, cancel: CancellationToken) {
-    let mut interval = tokio::time::interval(BACKEND_GAUGES_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = interval.tick() => {}
-        }
+    let mut ticks = every(BACKEND_GAUGES_INTERVAL, &cancel);
+    while ticks.next().await {
         match state.store.live_backend_counts().await {
             Ok(counts) => state.prometheus.set_backend_counts(&counts),
             Err(e) => tracing::warn!(error = %e, "Failed to count backends for metrics"),

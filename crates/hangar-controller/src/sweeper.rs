@@ -4,6 +4,7 @@
 //! requested (so unlike Plane, quirk 8, a terminating backend is not re-sent a terminate every pass).
 
 use hangar_store::{NodeId, Store, StoreResult};
+use hangar_types::ticks::every;
 use hangar_types::timing::SWEEP_INTERVAL;
 use hangar_types::{DroneName, TerminationKind, TerminationReason};
 use std::sync::Arc;
@@ -16,13 +17,8 @@ pub async fn run_sweeper(
     name: DroneName,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = every(SWEEP_INTERVAL, &cancel);
+    while ticks.next().await {
         if let Err(e) = sweep_once(store.as_ref(), drone).await {
             tracing::warn!(drone = %name, error = %e, "Sweep failed");
         }

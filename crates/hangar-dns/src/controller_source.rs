@@ -9,11 +9,10 @@
 //! itself, and the request is forgotten once nobody waits for it.
 
 use crate::txt_source::{TxtError, TxtSource};
-use hangar_client::backoff::Backoff;
-use hangar_client::node::{NodeReceiver, NodeSender, NodeSocket};
+use hangar_client::node::{ConnectionEnd, NodeReceiver, NodeSender, Reconnecting};
 use hangar_client::{ClientError, ControllerClient};
 use hangar_types::protocol::{ControllerToDns, DnsHello, DnsToController};
-use hangar_types::{ClusterName, DnsName, PROTOCOL_VERSION, VERSION};
+use hangar_types::{ClusterName, DnsName};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,58 +183,25 @@ impl Shared {
 /// Runs the controller session until `shared.closed` fires.
 async fn run_session(shared: Arc<Shared>, client: ControllerClient, name: DnsName) {
     let cancel = shared.closed.clone();
-    let hello = DnsHello {
-        protocol: PROTOCOL_VERSION,
-        version: VERSION.to_string(),
-        name,
-    };
-    let mut backoff = Backoff::default();
-    let mut generation = 0u64;
-    loop {
-        let connected = tokio::select! {
-            _ = cancel.cancelled() => return,
-            c = NodeSocket::<DnsToController, ControllerToDns>::connect(&client, DNS_SOCKET_PATH, &hello) => c,
+    let hello = DnsHello::new(name);
+    let mut session = Reconnecting::new(&client, DNS_SOCKET_PATH, &hello, &cancel);
+    while let Some((socket, generation)) = session.connect().await {
+        shared.connected.store(true, Ordering::Relaxed);
+        let (mut tx, mut rx) = socket.split();
+        let end = tokio::select! {
+            _ = cancel.cancelled() => ConnectionEnd::Cancelled,
+            () = run_receiver(&shared, &mut rx) => ConnectionEnd::Closed,
+            error = run_sender(&shared, &mut tx, generation) => ConnectionEnd::SendFailed(error),
         };
-        match connected {
-            Ok(socket) => {
-                backoff.connected();
-                generation += 1;
-                tracing::info!(controller = %socket.controller(), "Connected to the controller");
-                shared.connected.store(true, Ordering::Relaxed);
-                let (mut tx, mut rx) = socket.split();
-                let end = tokio::select! {
-                    _ = cancel.cancelled() => ConnectionEnd::Cancelled,
-                    () = run_receiver(&shared, &mut rx) => ConnectionEnd::Closed,
-                    error = run_sender(&shared, &mut tx, generation) => ConnectionEnd::SendFailed(error),
-                };
-                shared.connected.store(false, Ordering::Relaxed);
-                match end {
-                    ConnectionEnd::Cancelled => {
-                        // Best effort: a stuck peer must not hold up shutdown.
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, tx.close()).await;
-                        return;
-                    }
-                    ConnectionEnd::Closed => {
-                        tracing::warn!("Lost the controller connection; reconnecting")
-                    }
-                    ConnectionEnd::SendFailed(error) => {
-                        tracing::warn!(%error, "Lost the controller connection; reconnecting")
-                    }
-                }
-            }
-            Err(error) => tracing::warn!(%error, "Could not connect to the controller"),
+        shared.connected.store(false, Ordering::Relaxed);
+        if let ConnectionEnd::Cancelled = end {
+            // Best effort: a stuck peer must not hold up shutdown.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, tx.close()).await;
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = backoff.wait() => {}
+        if !session.ended(end).await {
+            break;
         }
     }
-}
-
-enum ConnectionEnd {
-    Cancelled,
-    Closed,
-    SendFailed(ClientError),
 }
 
 /// Applies answers from the controller until the connection closes.

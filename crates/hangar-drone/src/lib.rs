@@ -27,7 +27,7 @@ use executor::{DockerExecutor, Executor, ProcessExecutor, SocketExecutor};
 use hangar_client::ControllerClient;
 use hangar_types::executable::ExecutorKind;
 use hangar_types::protocol::{DroneToController, Hello, NodeHello};
-use hangar_types::{BackendId, DroneName, PROTOCOL_VERSION, VERSION};
+use hangar_types::{BackendId, DroneName};
 use log_store::{LogStore, LogWriter};
 use outbox::Outbox;
 use prometheus::{DroneMetrics, MetricsSource};
@@ -156,15 +156,11 @@ pub async fn start(config: DroneConfig) -> anyhow::Result<DroneHandle> {
     let session = Session {
         client,
         path: format!("/ctrl/c/{}/drone-socket", config.cluster),
-        hello: Hello {
-            protocol: PROTOCOL_VERSION,
-            version: VERSION.to_string(),
-            node: NodeHello::Drone {
-                name: config.name.clone(),
-                pool: config.pool.clone(),
-                executors: kinds,
-            },
-        },
+        hello: Hello::new(NodeHello::Drone {
+            name: config.name.clone(),
+            pool: config.pool.clone(),
+            executors: kinds,
+        }),
         outbox: outbox.clone(),
         supervisors: supervisors.clone(),
         actions,
@@ -253,13 +249,8 @@ fn open_log_store(
 
 /// Deletes the lines of backends past their retention, every [`LOG_PRUNE_INTERVAL`].
 async fn run_log_pruning(logs: LogStore, cancel: CancellationToken) {
-    let mut interval = tokio::time::interval(LOG_PRUNE_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = interval.tick() => {}
-        }
+    let mut ticks = hangar_types::ticks::every(LOG_PRUNE_INTERVAL, &cancel);
+    while ticks.next().await {
         let store = logs.clone();
         let pruned = tokio::task::spawn_blocking(move || store.prune(hangar_types::Millis::now()));
         match pruned.await {

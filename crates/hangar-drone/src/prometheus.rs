@@ -28,15 +28,7 @@ type Label = [(&'static str, &'static str); 1];
 
 /// Statuses of a supervised backend: every status but `terminated` (a terminated backend is no
 /// longer supervised).
-const LIVE_STATUSES: [BackendStatus; 7] = [
-    BackendStatus::Scheduled,
-    BackendStatus::Loading,
-    BackendStatus::Starting,
-    BackendStatus::Waiting,
-    BackendStatus::Ready,
-    BackendStatus::Terminating,
-    BackendStatus::HardTerminating,
-];
+const LIVE_STATUSES: [BackendStatus; 7] = BackendStatus::LIVE;
 
 /// Exit reasons: the termination reason, or `exited` when the backend ended on its own.
 const EXIT_REASONS: [&str; 7] = [

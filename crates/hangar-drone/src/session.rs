@@ -13,8 +13,7 @@ use crate::log_store::LogStore;
 use crate::outbox::{Outbox, SpawnRecord, StoredEvent};
 use crate::prometheus::DroneMetrics;
 use crate::supervisor::{ClaimHookRequest, Supervisors};
-use hangar_client::backoff::Backoff;
-use hangar_client::node::{NodeReceiver, NodeSender, NodeSocket};
+use hangar_client::node::{ConnectionEnd, NodeReceiver, NodeSender, NodeSocket, Reconnecting};
 use hangar_client::ControllerClient;
 use hangar_types::protocol::{
     ActionMessage, BackendAction, ControllerToDrone, DroneToController, Hello,
@@ -58,41 +57,18 @@ pub struct Session {
     pub logs: Option<LogStore>,
 }
 
-/// Why a connection ended.
-enum Ended {
-    Cancelled,
-    Closed,
-}
-
 impl Session {
     pub async fn run_session(mut self, cancel: CancellationToken) {
-        let mut backoff = Backoff::default();
-        let mut first = true;
-        loop {
-            let connected = tokio::select! {
-                _ = cancel.cancelled() => return,
-                socket = NodeSocket::<DroneToController, ControllerToDrone>::connect(
-                    &self.client, &self.path, &self.hello) => socket,
-            };
-            match connected {
-                Ok(socket) => {
-                    backoff.connected();
-                    tracing::info!(controller = %socket.controller(), "Connected to controller");
-                    self.prometheus.record_connected(first);
-                    first = false;
-                    self.connected.send_replace(true);
-                    let ended = self.run_connection(socket, &cancel).await;
-                    self.connected.send_replace(false);
-                    if let Ended::Cancelled = ended {
-                        return;
-                    }
-                    tracing::info!("Disconnected from controller");
-                }
-                Err(e) => tracing::warn!(error = %e, "Failed to connect to controller"),
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = backoff.wait() => {}
+        // Copies: each connection borrows the whole session mutably.
+        let (client, path, hello) = (self.client.clone(), self.path.clone(), self.hello.clone());
+        let mut session = Reconnecting::new(&client, &path, &hello, &cancel);
+        while let Some((socket, generation)) = session.connect().await {
+            self.prometheus.record_connected(generation == 1);
+            self.connected.send_replace(true);
+            let end = self.run_connection(socket, &cancel).await;
+            self.connected.send_replace(false);
+            if !session.ended(end).await {
+                break;
             }
         }
     }
@@ -101,7 +77,7 @@ impl Session {
         &mut self,
         socket: NodeSocket<DroneToController, ControllerToDrone>,
         cancel: &CancellationToken,
-    ) -> Ended {
+    ) -> ConnectionEnd {
         let before = Millis(
             Millis::now()
                 .0
@@ -136,11 +112,11 @@ impl Session {
         tokio::select! {
             _ = cancel.cancelled() => {
                 writer.sender.close().await;
-                Ended::Cancelled
+                ConnectionEnd::Cancelled
             }
-            () = reconnect_requested(reconnect) => Ended::Closed,
-            () = reader => Ended::Closed,
-            () = writer.run(outbound, metrics, executor_error, &mut log_frames_rx) => Ended::Closed,
+            () = reconnect_requested(reconnect) => ConnectionEnd::Closed,
+            () = reader => ConnectionEnd::Closed,
+            () = writer.run(outbound, metrics, executor_error, &mut log_frames_rx) => ConnectionEnd::Closed,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::cert_file::CertFiles;
 use crate::cert_link::LinkError;
 use crate::tls::{CertError, CertSource, ClusterCert};
 use crate::ProxyState;
+use hangar_types::error_chain;
 use hangar_types::protocol::ProxyToController;
 use instant_acme::Account;
 use std::path::PathBuf;
@@ -355,21 +356,6 @@ impl AcmeJob {
         }
         Ok(())
     }
-}
-
-/// `error: cause: cause…` for logs.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use crate::headers::{HostMismatch, InvalidUserHeader};
 use crate::route_cache::GoneReason;
 use bytes::Bytes;
-use hangar_types::BackendId;
+use hangar_types::{error_chain, BackendId};
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
@@ -147,18 +147,6 @@ impl ProxyError {
         }
         response
     }
-}
-
-/// `error: cause: cause…` for logs.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 pub(crate) fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {

@@ -13,11 +13,9 @@
 use crate::cert_link::CertAnswer;
 use crate::tls::{CertPem, CertSource, ClusterCert};
 use crate::ProxyState;
-use hangar_client::backoff::Backoff;
-use hangar_client::node::{NodeReceiver, NodeSender, NodeSocket};
+use hangar_client::node::{ConnectionEnd, NodeReceiver, NodeSender, Reconnecting};
 use hangar_client::{ClientError, ControllerClient};
 use hangar_types::protocol::{ControllerToProxy, Hello, NodeHello, ProxyToController};
-use hangar_types::{PROTOCOL_VERSION, VERSION};
 use rand::Rng;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -39,58 +37,20 @@ pub(crate) async fn run_session(
     cancel: CancellationToken,
 ) {
     let path = format!("/ctrl/c/{}/proxy-socket", state.config.cluster);
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        version: VERSION.to_string(),
-        node: NodeHello::Proxy {
-            name: state.config.name.clone(),
-        },
-    };
-    let mut backoff = Backoff::default();
-    let mut generation = 0u64;
-    loop {
-        let connected = tokio::select! {
-            _ = cancel.cancelled() => return,
-            c = NodeSocket::<ProxyToController, ControllerToProxy>::connect(&client, &path, &hello) => c,
-        };
-        match connected {
-            Ok(socket) => {
-                backoff.connected();
-                generation += 1;
-                tracing::info!(controller = %socket.controller(), "Connected to the controller");
-                state.route_cache.start_session();
-                state.set_connected(true);
-                let (tx, rx) = socket.split();
-                let end = run_connection(&state, tx, rx, generation, &cancel).await;
-                state.set_connected(false);
-                match end {
-                    ConnectionEnd::Cancelled => return,
-                    ConnectionEnd::Periodic => {
-                        tracing::info!("Reconnecting to the controller (periodic rebalance)");
-                        continue;
-                    }
-                    ConnectionEnd::Closed => {
-                        tracing::warn!("Lost the controller connection; reconnecting")
-                    }
-                    ConnectionEnd::SendFailed(error) => {
-                        tracing::warn!(%error, "Lost the controller connection; reconnecting")
-                    }
-                }
-            }
-            Err(error) => tracing::warn!(%error, "Could not connect to the controller"),
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = backoff.wait() => {}
+    let hello = Hello::new(NodeHello::Proxy {
+        name: state.config.name.clone(),
+    });
+    let mut session = Reconnecting::new(&client, &path, &hello, &cancel);
+    while let Some((socket, generation)) = session.connect().await {
+        state.route_cache.start_session();
+        state.set_connected(true);
+        let (tx, rx) = socket.split();
+        let end = run_connection(&state, tx, rx, generation, &cancel).await;
+        state.set_connected(false);
+        if !session.ended(end).await {
+            break;
         }
     }
-}
-
-enum ConnectionEnd {
-    Cancelled,
-    Periodic,
-    Closed,
-    SendFailed(ClientError),
 }
 
 async fn run_connection(
@@ -106,7 +66,7 @@ async fn run_connection(
     };
     let end = tokio::select! {
         _ = cancel.cancelled() => ConnectionEnd::Cancelled,
-        _ = tokio::time::sleep(reconnect_after) => ConnectionEnd::Periodic,
+        _ = tokio::time::sleep(reconnect_after) => ConnectionEnd::Rebalance,
         () = run_receiver(state, &mut rx) => ConnectionEnd::Closed,
         error = run_sender(state, &mut tx, generation) => ConnectionEnd::SendFailed(error),
     };
@@ -175,13 +135,8 @@ async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
 /// `route_cache.rs`), every [`LEASE_CHECK_INTERVAL`], until `cancel` fires. Connected or not: a
 /// proxy cut off from every controller must stop serving a backend before its key can change hands.
 pub(crate) async fn run_lease_expiry(state: std::sync::Arc<ProxyState>, cancel: CancellationToken) {
-    let mut ticks = tokio::time::interval(LEASE_CHECK_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    let mut ticks = hangar_types::ticks::every(LEASE_CHECK_INTERVAL, &cancel);
+    while ticks.next().await {
         for backend in state.route_cache.lapse_leases(tokio::time::Instant::now()) {
             let open = state
                 .tracker

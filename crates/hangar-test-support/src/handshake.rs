@@ -3,7 +3,7 @@
 
 use axum::extract::ws::{Message, WebSocket};
 use hangar_types::protocol::HelloResponse;
-use hangar_types::{ControllerName, PROTOCOL_VERSION, VERSION};
+use hangar_types::ControllerName;
 use serde::de::DeserializeOwned;
 use std::sync::Mutex;
 
@@ -26,11 +26,6 @@ pub async fn read_hello<H: DeserializeOwned>(socket: &mut WebSocket) -> Option<H
 
 /// Answers the hello with `Welcome` from a random controller; false when the socket is gone.
 pub async fn send_welcome(socket: &mut WebSocket) -> bool {
-    let welcome = serde_json::to_string(&HelloResponse::Welcome {
-        protocol: PROTOCOL_VERSION,
-        version: VERSION.to_string(),
-        controller: ControllerName::random(),
-    })
-    .unwrap();
+    let welcome = serde_json::to_string(&HelloResponse::welcome(ControllerName::random())).unwrap();
     socket.send(Message::Text(welcome.into())).await.is_ok()
 }

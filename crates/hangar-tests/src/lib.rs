@@ -313,13 +313,7 @@ impl TestEnv {
             let name = name.clone();
             async move {
                 let state = client.cluster_state(&cluster).await.ok()?;
-                state
-                    .drones
-                    .iter()
-                    .any(|d| {
-                        d.node.name.as_str() == name.as_str() && d.last_heartbeat_age.is_some()
-                    })
-                    .then_some(())
+                state.drone_heartbeating(&name).then_some(())
             }
         })
         .await;
@@ -388,20 +382,10 @@ impl TestEnv {
     /// A connect request for `key` running the test backend with `env`.
     pub fn connect_request(&self, key: &str, env: &[(&str, &str)]) -> ConnectRequest {
         ConnectRequest {
-            key: Some(KeyConfig {
-                name: key.parse().unwrap(),
-                namespace: String::new(),
-                tag: String::new(),
-            }),
+            key: Some(KeyConfig::named(key.parse().unwrap())),
             spawn_config: Some(SpawnConfig {
-                id: None,
                 cluster: Some(self.cluster.clone()),
-                pool: String::new(),
-                executable: backend_executable(env),
-                lifetime_limit_seconds: None,
-                max_idle_seconds: None,
-                use_static_token: false,
-                subdomain: None,
+                ..SpawnConfig::new(backend_executable(env))
             }),
             user: Some("alice".into()),
             auth: serde_json::json!({"role": "editor"})

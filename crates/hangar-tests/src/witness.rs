@@ -132,11 +132,7 @@ async fn run_witness_session(stream: TcpStream, seen: Arc<Mutex<Seen>>, cancel: 
             _ => return,
         }
     };
-    let welcome = HelloResponse::Welcome {
-        protocol: hangar_types::PROTOCOL_VERSION,
-        version: hangar_types::VERSION.to_string(),
-        controller: ControllerName::random(),
-    };
+    let welcome = HelloResponse::welcome(ControllerName::random());
     let text = serde_json::to_string(&welcome).expect("welcome encodes");
     if ws.send(Message::text(text)).await.is_err() {
         return;

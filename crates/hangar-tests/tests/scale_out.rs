@@ -270,15 +270,11 @@ struct FakeDrone {
 impl FakeDrone {
     async fn connect(client: &ControllerClient, env: &TestEnv, pool: &str) -> FakeDrone {
         let name = DroneName::random();
-        let hello = Hello {
-            protocol: hangar_types::PROTOCOL_VERSION,
-            version: hangar_types::VERSION.to_string(),
-            node: NodeHello::Drone {
-                name: name.clone(),
-                pool: pool.to_string(),
-                executors: vec![ExecutorKind::Process],
-            },
-        };
+        let hello = Hello::new(NodeHello::Drone {
+            name: name.clone(),
+            pool: pool.to_string(),
+            executors: vec![ExecutorKind::Process],
+        });
         let path = format!("/ctrl/c/{}/drone-socket", env.cluster);
         let socket = NodeSocket::connect(client, &path, &hello).await.unwrap();
         FakeDrone { name, socket }

@@ -6,7 +6,7 @@
 use futures_util::{SinkExt, StreamExt};
 use hangar_test_support::IGNORING_SIGTERM;
 use hangar_tests::{assert_api_error, eventually, with_env, within, TestEnv};
-use hangar_types::api::{ApiErrorKind, KeyConfig};
+use hangar_types::api::ApiErrorKind;
 use hangar_types::{BackendStatus, TerminationKind, TerminationReason};
 use serde_json::Value;
 use std::time::Duration;
@@ -108,11 +108,7 @@ async fn get_or_create_is_per_key_namespace_and_tag() {
         assert_ne!(ns.backend_id, first.backend_id);
 
         let mut tagged = env.connect_request("room", &[]);
-        tagged.key = Some(KeyConfig {
-            name: "room".parse().unwrap(),
-            namespace: String::new(),
-            tag: "v2".into(),
-        });
+        tagged.key.as_mut().unwrap().tag = "v2".into();
         assert_api_error(
             env.client.connect(&tagged).await,
             409,

@@ -20,6 +20,17 @@ pub struct KeyConfig {
     pub tag: String,
 }
 
+impl KeyConfig {
+    /// The key `name` in the default namespace (`""`), without a tag.
+    pub fn named(name: KeyName) -> Self {
+        KeyConfig {
+            name,
+            namespace: String::new(),
+            tag: String::new(),
+        }
+    }
+}
+
 /// How to create a backend when the key is not held.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +56,23 @@ pub struct SpawnConfig {
     /// Backend reachable only through `<subdomain>.<cluster>`.
     #[serde(default)]
     pub subdomain: Option<String>,
+}
+
+impl SpawnConfig {
+    /// Runs `executable` with what an absent field means: a random id, the controller's default
+    /// cluster, the default pool, no lifetime or idle limit, no static token, no subdomain.
+    pub fn new(executable: Executable) -> Self {
+        SpawnConfig {
+            id: None,
+            cluster: None,
+            pool: String::new(),
+            executable,
+            lifetime_limit_seconds: None,
+            max_idle_seconds: None,
+            use_static_token: false,
+            subdomain: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, ToSchema)]
@@ -185,6 +213,15 @@ pub struct ClusterState {
     pub proxies: Vec<NodeState>,
 }
 
+impl ClusterState {
+    /// Whether drone `name` is registered and has sent a heartbeat: it can be scheduled on.
+    pub fn drone_heartbeating(&self, name: &DroneName) -> bool {
+        self.drones
+            .iter()
+            .any(|d| d.node.name.as_str() == name.as_str() && d.last_heartbeat_age.is_some())
+    }
+}
+
 /// Why the sweeper would terminate a backend (see [`TerminationCandidate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -301,6 +338,22 @@ mod tests {
         assert_eq!(sc.max_idle_seconds, Some(60));
         let r: ConnectRequest = serde_json::from_value(json!({})).unwrap();
         assert!(r.key.is_none() && r.spawn_config.is_none());
+    }
+
+    #[test]
+    fn a_drone_heartbeats_once_its_age_is_known() {
+        let state: ClusterState = serde_json::from_value(json!({"proxies": [], "drones": [
+            {"ready": true, "draining": false, "last_heartbeat_age": 3, "backend_count": 0,
+             "node": {"name": {"Drone": "dr-1"}, "plane_version": "", "plane_hash": "", "controller": null,
+                      "controller_heartbeat_age": null}},
+            {"ready": true, "draining": false, "last_heartbeat_age": null, "backend_count": 0,
+             "node": {"name": {"Drone": "dr-2"}, "plane_version": "", "plane_hash": "", "controller": null,
+                      "controller_heartbeat_age": null}}
+        ]}))
+        .unwrap();
+        assert!(state.drone_heartbeating(&"dr-1".parse().unwrap()));
+        assert!(!state.drone_heartbeating(&"dr-2".parse().unwrap()));
+        assert!(!state.drone_heartbeating(&"dr-3".parse().unwrap()));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Shared vocabulary of Hangar: identifiers, API bodies, wire messages between components, the backend
-//! state machine and the timing constants. This crate does no IO; every other crate depends on it.
+//! state machine, the timing constants and the periodic tick every loop runs on (`ticks.rs`). This
+//! crate does no IO; every other crate depends on it.
 
 pub mod api;
 pub mod executable;
@@ -7,6 +8,7 @@ pub mod logs;
 pub mod names;
 pub mod protocol;
 pub mod state;
+pub mod ticks;
 pub mod time;
 pub mod timing;
 pub mod token;
@@ -36,6 +38,52 @@ pub fn set_git_hash(hash: &str) {
 
 static GIT_HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// `error: cause: cause…`, an error with its `source()` chain on one line, for logs. A cause whose
+/// text the line already holds (an error that prints its source itself) is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// Version of the node ↔ controller WebSocket protocol. Bumped on incompatible changes; a peer with a
 /// different protocol version is refused at handshake time.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("connect failed")]
+        Connect(#[source] Inner),
+        #[error("request failed: {0}")]
+        Request(#[source] Inner),
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection refused")]
+    struct Inner;
+
+    #[test]
+    fn error_chain_joins_the_causes_once() {
+        assert_eq!(
+            error_chain(&Outer::Connect(Inner)),
+            "connect failed: connection refused"
+        );
+        assert_eq!(
+            error_chain(&Outer::Request(Inner)),
+            "request failed: connection refused"
+        );
+        assert_eq!(error_chain(&Inner), "connection refused");
+    }
+}

@@ -27,6 +27,17 @@ pub struct Hello {
     pub node: NodeHello,
 }
 
+impl Hello {
+    /// This build's hello for `node`: [`crate::PROTOCOL_VERSION`] and [`crate::VERSION`].
+    pub fn new(node: NodeHello) -> Self {
+        Hello {
+            protocol: crate::PROTOCOL_VERSION,
+            version: crate::VERSION.to_string(),
+            node,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeHello {
     Drone {
@@ -50,6 +61,17 @@ pub enum HelloResponse {
     /// The session is refused (protocol mismatch, bad name, duplicate live drone…); the controller closes
     /// the socket after sending this.
     Refused { reason: String },
+}
+
+impl HelloResponse {
+    /// This build's welcome from `controller`: [`crate::PROTOCOL_VERSION`] and [`crate::VERSION`].
+    pub fn welcome(controller: ControllerName) -> Self {
+        HelloResponse::Welcome {
+            protocol: crate::PROTOCOL_VERSION,
+            version: crate::VERSION.to_string(),
+            controller,
+        }
+    }
 }
 
 /// Deadlines on the **drone's** clock for one key lease.
@@ -366,6 +388,17 @@ pub struct DnsHello {
     pub name: DnsName,
 }
 
+impl DnsHello {
+    /// This build's hello for responder `name`: [`crate::PROTOCOL_VERSION`] and [`crate::VERSION`].
+    pub fn new(name: DnsName) -> Self {
+        DnsHello {
+            protocol: crate::PROTOCOL_VERSION,
+            version: crate::VERSION.to_string(),
+            name,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DnsToController {
     /// Asks for the ACME DNS-01 TXT value the cluster's proxy stored. The controller answers every
@@ -402,11 +435,7 @@ mod tests {
             action: BackendAction::Spawn {
                 executable: serde_json::from_value(json!({"command": ["x"]})).unwrap(),
                 key: AcquiredKey {
-                    key: KeyConfig {
-                        name: "k".parse().unwrap(),
-                        namespace: String::new(),
-                        tag: String::new(),
-                    },
+                    key: KeyConfig::named("k".parse().unwrap()),
                     deadlines: KeyDeadlines::from_base(Millis(0)),
                     token: 7,
                 },

@@ -38,6 +38,12 @@ impl BackendStatus {
         BackendStatus::Terminated,
     ];
 
+    /// The statuses of a backend that is not terminated: [`Self::ALL`] but its last.
+    pub const LIVE: [BackendStatus; 7] = match Self::ALL.first_chunk() {
+        Some(live) => *live,
+        None => unreachable!(),
+    };
+
     /// Plane's persisted status numbers (gaps intentional).
     pub fn number(self) -> i32 {
         match self {
@@ -650,5 +656,7 @@ mod tests {
             );
         }
         assert!("nope".parse::<BackendStatus>().is_err());
+        assert_eq!(BackendStatus::LIVE.len() + 1, BackendStatus::ALL.len());
+        assert!(!BackendStatus::LIVE.contains(&BackendStatus::Terminated));
     }
 }

@@ -121,6 +121,18 @@ impl ClientArgs {
     }
 }
 
+impl<T: Args> Client<T> {
+    /// Runs `command` with the API client of `--controller`/`--timeout`, the command's arguments
+    /// and `--json`.
+    pub async fn run(
+        self,
+        command: impl AsyncFnOnce(&ControllerClient, T, Output) -> anyhow::Result<ExitCode>,
+    ) -> anyhow::Result<ExitCode> {
+        let client = self.client.connection.client()?;
+        command(&client, self.args, self.client.output()).await
+    }
+}
+
 /// `--controller` values: an http(s) URL, or `host:port` meaning `http://host:port`.
 pub fn parse_controller_url(s: &str) -> Result<Url, String> {
     let s = s.trim();
@@ -166,6 +178,21 @@ impl Output {
         let line = serde_json::to_string(value).context("encoding JSON output")?;
         say!("{line}");
         Ok(())
+    }
+
+    /// Ends a command that succeeded with `result`: prints it as one JSON document with `--json`,
+    /// else as `human` writes it.
+    pub fn finish<T: Serialize>(
+        &self,
+        result: &T,
+        human: impl FnOnce(&T),
+    ) -> anyhow::Result<ExitCode> {
+        if self.json {
+            self.json_line(result)?;
+        } else {
+            human(result);
+        }
+        Ok(ExitCode::SUCCESS)
     }
 }
 

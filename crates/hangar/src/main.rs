@@ -288,59 +288,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dns(args) => dns::run_dns(args).await,
         Command::Migrate(args) => database::run_migrate(args).await,
         Command::ContainerWatchdog(args) => container_watchdog::run(args).await,
-        Command::Connect(c) => {
-            cli::connect::run(&c.client.connection.client()?, c.args, c.client.output()).await
-        }
-        Command::List(c) => {
-            cli::list::list(&c.client.connection.client()?, c.args, c.client.output()).await
-        }
-        Command::Logs(c) => {
-            cli::logs::run(&c.client.connection.client()?, c.args, c.client.output()).await
-        }
-        Command::Status(c) => {
-            cli::backend::status(&c.client.connection.client()?, c.args, c.client.output()).await
-        }
-        Command::Terminate(c) => {
-            cli::backend::terminate(&c.client.connection.client()?, c.args, c.client.output()).await
-        }
-        Command::Revoke(c) => {
-            cli::backend::revoke(&c.client.connection.client()?, c.args, c.client.output()).await
-        }
-        Command::ClusterState(c) => {
-            cli::cluster::cluster_state(&c.client.connection.client()?, c.args, c.client.output())
-                .await
-        }
-        Command::Drain(c) => {
-            cli::cluster::drain(&c.client.connection.client()?, c.args, c.client.output()).await
-        }
-        Command::MarkLost(c) => {
-            cli::operator::mark_lost(&c.client.connection.client()?, c.args, c.client.output())
-                .await
-        }
-        Command::PreventRenew(c) => {
-            cli::operator::prevent_renew(&c.client.connection.client()?, c.args, c.client.output())
-                .await
-        }
+        Command::Connect(c) => c.run(cli::connect::run).await,
+        Command::List(c) => c.run(cli::list::list).await,
+        Command::Logs(c) => c.run(cli::logs::run).await,
+        Command::Status(c) => c.run(cli::backend::status).await,
+        Command::Terminate(c) => c.run(cli::backend::terminate).await,
+        Command::Revoke(c) => c.run(cli::backend::revoke).await,
+        Command::ClusterState(c) => c.run(cli::cluster::cluster_state).await,
+        Command::Drain(c) => c.run(cli::cluster::drain).await,
+        Command::MarkLost(c) => c.run(cli::operator::mark_lost).await,
+        Command::PreventRenew(c) => c.run(cli::operator::prevent_renew).await,
         Command::Admin(args) => {
             let client = args.connection.client()?;
             Ok(cli::admin::run(&client, args).await)
         }
-        Command::ListNodes(c) => {
-            cli::inspect::list_nodes(&c.client.connection.client()?, c.args, c.client.output())
-                .await
-        }
-        Command::TerminationCandidates(c) => {
-            cli::inspect::termination_candidates(
-                &c.client.connection.client()?,
-                c.args,
-                c.client.output(),
-            )
-            .await
-        }
+        Command::ListNodes(c) => c.run(cli::inspect::list_nodes).await,
+        Command::TerminationCandidates(c) => c.run(cli::inspect::termination_candidates).await,
         Command::Events(c) => cli::inspect::events(&c.client.connection, c.client.output()).await,
-        Command::WarmPool(c) => {
-            cli::warm_pool::run(&c.client.connection.client()?, c.args, c.client.output()).await
-        }
+        Command::WarmPool(c) => c.run(cli::warm_pool::run).await,
         Command::Version(v) => Ok(cli::version(cli::Output {
             json: v.output.json,
         })),

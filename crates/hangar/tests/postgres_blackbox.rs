@@ -8,13 +8,13 @@
 #![allow(clippy::unwrap_used)]
 
 use hangar_chaos::relay::{Relay, RelayMode};
-use hangar_test_support::free_port;
+use hangar_test_support::{eventually_within, free_port};
 use hangar_tests::postgres::TestDatabase;
 use std::io::Write;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 use tokio::process::{Child, Command};
-use tokio::time::{timeout, Instant};
+use tokio::time::timeout;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -210,22 +210,15 @@ async fn controller_waits_for_an_unreachable_database() {
 async fn wait_for_health_status(child: &mut Child, port: u16, status: u16) {
     let url = format!("http://127.0.0.1:{port}/pub/health");
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        if let Ok(resp) = http.get(&url).send().await {
-            if resp.status() == status {
-                return;
-            }
-        }
+    let what = format!("the controller on {port} to answer {status}");
+    eventually_within(STEP_TIMEOUT, &what, || {
         if let Ok(Some(exit)) = child.try_wait() {
             panic!("controller exited with {exit} instead of answering {status}");
         }
-        assert!(
-            Instant::now() < deadline,
-            "controller on {port} never answered {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let answer = http.get(&url).send();
+        async move { (answer.await.ok()?.status() == status).then_some(()) }
+    })
+    .await
 }
 
 #[tokio::test]

@@ -24,7 +24,6 @@ use crate::proxy_process::SystemWithProxyProcess;
 use crate::report::{Report, Summary, Unit};
 use crate::system::{free_port, StoreKind, System};
 use anyhow::Context;
-use hangar_types::BackendStatus;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -149,18 +148,10 @@ async fn measure(
     concurrency: usize,
     report: &mut Report,
 ) -> anyhow::Result<Vec<Pass>> {
-    let system = &running.system;
-    let request = system.connect_request(
-        &format!("proxy-http-{}", run_id()),
-        super::test_backend_executable(&[])?,
-    )?;
-    let response = system.client.connect(&request).await?;
-    system
-        .wait_for_status(&response.backend_id, BackendStatus::Ready)
-        .await?;
-    let backend = system.backend_address(&response.backend_id).await?;
+    let key = format!("proxy-http-{}", run_id());
+    let executable = super::test_backend_executable(&[])?;
+    let (response, backend) = running.connect_routed(&key, executable).await?;
     let url = url::Url::parse(&response.url).context("connect response URL")?;
-    running.wait_until_routed(&response.url).await?;
     let mut targets = vec![
         Target {
             name: "direct",

@@ -19,7 +19,6 @@ use crate::report::{Report, Unit};
 use crate::system::{StoreKind, WAIT};
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
-use hangar_types::BackendStatus;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -89,17 +88,9 @@ async fn measure(
     n: usize,
     round_trips: usize,
 ) -> anyhow::Result<Measured> {
-    let system = &running.system;
-    let request = system.connect_request(
-        &format!("proxy-ws-{}", run_id()),
-        test_backend_executable(&[])?,
-    )?;
-    let response = system.client.connect(&request).await?;
-    system
-        .wait_for_status(&response.backend_id, BackendStatus::Ready)
-        .await?;
-    let backend = system.backend_address(&response.backend_id).await?;
-    running.wait_until_routed(&response.url).await?;
+    let key = format!("proxy-ws-{}", run_id());
+    let executable = test_backend_executable(&[])?;
+    let (response, backend) = running.connect_routed(&key, executable).await?;
     let pid = Pid::Other(running.proxy.id()?);
     let proxy_url = format!("{}ws", response.url.replacen("http://", "ws://", 1));
     let direct_url = format!("ws://{backend}/ws");

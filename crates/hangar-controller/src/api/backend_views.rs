@@ -104,13 +104,9 @@ pub async fn backends_get(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,
 ) -> Result<Json<BackendDetails>, ApiError> {
-    let store = &state.store;
-    let row = store
-        .backend(&backend)
-        .await
-        .map_err(ApiError::store("Database error"))?
-        .ok_or(ApiError::NotFound("Backend does not exist"))?;
-    let history = store
+    let row = backend_row(&state, &backend).await?;
+    let history = state
+        .store
         .backend_history(&backend)
         .await
         .map_err(ApiError::store("Database error"))?
@@ -121,6 +117,14 @@ pub async fn backends_get(
         backend: summary(row),
         history,
     }))
+}
+
+/// The stored row of `backend`; `404` when there is none.
+pub(super) async fn backend_row(
+    state: &AppState,
+    backend: &BackendId,
+) -> Result<BackendRow, ApiError> {
+    ApiError::found(state.store.backend(backend).await, "Backend does not exist")
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Backend routes: connect, terminate, token revocation, public status and status stream.
 
+use crate::api::backend_views::backend_row;
 use crate::api::{ApiJson, ApiPath, AppState};
 use crate::connect;
 use crate::error::ApiError;
@@ -56,15 +57,10 @@ async fn terminate(
     let queued = state
         .store
         .queue_terminate(backend, kind, TerminationReason::External)
-        .await
-        .map_err(ApiError::store("Database error"))?;
-    match queued {
-        Some(action) => {
-            tracing::info!(%backend, ?kind, action = %action.action_id, "Termination requested");
-            Ok(Json(()))
-        }
-        None => Err(ApiError::NotFound("Backend does not exist")),
-    }
+        .await;
+    let action = ApiError::found(queued, "Backend does not exist")?;
+    tracing::info!(%backend, ?kind, action = %action.action_id, "Termination requested");
+    Ok(Json(()))
 }
 
 /// `POST /ctrl/b/{backend}/prevent-renew` (Plane's `db-cli prevent-renew`): the backend's key lease is
@@ -110,12 +106,7 @@ pub async fn backends_status(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,
 ) -> Result<Json<BackendStatusEntry>, ApiError> {
-    let row = state
-        .store
-        .backend(&backend)
-        .await
-        .map_err(ApiError::store("Database error"))?
-        .ok_or(ApiError::NotFound("Backend does not exist"))?;
+    let row = backend_row(&state, &backend).await?;
     Ok(Json(row.state.to_status_entry(row.state_time)))
 }
 

@@ -7,6 +7,7 @@
 //! `internal_url` (marked with [`FORWARDED_HEADER`] so it is never forwarded again) and its answer
 //! streamed back. Lines never pass through the store.
 
+use crate::api::backend_views::backend_row;
 use crate::api::{ApiPath, AppState};
 use crate::error::ApiError;
 use crate::log_relay::{LogChunk, LogQuery, LogRead};
@@ -180,15 +181,6 @@ async fn last_error_lines(
     let skip = chosen.len().saturating_sub(ERROR_LINES);
     chosen.drain(..skip);
     Some(chosen)
-}
-
-async fn backend_row(state: &AppState, backend: &BackendId) -> Result<BackendRow, ApiError> {
-    state
-        .store
-        .backend(backend)
-        .await
-        .map_err(ApiError::store("Database error"))?
-        .ok_or(ApiError::NotFound("Backend does not exist"))
 }
 
 /// Where a read's lines come from.

@@ -13,7 +13,7 @@ use axum::Json;
 use hangar_types::api::{ClusterState, DrainResult, MarkLostResult};
 use hangar_types::{ClusterName, DroneName};
 
-fn parse_cluster(raw: &str) -> Result<ClusterName, ApiError> {
+pub(super) fn parse_cluster(raw: &str) -> Result<ClusterName, ApiError> {
     raw.parse().map_err(|_| ApiError::InvalidClusterName)
 }
 
@@ -57,7 +57,7 @@ fn parse_all(query: Option<&str>) -> Result<bool, ApiError> {
     Ok(all)
 }
 
-fn parse_drone(raw: &str) -> Result<DroneName, ApiError> {
+pub(super) fn parse_drone(raw: &str) -> Result<DroneName, ApiError> {
     raw.parse()
         .map_err(|e| ApiError::InvalidRequest(format!("invalid drone name: {e}")))
 }
@@ -70,12 +70,8 @@ pub async fn drones_drain(
 ) -> Result<Json<DrainResult>, ApiError> {
     let cluster = parse_cluster(&cluster)?;
     let drone = parse_drone(&drone)?;
-    let updated = state
-        .store
-        .drain_drone(&cluster, &drone)
-        .await
-        .map_err(ApiError::store("Database error"))?
-        .ok_or(ApiError::NotFound("Drone does not exist"))?;
+    let drained = state.store.drain_drone(&cluster, &drone).await;
+    let updated = ApiError::found(drained, "Drone does not exist")?;
     if updated {
         tracing::info!(%cluster, %drone, "Drone draining");
     }
@@ -92,10 +88,8 @@ pub async fn drones_mark_lost(
 ) -> Result<Json<MarkLostResult>, ApiError> {
     let cluster = parse_cluster(&cluster)?;
     let drone = parse_drone(&drone)?;
-    let backends = lost::mark_drone_lost(state.store.as_ref(), &cluster, &drone)
-        .await
-        .map_err(ApiError::store("Database error"))?
-        .ok_or(ApiError::NotFound("Drone does not exist"))?;
+    let marked = lost::mark_drone_lost(state.store.as_ref(), &cluster, &drone).await;
+    let backends = ApiError::found(marked, "Drone does not exist")?;
     Ok(Json(MarkLostResult { backends }))
 }
 

@@ -2,6 +2,7 @@
 //! over the API instead: the sweeper's termination candidates of a drone, and the live event bus.
 //! They only read: nothing here changes a backend, a key or a node.
 
+use crate::api::nodes::{parse_cluster, parse_drone};
 use crate::api::{ApiPath, AppState};
 use crate::error::ApiError;
 use axum::extract::State;
@@ -29,16 +30,11 @@ pub async fn termination_candidates_get(
     State(state): State<AppState>,
     ApiPath((cluster, drone)): ApiPath<(String, String)>,
 ) -> Result<Json<TerminationCandidates>, ApiError> {
-    let cluster: ClusterName = cluster.parse().map_err(|_| ApiError::InvalidClusterName)?;
-    let drone: DroneName = drone
-        .parse()
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid drone name: {e}")))?;
+    let cluster = parse_cluster(&cluster)?;
+    let drone = parse_drone(&drone)?;
     let store = &state.store;
-    let attachment = store
-        .drone_attachment(&cluster, &drone)
-        .await
-        .map_err(ApiError::store("Database error"))?
-        .ok_or(ApiError::NotFound("Drone does not exist"))?;
+    let attached = store.drone_attachment(&cluster, &drone).await;
+    let attachment = ApiError::found(attached, "Drone does not exist")?;
     let now = store
         .now()
         .await

@@ -6,12 +6,21 @@ use crate::connect::ConnectError;
 use crate::error::ApiError;
 use axum::extract::State;
 use axum::Json;
+use hangar_store::WarmPoolRow;
 use hangar_types::warm_pool::{WarmPool, WarmPoolConfig, WarmPoolList};
 use hangar_types::WarmPoolName;
 
 fn parse_name(raw: &str) -> Result<WarmPoolName, ApiError> {
     raw.parse()
         .map_err(|e| ApiError::InvalidRequest(format!("invalid warm pool name: {e}")))
+}
+
+/// The stored warm pool `name`; `404` when there is none.
+async fn warm_pool_row(state: &AppState, name: &WarmPoolName) -> Result<WarmPoolRow, ApiError> {
+    ApiError::found(
+        state.store.warm_pool(name).await,
+        "Warm pool does not exist",
+    )
 }
 
 /// `GET /ctrl/warm-pools`.
@@ -36,13 +45,7 @@ pub async fn warm_pools_get(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<WarmPool>, ApiError> {
     let name = parse_name(&name)?;
-    let pool = state
-        .store
-        .warm_pool(&name)
-        .await
-        .map_err(ApiError::store("Database error"))?
-        .ok_or(ApiError::NotFound("Warm pool does not exist"))?;
-    Ok(Json(pool.api))
+    Ok(Json(warm_pool_row(&state, &name).await?.api))
 }
 
 /// `PUT /ctrl/warm-pools/{name}`: creates or changes the pool; answers with it as listed.
@@ -79,13 +82,9 @@ pub async fn warm_pools_delete(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<WarmPool>, ApiError> {
     let name = parse_name(&name)?;
-    let store = &state.store;
-    let pool = store
-        .warm_pool(&name)
-        .await
-        .map_err(ApiError::store("Database error"))?
-        .ok_or(ApiError::NotFound("Warm pool does not exist"))?;
-    let deleted = store
+    let pool = warm_pool_row(&state, &name).await?;
+    let deleted = state
+        .store
         .delete_warm_pool(&name)
         .await
         .map_err(ApiError::store("Database error"))?;

@@ -94,11 +94,7 @@ fn docker_executable(spec: &BackendSpec) -> Result<&DockerExecutable, ExecutorEr
 /// enforces the real ones; Plane's executors do not use them).
 fn acquired_key(spec: &BackendSpec) -> AcquiredKey {
     AcquiredKey {
-        key: KeyConfig {
-            name: spec.key.clone(),
-            namespace: String::new(),
-            tag: String::new(),
-        },
+        key: KeyConfig::named(spec.key.clone()),
         deadlines: KeyDeadlines::from_base(Millis::now()),
         token: spec.fencing_token,
     }

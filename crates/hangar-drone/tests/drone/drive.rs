@@ -51,11 +51,7 @@ pub fn spawn_with(executable: Executable, deadlines: KeyDeadlines) -> BackendAct
     BackendAction::Spawn {
         executable,
         key: AcquiredKey {
-            key: KeyConfig {
-                name: "room-1".parse().unwrap(),
-                namespace: String::new(),
-                tag: String::new(),
-            },
+            key: KeyConfig::named("room-1".parse().unwrap()),
             deadlines,
             token: 7,
         },

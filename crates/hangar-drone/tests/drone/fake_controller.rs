@@ -92,11 +92,7 @@ async fn serve(stream: tokio::net::TcpStream, connections: mpsc::Sender<FakeConn
         Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str()).unwrap(),
         _ => return,
     };
-    let welcome = HelloResponse::Welcome {
-        protocol: hangar_types::PROTOCOL_VERSION,
-        version: "test".into(),
-        controller: ControllerName::random(),
-    };
+    let welcome = HelloResponse::welcome(ControllerName::random());
     let welcome = serde_json::to_string(&welcome).unwrap();
     if ws.send(Message::text(welcome)).await.is_err() {
         return;

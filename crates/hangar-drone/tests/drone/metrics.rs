@@ -3,11 +3,12 @@
 
 use crate::drive::started_with;
 use crate::session::{config, events_until, spawn, start_drone, terminate, with_timeout};
+use hangar_test_support::eventually_within;
+use hangar_test_support::prometheus::parse_exposition;
 use hangar_types::{BackendId, BackendStatus, TerminationKind};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// How long a polled series may take to reach its expected value.
 const POLL_DEADLINE: Duration = Duration::from_secs(30);
@@ -40,32 +41,16 @@ async fn scrape(addr: SocketAddr) -> Scrape {
     assert_eq!(response.status(), 200);
     let content_type = response.headers()["content-type"].to_str().unwrap();
     assert!(content_type.starts_with("text/plain"), "{content_type}");
-    let text = response.text().await.unwrap();
-    let mut samples = HashMap::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap();
-        samples.insert(series.to_string(), value.parse::<f64>().unwrap());
-    }
-    Scrape(samples)
+    Scrape(parse_exposition(&response.text().await.unwrap()))
 }
 
 /// Scrapes until `series` reads `expected`, failing after [`POLL_DEADLINE`].
 async fn wait_for_value(addr: SocketAddr, series: &str, expected: f64) {
-    let deadline = Instant::now() + POLL_DEADLINE;
-    loop {
-        let value = scrape(addr).await.value(series);
-        if value == expected {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} stayed at {value}, expected {expected}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{series} to read {expected}");
+    eventually_within(POLL_DEADLINE, &what, || async {
+        (scrape(addr).await.value(series) == expected).then_some(())
+    })
+    .await
 }
 
 #[tokio::test]

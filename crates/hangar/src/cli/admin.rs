@@ -227,11 +227,7 @@ impl AdminConnectArgs {
         };
         let executable = Executable::from_json(&executable).context("invalid executable")?;
         Ok(ConnectRequest {
-            key: self.key.clone().map(|name| KeyConfig {
-                name,
-                namespace: String::new(),
-                tag: String::new(),
-            }),
+            key: self.key.clone().map(KeyConfig::named),
             spawn_config: Some(SpawnConfig {
                 id: self.id.clone(),
                 cluster: self.cluster.clone(),

@@ -190,14 +190,11 @@ pub async fn revoke(
         .revoke(&req)
         .await
         .with_context(|| format!("revoking tokens of backend {}", args.backend))?;
-    if out.json {
-        out.json_line(&req)?;
-    } else {
+    out.finish(&req, |req| {
         say!(
             "Revoked the tokens of user {:?} for backend {}",
-            args.user,
-            args.backend
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+            req.user,
+            req.backend_id
+        )
+    })
 }

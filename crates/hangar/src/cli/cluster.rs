@@ -32,12 +32,7 @@ pub async fn cluster_state(
         .cluster_state(&args.cluster)
         .await
         .with_context(|| format!("reading the state of cluster {}", args.cluster))?;
-    if out.json {
-        out.json_line(&state)?;
-    } else {
-        print!("{}", render_cluster_state(&state));
-    }
-    Ok(ExitCode::SUCCESS)
+    out.finish(&state, |state| print!("{}", render_cluster_state(state)))
 }
 
 pub async fn drain(
@@ -49,14 +44,13 @@ pub async fn drain(
         .drain(&args.cluster, &args.drone)
         .await
         .with_context(|| format!("draining drone {}", args.drone))?;
-    if out.json {
-        out.json_line(&result)?;
-    } else if result.updated {
-        say!("Drone {} draining initiated.", args.drone);
-    } else {
-        say!("Drone {} was already draining.", args.drone);
-    }
-    Ok(ExitCode::SUCCESS)
+    out.finish(&result, |result| {
+        if result.updated {
+            say!("Drone {} draining initiated.", args.drone);
+        } else {
+            say!("Drone {} was already draining.", args.drone);
+        }
+    })
 }
 
 /// An age in whole seconds shown in its largest whole unit (`3d`, `2h`, `5m`, `12s`); `-` if unknown.

@@ -95,14 +95,13 @@ pub async fn list(
         .list_backends(&query)
         .await
         .context("listing the backends")?;
-    if out.json {
-        out.json_line(&list)?;
-    } else if list.backends.is_empty() {
-        say!("No backends.");
-    } else {
-        print!("{}", render_backends(&list.backends));
-    }
-    Ok(ExitCode::SUCCESS)
+    out.finish(&list, |list| {
+        if list.backends.is_empty() {
+            say!("No backends.");
+        } else {
+            print!("{}", render_backends(&list.backends));
+        }
+    })
 }
 
 #[cfg(test)]

@@ -36,20 +36,19 @@ pub async fn mark_lost(
         .mark_lost(&args.cluster, &args.drone)
         .await
         .with_context(|| format!("marking drone {} lost", args.drone))?;
-    if out.json {
-        out.json_line(&result)?;
-    } else if result.backends.is_empty() {
-        say!("Drone {} marked lost; it had no live backends.", args.drone);
-    } else {
-        say!(
-            "Drone {} marked lost; backends recorded as lost:",
-            args.drone
-        );
-        for backend in &result.backends {
-            say!("  {backend}");
+    out.finish(&result, |result| {
+        if result.backends.is_empty() {
+            say!("Drone {} marked lost; it had no live backends.", args.drone);
+        } else {
+            say!(
+                "Drone {} marked lost; backends recorded as lost:",
+                args.drone
+            );
+            for backend in &result.backends {
+                say!("  {backend}");
+            }
         }
-    }
-    Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// Stops the renewals of a backend's key lease: its drone terminates it by its key deadlines and the
@@ -63,13 +62,11 @@ pub async fn prevent_renew(
         .prevent_renew(&args.backend)
         .await
         .with_context(|| format!("blocking key renewals of backend {}", args.backend))?;
-    if out.json {
-        out.json_line(&serde_json::json!({"backend_id": args.backend, "renewals": "blocked"}))?;
-    } else {
+    let result = serde_json::json!({"backend_id": args.backend, "renewals": "blocked"});
+    out.finish(&result, |_| {
         say!(
             "Key renewals of backend {} blocked; its drone will terminate it by its key deadlines.",
             args.backend
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+        )
+    })
 }

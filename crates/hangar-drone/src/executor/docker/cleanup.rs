@@ -189,13 +189,8 @@ fn container_name(container: &ContainerSummary) -> Option<String> {
 /// first).
 pub async fn run_cleanup(executor: DockerExecutor, cancel: CancellationToken) {
     let start = tokio::time::Instant::now() + CLEANUP_INTERVAL;
-    let mut interval = tokio::time::interval_at(start, CLEANUP_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = interval.tick() => {}
-        }
+    let mut ticks = hangar_types::ticks::every_from(start, CLEANUP_INTERVAL, &cancel);
+    while ticks.next().await {
         let removed = tokio::select! {
             _ = cancel.cancelled() => return,
             removed = executor.remove_stopped_containers() => removed,

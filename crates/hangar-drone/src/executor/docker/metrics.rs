@@ -94,14 +94,9 @@ pub async fn run_metrics(sampler: Sampler, cancel: CancellationToken) {
         sink,
         permits,
     } = sampler;
-    let mut interval = tokio::time::interval(BACKEND_METRICS_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = hangar_types::ticks::every(BACKEND_METRICS_INTERVAL, &cancel);
     let mut previous = None;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = interval.tick() => {}
-        }
+    while ticks.next().await {
         let stats = tokio::select! {
             _ = cancel.cancelled() => return,
             stats = one_shot_stats(&docker, &container, &permits) => stats,
