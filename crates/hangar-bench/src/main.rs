@@ -39,6 +39,9 @@ struct Args {
     /// Round trips per WebSocket for `proxy-ws`.
     #[arg(long)]
     round_trips: Option<usize>,
+    /// Idle WebSockets `proxy-ws` holds open for its memory reading (default 5000).
+    #[arg(long)]
+    idle_tunnels: Option<usize>,
     /// Steady-state window of `control-plane`, in seconds.
     #[arg(long)]
     steady_seconds: Option<u64>,
@@ -94,6 +97,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         executor: args.executor,
         drones: args.drones,
         round_trips: args.round_trips,
+        idle_tunnels: args.idle_tunnels,
         steady_seconds: args.steady_seconds,
         backend_logs_per_s: args.backend_logs_per_s,
         warm: args.warm,

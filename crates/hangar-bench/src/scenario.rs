@@ -76,6 +76,8 @@ pub struct BenchOptions {
     pub drones: Option<usize>,
     /// Round trips per WebSocket in `proxy-ws`.
     pub round_trips: Option<usize>,
+    /// Idle WebSockets held open for the memory reading of `proxy-ws`.
+    pub idle_tunnels: Option<usize>,
     /// Length of the steady-state CPU window of `control-plane`, in seconds.
     pub steady_seconds: Option<u64>,
     /// `spawn` and `proxy-http` run a second time with a test backend writing this many lines a

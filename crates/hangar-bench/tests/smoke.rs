@@ -203,7 +203,11 @@ async fn proxy_http_scenario_reports_every_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_ws_scenario_reports_round_trips_and_memory() {
-    let report = run_with(Scenario::ProxyWs, 3, |o| o.round_trips = Some(2)).await;
+    let report = run_with(Scenario::ProxyWs, 3, |o| {
+        o.round_trips = Some(2);
+        o.idle_tunnels = Some(3);
+    })
+    .await;
     check_each(&report, &["direct_rtt", "hangar_rtt"], 6);
     let memory = [
         "proxy_rss_idle",

@@ -6,9 +6,11 @@
 //!   each timed until its echo arrives; one sample per round trip.
 //! - Memory: the proxy runs as its own process (`hangar proxy`, the binary of this build's profile) so
 //!   its resident memory (`VmRSS` of `/proc/<pid>/status`) can be read alone: at 0 open WebSockets
-//!   (after a warm-up) and with N open idle ones. `proxy_bytes_per_idle_ws` is the difference divided
-//!   by N (each counts the client-side and the backend-side socket of the tunnel);
-//!   `idle_ws_per_gib` is 1 GiB divided by that.
+//!   (after a warm-up) and with M open idle ones (`--idle-tunnels`, default 5000, opened and closed
+//!   before the round trips). `proxy_bytes_per_idle_ws` is the difference divided by M (each counts
+//!   the client-side and the backend-side socket of the tunnel); `idle_ws_per_gib` is 1 GiB divided
+//!   by that. RSS grows in steps of the allocator's heap (around a MiB), so with 1000 tunnels one
+//!   step more or less moved the result by a third from run to run; 5000 make a step 5× smaller.
 //!
 //! The controller and drone run in this process and are idle during the measurement.
 
@@ -26,6 +28,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const DEFAULT_N: usize = 1000;
 pub const DEFAULT_ROUND_TRIPS: usize = 20;
+pub const DEFAULT_IDLE_TUNNELS: usize = 5000;
 /// Connections being opened at once.
 const OPEN_CONCURRENCY: usize = 64;
 const WARM_UP_CONNECTIONS: usize = 16;
@@ -44,14 +47,16 @@ struct Measured {
 pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     let n = options.n.unwrap_or(DEFAULT_N).max(1);
     let round_trips = options.round_trips.unwrap_or(DEFAULT_ROUND_TRIPS);
+    let idle_tunnels = options.idle_tunnels.unwrap_or(DEFAULT_IDLE_TUNNELS).max(1);
     let store = options.store.unwrap_or(StoreKind::Sqlite);
     let mut report = Report::new("proxy-ws");
     report.param("n", n);
     report.param("round_trips", round_trips);
+    report.param("idle_tunnels", idle_tunnels);
     report.param("store", store.as_str());
 
     let mut running = SystemWithProxyProcess::start(store).await?;
-    let measured = measure(&mut running, n, round_trips).await;
+    let measured = measure(&mut running, n, round_trips, idle_tunnels).await;
     let binary = running.binary.clone();
     running.shutdown().await;
     let m = measured?;
@@ -61,12 +66,12 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     report.add_value("proxy_rss_idle", Unit::Mebibytes, mib(m.rss_idle), None);
     report.add_value(
-        &format!("proxy_rss_with_{n}_ws"),
+        &format!("proxy_rss_with_{idle_tunnels}_ws"),
         Unit::Mebibytes,
         mib(m.rss_open),
         Some("proxy_rss_idle"),
     );
-    let per_ws = m.rss_open.saturating_sub(m.rss_idle) as f64 / n as f64;
+    let per_ws = m.rss_open.saturating_sub(m.rss_idle) as f64 / idle_tunnels as f64;
     report.add_value("proxy_bytes_per_idle_ws", Unit::Bytes, per_ws, None);
     if per_ws > 0.0 {
         report.add_value(
@@ -87,6 +92,7 @@ async fn measure(
     running: &mut SystemWithProxyProcess,
     n: usize,
     round_trips: usize,
+    idle_tunnels: usize,
 ) -> anyhow::Result<Measured> {
     let key = format!("proxy-ws-{}", run_id());
     let executable = test_backend_executable(&[])?;
@@ -99,8 +105,11 @@ async fn measure(
     // idle reading.
     close_all(open(&proxy_url, WARM_UP_CONNECTIONS).await?).await;
     let rss_idle = rss_bytes(pid)?;
-    let mut sockets = open(&proxy_url, n).await?;
+    let idle = open(&proxy_url, idle_tunnels).await?;
     let rss_open = rss_bytes(pid)?;
+    close_all(idle).await;
+
+    let mut sockets = open(&proxy_url, n).await?;
     let proxy_rtt = round_trip_all(&mut sockets, round_trips).await?;
     close_all(sockets).await;
 
