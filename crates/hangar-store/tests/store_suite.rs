@@ -609,18 +609,16 @@ mod suite {
             let (nb, outcome) = joined.unwrap();
             let token = &nb.token.as_ref().unwrap().token;
             let resolved = store.resolve_token(token).await.unwrap();
-            if nb.id == held_again.id {
-                assert_eq!(outcome, Acquire::KeyHeld);
-                assert_eq!(
-                    resolved,
-                    TokenLookup::NotFound,
-                    "a refused spawn has no token"
-                );
-                continue;
-            }
-            if nb.id == id_taken.id {
-                assert_eq!(outcome, Acquire::BackendIdTaken);
-                // Its token would name the existing backend.
+            // The id-taken spawn's token would name the existing backend if it leaked.
+            let refused = if nb.id == held_again.id {
+                Some(Acquire::KeyHeld)
+            } else if nb.id == id_taken.id {
+                Some(Acquire::BackendIdTaken)
+            } else {
+                None
+            };
+            if let Some(refusal) = refused {
+                assert_eq!(outcome, refusal);
                 assert_eq!(
                     resolved,
                     TokenLookup::NotFound,
