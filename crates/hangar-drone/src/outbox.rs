@@ -236,7 +236,22 @@ impl Outbox {
         spawn: &SpawnRecord,
         now: Millis,
     ) -> Result<SpawnInsert, OutboxError> {
+        self.insert_spawn_then(backend, spawn, now, || ()).await
+    }
+
+    /// [`insert_spawn`](Self::insert_spawn), calling `locked` once the writer connection is this
+    /// call's and before its statements run. Writes take the connection in turn, in the order asked,
+    /// so whatever `locked` starts writes only after this commit (the backend's later states come
+    /// after its `scheduled`).
+    pub async fn insert_spawn_then(
+        &self,
+        backend: &BackendId,
+        spawn: &SpawnRecord,
+        now: Millis,
+        locked: impl FnOnce(),
+    ) -> Result<SpawnInsert, OutboxError> {
         let mut writer = self.writer().await?;
+        locked();
         let mut tx = begin_write(&mut writer).await?;
         // Inserts that tell whether the row was there (no lookup first: one round trip fewer to
         // the connection's thread on the spawn path). The action id first: kept even when the
@@ -276,6 +291,23 @@ impl Outbox {
         tx.commit().await?;
         self.committed(backend, &states, event_id);
         Ok(SpawnInsert::Inserted)
+    }
+
+    /// Whether a spawn of `backend` or with `action` was applied before (a read: no write lock). Exact
+    /// only while no [`insert_spawn`](Self::insert_spawn) of the same ids runs meanwhile.
+    pub async fn spawn_applied(
+        &self,
+        backend: &BackendId,
+        action: &ActionId,
+    ) -> Result<bool, OutboxError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM applied_action WHERE action_id = ?)
+                 OR EXISTS (SELECT 1 FROM backend WHERE id = ?)",
+        )
+        .bind(action.as_str())
+        .bind(backend.as_str())
+        .fetch_one(&self.readers)
+        .await?)
     }
 
     /// Stores a backend's new state and queues it as an event; returns the event id.
