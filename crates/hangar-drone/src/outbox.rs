@@ -475,14 +475,22 @@ impl Outbox {
             .collect()
     }
 
-    /// Deletes an acknowledged event. Returns whether it existed.
-    pub async fn ack(&self, event_id: i64) -> Result<bool, OutboxError> {
-        let done = sqlx::query("DELETE FROM event WHERE id = ?")
-            .bind(event_id)
-            .execute(&mut *self.writer().await?)
-            .await?;
+    /// Deletes acknowledged events, with one statement. Returns how many existed.
+    pub async fn ack(&self, event_ids: &[i64]) -> Result<u64, OutboxError> {
+        if event_ids.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "DELETE FROM event WHERE id IN ({})",
+            vec!["?"; event_ids.len()].join(", ")
+        );
+        let mut delete = sqlx::query(&sql);
+        for id in event_ids {
+            delete = delete.bind(id);
+        }
+        let done = delete.execute(&mut *self.writer().await?).await?;
         self.acks.send_modify(|n| *n += 1);
-        Ok(done.rows_affected() == 1)
+        Ok(done.rows_affected())
     }
 
     pub async fn pending_events(&self) -> Result<i64, OutboxError> {
@@ -758,13 +766,14 @@ mod tests {
             assert!(outbox.unfinished_backends().await.unwrap().is_empty());
             let acks = outbox.subscribe_acks();
             let events = statuses(&outbox).await;
-            assert!(outbox.ack(events[0].0).await.unwrap());
+            assert_eq!(outbox.ack(&[events[0].0]).await.unwrap(), 1);
             assert!(acks.has_changed().unwrap());
-            assert!(!outbox.ack(events[0].0).await.unwrap());
+            assert_eq!(outbox.ack(&[events[0].0]).await.unwrap(), 0);
             assert_eq!(outbox.pending_events().await.unwrap(), 1);
             // An unacked event keeps the backend.
             assert_eq!(outbox.prune(Millis(100)).await.unwrap(), 0);
-            outbox.ack(events[1].0).await.unwrap();
+            // Several at once; an id acked before is not counted.
+            assert_eq!(outbox.ack(&[events[0].0, events[1].0]).await.unwrap(), 1);
             assert_eq!(outbox.prune(Millis(2)).await.unwrap(), 0, "too recent");
             assert_eq!(outbox.prune(Millis(100)).await.unwrap(), 1);
             assert_eq!(outbox.backend(&id).await.unwrap(), None);
@@ -888,7 +897,7 @@ mod tests {
                 let d = KeyDeadlines::from_base(Millis(10));
                 outbox.set_deadlines(&id, &d).await.unwrap();
                 let ids = statuses(&outbox).await;
-                outbox.ack(ids[0].0).await.unwrap();
+                outbox.ack(&[ids[0].0]).await.unwrap();
                 outbox.close().await;
                 ids
             };
@@ -941,7 +950,7 @@ mod tests {
                         let loading = outbox
                             .record_state(&id, &BackendState::Loading, Millis(2))
                             .await?;
-                        outbox.ack(loading).await?;
+                        outbox.ack(&[loading]).await?;
                         outbox.record_state(&id, &ready(), Millis(3)).await?;
                         ids.push(id);
                     }

@@ -1,8 +1,10 @@
 //! The backends this drone supervises: applies spawn/terminate actions, recovers leftovers at startup
 //! and stops everything at shutdown. Each backend is driven by its own task ([`backend_task`]).
 //!
-//! Invariants: a backend is started at most once (the outbox deduplicates spawns by action id and by
-//! backend id before anything starts); every state reported for a backend comes out of
+//! Invariants: a backend is started at most once (spawns are applied one at a time, and the outbox
+//! deduplicates them by action id and by backend id before anything starts: with the spawn's commit,
+//! or for process backends with a read while that commit runs beside the start); every state
+//! reported for a backend comes out of
 //! `BackendState::apply`; an action is reported applied only once its effect is in the outbox.
 
 mod backend_task;
