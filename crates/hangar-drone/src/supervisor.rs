@@ -156,14 +156,16 @@ impl Supervisors {
             tracing::warn!(%backend, "Spawn arrived after its key's soft-terminate deadline");
         }
         let _one_at_a_time = self.inner.spawning.lock().await;
+        if self.live_sender(backend).is_some() {
+            // Its row may be missing only if its spawn's commit failed; the task writes it.
+            tracing::debug!(%backend, action = %spawn.action_id, "Spawn of a backend already running");
+            return Ok(());
+        }
         let outbox = &self.inner.outbox;
         let start_first = self
             .executor(spawn.executable.kind())
             .is_some_and(|e| !e.start_must_be_recorded_first());
-        if start_first
-            && self.live_sender(backend).is_none()
-            && !outbox.spawn_applied(backend, &spawn.action_id).await?
-        {
+        if start_first && !outbox.spawn_applied(backend, &spawn.action_id).await? {
             let launched = spawn.clone();
             let inserted = outbox
                 .insert_spawn_then(backend, &spawn, now, || {
