@@ -7,6 +7,8 @@
 // Test code: a failed unwrap is a failed test (clippy's in-test allowance does not cover helpers).
 #![allow(clippy::unwrap_used)]
 
+#[path = "store_suite/gathered_calls.rs"]
+mod gathered_calls;
 #[path = "store_suite/postgres.rs"]
 mod postgres;
 #[path = "store_suite/warm_pools.rs"]
