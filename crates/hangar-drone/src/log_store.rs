@@ -128,11 +128,7 @@ impl LogStore {
         let mut state = State::default();
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<BackendId>().ok())
-            else {
+            let Some(id) = crate::parsed_file_name::<BackendId>(&entry) else {
                 continue;
             };
             let log = load_backend(&entry.path())?;
