@@ -2,10 +2,11 @@
 //! compressed messages, control frames, every way a tunnel can end, and shutdown.
 
 use crate::raw::{
-    read_frame, read_response, wait_closed, ws_frame, ws_request, RawResponse, RawWsBackend, WS_KEY,
+    read_frame, read_response, wait_closed, ws_request, RawResponse, RawWsBackend, WS_KEY,
 };
 use crate::support::{eventually, with_env, with_routed, Answer, Env};
 use futures_util::{SinkExt, StreamExt};
+use hangar_test_support::ws_frame;
 use hangar_types::protocol::{ControllerToProxy, RouteInfo};
 use hangar_types::BackendId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
