@@ -572,5 +572,17 @@ fn count_lines(path: &Path) -> u64 {
     count
 }
 
+/// A log store in `dir` for tests: fresh counters, `backend_bytes` per backend, ample room in all and
+/// an hour's retention.
+#[cfg(test)]
+pub(crate) fn test_store(dir: &Path, backend_bytes: u64) -> LogStore {
+    let limits = LogLimits {
+        backend_bytes,
+        total_bytes: 1 << 30,
+        retention: Duration::from_secs(3600),
+    };
+    LogStore::open(dir, limits, LogCounters::default()).unwrap()
+}
+
 #[cfg(test)]
 mod tests;
