@@ -359,3 +359,67 @@ async fn shutdown_closes_node_sessions() {
     })
     .await
 }
+
+/// A backend event the store fails to record is not lost: it is not acked, and the controller ends
+/// the drone's session, because a drone replays its unacked events only when it connects again (kept
+/// open, the session would leave the event unrecorded for as long as the connection lasted).
+#[tokio::test]
+async fn an_event_the_store_refuses_ends_the_session_and_its_replay_is_recorded() {
+    use sqlx::Connection;
+    timed(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hangar.db");
+        let store = std::sync::Arc::new(
+            hangar_store::sqlite::SqliteStore::open(&path)
+                .await
+                .unwrap(),
+        );
+        let ctl = TestController::start_on(TestController::config(), store).await;
+        let (mut drone, backend) = FakeDrone::with_backend(&ctl, "replayed").await;
+        let spawn = drone.expect_spawn(&backend).await;
+        drone
+            .send(&DroneToController::AckAction {
+                action_id: spawn.action_id,
+            })
+            .await;
+
+        // From now on the store refuses every backend state (a second connection to the same file).
+        let mut sql = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse_states BEFORE INSERT ON backend_state \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .execute(&mut sql)
+        .await
+        .unwrap();
+        drone
+            .send(&DroneToController::BackendEvent {
+                event_id: 1001,
+                backend_id: backend.clone(),
+                state: BackendState::Loading,
+                timestamp: Millis::now(),
+            })
+            .await;
+        // The session ends without an ack (`recv` fails the test if it stays open past its wait).
+        while let Some(frame) = drone.ws.recv::<ControllerToDrone>().await {
+            assert!(
+                !matches!(frame, ControllerToDrone::AckEvent { event_id: 1001 }),
+                "acked an event the store refused"
+            );
+        }
+        assert_eq!(ctl.status(&backend).await["status"], "scheduled");
+
+        // The store accepts states again; the drone connects again and replays the event.
+        sqlx::query("DROP TRIGGER refuse_states")
+            .execute(&mut sql)
+            .await
+            .unwrap();
+        let mut again = FakeDrone::connect_as(&ctl, drone.name.clone()).await;
+        again.report(1001, &backend, BackendState::Loading).await;
+        assert_eq!(ctl.status(&backend).await["status"], "loading");
+        ctl.shutdown().await;
+    })
+    .await
+}
