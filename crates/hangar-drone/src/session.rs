@@ -26,6 +26,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+/// Most acks deleted by one statement (well under SQLite's limit of bound parameters); the rest wait
+/// for the next.
+const MAX_ACKS_PER_DELETE: usize = 256;
+
 /// Events read from the outbox per query while replaying.
 const EVENT_PAGE: i64 = 256;
 /// Terminated backends are forgotten this long after their last event was acked.
@@ -271,7 +275,10 @@ async fn run_reader(
                 // The acks already received go with it: one write instead of one each (the
                 // controller acks every event of a batch it recorded).
                 let mut acked = vec![event_id];
-                while let Some(Some(message)) = receiver.recv().now_or_never() {
+                while acked.len() < MAX_ACKS_PER_DELETE {
+                    let Some(Some(message)) = receiver.recv().now_or_never() else {
+                        break;
+                    };
                     match message {
                         ControllerToDrone::AckEvent { event_id } => acked.push(event_id),
                         other => {
