@@ -13,8 +13,9 @@
 
 use crate::api::AppState;
 use crate::cert::{tls_event, tls_snapshot, ProxyTls};
-use crate::node_socket::{self, NodeSender, SessionClosed, Welcomed};
+use crate::node_socket::{self, NodeSender, SessionClosed};
 use axum::extract::ws::WebSocket;
+use futures_util::StreamExt;
 use hangar_store::{KeepAlive, NodeId, Store, StoreEvent, TokenLookup};
 use hangar_types::protocol::{ControllerToProxy, NodeHello, ProxyToController, RouteInfo};
 use hangar_types::token::ConnectionToken;
@@ -53,12 +54,13 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
     let _counted = state
         .prometheus
         .node_session(crate::prometheus::NodeKind::Proxy);
-    if let Some(Welcomed {
-        sender,
-        cancel,
-        socket,
-    }) = node_socket::welcome(socket, &state.config.name, &state.cancel).await
+    if node_socket::welcome(&mut socket, &state.config.name)
+        .await
+        .is_ok()
     {
+        let cancel = state.cancel.child_token();
+        let (sink, stream) = socket.split();
+        let (sender, rx) = node_socket::outbound();
         let proxy = ProxySession {
             store: state.store.clone(),
             cluster: cluster.clone(),
@@ -68,14 +70,11 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
             cancel: cancel.clone(),
             waiters: state.tracker.clone(),
         };
-        socket
-            .run(
-                &cancel,
-                &name,
-                |batch| proxy.handle_batch(batch),
-                proxy.run_event_forwarder(events),
-            )
-            .await;
+        tokio::join!(
+            node_socket::run_socket_writer(sink, rx, cancel.clone()),
+            node_socket::run_reader(stream, &cancel, &name, |batch| proxy.handle_batch(batch)),
+            proxy.run_event_forwarder(events),
+        );
     }
     node_socket::disconnected(state.store.as_ref(), "proxy", &name, node, session).await;
 }

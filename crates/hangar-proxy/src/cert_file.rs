@@ -259,6 +259,7 @@ pub(crate) async fn run_cert_file_watch(
 mod tests {
     use super::*;
     use crate::tls::test_certs::self_signed;
+    use crate::TEST_TIMEOUT;
 
     fn files(dir: &Path, key: bool) -> CertFiles {
         CertFiles {
@@ -269,7 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn json_and_pem_layouts_roundtrip() {
-        crate::with_test_timeout(async {
+        tokio::time::timeout(TEST_TIMEOUT, async {
             let dir = tempfile::tempdir().unwrap();
             let pem = self_signed(&["plane.test"], 30);
 
@@ -312,12 +313,13 @@ mod tests {
             );
             assert_eq!(split.read().await.unwrap(), pem);
         })
-        .await;
+        .await
+        .expect("test timed out");
     }
 
     #[tokio::test]
     async fn bad_files_are_clear_errors() {
-        crate::with_test_timeout(async {
+        tokio::time::timeout(TEST_TIMEOUT, async {
             let dir = tempfile::tempdir().unwrap();
             let f = files(dir.path(), false);
             assert!(matches!(f.read().await, Err(CertFileError::Read { .. })));
@@ -333,6 +335,7 @@ mod tests {
                 Err(CertFileError::TooLarge { .. })
             ));
         })
-        .await;
+        .await
+        .expect("test timed out");
     }
 }

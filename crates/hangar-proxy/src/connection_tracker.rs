@@ -314,7 +314,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn first_activity_sends_keepalive_at_once_then_each_visit() {
-        crate::with_test_timeout(async {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
             let t = tracker();
             let guard = t.open(&b("b1"));
             assert_eq!(t.take_keepalives(), vec![(b("b1"), true)]);
@@ -346,7 +346,8 @@ mod tests {
             drop(t.open(&b("b1")));
             assert_eq!(t.take_keepalives(), vec![(b("b1"), false)]);
         })
-        .await;
+        .await
+        .expect("test timed out");
     }
 
     #[test]
@@ -369,7 +370,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn forget_stops_keepalives_but_keeps_counts_exact() {
-        crate::with_test_timeout(async {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
             let t = tracker();
             let guard = t.open(&b("b1"));
             t.forget(&b("b1"), false);
@@ -399,12 +400,13 @@ mod tests {
             assert_eq!(t.counts(&b("b2")), counts(0, false));
             assert_eq!(t.take_keepalives(), vec![(b("b2"), false)]);
         })
-        .await;
+        .await
+        .expect("test timed out");
     }
 
     #[tokio::test(start_paused = true)]
     async fn visit_loop_runs_on_time() {
-        crate::with_test_timeout(async {
+        tokio::time::timeout(crate::TEST_TIMEOUT, async {
             let notify = Arc::new(Notify::new());
             let t = Arc::new(ConnectionTracker::with_interval(
                 notify.clone(),
@@ -426,6 +428,7 @@ mod tests {
             cancel.cancel();
             task.await.unwrap();
         })
-        .await;
+        .await
+        .expect("test timed out");
     }
 }

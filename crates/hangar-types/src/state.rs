@@ -416,17 +416,6 @@ mod tests {
         "127.0.0.1:4000".parse().unwrap()
     }
 
-    fn terminate(kind: TerminationKind, reason: TerminationReason) -> Transition {
-        Transition::Terminate { kind, reason }
-    }
-
-    fn exited(exit_code: Option<i32>, oom_killed: bool) -> Transition {
-        Transition::Exited {
-            exit_code,
-            oom_killed,
-        }
-    }
-
     fn all_states() -> Vec<BackendState> {
         vec![
             BackendState::Scheduled,
@@ -460,9 +449,18 @@ mod tests {
             Transition::Start,
             Transition::Wait { address: addr() },
             Transition::Ready { address: addr() },
-            terminate(TerminationKind::Soft, TerminationReason::Swept),
-            terminate(TerminationKind::Hard, TerminationReason::KeyExpired),
-            exited(Some(3), false),
+            Transition::Terminate {
+                kind: TerminationKind::Soft,
+                reason: TerminationReason::Swept,
+            },
+            Transition::Terminate {
+                kind: TerminationKind::Hard,
+                reason: TerminationReason::KeyExpired,
+            },
+            Transition::Exited {
+                exit_code: Some(3),
+                oom_killed: false,
+            },
             Transition::Failed {
                 reason: TerminationReason::InternalError,
                 message: "boom".into(),
@@ -517,21 +515,24 @@ mod tests {
     fn soft_then_hard_then_exit_keeps_last_status() {
         let ready = BackendState::Ready { address: addr() };
         let soft = ready
-            .apply(terminate(
-                TerminationKind::Soft,
-                TerminationReason::External,
-            ))
+            .apply(Transition::Terminate {
+                kind: TerminationKind::Soft,
+                reason: TerminationReason::External,
+            })
             .unwrap();
         assert_eq!(
-            soft.apply(terminate(TerminationKind::Soft, TerminationReason::Swept))
-                .unwrap(),
+            soft.apply(Transition::Terminate {
+                kind: TerminationKind::Soft,
+                reason: TerminationReason::Swept
+            })
+            .unwrap(),
             soft
         );
         let hard = soft
-            .apply(terminate(
-                TerminationKind::Hard,
-                TerminationReason::KeyExpired,
-            ))
+            .apply(Transition::Terminate {
+                kind: TerminationKind::Hard,
+                reason: TerminationReason::KeyExpired,
+            })
             .unwrap();
         assert_eq!(
             hard,
@@ -540,7 +541,12 @@ mod tests {
                 reason: TerminationReason::KeyExpired
             }
         );
-        let done = hard.apply(exited(Some(137), false)).unwrap();
+        let done = hard
+            .apply(Transition::Exited {
+                exit_code: Some(137),
+                oom_killed: false,
+            })
+            .unwrap();
         assert_eq!(
             done,
             BackendState::Terminated {
@@ -552,13 +558,21 @@ mod tests {
                 oom_killed: false,
             }
         );
-        assert!(done.apply(exited(None, false)).is_err());
+        assert!(done
+            .apply(Transition::Exited {
+                exit_code: None,
+                oom_killed: false
+            })
+            .is_err());
     }
 
     #[test]
     fn self_exit_has_no_reason() {
         let done = BackendState::Ready { address: addr() }
-            .apply(exited(Some(2), false))
+            .apply(Transition::Exited {
+                exit_code: Some(2),
+                oom_killed: false,
+            })
             .unwrap();
         let entry = done.to_status_entry(Millis(5));
         assert_eq!(
@@ -570,7 +584,10 @@ mod tests {
     #[test]
     fn out_of_memory_is_flagged_and_explained() {
         let done = BackendState::Ready { address: addr() }
-            .apply(exited(Some(137), true))
+            .apply(Transition::Exited {
+                exit_code: Some(137),
+                oom_killed: true,
+            })
             .unwrap();
         let json = serde_json::to_value(&done).unwrap();
         assert_eq!(json["oom_killed"], true);

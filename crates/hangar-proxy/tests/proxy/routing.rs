@@ -177,17 +177,24 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
             .await
             .expect("the slow request reached the backend");
 
-        let draining = env.begin_shutdown();
+        let crate::support::Env {
+            proxy,
+            upstream,
+            controller,
+            ..
+        } = env;
+        let shutdown = tokio::spawn(proxy.shutdown());
         eventually("new connections are refused", || async {
             tokio::net::TcpStream::connect(addr).await.is_err()
         })
         .await;
-        assert!(!draining.shutdown.is_finished());
-        draining.upstream.slow_gate.notify_one();
+        assert!(!shutdown.is_finished());
+        upstream.slow_gate.notify_one();
         let response = request.await.unwrap().unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(response.text().await.unwrap(), "done");
-        draining.shutdown.await.unwrap();
+        shutdown.await.unwrap();
+        drop(controller);
     })
     .await
 }

@@ -40,7 +40,14 @@ async fn connections_spread_over_workers_and_shutdown_drains_every_worker() {
         assert!(accepted.iter().all(|&n| n > 0), "{accepted:?}");
 
         let addr = env.proxy.local_addr();
-        let draining = env.begin_shutdown();
+        let Env {
+            proxy,
+            upstream,
+            controller,
+            ..
+        } = env;
+        let monitor = proxy.monitor();
+        let shutdown = tokio::spawn(proxy.shutdown());
         // Both workers' sockets are closed: every new connection is refused.
         eventually("new connections are refused", || async {
             for _ in 0..8 {
@@ -51,16 +58,17 @@ async fn connections_spread_over_workers_and_shutdown_drains_every_worker() {
             true
         })
         .await;
-        assert!(!draining.shutdown.is_finished());
-        assert_eq!(draining.monitor.open_client_connections(), CONNECTIONS);
-        draining.upstream.slow_gate.notify_waiters();
+        assert!(!shutdown.is_finished());
+        assert_eq!(monitor.open_client_connections(), CONNECTIONS);
+        upstream.slow_gate.notify_waiters();
         for request in requests {
             let response = request.await.unwrap().unwrap();
             assert_eq!(response.status(), 200);
             assert_eq!(response.text().await.unwrap(), "done");
         }
-        draining.shutdown.await.unwrap();
-        assert_eq!(draining.monitor.open_client_connections(), 0);
+        shutdown.await.unwrap();
+        assert_eq!(monitor.open_client_connections(), 0);
+        drop(controller);
     })
     .await
 }
