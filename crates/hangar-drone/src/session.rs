@@ -13,6 +13,7 @@ use crate::log_store::LogStore;
 use crate::outbox::{Outbox, SpawnRecord, StoredEvent};
 use crate::prometheus::DroneMetrics;
 use crate::supervisor::{ClaimHookRequest, Supervisors};
+use futures_util::FutureExt;
 use hangar_client::node::{ConnectionEnd, NodeReceiver, NodeSender, NodeSocket, Reconnecting};
 use hangar_client::ControllerClient;
 use hangar_types::protocol::{
@@ -24,6 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+/// Most acks deleted by one statement (well under SQLite's limit of bound parameters); the rest wait
+/// for the next.
+const MAX_ACKS_PER_DELETE: usize = 256;
 
 /// Events read from the outbox per query while replaying.
 const EVENT_PAGE: i64 = 256;
@@ -250,7 +255,16 @@ async fn run_reader(
     actions: &mpsc::Sender<ActionMessage>,
     log_requests: LogRequests,
 ) {
-    while let Some(message) = receiver.recv().await {
+    // A message read after a run of acks, handled next.
+    let mut next = None;
+    loop {
+        let message = match next.take() {
+            Some(message) => message,
+            None => match receiver.recv().await {
+                Some(message) => message,
+                None => return,
+            },
+        };
         match message {
             ControllerToDrone::Action(action) => {
                 if actions.try_send(action).is_err() {
@@ -258,8 +272,23 @@ async fn run_reader(
                 }
             }
             ControllerToDrone::AckEvent { event_id } => {
-                if let Err(e) = outbox.ack(event_id).await {
-                    tracing::warn!(event_id, error = %e, "Failed to delete acked event");
+                // The acks already received go with it: one write instead of one each (the
+                // controller acks every event of a batch it recorded).
+                let mut acked = vec![event_id];
+                while acked.len() < MAX_ACKS_PER_DELETE {
+                    let Some(Some(message)) = receiver.recv().now_or_never() else {
+                        break;
+                    };
+                    match message {
+                        ControllerToDrone::AckEvent { event_id } => acked.push(event_id),
+                        other => {
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                }
+                if let Err(e) = outbox.ack(&acked).await {
+                    tracing::warn!(events = ?acked, error = %e, "Failed to delete acked events");
                 }
             }
             ControllerToDrone::RenewKeyResponse { backend, deadlines } => {

@@ -108,7 +108,7 @@ impl_store! {
     backends::keepalive(id: &BackendId, proxy: NodeId, connected: bool) -> KeepAlive;
     tokens::resolve_token(token: &ConnectionToken) -> TokenLookup;
     actions::pending_actions(drone: NodeId, limit: u32) -> Vec<ActionMessage>;
-    actions::ack_action(drone: NodeId, action: &ActionId) -> ();
+    backends::ack_action(drone: NodeId, action: &ActionId) -> ();
     nodes::register_drone(reg: &DroneRegistration) -> Registration;
     nodes::register_proxy(
         cluster: &ClusterName, name: &ProxyName, controller: &ControllerName, version: &str

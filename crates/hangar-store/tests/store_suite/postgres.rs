@@ -35,7 +35,7 @@ pub async fn harness() -> Option<Harness> {
         advance: Box::new(move |d| a.advance_clock(d)),
         rewind: Box::new(move |d| r.rewind_clock(d)),
         _guard: None,
-        teardown: Some(Box::pin(db.drop_database())),
+        teardown: std::sync::Mutex::new(Some(Box::pin(db.drop_database()))),
     })
 }
 
@@ -52,6 +52,14 @@ where
     };
     let case = case(db.url().to_string());
     run_then_teardown(case, Some(Box::pin(db.drop_database()))).await;
+}
+
+/// Two stores on the database at `url`, as two controllers sharing it.
+async fn two_stores(url: &str) -> [PostgresStore; 2] {
+    [
+        PostgresStore::connect(url).await.unwrap(),
+        PostgresStore::connect(url).await.unwrap(),
+    ]
 }
 
 /// The next event on `rx`, waiting at most `within`.
@@ -85,8 +93,7 @@ async fn applied(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_reach_other_stores() {
     with_database(|url| async move {
-        let a = PostgresStore::connect(&url).await.unwrap();
-        let b = PostgresStore::connect(&url).await.unwrap();
+        let [a, b] = two_stores(&url).await;
         let mut on_a = a.events().subscribe();
         let mut on_b = b.events().subscribe();
 
@@ -186,10 +193,7 @@ async fn events_reach_other_stores() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_acquire_across_stores_has_one_winner() {
     with_database(|url| async move {
-        let stores = [
-            Arc::new(PostgresStore::connect(&url).await.unwrap()),
-            Arc::new(PostgresStore::connect(&url).await.unwrap()),
-        ];
+        let stores = two_stores(&url).await.map(Arc::new);
         let drone = suite::ready_drone(&*stores[0], "dr-one", "").await;
         let mut last_token = i64::MIN;
         for round in 0..3 {
@@ -250,8 +254,7 @@ async fn concurrent_acquire_across_stores_has_one_winner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_reconnects_after_losing_its_connection() {
     with_database(|url| async move {
-        let a = PostgresStore::connect(&url).await.unwrap();
-        let b = PostgresStore::connect(&url).await.unwrap();
+        let [a, b] = two_stores(&url).await;
         let drone = suite::ready_drone(&a, "dr-one", "").await;
         let mut on_b = b.events().subscribe();
 
@@ -301,8 +304,7 @@ async fn listener_reconnects_after_losing_its_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stray_notifications_are_ignored() {
     with_database(|url| async move {
-        let a = PostgresStore::connect(&url).await.unwrap();
-        let b = PostgresStore::connect(&url).await.unwrap();
+        let [a, b] = two_stores(&url).await;
         let mut on_b = b.events().subscribe();
         let mut admin = PgConnection::connect(&url).await.unwrap();
         for payload in [
@@ -354,8 +356,7 @@ async fn migrate_is_repeatable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_events_reach_other_stores() {
     with_database(|url| async move {
-        let a = PostgresStore::connect(&url).await.unwrap();
-        let b = PostgresStore::connect(&url).await.unwrap();
+        let [a, b] = two_stores(&url).await;
         let mut on_b = b.events().subscribe();
         let cluster = suite::cluster();
         let proxy = suite::proxy_node(&a, "px-one").await;
@@ -397,10 +398,7 @@ async fn tls_events_reach_other_stores() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cert_lease_has_one_holder_across_stores() {
     with_database(|url| async move {
-        let stores = [
-            Arc::new(PostgresStore::connect(&url).await.unwrap()),
-            Arc::new(PostgresStore::connect(&url).await.unwrap()),
-        ];
+        let stores = two_stores(&url).await.map(Arc::new);
         let proxies = [
             suite::proxy_node(&*stores[0], "px-one").await,
             suite::proxy_node(&*stores[1], "px-two").await,
