@@ -550,17 +550,30 @@ mod suite {
             }
             other => panic!("expected Live, got {other:?}"),
         }
-        // A live key is not removed.
-        assert!(!store.remove_expired_key(&kref).await.unwrap());
+        // A live key is not taken over, and its holder is left as it was.
+        let lost = lost_state("taken over");
+        assert!(!store.take_over_expired_key(&kref, &lost).await.unwrap());
+        assert_eq!(
+            store.backend(&nb.id).await.unwrap().unwrap().state,
+            BackendState::Scheduled
+        );
 
         h.advance(KEY_LEASE + Duration::from_secs(1));
         assert!(matches!(
             store.key_lookup(&kref).await.unwrap(),
             KeyLookup::Expired { .. }
         ));
-        assert!(store.remove_expired_key(&kref).await.unwrap());
+        // Taken over: the key is free and, in the same step, its holder is recorded lost (and
+        // announced, so that proxies cut its tunnels before a new holder exists).
+        let mut events = store.events().subscribe();
+        assert!(store.take_over_expired_key(&kref, &lost).await.unwrap());
         assert_eq!(store.key_lookup(&kref).await.unwrap(), KeyLookup::Missing);
-        assert!(!store.remove_expired_key(&kref).await.unwrap());
+        assert_eq!(store.backend(&nb.id).await.unwrap().unwrap().state, lost);
+        assert_eq!(
+            published_states(&mut events),
+            vec![(nb.id.clone(), lost.clone())]
+        );
+        assert!(!store.take_over_expired_key(&kref, &lost).await.unwrap());
 
         // The key can be taken again by a new backend; the old backend row is kept.
         let mut next = new_backend(drone, "room");
@@ -1048,10 +1061,17 @@ mod suite {
         let old = acquired(store, drone, "shared").await;
         let kref = KeyRef::from(&old.key);
         h.advance(KEY_LEASE + Duration::from_secs(1));
-        assert!(store.remove_expired_key(&kref).await.unwrap());
+        assert!(store
+            .take_over_expired_key(&kref, &lost_state("taken over"))
+            .await
+            .unwrap());
         let new = acquired(store, drone, "shared").await;
-        // The old backend finally reports terminated: the new holder keeps the key.
-        terminate(store, &old.id).await;
+        // The old backend finally reports terminated (already recorded lost by the take-over): the
+        // new holder keeps the key.
+        assert_eq!(
+            record(store, &old.id, terminated()).await,
+            StateUpdate::Stale
+        );
         assert_held_by(store, &kref, &new.id).await;
     }
 
@@ -2233,13 +2253,15 @@ mod suite {
             "a second sweep's recording is harmless"
         );
 
-        // A key row removed because it expired (a connect took the key over) counts as expired.
+        // A key taken over by a connect: its holder was recorded lost with the take-over, so no
+        // sweep finds it.
         h.advance(KEY_LEASE + Duration::from_secs(1));
+        assert_eq!(ids(&lost(100).await.unwrap()), vec![on_healthy.id.clone()]);
         assert!(store
-            .remove_expired_key(&KeyRef::from(&on_healthy.key))
+            .take_over_expired_key(&KeyRef::from(&on_healthy.key), &lost_state("taken over"))
             .await
             .unwrap());
-        assert_eq!(ids(&lost(100).await.unwrap()), vec![on_healthy.id.clone()]);
+        assert!(lost(100).await.unwrap().is_empty());
     }
 
     pub async fn drone_live_backends_for_mark_lost(h: Harness) {

@@ -46,17 +46,35 @@ pub(super) async fn key_lookup(s: &S, key: &KeyRef) -> StoreResult<KeyLookup> {
     })
 }
 
-pub(super) async fn remove_expired_key(s: &S, key: &KeyRef) -> StoreResult<bool> {
-    // Re-checked under the row lock: a key renewed or re-acquired meanwhile is not deleted.
-    let deleted = sqlx::query(sql!(
-        "DELETE FROM backend_key WHERE namespace = $2 AND name = $3 AND expires_at <= {now}"
+/// Takes an expired key from its holder in one transaction: deletes the key row only if it is still
+/// expired (re-checked under the row lock: a key renewed or re-acquired meanwhile is kept) and records
+/// `lost` for the backend that held it (applied like any state: not over a terminated one). One
+/// transaction, so a failure leaves the key with its holder instead of freeing it unrecorded, and the
+/// holder's `terminated` event (which makes proxies cut its tunnels) is out when the key is free.
+pub(super) async fn take_over_expired_key(
+    s: &S,
+    key: &KeyRef,
+    lost: &BackendState,
+) -> StoreResult<bool> {
+    let clock = s.clock();
+    let mut tx = s.writer.begin().await?;
+    let holder: Option<String> = sqlx::query_scalar(sql!(
+        "DELETE FROM backend_key WHERE namespace = $2 AND name = $3 AND expires_at <= {now} \
+         RETURNING backend_id"
     ))
-    .bind(s.clock())
+    .bind(clock)
     .bind(&key.namespace)
     .bind(&key.name)
-    .execute(&s.writer)
+    .fetch_optional(&mut *tx)
     .await?;
-    Ok(deleted.rows_affected() > 0)
+    let Some(holder) = holder else {
+        tx.rollback().await?;
+        return Ok(false);
+    };
+    let holder: BackendId = parse("backend id", &holder)?;
+    let (_, events) = record_states(&mut tx, clock, &[(holder, lost.clone())]).await?;
+    commit(s, tx, events).await?;
+    Ok(true)
 }
 
 /// Group-committed ([`crate::group_commit`]): the spawns of concurrent connects are written by one
