@@ -300,6 +300,53 @@ async fn listener_reconnects_after_losing_its_connection() {
     .await;
 }
 
+/// The server closes every connection of the store (as a restart does) while they are idle: the next
+/// group-committed batches (a spawn, a drone's report, a reconnect's token) are written on fresh
+/// connections instead of failing on the dead ones the batches keep outside the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_after_the_server_closed_their_idle_connections_succeed() {
+    with_database(|url| async move {
+        let store = PostgresStore::connect(&url).await.unwrap();
+        let drone = suite::ready_drone(&store, "dr-one", "").await;
+        // Every kind of batch has written once, so each keeps a connection of its own.
+        let first = suite::acquired(&store, drone, "before").await;
+        applied(&store, &first.id, &BackendState::Loading).await;
+        store.insert_token(token_for(&first.id)).await.unwrap();
+
+        let mut admin = PgConnection::connect(&url).await.unwrap();
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) AS t",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert!(
+            killed >= 3,
+            "the batches' own connections were there: {killed}"
+        );
+        let _ = admin.close().await;
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+        let second = suite::acquired(&store, drone, "after").await;
+        applied(&store, &second.id, &BackendState::Loading).await;
+        store.insert_token(token_for(&second.id)).await.unwrap();
+    })
+    .await;
+}
+
+/// A dynamic token for `backend`.
+fn token_for(backend: &hangar_types::BackendId) -> NewToken {
+    NewToken {
+        token: ConnectionToken::random(),
+        backend: backend.clone(),
+        secret: SecretToken::random(),
+        user: None,
+        auth: serde_json::Map::new(),
+        lifetime: Duration::from_secs(60),
+    }
+}
+
 /// Notifications on the channel that do not decode, or point at nothing, are skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stray_notifications_are_ignored() {
