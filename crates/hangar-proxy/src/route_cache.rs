@@ -8,7 +8,9 @@
 //!
 //! Key leases: a route to a backend that holds a key is used only while the proxy knows the key lease
 //! runs: until the moment it sent the lookup plus the lease time the controller reported
-//! ([`RouteInfo::lease_remaining_ms`]). Keepalive answers ([`RouteCache::lease_answered`]) extend the
+//! ([`RouteInfo::lease_remaining_ms`]), less [`ROUTE_LEASE_MARGIN`] (so that the tunnels, closed by
+//! a check that may run up to [`hangar_types::timing::ROUTE_LEASE_CHECK_INTERVAL`] late, are closed
+//! before the key can change hands). Keepalive answers ([`RouteCache::lease_answered`]) extend the
 //! bound of every route to the backend, so a proxy with traffic never asks again; a proxy cut off
 //! from every controller stops routing to the backend before its key can go to another backend, and
 //! [`RouteCache::lapse_leases`] names the backends whose open tunnels must close. Measuring from the
@@ -21,6 +23,7 @@
 
 use crate::prometheus::RouteCacheCounters;
 use hangar_types::protocol::RouteInfo;
+use hangar_types::timing::ROUTE_LEASE_MARGIN;
 use hangar_types::token::ConnectionToken;
 use hangar_types::BackendId;
 use std::collections::HashMap;
@@ -226,7 +229,7 @@ impl RouteCache {
             Some(r) => {
                 // Answered on the connection it was last sent on, so counted from that send.
                 let sent_at = pending.sent_at.unwrap_or_else(Instant::now);
-                let until = r.lease_remaining().map(|left| sent_at + left);
+                let until = r.lease_remaining().map(|left| lease_end(sent_at, left));
                 if let Some(until) = until {
                     st.extend_lease(&r.backend_id, until);
                 }
@@ -258,7 +261,7 @@ impl RouteCache {
     pub(crate) fn lease_answered(&self, backend: &BackendId, remaining: Duration) {
         let mut st = self.lock();
         if let Some(asked) = st.lease_asked.remove(backend) {
-            st.extend_lease(backend, asked + remaining);
+            st.extend_lease(backend, lease_end(asked, remaining));
         }
     }
 
@@ -435,6 +438,12 @@ impl CacheState {
             self.entries.remove(&token);
         }
     }
+}
+
+/// The end of a route's lease as the proxy keeps it: `remaining` (the controller's figure) counted
+/// from `asked` (when the question was sent), less [`ROUTE_LEASE_MARGIN`].
+fn lease_end(asked: Instant, remaining: Duration) -> Instant {
+    asked + remaining.saturating_sub(ROUTE_LEASE_MARGIN)
 }
 
 #[cfg(test)]
@@ -628,11 +637,12 @@ mod tests {
         crate::with_test_timeout(async {
             let lease = Duration::from_secs(30);
             let (cache, b1, t) = with_leased_route(lease).await;
-            tokio::time::advance(lease - Duration::from_secs(1)).await;
+            tokio::time::advance(lease - ROUTE_LEASE_MARGIN - Duration::from_millis(1)).await;
             assert!(matches!(cache.cached(&t), Some(Route::Found(_))));
             assert!(cache.lapse_leases(Instant::now()).is_empty());
-            // No keepalive answer: past the lease the route is not used, and its tunnels must close.
-            tokio::time::advance(Duration::from_secs(1)).await;
+            // No keepalive answer: the margin before the lease's end, the route is not used any more,
+            // and its tunnels must close.
+            tokio::time::advance(Duration::from_millis(1)).await;
             assert_eq!(cache.cached(&t), None);
             assert_eq!(cache.lapse_leases(Instant::now()), vec![b1.clone()]);
             assert!(cache.lapse_leases(Instant::now()).is_empty());
@@ -654,10 +664,14 @@ mod tests {
             // The answer takes 5 s to arrive; the lease counts from the question.
             tokio::time::advance(Duration::from_secs(5)).await;
             cache.lease_answered(&b1, Duration::from_secs(30));
-            tokio::time::advance(Duration::from_secs(24)).await; // 49 s: 29 s after the question.
+            // 20 + 30 s less the margin, less 1 ms: still in.
+            tokio::time::advance(
+                Duration::from_secs(25) - ROUTE_LEASE_MARGIN - Duration::from_millis(1),
+            )
+            .await;
             assert!(matches!(cache.cached(&t), Some(Route::Found(_))));
             assert!(cache.lapse_leases(Instant::now()).is_empty());
-            tokio::time::advance(Duration::from_secs(1)).await;
+            tokio::time::advance(Duration::from_millis(1)).await;
             assert_eq!(cache.cached(&t), None);
             assert_eq!(cache.lapse_leases(Instant::now()), vec![b1.clone()]);
             // An answer to a keepalive of an earlier connection is ignored: its start is unknown.

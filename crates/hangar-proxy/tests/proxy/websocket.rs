@@ -493,7 +493,9 @@ async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
 async fn an_unconfirmed_key_lease_ends_the_route_and_its_tunnels() {
     with_env(async |env| {
         let mut route = env.route("b-lease");
-        route.lease_remaining_ms = Some(2_000);
+        // The route is used for 2 s: the proxy stops `ROUTE_LEASE_MARGIN` before the lease's end.
+        let lease = hangar_types::timing::ROUTE_LEASE_MARGIN + std::time::Duration::from_secs(2);
+        route.lease_remaining_ms = Some(u64::try_from(lease.as_millis()).unwrap());
         let token = env.token_for(&route);
         let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
         // The fake controller never answers keepalives with `KeyLease`.
