@@ -493,6 +493,13 @@ impl Outbox {
         Ok(done.rows_affected())
     }
 
+    /// The id of the oldest unacked event, if any.
+    pub async fn oldest_event(&self) -> Result<Option<i64>, OutboxError> {
+        Ok(sqlx::query_scalar("SELECT MIN(id) FROM event")
+            .fetch_one(&self.readers)
+            .await?)
+    }
+
     pub async fn pending_events(&self) -> Result<i64, OutboxError> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM event")
             .fetch_one(&self.readers)

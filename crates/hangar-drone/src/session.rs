@@ -2,7 +2,11 @@
 //! with `Hello`, then on every connection send a heartbeat at once and every `HEARTBEAT_INTERVAL`,
 //! replay every unacked outbox event in id order before new ones, forward key renewals and action
 //! acks, and hand actions to [`run_actions`] without blocking the reader. Reconnects forever with
-//! capped exponential backoff.
+//! capped exponential backoff. An event sent on a connection and still unacked a whole
+//! `EVENT_RESEND_INTERVAL` later (the controller could not record it and keeps the connection) is
+//! sent again, with every event after it: a controller records states idempotently (an old state is
+//! stale, and acked), so a resend never does harm, and an unrecorded event never waits for the next
+//! connection.
 //!
 //! Invariant: an event is sent only once it is committed to the outbox (as the outbox kept its
 //! latest commit, or read back from the file), so a connection that drops loses nothing: the next
@@ -19,7 +23,7 @@ use hangar_client::ControllerClient;
 use hangar_types::protocol::{
     ActionMessage, BackendAction, ControllerToDrone, DroneToController, Hello,
 };
-use hangar_types::timing::HEARTBEAT_INTERVAL;
+use hangar_types::timing::{EVENT_RESEND_INTERVAL, HEARTBEAT_INTERVAL};
 use hangar_types::Millis;
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,6 +114,7 @@ impl Session {
             sender,
             outbox,
             sent_up_to: 0,
+            oldest_unacked: None,
         };
         let (log_frames, mut log_frames_rx) = mpsc::channel(LOG_FRAMES);
         let log_requests = LogRequests::new(logs.clone(), log_frames);
@@ -138,6 +143,8 @@ struct Writer<'a> {
     outbox: &'a Outbox,
     /// Highest event id sent on this connection.
     sent_up_to: i64,
+    /// The oldest unacked event already sent on this connection, as the last resend check found it.
+    oldest_unacked: Option<i64>,
 }
 
 impl Writer<'_> {
@@ -170,6 +177,11 @@ impl Writer<'_> {
             HEARTBEAT_INTERVAL,
         );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resend = tokio::time::interval_at(
+            tokio::time::Instant::now() + EVENT_RESEND_INTERVAL,
+            EVENT_RESEND_INTERVAL,
+        );
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut latest = self.outbox.subscribe();
         // Marked changed so the first pass replays everything unacked.
         latest.mark_changed();
@@ -179,6 +191,10 @@ impl Writer<'_> {
                 _ = heartbeat.tick() => {
                     let beat = DroneToController::Heartbeat { local_time: Millis::now() };
                     self.sender.send(&beat).await.is_ok()
+                }
+                _ = resend.tick() => {
+                    let newest = *latest.borrow();
+                    self.resend_unacked(newest).await
                 }
                 changed = latest.changed() => {
                     if changed.is_err() {
@@ -234,6 +250,31 @@ impl Writer<'_> {
                 return true;
             }
         }
+    }
+
+    /// Sends again the oldest unacked event and every one after it, if that event was sent on this
+    /// connection and was already the oldest unacked at the previous check (so it went unacked for a
+    /// whole interval at least). `false` when the connection broke.
+    async fn resend_unacked(&mut self, newest: i64) -> bool {
+        let oldest = match self.outbox.oldest_event().await {
+            Ok(oldest) => oldest.filter(|&id| id <= self.sent_up_to),
+            Err(e) => {
+                tracing::warn!(error = %e, "Failed to read the outbox");
+                return true;
+            }
+        };
+        let stuck = oldest.is_some() && oldest == self.oldest_unacked;
+        self.oldest_unacked = oldest;
+        let Some(oldest) = oldest.filter(|_| stuck) else {
+            return true;
+        };
+        tracing::warn!(
+            event_id = oldest,
+            "Backend events unacked for {EVENT_RESEND_INTERVAL:?}; sending them again"
+        );
+        self.sent_up_to = oldest - 1;
+        self.oldest_unacked = None;
+        self.send_events(newest).await
     }
 
     /// Sends `events` in order. `false` when the connection broke.
