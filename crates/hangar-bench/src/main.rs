@@ -24,7 +24,7 @@ struct Args {
     #[arg(long)]
     concurrency: Option<usize>,
     /// The controller's store (`reconnect` runs both when absent and HANGAR_TEST_POSTGRES_URL is set).
-    #[arg(long, value_parser = parse_store)]
+    #[arg(long, value_enum)]
     store: Option<StoreKind>,
     /// Executor for `spawn`: process or docker.
     #[arg(long, value_parser = parse_executor)]
@@ -53,10 +53,6 @@ struct Args {
     /// Write the JSON report here (an array of reports for `all`).
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-fn parse_store(s: &str) -> Result<StoreKind, String> {
-    s.parse()
 }
 
 fn parse_executor(s: &str) -> Result<ExecutorKind, String> {

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 pub const WAIT: Duration = Duration::from_secs(60);
 
 /// Which store the controller uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoreKind {
     /// A fresh SQLite file in a temporary directory (the embedded default).
     Sqlite,
@@ -39,19 +39,6 @@ impl StoreKind {
         match self {
             StoreKind::Sqlite => "sqlite",
             StoreKind::Postgres => "postgres",
-        }
-    }
-}
-
-impl std::str::FromStr for StoreKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "sqlite" => Ok(StoreKind::Sqlite),
-            "postgres" => Ok(StoreKind::Postgres),
-            other => Err(format!(
-                "unknown store {other:?}: expected sqlite or postgres"
-            )),
         }
     }
 }

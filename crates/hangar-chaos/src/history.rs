@@ -179,24 +179,25 @@ pub fn check(history: &History, convergence_bound_ms: u64) -> Vec<Violation> {
 mod tests {
     use super::*;
 
-    fn answer(key: &str, backend: &str, sent_ms: u64, answered_ms: u64) -> Answer {
-        Answer {
-            key: key.into(),
-            backend: backend.into(),
-            fencing_token: None,
-            sent_ms,
-            answered_ms,
-        }
+    /// Answers written as `key backend sent..answered`, comma-separated, times in ms.
+    fn answers(timeline: &str) -> Vec<Answer> {
+        let answer = |entry: &str| {
+            let words: Vec<&str> = entry.split_whitespace().collect();
+            let (sent, answered) = words[2].split_once("..").expect("sent..answered");
+            Answer {
+                key: words[0].into(),
+                backend: words[1].into(),
+                fencing_token: None,
+                sent_ms: sent.parse().unwrap(),
+                answered_ms: answered.parse().unwrap(),
+            }
+        };
+        timeline.split(',').map(answer).collect()
     }
 
     #[test]
     fn two_live_backends_of_one_key_are_caught() {
-        let answers = vec![
-            answer("k", "ba-1", 0, 10),
-            answer("k", "ba-2", 20, 30),
-            answer("k", "ba-1", 40, 50),
-            answer("k", "ba-2", 60, 70),
-        ];
+        let answers = answers("k ba-1 0..10, k ba-2 20..30, k ba-1 40..50, k ba-2 60..70");
         let violations = check_single_writer(&answers);
         assert_eq!(violations.len(), 1, "{violations:?}");
         let Violation::TwoWriters { key, first, second } = &violations[0] else {
@@ -208,33 +209,27 @@ mod tests {
     }
 
     #[test]
-    fn a_handover_is_not_a_violation() {
-        let answers = vec![
-            answer("k", "ba-1", 0, 10),
-            answer("k", "ba-1", 20, 30),
-            answer("k", "ba-2", 40, 50),
-            answer("k", "ba-2", 60, 70),
-            // Other keys never interfere.
-            answer("j", "ba-3", 0, 100),
-            answer("j", "ba-3", 200, 300),
-        ];
-        assert_eq!(check_single_writer(&answers), vec![]);
-    }
-
-    #[test]
-    fn intervals_that_prove_nothing_are_accepted() {
-        // ba-1's last request was sent (20) before ba-2's first answer arrived (25), and the
-        // requests overlap in time: either order is possible, so no violation can be proven.
-        let answers = vec![
-            answer("k", "ba-1", 0, 10),
-            answer("k", "ba-1", 20, 40),
-            answer("k", "ba-2", 15, 25),
-            answer("k", "ba-2", 30, 50),
-        ];
-        assert_eq!(check_single_writer(&answers), vec![]);
-        // A single answer proves no span.
-        let answers = vec![answer("k", "ba-1", 0, 100), answer("k", "ba-2", 10, 20)];
-        assert_eq!(check_single_writer(&answers), vec![]);
+    fn histories_that_prove_no_overlap_are_accepted() {
+        for (case, timeline) in [
+            // Other keys (`j`) never interfere.
+            (
+                "a handover",
+                "k ba-1 0..10, k ba-1 20..30, k ba-2 40..50, k ba-2 60..70, \
+                 j ba-3 0..100, j ba-3 200..300",
+            ),
+            // ba-1's last request was sent (20) before ba-2's first answer arrived (25), and the
+            // requests overlap in time: either order is possible, so no violation can be proven.
+            (
+                "overlapping requests",
+                "k ba-1 0..10, k ba-1 20..40, k ba-2 15..25, k ba-2 30..50",
+            ),
+            (
+                "a single answer proves no span",
+                "k ba-1 0..100, k ba-2 10..20",
+            ),
+        ] {
+            assert_eq!(check_single_writer(&answers(timeline)), vec![], "{case}");
+        }
     }
 
     #[test]

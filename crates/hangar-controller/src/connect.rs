@@ -138,20 +138,18 @@ async fn connect_once(
                     return reuse_backend(state, request, key, &tag, backend).await;
                 }
                 KeyLookup::Expired { backend: old } => {
-                    if !state.store.remove_expired_key(&key_ref).await? {
+                    // The lease expired on the store clock, so the old holder's drone has already
+                    // hard-terminated it by its own deadlines (hard < lease). The store records it
+                    // lost in the transaction that frees the key, before the new backend exists, so
+                    // the history never shows two live holders of a key, and proxies hear of it.
+                    let lost = crate::lost::lost_state(
+                        &old.state,
+                        "key lease expired and the key was taken over".into(),
+                    );
+                    if !state.store.take_over_expired_key(&key_ref, &lost).await? {
                         return Err(ConnectError::FailedToRemoveKey);
                     }
-                    // The lease expired on the store clock, so the old holder's drone has already
-                    // hard-terminated it by its own deadlines (hard < lease). Record that now, before
-                    // the new backend exists, so the history never shows two live holders of a key.
-                    if old.state.status() < BackendStatus::Terminated {
-                        let lost = crate::lost::lost_state(
-                            &old.state,
-                            "key lease expired and the key was taken over".into(),
-                        );
-                        state.store.record_backend_state(&old.id, &lost).await?;
-                    }
-                    tracing::info!(key = %key.name, namespace = %key.namespace, "Took over an expired key");
+                    tracing::info!(key = %key.name, namespace = %key.namespace, backend = %old.id, "Took over an expired key");
                 }
                 KeyLookup::Missing => {}
             }

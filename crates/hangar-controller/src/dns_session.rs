@@ -6,9 +6,8 @@
 //! connection, quirk 15); a bad frame is logged and skipped.
 
 use crate::api::AppState;
-use crate::node_socket::{self, NodeSender, SessionClosed};
+use crate::node_socket::{self, NodeSender, SessionClosed, Welcomed};
 use axum::extract::ws::WebSocket;
-use futures_util::StreamExt;
 use hangar_store::Store;
 use hangar_types::protocol::{ControllerToDns, DnsHello, DnsToController};
 use hangar_types::{ClusterName, DnsName};
@@ -27,27 +26,28 @@ pub async fn run_dns_session(state: AppState, mut socket: WebSocket) {
     let _counted = state
         .prometheus
         .node_session(crate::prometheus::NodeKind::Dns);
-    if node_socket::welcome(&mut socket, &state.config.name)
-        .await
-        .is_err()
-    {
+    let Some(Welcomed {
+        sender,
+        cancel,
+        socket,
+    }) = node_socket::welcome(socket, &state.config.name, &state.cancel).await
+    else {
         return;
-    }
+    };
     tracing::info!(dns = %hello.name, version = %hello.version, "DNS responder connected");
-    let cancel = state.cancel.child_token();
-    let (sink, stream) = socket.split();
-    let (sender, rx) = node_socket::outbound();
     let session = DnsSession {
         store: state.store.clone(),
         name: hello.name.clone(),
         sender,
     };
-    tokio::join!(
-        node_socket::run_socket_writer(sink, rx, cancel.clone()),
-        node_socket::run_reader(stream, &cancel, &hello.name, |batch| {
-            session.handle_batch(batch)
-        }),
-    );
+    socket
+        .run(
+            &cancel,
+            &hello.name,
+            |batch| session.handle_batch(batch),
+            async {},
+        )
+        .await;
     tracing::info!(dns = %hello.name, "DNS responder disconnected");
 }
 

@@ -14,11 +14,10 @@ use crate::api::AppState;
 use crate::executor_errors::ExecutorErrors;
 use crate::log_relay::{DroneLink, LogChunk};
 use crate::metrics::{BackendSample, LatestMetrics};
-use crate::node_socket::{self, NodeSender, SessionClosed};
+use crate::node_socket::{self, NodeSender, SessionClosed, Welcomed};
 use crate::prometheus::{ControllerMetrics, NodeKind};
 use crate::sweeper;
 use axum::extract::ws::WebSocket;
-use futures_util::StreamExt;
 use hangar_store::{DroneRegistration, NodeId, SessionId, StateUpdate, Store, StoreEvent};
 use hangar_types::protocol::{
     ActionMessage, ControllerToDrone, DroneToController, KeyDeadlines, NodeHello,
@@ -98,13 +97,12 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
     // Subscribe before the first pending-actions read, so no action queued in between is missed.
     let events = state.store.events().subscribe();
     let _counted = state.prometheus.node_session(NodeKind::Drone);
-    if node_socket::welcome(&mut socket, &state.config.name)
-        .await
-        .is_ok()
+    if let Some(Welcomed {
+        sender,
+        cancel,
+        socket,
+    }) = node_socket::welcome(socket, &state.config.name, &state.cancel).await
     {
-        let cancel = state.cancel.child_token();
-        let (sink, stream) = socket.split();
-        let (sender, rx) = node_socket::outbound();
         let link = state
             .drone_links
             .attach(&cluster, &name, session, sender.clone());
@@ -123,12 +121,15 @@ pub async fn run_drone_session(state: AppState, cluster: ClusterName, mut socket
             claim_hooks: state.warm.hooks.clone(),
             cancel: cancel.clone(),
         };
-        tokio::join!(
-            node_socket::run_socket_writer(sink, rx, cancel.clone()),
-            node_socket::run_reader(stream, &cancel, &name, |batch| drone.handle_batch(batch)),
-            drone.run_action_delivery(events),
-            sweeper::run_sweeper(state.store.clone(), node, name.clone(), cancel.clone()),
-        );
+        let work = async {
+            tokio::join!(
+                drone.run_action_delivery(events),
+                sweeper::run_sweeper(state.store.clone(), node, name.clone(), cancel.clone()),
+            );
+        };
+        socket
+            .run(&cancel, &name, |batch| drone.handle_batch(batch), work)
+            .await;
     }
     state
         .executor_errors

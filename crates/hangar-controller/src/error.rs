@@ -62,6 +62,16 @@ impl ApiError {
             .ok_or(ApiError::NotFound(missing))
     }
 
+    /// What a store write reported: `404` with `missing` when it applied to nothing, a `Database
+    /// error` when the write failed.
+    pub fn applied(write: Result<bool, StoreError>, missing: &'static str) -> Result<(), ApiError> {
+        if write.map_err(ApiError::store("Database error"))? {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound(missing))
+        }
+    }
+
     /// The Plane error kind of the response.
     pub fn kind(&self) -> ApiErrorKind {
         self.status_and_kind().1

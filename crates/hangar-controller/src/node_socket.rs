@@ -127,19 +127,65 @@ pub async fn disconnected(
     tracing::info!(node = %name, kind, "Node disconnected");
 }
 
-/// Sends `Welcome`.
-pub async fn welcome(
-    socket: &mut WebSocket,
+/// A node's socket after `Welcome`: the queue its session sends on, the session's token (every loop
+/// of the session stops when it fires) and the socket itself, which [`WelcomedSocket::run`] drives.
+pub struct Welcomed<T> {
+    pub sender: NodeSender<T>,
+    pub cancel: CancellationToken,
+    pub socket: WelcomedSocket,
+}
+
+/// The halves of a welcomed node's socket and the receiving end of its outbound queue.
+pub struct WelcomedSocket {
+    sink: SplitSink<WebSocket, Message>,
+    stream: SplitStream<WebSocket>,
+    rx: mpsc::Receiver<String>,
+}
+
+/// Sends `Welcome`, then splits the socket and creates the session's outbound queue and its token (a
+/// child of `parent`). `None` when `Welcome` cannot be sent.
+pub async fn welcome<T>(
+    mut socket: WebSocket,
     controller: &ControllerName,
-) -> Result<(), axum::Error> {
+    parent: &CancellationToken,
+) -> Option<Welcomed<T>> {
     let welcome = HelloResponse::Welcome {
         protocol: PROTOCOL_VERSION,
         version: VERSION.to_string(),
         controller: controller.clone(),
     };
-    match encode(&welcome) {
-        Some(text) => socket.send(Message::Text(text.into())).await,
-        None => Ok(()),
+    if let Some(text) = encode(&welcome) {
+        socket.send(Message::Text(text.into())).await.ok()?;
+    }
+    let (sink, stream) = socket.split();
+    let (sender, rx) = outbound();
+    Some(Welcomed {
+        sender,
+        cancel: parent.child_token(),
+        socket: WelcomedSocket { sink, stream, rx },
+    })
+}
+
+impl WelcomedSocket {
+    /// Runs the session until all of it has ended: the writer ([`run_socket_writer`]), the reader
+    /// handing the node's messages to `handle` ([`run_reader`]) and the session's own `work`. Either
+    /// loop ending cancels `cancel`.
+    pub async fn run<T, F, Fut>(
+        self,
+        cancel: &CancellationToken,
+        node: &(dyn std::fmt::Display + Sync),
+        handle: F,
+        work: impl std::future::Future<Output = ()>,
+    ) where
+        T: DeserializeOwned,
+        F: FnMut(Vec<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), SessionClosed>>,
+    {
+        tokio::join!(
+            run_socket_writer(self.sink, self.rx, cancel.clone()),
+            run_reader(self.stream, cancel, node, handle),
+            work,
+        );
     }
 }
 
@@ -192,7 +238,7 @@ impl<T: Serialize> NodeSender<T> {
 }
 
 /// A node session's outbound queue and the receiving end for [`run_socket_writer`].
-pub fn outbound<T>() -> (NodeSender<T>, mpsc::Receiver<String>) {
+fn outbound<T>() -> (NodeSender<T>, mpsc::Receiver<String>) {
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
     (
         NodeSender {

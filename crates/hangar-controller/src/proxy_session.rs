@@ -13,9 +13,8 @@
 
 use crate::api::AppState;
 use crate::cert::{tls_event, tls_snapshot, ProxyTls};
-use crate::node_socket::{self, NodeSender, SessionClosed};
+use crate::node_socket::{self, NodeSender, SessionClosed, Welcomed};
 use axum::extract::ws::WebSocket;
-use futures_util::StreamExt;
 use hangar_store::{KeepAlive, NodeId, Store, StoreEvent, TokenLookup};
 use hangar_types::protocol::{ControllerToProxy, NodeHello, ProxyToController, RouteInfo};
 use hangar_types::token::ConnectionToken;
@@ -54,13 +53,12 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
     let _counted = state
         .prometheus
         .node_session(crate::prometheus::NodeKind::Proxy);
-    if node_socket::welcome(&mut socket, &state.config.name)
-        .await
-        .is_ok()
+    if let Some(Welcomed {
+        sender,
+        cancel,
+        socket,
+    }) = node_socket::welcome(socket, &state.config.name, &state.cancel).await
     {
-        let cancel = state.cancel.child_token();
-        let (sink, stream) = socket.split();
-        let (sender, rx) = node_socket::outbound();
         let proxy = ProxySession {
             store: state.store.clone(),
             cluster: cluster.clone(),
@@ -70,11 +68,14 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
             cancel: cancel.clone(),
             waiters: state.tracker.clone(),
         };
-        tokio::join!(
-            node_socket::run_socket_writer(sink, rx, cancel.clone()),
-            node_socket::run_reader(stream, &cancel, &name, |batch| proxy.handle_batch(batch)),
-            proxy.run_event_forwarder(events),
-        );
+        socket
+            .run(
+                &cancel,
+                &name,
+                |batch| proxy.handle_batch(batch),
+                proxy.run_event_forwarder(events),
+            )
+            .await;
     }
     node_socket::disconnected(state.store.as_ref(), "proxy", &name, node, session).await;
 }

@@ -432,3 +432,9 @@ async fn wait_for_acks(outbox: &Outbox, mut connected: watch::Receiver<bool>) {
         }
     }
 }
+
+/// The name of a directory entry parsed as a `T` (a pid under `/proc`, a backend id in the log
+/// directory); `None` for a name that is not one.
+fn parsed_file_name<T: std::str::FromStr>(entry: &std::fs::DirEntry) -> Option<T> {
+    entry.file_name().to_str()?.parse().ok()
+}

@@ -245,7 +245,6 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log_store::{LogCounters, LogLimits};
     use hangar_types::logs::LogStream;
     use std::time::Duration;
 
@@ -268,12 +267,7 @@ mod tests {
     #[tokio::test]
     async fn a_follow_with_nothing_to_send_yet_says_it_is_watching() {
         let dir = tempfile::tempdir().unwrap();
-        let limits = LogLimits {
-            backend_bytes: 1 << 20,
-            total_bytes: 1 << 30,
-            retention: Duration::from_secs(3600),
-        };
-        let store = LogStore::open(dir.path(), limits, LogCounters::default()).unwrap();
+        let store = crate::log_store::test_store(dir.path(), 1 << 20);
         let backend = BackendId::random();
         store.append(&backend, &[(LogStream::Stdout, "before".into())]);
         let (tx, mut rx) = mpsc::channel(LOG_FRAMES);

@@ -128,11 +128,7 @@ impl LogStore {
         let mut state = State::default();
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<BackendId>().ok())
-            else {
+            let Some(id) = crate::parsed_file_name::<BackendId>(&entry) else {
                 continue;
             };
             let log = load_backend(&entry.path())?;
@@ -574,6 +570,18 @@ fn count_lines(path: &Path) -> u64 {
         reader.consume(n);
     }
     count
+}
+
+/// A log store in `dir` for tests: fresh counters, `backend_bytes` per backend, ample room in all and
+/// an hour's retention.
+#[cfg(test)]
+pub(crate) fn test_store(dir: &Path, backend_bytes: u64) -> LogStore {
+    let limits = LogLimits {
+        backend_bytes,
+        total_bytes: 1 << 30,
+        retention: Duration::from_secs(3600),
+    };
+    LogStore::open(dir, limits, LogCounters::default()).unwrap()
 }
 
 #[cfg(test)]

@@ -236,7 +236,22 @@ impl Outbox {
         spawn: &SpawnRecord,
         now: Millis,
     ) -> Result<SpawnInsert, OutboxError> {
+        self.insert_spawn_then(backend, spawn, now, || ()).await
+    }
+
+    /// [`insert_spawn`](Self::insert_spawn), calling `locked` once the writer connection is this
+    /// call's and before its statements run. Writes take the connection in turn, in the order asked,
+    /// so whatever `locked` starts writes only after this commit (the backend's later states come
+    /// after its `scheduled`).
+    pub async fn insert_spawn_then(
+        &self,
+        backend: &BackendId,
+        spawn: &SpawnRecord,
+        now: Millis,
+        locked: impl FnOnce(),
+    ) -> Result<SpawnInsert, OutboxError> {
         let mut writer = self.writer().await?;
+        locked();
         let mut tx = begin_write(&mut writer).await?;
         // Inserts that tell whether the row was there (no lookup first: one round trip fewer to
         // the connection's thread on the spawn path). The action id first: kept even when the
@@ -276,6 +291,23 @@ impl Outbox {
         tx.commit().await?;
         self.committed(backend, &states, event_id);
         Ok(SpawnInsert::Inserted)
+    }
+
+    /// Whether a spawn of `backend` or with `action` was applied before (a read: no write lock). Exact
+    /// only while no [`insert_spawn`](Self::insert_spawn) of the same ids runs meanwhile.
+    pub async fn spawn_applied(
+        &self,
+        backend: &BackendId,
+        action: &ActionId,
+    ) -> Result<bool, OutboxError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM applied_action WHERE action_id = ?)
+                 OR EXISTS (SELECT 1 FROM backend WHERE id = ?)",
+        )
+        .bind(action.as_str())
+        .bind(backend.as_str())
+        .fetch_one(&self.readers)
+        .await?)
     }
 
     /// Stores a backend's new state and queues it as an event; returns the event id.
@@ -443,14 +475,29 @@ impl Outbox {
             .collect()
     }
 
-    /// Deletes an acknowledged event. Returns whether it existed.
-    pub async fn ack(&self, event_id: i64) -> Result<bool, OutboxError> {
-        let done = sqlx::query("DELETE FROM event WHERE id = ?")
-            .bind(event_id)
-            .execute(&mut *self.writer().await?)
-            .await?;
+    /// Deletes acknowledged events, with one statement. Returns how many existed.
+    pub async fn ack(&self, event_ids: &[i64]) -> Result<u64, OutboxError> {
+        if event_ids.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "DELETE FROM event WHERE id IN ({})",
+            vec!["?"; event_ids.len()].join(", ")
+        );
+        let mut delete = sqlx::query(&sql);
+        for id in event_ids {
+            delete = delete.bind(id);
+        }
+        let done = delete.execute(&mut *self.writer().await?).await?;
         self.acks.send_modify(|n| *n += 1);
-        Ok(done.rows_affected() == 1)
+        Ok(done.rows_affected())
+    }
+
+    /// The id of the oldest unacked event, if any.
+    pub async fn oldest_event(&self) -> Result<Option<i64>, OutboxError> {
+        Ok(sqlx::query_scalar("SELECT MIN(id) FROM event")
+            .fetch_one(&self.readers)
+            .await?)
     }
 
     pub async fn pending_events(&self) -> Result<i64, OutboxError> {
@@ -726,13 +773,14 @@ mod tests {
             assert!(outbox.unfinished_backends().await.unwrap().is_empty());
             let acks = outbox.subscribe_acks();
             let events = statuses(&outbox).await;
-            assert!(outbox.ack(events[0].0).await.unwrap());
+            assert_eq!(outbox.ack(&[events[0].0]).await.unwrap(), 1);
             assert!(acks.has_changed().unwrap());
-            assert!(!outbox.ack(events[0].0).await.unwrap());
+            assert_eq!(outbox.ack(&[events[0].0]).await.unwrap(), 0);
             assert_eq!(outbox.pending_events().await.unwrap(), 1);
             // An unacked event keeps the backend.
             assert_eq!(outbox.prune(Millis(100)).await.unwrap(), 0);
-            outbox.ack(events[1].0).await.unwrap();
+            // Several at once; an id acked before is not counted.
+            assert_eq!(outbox.ack(&[events[0].0, events[1].0]).await.unwrap(), 1);
             assert_eq!(outbox.prune(Millis(2)).await.unwrap(), 0, "too recent");
             assert_eq!(outbox.prune(Millis(100)).await.unwrap(), 1);
             assert_eq!(outbox.backend(&id).await.unwrap(), None);
@@ -856,7 +904,7 @@ mod tests {
                 let d = KeyDeadlines::from_base(Millis(10));
                 outbox.set_deadlines(&id, &d).await.unwrap();
                 let ids = statuses(&outbox).await;
-                outbox.ack(ids[0].0).await.unwrap();
+                outbox.ack(&[ids[0].0]).await.unwrap();
                 outbox.close().await;
                 ids
             };
@@ -909,7 +957,7 @@ mod tests {
                         let loading = outbox
                             .record_state(&id, &BackendState::Loading, Millis(2))
                             .await?;
-                        outbox.ack(loading).await?;
+                        outbox.ack(&[loading]).await?;
                         outbox.record_state(&id, &ready(), Millis(3)).await?;
                         ids.push(id);
                     }

@@ -2,7 +2,11 @@
 //! with `Hello`, then on every connection send a heartbeat at once and every `HEARTBEAT_INTERVAL`,
 //! replay every unacked outbox event in id order before new ones, forward key renewals and action
 //! acks, and hand actions to [`run_actions`] without blocking the reader. Reconnects forever with
-//! capped exponential backoff.
+//! capped exponential backoff. An event sent on a connection and still unacked a whole
+//! `EVENT_RESEND_INTERVAL` later (the controller could not record it and keeps the connection) is
+//! sent again, with every event after it: a controller records states idempotently (an old state is
+//! stale, and acked), so a resend never does harm, and an unrecorded event never waits for the next
+//! connection.
 //!
 //! Invariant: an event is sent only once it is committed to the outbox (as the outbox kept its
 //! latest commit, or read back from the file), so a connection that drops loses nothing: the next
@@ -13,17 +17,22 @@ use crate::log_store::LogStore;
 use crate::outbox::{Outbox, SpawnRecord, StoredEvent};
 use crate::prometheus::DroneMetrics;
 use crate::supervisor::{ClaimHookRequest, Supervisors};
+use futures_util::FutureExt;
 use hangar_client::node::{ConnectionEnd, NodeReceiver, NodeSender, NodeSocket, Reconnecting};
 use hangar_client::ControllerClient;
 use hangar_types::protocol::{
     ActionMessage, BackendAction, ControllerToDrone, DroneToController, Hello,
 };
-use hangar_types::timing::HEARTBEAT_INTERVAL;
+use hangar_types::timing::{EVENT_RESEND_INTERVAL, HEARTBEAT_INTERVAL};
 use hangar_types::Millis;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+/// Most acks deleted by one statement (well under SQLite's limit of bound parameters); the rest wait
+/// for the next.
+const MAX_ACKS_PER_DELETE: usize = 256;
 
 /// Events read from the outbox per query while replaying.
 const EVENT_PAGE: i64 = 256;
@@ -105,6 +114,7 @@ impl Session {
             sender,
             outbox,
             sent_up_to: 0,
+            oldest_unacked: None,
         };
         let (log_frames, mut log_frames_rx) = mpsc::channel(LOG_FRAMES);
         let log_requests = LogRequests::new(logs.clone(), log_frames);
@@ -133,6 +143,8 @@ struct Writer<'a> {
     outbox: &'a Outbox,
     /// Highest event id sent on this connection.
     sent_up_to: i64,
+    /// The oldest unacked event already sent on this connection, as the last resend check found it.
+    oldest_unacked: Option<i64>,
 }
 
 impl Writer<'_> {
@@ -165,6 +177,11 @@ impl Writer<'_> {
             HEARTBEAT_INTERVAL,
         );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resend = tokio::time::interval_at(
+            tokio::time::Instant::now() + EVENT_RESEND_INTERVAL,
+            EVENT_RESEND_INTERVAL,
+        );
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut latest = self.outbox.subscribe();
         // Marked changed so the first pass replays everything unacked.
         latest.mark_changed();
@@ -174,6 +191,10 @@ impl Writer<'_> {
                 _ = heartbeat.tick() => {
                     let beat = DroneToController::Heartbeat { local_time: Millis::now() };
                     self.sender.send(&beat).await.is_ok()
+                }
+                _ = resend.tick() => {
+                    let newest = *latest.borrow();
+                    self.resend_unacked(newest).await
                 }
                 changed = latest.changed() => {
                     if changed.is_err() {
@@ -231,6 +252,31 @@ impl Writer<'_> {
         }
     }
 
+    /// Sends again the oldest unacked event and every one after it, if that event was sent on this
+    /// connection and was already the oldest unacked at the previous check (so it went unacked for a
+    /// whole interval at least). `false` when the connection broke.
+    async fn resend_unacked(&mut self, newest: i64) -> bool {
+        let oldest = match self.outbox.oldest_event().await {
+            Ok(oldest) => oldest.filter(|&id| id <= self.sent_up_to),
+            Err(e) => {
+                tracing::warn!(error = %e, "Failed to read the outbox");
+                return true;
+            }
+        };
+        let stuck = oldest.is_some() && oldest == self.oldest_unacked;
+        self.oldest_unacked = oldest;
+        let Some(oldest) = oldest.filter(|_| stuck) else {
+            return true;
+        };
+        tracing::warn!(
+            event_id = oldest,
+            "Backend events unacked for {EVENT_RESEND_INTERVAL:?}; sending them again"
+        );
+        self.sent_up_to = oldest - 1;
+        self.oldest_unacked = None;
+        self.send_events(newest).await
+    }
+
     /// Sends `events` in order. `false` when the connection broke.
     async fn send(&mut self, events: Vec<StoredEvent>) -> bool {
         for event in events {
@@ -250,7 +296,16 @@ async fn run_reader(
     actions: &mpsc::Sender<ActionMessage>,
     log_requests: LogRequests,
 ) {
-    while let Some(message) = receiver.recv().await {
+    // A message read after a run of acks, handled next.
+    let mut next = None;
+    loop {
+        let message = match next.take() {
+            Some(message) => message,
+            None => match receiver.recv().await {
+                Some(message) => message,
+                None => return,
+            },
+        };
         match message {
             ControllerToDrone::Action(action) => {
                 if actions.try_send(action).is_err() {
@@ -258,8 +313,23 @@ async fn run_reader(
                 }
             }
             ControllerToDrone::AckEvent { event_id } => {
-                if let Err(e) = outbox.ack(event_id).await {
-                    tracing::warn!(event_id, error = %e, "Failed to delete acked event");
+                // The acks already received go with it: one write instead of one each (the
+                // controller acks every event of a batch it recorded).
+                let mut acked = vec![event_id];
+                while acked.len() < MAX_ACKS_PER_DELETE {
+                    let Some(Some(message)) = receiver.recv().now_or_never() else {
+                        break;
+                    };
+                    match message {
+                        ControllerToDrone::AckEvent { event_id } => acked.push(event_id),
+                        other => {
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                }
+                if let Err(e) = outbox.ack(&acked).await {
+                    tracing::warn!(events = ?acked, error = %e, "Failed to delete acked events");
                 }
             }
             ControllerToDrone::RenewKeyResponse { backend, deadlines } => {

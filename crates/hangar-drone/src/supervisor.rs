@@ -1,8 +1,10 @@
 //! The backends this drone supervises: applies spawn/terminate actions, recovers leftovers at startup
 //! and stops everything at shutdown. Each backend is driven by its own task ([`backend_task`]).
 //!
-//! Invariants: a backend is started at most once (the outbox deduplicates spawns by action id and by
-//! backend id before anything starts); every state reported for a backend comes out of
+//! Invariants: a backend is started at most once (spawns are applied one at a time, and the outbox
+//! deduplicates them by action id and by backend id before anything starts: with the spawn's commit,
+//! or for process backends with a read while that commit runs beside the start); every state
+//! reported for a backend comes out of
 //! `BackendState::apply`; an action is reported applied only once its effect is in the outbox.
 
 mod backend_task;
@@ -70,6 +72,9 @@ struct Inner {
     settings: SupervisorSettings,
     /// Command senders of the running backend tasks; a task removes itself when it ends.
     live: Mutex<HashMap<BackendId, mpsc::Sender<Command>>>,
+    /// Held by [`Supervisors::spawn`] from its duplicate check to its commit: spawns are applied one
+    /// at a time, so a check reads every earlier spawn's commit.
+    spawning: tokio::sync::Mutex<()>,
     /// Messages for the controller that are not events (key renewals). Bounded; when full (a long
     /// disconnection) renewals are dropped, and the key manager asks again.
     outbound: mpsc::Sender<DroneToController>,
@@ -93,6 +98,7 @@ impl Supervisors {
                 executors,
                 settings,
                 live: Mutex::new(HashMap::new()),
+                spawning: tokio::sync::Mutex::new(()),
                 outbound,
                 tracker: TaskTracker::new(),
                 detach: CancellationToken::new(),
@@ -133,24 +139,65 @@ impl Supervisors {
     }
 
     /// Applies a spawn action: records the backend and starts supervising it, unless the action or the
-    /// backend was seen before. `Ok` means the action may be acked.
+    /// backend was seen before. `Ok` means the action may be acked (the backend is in the outbox).
+    ///
+    /// A backend whose executor does not need its start recorded first
+    /// ([`Executor::start_must_be_recorded_first`]: process backends, which die with the drone) is
+    /// started while its `scheduled` commit runs instead of after it, once a read found neither id
+    /// and no task of the backend runs. Spawns are applied one at a time, so that read sees every
+    /// earlier spawn. A drone that dies before the commit takes the backend with it and has not
+    /// acked the action, so the controller resends it and the restarted drone starts the backend
+    /// again; the backend's later states queue behind the commit (see
+    /// [`Outbox::insert_spawn_then`]).
     pub async fn spawn(&self, backend: &BackendId, spawn: SpawnRecord) -> Result<(), OutboxError> {
         let received = Instant::now();
         let now = Millis::now();
         if spawn.key.deadlines.soft_terminate_at <= now {
             tracing::warn!(%backend, "Spawn arrived after its key's soft-terminate deadline");
         }
-        match self.inner.outbox.insert_spawn(backend, &spawn, now).await? {
+        let _one_at_a_time = self.inner.spawning.lock().await;
+        if self.live_sender(backend).is_some() {
+            // Its row may be missing only if its spawn's commit failed; the task writes it.
+            tracing::debug!(%backend, action = %spawn.action_id, "Spawn of a backend already running");
+            return Ok(());
+        }
+        let outbox = &self.inner.outbox;
+        let start_first = self
+            .executor(spawn.executable.kind())
+            .is_some_and(|e| !e.start_must_be_recorded_first());
+        if start_first && !outbox.spawn_applied(backend, &spawn.action_id).await? {
+            let launched = spawn.clone();
+            let inserted = outbox
+                .insert_spawn_then(backend, &spawn, now, || {
+                    self.start(backend, launched, received)
+                })
+                .await;
+            return match inserted {
+                Ok(SpawnInsert::Inserted) => Ok(()),
+                // Not reachable while spawns are applied one at a time (see above).
+                Ok(SpawnInsert::Duplicate) => {
+                    tracing::error!(%backend, action = %spawn.action_id, "Spawn found applied after its backend started");
+                    Ok(())
+                }
+                // Not acked: a resend finds the backend's task (or its states in the outbox) and
+                // starts nothing.
+                Err(e) => Err(e),
+            };
+        }
+        match outbox.insert_spawn(backend, &spawn, now).await? {
             SpawnInsert::Duplicate => {
                 tracing::debug!(%backend, action = %spawn.action_id, "Spawn already applied");
             }
-            SpawnInsert::Inserted => {
-                tracing::info!(%backend, executable = %spawn.executable.kind(), "Spawning backend");
-                self.inner.metrics.record_spawn();
-                self.launch(backend.clone(), spawn, Launch::Fresh { received });
-            }
+            SpawnInsert::Inserted => self.start(backend, spawn, received),
         }
         Ok(())
+    }
+
+    /// Starts supervising a new backend.
+    fn start(&self, backend: &BackendId, spawn: SpawnRecord, received: Instant) {
+        tracing::info!(%backend, executable = %spawn.executable.kind(), "Spawning backend");
+        self.inner.metrics.record_spawn();
+        self.launch(backend.clone(), spawn, Launch::Fresh { received });
     }
 
     /// Applies a terminate action. `Ok` means the action may be acked.

@@ -259,7 +259,6 @@ pub(crate) async fn run_cert_file_watch(
 mod tests {
     use super::*;
     use crate::tls::test_certs::self_signed;
-    use crate::TEST_TIMEOUT;
 
     fn files(dir: &Path, key: bool) -> CertFiles {
         CertFiles {
@@ -270,7 +269,7 @@ mod tests {
 
     #[tokio::test]
     async fn json_and_pem_layouts_roundtrip() {
-        tokio::time::timeout(TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let dir = tempfile::tempdir().unwrap();
             let pem = self_signed(&["plane.test"], 30);
 
@@ -313,13 +312,12 @@ mod tests {
             );
             assert_eq!(split.read().await.unwrap(), pem);
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[tokio::test]
     async fn bad_files_are_clear_errors() {
-        tokio::time::timeout(TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let dir = tempfile::tempdir().unwrap();
             let f = files(dir.path(), false);
             assert!(matches!(f.read().await, Err(CertFileError::Read { .. })));
@@ -335,7 +333,6 @@ mod tests {
                 Err(CertFileError::TooLarge { .. })
             ));
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 }

@@ -126,11 +126,10 @@ impl CertLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TEST_TIMEOUT;
 
     #[tokio::test(start_paused = true)]
     async fn requests_get_their_answers_and_stale_ones_are_dropped() {
-        tokio::time::timeout(TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let link = Arc::new(CertLink::new(Arc::new(Notify::new())));
             // A late answer from before the request is not taken for its answer.
             link.answer(CertAnswer::Lease { accepted: false });
@@ -165,8 +164,7 @@ mod tests {
                 .await;
             assert_eq!(result, Err(LinkError::NoAnswer(Duration::from_secs(5))));
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[test]

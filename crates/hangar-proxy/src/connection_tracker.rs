@@ -314,7 +314,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn first_activity_sends_keepalive_at_once_then_each_visit() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let t = tracker();
             let guard = t.open(&b("b1"));
             assert_eq!(t.take_keepalives(), vec![(b("b1"), true)]);
@@ -346,8 +346,7 @@ mod tests {
             drop(t.open(&b("b1")));
             assert_eq!(t.take_keepalives(), vec![(b("b1"), false)]);
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[test]
@@ -370,7 +369,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn forget_stops_keepalives_but_keeps_counts_exact() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let t = tracker();
             let guard = t.open(&b("b1"));
             t.forget(&b("b1"), false);
@@ -400,13 +399,12 @@ mod tests {
             assert_eq!(t.counts(&b("b2")), counts(0, false));
             assert_eq!(t.take_keepalives(), vec![(b("b2"), false)]);
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn visit_loop_runs_on_time() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let notify = Arc::new(Notify::new());
             let t = Arc::new(ConnectionTracker::with_interval(
                 notify.clone(),
@@ -428,7 +426,6 @@ mod tests {
             cancel.cancel();
             task.await.unwrap();
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 }

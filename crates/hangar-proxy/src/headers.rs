@@ -30,26 +30,26 @@ pub fn server_header_value() -> HeaderValue {
         .unwrap_or(HeaderValue::from_static("Hangar"))
 }
 
-/// Whether the request asks for a protocol upgrade: its `Connection` header (possibly repeated)
-/// contains the token `upgrade`, compared case-insensitively (Firefox sends `keep-alive, Upgrade`).
+/// Whether the request asks for a protocol upgrade: its `Connection` header contains the token
+/// `upgrade` (Firefox sends `keep-alive, Upgrade`).
 pub(crate) fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+    lists_token(headers, CONNECTION, "upgrade")
 }
 
-/// Whether a `101` response switched to WebSocket: its `Upgrade` header (possibly a list) names
-/// `websocket`, compared case-insensitively.
+/// Whether a `101` response switched to WebSocket: its `Upgrade` header names `websocket`.
 pub(crate) fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    lists_token(headers, UPGRADE, "websocket")
+}
+
+/// Whether header `name` (possibly repeated, each value a comma-separated list) contains `token`,
+/// compared case-insensitively.
+fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers
-        .get_all(UPGRADE)
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("websocket"))
+        .any(|listed| listed.trim().eq_ignore_ascii_case(token))
 }
 
 /// Why a request's host does not fit its route.
@@ -270,30 +270,36 @@ mod tests {
 
     #[test]
     fn upgrade_detection() {
-        let mut h = HeaderMap::new();
-        assert!(!is_upgrade_request(&h));
-        h.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
-        assert!(!is_upgrade_request(&h));
-        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
-        assert!(is_upgrade_request(&h));
-        h.insert(CONNECTION, HeaderValue::from_static("UPGRADE"));
-        assert!(is_upgrade_request(&h));
-        h.insert(CONNECTION, HeaderValue::from_static("upgrade-insecure"));
-        assert!(!is_upgrade_request(&h));
-        h.append(CONNECTION, HeaderValue::from_static("upgrade"));
-        assert!(is_upgrade_request(&h));
-    }
-
-    #[test]
-    fn websocket_upgrade_detection() {
-        let mut h = HeaderMap::new();
-        assert!(!is_websocket_upgrade(&h));
-        h.insert(UPGRADE, HeaderValue::from_static("WebSocket"));
-        assert!(is_websocket_upgrade(&h));
-        h.insert(UPGRADE, HeaderValue::from_static("h2c"));
-        assert!(!is_websocket_upgrade(&h));
-        h.insert(UPGRADE, HeaderValue::from_static("foo, websocket"));
-        assert!(is_websocket_upgrade(&h));
+        type Detect = fn(&HeaderMap) -> bool;
+        let cases: [(Detect, HeaderName, &[&str], bool); 10] = [
+            (is_upgrade_request, CONNECTION, &[], false),
+            (is_upgrade_request, CONNECTION, &["keep-alive"], false),
+            (
+                is_upgrade_request,
+                CONNECTION,
+                &["keep-alive, Upgrade"],
+                true,
+            ),
+            (is_upgrade_request, CONNECTION, &["UPGRADE"], true),
+            (is_upgrade_request, CONNECTION, &["upgrade-insecure"], false),
+            (
+                is_upgrade_request,
+                CONNECTION,
+                &["upgrade-insecure", "upgrade"],
+                true,
+            ),
+            (is_websocket_upgrade, UPGRADE, &[], false),
+            (is_websocket_upgrade, UPGRADE, &["WebSocket"], true),
+            (is_websocket_upgrade, UPGRADE, &["h2c"], false),
+            (is_websocket_upgrade, UPGRADE, &["foo, websocket"], true),
+        ];
+        for (detect, name, values, expected) in cases {
+            let mut h = HeaderMap::new();
+            for &value in values {
+                h.append(name.clone(), HeaderValue::from_static(value));
+            }
+            assert_eq!(detect(&h), expected, "{name}: {values:?}");
+        }
     }
 
     #[test]

@@ -85,6 +85,12 @@ use tokio_util::task::TaskTracker;
 #[cfg(test)]
 pub(crate) const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Runs an async unit test, failing it after [`TEST_TIMEOUT`].
+#[cfg(test)]
+pub(crate) async fn with_test_timeout<T>(test: impl std::future::Future<Output = T>) -> T {
+    hangar_test_support::with_timeout(TEST_TIMEOUT, test).await
+}
+
 /// Everything the accept loop, the request pipeline and the controller session share.
 pub(crate) struct ProxyState {
     config: ProxyConfig,

@@ -84,36 +84,31 @@ mod tests {
 
     #[test]
     fn locations_keep_path_and_query_and_drop_the_port() {
-        assert_eq!(
-            location("foo.bar.baz", "/").as_deref(),
-            Some("https://foo.bar.baz/")
-        );
-        assert_eq!(
-            location("foo.bar.baz:8080", "/abc/123").as_deref(),
-            Some("https://foo.bar.baz/abc/123")
-        );
-        assert_eq!(
-            location("foo.bar.baz", "/abc?a=1&b=2").as_deref(),
-            Some("https://foo.bar.baz/abc?a=1&b=2")
-        );
-        assert_eq!(
-            location("foo.bar.baz", "/?a=1").as_deref(),
-            Some("https://foo.bar.baz/?a=1")
-        );
-        assert_eq!(
-            location("[::1]:80", "/x").as_deref(),
-            Some("https://[::1]/x")
-        );
-        assert_eq!(
-            location("foo.bar.baz", "http://other/abs?q").as_deref(),
-            Some("https://foo.bar.baz/abs?q")
-        );
-        assert_eq!(location("", "/"), None);
-        assert_eq!(location("user@evil.test", "/"), None);
-        assert_eq!(location("bad host", "/"), None);
-        assert_eq!(
-            location("foo.bar.baz", "*").as_deref(),
-            Some("https://foo.bar.baz/")
-        );
+        for (host, uri, expected) in [
+            ("foo.bar.baz", "/", Some("https://foo.bar.baz/")),
+            (
+                "foo.bar.baz:8080",
+                "/abc/123",
+                Some("https://foo.bar.baz/abc/123"),
+            ),
+            (
+                "foo.bar.baz",
+                "/abc?a=1&b=2",
+                Some("https://foo.bar.baz/abc?a=1&b=2"),
+            ),
+            ("foo.bar.baz", "/?a=1", Some("https://foo.bar.baz/?a=1")),
+            ("[::1]:80", "/x", Some("https://[::1]/x")),
+            (
+                "foo.bar.baz",
+                "http://other/abs?q",
+                Some("https://foo.bar.baz/abs?q"),
+            ),
+            ("", "/", None),
+            ("user@evil.test", "/", None),
+            ("bad host", "/", None),
+            ("foo.bar.baz", "*", Some("https://foo.bar.baz/")),
+        ] {
+            assert_eq!(location(host, uri).as_deref(), expected, "{host} {uri}");
+        }
     }
 }

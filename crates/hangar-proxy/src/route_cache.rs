@@ -8,7 +8,9 @@
 //!
 //! Key leases: a route to a backend that holds a key is used only while the proxy knows the key lease
 //! runs: until the moment it sent the lookup plus the lease time the controller reported
-//! ([`RouteInfo::lease_remaining_ms`]). Keepalive answers ([`RouteCache::lease_answered`]) extend the
+//! ([`RouteInfo::lease_remaining_ms`]), less [`ROUTE_LEASE_MARGIN`] (so that the tunnels, closed by
+//! a check that may run up to [`hangar_types::timing::ROUTE_LEASE_CHECK_INTERVAL`] late, are closed
+//! before the key can change hands). Keepalive answers ([`RouteCache::lease_answered`]) extend the
 //! bound of every route to the backend, so a proxy with traffic never asks again; a proxy cut off
 //! from every controller stops routing to the backend before its key can go to another backend, and
 //! [`RouteCache::lapse_leases`] names the backends whose open tunnels must close. Measuring from the
@@ -21,6 +23,7 @@
 
 use crate::prometheus::RouteCacheCounters;
 use hangar_types::protocol::RouteInfo;
+use hangar_types::timing::ROUTE_LEASE_MARGIN;
 use hangar_types::token::ConnectionToken;
 use hangar_types::BackendId;
 use std::collections::HashMap;
@@ -226,7 +229,7 @@ impl RouteCache {
             Some(r) => {
                 // Answered on the connection it was last sent on, so counted from that send.
                 let sent_at = pending.sent_at.unwrap_or_else(Instant::now);
-                let until = r.lease_remaining().map(|left| sent_at + left);
+                let until = r.lease_remaining().map(|left| lease_end(sent_at, left));
                 if let Some(until) = until {
                     st.extend_lease(&r.backend_id, until);
                 }
@@ -258,7 +261,7 @@ impl RouteCache {
     pub(crate) fn lease_answered(&self, backend: &BackendId, remaining: Duration) {
         let mut st = self.lock();
         if let Some(asked) = st.lease_asked.remove(backend) {
-            st.extend_lease(backend, asked + remaining);
+            st.extend_lease(backend, lease_end(asked, remaining));
         }
     }
 
@@ -437,6 +440,12 @@ impl CacheState {
     }
 }
 
+/// The end of a route's lease as the proxy keeps it: `remaining` (the controller's figure) counted
+/// from `asked` (when the question was sent), less [`ROUTE_LEASE_MARGIN`].
+fn lease_end(asked: Instant, remaining: Duration) -> Instant {
+    asked + remaining.saturating_sub(ROUTE_LEASE_MARGIN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,17 +474,36 @@ mod tests {
         }
     }
 
-    /// Registers a lookup of `token`, sends it, and answers it with `route`.
-    async fn resolved(cache: &Arc<RouteCache>, token: &ConnectionToken, route: RouteInfo) {
-        let c2 = cache.clone();
-        let t2 = token.clone();
+    fn new_cache() -> Arc<RouteCache> {
+        Arc::new(RouteCache::new(Arc::new(Notify::new())))
+    }
+
+    /// Starts a lookup of `token` in a task; returns once the lookup waits for the controller.
+    async fn pending_lookup(
+        cache: &Arc<RouteCache>,
+        token: &ConnectionToken,
+    ) -> tokio::task::JoinHandle<Result<Route, LookupError>> {
+        let (c2, t2) = (cache.clone(), token.clone());
         let l = tokio::spawn(async move { c2.lookup(&t2, WAIT).await });
         while cache.pending_count() == 0 {
             tokio::task::yield_now().await;
         }
+        l
+    }
+
+    /// Registers a lookup of `token`, sends it, and answers it with `route`.
+    async fn resolved(cache: &Arc<RouteCache>, token: &ConnectionToken, route: RouteInfo) {
+        let l = pending_lookup(cache, token).await;
         assert_eq!(cache.take_unsent(1), vec![token.clone()]);
         cache.resolve(token.clone(), Some(route));
         assert!(matches!(l.await.unwrap(), Ok(Route::Found(_))));
+    }
+
+    /// A cache in which token `t1` is resolved to backend `b1`, whose key lease runs `left` more.
+    async fn with_leased_route(left: Duration) -> (Arc<RouteCache>, BackendId, ConnectionToken) {
+        let (cache, t) = (new_cache(), tok("t1"));
+        resolved(&cache, &t, leased("b1", left)).await;
+        (cache, "b1".parse().unwrap(), t)
     }
 
     fn tok(s: &str) -> ConnectionToken {
@@ -484,8 +512,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_misses_share_one_request_and_one_answer() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
-            let cache = Arc::new(RouteCache::new(Arc::new(Notify::new())));
+        crate::with_test_timeout(async {
+            let cache = new_cache();
             let t = tok("t1");
             let lookups: Vec<_> = (0..10)
                 .map(|_| {
@@ -512,13 +540,12 @@ mod tests {
             assert!(matches!(cache.lookup(&t, WAIT).await, Ok(Route::Found(_))));
             assert!(cache.take_unsent(2).is_empty());
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn timeout_and_cancellation_clean_up_pending() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let cache = RouteCache::new(Arc::new(Notify::new()));
             let t = tok("t1");
             assert_eq!(
@@ -530,21 +557,15 @@ mod tests {
             cache.resolve(t.clone(), Some(route("b1")));
             assert!(cache.lock().entries.is_empty());
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn negative_answers_expire() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
-            let cache = Arc::new(RouteCache::new(Arc::new(Notify::new())));
+        crate::with_test_timeout(async {
+            let cache = new_cache();
             let t = tok("t1");
-            let c2 = cache.clone();
-            let t2 = t.clone();
-            let l = tokio::spawn(async move { c2.lookup(&t2, WAIT).await });
-            while cache.pending_count() == 0 {
-                tokio::task::yield_now().await;
-            }
+            let l = pending_lookup(&cache, &t).await;
             cache.resolve(t.clone(), None);
             assert_eq!(l.await.unwrap(), Ok(Route::Gone(GoneReason::Unknown)));
             assert_eq!(
@@ -554,13 +575,12 @@ mod tests {
             tokio::time::advance(NEGATIVE_TTL + Duration::from_millis(1)).await;
             assert!(cache.lock().cached(&t).is_none());
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn removal_revocation_and_new_session_invalidate() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let cache = RouteCache::new(Arc::new(Notify::new()));
             {
                 let mut st = cache.lock();
@@ -592,19 +612,14 @@ mod tests {
             assert!(!st.entries.contains_key(&tok("d")));
             assert!(st.entries.contains_key(&tok("c")));
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn revocation_answers_waiters() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
-            let cache = Arc::new(RouteCache::new(Arc::new(Notify::new())));
-            let c2 = cache.clone();
-            let l = tokio::spawn(async move { c2.lookup(&tok("x"), WAIT).await });
-            while cache.pending_count() == 0 {
-                tokio::task::yield_now().await;
-            }
+        crate::with_test_timeout(async {
+            let cache = new_cache();
+            let l = pending_lookup(&cache, &tok("x")).await;
             cache.revoke(&[tok("x")]);
             assert_eq!(l.await.unwrap(), Ok(Route::Gone(GoneReason::Revoked)));
             // The controller's late answer does not bring the route back.
@@ -614,23 +629,20 @@ mod tests {
                 Ok(Route::Gone(GoneReason::Revoked))
             );
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_route_is_used_only_while_its_key_lease_runs() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
-            let cache = Arc::new(RouteCache::new(Arc::new(Notify::new())));
-            let b1: BackendId = "b1".parse().unwrap();
-            let t = tok("t1");
+        crate::with_test_timeout(async {
             let lease = Duration::from_secs(30);
-            resolved(&cache, &t, leased("b1", lease)).await;
-            tokio::time::advance(lease - Duration::from_secs(1)).await;
+            let (cache, b1, t) = with_leased_route(lease).await;
+            tokio::time::advance(lease - ROUTE_LEASE_MARGIN - Duration::from_millis(1)).await;
             assert!(matches!(cache.cached(&t), Some(Route::Found(_))));
             assert!(cache.lapse_leases(Instant::now()).is_empty());
-            // No keepalive answer: past the lease the route is not used, and its tunnels must close.
-            tokio::time::advance(Duration::from_secs(1)).await;
+            // No keepalive answer: the margin before the lease's end, the route is not used any more,
+            // and its tunnels must close.
+            tokio::time::advance(Duration::from_millis(1)).await;
             assert_eq!(cache.cached(&t), None);
             assert_eq!(cache.lapse_leases(Instant::now()), vec![b1.clone()]);
             assert!(cache.lapse_leases(Instant::now()).is_empty());
@@ -640,26 +652,26 @@ mod tests {
             tokio::time::advance(Duration::from_secs(3600)).await;
             assert!(matches!(cache.cached(&u), Some(Route::Found(_))));
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn keepalive_answers_extend_the_lease_from_when_they_were_asked() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
-            let cache = Arc::new(RouteCache::new(Arc::new(Notify::new())));
-            let b1: BackendId = "b1".parse().unwrap();
-            let t = tok("t1");
-            resolved(&cache, &t, leased("b1", Duration::from_secs(30))).await;
+        crate::with_test_timeout(async {
+            let (cache, b1, t) = with_leased_route(Duration::from_secs(30)).await;
             tokio::time::advance(Duration::from_secs(20)).await;
             cache.lease_asked([&b1]);
             // The answer takes 5 s to arrive; the lease counts from the question.
             tokio::time::advance(Duration::from_secs(5)).await;
             cache.lease_answered(&b1, Duration::from_secs(30));
-            tokio::time::advance(Duration::from_secs(24)).await; // 49 s: 29 s after the question.
+            // 20 + 30 s less the margin, less 1 ms: still in.
+            tokio::time::advance(
+                Duration::from_secs(25) - ROUTE_LEASE_MARGIN - Duration::from_millis(1),
+            )
+            .await;
             assert!(matches!(cache.cached(&t), Some(Route::Found(_))));
             assert!(cache.lapse_leases(Instant::now()).is_empty());
-            tokio::time::advance(Duration::from_secs(1)).await;
+            tokio::time::advance(Duration::from_millis(1)).await;
             assert_eq!(cache.cached(&t), None);
             assert_eq!(cache.lapse_leases(Instant::now()), vec![b1.clone()]);
             // An answer to a keepalive of an earlier connection is ignored: its start is unknown.
@@ -671,8 +683,7 @@ mod tests {
             tokio::time::advance(Duration::from_secs(10)).await;
             assert_eq!(cache.lapse_leases(Instant::now()), vec![b1]);
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[test]

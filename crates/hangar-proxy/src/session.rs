@@ -16,6 +16,7 @@ use crate::ProxyState;
 use hangar_client::node::{ConnectionEnd, NodeReceiver, NodeSender, Reconnecting};
 use hangar_client::{ClientError, ControllerClient};
 use hangar_types::protocol::{ControllerToProxy, Hello, NodeHello, ProxyToController};
+use hangar_types::timing::ROUTE_LEASE_CHECK_INTERVAL;
 use rand::Rng;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -24,8 +25,6 @@ use tokio_util::sync::CancellationToken;
 /// spread over the controllers again after a controller restart.
 const PERIODIC_RECONNECT: Duration = Duration::from_secs(3600);
 const RECONNECT_JITTER: Duration = Duration::from_secs(600);
-/// How often lapsed key leases are looked for: how late at most, after the bound, a tunnel closes.
-const LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 type Sender = NodeSender<ProxyToController>;
 type Receiver = NodeReceiver<ControllerToProxy>;
@@ -132,10 +131,10 @@ async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
 }
 
 /// Closes the tunnels to backends whose key lease the proxy can no longer vouch for (see
-/// `route_cache.rs`), every [`LEASE_CHECK_INTERVAL`], until `cancel` fires. Connected or not: a
+/// `route_cache.rs`), every [`ROUTE_LEASE_CHECK_INTERVAL`], until `cancel` fires. Connected or not: a
 /// proxy cut off from every controller must stop serving a backend before its key can change hands.
 pub(crate) async fn run_lease_expiry(state: std::sync::Arc<ProxyState>, cancel: CancellationToken) {
-    let mut ticks = hangar_types::ticks::every(LEASE_CHECK_INTERVAL, &cancel);
+    let mut ticks = hangar_types::ticks::every(ROUTE_LEASE_CHECK_INTERVAL, &cancel);
     while ticks.next().await {
         for backend in state.route_cache.lapse_leases(tokio::time::Instant::now()) {
             let open = state

@@ -446,7 +446,7 @@ mod tests {
 
     #[tokio::test]
     async fn splice_copies_both_ways_and_ends_when_one_side_closes() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let (mut client, mut backend, tunnel) =
                 spawn_splice(64, false, &CancellationToken::new());
             client.write_all(b"ping").await.unwrap();
@@ -466,13 +466,12 @@ mod tests {
             drop(client);
             tunnel.await.unwrap();
         })
-        .await
-        .unwrap();
+        .await;
     }
 
     #[tokio::test]
     async fn a_direction_holds_no_buffer_once_its_writer_took_everything() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let (mut source, mut reader) = tokio::io::duplex(1 << 20);
             // A writer smaller than a read: most reads are only partly taken and wait on the heap.
             let (mut writer, mut sink) = tokio::io::duplex(1000);
@@ -501,13 +500,12 @@ mod tests {
                 poll_fn(|cx| direction.poll_copy(cx, &mut reader, &mut writer, Until::End));
             assert_eq!(copied.await.unwrap(), Stopped::End);
         })
-        .await
-        .unwrap();
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn half_closed_tunnel_ends_after_the_linger() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let (client, backend, tunnel) = spawn_splice(64, true, &CancellationToken::new());
             // The client closes but the backend keeps its side open and silent.
             drop(client);
@@ -517,13 +515,12 @@ mod tests {
                 .unwrap();
             drop(backend);
         })
-        .await
-        .expect("test timed out");
+        .await;
     }
 
     #[tokio::test]
     async fn going_away_waits_for_the_frame_in_progress_then_sends_close_frames() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let going_away = CancellationToken::new();
             let (mut client, mut backend, tunnel) = spawn_splice(1 << 16, true, &going_away);
 
@@ -559,13 +556,12 @@ mod tests {
             drop(client);
             tunnel.await.unwrap();
         })
-        .await
-        .unwrap();
+        .await;
     }
 
     #[tokio::test]
     async fn going_away_ends_other_protocols_without_a_close_frame() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let going_away = CancellationToken::new();
             let (mut client, mut backend, tunnel) = spawn_splice(64, false, &going_away);
             client.write_all(b"raw").await.unwrap();
@@ -575,15 +571,14 @@ mod tests {
             assert_eof(&mut client).await;
             assert_eof(&mut backend).await;
         })
-        .await
-        .unwrap();
+        .await;
     }
 
     /// The pool's upgraded connections come back out of hyper as their `TcpStream`, and bytes the
     /// backend sent right behind its `101` response are forwarded first.
     #[tokio::test]
     async fn the_backend_connection_is_taken_back_from_hyper_with_what_it_read_ahead() {
-        tokio::time::timeout(crate::TEST_TIMEOUT, async {
+        crate::with_test_timeout(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let server = tokio::spawn(async move {
@@ -622,7 +617,6 @@ mod tests {
             assert_eq!(read_n(&mut client, 11).await, b"ahead|after");
             server.await.unwrap();
         })
-        .await
-        .unwrap();
+        .await;
     }
 }

@@ -154,29 +154,9 @@ fn payload_len(header: &[u8; MAX_HEADER_LEN]) -> Option<u64> {
 mod tests {
     use super::*;
 
-    /// An unmasked frame header for `len` payload bytes.
-    fn header(opcode: u8, len: u64, masked: bool) -> Vec<u8> {
-        let mask_bit = if masked { 0x80 } else { 0 };
-        let mut h = vec![0x80 | opcode];
-        if len < 126 {
-            h.push(mask_bit | len as u8);
-        } else if len <= u64::from(u16::MAX) {
-            h.push(mask_bit | 126);
-            h.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            h.push(mask_bit | 127);
-            h.extend_from_slice(&len.to_be_bytes());
-        }
-        if masked {
-            h.extend_from_slice(&[1, 2, 3, 4]);
-        }
-        h
-    }
-
+    /// A binary frame of `len` bytes, masked or not.
     fn frame(len: usize, masked: bool) -> Vec<u8> {
-        let mut f = header(2, len as u64, masked);
-        f.extend(std::iter::repeat_n(0xAB, len));
-        f
+        hangar_test_support::ws_frame(0x82, &vec![0xAB; len], masked.then_some([1, 2, 3, 4]))
     }
 
     /// Feeds `stream` in chunks of `chunk` bytes and records the positions that are boundaries.

@@ -17,7 +17,10 @@ use crate::deadline::STORE_CALL_DEADLINE;
 use crate::events::{EventBus, StoreEvent};
 use crate::flush_connection::{FlushConnection, FlushSlot};
 use crate::group_commit::GroupCommit;
-use crate::model::{Acquire, KeyReuse, NewBackend, NewToken, Reuse};
+use crate::model::{
+    Acquire, DroneCandidate, DroneQuery, KeyReuse, NewBackend, NewToken, Reports, Reuse,
+    StateUpdate,
+};
 use crate::{StoreError, StoreResult};
 use hangar_types::timing::KEY_LEASE;
 use hangar_types::{BackendId, BackendState, Millis};
@@ -147,10 +150,16 @@ pub struct SqlStore<D: Dialect> {
     pub(crate) reuses: GroupCommit<KeyReuse, Reuse>,
     /// Spawns of new keys waiting to be inserted together ([`crate::Store::insert_backend_with_key`]).
     pub(crate) spawns: GroupCommit<NewBackend, Acquire>,
-    /// The connections the batches of `tokens`, `reuses` and `spawns` are written on.
+    /// Scheduler reads waiting to be answered together ([`crate::Store::schedulable_drones`]).
+    pub(crate) drone_reads: GroupCommit<DroneQuery, Vec<DroneCandidate>>,
+    /// Drone reports and backend states waiting to be recorded together
+    /// ([`crate::Store::record_drone_reports`]).
+    pub(crate) reports: GroupCommit<Reports, Vec<StateUpdate>>,
+    /// The connections the batches of `tokens`, `reuses`, `spawns` and `reports` are written on.
     pub(crate) token_flush: FlushSlot<D::Db>,
     pub(crate) reuse_flush: FlushSlot<D::Db>,
     pub(crate) spawn_flush: FlushSlot<D::Db>,
+    pub(crate) report_flush: FlushSlot<D::Db>,
 }
 
 impl<D: Dialect> SqlStore<D> {
@@ -172,9 +181,12 @@ impl<D: Dialect> SqlStore<D> {
             tokens: GroupCommit::default(),
             reuses: GroupCommit::default(),
             spawns: GroupCommit::default(),
+            drone_reads: GroupCommit::default(),
+            reports: GroupCommit::default(),
             token_flush: FlushSlot::default(),
             reuse_flush: FlushSlot::default(),
             spawn_flush: FlushSlot::default(),
+            report_flush: FlushSlot::default(),
         }
     }
 
@@ -185,6 +197,7 @@ impl<D: Dialect> SqlStore<D> {
         self.token_flush.close().await;
         self.reuse_flush.close().await;
         self.spawn_flush.close().await;
+        self.report_flush.close().await;
         self.reader.close().await;
     }
 

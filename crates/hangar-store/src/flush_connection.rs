@@ -14,17 +14,27 @@
 //! dropped mid-exchange (the caller's deadline, a client gone) or failing on the link drops the
 //! connection, and the next flush opens a new one, so no statement runs on a connection left
 //! mid-exchange. This is what the pool's release ping and release check ([`crate::deadline`]) give the
-//! pooled connections.
+//! pooled connections. An own connection idle for [`IDLE_PING_AFTER`] or longer is pinged before a
+//! batch is written on it, and replaced if the ping fails (the server restarted, or closed it), as the
+//! pool's acquire ping does for pooled ones: a kind of batch that is rarely written (spawns on a quiet
+//! cluster, a controller's own state reports) must not fail its first batch after a database restart.
 
 use crate::{StoreError, StoreResult};
 use sqlx::pool::PoolConnection;
 use sqlx::{ConnectOptions, Connection, Database, Pool};
 use std::ops::{Deref, DerefMut};
+use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
+use tokio::time::Instant;
+
+/// An own connection unused for this long is pinged before its next batch. Busy connections (the hot
+/// path: a batch every few milliseconds) are never pinged.
+pub(crate) const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
 /// Where one kind of batch keeps its own connection between flushes.
 pub(crate) struct FlushSlot<DB: Database> {
-    conn: Mutex<Option<DB::Connection>>,
+    /// The connection and when its last statement completed.
+    conn: Mutex<Option<(DB::Connection, Instant)>>,
 }
 
 impl<DB: Database> Default for FlushSlot<DB> {
@@ -58,7 +68,15 @@ impl<DB: Database> FlushSlot<DB> {
         if pool.is_closed() {
             return Err(sqlx::Error::PoolClosed.into());
         }
-        let conn = match slot.take() {
+        let kept = match slot.take() {
+            Some((mut conn, idle_since)) if idle_since.elapsed() >= IDLE_PING_AFTER => {
+                // Dropped, not closed, when the ping fails: the link is gone.
+                conn.ping().await.is_ok().then_some(conn)
+            }
+            Some((conn, _)) => Some(conn),
+            None => None,
+        };
+        let conn = match kept {
             Some(conn) => conn,
             None => {
                 let timeout = pool.options().get_acquire_timeout();
@@ -72,7 +90,7 @@ impl<DB: Database> FlushSlot<DB> {
 
     /// Closes the own connection, if any (the store is closing).
     pub(crate) async fn close(&self) {
-        if let Some(conn) = self.conn.lock().await.take() {
+        if let Some((conn, _)) = self.conn.lock().await.take() {
             let _ = conn.close().await;
         }
     }
@@ -83,7 +101,7 @@ pub(crate) enum FlushConnection<'s, DB: Database> {
     Pooled(PoolConnection<DB>),
     Own {
         conn: DB::Connection,
-        slot: MutexGuard<'s, Option<DB::Connection>>,
+        slot: MutexGuard<'s, Option<(DB::Connection, Instant)>>,
     },
 }
 
@@ -99,7 +117,7 @@ impl<DB: Database> FlushConnection<'_, DB> {
                 Err(_) => false,
             };
             if completed {
-                *slot = Some(conn);
+                *slot = Some((conn, Instant::now()));
             }
         }
         outcome

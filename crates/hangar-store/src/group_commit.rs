@@ -1,7 +1,9 @@
 //! Group commit: writes that many callers make at once (a connection token per connect call, a
 //! reconnect's key lookup and token) are gathered and written by one statement, so concurrent callers
 //! share one round trip and one commit (on PostgreSQL one WAL flush; on SQLite one turn of the single
-//! writer connection). Each caller gets its own answer (`R`; `()` for a plain write).
+//! writer connection). Each caller gets its own answer (`R`; `()` for a plain write). Reads that many
+//! callers make at once use the same queue (the scheduler's, `ops/nodes.rs`): a batch is read only
+//! after every call in it was made, so each still sees what was committed before it.
 //!
 //! Leader and followers, no task of its own: a caller queues its row, then waits for the flush lock;
 //! whoever holds the lock takes every queued row (its own and those queued meanwhile) and writes them.

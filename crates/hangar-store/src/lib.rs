@@ -108,9 +108,11 @@ pub trait Store: Send + Sync + 'static {
     /// Looks up a key. A key whose lease has expired on the store clock is reported as `Expired`.
     async fn key_lookup(&self, key: &KeyRef) -> StoreResult<KeyLookup>;
 
-    /// Deletes a key row only if it is still expired. `false` when it was renewed or re-acquired
+    /// Takes an expired key over, in one transaction: deletes the key row only if it is still expired
+    /// and records `lost` (a `terminated` state) for the backend that held it, so the key is never
+    /// free while its last holder is recorded live. `false` when the key was renewed or re-acquired
     /// meanwhile (the caller retries its connect).
-    async fn remove_expired_key(&self, key: &KeyRef) -> StoreResult<bool>;
+    async fn take_over_expired_key(&self, key: &KeyRef, lost: &BackendState) -> StoreResult<bool>;
 
     /// In one transaction: inserts the backend, its key lease (expires at now + lease), its initial
     /// `scheduled` state (history + event), and the `Spawn` action for the chosen drone (with the fencing

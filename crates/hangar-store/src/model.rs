@@ -6,8 +6,8 @@ use hangar_types::protocol::{ActionMessage, KeyDeadlines, RouteInfo};
 use hangar_types::token::{ConnectionToken, SecretToken};
 use hangar_types::warm_pool::WarmPool;
 use hangar_types::{
-    BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName, Millis,
-    WarmPoolName,
+    ActionId, BackendId, BackendState, BackendStatus, ClusterName, ControllerName, DroneName,
+    Millis, WarmPoolName,
 };
 use std::time::Duration;
 
@@ -133,7 +133,15 @@ pub struct NewToken {
     pub lifetime: Duration,
 }
 
-#[derive(Debug, Clone)]
+/// What one call of [`crate::Store::record_drone_reports`] or [`crate::Store::record_backend_state`]
+/// records: a drone's action acks, and backend states in order.
+#[derive(Debug)]
+pub(crate) struct Reports {
+    pub(crate) acks: Option<(NodeId, Vec<ActionId>)>,
+    pub(crate) states: Vec<(BackendId, BackendState)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DroneQuery {
     pub cluster: ClusterName,
     pub pool: String,

@@ -7,6 +7,8 @@
 // Test code: a failed unwrap is a failed test (clippy's in-test allowance does not cover helpers).
 #![allow(clippy::unwrap_used)]
 
+#[path = "store_suite/gathered_calls.rs"]
+mod gathered_calls;
 #[path = "store_suite/postgres.rs"]
 mod postgres;
 #[path = "store_suite/warm_pools.rs"]
@@ -32,8 +34,9 @@ pub struct Harness {
     rewind: Box<dyn Fn(Duration) + Send + Sync>,
     /// Keeps whatever backs the store (a temp dir) alive for the test.
     _guard: Option<Box<dyn Send + Sync>>,
-    /// Taken by [`run_case`] before the case runs.
-    teardown: Option<Teardown>,
+    /// Taken by [`run_case`] before the case runs. In a mutex only to make `Harness` `Sync`, so that a
+    /// case can lend `&Harness` to a helper that awaits.
+    teardown: std::sync::Mutex<Option<Teardown>>,
 }
 
 impl Harness {
@@ -60,7 +63,11 @@ where
     let Some(mut harness) = harness else {
         return;
     };
-    let teardown = harness.teardown.take();
+    let teardown = harness
+        .teardown
+        .get_mut()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
     run_then_teardown(case(harness), teardown).await;
 }
 
@@ -95,7 +102,7 @@ fn sqlite_harness(store: SqliteStore, guard: Option<Box<dyn Send + Sync>>) -> Ha
         advance: Box::new(move |d| a.advance_clock(d)),
         rewind: Box::new(move |d| r.rewind_clock(d)),
         _guard: guard,
-        teardown: None,
+        teardown: std::sync::Mutex::new(None),
     }
 }
 
@@ -312,6 +319,16 @@ mod suite {
         store.cluster_state(&cluster()).await.unwrap()
     }
 
+    /// The controller holding the session of drone `name` of [`cluster`], and its URL.
+    async fn controller_of(store: &dyn Store, name: &DroneName) -> Option<DroneController> {
+        store.drone_controller(&cluster(), name).await.unwrap()
+    }
+
+    /// The session of drone `name` of [`cluster`] as [`Store::drone_attachment`] reports it.
+    async fn attachment_of(store: &dyn Store, name: &DroneName) -> Option<DroneAttachment> {
+        store.drone_attachment(&cluster(), name).await.unwrap()
+    }
+
     /// A registered drone offering process and docker, with a heartbeat.
     pub async fn ready_drone(store: &dyn Store, name: &str, pool: &str) -> NodeId {
         let reg = registration(name, pool, &[ExecutorKind::Process, ExecutorKind::Docker]);
@@ -357,6 +374,91 @@ mod suite {
             } => (fencing_token, action),
             other => panic!("expected Acquired, got {other:?}"),
         }
+    }
+
+    /// A new backend for `key_name` on `drone`, acquired; returns what was inserted.
+    pub async fn acquired(store: &dyn Store, drone: NodeId, key_name: &str) -> NewBackend {
+        acquired_with(store, drone, key_name, |_| {}).await
+    }
+
+    /// Like [`acquired`], with `edit` applied to the new backend before it is inserted.
+    pub async fn acquired_with(
+        store: &dyn Store,
+        drone: NodeId,
+        key_name: &str,
+        edit: impl FnOnce(&mut NewBackend),
+    ) -> NewBackend {
+        let mut nb = new_backend(drone, key_name);
+        edit(&mut nb);
+        acquire(store, nb.clone()).await;
+        nb
+    }
+
+    /// Acquires a backend for each `(drone, key name)` in order, 5 ms apart, so that "oldest first"
+    /// is observable.
+    pub async fn acquired_in_turn<const N: usize>(
+        h: &Harness,
+        backends: [(NodeId, &str); N],
+    ) -> [NewBackend; N] {
+        let mut acquired_ones = Vec::with_capacity(N);
+        for (i, (drone, key_name)) in backends.into_iter().enumerate() {
+            if i > 0 {
+                h.advance(Duration::from_millis(5));
+            }
+            acquired_ones.push(acquired(&*h.store, drone, key_name).await);
+        }
+        match acquired_ones.try_into() {
+            Ok(all) => all,
+            Err(_) => unreachable!("one backend per entry"),
+        }
+    }
+
+    /// Asserts that the key `kref` is live and held by backend `id`.
+    pub async fn assert_held_by(store: &dyn Store, kref: &KeyRef, id: &BackendId) {
+        match store.key_lookup(kref).await.unwrap() {
+            KeyLookup::Live { backend, .. } => assert_eq!(&backend.id, id),
+            other => panic!("expected Live, got {other:?}"),
+        }
+    }
+
+    /// Queues a terminate of an existing backend; returns the queued action.
+    async fn queue_terminate(
+        store: &dyn Store,
+        id: &BackendId,
+        kind: TerminationKind,
+        reason: TerminationReason,
+    ) -> hangar_types::protocol::ActionMessage {
+        store
+            .queue_terminate(id, kind, reason)
+            .await
+            .unwrap()
+            .expect("backend exists")
+    }
+
+    /// The backends of `drone` due for a sweep (idle or past their lifetime).
+    async fn sweep_due(store: &dyn Store, drone: NodeId) -> Vec<BackendId> {
+        store.sweep_candidates(drone).await.unwrap()
+    }
+
+    /// Lets `wait_secs` pass, then asserts that exactly `due` are due for a sweep on `drone`.
+    async fn assert_due_after(
+        h: &Harness,
+        wait_secs: u64,
+        drone: NodeId,
+        due: &[&BackendId],
+        why: &str,
+    ) {
+        h.advance(Duration::from_secs(wait_secs));
+        let got = sweep_due(&*h.store, drone).await;
+        assert_eq!(got.iter().collect::<Vec<_>>(), due, "{why}");
+    }
+
+    /// Proxy `px` reports whether it has open connections to `id`, which must be known.
+    async fn report_connected(store: &dyn Store, id: &BackendId, px: NodeId, connected: bool) {
+        assert_ne!(
+            store.keepalive(id, px, connected).await.unwrap(),
+            KeepAlive::Gone
+        );
     }
 
     async fn record(store: &dyn Store, id: &BackendId, state: BackendState) -> StateUpdate {
@@ -448,17 +550,30 @@ mod suite {
             }
             other => panic!("expected Live, got {other:?}"),
         }
-        // A live key is not removed.
-        assert!(!store.remove_expired_key(&kref).await.unwrap());
+        // A live key is not taken over, and its holder is left as it was.
+        let lost = lost_state("taken over");
+        assert!(!store.take_over_expired_key(&kref, &lost).await.unwrap());
+        assert_eq!(
+            store.backend(&nb.id).await.unwrap().unwrap().state,
+            BackendState::Scheduled
+        );
 
         h.advance(KEY_LEASE + Duration::from_secs(1));
         assert!(matches!(
             store.key_lookup(&kref).await.unwrap(),
             KeyLookup::Expired { .. }
         ));
-        assert!(store.remove_expired_key(&kref).await.unwrap());
+        // Taken over: the key is free and, in the same step, its holder is recorded lost (and
+        // announced, so that proxies cut its tunnels before a new holder exists).
+        let mut events = store.events().subscribe();
+        assert!(store.take_over_expired_key(&kref, &lost).await.unwrap());
         assert_eq!(store.key_lookup(&kref).await.unwrap(), KeyLookup::Missing);
-        assert!(!store.remove_expired_key(&kref).await.unwrap());
+        assert_eq!(store.backend(&nb.id).await.unwrap().unwrap().state, lost);
+        assert_eq!(
+            published_states(&mut events),
+            vec![(nb.id.clone(), lost.clone())]
+        );
+        assert!(!store.take_over_expired_key(&kref, &lost).await.unwrap());
 
         // The key can be taken again by a new backend; the old backend row is kept.
         let mut next = new_backend(drone, "room");
@@ -466,18 +581,14 @@ mod suite {
         let (token2, _) = acquire(store, next.clone()).await;
         assert!(token2 > token);
         assert!(store.backend(&nb.id).await.unwrap().is_some());
-        match store.key_lookup(&kref).await.unwrap() {
-            KeyLookup::Live { backend, .. } => assert_eq!(backend.id, next.id),
-            other => panic!("expected Live, got {other:?}"),
-        }
+        assert_held_by(store, &kref, &next.id).await;
     }
 
     pub async fn renew_key_extends_lease(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
-        let nb = new_backend(drone, "renewed");
+        let nb = acquired(store, drone, "renewed").await;
         let kref = KeyRef::from(&nb.key);
-        acquire(store, nb.clone()).await;
         h.advance(KEY_LEASE - Duration::from_secs(10));
         assert!(store.renew_key(&nb.id).await.unwrap());
         h.advance(Duration::from_secs(20));
@@ -564,14 +675,7 @@ mod suite {
         }
         assert_eq!(winners.len(), 1, "exactly one acquisition wins");
         let store = &*h.store;
-        match store
-            .key_lookup(&KeyRef::from(&attempts[0].key))
-            .await
-            .unwrap()
-        {
-            KeyLookup::Live { backend, .. } => assert_eq!(backend.id, winners[0]),
-            other => panic!("expected Live, got {other:?}"),
-        }
+        assert_held_by(store, &KeyRef::from(&attempts[0].key), &winners[0]).await;
         for nb in &attempts {
             let exists = store.backend(&nb.id).await.unwrap().is_some();
             assert_eq!(exists, nb.id == winners[0], "losers leave no backend row");
@@ -585,8 +689,7 @@ mod suite {
     pub async fn concurrent_spawns_are_answered_each(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
-        let held = new_backend(drone, "held");
-        acquire(store, held.clone()).await;
+        let held = acquired(store, drone, "held").await;
         let mut spawns: Vec<NewBackend> = (0..12)
             .map(|i| with_token(new_backend(drone, &format!("k{i}"))))
             .collect();
@@ -722,8 +825,7 @@ mod suite {
             );
         }
         // No token given (a static token, a warm spawn): none written.
-        let bare = new_backend(drone, "bare");
-        acquire(store, bare.clone()).await;
+        let bare = acquired(store, drone, "bare").await;
         make_ready(store, &bare.id).await;
         assert_eq!(
             store.revoke_tokens(&bare.id, "alice").await.unwrap(),
@@ -734,8 +836,7 @@ mod suite {
     pub async fn backend_id_taken_writes_nothing(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
-        let first = new_backend(drone, "first");
-        acquire(store, first.clone()).await;
+        let first = acquired(store, drone, "first").await;
         let mut dup = new_backend(drone, "second");
         dup.id = first.id.clone();
         assert_eq!(
@@ -957,19 +1058,21 @@ mod suite {
     pub async fn terminated_releases_only_its_own_key(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
-        let old = new_backend(drone, "shared");
+        let old = acquired(store, drone, "shared").await;
         let kref = KeyRef::from(&old.key);
-        acquire(store, old.clone()).await;
         h.advance(KEY_LEASE + Duration::from_secs(1));
-        assert!(store.remove_expired_key(&kref).await.unwrap());
-        let new = new_backend(drone, "shared");
-        acquire(store, new.clone()).await;
-        // The old backend finally reports terminated: the new holder keeps the key.
-        terminate(store, &old.id).await;
-        match store.key_lookup(&kref).await.unwrap() {
-            KeyLookup::Live { backend, .. } => assert_eq!(backend.id, new.id),
-            other => panic!("expected Live, got {other:?}"),
-        }
+        assert!(store
+            .take_over_expired_key(&kref, &lost_state("taken over"))
+            .await
+            .unwrap());
+        let new = acquired(store, drone, "shared").await;
+        // The old backend finally reports terminated (already recorded lost by the take-over): the
+        // new holder keeps the key.
+        assert_eq!(
+            record(store, &old.id, terminated()).await,
+            StateUpdate::Stale
+        );
+        assert_held_by(store, &kref, &new.id).await;
     }
 
     // ---- tokens --------------------------------------------------------------------------------
@@ -1114,11 +1217,11 @@ mod suite {
     pub async fn static_token_resolution(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
-        let mut nb = new_backend(drone, "static");
         let token = ConnectionToken::random_static();
-        nb.static_token = Some(token.clone());
-        let id = nb.id.clone();
-        acquire(store, nb).await;
+        let static_token = Some(token.clone());
+        let id = acquired_with(store, drone, "static", |nb| nb.static_token = static_token)
+            .await
+            .id;
         assert_eq!(
             store.resolve_token(&token).await.unwrap(),
             TokenLookup::Pending {
@@ -1264,10 +1367,9 @@ mod suite {
     pub async fn reuse_key_of_a_static_token_backend_writes_nothing(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
-        let mut nb = new_backend(drone, "static-reuse");
         let static_token = ConnectionToken::random_static();
-        nb.static_token = Some(static_token.clone());
-        acquire(store, nb.clone()).await;
+        let token = Some(static_token.clone());
+        let nb = acquired_with(store, drone, "static-reuse", |nb| nb.static_token = token).await;
         let reuse = key_reuse(&nb.key, Some("bob"), json!({}));
         match store.reuse_key(reuse.clone()).await.unwrap() {
             Reuse::Reused { backend } => {
@@ -1352,11 +1454,13 @@ mod suite {
         let b = new_backend(drone, "b");
         let (_, spawn_a) = acquire(store, a.clone()).await;
         let (_, spawn_b) = acquire(store, b.clone()).await;
-        let terminate_a = store
-            .queue_terminate(&a.id, TerminationKind::Hard, TerminationReason::External)
-            .await
-            .unwrap()
-            .expect("backend exists");
+        let terminate_a = queue_terminate(
+            store,
+            &a.id,
+            TerminationKind::Hard,
+            TerminationReason::External,
+        )
+        .await;
         assert_eq!(terminate_a.backend_id, a.id);
         assert_eq!(
             terminate_a.action,
@@ -1478,54 +1582,36 @@ mod suite {
     pub async fn sweep_idle_backends(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
-        let mut nb = new_backend(drone, "idle");
-        nb.max_idle_seconds = Some(60);
-        let id = nb.id.clone();
-        acquire(store, nb).await;
-        let mut no_limit = new_backend(drone, "forever");
-        no_limit.max_idle_seconds = None;
-        acquire(store, no_limit.clone()).await;
+        let nb = acquired_with(store, drone, "idle", |nb| nb.max_idle_seconds = Some(60)).await;
+        let id = nb.id;
+        let no_limit =
+            acquired_with(store, drone, "forever", |nb| nb.max_idle_seconds = None).await;
 
         // Not ready yet: idle time does not count, however long it takes.
-        h.advance(Duration::from_secs(120));
-        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
+        assert_due_after(&h, 120, drone, &[], "not ready yet").await;
         // The idle clock starts at ready.
         make_ready(store, &id).await;
         make_ready(store, &no_limit.id).await;
-        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
-        h.advance(Duration::from_secs(50));
-        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
+        assert!(sweep_due(store, drone).await.is_empty());
+        assert_due_after(&h, 50, drone, &[], "idle for 50 s of 60").await;
         let px = proxy_node(store, "px-one").await;
-        assert_ne!(
-            store.keepalive(&id, px, false).await.unwrap(),
-            KeepAlive::Gone
-        );
-        h.advance(Duration::from_secs(50));
-        assert!(
-            store.sweep_candidates(drone).await.unwrap().is_empty(),
-            "keepalive reset the idle clock"
-        );
-        h.advance(Duration::from_secs(11));
-        assert_eq!(
-            store.sweep_candidates(drone).await.unwrap(),
-            vec![id.clone()]
-        );
+        report_connected(store, &id, px, false).await;
+        assert_due_after(&h, 50, drone, &[], "keepalive reset the idle clock").await;
+        assert_due_after(&h, 11, drone, &[&id], "idle for 61 s").await;
         let other = ready_drone(store, "dr-two", "").await;
-        assert!(store.sweep_candidates(other).await.unwrap().is_empty());
+        assert!(sweep_due(store, other).await.is_empty());
 
         // Once a terminate is queued the backend is not swept again.
-        store
-            .queue_terminate(&id, TerminationKind::Soft, TerminationReason::Swept)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
+        queue_terminate(store, &id, TerminationKind::Soft, TerminationReason::Swept).await;
+        assert!(sweep_due(store, drone).await.is_empty());
         // An explicit terminate still queues another action.
-        store
-            .queue_terminate(&id, TerminationKind::Hard, TerminationReason::External)
-            .await
-            .unwrap()
-            .unwrap();
+        queue_terminate(
+            store,
+            &id,
+            TerminationKind::Hard,
+            TerminationReason::External,
+        )
+        .await;
         let pending = store.pending_actions(drone, 10).await.unwrap();
         let terminates = pending
             .iter()
@@ -1551,10 +1637,10 @@ mod suite {
         record(store, &loading.id, BackendState::Loading).await;
         make_ready(store, &ready.id).await;
         record(store, &stopping.id, terminating()).await;
-        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
+        assert!(sweep_due(store, drone).await.is_empty());
 
         h.advance(Duration::from_secs(31));
-        let mut due = store.sweep_candidates(drone).await.unwrap();
+        let mut due = sweep_due(store, drone).await;
         due.sort();
         let mut expected = vec![loading.id.clone(), ready.id.clone()];
         expected.sort();
@@ -1563,21 +1649,20 @@ mod suite {
             "terminating backends and later limits are not due"
         );
 
-        store
-            .queue_terminate(&ready.id, TerminationKind::Soft, TerminationReason::Swept)
-            .await
-            .unwrap();
-        assert_eq!(
-            store.sweep_candidates(drone).await.unwrap(),
-            vec![loading.id]
-        );
+        queue_terminate(
+            store,
+            &ready.id,
+            TerminationKind::Soft,
+            TerminationReason::Swept,
+        )
+        .await;
+        assert_eq!(sweep_due(store, drone).await, vec![loading.id]);
     }
 
     pub async fn keepalive_reports_known_live_backends(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
-        let nb = new_backend(drone, "alive");
-        acquire(store, nb.clone()).await;
+        let nb = acquired(store, drone, "alive").await;
         let px = proxy_node(store, "px-one").await;
         match store.keepalive(&nb.id, px, true).await.unwrap() {
             KeepAlive::Recorded {
@@ -1612,57 +1697,27 @@ mod suite {
     pub async fn connected_backends_are_not_idle(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
-        let mut nb = new_backend(drone, "busy");
-        nb.max_idle_seconds = Some(10);
-        let id = nb.id.clone();
-        acquire(store, nb).await;
+        let nb = acquired_with(store, drone, "busy", |nb| nb.max_idle_seconds = Some(10)).await;
+        let id = nb.id;
         make_ready(store, &id).await;
         let (p1, p2) = (
             proxy_node(store, "px-one").await,
             proxy_node(store, "px-two").await,
         );
 
-        assert_ne!(
-            store.keepalive(&id, p1, true).await.unwrap(),
-            KeepAlive::Gone
-        );
-        h.advance(Duration::from_secs(15));
-        assert!(
-            store.sweep_candidates(drone).await.unwrap().is_empty(),
-            "an open connection is not idle"
-        );
+        report_connected(store, &id, p1, true).await;
+        assert_due_after(&h, 15, drone, &[], "an open connection is not idle").await;
         // The report was not refreshed (proxy gone): idle again once it expires.
-        h.advance(Duration::from_secs(10));
-        assert_eq!(
-            store.sweep_candidates(drone).await.unwrap(),
-            vec![id.clone()]
-        );
+        assert_due_after(&h, 10, drone, &[&id], "the report expired").await;
 
-        assert_ne!(
-            store.keepalive(&id, p1, true).await.unwrap(),
-            KeepAlive::Gone
-        );
-        assert_ne!(
-            store.keepalive(&id, p2, true).await.unwrap(),
-            KeepAlive::Gone
-        );
-        assert_ne!(
-            store.keepalive(&id, p1, false).await.unwrap(),
-            KeepAlive::Gone
-        );
-        h.advance(Duration::from_secs(15));
-        assert!(
-            store.sweep_candidates(drone).await.unwrap().is_empty(),
-            "the other proxy still has a connection"
-        );
-        assert_ne!(
-            store.keepalive(&id, p2, false).await.unwrap(),
-            KeepAlive::Gone
-        );
-        h.advance(Duration::from_secs(9));
-        assert!(store.sweep_candidates(drone).await.unwrap().is_empty());
-        h.advance(Duration::from_secs(2));
-        assert_eq!(store.sweep_candidates(drone).await.unwrap(), vec![id]);
+        report_connected(store, &id, p1, true).await;
+        report_connected(store, &id, p2, true).await;
+        report_connected(store, &id, p1, false).await;
+        let why = "the other proxy still has a connection";
+        assert_due_after(&h, 15, drone, &[], why).await;
+        report_connected(store, &id, p2, false).await;
+        assert_due_after(&h, 9, drone, &[], "idle for 9 s of 10").await;
+        assert_due_after(&h, 2, drone, &[&id], "idle for 11 s").await;
     }
 
     // ---- nodes ---------------------------------------------------------------------------------
@@ -1859,8 +1914,7 @@ mod suite {
 
         // Backend counts exclude terminated backends.
         acquire(store, new_backend(good, "x")).await;
-        let done = new_backend(good, "y");
-        acquire(store, done.clone()).await;
+        let done = acquired(store, good, "y").await;
         terminate(store, &done.id).await;
         query.executor = ExecutorKind::Process;
         assert_eq!(
@@ -1895,8 +1949,7 @@ mod suite {
                 .unwrap();
             terminate(store, &nb.id).await;
         }
-        let live = new_backend(drone, "live");
-        acquire(store, live.clone()).await;
+        let live = acquired(store, drone, "live").await;
         let mut expiring = new_token(&live.id, None, json!({}));
         expiring.lifetime = Duration::from_secs(60);
         let lasting = new_token(&live.id, None, json!({}));
@@ -1913,8 +1966,7 @@ mod suite {
         );
 
         h.advance(Duration::from_secs(700));
-        let recent = new_backend(drone, "recent");
-        acquire(store, recent.clone()).await;
+        let recent = acquired(store, drone, "recent").await;
         terminate(store, &recent.id).await;
 
         // Without an age only expired tokens go: `expiring` (60 s); the others last an hour.
@@ -2059,12 +2111,13 @@ mod suite {
                 time
             }
         );
-        let terminate = h
-            .store
-            .queue_terminate(&id, TerminationKind::Soft, TerminationReason::External)
-            .await
-            .unwrap()
-            .unwrap();
+        let terminate = queue_terminate(
+            &*h.store,
+            &id,
+            TerminationKind::Soft,
+            TerminationReason::External,
+        )
+        .await;
         assert_eq!(
             events.try_recv().unwrap(),
             StoreEvent::Action {
@@ -2151,15 +2204,9 @@ mod suite {
         let (gone, gone_session) = register(store, &registration("dr-gone", "", &both)).await;
         store.drone_heartbeat(gone, Millis(1_000)).await.unwrap();
         let healthy = ready_drone(store, "dr-healthy", "").await;
-        let on_gone = new_backend(gone, "a");
-        acquire(store, on_gone.clone()).await;
-        // Distinct creation times make "oldest first" observable.
-        h.advance(Duration::from_millis(5));
-        let finished = new_backend(gone, "b");
-        acquire(store, finished.clone()).await;
+        let [on_gone, finished, on_healthy] =
+            acquired_in_turn(&h, [(gone, "a"), (gone, "b"), (healthy, "c")]).await;
         terminate(store, &finished.id).await;
-        let on_healthy = new_backend(healthy, "c");
-        acquire(store, on_healthy.clone()).await;
         let lost = |limit| store.lost_backends(UNHEALTHY_AFTER, limit);
 
         assert!(lost(100).await.unwrap().is_empty(), "all drones fresh");
@@ -2206,27 +2253,23 @@ mod suite {
             "a second sweep's recording is harmless"
         );
 
-        // A key row removed because it expired (a connect took the key over) counts as expired.
+        // A key taken over by a connect: its holder was recorded lost with the take-over, so no
+        // sweep finds it.
         h.advance(KEY_LEASE + Duration::from_secs(1));
+        assert_eq!(ids(&lost(100).await.unwrap()), vec![on_healthy.id.clone()]);
         assert!(store
-            .remove_expired_key(&KeyRef::from(&on_healthy.key))
+            .take_over_expired_key(&KeyRef::from(&on_healthy.key), &lost_state("taken over"))
             .await
             .unwrap());
-        assert_eq!(ids(&lost(100).await.unwrap()), vec![on_healthy.id.clone()]);
+        assert!(lost(100).await.unwrap().is_empty());
     }
 
     pub async fn drone_live_backends_for_mark_lost(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
         let other = ready_drone(store, "dr-two", "").await;
-        let a = new_backend(drone, "a");
-        acquire(store, a.clone()).await;
-        h.advance(Duration::from_millis(5));
-        let b = new_backend(drone, "b");
-        acquire(store, b.clone()).await;
+        let [a, b, c] = acquired_in_turn(&h, [(drone, "a"), (drone, "b"), (drone, "c")]).await;
         make_ready(store, &b.id).await;
-        let c = new_backend(drone, "c");
-        acquire(store, c.clone()).await;
         terminate(store, &c.id).await;
         acquire(store, new_backend(other, "d")).await;
 
@@ -2277,9 +2320,8 @@ mod suite {
     pub async fn prevent_renew_refuses_later_renewals(h: Harness) {
         let store = &*h.store;
         let drone = ready_drone(store, "dr-one", "").await;
-        let nb = new_backend(drone, "blocked");
+        let nb = acquired(store, drone, "blocked").await;
         let kref = KeyRef::from(&nb.key);
-        acquire(store, nb.clone()).await;
         assert!(store.renew_key(&nb.id).await.unwrap());
         assert!(store.prevent_renew(&nb.id).await.unwrap());
         assert!(store.prevent_renew(&nb.id).await.unwrap(), "idempotent");
@@ -2306,66 +2348,39 @@ mod suite {
     pub async fn drone_controller_names_the_session_holder_and_its_url(h: Harness) {
         let store = &*h.store;
         let name: DroneName = "dr-held".parse().unwrap();
-        assert_eq!(
-            store.drone_controller(&cluster(), &name).await.unwrap(),
-            None
-        );
+        assert_eq!(controller_of(store, &name).await, None);
         let reg = registration("dr-held", "", &[ExecutorKind::Process]);
         let (node, session) = register(store, &reg).await;
-        let held = store.drone_controller(&cluster(), &name).await.unwrap();
         assert_eq!(
-            held,
+            controller_of(store, &name).await,
             Some(DroneController {
                 controller: controller(),
                 internal_url: None,
             })
         );
-        store
-            .set_controller_url(&controller(), "http://10.0.0.5:8080/")
-            .await
-            .unwrap();
-        let held = store
-            .drone_controller(&cluster(), &name)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(held.internal_url.as_deref(), Some("http://10.0.0.5:8080/"));
-        // A heartbeat keeps the URL; a new one replaces it.
-        store
-            .controller_heartbeat(&controller(), true)
-            .await
-            .unwrap();
-        store
-            .set_controller_url(&controller(), "http://10.0.0.6:8080/")
-            .await
-            .unwrap();
-        let held = store
-            .drone_controller(&cluster(), &name)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(held.internal_url.as_deref(), Some("http://10.0.0.6:8080/"));
+        // A new URL replaces the old one; a heartbeat keeps it.
+        for url in ["http://10.0.0.5:8080/", "http://10.0.0.6:8080/"] {
+            store.set_controller_url(&controller(), url).await.unwrap();
+            let held = controller_of(store, &name).await.unwrap();
+            assert_eq!(held.internal_url.as_deref(), Some(url));
+            store
+                .controller_heartbeat(&controller(), true)
+                .await
+                .unwrap();
+            let held = controller_of(store, &name).await.unwrap();
+            assert_eq!(held.internal_url.as_deref(), Some(url), "after a heartbeat");
+        }
         store.node_disconnected(node, session).await.unwrap();
-        assert_eq!(
-            store.drone_controller(&cluster(), &name).await.unwrap(),
-            None
-        );
+        assert_eq!(controller_of(store, &name).await, None);
     }
 
     pub async fn drone_attachment_reports_the_session(h: Harness) {
         let store = &*h.store;
         let name: DroneName = "dr-one".parse().unwrap();
-        assert_eq!(
-            store.drone_attachment(&cluster(), &name).await.unwrap(),
-            None
-        );
+        assert_eq!(attachment_of(store, &name).await, None);
         let reg = registration("dr-one", "", &[ExecutorKind::Process]);
         let (node, first) = register(store, &reg).await;
-        let attachment = store
-            .drone_attachment(&cluster(), &name)
-            .await
-            .unwrap()
-            .unwrap();
+        let attachment = attachment_of(store, &name).await.unwrap();
         assert_eq!(
             attachment,
             DroneAttachment {
@@ -2377,10 +2392,8 @@ mod suite {
         );
         store.drone_heartbeat(node, Millis(1)).await.unwrap();
         h.advance(Duration::from_secs(2));
-        let age = store
-            .drone_attachment(&cluster(), &name)
+        let age = attachment_of(store, &name)
             .await
-            .unwrap()
             .unwrap()
             .heartbeat_age
             .unwrap();
@@ -2390,11 +2403,7 @@ mod suite {
         );
         let (_, second) = register(store, &reg).await;
         store.node_disconnected(node, second).await.unwrap();
-        let attachment = store
-            .drone_attachment(&cluster(), &name)
-            .await
-            .unwrap()
-            .unwrap();
+        let attachment = attachment_of(store, &name).await.unwrap();
         assert_eq!(attachment.session, second);
         assert_eq!(attachment.controller, None);
         assert_eq!(attachment.heartbeat_age, None, "cleared by the new session");
@@ -2407,13 +2416,27 @@ mod suite {
 
     // ---- TLS -----------------------------------------------------------------------------------
 
+    /// Who takes part in the TLS cases: two proxies of [`cluster`] (`c`) and a cluster of neither.
+    struct TlsParties {
+        c: ClusterName,
+        other: ClusterName,
+        p1: NodeId,
+        p2: NodeId,
+    }
+
+    async fn tls_parties(store: &dyn Store) -> TlsParties {
+        TlsParties {
+            c: cluster(),
+            other: "other.test".parse().unwrap(),
+            p1: proxy_node(store, "px-one").await,
+            p2: proxy_node(store, "px-two").await,
+        }
+    }
+
     pub async fn cert_lease_is_exclusive_renewable_and_expires(h: Harness) {
         let store = &*h.store;
         let lease = hangar_types::timing::CERT_LEASE;
-        let c = cluster();
-        let other: ClusterName = "other.test".parse().unwrap();
-        let p1 = proxy_node(store, "px-one").await;
-        let p2 = proxy_node(store, "px-two").await;
+        let TlsParties { c, other, p1, p2 } = tls_parties(store).await;
 
         assert!(store.acquire_cert_lease(&c, p1).await.unwrap());
         assert!(!store.acquire_cert_lease(&c, p2).await.unwrap());
@@ -2441,10 +2464,7 @@ mod suite {
 
     pub async fn txt_record_belongs_to_the_lease_holder(h: Harness) {
         let store = &*h.store;
-        let c = cluster();
-        let other: ClusterName = "other.test".parse().unwrap();
-        let p1 = proxy_node(store, "px-one").await;
-        let p2 = proxy_node(store, "px-two").await;
+        let TlsParties { c, other, p1, p2 } = tls_parties(store).await;
 
         assert_eq!(store.txt_record(&c).await.unwrap(), None);
         assert!(
@@ -2480,10 +2500,7 @@ mod suite {
 
     pub async fn http_challenges_belong_to_the_lease_holder(h: Harness) {
         let store = &*h.store;
-        let c = cluster();
-        let other: ClusterName = "other.test".parse().unwrap();
-        let p1 = proxy_node(store, "px-one").await;
-        let p2 = proxy_node(store, "px-two").await;
+        let TlsParties { c, other, p1, p2 } = tls_parties(store).await;
         let mut events = h.store.events().subscribe();
 
         assert!(!store
@@ -2554,10 +2571,7 @@ mod suite {
 
     pub async fn certificates_are_stored_and_published(h: Harness) {
         let store = &*h.store;
-        let c = cluster();
-        let other: ClusterName = "other.test".parse().unwrap();
-        let p1 = proxy_node(store, "px-one").await;
-        let p2 = proxy_node(store, "px-two").await;
+        let TlsParties { c, other, p1, p2 } = tls_parties(store).await;
         assert_eq!(store.certificate(&c).await.unwrap(), None);
         let mut events = h.store.events().subscribe();
 
@@ -2621,15 +2635,8 @@ mod suite {
         );
         assert_eq!(store.active_clusters(1).await.unwrap(), vec![edge]);
 
-        let a = new_backend(drone, "a");
-        acquire(store, a.clone()).await;
-        h.advance(Duration::from_millis(5));
-        let b = new_backend(drone, "b");
-        acquire(store, b.clone()).await;
+        let [a, b, c] = acquired_in_turn(&h, [(drone, "a"), (drone, "b"), (drone, "c")]).await;
         make_ready(store, &b.id).await;
-        h.advance(Duration::from_millis(5));
-        let c = new_backend(drone, "c");
-        acquire(store, c.clone()).await;
         terminate(store, &c.id).await;
 
         let recent = store.recent_backends(None, 10).await.unwrap();
@@ -2645,21 +2652,15 @@ mod suite {
         assert_eq!(limited.len(), 2);
         assert_eq!(limited[1].id, b.id);
 
-        let ready = store
-            .recent_backends(Some(BackendStatus::Ready), 10)
-            .await
-            .unwrap();
+        let recent_with = |status| store.recent_backends(Some(status), 10);
+        let ready = recent_with(BackendStatus::Ready).await.unwrap();
         assert_eq!(ready.len(), 1);
         assert_eq!(ready[0].id, b.id);
         assert_eq!(ready[0].state, BackendState::Ready { address: addr() });
-        let scheduled = store
-            .recent_backends(Some(BackendStatus::Scheduled), 10)
-            .await
-            .unwrap();
+        let scheduled = recent_with(BackendStatus::Scheduled).await.unwrap();
         assert_eq!(scheduled.len(), 1);
         assert_eq!(scheduled[0].id, a.id);
-        assert!(store
-            .recent_backends(Some(BackendStatus::Terminating), 10)
+        assert!(recent_with(BackendStatus::Terminating)
             .await
             .unwrap()
             .is_empty());
@@ -2696,8 +2697,7 @@ mod suite {
         far.cluster = "far.test".parse().unwrap();
         let (far_drone, _) = register(store, &far).await;
 
-        let a = new_backend(drone, "room-a");
-        acquire(store, a.clone()).await;
+        let a = acquired(store, drone, "room-a").await;
         h.advance(Duration::from_millis(5));
         let mut b = new_backend(far_drone, "room-b");
         b.cluster = far.cluster.clone();

@@ -3,7 +3,7 @@
 //! of sleeping ([`eventually`], [`with_timeout`]), test logging ([`init_tracing`]), Docker and
 //! per-test labelled containers ([`docker::TestRun`]), a fresh PostgreSQL database per test
 //! ([`postgres::TestDatabase`]), child processes of black-box tests ([`clean_command`],
-//! [`free_port`]), scraped metrics ([`prometheus::parse_exposition`]), TLS clients
+//! [`free_port`]), raw WebSocket frames ([`ws_frame`]), scraped metrics ([`prometheus::parse_exposition`]), TLS clients
 //! ([`tls::client_config`]) and the pieces of fake peers ([`served::Served`],
 //! [`handshake::read_hello`]).
 //!
@@ -176,4 +176,29 @@ pub async fn output_within(
     with_timeout(limit, cmd.output())
         .await
         .expect("the command could not run")
+}
+
+/// One WebSocket frame: `first` is the first header byte (FIN, RSV bits, opcode); masked with
+/// `mask` when given (client → server).
+pub fn ws_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    let mut frame = vec![first];
+    let len = payload.len();
+    if len < 126 {
+        frame.push(mask_bit | len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        frame.push(mask_bit | 126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        frame.push(mask_bit | 127);
+        frame.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    match mask {
+        Some(mask) => {
+            frame.extend_from_slice(&mask);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        }
+        None => frame.extend_from_slice(payload),
+    }
+    frame
 }

@@ -416,6 +416,17 @@ mod tests {
         "127.0.0.1:4000".parse().unwrap()
     }
 
+    fn terminate(kind: TerminationKind, reason: TerminationReason) -> Transition {
+        Transition::Terminate { kind, reason }
+    }
+
+    fn exited(exit_code: Option<i32>, oom_killed: bool) -> Transition {
+        Transition::Exited {
+            exit_code,
+            oom_killed,
+        }
+    }
+
     fn all_states() -> Vec<BackendState> {
         vec![
             BackendState::Scheduled,
@@ -449,18 +460,9 @@ mod tests {
             Transition::Start,
             Transition::Wait { address: addr() },
             Transition::Ready { address: addr() },
-            Transition::Terminate {
-                kind: TerminationKind::Soft,
-                reason: TerminationReason::Swept,
-            },
-            Transition::Terminate {
-                kind: TerminationKind::Hard,
-                reason: TerminationReason::KeyExpired,
-            },
-            Transition::Exited {
-                exit_code: Some(3),
-                oom_killed: false,
-            },
+            terminate(TerminationKind::Soft, TerminationReason::Swept),
+            terminate(TerminationKind::Hard, TerminationReason::KeyExpired),
+            exited(Some(3), false),
             Transition::Failed {
                 reason: TerminationReason::InternalError,
                 message: "boom".into(),
@@ -515,24 +517,21 @@ mod tests {
     fn soft_then_hard_then_exit_keeps_last_status() {
         let ready = BackendState::Ready { address: addr() };
         let soft = ready
-            .apply(Transition::Terminate {
-                kind: TerminationKind::Soft,
-                reason: TerminationReason::External,
-            })
+            .apply(terminate(
+                TerminationKind::Soft,
+                TerminationReason::External,
+            ))
             .unwrap();
         assert_eq!(
-            soft.apply(Transition::Terminate {
-                kind: TerminationKind::Soft,
-                reason: TerminationReason::Swept
-            })
-            .unwrap(),
+            soft.apply(terminate(TerminationKind::Soft, TerminationReason::Swept))
+                .unwrap(),
             soft
         );
         let hard = soft
-            .apply(Transition::Terminate {
-                kind: TerminationKind::Hard,
-                reason: TerminationReason::KeyExpired,
-            })
+            .apply(terminate(
+                TerminationKind::Hard,
+                TerminationReason::KeyExpired,
+            ))
             .unwrap();
         assert_eq!(
             hard,
@@ -541,12 +540,7 @@ mod tests {
                 reason: TerminationReason::KeyExpired
             }
         );
-        let done = hard
-            .apply(Transition::Exited {
-                exit_code: Some(137),
-                oom_killed: false,
-            })
-            .unwrap();
+        let done = hard.apply(exited(Some(137), false)).unwrap();
         assert_eq!(
             done,
             BackendState::Terminated {
@@ -558,21 +552,13 @@ mod tests {
                 oom_killed: false,
             }
         );
-        assert!(done
-            .apply(Transition::Exited {
-                exit_code: None,
-                oom_killed: false
-            })
-            .is_err());
+        assert!(done.apply(exited(None, false)).is_err());
     }
 
     #[test]
     fn self_exit_has_no_reason() {
         let done = BackendState::Ready { address: addr() }
-            .apply(Transition::Exited {
-                exit_code: Some(2),
-                oom_killed: false,
-            })
+            .apply(exited(Some(2), false))
             .unwrap();
         let entry = done.to_status_entry(Millis(5));
         assert_eq!(
@@ -584,10 +570,7 @@ mod tests {
     #[test]
     fn out_of_memory_is_flagged_and_explained() {
         let done = BackendState::Ready { address: addr() }
-            .apply(Transition::Exited {
-                exit_code: Some(137),
-                oom_killed: true,
-            })
+            .apply(exited(Some(137), true))
             .unwrap();
         let json = serde_json::to_value(&done).unwrap();
         assert_eq!(json["oom_killed"], true);

@@ -13,6 +13,16 @@ pub const KEY_SOFT_TERMINATE_AFTER: Duration = Duration::from_secs(40);
 /// Drone hard-terminates the backend when it has not renewed within this time (its own clock).
 pub const KEY_HARD_TERMINATE_AFTER: Duration = Duration::from_secs(50);
 
+/// A proxy stops using a route this long before the key lease it was resolved (or last confirmed)
+/// under runs out, and closes the route's tunnels by the lease's end: a key is taken over as soon as
+/// its lease expires, and a proxy cut off from every controller hears of it only through its own
+/// clock. The margin covers how late the proxy's lease check may run
+/// ([`ROUTE_LEASE_CHECK_INTERVAL`]) with room to spare.
+pub const ROUTE_LEASE_MARGIN: Duration = Duration::from_secs(2);
+/// How often a proxy looks for backends whose route lease (the key lease less
+/// [`ROUTE_LEASE_MARGIN`]) has ended, to close their tunnels.
+pub const ROUTE_LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
 /// The four key-lease durations as one value. Production always uses [`KeyTiming::DEFAULT`] (the
 /// constants above); tests that exercise partitions shorten them together, keeping their order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +74,10 @@ pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(45);
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Unacked actions are resent this often.
 pub const ACTION_RESEND_INTERVAL: Duration = Duration::from_secs(5);
+/// A drone looks this often for its oldest unacked backend event; one still unacked a whole interval
+/// after it was last sent (the controller could not record it and kept the connection) is sent again,
+/// with every later one, without waiting for a new connection.
+pub const EVENT_RESEND_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Grace period between SIGTERM and SIGKILL for a soft termination.
 pub const SOFT_TERMINATE_GRACE: Duration = Duration::from_secs(10);
@@ -107,6 +121,9 @@ mod tests {
             ..KeyTiming::DEFAULT
         };
         assert!(!swapped.is_ordered());
+        // A proxy's lapsed route closes its tunnels well before the key can change hands.
+        assert!(ROUTE_LEASE_CHECK_INTERVAL * 2 <= ROUTE_LEASE_MARGIN);
+        assert!(ROUTE_LEASE_MARGIN * 4 < KEY_LEASE - KEY_RENEW_AFTER);
         assert!(HEARTBEAT_INTERVAL < UNHEALTHY_AFTER);
         assert!(HEARTBEAT_INTERVAL * 2 < CONNECTED_REPORT_TTL);
         assert!(BACKOFF_INITIAL < BACKOFF_MAX);

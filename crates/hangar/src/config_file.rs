@@ -175,6 +175,14 @@ mod tests {
         ConfigLayers::parse(text, Path::new("test.toml")).unwrap()
     }
 
+    /// Why the configuration `what` cannot be built from `text`.
+    fn build_error<C: DeserializeOwned + std::fmt::Debug>(
+        text: &str,
+        what: &'static str,
+    ) -> String {
+        layers(text).build::<C>(what).unwrap_err().to_string()
+    }
+
     #[test]
     fn flags_and_env_override_the_file_which_overrides_defaults() {
         let mut l = layers(
@@ -224,26 +232,17 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let err = layers("best_of = 2\nbestof = 3\n")
-            .build::<ControllerConfig>("controller")
-            .unwrap_err()
-            .to_string();
+        let err = build_error::<ControllerConfig>("best_of = 2\nbestof = 3\n", "controller");
         assert!(err.contains("unknown field `bestof`"), "{err}");
         assert!(err.contains("test.toml"), "{err}");
-        let err =
-            layers("controller_url = \"http://x/\"\ncluster = \"c\"\nroute_wait_timeot = 3\n")
-                .build::<ProxyConfig>("proxy")
-                .unwrap_err()
-                .to_string();
+        let text = "controller_url = \"http://x/\"\ncluster = \"c\"\nroute_wait_timeot = 3\n";
+        let err = build_error::<ProxyConfig>(text, "proxy");
         assert!(err.contains("unknown field `route_wait_timeot`"), "{err}");
     }
 
     #[test]
     fn missing_and_malformed_values_are_explained() {
-        let err = layers("pool = \"gpu\"")
-            .build::<DroneConfig>("drone")
-            .unwrap_err()
-            .to_string();
+        let err = build_error::<DroneConfig>("pool = \"gpu\"", "drone");
         assert!(err.contains("missing field `controller_url`"), "{err}");
         let err = ConfigLayers::parse("best_of = ", Path::new("broken.toml"))
             .unwrap_err()

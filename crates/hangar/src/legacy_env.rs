@@ -11,6 +11,26 @@ pub struct Renamed {
     pub commands: Commands,
 }
 
+impl Renamed {
+    /// `old` renamed to `new` for the `commands` given.
+    const fn only(old: &'static str, new: &'static str, commands: &'static [&'static str]) -> Self {
+        Renamed {
+            old,
+            new,
+            commands: Commands::Only(commands),
+        }
+    }
+
+    /// `old` renamed to `new` for every command that is a client of the controller.
+    const fn clients(old: &'static str, new: &'static str) -> Self {
+        Renamed {
+            old,
+            new,
+            commands: Commands::Clients,
+        }
+    }
+}
+
 /// Where a rename applies.
 #[derive(Debug, Clone, Copy)]
 pub enum Commands {
@@ -36,52 +56,28 @@ const NON_CLIENT_COMMANDS: [&str; 10] = [
 
 pub const RENAMED: &[Renamed] = &[
     // `HANGAR_CONTROLLER_URL` is the controller to dial, for every command that dials one.
-    Renamed {
-        old: "HANGAR_CONTROLLER_URL",
-        new: "HANGAR_ADVERTISED_URL",
-        commands: Commands::Only(&["controller"]),
-    },
-    Renamed {
-        old: "HANGAR_CONTROLLER",
-        new: "HANGAR_CONTROLLER_URL",
-        commands: Commands::Clients,
-    },
-    Renamed {
-        old: "HANGAR_HOST",
-        new: "HANGAR_CONTROLLER_HOST",
-        commands: Commands::Only(&["controller"]),
-    },
-    Renamed {
-        old: "HANGAR_PORT",
-        new: "HANGAR_CONTROLLER_PORT",
-        commands: Commands::Only(&["controller"]),
-    },
-    Renamed {
-        old: "HANGAR_HOST",
-        new: "HANGAR_PROXY_HOST",
-        commands: Commands::Only(&["proxy"]),
-    },
-    Renamed {
-        old: "HANGAR_METRICS_ADDR",
-        new: "HANGAR_PROXY_METRICS_ADDR",
-        commands: Commands::Only(&["proxy"]),
-    },
-    Renamed {
-        old: "HANGAR_METRICS_ADDR",
-        new: "HANGAR_DRONE_METRICS_ADDR",
-        commands: Commands::Only(&["drone"]),
-    },
-    Renamed {
-        old: "HANGAR_LOG_CONFIG",
-        new: "HANGAR_DOCKER_LOG_CONFIG",
-        commands: Commands::Only(&["drone"]),
-    },
+    Renamed::only(
+        "HANGAR_CONTROLLER_URL",
+        "HANGAR_ADVERTISED_URL",
+        &["controller"],
+    ),
+    Renamed::clients("HANGAR_CONTROLLER", "HANGAR_CONTROLLER_URL"),
+    Renamed::only("HANGAR_HOST", "HANGAR_CONTROLLER_HOST", &["controller"]),
+    Renamed::only("HANGAR_PORT", "HANGAR_CONTROLLER_PORT", &["controller"]),
+    Renamed::only("HANGAR_HOST", "HANGAR_PROXY_HOST", &["proxy"]),
+    Renamed::only(
+        "HANGAR_METRICS_ADDR",
+        "HANGAR_PROXY_METRICS_ADDR",
+        &["proxy"],
+    ),
+    Renamed::only(
+        "HANGAR_METRICS_ADDR",
+        "HANGAR_DRONE_METRICS_ADDR",
+        &["drone"],
+    ),
+    Renamed::only("HANGAR_LOG_CONFIG", "HANGAR_DOCKER_LOG_CONFIG", &["drone"]),
     // `HANGAR_DATA_DIR` is the backend's mounted data directory inside its container.
-    Renamed {
-        old: "HANGAR_DATA_DIR",
-        new: "HANGAR_DEV_DATA_DIR",
-        commands: Commands::Only(&["dev"]),
-    },
+    Renamed::only("HANGAR_DATA_DIR", "HANGAR_DEV_DATA_DIR", &["dev"]),
 ];
 
 /// The command word of `args` (the first argument that is not a flag or the value of the global

@@ -70,14 +70,24 @@ async fn stop(mut child: Child) {
     assert!(status.success(), "controller exited with {status}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_runs_twice_on_a_fresh_database() {
+/// Runs `case` on the URL of a fresh database, then drops the database; skipped without a server.
+async fn with_database(case: impl AsyncFnOnce(&str)) {
     timeout(TEST_TIMEOUT, async {
         let Some(db) = TestDatabase::create().await else {
             return;
         };
+        case(db.url()).await;
+        db.drop_database().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_runs_twice_on_a_fresh_database() {
+    with_database(async |db_url| {
         for round in 0..2 {
-            let out = run_hangar(&["migrate", "--db", db.url()]).await;
+            let out = run_hangar(&["migrate", "--db", db_url]).await;
             assert!(
                 out.status.success(),
                 "round {round}: {}{}",
@@ -94,22 +104,17 @@ async fn migrate_runs_twice_on_a_fresh_database() {
                 "the password is not printed"
             );
         }
-        db.drop_database().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
-    timeout(TEST_TIMEOUT, async {
-        let Some(db) = TestDatabase::create().await else {
-            return;
-        };
+    with_database(async |db_url| {
         let (file_port, env_port, flag_port) = (free_port(), free_port(), free_port());
         let file = config_file(&format!(
             "db = \"{}\"\nport = {file_port}\ndefault_cluster = \"localhost:9999\"\nbest_of = 3\n",
-            db.url()
+            db_url
         ));
         let path = file.path().to_str().unwrap().to_string();
 
@@ -164,10 +169,8 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
         )
         .await;
         stop(child).await;
-        db.drop_database().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 /// A controller started while its database cannot be reached (every connection reset) waits for it
@@ -175,11 +178,8 @@ async fn controller_on_postgres_with_a_config_file_and_operator_commands() {
 /// controller starts and is healthy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_waits_for_an_unreachable_database() {
-    timeout(TEST_TIMEOUT, async {
-        let Some(db) = TestDatabase::create().await else {
-            return;
-        };
-        let url = url::Url::parse(db.url()).unwrap();
+    with_database(async |db_url| {
+        let url = url::Url::parse(db_url).unwrap();
         let (relay, url) = Relay::start_for_postgres_url(&url).await.unwrap();
         relay.set(RelayMode::Reset);
         let port = free_port();
@@ -200,10 +200,8 @@ async fn controller_waits_for_an_unreachable_database() {
         wait_healthy(&mut child, port).await;
         stop(child).await;
         relay.shutdown().await;
-        db.drop_database().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 /// Polls `/pub/health` on `port` until it answers `status`; the controller must keep running.

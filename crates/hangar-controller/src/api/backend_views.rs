@@ -10,6 +10,7 @@ use axum::Json;
 use hangar_store::{BackendFilter, BackendRow};
 use hangar_types::api::{BackendDetails, BackendList, BackendSummary};
 use hangar_types::names::validate_key_text;
+use hangar_types::state::BackendStatusEntry;
 use hangar_types::{BackendId, ClusterName};
 
 /// Backends listed when the request names no `limit`.
@@ -104,15 +105,7 @@ pub async fn backends_get(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,
 ) -> Result<Json<BackendDetails>, ApiError> {
-    let row = backend_row(&state, &backend).await?;
-    let history = state
-        .store
-        .backend_history(&backend)
-        .await
-        .map_err(ApiError::store("Database error"))?
-        .into_iter()
-        .map(|(state, time)| state.to_status_entry(time))
-        .collect();
+    let (row, history) = backend_with_history(&state, &backend).await?;
     Ok(Json(BackendDetails {
         backend: summary(row),
         history,
@@ -125,6 +118,24 @@ pub(super) async fn backend_row(
     backend: &BackendId,
 ) -> Result<BackendRow, ApiError> {
     ApiError::found(state.store.backend(backend).await, "Backend does not exist")
+}
+
+/// The stored row of `backend` with its status history as status entries; `404` when there is no
+/// row.
+pub(super) async fn backend_with_history(
+    state: &AppState,
+    backend: &BackendId,
+) -> Result<(BackendRow, Vec<BackendStatusEntry>), ApiError> {
+    let row = backend_row(state, backend).await?;
+    let history = state
+        .store
+        .backend_history(backend)
+        .await
+        .map_err(ApiError::store("Database error"))?
+        .into_iter()
+        .map(|(state, time)| state.to_status_entry(time))
+        .collect();
+    Ok((row, history))
 }
 
 #[cfg(test)]

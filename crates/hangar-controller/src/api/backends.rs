@@ -71,14 +71,10 @@ pub async fn backends_prevent_renew(
     State(state): State<AppState>,
     ApiPath(backend): ApiPath<BackendId>,
 ) -> Result<Json<()>, ApiError> {
-    let blocked = state
-        .store
-        .prevent_renew(&backend)
-        .await
-        .map_err(ApiError::store("Database error"))?;
-    if !blocked {
-        return Err(ApiError::NotFound("Backend does not exist or holds no key"));
-    }
+    ApiError::applied(
+        state.store.prevent_renew(&backend).await,
+        "Backend does not exist or holds no key",
+    )?;
     tracing::warn!(%backend, "Key renewals blocked by an operator");
     Ok(Json(()))
 }

@@ -7,7 +7,7 @@
 //! `internal_url` (marked with [`FORWARDED_HEADER`] so it is never forwarded again) and its answer
 //! streamed back. Lines never pass through the store.
 
-use crate::api::backend_views::backend_row;
+use crate::api::backend_views::{backend_row, backend_with_history};
 use crate::api::{ApiPath, AppState};
 use crate::error::ApiError;
 use crate::log_relay::{LogChunk, LogQuery, LogRead};
@@ -96,12 +96,7 @@ pub async fn backend_events_get(
     ApiPath(backend): ApiPath<BackendId>,
     headers: HeaderMap,
 ) -> Result<Json<BackendEvents>, ApiError> {
-    let row = backend_row(&state, &backend).await?;
-    let history = state
-        .store
-        .backend_history(&backend)
-        .await
-        .map_err(ApiError::store("Database error"))?;
+    let (row, events) = backend_with_history(&state, &backend).await?;
     let error_lines = if failed(&row.state) {
         last_error_lines(&state, &row, &headers).await
     } else {
@@ -111,10 +106,7 @@ pub async fn backend_events_get(
         backend_id: row.id,
         cluster: row.cluster,
         drone: row.drone,
-        events: history
-            .iter()
-            .map(|(state, time)| state.to_status_entry(*time))
-            .collect(),
+        events,
         error_lines,
     }))
 }

@@ -83,14 +83,10 @@ pub async fn warm_pools_delete(
 ) -> Result<Json<WarmPool>, ApiError> {
     let name = parse_name(&name)?;
     let pool = warm_pool_row(&state, &name).await?;
-    let deleted = state
-        .store
-        .delete_warm_pool(&name)
-        .await
-        .map_err(ApiError::store("Database error"))?;
-    if !deleted {
-        return Err(ApiError::NotFound("Warm pool does not exist"));
-    }
+    ApiError::applied(
+        state.store.delete_warm_pool(&name).await,
+        "Warm pool does not exist",
+    )?;
     tracing::info!(pool = %name, "Warm pool deleted");
     state.warm.update(&name, None);
     // The fill pass terminates the unclaimed backends of pools that no longer exist.

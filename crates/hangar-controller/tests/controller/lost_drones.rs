@@ -82,9 +82,8 @@ async fn lost_backend_sweep_runs_in_the_background() {
 
 #[tokio::test]
 async fn mark_lost_tells_proxies_and_the_drone() {
-    with_drone_proxy_and_backend("marked", async |ctl, mut drone, mut proxy, connected| {
+    with_proxy_and_ready_backend("marked", async |ctl, mut drone, mut proxy, connected| {
         let backend = connected.backend_id.clone();
-        drone.make_ready(&backend).await;
         assert!(proxy.route(&connected.token).await.is_some());
 
         let response = ctl

@@ -90,8 +90,7 @@ async fn pending_route_gets_none_when_the_backend_terminates() {
 
 #[tokio::test]
 async fn terminating_backend_is_removed_from_proxies() {
-    with_drone_proxy_and_backend("rm", async |_, mut drone, mut proxy, connected| {
-        drone.make_ready(&connected.backend_id).await;
+    with_proxy_and_ready_backend("rm", async |_, mut drone, mut proxy, connected| {
         assert!(proxy.route(&connected.token).await.is_some());
 
         drone
@@ -153,8 +152,7 @@ async fn revoke_pushes_tokens_revoked_to_proxies() {
 /// another backend. A ready backend whose lease has run out has no route.
 #[tokio::test]
 async fn routes_and_keepalive_answers_carry_the_key_lease() {
-    with_drone_proxy_and_backend("lease", async |ctl, mut drone, mut proxy, connected| {
-        drone.make_ready(&connected.backend_id).await;
+    with_proxy_and_ready_backend("lease", async |ctl, _drone, mut proxy, connected| {
         let route = proxy.route(&connected.token).await.expect("a route");
         let left = route
             .lease_remaining()

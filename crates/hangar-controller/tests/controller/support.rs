@@ -455,6 +455,18 @@ pub async fn with_drone_proxy_and_backend(
     .await
 }
 
+/// [`with_drone_proxy_and_backend`], with the backend made ready first.
+pub async fn with_proxy_and_ready_backend(
+    key: &str,
+    test: impl AsyncFnOnce(&TestController, FakeDrone, FakeProxy, ConnectResponse),
+) {
+    with_drone_proxy_and_backend(key, async |ctl, mut drone, proxy, connected| {
+        drone.make_ready(&connected.backend_id).await;
+        test(ctl, drone, proxy, connected).await;
+    })
+    .await
+}
+
 /// The router of a controller with `config` whose own address is `addr`, on an in-memory store; and
 /// that store (for handler tests with `oneshot`, no listener).
 pub async fn router_on_memory(

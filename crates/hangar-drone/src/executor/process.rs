@@ -438,11 +438,7 @@ fn kill_group_leftovers(backend: &BackendId, pgid: u32) -> usize {
     };
     let mut killed = 0;
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = crate::parsed_file_name::<u32>(&entry) else {
             continue;
         };
         if process_group(pid) != Some(pgid) {

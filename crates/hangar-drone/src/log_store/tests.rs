@@ -27,8 +27,7 @@ fn read_all(store: &LogStore, backend: &BackendId) -> Vec<LogLine> {
 fn lines_keep_their_stream_and_order_and_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let backend = BackendId::random();
-    let store =
-        LogStore::open(dir.path(), limits(1 << 20, 1 << 30), LogCounters::default()).unwrap();
+    let store = test_store(dir.path(), 1 << 20);
     assert!(store.start_read(&backend, None, None).unwrap().is_none());
     store.append(
         &backend,
@@ -51,8 +50,7 @@ fn lines_keep_their_stream_and_order_and_survive_a_reopen() {
     store.end(&backend);
     drop(store);
 
-    let store =
-        LogStore::open(dir.path(), limits(1 << 20, 1 << 30), LogCounters::default()).unwrap();
+    let store = test_store(dir.path(), 1 << 20);
     let again: Vec<_> = read_all(&store, &backend)
         .into_iter()
         .map(|l| (l.stream, l.line))
@@ -65,8 +63,7 @@ fn lines_keep_their_stream_and_order_and_survive_a_reopen() {
 fn tail_and_since_select_lines() {
     let dir = tempfile::tempdir().unwrap();
     let backend = BackendId::random();
-    let store =
-        LogStore::open(dir.path(), limits(1 << 20, 1 << 30), LogCounters::default()).unwrap();
+    let store = test_store(dir.path(), 1 << 20);
     for chunk in lines(LogStream::Stdout, "l", 1000).chunks(7) {
         store.append(&backend, chunk);
     }
@@ -136,8 +133,7 @@ fn caps_drop_the_oldest_lines_and_count_them() {
 fn a_reader_follows_across_segments_and_drops() {
     let dir = tempfile::tempdir().unwrap();
     let backend = BackendId::random();
-    let store =
-        LogStore::open(dir.path(), limits(4 << 10, 1 << 30), LogCounters::default()).unwrap();
+    let store = test_store(dir.path(), 4 << 10);
     store.append(&backend, &[(LogStream::Stdout, "first".into())]);
     let (_, mut cursor) = store.start_read(&backend, None, None).unwrap().unwrap();
     let mut seen = Vec::new();
@@ -161,8 +157,7 @@ fn a_reader_follows_across_segments_and_drops() {
 fn ended_backends_are_pruned_after_their_retention() {
     let dir = tempfile::tempdir().unwrap();
     let (ended, live) = (BackendId::random(), BackendId::random());
-    let store =
-        LogStore::open(dir.path(), limits(1 << 20, 1 << 30), LogCounters::default()).unwrap();
+    let store = test_store(dir.path(), 1 << 20);
     store.append(&ended, &[(LogStream::Stdout, "bye".into())]);
     store.append(&live, &[(LogStream::Stdout, "hi".into())]);
     store.end(&ended);

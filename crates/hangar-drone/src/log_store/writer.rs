@@ -109,18 +109,11 @@ fn run_log_writer(store: LogStore, mut writes: mpsc::Receiver<Write>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log_store::{LogCounters, LogLimits};
-    use std::time::Duration;
 
     #[tokio::test]
     async fn lines_and_the_end_are_written_in_order_off_the_runtime() {
         let dir = tempfile::tempdir().unwrap();
-        let limits = LogLimits {
-            backend_bytes: 1 << 20,
-            total_bytes: 1 << 30,
-            retention: Duration::from_secs(60),
-        };
-        let store = LogStore::open(dir.path(), limits, LogCounters::default()).unwrap();
+        let store = crate::log_store::test_store(dir.path(), 1 << 20);
         let writer = LogWriter::start(store.clone()).unwrap();
         let backend = BackendId::random();
         for i in 0..100 {

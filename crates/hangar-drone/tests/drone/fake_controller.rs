@@ -43,6 +43,9 @@ pub struct FakeConnection {
     acks: Vec<ActionId>,
     /// Ids of every backend event received.
     events: Vec<i64>,
+    /// The newest event [`FakeConnection::next_event`] returned: older ones arriving later are the
+    /// drone's resends of unacked events, which a controller records idempotently and these skip.
+    delivered_up_to: i64,
 }
 
 impl FakeController {
@@ -107,6 +110,7 @@ async fn serve(stream: tokio::net::TcpStream, connections: mpsc::Sender<FakeConn
         pending: VecDeque::new(),
         acks: Vec::new(),
         events: Vec::new(),
+        delivered_up_to: 0,
     };
     if connections.send(connection).await.is_err() {
         return;
@@ -222,8 +226,20 @@ impl FakeConnection {
         self.acks.iter().filter(|a| *a == action).count()
     }
 
-    /// The next backend event (other messages are skipped).
+    /// The next backend event not seen before on this connection (other messages, and resends of
+    /// events already returned, are skipped).
     pub async fn next_event(&mut self) -> Event {
+        loop {
+            let event = self.next_sent_event().await;
+            if event.event_id > self.delivered_up_to {
+                self.delivered_up_to = event.event_id;
+                return event;
+            }
+        }
+    }
+
+    /// The next backend event as sent, a resend included (other messages are skipped).
+    pub async fn next_sent_event(&mut self) -> Event {
         loop {
             if let DroneToController::BackendEvent {
                 event_id,

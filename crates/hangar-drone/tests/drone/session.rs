@@ -78,6 +78,43 @@ async fn spawn_reports_states_replays_until_acked_and_terminates() {
     .await;
 }
 
+/// Events the controller leaves unacked while the connection stays up (it could not record them) are
+/// sent again on that connection, oldest first, after `EVENT_RESEND_INTERVAL` (at most two); once
+/// acked, never again.
+#[tokio::test]
+async fn unacked_events_are_sent_again_on_the_same_connection() {
+    use hangar_types::timing::EVENT_RESEND_INTERVAL;
+    with_timeout(async {
+        let (_fake, drone, mut conn) = started().await;
+        let backend = BackendId::random();
+        let action = conn.send_action(&backend, spawn(&[]));
+        conn.wait_ack(&action).await;
+        let events = events_until(&mut conn, BackendStatus::Ready).await;
+        let ids = |events: &[Event]| events.iter().map(|e| e.event_id).collect::<Vec<_>>();
+
+        // Nothing acked: the same events come again, in order, on this connection.
+        let mut resent = Vec::new();
+        while resent.len() < events.len() {
+            resent.push(conn.next_sent_event().await);
+        }
+        assert_eq!(ids(&resent), ids(&events));
+        assert_eq!(statuses(&resent), statuses(&events));
+
+        // Acked: nothing is sent again, however long the connection lasts.
+        for event in &events {
+            conn.ack(event.event_id);
+        }
+        let quiet =
+            tokio::time::timeout(EVENT_RESEND_INTERVAL * 2 + Duration::from_secs(1), async {
+                conn.next_sent_event().await
+            })
+            .await;
+        assert!(quiet.is_err(), "an acked event was sent again: {quiet:?}");
+        conn.shutdown_drone(drone).await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn executable_of_another_kind_fails_at_once() {
     with_drone(async |conn, backend| {

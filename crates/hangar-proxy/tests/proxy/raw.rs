@@ -77,31 +77,6 @@ pub async fn wait_closed<R: AsyncRead + Unpin>(stream: &mut R) {
     }
 }
 
-/// One WebSocket frame: `first` is the first header byte (FIN, RSV bits, opcode); masked with
-/// `mask` when given (client → server).
-pub fn ws_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
-    let mut frame = vec![first];
-    let len = payload.len();
-    if len < 126 {
-        frame.push(mask_bit | len as u8);
-    } else if len <= usize::from(u16::MAX) {
-        frame.push(mask_bit | 126);
-        frame.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        frame.push(mask_bit | 127);
-        frame.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    match mask {
-        Some(mask) => {
-            frame.extend_from_slice(&mask);
-            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        }
-        None => frame.extend_from_slice(payload),
-    }
-    frame
-}
-
 /// Reads one frame: its first header byte and its (unmasked) payload.
 pub async fn read_frame<R: AsyncRead + Unpin>(stream: &mut R) -> Option<(u8, Vec<u8>)> {
     let mut header = [0u8; 2];

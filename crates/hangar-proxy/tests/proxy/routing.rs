@@ -177,24 +177,17 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
             .await
             .expect("the slow request reached the backend");
 
-        let crate::support::Env {
-            proxy,
-            upstream,
-            controller,
-            ..
-        } = env;
-        let shutdown = tokio::spawn(proxy.shutdown());
+        let draining = env.begin_shutdown();
         eventually("new connections are refused", || async {
             tokio::net::TcpStream::connect(addr).await.is_err()
         })
         .await;
-        assert!(!shutdown.is_finished());
-        upstream.slow_gate.notify_one();
+        assert!(!draining.shutdown.is_finished());
+        draining.upstream.slow_gate.notify_one();
         let response = request.await.unwrap().unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(response.text().await.unwrap(), "done");
-        shutdown.await.unwrap();
-        drop(controller);
+        draining.shutdown.await.unwrap();
     })
     .await
 }

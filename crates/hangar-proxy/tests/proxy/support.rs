@@ -411,6 +411,17 @@ pub async fn with_routed(backend: &str, test: impl AsyncFnOnce(Env, RouteInfo, C
     .await;
 }
 
+/// An [`Env`] whose proxy is shutting down gracefully.
+pub struct Draining {
+    /// The shutdown: it finishes once the open connections are done.
+    pub shutdown: tokio::task::JoinHandle<()>,
+    /// The proxy's counters, readable while it drains.
+    pub monitor: hangar_proxy::ProxyMonitor,
+    /// Kept running until the test drops this.
+    _controller: FakeController,
+    pub upstream: Upstream,
+}
+
 pub struct Env {
     pub controller: FakeController,
     pub upstream: Upstream,
@@ -447,6 +458,18 @@ impl Env {
             proxy,
             cluster,
             http,
+        }
+    }
+
+    /// Starts a graceful shutdown of the proxy (in a task); the fake controller and the upstream keep
+    /// running while the proxy drains.
+    pub fn begin_shutdown(self) -> Draining {
+        let monitor = self.proxy.monitor();
+        Draining {
+            shutdown: tokio::spawn(self.proxy.shutdown()),
+            monitor,
+            _controller: self.controller,
+            upstream: self.upstream,
         }
     }
 

@@ -2,10 +2,11 @@
 //! compressed messages, control frames, every way a tunnel can end, and shutdown.
 
 use crate::raw::{
-    read_frame, read_response, wait_closed, ws_frame, ws_request, RawResponse, RawWsBackend, WS_KEY,
+    read_frame, read_response, wait_closed, ws_request, RawResponse, RawWsBackend, WS_KEY,
 };
 use crate::support::{eventually, with_env, with_routed, Answer, Env};
 use futures_util::{SinkExt, StreamExt};
+use hangar_test_support::ws_frame;
 use hangar_types::protocol::{ControllerToProxy, RouteInfo};
 use hangar_types::BackendId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -440,14 +441,7 @@ async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
         let mut received = vec![0u8; half];
         client_a.read_exact(&mut received).await.unwrap();
 
-        let Env {
-            proxy,
-            controller,
-            upstream,
-            ..
-        } = env;
-        let monitor = proxy.monitor();
-        let shutdown = tokio::spawn(proxy.shutdown());
+        let draining = env.begin_shutdown();
 
         // A's backend gets a (masked) close 1001 from the proxy, then sends the rest of its frame
         // and one more frame.
@@ -477,16 +471,16 @@ async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
         while let Some(Ok(_)) = ws_b.next().await {}
         drop(ws_b);
 
-        shutdown.await.unwrap();
-        assert_eq!(monitor.open_tunnels(), 0);
-        assert_eq!(monitor.open_client_connections(), 0);
+        draining.shutdown.await.unwrap();
+        assert_eq!(draining.monitor.open_tunnels(), 0);
+        assert_eq!(draining.monitor.open_client_connections(), 0);
         for backend in ["b-away-raw", "b-away-lib"] {
-            let open = monitor
+            let open = draining
+                .monitor
                 .connection_counts(&backend.parse().unwrap())
                 .map_or(0, |c| c.open_connections);
             assert_eq!(open, 0, "{backend}");
         }
-        drop((controller, upstream));
     })
     .await
 }
@@ -499,7 +493,9 @@ async fn shutdown_closes_tunnels_with_going_away_at_frame_boundaries() {
 async fn an_unconfirmed_key_lease_ends_the_route_and_its_tunnels() {
     with_env(async |env| {
         let mut route = env.route("b-lease");
-        route.lease_remaining_ms = Some(2_000);
+        // The route is used for 2 s: the proxy stops `ROUTE_LEASE_MARGIN` before the lease's end.
+        let lease = hangar_types::timing::ROUTE_LEASE_MARGIN + std::time::Duration::from_secs(2);
+        route.lease_remaining_ms = Some(u64::try_from(lease.as_millis()).unwrap());
         let token = env.token_for(&route);
         let (mut ws, _) = connect(&env, &format!("/{token}/ws"), None).await;
         // The fake controller never answers keepalives with `KeyLease`.

@@ -40,14 +40,7 @@ async fn connections_spread_over_workers_and_shutdown_drains_every_worker() {
         assert!(accepted.iter().all(|&n| n > 0), "{accepted:?}");
 
         let addr = env.proxy.local_addr();
-        let Env {
-            proxy,
-            upstream,
-            controller,
-            ..
-        } = env;
-        let monitor = proxy.monitor();
-        let shutdown = tokio::spawn(proxy.shutdown());
+        let draining = env.begin_shutdown();
         // Both workers' sockets are closed: every new connection is refused.
         eventually("new connections are refused", || async {
             for _ in 0..8 {
@@ -58,17 +51,16 @@ async fn connections_spread_over_workers_and_shutdown_drains_every_worker() {
             true
         })
         .await;
-        assert!(!shutdown.is_finished());
-        assert_eq!(monitor.open_client_connections(), CONNECTIONS);
-        upstream.slow_gate.notify_waiters();
+        assert!(!draining.shutdown.is_finished());
+        assert_eq!(draining.monitor.open_client_connections(), CONNECTIONS);
+        draining.upstream.slow_gate.notify_waiters();
         for request in requests {
             let response = request.await.unwrap().unwrap();
             assert_eq!(response.status(), 200);
             assert_eq!(response.text().await.unwrap(), "done");
         }
-        shutdown.await.unwrap();
-        assert_eq!(monitor.open_client_connections(), 0);
-        drop(controller);
+        draining.shutdown.await.unwrap();
+        assert_eq!(draining.monitor.open_client_connections(), 0);
     })
     .await
 }

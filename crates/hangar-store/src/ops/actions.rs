@@ -1,7 +1,8 @@
 //! Actions queued for drones: stored until the drone acknowledges them.
 
 use super::rows::json;
-use super::{commit, placeholders, Conn, S};
+use super::{commit, placeholders, tuples, Conn, D, S};
+use crate::dialect::render;
 use crate::events::StoreEvent;
 use crate::model::NodeId;
 use crate::StoreResult;
@@ -96,36 +97,23 @@ pub(super) async fn pending_actions(
         .collect()
 }
 
-/// Marks `actions` of `drone` acked (those of another drone are left alone), with one statement.
+/// Marks `acks` acked, each only if it is an action of the drone beside it (a drone cannot ack another
+/// drone's actions), with one statement.
 pub(super) async fn ack_actions(
     conn: &mut Conn,
     clock: i64,
-    drone: NodeId,
-    actions: &[ActionId],
+    acks: &[(NodeId, &ActionId)],
 ) -> StoreResult<()> {
-    let ids: Vec<&str> = actions.iter().map(|a| a.as_str()).collect();
-    sqlx::query(sql!(
-        "UPDATE backend_action SET acked_at = {now} \
-         WHERE drone_id = $2 AND acked_at IS NULL \
-         AND action_id IN (SELECT value FROM {json_texts}($3))"
-    ))
-    .bind(clock)
-    .bind(drone)
-    .bind(Json(&ids))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-pub(super) async fn ack_action(s: &S, drone: NodeId, action: &ActionId) -> StoreResult<()> {
-    sqlx::query(sql!(
-        "UPDATE backend_action SET acked_at = {now} \
-         WHERE action_id = $2 AND drone_id = $3 AND acked_at IS NULL"
-    ))
-    .bind(s.clock())
-    .bind(action.as_str())
-    .bind(drone)
-    .execute(&s.writer)
-    .await?;
+    let sql = render::<D>(&format!(
+        "UPDATE backend_action SET acked_at = {{now}} FROM (VALUES {}) AS v \
+         WHERE backend_action.drone_id = v.column1 AND backend_action.action_id = v.column2 \
+         AND backend_action.acked_at IS NULL",
+        tuples(2, 2, acks.len())
+    ));
+    let mut query = sqlx::query(&sql).bind(clock);
+    for (drone, action) in acks {
+        query = query.bind(*drone).bind(action.as_str());
+    }
+    query.execute(conn).await?;
     Ok(())
 }

@@ -46,17 +46,35 @@ pub(super) async fn key_lookup(s: &S, key: &KeyRef) -> StoreResult<KeyLookup> {
     })
 }
 
-pub(super) async fn remove_expired_key(s: &S, key: &KeyRef) -> StoreResult<bool> {
-    // Re-checked under the row lock: a key renewed or re-acquired meanwhile is not deleted.
-    let deleted = sqlx::query(sql!(
-        "DELETE FROM backend_key WHERE namespace = $2 AND name = $3 AND expires_at <= {now}"
+/// Takes an expired key from its holder in one transaction: deletes the key row only if it is still
+/// expired (re-checked under the row lock: a key renewed or re-acquired meanwhile is kept) and records
+/// `lost` for the backend that held it (applied like any state: not over a terminated one). One
+/// transaction, so a failure leaves the key with its holder instead of freeing it unrecorded, and the
+/// holder's `terminated` event (which makes proxies cut its tunnels) is out when the key is free.
+pub(super) async fn take_over_expired_key(
+    s: &S,
+    key: &KeyRef,
+    lost: &BackendState,
+) -> StoreResult<bool> {
+    let clock = s.clock();
+    let mut tx = s.writer.begin().await?;
+    let holder: Option<String> = sqlx::query_scalar(sql!(
+        "DELETE FROM backend_key WHERE namespace = $2 AND name = $3 AND expires_at <= {now} \
+         RETURNING backend_id"
     ))
-    .bind(s.clock())
+    .bind(clock)
     .bind(&key.namespace)
     .bind(&key.name)
-    .execute(&s.writer)
+    .fetch_optional(&mut *tx)
     .await?;
-    Ok(deleted.rows_affected() > 0)
+    let Some(holder) = holder else {
+        tx.rollback().await?;
+        return Ok(false);
+    };
+    let holder: BackendId = parse("backend id", &holder)?;
+    let (_, events) = record_states(&mut tx, clock, &[(holder, lost.clone())]).await?;
+    commit(s, tx, events).await?;
+    Ok(true)
 }
 
 /// Group-committed ([`crate::group_commit`]): the spawns of concurrent connects are written by one
@@ -390,7 +408,11 @@ pub(super) async fn record_backend_state(
     id: &BackendId,
     state: &BackendState,
 ) -> StoreResult<StateUpdate> {
-    let mut updates = record_reports(s, None, &[(id.clone(), state.clone())]).await?;
+    let reports = Reports {
+        acks: None,
+        states: vec![(id.clone(), state.clone())],
+    };
+    let mut updates = record_reports(s, reports).await?;
     updates
         .pop()
         .ok_or_else(|| StoreError::Corrupt("recording one state gave no outcome".to_string()))
@@ -402,29 +424,71 @@ pub(super) async fn record_drone_reports(
     acks: &[ActionId],
     states: &[(BackendId, BackendState)],
 ) -> StoreResult<Vec<StateUpdate>> {
-    record_reports(s, Some((drone, acks)), states).await
+    let reports = Reports {
+        acks: (!acks.is_empty()).then(|| (drone, acks.to_vec())),
+        states: states.to_vec(),
+    };
+    record_reports(s, reports).await
 }
 
-/// Acks `acks` of a drone and records `states`, in one transaction (see [`record_states`]).
-async fn record_reports(
+pub(super) async fn ack_action(s: &S, drone: NodeId, action: &ActionId) -> StoreResult<()> {
+    record_drone_reports(s, drone, std::slice::from_ref(action), &[]).await?;
+    Ok(())
+}
+
+/// Group-committed ([`crate::group_commit`]): the reports of concurrent calls (every drone session's,
+/// and the controller's own states) are written by one transaction of a fixed number of statements on
+/// the reports' flush connection ([`write_reports`]). Returns once this call's reports are committed.
+async fn record_reports(s: &S, reports: Reports) -> StoreResult<Vec<StateUpdate>> {
+    s.reports
+        .write(reports, |batch| all_or_each(s, batch, report_batch))
+        .await
+}
+
+fn report_batch<'a>(s: &'a S, batch: Vec<&'a Reports>) -> Answers<'a, Vec<StateUpdate>> {
+    Box::pin(async move {
+        let mut conn = s.flush_connection(&s.report_flush).await?;
+        let written = write_reports(s, &mut conn, &batch).await;
+        conn.settle(written)
+    })
+}
+
+/// Acks the actions of `batch` and records its states (in the order of the calls, each call's in its
+/// order), in one transaction, all or nothing; answers each call with its states' outcomes. Calls
+/// recorded together get what they would get one after another: a backend's states are applied in
+/// order, whichever call they came from (see [`record_states`]).
+async fn write_reports(
     s: &S,
-    acks: Option<(NodeId, &[ActionId])>,
-    states: &[(BackendId, BackendState)],
-) -> StoreResult<Vec<StateUpdate>> {
+    conn: &mut Conn,
+    batch: &[&Reports],
+) -> StoreResult<Vec<StoreResult<Vec<StateUpdate>>>> {
+    use sqlx::Connection as _;
     let clock = s.clock();
-    let mut tx = s.writer.begin().await?;
-    let acks = acks.filter(|(_, acks)| !acks.is_empty());
-    if let Some((drone, acks)) = acks {
-        ack_actions(&mut tx, clock, drone, acks).await?;
+    let mut tx = conn.begin().await?;
+    let acks: Vec<(NodeId, &ActionId)> = batch
+        .iter()
+        .filter_map(|reports| reports.acks.as_ref())
+        .flat_map(|(drone, acks)| acks.iter().map(|ack| (*drone, ack)))
+        .collect();
+    if !acks.is_empty() {
+        ack_actions(&mut tx, clock, &acks).await?;
     }
-    let (updates, events) = record_states(&mut tx, clock, states).await?;
-    if acks.is_some() || !events.is_empty() {
+    let states: Vec<(BackendId, BackendState)> = batch
+        .iter()
+        .flat_map(|reports| reports.states.iter().cloned())
+        .collect();
+    let (updates, events) = record_states(&mut tx, clock, &states).await?;
+    if !acks.is_empty() || !events.is_empty() {
         commit(s, tx, events).await?;
     } else {
         // Nothing written (every state stale or unknown): only row locks to let go of.
         tx.rollback().await?;
     }
-    Ok(updates)
+    let mut updates = updates.into_iter();
+    Ok(batch
+        .iter()
+        .map(|reports| Ok(updates.by_ref().take(reports.states.len()).collect()))
+        .collect())
 }
 
 /// Records `states` in order inside `conn`'s transaction, with a fixed number of statements however

@@ -93,7 +93,7 @@ impl_store! {
     clock::now() -> Millis;
     clock::health() -> ();
     backends::key_lookup(key: &KeyRef) -> KeyLookup;
-    backends::remove_expired_key(key: &KeyRef) -> bool;
+    backends::take_over_expired_key(key: &KeyRef, lost: &BackendState) -> bool;
     backends::insert_backend_with_key(new: NewBackend) -> Acquire;
     tokens::insert_token(token: NewToken) -> ();
     tokens::revoke_tokens(backend: &BackendId, user: &str) -> Vec<ConnectionToken>;
@@ -108,7 +108,7 @@ impl_store! {
     backends::keepalive(id: &BackendId, proxy: NodeId, connected: bool) -> KeepAlive;
     tokens::resolve_token(token: &ConnectionToken) -> TokenLookup;
     actions::pending_actions(drone: NodeId, limit: u32) -> Vec<ActionMessage>;
-    actions::ack_action(drone: NodeId, action: &ActionId) -> ();
+    backends::ack_action(drone: NodeId, action: &ActionId) -> ();
     nodes::register_drone(reg: &DroneRegistration) -> Registration;
     nodes::register_proxy(
         cluster: &ClusterName, name: &ProxyName, controller: &ControllerName, version: &str

@@ -7,6 +7,7 @@
 use super::rows::{age, parsed, parsed_opt};
 use super::{Conn, S};
 use crate::dialect::millis_of;
+use crate::group_commit::Pending;
 use crate::model::*;
 use crate::{StoreError, StoreResult};
 use hangar_types::api::{ClusterDroneState, ClusterState, NodeState};
@@ -136,7 +137,35 @@ pub(super) async fn drone_heartbeat(s: &S, drone: NodeId, local_time: Millis) ->
     Ok(())
 }
 
+/// Gathered like a group-committed write ([`crate::group_commit`]): the scheduler reads of concurrent
+/// connects are answered by one statement per distinct query. A batch is read only after every call in
+/// it was made, so each call still sees everything committed before it.
 pub(super) async fn schedulable_drones(s: &S, q: &DroneQuery) -> StoreResult<Vec<DroneCandidate>> {
+    s.drone_reads
+        .write(q.clone(), |batch| read_drone_batch(s, batch))
+        .await
+}
+
+/// Answers every call of `batch`, reading each distinct query once (a failed read answers only its own
+/// call; the next call with that query reads again).
+async fn read_drone_batch(s: &S, batch: Vec<Pending<DroneQuery, Vec<DroneCandidate>>>) {
+    let mut read: Vec<(DroneQuery, Vec<DroneCandidate>)> = Vec::new();
+    for (query, done) in batch {
+        let answer = match read.iter().find(|(seen, _)| *seen == query) {
+            Some((_, found)) => Ok(found.clone()),
+            None => {
+                let found = read_drones(s, &query).await;
+                if let Ok(found) = &found {
+                    read.push((query, found.clone()));
+                }
+                found
+            }
+        };
+        let _ = done.send(answer);
+    }
+}
+
+async fn read_drones(s: &S, q: &DroneQuery) -> StoreResult<Vec<DroneCandidate>> {
     // 70 = terminated.
     let rows = sqlx::query(sql!(
         "SELECT n.id, n.name, d.last_local_time, \

@@ -35,7 +35,7 @@ pub async fn harness() -> Option<Harness> {
         advance: Box::new(move |d| a.advance_clock(d)),
         rewind: Box::new(move |d| r.rewind_clock(d)),
         _guard: None,
-        teardown: Some(Box::pin(db.drop_database())),
+        teardown: std::sync::Mutex::new(Some(Box::pin(db.drop_database()))),
     })
 }
 
@@ -52,6 +52,14 @@ where
     };
     let case = case(db.url().to_string());
     run_then_teardown(case, Some(Box::pin(db.drop_database()))).await;
+}
+
+/// Two stores on the database at `url`, as two controllers sharing it.
+async fn two_stores(url: &str) -> [PostgresStore; 2] {
+    [
+        PostgresStore::connect(url).await.unwrap(),
+        PostgresStore::connect(url).await.unwrap(),
+    ]
 }
 
 /// The next event on `rx`, waiting at most `within`.
@@ -85,8 +93,7 @@ async fn applied(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_reach_other_stores() {
     with_database(|url| async move {
-        let a = PostgresStore::connect(&url).await.unwrap();
-        let b = PostgresStore::connect(&url).await.unwrap();
+        let [a, b] = two_stores(&url).await;
         let mut on_a = a.events().subscribe();
         let mut on_b = b.events().subscribe();
 
@@ -186,10 +193,7 @@ async fn events_reach_other_stores() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_acquire_across_stores_has_one_winner() {
     with_database(|url| async move {
-        let stores = [
-            Arc::new(PostgresStore::connect(&url).await.unwrap()),
-            Arc::new(PostgresStore::connect(&url).await.unwrap()),
-        ];
+        let stores = two_stores(&url).await.map(Arc::new);
         let drone = suite::ready_drone(&*stores[0], "dr-one", "").await;
         let mut last_token = i64::MIN;
         for round in 0..3 {
@@ -250,8 +254,7 @@ async fn concurrent_acquire_across_stores_has_one_winner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_reconnects_after_losing_its_connection() {
     with_database(|url| async move {
-        let a = PostgresStore::connect(&url).await.unwrap();
-        let b = PostgresStore::connect(&url).await.unwrap();
+        let [a, b] = two_stores(&url).await;
         let drone = suite::ready_drone(&a, "dr-one", "").await;
         let mut on_b = b.events().subscribe();
 
@@ -297,12 +300,58 @@ async fn listener_reconnects_after_losing_its_connection() {
     .await;
 }
 
+/// The server closes every connection of the store (as a restart does) while they are idle: the next
+/// group-committed batches (a spawn, a drone's report, a reconnect's token) are written on fresh
+/// connections instead of failing on the dead ones the batches keep outside the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_after_the_server_closed_their_idle_connections_succeed() {
+    with_database(|url| async move {
+        let store = PostgresStore::connect(&url).await.unwrap();
+        let drone = suite::ready_drone(&store, "dr-one", "").await;
+        // Every kind of batch has written once, so each keeps a connection of its own.
+        let first = suite::acquired(&store, drone, "before").await;
+        applied(&store, &first.id, &BackendState::Loading).await;
+        store.insert_token(token_for(&first.id)).await.unwrap();
+
+        let mut admin = PgConnection::connect(&url).await.unwrap();
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) AS t",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert!(
+            killed >= 3,
+            "the batches' own connections were there: {killed}"
+        );
+        let _ = admin.close().await;
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+        let second = suite::acquired(&store, drone, "after").await;
+        applied(&store, &second.id, &BackendState::Loading).await;
+        store.insert_token(token_for(&second.id)).await.unwrap();
+    })
+    .await;
+}
+
+/// A dynamic token for `backend`.
+fn token_for(backend: &hangar_types::BackendId) -> NewToken {
+    NewToken {
+        token: ConnectionToken::random(),
+        backend: backend.clone(),
+        secret: SecretToken::random(),
+        user: None,
+        auth: serde_json::Map::new(),
+        lifetime: Duration::from_secs(60),
+    }
+}
+
 /// Notifications on the channel that do not decode, or point at nothing, are skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stray_notifications_are_ignored() {
     with_database(|url| async move {
-        let a = PostgresStore::connect(&url).await.unwrap();
-        let b = PostgresStore::connect(&url).await.unwrap();
+        let [a, b] = two_stores(&url).await;
         let mut on_b = b.events().subscribe();
         let mut admin = PgConnection::connect(&url).await.unwrap();
         for payload in [
@@ -354,8 +403,7 @@ async fn migrate_is_repeatable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_events_reach_other_stores() {
     with_database(|url| async move {
-        let a = PostgresStore::connect(&url).await.unwrap();
-        let b = PostgresStore::connect(&url).await.unwrap();
+        let [a, b] = two_stores(&url).await;
         let mut on_b = b.events().subscribe();
         let cluster = suite::cluster();
         let proxy = suite::proxy_node(&a, "px-one").await;
@@ -397,10 +445,7 @@ async fn tls_events_reach_other_stores() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cert_lease_has_one_holder_across_stores() {
     with_database(|url| async move {
-        let stores = [
-            Arc::new(PostgresStore::connect(&url).await.unwrap()),
-            Arc::new(PostgresStore::connect(&url).await.unwrap()),
-        ];
+        let stores = two_stores(&url).await.map(Arc::new);
         let proxies = [
             suite::proxy_node(&*stores[0], "px-one").await,
             suite::proxy_node(&*stores[1], "px-two").await,

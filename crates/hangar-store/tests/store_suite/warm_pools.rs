@@ -1,6 +1,6 @@
 //! Store suite cases of warm pools (mounted in `suite`, whose fixtures they use).
 
-use crate::suite::{cluster, controller, key, make_ready, ready_drone};
+use crate::suite::{assert_held_by, cluster, controller, key, make_ready, ready_drone};
 use crate::Harness;
 use hangar_store::*;
 use hangar_types::executable::Executable;
@@ -78,11 +78,28 @@ pub(crate) fn warm_claim(pool: &str, key_name: &str) -> WarmClaim {
     }
 }
 
+/// A ready drone `dr-one` and the warm pool `p` of `size` backends (command `a`).
+async fn drone_and_pool(store: &dyn Store, size: u32) -> (NodeId, WarmPoolRow) {
+    let drone = ready_drone(store, "dr-one", "").await;
+    (drone, put(store, "p", &warm_config(size, "a")).await)
+}
+
+/// Claims a backend of a warm pool (see [`Store::claim_warm_backend`]).
+async fn claim_warm(store: &dyn Store, claim: WarmClaim) -> WarmClaimOutcome {
+    store.claim_warm_backend(claim).await.unwrap()
+}
+
 /// A ready unclaimed backend of `pool` on `drone`.
 pub(crate) async fn ready_warm(store: &dyn Store, pool: &WarmPoolRow, drone: NodeId) -> BackendId {
     let id = insert_warm(store, pool, drone).await;
     make_ready(store, &id).await;
     id
+}
+
+/// The names of the warm pools, as listed.
+async fn pool_names(store: &dyn Store) -> Vec<String> {
+    let pools = store.warm_pools().await.unwrap();
+    pools.iter().map(|p| p.api.name.to_string()).collect()
 }
 
 pub async fn warm_pool_put_list_delete(h: Harness) {
@@ -111,14 +128,7 @@ pub async fn warm_pool_put_list_delete(h: Harness) {
     assert!(third.generation > second.generation);
 
     put(store, "games", &warm_config(1, "a")).await;
-    let names: Vec<String> = store
-        .warm_pools()
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.api.name.to_string())
-        .collect();
-    assert_eq!(names, ["games", "notebooks"]);
+    assert_eq!(pool_names(store).await, ["games", "notebooks"]);
     assert_eq!(
         store.warm_pool(&pool_name("notebooks")).await.unwrap(),
         Some(third)
@@ -135,13 +145,12 @@ pub async fn warm_pool_put_list_delete(h: Harness) {
         store.warm_pool(&pool_name("notebooks")).await.unwrap(),
         None
     );
-    assert_eq!(store.warm_pools().await.unwrap().len(), 1);
+    assert_eq!(pool_names(store).await, ["games"]);
 }
 
 pub async fn warm_backends_fill_up_to_size(h: Harness) {
     let store = &*h.store;
-    let drone = ready_drone(store, "dr-one", "").await;
-    let pool = put(store, "p", &warm_config(2, "a")).await;
+    let (drone, pool) = drone_and_pool(store, 2).await;
     let a = insert_warm(store, &pool, drone).await;
     let b = insert_warm(store, &pool, drone).await;
     assert_eq!(
@@ -219,8 +228,7 @@ pub async fn warm_backends_fill_up_to_size(h: Harness) {
 
 pub async fn warm_claim_gives_one_key_once(h: Harness) {
     let store = &*h.store;
-    let drone = ready_drone(store, "dr-one", "").await;
-    let pool = put(store, "p", &warm_config(3, "a")).await;
+    let (drone, pool) = drone_and_pool(store, 3).await;
     let first = ready_warm(store, &pool, drone).await;
     let starting = insert_warm(store, &pool, drone).await;
 
@@ -228,7 +236,7 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
     claim.max_idle_seconds = Some(5);
     claim.subdomain = Some("sub".into());
     claim.static_token = Some(ConnectionToken::random_static());
-    let backend = match store.claim_warm_backend(claim.clone()).await.unwrap() {
+    let backend = match claim_warm(store, claim.clone()).await {
         WarmClaimOutcome::Claimed { backend } => backend,
         other => panic!("expected Claimed, got {other:?}"),
     };
@@ -239,12 +247,7 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
     assert_eq!(backend.subdomain.as_deref(), Some("sub"));
     assert_eq!(backend.static_token, claim.static_token);
     assert_eq!(backend.max_idle_seconds, Some(5));
-    match store.key_lookup(&KeyRef::from(&claim.key)).await.unwrap() {
-        KeyLookup::Live {
-            backend: holder, ..
-        } => assert_eq!(holder.id, first),
-        other => panic!("expected Live, got {other:?}"),
-    }
+    assert_held_by(store, &KeyRef::from(&claim.key), &first).await;
     assert!(store.renew_key(&first).await.unwrap());
     let ids: Vec<BackendId> = store
         .unclaimed_backends()
@@ -263,20 +266,17 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
     // Nothing ready: empty, and not counted.
     let other = warm_claim("p", "other");
     assert_eq!(
-        store.claim_warm_backend(other.clone()).await.unwrap(),
+        claim_warm(store, other.clone()).await,
         WarmClaimOutcome::Empty
     );
     assert_eq!(
-        store
-            .claim_warm_backend(warm_claim("nope", "x"))
-            .await
-            .unwrap(),
+        claim_warm(store, warm_claim("nope", "x")).await,
         WarmClaimOutcome::Empty
     );
     // A key already held: refused, and the backend stays unclaimed.
     make_ready(store, &starting).await;
     assert_eq!(
-        store.claim_warm_backend(claim.clone()).await.unwrap(),
+        claim_warm(store, claim.clone()).await,
         WarmClaimOutcome::KeyHeld
     );
     let counted = pool_counts(store, &pool).await;
@@ -285,7 +285,7 @@ pub async fn warm_claim_gives_one_key_once(h: Harness) {
     // A claimed backend is an ordinary one: idle from the claim on, swept by its own limits.
     h.advance(Duration::from_secs(6));
     assert_eq!(store.sweep_candidates(drone).await.unwrap(), [first]);
-    match store.claim_warm_backend(other).await.unwrap() {
+    match claim_warm(store, other).await {
         WarmClaimOutcome::Claimed { backend } => assert_eq!(backend.id, starting),
         got => panic!("expected Claimed, got {got:?}"),
     }
@@ -304,10 +304,7 @@ pub async fn warm_claim_skips_draining_and_stale(h: Harness) {
         Some(true)
     );
     assert_eq!(
-        store
-            .claim_warm_backend(warm_claim("p", "k1"))
-            .await
-            .unwrap(),
+        claim_warm(store, warm_claim("p", "k1")).await,
         WarmClaimOutcome::Empty
     );
     let unclaimed = store.unclaimed_backends().await.unwrap();
@@ -320,10 +317,7 @@ pub async fn warm_claim_skips_draining_and_stale(h: Harness) {
     ready_warm(store, &pool, drone).await;
     put(store, "p", &warm_config(3, "b")).await;
     assert_eq!(
-        store
-            .claim_warm_backend(warm_claim("p", "k1"))
-            .await
-            .unwrap(),
+        claim_warm(store, warm_claim("p", "k1")).await,
         WarmClaimOutcome::Empty
     );
     // Nor on a drone without a recent heartbeat.
@@ -331,10 +325,7 @@ pub async fn warm_claim_skips_draining_and_stale(h: Harness) {
     ready_warm(store, &pool, drone).await;
     h.advance(UNHEALTHY_AFTER + Duration::from_secs(1));
     assert_eq!(
-        store
-            .claim_warm_backend(warm_claim("p", "k1"))
-            .await
-            .unwrap(),
+        claim_warm(store, warm_claim("p", "k1")).await,
         WarmClaimOutcome::Empty
     );
     store.drone_heartbeat(drone, Millis(2_000)).await.unwrap();
@@ -343,24 +334,20 @@ pub async fn warm_claim_skips_draining_and_stale(h: Harness) {
         on_controller: Some("co-elsewhere".parse().unwrap()),
         ..warm_claim("p", "k1")
     };
-    assert_eq!(
-        store.claim_warm_backend(elsewhere).await.unwrap(),
-        WarmClaimOutcome::Empty
-    );
+    assert_eq!(claim_warm(store, elsewhere).await, WarmClaimOutcome::Empty);
     let here = WarmClaim {
         on_controller: Some(controller()),
         ..warm_claim("p", "k1")
     };
     assert!(matches!(
-        store.claim_warm_backend(here).await.unwrap(),
+        claim_warm(store, here).await,
         WarmClaimOutcome::Claimed { .. }
     ));
 }
 
 /// Concurrent claims (more than there are backends) each get a distinct backend or nothing.
 pub async fn concurrent_claims_take_distinct_backends(h: Harness) {
-    let drone = ready_drone(&*h.store, "dr-one", "").await;
-    let pool = put(&*h.store, "p", &warm_config(10, "a")).await;
+    let (drone, pool) = drone_and_pool(&*h.store, 10).await;
     for _ in 0..10 {
         ready_warm(&*h.store, &pool, drone).await;
     }
