@@ -146,7 +146,11 @@ async fn connect_once(
                         &old.state,
                         "key lease expired and the key was taken over".into(),
                     );
-                    if !state.store.take_over_expired_key(&key_ref, &lost).await? {
+                    if !state
+                        .store
+                        .take_over_expired_key(&key_ref, &old.id, &lost)
+                        .await?
+                    {
                         return Err(ConnectError::FailedToRemoveKey);
                     }
                     tracing::info!(key = %key.name, namespace = %key.namespace, backend = %old.id, "Took over an expired key");

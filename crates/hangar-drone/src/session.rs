@@ -263,9 +263,10 @@ impl Writer<'_> {
                 return true;
             }
         };
-        let stuck = oldest.is_some() && oldest == self.oldest_unacked;
-        self.oldest_unacked = oldest;
-        let Some(oldest) = oldest.filter(|_| stuck) else {
+        let stuck = oldest.filter(|_| oldest == self.oldest_unacked);
+        // After a resend the next check only takes note again: a resent event gets a whole interval.
+        self.oldest_unacked = if stuck.is_some() { None } else { oldest };
+        let Some(oldest) = stuck else {
             return true;
         };
         tracing::warn!(
@@ -273,7 +274,6 @@ impl Writer<'_> {
             "Backend events unacked for {EVENT_RESEND_INTERVAL:?}; sending them again"
         );
         self.sent_up_to = oldest - 1;
-        self.oldest_unacked = None;
         self.send_events(newest).await
     }
 

@@ -108,11 +108,17 @@ pub trait Store: Send + Sync + 'static {
     /// Looks up a key. A key whose lease has expired on the store clock is reported as `Expired`.
     async fn key_lookup(&self, key: &KeyRef) -> StoreResult<KeyLookup>;
 
-    /// Takes an expired key over, in one transaction: deletes the key row only if it is still expired
-    /// and records `lost` (a `terminated` state) for the backend that held it, so the key is never
-    /// free while its last holder is recorded live. `false` when the key was renewed or re-acquired
-    /// meanwhile (the caller retries its connect).
-    async fn take_over_expired_key(&self, key: &KeyRef, lost: &BackendState) -> StoreResult<bool>;
+    /// Takes an expired key from `holder` (as [`Store::key_lookup`] reported it), in one transaction:
+    /// deletes the key row only if `holder` still holds it with an expired lease, and records `lost` (a
+    /// `terminated` state) for `holder`, so the key is never free while its last holder is recorded
+    /// live. `false` when the key was renewed or changed hands meanwhile (the caller retries its
+    /// connect).
+    async fn take_over_expired_key(
+        &self,
+        key: &KeyRef,
+        holder: &BackendId,
+        lost: &BackendState,
+    ) -> StoreResult<bool>;
 
     /// In one transaction: inserts the backend, its key lease (expires at now + lease), its initial
     /// `scheduled` state (history + event), and the `Spawn` action for the chosen drone (with the fencing

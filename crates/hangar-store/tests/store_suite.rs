@@ -552,7 +552,10 @@ mod suite {
         }
         // A live key is not taken over, and its holder is left as it was.
         let lost = lost_state("taken over");
-        assert!(!store.take_over_expired_key(&kref, &lost).await.unwrap());
+        assert!(!store
+            .take_over_expired_key(&kref, &nb.id, &lost)
+            .await
+            .unwrap());
         assert_eq!(
             store.backend(&nb.id).await.unwrap().unwrap().state,
             BackendState::Scheduled
@@ -563,17 +566,32 @@ mod suite {
             store.key_lookup(&kref).await.unwrap(),
             KeyLookup::Expired { .. }
         ));
+        // Named with another holder (the key changed hands since it was looked up): not taken.
+        assert!(!store
+            .take_over_expired_key(&kref, &BackendId::random(), &lost)
+            .await
+            .unwrap());
+        assert!(matches!(
+            store.key_lookup(&kref).await.unwrap(),
+            KeyLookup::Expired { .. }
+        ));
         // Taken over: the key is free and, in the same step, its holder is recorded lost (and
         // announced, so that proxies cut its tunnels before a new holder exists).
         let mut events = store.events().subscribe();
-        assert!(store.take_over_expired_key(&kref, &lost).await.unwrap());
+        assert!(store
+            .take_over_expired_key(&kref, &nb.id, &lost)
+            .await
+            .unwrap());
         assert_eq!(store.key_lookup(&kref).await.unwrap(), KeyLookup::Missing);
         assert_eq!(store.backend(&nb.id).await.unwrap().unwrap().state, lost);
         assert_eq!(
             published_states(&mut events),
             vec![(nb.id.clone(), lost.clone())]
         );
-        assert!(!store.take_over_expired_key(&kref, &lost).await.unwrap());
+        assert!(!store
+            .take_over_expired_key(&kref, &nb.id, &lost)
+            .await
+            .unwrap());
 
         // The key can be taken again by a new backend; the old backend row is kept.
         let mut next = new_backend(drone, "room");
@@ -1062,7 +1080,7 @@ mod suite {
         let kref = KeyRef::from(&old.key);
         h.advance(KEY_LEASE + Duration::from_secs(1));
         assert!(store
-            .take_over_expired_key(&kref, &lost_state("taken over"))
+            .take_over_expired_key(&kref, &old.id, &lost_state("taken over"))
             .await
             .unwrap());
         let new = acquired(store, drone, "shared").await;
@@ -2258,7 +2276,11 @@ mod suite {
         h.advance(KEY_LEASE + Duration::from_secs(1));
         assert_eq!(ids(&lost(100).await.unwrap()), vec![on_healthy.id.clone()]);
         assert!(store
-            .take_over_expired_key(&KeyRef::from(&on_healthy.key), &lost_state("taken over"))
+            .take_over_expired_key(
+                &KeyRef::from(&on_healthy.key),
+                &on_healthy.id,
+                &lost_state("taken over"),
+            )
             .await
             .unwrap());
         assert!(lost(100).await.unwrap().is_empty());

@@ -46,33 +46,35 @@ pub(super) async fn key_lookup(s: &S, key: &KeyRef) -> StoreResult<KeyLookup> {
     })
 }
 
-/// Takes an expired key from its holder in one transaction: deletes the key row only if it is still
-/// expired (re-checked under the row lock: a key renewed or re-acquired meanwhile is kept) and records
-/// `lost` for the backend that held it (applied like any state: not over a terminated one). One
-/// transaction, so a failure leaves the key with its holder instead of freeing it unrecorded, and the
-/// holder's `terminated` event (which makes proxies cut its tunnels) is out when the key is free.
+/// Takes an expired key from `holder` in one transaction: deletes the key row only if `holder` still
+/// holds it and its lease is still expired (re-checked under the row lock: a key renewed or
+/// re-acquired meanwhile is kept) and records `lost` for `holder` (applied like any state: not over a
+/// terminated one). One transaction, so a failure leaves the key with its holder instead of freeing it
+/// unrecorded, and the holder's `terminated` event (which makes proxies cut its tunnels) is out when
+/// the key is free.
 pub(super) async fn take_over_expired_key(
     s: &S,
     key: &KeyRef,
+    holder: &BackendId,
     lost: &BackendState,
 ) -> StoreResult<bool> {
     let clock = s.clock();
     let mut tx = s.writer.begin().await?;
-    let holder: Option<String> = sqlx::query_scalar(sql!(
-        "DELETE FROM backend_key WHERE namespace = $2 AND name = $3 AND expires_at <= {now} \
-         RETURNING backend_id"
+    let deleted = sqlx::query(sql!(
+        "DELETE FROM backend_key \
+         WHERE namespace = $2 AND name = $3 AND backend_id = $4 AND expires_at <= {now}"
     ))
     .bind(clock)
     .bind(&key.namespace)
     .bind(&key.name)
-    .fetch_optional(&mut *tx)
+    .bind(holder.as_str())
+    .execute(&mut *tx)
     .await?;
-    let Some(holder) = holder else {
+    if deleted.rows_affected() == 0 {
         tx.rollback().await?;
         return Ok(false);
-    };
-    let holder: BackendId = parse("backend id", &holder)?;
-    let (_, events) = record_states(&mut tx, clock, &[(holder, lost.clone())]).await?;
+    }
+    let (_, events) = record_states(&mut tx, clock, &[(holder.clone(), lost.clone())]).await?;
     commit(s, tx, events).await?;
     Ok(true)
 }

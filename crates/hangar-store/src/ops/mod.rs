@@ -93,7 +93,7 @@ impl_store! {
     clock::now() -> Millis;
     clock::health() -> ();
     backends::key_lookup(key: &KeyRef) -> KeyLookup;
-    backends::take_over_expired_key(key: &KeyRef, lost: &BackendState) -> bool;
+    backends::take_over_expired_key(key: &KeyRef, holder: &BackendId, lost: &BackendState) -> bool;
     backends::insert_backend_with_key(new: NewBackend) -> Acquire;
     tokens::insert_token(token: NewToken) -> ();
     tokens::revoke_tokens(backend: &BackendId, user: &str) -> Vec<ConnectionToken>;
