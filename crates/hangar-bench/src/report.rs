@@ -66,6 +66,12 @@ impl Summary {
         })
     }
 
+    /// Summarises durations in microseconds.
+    pub fn of_micros(samples: &[Duration]) -> Option<Summary> {
+        let us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+        Summary::of(&us)
+    }
+
     /// One measured value (a rate, a memory size): every statistic is that value.
     pub fn single(value: f64) -> Summary {
         Summary {
@@ -144,8 +150,32 @@ impl Report {
 
     /// Adds durations as microseconds.
     pub fn add_micros(&mut self, name: &str, samples: &[Duration], baseline: Option<&str>) {
-        let us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
-        self.add(name, Unit::Microseconds, &us, baseline);
+        if let Some(summary) = Summary::of_micros(samples) {
+            self.push(name, Unit::Microseconds, summary, baseline);
+        }
+    }
+
+    /// Adds the latency a proxy adds, in µs: `<proxy>_added_p50` and `<proxy>_added_p99`, its
+    /// percentile minus `direct`'s, with `<baseline>_added_p50` / `_p99` as baselines when given.
+    pub fn add_added_latency(
+        &mut self,
+        proxy: &str,
+        latency: &Summary,
+        direct: &Summary,
+        baseline: Option<&str>,
+    ) {
+        for (metric, added) in [
+            ("added_p50", latency.median - direct.median),
+            ("added_p99", latency.p99 - direct.p99),
+        ] {
+            let baseline = baseline.map(|b| format!("{b}_{metric}"));
+            self.add_value(
+                &format!("{proxy}_{metric}"),
+                Unit::Microseconds,
+                added,
+                baseline.as_deref(),
+            );
+        }
     }
 
     /// Adds a single value.

@@ -106,40 +106,21 @@ fn add_pass(report: &mut Report, pass: &Pass) {
             );
         }
     }
-    let Some(direct) = find("direct").and_then(|(_, m)| micros_summary(&m.load)) else {
+    let Some(direct) = find("direct").and_then(|(_, m)| Summary::of_micros(&m.load.latencies))
+    else {
         return;
     };
+    let nginx = nginx_ran.then(|| format!("{p}nginx"));
     for (name, measured) in &pass.targets {
         let Some(s) = (*name != "direct")
-            .then(|| micros_summary(&measured.load))
+            .then(|| Summary::of_micros(&measured.load.latencies))
             .flatten()
         else {
             continue;
         };
-        for (metric, added) in [
-            ("added_p50", s.median - direct.median),
-            ("added_p99", s.p99 - direct.p99),
-        ] {
-            let baseline = (*name == "hangar")
-                .then(|| hangar_baseline(metric))
-                .flatten();
-            report.add_value(
-                &format!("{p}{name}_{metric}"),
-                Unit::Microseconds,
-                added,
-                baseline.as_deref(),
-            );
-        }
+        let baseline = (*name == "hangar").then_some(nginx.as_deref()).flatten();
+        report.add_added_latency(&format!("{p}{name}"), &s, &direct, baseline);
     }
-}
-
-fn micros_summary(outcome: &LoadOutcome) -> Option<Summary> {
-    let us: Vec<f64> = outcome
-        .latencies
-        .iter()
-        .map(|d| d.as_secs_f64() * 1e6)
-        .collect();
-    Summary::of(&us)
 }
 
 async fn measure(
@@ -166,7 +147,7 @@ async fn measure(
     ];
     let nginx = match nginx::find() {
         Some(binary) => {
-            let nginx = Nginx::start(&binary, free_port().await?, backend).await?;
+            let nginx = Nginx::start(&binary, free_port().await?, backend, concurrency).await?;
             targets.push(Target {
                 name: "nginx",
                 http: HttpTarget {

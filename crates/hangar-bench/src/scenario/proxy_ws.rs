@@ -1,9 +1,16 @@
-//! `proxy-ws`: N concurrent WebSockets to one test backend's echo endpoint, through Hangar's proxy and
-//! directly.
+//! `proxy-ws`: N concurrent WebSockets to one test backend's echo endpoint, directly, through Hangar's
+//! proxy and through nginx (when `nginx` is on `PATH`).
 //!
-//! - `hangar_rtt` / `direct_rtt`: every connection sends R small text messages, one every 100 ms
-//!   (starts spread over the first 100 ms, so N connections make a steady 10·N messages per second),
-//!   each timed until its echo arrives; one sample per round trip.
+//! - `direct_rtt` / `hangar_rtt` / `nginx_rtt`: every connection sends R small text messages, one
+//!   every 100 ms (starts spread over the first 100 ms, so N connections make a steady 10·N messages
+//!   per second), each timed until its echo arrives; one sample per round trip. The targets are
+//!   measured one after the other, in that order, each with the same N and R after the same warm-up,
+//!   while the others are idle. `hangar_rtt` and `nginx_rtt` have `direct_rtt` as baseline;
+//!   `*_added_p50` / `*_added_p99` are a proxy's percentile minus direct's (Hangar's with nginx's as
+//!   baseline when nginx ran, as in `proxy-http`), and `hangar_rtt_p50_vs_nginx` is Hangar's median
+//!   with `nginx_rtt` as baseline (its ratio is Hangar's p50 over nginx's).
+//! - nginx is the `proxy-http` configuration ([`crate::nginx`]): one worker per CPU, WebSocket
+//!   upgrades forwarded to the same backend.
 //! - Memory: the proxy runs as its own process (`hangar proxy`, the binary of this build's profile) so
 //!   its resident memory (`VmRSS` of `/proc/<pid>/status`) can be read alone: at 0 open WebSockets
 //!   (after a warm-up) and with M open idle ones (`--idle-tunnels`, default 5000, opened and closed
@@ -15,10 +22,11 @@
 //! The controller and drone run in this process and are idle during the measurement.
 
 use super::{run_id, test_backend_executable, BenchOptions};
+use crate::nginx::{self, Nginx};
 use crate::process_usage::{rss_bytes, Pid};
 use crate::proxy_process::SystemWithProxyProcess;
-use crate::report::{Report, Unit};
-use crate::system::{StoreKind, WAIT};
+use crate::report::{Report, Summary, Unit};
+use crate::system::{free_port, StoreKind, WAIT};
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use std::time::{Duration, Instant};
@@ -38,8 +46,8 @@ const ROUND_TRIP_INTERVAL: Duration = Duration::from_millis(100);
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 struct Measured {
-    proxy_rtt: Vec<Duration>,
-    direct_rtt: Vec<Duration>,
+    /// Round-trip samples per target, in the order measured: direct, hangar, nginx (if it ran).
+    rtt: Vec<(&'static str, Vec<Duration>)>,
     rss_idle: u64,
     rss_open: u64,
 }
@@ -56,13 +64,17 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     report.param("store", store.as_str());
 
     let mut running = SystemWithProxyProcess::start(store).await?;
-    let measured = measure(&mut running, n, round_trips, idle_tunnels).await;
+    let sizes = Sizes {
+        n,
+        round_trips,
+        idle_tunnels,
+    };
+    let measured = measure(&mut running, sizes, &mut report).await;
     let binary = running.binary.clone();
     running.shutdown().await;
     let m = measured?;
 
-    report.add_micros("direct_rtt", &m.direct_rtt, None);
-    report.add_micros("hangar_rtt", &m.proxy_rtt, Some("direct_rtt"));
+    add_round_trips(&mut report, &m.rtt);
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     report.add_value("proxy_rss_idle", Unit::Mebibytes, mib(m.rss_idle), None);
     report.add_value(
@@ -88,11 +100,49 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-async fn measure(
-    running: &mut SystemWithProxyProcess,
+#[derive(Clone, Copy)]
+struct Sizes {
     n: usize,
     round_trips: usize,
     idle_tunnels: usize,
+}
+
+/// Every target's RTT with `direct_rtt` as baseline, then the latency each proxy adds (Hangar's
+/// against nginx's when nginx ran).
+fn add_round_trips(report: &mut Report, rtt: &[(&'static str, Vec<Duration>)]) {
+    for (name, samples) in rtt {
+        let baseline = (*name != "direct").then_some("direct_rtt");
+        report.add_micros(&format!("{name}_rtt"), samples, baseline);
+    }
+    let summary = |target: &str| {
+        rtt.iter()
+            .find(|(name, _)| *name == target)
+            .and_then(|(_, samples)| Summary::of_micros(samples))
+    };
+    let nginx = summary("nginx");
+    if let (Some(hangar), Some(_)) = (summary("hangar"), nginx) {
+        report.add_value(
+            "hangar_rtt_p50_vs_nginx",
+            Unit::Microseconds,
+            hangar.median,
+            Some("nginx_rtt"),
+        );
+    }
+    let Some(direct) = summary("direct") else {
+        return;
+    };
+    for name in ["hangar", "nginx"] {
+        if let Some(s) = summary(name) {
+            let baseline = (name == "hangar" && nginx.is_some()).then_some("nginx");
+            report.add_added_latency(name, &s, &direct, baseline);
+        }
+    }
+}
+
+async fn measure(
+    running: &mut SystemWithProxyProcess,
+    sizes: Sizes,
+    report: &mut Report,
 ) -> anyhow::Result<Measured> {
     let key = format!("proxy-ws-{}", run_id());
     let executable = test_backend_executable(&[])?;
@@ -105,23 +155,53 @@ async fn measure(
     // idle reading.
     close_all(open(&proxy_url, WARM_UP_CONNECTIONS).await?).await;
     let rss_idle = rss_bytes(pid)?;
-    let idle = open(&proxy_url, idle_tunnels).await?;
+    let idle = open(&proxy_url, sizes.idle_tunnels).await?;
     let rss_open = rss_bytes(pid)?;
     close_all(idle).await;
 
-    let mut sockets = open(&proxy_url, n).await?;
-    let proxy_rtt = round_trip_all(&mut sockets, round_trips).await?;
-    close_all(sockets).await;
-
-    let mut sockets = open(&direct_url, n).await?;
-    let direct_rtt = round_trip_all(&mut sockets, round_trips).await?;
-    close_all(sockets).await;
+    let nginx = match nginx::find() {
+        Some(binary) => Some(Nginx::start(&binary, free_port().await?, backend, sizes.n).await?),
+        None => {
+            report.note("nginx skipped: `nginx` is not on PATH");
+            None
+        }
+    };
+    let mut targets = vec![("direct", direct_url), ("hangar", proxy_url)];
+    if let Some(nginx) = &nginx {
+        targets.push(("nginx", format!("ws://{}/ws", nginx.addr)));
+    }
+    // On an error nginx is dropped, which kills it.
+    let mut rtt = Vec::new();
+    for (name, url) in targets {
+        let samples = measure_target(&url, sizes).await;
+        let samples = match &nginx {
+            Some(nginx) if name == "nginx" => samples
+                .with_context(|| format!("nginx's error log ends: {}", nginx.error_log_tail(3))),
+            _ => samples,
+        };
+        rtt.push((
+            name,
+            samples.with_context(|| format!("{name}: round trips"))?,
+        ));
+    }
+    if let Some(nginx) = nginx {
+        nginx.stop().await;
+    }
     Ok(Measured {
-        proxy_rtt,
-        direct_rtt,
+        rtt,
         rss_idle,
         rss_open,
     })
+}
+
+/// A warm-up (a few WebSockets opened, used and closed), then `n` WebSockets doing `round_trips`
+/// timed echoes each.
+async fn measure_target(url: &str, sizes: Sizes) -> anyhow::Result<Vec<Duration>> {
+    close_all(open(url, WARM_UP_CONNECTIONS).await?).await;
+    let mut sockets = open(url, sizes.n).await?;
+    let samples = round_trip_all(&mut sockets, sizes.round_trips).await;
+    close_all(sockets).await;
+    samples
 }
 
 /// Opens `n` WebSockets to `url` (a few at a time), each checked with one echo.
