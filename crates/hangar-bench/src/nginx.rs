@@ -197,6 +197,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn plain_requests_reuse_upstream_connections_and_websockets_upgrade() {
         let Some(binary) = find() else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "nginx is not on PATH; under CI this test needs it"
+            );
             eprintln!("nginx is not on PATH; nothing to check");
             return;
         };

@@ -209,6 +209,9 @@ async fn proxy_ws_scenario_reports_round_trips_and_memory() {
     })
     .await;
     check_each(&report, &["direct_rtt", "hangar_rtt"], 6);
+    if hangar_bench::nginx::find().is_some() {
+        check(&report, "nginx_rtt", 6);
+    }
     let memory = [
         "proxy_rss_idle",
         "proxy_rss_with_3_ws",
