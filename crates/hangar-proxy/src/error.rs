@@ -143,7 +143,8 @@ impl ProxyError {
         }
         let mut response = text_response(self.status(), &format!("{self}\n"));
         if let Some(backend) = self.backend() {
-            crate::headers::set_backend_id(response.headers_mut(), backend);
+            let value = crate::headers::backend_id_value(backend);
+            crate::headers::set_backend_id(response.headers_mut(), &value);
         }
         response
     }

@@ -1,6 +1,7 @@
 //! Header rules of the proxy: host/subdomain matching against a route's cluster, the `x-verified-*`
 //! and `x-forwarded-*` headers sent to backends, and the general headers (server, CORS, backend id)
-//! put on every response. Pure functions over `HeaderMap`s; no IO.
+//! put on every response, and the header values a route prepares once for all its requests
+//! ([`PreparedRoute`]). Pure functions over `HeaderMap`s; no IO.
 
 use hangar_types::protocol::RouteInfo;
 use hangar_types::BackendId;
@@ -108,16 +109,82 @@ pub(crate) fn check_host(host: &str, route: &RouteInfo) -> Result<(), HostMismat
 #[error("the token's user name cannot be sent as a header value")]
 pub(crate) struct InvalidUserHeader;
 
+/// A route with the header values it puts on every request to its backend and every response from
+/// it, made once when the route arrives rather than on each request (the user data is a JSON
+/// serialization; the others are copies). Reads as the [`RouteInfo`] it was made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PreparedRoute {
+    info: RouteInfo,
+    user: Result<VerifiedUser, InvalidUserHeader>,
+    backend_id: HeaderValue,
+    secret: HeaderValue,
+}
+
+/// `x-verified-username` and `x-verified-user-data`, when the token has them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VerifiedUser {
+    username: Option<HeaderValue>,
+    user_data: Option<HeaderValue>,
+}
+
+impl PreparedRoute {
+    pub(crate) fn new(info: RouteInfo) -> PreparedRoute {
+        let username = info
+            .user
+            .as_ref()
+            .map(|user| HeaderValue::from_bytes(user.as_bytes()).map_err(|_| InvalidUserHeader))
+            .transpose();
+        // Compact JSON escapes control characters, so this is always a valid header value.
+        let user_data = info
+            .user_data
+            .as_ref()
+            .map(|data| {
+                let json = serde_json::Value::Object(data.clone()).to_string();
+                HeaderValue::from_bytes(json.as_bytes()).map_err(|_| InvalidUserHeader)
+            })
+            .transpose();
+        let user = username.and_then(|username| {
+            Ok(VerifiedUser {
+                username,
+                user_data: user_data?,
+            })
+        });
+        let secret = HeaderValue::from_str(info.secret_token.as_str())
+            .unwrap_or(HeaderValue::from_static(""));
+        PreparedRoute {
+            backend_id: backend_id_value(&info.backend_id),
+            secret,
+            user,
+            info,
+        }
+    }
+
+    /// The value of the backend-id headers on responses.
+    pub(crate) fn backend_id_value(&self) -> &HeaderValue {
+        &self.backend_id
+    }
+}
+
+impl std::ops::Deref for PreparedRoute {
+    type Target = RouteInfo;
+
+    fn deref(&self) -> &RouteInfo {
+        &self.info
+    }
+}
+
 /// Rewrites request headers for the backend: removes every incoming `x-verified-*` header, then sets
-/// the verified headers from the route and the `x-forwarded-*` headers (overwriting incoming values).
-/// Every other header passes through unchanged.
+/// the verified headers from the route and the `x-forwarded-*` headers (overwriting incoming values;
+/// `forwarded_for` is the client's address as a header value). Every other header passes through
+/// unchanged.
 pub(crate) fn set_backend_request_headers(
     headers: &mut HeaderMap,
-    route: &RouteInfo,
+    route: &PreparedRoute,
     original_path: &str,
-    peer: IpAddr,
+    forwarded_for: &HeaderValue,
     https: bool,
 ) -> Result<(), InvalidUserHeader> {
+    let user = route.user.as_ref().map_err(Clone::clone)?;
     let spoofed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| name.as_str().starts_with(VERIFIED_PREFIX))
@@ -126,44 +193,38 @@ pub(crate) fn set_backend_request_headers(
     for name in spoofed {
         headers.remove(name);
     }
-    if let Some(user) = &route.user {
-        let value = HeaderValue::from_bytes(user.as_bytes()).map_err(|_| InvalidUserHeader)?;
-        headers.insert(X_VERIFIED_USERNAME, value);
+    if let Some(username) = &user.username {
+        headers.insert(X_VERIFIED_USERNAME, username.clone());
     }
-    if let Some(data) = &route.user_data {
-        // Compact JSON escapes control characters, so this is always a valid header value.
-        let json = serde_json::Value::Object(data.clone()).to_string();
-        let value = HeaderValue::from_bytes(json.as_bytes()).map_err(|_| InvalidUserHeader)?;
-        headers.insert(X_VERIFIED_USER_DATA, value);
+    if let Some(user_data) = &user.user_data {
+        headers.insert(X_VERIFIED_USER_DATA, user_data.clone());
     }
     // The path comes from a parsed URI, so it only holds valid header characters; be safe anyway.
     if let Ok(value) = HeaderValue::from_str(original_path) {
         headers.insert(X_VERIFIED_PATH, value);
     }
-    headers.insert(X_VERIFIED_BACKEND, backend_id_value(&route.backend_id));
-    let secret =
-        HeaderValue::from_str(route.secret_token.as_str()).unwrap_or(HeaderValue::from_static(""));
-    headers.insert(X_VERIFIED_SECRET, secret);
-    headers.insert(X_FORWARDED_FOR, ip_value(peer));
+    headers.insert(X_VERIFIED_BACKEND, route.backend_id.clone());
+    headers.insert(X_VERIFIED_SECRET, route.secret.clone());
+    headers.insert(X_FORWARDED_FOR, forwarded_for.clone());
     let proto = if https { "https" } else { "http" };
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     Ok(())
 }
 
-fn ip_value(ip: IpAddr) -> HeaderValue {
+/// `x-forwarded-for`'s value for a client at `ip`.
+pub(crate) fn forwarded_for_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
-fn backend_id_value(backend: &BackendId) -> HeaderValue {
+pub(crate) fn backend_id_value(backend: &BackendId) -> HeaderValue {
     // Backend ids are validated to `[a-z0-9-]`.
     HeaderValue::from_str(backend.as_str()).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
-/// Marks a response as coming from (or on behalf of) `backend`.
-pub(crate) fn set_backend_id(headers: &mut HeaderMap, backend: &BackendId) {
-    let value = backend_id_value(backend);
+/// Marks a response as coming from (or on behalf of) the backend whose id `value` holds.
+pub(crate) fn set_backend_id(headers: &mut HeaderMap, value: &HeaderValue) {
     headers.insert(X_PLANE_BACKEND_ID, value.clone());
-    headers.insert(X_HANGAR_BACKEND_ID, value);
+    headers.insert(X_HANGAR_BACKEND_ID, value.clone());
 }
 
 /// Headers on every response the proxy returns: `server` (overwriting the backend's) and permissive
@@ -311,9 +372,9 @@ mod tests {
         h.insert("cookie", HeaderValue::from_static("a=b"));
         set_backend_request_headers(
             &mut h,
-            &route(None),
+            &PreparedRoute::new(route(None)),
             "/tok/x",
-            "10.1.2.3".parse().unwrap(),
+            &forwarded_for_value("10.1.2.3".parse().unwrap()),
             false,
         )
         .unwrap();
@@ -328,20 +389,48 @@ mod tests {
         assert_eq!(h["cookie"], "a=b");
         assert_eq!(h.get_all("x-verified-username").iter().count(), 1);
 
+        let v6 = forwarded_for_value("::1".parse().unwrap());
         let mut r = route(None);
         r.user = Some("bad\nname".into());
+        let before = h.clone();
         assert_eq!(
-            set_backend_request_headers(&mut h, &r, "/", "::1".parse().unwrap(), true),
+            set_backend_request_headers(&mut h, &PreparedRoute::new(r), "/", &v6, true),
             Err(InvalidUserHeader)
         );
+        assert_eq!(h, before, "a refused route leaves the headers alone");
         let mut r = route(None);
         r.user = None;
         r.user_data = None;
         let mut h = HeaderMap::new();
-        set_backend_request_headers(&mut h, &r, "/", "::1".parse().unwrap(), true).unwrap();
+        set_backend_request_headers(&mut h, &PreparedRoute::new(r), "/", &v6, true).unwrap();
+        assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert!(h.get("x-verified-username").is_none());
         assert!(h.get("x-verified-user-data").is_none());
+    }
+
+    #[test]
+    fn every_request_of_a_route_shares_the_values_prepared_for_it() {
+        let route = PreparedRoute::new(route(None));
+        let client = forwarded_for_value("10.1.2.3".parse().unwrap());
+        let (mut first, mut second) = (HeaderMap::new(), HeaderMap::new());
+        set_backend_request_headers(&mut first, &route, "/a", &client, false).unwrap();
+        set_backend_request_headers(&mut second, &route, "/b", &client, false).unwrap();
+        // The same bytes, not equal copies: nothing was serialized or copied for the second request.
+        for name in [
+            X_VERIFIED_USERNAME,
+            X_VERIFIED_USER_DATA,
+            X_VERIFIED_BACKEND,
+            X_VERIFIED_SECRET,
+            X_FORWARDED_FOR,
+        ] {
+            assert_eq!(
+                first[&name].as_bytes().as_ptr(),
+                second[&name].as_bytes().as_ptr(),
+                "{name}"
+            );
+        }
+        assert_eq!(second["x-verified-path"], "/b");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! it), so abandoned lookups are not re-sent forever. Must not: do IO or block; the lock is never held
 //! across an await.
 
+use crate::headers::PreparedRoute;
 use crate::prometheus::RouteCacheCounters;
 use hangar_types::protocol::RouteInfo;
 use hangar_types::timing::ROUTE_LEASE_MARGIN;
@@ -42,7 +43,7 @@ pub(crate) const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// The outcome of a lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Route {
-    Found(Arc<RouteInfo>),
+    Found(Arc<PreparedRoute>),
     Gone(GoneReason),
 }
 
@@ -67,7 +68,7 @@ pub(crate) enum LookupError {
 
 enum Entry {
     Found {
-        route: Arc<RouteInfo>,
+        route: Arc<PreparedRoute>,
         last_used: u64,
         /// The end of the backend's key lease as known when this entry was last checked; `None`:
         /// unbounded (a backend without a key).
@@ -233,7 +234,7 @@ impl RouteCache {
                 if let Some(until) = until {
                     st.extend_lease(&r.backend_id, until);
                 }
-                let route = Arc::new(r);
+                let route = Arc::new(PreparedRoute::new(r));
                 st.insert_found(token, route.clone(), until, self.capacity);
                 Route::Found(route)
             }
@@ -393,7 +394,7 @@ impl CacheState {
     fn insert_found(
         &mut self,
         token: ConnectionToken,
-        route: Arc<RouteInfo>,
+        route: Arc<PreparedRoute>,
         until: Option<Instant>,
         capacity: usize,
     ) {
@@ -584,10 +585,30 @@ mod tests {
             let cache = RouteCache::new(Arc::new(Notify::new()));
             {
                 let mut st = cache.lock();
-                st.insert_found(tok("a"), Arc::new(route("b1")), None, 100);
-                st.insert_found(tok("b"), Arc::new(route("b1")), None, 100);
-                st.insert_found(tok("c"), Arc::new(route("b2")), None, 100);
-                st.insert_found(tok("d"), Arc::new(route("b3")), None, 100);
+                st.insert_found(
+                    tok("a"),
+                    Arc::new(PreparedRoute::new(route("b1"))),
+                    None,
+                    100,
+                );
+                st.insert_found(
+                    tok("b"),
+                    Arc::new(PreparedRoute::new(route("b1"))),
+                    None,
+                    100,
+                );
+                st.insert_found(
+                    tok("c"),
+                    Arc::new(PreparedRoute::new(route("b2"))),
+                    None,
+                    100,
+                );
+                st.insert_found(
+                    tok("d"),
+                    Arc::new(PreparedRoute::new(route("b3"))),
+                    None,
+                    100,
+                );
             }
             cache.remove_backend(&"b1".parse().unwrap());
             assert_eq!(
@@ -691,11 +712,21 @@ mod tests {
         let cache = RouteCache::with_capacity(Arc::new(Notify::new()), 10);
         let mut st = cache.lock();
         for i in 0..10 {
-            st.insert_found(tok(&i.to_string()), Arc::new(route("b1")), None, 10);
+            st.insert_found(
+                tok(&i.to_string()),
+                Arc::new(PreparedRoute::new(route("b1"))),
+                None,
+                10,
+            );
         }
         // Touch "0" so it is the most recently used.
         assert!(st.cached(&tok("0")).is_some());
-        st.insert_found(tok("new"), Arc::new(route("b1")), None, 10);
+        st.insert_found(
+            tok("new"),
+            Arc::new(PreparedRoute::new(route("b1"))),
+            None,
+            10,
+        );
         assert_eq!(st.entries.len(), 9);
         assert!(st.entries.contains_key(&tok("0")));
         assert!(st.entries.contains_key(&tok("new")));

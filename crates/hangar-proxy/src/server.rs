@@ -11,7 +11,7 @@
 
 use crate::activity::{ActivityIo, ConnectionActivity};
 use crate::config::{ProxyConfig, DEFAULT_MAX_HEADERS};
-use crate::headers::apply_general_headers;
+use crate::headers::{apply_general_headers, forwarded_for_value};
 use crate::service::handle_request;
 use crate::upstream::KeptConnection;
 use crate::ProxyState;
@@ -67,6 +67,9 @@ pub(crate) enum ListenerRole {
 /// A client connection, as the request pipeline sees it.
 pub(crate) struct ClientConnection {
     pub(crate) peer: SocketAddr,
+    /// `x-forwarded-for` for this connection's requests: the peer's address (an IPv4 address
+    /// mapped into IPv6 as the IPv4 address).
+    pub(crate) forwarded_for: HeaderValue,
     pub(crate) activity: Arc<ConnectionActivity>,
     pub(crate) role: ListenerRole,
     /// The backend connection this client connection's plain requests go to, once it has one.
@@ -192,6 +195,7 @@ async fn serve_client(
     };
     let client = Arc::new(ClientConnection {
         peer,
+        forwarded_for: forwarded_for_value(peer.ip().to_canonical()),
         activity: activity.clone(),
         role,
         kept_upstream: KeptConnection::default(),

@@ -10,14 +10,13 @@ use crate::body_limit::{LimitedBody, Tripped};
 use crate::error::{empty_response, full_body, BoxError, ProxyBody, ProxyError};
 use crate::headers::{
     apply_general_headers, check_host, is_upgrade_request, is_websocket_upgrade, set_backend_id,
-    set_backend_request_headers,
+    set_backend_request_headers, PreparedRoute,
 };
 use crate::route_cache::{LookupError, Route};
 use crate::server::{ClientConnection, ListenerRole};
 use crate::upgrade::Tunnel;
 use crate::ProxyState;
 use bytes::Bytes;
-use hangar_types::protocol::RouteInfo;
 use hangar_types::token::ConnectionToken;
 use http::header::{HOST, LOCATION};
 use http::uri::PathAndQuery;
@@ -223,7 +222,7 @@ async fn forward(
     state: &ProxyState,
     client: &Arc<ClientConnection>,
     mut req: Request<Incoming>,
-    route: &RouteInfo,
+    route: &PreparedRoute,
     target: TokenPath,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let backend = &route.backend_id;
@@ -233,13 +232,12 @@ async fn forward(
     let multiplexed = req.version() == Version::HTTP_2;
     let (mut parts, body) = req.into_parts();
 
-    let client_ip = client.peer.ip().to_canonical();
     let https = client.role == ListenerRole::Https;
     set_backend_request_headers(
         &mut parts.headers,
         route,
         &target.original_path,
-        client_ip,
+        &client.forwarded_for,
         https,
     )
     .map_err(|source| ProxyError::InvalidRoute {
@@ -312,7 +310,7 @@ async fn forward(
             .boxed()
         }),
     };
-    set_backend_id(response.headers_mut(), backend);
+    set_backend_id(response.headers_mut(), route.backend_id_value());
     Ok(response)
 }
 
