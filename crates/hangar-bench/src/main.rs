@@ -39,6 +39,10 @@ struct Args {
     /// Round trips per WebSocket for `proxy-ws`.
     #[arg(long)]
     round_trips: Option<usize>,
+    /// `proxy-http`: send each target's N requests in this many rounds, the targets taking turns
+    /// (default 3).
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Idle WebSockets `proxy-ws` holds open for its memory reading (default 5000).
     #[arg(long)]
     idle_tunnels: Option<usize>,
@@ -93,6 +97,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         executor: args.executor,
         drones: args.drones,
         round_trips: args.round_trips,
+        rounds: args.rounds,
         idle_tunnels: args.idle_tunnels,
         steady_seconds: args.steady_seconds,
         backend_logs_per_s: args.backend_logs_per_s,

@@ -76,6 +76,10 @@ pub struct BenchOptions {
     pub drones: Option<usize>,
     /// Round trips per WebSocket in `proxy-ws`.
     pub round_trips: Option<usize>,
+    /// `proxy-http`: the N requests of each target are sent in this many rounds, the targets taking
+    /// turns round by round, so a machine that speeds up or slows down during the run moves every
+    /// target alike.
+    pub rounds: Option<usize>,
     /// Idle WebSockets held open for the memory reading of `proxy-ws`.
     pub idle_tunnels: Option<usize>,
     /// Length of the steady-state CPU window of `control-plane`, in seconds.

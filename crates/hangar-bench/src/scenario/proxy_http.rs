@@ -8,7 +8,12 @@
 //! - `nginx`: nginx as a reverse proxy with upstream keep-alive, when `nginx` is on `PATH`.
 //!
 //! Two passes: C connections (default 16), then one connection (`c1_` metrics, N/3 requests), where
-//! latency is not queueing.
+//! latency is not queueing. Within a pass the targets take turns: each target's requests are sent in
+//! R rounds (`--rounds`, default 3), and round r starts with the target after the one that started
+//! round r − 1 (direct, hangar, nginx; then hangar, nginx, direct; …). A target's figures are over all
+//! its rounds (requests ÷ the sum of its rounds' times, CPU summed), so a machine whose speed drifts
+//! during the run (on a shared VM the direct rate moved by a third between runs) moves every target
+//! alike instead of whichever ran last.
 //!
 //! Metrics: per-request latency and requests per second of each target (ratio against direct), the
 //! latency a proxy adds at p50 and p99 (its percentile minus direct's; Hangar's ratio is against
@@ -29,6 +34,7 @@ use std::time::Duration;
 
 pub const DEFAULT_N: usize = 30_000;
 pub const DEFAULT_CONCURRENCY: usize = 16;
+pub const DEFAULT_ROUNDS: usize = 3;
 const WARM_UP_REQUESTS: usize = 500;
 
 /// One target's timed requests.
@@ -36,6 +42,26 @@ struct Measured {
     load: LoadOutcome,
     /// CPU time the proxy process(es) used during them (proxies only).
     cpu: Option<Duration>,
+}
+
+impl Measured {
+    /// `self` and a later round of the same target, as one measurement: every request's latency,
+    /// the rounds' times and CPU times summed.
+    fn and(mut self, round: Measured) -> Measured {
+        self.load.latencies.extend(round.load.latencies);
+        self.load.errors += round.load.errors;
+        self.load.elapsed += round.load.elapsed;
+        self.cpu = match (self.cpu, round.cpu) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        self
+    }
+}
+
+/// Requests of round `round` when `n` are sent in `rounds`: as even as possible, `n` in all.
+fn round_share(n: usize, rounds: usize, round: usize) -> usize {
+    n / rounds + usize::from(round < n % rounds)
 }
 
 /// All targets at one concurrency.
@@ -55,14 +81,16 @@ struct Target {
 pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
     let n = options.n.unwrap_or(DEFAULT_N);
     let concurrency = options.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1);
+    let rounds = options.rounds.unwrap_or(DEFAULT_ROUNDS).max(1);
     let store = options.store.unwrap_or(StoreKind::Sqlite);
     let mut report = Report::new("proxy-http");
     report.param("n", n);
     report.param("concurrency", concurrency);
+    report.param("rounds", rounds);
     report.param("store", store.as_str());
 
     let mut running = SystemWithProxyProcess::start(store).await?;
-    let measured = measure(&mut running, n, concurrency, &mut report).await;
+    let measured = measure(&mut running, n, concurrency, rounds, &mut report).await;
     running.shutdown().await;
     for pass in measured? {
         add_pass(&mut report, &pass);
@@ -127,6 +155,7 @@ async fn measure(
     running: &mut SystemWithProxyProcess,
     n: usize,
     concurrency: usize,
+    rounds: usize,
     report: &mut Report,
 ) -> anyhow::Result<Vec<Pass>> {
     let key = format!("proxy-http-{}", run_id());
@@ -171,13 +200,28 @@ async fn measure(
     let measured = on_load_thread(move || async move {
         let mut done = Vec::new();
         for (prefix, concurrency, n) in passes {
-            let mut measured = Vec::new();
-            for target in &targets {
-                measured.push((target.name, measure_target(target, n, concurrency).await?));
+            let mut measured: Vec<Option<Measured>> = targets.iter().map(|_| None).collect();
+            for round in 0..rounds {
+                let requests = round_share(n, rounds, round);
+                if requests == 0 {
+                    continue;
+                }
+                for turn in 0..targets.len() {
+                    let index = (round + turn) % targets.len();
+                    let this = measure_target(&targets[index], requests, concurrency).await?;
+                    let total = &mut measured[index];
+                    *total = Some(match total.take() {
+                        Some(so_far) => so_far.and(this),
+                        None => this,
+                    });
+                }
             }
+            let targets = targets.iter().zip(measured);
             done.push(Pass {
                 prefix,
-                targets: measured,
+                targets: targets
+                    .filter_map(|(target, m)| Some((target.name, m?)))
+                    .collect(),
             });
         }
         Ok(done)
@@ -228,4 +272,23 @@ async fn measure_target(target: &Target, n: usize, concurrency: usize) -> anyhow
         _ => None,
     };
     Ok(Measured { load, cpu })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_share;
+
+    #[test]
+    fn rounds_share_the_requests_evenly_and_exactly() {
+        for (n, rounds) in [(30_000, 3), (50, 3), (16, 3), (2, 3), (7, 1)] {
+            let shares: Vec<usize> = (0..rounds).map(|r| round_share(n, rounds, r)).collect();
+            assert_eq!(
+                shares.iter().sum::<usize>(),
+                n,
+                "{n} in {rounds}: {shares:?}"
+            );
+            let (min, max) = (shares.iter().min().unwrap(), shares.iter().max().unwrap());
+            assert!(max - min <= 1, "{n} in {rounds}: {shares:?}");
+        }
+    }
 }
