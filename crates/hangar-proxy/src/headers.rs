@@ -116,8 +116,8 @@ pub(crate) struct InvalidUserHeader;
 pub(crate) struct PreparedRoute {
     info: RouteInfo,
     user: Result<VerifiedUser, InvalidUserHeader>,
-    backend_id: HeaderValue,
-    secret: HeaderValue,
+    backend_id_header: HeaderValue,
+    secret_header: HeaderValue,
 }
 
 /// `x-verified-username` and `x-verified-user-data`, when the token has them.
@@ -127,41 +127,43 @@ struct VerifiedUser {
     user_data: Option<HeaderValue>,
 }
 
+impl VerifiedUser {
+    fn of(info: &RouteInfo) -> Result<VerifiedUser, InvalidUserHeader> {
+        let username = match &info.user {
+            Some(user) => {
+                Some(HeaderValue::from_bytes(user.as_bytes()).map_err(|_| InvalidUserHeader)?)
+            }
+            None => None,
+        };
+        let user_data = match &info.user_data {
+            Some(data) => {
+                // Compact JSON escapes control characters, so this is always a valid header value.
+                let json = serde_json::Value::Object(data.clone()).to_string();
+                Some(HeaderValue::from_bytes(json.as_bytes()).map_err(|_| InvalidUserHeader)?)
+            }
+            None => None,
+        };
+        Ok(VerifiedUser {
+            username,
+            user_data,
+        })
+    }
+}
+
 impl PreparedRoute {
     pub(crate) fn new(info: RouteInfo) -> PreparedRoute {
-        let username = info
-            .user
-            .as_ref()
-            .map(|user| HeaderValue::from_bytes(user.as_bytes()).map_err(|_| InvalidUserHeader))
-            .transpose();
-        // Compact JSON escapes control characters, so this is always a valid header value.
-        let user_data = info
-            .user_data
-            .as_ref()
-            .map(|data| {
-                let json = serde_json::Value::Object(data.clone()).to_string();
-                HeaderValue::from_bytes(json.as_bytes()).map_err(|_| InvalidUserHeader)
-            })
-            .transpose();
-        let user = username.and_then(|username| {
-            Ok(VerifiedUser {
-                username,
-                user_data: user_data?,
-            })
-        });
-        let secret = HeaderValue::from_str(info.secret_token.as_str())
-            .unwrap_or(HeaderValue::from_static(""));
         PreparedRoute {
-            backend_id: backend_id_value(&info.backend_id),
-            secret,
-            user,
+            user: VerifiedUser::of(&info),
+            backend_id_header: backend_id_value(&info.backend_id),
+            secret_header: HeaderValue::from_str(info.secret_token.as_str())
+                .unwrap_or(HeaderValue::from_static("")),
             info,
         }
     }
 
     /// The value of the backend-id headers on responses.
     pub(crate) fn backend_id_value(&self) -> &HeaderValue {
-        &self.backend_id
+        &self.backend_id_header
     }
 }
 
@@ -203,8 +205,8 @@ pub(crate) fn set_backend_request_headers(
     if let Ok(value) = HeaderValue::from_str(original_path) {
         headers.insert(X_VERIFIED_PATH, value);
     }
-    headers.insert(X_VERIFIED_BACKEND, route.backend_id.clone());
-    headers.insert(X_VERIFIED_SECRET, route.secret.clone());
+    headers.insert(X_VERIFIED_BACKEND, route.backend_id_header.clone());
+    headers.insert(X_VERIFIED_SECRET, route.secret_header.clone());
     headers.insert(X_FORWARDED_FOR, forwarded_for.clone());
     let proto = if https { "https" } else { "http" };
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));

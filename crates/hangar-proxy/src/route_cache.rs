@@ -507,6 +507,11 @@ mod tests {
         (cache, "b1".parse().unwrap(), t)
     }
 
+    /// A route to `backend` as the cache keeps it.
+    fn found(backend: &str) -> Arc<PreparedRoute> {
+        Arc::new(PreparedRoute::new(route(backend)))
+    }
+
     fn tok(s: &str) -> ConnectionToken {
         ConnectionToken::from_path_segment(s)
     }
@@ -585,30 +590,10 @@ mod tests {
             let cache = RouteCache::new(Arc::new(Notify::new()));
             {
                 let mut st = cache.lock();
-                st.insert_found(
-                    tok("a"),
-                    Arc::new(PreparedRoute::new(route("b1"))),
-                    None,
-                    100,
-                );
-                st.insert_found(
-                    tok("b"),
-                    Arc::new(PreparedRoute::new(route("b1"))),
-                    None,
-                    100,
-                );
-                st.insert_found(
-                    tok("c"),
-                    Arc::new(PreparedRoute::new(route("b2"))),
-                    None,
-                    100,
-                );
-                st.insert_found(
-                    tok("d"),
-                    Arc::new(PreparedRoute::new(route("b3"))),
-                    None,
-                    100,
-                );
+                st.insert_found(tok("a"), found("b1"), None, 100);
+                st.insert_found(tok("b"), found("b1"), None, 100);
+                st.insert_found(tok("c"), found("b2"), None, 100);
+                st.insert_found(tok("d"), found("b3"), None, 100);
             }
             cache.remove_backend(&"b1".parse().unwrap());
             assert_eq!(
@@ -712,21 +697,11 @@ mod tests {
         let cache = RouteCache::with_capacity(Arc::new(Notify::new()), 10);
         let mut st = cache.lock();
         for i in 0..10 {
-            st.insert_found(
-                tok(&i.to_string()),
-                Arc::new(PreparedRoute::new(route("b1"))),
-                None,
-                10,
-            );
+            st.insert_found(tok(&i.to_string()), found("b1"), None, 10);
         }
         // Touch "0" so it is the most recently used.
         assert!(st.cached(&tok("0")).is_some());
-        st.insert_found(
-            tok("new"),
-            Arc::new(PreparedRoute::new(route("b1"))),
-            None,
-            10,
-        );
+        st.insert_found(tok("new"), found("b1"), None, 10);
         assert_eq!(st.entries.len(), 9);
         assert!(st.entries.contains_key(&tok("0")));
         assert!(st.entries.contains_key(&tok("new")));

@@ -326,6 +326,8 @@ async fn batches_after_the_server_closed_their_idle_connections_succeed() {
             "the batches' own connections were there: {killed}"
         );
         let _ = admin.close().await;
+        // Not a wait for an event: the batches check a connection first only once it has been idle
+        // for the store's `IDLE_PING_AFTER` (1 s), the case a restart leaves them in.
         tokio::time::sleep(Duration::from_millis(1_100)).await;
 
         let second = suite::acquired(&store, drone, "after").await;
