@@ -36,6 +36,7 @@ mod route_cache;
 mod server;
 mod service;
 mod session;
+mod signal;
 mod tls;
 mod upgrade;
 mod upstream;

@@ -13,6 +13,7 @@ use crate::activity::{ActivityIo, ConnectionActivity};
 use crate::config::{ProxyConfig, DEFAULT_MAX_HEADERS};
 use crate::headers::{apply_general_headers, forwarded_for_value};
 use crate::service::handle_request;
+use crate::signal::Signals;
 use crate::upstream::KeptConnection;
 use crate::ProxyState;
 use http::{header, HeaderMap, HeaderValue};
@@ -272,6 +273,9 @@ fn connection_builder(config: &ProxyConfig) -> auto::Builder<TokioExecutor> {
 /// Drives one client connection until it ends: closes it gracefully (after the exchange in
 /// progress) on `drain` or once idle, and drops it when no request head arrived within
 /// `header_read_timeout` of accepting it, or on the hard stop.
+///
+/// The signals are polled only when they fire, not on each of the connection's wake-ups
+/// ([`Signals`]).
 async fn run_connection<C>(
     state: Arc<ProxyState>,
     connection: C,
@@ -282,31 +286,54 @@ async fn run_connection<C>(
     C: GracefulConnection,
     C::Error: Display,
 {
-    tokio::pin!(connection);
-    let first_request = tokio::time::sleep(state.config.header_read_timeout);
-    tokio::pin!(first_request);
-    let mut first_checked = false;
+    enum Signal {
+        Stop,
+        FirstRequestDue,
+        Drain,
+        Idle,
+    }
+    let mut signals = Signals::new();
+    signals.push(async {
+        state.cancel.cancelled().await;
+        Signal::Stop
+    });
+    signals.push(async {
+        tokio::time::sleep(state.config.header_read_timeout).await;
+        Signal::FirstRequestDue
+    });
+    signals.push(async {
+        drain.cancelled().await;
+        Signal::Drain
+    });
+    signals.push(async {
+        activity.idle(state.config.idle_timeout).await;
+        Signal::Idle
+    });
     let mut closing = false;
+    tokio::pin!(connection);
     let result = loop {
-        tokio::select! {
+        let signal = tokio::select! {
+            biased;
             result = connection.as_mut() => break result,
-            _ = state.cancel.cancelled() => return,
-            _ = &mut first_request, if !first_checked => {
-                first_checked = true;
+            signal = signals.next() => signal,
+        };
+        match signal {
+            Signal::Stop => return,
+            Signal::FirstRequestDue => {
                 if !activity.had_exchange() {
                     tracing::debug!(%peer, "No request head in time; dropping the connection");
                     return;
                 }
             }
-            _ = drain.cancelled(), if !closing => {
+            Signal::Drain | Signal::Idle if !closing => {
+                if matches!(signal, Signal::Idle) {
+                    tracing::debug!(%peer, "Closing an idle client connection");
+                }
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
-            _ = activity.idle(state.config.idle_timeout), if !closing => {
-                tracing::debug!(%peer, "Closing an idle client connection");
-                closing = true;
-                connection.as_mut().graceful_shutdown();
-            }
+            // Already closing: the other of the two changes nothing.
+            Signal::Drain | Signal::Idle => {}
         }
     };
     if let Err(error) = result {

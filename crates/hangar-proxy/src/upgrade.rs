@@ -20,8 +20,10 @@
 
 use crate::connection_tracker::ConnectionGuard;
 use crate::server::ClientConnection;
+use crate::signal::or_signal;
 use crate::ws_frames::{masked_close_going_away, FrameTracker, CLOSE_GOING_AWAY};
 use bytes::Bytes;
+use futures_util::future::Either;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use std::future::poll_fn;
@@ -86,23 +88,28 @@ pub(crate) async fn run_tunnel(
     let (backend, ahead) = backend_connection(backend);
     // A terminated backend's tunnel is cut at once, without close frames: its process may still
     // run, and nothing it sends may reach the client any more.
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = severed.cancelled() => {
-            tracing::debug!("Closing a tunnel to a terminated backend");
-        }
-        _ = async {
-            match backend {
-                Ok(stream) => {
-                    let ends = Ends::new(client, stream, websocket, ahead);
-                    splice(ends, websocket, &going_away).await;
-                }
-                Err(upgraded) => {
-                    let ends = Ends::new(client, TokioIo::new(upgraded), websocket, ahead);
-                    splice(ends, websocket, &going_away).await;
-                }
+    // The tunnel's task wakes for every message; the two tokens are polled only when one fires.
+    let copy = async {
+        match backend {
+            Ok(stream) => {
+                let ends = Ends::new(client, stream, websocket, ahead);
+                splice(ends, websocket, &going_away).await;
             }
-        } => {}
+            Err(upgraded) => {
+                let ends = Ends::new(client, TokioIo::new(upgraded), websocket, ahead);
+                splice(ends, websocket, &going_away).await;
+            }
+        }
+    };
+    // `true`: the backend was terminated; `false`: the proxy stops.
+    let cut = async {
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = severed.cancelled() => true,
+        }
+    };
+    if let Either::Right(true) = or_signal(copy, cut).await {
+        tracing::debug!("Closing a tunnel to a terminated backend");
     }
     drop(guard);
     drop(connection);
@@ -147,12 +154,13 @@ where
     // Both directions are polled from this one future; which goes first alternates, so a busy
     // direction cannot use up the task's I/O budget before the other is polled every time.
     let mut up_first = true;
-    let ended = tokio::select! {
-        ended = poll_fn(|cx| {
-            up_first = !up_first;
-            ends.poll_both(cx, up_first)
-        }) => ended,
-        _ = going_away.cancelled() => Ended::GoingAway,
+    let copied = poll_fn(|cx| {
+        up_first = !up_first;
+        ends.poll_both(cx, up_first)
+    });
+    let ended = match or_signal(copied, going_away.cancelled()).await {
+        Either::Left(ended) => ended,
+        Either::Right(()) => Ended::GoingAway,
     };
     let Ends {
         client,

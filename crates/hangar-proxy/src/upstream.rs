@@ -16,6 +16,8 @@
 //! errors are the same `ProxyError::Upstream`.
 
 use crate::error::{BoxError, ProxyBody};
+use crate::signal::or_signal;
+use futures_util::future::Either;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -168,13 +170,9 @@ impl Upstream {
         let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
             // Ends when the sender is dropped (with its client connection) or the backend closes.
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, %addr, "Kept backend connection ended with an error");
-                    }
-                }
+            if let Either::Left(Err(error)) = or_signal(connection, cancel.cancelled_owned()).await
+            {
+                tracing::debug!(%error, %addr, "Kept backend connection ended with an error");
             }
         });
         Some(sender)
