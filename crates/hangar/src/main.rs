@@ -25,6 +25,12 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use cli::{Client, NoArgs, OutputArgs};
 use std::process::ExitCode;
 
+/// Many small, short-lived allocations per proxied request and per store call, freed on other
+/// threads than the ones that made them: mimalloc's thread-local free lists serve that pattern with
+/// less work than glibc's arenas (BENCHMARKS.md, "The allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "hangar",
