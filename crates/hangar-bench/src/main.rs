@@ -9,6 +9,11 @@ use hangar_types::executable::ExecutorKind;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The shipped `hangar` binary's allocator: the controller, drone and store that scenarios run in
+/// this process allocate as they do there (the baselines of the same run use it too).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "hangar-bench",
