@@ -39,13 +39,20 @@ use url::Url;
 pub use extract::{ApiJson, ApiPath};
 pub(crate) use logs::unreachable_message as logs_unreachable_message;
 
-/// Everything handlers and node sessions share. Cheap to clone.
+/// Everything handlers and node sessions share. Cheap to clone: one reference count. (axum clones
+/// the state for every request and every extractor that asks for it; cloning the fields one by one
+/// cost a dozen shared counter updates and two cancellation-token locks each time, 3 % of a
+/// reconnect's CPU. BENCHMARKS.md, "Reconnect: the controller's state cloned per request".)
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<SharedState>);
+
+/// What [`AppState`] shares.
+pub struct SharedState {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) config: Arc<ControllerConfig>,
-    /// Base of `status_url`: the configured `controller_url` or `http://<local addr>`.
-    pub(crate) controller_url: Arc<Url>,
+    /// `<base>/pub/b/`, where the base is the configured `controller_url` or `http://<local addr>`
+    /// (see [`AppState::status_url`]).
+    status_url_prefix: String,
     /// Cancelled on shutdown; node sessions and status streams end when it fires.
     pub(crate) cancel: CancellationToken,
     /// Tracks node sessions, status streams and route waits so shutdown can wait for them.
@@ -78,10 +85,10 @@ impl AppState {
             None => Url::parse(&format!("http://{local_addr}"))
                 .map_err(|e| ConfigError::InvalidControllerUrl(e.to_string()))?,
         };
-        Ok(AppState {
+        Ok(AppState(Arc::new(SharedState {
             store,
             config: Arc::new(config),
-            controller_url: Arc::new(controller_url),
+            status_url_prefix: status_url_prefix(controller_url),
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             metrics: LatestMetrics::default(),
@@ -90,19 +97,13 @@ impl AppState {
             executor_errors: ExecutorErrors::default(),
             warm: Default::default(),
             drone_links: Default::default(),
-        })
+        })))
     }
 
     /// `<controller_url>/pub/b/<id>/status`, with any path, query and user info of the base replaced.
     pub fn status_url(&self, backend: &BackendId) -> String {
-        let mut url = (*self.controller_url).clone();
-        url.set_path(&format!("/pub/b/{backend}/status"));
-        url.set_query(None);
-        url.set_fragment(None);
-        // Only fails for URLs that cannot have credentials, which then have none to remove.
-        let _ = url.set_username("");
-        let _ = url.set_password(None);
-        url.to_string()
+        // A backend id is `[a-z0-9-]+`: nothing in it needs escaping in a path.
+        format!("{}{backend}/status", self.status_url_prefix)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -111,6 +112,25 @@ impl AppState {
 
     pub fn config(&self) -> &ControllerConfig {
         &self.config
+    }
+}
+
+/// `<base>/pub/b/`, with any path, query and user info of `base` replaced.
+fn status_url_prefix(mut base: Url) -> String {
+    base.set_path("/pub/b/");
+    base.set_query(None);
+    base.set_fragment(None);
+    // Only fails for URLs that cannot have credentials, which then have none to remove.
+    let _ = base.set_username("");
+    let _ = base.set_password(None);
+    base.to_string()
+}
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
     }
 }
 
@@ -212,4 +232,22 @@ pub fn router(state: AppState) -> Router {
         .merge(public)
         .fallback(|| async { ApiError::NotFound("No such route.") })
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_url_replaces_the_bases_path_query_and_user_info() {
+        for (base, prefix) in [
+            ("http://127.0.0.1:8080", "http://127.0.0.1:8080/pub/b/"),
+            (
+                "https://user:pw@ctl.example.com:8443/some/path/?q=1#frag",
+                "https://ctl.example.com:8443/pub/b/",
+            ),
+        ] {
+            assert_eq!(status_url_prefix(Url::parse(base).unwrap()), prefix);
+        }
+    }
 }
