@@ -33,6 +33,14 @@ type D = SqliteDialect;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read connections.
 const READ_CONNECTIONS: u32 = 4;
+/// WAL pages after which a commit checkpoints them into the database file (SQLite's default is
+/// 1 000, i.e. about 4 MB). A checkpoint writes each changed page once however often it changed, and
+/// the hot pages (the ends of the token and history tables and their indexes) change with every
+/// commit: at the default a burst of reconnects spent a fifth of the writer thread's time in
+/// checkpoints (BENCHMARKS.md, "Reconnect, SQLite: checkpoints").
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 16_000;
+/// What the WAL file is cut back to after a checkpoint, so a burst does not leave it large.
+const WAL_SIZE_LIMIT_BYTES: u64 = 64 << 20;
 
 /// The SQLite store.
 pub type SqliteStore = SqlStore<SqliteDialect>;
@@ -58,7 +66,9 @@ impl SqlStore<SqliteDialect> {
                 base.clone()
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal),
+                    .synchronous(SqliteSynchronous::Normal)
+                    .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
+                    .pragma("journal_size_limit", WAL_SIZE_LIMIT_BYTES.to_string()),
             )
             .await?;
         crate::migrations::migrator(|step| step.sqlite)
@@ -122,5 +132,32 @@ impl Dialect for SqliteDialect {
         e.as_database_error().is_some_and(|d| {
             d.is_unique_violation() && d.message().ends_with(&format!("failed: {columns}"))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_writer_checkpoints_less_often_and_cuts_the_wal_back() {
+        let store = SqliteStore::in_memory().await.unwrap();
+        let pragma = |name: &'static str| {
+            let writer = store.writer.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(&format!("PRAGMA {name}"))
+                    .fetch_one(&writer)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(
+            pragma("wal_autocheckpoint").await,
+            i64::from(WAL_AUTOCHECKPOINT_PAGES)
+        );
+        assert_eq!(
+            pragma("journal_size_limit").await,
+            i64::try_from(WAL_SIZE_LIMIT_BYTES).unwrap()
+        );
     }
 }
