@@ -40,8 +40,8 @@ pub use extract::{ApiJson, ApiPath};
 pub(crate) use logs::unreachable_message as logs_unreachable_message;
 
 /// Everything handlers and node sessions share. Cheap to clone: one reference count. (axum clones
-/// the state for every request and every extractor that asks for it; cloning the fields one by one
-/// cost a dozen shared counter updates and two cancellation-token locks each time, 3 % of a
+/// the state for every request, in every middleware and handler service; cloning the fields one by
+/// one cost a dozen shared counter updates and a cancellation-token lock each time, 3 % of a
 /// reconnect's CPU. BENCHMARKS.md, "Reconnect: the controller's state cloned per request".)
 #[derive(Clone)]
 pub struct AppState(Arc<SharedState>);
