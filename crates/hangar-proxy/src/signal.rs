@@ -3,8 +3,8 @@
 //!
 //! `tokio::select!` polls every branch each time its task wakes, and a connection's task wakes for
 //! every read and write. Polling a `CancellationToken`'s future takes the token's lock (twice), so
-//! a connection that watched three tokens spent more on them per request than on routing it
-//! (BENCHMARKS.md, "Signals polled on every wake-up"). A [`Signals`] set gives each signal its own
+//! a connection that watched its signals that way spent about 2 % of the proxy's CPU on them, more
+//! than the request routing's own code (BENCHMARKS.md, "Signals polled on every wake-up"). A [`Signals`] set gives each signal its own
 //! waker and polls only the ones that fired.
 
 use futures_util::future::Either;
@@ -127,14 +127,13 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
-    async fn an_empty_set_never_fires() {
-        crate::with_test_timeout(async {
-            let mut signals = Signals::<()>::new();
-            let waited =
-                tokio::time::timeout(std::time::Duration::from_millis(50), signals.next()).await;
-            assert!(waited.is_err(), "an empty set fired");
-        })
-        .await;
+    #[test]
+    fn an_empty_set_never_fires() {
+        // An empty `FuturesUnordered` is at its end at once; the set must stay pending instead.
+        let mut signals = Signals::<()>::new();
+        assert!(
+            futures_util::FutureExt::now_or_never(signals.next()).is_none(),
+            "an empty set fired"
+        );
     }
 }

@@ -25,9 +25,10 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use cli::{Client, NoArgs, OutputArgs};
 use std::process::ExitCode;
 
-/// Many small, short-lived allocations per proxied request and per store call, freed on other
-/// threads than the ones that made them: mimalloc's thread-local free lists serve that pattern with
-/// less work than glibc's arenas (BENCHMARKS.md, "The allocator").
+/// mimalloc rather than glibc's malloc: the controller's reconnect path serves about 9 % more calls
+/// per second with it; the proxy's CPU per request is the same within the noise, and an idle
+/// WebSocket tunnel holds about 1 KB more (freed pages are kept until the next allocation).
+/// Measured in BENCHMARKS.md, "The allocator".
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
