@@ -200,8 +200,6 @@ pub async fn start_with_listeners(
             .pool_timer(TokioTimer::new())
             .build(connector),
         connect_timeout: config.upstream_connect_timeout,
-        tasks: tasks.clone(),
-        cancel: cancel.clone(),
     };
     let outbound = Arc::new(Notify::new());
     let tracker = Arc::new(ConnectionTracker::new(outbound.clone()));

@@ -7,7 +7,7 @@
 //! a client sends (every malformed input is an error response).
 
 use crate::body_limit::{LimitedBody, Tripped};
-use crate::error::{empty_response, full_body, BoxError, ProxyBody, ProxyError};
+use crate::error::{empty_response, full_body, ProxyBody, ProxyError};
 use crate::headers::{
     apply_general_headers, check_host, is_upgrade_request, is_websocket_upgrade, set_backend_id,
     set_backend_request_headers, PreparedRoute,
@@ -306,7 +306,6 @@ async fn forward(
                 inner: body,
                 _guard: guard,
             }
-            .map_err(BoxError::from)
             .boxed()
         }),
     };

@@ -9,45 +9,41 @@
 //!   request to put the connection back once it is idle, and that wake-up crosses threads).
 //!
 //! An HTTP/1.1 client connection has one exchange at a time: its next request is read only after
-//! the previous response was written, i.e. after the kept connection's response was read to its end,
-//! so waiting for the kept connection to be ready waits for nothing but its own bookkeeping (or
-//! learns that the backend closed it; the pool then sends the request). A kept connection ends with
-//! its client connection. Requests are the same on both paths (origin-form URI, the same headers);
-//! errors are the same `ProxyError::Upstream`.
+//! the previous response was written, i.e. after the kept connection's response was read to its end
+//! (the response's body puts the connection back then). The exchange runs in the request's own task
+//! ([`h1`]), without hyper's client connection and the task and channel hops it needs. A kept
+//! connection ends with its client connection. Requests are the same on both paths (origin-form URI,
+//! the same headers, hyper's framing rules); errors are the same `ProxyError::Upstream`.
+
+mod h1;
 
 use crate::error::{BoxError, ProxyBody};
-use crate::signal::or_signal;
-use futures_util::future::Either;
+use bytes::Bytes;
+use h1::{ExchangeError, KeptBody, KeptStream, Slot};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// The shared pool and what opening a kept connection needs.
 pub(crate) struct Upstream {
     pub(crate) pool: Client<HttpConnector, ProxyBody>,
     pub(crate) connect_timeout: Duration,
-    /// Where kept connections' tasks run, and what ends them.
-    pub(crate) tasks: TaskTracker,
-    pub(crate) cancel: CancellationToken,
 }
 
 /// The backend connection a client connection keeps, if any.
 #[derive(Default)]
 pub(crate) struct KeptConnection {
-    slot: Mutex<Kept>,
+    slot: Slot,
 }
 
 #[derive(Default)]
-enum Kept {
+pub(crate) enum Kept {
     /// No plain request yet: the first one goes through the pool (a client that sends one request
     /// per connection never costs an extra backend connection).
     #[default]
@@ -55,28 +51,37 @@ enum Kept {
     /// A plain request was seen; the next one opens a kept connection.
     Wanted,
     /// Idle or busy; `None` while a request has taken it out.
-    Open(SocketAddr, Option<SendRequest<ProxyBody>>),
+    Open(SocketAddr, Option<KeptStream>),
+}
+
+fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, Kept> {
+    // A poisoned lock only means another thread panicked mid-update; the slot stays usable.
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Puts a connection whose response ended back into its client connection's slot.
+fn put_back(slot: &Slot, addr: SocketAddr, stream: KeptStream) {
+    let mut kept = lock(slot);
+    match &mut *kept {
+        Kept::Open(kept_addr, held) if *kept_addr == addr && held.is_none() => *held = Some(stream),
+        Kept::Open(..) => {}
+        Kept::Fresh | Kept::Wanted => *kept = Kept::Open(addr, Some(stream)),
+    }
 }
 
 impl KeptConnection {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
-        // A poisoned lock only means another thread panicked mid-update; the slot stays usable.
-        self.slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// What a plain request to `addr` should do.
     fn take(&self, addr: SocketAddr) -> Take {
-        let mut kept = self.lock();
+        let mut kept = lock(&self.slot);
         match &mut *kept {
             Kept::Fresh => {
                 *kept = Kept::Wanted;
                 return Take::Pool;
             }
-            Kept::Open(kept_addr, sender) if *kept_addr == addr => {
-                if let Some(sender) = sender.take() {
-                    return Take::Use(sender);
+            Kept::Open(kept_addr, stream) if *kept_addr == addr => {
+                if let Some(stream) = stream.take() {
+                    return Take::Use(stream);
                 }
             }
             // Wanted, or another backend now (keep a connection to the new one instead).
@@ -88,23 +93,47 @@ impl KeptConnection {
         *kept = Kept::Fresh;
         Take::Open
     }
-
-    fn put_back(&self, addr: SocketAddr, sender: SendRequest<ProxyBody>) {
-        let mut kept = self.lock();
-        match &mut *kept {
-            Kept::Open(kept_addr, slot) if *kept_addr == addr && slot.is_none() => {
-                *slot = Some(sender)
-            }
-            Kept::Open(..) => {}
-            Kept::Fresh | Kept::Wanted => *kept = Kept::Open(addr, Some(sender)),
-        }
-    }
 }
 
 enum Take {
     Pool,
     Open,
-    Use(SendRequest<ProxyBody>),
+    Use(KeptStream),
+}
+
+/// A response body from either path.
+pub(crate) enum UpstreamBody {
+    Pooled(Incoming),
+    Kept(KeptBody),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Pooled(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Kept(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Pooled(body) => body.is_end_stream(),
+            UpstreamBody::Kept(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Pooled(body) => body.size_hint(),
+            UpstreamBody::Kept(body) => body.size_hint(),
+        }
+    }
 }
 
 impl Upstream {
@@ -115,29 +144,23 @@ impl Upstream {
         kept: &KeptConnection,
         addr: SocketAddr,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, BoxError> {
-        let sender = match kept.take(addr) {
+    ) -> Result<Response<UpstreamBody>, BoxError> {
+        let stream = match kept.take(addr) {
             Take::Pool => None,
-            Take::Use(mut sender) => match sender.ready().await {
-                Ok(()) => Some(sender),
-                // The backend closed it.
-                Err(_) => None,
-            },
+            // Closed by the backend meanwhile: the pool sends the request.
+            Take::Use(stream) => stream.is_usable().then_some(stream),
             Take::Open => self.open(addr).await,
         };
-        let Some(mut sender) = sender else {
+        let Some(stream) = stream else {
             return self.send_pooled(addr, req).await;
         };
-        match sender.try_send_request(req).await {
-            Ok(response) => {
-                kept.put_back(addr, sender);
-                Ok(response)
+        match stream.exchange(req, kept.slot.clone(), addr).await {
+            Ok(response) => Ok(response.map(UpstreamBody::Kept)),
+            Err(ExchangeError::Unsent(req, error)) => {
+                tracing::debug!(%error, %addr, "Kept backend connection failed; sending through the pool");
+                self.send_pooled(addr, *req).await
             }
-            Err(mut error) => match error.take_message() {
-                // Not sent (the connection closed meanwhile): the pool sends it.
-                Some(req) => self.send_pooled(addr, req).await,
-                None => Err(error.into_error().into()),
-            },
+            Err(ExchangeError::Failed(error)) => Err(error),
         }
     }
 
@@ -146,35 +169,24 @@ impl Upstream {
         &self,
         addr: SocketAddr,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, BoxError> {
+    ) -> Result<Response<UpstreamBody>, BoxError> {
         let path = req.uri().path_and_query().cloned();
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(addr.to_string().parse()?);
         parts.path_and_query = path;
         *req.uri_mut() = Uri::from_parts(parts)?;
-        Ok(self.pool.request(req).await?)
+        Ok(self.pool.request(req).await?.map(UpstreamBody::Pooled))
     }
 
     /// A new connection to `addr` for a client connection to keep; `None` when it cannot be opened
     /// (the pool then tries, and reports the error as for any request).
-    async fn open(&self, addr: SocketAddr) -> Option<SendRequest<ProxyBody>> {
+    async fn open(&self, addr: SocketAddr) -> Option<KeptStream> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .ok()?
             .ok()?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        let cancel = self.cancel.clone();
-        self.tasks.spawn(async move {
-            // Ends when the sender is dropped (with its client connection) or the backend closes.
-            if let Either::Left(Err(error)) = or_signal(connection, cancel.cancelled_owned()).await
-            {
-                tracing::debug!(%error, %addr, "Kept backend connection ended with an error");
-            }
-        });
-        Some(sender)
+        Some(KeptStream::new(stream))
     }
 }

@@ -1,0 +1,695 @@
+//! One HTTP/1.1 exchange on a kept backend connection, run by the request's own task: the request
+//! head is written straight from the request's parts, the response head parsed with `httparse`, and
+//! the response body read by the body the client connection polls ([`KeptBody`]), which puts the
+//! connection back once the response ended with the connection still usable.
+//!
+//! hyper's client connection would need a task of its own per connection and a channel hop for the
+//! request, the response head and every body chunk; on a keep-alive connection of small requests
+//! those hops cost more than the parsing. The framing rules are hyper's (so requests and responses
+//! are the same on both paths):
+//! - request: no body when the body is already at its end (a `transfer-encoding` is dropped then);
+//!   a `transfer-encoding` ending in `chunked` means chunked; else `content-length`; else the body's
+//!   exact size as `content-length`; else no body for `GET`, `HEAD` and `CONNECT` and chunked for
+//!   the others. A `transfer-encoding` not ending in `chunked` is not sent here (the pool sends it).
+//! - response: no body for `HEAD`, `204` and `304`; chunked when `transfer-encoding` ends in
+//!   `chunked`; read to the end of the connection for any other `transfer-encoding`, or when there is
+//!   no `content-length`; informational responses (`1xx` but `101`) are skipped.
+
+use crate::error::{BoxError, ProxyBody};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Largest response head accepted (hyper's client reads up to about 400 KB; backends' heads are
+/// small, and a head this large is an error worth a `502`).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Most response headers accepted (hyper's client default).
+const MAX_RESPONSE_HEADERS: usize = 100;
+/// Longest chunk-size line (with extensions) or trailer section accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+/// How much a read asks for at least.
+const READ_SIZE: usize = 16 * 1024;
+
+/// An open HTTP/1.1 connection to a backend, idle between exchanges.
+pub(crate) struct KeptStream {
+    stream: TcpStream,
+    /// Bytes read but not yet used; empty between exchanges.
+    buf: BytesMut,
+}
+
+/// Where a kept connection goes back once its response has been read to the end.
+pub(crate) type Slot = Arc<Mutex<super::Kept>>;
+
+/// Why an exchange failed.
+pub(crate) enum ExchangeError {
+    /// The request can be sent again on another connection: its head could not be written, or it
+    /// has no body and an idempotent method and the backend closed the connection without a byte of
+    /// answer (a backend closing an idle connection as the request arrives looks like this).
+    Unsent(Box<Request<ProxyBody>>, BoxError),
+    Failed(BoxError),
+}
+
+impl KeptStream {
+    pub(crate) fn new(stream: TcpStream) -> KeptStream {
+        KeptStream {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether the idle connection can take a request: the backend has neither closed it nor sent
+    /// anything unasked. Uses the readiness the runtime already has; a system call only when it says
+    /// the connection is readable.
+    pub(crate) fn is_usable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            // Closed (0), or bytes no request asked for.
+            Ok(_) => false,
+        }
+    }
+
+    /// Sends `req` (origin-form URI, HTTP/1.1) and reads the response head. The response's body
+    /// reads the rest and returns the connection to `slot` (for `addr`) when it is reusable.
+    pub(crate) async fn exchange(
+        mut self,
+        req: Request<ProxyBody>,
+        slot: Slot,
+        addr: SocketAddr,
+    ) -> Result<Response<KeptBody>, ExchangeError> {
+        let head_request = req.method() == Method::HEAD;
+        let Some((head, framing)) = encode_head(&req) else {
+            let error = "transfer-encoding not ending in chunked".into();
+            return Err(ExchangeError::Unsent(Box::new(req), error));
+        };
+        if let Err(e) = self.stream.write_all(&head).await {
+            // A request head cut short is no request: the backend answers nothing to it.
+            return Err(ExchangeError::Unsent(Box::new(req), e.into()));
+        }
+        let (retry, response) = if framing == RequestFraming::Empty {
+            // Kept until a response starts, to be sent again if none comes and that is safe.
+            let retry = is_idempotent(req.method()).then_some(req);
+            (
+                retry,
+                read_head(&mut self.stream, &mut self.buf, head_request).await,
+            )
+        } else {
+            (
+                None,
+                self.send_body(req.into_body(), framing, head_request)
+                    .await?,
+            )
+        };
+        let (parts, framing, reusable) = match response {
+            Ok(response) => response,
+            Err(ReadHeadError::ClosedBeforeResponse(e)) => {
+                return Err(match retry {
+                    Some(req) => ExchangeError::Unsent(Box::new(req), e),
+                    None => ExchangeError::Failed(e),
+                })
+            }
+            Err(ReadHeadError::Other(e)) => return Err(ExchangeError::Failed(e)),
+        };
+        let body = KeptBody::new(self, framing, reusable, slot, addr);
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Sends the body while watching for the response, as hyper's client does: a backend may answer
+    /// before it has read the whole body (a `413`, say) and stop reading or close. Such an early
+    /// response is returned, and the connection is not reused (the body was cut short).
+    async fn send_body(
+        &mut self,
+        body: ProxyBody,
+        framing: RequestFraming,
+        head_request: bool,
+    ) -> Result<Result<ParsedHead, ReadHeadError>, ExchangeError> {
+        let (mut reader, mut writer) = self.stream.split();
+        let sending = write_body(&mut writer, body, framing);
+        let reading = read_head(&mut reader, &mut self.buf, head_request);
+        tokio::pin!(sending, reading);
+        let early = tokio::select! {
+            sent = &mut sending => match sent {
+                Ok(()) => None,
+                // The backend closed or reset: its answer may already be here.
+                Err(SendError::Io(e)) => match (&mut reading).await {
+                    Ok(head) => Some(Ok(head)),
+                    Err(_) => return Err(ExchangeError::Failed(e.into())),
+                },
+                Err(SendError::Body(e)) => return Err(ExchangeError::Failed(e)),
+            },
+            head = &mut reading => Some(head),
+        };
+        Ok(match early {
+            Some(head) => head.map(|(parts, framing, _)| (parts, framing, false)),
+            None => reading.await,
+        })
+    }
+}
+
+/// A parsed response head: its parts, how its body is framed, and whether the connection can be
+/// used again after it.
+type ParsedHead = (http::response::Parts, ResponseFraming, bool);
+
+enum SendError {
+    /// The request's own body failed (the client went away, or it is over the size limit).
+    Body(BoxError),
+    /// Writing to the backend failed.
+    Io(io::Error),
+}
+
+/// Writes a request body with `framing` (not [`RequestFraming::Empty`]).
+async fn write_body<W>(
+    writer: &mut W,
+    mut body: ProxyBody,
+    framing: RequestFraming,
+) -> Result<(), SendError>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut left = match framing {
+        RequestFraming::Length(n) => Some(n),
+        _ => None,
+    };
+    let mut chunk = Vec::new();
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let Ok(mut data) = frame.map_err(SendError::Body)?.into_data() else {
+            // Trailers: hyper sends them only when the request declares them; not here.
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        match &mut left {
+            Some(left) => {
+                let n = data.len() as u64;
+                if n > *left {
+                    return Err(SendError::Body(
+                        "request body longer than its content-length".into(),
+                    ));
+                }
+                *left -= n;
+                writer
+                    .write_all_buf(&mut data)
+                    .await
+                    .map_err(SendError::Io)?;
+            }
+            None => {
+                chunk.clear();
+                chunk.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
+                chunk.extend_from_slice(&data);
+                chunk.extend_from_slice(b"\r\n");
+                writer.write_all(&chunk).await.map_err(SendError::Io)?;
+            }
+        }
+    }
+    match left {
+        Some(0) => Ok(()),
+        Some(_) => Err(SendError::Body(
+            "request body shorter than its content-length".into(),
+        )),
+        None => writer.write_all(b"0\r\n\r\n").await.map_err(SendError::Io),
+    }
+}
+
+/// Reads until a complete final response head is in `buf` and parses it.
+async fn read_head<R>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<ParsedHead, ReadHeadError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let mut read_any = false;
+    loop {
+        if !buf.is_empty() {
+            match parse_response_head(buf, head_request) {
+                Ok(Some(Parsed::Final(parsed))) => return Ok(parsed),
+                Ok(Some(Parsed::Informational)) => continue,
+                Ok(None) => {}
+                Err(e) => return Err(ReadHeadError::Other(e)),
+            }
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Err(ReadHeadError::Other("response head too large".into()));
+            }
+        }
+        buf.reserve(READ_SIZE);
+        let n = match tokio::io::AsyncReadExt::read_buf(reader, buf).await {
+            Ok(n) => n,
+            Err(e) if !read_any => return Err(ReadHeadError::ClosedBeforeResponse(e.into())),
+            Err(e) => return Err(ReadHeadError::Other(e.into())),
+        };
+        if n == 0 {
+            let error = "backend closed the connection before the response ended".into();
+            return Err(if read_any {
+                ReadHeadError::Other(error)
+            } else {
+                ReadHeadError::ClosedBeforeResponse(error)
+            });
+        }
+        read_any = true;
+    }
+}
+
+enum ReadHeadError {
+    /// No byte came back: the backend closed the connection (or reset it) without answering.
+    ClosedBeforeResponse(BoxError),
+    Other(BoxError),
+}
+
+/// Whether a request that reached a backend which closed the connection without answering may be
+/// sent again: only when repeating it cannot do anything twice (nginx's rule for its retries).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestFraming {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// The request head as hyper's client would write it, and how its body is framed; `None` for a
+/// request this path does not send (see the module's rules).
+fn encode_head(req: &Request<ProxyBody>) -> Option<(Vec<u8>, RequestFraming)> {
+    let headers = req.headers();
+    let body = req.body();
+    let te = headers.get_all(TRANSFER_ENCODING);
+    let has_te = te.iter().next().is_some();
+    let mut extra: Option<(&'static str, String)> = None;
+    let mut skip_te = false;
+    let framing = if body.is_end_stream() {
+        skip_te = true;
+        RequestFraming::Empty
+    } else if has_te {
+        if !ends_in_chunked(&te) {
+            return None;
+        }
+        RequestFraming::Chunked
+    } else if let Some(len) = content_length(headers).ok()? {
+        RequestFraming::Length(len)
+    } else if let Some(len) = body.size_hint().exact() {
+        extra = Some(("content-length", len.to_string()));
+        RequestFraming::Length(len)
+    } else if matches!(*req.method(), Method::GET | Method::HEAD | Method::CONNECT) {
+        RequestFraming::Empty
+    } else {
+        extra = Some(("transfer-encoding", "chunked".to_string()));
+        RequestFraming::Chunked
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(req.method().as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(path.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if skip_te && name == TRANSFER_ENCODING {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some((name, value)) = extra {
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    Some((head, framing))
+}
+
+/// Whether the last coding of a `transfer-encoding` is `chunked`.
+fn ends_in_chunked(values: &http::header::GetAll<'_, HeaderValue>) -> bool {
+    values
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// The `content-length` (all values must agree), `Ok(None)` when absent, `Err` when invalid.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut found = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        let text = value.to_str().map_err(drop)?;
+        for part in text.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            let n: u64 = part.parse().map_err(drop)?;
+            if found.is_some_and(|f| f != n) {
+                return Err(());
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+enum Parsed {
+    Final(ParsedHead),
+    /// A `1xx` (not `101`) was consumed from the buffer.
+    Informational,
+}
+
+/// Parses a response head at the start of `buf`, consuming it when complete.
+fn parse_response_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, BoxError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let len = match parsed.parse(buf)? {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let code = parsed.code.ok_or("response without a status")?;
+    let status = StatusCode::from_u16(code)?;
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err("101 Switching Protocols for a request that asked for no upgrade".into());
+        }
+        buf.advance(len);
+        return Ok(Some(Parsed::Informational));
+    }
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let reason = parsed.reason.unwrap_or_default();
+    // Header values are slices of the head, which is kept as one shared buffer.
+    let names_and_ranges: Vec<(HeaderName, std::ops::Range<usize>)> = {
+        let base = buf.as_ptr() as usize;
+        let mut out = Vec::with_capacity(parsed.headers.len());
+        for header in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(header.name.as_bytes())?;
+            let start = header.value.as_ptr() as usize - base;
+            out.push((name, start..start + header.value.len()));
+        }
+        out
+    };
+    let custom_reason = (!reason.is_empty() && Some(reason) != status.canonical_reason())
+        .then(|| hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok())
+        .flatten();
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(names_and_ranges.len());
+    for (name, range) in names_and_ranges {
+        headers.append(name, HeaderValue::from_maybe_shared(head.slice(range))?);
+    }
+
+    let te = headers.get_all(TRANSFER_ENCODING);
+    let has_te = te.iter().next().is_some();
+    let framing =
+        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            ResponseFraming::Length(0)
+        } else if has_te {
+            if version == Version::HTTP_11 && ends_in_chunked(&te) {
+                ResponseFraming::Chunked(Chunked::Size)
+            } else {
+                ResponseFraming::ToEnd
+            }
+        } else {
+            match content_length(&headers) {
+                Ok(Some(n)) => ResponseFraming::Length(n),
+                Ok(None) => ResponseFraming::ToEnd,
+                Err(()) => return Err("invalid content-length in the response".into()),
+            }
+        };
+    let close = headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    });
+    let reusable = version == Version::HTTP_11 && !close && framing != ResponseFraming::ToEnd;
+
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    if let Some(reason) = custom_reason {
+        response.extensions_mut().insert(reason);
+    }
+    let (parts, ()) = response.into_parts();
+    Ok(Some(Parsed::Final((parts, framing, reusable))))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResponseFraming {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the backend closes the connection.
+    ToEnd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    /// Expecting a chunk-size line.
+    Size,
+    /// In a chunk's data, this much left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields until an empty line.
+    Trailers,
+}
+
+/// The body of a response read from a kept connection.
+pub(crate) struct KeptBody {
+    /// `None` once the body has ended (the connection went back to its slot or was closed).
+    conn: Option<KeptStream>,
+    framing: ResponseFraming,
+    reusable: bool,
+    slot: Slot,
+    addr: SocketAddr,
+}
+
+impl KeptBody {
+    fn new(
+        conn: KeptStream,
+        framing: ResponseFraming,
+        reusable: bool,
+        slot: Slot,
+        addr: SocketAddr,
+    ) -> KeptBody {
+        let mut body = KeptBody {
+            conn: Some(conn),
+            framing,
+            reusable,
+            slot,
+            addr,
+        };
+        if framing == ResponseFraming::Length(0) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The response has ended: the connection goes back when nothing is left over.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.reusable && conn.buf.is_empty() {
+                super::put_back(&self.slot, self.addr, conn);
+            }
+        }
+    }
+
+    /// Reads more into the buffer; `Ok(0)` at the end of the connection.
+    fn poll_fill(conn: &mut KeptStream, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            conn.buf.reserve(READ_SIZE);
+            match conn.stream.try_read_buf(&mut conn.buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(conn.stream.poll_read_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match self.framing {
+                ResponseFraming::Length(0) => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                ResponseFraming::Length(left) => {
+                    if conn.buf.is_empty() && ready!(Self::poll_fill(conn, cx))? == 0 {
+                        self.conn = None;
+                        return Poll::Ready(Some(Err(
+                            "backend closed the connection mid-body".into()
+                        )));
+                    }
+                    let n = conn
+                        .buf
+                        .len()
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let data = conn.buf.split_to(n).freeze();
+                    self.framing = ResponseFraming::Length(left - n as u64);
+                    if left == n as u64 {
+                        // Back before the client sees the end, so its next request finds it.
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                ResponseFraming::ToEnd => {
+                    if conn.buf.is_empty() && ready!(Self::poll_fill(conn, cx))? == 0 {
+                        self.conn = None;
+                        return Poll::Ready(None);
+                    }
+                    let data = conn.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                ResponseFraming::Chunked(state) => match step_chunked(state, &mut conn.buf)? {
+                    Step::NeedMore => {
+                        if ready!(Self::poll_fill(conn, cx))? == 0 {
+                            self.conn = None;
+                            return Poll::Ready(Some(Err(
+                                "backend closed the connection mid-body".into(),
+                            )));
+                        }
+                    }
+                    Step::Next(next) => self.framing = ResponseFraming::Chunked(next),
+                    Step::Data(data, next) => {
+                        self.framing = ResponseFraming::Chunked(next);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Step::End(trailers) => {
+                        self.framing = ResponseFraming::Length(0);
+                        self.finish();
+                        return match trailers {
+                            Some(trailers) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                            None => Poll::Ready(None),
+                        };
+                    }
+                },
+            }
+        }
+    }
+}
+
+enum Step {
+    NeedMore,
+    Next(Chunked),
+    Data(Bytes, Chunked),
+    /// The body ended, with its trailer fields if it had any.
+    End(Option<HeaderMap>),
+}
+
+/// One step of decoding a chunked body from `buf`.
+fn step_chunked(state: Chunked, buf: &mut BytesMut) -> Result<Step, BoxError> {
+    match state {
+        Chunked::Size => match httparse::parse_chunk_size(buf) {
+            Ok(httparse::Status::Complete((used, 0))) => {
+                buf.advance(used);
+                Ok(Step::Next(Chunked::Trailers))
+            }
+            Ok(httparse::Status::Complete((used, size))) => {
+                buf.advance(used);
+                Ok(Step::Next(Chunked::Data(size)))
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_CHUNK_LINE => Ok(Step::NeedMore),
+            Ok(httparse::Status::Partial) => Err("chunk-size line too long".into()),
+            Err(_) => Err("invalid chunk size".into()),
+        },
+        Chunked::Data(left) => {
+            if buf.is_empty() {
+                return Ok(Step::NeedMore);
+            }
+            let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let data = buf.split_to(n).freeze();
+            let left = left - n as u64;
+            let next = if left == 0 {
+                Chunked::DataEnd
+            } else {
+                Chunked::Data(left)
+            };
+            Ok(Step::Data(data, next))
+        }
+        Chunked::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Step::NeedMore);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err("chunk data not followed by CRLF".into());
+            }
+            buf.advance(2);
+            Ok(Step::Next(Chunked::Size))
+        }
+        Chunked::Trailers => {
+            if buf.starts_with(b"\r\n") {
+                buf.advance(2);
+                return Ok(Step::End(None));
+            }
+            let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+            match httparse::parse_headers(buf, &mut slots) {
+                Ok(httparse::Status::Complete((used, fields))) => {
+                    let mut trailers = HeaderMap::with_capacity(fields.len());
+                    for field in fields {
+                        trailers.append(
+                            HeaderName::from_bytes(field.name.as_bytes())?,
+                            HeaderValue::from_bytes(field.value)?,
+                        );
+                    }
+                    buf.advance(used);
+                    Ok(Step::End(Some(trailers)))
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_CHUNK_LINE => Ok(Step::NeedMore),
+                Ok(httparse::Status::Partial) => Err("trailer section too long".into()),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Body for KeptBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = this.poll_next(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            // Whatever was read is no longer a response's end: the connection is not reused.
+            this.conn = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() && self.framing == ResponseFraming::Length(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            ResponseFraming::Length(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
