@@ -3,7 +3,10 @@
 
 use super::*;
 use crate::error::full_body;
+use bytes::Bytes;
+use http::{StatusCode, Version};
 use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
