@@ -10,8 +10,9 @@
 //! are the same on both paths):
 //! - request: no body when the body is already at its end (a `transfer-encoding` is dropped then);
 //!   a `transfer-encoding` ending in `chunked` means chunked; else `content-length`; else the body's
-//!   exact size as `content-length`; else no body for `GET`, `HEAD` and `CONNECT` and chunked for
-//!   the others. A `transfer-encoding` not ending in `chunked` is not sent here (the pool sends it).
+//!   exact size as `content-length`; else no body for `GET` and `HEAD` and chunked for
+//!   the others; a `content-length` beside a `transfer-encoding` is dropped. A `transfer-encoding`
+//!   not ending in `chunked`, and `CONNECT`, are not sent here (the pool sends them).
 //! - response: no body for `HEAD`, `204` and `304`; chunked when `transfer-encoding` ends in
 //!   `chunked`; read to the end of the connection for any other `transfer-encoding`, or when there is
 //!   no `content-length`; informational responses (`1xx` but `101`) are skipped.
@@ -90,7 +91,7 @@ impl KeptStream {
     ) -> Result<Response<KeptBody>, ExchangeError> {
         let head_request = req.method() == Method::HEAD;
         let Some((head, framing)) = encode_head(&req) else {
-            let error = "transfer-encoding not ending in chunked".into();
+            let error = "a request this path does not send".into();
             return Err(ExchangeError::Unsent(Box::new(req), error));
         };
         if let Err(e) = self.stream.write_all(&head).await {
@@ -287,22 +288,29 @@ fn encode_head(req: &Request<ProxyBody>) -> Option<(Vec<u8>, RequestFraming)> {
     let body = req.body();
     let te = headers.get_all(TRANSFER_ENCODING);
     let has_te = te.iter().next().is_some();
+    if req.method() == Method::CONNECT {
+        // A tunnel, whose answer hyper reads as an upgrade: the pool's business.
+        return None;
+    }
     let mut extra: Option<(&'static str, String)> = None;
-    let mut skip_te = false;
+    // The framing header that must not be sent: a `transfer-encoding` of a request without a body,
+    // a `content-length` beside a `transfer-encoding` (which wins, as with hyper).
+    let mut skip = None;
     let framing = if body.is_end_stream() {
-        skip_te = true;
+        skip = Some(TRANSFER_ENCODING);
         RequestFraming::Empty
     } else if has_te {
         if !ends_in_chunked(&te) {
             return None;
         }
+        skip = Some(CONTENT_LENGTH);
         RequestFraming::Chunked
     } else if let Some(len) = content_length(headers).ok()? {
         RequestFraming::Length(len)
     } else if let Some(len) = body.size_hint().exact() {
         extra = Some(("content-length", len.to_string()));
         RequestFraming::Length(len)
-    } else if matches!(*req.method(), Method::GET | Method::HEAD | Method::CONNECT) {
+    } else if matches!(*req.method(), Method::GET | Method::HEAD) {
         RequestFraming::Empty
     } else {
         extra = Some(("transfer-encoding", "chunked".to_string()));
@@ -315,7 +323,7 @@ fn encode_head(req: &Request<ProxyBody>) -> Option<(Vec<u8>, RequestFraming)> {
     head.extend_from_slice(path.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
-        if skip_te && name == TRANSFER_ENCODING {
+        if skip.as_ref() == Some(name) {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());

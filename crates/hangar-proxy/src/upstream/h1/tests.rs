@@ -235,6 +235,7 @@ async fn request_bodies_are_framed_as_hyper_frames_them() {
             vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"],
             vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"],
             vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"],
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"],
         ],
         false,
     )
@@ -271,6 +272,21 @@ async fn request_bodies_are_framed_as_hyper_frames_them() {
     let conn = taken(&slot, addr).unwrap();
     exchange(conn, empty, &slot, addr).await;
     assert_eq!(requests.recv().await.unwrap(), "DELETE /r HTTP/1.1\r\n\r\n");
+    // With both, transfer-encoding wins and the content-length is not sent.
+    let frames = futures_util::stream::iter(vec![Ok::<_, BoxError>(Frame::data(
+        Bytes::from_static(b"xyz"),
+    ))]);
+    let both = Request::post("/s")
+        .header("content-length", "3")
+        .header("transfer-encoding", "chunked")
+        .body(BodyExt::boxed(StreamBody::new(frames)))
+        .unwrap();
+    let conn = taken(&slot, addr).unwrap();
+    exchange(conn, both, &slot, addr).await;
+    assert_eq!(
+        requests.recv().await.unwrap(),
+        "POST /s HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n"
+    );
 }
 
 #[tokio::test]
