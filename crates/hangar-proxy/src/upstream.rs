@@ -18,15 +18,13 @@
 mod h1;
 
 use crate::error::{BoxError, ProxyBody};
-use bytes::Bytes;
 use h1::{ExchangeError, KeptBody, KeptStream, Slot};
 use http::{Request, Response, Uri};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http_body_util::Either;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -101,40 +99,8 @@ enum Take {
     Use(KeptStream),
 }
 
-/// A response body from either path.
-pub(crate) enum UpstreamBody {
-    Pooled(Incoming),
-    Kept(KeptBody),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::Pooled(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Kept(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Pooled(body) => body.is_end_stream(),
-            UpstreamBody::Kept(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Pooled(body) => body.size_hint(),
-            UpstreamBody::Kept(body) => body.size_hint(),
-        }
-    }
-}
+/// A response body from either path: the pool's (hyper's) or the kept connection's.
+pub(crate) type UpstreamBody = Either<Incoming, KeptBody>;
 
 impl Upstream {
     /// Sends a plain (not upgrading) request of an HTTP/1.x client connection, with an origin-form
@@ -155,7 +121,7 @@ impl Upstream {
             return self.send_pooled(addr, req).await;
         };
         match stream.exchange(req, kept.slot.clone(), addr).await {
-            Ok(response) => Ok(response.map(UpstreamBody::Kept)),
+            Ok(response) => Ok(response.map(Either::Right)),
             Err(ExchangeError::Unsent(req, error)) => {
                 tracing::debug!(%error, %addr, "Kept backend connection failed; sending through the pool");
                 self.send_pooled(addr, *req).await
@@ -176,7 +142,7 @@ impl Upstream {
         parts.authority = Some(addr.to_string().parse()?);
         parts.path_and_query = path;
         *req.uri_mut() = Uri::from_parts(parts)?;
-        Ok(self.pool.request(req).await?.map(UpstreamBody::Pooled))
+        Ok(self.pool.request(req).await?.map(Either::Left))
     }
 
     /// A new connection to `addr` for a client connection to keep; `None` when it cannot be opened

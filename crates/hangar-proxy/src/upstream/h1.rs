@@ -284,14 +284,14 @@ enum RequestFraming {
 /// The request head as hyper's client would write it, and how its body is framed; `None` for a
 /// request this path does not send (see the module's rules).
 fn encode_head(req: &Request<ProxyBody>) -> Option<(Vec<u8>, RequestFraming)> {
-    let headers = req.headers();
-    let body = req.body();
-    let te = headers.get_all(TRANSFER_ENCODING);
-    let has_te = te.iter().next().is_some();
     if req.method() == Method::CONNECT {
         // A tunnel, whose answer hyper reads as an upgrade: the pool's business.
         return None;
     }
+    let headers = req.headers();
+    let body = req.body();
+    let te = headers.get_all(TRANSFER_ENCODING);
+    let has_te = te.iter().next().is_some();
     let mut extra: Option<(&'static str, String)> = None;
     // The framing header that must not be sent: a `transfer-encoding` of a request without a body,
     // a `content-length` beside a `transfer-encoding` (which wins, as with hyper).
@@ -326,19 +326,21 @@ fn encode_head(req: &Request<ProxyBody>) -> Option<(Vec<u8>, RequestFraming)> {
         if skip.as_ref() == Some(name) {
             continue;
         }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
+        push_field(&mut head, name.as_str(), value.as_bytes());
     }
     if let Some((name, value)) = extra {
-        head.extend_from_slice(name.as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
+        push_field(&mut head, name, value.as_bytes());
     }
     head.extend_from_slice(b"\r\n");
     Some((head, framing))
+}
+
+/// Appends one `name: value` line to a head.
+fn push_field(head: &mut Vec<u8>, name: &str, value: &[u8]) {
+    head.extend_from_slice(name.as_bytes());
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
 }
 
 /// Whether the last coding of a `transfer-encoding` is `chunked`.
