@@ -140,7 +140,17 @@ async fn drone_restart_during_a_claim_hook() {
             Ok(resp) => assert!(!resp.warm && resp.backend_id != hooked_backend, "{resp:?}"),
             Err(ClientError::Api { status, error }) => {
                 assert_eq!(status.as_u16(), 503, "{error}");
-                assert_eq!(error.kind, ApiErrorKind::DroneUnreachable, "{error}");
+                // Which one depends on how the hook ends as the drone stops: its session closes
+                // with the hook unanswered (`DroneUnreachable`), or the stopping drone reports the
+                // hook failed and the cold spawn finds no drone until the new one is up
+                // (`NoDroneAvailable`).
+                assert!(
+                    matches!(
+                        error.kind,
+                        ApiErrorKind::DroneUnreachable | ApiErrorKind::NoDroneAvailable
+                    ),
+                    "{error}"
+                );
             }
             Err(e) => panic!("unexpected connect error {e}"),
         }
