@@ -206,14 +206,18 @@ impl Dialect for PostgresDialect {
         notify::send(conn, &self.origin, events).await
     }
 
-    /// Constraints the store maps to outcomes are named in the schema (migration 0001).
+    /// Constraints the store maps to outcomes are named in the schema (migration 0001). A taken
+    /// backend id may also surface as `backend_key_pkey` (the key row's `backend_id`; such a row
+    /// exists only for an existing backend): a spawn writes its backend and key rows in one statement
+    /// (`ops/chain.rs`), and either insert may be the one that fails first.
     fn violates(e: &sqlx::Error, constraint: Unique) -> bool {
-        let name = match constraint {
-            Unique::BackendId => "backend_id_unique",
-            Unique::KeyHolder => "backend_key_single_holder",
+        let names: &[&str] = match constraint {
+            Unique::BackendId => &["backend_id_unique", "backend_key_pkey"],
+            Unique::KeyHolder => &["backend_key_single_holder"],
         };
-        e.as_database_error()
-            .is_some_and(|d| d.is_unique_violation() && d.constraint() == Some(name))
+        e.as_database_error().is_some_and(|d| {
+            d.is_unique_violation() && d.constraint().is_some_and(|c| names.contains(&c))
+        })
     }
 
     /// Stops the event listener, which holds a connection of the pool.

@@ -144,6 +144,7 @@ macro_rules! all_store_tests {
             backend_id_taken_writes_nothing,
             fencing_token_increases_across_acquisitions,
             fencing_token_increases_when_clock_goes_back,
+            state_time_never_goes_back,
             state_recording_is_monotonic,
             states_recorded_together_in_order,
             terminated_releases_only_its_own_key,
@@ -912,6 +913,50 @@ mod suite {
     }
 
     // ---- states --------------------------------------------------------------------------------
+
+    /// A state recorded while the store clock is behind the backend's last state time keeps that
+    /// time: the row, the answer and the history agree, and the history never goes back.
+    pub async fn state_time_never_goes_back(h: Harness) {
+        let store = &*h.store;
+        let drone = ready_drone(store, "dr-one", "").await;
+        h.advance(Duration::from_secs(3600));
+        let nb = new_backend(drone, "late-clock");
+        acquire(store, nb.clone()).await;
+        let scheduled_at = store.backend(&nb.id).await.unwrap().unwrap().state_time;
+        h.rewind(Duration::from_secs(7200));
+        let updates = store
+            .record_drone_reports(
+                drone,
+                &[],
+                &[
+                    (nb.id.clone(), BackendState::Loading),
+                    (nb.id.clone(), BackendState::Starting),
+                ],
+            )
+            .await
+            .unwrap();
+        let applied = StateUpdate::Applied { time: scheduled_at };
+        assert_eq!(updates, [applied.clone(), applied]);
+        let row = store.backend(&nb.id).await.unwrap().unwrap();
+        assert_eq!((row.state, row.state_time), (BackendState::Starting, scheduled_at));
+        let times: Vec<Millis> = store
+            .backend_history(&nb.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, time)| time)
+            .collect();
+        assert_eq!(times, [scheduled_at; 3]);
+        // Once the clock is ahead again, the next state gets the clock's time.
+        h.advance(Duration::from_secs(7200 + 60));
+        let ready = BackendState::Ready { address: addr() };
+        let StateUpdate::Applied { time } = record(store, &nb.id, ready).await else {
+            panic!("ready was not applied");
+        };
+        assert!(time.0 >= scheduled_at.0 + 59_000, "{time:?} after {scheduled_at:?}");
+        let history = store.backend_history(&nb.id).await.unwrap();
+        assert_eq!(history.last().map(|(_, t)| *t), Some(time));
+    }
 
     pub async fn state_recording_is_monotonic(h: Harness) {
         let store = &*h.store;

@@ -1,7 +1,8 @@
 //! Actions queued for drones: stored until the drone acknowledges them.
 
 use super::rows::json;
-use super::{commit, placeholders, tuples, Conn, D, S};
+use super::chain::Chain;
+use super::{commit, tuples, Conn, D, S};
 use crate::dialect::render;
 use crate::events::StoreEvent;
 use crate::model::NodeId;
@@ -26,22 +27,31 @@ pub(super) async fn insert_actions(
     actions: &[(NodeId, &ActionMessage)],
     now: Millis,
 ) -> StoreResult<()> {
-    let rows: Vec<String> = (0..actions.len())
-        .map(|i| format!("({}, $1)", placeholders(2 + 4 * i, 4)))
-        .collect();
-    let sql = format!(
+    let mut chain = Chain::new();
+    push_actions(&mut chain, actions, now)?;
+    chain.run(conn).await?;
+    Ok(())
+}
+
+/// Adds to `chain` the queueing of `actions`, each for its drone, as one write.
+pub(super) fn push_actions<'q>(
+    chain: &mut Chain<'q>,
+    actions: &[(NodeId, &'q ActionMessage)],
+    now: Millis,
+) -> StoreResult<()> {
+    let now = chain.bind(now.0)?;
+    let mut rows = Vec::with_capacity(actions.len());
+    for (drone, action) in actions {
+        let id = chain.bind(action.action_id.as_str())?;
+        let backend = chain.bind(action.backend_id.as_str())?;
+        let drone = chain.bind(*drone)?;
+        let action = chain.bind(Json(*action))?;
+        rows.push(format!("(${id}, ${backend}, ${drone}, ${action}, ${now})"));
+    }
+    chain.push(&format!(
         "INSERT INTO backend_action (action_id, backend_id, drone_id, action, created_at) VALUES {}",
         rows.join(", ")
-    );
-    let mut query = sqlx::query(&sql).bind(now.0);
-    for (drone, action) in actions {
-        query = query
-            .bind(action.action_id.as_str())
-            .bind(action.backend_id.as_str())
-            .bind(*drone)
-            .bind(Json(*action));
-    }
-    query.execute(conn).await?;
+    ));
     Ok(())
 }
 

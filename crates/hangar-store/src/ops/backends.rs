@@ -5,11 +5,12 @@
 //! increasing even if the clock goes backwards; the unique `(namespace, name)` of `backend_key` makes
 //! the key single-holder, and a concurrent acquisition that loses is reported as [`Acquire::KeyHeld`].
 
-use super::actions::{ack_actions, insert_actions};
-use super::rows::{backend_row, inserted, json, parse, BACKEND_COLUMNS};
-use super::tokens::insert_tokens;
-use super::{commit, placeholders, tuples, Conn, Db, D, S};
-use crate::dialect::{millis_of, render, Announced, Unique};
+use super::actions::{ack_actions, push_actions};
+use super::chain::Chain;
+use super::rows::{backend_row, inserted, json, parse, Row, BACKEND_COLUMNS};
+use super::tokens::push_tokens;
+use super::{commit, placeholders, Conn, Db, D, S};
+use crate::dialect::{millis_of, render, Announced, Dialect, Unique};
 use crate::events::StoreEvent;
 use crate::group_commit::{all_or_each, Answers};
 use crate::model::*;
@@ -19,7 +20,7 @@ use hangar_types::protocol::{AcquiredKey, ActionMessage, BackendAction};
 use hangar_types::timing::CONNECTED_REPORT_TTL;
 use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, Millis, WarmPoolName};
 use sqlx::types::Json;
-use sqlx::Row;
+use sqlx::Row as _;
 use std::collections::HashMap;
 
 pub(super) async fn key_lookup(s: &S, key: &KeyRef) -> StoreResult<KeyLookup> {
@@ -149,26 +150,39 @@ async fn spawn_in(
     let keys: Vec<&KeyConfig> = news.iter().map(|new| &new.key).collect();
     let (fencing_tokens, now) = next_fencing_tokens(&mut tx, clock, &keys).await?;
     let spawns: Vec<(&NewBackend, i64)> = news.iter().copied().zip(fencing_tokens).collect();
-    let Some((actions, events)) = insert_spawns(&mut tx, &spawns, now, None).await? else {
-        tx.rollback().await?;
-        return Ok(Err(Acquire::BackendIdTaken));
-    };
+    let actions = spawn_actions(&spawns);
     let leases: Vec<KeyLease> = spawns
         .iter()
         .map(|(new, fencing_token)| (&new.id, &new.key, *fencing_token))
         .collect();
     let expires_at = now.0.saturating_add(s.key_lease_ms());
-    if !insert_keys(&mut tx, &leases, expires_at).await? {
-        tx.rollback().await?;
-        return Ok(Err(Acquire::KeyHeld));
-    }
     let tokens: Vec<NewToken> = news
         .iter()
         .filter_map(|new| Some(new.token.as_ref()?.for_backend(new.id.clone())))
         .collect();
+    let tokens: Vec<&NewToken> = tokens.iter().collect();
+    // The backends, their states and actions, their keys and tokens: one round trip.
+    let mut chain = Chain::with_clock(clock)?;
+    push_spawns(&mut chain, &spawns, &actions, now, None)?;
+    push_keys(&mut chain, &leases, expires_at)?;
     if !tokens.is_empty() {
-        insert_tokens(&mut *tx, clock, &tokens.iter().collect::<Vec<_>>()).await?;
+        push_tokens(&mut chain, &tokens)?;
     }
+    let rows = match chain.run(&mut *tx).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            let refusal = if D::violates(&e, Unique::BackendId) {
+                Acquire::BackendIdTaken
+            } else if D::violates(&e, Unique::KeyHolder) {
+                Acquire::KeyHeld
+            } else {
+                return Err(e.into());
+            };
+            tx.rollback().await?;
+            return Ok(Err(refusal));
+        }
+    };
+    let events = spawn_events(&spawns, &actions, now, history_ids(&rows)?);
     commit(s, tx, events).await?;
     Ok(Ok(spawns
         .iter()
@@ -253,105 +267,63 @@ pub(super) async fn insert_key(
     expires_at: i64,
     fencing_token: i64,
 ) -> StoreResult<bool> {
-    insert_keys(conn, &[(backend, key, fencing_token)], expires_at).await
+    let mut chain = Chain::new();
+    push_keys(&mut chain, &[(backend, key, fencing_token)], expires_at)?;
+    inserted(chain.run(conn).await, Unique::KeyHolder)
 }
 
-/// Inserts `leases`, all expiring at `expires_at`, with one statement; `false` (nothing inserted) if
-/// another backend holds one of the keys.
-async fn insert_keys(
-    conn: &mut Conn,
-    leases: &[KeyLease<'_>],
+/// Adds to `chain` the insert of `leases`, all expiring at `expires_at`, as one write; it fails with
+/// a [`Unique::KeyHolder`] violation (nothing inserted) if another backend holds one of the keys.
+fn push_keys<'q>(
+    chain: &mut Chain<'q>,
+    leases: &[KeyLease<'q>],
     expires_at: i64,
-) -> StoreResult<bool> {
-    let rows: Vec<String> = (0..leases.len())
-        .map(|i| {
-            let p = 2 + 5 * i;
-            format!("({}, $1, ${})", placeholders(p, 4), p + 4)
-        })
-        .collect();
-    let sql = format!(
+) -> StoreResult<()> {
+    let expires_at = chain.bind(expires_at)?;
+    let mut rows = Vec::with_capacity(leases.len());
+    for (backend, key, fencing_token) in leases {
+        let backend = chain.bind(backend.as_str())?;
+        let namespace = chain.bind(key.namespace.as_str())?;
+        let name = chain.bind(key.name.as_str())?;
+        let tag = chain.bind(key.tag.as_str())?;
+        let fencing_token = chain.bind(*fencing_token)?;
+        rows.push(format!(
+            "(${backend}, ${namespace}, ${name}, ${tag}, ${expires_at}, ${fencing_token})"
+        ));
+    }
+    chain.push(&format!(
         "INSERT INTO backend_key (backend_id, namespace, name, tag, expires_at, fencing_token) \
          VALUES {}",
         rows.join(", ")
-    );
-    let mut query = sqlx::query(&sql).bind(expires_at);
-    for (backend, key, fencing_token) in leases {
-        query = query
-            .bind(backend.as_str())
-            .bind(&key.namespace)
-            .bind(key.name.as_str())
-            .bind(&key.tag)
-            .bind(*fencing_token);
-    }
-    inserted(query.execute(conn).await, Unique::KeyHolder)
+    ));
+    Ok(())
 }
 
 /// Inserts the backend rows of `spawns` (each with its fencing token; unclaimed backends of `warm`'s
-/// pool and generation, if given), their `scheduled` states and their spawn actions, with one
-/// statement each; returns the actions (in order) and the events to announce, or `None` (nothing
-/// inserted) if a backend id is taken.
+/// pool and generation, if given), their `scheduled` states and their spawn actions, in one round
+/// trip; returns the actions (in order) and the events to announce, or `None` (nothing inserted) if a
+/// backend id is taken.
 pub(super) async fn insert_spawns(
     conn: &mut Conn,
     spawns: &[(&NewBackend, i64)],
     now: Millis,
     warm: Option<(&WarmPoolName, i64)>,
 ) -> StoreResult<Option<(Vec<ActionMessage>, Vec<Announced>)>> {
-    let state = BackendState::Scheduled;
-    // Shared by every row: $1 the time, $2–$4 the state, $5–$6 the warm pool; then 13 per backend.
-    let rows: Vec<String> = (0..spawns.len())
-        .map(|i| {
-            let p = 7 + 13 * i;
-            format!(
-                "({}, $2, $3, $1, $4, ${}, ${}, $1, {}, $1, $5, $6)",
-                placeholders(p, 8),
-                p + 8,
-                p + 9,
-                placeholders(p + 10, 3)
-            )
-        })
-        .collect();
-    let sql = format!(
-        "INSERT INTO backend (id, cluster, pool, drone_id, key_namespace, key_name, key_tag, \
-         fencing_token, last_status, last_status_number, last_status_time, state, static_token, \
-         subdomain, created_at, max_idle_seconds, lifetime_limit_seconds, expiration_time, \
-         last_keepalive, warm_pool, warm_generation) VALUES {}",
-        rows.join(", ")
-    );
-    let mut query = sqlx::query(&sql)
-        .bind(now.0)
-        .bind(state.status().as_str())
-        .bind(state.status().number())
-        .bind(Json(&state))
-        .bind(warm.map(|(pool, _)| pool.as_str()))
-        .bind(warm.map(|(_, generation)| generation));
-    for (new, fencing_token) in spawns {
-        let expiration_time = new
-            .lifetime_limit_seconds
-            .map(|secs| now.0.saturating_add(i64::from(secs).saturating_mul(1000)));
-        query = query
-            .bind(new.id.as_str())
-            .bind(new.cluster.as_str())
-            .bind(&new.pool)
-            .bind(new.drone)
-            .bind(&new.key.namespace)
-            .bind(new.key.name.as_str())
-            .bind(&new.key.tag)
-            .bind(*fencing_token)
-            .bind(new.static_token.as_ref().map(|t| t.as_str()))
-            .bind(&new.subdomain)
-            .bind(new.max_idle_seconds)
-            .bind(new.lifetime_limit_seconds)
-            .bind(expiration_time);
-    }
-    if !inserted(query.execute(&mut *conn).await, Unique::BackendId)? {
-        return Ok(None);
-    }
-    let history: Vec<(&BackendId, &BackendState, Millis)> = spawns
-        .iter()
-        .map(|(new, _)| (&new.id, &state, now))
-        .collect();
-    let history_ids = insert_histories(conn, &history).await?;
-    let actions: Vec<ActionMessage> = spawns
+    let actions = spawn_actions(spawns);
+    let mut chain = Chain::new();
+    push_spawns(&mut chain, spawns, &actions, now, warm)?;
+    let rows = match chain.run(conn).await {
+        Ok(rows) => rows,
+        Err(e) if D::violates(&e, Unique::BackendId) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let events = spawn_events(spawns, &actions, now, history_ids(&rows)?);
+    Ok(Some((actions, events)))
+}
+
+/// The spawn action of each of `spawns`, in order.
+fn spawn_actions(spawns: &[(&NewBackend, i64)]) -> Vec<ActionMessage> {
+    spawns
         .iter()
         .map(|(new, fencing_token)| ActionMessage {
             action_id: ActionId::random(),
@@ -366,16 +338,83 @@ pub(super) async fn insert_spawns(
                 static_token: new.static_token.clone(),
             },
         })
-        .collect();
+        .collect()
+}
+
+/// The state every new backend starts in.
+static SCHEDULED: BackendState = BackendState::Scheduled;
+
+/// Adds to `chain` the writes of [`insert_spawns`] (`actions` from [`spawn_actions`]): the backend
+/// rows (one write, failing with a [`Unique::BackendId`] violation if an id is taken), their
+/// `scheduled` states (the returning write: the history ids) and the actions.
+fn push_spawns<'q>(
+    chain: &mut Chain<'q>,
+    spawns: &[(&'q NewBackend, i64)],
+    actions: &'q [ActionMessage],
+    now: Millis,
+    warm: Option<(&'q WarmPoolName, i64)>,
+) -> StoreResult<()> {
+    let state = &SCHEDULED;
+    // Shared by every row.
+    let time = chain.bind(now.0)?;
+    let status = chain.bind(state.status().as_str())?;
+    let number = chain.bind(state.status().number())?;
+    let json = chain.bind(Json(state))?;
+    let warm_pool = chain.bind(warm.map(|(pool, _)| pool.as_str()))?;
+    let generation = chain.bind(warm.map(|(_, generation)| generation))?;
+    let mut rows = Vec::with_capacity(spawns.len());
+    for (new, fencing_token) in spawns {
+        let expiration_time = new
+            .lifetime_limit_seconds
+            .map(|secs| now.0.saturating_add(i64::from(secs).saturating_mul(1000)));
+        let id = chain.bind(new.id.as_str())?;
+        let cluster = chain.bind(new.cluster.as_str())?;
+        let pool = chain.bind(new.pool.as_str())?;
+        let drone = chain.bind(new.drone)?;
+        let namespace = chain.bind(new.key.namespace.as_str())?;
+        let name = chain.bind(new.key.name.as_str())?;
+        let tag = chain.bind(new.key.tag.as_str())?;
+        let fencing_token = chain.bind(*fencing_token)?;
+        let static_token = chain.bind(new.static_token.as_ref().map(|t| t.as_str()))?;
+        let subdomain = chain.bind(new.subdomain.as_deref())?;
+        let max_idle = chain.bind(new.max_idle_seconds)?;
+        let lifetime = chain.bind(new.lifetime_limit_seconds)?;
+        let expiration_time = chain.bind(expiration_time)?;
+        rows.push(format!(
+            "(${id}, ${cluster}, ${pool}, ${drone}, ${namespace}, ${name}, ${tag}, \
+             ${fencing_token}, ${status}, ${number}, ${time}, ${json}, ${static_token}, \
+             ${subdomain}, ${time}, ${max_idle}, ${lifetime}, ${expiration_time}, ${time}, \
+             ${warm_pool}, ${generation})"
+        ));
+    }
+    chain.push(&format!(
+        "INSERT INTO backend (id, cluster, pool, drone_id, key_namespace, key_name, key_tag, \
+         fencing_token, last_status, last_status_number, last_status_time, state, static_token, \
+         subdomain, created_at, max_idle_seconds, lifetime_limit_seconds, expiration_time, \
+         last_keepalive, warm_pool, warm_generation) VALUES {}",
+        rows.join(", ")
+    ));
+    let history: Vec<(&BackendId, &BackendState)> =
+        spawns.iter().map(|(new, _)| (&new.id, state)).collect();
+    push_histories(chain, &history, HistoryTime::At(now))?;
     let queued: Vec<(NodeId, &ActionMessage)> = spawns
         .iter()
-        .zip(&actions)
+        .zip(actions)
         .map(|((new, _), action)| (new.drone, action))
         .collect();
-    insert_actions(conn, &queued, now).await?;
+    push_actions(chain, &queued, now)
+}
+
+/// The events of [`insert_spawns`], given the history ids its chain returned.
+fn spawn_events(
+    spawns: &[(&NewBackend, i64)],
+    actions: &[ActionMessage],
+    now: Millis,
+    history_ids: Vec<i64>,
+) -> Vec<Announced> {
     let mut events = Vec::with_capacity(2 * spawns.len());
-    for (((new, _), history_id), action) in spawns.iter().zip(history_ids).zip(&actions) {
-        events.push(Announced::state(history_id, &new.id, &state, now));
+    for (((new, _), history_id), action) in spawns.iter().zip(history_ids).zip(actions) {
+        events.push(Announced::state(history_id, &new.id, &SCHEDULED, now));
         events.push(
             StoreEvent::Action {
                 drone: new.drone,
@@ -384,7 +423,7 @@ pub(super) async fn insert_spawns(
             .into(),
         );
     }
-    Ok(Some((actions, events)))
+    events
 }
 
 pub(super) async fn backend(s: &S, id: &BackendId) -> StoreResult<Option<BackendRow>> {
@@ -528,38 +567,47 @@ async fn record_states(
     if applied.is_empty() {
         return Ok((updates, Vec::new()));
     }
-    let times = update_backends(conn, clock, states, &applied).await?;
-    let mut history = Vec::with_capacity(applied.len());
-    for &i in &applied {
-        let time = *times.get(states[i].0.as_str()).ok_or_else(|| {
-            StoreError::Corrupt(format!("backend {} was not updated", states[i].0))
-        })?;
-        updates[i] = StateUpdate::Applied { time };
-        history.push((&states[i].0, &states[i].1, time));
-    }
-    let terminated: Vec<&str> = history
+    // The updates, the keys released and the history rows: one round trip.
+    let mut chain = Chain::with_clock(clock)?;
+    push_backend_updates(&mut chain, states, &applied)?;
+    let terminated: Vec<&str> = applied
         .iter()
-        .filter(|(_, state, _)| state.status() == BackendStatus::Terminated)
-        .map(|(id, _, _)| id.as_str())
+        .map(|&i| &states[i])
+        .filter(|(_, state)| state.status() == BackendStatus::Terminated)
+        .map(|(id, _)| id.as_str())
         .collect();
     if !terminated.is_empty() {
         // Releases the key at once; a key re-acquired by another backend has another row.
-        let sql = format!(
+        let ids: Vec<String> = terminated
+            .into_iter()
+            .map(|id| Ok(format!("${}", chain.bind(id)?)))
+            .collect::<StoreResult<_>>()?;
+        chain.push(&format!(
             "DELETE FROM backend_key WHERE backend_id IN ({})",
-            placeholders(1, terminated.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for id in terminated {
-            query = query.bind(id);
-        }
-        query.execute(&mut *conn).await?;
+            ids.join(", ")
+        ));
     }
-    let history_ids = insert_histories(conn, &history).await?;
-    let events = history
-        .iter()
-        .zip(history_ids)
-        .map(|((id, state, time), history_id)| Announced::state(history_id, id, state, *time))
-        .collect();
+    let history: Vec<(&BackendId, &BackendState)> =
+        applied.iter().map(|&i| (&states[i].0, &states[i].1)).collect();
+    push_histories(&mut chain, &history, HistoryTime::StateTime)?;
+    let rows = chain.run(&mut *conn).await?;
+    let history_ids = history_ids(&rows)?;
+    let mut times = HashMap::new();
+    for row in &rows {
+        times.insert(
+            row.try_get::<String, _>("backend_id")?,
+            Millis(row.try_get("created_at")?),
+        );
+    }
+    let mut events = Vec::with_capacity(applied.len());
+    for (&i, history_id) in applied.iter().zip(history_ids) {
+        let (id, state) = &states[i];
+        let time = *times
+            .get(id.as_str())
+            .ok_or_else(|| StoreError::Corrupt(format!("backend {id} got no history row")))?;
+        updates[i] = StateUpdate::Applied { time };
+        events.push(Announced::state(history_id, id, state, time));
+    }
     Ok((updates, events))
 }
 
@@ -594,14 +642,14 @@ async fn locked_status_numbers(
         .collect()
 }
 
-/// Updates each backend with a state in `applied` (indexes into `states`) to its last one, with one
-/// statement; returns the new state time of each.
-async fn update_backends(
-    conn: &mut Conn,
-    clock: i64,
-    states: &[(BackendId, BackendState)],
+/// Adds to `chain` (made [`Chain::with_clock`]) the update of each backend with a state in `applied`
+/// (indexes into `states`) to its last one, as one write. Its state time becomes the store clock, or
+/// stays its last state time if that is later ([`HistoryTime::StateTime`] reads the same).
+fn push_backend_updates<'q>(
+    chain: &mut Chain<'q>,
+    states: &'q [(BackendId, BackendState)],
     applied: &[usize],
-) -> StoreResult<HashMap<String, Millis>> {
+) -> StoreResult<()> {
     // Per backend, in order of first appearance: its last applied state, and whether `ready` is among
     // its applied states (the idle clock starts then).
     let mut last: Vec<(&BackendId, &BackendState, bool)> = Vec::new();
@@ -616,51 +664,80 @@ async fn update_backends(
             None => last.push((id, state, ready)),
         }
     }
+    let mut rows = Vec::with_capacity(last.len());
+    for (id, state, ready) in last {
+        let status = state.status();
+        let id = chain.bind(id.as_str())?;
+        let name = chain.bind(status.as_str())?;
+        let number = chain.bind(status.number())?;
+        let json = chain.bind(Json(state))?;
+        let address = chain.bind(state.address().map(|a| a.to_string()))?;
+        let ready = chain.bind(ready)?;
+        rows.push(format!(
+            "(${id}, ${name}, ${number}, ${json}, ${address}, ${ready})"
+        ));
+    }
     // The monotonic check is repeated here only as a safeguard: the rows are locked.
-    let sql = render::<D>(&format!(
+    chain.push(&format!(
         "UPDATE backend SET last_status = v.column2, last_status_number = v.column3, \
          last_status_time = {{greatest}}({{now}}, last_status_time), \
          state = v.column4, cluster_address = v.column5, \
          last_keepalive = CASE WHEN v.column6 THEN {{greatest}}({{now}}, last_status_time) \
                           ELSE last_keepalive END \
          FROM (VALUES {}) AS v \
-         WHERE backend.id = v.column1 AND backend.last_status_number < v.column3 \
-         RETURNING id, last_status_time",
-        tuples(2, 6, last.len())
+         WHERE backend.id = v.column1 AND backend.last_status_number < v.column3",
+        rows.join(", ")
     ));
-    let mut query = sqlx::query(&sql).bind(clock);
-    for (id, state, ready) in last {
-        let status = state.status();
-        query = query
-            .bind(id.as_str())
-            .bind(status.as_str())
-            .bind(status.number())
-            .bind(Json(state))
-            .bind(state.address().map(|a| a.to_string()))
-            .bind(ready);
-    }
-    query
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|row| Ok((row.try_get("id")?, Millis(row.try_get("last_status_time")?))))
-        .collect()
+    Ok(())
 }
 
-/// Appends states to the history with one statement; returns their row ids, in the order given.
-async fn insert_histories(
-    conn: &mut Conn,
-    history: &[(&BackendId, &BackendState, Millis)],
-) -> StoreResult<Vec<i64>> {
-    let sql = format!(
-        "INSERT INTO backend_state (backend_id, state, created_at) VALUES {} RETURNING id",
-        tuples(1, 3, history.len())
-    );
-    let mut query = sqlx::query_scalar(&sql);
-    for (id, state, time) in history {
-        query = query.bind(id.as_str()).bind(Json(*state)).bind(time.0);
+/// The time of a history row ([`push_histories`]).
+enum HistoryTime {
+    /// This time (a new backend's `scheduled`).
+    At(Millis),
+    /// The time [`push_backend_updates`] gives its backend's row: the store clock, or the row's last
+    /// state time if that is later. The expression reads the row as it was before the chain on
+    /// PostgreSQL (a `WITH` part sees the statement's snapshot) and as the update left it on SQLite
+    /// (the script's statements run in turn); both give the updated time.
+    StateTime,
+}
+
+/// Adds to `chain` the append of `history` (one row per state, in order) as its returning write: each
+/// row's `id`, `backend_id` and `created_at`.
+fn push_histories<'q>(
+    chain: &mut Chain<'q>,
+    history: &[(&'q BackendId, &'q BackendState)],
+    time: HistoryTime,
+) -> StoreResult<()> {
+    let at = match time {
+        HistoryTime::At(at) => Some(chain.bind(at.0)?),
+        HistoryTime::StateTime => None,
+    };
+    let mut rows = Vec::with_capacity(history.len());
+    for (id, state) in history {
+        let id = chain.bind(id.as_str())?;
+        let state = chain.bind(Json(*state))?;
+        let time = match at {
+            Some(at) => format!("${at}"),
+            None => format!(
+                "{{greatest}}({{now}}, (SELECT b.last_status_time FROM backend b WHERE b.id = ${id}))"
+            ),
+        };
+        rows.push(format!("(${id}, ${state}, {time})"));
     }
-    let mut ids: Vec<i64> = query.fetch_all(&mut *conn).await?;
+    chain.push_returning(&format!(
+        "INSERT INTO backend_state (backend_id, state, created_at) VALUES {} \
+         RETURNING id, backend_id, created_at",
+        rows.join(", ")
+    ))
+}
+
+/// The history ids returned by [`push_histories`]'s write, in the order of its rows.
+fn history_ids(rows: &[Row]) -> StoreResult<Vec<i64>> {
+    let mut ids = rows
+        .iter()
+        .map(|row| row.try_get::<i64, _>("id"))
+        .collect::<Result<Vec<_>, _>>()?;
     // Row ids are handed out in the order of the VALUES rows; RETURNING's order is not promised.
     ids.sort_unstable();
     Ok(ids)

@@ -27,6 +27,7 @@ macro_rules! sql {
 
 mod actions;
 mod backends;
+mod chain;
 mod cleanup;
 mod controllers;
 mod dashboard;

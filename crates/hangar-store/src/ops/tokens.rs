@@ -1,6 +1,7 @@
 //! Connection tokens: dynamic tokens (one row each, expiring) and static tokens (on the backend row),
 //! and their resolution to routes.
 
+use super::chain::Chain;
 use super::rows::{backend_row, json, parse, parsed, Row, BACKEND_COLUMNS};
 use super::{commit, placeholders, Conn, Db, D, S};
 use crate::dialect::{millis_of, render, Dialect};
@@ -33,34 +34,37 @@ fn insert_token_batch<'a>(s: &'a S, tokens: Vec<&'a NewToken>) -> Answers<'a, ()
     })
 }
 
-/// Inserts `tokens` with one statement (`$1` is the store clock).
+/// Inserts `tokens` with one statement.
 pub(super) async fn insert_tokens<'c>(
     conn: impl sqlx::Executor<'c, Database = Db>,
     clock: i64,
     tokens: &[&NewToken],
 ) -> StoreResult<()> {
-    let mut template = String::from(
-        "INSERT INTO token (token, backend_id, secret, username, auth, expires_at) VALUES ",
-    );
-    let rows: Vec<String> = (0..tokens.len())
-        .map(|i| {
-            let p = 2 + 6 * i;
-            format!("({}, {{now}} + ${})", placeholders(p, 5), p + 5)
-        })
-        .collect();
-    template.push_str(&rows.join(", "));
-    let sql = render::<D>(&template);
-    let mut query = sqlx::query(&sql).bind(clock);
+    let mut chain = Chain::with_clock(clock)?;
+    push_tokens(&mut chain, tokens)?;
+    chain.run(conn).await?;
+    Ok(())
+}
+
+/// Adds to `chain` (made [`Chain::with_clock`]: the tokens expire from `{now}`) the insert of
+/// `tokens`, as one write.
+pub(super) fn push_tokens<'q>(chain: &mut Chain<'q>, tokens: &[&'q NewToken]) -> StoreResult<()> {
+    let mut rows = Vec::with_capacity(tokens.len());
     for token in tokens {
-        query = query
-            .bind(token.token.as_str())
-            .bind(token.backend.as_str())
-            .bind(token.secret.as_str())
-            .bind(&token.user)
-            .bind(Json(&token.auth))
-            .bind(millis_of(token.lifetime));
+        let value = chain.bind(token.token.as_str())?;
+        let backend = chain.bind(token.backend.as_str())?;
+        let secret = chain.bind(token.secret.as_str())?;
+        let user = chain.bind(token.user.as_deref())?;
+        let auth = chain.bind(Json(&token.auth))?;
+        let lifetime = chain.bind(millis_of(token.lifetime))?;
+        rows.push(format!(
+            "(${value}, ${backend}, ${secret}, ${user}, ${auth}, {{now}} + ${lifetime})"
+        ));
     }
-    query.execute(conn).await?;
+    chain.push(&format!(
+        "INSERT INTO token (token, backend_id, secret, username, auth, expires_at) VALUES {}",
+        rows.join(", ")
+    ));
     Ok(())
 }
 
