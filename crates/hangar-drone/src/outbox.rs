@@ -337,21 +337,27 @@ impl Outbox {
         };
         let mut writer = self.writer().await?;
         let mut tx = begin_write(&mut writer).await?;
+        // The backend row, then its events, as one script: one round trip to the connection's
+        // thread. The script's result carries its last statement's rowid: the last event's id.
         // A `NULL` runtime keeps the stored one.
-        sqlx::query(
+        let sql = format!(
             "INSERT INTO backend (id, status, state, runtime, updated_at) VALUES (?, ?, ?, ?, ?)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, state = excluded.state,
                  runtime = COALESCE(excluded.runtime, backend.runtime),
-                 updated_at = excluded.updated_at",
-        )
-        .bind(backend.as_str())
-        .bind(state.status().as_str())
-        .bind(to_json(state)?)
-        .bind(runtime.map(to_json).transpose()?)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-        let event_id = insert_events(&mut tx, backend, states).await?;
+                 updated_at = excluded.updated_at;
+             {}",
+            events_insert(states.len())
+        );
+        let query = sqlx::query(&sql)
+            .bind(backend.as_str())
+            .bind(state.status().as_str())
+            .bind(to_json(state)?)
+            .bind(runtime.map(to_json).transpose()?)
+            .bind(now.0);
+        let done = bind_events(query, backend, states)?
+            .execute(&mut *tx)
+            .await?;
+        let event_id = done.last_insert_rowid();
         tx.commit().await?;
         self.committed(backend, states, event_id);
         Ok(event_id)
@@ -582,17 +588,32 @@ async fn insert_events(
     backend: &BackendId,
     states: &[(BackendState, Millis)],
 ) -> Result<i64, OutboxError> {
-    let rows = vec!["(?, ?, ?)"; states.len()].join(", ");
-    let sql = format!("INSERT INTO event (backend_id, state, timestamp) VALUES {rows}");
-    let mut insert = sqlx::query(&sql);
+    let sql = events_insert(states.len());
+    let done = bind_events(sqlx::query(&sql), backend, states)?
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.last_insert_rowid())
+}
+
+/// The statement that queues `n` events ([`bind_events`] binds its values).
+fn events_insert(n: usize) -> String {
+    let rows = vec!["(?, ?, ?)"; n].join(", ");
+    format!("INSERT INTO event (backend_id, state, timestamp) VALUES {rows}")
+}
+
+/// Binds the values of [`events_insert`] for `states` of `backend`, after those bound before.
+fn bind_events<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    backend: &'q BackendId,
+    states: &[(BackendState, Millis)],
+) -> Result<sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>, OutboxError> {
     for (state, at) in states {
-        insert = insert
+        query = query
             .bind(backend.as_str())
             .bind(to_json(state)?)
             .bind(at.0);
     }
-    let done = insert.execute(&mut **tx).await?;
-    Ok(done.last_insert_rowid())
+    Ok(query)
 }
 
 /// Begins a transaction that writes. `BEGIN IMMEDIATE` takes the write lock first, waiting for it
