@@ -938,7 +938,10 @@ mod suite {
         let applied = StateUpdate::Applied { time: scheduled_at };
         assert_eq!(updates, [applied.clone(), applied]);
         let row = store.backend(&nb.id).await.unwrap().unwrap();
-        assert_eq!((row.state, row.state_time), (BackendState::Starting, scheduled_at));
+        assert_eq!(
+            (row.state, row.state_time),
+            (BackendState::Starting, scheduled_at)
+        );
         let times: Vec<Millis> = store
             .backend_history(&nb.id)
             .await
@@ -953,7 +956,10 @@ mod suite {
         let StateUpdate::Applied { time } = record(store, &nb.id, ready).await else {
             panic!("ready was not applied");
         };
-        assert!(time.0 >= scheduled_at.0 + 59_000, "{time:?} after {scheduled_at:?}");
+        assert!(
+            time.0 >= scheduled_at.0 + 59_000,
+            "{time:?} after {scheduled_at:?}"
+        );
         let history = store.backend_history(&nb.id).await.unwrap();
         assert_eq!(history.last().map(|(_, t)| *t), Some(time));
     }

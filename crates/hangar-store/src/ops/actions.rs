@@ -1,7 +1,7 @@
 //! Actions queued for drones: stored until the drone acknowledges them.
 
-use super::rows::json;
 use super::chain::Chain;
+use super::rows::json;
 use super::{commit, tuples, Conn, D, S};
 use crate::dialect::render;
 use crate::events::StoreEvent;

@@ -587,8 +587,10 @@ async fn record_states(
             ids.join(", ")
         ));
     }
-    let history: Vec<(&BackendId, &BackendState)> =
-        applied.iter().map(|&i| (&states[i].0, &states[i].1)).collect();
+    let history: Vec<(&BackendId, &BackendState)> = applied
+        .iter()
+        .map(|&i| (&states[i].0, &states[i].1))
+        .collect();
     push_histories(&mut chain, &history, HistoryTime::StateTime)?;
     let rows = chain.run(&mut *conn).await?;
     let history_ids = history_ids(&rows)?;

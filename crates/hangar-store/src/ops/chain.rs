@@ -103,8 +103,6 @@ impl<'q> Chain<'q> {
             return Ok(Vec::new());
         }
         let text = self.text();
-        sqlx::query_with(&text, self.args)
-            .fetch_all(executor)
-            .await
+        sqlx::query_with(&text, self.args).fetch_all(executor).await
     }
 }
