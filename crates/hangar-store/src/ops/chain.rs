@@ -4,10 +4,11 @@
 //! is one round trip each: to the server for PostgreSQL, to the connection's thread for SQLite (sqlx
 //! runs every SQLite connection on a thread of its own). A chain sends them as one: PostgreSQL runs
 //! the parts as one statement, each part a data-modifying `WITH` query (they all run, in one
-//! snapshot); SQLite runs them as one script, part after part, on the connection's thread. Either
-//! way a failing part fails the whole call with that part's error (a constraint violation names its
-//! constraint, so [`crate::dialect::Dialect::violates`] still tells the refusals apart); inside a
-//! transaction, the caller rolls back.
+//! snapshot); SQLite runs them as one script, part after part, on the connection's thread. A chain
+//! of one part is sent as that statement. Either way a failing part fails the whole call with that
+//! part's error (a constraint violation names its constraint, so
+//! [`crate::dialect::Dialect::violates`] still tells the refusals apart); inside a transaction, the
+//! caller rolls back.
 //!
 //! Parameters are numbered across the whole chain: [`Chain::bind`] hands out the numbers, and each
 //! part's text uses the numbers its values got. A chain made [`Chain::with_clock`] binds the store
@@ -76,9 +77,9 @@ impl<'q> Chain<'q> {
         Ok(())
     }
 
-    /// The chain as one text for this database.
+    /// The chain as one text for this database (a lone part as it is).
     fn text(&self) -> String {
-        if !D::SPELLING.modifying_ctes {
+        if !D::SPELLING.modifying_ctes || self.parts.len() == 1 {
             return self.parts.join(";\n");
         }
         let parts: Vec<String> = self
