@@ -41,8 +41,27 @@ pub fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
 }
 
-/// A free loopback port (bound and released; the usual race with another process is accepted).
+/// A free loopback port for a component the harness restarts on the same port (bound and
+/// released). It is taken below the kernel's ephemeral range: a port from that range (what binding
+/// port 0 gives) can meanwhile become the local port of any outgoing connection on the machine, and a
+/// restarted controller or proxy then finds it taken for as long as that connection lives. Only a
+/// process binding the same random port by number can still race it.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let range = FIXED_PORTS_FROM..ephemeral_low.max(FIXED_PORTS_FROM + 1000);
+    let mut rng = rand::rng();
+    for _ in 0..100 {
+        let port = rng.random_range(range.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {range:?} after 100 tries")
 }
+
+/// Where [`free_port`] starts looking.
+const FIXED_PORTS_FROM: u16 = 20000;
