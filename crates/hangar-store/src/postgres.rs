@@ -191,6 +191,12 @@ impl Dialect for PostgresDialect {
         json_texts: "jsonb_array_elements_text",
         row_locks: true,
         modifying_ctes: true,
+        json_set: |doc, path, value| {
+            format!(
+                "jsonb_set({doc}, '{{{}}}', to_jsonb({value}))",
+                path.join(",")
+            )
+        },
     };
     const OWN_FLUSH_CONNECTION: bool = true;
 
