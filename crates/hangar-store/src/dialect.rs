@@ -12,8 +12,6 @@
 //! | `{greatest}` | `MAX` | `GREATEST` |
 //! | `{json_texts}` (rows `value` of a JSON array of strings) | `json_each` | `jsonb_array_elements_text` |
 //! | `{lock:CLAUSE}` (a row lock) | dropped: the single writer serializes | `CLAUSE` |
-//!
-//! and one function: [`Spelling::json_set`], a JSON document with one number replaced.
 
 use crate::deadline::STORE_CALL_DEADLINE;
 use crate::events::{EventBus, StoreEvent};
@@ -68,9 +66,6 @@ pub struct Spelling {
     pub row_locks: bool,
     /// Whether a `WITH` clause may hold an `INSERT` (PostgreSQL's data-modifying CTEs).
     pub modifying_ctes: bool,
-    /// SQL for the JSON document `doc` with the value at `path` (object keys from the root) set to
-    /// the number `value` (both SQL expressions).
-    pub json_set: fn(doc: &str, path: &[&str], value: &str) -> String,
 }
 
 /// A reading of the store clock.
@@ -309,7 +304,7 @@ pub(crate) fn render<D: Dialect>(template: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{render, Dialect};
+    use super::render;
     use crate::{postgres::PostgresDialect, sqlite::SqliteDialect};
 
     #[test]
@@ -322,19 +317,6 @@ mod tests {
         assert_eq!(
             render::<PostgresDialect>(sql),
             "SELECT GREATEST(hangar_now_ms($1), x) FROM jsonb_array_elements_text($2) t FOR SHARE"
-        );
-    }
-
-    #[test]
-    fn json_set_names_the_path_per_dialect() {
-        let path = ["action", "Spawn", "key", "token"];
-        assert_eq!(
-            (SqliteDialect::SPELLING.json_set)("$2", &path, "(x)"),
-            "json_set($2, '$.action.Spawn.key.token', (x))"
-        );
-        assert_eq!(
-            (PostgresDialect::SPELLING.json_set)("$2", &path, "(x)"),
-            "jsonb_set($2, '{action,Spawn,key,token}', to_jsonb((x)))"
         );
     }
 }

@@ -191,12 +191,6 @@ impl Dialect for PostgresDialect {
         json_texts: "jsonb_array_elements_text",
         row_locks: true,
         modifying_ctes: true,
-        json_set: |doc, path, value| {
-            format!(
-                "jsonb_set({doc}, '{{{}}}', to_jsonb({value}))",
-                path.join(",")
-            )
-        },
     };
     const OWN_FLUSH_CONNECTION: bool = true;
 

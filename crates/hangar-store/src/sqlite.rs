@@ -115,7 +115,6 @@ impl Dialect for SqliteDialect {
         json_texts: "json_each",
         row_locks: false,
         modifying_ctes: false,
-        json_set: |doc, path, value| format!("json_set({doc}, '$.{}', {value})", path.join(".")),
     };
     /// Every write takes its turn on the single writer connection.
     const OWN_FLUSH_CONNECTION: bool = false;

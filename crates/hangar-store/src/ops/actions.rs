@@ -3,7 +3,7 @@
 use super::chain::Chain;
 use super::rows::json;
 use super::{commit, tuples, Conn, D, S};
-use crate::dialect::{render, Dialect};
+use crate::dialect::render;
 use crate::events::StoreEvent;
 use crate::model::NodeId;
 use crate::StoreResult;
@@ -28,34 +28,25 @@ pub(super) async fn insert_actions(
     now: Millis,
 ) -> StoreResult<()> {
     let mut chain = Chain::new();
-    let time = format!("${}", chain.bind(now.0)?);
-    push_actions(&mut chain, actions, &time, None)?;
+    push_actions(&mut chain, actions, now)?;
     chain.run(conn).await?;
     Ok(())
 }
 
-/// Path of a spawn action's fencing token in its JSON.
-const SPAWN_TOKEN: [&str; 4] = ["action", "Spawn", "key", "token"];
-
-/// Adds to `chain` the queueing of `actions`, each for its drone, as one write at `time` (SQL). With
-/// `tokens` (SQL, one per action: spawns), each action's fencing token is set to its value there.
+/// Adds to `chain` the queueing of `actions`, each for its drone, as one write.
 pub(super) fn push_actions<'q>(
     chain: &mut Chain<'q>,
     actions: &[(NodeId, &'q ActionMessage)],
-    time: &str,
-    tokens: Option<&[String]>,
+    now: Millis,
 ) -> StoreResult<()> {
+    let now = chain.bind(now.0)?;
     let mut rows = Vec::with_capacity(actions.len());
-    for (i, (drone, action)) in actions.iter().enumerate() {
+    for (drone, action) in actions {
         let id = chain.bind(action.action_id.as_str())?;
         let backend = chain.bind(action.backend_id.as_str())?;
         let drone = chain.bind(*drone)?;
-        let json = format!("${}", chain.bind(Json(*action))?);
-        let json = match tokens.and_then(|tokens| tokens.get(i)) {
-            Some(token) => (D::SPELLING.json_set)(&json, &SPAWN_TOKEN, token),
-            None => json,
-        };
-        rows.push(format!("(${id}, ${backend}, ${drone}, {json}, {time})"));
+        let action = chain.bind(Json(*action))?;
+        rows.push(format!("(${id}, ${backend}, ${drone}, ${action}, ${now})"));
     }
     chain.push(&format!(
         "INSERT INTO backend_action (action_id, backend_id, drone_id, action, created_at) VALUES {}",

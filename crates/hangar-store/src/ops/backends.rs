@@ -145,28 +145,26 @@ async fn spawn_in(
 ) -> StoreResult<Result<Vec<Acquire>, Acquire>> {
     use sqlx::Connection as _;
     // Dropping `tx` without commit rolls everything back; refusals roll back explicitly first.
+    let clock = s.clock();
     let mut tx = conn.begin().await?;
-    // The fencing tokens and the time are the database's, filled in by the chain itself: the actions
-    // go in with token 0, SQL sets each one's, and the copies here get theirs from the returned rows.
-    let mut actions = spawn_actions(news.iter().map(|new| (*new, 0)));
+    let keys: Vec<&KeyConfig> = news.iter().map(|new| &new.key).collect();
+    let (fencing_tokens, now) = next_fencing_tokens(&mut tx, clock, &keys).await?;
+    let spawns: Vec<(&NewBackend, i64)> = news.iter().copied().zip(fencing_tokens).collect();
+    let actions = spawn_actions(&spawns);
+    let leases: Vec<KeyLease> = spawns
+        .iter()
+        .map(|(new, fencing_token)| (&new.id, &new.key, *fencing_token))
+        .collect();
+    let expires_at = now.0.saturating_add(s.key_lease_ms());
     let tokens: Vec<NewToken> = news
         .iter()
         .filter_map(|new| Some(new.token.as_ref()?.for_backend(new.id.clone())))
         .collect();
     let tokens: Vec<&NewToken> = tokens.iter().collect();
-    // The fencing tokens, the backends, their states and actions, their keys and tokens: one round
-    // trip.
-    let mut chain = Chain::with_clock(s.clock())?;
-    let keys: Vec<&KeyConfig> = news.iter().map(|new| &new.key).collect();
-    let fencing = push_fencing_tokens(&mut chain, &keys)?;
-    let spawns: Vec<(&NewBackend, String)> = news.iter().copied().zip(fencing).collect();
-    push_spawns(&mut chain, &spawns, &actions, "{now}", None)?;
-    let leases: Vec<KeyLease> = spawns
-        .iter()
-        .map(|(new, fencing_token)| (&new.id, &new.key, fencing_token.clone()))
-        .collect();
-    let expires_at = format!("{{now}} + ${}", chain.bind(s.key_lease_ms())?);
-    push_keys(&mut chain, &leases, &expires_at)?;
+    // The backends, their states and actions, their keys and tokens: one round trip.
+    let mut chain = Chain::with_clock(clock)?;
+    push_spawns(&mut chain, &spawns, &actions, now, None)?;
+    push_keys(&mut chain, &leases, expires_at)?;
     if !tokens.is_empty() {
         push_tokens(&mut chain, &tokens)?;
     }
@@ -184,114 +182,82 @@ async fn spawn_in(
             return Ok(Err(refusal));
         }
     };
-    let scheduled = scheduled_rows(&rows, news)?;
-    for (action, row) in actions.iter_mut().zip(&scheduled) {
-        if let BackendAction::Spawn { key, .. } = &mut action.action {
-            key.token = row.fencing_token;
-        }
-    }
-    let events = spawn_events(news, &actions, &scheduled);
+    let events = spawn_events(&spawns, &actions, now, history_ids(&rows)?);
     commit(s, tx, events).await?;
-    Ok(Ok(scheduled
+    Ok(Ok(spawns
         .iter()
         .zip(actions)
-        .map(|(row, action)| Acquire::Acquired {
-            fencing_token: row.fencing_token,
+        .map(|((_, fencing_token), action)| Acquire::Acquired {
+            fencing_token: *fencing_token,
             action,
         })
         .collect()))
 }
 
-/// What the chain of a spawn returned for one backend: its `scheduled` history row and fencing token.
-struct Scheduled {
-    history_id: i64,
-    time: Millis,
-    fencing_token: i64,
-}
-
-/// The rows of [`push_spawns`]'s returning write, in the order of `news` (distinct ids).
-fn scheduled_rows(rows: &[Row], news: &[&NewBackend]) -> StoreResult<Vec<Scheduled>> {
-    let mut by_id = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let scheduled = Scheduled {
-            history_id: row.try_get("id")?,
-            time: Millis(row.try_get("created_at")?),
-            fencing_token: row.try_get("fencing_token")?,
-        };
-        by_id.insert(row.try_get::<String, _>("backend_id")?, scheduled);
-    }
-    news.iter()
-        .map(|new| {
-            by_id.remove(new.id.as_str()).ok_or_else(|| {
-                StoreError::Corrupt(format!("backend {} got no history row", new.id))
-            })
-        })
-        .collect()
-}
-
-/// Adds to `chain` (made [`Chain::with_clock`]) the hand-out of the next fencing token of each of
-/// `keys` (distinct) as one write, which later parts read back; returns, in the order of `keys`, the
-/// SQL of each key's token. The rows are written in key order, so two batches on one database cannot
-/// deadlock.
-fn push_fencing_tokens<'q>(
-    chain: &mut Chain<'q>,
-    keys: &[&'q KeyConfig],
-) -> StoreResult<Vec<String>> {
-    let mut bound = Vec::with_capacity(keys.len());
-    for key in keys {
-        let namespace = chain.bind(key.namespace.as_str())?;
-        let name = chain.bind(key.name.as_str())?;
-        bound.push(((key.namespace.as_str(), key.name.as_str()), namespace, name));
-    }
-    let mut sorted: Vec<_> = bound.iter().collect();
-    sorted.sort_unstable_by_key(|(key, _, _)| *key);
-    let rows: Vec<String> = sorted
-        .iter()
-        .map(|(_, namespace, name)| format!("(${namespace}, ${name}, {{now}})"))
-        .collect();
-    let fenced = chain.push_read_back(
-        "key_fencing",
-        "namespace, name, last_token",
-        &format!(
-            "INSERT INTO key_fencing (namespace, name, last_token) VALUES {} \
-             ON CONFLICT (namespace, name) \
-             DO UPDATE SET last_token = {{greatest}}(excluded.last_token, key_fencing.last_token + 1)",
-            rows.join(", ")
-        ),
-    );
-    Ok(bound
-        .iter()
-        .map(|(_, namespace, name)| {
-            format!(
-                "(SELECT last_token FROM {fenced} WHERE namespace = ${namespace} AND name = ${name})"
-            )
-        })
-        .collect())
-}
-
 /// Hands out the key's next fencing token (writing, so on PostgreSQL locking, its `key_fencing` row);
-/// returns it with the store time. (A cold spawn does the same in its chain: [`push_fencing_tokens`].)
+/// returns it with the store time.
 pub(super) async fn next_fencing_token(
     conn: &mut Conn,
     clock: i64,
     key: &KeyConfig,
 ) -> StoreResult<(i64, Millis)> {
-    let row = sqlx::query(sql!(
-        "INSERT INTO key_fencing (namespace, name, last_token) VALUES ($2, $3, {now}) \
-         ON CONFLICT (namespace, name) \
-         DO UPDATE SET last_token = {greatest}(excluded.last_token, key_fencing.last_token + 1) \
-         RETURNING last_token, {now} AS now"
-    ))
-    .bind(clock)
-    .bind(&key.namespace)
-    .bind(key.name.as_str())
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok((row.try_get("last_token")?, Millis(row.try_get("now")?)))
+    let (mut tokens, now) = next_fencing_tokens(conn, clock, &[key]).await?;
+    let token = tokens
+        .pop()
+        .ok_or_else(|| StoreError::Corrupt("no fencing token was handed out".into()))?;
+    Ok((token, now))
 }
 
-/// A key lease to insert: its backend, key and fencing token (SQL).
-type KeyLease<'a> = (&'a BackendId, &'a KeyConfig, String);
+/// [`next_fencing_token`] of each of `keys` (distinct), with one statement; in the order of `keys`.
+/// The rows are written in key order, so two batches on one database cannot deadlock.
+async fn next_fencing_tokens(
+    conn: &mut Conn,
+    clock: i64,
+    keys: &[&KeyConfig],
+) -> StoreResult<(Vec<i64>, Millis)> {
+    let mut sorted: Vec<(&str, &str)> = keys
+        .iter()
+        .map(|key| (key.namespace.as_str(), key.name.as_str()))
+        .collect();
+    sorted.sort_unstable();
+    let rows: Vec<String> = (0..sorted.len())
+        .map(|i| format!("(${}, ${}, {{now}})", 2 + 2 * i, 3 + 2 * i))
+        .collect();
+    let sql = render::<D>(&format!(
+        "INSERT INTO key_fencing (namespace, name, last_token) VALUES {} \
+         ON CONFLICT (namespace, name) \
+         DO UPDATE SET last_token = {{greatest}}(excluded.last_token, key_fencing.last_token + 1) \
+         RETURNING namespace, name, last_token, {{now}} AS now",
+        rows.join(", ")
+    ));
+    let mut query = sqlx::query(&sql).bind(clock);
+    for (namespace, name) in &sorted {
+        query = query.bind(*namespace).bind(*name);
+    }
+    let mut now = None;
+    let mut tokens = HashMap::new();
+    for row in query.fetch_all(&mut *conn).await? {
+        let key: (String, String) = (row.try_get("namespace")?, row.try_get("name")?);
+        tokens.insert(key, row.try_get::<i64, _>("last_token")?);
+        now = Some(Millis(row.try_get("now")?));
+    }
+    let now = now.ok_or_else(|| StoreError::Corrupt("no fencing token was handed out".into()))?;
+    let tokens = keys
+        .iter()
+        .map(|key| {
+            tokens
+                .get(&(key.namespace.clone(), key.name.to_string()))
+                .copied()
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("no fencing token for key {}", key.name))
+                })
+        })
+        .collect::<StoreResult<_>>()?;
+    Ok((tokens, now))
+}
+
+/// A key lease to insert: its backend, key and fencing token.
+type KeyLease<'a> = (&'a BackendId, &'a KeyConfig, i64);
 
 /// Inserts the key lease of `backend`; `false` if another backend holds the key.
 pub(super) async fn insert_key(
@@ -302,27 +268,27 @@ pub(super) async fn insert_key(
     fencing_token: i64,
 ) -> StoreResult<bool> {
     let mut chain = Chain::new();
-    let fencing_token = format!("${}", chain.bind(fencing_token)?);
-    let expires_at = format!("${}", chain.bind(expires_at)?);
-    push_keys(&mut chain, &[(backend, key, fencing_token)], &expires_at)?;
+    push_keys(&mut chain, &[(backend, key, fencing_token)], expires_at)?;
     inserted(chain.run(conn).await, Unique::KeyHolder)
 }
 
-/// Adds to `chain` the insert of `leases`, all expiring at `expires_at` (SQL), as one write; it fails
-/// with a [`Unique::KeyHolder`] violation (nothing inserted) if another backend holds one of the keys.
+/// Adds to `chain` the insert of `leases`, all expiring at `expires_at`, as one write; it fails with
+/// a [`Unique::KeyHolder`] violation (nothing inserted) if another backend holds one of the keys.
 fn push_keys<'q>(
     chain: &mut Chain<'q>,
     leases: &[KeyLease<'q>],
-    expires_at: &str,
+    expires_at: i64,
 ) -> StoreResult<()> {
+    let expires_at = chain.bind(expires_at)?;
     let mut rows = Vec::with_capacity(leases.len());
     for (backend, key, fencing_token) in leases {
         let backend = chain.bind(backend.as_str())?;
         let namespace = chain.bind(key.namespace.as_str())?;
         let name = chain.bind(key.name.as_str())?;
         let tag = chain.bind(key.tag.as_str())?;
+        let fencing_token = chain.bind(*fencing_token)?;
         rows.push(format!(
-            "(${backend}, ${namespace}, ${name}, ${tag}, {expires_at}, {fencing_token})"
+            "(${backend}, ${namespace}, ${name}, ${tag}, ${expires_at}, ${fencing_token})"
         ));
     }
     chain.push(&format!(
@@ -333,35 +299,32 @@ fn push_keys<'q>(
     Ok(())
 }
 
-/// Inserts the backend rows of `spawns` (unclaimed backends of `warm`'s pool and generation, if
-/// given; holding no key, so with fencing token 0), their `scheduled` states and their spawn actions,
-/// in one round trip; returns the actions (in order) and the events to announce, or `None` (nothing
-/// inserted) if a backend id is taken.
+/// Inserts the backend rows of `spawns` (each with its fencing token; unclaimed backends of `warm`'s
+/// pool and generation, if given), their `scheduled` states and their spawn actions, in one round
+/// trip; returns the actions (in order) and the events to announce, or `None` (nothing inserted) if a
+/// backend id is taken.
 pub(super) async fn insert_spawns(
     conn: &mut Conn,
-    spawns: &[&NewBackend],
+    spawns: &[(&NewBackend, i64)],
     now: Millis,
     warm: Option<(&WarmPoolName, i64)>,
 ) -> StoreResult<Option<(Vec<ActionMessage>, Vec<Announced>)>> {
-    let actions = spawn_actions(spawns.iter().map(|new| (*new, 0)));
+    let actions = spawn_actions(spawns);
     let mut chain = Chain::new();
-    let time = format!("${}", chain.bind(now.0)?);
-    let no_token = format!("${}", chain.bind(0_i64)?);
-    let spawns_without_key: Vec<(&NewBackend, String)> =
-        spawns.iter().map(|new| (*new, no_token.clone())).collect();
-    push_spawns(&mut chain, &spawns_without_key, &actions, &time, warm)?;
+    push_spawns(&mut chain, spawns, &actions, now, warm)?;
     let rows = match chain.run(conn).await {
         Ok(rows) => rows,
         Err(e) if D::violates(&e, Unique::BackendId) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let events = spawn_events(spawns, &actions, &scheduled_rows(&rows, spawns)?);
+    let events = spawn_events(spawns, &actions, now, history_ids(&rows)?);
     Ok(Some((actions, events)))
 }
 
-/// The spawn action of each new backend, with its fencing token, in order.
-fn spawn_actions<'a>(spawns: impl Iterator<Item = (&'a NewBackend, i64)>) -> Vec<ActionMessage> {
+/// The spawn action of each of `spawns`, in order.
+fn spawn_actions(spawns: &[(&NewBackend, i64)]) -> Vec<ActionMessage> {
     spawns
+        .iter()
         .map(|(new, fencing_token)| ActionMessage {
             action_id: ActionId::random(),
             backend_id: new.id.clone(),
@@ -370,7 +333,7 @@ fn spawn_actions<'a>(spawns: impl Iterator<Item = (&'a NewBackend, i64)>) -> Vec
                 key: AcquiredKey {
                     key: new.key.clone(),
                     deadlines: new.deadlines,
-                    token: fencing_token,
+                    token: *fencing_token,
                 },
                 static_token: new.static_token.clone(),
             },
@@ -381,19 +344,19 @@ fn spawn_actions<'a>(spawns: impl Iterator<Item = (&'a NewBackend, i64)>) -> Vec
 /// The state every new backend starts in.
 static SCHEDULED: BackendState = BackendState::Scheduled;
 
-/// Adds to `chain` the writes of a spawn (`actions` from [`spawn_actions`]; each spawn with the SQL of
-/// its fencing token, which its action gets too), at `time` (SQL): the backend rows (one write,
-/// failing with a [`Unique::BackendId`] violation if an id is taken), their `scheduled` states (the
-/// returning write: [`scheduled_rows`]) and the actions.
+/// Adds to `chain` the writes of [`insert_spawns`] (`actions` from [`spawn_actions`]): the backend
+/// rows (one write, failing with a [`Unique::BackendId`] violation if an id is taken), their
+/// `scheduled` states (the returning write: the history ids) and the actions.
 fn push_spawns<'q>(
     chain: &mut Chain<'q>,
-    spawns: &[(&'q NewBackend, String)],
+    spawns: &[(&'q NewBackend, i64)],
     actions: &'q [ActionMessage],
-    time: &str,
+    now: Millis,
     warm: Option<(&'q WarmPoolName, i64)>,
 ) -> StoreResult<()> {
     let state = &SCHEDULED;
     // Shared by every row.
+    let time = chain.bind(now.0)?;
     let status = chain.bind(state.status().as_str())?;
     let number = chain.bind(state.status().number())?;
     let json = chain.bind(Json(state))?;
@@ -401,9 +364,9 @@ fn push_spawns<'q>(
     let generation = chain.bind(warm.map(|(_, generation)| generation))?;
     let mut rows = Vec::with_capacity(spawns.len());
     for (new, fencing_token) in spawns {
-        let lifetime_ms = new
+        let expiration_time = new
             .lifetime_limit_seconds
-            .map(|secs| i64::from(secs).saturating_mul(1000));
+            .map(|secs| now.0.saturating_add(i64::from(secs).saturating_mul(1000)));
         let id = chain.bind(new.id.as_str())?;
         let cluster = chain.bind(new.cluster.as_str())?;
         let pool = chain.bind(new.pool.as_str())?;
@@ -411,63 +374,47 @@ fn push_spawns<'q>(
         let namespace = chain.bind(new.key.namespace.as_str())?;
         let name = chain.bind(new.key.name.as_str())?;
         let tag = chain.bind(new.key.tag.as_str())?;
+        let fencing_token = chain.bind(*fencing_token)?;
         let static_token = chain.bind(new.static_token.as_ref().map(|t| t.as_str()))?;
         let subdomain = chain.bind(new.subdomain.as_deref())?;
         let max_idle = chain.bind(new.max_idle_seconds)?;
         let lifetime = chain.bind(new.lifetime_limit_seconds)?;
-        let lifetime_ms = chain.bind(lifetime_ms)?;
+        let expiration_time = chain.bind(expiration_time)?;
         rows.push(format!(
             "(${id}, ${cluster}, ${pool}, ${drone}, ${namespace}, ${name}, ${tag}, \
-             {fencing_token}, ${status}, ${number}, {time}, ${json}, ${static_token}, \
-             ${subdomain}, {time}, ${max_idle}, ${lifetime}, {time} + ${lifetime_ms}, {time}, \
+             ${fencing_token}, ${status}, ${number}, ${time}, ${json}, ${static_token}, \
+             ${subdomain}, ${time}, ${max_idle}, ${lifetime}, ${expiration_time}, ${time}, \
              ${warm_pool}, ${generation})"
         ));
     }
-    let backends = chain.push_read_back(
-        "backend",
-        "id, fencing_token",
-        &format!(
-            "INSERT INTO backend (id, cluster, pool, drone_id, key_namespace, key_name, key_tag, \
-             fencing_token, last_status, last_status_number, last_status_time, state, \
-             static_token, subdomain, created_at, max_idle_seconds, lifetime_limit_seconds, \
-             expiration_time, last_keepalive, warm_pool, warm_generation) VALUES {}",
-            rows.join(", ")
-        ),
-    );
+    chain.push(&format!(
+        "INSERT INTO backend (id, cluster, pool, drone_id, key_namespace, key_name, key_tag, \
+         fencing_token, last_status, last_status_number, last_status_time, state, static_token, \
+         subdomain, created_at, max_idle_seconds, lifetime_limit_seconds, expiration_time, \
+         last_keepalive, warm_pool, warm_generation) VALUES {}",
+        rows.join(", ")
+    ));
     let history: Vec<(&BackendId, &BackendState)> =
         spawns.iter().map(|(new, _)| (&new.id, state)).collect();
-    push_histories(
-        chain,
-        &history,
-        HistoryTime::At(time),
-        &format!(
-            ", (SELECT b.fencing_token FROM {backends} b \
-             WHERE b.id = backend_state.backend_id) AS fencing_token"
-        ),
-    )?;
+    push_histories(chain, &history, HistoryTime::At(now))?;
     let queued: Vec<(NodeId, &ActionMessage)> = spawns
         .iter()
         .zip(actions)
         .map(|((new, _), action)| (new.drone, action))
         .collect();
-    let tokens: Vec<String> = spawns.iter().map(|(_, token)| token.clone()).collect();
-    push_actions(chain, &queued, time, Some(&tokens))
+    push_actions(chain, &queued, now)
 }
 
-/// The events of a spawn, given what its chain returned ([`scheduled_rows`]).
+/// The events of [`insert_spawns`], given the history ids its chain returned.
 fn spawn_events(
-    news: &[&NewBackend],
+    spawns: &[(&NewBackend, i64)],
     actions: &[ActionMessage],
-    scheduled: &[Scheduled],
+    now: Millis,
+    history_ids: Vec<i64>,
 ) -> Vec<Announced> {
-    let mut events = Vec::with_capacity(2 * news.len());
-    for ((new, row), action) in news.iter().zip(scheduled).zip(actions) {
-        events.push(Announced::state(
-            row.history_id,
-            &new.id,
-            &SCHEDULED,
-            row.time,
-        ));
+    let mut events = Vec::with_capacity(2 * spawns.len());
+    for (((new, _), history_id), action) in spawns.iter().zip(history_ids).zip(actions) {
+        events.push(Announced::state(history_id, &new.id, &SCHEDULED, now));
         events.push(
             StoreEvent::Action {
                 drone: new.drone,
@@ -644,7 +591,7 @@ async fn record_states(
         .iter()
         .map(|&i| (&states[i].0, &states[i].1))
         .collect();
-    push_histories(&mut chain, &history, HistoryTime::StateTime, "")?;
+    push_histories(&mut chain, &history, HistoryTime::StateTime)?;
     let rows = chain.run(&mut *conn).await?;
     let history_ids = history_ids(&rows)?;
     let mut times = HashMap::new();
@@ -747,9 +694,9 @@ fn push_backend_updates<'q>(
 }
 
 /// The time of a history row ([`push_histories`]).
-enum HistoryTime<'a> {
-    /// This time (SQL: a new backend's `scheduled`).
-    At(&'a str),
+enum HistoryTime {
+    /// This time (a new backend's `scheduled`).
+    At(Millis),
     /// The time [`push_backend_updates`] gives its backend's row: the store clock, or the row's last
     /// state time if that is later. The expression reads the row as it was before the chain on
     /// PostgreSQL (a `WITH` part sees the statement's snapshot) and as the update left it on SQLite
@@ -758,20 +705,23 @@ enum HistoryTime<'a> {
 }
 
 /// Adds to `chain` the append of `history` (one row per state, in order) as its returning write: each
-/// row's `id`, `backend_id` and `created_at`, then the columns of `also` (SQL, from `, `).
+/// row's `id`, `backend_id` and `created_at`.
 fn push_histories<'q>(
     chain: &mut Chain<'q>,
     history: &[(&'q BackendId, &'q BackendState)],
     time: HistoryTime,
-    also: &str,
 ) -> StoreResult<()> {
+    let at = match time {
+        HistoryTime::At(at) => Some(chain.bind(at.0)?),
+        HistoryTime::StateTime => None,
+    };
     let mut rows = Vec::with_capacity(history.len());
     for (id, state) in history {
         let id = chain.bind(id.as_str())?;
         let state = chain.bind(Json(*state))?;
-        let time = match time {
-            HistoryTime::At(at) => at.to_string(),
-            HistoryTime::StateTime => format!(
+        let time = match at {
+            Some(at) => format!("${at}"),
+            None => format!(
                 "{{greatest}}({{now}}, (SELECT b.last_status_time FROM backend b WHERE b.id = ${id}))"
             ),
         };
@@ -779,7 +729,7 @@ fn push_histories<'q>(
     }
     chain.push_returning(&format!(
         "INSERT INTO backend_state (backend_id, state, created_at) VALUES {} \
-         RETURNING id, backend_id, created_at{also}",
+         RETURNING id, backend_id, created_at",
         rows.join(", ")
     ))
 }

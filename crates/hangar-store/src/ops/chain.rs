@@ -13,9 +13,8 @@
 //! Parameters are numbered across the whole chain: [`Chain::bind`] hands out the numbers, and each
 //! part's text uses the numbers its values got. A chain made [`Chain::with_clock`] binds the store
 //! clock as `$1`, which `{now}` reads. At most one part returns rows ([`Chain::push_returning`]);
-//! they are the call's rows. A part sees the tables as they were before the chain (PostgreSQL's parts
-//! see the statement's snapshot), except for the rows of earlier parts added with
-//! [`Chain::push_read_back`], which later parts read under the name it returns.
+//! they are the call's rows. Parts must not depend on each other's rows (PostgreSQL's parts see the
+//! snapshot from before the statement).
 
 use super::rows::Row;
 use super::{Db, D};
@@ -64,20 +63,6 @@ impl<'q> Chain<'q> {
     /// Adds a write (shared SQL: markers are rendered here) that returns no rows.
     pub(super) fn push(&mut self, template: &str) {
         self.parts.push(render::<D>(template));
-    }
-
-    /// Adds a write whose rows later parts read, by their keys, under the returned name: on
-    /// PostgreSQL the part's `WITH` name, returning `columns`; on SQLite `table` itself, which the
-    /// script has written by then (so a reader must pick rows by key: the table holds others too).
-    pub(super) fn push_read_back(&mut self, table: &str, columns: &str, template: &str) -> String {
-        if D::SPELLING.modifying_ctes {
-            let name = format!("w{}", self.parts.len());
-            self.push(&format!("{template} RETURNING {columns}"));
-            name
-        } else {
-            self.push(template);
-            table.to_string()
-        }
     }
 
     /// Adds the one write whose `RETURNING` rows the chain returns.

@@ -193,7 +193,8 @@ pub(super) async fn insert_warm_backend(s: &S, new: NewWarmBackend) -> StoreResu
         lifetime_limit_seconds: None,
     };
     let warm = Some((&new.pool, new.generation));
-    let Some((mut actions, events)) = insert_spawns(&mut tx, &[&backend], now, warm).await? else {
+    let Some((mut actions, events)) = insert_spawns(&mut tx, &[(&backend, 0)], now, warm).await?
+    else {
         // A collision of two random ids; the next pass tries another.
         return Ok(WarmInsert::Full);
     };
