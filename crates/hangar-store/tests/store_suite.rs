@@ -763,6 +763,16 @@ mod suite {
             };
             acquired += 1;
             assert_eq!(action.backend_id, nb.id);
+            // The action carries the key's fencing token, as returned and as the drone reads it.
+            let BackendAction::Spawn { key, .. } = &action.action else {
+                panic!("a spawn queued {action:?}");
+            };
+            assert_eq!(key.token, fencing_token);
+            let pending = store.pending_actions(drone, 100).await.unwrap();
+            assert!(
+                pending.contains(&action),
+                "the stored action is the one returned: {action:?} not in {pending:?}"
+            );
             match store.key_lookup(&KeyRef::from(&nb.key)).await.unwrap() {
                 KeyLookup::Live { backend, .. } => {
                     assert_eq!(backend.id, nb.id);
