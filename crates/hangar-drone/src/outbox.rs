@@ -14,6 +14,7 @@ use hangar_types::{ActionId, BackendId, BackendState, BackendStatus, DroneName, 
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,6 +148,18 @@ pub struct Outbox {
     committed: Arc<std::sync::Mutex<Arc<[StoredEvent]>>>,
     /// Bumped on every acknowledgement; shutdown waits on it for the outbox to drain.
     acks: watch::Sender<u64>,
+    /// Every id the `backend` and `applied_action` tables may hold ([`KnownIds`]).
+    known: Arc<std::sync::Mutex<KnownIds>>,
+}
+
+/// The backend ids and applied action ids of the outbox's tables, or more: read when the file is
+/// opened, added before every write that may insert one, removed once a prune that deleted them has
+/// committed. All writes come from this process (one writer connection), so an id missing here is
+/// in neither table, and [`Outbox::spawn_applied`] answers a new spawn without reading the file.
+#[derive(Debug, Default)]
+struct KnownIds {
+    backends: HashSet<String>,
+    actions: HashSet<String>,
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<String, OutboxError> {
@@ -212,6 +225,18 @@ impl Outbox {
         let latest: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM event")
             .fetch_one(&readers)
             .await?;
+        let known = KnownIds {
+            backends: sqlx::query_scalar("SELECT id FROM backend")
+                .fetch_all(&readers)
+                .await?
+                .into_iter()
+                .collect(),
+            actions: sqlx::query_scalar("SELECT action_id FROM applied_action")
+                .fetch_all(&readers)
+                .await?
+                .into_iter()
+                .collect(),
+        };
         Ok(Outbox {
             writer: Arc::new(Mutex::new(Some(writer))),
             readers,
@@ -219,7 +244,15 @@ impl Outbox {
             latest: watch::Sender::new(latest.unwrap_or(0)),
             committed: Arc::default(),
             acks: watch::Sender::new(0),
+            known: Arc::new(std::sync::Mutex::new(known)),
         })
+    }
+
+    /// The ids the tables may hold.
+    fn known(&self) -> std::sync::MutexGuard<'_, KnownIds> {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The writer connection, once the writes asked before are done.
@@ -252,6 +285,11 @@ impl Outbox {
     ) -> Result<SpawnInsert, OutboxError> {
         let mut writer = self.writer().await?;
         locked();
+        {
+            let mut known = self.known();
+            known.backends.insert(backend.as_str().to_string());
+            known.actions.insert(spawn.action_id.as_str().to_string());
+        }
         let mut tx = begin_write(&mut writer).await?;
         // Inserts that tell whether the row was there (no lookup first: one round trip fewer to
         // the connection's thread on the spawn path). The action id first: kept even when the
@@ -293,13 +331,22 @@ impl Outbox {
         Ok(SpawnInsert::Inserted)
     }
 
-    /// Whether a spawn of `backend` or with `action` was applied before (a read: no write lock). Exact
-    /// only while no [`insert_spawn`](Self::insert_spawn) of the same ids runs meanwhile.
+    /// Whether a spawn of `backend` or with `action` was applied before (a read of the file, unless
+    /// neither id was ever written: no write lock). Exact only while no
+    /// [`insert_spawn`](Self::insert_spawn) of the same ids runs meanwhile.
     pub async fn spawn_applied(
         &self,
         backend: &BackendId,
         action: &ActionId,
     ) -> Result<bool, OutboxError> {
+        {
+            let known = self.known();
+            if !known.backends.contains(backend.as_str())
+                && !known.actions.contains(action.as_str())
+            {
+                return Ok(false);
+            }
+        }
         Ok(sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM applied_action WHERE action_id = ?)
                  OR EXISTS (SELECT 1 FROM backend WHERE id = ?)",
@@ -336,6 +383,12 @@ impl Outbox {
             return Ok(*self.latest.borrow());
         };
         let mut writer = self.writer().await?;
+        {
+            let mut known = self.known();
+            if !known.backends.contains(backend.as_str()) {
+                known.backends.insert(backend.as_str().to_string());
+            }
+        }
         let mut tx = begin_write(&mut writer).await?;
         // The backend row, then its events, as one script: one round trip to the connection's
         // thread. The script's result carries its last statement's rowid: the last event's id.
@@ -520,20 +573,30 @@ impl Outbox {
         let mut tx = begin_write(&mut writer).await?;
         let gone = "SELECT id FROM backend WHERE status = ? AND updated_at < ?
                     AND NOT EXISTS (SELECT 1 FROM event WHERE event.backend_id = backend.id)";
-        sqlx::query(&format!(
-            "DELETE FROM applied_action WHERE backend_id IN ({gone})"
+        let actions: Vec<String> = sqlx::query_scalar(&format!(
+            "DELETE FROM applied_action WHERE backend_id IN ({gone}) RETURNING action_id"
         ))
         .bind(BackendStatus::Terminated.as_str())
         .bind(before.0)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        let done = sqlx::query(&format!("DELETE FROM backend WHERE id IN ({gone})"))
-            .bind(BackendStatus::Terminated.as_str())
-            .bind(before.0)
-            .execute(&mut *tx)
-            .await?;
+        let backends: Vec<String> = sqlx::query_scalar(&format!(
+            "DELETE FROM backend WHERE id IN ({gone}) RETURNING id"
+        ))
+        .bind(BackendStatus::Terminated.as_str())
+        .bind(before.0)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(done.rows_affected())
+        // Still holding the writer: no write can insert these ids again before they leave.
+        let mut known = self.known();
+        for action in &actions {
+            known.actions.remove(action);
+        }
+        for backend in &backends {
+            known.backends.remove(backend);
+        }
+        Ok(backends.len() as u64)
     }
 
     /// Changes whenever an event is written; the value is the newest event id.
@@ -783,7 +846,19 @@ mod tests {
             let outbox = Outbox::open(None).await.unwrap();
             let id = BackendId::random();
             let spawn = spawn_record();
+            let (other_backend, other_action) = (BackendId::random(), ActionId::random());
+            assert!(!outbox.spawn_applied(&id, &spawn.action_id).await.unwrap());
             outbox.insert_spawn(&id, &spawn, Millis(1)).await.unwrap();
+            // Applied: by its backend id, or by its action id.
+            assert!(outbox.spawn_applied(&id, &other_action).await.unwrap());
+            assert!(outbox
+                .spawn_applied(&other_backend, &spawn.action_id)
+                .await
+                .unwrap());
+            assert!(!outbox
+                .spawn_applied(&other_backend, &other_action)
+                .await
+                .unwrap());
             let done = ready()
                 .apply(hangar_types::state::Transition::Exited {
                     exit_code: Some(0),
@@ -805,10 +880,40 @@ mod tests {
             assert_eq!(outbox.prune(Millis(2)).await.unwrap(), 0, "too recent");
             assert_eq!(outbox.prune(Millis(100)).await.unwrap(), 1);
             assert_eq!(outbox.backend(&id).await.unwrap(), None);
+            assert!(!outbox.spawn_applied(&id, &spawn.action_id).await.unwrap());
             // Forgotten entirely: the same action would now start a backend again.
             assert_eq!(
                 outbox.insert_spawn(&id, &spawn, Millis(200)).await.unwrap(),
                 SpawnInsert::Inserted
+            );
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_backend_whose_row_a_state_wrote_counts_as_applied() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let outbox = Outbox::open(None).await.unwrap();
+            let id = BackendId::random();
+            assert!(!outbox
+                .spawn_applied(&id, &ActionId::random())
+                .await
+                .unwrap());
+            outbox
+                .record_state(&id, &BackendState::Loading, Millis(1))
+                .await
+                .unwrap();
+            assert!(outbox
+                .spawn_applied(&id, &ActionId::random())
+                .await
+                .unwrap());
+            assert_eq!(
+                outbox
+                    .insert_spawn(&id, &spawn_record(), Millis(2))
+                    .await
+                    .unwrap(),
+                SpawnInsert::Duplicate
             );
         })
         .await
@@ -911,12 +1016,10 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("drone.sqlite");
             let id = BackendId::random();
+            let spawn = spawn_record();
             let first_ids = {
                 let outbox = Outbox::open(Some(&path)).await.unwrap();
-                outbox
-                    .insert_spawn(&id, &spawn_record(), Millis(1))
-                    .await
-                    .unwrap();
+                outbox.insert_spawn(&id, &spawn, Millis(1)).await.unwrap();
                 outbox.record_state(&id, &ready(), Millis(2)).await.unwrap();
                 outbox
                     .set_runtime(&id, Some(&json!({"pid": 42})))
@@ -935,6 +1038,15 @@ mod tests {
 
             let outbox = Outbox::open(Some(&path)).await.unwrap();
             assert_eq!(statuses(&outbox).await, first_ids[1..].to_vec());
+            // What the file holds counts as applied after reopening, by either id.
+            assert!(outbox
+                .spawn_applied(&id, &ActionId::random())
+                .await
+                .unwrap());
+            assert!(outbox
+                .spawn_applied(&BackendId::random(), &spawn.action_id)
+                .await
+                .unwrap());
             let stored = outbox.unfinished_backends().await.unwrap();
             assert_eq!(stored.len(), 1);
             assert_eq!(stored[0].runtime, Some(json!({"pid": 42})));
