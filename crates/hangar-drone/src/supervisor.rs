@@ -143,9 +143,10 @@ impl Supervisors {
     ///
     /// A backend whose executor does not need its start recorded first
     /// ([`Executor::start_must_be_recorded_first`]: process backends, which die with the drone) is
-    /// started while its `scheduled` commit runs instead of after it, once a read found neither id
-    /// and no task of the backend runs. Spawns are applied one at a time, so that read sees every
-    /// earlier spawn. A drone that dies before the commit takes the backend with it and has not
+    /// started while its `scheduled` commit runs instead of after it, once the outbox found neither id
+    /// ([`Outbox::spawn_applied`]: from the ids it keeps in memory, reading the file only for an id
+    /// it has seen) and no task of the backend runs. Spawns are applied one at a time, so that check
+    /// sees every earlier spawn. A drone that dies before the commit takes the backend with it and has not
     /// acked the action, so the controller resends it and the restarted drone starts the backend
     /// again; the backend's later states queue behind the commit (see
     /// [`Outbox::insert_spawn_then`]).
