@@ -37,8 +37,11 @@ struct Samples {
     cold: Vec<Duration>,
 }
 
+/// Claims (and cold spawns) per run by default.
+const DEFAULT_N: usize = 20;
+
 pub async fn run(options: &BenchOptions) -> anyhow::Result<Report> {
-    let n = options.n.unwrap_or(super::spawn::DEFAULT_N);
+    let n = options.n.unwrap_or(DEFAULT_N);
     let store = options.store.unwrap_or(StoreKind::Sqlite);
     let executor = options.executor.unwrap_or(ExecutorKind::Process);
     let mut report = Report::new("spawn");
