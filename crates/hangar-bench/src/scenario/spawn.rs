@@ -30,8 +30,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Spawns per run by default (`--executor docker`: [`DEFAULT_N_DOCKER`]). A process spawn takes a
-/// few milliseconds, and at 20 the ratio's median swung by ±0.13 from run to run on a noisy 2-core
-/// machine; at 60 by half that, for about 0.3 s more per run.
+/// few milliseconds; at 20 per run the ratio had a standard deviation of 0.13 across runs on a noisy
+/// 2-core machine, at 60 half that, for about 0.3 s more per run.
 pub const DEFAULT_N: usize = 60;
 /// Docker spawns per run by default: each takes a few hundred milliseconds.
 pub const DEFAULT_N_DOCKER: usize = 20;
