@@ -162,6 +162,19 @@ struct KnownIds {
     actions: HashSet<String>,
 }
 
+impl KnownIds {
+    fn add(ids: &mut HashSet<String>, id: &str) {
+        if !ids.contains(id) {
+            ids.insert(id.to_string());
+        }
+    }
+
+    /// Whether either id may be in the tables.
+    fn may_hold(&self, backend: &BackendId, action: &ActionId) -> bool {
+        self.backends.contains(backend.as_str()) || self.actions.contains(action.as_str())
+    }
+}
+
 fn to_json<T: Serialize>(v: &T) -> Result<String, OutboxError> {
     serde_json::to_string(v).map_err(|source| OutboxError::Corrupt {
         what: "cannot encode".into(),
@@ -287,8 +300,8 @@ impl Outbox {
         locked();
         {
             let mut known = self.known();
-            known.backends.insert(backend.as_str().to_string());
-            known.actions.insert(spawn.action_id.as_str().to_string());
+            KnownIds::add(&mut known.backends, backend.as_str());
+            KnownIds::add(&mut known.actions, spawn.action_id.as_str());
         }
         let mut tx = begin_write(&mut writer).await?;
         // Inserts that tell whether the row was there (no lookup first: one round trip fewer to
@@ -339,13 +352,8 @@ impl Outbox {
         backend: &BackendId,
         action: &ActionId,
     ) -> Result<bool, OutboxError> {
-        {
-            let known = self.known();
-            if !known.backends.contains(backend.as_str())
-                && !known.actions.contains(action.as_str())
-            {
-                return Ok(false);
-            }
+        if !self.known().may_hold(backend, action) {
+            return Ok(false);
         }
         Ok(sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM applied_action WHERE action_id = ?)
@@ -383,12 +391,7 @@ impl Outbox {
             return Ok(*self.latest.borrow());
         };
         let mut writer = self.writer().await?;
-        {
-            let mut known = self.known();
-            if !known.backends.contains(backend.as_str()) {
-                known.backends.insert(backend.as_str().to_string());
-            }
-        }
+        KnownIds::add(&mut self.known().backends, backend.as_str());
         let mut tx = begin_write(&mut writer).await?;
         // The backend row, then its events, as one script: one round trip to the connection's
         // thread. The script's result carries its last statement's rowid: the last event's id.

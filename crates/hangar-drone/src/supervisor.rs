@@ -143,12 +143,12 @@ impl Supervisors {
     ///
     /// A backend whose executor does not need its start recorded first
     /// ([`Executor::start_must_be_recorded_first`]: process backends, which die with the drone) is
-    /// started while its `scheduled` commit runs instead of after it, once the outbox found neither id
-    /// ([`Outbox::spawn_applied`]: from the ids it keeps in memory, reading the file only for an id
-    /// it has seen) and no task of the backend runs. Spawns are applied one at a time, so that check
-    /// sees every earlier spawn. A drone that dies before the commit takes the backend with it and has not
-    /// acked the action, so the controller resends it and the restarted drone starts the backend
-    /// again; the backend's later states queue behind the commit (see
+    /// started while its `scheduled` commit runs instead of after it, once the outbox found neither
+    /// id ([`Outbox::spawn_applied`]: from the ids it keeps in memory, reading the file only for an
+    /// id it has seen) and no task of the backend runs. Spawns are applied one at a time, so that
+    /// check sees every earlier spawn. A drone that dies before the commit takes the backend with it
+    /// and has not acked the action, so the controller resends it and the restarted drone starts the
+    /// backend again; the backend's later states queue behind the commit (see
     /// [`Outbox::insert_spawn_then`]).
     pub async fn spawn(&self, backend: &BackendId, spawn: SpawnRecord) -> Result<(), OutboxError> {
         let received = Instant::now();
