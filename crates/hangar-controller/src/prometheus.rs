@@ -20,7 +20,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hangar_store::BackendCount;
+use hangar_store::{BackendCount, StoreResult, TokenLookup};
 use hangar_types::api::{self, ApiErrorKind, ConnectResponse};
 use hangar_types::names::random_string;
 use hangar_types::ticks::every;
@@ -43,6 +43,9 @@ type Label = [(&'static str, &'static str); 1];
 type OwnedLabel = [(&'static str, String); 1];
 /// `cluster` and `status` labels.
 type ClusterStatusLabels = [(&'static str, String); 2];
+
+/// The `answer` labels of `hangar_route_lookups_total`.
+const ROUTE_LOOKUP_ANSWERS: [&str; 4] = ["route", "pending", "none", "error"];
 
 /// How often `hangar_backends` is recounted from the store.
 pub const BACKEND_GAUGES_INTERVAL: Duration = Duration::from_secs(5);
@@ -74,6 +77,8 @@ pub struct ControllerMetrics {
     connect_duration: Histogram,
     terminate_requests: Family<Label, Counter>,
     node_sessions: Family<Label, Gauge>,
+    /// `hangar_route_lookups`, by `answer`.
+    route_lookups: Family<Label, Counter>,
     backend_state_changes: Family<Label, Counter>,
     backends_sampled: Gauge,
     /// `hangar_backends`, by `(cluster, status)`.
@@ -103,6 +108,7 @@ impl ControllerMetrics {
             connect_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             terminate_requests: Family::default(),
             node_sessions: Family::default(),
+            route_lookups: Family::default(),
             backend_state_changes: Family::default(),
             backends_sampled: Gauge::default(),
             backends: Family::default(),
@@ -147,6 +153,15 @@ impl ControllerMetrics {
             "node_sessions",
             "Node sessions (drone, proxy, dns) connected to this controller",
             metrics.node_sessions.clone(),
+        );
+        for answer in ROUTE_LOOKUP_ANSWERS {
+            let _ = metrics.route_lookups.get_or_create(&[("answer", answer)]);
+        }
+        registry.register(
+            "route_lookups",
+            "Token lookups for proxies' route requests, by answer: route, pending (the backend is \
+             not ready; looked up again once a state change may have decided it), none or error",
+            metrics.route_lookups.clone(),
         );
         registry.register(
             "backend_state_changes",
@@ -194,6 +209,19 @@ impl ControllerMetrics {
         };
         self.connect_requests
             .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    /// Counts one token lookup made for a proxy's route request.
+    pub fn record_route_lookup(&self, lookup: &StoreResult<TokenLookup>) {
+        let answer = match lookup {
+            Ok(TokenLookup::Ready(_)) => "route",
+            Ok(TokenLookup::Pending { .. }) => "pending",
+            Ok(TokenLookup::NotFound) => "none",
+            Err(_) => "error",
+        };
+        self.route_lookups
+            .get_or_create(&[("answer", answer)])
             .inc();
     }
 

@@ -14,8 +14,9 @@
 use crate::api::AppState;
 use crate::cert::{tls_event, tls_snapshot, ProxyTls};
 use crate::node_socket::{self, NodeSender, SessionClosed, Welcomed};
+use crate::prometheus::ControllerMetrics;
 use axum::extract::ws::WebSocket;
-use hangar_store::{KeepAlive, NodeId, Store, StoreEvent, TokenLookup};
+use hangar_store::{KeepAlive, NodeId, Store, StoreEvent, StoreResult, TokenLookup};
 use hangar_types::protocol::{ControllerToProxy, NodeHello, ProxyToController, RouteInfo};
 use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendId, BackendStatus, ClusterName, ProxyName};
@@ -61,6 +62,7 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
     {
         let proxy = ProxySession {
             store: state.store.clone(),
+            metrics: state.prometheus.clone(),
             cluster: cluster.clone(),
             name: name.clone(),
             node,
@@ -82,6 +84,7 @@ pub async fn run_proxy_session(state: AppState, cluster: ClusterName, mut socket
 
 struct ProxySession {
     store: Arc<dyn Store>,
+    metrics: Arc<ControllerMetrics>,
     cluster: ClusterName,
     name: ProxyName,
     /// The proxy's node id: connection reports are kept per proxy.
@@ -155,12 +158,13 @@ impl ProxySession {
     async fn route_request(&self, token: ConnectionToken) -> Result<(), SessionClosed> {
         // Subscribe before the lookup: a state change right after it is then not missed by a waiter.
         let events = self.store.events().subscribe();
-        let route = match self.store.resolve_token(&token).await {
+        let route = match resolve(self.store.as_ref(), &self.metrics, &token).await {
             Ok(TokenLookup::Ready(route)) => Some(route),
             Ok(TokenLookup::NotFound) => None,
             Ok(TokenLookup::Pending { backend }) => {
                 let waiter = RouteWaiter {
                     store: self.store.clone(),
+                    metrics: self.metrics.clone(),
                     token,
                     backend,
                     events,
@@ -262,6 +266,7 @@ impl ProxySession {
 /// Answers one route request for a backend that was not ready when asked.
 struct RouteWaiter {
     store: Arc<dyn Store>,
+    metrics: Arc<ControllerMetrics>,
     token: ConnectionToken,
     backend: BackendId,
     /// Subscribed before the first lookup.
@@ -290,10 +295,26 @@ impl RouteWaiter {
             .await;
     }
 
-    /// Re-resolves the token after each state change of the backend until it is ready or gone.
+    /// Re-resolves the token once a state change may have decided its answer, until it is ready or
+    /// gone. The lookup that made this waiter already said `Pending`, after the subscription, so the
+    /// first re-resolve waits for an event too. States before `ready` cannot change the answer
+    /// (the lookup says `Pending` for all of them), so a start's `loading`, `starting` and `waiting`
+    /// cost no read; a lagged subscription may have lost the deciding event, so it re-resolves.
     async fn wait_for_route(&mut self) -> Option<RouteInfo> {
         loop {
-            match self.store.resolve_token(&self.token).await {
+            loop {
+                match self.events.recv().await {
+                    Ok(StoreEvent::BackendState { backend, state, .. })
+                        if backend == self.backend && may_decide_route(state.status()) =>
+                    {
+                        break
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+            match resolve(self.store.as_ref(), &self.metrics, &self.token).await {
                 Ok(TokenLookup::Ready(route)) => return Some(route),
                 Ok(TokenLookup::NotFound) => return None,
                 Ok(TokenLookup::Pending { .. }) => {}
@@ -302,16 +323,23 @@ impl RouteWaiter {
                     return None;
                 }
             }
-            loop {
-                match self.events.recv().await {
-                    Ok(StoreEvent::BackendState { backend, .. }) if backend == self.backend => {
-                        break
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
         }
     }
+}
+
+/// Resolves `token` for a route request, counted in `hangar_route_lookups_total`.
+async fn resolve(
+    store: &dyn Store,
+    metrics: &ControllerMetrics,
+    token: &ConnectionToken,
+) -> StoreResult<TokenLookup> {
+    let lookup = store.resolve_token(token).await;
+    metrics.record_route_lookup(&lookup);
+    lookup
+}
+
+/// Whether a backend that entered `status` may have a different route answer than `Pending`: `ready`
+/// (a route, unless its lease ran out) and every state after it (none).
+fn may_decide_route(status: BackendStatus) -> bool {
+    status >= BackendStatus::Ready
 }

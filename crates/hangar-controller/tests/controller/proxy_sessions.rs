@@ -65,6 +65,33 @@ async fn pending_route_is_answered_when_the_backend_is_ready() {
     .await
 }
 
+/// `hangar_route_lookups_total{answer}` as this controller's `/metrics` reports it.
+async fn route_lookups(ctl: &TestController, answer: &str) -> f64 {
+    let text = ctl.get("/metrics").await.text().await.unwrap();
+    let prefix = format!("hangar_route_lookups_total{{answer=\"{answer}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no route lookup series for {answer}:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_pending_route_is_looked_up_again_only_once_the_backend_may_be_ready() {
+    with_drone_proxy_and_backend("once", async |ctl, mut drone, mut proxy, connected| {
+        request_pending_route(&mut proxy, &connected.token).await;
+        assert_eq!(route_lookups(ctl, "pending").await, 1.0);
+        // `loading`, `starting` and `waiting` cannot give the token a route: no lookup for them;
+        // `ready` does.
+        drone.make_ready(&connected.backend_id).await;
+        assert!(proxy.wait_route(&connected.token).await.is_some());
+        assert_eq!(route_lookups(ctl, "pending").await, 1.0);
+        assert_eq!(route_lookups(ctl, "route").await, 1.0);
+        assert_eq!(route_lookups(ctl, "error").await, 0.0);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn pending_route_gets_none_when_the_backend_terminates() {
     with_drone_proxy_and_backend("dies", async |_, mut drone, mut proxy, connected| {
