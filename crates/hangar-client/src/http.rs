@@ -10,6 +10,7 @@ use hangar_types::state::BackendStatusEntry;
 use hangar_types::warm_pool::{WarmPool, WarmPoolConfig, WarmPoolList};
 use hangar_types::{BackendId, ClusterName, DroneName, WarmPoolName};
 use serde::de::DeserializeOwned;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use url::Url;
 
@@ -54,11 +55,21 @@ impl ClientError {
     }
 }
 
+/// A controller API client. Clones share its connections.
+///
+/// Request-response calls and streams (status streams, `/ctrl/events`, logs) have separate
+/// connection pools. A stream given up before its end takes its HTTP/1.1 connection with it (the
+/// connection cannot carry another request while the response runs on), so on a shared pool a
+/// call right after a stream (a `connect`, then its status stream until `ready`, then the next
+/// `connect`) would have to open a new connection each time. With their own pool, calls keep
+/// their kept-alive connections.
 #[derive(Debug, Clone)]
 pub struct ControllerClient {
     base: Url,
     bearer: Option<String>,
     http: reqwest::Client,
+    /// Made on the first stream.
+    streams: Arc<OnceLock<reqwest::Client>>,
     /// Limit of each request-response call (not of streams); none when `None`.
     request_timeout: Option<Duration>,
 }
@@ -80,6 +91,7 @@ impl ControllerClient {
             base,
             bearer,
             http: reqwest::Client::new(),
+            streams: Arc::default(),
             request_timeout: None,
         })
     }
@@ -119,11 +131,27 @@ impl ControllerClient {
         method: reqwest::Method,
         path: &str,
     ) -> Result<reqwest::RequestBuilder, ClientError> {
-        let mut req = self.http.request(method, self.url(path)?);
-        if let Some(b) = &self.bearer {
-            req = req.bearer_auth(b);
-        }
-        Ok(req)
+        self.authorized(self.http.request(method, self.url(path)?))
+    }
+
+    /// [`Self::request`] on the streams' connection pool, for a response read as a stream.
+    pub(crate) fn stream_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder, ClientError> {
+        let streams = self.streams.get_or_init(reqwest::Client::new);
+        self.authorized(streams.request(method, self.url(path)?))
+    }
+
+    fn authorized(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, ClientError> {
+        Ok(match &self.bearer {
+            Some(b) => req.bearer_auth(b),
+            None => req,
+        })
     }
 
     async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
@@ -332,7 +360,7 @@ impl ControllerClient {
     /// reads the body as a stream.
     pub async fn events(&self) -> Result<reqwest::Response, ClientError> {
         let request = self
-            .request(reqwest::Method::GET, "/ctrl/events")?
+            .stream_request(reqwest::Method::GET, "/ctrl/events")?
             .header(reqwest::header::ACCEPT, "text/event-stream");
         Self::open_stream(request).await
     }
@@ -373,7 +401,7 @@ impl ControllerClient {
             query.push(("tail", tail.to_string()));
         }
         let request = self
-            .request(reqwest::Method::GET, &format!("/ctrl/b/{backend}/logs"))?
+            .stream_request(reqwest::Method::GET, &format!("/ctrl/b/{backend}/logs"))?
             .query(&query);
         Self::open_stream(request).await
     }
@@ -406,5 +434,86 @@ mod tests {
             "http://localhost:8080/ctrl/status"
         );
         assert!(ControllerClient::new("ftp://x/".parse().unwrap()).is_err());
+    }
+
+    /// A loopback server answering `/pub/health` and an endless status stream (one `ready` event,
+    /// then nothing), that records the client port of each request it answers.
+    async fn recording_server() -> (Url, Arc<std::sync::Mutex<Vec<(String, u16)>>>) {
+        use bytes::Bytes;
+        use futures_util::StreamExt;
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        use hyper_util::rt::TokioIo;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = listener.accept().await.unwrap();
+                let recorded = recorded.clone();
+                let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let path = req.uri().path().to_string();
+                    recorded.lock().unwrap().push((path.clone(), peer.port()));
+                    async move {
+                        let event: Bytes = if path.ends_with("/status-stream") {
+                            "data: {\"status\":\"ready\",\"time\":1}\n\n".into()
+                        } else {
+                            r#"{"status":"ok"}"#.into()
+                        };
+                        type Frames = futures_util::stream::BoxStream<
+                            'static,
+                            Result<Frame<Bytes>, std::convert::Infallible>,
+                        >;
+                        let rest: Frames = if path.ends_with("/status-stream") {
+                            futures_util::stream::pending().boxed()
+                        } else {
+                            futures_util::stream::empty().boxed()
+                        };
+                        let frames = futures_util::stream::once(async { Ok(Frame::data(event)) })
+                            .chain(rest);
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(StreamBody::new(
+                            frames,
+                        )))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (url.parse().unwrap(), seen)
+    }
+
+    #[tokio::test]
+    async fn a_stream_given_up_does_not_cost_the_next_call_its_connection() {
+        let (url, seen) = recording_server().await;
+        let client = ControllerClient::new(url).unwrap();
+        let backend: BackendId = "b1".parse().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            client.health().await.unwrap();
+            let mut stream =
+                crate::status_stream::StatusStream::new(client.clone(), backend.clone());
+            let entry = stream.next().await.unwrap();
+            assert_eq!(entry.status, hangar_types::BackendStatus::Ready);
+            // Given up before the stream's end, as a caller waiting for `ready` does.
+            drop(stream);
+            client.health().await.unwrap();
+        })
+        .await
+        .expect("test timed out");
+        let seen = seen.lock().unwrap().clone();
+        let ports: Vec<u16> = seen.iter().map(|(_, port)| *port).collect();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(
+            ports[0], ports[2],
+            "the second call opened a new connection: {seen:?}"
+        );
+        assert_ne!(
+            ports[0], ports[1],
+            "the stream took the calls' connection: {seen:?}"
+        );
     }
 }

@@ -86,7 +86,7 @@ impl StatusStream {
     }
 
     async fn open(&mut self) -> Result<(), ClientError> {
-        let mut req = self.client.request(
+        let mut req = self.client.stream_request(
             reqwest::Method::GET,
             &format!("/pub/b/{}/status-stream", self.backend),
         )?;
