@@ -131,7 +131,7 @@ impl ControllerClient {
         method: reqwest::Method,
         path: &str,
     ) -> Result<reqwest::RequestBuilder, ClientError> {
-        self.authorized(self.http.request(method, self.url(path)?))
+        self.request_on(&self.http, method, path)
     }
 
     /// [`Self::request`] on the streams' connection pool, for a response read as a stream.
@@ -141,13 +141,17 @@ impl ControllerClient {
         path: &str,
     ) -> Result<reqwest::RequestBuilder, ClientError> {
         let streams = self.streams.get_or_init(reqwest::Client::new);
-        self.authorized(streams.request(method, self.url(path)?))
+        self.request_on(streams, method, path)
     }
 
-    fn authorized(
+    /// A request to `path` through `pool`, with the bearer token when there is one.
+    fn request_on(
         &self,
-        req: reqwest::RequestBuilder,
+        pool: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
     ) -> Result<reqwest::RequestBuilder, ClientError> {
+        let req = pool.request(method, self.url(path)?);
         Ok(match &self.bearer {
             Some(b) => req.bearer_auth(b),
             None => req,
