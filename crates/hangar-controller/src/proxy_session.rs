@@ -237,8 +237,8 @@ impl ProxySession {
                         terminated: state.status() == BackendStatus::Terminated,
                     }
                 }
-                Ok(StoreEvent::TokensRevoked { tokens }) => {
-                    ControllerToProxy::TokensRevoked { tokens }
+                Ok(StoreEvent::TokensRevoked { tokens, holder }) => {
+                    ControllerToProxy::TokensRevoked { tokens, holder }
                 }
                 Ok(event) => match tls_event(&event, &self.cluster) {
                     Some(message) => message,

@@ -310,6 +310,23 @@ impl RouteCache {
         }
     }
 
+    /// Every cached route of `user` to `backend` becomes "revoked", whichever token it came with (a
+    /// revocation names the tokens the store deleted, and the store may have forgotten some).
+    pub(crate) fn revoke_holder(&self, backend: &BackendId, user: &str) {
+        let mut st = self.lock();
+        let until = Instant::now() + NEGATIVE_TTL;
+        for entry in st.entries.values_mut() {
+            if matches!(entry, Entry::Found { route, .. }
+                if &route.backend_id == backend && route.user.as_deref() == Some(user))
+            {
+                *entry = Entry::Gone {
+                    reason: GoneReason::Revoked,
+                    until,
+                };
+            }
+        }
+    }
+
     /// Number of tokens waiting for the controller's answer.
     #[cfg(test)]
     fn pending_count(&self) -> usize {
@@ -617,6 +634,42 @@ mod tests {
             let st = cache.lock();
             assert!(!st.entries.contains_key(&tok("d")));
             assert!(st.entries.contains_key(&tok("c")));
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revoked_holder_loses_every_cached_route_of_its_user() {
+        crate::with_test_timeout(async {
+            let cache = new_cache();
+            let of = |backend: &str, user: Option<&str>| RouteInfo {
+                user: user.map(str::to_string),
+                ..route(backend)
+            };
+            for (token, info) in [
+                ("a1", of("b1", Some("alice"))),
+                ("a2", of("b1", Some("alice"))),
+                ("bob", of("b1", Some("bob"))),
+                ("anon", of("b1", None)),
+                ("elsewhere", of("b2", Some("alice"))),
+            ] {
+                let route = Arc::new(PreparedRoute::new(info));
+                cache.lock().insert_found(tok(token), route, None, 100);
+            }
+            cache.revoke_holder(&"b1".parse().unwrap(), "alice");
+            for gone in ["a1", "a2"] {
+                assert_eq!(
+                    cache.lookup(&tok(gone), WAIT).await,
+                    Ok(Route::Gone(GoneReason::Revoked)),
+                    "{gone}"
+                );
+            }
+            for kept in ["bob", "anon", "elsewhere"] {
+                assert!(
+                    matches!(cache.lookup(&tok(kept), WAIT).await, Ok(Route::Found(_))),
+                    "{kept}"
+                );
+            }
         })
         .await;
     }

@@ -90,9 +90,14 @@ async fn run_receiver(state: &ProxyState, rx: &mut Receiver) {
                 state.route_cache.remove_backend(&backend);
                 state.tracker.forget(&backend, terminated);
             }
-            ControllerToProxy::TokensRevoked { tokens } => {
-                tracing::debug!(count = tokens.len(), "Tokens revoked");
+            ControllerToProxy::TokensRevoked { tokens, holder } => {
+                tracing::debug!(count = tokens.len(), ?holder, "Tokens revoked");
                 state.route_cache.revoke(&tokens);
+                if let Some(holder) = holder {
+                    state
+                        .route_cache
+                        .revoke_holder(&holder.backend, &holder.user);
+                }
             }
             ControllerToProxy::KeyLease {
                 backend,

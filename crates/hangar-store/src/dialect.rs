@@ -15,7 +15,7 @@
 
 use crate::deadline::STORE_CALL_DEADLINE;
 use crate::events::{EventBus, StoreEvent};
-use crate::flush_connection::{FlushConnection, FlushSlot};
+use crate::flush_connection::{ConnectionSetup, FlushConnection, FlushSlot};
 use crate::group_commit::GroupCommit;
 use crate::model::{
     Acquire, DroneCandidate, DroneQuery, KeyReuse, NewBackend, NewToken, Reports, Reuse,
@@ -36,6 +36,10 @@ pub trait Dialect: Send + Sync + 'static {
     /// Whether group-committed batches are written on connections of their own, outside the pool
     /// (see `src/flush_connection.rs`); else on the writer pool.
     const OWN_FLUSH_CONNECTION: bool;
+    /// The options of the own flush connections of the token batches (`token_flush`,
+    /// `reuse_flush`), from the pool's: PostgreSQL commits them without waiting for the WAL flush
+    /// (see `src/flush_connection.rs`). `None`: the pool's.
+    const TOKEN_FLUSH_SETUP: Option<ConnectionSetup<Self::Db>>;
     /// The store clock, given the test hooks' offset.
     fn clock(&self, offset_ms: i64) -> Clock;
     /// Tells the other stores sharing the database about `events`, inside the transaction on `conn`
@@ -183,8 +187,8 @@ impl<D: Dialect> SqlStore<D> {
             spawns: GroupCommit::default(),
             drone_reads: GroupCommit::default(),
             reports: GroupCommit::default(),
-            token_flush: FlushSlot::default(),
-            reuse_flush: FlushSlot::default(),
+            token_flush: FlushSlot::with_setup(D::TOKEN_FLUSH_SETUP),
+            reuse_flush: FlushSlot::with_setup(D::TOKEN_FLUSH_SETUP),
             spawn_flush: FlushSlot::default(),
             report_flush: FlushSlot::default(),
         }

@@ -1,7 +1,7 @@
 //! In-process fan-out of store events. Every store publishes here after a successful commit; the
 //! PostgreSQL store also feeds it from LISTEN/NOTIFY so events from other controllers arrive too.
 
-use hangar_types::protocol::ActionMessage;
+use hangar_types::protocol::{ActionMessage, TokenHolder};
 use hangar_types::token::ConnectionToken;
 use hangar_types::{BackendId, BackendState, ClusterName, Millis};
 use serde::{Deserialize, Serialize};
@@ -32,8 +32,13 @@ pub enum StoreEvent {
         drone: NodeId,
         action: ActionMessage,
     },
-    /// Tokens were revoked.
-    TokensRevoked { tokens: Vec<ConnectionToken> },
+    /// Tokens were revoked: `tokens`, the ones the store deleted, and every token of `holder`
+    /// (always set by the store; `None` only in notices of a store that did not send it).
+    TokensRevoked {
+        tokens: Vec<ConnectionToken>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        holder: Option<TokenHolder>,
+    },
     /// A cluster's ACME HTTP-01 challenge answer was set (`Some`) or withdrawn (`None`).
     HttpChallenge {
         cluster: ClusterName,

@@ -18,6 +18,19 @@
 //! batch is written on it, and replaced if the ping fails (the server restarted, or closed it), as the
 //! pool's acquire ping does for pooled ones: a kind of batch that is rarely written (spawns on a quiet
 //! cluster, a controller's own state reports) must not fail its first batch after a database restart.
+//!
+//! A slot may set the options its own connections are opened with ([`FlushSlot::with_setup`]). The
+//! token batches of PostgreSQL use it to commit without waiting for the WAL flush
+//! (`synchronous_commit = off`): a connection token is a credential the client can get again, not
+//! state, and on a disk with slow flushes the wait for each batch's flush bounded reconnects
+//! (BENCHMARKS.md, "Tokens committed without waiting for the WAL flush"). What it gives up: the
+//! tokens issued in the last moments (at most three `wal_writer_delay`s, 0.6 s by default) before a
+//! crash of the PostgreSQL server may be forgotten; requests with them are then answered as for an
+//! unknown token, and the client connects again. PostgreSQL commits in WAL order, so every other
+//! transaction (spawns, key leases, fencing tokens, revocations) stays durable, and a commit after
+//! a token's makes the token durable too. A proxy that cached such a token's route would still
+//! serve it; a revocation therefore also names the backend and user it revokes, and proxies drop
+//! every cached route of that holder, whichever tokens the store still has.
 
 use crate::{StoreError, StoreResult};
 use sqlx::pool::PoolConnection;
@@ -27,6 +40,10 @@ use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
 
+/// Options of the pool → options an own connection is opened with ([`FlushSlot::with_setup`]).
+pub type ConnectionSetup<DB> = fn(&ConnectOptionsOf<DB>) -> ConnectOptionsOf<DB>;
+type ConnectOptionsOf<DB> = <<DB as Database>::Connection as Connection>::Options;
+
 /// An own connection unused for this long is pinged before its next batch. Busy connections (the hot
 /// path: a batch every few milliseconds) are never pinged.
 pub(crate) const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
@@ -35,13 +52,13 @@ pub(crate) const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 pub(crate) struct FlushSlot<DB: Database> {
     /// The connection and when its last statement completed.
     conn: Mutex<Option<(DB::Connection, Instant)>>,
+    /// Makes the options of each own connection opened for this slot from the pool's.
+    setup: Option<ConnectionSetup<DB>>,
 }
 
 impl<DB: Database> Default for FlushSlot<DB> {
     fn default() -> Self {
-        FlushSlot {
-            conn: Mutex::new(None),
-        }
+        FlushSlot::with_setup(None)
     }
 }
 
@@ -52,6 +69,14 @@ impl<DB: Database> std::fmt::Debug for FlushSlot<DB> {
 }
 
 impl<DB: Database> FlushSlot<DB> {
+    /// A slot whose own connections are opened with the options `setup` makes from the pool's.
+    pub(crate) fn with_setup(setup: Option<ConnectionSetup<DB>>) -> Self {
+        FlushSlot {
+            conn: Mutex::new(None),
+            setup,
+        }
+    }
+
     /// The connection to write a batch on: this slot's own (`own`; opened with `pool`'s options if
     /// there is none), or one of `pool`. Fails with `PoolClosed` once `pool` is closed.
     pub(crate) async fn connection(
@@ -80,7 +105,11 @@ impl<DB: Database> FlushSlot<DB> {
             Some(conn) => conn,
             None => {
                 let timeout = pool.options().get_acquire_timeout();
-                tokio::time::timeout(timeout, pool.connect_options().connect())
+                let options = match self.setup {
+                    Some(setup) => setup(&pool.connect_options()),
+                    None => (*pool.connect_options()).clone(),
+                };
+                tokio::time::timeout(timeout, options.connect())
                     .await
                     .map_err(|_| sqlx::Error::PoolTimedOut)??
             }

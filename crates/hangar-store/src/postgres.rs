@@ -32,9 +32,10 @@ type D = PostgresDialect;
 
 use crate::deadline::{Overruns, RELEASE_PING_TIMEOUT};
 use crate::dialect::{Announced, Clock, Dialect, Spelling, SqlStore, Unique};
+use crate::flush_connection::ConnectionSetup;
 use crate::StoreResult;
 use hangar_types::token::random_token;
-use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, Postgres};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -193,6 +194,7 @@ impl Dialect for PostgresDialect {
         modifying_ctes: true,
     };
     const OWN_FLUSH_CONNECTION: bool = true;
+    const TOKEN_FLUSH_SETUP: Option<ConnectionSetup<Postgres>> = Some(commit_without_flush_wait);
 
     fn clock(&self, offset_ms: i64) -> Clock {
         Clock::Database { offset_ms }
@@ -224,5 +226,50 @@ impl Dialect for PostgresDialect {
     async fn stop(&self) {
         self.cancel.cancel();
         self.tasks.wait().await;
+    }
+}
+
+/// `options` for connections whose commits return before the WAL flush (see
+/// `src/flush_connection.rs`): the setting is sent with the startup message, no statement more.
+fn commit_without_flush_wait(options: &PgConnectOptions) -> PgConnectOptions {
+    options.clone().options([("synchronous_commit", "off")])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flush_connection::FlushSlot;
+    use hangar_test_support::postgres::TestDatabase;
+
+    /// `synchronous_commit` on a connection `slot` writes its batches on.
+    async fn commit_mode(store: &PostgresStore, slot: &FlushSlot<Postgres>) -> String {
+        let mut conn = store.flush_connection(slot).await.unwrap();
+        let mode = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut *conn)
+            .await;
+        conn.settle(mode.map_err(Into::into)).unwrap()
+    }
+
+    /// Only the token batches commit without waiting for the WAL flush; spawns, reports and every
+    /// pooled write wait for it.
+    #[tokio::test]
+    async fn only_token_batches_commit_without_waiting_for_the_flush() {
+        let Some(db) = TestDatabase::create().await else {
+            return;
+        };
+        let store = PostgresStore::connect(db.url()).await.unwrap();
+        assert_eq!(commit_mode(&store, &store.token_flush).await, "off");
+        assert_eq!(commit_mode(&store, &store.reuse_flush).await, "off");
+        // Kept: the slot's connection is the same one next time, still set.
+        assert_eq!(commit_mode(&store, &store.token_flush).await, "off");
+        assert_eq!(commit_mode(&store, &store.spawn_flush).await, "on");
+        assert_eq!(commit_mode(&store, &store.report_flush).await, "on");
+        let pooled: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(pooled, "on");
+        store.close().await;
+        db.drop_database().await;
     }
 }

@@ -13,6 +13,7 @@
 //! events to.
 
 use crate::dialect::{Announced, Clock, Dialect, Spelling, SqlStore, Unique};
+use crate::flush_connection::ConnectionSetup;
 use crate::StoreResult;
 use hangar_types::Millis;
 use sqlx::sqlite::{
@@ -118,6 +119,7 @@ impl Dialect for SqliteDialect {
     };
     /// Every write takes its turn on the single writer connection.
     const OWN_FLUSH_CONNECTION: bool = false;
+    const TOKEN_FLUSH_SETUP: Option<ConnectionSetup<Sqlite>> = None;
 
     async fn relay(&self, _: &mut SqliteConnection, _: &[Announced]) -> StoreResult<()> {
         Ok(())

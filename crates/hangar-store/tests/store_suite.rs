@@ -248,7 +248,7 @@ mod suite {
     use hangar_store::*;
     use hangar_types::api::{ClusterState, KeyConfig};
     use hangar_types::executable::{Executable, ExecutorKind};
-    use hangar_types::protocol::{BackendAction, KeyDeadlines};
+    use hangar_types::protocol::{BackendAction, KeyDeadlines, TokenHolder};
     use hangar_types::timing::{KEY_LEASE, UNHEALTHY_AFTER};
     use hangar_types::token::{ConnectionToken, SecretToken};
     use hangar_types::{
@@ -1276,15 +1276,31 @@ mod suite {
         let mut expected = vec![alice1.token.clone(), alice2.token.clone()];
         expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         assert_eq!(revoked, expected);
+        let holder = TokenHolder {
+            backend: id.clone(),
+            user: "alice".into(),
+        };
         match events.try_recv() {
-            Ok(StoreEvent::TokensRevoked { tokens }) => assert_eq!(tokens.len(), 2),
+            Ok(StoreEvent::TokensRevoked { tokens, holder: h }) => {
+                assert_eq!(tokens.len(), 2);
+                assert_eq!(h.as_ref(), Some(&holder));
+            }
             other => panic!("expected TokensRevoked, got {other:?}"),
         }
         assert_eq!(
             store.resolve_token(&alice1.token).await.unwrap(),
             TokenLookup::NotFound
         );
+        // Nothing left to delete, but the holder is announced again: proxies may cache a token
+        // the store no longer has.
         assert!(store.revoke_tokens(&id, "alice").await.unwrap().is_empty());
+        match events.try_recv() {
+            Ok(StoreEvent::TokensRevoked { tokens, holder: h }) => {
+                assert!(tokens.is_empty());
+                assert_eq!(h, Some(holder));
+            }
+            other => panic!("expected TokensRevoked, got {other:?}"),
+        }
         assert!(matches!(events.try_recv(), Err(TryRecvError::Empty)));
         // Bob's (expired) token is his own; revoking Alice's did not touch it.
         assert_eq!(

@@ -330,6 +330,13 @@ pub enum ProxyToController {
     StoreCertificate { cert_pem: String, key_pem: String },
 }
 
+/// Whose tokens a revocation revokes: every token of `user` for `backend` (`POST /ctrl/b/revoke`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenHolder {
+    pub backend: BackendId,
+    pub user: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControllerToProxy {
     RouteResponse {
@@ -345,8 +352,15 @@ pub enum ControllerToProxy {
         #[serde(default)]
         terminated: bool,
     },
-    /// These tokens were revoked: forget them.
-    TokensRevoked { tokens: Vec<ConnectionToken> },
+    /// These tokens were revoked: forget them. With `holder` (Hangar extension), forget too every
+    /// cached route of that backend and user, whichever tokens they came with: a token the store no
+    /// longer has (PostgreSQL may forget the tokens of the last moments before a crash) is not in
+    /// `tokens`, but may still be cached.
+    TokensRevoked {
+        tokens: Vec<ConnectionToken>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        holder: Option<TokenHolder>,
+    },
     /// Hangar extension, the answer to a [`ProxyToController::KeepAlive`] for a backend that holds a
     /// key: its key lease still ran `remaining_ms` milliseconds when the keepalive was recorded. The
     /// proxy extends its routes and tunnels to the backend until that long after it sent the

@@ -142,7 +142,7 @@ fn bus_event(event: StoreEvent) -> BusEvent {
             Some(drone.to_string()),
             to_json(&action),
         ),
-        StoreEvent::TokensRevoked { tokens } => (
+        StoreEvent::TokensRevoked { tokens, .. } => (
             None,
             "tokens_revoked",
             None,

@@ -162,13 +162,20 @@ async fn revoke_pushes_tokens_revoked_to_proxies() {
             )
             .await;
         assert_eq!(response.status(), 200);
-        let tokens = proxy
+        let (tokens, holder) = proxy
             .expect(|m| match m {
-                ControllerToProxy::TokensRevoked { tokens } => Some(tokens.clone()),
+                ControllerToProxy::TokensRevoked { tokens, holder } => {
+                    Some((tokens.clone(), holder.clone()))
+                }
                 _ => None,
             })
             .await;
         assert_eq!(tokens, vec![connected.token.clone()]);
+        let holder = holder.expect("the revocation names its holder");
+        assert_eq!(
+            (holder.backend.as_str(), holder.user.as_str()),
+            (connected.backend_id.as_str(), "alice")
+        );
         assert_eq!(proxy.route(&connected.token).await, None);
     })
     .await

@@ -101,6 +101,7 @@ async fn revoked_tokens_get_410() {
         env.controller.set_answer(&token, Answer::NoRoute);
         env.controller.push(ControllerToProxy::TokensRevoked {
             tokens: vec![token.clone()],
+            holder: None,
         });
         eventually("requests with the revoked token get 410", || async {
             env.status_of(&format!("/{token}/")).await == 410

@@ -9,7 +9,7 @@ use crate::events::StoreEvent;
 use crate::group_commit::{all_or_each, Answers};
 use crate::model::{KeyLookup, KeyReuse, NewToken, Reuse, TokenLookup};
 use crate::{StoreError, StoreResult};
-use hangar_types::protocol::RouteInfo;
+use hangar_types::protocol::{RouteInfo, TokenHolder};
 use hangar_types::token::{ConnectionToken, SecretToken};
 use hangar_types::{BackendId, BackendStatus};
 use sqlx::types::Json;
@@ -221,11 +221,14 @@ pub(super) async fn revoke_tokens(
         .iter()
         .map(|t| ConnectionToken::from_path_segment(t))
         .collect();
-    if tokens.is_empty() {
-        return Ok(tokens);
-    }
+    // Announced even when no row was deleted: a token committed without waiting for the WAL flush
+    // and forgotten in a crash may still be cached by a proxy (see `src/flush_connection.rs`).
     let event = StoreEvent::TokensRevoked {
         tokens: tokens.clone(),
+        holder: Some(TokenHolder {
+            backend: backend.clone(),
+            user: user.to_string(),
+        }),
     };
     commit(s, tx, vec![event.into()]).await?;
     Ok(tokens)

@@ -15,6 +15,7 @@ use crate::dialect::Announced;
 use crate::events::StoreEvent;
 use crate::model::NodeId;
 use crate::{StoreError, StoreResult};
+use hangar_types::protocol::TokenHolder;
 use hangar_types::token::ConnectionToken;
 use hangar_types::{ActionId, BackendId, BackendState, ClusterName, Millis};
 use serde::{Deserialize, Serialize};
@@ -75,19 +76,41 @@ impl Notice {
         }
     }
 
-    /// Revoked tokens, split into notices of at most [`NOTICE_LIMIT`] bytes. A token too large for a
+    /// Revoked tokens and their holder, split into notices of at most [`NOTICE_LIMIT`] bytes, each
+    /// with the holder (one notice without tokens when there are none). A token too large for a
     /// notice on its own (never one Hangar generated) is left out, with a warning: other controllers'
-    /// proxies then learn of its revocation only when their cached route expires.
-    pub(super) fn tokens_revoked(tokens: &[ConnectionToken]) -> Vec<Notice> {
+    /// proxies then learn of its revocation only when their cached route expires. A holder too large
+    /// (a user name of kilobytes) is left out the same way.
+    pub(super) fn tokens_revoked(
+        tokens: &[ConnectionToken],
+        holder: Option<&TokenHolder>,
+    ) -> Vec<Notice> {
         // JSON overhead of an empty notice and of one more token (quotes and comma), generously.
         const BASE: usize = 64;
         const PER_TOKEN: usize = 4;
+        let holder = holder.filter(|h| {
+            let fits = BASE + holder_len(h) <= NOTICE_LIMIT / 2;
+            if !fits {
+                tracing::warn!(
+                    length = holder_len(h),
+                    "Revoked holder too long to notify other controllers"
+                );
+            }
+            fits
+        });
+        let base = BASE + holder.map_or(0, holder_len);
+        let notice = |tokens| {
+            Notice::Inline(StoreEvent::TokensRevoked {
+                tokens,
+                holder: holder.cloned(),
+            })
+        };
         let mut notices = Vec::new();
         let mut chunk: Vec<ConnectionToken> = Vec::new();
-        let mut size = BASE;
+        let mut size = base;
         for token in tokens {
             let len = token.as_str().len() + PER_TOKEN;
-            if BASE + len > NOTICE_LIMIT {
+            if base + len > NOTICE_LIMIT {
                 tracing::warn!(
                     length = token.as_str().len(),
                     "Revoked token too long to notify other controllers"
@@ -95,18 +118,22 @@ impl Notice {
                 continue;
             }
             if size + len > NOTICE_LIMIT {
-                let tokens = std::mem::take(&mut chunk);
-                notices.push(Notice::Inline(StoreEvent::TokensRevoked { tokens }));
-                size = BASE;
+                notices.push(notice(std::mem::take(&mut chunk)));
+                size = base;
             }
             size += len;
             chunk.push(token.clone());
         }
-        if !chunk.is_empty() {
-            notices.push(Notice::Inline(StoreEvent::TokensRevoked { tokens: chunk }));
+        if !chunk.is_empty() || (notices.is_empty() && holder.is_some()) {
+            notices.push(notice(chunk));
         }
         notices
     }
+}
+
+/// The bytes `holder` adds to a notice (its JSON, with its key), generously.
+fn holder_len(holder: &TokenHolder) -> usize {
+    serde_json::to_string(holder).map_or(usize::MAX / 2, |json| json.len() + 16)
 }
 
 /// The notices that tell other stores about `a` (a state only with its history row, which a large
@@ -125,7 +152,9 @@ fn notices(a: &Announced) -> Vec<Notice> {
             drone: *drone,
             action_id: action.action_id.clone(),
         },
-        StoreEvent::TokensRevoked { tokens } => return Notice::tokens_revoked(tokens),
+        StoreEvent::TokensRevoked { tokens, holder } => {
+            return Notice::tokens_revoked(tokens, holder.as_ref())
+        }
         event @ StoreEvent::HttpChallenge { .. } => Notice::Inline(event.clone()),
         StoreEvent::Certificate(c) => Notice::Certificate {
             cluster: c.cluster.clone(),
@@ -223,14 +252,27 @@ mod tests {
     #[test]
     fn many_tokens_are_split_and_every_payload_fits() {
         let tokens: Vec<ConnectionToken> = (0..500).map(|_| ConnectionToken::random()).collect();
-        let notices = Notice::tokens_revoked(&tokens);
+        let holder = TokenHolder {
+            backend: BackendId::random(),
+            user: "u".repeat(300),
+        };
+        let notices = Notice::tokens_revoked(&tokens, Some(&holder));
         assert!(notices.len() > 1);
         let mut seen = Vec::new();
         for n in &notices {
             assert!(encoded_len(n) <= NOTICE_LIMIT, "{}", encoded_len(n));
-            let Notice::Inline(StoreEvent::TokensRevoked { tokens }) = n else {
+            let Notice::Inline(StoreEvent::TokensRevoked {
+                tokens,
+                holder: with,
+            }) = n
+            else {
                 panic!("unexpected {n:?}")
             };
+            assert_eq!(
+                with.as_ref(),
+                Some(&holder),
+                "every notice names the holder"
+            );
             seen.extend(tokens.iter().cloned());
         }
         assert_eq!(seen, tokens, "all tokens, in order");
@@ -252,12 +294,30 @@ mod tests {
         let huge = ConnectionToken::from_path_segment(&"t".repeat(NOTICE_LIMIT));
         let normal = ConnectionToken::random();
         assert_eq!(
-            Notice::tokens_revoked(&[huge, normal.clone()]),
+            Notice::tokens_revoked(&[huge, normal.clone()], None),
             vec![Notice::Inline(StoreEvent::TokensRevoked {
-                tokens: vec![normal]
+                tokens: vec![normal],
+                holder: None,
             })]
         );
-        assert!(Notice::tokens_revoked(&[]).is_empty());
+        assert!(Notice::tokens_revoked(&[], None).is_empty());
+        // A holder is announced even without tokens; one too large is left out.
+        let holder = TokenHolder {
+            backend: BackendId::random(),
+            user: "alice".into(),
+        };
+        assert_eq!(
+            Notice::tokens_revoked(&[], Some(&holder)),
+            vec![Notice::Inline(StoreEvent::TokensRevoked {
+                tokens: vec![],
+                holder: Some(holder.clone()),
+            })]
+        );
+        let huge_user = TokenHolder {
+            user: "u".repeat(NOTICE_LIMIT),
+            ..holder
+        };
+        assert!(Notice::tokens_revoked(&[], Some(&huge_user)).is_empty());
     }
 
     /// Inline events keep the format of the notices they replaced (`kind` plus the fields), so a

@@ -14,6 +14,7 @@ use hangar_store::{
     Acquire, KeyLookup, KeyRef, NewToken, StateUpdate, Store, StoreError, StoreEvent,
 };
 use hangar_test_support::postgres::TestDatabase;
+use hangar_types::protocol::TokenHolder;
 use hangar_types::token::{ConnectionToken, SecretToken};
 use hangar_types::{BackendState, BackendStatus, TerminationKind, TerminationReason};
 use sqlx::{Connection, PgConnection};
@@ -145,6 +146,10 @@ async fn events_reach_other_stores() {
         assert_eq!(a.revoke_tokens(&id, "alice").await.unwrap().len(), 1);
         let revoked = StoreEvent::TokensRevoked {
             tokens: vec![token.token],
+            holder: Some(TokenHolder {
+                backend: id.clone(),
+                user: "alice".into(),
+            }),
         };
         assert_eq!(relayed(&mut on_b).await, revoked);
         assert_eq!(on_a.try_recv().unwrap(), revoked);
