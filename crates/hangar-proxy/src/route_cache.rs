@@ -310,21 +310,16 @@ impl RouteCache {
         }
     }
 
-    /// Every cached route of `user` to `backend` becomes "revoked", whichever token it came with (a
-    /// revocation names the tokens the store deleted, and the store may have forgotten some).
+    /// Forgets every cached route of `user` to `backend`, whichever token it came with: a revocation
+    /// names the tokens the store deleted, and the store may have forgotten some. Forgotten, not
+    /// marked revoked: the next request asks the controller, which refuses a revoked or forgotten
+    /// token and still routes a token issued after the revocation (whose route may have been cached
+    /// before the revocation arrived, when it was relayed from another controller).
     pub(crate) fn revoke_holder(&self, backend: &BackendId, user: &str) {
-        let mut st = self.lock();
-        let until = Instant::now() + NEGATIVE_TTL;
-        for entry in st.entries.values_mut() {
-            if matches!(entry, Entry::Found { route, .. }
+        self.lock().entries.retain(|_, entry| {
+            !matches!(entry, Entry::Found { route, .. }
                 if &route.backend_id == backend && route.user.as_deref() == Some(user))
-            {
-                *entry = Entry::Gone {
-                    reason: GoneReason::Revoked,
-                    until,
-                };
-            }
-        }
+        });
     }
 
     /// Number of tokens waiting for the controller's answer.
@@ -657,19 +652,20 @@ mod tests {
                 cache.lock().insert_found(tok(token), route, None, 100);
             }
             cache.revoke_holder(&"b1".parse().unwrap(), "alice");
+            // Forgotten: the next request asks the controller.
             for gone in ["a1", "a2"] {
-                assert_eq!(
-                    cache.lookup(&tok(gone), WAIT).await,
-                    Ok(Route::Gone(GoneReason::Revoked)),
-                    "{gone}"
-                );
+                assert_eq!(cache.cached(&tok(gone)), None, "{gone}");
             }
             for kept in ["bob", "anon", "elsewhere"] {
                 assert!(
-                    matches!(cache.lookup(&tok(kept), WAIT).await, Ok(Route::Found(_))),
+                    matches!(cache.cached(&tok(kept)), Some(Route::Found(_))),
                     "{kept}"
                 );
             }
+            // A token asked for again gets the controller's answer.
+            let again = pending_lookup(&cache, &tok("a1")).await;
+            cache.resolve(tok("a1"), None);
+            assert_eq!(again.await.unwrap(), Ok(Route::Gone(GoneReason::Unknown)));
         })
         .await;
     }
