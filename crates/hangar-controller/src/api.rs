@@ -69,6 +69,8 @@ pub struct SharedState {
     pub(crate) warm: crate::warm_pool::WarmPools,
     /// Drones with a session here, for relaying log reads.
     pub(crate) drone_links: crate::log_relay::DroneLinks,
+    /// Keys recently found held here: their connects read no drones in advance.
+    pub(crate) held_keys: crate::held_keys::HeldKeys,
 }
 
 impl AppState {
@@ -97,6 +99,7 @@ impl AppState {
             executor_errors: ExecutorErrors::default(),
             warm: Default::default(),
             drone_links: Default::default(),
+            held_keys: Default::default(),
         })))
     }
 

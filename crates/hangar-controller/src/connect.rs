@@ -3,21 +3,28 @@
 //! fresh key lease; and issue a connection token for it (for a new backend, written in the spawn's own
 //! transaction, so a fresh connect waits on one commit).
 //!
+//! A cold spawn needs the scheduler's read of the drones as well as the key lookup. For a key this
+//! controller does not remember as held ([`crate::held_keys`]) the two run side by side, so the spawn
+//! waits for one store round trip fewer; a remembered key's reconnect reads no drones.
+//!
 //! Races between concurrent connects are settled by the store (one transaction per step); a lost race
 //! (`FailedToRemoveKey`, `FailedToAcquireKey`) retries the whole attempt, at most [`MAX_ATTEMPTS`] in
 //! total, as Plane does.
 
 use crate::api::AppState;
+use crate::prometheus::DroneRead;
 use crate::scheduler;
 use hangar_store::{
-    Acquire, BackendRow, KeyLookup, KeyRef, KeyReuse, NewBackend, Reuse, StoreError, TokenGrant,
+    Acquire, BackendRow, DroneCandidate, KeyLookup, KeyRef, KeyReuse, NewBackend, Reuse,
+    StoreError, TokenGrant,
 };
 use hangar_types::api::{connection_url, ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig};
 use hangar_types::names::{validate_key_text, validate_subdomain};
 use hangar_types::protocol::KeyDeadlines;
 use hangar_types::timing::TOKEN_LIFETIME;
 use hangar_types::token::{ConnectionToken, SecretToken};
-use hangar_types::{BackendId, BackendStatus, KeyName};
+use hangar_types::{BackendId, BackendStatus, ClusterName, KeyName};
+use std::time::Instant;
 
 /// Attempts of the whole get-or-create before a race is reported to the client.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -123,12 +130,28 @@ async fn connect_once(
     state: &AppState,
     request: &ConnectRequest,
 ) -> Result<ConnectResponse, ConnectError> {
-    let key = match &request.key {
+    let (key, drones) = match &request.key {
         Some(key) => {
             let reuse = key_reuse(request, key);
             let key_ref = reuse.key.clone();
             let issued = (reuse.grant.token.clone(), reuse.grant.secret.clone());
-            let lookup = match state.store.reuse_key(reuse).await? {
+            let (reuse, drones) = tokio::join!(
+                state.store.reuse_key(reuse),
+                drones_alongside_lookup(state, request, key)
+            );
+            let reuse = reuse?;
+            if matches!(
+                reuse,
+                Reuse::NotReused(KeyLookup::Missing | KeyLookup::Expired { .. })
+            ) {
+                state.held_keys.forget(key);
+            } else {
+                state.held_keys.remember(key, Instant::now());
+                if drones.is_some() {
+                    state.prometheus.record_drone_read(DroneRead::Wasted);
+                }
+            }
+            let lookup = match reuse {
                 Reuse::Reused { backend } => return Ok(reused(state, backend, issued)),
                 Reuse::NotReused(lookup) => lookup,
             };
@@ -157,19 +180,66 @@ async fn connect_once(
                 }
                 KeyLookup::Missing => {}
             }
-            key.clone()
+            (key.clone(), drones)
         }
-        None => KeyConfig {
-            name: KeyName::random(),
-            namespace: String::new(),
-            tag: String::new(),
-        },
+        None => {
+            let key = KeyConfig {
+                name: KeyName::random(),
+                namespace: String::new(),
+                tag: String::new(),
+            };
+            (key, None)
+        }
     };
     let spawn = request
         .spawn_config
         .as_ref()
         .ok_or(ConnectError::NoSpawnConfig)?;
-    spawn_backend(state, request, key, spawn).await
+    let response = spawn_backend(state, request, key, spawn, drones).await?;
+    if let Some(key) = &request.key {
+        state.held_keys.remember(key, Instant::now());
+    }
+    Ok(response)
+}
+
+/// The scheduler's read for a connect whose key this controller does not remember as held and whose
+/// spawn would be cold (no warm pool matches), made while the key is looked up. `None`: not read
+/// (or the read failed; the spawn then reads again).
+async fn drones_alongside_lookup(
+    state: &AppState,
+    request: &ConnectRequest,
+    key: &KeyConfig,
+) -> Option<Option<DroneCandidate>> {
+    let spawn = request.spawn_config.as_ref()?;
+    let cluster = spawn_cluster(state, spawn).ok()?;
+    if state.warm.may_claim(&cluster, spawn) || state.held_keys.probably_held(key, Instant::now()) {
+        return None;
+    }
+    pick_drone(state, &cluster, spawn).await.ok()
+}
+
+/// The spawn's cluster: the request's, else this controller's default.
+fn spawn_cluster(state: &AppState, spawn: &SpawnConfig) -> Result<ClusterName, ConnectError> {
+    spawn
+        .cluster
+        .clone()
+        .or_else(|| state.config.default_cluster.clone())
+        .ok_or(ConnectError::NoClusterProvided)
+}
+
+async fn pick_drone(
+    state: &AppState,
+    cluster: &ClusterName,
+    spawn: &SpawnConfig,
+) -> Result<Option<DroneCandidate>, StoreError> {
+    scheduler::pick_drone(
+        state.store.as_ref(),
+        cluster,
+        &spawn.pool,
+        spawn.executable.kind(),
+        state.config.best_of,
+    )
+    .await
 }
 
 /// A connect's reuse of the key's holder, with a new dynamic token for this request's user.
@@ -238,27 +308,28 @@ async fn spawn_backend(
     request: &ConnectRequest,
     key: KeyConfig,
     spawn: &SpawnConfig,
+    drones: Option<Option<DroneCandidate>>,
 ) -> Result<ConnectResponse, ConnectError> {
-    let cluster = spawn
-        .cluster
-        .clone()
-        .or_else(|| state.config.default_cluster.clone())
-        .ok_or(ConnectError::NoClusterProvided)?;
+    let cluster = spawn_cluster(state, spawn)?;
     let static_token = spawn.use_static_token.then(ConnectionToken::random_static);
     if let Some(backend) =
         crate::warm_pool::claim(state, &key, spawn, &cluster, static_token.as_ref()).await?
     {
         return backend_response(state, request, backend, true).await;
     }
-    let drone = scheduler::pick_drone(
-        state.store.as_ref(),
-        &cluster,
-        &spawn.pool,
-        spawn.executable.kind(),
-        state.config.best_of,
-    )
-    .await?
-    .ok_or(ConnectError::NoDroneAvailable)?;
+    let drone = match drones {
+        Some(drone) => {
+            state
+                .prometheus
+                .record_drone_read(DroneRead::AlongsideLookup);
+            drone
+        }
+        None => {
+            state.prometheus.record_drone_read(DroneRead::AfterLookup);
+            pick_drone(state, &cluster, spawn).await?
+        }
+    };
+    let drone = drone.ok_or(ConnectError::NoDroneAvailable)?;
 
     let id = spawn.id.clone().unwrap_or_else(BackendId::random);
     // The dynamic token is written with the spawn, in its transaction.

@@ -18,6 +18,7 @@ mod dns_session;
 pub mod drone_session;
 pub mod error;
 pub mod executor_errors;
+pub mod held_keys;
 mod listener;
 pub mod log_relay;
 pub mod lost;

@@ -47,6 +47,34 @@ type ClusterStatusLabels = [(&'static str, String); 2];
 /// The `answer` labels of `hangar_route_lookups_total`.
 const ROUTE_LOOKUP_ANSWERS: [&str; 4] = ["route", "pending", "none", "error"];
 
+/// A connect's read of the drones for the scheduler ([`crate::connect`]), counted in
+/// `hangar_connect_drone_reads_total{read}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DroneRead {
+    /// Made alongside the key lookup and used by the spawn.
+    AlongsideLookup,
+    /// Made alongside the key lookup, but the key was held: not needed.
+    Wasted,
+    /// Made by the spawn itself, after the key lookup (or for a connect without a key).
+    AfterLookup,
+}
+
+impl DroneRead {
+    const ALL: [DroneRead; 3] = [
+        DroneRead::AlongsideLookup,
+        DroneRead::Wasted,
+        DroneRead::AfterLookup,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            DroneRead::AlongsideLookup => "alongside_lookup",
+            DroneRead::Wasted => "wasted",
+            DroneRead::AfterLookup => "after_lookup",
+        }
+    }
+}
+
 /// How often `hangar_backends` is recounted from the store.
 pub const BACKEND_GAUGES_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -79,6 +107,8 @@ pub struct ControllerMetrics {
     node_sessions: Family<Label, Gauge>,
     /// `hangar_route_lookups`, by `answer`.
     route_lookups: Family<Label, Counter>,
+    /// `hangar_connect_drone_reads`, by `read`.
+    drone_reads: Family<Label, Counter>,
     backend_state_changes: Family<Label, Counter>,
     backends_sampled: Gauge,
     /// `hangar_backends`, by `(cluster, status)`.
@@ -109,6 +139,7 @@ impl ControllerMetrics {
             terminate_requests: Family::default(),
             node_sessions: Family::default(),
             route_lookups: Family::default(),
+            drone_reads: Family::default(),
             backend_state_changes: Family::default(),
             backends_sampled: Gauge::default(),
             backends: Family::default(),
@@ -162,6 +193,18 @@ impl ControllerMetrics {
             "Token lookups for proxies' route requests, by answer: route, pending (the backend is \
              not ready; looked up again once a state change may have decided it), none or error",
             metrics.route_lookups.clone(),
+        );
+        for read in DroneRead::ALL {
+            let _ = metrics
+                .drone_reads
+                .get_or_create(&[("read", read.as_str())]);
+        }
+        registry.register(
+            "connect_drone_reads",
+            "Connects' reads of the drones for the scheduler: alongside_lookup (made while the key \
+             was looked up, for a key not remembered as held, and used by a cold spawn), wasted \
+             (made alongside, but the key was held) or after_lookup",
+            metrics.drone_reads.clone(),
         );
         registry.register(
             "backend_state_changes",
@@ -222,6 +265,13 @@ impl ControllerMetrics {
         };
         self.route_lookups
             .get_or_create(&[("answer", answer)])
+            .inc();
+    }
+
+    /// Counts one connect's read of the drones.
+    pub fn record_drone_read(&self, read: DroneRead) {
+        self.drone_reads
+            .get_or_create(&[("read", read.as_str())])
             .inc();
     }
 

@@ -85,6 +85,11 @@ impl WarmPools {
         pools.extend(pool);
     }
 
+    /// Whether a spawn may claim from a warm pool (one matches; it may be empty).
+    pub(crate) fn may_claim(&self, cluster: &ClusterName, spawn: &SpawnConfig) -> bool {
+        spawn.id.is_none() && self.matching(cluster, spawn).is_some()
+    }
+
     /// The pool a spawn may claim from: same cluster, drone pool and executable. The executable's
     /// `env` must be equal too, unless the pool has a claim hook (which delivers the connect's env):
     /// without one, a backend would run with an env the connect did not ask for.

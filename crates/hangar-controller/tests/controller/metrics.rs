@@ -191,3 +191,48 @@ fn exposition_parser_reads_labels_and_values() {
     assert_eq!(parsed.get(&series("y", &[])), Some(&1.5));
     assert_eq!(parsed.len(), 2);
 }
+
+/// `hangar_connect_drone_reads_total{read}` of `ctl`, in the order alongside_lookup, wasted,
+/// after_lookup.
+async fn drone_reads(ctl: &TestController) -> [f64; 3] {
+    let s = scrape(ctl).await;
+    ["alongside_lookup", "wasted", "after_lookup"]
+        .map(|read| s.get("hangar_connect_drone_reads_total", &[("read", read)]))
+}
+
+#[tokio::test]
+async fn a_cold_spawn_reads_the_drones_alongside_its_key_lookup_and_a_reconnect_reads_none() {
+    with_controller_config(TestController::config(), async |ctl| {
+        let _drone = FakeDrone::connect(ctl).await;
+        assert_eq!(drone_reads(ctl).await, [0.0, 0.0, 0.0]);
+
+        // A key never seen: the drones are read while the key is looked up, and the spawn uses it.
+        let created = ctl.connect(&connect_body(Some("doc"))).await;
+        assert!(created.spawned);
+        assert_eq!(drone_reads(ctl).await, [1.0, 0.0, 0.0]);
+
+        // Its reconnects: the key is remembered as held, so no drone read at all.
+        for _ in 0..3 {
+            let reused = ctl.connect(&connect_body(Some("doc"))).await;
+            assert!(!reused.spawned);
+            assert_eq!(reused.backend_id, created.backend_id);
+        }
+        assert_eq!(drone_reads(ctl).await, [1.0, 0.0, 0.0]);
+
+        // Without a key there is no lookup: the spawn reads by itself.
+        let keyless = ctl.connect(&connect_body(None)).await;
+        assert!(keyless.spawned);
+        assert_eq!(drone_reads(ctl).await, [1.0, 0.0, 1.0]);
+
+        // A second controller on the same store has not seen the key held: its first connect reads
+        // the drones for nothing (counted as wasted), its next one does not read.
+        let other = TestController::start_on(TestController::config(), ctl.store.clone()).await;
+        for _ in 0..2 {
+            let reused = other.connect(&connect_body(Some("doc"))).await;
+            assert_eq!(reused.backend_id, created.backend_id);
+        }
+        assert_eq!(drone_reads(&other).await, [0.0, 1.0, 0.0]);
+        other.shutdown().await;
+    })
+    .await
+}
