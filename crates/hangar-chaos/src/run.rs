@@ -196,7 +196,13 @@ pub async fn run_once(config: &RunConfig) -> anyhow::Result<RunReport> {
     for s in &schedule {
         *faults_by_kind.entry(s.fault.kind()).or_insert(0) += 1;
     }
-    let kept_logs = (!violations.is_empty()).then(|| dir.keep());
+    // Traced runs keep their logs too, to read where a long recovery went.
+    let kept_logs = (!violations.is_empty() || tracing_enabled()).then(|| dir.keep());
+    if tracing_enabled() {
+        if let Some(logs) = &kept_logs {
+            eprintln!("logs kept in {}", logs.display());
+        }
+    }
     Ok(RunReport {
         seed: config.seed,
         schedule,
@@ -279,11 +285,14 @@ async fn drive(
     let faults = TaskTracker::new();
     for step in schedule.iter().cloned() {
         let cluster = cluster.clone();
+        let target = target.clone();
         faults.spawn(async move {
             tokio::time::sleep(step.at).await;
             let _ = cluster.lock().await.inject(step.fault).await;
+            trace_fault(&target, "injected", &step.fault);
             tokio::time::sleep(step.duration).await;
             let _ = cluster.lock().await.heal(step.fault).await;
+            trace_fault(&target, "healed", &step.fault);
         });
     }
     faults.close();
@@ -314,6 +323,18 @@ async fn drive(
     })
 }
 
+/// `HANGAR_CHAOS_TRACE=1`: prints when each fault was injected and healed and (in [`converge`]) what
+/// convergence waits for, and keeps the components' logs, to see where a long recovery goes.
+fn tracing_enabled() -> bool {
+    std::env::var_os("HANGAR_CHAOS_TRACE").is_some()
+}
+
+fn trace_fault(target: &LoadTarget, what: &str, fault: &impl std::fmt::Debug) {
+    if tracing_enabled() {
+        eprintln!("at {} ms: {what} {fault:?}", target.elapsed_ms());
+    }
+}
+
 /// Polls until every key connects through every controller, is answered through every proxy by the
 /// backend the connect named, and the live sets agree; `Err` with the last snapshot after `bound`.
 async fn converge(
@@ -325,6 +346,8 @@ async fn converge(
 ) -> Result<LiveSnapshot, LiveSnapshot> {
     let deadline = Instant::now() + bound;
     let mut last = LiveSnapshot::default();
+    let trace = tracing_enabled();
+    let mut traced = String::new();
     loop {
         // A component that exited on its own (e.g. a controller started while its database link was
         // down) is started again, as its supervisor would.
@@ -353,6 +376,14 @@ async fn converge(
                 last.waiting_for = "the live sets to agree".into();
             }
             Err(waiting_for) => last.waiting_for = waiting_for,
+        }
+        if trace && last.waiting_for != traced {
+            eprintln!(
+                "at {} ms: convergence waits for {}",
+                target.elapsed_ms(),
+                last.waiting_for
+            );
+            traced = last.waiting_for.clone();
         }
         if Instant::now() >= deadline {
             return Err(last);
