@@ -19,7 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// How long the controller may take to answer the handshake.
+/// How long opening the WebSocket (TCP connect and HTTP upgrade) may take, and then again how long the
+/// controller may take to answer the `Hello`. Without the first bound, an upgrade request lost on the
+/// way (a black-holed link, a controller that accepts but never answers) held the node until the
+/// kernel or the controller gave up: 30 s to minutes without a session.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn ws_err(e: WsError) -> ClientError {
@@ -55,8 +58,12 @@ impl<S: Serialize, R: DeserializeOwned> NodeSocket<S, R> {
         }
         // `disable_nagle`: the session is small frames both ways (events, acks); with Nagle each
         // second frame waits for the controller's delayed ACK (~40 ms, measured by hangar-bench).
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
+        let opening = tokio_tungstenite::connect_async_with_config(req, None, true);
+        let (mut ws, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
             .await
+            .map_err(|_| {
+                ClientError::Handshake("the controller did not open the WebSocket in time".into())
+            })?
             .map_err(ws_err)?;
         let hello =
             serde_json::to_string(hello).map_err(|e| ClientError::Handshake(e.to_string()))?;
@@ -281,5 +288,43 @@ impl<'a, H: Serialize> Reconnecting<'a, H> {
             _ = self.cancel.cancelled() => false,
             _ = self.backoff.wait() => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hangar_types::protocol::{ControllerToProxy, ProxyToController};
+
+    /// A peer that accepts connections and reads them, but never answers: the node gives up after
+    /// [`HANDSHAKE_TIMEOUT`] instead of waiting for the peer (the clock is paused, so this takes no
+    /// real time; without the bound the test would hang until its own timeout).
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_answers_the_upgrade_fails_the_connect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                held.push(socket);
+            }
+        });
+        let client = ControllerClient::new(format!("http://{addr}/").parse().unwrap()).unwrap();
+        let connect =
+            NodeSocket::<ProxyToController, ControllerToProxy>::connect(&client, "/ws", &"hello");
+        let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT * 3, connect).await;
+        match outcome {
+            Ok(Err(ClientError::Handshake(reason))) => {
+                assert!(reason.contains("in time"), "{reason}")
+            }
+            Ok(Err(other)) => panic!("unexpected error: {other}"),
+            Ok(Ok(_)) => panic!("connected to a peer that never answered"),
+            Err(_) => panic!(
+                "the connect was still waiting after {:?}",
+                HANDSHAKE_TIMEOUT * 3
+            ),
+        }
+        silent.abort();
     }
 }
