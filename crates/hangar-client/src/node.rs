@@ -7,10 +7,12 @@ use crate::http::{ClientError, ControllerClient};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hangar_types::protocol::HelloResponse;
+use hangar_types::timing::CONTROLLER_SILENCE_LIMIT;
 use hangar_types::ControllerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;
+use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -23,7 +25,7 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// controller may take to answer the `Hello`. Without the first bound, an upgrade request lost on the
 /// way (a black-holed link, a controller that accepts but never answers) held the node until the
 /// kernel or the controller gave up: 30 s to minutes without a session.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn ws_err(e: WsError) -> ClientError {
     ClientError::WebSocket(Box::new(e))
@@ -33,6 +35,8 @@ fn ws_err(e: WsError) -> ClientError {
 pub struct NodeSocket<S, R> {
     ws: Ws,
     controller: ControllerName,
+    /// [`CONTROLLER_SILENCE_LIMIT`], shorter in tests.
+    silence_limit: Duration,
     _types: PhantomData<fn(S) -> R>,
 }
 
@@ -68,7 +72,7 @@ impl<S: Serialize, R: DeserializeOwned> NodeSocket<S, R> {
         let hello =
             serde_json::to_string(hello).map_err(|e| ClientError::Handshake(e.to_string()))?;
         ws.send(Message::text(hello)).await.map_err(ws_err)?;
-        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, next_text(&mut ws))
+        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, next_text(&mut ws, HANDSHAKE_TIMEOUT))
             .await
             .map_err(|_| ClientError::Handshake("controller did not answer the handshake".into()))?
             .ok_or_else(|| ClientError::Handshake("connection closed during handshake".into()))?
@@ -77,6 +81,7 @@ impl<S: Serialize, R: DeserializeOwned> NodeSocket<S, R> {
             Ok(HelloResponse::Welcome { controller, .. }) => Ok(NodeSocket {
                 ws,
                 controller,
+                silence_limit: CONTROLLER_SILENCE_LIMIT,
                 _types: PhantomData,
             }),
             Ok(HelloResponse::Refused { reason }) => Err(ClientError::Handshake(format!(
@@ -100,7 +105,7 @@ impl<S: Serialize, R: DeserializeOwned> NodeSocket<S, R> {
     /// The next message; `None` when the connection is closed or broken. Unparseable frames are
     /// logged and skipped.
     pub async fn recv(&mut self) -> Option<R> {
-        recv_json(&mut self.ws).await
+        recv_json(&mut self.ws, self.silence_limit).await
     }
 
     /// Splits into independently usable halves (e.g. a writer task and a reader loop).
@@ -113,6 +118,7 @@ impl<S: Serialize, R: DeserializeOwned> NodeSocket<S, R> {
             },
             NodeReceiver {
                 stream,
+                silence_limit: self.silence_limit,
                 _types: PhantomData,
             },
         )
@@ -137,13 +143,14 @@ impl<S: Serialize> NodeSender<S> {
 
 pub struct NodeReceiver<R> {
     stream: SplitStream<Ws>,
+    silence_limit: Duration,
     _types: PhantomData<fn() -> R>,
 }
 
 impl<R: DeserializeOwned> NodeReceiver<R> {
     /// As [`NodeSocket::recv`].
     pub async fn recv(&mut self) -> Option<R> {
-        recv_json(&mut self.stream).await
+        recv_json(&mut self.stream, self.silence_limit).await
     }
 }
 
@@ -159,13 +166,13 @@ where
 }
 
 /// The next parseable JSON text frame of the whole socket or its receiving half.
-async fn recv_json<St, R>(ws: &mut St) -> Option<R>
+async fn recv_json<St, R>(ws: &mut St, silence_limit: Duration) -> Option<R>
 where
     St: Stream<Item = Result<Message, WsError>> + Unpin,
     R: DeserializeOwned,
 {
     loop {
-        let text = next_text(ws).await?.ok()?;
+        let text = next_text(ws, silence_limit).await?.ok()?;
         match serde_json::from_str(&text) {
             Ok(m) => return Some(m),
             Err(e) => tracing::warn!(error = %e, "Skipping unparseable message from controller"),
@@ -173,13 +180,23 @@ where
     }
 }
 
-/// Next text frame; pings/pongs/binary frames are skipped. `None` on close or end of stream.
-async fn next_text<St>(ws: &mut St) -> Option<Result<String, WsError>>
+/// Next text frame; pings/pongs/binary frames are skipped. `None` on close, end of stream, or when no
+/// frame at all came for `silence_limit` ([`CONTROLLER_SILENCE_LIMIT`] in a session: a controller or
+/// link gone silent; without the limit a session whose packets are dropped would wait for the kernel
+/// to give up, many minutes).
+async fn next_text<St>(ws: &mut St, silence_limit: Duration) -> Option<Result<String, WsError>>
 where
     St: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     loop {
-        match ws.next().await? {
+        let Ok(frame) = tokio::time::timeout(silence_limit, ws.next()).await else {
+            tracing::warn!(
+                "Nothing from the controller for {} ms; giving the session up",
+                silence_limit.as_millis()
+            );
+            return None;
+        };
+        match frame? {
             Ok(Message::Text(t)) => return Some(Ok(t.to_string())),
             Ok(Message::Close(_)) => return None,
             Ok(_) => continue,
@@ -326,5 +343,75 @@ mod tests {
             ),
         }
         silent.abort();
+    }
+
+    /// A controller that welcomes the node, then only pings every `ping` (not at all when `None`)
+    /// for `quiet`, then sends one message and holds the connection open. Returns its address.
+    async fn controller_then_quiet(
+        ping: Option<Duration>,
+        quiet: Duration,
+    ) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(socket).await.unwrap();
+            let _hello = ws.next().await;
+            let welcome = HelloResponse::welcome("co-test".parse().unwrap());
+            let welcome = serde_json::to_string(&welcome).unwrap();
+            ws.send(Message::text(welcome)).await.unwrap();
+            let until = tokio::time::Instant::now() + quiet;
+            if let Some(every) = ping {
+                while tokio::time::Instant::now() + every < until {
+                    tokio::time::sleep(every).await;
+                    if ws.send(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep_until(until).await;
+            let lease = ControllerToProxy::KeyLease {
+                backend: "b-1".parse().unwrap(),
+                remaining_ms: 1,
+            };
+            let _ = ws
+                .send(Message::text(serde_json::to_string(&lease).unwrap()))
+                .await;
+            tokio::time::sleep(quiet * 10).await;
+        });
+        addr
+    }
+
+    /// A session whose silence limit is `limit` (a session's is [`CONTROLLER_SILENCE_LIMIT`]).
+    async fn session_with(
+        addr: std::net::SocketAddr,
+        limit: Duration,
+    ) -> NodeReceiver<ControllerToProxy> {
+        let client = ControllerClient::new(format!("http://{addr}/").parse().unwrap()).unwrap();
+        let mut socket =
+            NodeSocket::<ProxyToController, ControllerToProxy>::connect(&client, "/ws", &"hello")
+                .await
+                .unwrap();
+        assert_eq!(socket.silence_limit, CONTROLLER_SILENCE_LIMIT);
+        socket.silence_limit = limit;
+        socket.split().1
+    }
+
+    /// Real time, scaled down: a 1 s limit, pings every 100 ms (the ratio leaves a loaded machine
+    /// ten times the ping interval before the limit).
+    #[tokio::test]
+    async fn a_session_silent_for_the_limit_is_given_up_and_pings_keep_it() {
+        let limit = Duration::from_secs(1);
+        // Pinged for three times the limit: the session stays and gets the message.
+        let pinged = controller_then_quiet(Some(limit / 10), limit * 3).await;
+        let mut pinged = session_with(pinged, limit).await;
+        assert!(matches!(
+            pinged.recv().await,
+            Some(ControllerToProxy::KeyLease { .. })
+        ));
+        // Not a frame for twice the limit: the session ends (`None`) before the message.
+        let silent = controller_then_quiet(None, limit * 2).await;
+        let mut silent = session_with(silent, limit).await;
+        assert!(silent.recv().await.is_none());
     }
 }

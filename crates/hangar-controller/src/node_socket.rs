@@ -2,8 +2,8 @@
 //! fed by a bounded queue of JSON text frames, and a reader that hands the session's handler the messages
 //! received, in batches.
 //!
-//! Dead peers are detected on both paths: the writer pings every [`PING_INTERVAL`], and the reader gives
-//! up after [`IDLE_TIMEOUT`] without any frame (pongs included). A Close frame ends the session at once
+//! Dead peers are detected on both paths: the writer pings every [`SESSION_PING_INTERVAL`], and the reader gives
+//! up after [`NODE_SILENCE_LIMIT`] without any frame (pongs included). A Close frame ends the session at once
 //! (Plane noticed it only on its next send, quirk 10).
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -11,6 +11,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hangar_store::{NodeId, Registration, SessionId, Store, StoreResult};
 use hangar_types::protocol::{Hello, HelloResponse};
+use hangar_types::timing::{NODE_SILENCE_LIMIT, SESSION_PING_INTERVAL};
 use hangar_types::{ControllerName, PROTOCOL_VERSION, VERSION};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -25,10 +26,6 @@ use tokio_util::sync::CancellationToken;
 pub const OUTBOUND_CAPACITY: usize = 1024;
 /// How long a node may take to send its `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// The writer pings the node this often.
-pub const PING_INTERVAL: Duration = Duration::from_secs(15);
-/// A session with no frame at all from the node for this long is considered dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a session may spend handling one batch of messages from its node ([`run_reader`]). A store
 /// call whose request was lost on the way to PostgreSQL (a black-holed link) never returns; without
 /// this bound it would stall every later message of the session. Past it the session ends and the node
@@ -256,7 +253,7 @@ pub async fn run_socket_writer(
     mut rx: mpsc::Receiver<String>,
     cancel: CancellationToken,
 ) {
-    let mut ping = tokio::time::interval(PING_INTERVAL);
+    let mut ping = tokio::time::interval(SESSION_PING_INTERVAL);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     loop {
@@ -369,15 +366,15 @@ async fn within(
 }
 
 /// The next text frame from the node; `None` when the node closed the connection, a read failed, or
-/// nothing arrived for [`IDLE_TIMEOUT`]. Binary frames are skipped.
+/// nothing arrived for [`NODE_SILENCE_LIMIT`]. Binary frames are skipped.
 async fn next_text(stream: &mut SplitStream<WebSocket>) -> Option<Utf8Bytes> {
     loop {
-        let frame = match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+        let frame = match tokio::time::timeout(NODE_SILENCE_LIMIT, stream.next()).await {
             Ok(frame) => frame,
             Err(_) => {
                 tracing::warn!(
                     "Node silent for {} s, ending session",
-                    IDLE_TIMEOUT.as_secs()
+                    NODE_SILENCE_LIMIT.as_secs()
                 );
                 return None;
             }

@@ -60,6 +60,15 @@ impl Default for KeyTiming {
     }
 }
 
+/// The controller pings every node session this often (a WebSocket ping), so that the node hears from
+/// it even when there is nothing to say.
+pub const SESSION_PING_INTERVAL: Duration = Duration::from_secs(15);
+/// The controller gives up a node session that sent no frame at all (pongs included) for this long;
+/// nodes send a heartbeat or keepalive every [`HEARTBEAT_INTERVAL`].
+pub const NODE_SILENCE_LIMIT: Duration = Duration::from_secs(60);
+/// A node gives up its session when no frame at all (pings included) came from the controller for this
+/// long: three pings missed. It then connects again, to this controller or another.
+pub const CONTROLLER_SILENCE_LIMIT: Duration = Duration::from_secs(45);
 /// Drone heartbeat and proxy keepalive cadence.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(7);
 /// A drone samples each running backend's CPU and memory at most this often (`BackendMetrics`).
