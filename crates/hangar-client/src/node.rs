@@ -72,10 +72,14 @@ impl<S: Serialize, R: DeserializeOwned> NodeSocket<S, R> {
         let hello =
             serde_json::to_string(hello).map_err(|e| ClientError::Handshake(e.to_string()))?;
         ws.send(Message::text(hello)).await.map_err(ws_err)?;
-        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, next_text(&mut ws, HANDSHAKE_TIMEOUT))
+        let answer = next_text(&mut ws, HANDSHAKE_TIMEOUT)
             .await
-            .map_err(|_| ClientError::Handshake("controller did not answer the handshake".into()))?
-            .ok_or_else(|| ClientError::Handshake("connection closed during handshake".into()))?
+            .ok_or_else(|| {
+                ClientError::Handshake(
+                    "the controller closed the connection or did not answer the handshake in time"
+                        .into(),
+                )
+            })?
             .map_err(ws_err)?;
         match serde_json::from_str::<HelloResponse>(&answer) {
             Ok(HelloResponse::Welcome { controller, .. }) => Ok(NodeSocket {
