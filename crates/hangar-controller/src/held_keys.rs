@@ -160,4 +160,24 @@ mod tests {
         assert!(held <= SLOTS, "{held} keys held in {SLOTS} slots");
         assert!(keys.probably_held(all.last().unwrap(), now));
     }
+
+    #[test]
+    fn a_later_key_of_the_same_slot_replaces_the_earlier_one() {
+        let keys = HeldKeys::default();
+        let now = Instant::now();
+        let first = key("", "k0");
+        let slot = index(keys.hash(&first));
+        let second = (1..)
+            .map(|i| key("", &format!("k{i}")))
+            .find(|k| index(keys.hash(k)) == slot)
+            .unwrap();
+        keys.remember(&first, now);
+        keys.remember(&second, now);
+        assert!(keys.probably_held(&second, now));
+        // The slot now names the second key: the first is not taken for held.
+        assert!(!keys.probably_held(&first, now));
+        // Forgetting the first leaves the second alone.
+        keys.forget(&first);
+        assert!(keys.probably_held(&second, now));
+    }
 }

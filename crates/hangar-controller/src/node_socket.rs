@@ -2,9 +2,9 @@
 //! fed by a bounded queue of JSON text frames, and a reader that hands the session's handler the messages
 //! received, in batches.
 //!
-//! Dead peers are detected on both paths: the writer pings every [`SESSION_PING_INTERVAL`], and the reader gives
-//! up after [`NODE_SILENCE_LIMIT`] without any frame (pongs included). A Close frame ends the session at once
-//! (Plane noticed it only on its next send, quirk 10).
+//! Dead peers are detected on both paths: the writer pings every [`SESSION_PING_INTERVAL`], and the
+//! reader gives up after [`NODE_SILENCE_LIMIT`] without any frame (pongs included). A Close frame ends
+//! the session at once (Plane noticed it only on its next send, quirk 10).
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
