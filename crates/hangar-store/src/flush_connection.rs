@@ -7,7 +7,9 @@
 //! batch waits for, writes instead on a connection of its own where the dialect allows it
 //! ([`crate::dialect::Dialect::OWN_FLUSH_CONNECTION`]; PostgreSQL: one per kind of batch, outside the
 //! pool, opened on first use with the pool's options), so a batch is one round trip. Where it does not
-//! (SQLite, whose writes all take turns on the single writer connection), the leader uses the pool.
+//! (SQLite, whose writes all take turns on the single writer connection), the leader uses the pool,
+//! whose connections SQLite takes without the acquire ping (`sqlite.rs`): two round trips to the
+//! writer's thread, the batch and the release ping.
 //!
 //! Invariant: an own connection goes back to its slot only after a statement on it completed —
 //! answered, or refused by the database (an error response leaves the protocol in step). A flush

@@ -11,6 +11,11 @@
 //! transaction can never hit `SQLITE_BUSY` upgrading from a read lock to a write lock. Reads use a
 //! separate read-only pool (WAL lets them run beside the writer). There is no other store to relay
 //! events to.
+//!
+//! No ping when a connection is taken from a pool (`test_before_acquire`): an SQLite connection is a
+//! thread of this process, not a link that can die unseen, and the pool already pings each connection
+//! when it is released. On the hot paths the acquire ping was one more hand-off to that thread and
+//! back per statement.
 
 use crate::dialect::{Announced, Clock, Dialect, Spelling, SqlStore, Unique};
 use crate::flush_connection::ConnectionSetup;
@@ -63,6 +68,7 @@ impl SqlStore<SqliteDialect> {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            .test_before_acquire(false)
             .connect_with(
                 base.clone()
                     .create_if_missing(true)
@@ -79,6 +85,7 @@ impl SqlStore<SqliteDialect> {
         // Opened after the writer so the file exists and is already in WAL mode.
         let reader = SqlitePoolOptions::new()
             .max_connections(READ_CONNECTIONS)
+            .test_before_acquire(false)
             .connect_with(base.read_only(true))
             .await?;
         Ok(SqlStore::new(

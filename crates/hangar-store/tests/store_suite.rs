@@ -154,6 +154,7 @@ macro_rules! all_store_tests {
             reuse_key_reuses_only_a_live_holder,
             reuse_key_of_a_static_token_backend_writes_nothing,
             concurrent_reuses_are_answered_each,
+            a_failing_reuse_fails_only_its_own_caller,
             pending_actions_and_ack,
             drone_reports_are_stored_together,
             sweep_idle_backends,
@@ -1537,6 +1538,55 @@ mod suite {
             revoked += h.store.revoke_tokens(&nb.id, "carol").await.unwrap().len();
         }
         assert_eq!(revoked, 6);
+    }
+
+    /// A reuse whose token cannot be inserted (its value is taken) fails alone: the reuses answered
+    /// beside it still get their tokens, each exactly once, and the taken token keeps its holder.
+    pub async fn a_failing_reuse_fails_only_its_own_caller(h: Harness) {
+        let drone = ready_drone(&*h.store, "dr-one", "").await;
+        let nb = new_backend(drone, "one-fails");
+        acquire(&*h.store, nb.clone()).await;
+        let first = key_reuse(&nb.key, Some("dave"), json!({}));
+        assert!(matches!(
+            h.store.reuse_key(first.clone()).await.unwrap(),
+            Reuse::Reused { .. }
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        for round in 0..12 {
+            let mut reuse = key_reuse(&nb.key, Some("erin"), json!({ "round": round }));
+            if round == 5 {
+                reuse.grant.token = first.grant.token.clone();
+            }
+            let store = h.store.clone();
+            tasks.spawn(async move { (round, store.reuse_key(reuse.clone()).await, reuse) });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (round, answer, reuse) = joined.unwrap();
+            if round == 5 {
+                assert!(
+                    answer.is_err(),
+                    "the taken token was inserted again: {answer:?}"
+                );
+                continue;
+            }
+            assert!(
+                matches!(answer, Ok(Reuse::Reused { .. })),
+                "round {round}: {answer:?}"
+            );
+            match h.store.resolve_token(&reuse.grant.token).await.unwrap() {
+                TokenLookup::Pending { backend } => assert_eq!(backend, nb.id),
+                other => panic!("round {round}: expected the token to resolve, got {other:?}"),
+            }
+        }
+        // The eleven reuses that succeeded, and dave's first one, each wrote one token.
+        assert_eq!(
+            h.store.revoke_tokens(&nb.id, "erin").await.unwrap().len(),
+            11
+        );
+        assert_eq!(
+            h.store.revoke_tokens(&nb.id, "dave").await.unwrap().len(),
+            1
+        );
     }
 
     // ---- actions and sweeps --------------------------------------------------------------------

@@ -3,7 +3,7 @@
 
 use super::chain::Chain;
 use super::rows::{backend_row, json, parse, parsed, Row, BACKEND_COLUMNS};
-use super::{commit, placeholders, Conn, Db, D, S};
+use super::{commit, placeholders, Db, D, S};
 use crate::dialect::{millis_of, render, Dialect};
 use crate::events::StoreEvent;
 use crate::group_commit::{all_or_each, Answers};
@@ -81,12 +81,25 @@ fn reuse_batch<'a>(s: &'a S, reuses: Vec<&'a KeyReuse>) -> Answers<'a, Reuse> {
 }
 
 /// Looks up the keys of `reuses` and inserts the tokens of those that reuse their key's holder, all or
-/// nothing; answers each in order. PostgreSQL: one statement (the insert is a data-modifying `WITH`).
-/// SQLite: the lookup, then one insert, on the single writer connection, so that no other write comes
-/// between them.
+/// nothing; answers each in order. One round trip to the database: PostgreSQL runs one statement (the
+/// insert is a data-modifying `WITH`); SQLite, which has none, runs the lookup and then the insert as
+/// two statements of one command on the single writer connection, so no other write comes between
+/// them, and a failing insert (one statement) writes nothing.
 async fn reuse_keys(s: &S, reuses: Vec<&KeyReuse>) -> StoreResult<Vec<StoreResult<Reuse>>> {
+    let found = found_cte(reuses.len());
+    let issue = "INSERT INTO token (token, backend_id, secret, username, auth, expires_at) \
+                 SELECT r.token, f.id, r.secret, r.username, r.auth, {now} + r.lifetime \
+                 FROM found f JOIN r ON r.i = f.i WHERE f.reused AND f.static_token IS NULL";
+    let sql = render::<D>(&if D::SPELLING.modifying_ctes {
+        format!("{found}, issued AS ({issue}) SELECT * FROM found")
+    } else {
+        format!("{found} SELECT * FROM found; {found} {issue}")
+    });
     let mut conn = s.flush_connection(&s.reuse_flush).await?;
-    let rows = look_up_and_issue(&mut conn, s.clock(), &reuses).await;
+    let rows = bind_reuses(sqlx::query(&sql), s.clock(), &reuses)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(StoreError::from);
     let rows = conn.settle(rows)?;
     let mut answers: Vec<StoreResult<Reuse>> = (0..reuses.len())
         .map(|_| Ok(Reuse::NotReused(KeyLookup::Missing)))
@@ -95,48 +108,6 @@ async fn reuse_keys(s: &S, reuses: Vec<&KeyReuse>) -> StoreResult<Vec<StoreResul
         answers[index(row, reuses.len())?] = reuse_answer(row);
     }
     Ok(answers)
-}
-
-/// The statements of [`reuse_keys`] on `conn`; returns the `found` rows.
-async fn look_up_and_issue(
-    conn: &mut Conn,
-    clock: i64,
-    reuses: &[&KeyReuse],
-) -> StoreResult<Vec<Row>> {
-    let found = found_cte(reuses.len());
-    if D::SPELLING.modifying_ctes {
-        let sql = render::<D>(&format!(
-            "{found}, issued AS (\
-             INSERT INTO token (token, backend_id, secret, username, auth, expires_at) \
-             SELECT r.token, f.id, r.secret, r.username, r.auth, {{now}} + r.lifetime \
-             FROM found f JOIN r ON r.i = f.i WHERE f.reused AND f.static_token IS NULL) \
-             SELECT * FROM found"
-        ));
-        return Ok(bind_reuses(sqlx::query(&sql), clock, reuses)
-            .fetch_all(&mut *conn)
-            .await?);
-    }
-    let sql = render::<D>(&format!("{found} SELECT * FROM found"));
-    let rows = bind_reuses(sqlx::query(&sql), clock, reuses)
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut tokens = Vec::new();
-    for row in &rows {
-        if row.try_get::<bool, _>("reused")?
-            && row.try_get::<Option<String>, _>("static_token")?.is_none()
-        {
-            let i = index(row, reuses.len())?;
-            tokens.push(
-                reuses[i]
-                    .grant
-                    .for_backend(parsed(row, "id", "backend id")?),
-            );
-        }
-    }
-    if !tokens.is_empty() {
-        insert_tokens(&mut *conn, clock, &tokens.iter().collect::<Vec<_>>()).await?;
-    }
-    Ok(rows)
 }
 
 /// `WITH r, found`: `r` holds the `n` reuses (bound by [`bind_reuses`]), `found` their keys: per key
