@@ -5,10 +5,10 @@
 //! callers make at once use the same queue (the scheduler's, `ops/nodes.rs`): a batch is read only
 //! after every call in it was made, so each still sees what was committed before it.
 //!
-//! Leader and followers, no task of its own: a caller queues its row, then waits for the flush lock;
-//! whoever holds the lock takes every queued row (its own and those queued meanwhile) and writes them.
-//! While one batch is being written, the next one gathers. A caller whose row was taken by another
-//! flush only waits for its answer. Every caller gets the outcome of its own row: the batch either
+//! Leader and followers, no task of its own: a caller queues its row, then waits for the flush lock
+//! or its answer, whichever comes first; whoever holds the lock takes every queued row (its own and
+//! those queued meanwhile) and writes them. While one batch is being written, the next one gathers.
+//! A caller whose row was taken by another flush returns with its answer, without taking the lock. Every caller gets the outcome of its own row: the batch either
 //! commits as a whole, or the rows are written one by one so that one bad row fails only its caller.
 //!
 //! Cancellation: a leader dropped in the middle of a flush (its client went away) drops the rows it
@@ -53,9 +53,16 @@ impl<T, R> GroupCommit<T, R> {
     {
         let (done, mut outcome) = oneshot::channel();
         self.lock_queue().push((row, done));
+        // A follower whose row a leader answers returns at once rather than when the flush lock
+        // comes its way: the callers of a batch do not pass the lock on one by one before the next
+        // batch's leader gets it.
+        let _flushing = tokio::select! {
+            biased;
+            answer = &mut outcome => return answer.unwrap_or_else(|_| Err(cancelled())),
+            flushing = self.flush.lock() => flushing,
+        };
         // FIFO: a holder before us may already have written our row. A leader writes until its own
         // row is answered, not while rows keep coming, so it never serves others indefinitely.
-        let _flushing = self.flush.lock().await;
         loop {
             match outcome.try_recv() {
                 Ok(result) => return result,
@@ -134,6 +141,63 @@ fn cancelled() -> StoreError {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    /// A follower returns with its answer while the leader that wrote its row still holds the flush
+    /// lock (here: the leader's write has answered every row but not returned).
+    #[tokio::test]
+    async fn an_answered_follower_does_not_wait_for_the_flush_lock() {
+        let group = Arc::new(GroupCommit::<u32>::default());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let leader = {
+            let (group, release) = (group.clone(), release.clone());
+            tokio::spawn(async move {
+                let write = |batch: Vec<Pending<u32>>| {
+                    let release = release.clone();
+                    async move {
+                        for (_, done) in batch {
+                            let _ = done.send(Ok(()));
+                        }
+                        release.notified().await;
+                    }
+                };
+                group.write(0, write).await
+            })
+        };
+        // The leader holds the flush lock once its row is taken.
+        while group.flush.try_lock().is_ok() || !group.lock_queue().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // A second caller queues its row; were it ever to lead, its write would fail the row.
+        let follower = {
+            let group = group.clone();
+            tokio::spawn(async move {
+                group
+                    .write(1, |batch: Vec<Pending<u32>>| async move {
+                        for (_, done) in batch {
+                            let _ = done.send(Err(cancelled()));
+                        }
+                    })
+                    .await
+            })
+        };
+        while group.lock_queue().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // Answer row 1 by hand, as a batch of the leader would, while the leader still holds the
+        // lock: the follower must return with that answer.
+        let (_, done) = group.lock_queue().pop().unwrap();
+        done.send(Ok(())).unwrap();
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), follower)
+            .await
+            .expect("the answered follower waited for the flush lock");
+        assert!(answered.unwrap().is_ok());
+        assert!(
+            group.flush.try_lock().is_err(),
+            "the leader still holds the lock"
+        );
+        release.notify_one();
+        assert!(leader.await.unwrap().is_ok());
+    }
 
     /// Rows queued while a batch is written go out together in the next one, and each writer gets
     /// its own row's outcome.
