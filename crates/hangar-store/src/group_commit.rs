@@ -8,8 +8,9 @@
 //! Leader and followers, no task of its own: a caller queues its row, then waits for the flush lock
 //! or its answer, whichever comes first; whoever holds the lock takes every queued row (its own and
 //! those queued meanwhile) and writes them. While one batch is being written, the next one gathers.
-//! A caller whose row was taken by another flush returns with its answer, without taking the lock. Every caller gets the outcome of its own row: the batch either
-//! commits as a whole, or the rows are written one by one so that one bad row fails only its caller.
+//! A caller whose row was taken by another flush returns with its answer, without taking the lock.
+//! Every caller gets the outcome of its own row: the batch either commits as a whole, or the rows are
+//! written one by one so that one bad row fails only its caller.
 //!
 //! Cancellation: a leader dropped in the middle of a flush (its client went away) drops the rows it
 //! took; their callers get a retryable error ([`cancelled`]) and the connect is retried with a new token,
